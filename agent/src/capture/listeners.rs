@@ -1,0 +1,80 @@
+//! The listeners the agent holds inside one pod's network namespace:
+//! - capture: `127.0.0.1:<capture>` and `[::1]:<capture>`, where `connect4/6` send the pod's
+//!   outbound connections; the listener a connection arrives on tells the agent which workload is
+//!   calling (no trust in source addresses);
+//! - inbound: `[::]:<inbound>` (dual-stack), where the `sk_lookup` check steers inbound
+//!   connections that have no fresh verdict.
+
+use std::{
+    io,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+};
+
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use tokio::net::TcpListener;
+
+use super::NetnsWorker;
+use crate::datapath::system;
+
+pub struct PodListeners {
+    pub capture_v4: TcpListener,
+    /// Absent when the pod has no IPv6 loopback.
+    pub capture_v6: Option<TcpListener>,
+    pub inbound: TcpListener,
+    /// Cookie of the pod's network namespace (matches `bpf_get_netns_cookie` in the kernel).
+    pub netns_cookie: u64,
+}
+
+const BACKLOG: i32 = 4096;
+
+fn listen(addr: SocketAddr, dual_stack: bool) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(!dual_stack)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&SockAddr::from(addr))?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
+impl PodListeners {
+    /// Open the listeners inside the worker's namespace.
+    pub fn open(worker: &NetnsWorker, capture_port: u16, inbound_port: u16) -> io::Result<Self> {
+        let netns = worker.path().display().to_string();
+        let (v4, v6, inbound) = worker.run_blocking(move || {
+            let v4 = listen(SocketAddr::from((Ipv4Addr::LOCALHOST, capture_port)), false);
+            let v6 = listen(SocketAddr::from((Ipv6Addr::LOCALHOST, capture_port)), false);
+            let inbound = listen(
+                SocketAddr::from((Ipv6Addr::UNSPECIFIED, inbound_port)),
+                true,
+            )
+            .or_else(|_| {
+                listen(
+                    SocketAddr::from((Ipv4Addr::UNSPECIFIED, inbound_port)),
+                    false,
+                )
+            });
+            (v4, v6, inbound)
+        })?;
+        let with_ctx =
+            |what: &str, e: io::Error| io::Error::new(e.kind(), format!("{what} in {netns}: {e}"));
+        let v4 = v4.map_err(|e| with_ctx("capture listener 127.0.0.1", e))?;
+        let inbound = inbound.map_err(|e| with_ctx("inbound listener", e))?;
+        let v6 = match v6 {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(netns, error = %e, "no IPv6 capture listener; IPv6 redirects in this pod will be refused");
+                None
+            }
+        };
+        let netns_cookie = system::netns_cookie(&v4).map_err(|e| with_ctx("SO_NETNS_COOKIE", e))?;
+        Ok(Self {
+            capture_v4: TcpListener::from_std(v4)?,
+            capture_v6: v6.map(TcpListener::from_std).transpose()?,
+            inbound: TcpListener::from_std(inbound)?,
+            netns_cookie,
+        })
+    }
+}

@@ -1,0 +1,390 @@
+//! Loading, attaching, pinning and re-adopting the kernel programs; uninstalling them.
+//!
+//! On start the agent loads the embedded object with its maps pinned by name under
+//! `<bpfPinDir>/maps` (existing pins are reused, so the verdict cache survives a restart). For each
+//! program on `cgroupRoot`, a link pinned under `<bpfPinDir>/links` from an earlier run is adopted
+//! by pointing it at the freshly loaded program (`BPF_LINK_UPDATE`, atomic, never a second
+//! attachment); only when there is none is a new link created and pinned. The inbound check is
+//! attached the same way to each enrolled pod's netns, pinned under `links/inbound/<workload>`.
+
+use std::{
+    fs::{self, File},
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps, links::FdLink},
+};
+use latch_common::{DatapathConfig, map_names, program_names};
+
+use super::{
+    DatapathError, EBPF_OBJECT, KernelMaps,
+    syscall::{self, AttachType},
+    system,
+};
+
+/// What the datapath needs from the node config.
+#[derive(Clone, Debug)]
+pub struct DatapathSettings {
+    pub pin_dir: PathBuf,
+    pub cgroup_root: PathBuf,
+    pub capture_port: u16,
+    pub inbound_port: u16,
+    pub tunnel_port: u16,
+}
+
+/// Programs attached to `cgroupRoot`, with their kernel attach types.
+pub const CGROUP_PROGRAMS: [(&str, AttachType); 5] = [
+    (program_names::CONNECT4, AttachType::Connect4),
+    (program_names::CONNECT6, AttachType::Connect6),
+    (program_names::GETPEERNAME4, AttachType::Getpeername4),
+    (program_names::GETPEERNAME6, AttachType::Getpeername6),
+    (program_names::SOCK_OPS, AttachType::SockOps),
+];
+
+const ALL_MAPS: [&str; 8] = [
+    map_names::WORKLOADS,
+    map_names::ENDPOINTS,
+    map_names::VERDICTS,
+    map_names::ORIG_DST,
+    map_names::REDIRECTS,
+    map_names::INBOUND_LISTENERS,
+    map_names::CONFIG,
+    map_names::COUNTERS,
+];
+
+/// The loaded datapath. Dropping it leaves every pinned link and map in place.
+pub struct Datapath {
+    ebpf: Ebpf,
+    settings: DatapathSettings,
+    /// (program name, kernel program id, adopted from a previous run).
+    attached: Vec<AttachedProgram>,
+}
+
+/// A program on `cgroupRoot` as this agent found or attached it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct AttachedProgram {
+    pub name: &'static str,
+    pub id: u32,
+    pub adopted: bool,
+}
+
+fn maps_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join("maps")
+}
+
+fn links_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join("links")
+}
+
+fn inbound_dir(pin_dir: &Path) -> PathBuf {
+    links_dir(pin_dir).join("inbound")
+}
+
+/// bpffs file names may not contain dots.
+fn inbound_pin_name(workload: &str) -> String {
+    workload.replace(['.', '/'], "_")
+}
+
+fn create_dir(path: &Path) -> Result<(), DatapathError> {
+    fs::create_dir_all(path).map_err(|e| DatapathError::io("creating", path, e))
+}
+
+impl Datapath {
+    /// Load, pin and attach everything (adopting what an earlier run left pinned), and write the
+    /// node config into the kernel.
+    pub fn install(settings: DatapathSettings) -> Result<Self, DatapathError> {
+        system::ensure_bpffs(&settings.pin_dir)?;
+        for dir in [
+            maps_dir(&settings.pin_dir),
+            links_dir(&settings.pin_dir),
+            inbound_dir(&settings.pin_dir),
+        ] {
+            create_dir(&dir)?;
+        }
+        let root_level = system::cgroup_level(&settings.cgroup_root)?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(maps_dir(&settings.pin_dir))
+            .load(EBPF_OBJECT)?;
+        for name in ALL_MAPS {
+            if ebpf.map(name).is_none() {
+                return Err(DatapathError::Missing { kind: "map", name });
+            }
+        }
+
+        let cgroup = File::open(&settings.cgroup_root)
+            .map_err(|e| DatapathError::io("opening cgroupRoot", &settings.cgroup_root, e))?;
+        let mut attached = Vec::new();
+        for (name, _) in CGROUP_PROGRAMS {
+            let link_path = links_dir(&settings.pin_dir).join(name);
+            let program = ebpf.program_mut(name).ok_or(DatapathError::Missing {
+                kind: "program",
+                name,
+            })?;
+            let (id, adopted) = if name == program_names::SOCK_OPS {
+                let prog: &mut SockOps = program
+                    .try_into()
+                    .map_err(|e| DatapathError::program("typing", name, e))?;
+                prog.load()
+                    .map_err(|e| DatapathError::program("loading", name, e))?;
+                let adopted = adopt_link(
+                    &link_path,
+                    prog.fd()
+                        .map_err(|e| DatapathError::program("fd of", name, e))?,
+                )?;
+                if !adopted {
+                    let link_id = prog
+                        .attach(&cgroup, CgroupAttachMode::Single)
+                        .map_err(|e| DatapathError::program("attaching", name, e))?;
+                    let link = prog
+                        .take_link(link_id)
+                        .map_err(|e| DatapathError::program("taking link of", name, e))?;
+                    let link: FdLink =
+                        link.try_into()
+                            .map_err(|e: aya::programs::links::LinkError| DatapathError::Pin {
+                                what: "converting link",
+                                path: link_path.clone(),
+                                detail: e.to_string(),
+                            })?;
+                    pin_link(link, &link_path)?;
+                }
+                (program_id(prog.info(), name)?, adopted)
+            } else {
+                let prog: &mut CgroupSockAddr = program
+                    .try_into()
+                    .map_err(|e| DatapathError::program("typing", name, e))?;
+                prog.load()
+                    .map_err(|e| DatapathError::program("loading", name, e))?;
+                let adopted = adopt_link(
+                    &link_path,
+                    prog.fd()
+                        .map_err(|e| DatapathError::program("fd of", name, e))?,
+                )?;
+                if !adopted {
+                    let link_id = prog
+                        .attach(&cgroup, CgroupAttachMode::Single)
+                        .map_err(|e| DatapathError::program("attaching", name, e))?;
+                    let link = prog
+                        .take_link(link_id)
+                        .map_err(|e| DatapathError::program("taking link of", name, e))?;
+                    let link: FdLink =
+                        link.try_into()
+                            .map_err(|e: aya::programs::links::LinkError| DatapathError::Pin {
+                                what: "converting link",
+                                path: link_path.clone(),
+                                detail: e.to_string(),
+                            })?;
+                    pin_link(link, &link_path)?;
+                }
+                (program_id(prog.info(), name)?, adopted)
+            };
+            tracing::info!(program = name, id, adopted, cgroup = %settings.cgroup_root.display(), "program attached");
+            attached.push(AttachedProgram { name, id, adopted });
+        }
+
+        let inbound: &mut SkLookup = ebpf
+            .program_mut(program_names::INBOUND)
+            .ok_or(DatapathError::Missing {
+                kind: "program",
+                name: program_names::INBOUND,
+            })?
+            .try_into()
+            .map_err(|e| DatapathError::program("typing", program_names::INBOUND, e))?;
+        inbound
+            .load()
+            .map_err(|e| DatapathError::program("loading", program_names::INBOUND, e))?;
+
+        let mut datapath = Self {
+            ebpf,
+            settings,
+            attached,
+        };
+        let config = DatapathConfig {
+            capture_port: datapath.settings.capture_port,
+            tunnel_port: datapath.settings.tunnel_port,
+            inbound_port: datapath.settings.inbound_port,
+            _pad: 0,
+            cgroup_root_level: root_level,
+            enabled: 1,
+        };
+        datapath.maps()?.set_config(config)?;
+        Ok(datapath)
+    }
+
+    /// Typed handles on the pinned maps.
+    pub fn maps(&mut self) -> Result<KernelMaps, DatapathError> {
+        KernelMaps::open_pinned(&self.settings.pin_dir)
+    }
+
+    pub fn settings(&self) -> &DatapathSettings {
+        &self.settings
+    }
+
+    /// The programs on `cgroupRoot`, as attached or adopted at start-up.
+    pub fn attached(&self) -> &[AttachedProgram] {
+        &self.attached
+    }
+
+    /// Attach the inbound check to a pod's network namespace (adopting a pinned link if there is
+    /// one). Idempotent.
+    pub fn attach_inbound(&mut self, workload: &str, netns: &Path) -> Result<(), DatapathError> {
+        let link_path = inbound_dir(&self.settings.pin_dir).join(inbound_pin_name(workload));
+        let name = program_names::INBOUND;
+        let prog: &mut SkLookup = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::Missing {
+                kind: "program",
+                name,
+            })?
+            .try_into()
+            .map_err(|e| DatapathError::program("typing", name, e))?;
+        if adopt_link(
+            &link_path,
+            prog.fd()
+                .map_err(|e| DatapathError::program("fd of", name, e))?,
+        )? {
+            return Ok(());
+        }
+        let netns_file =
+            File::open(netns).map_err(|e| DatapathError::io("opening netns", netns, e))?;
+        let link_id = prog.attach(&netns_file).map_err(|e| {
+            DatapathError::program("attaching to netns", netns.display().to_string(), e)
+        })?;
+        let link = prog
+            .take_link(link_id)
+            .map_err(|e| DatapathError::program("taking link of", name, e))?;
+        pin_link(FdLink::from(link), &link_path)?;
+        tracing::info!(workload, netns = %netns.display(), "inbound check attached");
+        Ok(())
+    }
+
+    /// Detach the inbound check from a workload's netns (no-op if it was not attached).
+    pub fn detach_inbound(&mut self, workload: &str) -> Result<(), DatapathError> {
+        let link_path = inbound_dir(&self.settings.pin_dir).join(inbound_pin_name(workload));
+        match fs::remove_file(&link_path) {
+            Ok(()) => {
+                tracing::info!(workload, "inbound check detached");
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(DatapathError::io("unpinning", link_path, e)),
+        }
+    }
+
+    /// Workloads (pin names) whose netns has the inbound check pinned.
+    pub fn inbound_attachments(&self) -> Result<Vec<String>, DatapathError> {
+        let dir = inbound_dir(&self.settings.pin_dir);
+        let entries = fs::read_dir(&dir).map_err(|e| DatapathError::io("listing", &dir, e))?;
+        let mut names: Vec<String> = entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+}
+
+/// The pin name the inbound link of `workload` uses (for comparing with
+/// [`Datapath::inbound_attachments`]).
+pub fn inbound_link_name(workload: &str) -> String {
+    inbound_pin_name(workload)
+}
+
+fn program_id(
+    info: Result<aya::programs::ProgramInfo, aya::programs::ProgramError>,
+    name: &str,
+) -> Result<u32, DatapathError> {
+    info.map(|i| i.id())
+        .map_err(|e| DatapathError::program("reading info of", name, e))
+}
+
+/// If a link is pinned at `path`, point it at `prog` and return true. A pin whose link no longer
+/// works (its cgroup or netns is gone) is removed so that a fresh link can be made.
+fn adopt_link(path: &Path, prog: &impl AsFd) -> Result<bool, DatapathError> {
+    if !path.exists() {
+        return Ok(false);
+    }
+    let updated = syscall::obj_get(path).and_then(|link| syscall::link_update(&link, prog));
+    match updated {
+        Ok(()) => Ok(true),
+        Err(e) => {
+            tracing::warn!(pin = %path.display(), error = %e, "pinned link is stale; replacing it");
+            fs::remove_file(path).map_err(|e| DatapathError::io("removing stale pin", path, e))?;
+            Ok(false)
+        }
+    }
+}
+
+fn pin_link(link: FdLink, path: &Path) -> Result<(), DatapathError> {
+    link.pin(path).map(drop).map_err(|e| DatapathError::Pin {
+        what: "pinning link",
+        path: path.to_owned(),
+        detail: e.to_string(),
+    })
+}
+
+/// Detach and unpin everything under `pin_dir`: links first (so enforcement stops before the
+/// maps go), then maps, then the directories. Safe to run twice.
+pub fn uninstall(pin_dir: &Path) -> Result<(), DatapathError> {
+    if !pin_dir.exists() {
+        return Ok(());
+    }
+    for dir in [inbound_dir(pin_dir), links_dir(pin_dir), maps_dir(pin_dir)] {
+        remove_pins(&dir)?;
+    }
+    fs::remove_dir(pin_dir)
+        .or_else(ignore_not_found)
+        .map_err(|e| DatapathError::io("removing", pin_dir, e))?;
+    tracing::info!(pin_dir = %pin_dir.display(), "uninstalled: links detached, maps unpinned");
+    Ok(())
+}
+
+fn remove_pins(dir: &Path) -> Result<(), DatapathError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(DatapathError::io("listing", dir, e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| DatapathError::io("listing", dir, e))?;
+        let path = entry.path();
+        if path.is_dir() {
+            continue;
+        }
+        fs::remove_file(&path)
+            .or_else(ignore_not_found)
+            .map_err(|e| DatapathError::io("unpinning", &path, e))?;
+    }
+    fs::remove_dir(dir)
+        .or_else(ignore_not_found)
+        .map_err(|e| DatapathError::io("removing", dir, e))
+}
+
+fn ignore_not_found(e: std::io::Error) -> std::io::Result<()> {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        Ok(())
+    } else {
+        Err(e)
+    }
+}
+
+/// Ids of the programs attached to a cgroup for one of Latch's hooks (to check that nothing is
+/// attached twice).
+pub fn programs_on_cgroup(
+    cgroup: &Path,
+    attach_type: AttachType,
+) -> Result<Vec<u32>, DatapathError> {
+    let file = File::open(cgroup).map_err(|e| DatapathError::io("opening cgroup", cgroup, e))?;
+    syscall::attached_program_ids(&file, attach_type)
+        .map_err(|e| DatapathError::io("querying programs on", cgroup, e))
+}
+
+/// Ids of the `sk_lookup` programs attached to a network namespace.
+pub fn programs_on_netns(netns: &Path) -> Result<Vec<u32>, DatapathError> {
+    let file = File::open(netns).map_err(|e| DatapathError::io("opening netns", netns, e))?;
+    syscall::attached_program_ids(&file, AttachType::SkLookup)
+        .map_err(|e| DatapathError::io("querying programs on", netns, e))
+}

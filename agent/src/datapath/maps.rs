@@ -1,0 +1,316 @@
+//! Typed access to the pinned maps. Every read and write of kernel state outside the eBPF
+//! programs goes through [`KernelMaps`]; callers speak in `std::net` addresses and the
+//! `latch_common` key/value types.
+
+use std::{
+    net::{IpAddr, Ipv6Addr},
+    os::fd::AsRawFd,
+    path::Path,
+};
+
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, SockHash};
+use latch_common::{
+    Counter, DECISION_ALLOW, DECISION_DENY, DatapathConfig, EndpointInfo, IpKey, OrigDst,
+    RedirectKey, VerdictKey, VerdictValue, WorkloadInfo, map_names,
+};
+
+use super::{DatapathError, system};
+
+/// One entry of the verdict cache, decoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    pub key: VerdictKey,
+    pub value: VerdictValue,
+}
+
+impl Verdict {
+    pub fn is_allow(&self) -> bool {
+        self.value.decision == DECISION_ALLOW
+    }
+
+    pub fn is_deny(&self) -> bool {
+        self.value.decision == DECISION_DENY
+    }
+
+    /// Nanoseconds left before the kernel ignores it (0 once expired).
+    pub fn remaining_ns(&self, now_ns: u64) -> u64 {
+        self.value.expires_at_ns.saturating_sub(now_ns)
+    }
+}
+
+/// The 16-byte map form of an address (IPv4 mapped).
+pub fn ip_key(ip: IpAddr) -> IpKey {
+    match ip {
+        IpAddr::V4(v4) => IpKey::from_v4(v4.octets()),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpKey::from_v4(v4.octets()),
+            None => IpKey::from_v6(v6.octets()),
+        },
+    }
+}
+
+/// The address a map key stands for (mapped addresses come back as IPv4).
+pub fn ip_from_key(key: &IpKey) -> IpAddr {
+    let v6 = Ipv6Addr::from(key.addr);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+/// Handles on every Latch map, opened from their pins.
+pub struct KernelMaps {
+    workloads: HashMap<MapData, u64, WorkloadInfo>,
+    endpoints: HashMap<MapData, IpKey, EndpointInfo>,
+    verdicts: HashMap<MapData, VerdictKey, VerdictValue>,
+    orig_dst: HashMap<MapData, u64, OrigDst>,
+    redirects: HashMap<MapData, RedirectKey, OrigDst>,
+    inbound_listeners: SockHash<MapData, IpKey>,
+    config: Array<MapData, DatapathConfig>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+fn open(pin_dir: &Path, name: &'static str) -> Result<Map, DatapathError> {
+    let path = pin_dir.join("maps").join(name);
+    let data = MapData::from_pin(&path)
+        .map_err(|e| DatapathError::map("opening pinned map", path.display().to_string(), e))?;
+    Map::from_map_data(data).map_err(|e| DatapathError::map("typing map", name, e))
+}
+
+macro_rules! typed {
+    ($pin_dir:expr, $name:expr) => {
+        open($pin_dir, $name)?
+            .try_into()
+            .map_err(|e| DatapathError::map("typing map", $name, e))?
+    };
+}
+
+impl KernelMaps {
+    /// Open the maps pinned under `pin_dir` (as laid out by [`super::Datapath::install`]).
+    pub fn open_pinned(pin_dir: &Path) -> Result<Self, DatapathError> {
+        Ok(Self {
+            workloads: typed!(pin_dir, map_names::WORKLOADS),
+            endpoints: typed!(pin_dir, map_names::ENDPOINTS),
+            verdicts: typed!(pin_dir, map_names::VERDICTS),
+            orig_dst: typed!(pin_dir, map_names::ORIG_DST),
+            redirects: typed!(pin_dir, map_names::REDIRECTS),
+            inbound_listeners: typed!(pin_dir, map_names::INBOUND_LISTENERS),
+            config: typed!(pin_dir, map_names::CONFIG),
+            counters: typed!(pin_dir, map_names::COUNTERS),
+        })
+    }
+
+    pub fn set_config(&mut self, config: DatapathConfig) -> Result<(), DatapathError> {
+        self.config
+            .set(0, config, 0)
+            .map_err(|e| DatapathError::map("writing", map_names::CONFIG, e))
+    }
+
+    pub fn config(&self) -> Result<DatapathConfig, DatapathError> {
+        self.config
+            .get(&0, 0)
+            .map_err(|e| DatapathError::map("reading", map_names::CONFIG, e))
+    }
+
+    // --- workloads -----------------------------------------------------------------------------
+
+    pub fn set_workload(
+        &mut self,
+        cgroup_id: u64,
+        info: WorkloadInfo,
+    ) -> Result<(), DatapathError> {
+        self.workloads
+            .insert(cgroup_id, info, 0)
+            .map_err(|e| DatapathError::map("writing", map_names::WORKLOADS, e))
+    }
+
+    pub fn remove_workload(&mut self, cgroup_id: u64) -> Result<(), DatapathError> {
+        remove_if_present(self.workloads.remove(&cgroup_id), map_names::WORKLOADS)
+    }
+
+    pub fn workloads(&self) -> Result<Vec<(u64, WorkloadInfo)>, DatapathError> {
+        collect(self.workloads.iter(), map_names::WORKLOADS)
+    }
+
+    // --- endpoints -----------------------------------------------------------------------------
+
+    pub fn set_endpoint(&mut self, ip: IpAddr, info: EndpointInfo) -> Result<(), DatapathError> {
+        self.endpoints
+            .insert(ip_key(ip), info, 0)
+            .map_err(|e| DatapathError::map("writing", map_names::ENDPOINTS, e))
+    }
+
+    pub fn remove_endpoint(&mut self, ip: IpAddr) -> Result<(), DatapathError> {
+        remove_if_present(self.endpoints.remove(&ip_key(ip)), map_names::ENDPOINTS)
+    }
+
+    pub fn endpoints(&self) -> Result<Vec<(IpAddr, EndpointInfo)>, DatapathError> {
+        Ok(collect(self.endpoints.iter(), map_names::ENDPOINTS)?
+            .into_iter()
+            .map(|(k, v)| (ip_from_key(&k), v))
+            .collect())
+    }
+
+    // --- verdicts ------------------------------------------------------------------------------
+
+    pub fn insert_verdict(
+        &mut self,
+        key: VerdictKey,
+        value: VerdictValue,
+    ) -> Result<(), DatapathError> {
+        self.verdicts
+            .insert(key, value, 0)
+            .map_err(|e| DatapathError::map("writing", map_names::VERDICTS, e))
+    }
+
+    pub fn verdict(&self, key: &VerdictKey) -> Result<Option<Verdict>, DatapathError> {
+        match self.verdicts.get(key, 0) {
+            Ok(value) => Ok(Some(Verdict { key: *key, value })),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(DatapathError::map("reading", map_names::VERDICTS, e)),
+        }
+    }
+
+    pub fn remove_verdict(&mut self, key: &VerdictKey) -> Result<(), DatapathError> {
+        remove_if_present(self.verdicts.remove(key), map_names::VERDICTS)
+    }
+
+    /// Every cached verdict, expired ones included (the kernel ignores those; LRU evicts them).
+    pub fn verdicts(&self) -> Result<Vec<Verdict>, DatapathError> {
+        Ok(collect(self.verdicts.iter(), map_names::VERDICTS)?
+            .into_iter()
+            .map(|(key, value)| Verdict { key, value })
+            .collect())
+    }
+
+    /// Remove every verdict matching `pred`; returns how many were removed.
+    pub fn remove_verdicts_where(
+        &mut self,
+        mut pred: impl FnMut(&VerdictKey) -> bool,
+    ) -> Result<usize, DatapathError> {
+        let keys: Vec<VerdictKey> = self
+            .verdicts
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| pred(k))
+            .collect();
+        for key in &keys {
+            self.remove_verdict(key)?;
+        }
+        Ok(keys.len())
+    }
+
+    /// Expired verdicts are removed; returns how many.
+    pub fn purge_expired(&mut self) -> Result<usize, DatapathError> {
+        let now = system::now_boot_ns();
+        let expired: Vec<VerdictKey> = self
+            .verdicts
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| v.expires_at_ns <= now)
+            .map(|(k, _)| k)
+            .collect();
+        for key in &expired {
+            self.remove_verdict(key)?;
+        }
+        Ok(expired.len())
+    }
+
+    // --- redirects -----------------------------------------------------------------------------
+
+    /// The original destination of a connection accepted on a capture listener, by the client's
+    /// netns cookie, local port and family.
+    pub fn redirect(&self, key: &RedirectKey) -> Result<Option<OrigDst>, DatapathError> {
+        match self.redirects.get(key, 0) {
+            Ok(value) => Ok(Some(value)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(DatapathError::map("reading", map_names::REDIRECTS, e)),
+        }
+    }
+
+    /// Entries in the redirect bookkeeping maps (orig-dst by cookie, redirects by port); both
+    /// drop to zero when no redirected socket is open.
+    pub fn redirect_entries(&self) -> Result<(usize, usize), DatapathError> {
+        Ok((
+            self.orig_dst.keys().filter_map(Result::ok).count(),
+            self.redirects.keys().filter_map(Result::ok).count(),
+        ))
+    }
+
+    // --- inbound listeners ---------------------------------------------------------------------
+
+    pub fn set_inbound_listener(
+        &mut self,
+        ip: IpAddr,
+        listener: &impl AsRawFd,
+    ) -> Result<(), DatapathError> {
+        self.inbound_listeners
+            .insert(ip_key(ip), listener.as_raw_fd(), 0)
+            .map_err(|e| DatapathError::map("writing", map_names::INBOUND_LISTENERS, e))
+    }
+
+    pub fn remove_inbound_listener(&mut self, ip: IpAddr) -> Result<(), DatapathError> {
+        remove_if_present(
+            self.inbound_listeners.remove(&ip_key(ip)),
+            map_names::INBOUND_LISTENERS,
+        )
+    }
+
+    // --- counters ------------------------------------------------------------------------------
+
+    /// Kernel counters summed over CPUs.
+    pub fn counters(&self) -> Result<Vec<(Counter, u64)>, DatapathError> {
+        Counter::ALL
+            .iter()
+            .map(|&c| {
+                let per_cpu = self
+                    .counters
+                    .get(&(c as u32), 0)
+                    .map_err(|e| DatapathError::map("reading", map_names::COUNTERS, e))?;
+                Ok((c, per_cpu.iter().sum()))
+            })
+            .collect()
+    }
+
+    pub fn counter(&self, counter: Counter) -> Result<u64, DatapathError> {
+        Ok(self
+            .counters()?
+            .into_iter()
+            .find(|(c, _)| *c == counter)
+            .map(|(_, v)| v)
+            .unwrap_or(0))
+    }
+}
+
+fn remove_if_present(
+    result: Result<(), aya::maps::MapError>,
+    map: &'static str,
+) -> Result<(), DatapathError> {
+    match result {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(e) => Err(DatapathError::map("removing from", map, e)),
+    }
+}
+
+fn collect<K, V>(
+    iter: impl Iterator<Item = Result<(K, V), aya::maps::MapError>>,
+    map: &'static str,
+) -> Result<Vec<(K, V)>, DatapathError> {
+    iter.collect::<Result<Vec<_>, _>>()
+        .map_err(|e| DatapathError::map("iterating", map, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ip_keys_round_trip_and_map_v4() {
+        let v4: IpAddr = std::net::Ipv4Addr::new(10, 244, 1, 2).into();
+        assert_eq!(ip_from_key(&ip_key(v4)), v4);
+        let mapped: IpAddr = "::ffff:10.244.1.2".parse().expect("literal");
+        assert_eq!(ip_key(mapped), ip_key(v4));
+        let v6: IpAddr = "fd00:10:244:1::2".parse().expect("literal");
+        assert_eq!(ip_from_key(&ip_key(v6)), v6);
+    }
+}

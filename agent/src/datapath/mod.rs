@@ -1,0 +1,103 @@
+//! The kernel datapath: the only code in Latch that talks to aya.
+//!
+//! - [`system`]: the host facts the datapath needs (bpffs, the cgroup v2 mount, cgroup ids and
+//!   levels, the monotonic boot clock, network-namespace cookies).
+//! - [`install`]: load the embedded eBPF object, pin its maps, attach (or re-adopt) its links on
+//!   `cgroupRoot`, attach the inbound check to pod network namespaces, uninstall.
+//! - [`maps`]: typed access to the pinned maps (workloads, endpoints, verdicts, redirects, inbound
+//!   listeners, config, counters).
+//! - [`syscall`]: the two BPF commands aya 0.14 does not expose (`BPF_PROG_QUERY` on a cgroup or
+//!   netns, `BPF_LINK_UPDATE` of a pinned link).
+//!
+//! Pin layout under `bpfPinDir`: `maps/<MAP_NAME>`, `links/<program>` for the programs on
+//! `cgroupRoot`, and `links/inbound/<workload>` for the inbound check of each pod netns. Pins
+//! outlive the agent: enforcement continues through a restart, and the next agent adopts them.
+
+pub mod install;
+pub mod maps;
+pub mod syscall;
+pub mod system;
+
+pub use install::{Datapath, DatapathSettings, uninstall};
+pub use maps::{KernelMaps, Verdict};
+
+use std::path::PathBuf;
+
+/// The eBPF object built from `ebpf/` by this crate's build script.
+pub(crate) static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/latch"));
+
+/// Everything that can go wrong in the datapath, with what it was doing and on what.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF object has no {kind} named {name}")]
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
+    #[error("{what} {name}: {source}")]
+    Program {
+        what: &'static str,
+        name: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("{what} {name}: {source}")]
+    Map {
+        what: &'static str,
+        name: String,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("{what} {path}: {detail}")]
+    Pin {
+        what: &'static str,
+        path: PathBuf,
+        detail: String,
+    },
+    #[error("{0}")]
+    System(String),
+}
+
+impl DatapathError {
+    pub(crate) fn io(what: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            what,
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn map(
+        what: &'static str,
+        name: impl Into<String>,
+        source: aya::maps::MapError,
+    ) -> Self {
+        Self::Map {
+            what,
+            name: name.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn program(
+        what: &'static str,
+        name: impl Into<String>,
+        source: aya::programs::ProgramError,
+    ) -> Self {
+        Self::Program {
+            what,
+            name: name.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! Who is who: SPIFFE identities of workloads, the 64-bit keys the kernel stores for them, and
+//! the registry built from the config (cgroup → local workload, IP → identity).
+
+pub mod registry;
+
+pub use registry::{Endpoint, LocalWorkload, Registry, RegistryError};
+
+use sha2::{Digest, Sha256};
+
+/// A Kubernetes-form SPIFFE ID: `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct SpiffeId {
+    pub trust_domain: String,
+    pub namespace: String,
+    pub service_account: String,
+}
+
+impl SpiffeId {
+    pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> Self {
+        Self {
+            trust_domain: trust_domain.to_owned(),
+            namespace: namespace.to_owned(),
+            service_account: service_account.to_owned(),
+        }
+    }
+
+    /// The key the kernel maps use for this identity.
+    pub fn key(&self) -> IdentityKey {
+        IdentityKey::of(&self.to_string())
+    }
+}
+
+impl std::fmt::Display for SpiffeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "spiffe://{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
+    }
+}
+
+/// A 64-bit identity key: the first 8 bytes of SHA-256 of the SPIFFE ID. Stable across agent
+/// restarts (so pinned verdicts stay meaningful), and infeasible to collide on purpose with a
+/// chosen identity. The registry still rejects accidental collisions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct IdentityKey(pub u64);
+
+impl IdentityKey {
+    pub fn of(spiffe_id: &str) -> Self {
+        let digest = Sha256::digest(spiffe_id.as_bytes());
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest[..8]);
+        Self(u64::from_le_bytes(first))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spiffe_id_renders_kubernetes_form() {
+        let id = SpiffeId::new("cluster.local", "prod", "frontend");
+        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/prod/sa/frontend");
+    }
+
+    #[test]
+    fn keys_are_stable_and_distinct() {
+        let a = SpiffeId::new("cluster.local", "prod", "frontend");
+        let b = SpiffeId::new("cluster.local", "prod", "payment");
+        assert_eq!(
+            a.key(),
+            IdentityKey::of("spiffe://cluster.local/ns/prod/sa/frontend")
+        );
+        assert_ne!(a.key(), b.key());
+    }
+}

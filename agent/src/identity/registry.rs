@@ -1,0 +1,133 @@
+//! The registry: every mesh endpoint this node knows, built from the config. Local workloads
+//! (pods on this node: cgroup, netns, IPs) and peers (pods on other nodes: IPs), each with its
+//! SPIFFE identity; lookups by IP and by identity key.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    path::PathBuf,
+};
+
+use super::{IdentityKey, SpiffeId};
+use crate::config::Config;
+
+/// A pod on this node.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct LocalWorkload {
+    /// `<namespace>/<name>`.
+    pub id: String,
+    pub name: String,
+    pub namespace: String,
+    pub identity: SpiffeId,
+    pub labels: BTreeMap<String, String>,
+    pub cgroup: PathBuf,
+    pub netns: PathBuf,
+    pub ips: Vec<IpAddr>,
+}
+
+/// Any mesh endpoint (local or remote), by one of its IPs.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Endpoint {
+    pub name: String,
+    pub namespace: String,
+    pub identity: SpiffeId,
+    pub local: bool,
+    /// Node address for remote endpoints.
+    pub node: Option<IpAddr>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RegistryError {
+    #[error("identities {a} and {b} have the same 64-bit key; rename one service account")]
+    KeyCollision { a: String, b: String },
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Registry {
+    pub workloads: Vec<LocalWorkload>,
+    pub endpoints: HashMap<IpAddr, Endpoint>,
+    identities: HashMap<IdentityKey, SpiffeId>,
+}
+
+impl Registry {
+    pub fn from_config(config: &Config) -> Result<Self, RegistryError> {
+        let mut registry = Registry::default();
+        let td = &config.trust_domain;
+        for w in &config.workloads {
+            let identity = SpiffeId::new(td, &w.namespace, &w.service_account);
+            registry.add_identity(&identity)?;
+            for ip in &w.ips {
+                registry.endpoints.insert(
+                    *ip,
+                    Endpoint {
+                        name: w.name.clone(),
+                        namespace: w.namespace.clone(),
+                        identity: identity.clone(),
+                        local: true,
+                        node: None,
+                    },
+                );
+            }
+            registry.workloads.push(LocalWorkload {
+                id: format!("{}/{}", w.namespace, w.name),
+                name: w.name.clone(),
+                namespace: w.namespace.clone(),
+                identity,
+                labels: w.labels.clone(),
+                cgroup: w.cgroup.clone(),
+                netns: w.netns.clone(),
+                ips: w.ips.clone(),
+            });
+        }
+        for p in &config.peers {
+            let identity = SpiffeId::new(td, &p.namespace, &p.service_account);
+            registry.add_identity(&identity)?;
+            for ip in &p.ips {
+                registry.endpoints.insert(
+                    *ip,
+                    Endpoint {
+                        name: p.name.clone(),
+                        namespace: p.namespace.clone(),
+                        identity: identity.clone(),
+                        local: false,
+                        node: Some(p.node),
+                    },
+                );
+            }
+        }
+        Ok(registry)
+    }
+
+    fn add_identity(&mut self, id: &SpiffeId) -> Result<(), RegistryError> {
+        match self.identities.get(&id.key()) {
+            Some(existing) if existing != id => Err(RegistryError::KeyCollision {
+                a: existing.to_string(),
+                b: id.to_string(),
+            }),
+            _ => {
+                self.identities.insert(id.key(), id.clone());
+                Ok(())
+            }
+        }
+    }
+
+    pub fn endpoint(&self, ip: &IpAddr) -> Option<&Endpoint> {
+        self.endpoints.get(&canonical(ip))
+    }
+
+    pub fn identity(&self, key: IdentityKey) -> Option<&SpiffeId> {
+        self.identities.get(&key)
+    }
+
+    pub fn workload(&self, id: &str) -> Option<&LocalWorkload> {
+        self.workloads.iter().find(|w| w.id == id)
+    }
+}
+
+/// IPv4-mapped IPv6 addresses are looked up as IPv4.
+fn canonical(ip: &IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(*ip),
+        v4 => *v4,
+    }
+}

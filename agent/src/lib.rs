@@ -1,0 +1,15 @@
+//! Latch node agent library: everything behind the `latch` binary.
+//!
+//! A connection is followed through the modules in this order: [`capture`] (per-pod listeners and
+//! the original destination), [`tunnel`] (carrying bytes), [`verdicts`] (what gets cached, for how
+//! long), [`datapath`] (the kernel programs and maps; the only module that talks to aya).
+//! [`config`] reads the node's configuration and [`identity`] turns workloads into identities.
+
+pub mod capture;
+pub mod config;
+pub mod datapath;
+pub mod identity;
+pub mod runtime;
+pub mod state;
+pub mod tunnel;
+pub mod verdicts;

@@ -1,0 +1,393 @@
+//! The `latch agent` process: install the datapath, bring the kernel maps and the per-pod
+//! listeners in line with the config, then serve until SIGTERM, reloading on SIGHUP and when the
+//! config file changes.
+//!
+//! A reload is prepared completely (parse, validate, resolve cgroups, open namespaces and
+//! listeners) before anything running is touched; if any step fails the agent logs why and keeps
+//! the last good state.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use latch_common::{
+    ENDPOINT_LOCAL, ENDPOINT_TUNNEL_ONLY, EndpointInfo, WORKLOAD_TUNNEL_ONLY, WorkloadInfo,
+};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    task::JoinHandle,
+};
+
+use crate::{
+    capture::{NetnsWorker, PodListeners, inbound, outbound},
+    config::{Config, DataplaneMode},
+    datapath::{Datapath, DatapathSettings, install::inbound_link_name, system},
+    identity::{LocalWorkload, Registry},
+    state::{SharedState, Snapshot},
+    verdicts::{SharedMaps, VerdictCache, lock},
+};
+
+/// How often the config file is checked for changes (SIGHUP reloads at once).
+const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A pod this agent serves: its listeners' tasks and its netns worker.
+struct PodRuntime {
+    workload: LocalWorkload,
+    tasks: Vec<JoinHandle<()>>,
+    _worker: Arc<NetnsWorker>,
+}
+
+impl Drop for PodRuntime {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// A pod whose netns is entered (and, if it is new, whose listeners are open) but that is not
+/// yet serving.
+struct PreparedPod {
+    workload: LocalWorkload,
+    worker: Arc<NetnsWorker>,
+    /// `None` for a pod that is being replaced: it rebinds after the old listeners close.
+    listeners: Option<PodListeners>,
+}
+
+struct Agent {
+    config_path: PathBuf,
+    datapath: Datapath,
+    maps: SharedMaps,
+    cache: VerdictCache,
+    state: SharedState,
+    pods: BTreeMap<String, PodRuntime>,
+}
+
+fn settings(config: &Config) -> DatapathSettings {
+    DatapathSettings {
+        pin_dir: config.bpf_pin_dir.clone(),
+        cgroup_root: config.cgroup_root.clone(),
+        capture_port: config.ports.capture,
+        inbound_port: config.ports.inbound,
+        tunnel_port: config.ports.tunnel,
+    }
+}
+
+/// Run the agent until SIGTERM/SIGINT. Programs and maps stay pinned when it returns.
+pub async fn run(config_path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    let registry =
+        Registry::from_config(&config).with_context(|| format!("{}", config_path.display()))?;
+    let mut datapath = Datapath::install(settings(&config)).context("installing the datapath")?;
+    let maps: SharedMaps = Arc::new(Mutex::new(datapath.maps()?));
+    let state = SharedState::new(Snapshot { config, registry });
+    let mut agent = Agent {
+        config_path: config_path.to_owned(),
+        cache: VerdictCache::new(maps.clone()),
+        datapath,
+        maps,
+        state,
+        pods: BTreeMap::new(),
+    };
+    let snapshot = agent.state.get();
+    let prepared = agent.prepare(&snapshot.config, &snapshot.registry)?;
+    agent.commit(prepared)?;
+    agent.drop_stale_inbound_links()?;
+
+    let snapshot = agent.state.get();
+    tracing::info!(
+        node = %snapshot.config.node.name,
+        workloads = snapshot.registry.workloads.len(),
+        endpoints = snapshot.registry.endpoints.len(),
+        pin_dir = %snapshot.config.bpf_pin_dir.display(),
+        "agent ready"
+    );
+
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let mut watch = tokio::time::interval(WATCH_INTERVAL);
+    let mut last_seen = file_stamp(config_path);
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+            _ = sighup.recv() => {
+                last_seen = file_stamp(config_path);
+                agent.reload("SIGHUP");
+            }
+            _ = watch.tick() => {
+                let stamp = file_stamp(config_path);
+                if stamp != last_seen {
+                    last_seen = stamp;
+                    agent.reload("config file changed");
+                }
+            }
+        }
+    }
+    tracing::info!("agent stopping; programs and maps stay pinned, enforcement continues");
+    Ok(())
+}
+
+/// Remove everything the agent pinned for this config.
+pub fn uninstall(config_path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    crate::datapath::uninstall(&config.bpf_pin_dir)?;
+    Ok(())
+}
+
+/// Modification time and length: enough to notice an edit or a replaced file.
+fn file_stamp(path: &Path) -> Option<(std::time::SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+impl Agent {
+    fn reload(&mut self, trigger: &str) {
+        match self.try_reload() {
+            Ok(()) => tracing::info!(trigger, "config reloaded"),
+            Err(e) => tracing::error!(
+                trigger,
+                error = format!("{e:#}"),
+                "config reload failed; keeping the last good configuration"
+            ),
+        }
+    }
+
+    fn try_reload(&mut self) -> anyhow::Result<()> {
+        let config = Config::load(&self.config_path)?;
+        let current = self.state.get();
+        let old = &current.config;
+        for (field, changed) in [
+            ("bpfPinDir", config.bpf_pin_dir != old.bpf_pin_dir),
+            ("cgroupRoot", config.cgroup_root != old.cgroup_root),
+            ("ports", config.ports != old.ports),
+        ] {
+            if changed {
+                anyhow::bail!(
+                    "{}: {field} cannot change while the agent runs; restart it",
+                    self.config_path.display()
+                );
+            }
+        }
+        let registry = Registry::from_config(&config)
+            .with_context(|| format!("{}", self.config_path.display()))?;
+        let prepared = self.prepare(&config, &registry)?;
+        self.state.replace(Snapshot { config, registry });
+        self.commit(prepared)
+    }
+
+    /// Everything that can fail for reasons outside the agent: cgroups exist, namespaces open,
+    /// listeners bind. Nothing running is touched.
+    fn prepare(&self, config: &Config, registry: &Registry) -> anyhow::Result<Prepared> {
+        let mut kernel_workloads = HashMap::new();
+        for w in &registry.workloads {
+            let cgroup_id =
+                system::cgroup_id(&w.cgroup).with_context(|| format!("workload {}", w.id))?;
+            let flags = if config.dataplane.mode == DataplaneMode::Tunnel {
+                WORKLOAD_TUNNEL_ONLY
+            } else {
+                0
+            };
+            kernel_workloads.insert(
+                cgroup_id,
+                WorkloadInfo {
+                    identity: w.identity.key().0,
+                    flags,
+                    _pad: 0,
+                },
+            );
+        }
+        let mut kernel_endpoints = HashMap::new();
+        for (ip, ep) in &registry.endpoints {
+            let mut flags = if ep.local { ENDPOINT_LOCAL } else { 0 };
+            if config.dataplane.mode == DataplaneMode::Tunnel {
+                flags |= ENDPOINT_TUNNEL_ONLY;
+            }
+            kernel_endpoints.insert(
+                *ip,
+                EndpointInfo {
+                    identity: ep.identity.key().0,
+                    flags,
+                    _pad: 0,
+                },
+            );
+        }
+        let mut new_pods = Vec::new();
+        for w in &registry.workloads {
+            if self.pods.get(&w.id).is_some_and(|p| p.workload == *w) {
+                continue;
+            }
+            let worker = Arc::new(
+                NetnsWorker::spawn(&w.netns).with_context(|| format!("workload {}", w.id))?,
+            );
+            let listeners = match self.pods.get(&w.id) {
+                // Same pod with changed attributes: its listeners are re-opened after the old ones
+                // close, in commit.
+                Some(_) => None,
+                None => Some(
+                    PodListeners::open(&worker, config.ports.capture, config.ports.inbound)
+                        .with_context(|| format!("workload {}: opening listeners", w.id))?,
+                ),
+            };
+            new_pods.push(PreparedPod {
+                workload: w.clone(),
+                worker,
+                listeners,
+            });
+        }
+        Ok(Prepared {
+            kernel_workloads,
+            kernel_endpoints,
+            new_pods,
+        })
+    }
+
+    /// Apply a prepared state: kernel maps, inbound checks, listeners, revocation of verdicts
+    /// for identities that are gone.
+    fn commit(&mut self, prepared: Prepared) -> anyhow::Result<()> {
+        let snapshot = self.state.get();
+        let ports = snapshot.config.ports.clone();
+        let wanted: std::collections::HashSet<&str> = snapshot
+            .registry
+            .workloads
+            .iter()
+            .map(|w| w.id.as_str())
+            .collect();
+        let changed: Vec<String> = prepared
+            .new_pods
+            .iter()
+            .map(|p| p.workload.id.clone())
+            .collect();
+        let gone: Vec<String> = self
+            .pods
+            .keys()
+            .filter(|id| !wanted.contains(id.as_str()) || changed.contains(id))
+            .cloned()
+            .collect();
+        for id in gone {
+            if let Some(pod) = self.pods.remove(&id) {
+                {
+                    let mut maps = lock(&self.maps);
+                    for ip in &pod.workload.ips {
+                        maps.remove_inbound_listener(*ip)?;
+                    }
+                }
+                if !wanted.contains(id.as_str()) {
+                    self.datapath.detach_inbound(&id)?;
+                }
+                tracing::info!(workload = %id, "workload removed");
+            }
+        }
+
+        {
+            let mut maps = lock(&self.maps);
+            for (cgroup_id, _) in maps.workloads()? {
+                if !prepared.kernel_workloads.contains_key(&cgroup_id) {
+                    maps.remove_workload(cgroup_id)?;
+                }
+            }
+            for (cgroup_id, info) in &prepared.kernel_workloads {
+                maps.set_workload(*cgroup_id, *info)?;
+            }
+            for (ip, _) in maps.endpoints()? {
+                if !prepared.kernel_endpoints.contains_key(&ip) {
+                    maps.remove_endpoint(ip)?;
+                }
+            }
+            for (ip, info) in &prepared.kernel_endpoints {
+                maps.set_endpoint(*ip, *info)?;
+            }
+        }
+
+        for PreparedPod {
+            workload,
+            worker,
+            listeners,
+        } in prepared.new_pods
+        {
+            let listeners = match listeners {
+                Some(l) => l,
+                None => PodListeners::open(&worker, ports.capture, ports.inbound)
+                    .with_context(|| format!("workload {}: opening listeners", workload.id))?,
+            };
+            self.datapath
+                .attach_inbound(&workload.id, &workload.netns)?;
+            {
+                let mut maps = lock(&self.maps);
+                for ip in &workload.ips {
+                    maps.set_inbound_listener(*ip, &listeners.inbound)?;
+                }
+            }
+            let pod = self.start_pod(workload, worker, listeners);
+            tracing::info!(workload = %pod.workload.id, identity = %pod.workload.identity, "workload enrolled");
+            self.pods.insert(pod.workload.id.clone(), pod);
+        }
+
+        let registry = &snapshot.registry;
+        let revoked = self
+            .cache
+            .revoke_unknown(|k| registry.identity(k).is_some())?;
+        if revoked > 0 {
+            tracing::info!(
+                revoked,
+                "removed cached verdicts of identities that are gone"
+            );
+        }
+        Ok(())
+    }
+
+    fn start_pod(
+        &self,
+        workload: LocalWorkload,
+        worker: Arc<NetnsWorker>,
+        listeners: PodListeners,
+    ) -> PodRuntime {
+        let out_ctx = Arc::new(outbound::OutboundContext {
+            workload: workload.clone(),
+            netns_cookie: listeners.netns_cookie,
+            worker: worker.clone(),
+            maps: self.maps.clone(),
+            cache: self.cache.clone(),
+            state: self.state.clone(),
+        });
+        let in_ctx = Arc::new(inbound::InboundContext {
+            workload: workload.clone(),
+            worker: worker.clone(),
+            state: self.state.clone(),
+        });
+        let mut tasks = vec![
+            tokio::spawn(outbound::serve(listeners.capture_v4, out_ctx.clone())),
+            tokio::spawn(inbound::serve(listeners.inbound, in_ctx)),
+        ];
+        if let Some(v6) = listeners.capture_v6 {
+            tasks.push(tokio::spawn(outbound::serve(v6, out_ctx)));
+        }
+        PodRuntime {
+            workload,
+            tasks,
+            _worker: worker,
+        }
+    }
+
+    /// Inbound links pinned by an earlier run for workloads that are no longer configured.
+    fn drop_stale_inbound_links(&mut self) -> anyhow::Result<()> {
+        let wanted: Vec<String> = self.pods.keys().map(|id| inbound_link_name(id)).collect();
+        for pinned in self.datapath.inbound_attachments()? {
+            if !wanted.contains(&pinned) {
+                self.datapath.detach_inbound(&pinned)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+struct Prepared {
+    kernel_workloads: HashMap<u64, WorkloadInfo>,
+    kernel_endpoints: HashMap<std::net::IpAddr, EndpointInfo>,
+    new_pods: Vec<PreparedPod>,
+}

@@ -1,0 +1,79 @@
+//! Byte splicing between two TCP streams: both directions at once, half-close carried across
+//! (EOF on one side shuts down writing on the other), and an error on either side resets both,
+//! so nothing is left hanging.
+
+use tokio::net::TcpStream;
+
+/// Bytes moved in each direction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Transferred {
+    pub a_to_b: u64,
+    pub b_to_a: u64,
+}
+
+/// Relay until both directions are closed. On error, both sockets are closed with RST.
+pub async fn splice(mut a: TcpStream, mut b: TcpStream) -> std::io::Result<Transferred> {
+    match tokio::io::copy_bidirectional(&mut a, &mut b).await {
+        Ok((a_to_b, b_to_a)) => Ok(Transferred { a_to_b, b_to_a }),
+        Err(e) => {
+            reset(&a);
+            reset(&b);
+            Err(e)
+        }
+    }
+}
+
+/// Make the coming close send RST instead of FIN.
+pub fn reset(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpListener,
+    };
+
+    async fn pair(listener: &TcpListener) -> (TcpStream, TcpStream) {
+        let addr = listener.local_addr().expect("bound");
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (client.expect("connect"), accepted.expect("accept").0)
+    }
+
+    #[tokio::test]
+    async fn carries_bytes_and_half_close_both_ways() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let (mut client, agent_in) = pair(&listener).await;
+        let (agent_out, mut server) = pair(&listener).await;
+        let relay = tokio::spawn(splice(agent_in, agent_out));
+
+        client.write_all(b"ping").await.expect("write");
+        client.shutdown().await.expect("half-close");
+        let mut got = Vec::new();
+        server
+            .read_to_end(&mut got)
+            .await
+            .expect("server reads to EOF");
+        assert_eq!(got, b"ping");
+
+        server
+            .write_all(b"pong")
+            .await
+            .expect("write back after peer's half-close");
+        server.shutdown().await.expect("close");
+        let mut back = Vec::new();
+        client.read_to_end(&mut back).await.expect("client reads");
+        assert_eq!(back, b"pong");
+
+        let moved = relay.await.expect("join").expect("splice");
+        assert_eq!(
+            moved,
+            Transferred {
+                a_to_b: 4,
+                b_to_a: 4
+            }
+        );
+    }
+}

@@ -1,0 +1,364 @@
+//! The kernel ABI of Latch: everything the eBPF programs and the agent must agree on byte for byte.
+//!
+//! Map names, map sizes, the `#[repr(C)]` keys and values stored in those maps, and the constants
+//! that give their fields meaning. Nothing else in the project defines any of these; the eBPF crate
+//! and the agent's `datapath` module both import them from here.
+//!
+//! Conventions:
+//! - IP addresses are 16 bytes; IPv4 addresses are stored IPv4-mapped (`::ffff:a.b.c.d`), so one
+//!   map serves both families and a dual-stack socket connecting to a mapped address matches the
+//!   IPv4 endpoint.
+//! - Ports are in host byte order.
+//! - Times are nanoseconds of `CLOCK_BOOTTIME` (`bpf_ktime_get_boot_ns` in the kernel).
+//! - Identities are 64-bit keys derived by the agent from SPIFFE IDs; the kernel only compares them.
+#![no_std]
+
+/// Names of the maps, as they appear in the eBPF object and under the pin directory.
+pub mod map_names {
+    /// cgroup id → [`crate::WorkloadInfo`]: the enrolled workloads of this node.
+    pub const WORKLOADS: &str = "LATCH_WORKLOADS";
+    /// [`crate::IpKey`] → [`crate::EndpointInfo`]: every mesh endpoint (local and remote pods).
+    pub const ENDPOINTS: &str = "LATCH_ENDPOINTS";
+    /// [`crate::VerdictKey`] → [`crate::VerdictValue`]: the verdict cache (LRU).
+    pub const VERDICTS: &str = "LATCH_VERDICTS";
+    /// socket cookie → [`crate::OrigDst`]: original destination of a redirected socket (LRU).
+    pub const ORIG_DST: &str = "LATCH_ORIG_DST";
+    /// [`crate::RedirectKey`] → [`crate::OrigDst`]: the same, keyed the way the agent sees the
+    /// accepted side of the connection (LRU).
+    pub const REDIRECTS: &str = "LATCH_REDIRECTS";
+    /// [`crate::IpKey`] (local pod IP) → inbound listener socket in that pod's netns.
+    pub const INBOUND_LISTENERS: &str = "LATCH_INBOUND_LISTENERS";
+    /// Single-entry array of [`crate::DatapathConfig`].
+    pub const CONFIG: &str = "LATCH_CONFIG";
+    /// Per-CPU `u64` counters, indexed by [`crate::Counter`].
+    pub const COUNTERS: &str = "LATCH_COUNTERS";
+}
+
+/// Names of the programs in the eBPF object.
+pub mod program_names {
+    pub const CONNECT4: &str = "latch_connect4";
+    pub const CONNECT6: &str = "latch_connect6";
+    pub const GETPEERNAME4: &str = "latch_getpeername4";
+    pub const GETPEERNAME6: &str = "latch_getpeername6";
+    pub const SOCK_OPS: &str = "latch_sock_ops";
+    pub const INBOUND: &str = "latch_inbound";
+}
+
+/// Verdict cache entries. At least a million: one per (source identity, destination identity,
+/// port, direction) seen recently on a large node.
+pub const MAX_VERDICTS: u32 = 1 << 20;
+/// Enrolled workloads (cgroups) on one node.
+pub const MAX_WORKLOADS: u32 = 1 << 16;
+/// Mesh endpoints (pod IPs) known to one node.
+pub const MAX_ENDPOINTS: u32 = 1 << 16;
+/// Redirected sockets alive at once (LRU, so a leak can never fill it).
+pub const MAX_REDIRECTS: u32 = 1 << 18;
+/// Inbound listeners: one per local pod IP.
+pub const MAX_INBOUND_LISTENERS: u32 = 1 << 12;
+/// Depth of cgroup ancestors the connect programs walk to find an enrolled workload (a pod cgroup
+/// with container cgroups below it).
+pub const MAX_CGROUP_DEPTH: u32 = 8;
+
+/// A 16-byte IP address (IPv4 mapped into IPv6).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct IpKey {
+    pub addr: [u8; 16],
+}
+
+impl IpKey {
+    /// The IPv4 address `a.b.c.d` given as the big-endian bytes of the address.
+    pub const fn from_v4(octets: [u8; 4]) -> Self {
+        let mut addr = [0u8; 16];
+        addr[10] = 0xff;
+        addr[11] = 0xff;
+        addr[12] = octets[0];
+        addr[13] = octets[1];
+        addr[14] = octets[2];
+        addr[15] = octets[3];
+        Self { addr }
+    }
+
+    pub const fn from_v6(octets: [u8; 16]) -> Self {
+        Self { addr: octets }
+    }
+
+    /// Build from the four 32-bit words of an address as the kernel stores them (network order in
+    /// memory, read as native-endian integers).
+    pub const fn from_words(w: [u32; 4]) -> Self {
+        let mut addr = [0u8; 16];
+        let mut i = 0;
+        while i < 4 {
+            let b = w[i].to_ne_bytes();
+            addr[i * 4] = b[0];
+            addr[i * 4 + 1] = b[1];
+            addr[i * 4 + 2] = b[2];
+            addr[i * 4 + 3] = b[3];
+            i += 1;
+        }
+        Self { addr }
+    }
+
+    /// The inverse of [`IpKey::from_words`].
+    pub const fn to_words(&self) -> [u32; 4] {
+        let a = &self.addr;
+        let mut w = [0u32; 4];
+        let mut i = 0;
+        while i < 4 {
+            w[i] = u32::from_ne_bytes([a[i * 4], a[i * 4 + 1], a[i * 4 + 2], a[i * 4 + 3]]);
+            i += 1;
+        }
+        w
+    }
+
+    /// `127.0.0.0/8` (mapped) or `::1`.
+    pub const fn is_loopback(&self) -> bool {
+        if self.is_v4_mapped() {
+            return self.addr[12] == 127;
+        }
+        let a = &self.addr;
+        let mut i = 0;
+        while i < 15 {
+            if a[i] != 0 {
+                return false;
+            }
+            i += 1;
+        }
+        a[15] == 1
+    }
+
+    /// Whether this is an IPv4-mapped address.
+    pub const fn is_v4_mapped(&self) -> bool {
+        let a = &self.addr;
+        a[0] == 0
+            && a[1] == 0
+            && a[2] == 0
+            && a[3] == 0
+            && a[4] == 0
+            && a[5] == 0
+            && a[6] == 0
+            && a[7] == 0
+            && a[8] == 0
+            && a[9] == 0
+            && a[10] == 0xff
+            && a[11] == 0xff
+    }
+}
+
+/// An enrolled workload, keyed by its (pod) cgroup id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct WorkloadInfo {
+    pub identity: u64,
+    /// `WORKLOAD_*` flags.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// The workload's data-plane mode is `tunnel`: never take the fast path, every connection goes
+/// through the enforcer.
+pub const WORKLOAD_TUNNEL_ONLY: u32 = 1;
+
+/// A mesh endpoint, keyed by one of its IPs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct EndpointInfo {
+    pub identity: u64,
+    /// `ENDPOINT_*` flags.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// The endpoint is a pod on this node (its netns has the inbound check).
+pub const ENDPOINT_LOCAL: u32 = 1;
+/// The endpoint's workload is in `tunnel` mode: never take the fast path to or from it.
+pub const ENDPOINT_TUNNEL_ONLY: u32 = 2;
+
+/// Direction of a cached verdict, from the point of view of this node.
+pub const DIRECTION_OUTBOUND: u8 = 0;
+pub const DIRECTION_INBOUND: u8 = 1;
+
+/// Key of the verdict cache.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct VerdictKey {
+    pub src_identity: u64,
+    pub dst_identity: u64,
+    /// Destination port, host byte order.
+    pub port: u16,
+    /// `DIRECTION_*`.
+    pub direction: u8,
+    pub _pad: [u8; 5],
+}
+
+impl VerdictKey {
+    pub const fn new(src_identity: u64, dst_identity: u64, port: u16, direction: u8) -> Self {
+        Self {
+            src_identity,
+            dst_identity,
+            port,
+            direction,
+            _pad: [0; 5],
+        }
+    }
+}
+
+/// Decisions stored in the cache.
+pub const DECISION_ALLOW: u32 = 1;
+pub const DECISION_DENY: u32 = 2;
+
+/// Value of the verdict cache.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VerdictValue {
+    /// `CLOCK_BOOTTIME` nanoseconds after which the entry is ignored.
+    pub expires_at_ns: u64,
+    /// `DECISION_*`.
+    pub decision: u32,
+    pub _pad: u32,
+}
+
+/// Address families as the kernel numbers them.
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// The original destination of a redirected connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct OrigDst {
+    /// The destination as the application gave it (IPv4 mapped for `connect4`).
+    pub addr: IpKey,
+    /// Host byte order.
+    pub port: u16,
+    /// `AF_INET` or `AF_INET6`: the family of the application's socket.
+    pub family: u16,
+    pub _pad: u32,
+}
+
+/// How the agent finds a redirected connection it accepted on a capture listener: the client
+/// socket's network namespace (cookie) and local port, as seen from the accepted socket's peer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct RedirectKey {
+    pub netns_cookie: u64,
+    /// The client's local port, host byte order.
+    pub port: u16,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    pub _pad: u32,
+}
+
+/// Node-wide settings the programs read at run time (single entry at index 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DatapathConfig {
+    /// Capture listener port on loopback in each pod netns (outbound redirect target).
+    pub capture_port: u16,
+    /// Tunnel (HBONE) listener port in each pod netns: never steered by the inbound check.
+    pub tunnel_port: u16,
+    /// Inbound listener port (for reference; steering uses the listener socket itself).
+    pub inbound_port: u16,
+    pub _pad: u16,
+    /// cgroup v2 level of `cgroupRoot` (the root cgroup is level 0): the connect programs look for
+    /// enrolled workloads among the ancestors below this level.
+    pub cgroup_root_level: u32,
+    /// Non-zero once the agent has filled the config; until then the programs let all through.
+    pub enabled: u32,
+}
+
+/// Per-CPU counters, by index in the `COUNTERS` map.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// `connect()` allowed straight through by a fresh cached allow.
+    FastpathAllowed = 0,
+    /// `connect()` redirected to the agent's capture listener.
+    Redirected = 1,
+    /// `connect()` failed with `EPERM` by a fresh cached deny.
+    CachedDeny = 2,
+    /// Inbound connection delivered straight to the application by a fresh inbound verdict.
+    InboundAdmitted = 3,
+    /// Inbound connection steered to the agent's inbound listener.
+    InboundSteered = 4,
+    /// Inbound connection that had to be steered but no listener was there: reset.
+    InboundRejected = 5,
+}
+
+impl Counter {
+    pub const ALL: [Counter; 6] = [
+        Counter::FastpathAllowed,
+        Counter::Redirected,
+        Counter::CachedDeny,
+        Counter::InboundAdmitted,
+        Counter::InboundSteered,
+        Counter::InboundRejected,
+    ];
+
+    /// Stable snake_case name, used in the debug API and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::FastpathAllowed => "fastpath_allowed",
+            Counter::Redirected => "redirected",
+            Counter::CachedDeny => "cached_deny",
+            Counter::InboundAdmitted => "inbound_admitted",
+            Counter::InboundSteered => "inbound_steered",
+            Counter::InboundRejected => "inbound_rejected",
+        }
+    }
+}
+
+pub const COUNTER_SLOTS: u32 = 6;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)], Copy, made only of integers and byte arrays, with
+    // explicit padding fields, so every bit pattern is valid.
+    unsafe impl aya::Pod for super::IpKey {}
+    unsafe impl aya::Pod for super::WorkloadInfo {}
+    unsafe impl aya::Pod for super::EndpointInfo {}
+    unsafe impl aya::Pod for super::VerdictKey {}
+    unsafe impl aya::Pod for super::VerdictValue {}
+    unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::RedirectKey {}
+    unsafe impl aya::Pod for super::DatapathConfig {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<IpKey>(), 16);
+        assert_eq!(size_of::<WorkloadInfo>(), 16);
+        assert_eq!(size_of::<EndpointInfo>(), 16);
+        assert_eq!(size_of::<VerdictKey>(), 24);
+        assert_eq!(size_of::<VerdictValue>(), 16);
+        assert_eq!(size_of::<OrigDst>(), 24);
+        assert_eq!(size_of::<RedirectKey>(), 16);
+        assert_eq!(size_of::<DatapathConfig>(), 16);
+    }
+
+    #[test]
+    fn v4_mapping() {
+        let k = IpKey::from_v4([10, 244, 1, 2]);
+        assert!(k.is_v4_mapped());
+        assert_eq!(&k.addr[12..], &[10, 244, 1, 2]);
+        assert!(!IpKey::from_v6([0xfd; 16]).is_v4_mapped());
+        assert!(IpKey::from_v4([127, 0, 0, 6]).is_loopback());
+        let mut one = [0u8; 16];
+        one[15] = 1;
+        assert!(IpKey::from_v6(one).is_loopback());
+        assert!(!k.is_loopback());
+        assert_eq!(IpKey::from_words(k.to_words()), k);
+    }
+
+    #[test]
+    fn counter_indices_are_dense() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as u32, i as u32);
+        }
+        assert_eq!(Counter::ALL.len() as u32, COUNTER_SLOTS);
+    }
+}
