@@ -1,0 +1,119 @@
+//! Field-level checks done while deserializing, so that the parser reports the exact line:
+//! durations, absolute paths, Kubernetes names, the trust domain, ports, the metrics address.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
+
+use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+pub fn positive_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let raw = String::deserialize(d)?;
+    let duration = humantime::parse_duration(raw.trim())
+        .map_err(|e| D::Error::custom(format!("invalid duration {raw:?}: {e}")))?;
+    if duration.is_zero() {
+        return Err(D::Error::custom(format!("duration {raw:?} must be greater than zero")));
+    }
+    Ok(duration)
+}
+
+pub fn serialize_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_duration(*d).to_string())
+}
+
+pub fn absolute_path<'de, D: Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
+    let path = PathBuf::deserialize(d)?;
+    if !path.is_absolute() {
+        return Err(D::Error::custom(format!(
+            "path {:?} must be absolute",
+            path.display().to_string()
+        )));
+    }
+    Ok(path)
+}
+
+pub fn optional_absolute_path<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+    absolute_path(d).map(Some)
+}
+
+pub fn port<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
+    let port = u16::deserialize(d)?;
+    if port == 0 {
+        return Err(D::Error::custom("port must be between 1 and 65535"));
+    }
+    Ok(port)
+}
+
+/// An RFC 1123 label: Kubernetes namespaces.
+pub fn dns_label<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let name = String::deserialize(d)?;
+    check_label(&name, 63).map_err(D::Error::custom)?;
+    Ok(name)
+}
+
+/// An RFC 1123 subdomain: Kubernetes object names (pods, service accounts, nodes).
+pub fn dns_subdomain<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let name = String::deserialize(d)?;
+    if name.len() > 253 {
+        return Err(D::Error::custom(format!("{name:?} is longer than 253 characters")));
+    }
+    for part in name.split('.') {
+        check_label(part, 63).map_err(|why| D::Error::custom(format!("{name:?}: {why}")))?;
+    }
+    Ok(name)
+}
+
+fn check_label(name: &str, max: usize) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if name.len() > max {
+        return Err(format!("{name:?} is longer than {max} characters"));
+    }
+    let ok_chars = name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !ok_chars || name.starts_with('-') || name.ends_with('-') {
+        return Err(format!(
+            "{name:?} is not a valid name (lowercase letters, digits and '-', starting and ending with a letter or digit)"
+        ));
+    }
+    Ok(())
+}
+
+/// A SPIFFE trust domain: lowercase letters, digits, `.`, `-` and `_`.
+pub fn trust_domain<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let td = String::deserialize(d)?;
+    if td.is_empty() || td.len() > 255 {
+        return Err(D::Error::custom("trust domain must be 1 to 255 characters"));
+    }
+    if let Some(bad) = td
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_')))
+    {
+        return Err(D::Error::custom(format!(
+            "trust domain {td:?} has the character {bad:?}; only lowercase letters, digits, '.', '-' and '_' are allowed"
+        )));
+    }
+    Ok(td)
+}
+
+/// `host:port`, or `off` / null to disable.
+pub fn metrics<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    match Option::<String>::deserialize(d)? {
+        None => Ok(None),
+        Some(s) if s == "off" => Ok(None),
+        Some(s) => s
+            .parse()
+            .map(Some)
+            .map_err(|_| D::Error::custom(format!("invalid address {s:?}: expected ip:port or \"off\""))),
+    }
+}
+
+pub fn non_empty_ips<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpAddr>, D::Error> {
+    let ips = Vec::<IpAddr>::deserialize(d)?;
+    if ips.is_empty() {
+        return Err(D::Error::custom("at least one IP address is required"));
+    }
+    Ok(ips)
+}

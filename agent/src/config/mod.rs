@@ -1,0 +1,250 @@
+//! The local-mode config file (`latch agent --config FILE`): its types, loading and validation.
+//!
+//! Every mistake is reported as `<file>:<line>:<col>: <field path>: <why>`: type and syntax
+//! errors by the YAML parser, field checks inside deserialization ([`fields`]), and checks across
+//! fields afterwards ([`validate`]), whose line comes from [`locate`]. Unknown fields anywhere
+//! are errors.
+
+mod error;
+mod fields;
+mod locate;
+mod validate;
+
+pub use error::ConfigError;
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Config {
+    pub node: Node,
+    #[serde(deserialize_with = "fields::trust_domain")]
+    pub trust_domain: String,
+    #[serde(deserialize_with = "fields::absolute_path")]
+    pub cgroup_root: PathBuf,
+    #[serde(deserialize_with = "fields::absolute_path")]
+    pub bpf_pin_dir: PathBuf,
+    #[serde(default)]
+    pub ports: Ports,
+    #[serde(default)]
+    pub dataplane: Dataplane,
+    /// Latch addition: the mesh-wide mTLS mode used until PeerAuthentication policies exist.
+    #[serde(default)]
+    pub mtls: Mtls,
+    #[serde(default)]
+    pub certificates: Option<Certificates>,
+    #[serde(default = "defaults::debug_socket", deserialize_with = "fields::absolute_path")]
+    pub debug_socket: PathBuf,
+    #[serde(default = "defaults::metrics", deserialize_with = "fields::metrics")]
+    pub metrics: Option<SocketAddr>,
+    #[serde(default)]
+    pub policies: Vec<PathBuf>,
+    #[serde(default = "defaults::root_namespace", deserialize_with = "fields::dns_label")]
+    pub root_namespace: String,
+    #[serde(default)]
+    pub workloads: Vec<Workload>,
+    #[serde(default)]
+    pub peers: Vec<Peer>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Node {
+    #[serde(deserialize_with = "fields::dns_subdomain")]
+    pub name: String,
+    pub address: IpAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ports {
+    #[serde(default = "defaults::capture", deserialize_with = "fields::port")]
+    pub capture: u16,
+    #[serde(default = "defaults::inbound", deserialize_with = "fields::port")]
+    pub inbound: u16,
+    #[serde(default = "defaults::tunnel", deserialize_with = "fields::port")]
+    pub tunnel: u16,
+}
+
+impl Default for Ports {
+    fn default() -> Self {
+        Self {
+            capture: defaults::capture(),
+            inbound: defaults::inbound(),
+            tunnel: defaults::tunnel(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Dataplane {
+    #[serde(default)]
+    pub mode: DataplaneMode,
+    #[serde(
+        default = "defaults::verdict_ttl",
+        deserialize_with = "fields::positive_duration",
+        serialize_with = "fields::serialize_duration"
+    )]
+    pub verdict_ttl: Duration,
+}
+
+impl Default for Dataplane {
+    fn default() -> Self {
+        Self {
+            mode: DataplaneMode::default(),
+            verdict_ttl: defaults::verdict_ttl(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataplaneMode {
+    /// First connection of a pair through the enforcer, repeats through the kernel cache.
+    #[default]
+    Fastpath,
+    /// Every connection through the enforcer (every byte encrypted); nothing cached.
+    Tunnel,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mtls {
+    #[serde(default)]
+    pub mode: MtlsMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum MtlsMode {
+    /// Plaintext inbound connections are reset.
+    Strict,
+    /// Plaintext inbound connections are accepted (Istio's default).
+    #[default]
+    Permissive,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Certificates {
+    pub source: CertificateSource,
+    #[serde(default, deserialize_with = "fields::optional_absolute_path")]
+    pub ca_cert: Option<PathBuf>,
+    #[serde(default, deserialize_with = "fields::optional_absolute_path")]
+    pub ca_key: Option<PathBuf>,
+    #[serde(default, deserialize_with = "fields::optional_absolute_path")]
+    pub dir: Option<PathBuf>,
+    #[serde(
+        default = "defaults::certificate_ttl",
+        deserialize_with = "fields::positive_duration",
+        serialize_with = "fields::serialize_duration"
+    )]
+    pub ttl: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CertificateSource {
+    DevCa,
+    Files,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Workload {
+    #[serde(deserialize_with = "fields::dns_subdomain")]
+    pub name: String,
+    #[serde(deserialize_with = "fields::dns_label")]
+    pub namespace: String,
+    #[serde(deserialize_with = "fields::dns_subdomain")]
+    pub service_account: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(deserialize_with = "fields::absolute_path")]
+    pub cgroup: PathBuf,
+    #[serde(deserialize_with = "fields::absolute_path")]
+    pub netns: PathBuf,
+    #[serde(deserialize_with = "fields::non_empty_ips")]
+    pub ips: Vec<IpAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Peer {
+    #[serde(deserialize_with = "fields::dns_subdomain")]
+    pub name: String,
+    #[serde(deserialize_with = "fields::dns_label")]
+    pub namespace: String,
+    #[serde(deserialize_with = "fields::dns_subdomain")]
+    pub service_account: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(deserialize_with = "fields::non_empty_ips")]
+    pub ips: Vec<IpAddr>,
+    pub node: IpAddr,
+}
+
+mod defaults {
+    use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+    pub fn capture() -> u16 {
+        15001
+    }
+    pub fn inbound() -> u16 {
+        15006
+    }
+    pub fn tunnel() -> u16 {
+        15008
+    }
+    pub fn verdict_ttl() -> Duration {
+        Duration::from_secs(300)
+    }
+    pub fn certificate_ttl() -> Duration {
+        Duration::from_secs(3600)
+    }
+    pub fn debug_socket() -> PathBuf {
+        PathBuf::from("/run/latch/debug.sock")
+    }
+    pub fn metrics() -> Option<SocketAddr> {
+        Some(SocketAddr::from(([127, 0, 0, 1], 15020)))
+    }
+    pub fn root_namespace() -> String {
+        "istio-system".to_owned()
+    }
+}
+
+impl Config {
+    /// Read and validate the file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.to_owned(),
+            source,
+        })?;
+        Self::from_yaml(path, &text)
+    }
+
+    /// Parse and validate `text`; `origin` names the file in messages.
+    pub fn from_yaml(origin: &Path, text: &str) -> Result<Config, ConfigError> {
+        if text.trim().is_empty() || text.lines().all(|l| l.trim_start().starts_with('#') || l.trim().is_empty()) {
+            return Err(ConfigError::Empty {
+                file: origin.to_owned(),
+            });
+        }
+        let deserializer = serde_yaml_ng::Deserializer::from_str(text);
+        let config: Config = serde_path_to_error::deserialize(deserializer)
+            .map_err(|e| ConfigError::from_parse(origin, text, e))?;
+        validate::check(&config).map_err(|problem| ConfigError::invalid(origin, text, problem))?;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests;

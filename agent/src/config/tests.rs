@@ -1,0 +1,219 @@
+//! Config parsing tests: the DESIGN example, defaults, and one test per kind of mistake, each
+//! checking the file name, line and field path in the message.
+
+use super::*;
+
+const EXAMPLE: &str = r#"node: { name: node-a, address: 10.244.0.1 }
+trustDomain: cluster.local
+cgroupRoot: /sys/fs/cgroup/kubepods           # programs attach here
+bpfPinDir: /sys/fs/bpf/latch
+ports: { capture: 15001, inbound: 15006, tunnel: 15008 }
+dataplane: { mode: fastpath, verdictTtl: 5m }
+certificates:
+  source: dev-ca
+  caCert: /etc/latch/ca.pem
+  caKey: /etc/latch/ca-key.pem
+  ttl: 1h
+debugSocket: /run/latch/debug.sock
+metrics: 127.0.0.1:15020
+policies: [/etc/latch/policies]
+workloads:
+  - { name: frontend-1, namespace: prod, serviceAccount: frontend, labels: { app: frontend },
+      cgroup: /sys/fs/cgroup/kubepods/frontend-1, netns: /run/netns/frontend-1, ips: [10.244.1.2] }
+peers:
+  - { name: payment-1, namespace: prod, serviceAccount: payment, labels: { app: payment-service },
+      ips: [10.244.2.2], node: 10.244.0.2 }
+"#;
+
+const MINIMAL: &str = "node: { name: n1, address: 10.244.0.1 }\ntrustDomain: cluster.local\ncgroupRoot: /cg\nbpfPinDir: /sys/fs/bpf/x\n";
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::from_yaml(Path::new("node.yaml"), text)
+}
+
+/// The error message for `text`, checked to name the file, `line` and `path`.
+fn expect_error(text: &str, line: usize, path: &str) -> String {
+    let err = parse(text).expect_err("config should be rejected");
+    let msg = err.to_string();
+    assert!(msg.starts_with(&format!("node.yaml:{line}:")), "wrong file/line in: {msg}");
+    assert!(msg.contains(path), "no field path {path:?} in: {msg}");
+    msg
+}
+
+#[test]
+fn design_example_parses() {
+    let c = parse(EXAMPLE).expect("example is valid");
+    assert_eq!(c.node.name, "node-a");
+    assert_eq!(c.node.address, "10.244.0.1".parse::<IpAddr>().expect("ip"));
+    assert_eq!(c.trust_domain, "cluster.local");
+    assert_eq!(c.ports, Ports { capture: 15001, inbound: 15006, tunnel: 15008 });
+    assert_eq!(c.dataplane.mode, DataplaneMode::Fastpath);
+    assert_eq!(c.dataplane.verdict_ttl, Duration::from_secs(300));
+    let certs = c.certificates.expect("certificates");
+    assert_eq!(certs.source, CertificateSource::DevCa);
+    assert_eq!(certs.ttl, Duration::from_secs(3600));
+    assert_eq!(c.workloads.len(), 1);
+    assert_eq!(c.workloads[0].service_account, "frontend");
+    assert_eq!(c.workloads[0].labels.get("app").map(String::as_str), Some("frontend"));
+    assert_eq!(c.peers[0].node, "10.244.0.2".parse::<IpAddr>().expect("ip"));
+    assert_eq!(c.metrics, Some("127.0.0.1:15020".parse().expect("addr")));
+}
+
+#[test]
+fn defaults_apply() {
+    let c = parse(MINIMAL).expect("minimal config is valid");
+    assert_eq!(c.ports, Ports::default());
+    assert_eq!(c.dataplane, Dataplane::default());
+    assert_eq!(c.mtls.mode, MtlsMode::Permissive);
+    assert_eq!(c.debug_socket, PathBuf::from("/run/latch/debug.sock"));
+    assert_eq!(c.root_namespace, "istio-system");
+    assert!(c.workloads.is_empty() && c.peers.is_empty() && c.certificates.is_none());
+}
+
+#[test]
+fn metrics_can_be_disabled() {
+    let c = parse(&format!("{MINIMAL}metrics: off\n")).expect("valid");
+    assert_eq!(c.metrics, None);
+}
+
+#[test]
+fn unknown_top_level_field() {
+    let msg = expect_error(&format!("{MINIMAL}trustDomian: x\n"), 5, "trustDomian");
+    assert!(msg.contains("unknown field"), "{msg}");
+}
+
+#[test]
+fn unknown_nested_field() {
+    let msg = expect_error(&format!("{MINIMAL}dataplane:\n  mode: fastpath\n  ttl: 5m\n"), 7, "dataplane.ttl");
+    assert!(msg.contains("unknown field `ttl`"), "{msg}");
+}
+
+#[test]
+fn bad_ip() {
+    let text = format!(
+        "{MINIMAL}peers:\n  - {{ name: p, namespace: prod, serviceAccount: sa, ips: [10.244.1.999], node: 10.244.0.2 }}\n"
+    );
+    expect_error(&text, 6, "peers[0].ips[0]");
+}
+
+#[test]
+fn bad_duration() {
+    let msg = expect_error(&format!("{MINIMAL}dataplane: {{ verdictTtl: 5 parsecs }}\n"), 5, "dataplane.verdictTtl");
+    assert!(msg.contains("invalid duration"), "{msg}");
+}
+
+#[test]
+fn zero_ttl() {
+    let msg = expect_error(&format!("{MINIMAL}dataplane: {{ verdictTtl: 0s }}\n"), 5, "dataplane.verdictTtl");
+    assert!(msg.contains("greater than zero"), "{msg}");
+}
+
+#[test]
+fn bad_enum_value() {
+    let msg = expect_error(&format!("{MINIMAL}mtls: {{ mode: STRICTEST }}\n"), 5, "mtls.mode");
+    assert!(msg.contains("STRICT"), "{msg}");
+}
+
+#[test]
+fn duplicate_ports() {
+    expect_error(&format!("{MINIMAL}ports: {{ capture: 15001, inbound: 15001 }}\n"), 5, "ports.capture");
+}
+
+#[test]
+fn zero_port() {
+    expect_error(&format!("{MINIMAL}ports:\n  tunnel: 0\n"), 6, "ports.tunnel");
+}
+
+#[test]
+fn duplicate_ip_across_workload_and_peer() {
+    let text = format!(
+        "{MINIMAL}workloads:\n  - {{ name: a, namespace: prod, serviceAccount: sa, cgroup: /cg/a, netns: /run/netns/a, ips: [10.244.1.2] }}\npeers:\n  - name: b\n    namespace: prod\n    serviceAccount: sb\n    node: 10.244.0.2\n    ips:\n      - 10.244.1.2\n"
+    );
+    let msg = expect_error(&text, 13, "peers[0].ips[0]");
+    assert!(msg.contains("already used by workloads[0] (a)"), "{msg}");
+}
+
+#[test]
+fn duplicate_workload() {
+    let w = "  - { name: a, namespace: prod, serviceAccount: sa, cgroup: /cg/a, netns: /run/netns/a, ips: [10.244.1.2] }\n";
+    let w2 = "  - { name: a, namespace: prod, serviceAccount: sa, cgroup: /cg/b, netns: /run/netns/b, ips: [10.244.1.3] }\n";
+    let msg = expect_error(&format!("{MINIMAL}workloads:\n{w}{w2}"), 7, "workloads[1].name");
+    assert!(msg.contains("listed twice"), "{msg}");
+}
+
+#[test]
+fn cgroup_outside_root() {
+    let text = format!(
+        "{MINIMAL}workloads:\n  - name: a\n    namespace: prod\n    serviceAccount: sa\n    cgroup: /elsewhere/a\n    netns: /run/netns/a\n    ips: [10.244.1.2]\n"
+    );
+    let msg = expect_error(&text, 9, "workloads[0].cgroup");
+    assert!(msg.contains("not below cgroupRoot"), "{msg}");
+}
+
+#[test]
+fn dev_ca_without_key() {
+    let text = format!("{MINIMAL}certificates:\n  source: dev-ca\n  caCert: /etc/ca.pem\n");
+    let msg = expect_error(&text, 5, "certificates");
+    assert!(msg.contains("caKey"), "{msg}");
+}
+
+#[test]
+fn relative_path() {
+    let msg = expect_error(&MINIMAL.replace("bpfPinDir: /sys/fs/bpf/x", "bpfPinDir: sys/fs/bpf/x"), 4, "bpfPinDir");
+    assert!(msg.contains("absolute"), "{msg}");
+}
+
+#[test]
+fn bad_trust_domain() {
+    let msg = expect_error(&MINIMAL.replace("cluster.local", "Cluster.Local"), 2, "trustDomain");
+    assert!(msg.contains("'C'"), "{msg}");
+}
+
+#[test]
+fn empty_ips() {
+    let text = format!(
+        "{MINIMAL}peers:\n  - {{ name: p, namespace: prod, serviceAccount: sa, ips: [], node: 10.244.0.2 }}\n"
+    );
+    let msg = expect_error(&text, 6, "peers[0].ips");
+    assert!(msg.contains("at least one"), "{msg}");
+}
+
+#[test]
+fn invalid_namespace() {
+    let text = format!(
+        "{MINIMAL}peers:\n  - {{ name: p, namespace: Prod_NS, serviceAccount: sa, ips: [10.244.1.2], node: 10.244.0.2 }}\n"
+    );
+    expect_error(&text, 6, "peers[0].namespace");
+}
+
+#[test]
+fn missing_field_names_parent() {
+    let err = parse("node: { name: n1 }\ntrustDomain: cluster.local\ncgroupRoot: /cg\nbpfPinDir: /b\n").expect_err("invalid");
+    let msg = err.to_string();
+    assert!(msg.starts_with("node.yaml:1:"), "{msg}");
+    assert!(msg.contains("node") && msg.contains("missing field `address`"), "{msg}");
+}
+
+#[test]
+fn empty_file() {
+    let msg = parse("# nothing\n\n").expect_err("empty").to_string();
+    assert_eq!(msg, "node.yaml: the config file is empty");
+}
+
+#[test]
+fn not_a_mapping() {
+    let msg = parse("- a\n- b\n").expect_err("sequence").to_string();
+    assert!(msg.starts_with("node.yaml:1:1:") && msg.contains("invalid type"), "{msg}");
+}
+
+#[test]
+fn unreadable_file() {
+    let msg = Config::load(Path::new("/nonexistent/latch.yaml")).expect_err("missing").to_string();
+    assert!(msg.starts_with("/nonexistent/latch.yaml: cannot read:"), "{msg}");
+}
+
+#[test]
+fn syntax_error_has_a_line() {
+    let err = parse(&format!("{MINIMAL}workloads: [\n  {{ name: a\n")).expect_err("broken");
+    assert!(err.line().is_some(), "{err}");
+}
