@@ -14,7 +14,9 @@ pub fn positive_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D:
     let duration = humantime::parse_duration(raw.trim())
         .map_err(|e| D::Error::custom(format!("invalid duration {raw:?}: {e}")))?;
     if duration.is_zero() {
-        return Err(D::Error::custom(format!("duration {raw:?} must be greater than zero")));
+        return Err(D::Error::custom(format!(
+            "duration {raw:?} must be greater than zero"
+        )));
     }
     Ok(duration)
 }
@@ -34,7 +36,9 @@ pub fn absolute_path<'de, D: Deserializer<'de>>(d: D) -> Result<PathBuf, D::Erro
     Ok(path)
 }
 
-pub fn optional_absolute_path<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+pub fn optional_absolute_path<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<PathBuf>, D::Error> {
     absolute_path(d).map(Some)
 }
 
@@ -57,7 +61,9 @@ pub fn dns_label<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
 pub fn dns_subdomain<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     let name = String::deserialize(d)?;
     if name.len() > 253 {
-        return Err(D::Error::custom(format!("{name:?} is longer than 253 characters")));
+        return Err(D::Error::custom(format!(
+            "{name:?} is longer than 253 characters"
+        )));
     }
     for part in name.split('.') {
         check_label(part, 63).map_err(|why| D::Error::custom(format!("{name:?}: {why}")))?;
@@ -72,7 +78,9 @@ fn check_label(name: &str, max: usize) -> Result<(), String> {
     if name.len() > max {
         return Err(format!("{name:?} is longer than {max} characters"));
     }
-    let ok_chars = name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    let ok_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
     if !ok_chars || name.starts_with('-') || name.ends_with('-') {
         return Err(format!(
             "{name:?} is not a valid name (lowercase letters, digits and '-', starting and ending with a letter or digit)"
@@ -103,10 +111,11 @@ pub fn metrics<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D:
     match Option::<String>::deserialize(d)? {
         None => Ok(None),
         Some(s) if s == "off" => Ok(None),
-        Some(s) => s
-            .parse()
-            .map(Some)
-            .map_err(|_| D::Error::custom(format!("invalid address {s:?}: expected ip:port or \"off\""))),
+        Some(s) => s.parse().map(Some).map_err(|_| {
+            D::Error::custom(format!(
+                "invalid address {s:?}: expected ip:port or \"off\""
+            ))
+        }),
     }
 }
 

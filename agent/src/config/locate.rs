@@ -41,12 +41,15 @@ pub fn locate(text: &str, path: &str) -> Option<(usize, usize)> {
         let at = (mark.line(), mark.col() + 1);
         match event {
             Event::StreamEnd => return None,
-            Event::MappingEnd | Event::SequenceEnd => {
-                if stack.pop().is_some_and(|frame| frame.has_segment) {
-                    current.pop();
-                }
+            Event::MappingEnd | Event::SequenceEnd
+                if stack.pop().is_some_and(|frame| frame.has_segment) =>
+            {
+                current.pop();
             }
-            Event::Scalar(..) | Event::Alias(..) | Event::MappingStart(..) | Event::SequenceStart(..) => {
+            Event::Scalar(..)
+            | Event::Alias(..)
+            | Event::MappingStart(..)
+            | Event::SequenceStart(..) => {
                 let segment = match stack.last_mut().map(|f| &mut f.kind) {
                     None => None,
                     Some(Kind::Map { key: None }) => {
@@ -57,7 +60,11 @@ pub fn locate(text: &str, path: &str) -> Option<(usize, usize)> {
                                 return Some(at);
                             }
                             current.pop();
-                            if let Some(Frame { kind: Kind::Map { key }, .. }) = stack.last_mut() {
+                            if let Some(Frame {
+                                kind: Kind::Map { key },
+                                ..
+                            }) = stack.last_mut()
+                            {
                                 *key = Some(k.clone());
                             }
                         }
@@ -105,8 +112,12 @@ struct Frame {
 
 enum Kind {
     /// `key` is the key whose value comes next, `None` while a key is expected.
-    Map { key: Option<String> },
-    Seq { next: usize },
+    Map {
+        key: Option<String>,
+    },
+    Seq {
+        next: usize,
+    },
 }
 
 #[cfg(test)]

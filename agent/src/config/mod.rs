@@ -40,13 +40,19 @@ pub struct Config {
     pub mtls: Mtls,
     #[serde(default)]
     pub certificates: Option<Certificates>,
-    #[serde(default = "defaults::debug_socket", deserialize_with = "fields::absolute_path")]
+    #[serde(
+        default = "defaults::debug_socket",
+        deserialize_with = "fields::absolute_path"
+    )]
     pub debug_socket: PathBuf,
     #[serde(default = "defaults::metrics", deserialize_with = "fields::metrics")]
     pub metrics: Option<SocketAddr>,
     #[serde(default)]
     pub policies: Vec<PathBuf>,
-    #[serde(default = "defaults::root_namespace", deserialize_with = "fields::dns_label")]
+    #[serde(
+        default = "defaults::root_namespace",
+        deserialize_with = "fields::dns_label"
+    )]
     pub root_namespace: String,
     #[serde(default)]
     pub workloads: Vec<Workload>,
@@ -233,7 +239,11 @@ impl Config {
 
     /// Parse and validate `text`; `origin` names the file in messages.
     pub fn from_yaml(origin: &Path, text: &str) -> Result<Config, ConfigError> {
-        if text.trim().is_empty() || text.lines().all(|l| l.trim_start().starts_with('#') || l.trim().is_empty()) {
+        if text.trim().is_empty()
+            || text
+                .lines()
+                .all(|l| l.trim_start().starts_with('#') || l.trim().is_empty())
+        {
             return Err(ConfigError::Empty {
                 file: origin.to_owned(),
             });

@@ -35,7 +35,10 @@ fn parse(text: &str) -> Result<Config, ConfigError> {
 fn expect_error(text: &str, line: usize, path: &str) -> String {
     let err = parse(text).expect_err("config should be rejected");
     let msg = err.to_string();
-    assert!(msg.starts_with(&format!("node.yaml:{line}:")), "wrong file/line in: {msg}");
+    assert!(
+        msg.starts_with(&format!("node.yaml:{line}:")),
+        "wrong file/line in: {msg}"
+    );
     assert!(msg.contains(path), "no field path {path:?} in: {msg}");
     msg
 }
@@ -46,7 +49,14 @@ fn design_example_parses() {
     assert_eq!(c.node.name, "node-a");
     assert_eq!(c.node.address, "10.244.0.1".parse::<IpAddr>().expect("ip"));
     assert_eq!(c.trust_domain, "cluster.local");
-    assert_eq!(c.ports, Ports { capture: 15001, inbound: 15006, tunnel: 15008 });
+    assert_eq!(
+        c.ports,
+        Ports {
+            capture: 15001,
+            inbound: 15006,
+            tunnel: 15008
+        }
+    );
     assert_eq!(c.dataplane.mode, DataplaneMode::Fastpath);
     assert_eq!(c.dataplane.verdict_ttl, Duration::from_secs(300));
     let certs = c.certificates.expect("certificates");
@@ -54,7 +64,10 @@ fn design_example_parses() {
     assert_eq!(certs.ttl, Duration::from_secs(3600));
     assert_eq!(c.workloads.len(), 1);
     assert_eq!(c.workloads[0].service_account, "frontend");
-    assert_eq!(c.workloads[0].labels.get("app").map(String::as_str), Some("frontend"));
+    assert_eq!(
+        c.workloads[0].labels.get("app").map(String::as_str),
+        Some("frontend")
+    );
     assert_eq!(c.peers[0].node, "10.244.0.2".parse::<IpAddr>().expect("ip"));
     assert_eq!(c.metrics, Some("127.0.0.1:15020".parse().expect("addr")));
 }
@@ -84,7 +97,11 @@ fn unknown_top_level_field() {
 
 #[test]
 fn unknown_nested_field() {
-    let msg = expect_error(&format!("{MINIMAL}dataplane:\n  mode: fastpath\n  ttl: 5m\n"), 7, "dataplane.ttl");
+    let msg = expect_error(
+        &format!("{MINIMAL}dataplane:\n  mode: fastpath\n  ttl: 5m\n"),
+        7,
+        "dataplane.ttl",
+    );
     assert!(msg.contains("unknown field `ttl`"), "{msg}");
 }
 
@@ -98,30 +115,50 @@ fn bad_ip() {
 
 #[test]
 fn bad_duration() {
-    let msg = expect_error(&format!("{MINIMAL}dataplane: {{ verdictTtl: 5 parsecs }}\n"), 5, "dataplane.verdictTtl");
+    let msg = expect_error(
+        &format!("{MINIMAL}dataplane: {{ verdictTtl: 5 parsecs }}\n"),
+        5,
+        "dataplane.verdictTtl",
+    );
     assert!(msg.contains("invalid duration"), "{msg}");
 }
 
 #[test]
 fn zero_ttl() {
-    let msg = expect_error(&format!("{MINIMAL}dataplane: {{ verdictTtl: 0s }}\n"), 5, "dataplane.verdictTtl");
+    let msg = expect_error(
+        &format!("{MINIMAL}dataplane: {{ verdictTtl: 0s }}\n"),
+        5,
+        "dataplane.verdictTtl",
+    );
     assert!(msg.contains("greater than zero"), "{msg}");
 }
 
 #[test]
 fn bad_enum_value() {
-    let msg = expect_error(&format!("{MINIMAL}mtls: {{ mode: STRICTEST }}\n"), 5, "mtls.mode");
+    let msg = expect_error(
+        &format!("{MINIMAL}mtls: {{ mode: STRICTEST }}\n"),
+        5,
+        "mtls.mode",
+    );
     assert!(msg.contains("STRICT"), "{msg}");
 }
 
 #[test]
 fn duplicate_ports() {
-    expect_error(&format!("{MINIMAL}ports: {{ capture: 15001, inbound: 15001 }}\n"), 5, "ports.capture");
+    expect_error(
+        &format!("{MINIMAL}ports: {{ capture: 15001, inbound: 15001 }}\n"),
+        5,
+        "ports.capture",
+    );
 }
 
 #[test]
 fn zero_port() {
-    expect_error(&format!("{MINIMAL}ports:\n  tunnel: 0\n"), 6, "ports.tunnel");
+    expect_error(
+        &format!("{MINIMAL}ports:\n  tunnel: 0\n"),
+        6,
+        "ports.tunnel",
+    );
 }
 
 #[test]
@@ -137,7 +174,11 @@ fn duplicate_ip_across_workload_and_peer() {
 fn duplicate_workload() {
     let w = "  - { name: a, namespace: prod, serviceAccount: sa, cgroup: /cg/a, netns: /run/netns/a, ips: [10.244.1.2] }\n";
     let w2 = "  - { name: a, namespace: prod, serviceAccount: sa, cgroup: /cg/b, netns: /run/netns/b, ips: [10.244.1.3] }\n";
-    let msg = expect_error(&format!("{MINIMAL}workloads:\n{w}{w2}"), 7, "workloads[1].name");
+    let msg = expect_error(
+        &format!("{MINIMAL}workloads:\n{w}{w2}"),
+        7,
+        "workloads[1].name",
+    );
     assert!(msg.contains("listed twice"), "{msg}");
 }
 
@@ -159,13 +200,21 @@ fn dev_ca_without_key() {
 
 #[test]
 fn relative_path() {
-    let msg = expect_error(&MINIMAL.replace("bpfPinDir: /sys/fs/bpf/x", "bpfPinDir: sys/fs/bpf/x"), 4, "bpfPinDir");
+    let msg = expect_error(
+        &MINIMAL.replace("bpfPinDir: /sys/fs/bpf/x", "bpfPinDir: sys/fs/bpf/x"),
+        4,
+        "bpfPinDir",
+    );
     assert!(msg.contains("absolute"), "{msg}");
 }
 
 #[test]
 fn bad_trust_domain() {
-    let msg = expect_error(&MINIMAL.replace("cluster.local", "Cluster.Local"), 2, "trustDomain");
+    let msg = expect_error(
+        &MINIMAL.replace("cluster.local", "Cluster.Local"),
+        2,
+        "trustDomain",
+    );
     assert!(msg.contains("'C'"), "{msg}");
 }
 
@@ -188,10 +237,15 @@ fn invalid_namespace() {
 
 #[test]
 fn missing_field_names_parent() {
-    let err = parse("node: { name: n1 }\ntrustDomain: cluster.local\ncgroupRoot: /cg\nbpfPinDir: /b\n").expect_err("invalid");
+    let err =
+        parse("node: { name: n1 }\ntrustDomain: cluster.local\ncgroupRoot: /cg\nbpfPinDir: /b\n")
+            .expect_err("invalid");
     let msg = err.to_string();
     assert!(msg.starts_with("node.yaml:1:"), "{msg}");
-    assert!(msg.contains("node") && msg.contains("missing field `address`"), "{msg}");
+    assert!(
+        msg.contains("node") && msg.contains("missing field `address`"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -203,13 +257,21 @@ fn empty_file() {
 #[test]
 fn not_a_mapping() {
     let msg = parse("- a\n- b\n").expect_err("sequence").to_string();
-    assert!(msg.starts_with("node.yaml:1:1:") && msg.contains("invalid type"), "{msg}");
+    assert!(
+        msg.starts_with("node.yaml:1:1:") && msg.contains("invalid type"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn unreadable_file() {
-    let msg = Config::load(Path::new("/nonexistent/latch.yaml")).expect_err("missing").to_string();
-    assert!(msg.starts_with("/nonexistent/latch.yaml: cannot read:"), "{msg}");
+    let msg = Config::load(Path::new("/nonexistent/latch.yaml"))
+        .expect_err("missing")
+        .to_string();
+    assert!(
+        msg.starts_with("/nonexistent/latch.yaml: cannot read:"),
+        "{msg}"
+    );
 }
 
 #[test]

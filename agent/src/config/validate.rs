@@ -22,10 +22,16 @@ fn problem(path: impl Into<String>, message: impl Into<String>) -> Problem {
 pub fn check(config: &Config) -> Result<(), Problem> {
     let p = &config.ports;
     if p.capture == p.inbound || p.capture == p.tunnel {
-        return Err(problem("ports.capture", format!("port {} is used twice in ports", p.capture)));
+        return Err(problem(
+            "ports.capture",
+            format!("port {} is used twice in ports", p.capture),
+        ));
     }
     if p.inbound == p.tunnel {
-        return Err(problem("ports.inbound", format!("port {} is used twice in ports", p.inbound)));
+        return Err(problem(
+            "ports.inbound",
+            format!("port {} is used twice in ports", p.inbound),
+        ));
     }
 
     let mut owners: HashMap<std::net::IpAddr, String> = HashMap::new();
@@ -50,7 +56,10 @@ pub fn check(config: &Config) -> Result<(), Problem> {
         }
         for (j, ip) in w.ips.iter().enumerate() {
             if let Some(owner) = owners.insert(*ip, format!("{at} ({})", w.name)) {
-                return Err(problem(format!("{at}.ips[{j}]"), format!("{ip} is already used by {owner}")));
+                return Err(problem(
+                    format!("{at}.ips[{j}]"),
+                    format!("{ip} is already used by {owner}"),
+                ));
             }
         }
     }
@@ -58,7 +67,10 @@ pub fn check(config: &Config) -> Result<(), Problem> {
         let at = format!("peers[{i}]");
         for (j, ip) in peer.ips.iter().enumerate() {
             if let Some(owner) = owners.insert(*ip, format!("{at} ({})", peer.name)) {
-                return Err(problem(format!("{at}.ips[{j}]"), format!("{ip} is already used by {owner}")));
+                return Err(problem(
+                    format!("{at}.ips[{j}]"),
+                    format!("{ip} is already used by {owner}"),
+                ));
             }
         }
     }

@@ -1,0 +1,311 @@
+//! A real `latch agent` process in a node's network namespace: its config file, its JSON log
+//! (followed line by line, so tests wait for events instead of sleeping), and its life cycle.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Condvar, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{env, netns};
+
+/// Per-node agent settings a test can choose.
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    /// `STRICT` or `PERMISSIVE`.
+    pub mtls_mode: String,
+    /// `fastpath` or `tunnel`.
+    pub dataplane_mode: String,
+    pub verdict_ttl: String,
+    /// Appended to the generated config.
+    pub extra_yaml: String,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        Self {
+            mtls_mode: "PERMISSIVE".into(),
+            dataplane_mode: "fastpath".into(),
+            verdict_ttl: "5m".into(),
+            extra_yaml: String::new(),
+        }
+    }
+}
+
+impl AgentOptions {
+    pub fn strict() -> Self {
+        Self {
+            mtls_mode: "STRICT".into(),
+            ..Self::default()
+        }
+    }
+}
+
+#[derive(Default)]
+struct LogState {
+    lines: Vec<String>,
+    closed: bool,
+}
+
+type Log = Arc<(Mutex<LogState>, Condvar)>;
+
+pub struct Agent {
+    netns: PathBuf,
+    config: PathBuf,
+    log_file: PathBuf,
+    child: Option<Child>,
+    log: Log,
+    /// Log lines before the current process started (earlier runs).
+    offset: usize,
+}
+
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Agent {
+    /// Write `config_yaml` into `dir` and start the agent in `netns`; waits until it logs
+    /// `agent ready`, or fails with the end of its log.
+    pub fn start(netns: &Path, dir: &Path, config_yaml: &str) -> anyhow::Result<Self> {
+        let config = dir.join("config.yaml");
+        std::fs::write(&config, config_yaml)
+            .with_context(|| format!("writing {}", config.display()))?;
+        let mut agent = Self {
+            netns: netns.to_owned(),
+            log_file: dir.join("agent.log"),
+            config,
+            child: None,
+            log: Arc::new((Mutex::new(LogState::default()), Condvar::new())),
+            offset: 0,
+        };
+        agent.spawn()?;
+        Ok(agent)
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let bin = env::latch_bin()?;
+        let mut cmd = Command::new(&bin);
+        cmd.args(["agent", "--config"])
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        netns::enter(&mut cmd, &self.netns, None)?;
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        {
+            let mut state = self.log.0.lock().unwrap_or_else(|p| p.into_inner());
+            state.closed = false;
+            self.offset = state.lines.len();
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_file)
+            .with_context(|| format!("opening {}", self.log_file.display()))?;
+        let file = Arc::new(Mutex::new(file));
+        let stdout = child.stdout.take().context("agent stdout")?;
+        let stderr = child.stderr.take().context("agent stderr")?;
+        for (stream, closes) in [
+            (Box::new(stdout) as Box<dyn std::io::Read + Send>, true),
+            (Box::new(stderr), false),
+        ] {
+            let log = self.log.clone();
+            let file = file.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines() {
+                    let Ok(line) = line else { break };
+                    if let Ok(mut f) = file.lock() {
+                        let _ = writeln!(f, "{line}");
+                    }
+                    let (lock, cvar) = &*log;
+                    lock.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .lines
+                        .push(line);
+                    cvar.notify_all();
+                }
+                if closes {
+                    let (lock, cvar) = &*log;
+                    lock.lock().unwrap_or_else(|p| p.into_inner()).closed = true;
+                    cvar.notify_all();
+                }
+            });
+        }
+        self.child = Some(child);
+        if let Err(e) = self.wait_for_message("agent ready", READY_TIMEOUT) {
+            let tail = self.log_tail(30);
+            self.kill9();
+            bail!("agent did not become ready: {e:#}\n--- agent log ---\n{tail}");
+        }
+        Ok(())
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
+    /// Replace the config file (the agent notices the change by itself, or use [`Agent::reload`]).
+    pub fn write_config(&self, yaml: &str) -> anyhow::Result<()> {
+        std::fs::write(&self.config, yaml)
+            .with_context(|| format!("writing {}", self.config.display()))
+    }
+
+    /// All log lines of the current run.
+    pub fn lines(&self) -> Vec<String> {
+        let state = self.log.0.lock().unwrap_or_else(|p| p.into_inner());
+        state.lines[self.offset.min(state.lines.len())..].to_vec()
+    }
+
+    /// The whole log of every run so far.
+    pub fn log(&self) -> String {
+        self.log
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .lines
+            .join("\n")
+    }
+
+    pub fn log_tail(&self, n: usize) -> String {
+        let state = self.log.0.lock().unwrap_or_else(|p| p.into_inner());
+        let start = state.lines.len().saturating_sub(n);
+        state.lines[start..].join("\n")
+    }
+
+    /// Number of log lines so far (to wait for something after a point).
+    pub fn mark(&self) -> usize {
+        self.log
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .lines
+            .len()
+    }
+
+    /// Wait until a log line after `mark` satisfies `pred`; returns it. Fails if the agent's
+    /// output closes first or `timeout` passes.
+    pub fn wait_for_line_after(
+        &self,
+        mark: usize,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> anyhow::Result<String> {
+        let deadline = Instant::now() + timeout;
+        let (lock, cvar) = &*self.log;
+        let mut state = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut seen = mark;
+        loop {
+            if let Some(line) = state.lines[seen.min(state.lines.len())..]
+                .iter()
+                .find(|l| pred(l))
+            {
+                return Ok(line.clone());
+            }
+            seen = state.lines.len();
+            if state.closed {
+                bail!("the agent exited");
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                bail!("timed out after {timeout:?}");
+            }
+            state = cvar
+                .wait_timeout(state, deadline - now)
+                .map(|(s, _)| s)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+
+    /// Wait for a log line of this run whose message is `message`.
+    pub fn wait_for_message(&self, message: &str, timeout: Duration) -> anyhow::Result<String> {
+        let needle = format!("\"message\":\"{message}\"");
+        self.wait_for_line_after(self.offset, timeout, |l| l.contains(&needle))
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        if let Some(pid) = self.pid() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
+        }
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait for the exit status.
+    pub fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let mut child = self.child.take().context("agent is not running")?;
+        child.wait().context("waiting for the agent")
+    }
+
+    /// SIGHUP: reload the config.
+    pub fn reload(&self) {
+        self.signal(nix::sys::signal::Signal::SIGHUP);
+    }
+
+    /// Start again with the same config (after kill9 or terminate).
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        if self.child.is_some() {
+            self.kill9();
+        }
+        self.spawn()
+    }
+
+    /// Run `latch agent --config <config> --uninstall` in the node's netns.
+    pub fn uninstall(&self) -> anyhow::Result<()> {
+        let bin = env::latch_bin()?;
+        let mut cmd = Command::new(bin);
+        cmd.args(["agent", "--config"])
+            .arg(&self.config)
+            .arg("--uninstall");
+        netns::enter(&mut cmd, &self.netns, None)?;
+        let out = cmd.output().context("running latch agent --uninstall")?;
+        if !out.status.success() {
+            bail!("uninstall failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
+    /// Run the agent binary once with this config and other arguments (e.g. to see how it fails
+    /// on a bad config); returns (exit code, stdout+stderr).
+    pub fn run_once(netns_path: &Path, config: &Path) -> anyhow::Result<(i32, String)> {
+        let bin = env::latch_bin()?;
+        let mut cmd = Command::new(bin);
+        cmd.args(["agent", "--config"])
+            .arg(config)
+            .stdin(Stdio::null());
+        netns::enter(&mut cmd, netns_path, None)?;
+        let out = cmd.output().context("running latch agent")?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok((out.status.code().unwrap_or(-1), text))
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

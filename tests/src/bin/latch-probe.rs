@@ -1,0 +1,138 @@
+//! `latch-probe`: the client the tests and benchmarks run inside pods (in the pod's netns and
+//! cgroup), so that the kernel programs see a real process of that pod.
+//!
+//! - `latch-probe connect --to IP:PORT [--send TEXT] [--timeout-ms N]`: one connection; prints
+//!   one JSON line: ok, errno, error, peer, local, echo, reset, elapsed_ms. Exit 0 even when the
+//!   connection fails (the JSON says how).
+//! - `latch-probe rate --to IP:PORT --count N`: N sequential connect+close; prints one JSON line
+//!   with the count, failures, total seconds and per-connection latencies in microseconds.
+//! - `latch-probe cgroup`: prints this process's cgroup.
+
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn json_str(s: &str) -> String {
+    serde_json::Value::String(s.to_owned()).to_string()
+}
+
+fn opt(s: Option<String>) -> String {
+    s.map(|s| json_str(&s)).unwrap_or_else(|| "null".into())
+}
+
+fn connect(to: SocketAddr, send: Option<String>, timeout: Duration) -> String {
+    let start = Instant::now();
+    let (mut ok, mut errno, mut error, mut peer, mut local, mut echo, mut reset) =
+        (false, None, None, None, None, None, false);
+    match TcpStream::connect_timeout(&to, timeout) {
+        Ok(mut stream) => {
+            ok = true;
+            peer = stream.peer_addr().ok().map(|a| a.to_string());
+            local = stream.local_addr().ok().map(|a| a.to_string());
+            let _ = stream.set_read_timeout(Some(timeout));
+            if let Some(text) = send {
+                let exchange = stream
+                    .write_all(text.as_bytes())
+                    .and_then(|()| stream.shutdown(Shutdown::Write))
+                    .and_then(|()| {
+                        let mut buf = Vec::new();
+                        stream.read_to_end(&mut buf).map(|_| buf)
+                    });
+                match exchange {
+                    Ok(buf) => echo = Some(String::from_utf8_lossy(&buf).into_owned()),
+                    Err(e) => {
+                        reset = e.kind() == std::io::ErrorKind::ConnectionReset;
+                        errno = e.raw_os_error();
+                        error = Some(e.to_string());
+                    }
+                }
+            }
+        }
+        Err(e) => {
+            errno = e.raw_os_error();
+            reset = e.kind() == std::io::ErrorKind::ConnectionReset;
+            error = Some(e.to_string());
+        }
+    }
+    format!(
+        "{{\"ok\":{ok},\"errno\":{},\"error\":{},\"peer\":{},\"local\":{},\"echo\":{},\"reset\":{reset},\"elapsed_ms\":{}}}",
+        errno
+            .map(|e| e.to_string())
+            .unwrap_or_else(|| "null".into()),
+        opt(error),
+        opt(peer),
+        opt(local),
+        opt(echo),
+        start.elapsed().as_secs_f64() * 1000.0
+    )
+}
+
+fn rate(to: SocketAddr, count: usize) -> String {
+    let mut latencies = Vec::with_capacity(count);
+    let mut failures = 0usize;
+    let start = Instant::now();
+    for _ in 0..count {
+        let t = Instant::now();
+        match TcpStream::connect(to) {
+            Ok(stream) => {
+                latencies.push(t.elapsed().as_micros() as u64);
+                drop(stream);
+            }
+            Err(_) => failures += 1,
+        }
+    }
+    let total = start.elapsed().as_secs_f64();
+    format!(
+        "{{\"count\":{count},\"failures\":{failures},\"total_s\":{total},\"latencies_us\":{}}}",
+        serde_json::to_string(&latencies).unwrap_or_else(|_| "[]".into())
+    )
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let to = || -> SocketAddr {
+        match arg(&args, "--to").and_then(|s| s.parse().ok()) {
+            Some(addr) => addr,
+            None => {
+                eprintln!("latch-probe: --to IP:PORT is required");
+                std::process::exit(2);
+            }
+        }
+    };
+    match args.first().map(String::as_str) {
+        Some("connect") => {
+            let timeout = arg(&args, "--timeout-ms")
+                .and_then(|s| s.parse().ok())
+                .map(Duration::from_millis)
+                .unwrap_or(Duration::from_secs(10));
+            println!("{}", connect(to(), arg(&args, "--send"), timeout));
+        }
+        Some("rate") => {
+            let count = arg(&args, "--count")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(1000);
+            println!("{}", rate(to(), count));
+        }
+        Some("cgroup") => match std::fs::read_to_string("/proc/self/cgroup") {
+            Ok(text) => print!("{text}"),
+            Err(e) => {
+                eprintln!("latch-probe: reading /proc/self/cgroup: {e}");
+                std::process::exit(1);
+            }
+        },
+        _ => {
+            eprintln!(
+                "usage: latch-probe connect --to IP:PORT [--send TEXT] [--timeout-ms N] | rate --to IP:PORT --count N | cgroup"
+            );
+            std::process::exit(2);
+        }
+    }
+}

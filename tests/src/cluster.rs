@@ -1,0 +1,552 @@
+//! The simulated cluster: nodes and pods in network namespaces, their addresses and cgroups,
+//! the agents of the nodes, and the teardown of all of it.
+//!
+//! Addresses (every test uses the same ones; namespaces keep tests apart):
+//! - node `i` (from 1): `10.244.0.i/24`, `fd00:10:244::i/64`, on a bridge in a "fabric" netns;
+//! - pod `j` (from 0) on node `i`: `10.244.i.(j+2)/24`, `fd00:10:244:i::(j+2)/64`, on the node's
+//!   bridge whose gateway is `.1`.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicUsize, Ordering},
+};
+
+use anyhow::Context as _;
+
+use crate::{
+    agent::{Agent, AgentOptions},
+    env, netns,
+    probe::{self, ProbeResult},
+    server::EchoServer,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeId(pub usize);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodId(pub usize);
+
+/// How a pod relates to the mesh.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodKind {
+    /// Enrolled on its node (a workload of its agent) and a peer on every other node.
+    Mesh,
+    /// Not in the mesh: no identity, its node's agent does not enroll it.
+    External,
+}
+
+#[derive(Clone, Debug)]
+pub struct PodSpec {
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub labels: Vec<(String, String)>,
+    pub kind: PodKind,
+}
+
+impl PodSpec {
+    pub fn mesh(name: &str, namespace: &str, service_account: &str) -> Self {
+        Self {
+            name: name.into(),
+            namespace: namespace.into(),
+            service_account: service_account.into(),
+            labels: vec![("app".into(), service_account.into())],
+            kind: PodKind::Mesh,
+        }
+    }
+
+    pub fn external(name: &str) -> Self {
+        Self {
+            name: name.into(),
+            namespace: "default".into(),
+            service_account: "default".into(),
+            labels: vec![],
+            kind: PodKind::External,
+        }
+    }
+}
+
+pub struct Pod {
+    pub spec: PodSpec,
+    pub node: NodeId,
+    pub netns_name: String,
+    pub cgroup: PathBuf,
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+}
+
+impl Pod {
+    pub fn netns(&self) -> PathBuf {
+        netns::path(&self.netns_name)
+    }
+
+    pub fn ips(&self) -> [IpAddr; 2] {
+        [self.ipv4.into(), self.ipv6.into()]
+    }
+
+    pub fn addr4(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.ipv4.into(), port)
+    }
+
+    pub fn addr6(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.ipv6.into(), port)
+    }
+
+    pub fn spiffe_id(&self, trust_domain: &str) -> String {
+        format!(
+            "spiffe://{trust_domain}/ns/{}/sa/{}",
+            self.spec.namespace, self.spec.service_account
+        )
+    }
+}
+
+pub struct Node {
+    pub index: usize,
+    pub netns_name: String,
+    pub cgroup_root: PathBuf,
+    pub pin_dir: PathBuf,
+    pub dir: PathBuf,
+    pub pods: Vec<PodId>,
+    pub agent: Option<Agent>,
+}
+
+impl Node {
+    pub fn netns(&self) -> PathBuf {
+        netns::path(&self.netns_name)
+    }
+
+    pub fn ipv4(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 244, 0, self.index as u8)
+    }
+}
+
+pub struct Cluster {
+    pub prefix: String,
+    pub trust_domain: String,
+    cgroup_base: PathBuf,
+    dir: PathBuf,
+    fabric: String,
+    nodes: Vec<Node>,
+    pods: Vec<Pod>,
+    created_netns: Vec<String>,
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+impl Cluster {
+    /// An empty cluster with a name unique to this process and test.
+    pub fn new() -> anyhow::Result<Self> {
+        env::require_kernel_features()?;
+        let prefix = format!(
+            "lt{}x{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        let cgroup_base = env::cgroup2_mount()?.join(&prefix);
+        std::fs::create_dir_all(&cgroup_base)
+            .with_context(|| format!("creating {}", cgroup_base.display()))?;
+        let dir = std::env::temp_dir().join(&prefix);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut cluster = Self {
+            fabric: format!("{prefix}-fab"),
+            prefix,
+            trust_domain: "cluster.local".into(),
+            cgroup_base,
+            dir,
+            nodes: Vec::new(),
+            pods: Vec::new(),
+            created_netns: Vec::new(),
+        };
+        cluster.make_netns(&cluster.fabric.clone())?;
+        netns::ip(&cluster.fabric, &["link", "add", "br0", "type", "bridge"])?;
+        netns::ip(&cluster.fabric, &["link", "set", "br0", "up"])?;
+        Ok(cluster)
+    }
+
+    fn make_netns(&mut self, name: &str) -> anyhow::Result<()> {
+        netns::create(name)?;
+        self.created_netns.push(name.to_owned());
+        Ok(())
+    }
+
+    /// Add a node (no agent yet) connected to every other node.
+    pub fn add_node(&mut self) -> anyhow::Result<NodeId> {
+        let index = self.nodes.len() + 1;
+        let name = format!("{}-n{index}", self.prefix);
+        self.make_netns(&name)?;
+        let ns = name.as_str();
+        netns::ip(
+            &self.fabric,
+            &[
+                "link",
+                "add",
+                &format!("n{index}"),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "fab0",
+                "netns",
+                ns,
+            ],
+        )?;
+        netns::ip(
+            &self.fabric,
+            &["link", "set", &format!("n{index}"), "master", "br0", "up"],
+        )?;
+        netns::ip(
+            ns,
+            &[
+                "addr",
+                "add",
+                &format!("10.244.0.{index}/24"),
+                "dev",
+                "fab0",
+            ],
+        )?;
+        netns::ip(
+            ns,
+            &[
+                "addr",
+                "add",
+                &format!("fd00:10:244::{index}/64"),
+                "dev",
+                "fab0",
+                "nodad",
+            ],
+        )?;
+        netns::ip(ns, &["link", "set", "fab0", "up"])?;
+        netns::ip(ns, &["link", "add", "br0", "type", "bridge"])?;
+        netns::ip(
+            ns,
+            &["addr", "add", &format!("10.244.{index}.1/24"), "dev", "br0"],
+        )?;
+        netns::ip(
+            ns,
+            &[
+                "addr",
+                "add",
+                &format!("fd00:10:244:{index}::1/64"),
+                "dev",
+                "br0",
+                "nodad",
+            ],
+        )?;
+        netns::ip(ns, &["link", "set", "br0", "up"])?;
+        let path = netns::path(ns);
+        netns::sysctl(&path, "net/ipv4/ip_forward", "1")?;
+        netns::sysctl(&path, "net/ipv6/conf/all/forwarding", "1")?;
+        // Routes both ways with every existing node.
+        for other in &self.nodes {
+            let j = other.index;
+            netns::ip(
+                ns,
+                &[
+                    "route",
+                    "add",
+                    &format!("10.244.{j}.0/24"),
+                    "via",
+                    &format!("10.244.0.{j}"),
+                ],
+            )?;
+            netns::ip(
+                ns,
+                &[
+                    "-6",
+                    "route",
+                    "add",
+                    &format!("fd00:10:244:{j}::/64"),
+                    "via",
+                    &format!("fd00:10:244::{j}"),
+                ],
+            )?;
+            netns::ip(
+                &other.netns_name,
+                &[
+                    "route",
+                    "add",
+                    &format!("10.244.{index}.0/24"),
+                    "via",
+                    &format!("10.244.0.{index}"),
+                ],
+            )?;
+            netns::ip(
+                &other.netns_name,
+                &[
+                    "-6",
+                    "route",
+                    "add",
+                    &format!("fd00:10:244:{index}::/64"),
+                    "via",
+                    &format!("fd00:10:244::{index}"),
+                ],
+            )?;
+        }
+        let cgroup_root = self.cgroup_base.join(format!("node{index}"));
+        std::fs::create_dir_all(&cgroup_root)
+            .with_context(|| format!("creating {}", cgroup_root.display()))?;
+        let dir = self.dir.join(format!("node{index}"));
+        std::fs::create_dir_all(&dir)?;
+        self.nodes.push(Node {
+            index,
+            netns_name: name,
+            cgroup_root,
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/{}-n{index}", self.prefix)),
+            dir,
+            pods: Vec::new(),
+            agent: None,
+        });
+        Ok(NodeId(index - 1))
+    }
+
+    /// Add a pod on `node`.
+    pub fn add_pod(&mut self, node: NodeId, spec: PodSpec) -> anyhow::Result<PodId> {
+        let n = &self.nodes[node.0];
+        let index = n.index;
+        let slot = n.pods.len() + 2;
+        let node_ns = n.netns_name.clone();
+        let cgroup = n.cgroup_root.join(&spec.name);
+        let name = format!("{}-n{index}-{}", self.prefix, spec.name);
+        self.make_netns(&name)?;
+        let host_if = format!("p{slot}");
+        netns::ip(
+            &node_ns,
+            &[
+                "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &name,
+            ],
+        )?;
+        netns::ip(&node_ns, &["link", "set", &host_if, "master", "br0", "up"])?;
+        let ipv4 = Ipv4Addr::new(10, 244, index as u8, slot as u8);
+        let ipv6: Ipv6Addr = format!("fd00:10:244:{index}::{slot:x}").parse()?;
+        netns::ip(
+            &name,
+            &["addr", "add", &format!("{ipv4}/24"), "dev", "eth0"],
+        )?;
+        netns::ip(
+            &name,
+            &["addr", "add", &format!("{ipv6}/64"), "dev", "eth0", "nodad"],
+        )?;
+        netns::ip(&name, &["link", "set", "eth0", "up"])?;
+        netns::ip(
+            &name,
+            &[
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("10.244.{index}.1"),
+            ],
+        )?;
+        netns::ip(
+            &name,
+            &[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("fd00:10:244:{index}::1"),
+            ],
+        )?;
+        std::fs::create_dir_all(&cgroup)
+            .with_context(|| format!("creating {}", cgroup.display()))?;
+        let id = PodId(self.pods.len());
+        self.pods.push(Pod {
+            spec,
+            node,
+            netns_name: name,
+            cgroup,
+            ipv4,
+            ipv6,
+        });
+        self.nodes[node.0].pods.push(id);
+        Ok(id)
+    }
+
+    pub fn pod(&self, id: PodId) -> &Pod {
+        &self.pods[id.0]
+    }
+
+    pub fn node(&self, id: NodeId) -> &Node {
+        &self.nodes[id.0]
+    }
+
+    pub fn agent(&mut self, id: NodeId) -> &mut Agent {
+        self.nodes[id.0]
+            .agent
+            .as_mut()
+            .expect("the node's agent was started")
+    }
+
+    /// The node's config file text for `options`: its mesh pods as workloads, every other mesh
+    /// pod as a peer.
+    pub fn config_yaml(&self, id: NodeId, options: &AgentOptions) -> String {
+        let node = &self.nodes[id.0];
+        let mut y = String::new();
+        y.push_str(&format!(
+            "node: {{ name: node{}, address: {} }}\n",
+            node.index,
+            node.ipv4()
+        ));
+        y.push_str(&format!("trustDomain: {}\n", self.trust_domain));
+        y.push_str(&format!("cgroupRoot: {}\n", node.cgroup_root.display()));
+        y.push_str(&format!("bpfPinDir: {}\n", node.pin_dir.display()));
+        y.push_str("ports: { capture: 15001, inbound: 15006, tunnel: 15008 }\n");
+        y.push_str(&format!(
+            "dataplane: {{ mode: {}, verdictTtl: {} }}\n",
+            options.dataplane_mode, options.verdict_ttl
+        ));
+        y.push_str(&format!("mtls: {{ mode: {} }}\n", options.mtls_mode));
+        y.push_str(&format!(
+            "debugSocket: {}\n",
+            node.dir.join("debug.sock").display()
+        ));
+        y.push_str("metrics: off\n");
+        let labels = |p: &Pod| {
+            p.spec
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        y.push_str("workloads:\n");
+        for pod in self
+            .pods
+            .iter()
+            .filter(|p| p.node == id && p.spec.kind == PodKind::Mesh)
+        {
+            y.push_str(&format!(
+                "  - {{ name: {}, namespace: {}, serviceAccount: {}, labels: {{ {} }}, cgroup: {}, netns: {}, ips: [{}, \"{}\"] }}\n",
+                pod.spec.name, pod.spec.namespace, pod.spec.service_account, labels(pod),
+                pod.cgroup.display(), pod.netns().display(), pod.ipv4, pod.ipv6
+            ));
+        }
+        y.push_str("peers:\n");
+        for pod in self
+            .pods
+            .iter()
+            .filter(|p| p.node != id && p.spec.kind == PodKind::Mesh)
+        {
+            y.push_str(&format!(
+                "  - {{ name: {}, namespace: {}, serviceAccount: {}, labels: {{ {} }}, ips: [{}, \"{}\"], node: {} }}\n",
+                pod.spec.name, pod.spec.namespace, pod.spec.service_account, labels(pod),
+                pod.ipv4, pod.ipv6, self.nodes[pod.node.0].ipv4()
+            ));
+        }
+        y.push_str(&options.extra_yaml);
+        y
+    }
+
+    /// Write the node's config and start its agent; returns when it is ready.
+    pub fn start_agent(&mut self, id: NodeId, options: AgentOptions) -> anyhow::Result<&mut Agent> {
+        let yaml = self.config_yaml(id, &options);
+        let node = &mut self.nodes[id.0];
+        let agent = Agent::start(&node.netns(), &node.dir, &yaml)?;
+        node.agent = Some(agent);
+        Ok(node.agent.as_mut().expect("just set"))
+    }
+
+    /// Run `latch-probe connect` inside a pod (its netns and, for mesh pods, its cgroup).
+    pub fn probe(
+        &self,
+        from: PodId,
+        to: SocketAddr,
+        send: Option<&str>,
+    ) -> anyhow::Result<ProbeResult> {
+        let pod = self.pod(from);
+        probe::connect(&pod.netns(), Some(&pod.cgroup), to, send)
+    }
+
+    /// The same, from inside the pod's netns but outside every cgroup below `cgroupRoot`.
+    pub fn probe_unenrolled(
+        &self,
+        from: PodId,
+        to: SocketAddr,
+        send: Option<&str>,
+    ) -> anyhow::Result<ProbeResult> {
+        probe::connect(&self.pod(from).netns(), None, to, send)
+    }
+
+    /// An echo server on `port` (IPv4 and IPv6) inside the pod's netns.
+    pub fn echo_server(&self, pod: PodId, port: u16) -> anyhow::Result<EchoServer> {
+        EchoServer::start(&self.pod(pod).netns(), port)
+    }
+
+    pub fn nodes(&self) -> impl Iterator<Item = (NodeId, &Node)> {
+        self.nodes.iter().enumerate().map(|(i, n)| (NodeId(i), n))
+    }
+
+    fn teardown(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut agent) = node.agent.take() {
+                agent.kill9();
+            }
+            if node.pin_dir.exists() {
+                if let Err(e) = std::fs::remove_dir_all(&node.pin_dir) {
+                    eprintln!("cleanup: removing {}: {e}", node.pin_dir.display());
+                }
+            }
+        }
+        kill_cgroup_tree(&self.cgroup_base);
+        remove_cgroup_tree(&self.cgroup_base);
+        for ns in self.created_netns.drain(..).rev() {
+            if let Err(e) = netns::delete(&ns) {
+                eprintln!("cleanup: {e:#}");
+            }
+        }
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            eprintln!("cleanup: removing {}: {e}", self.dir.display());
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+fn kill_cgroup_tree(cgroup: &Path) {
+    let kill = cgroup.join("cgroup.kill");
+    if kill.exists() {
+        let _ = std::fs::write(&kill, "1");
+        return;
+    }
+    if let Ok(procs) = std::fs::read_to_string(cgroup.join("cgroup.procs")) {
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(cgroup) {
+        for e in entries.flatten() {
+            if e.path().is_dir() {
+                kill_cgroup_tree(&e.path());
+            }
+        }
+    }
+}
+
+/// rmdir bottom-up; a cgroup with processes that are still exiting is retried briefly (the
+/// kernel offers no event for "cgroup empty" that is simpler than this bounded retry).
+fn remove_cgroup_tree(cgroup: &Path) {
+    if let Ok(entries) = std::fs::read_dir(cgroup) {
+        for e in entries.flatten() {
+            if e.path().is_dir() {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    for _ in 0..200 {
+        match std::fs::remove_dir(cgroup) {
+            Ok(()) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+        }
+    }
+    eprintln!("cleanup: could not remove cgroup {}", cgroup.display());
+}

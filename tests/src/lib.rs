@@ -1,0 +1,23 @@
+//! The harness for Latch's kernel-level tests, demo and benchmarks: a simulated cluster in
+//! network namespaces. A "node" is a netns running a real `latch agent`; a "pod" is a netns plus a
+//! cgroup under its node's `cgroupRoot`. Everything a test creates has a unique name and is torn
+//! down on drop, even after a panic.
+//!
+//! - [`env`]: what the tests need from the machine, and where the binaries are.
+//! - [`netns`]: creating namespaces, running code and processes inside them.
+//! - [`cluster`]: the topology (nodes, pods, addresses, cgroups) and its cleanup.
+//! - [`agent`]: a `latch agent` process: config, start, readiness, logs, kill, restart.
+//! - [`probe`]: connecting from inside a pod with `latch-probe` and reading what happened.
+//! - [`server`]: echo servers inside pods that record who connected.
+
+pub mod agent;
+pub mod cluster;
+pub mod env;
+pub mod netns;
+pub mod probe;
+pub mod server;
+
+pub use agent::{Agent, AgentOptions};
+pub use cluster::{Cluster, NodeId, PodId, PodKind, PodSpec};
+pub use probe::ProbeResult;
+pub use server::EchoServer;

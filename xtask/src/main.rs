@@ -1,0 +1,57 @@
+//! `cargo xtask`: the one entry point for building, testing, demonstrating and benchmarking
+//! Latch. Every command first runs the setup it needs and says what it is doing.
+
+mod cmd;
+mod setup;
+mod tasks;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, test, demo and benchmark Latch")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install the eBPF toolchain (nightly rust-src, a matching bpf-linker) and check the kernel.
+    Setup,
+    /// Build the agent (with its eBPF object) and the test binaries.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// fmt check, clippy on every crate (eBPF included), unit and kernel integration tests.
+    Test,
+    /// A two-node cluster in network namespaces with real agents; prints what happened.
+    Demo {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Benchmarks: `datapath` (more to come).
+    Bench {
+        what: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Setup => setup::toolchain().and_then(|()| setup::kernel()),
+        Command::Build { release } => tasks::build(release),
+        Command::Test => tasks::test(),
+        Command::Demo { args } => tasks::demo(&args),
+        Command::Bench { what, args } => tasks::bench(&what, &args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("\nxtask: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! The commands proper: build, test, demo, bench.
+
+use std::{path::Path, process::Command};
+
+use anyhow::bail;
+
+use crate::{
+    cmd::{self, cargo, root, step},
+    setup,
+};
+
+fn build_binaries(release: bool) -> anyhow::Result<()> {
+    step(&format!(
+        "build: agent (with its eBPF object) and test binaries{}",
+        if release { ", release" } else { "" }
+    ));
+    let profile: &[&str] = if release { &["--release"] } else { &[] };
+    cmd::run(cargo().args(["build", "-p", "latch"]).args(profile))?;
+    cmd::run(
+        cargo()
+            .args(["build", "-p", "latch-tests", "--bins"])
+            .args(profile),
+    )
+}
+
+pub fn build(release: bool) -> anyhow::Result<()> {
+    setup::toolchain()?;
+    build_binaries(release)
+}
+
+fn bin(profile: &str, name: &str) -> std::path::PathBuf {
+    root().join("target").join(profile).join(name)
+}
+
+pub fn test() -> anyhow::Result<()> {
+    setup::toolchain()?;
+    setup::kernel()?;
+
+    step("format: cargo fmt --check (all crates, eBPF included)");
+    cmd::run(cargo().args(["fmt", "--all", "--check"]))?;
+
+    step("lint: clippy -D warnings on the host crates");
+    cmd::run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+
+    step("lint: clippy -D warnings on the eBPF crate, for bpfel-unknown-none");
+    let arch = std::env::consts::ARCH;
+    cmd::run(
+        cargo()
+            .args([
+                "+nightly",
+                "clippy",
+                "-p",
+                "latch-ebpf",
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--release",
+                "--target-dir",
+                "target/ebpf-clippy",
+                "--",
+                "-D",
+                "warnings",
+            ])
+            .env(
+                "CARGO_ENCODED_RUSTFLAGS",
+                format!("--cfg=bpf_target_arch=\"{arch}\""),
+            ),
+    )?;
+
+    build_binaries(false)?;
+
+    step("tests: unit and kernel integration tests");
+    cmd::run(
+        cargo()
+            .args(["test", "--workspace"])
+            .env("LATCH_BIN", bin("debug", "latch"))
+            .env("LATCH_PROBE", bin("debug", "latch-probe"))
+            .env("RUST_BACKTRACE", "1"),
+    )?;
+    println!("\nxtask test: all steps passed");
+    Ok(())
+}
+
+fn run_tool(binary: &Path, args: &[String], release: bool) -> anyhow::Result<()> {
+    if !binary.exists() {
+        bail!("{} was not built", binary.display());
+    }
+    let profile = if release { "release" } else { "debug" };
+    cmd::run(
+        Command::new(binary)
+            .args(args)
+            .current_dir(root())
+            .env("LATCH_BIN", bin(profile, "latch"))
+            .env("LATCH_PROBE", bin(profile, "latch-probe"))
+            .env("LATCH_BENCH_OUT", root().join("target").join("bench")),
+    )
+}
+
+pub fn demo(args: &[String]) -> anyhow::Result<()> {
+    setup::toolchain()?;
+    setup::kernel()?;
+    build_binaries(false)?;
+    step("demo: two nodes, real agents, real kernel programs");
+    run_tool(&bin("debug", "latch-demo"), args, false)
+}
+
+pub fn bench(what: &str, args: &[String]) -> anyhow::Result<()> {
+    setup::toolchain()?;
+    setup::kernel()?;
+    build_binaries(true)?;
+    step(&format!("bench: {what}"));
+    let mut all = vec![what.to_owned()];
+    all.extend_from_slice(args);
+    run_tool(&bin("release", "latch-bench"), &all, true)
+}
