@@ -82,6 +82,9 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
     let registry =
         Registry::from_config(&config).with_context(|| format!("{}", config_path.display()))?;
+    // Everything that depends on the outside world is checked before the kernel is touched, so
+    // a bad config at start-up leaves nothing attached.
+    let prepared = prepare(config_path, &config, &registry, &BTreeMap::new())?;
     let mut datapath = Datapath::install(settings(&config)).context("installing the datapath")?;
     let maps: SharedMaps = Arc::new(Mutex::new(datapath.maps()?));
     let state = SharedState::new(Snapshot { config, registry });
@@ -93,8 +96,6 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         state,
         pods: BTreeMap::new(),
     };
-    let snapshot = agent.state.get();
-    let prepared = agent.prepare(&snapshot.config, &snapshot.registry)?;
     agent.commit(prepared)?;
     agent.drop_stale_inbound_links()?;
 
@@ -176,75 +177,9 @@ impl Agent {
         }
         let registry = Registry::from_config(&config)
             .with_context(|| format!("{}", self.config_path.display()))?;
-        let prepared = self.prepare(&config, &registry)?;
+        let prepared = prepare(&self.config_path, &config, &registry, &self.pods)?;
         self.state.replace(Snapshot { config, registry });
         self.commit(prepared)
-    }
-
-    /// Everything that can fail for reasons outside the agent: cgroups exist, namespaces open,
-    /// listeners bind. Nothing running is touched.
-    fn prepare(&self, config: &Config, registry: &Registry) -> anyhow::Result<Prepared> {
-        let mut kernel_workloads = HashMap::new();
-        for w in &registry.workloads {
-            let cgroup_id =
-                system::cgroup_id(&w.cgroup).with_context(|| format!("workload {}", w.id))?;
-            let flags = if config.dataplane.mode == DataplaneMode::Tunnel {
-                WORKLOAD_TUNNEL_ONLY
-            } else {
-                0
-            };
-            kernel_workloads.insert(
-                cgroup_id,
-                WorkloadInfo {
-                    identity: w.identity.key().0,
-                    flags,
-                    _pad: 0,
-                },
-            );
-        }
-        let mut kernel_endpoints = HashMap::new();
-        for (ip, ep) in &registry.endpoints {
-            let mut flags = if ep.local { ENDPOINT_LOCAL } else { 0 };
-            if config.dataplane.mode == DataplaneMode::Tunnel {
-                flags |= ENDPOINT_TUNNEL_ONLY;
-            }
-            kernel_endpoints.insert(
-                *ip,
-                EndpointInfo {
-                    identity: ep.identity.key().0,
-                    flags,
-                    _pad: 0,
-                },
-            );
-        }
-        let mut new_pods = Vec::new();
-        for w in &registry.workloads {
-            if self.pods.get(&w.id).is_some_and(|p| p.workload == *w) {
-                continue;
-            }
-            let worker = Arc::new(
-                NetnsWorker::spawn(&w.netns).with_context(|| format!("workload {}", w.id))?,
-            );
-            let listeners = match self.pods.get(&w.id) {
-                // Same pod with changed attributes: its listeners are re-opened after the old ones
-                // close, in commit.
-                Some(_) => None,
-                None => Some(
-                    PodListeners::open(&worker, config.ports.capture, config.ports.inbound)
-                        .with_context(|| format!("workload {}: opening listeners", w.id))?,
-                ),
-            };
-            new_pods.push(PreparedPod {
-                workload: w.clone(),
-                worker,
-                listeners,
-            });
-        }
-        Ok(Prepared {
-            kernel_workloads,
-            kernel_endpoints,
-            new_pods,
-        })
     }
 
     /// Apply a prepared state: kernel maps, inbound checks, listeners, revocation of verdicts
@@ -384,6 +319,79 @@ impl Agent {
         }
         Ok(())
     }
+}
+
+/// Everything that can fail for reasons outside the agent: cgroups exist, namespaces open,
+/// listeners bind. Nothing running is touched.
+fn prepare(
+    config_path: &Path,
+    config: &Config,
+    registry: &Registry,
+    running: &BTreeMap<String, PodRuntime>,
+) -> anyhow::Result<Prepared> {
+    let file = config_path.display();
+    let mut kernel_workloads = HashMap::new();
+    for (i, w) in registry.workloads.iter().enumerate() {
+        let cgroup_id = system::cgroup_id(&w.cgroup)
+            .with_context(|| format!("{file}: workloads[{i}].cgroup (workload {})", w.id))?;
+        let flags = if config.dataplane.mode == DataplaneMode::Tunnel {
+            WORKLOAD_TUNNEL_ONLY
+        } else {
+            0
+        };
+        kernel_workloads.insert(
+            cgroup_id,
+            WorkloadInfo {
+                identity: w.identity.key().0,
+                flags,
+                _pad: 0,
+            },
+        );
+    }
+    let mut kernel_endpoints = HashMap::new();
+    for (ip, ep) in &registry.endpoints {
+        let mut flags = if ep.local { ENDPOINT_LOCAL } else { 0 };
+        if config.dataplane.mode == DataplaneMode::Tunnel {
+            flags |= ENDPOINT_TUNNEL_ONLY;
+        }
+        kernel_endpoints.insert(
+            *ip,
+            EndpointInfo {
+                identity: ep.identity.key().0,
+                flags,
+                _pad: 0,
+            },
+        );
+    }
+    let mut new_pods = Vec::new();
+    for w in &registry.workloads {
+        if running.get(&w.id).is_some_and(|p| p.workload == *w) {
+            continue;
+        }
+        let worker = Arc::new(
+            NetnsWorker::spawn(&w.netns)
+                .with_context(|| format!("{file}: netns of workload {}", w.id))?,
+        );
+        let listeners = match running.get(&w.id) {
+            // Same pod with changed attributes: its listeners are re-opened after the old ones
+            // close, in commit.
+            Some(_) => None,
+            None => Some(
+                PodListeners::open(&worker, config.ports.capture, config.ports.inbound)
+                    .with_context(|| format!("{file}: workload {}: opening listeners", w.id))?,
+            ),
+        };
+        new_pods.push(PreparedPod {
+            workload: w.clone(),
+            worker,
+            listeners,
+        });
+    }
+    Ok(Prepared {
+        kernel_workloads,
+        kernel_endpoints,
+        new_pods,
+    })
 }
 
 struct Prepared {

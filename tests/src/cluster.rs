@@ -483,10 +483,10 @@ impl Cluster {
             if let Some(mut agent) = node.agent.take() {
                 agent.kill9();
             }
-            if node.pin_dir.exists() {
-                if let Err(e) = std::fs::remove_dir_all(&node.pin_dir) {
-                    eprintln!("cleanup: removing {}: {e}", node.pin_dir.display());
-                }
+            if node.pin_dir.exists()
+                && let Err(e) = std::fs::remove_dir_all(&node.pin_dir)
+            {
+                eprintln!("cleanup: removing {}: {e}", node.pin_dir.display());
             }
         }
         kill_cgroup_tree(&self.cgroup_base);
@@ -549,4 +549,19 @@ fn remove_cgroup_tree(cgroup: &Path) {
         }
     }
     eprintln!("cleanup: could not remove cgroup {}", cgroup.display());
+}
+
+/// Wait for kernel state that offers no notification (a map entry going away after a socket
+/// closes): check `cond` until it holds or `timeout` passes. Returns whether it held.
+pub fn eventually(timeout: std::time::Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 }

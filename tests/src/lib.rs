@@ -18,6 +18,6 @@ pub mod probe;
 pub mod server;
 
 pub use agent::{Agent, AgentOptions};
-pub use cluster::{Cluster, NodeId, PodId, PodKind, PodSpec};
+pub use cluster::{Cluster, NodeId, PodId, PodKind, PodSpec, eventually};
 pub use probe::ProbeResult;
 pub use server::EchoServer;

@@ -1,0 +1,204 @@
+//! The agent's life cycle around the kernel state: a `kill -9` leaves enforcement in place (fast
+//! path works, connections that need the agent fail at once), a restarted agent adopts the pins
+//! without attaching anything twice and keeps the cache, `--uninstall` removes everything, and
+//! the redirect bookkeeping maps do not leak.
+
+use std::time::Duration;
+
+use latch::datapath::{
+    KernelMaps,
+    install::{programs_on_cgroup, programs_on_netns},
+    syscall::AttachType,
+};
+use latch_common::Counter;
+use latch_tests::{AgentOptions, Cluster, NodeId, PodId, PodSpec, eventually};
+
+const PORT: u16 = 7070;
+
+fn setup() -> (Cluster, NodeId, PodId, PodId) {
+    let mut cluster = Cluster::new().expect("cluster");
+    let n1 = cluster.add_node().expect("node 1");
+    let n2 = cluster.add_node().expect("node 2");
+    let client = cluster
+        .add_pod(n1, PodSpec::mesh("frontend", "prod", "frontend"))
+        .expect("pod");
+    let server = cluster
+        .add_pod(n2, PodSpec::mesh("payment", "prod", "payment"))
+        .expect("pod");
+    let other = cluster
+        .add_pod(n2, PodSpec::mesh("ledger", "prod", "ledger"))
+        .expect("pod");
+    assert_eq!(other, PodId(2));
+    cluster
+        .start_agent(n1, AgentOptions::default())
+        .expect("agent");
+    (cluster, n1, client, server)
+}
+
+fn maps(cluster: &Cluster, node: NodeId) -> KernelMaps {
+    KernelMaps::open_pinned(&cluster.node(node).pin_dir).expect("maps")
+}
+
+const HOOKS: [AttachType; 5] = [
+    AttachType::Connect4,
+    AttachType::Connect6,
+    AttachType::Getpeername4,
+    AttachType::Getpeername6,
+    AttachType::SockOps,
+];
+
+fn attached_counts(cluster: &Cluster, node: NodeId) -> Vec<usize> {
+    let root = &cluster.node(node).cgroup_root;
+    HOOKS
+        .iter()
+        .map(|&hook| programs_on_cgroup(root, hook).expect("query").len())
+        .collect()
+}
+
+#[test]
+fn kill_9_keeps_enforcing_and_a_restart_adopts_the_pins() {
+    let (mut cluster, n1, client, server) = setup();
+    let _echo = cluster.echo_server(server, PORT).expect("echo");
+    let _other = cluster.echo_server(PodId(2), PORT).expect("echo");
+    let to = cluster.pod(server).addr4(PORT);
+    assert!(cluster.probe(client, to, Some("warm")).expect("probe").ok);
+    assert_eq!(attached_counts(&cluster, n1), vec![1; 5]);
+    let verdicts_before = maps(&cluster, n1).verdicts().expect("verdicts");
+    assert_eq!(verdicts_before.len(), 1);
+
+    cluster.agent(n1).kill9();
+
+    // The cached pair keeps working through the kernel alone.
+    let fast = maps(&cluster, n1)
+        .counter(Counter::FastpathAllowed)
+        .expect("counter");
+    let r = cluster.probe(client, to, Some("still")).expect("probe");
+    assert!(r.ok && r.echo.as_deref() == Some("still"), "{r:?}");
+    assert_eq!(
+        maps(&cluster, n1)
+            .counter(Counter::FastpathAllowed)
+            .expect("counter"),
+        fast + 1
+    );
+    // A pair that needs the agent is refused at once: fail closed, not a hang.
+    let r = cluster
+        .probe(client, cluster.pod(PodId(2)).addr4(PORT), Some("new"))
+        .expect("probe");
+    assert!(!r.ok && r.refused(), "{r:?}");
+    assert!(r.elapsed_ms < 1_000.0, "refused at once: {r:?}");
+
+    // Restart: pins adopted, nothing attached twice, the cache is still there.
+    cluster.agent(n1).restart().expect("restart");
+    let adopted = cluster
+        .agent(n1)
+        .lines()
+        .iter()
+        .filter(|l| l.contains("\"adopted\":true"))
+        .count();
+    assert_eq!(
+        adopted,
+        5,
+        "every cgroup program must be adopted:\n{}",
+        cluster.agent(n1).log_tail(20)
+    );
+    assert_eq!(
+        attached_counts(&cluster, n1),
+        vec![1; 5],
+        "no program may be attached twice"
+    );
+    let pod_netns = cluster.pod(client).netns();
+    assert_eq!(
+        programs_on_netns(&pod_netns).expect("query").len(),
+        1,
+        "one inbound check per pod"
+    );
+    assert_eq!(
+        maps(&cluster, n1).verdicts().expect("verdicts"),
+        verdicts_before,
+        "the cache survives"
+    );
+    let r = cluster
+        .probe(client, cluster.pod(PodId(2)).addr4(PORT), Some("back"))
+        .expect("probe");
+    assert!(r.ok && r.echo.as_deref() == Some("back"), "{r:?}");
+
+    // SIGTERM also leaves everything pinned; --uninstall removes it.
+    let status = cluster.agent(n1).terminate().expect("terminate");
+    assert!(status.success(), "{status:?}");
+    assert_eq!(attached_counts(&cluster, n1), vec![1; 5]);
+    cluster.agent(n1).uninstall().expect("uninstall");
+    assert_eq!(
+        attached_counts(&cluster, n1),
+        vec![0; 5],
+        "uninstall detaches everything"
+    );
+    assert!(programs_on_netns(&pod_netns).expect("query").is_empty());
+    assert!(
+        !cluster.node(n1).pin_dir.exists(),
+        "uninstall removes the pins"
+    );
+    let r = cluster
+        .probe(client, cluster.pod(PodId(2)).addr4(PORT), Some("plain"))
+        .expect("probe");
+    assert!(
+        r.ok && r.echo.as_deref() == Some("plain"),
+        "uninstalled: traffic flows untouched: {r:?}"
+    );
+}
+
+#[test]
+fn redirect_bookkeeping_is_removed_when_sockets_close() {
+    let (cluster, n1, client, server) = setup();
+    let _echo = cluster.echo_server(server, PORT).expect("echo");
+    let _other = cluster.echo_server(PodId(2), PORT).expect("echo");
+    for pod in [server, PodId(2)] {
+        for addr in [cluster.pod(pod).addr4(PORT), cluster.pod(pod).addr6(PORT)] {
+            // Every first connection of a pair per family is redirected; expire the cache in
+            // between by flushing it so each goes through the agent.
+            maps(&cluster, n1)
+                .remove_verdicts_where(|_| true)
+                .expect("flush");
+            let r = cluster.probe(client, addr, Some("x")).expect("probe");
+            assert!(r.ok && r.echo.as_deref() == Some("x"), "{r:?}");
+        }
+    }
+    assert_eq!(
+        maps(&cluster, n1)
+            .counter(Counter::Redirected)
+            .expect("counter"),
+        4
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || maps(&cluster, n1)
+            .redirect_entries()
+            .expect("entries")
+            == (0, 0)),
+        "redirect entries left behind: {:?}",
+        maps(&cluster, n1).redirect_entries()
+    );
+}
+
+#[test]
+fn the_verdict_map_holds_a_million_entries() {
+    let (cluster, n1, client, server) = setup();
+    let _echo = cluster.echo_server(server, PORT).expect("echo");
+    let to = cluster.pod(server).addr4(PORT);
+    assert!(cluster.probe(client, to, Some("warm")).expect("probe").ok);
+    let mut m = maps(&cluster, n1);
+    let value = m.verdicts().expect("verdicts")[0].value;
+    for i in 0..1_000_000u64 {
+        let key = latch_common::VerdictKey::new(i + 1_000_000, i, (i % 60_000) as u16 + 1, 0);
+        m.insert_verdict(key, value).expect("insert");
+    }
+    // Everything is still there (LRU has not evicted: the map is larger than a million).
+    let all = m.verdicts().expect("verdicts");
+    assert_eq!(all.len(), 1_000_001);
+    // The real pair, inserted first, still takes the fast path among a million others.
+    let fast = m.counter(Counter::FastpathAllowed).expect("counter");
+    let r = cluster.probe(client, to, Some("needle")).expect("probe");
+    assert!(r.ok && r.echo.as_deref() == Some("needle"), "{r:?}");
+    assert_eq!(
+        m.counter(Counter::FastpathAllowed).expect("counter"),
+        fast + 1
+    );
+}
