@@ -152,7 +152,7 @@ fn decide(ctx: &SockAddrContext, dst: &IpKey, port: u16, wire_family: u16) -> Ac
         family: wire_family,
         _pad: 0,
     };
-    if LATCH_ORIG_DST.insert(&cookie, &orig, 0).is_err() {
+    if LATCH_ORIG_DST.insert(cookie, orig, 0).is_err() {
         // Without the original destination the agent could not serve the connection: fail closed.
         return Action::Reject;
     }
@@ -166,7 +166,7 @@ fn decide(ctx: &SockAddrContext, dst: &IpKey, port: u16, wire_family: u16) -> Ac
 fn caller_workload(root_level: u32) -> Option<WorkloadInfo> {
     // SAFETY: helpers without pointer arguments.
     let own = unsafe { bpf_get_current_cgroup_id() };
-    if let Some(w) = LATCH_WORKLOADS.get_ptr(&own) {
+    if let Some(w) = LATCH_WORKLOADS.get_ptr(own) {
         // SAFETY: pointer from a successful hash lookup.
         return Some(unsafe { *w });
     }
@@ -178,7 +178,7 @@ fn caller_workload(root_level: u32) -> Option<WorkloadInfo> {
         if id == 0 || id == own {
             return None;
         }
-        if let Some(w) = LATCH_WORKLOADS.get_ptr(&id) {
+        if let Some(w) = LATCH_WORKLOADS.get_ptr(id) {
             // SAFETY: pointer from a successful hash lookup.
             return Some(unsafe { *w });
         }

@@ -15,7 +15,7 @@ const OK: i32 = 1;
 fn original(ctx: &SockAddrContext) -> Option<OrigDst> {
     // SAFETY: the context pointer is valid for the program's lifetime.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    let orig = LATCH_ORIG_DST.get_ptr(&cookie)?;
+    let orig = LATCH_ORIG_DST.get_ptr(cookie)?;
     // SAFETY: pointer from a successful hash lookup.
     Some(unsafe { *orig })
 }

@@ -34,7 +34,6 @@ const DROP: u32 = sk_action::SK_DROP;
 /// verifier rejects loads through a derived context pointer, which LLVM can produce when loads
 /// are spread over branches).
 struct Lookup {
-    family: u32,
     protocol: u32,
     local_port: u32,
     remote: IpKey,
@@ -71,7 +70,6 @@ fn read_lookup(lk: *mut bpf_sk_lookup) -> Lookup {
             (IpKey::from_words(r), IpKey::from_words(l))
         };
         Lookup {
-            family,
             protocol,
             local_port,
             remote,
@@ -83,7 +81,6 @@ fn read_lookup(lk: *mut bpf_sk_lookup) -> Lookup {
 #[sk_lookup]
 pub fn latch_inbound(ctx: SkLookupContext) -> u32 {
     let Lookup {
-        family: _,
         protocol,
         local_port,
         remote,
@@ -102,7 +99,7 @@ pub fn latch_inbound(ctx: SkLookupContext) -> u32 {
     if remote.is_loopback() {
         return PASS;
     }
-    let Some(pod) = LATCH_ENDPOINTS.get_ptr(&local) else {
+    let Some(pod) = LATCH_ENDPOINTS.get_ptr(local) else {
         return PASS;
     };
     // SAFETY: pointer from a successful hash lookup.
@@ -111,24 +108,23 @@ pub fn latch_inbound(ctx: SkLookupContext) -> u32 {
         return PASS;
     }
 
-    if pod.flags & ENDPOINT_TUNNEL_ONLY == 0 {
-        if let Some(src) = LATCH_ENDPOINTS.get_ptr(&remote) {
-            // SAFETY: pointer from a successful hash lookup.
-            let src: EndpointInfo = unsafe { *src };
-            if src.flags & ENDPOINT_TUNNEL_ONLY == 0 {
-                let key =
-                    VerdictKey::new(src.identity, pod.identity, local_port, DIRECTION_INBOUND);
-                match fresh_verdict(&key) {
-                    Some(DECISION_ALLOW) => {
-                        count(Counter::InboundAdmitted);
-                        return PASS;
-                    }
-                    Some(DECISION_DENY) => {
-                        count(Counter::InboundRejected);
-                        return DROP;
-                    }
-                    _ => {}
+    if pod.flags & ENDPOINT_TUNNEL_ONLY == 0
+        && let Some(src) = LATCH_ENDPOINTS.get_ptr(remote)
+    {
+        // SAFETY: pointer from a successful hash lookup.
+        let src: EndpointInfo = unsafe { *src };
+        if src.flags & ENDPOINT_TUNNEL_ONLY == 0 {
+            let key = VerdictKey::new(src.identity, pod.identity, local_port, DIRECTION_INBOUND);
+            match fresh_verdict(&key) {
+                Some(DECISION_ALLOW) => {
+                    count(Counter::InboundAdmitted);
+                    return PASS;
                 }
+                Some(DECISION_DENY) => {
+                    count(Counter::InboundRejected);
+                    return DROP;
+                }
+                _ => {}
             }
         }
     }

@@ -37,7 +37,7 @@ pub fn latch_sock_ops(ctx: SockOpsContext) -> u32 {
 fn redirected(ctx: &SockOpsContext) -> Option<(u64, OrigDst)> {
     // SAFETY: the context pointer is valid for the program's lifetime.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-    let orig = LATCH_ORIG_DST.get_ptr(&cookie)?;
+    let orig = LATCH_ORIG_DST.get_ptr(cookie)?;
     // SAFETY: pointer from a successful hash lookup.
     Some((cookie, unsafe { *orig }))
 }
@@ -59,7 +59,7 @@ fn on_connect(ctx: &SockOpsContext) {
         return;
     };
     let key = redirect_key(ctx, &orig);
-    if LATCH_REDIRECTS.insert(&key, &orig, 0).is_ok() {
+    if LATCH_REDIRECTS.insert(key, orig, 0).is_ok() {
         let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
         let _ = ctx.set_cb_flags(flags as i32);
     }
@@ -71,6 +71,6 @@ fn on_close(ctx: &SockOpsContext) {
         return;
     };
     let key = redirect_key(ctx, &orig);
-    let _ = LATCH_REDIRECTS.remove(&key);
-    let _ = LATCH_ORIG_DST.remove(&cookie);
+    let _ = LATCH_REDIRECTS.remove(key);
+    let _ = LATCH_ORIG_DST.remove(cookie);
 }

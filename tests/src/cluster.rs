@@ -159,7 +159,18 @@ impl Cluster {
             created_netns: Vec::new(),
         };
         cluster.make_netns(&cluster.fabric.clone())?;
-        netns::ip(&cluster.fabric, &["link", "add", "br0", "type", "bridge"])?;
+        netns::ip(
+            &cluster.fabric,
+            &[
+                "link",
+                "add",
+                "br0",
+                "type",
+                "bridge",
+                "mcast_snooping",
+                "0",
+            ],
+        )?;
         netns::ip(&cluster.fabric, &["link", "set", "br0", "up"])?;
         Ok(cluster)
     }
@@ -217,7 +228,18 @@ impl Cluster {
             ],
         )?;
         netns::ip(ns, &["link", "set", "fab0", "up"])?;
-        netns::ip(ns, &["link", "add", "br0", "type", "bridge"])?;
+        netns::ip(
+            ns,
+            &[
+                "link",
+                "add",
+                "br0",
+                "type",
+                "bridge",
+                "mcast_snooping",
+                "0",
+            ],
+        )?;
         netns::ip(
             ns,
             &["addr", "add", &format!("10.244.{index}.1/24"), "dev", "br0"],

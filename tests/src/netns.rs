@@ -36,6 +36,14 @@ pub fn ip(ns: &str, args: &[&str]) -> anyhow::Result<()> {
 
 pub fn create(name: &str) -> anyhow::Result<()> {
     sh(Command::new("ip").args(["netns", "add", name]))?;
+    // No duplicate address detection: addresses (link-local ones included) are usable at once.
+    for scope in ["all", "default"] {
+        sysctl(
+            &path(name),
+            &format!("net/ipv6/conf/{scope}/accept_dad"),
+            "0",
+        )?;
+    }
     ip(name, &["link", "set", "lo", "up"])
 }
 
