@@ -4,8 +4,10 @@
 //! - `latch-probe connect --to IP:PORT [--send TEXT] [--timeout-ms N]`: one connection; prints
 //!   one JSON line: ok, errno, error, peer, local, echo, reset, elapsed_ms. Exit 0 even when the
 //!   connection fails (the JSON says how).
-//! - `latch-probe rate --to IP:PORT --count N`: N sequential connect+close; prints one JSON line
-//!   with the count, failures, total seconds and per-connection latencies in microseconds.
+//! - `latch-probe rate --to IP:PORT --count N`: N sequential connections, each a one-byte
+//!   request and its echo (so the time includes the whole path to the server, through the agent
+//!   if redirected); prints one JSON line with the count, failures, total seconds and
+//!   per-connection latencies in microseconds.
 //! - `latch-probe cgroup`: prints this process's cgroup.
 
 use std::{
@@ -81,12 +83,16 @@ fn rate(to: SocketAddr, count: usize) -> String {
     let start = Instant::now();
     for _ in 0..count {
         let t = Instant::now();
-        match TcpStream::connect(to) {
-            Ok(stream) => {
-                latencies.push(t.elapsed().as_micros() as u64);
-                drop(stream);
-            }
-            Err(_) => failures += 1,
+        let exchange = TcpStream::connect(to).and_then(|mut stream| {
+            stream.write_all(b"x")?;
+            stream.shutdown(Shutdown::Write)?;
+            let mut buf = [0u8; 8];
+            let n = stream.read(&mut buf)?;
+            Ok(n)
+        });
+        match exchange {
+            Ok(1) => latencies.push(t.elapsed().as_micros() as u64),
+            _ => failures += 1,
         }
     }
     let total = start.elapsed().as_secs_f64();
