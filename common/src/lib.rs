@@ -32,6 +32,17 @@ pub mod map_names {
     pub const CONFIG: &str = "LATCH_CONFIG";
     /// Per-CPU `u64` counters, indexed by [`crate::Counter`].
     pub const COUNTERS: &str = "LATCH_COUNTERS";
+
+    pub const ALL: [&str; 8] = [
+        WORKLOADS,
+        ENDPOINTS,
+        VERDICTS,
+        ORIG_DST,
+        REDIRECTS,
+        INBOUND_LISTENERS,
+        CONFIG,
+        COUNTERS,
+    ];
 }
 
 /// Names of the programs in the eBPF object.
@@ -42,6 +53,15 @@ pub mod program_names {
     pub const GETPEERNAME6: &str = "latch_getpeername6";
     pub const SOCK_OPS: &str = "latch_sock_ops";
     pub const INBOUND: &str = "latch_inbound";
+
+    pub const ALL: [&str; 6] = [
+        CONNECT4,
+        CONNECT6,
+        GETPEERNAME4,
+        GETPEERNAME6,
+        SOCK_OPS,
+        INBOUND,
+    ];
 }
 
 /// Verdict cache entries. At least a million: one per (source identity, destination identity,

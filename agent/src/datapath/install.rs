@@ -44,17 +44,6 @@ pub const CGROUP_PROGRAMS: [(&str, AttachType); 5] = [
     (program_names::SOCK_OPS, AttachType::SockOps),
 ];
 
-const ALL_MAPS: [&str; 8] = [
-    map_names::WORKLOADS,
-    map_names::ENDPOINTS,
-    map_names::VERDICTS,
-    map_names::ORIG_DST,
-    map_names::REDIRECTS,
-    map_names::INBOUND_LISTENERS,
-    map_names::CONFIG,
-    map_names::COUNTERS,
-];
-
 /// The loaded datapath. Dropping it leaves every pinned link and map in place.
 pub struct Datapath {
     ebpf: Ebpf,
@@ -108,7 +97,7 @@ impl Datapath {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(maps_dir(&settings.pin_dir))
             .load(EBPF_OBJECT)?;
-        for name in ALL_MAPS {
+        for name in map_names::ALL {
             if ebpf.map(name).is_none() {
                 return Err(DatapathError::Missing { kind: "map", name });
             }

@@ -101,3 +101,31 @@ impl DatapathError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use latch_common::{map_names, program_names};
+
+    fn contains(haystack: &[u8], needle: &str) -> bool {
+        haystack
+            .windows(needle.len())
+            .any(|w| w == needle.as_bytes())
+    }
+
+    /// The object built from `ebpf/` defines every map and program `latch-common` names: the
+    /// eBPF crate names its statics and functions after them, and this catches a rename on one
+    /// side only.
+    #[test]
+    fn embedded_object_matches_the_abi_names() {
+        assert!(
+            !super::EBPF_OBJECT.is_empty(),
+            "the eBPF object was not built"
+        );
+        for name in map_names::ALL.iter().chain(program_names::ALL.iter()) {
+            assert!(
+                contains(super::EBPF_OBJECT, name),
+                "{name} is missing from the eBPF object"
+            );
+        }
+    }
+}
