@@ -38,7 +38,7 @@ pub enum DatapathError {
         source: std::io::Error,
     },
     #[error("loading the eBPF object: {0}")]
-    Load(#[from] aya::EbpfError),
+    Load(Box<aya::EbpfError>),
     #[error("eBPF object has no {kind} named {name}")]
     Missing {
         kind: &'static str,
@@ -49,14 +49,14 @@ pub enum DatapathError {
         what: &'static str,
         name: String,
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     #[error("{what} {name}: {source}")]
     Map {
         what: &'static str,
         name: String,
         #[source]
-        source: aya::maps::MapError,
+        source: Box<aya::maps::MapError>,
     },
     #[error("{what} {path}: {detail}")]
     Pin {
@@ -66,6 +66,12 @@ pub enum DatapathError {
     },
     #[error("{0}")]
     System(String),
+}
+
+impl From<aya::EbpfError> for DatapathError {
+    fn from(e: aya::EbpfError) -> Self {
+        Self::Load(Box::new(e))
+    }
 }
 
 impl DatapathError {
@@ -85,7 +91,7 @@ impl DatapathError {
         Self::Map {
             what,
             name: name.into(),
-            source,
+            source: Box::new(source),
         }
     }
 
@@ -97,7 +103,7 @@ impl DatapathError {
         Self::Program {
             what,
             name: name.into(),
-            source,
+            source: Box::new(source),
         }
     }
 }
