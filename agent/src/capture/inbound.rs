@@ -32,17 +32,11 @@ pub struct InboundContext {
 }
 
 pub async fn serve(listener: TcpListener, ctx: Arc<InboundContext>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let ctx = ctx.clone();
-                tokio::spawn(async move { handle(stream, peer, &ctx).await });
-            }
-            Err(e) => {
-                tracing::warn!(workload = %ctx.workload.id, error = %e, "accept on inbound listener failed")
-            }
-        }
-    }
+    let workload = ctx.workload.id.clone();
+    super::accept_loop(listener, ctx, workload, |stream, peer, ctx| async move {
+        handle(stream, peer, &ctx).await
+    })
+    .await
 }
 
 fn unmap(addr: SocketAddr) -> SocketAddr {
@@ -74,16 +68,8 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &InboundContext) {
     let mode = snapshot.config.mtls.mode;
     match mode {
         MtlsMode::Strict => {
-            tracing::info!(
-                target: "access",
-                source = %peer,
-                source_principal = source.unwrap_or_default(),
-                destination = %dst,
-                destination_principal = %ctx.workload.identity,
-                decision = "DENY",
-                reason = "plaintext connection rejected (mTLS STRICT)",
-                "inbound connection"
-            );
+            let reason = "plaintext connection rejected (mTLS STRICT)";
+            access_log(peer, source.as_deref(), dst, &ctx.workload, "DENY", reason);
             reset(&stream);
         }
         MtlsMode::Permissive => {
@@ -99,17 +85,30 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &InboundContext) {
                     return;
                 }
             };
-            tracing::info!(
-                target: "access",
-                source = %peer,
-                source_principal = source.unwrap_or_default(),
-                destination = %dst,
-                destination_principal = %ctx.workload.identity,
-                decision = "ALLOW",
-                reason = "plaintext accepted (mTLS PERMISSIVE)",
-                "inbound connection"
-            );
+            let reason = "plaintext accepted (mTLS PERMISSIVE)";
+            access_log(peer, source.as_deref(), dst, &ctx.workload, "ALLOW", reason);
             let _ = splice(stream, app).await;
         }
     }
+}
+
+/// The access-log line of an inbound decision.
+fn access_log(
+    peer: SocketAddr,
+    source: Option<&str>,
+    dst: SocketAddr,
+    workload: &LocalWorkload,
+    decision: &str,
+    reason: &str,
+) {
+    tracing::info!(
+        target: "access",
+        source = %peer,
+        source_principal = source.unwrap_or_default(),
+        destination = %dst,
+        destination_principal = %workload.identity,
+        decision,
+        reason,
+        "inbound connection"
+    );
 }

@@ -14,3 +14,25 @@ pub mod outbound;
 
 pub use listeners::PodListeners;
 pub use netns::NetnsWorker;
+
+use std::{future::Future, net::SocketAddr, sync::Arc};
+
+use tokio::net::{TcpListener, TcpStream};
+
+/// Accept on `listener` until the task is aborted, handling each connection in its own task.
+pub async fn accept_loop<C, F, Fut>(listener: TcpListener, ctx: Arc<C>, workload: String, handle: F)
+where
+    C: Send + Sync + 'static,
+    F: Fn(TcpStream, SocketAddr, Arc<C>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let local = listener.local_addr().ok();
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                tokio::spawn(handle(stream, peer, ctx.clone()));
+            }
+            Err(e) => tracing::warn!(workload, listener = ?local, error = %e, "accept failed"),
+        }
+    }
+}

@@ -37,17 +37,11 @@ pub struct OutboundContext {
 
 /// Accept captured connections until the task is aborted.
 pub async fn serve(listener: TcpListener, ctx: Arc<OutboundContext>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let ctx = ctx.clone();
-                tokio::spawn(async move { handle(stream, peer, &ctx).await });
-            }
-            Err(e) => {
-                tracing::warn!(workload = %ctx.workload.id, error = %e, "accept on capture listener failed");
-            }
-        }
-    }
+    let workload = ctx.workload.id.clone();
+    super::accept_loop(listener, ctx, workload, |stream, peer, ctx| async move {
+        handle(stream, peer, &ctx).await
+    })
+    .await
 }
 
 async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {

@@ -60,6 +60,38 @@ pub struct AttachedProgram {
     pub adopted: bool,
 }
 
+/// Load a cgroup program, then adopt the link pinned at `link_path` or attach a new one and pin
+/// it. Evaluates to (kernel program id, adopted). A macro because aya's cgroup program types
+/// share these methods but no trait.
+macro_rules! attach_to_cgroup {
+    ($prog:expr, $name:expr, $cgroup:expr, $link_path:expr) => {{
+        let (prog, name, link_path) = ($prog, $name, $link_path);
+        prog.load()
+            .map_err(|e| DatapathError::program("loading", name, e))?;
+        let fd = prog
+            .fd()
+            .map_err(|e| DatapathError::program("fd of", name, e))?;
+        let adopted = adopt_link(link_path, fd)?;
+        if !adopted {
+            let link_id = prog
+                .attach($cgroup, CgroupAttachMode::Single)
+                .map_err(|e| DatapathError::program("attaching", name, e))?;
+            let link = prog
+                .take_link(link_id)
+                .map_err(|e| DatapathError::program("taking link of", name, e))?;
+            let link: FdLink = link
+                .try_into()
+                .map_err(|e: aya::programs::links::LinkError| DatapathError::Pin {
+                    what: "converting link",
+                    path: link_path.to_owned(),
+                    detail: e.to_string(),
+                })?;
+            pin_link(link, link_path)?;
+        }
+        (program_id(prog.info(), name)?, adopted)
+    }};
+}
+
 fn maps_dir(pin_dir: &Path) -> PathBuf {
     pin_dir.join("maps")
 }
@@ -116,58 +148,12 @@ impl Datapath {
                 let prog: &mut SockOps = program
                     .try_into()
                     .map_err(|e| DatapathError::program("typing", name, e))?;
-                prog.load()
-                    .map_err(|e| DatapathError::program("loading", name, e))?;
-                let adopted = adopt_link(
-                    &link_path,
-                    prog.fd()
-                        .map_err(|e| DatapathError::program("fd of", name, e))?,
-                )?;
-                if !adopted {
-                    let link_id = prog
-                        .attach(&cgroup, CgroupAttachMode::Single)
-                        .map_err(|e| DatapathError::program("attaching", name, e))?;
-                    let link = prog
-                        .take_link(link_id)
-                        .map_err(|e| DatapathError::program("taking link of", name, e))?;
-                    let link: FdLink =
-                        link.try_into()
-                            .map_err(|e: aya::programs::links::LinkError| DatapathError::Pin {
-                                what: "converting link",
-                                path: link_path.clone(),
-                                detail: e.to_string(),
-                            })?;
-                    pin_link(link, &link_path)?;
-                }
-                (program_id(prog.info(), name)?, adopted)
+                attach_to_cgroup!(prog, name, &cgroup, &link_path)
             } else {
                 let prog: &mut CgroupSockAddr = program
                     .try_into()
                     .map_err(|e| DatapathError::program("typing", name, e))?;
-                prog.load()
-                    .map_err(|e| DatapathError::program("loading", name, e))?;
-                let adopted = adopt_link(
-                    &link_path,
-                    prog.fd()
-                        .map_err(|e| DatapathError::program("fd of", name, e))?,
-                )?;
-                if !adopted {
-                    let link_id = prog
-                        .attach(&cgroup, CgroupAttachMode::Single)
-                        .map_err(|e| DatapathError::program("attaching", name, e))?;
-                    let link = prog
-                        .take_link(link_id)
-                        .map_err(|e| DatapathError::program("taking link of", name, e))?;
-                    let link: FdLink =
-                        link.try_into()
-                            .map_err(|e: aya::programs::links::LinkError| DatapathError::Pin {
-                                what: "converting link",
-                                path: link_path.clone(),
-                                detail: e.to_string(),
-                            })?;
-                    pin_link(link, &link_path)?;
-                }
-                (program_id(prog.info(), name)?, adopted)
+                attach_to_cgroup!(prog, name, &cgroup, &link_path)
             };
             tracing::info!(program = name, id, adopted, cgroup = %settings.cgroup_root.display(), "program attached");
             attached.push(AttachedProgram { name, id, adopted });
