@@ -45,7 +45,6 @@ fn strict_resets_unverified_connections_and_admits_cached_pairs() {
         "STRICT must reset plaintext: {r:?}"
     );
     assert!(r.echo.is_none());
-    assert!(r.elapsed_ms < 5_000.0, "a reset, not a hang: {r:?}");
     assert_eq!(echo.accepted(), 0, "the application must never see it");
     assert_eq!(
         maps(&cluster, n1)

@@ -239,14 +239,11 @@ impl Datapath {
     /// Detach the inbound check from a workload's netns (no-op if it was not attached).
     pub fn detach_inbound(&mut self, workload: &str) -> Result<(), DatapathError> {
         let link_path = inbound_dir(&self.settings.pin_dir).join(inbound_pin_name(workload));
-        match fs::remove_file(&link_path) {
-            Ok(()) => {
-                tracing::info!(workload, "inbound check detached");
-                Ok(())
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(DatapathError::io("unpinning", link_path, e)),
+        if link_path.exists() {
+            detach_and_unpin(&link_path)?;
+            tracing::info!(workload, "inbound check detached");
         }
+        Ok(())
     }
 
     /// Workloads (pin names) whose netns has the inbound check pinned.
@@ -329,13 +326,23 @@ fn remove_pins(dir: &Path) -> Result<(), DatapathError> {
         if path.is_dir() {
             continue;
         }
-        fs::remove_file(&path)
-            .or_else(ignore_not_found)
-            .map_err(|e| DatapathError::io("unpinning", &path, e))?;
+        detach_and_unpin(&path)?;
     }
     fs::remove_dir(dir)
         .or_else(ignore_not_found)
         .map_err(|e| DatapathError::io("removing", dir, e))
+}
+
+/// Detach a pinned link synchronously (a stale one may already be detached), then remove the
+/// pin. For a pinned map, only the pin is removed.
+fn detach_and_unpin(path: &Path) -> Result<(), DatapathError> {
+    if let Ok(fd) = syscall::obj_get(path) {
+        // EINVAL: not a link (a map pin) or already detached; either way nothing to do.
+        let _ = syscall::link_detach(&fd);
+    }
+    fs::remove_file(path)
+        .or_else(ignore_not_found)
+        .map_err(|e| DatapathError::io("unpinning", path, e))
 }
 
 fn ignore_not_found(e: std::io::Error) -> std::io::Result<()> {

@@ -1,11 +1,13 @@
-//! The two BPF commands Latch needs that aya 0.14 keeps private: listing the programs attached to
-//! a cgroup or network namespace (`BPF_PROG_QUERY`), and swapping the program behind a pinned
-//! link in place (`BPF_LINK_UPDATE`), so a restarted agent never attaches twice.
+//! The BPF commands Latch needs that aya 0.14 keeps private: listing the programs attached to a
+//! cgroup or network namespace (`BPF_PROG_QUERY`), swapping the program behind a pinned link in
+//! place (`BPF_LINK_UPDATE`, so a restarted agent never attaches twice), detaching a link at once
+//! whoever still holds it (`BPF_LINK_DETACH`), and opening a pinned object (`BPF_OBJ_GET`).
 
 use std::os::fd::{AsFd, AsRawFd};
 
 const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_LINK_DETACH: libc::c_long = 34;
 
 /// Kernel attach types (UAPI `enum bpf_attach_type`) of the hooks Latch uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,6 +89,22 @@ pub fn link_update(link: &impl AsFd, new_prog: &impl AsFd) -> std::io::Result<()
         ..Default::default()
     };
     bpf(BPF_LINK_UPDATE, &mut attr)
+}
+
+/// Detach a link now. Dropping the last reference also detaches, but the kernel may do that
+/// later (deferred work); uninstall must be done when it returns.
+pub fn link_detach(link: &impl AsFd) -> std::io::Result<()> {
+    #[repr(C)]
+    #[derive(Default)]
+    struct DetachAttr {
+        link_fd: u32,
+        _pad: [u32; 3],
+    }
+    let mut attr = DetachAttr {
+        link_fd: link.as_fd().as_raw_fd() as u32,
+        ..Default::default()
+    };
+    bpf(BPF_LINK_DETACH, &mut attr)
 }
 
 const BPF_OBJ_GET: libc::c_long = 7;
