@@ -27,6 +27,17 @@ enum Command {
         #[arg(long)]
         uninstall: bool,
     },
+    /// Development certificate authority for local mode and tests.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create a development CA (ca.pem, and ca-key.pem with mode 0600) in DIR.
+    Init { dir: PathBuf },
 }
 
 fn init_logging() {
@@ -54,6 +65,14 @@ fn main() -> ExitCode {
                     .and_then(|rt| rt.block_on(latch::runtime::run(&config)))
             }
         }
+        Command::Ca {
+            command: CaCommand::Init { dir },
+        } => latch::identity::ca::init(&dir)
+            .map(|(cert, key)| {
+                println!("CA certificate: {}", cert.display());
+                println!("CA private key: {} (mode 0600)", key.display());
+            })
+            .map_err(anyhow::Error::from),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

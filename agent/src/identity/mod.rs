@@ -1,6 +1,7 @@
 //! Who is who: SPIFFE identities of workloads, the 64-bit keys the kernel stores for them, and
 //! the registry built from the config (cgroup → local workload, IP → identity).
 
+pub mod ca;
 pub mod registry;
 
 pub use registry::{Endpoint, LocalWorkload, Registry, RegistryError};
