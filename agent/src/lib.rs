@@ -11,5 +11,6 @@ pub mod datapath;
 pub mod identity;
 pub mod runtime;
 pub mod state;
+pub mod tls;
 pub mod tunnel;
 pub mod verdicts;

@@ -192,13 +192,27 @@ impl DevCa {
         not_before: SystemTime,
         not_after: SystemTime,
     ) -> Result<Svid, CaError> {
+        self.mint_with_sans(&[spiffe_id], not_before, not_after)
+    }
+
+    /// Mint a certificate with arbitrary URI SANs (tests build invalid SVIDs with it: none, two,
+    /// another trust domain).
+    pub fn mint_with_sans(
+        &self,
+        uris: &[&str],
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<Svid, CaError> {
+        let spiffe_id = uris.first().copied().unwrap_or_default();
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
             .map_err(cert_err("generating an SVID key"))?;
         let mut params = CertificateParams::default();
-        let uri = spiffe_id
-            .try_into()
-            .map_err(cert_err(format!("SPIFFE ID {spiffe_id:?} as a URI SAN")))?;
-        params.subject_alt_names = vec![SanType::URI(uri)];
+        for uri in uris {
+            let ia5 = (*uri)
+                .try_into()
+                .map_err(cert_err(format!("{uri:?} as a URI SAN")))?;
+            params.subject_alt_names.push(SanType::URI(ia5));
+        }
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "Latch");
         params.distinguished_name = dn;

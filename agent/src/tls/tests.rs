@@ -1,0 +1,207 @@
+//! Mutual TLS handshakes in memory between rustls client and server configs built by this
+//! module, with good and bad SVIDs, and direct checks of each verification error.
+
+use std::{
+    path::PathBuf,
+    time::{Duration, SystemTime},
+};
+
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use super::*;
+use crate::identity::ca::{DevCa, init};
+
+const TD: &str = "cluster.local";
+const FRONTEND: &str = "spiffe://cluster.local/ns/prod/sa/frontend";
+const PAYMENT: &str = "spiffe://cluster.local/ns/prod/sa/payment";
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn ca(name: &str) -> DevCa {
+    let dir: PathBuf =
+        std::env::temp_dir().join(format!("latch-tls-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (cert, key) = init(&dir).expect("init CA");
+    let ca = DevCa::load(&cert, &key).expect("load CA");
+    let _ = std::fs::remove_dir_all(&dir);
+    ca
+}
+
+/// Handshake `client` (expecting `expected`) against `server`; Ok(identity the server saw).
+async fn handshake(
+    ca_for_server: &DevCa,
+    client: &Svid,
+    server: &Svid,
+    expected: &str,
+) -> Result<String, String> {
+    let bundle = vec![ca_for_server.certificate().clone()];
+    let server_cfg = server_config(server, bundle.clone(), TD).map_err(|e| e.to_string())?;
+    let client_cfg = client_config(client, bundle, TD, expected).map_err(|e| e.to_string())?;
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let acceptor = tokio_rustls::TlsAcceptor::from(server_cfg);
+    let connector = tokio_rustls::TlsConnector::from(client_cfg);
+    let name = ServerName::try_from("payment.prod").map_err(|e| e.to_string())?;
+    let server_side = tokio::spawn(async move {
+        let mut tls = acceptor
+            .accept(b)
+            .await
+            .map_err(|e| format!("server: {e}"))?;
+        let peer = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(peer_identity)
+            .ok_or("server: no peer identity")?;
+        let mut buf = [0u8; 4];
+        tls.read_exact(&mut buf)
+            .await
+            .map_err(|e| format!("server read: {e}"))?;
+        Ok::<String, String>(peer)
+    });
+    let client_result = async {
+        let mut tls = connector
+            .connect(name, a)
+            .await
+            .map_err(|e| format!("client: {e}"))?;
+        tls.write_all(b"ping")
+            .await
+            .map_err(|e| format!("client write: {e}"))?;
+        tls.flush()
+            .await
+            .map_err(|e| format!("client flush: {e}"))?;
+        Ok::<_, String>(tls)
+    }
+    .await;
+    // Keep the client's end open until the server is done with the handshake.
+    let server_result = server_side.await.map_err(|e| e.to_string())?;
+    drop(client_result?);
+    server_result
+}
+
+#[tokio::test]
+async fn mutual_tls_between_valid_svids_names_the_client() {
+    let ca = ca("ok");
+    let client = ca.mint(FRONTEND, HOUR).expect("client svid");
+    let server = ca.mint(PAYMENT, HOUR).expect("server svid");
+    assert_eq!(
+        handshake(&ca, &client, &server, PAYMENT).await,
+        Ok(FRONTEND.to_owned())
+    );
+}
+
+#[tokio::test]
+async fn bad_client_certificates_fail_the_handshake() {
+    let ca = ca("bad-client");
+    let other_ca = ca_other();
+    let server = ca.mint(PAYMENT, HOUR).expect("server");
+    let now = SystemTime::now();
+    let cases = [
+        ("another CA", other_ca.mint(FRONTEND, HOUR).expect("svid")),
+        (
+            "another trust domain",
+            ca.mint("spiffe://evil.example/ns/prod/sa/frontend", HOUR)
+                .expect("svid"),
+        ),
+        (
+            "two URI SANs",
+            ca.mint_with_sans(&[FRONTEND, PAYMENT], now - HOUR, now + HOUR)
+                .expect("svid"),
+        ),
+        (
+            "expired",
+            ca.mint_window(FRONTEND, now - 2 * HOUR, now - HOUR)
+                .expect("svid"),
+        ),
+        (
+            "not yet valid",
+            ca.mint_window(FRONTEND, now + HOUR, now + 2 * HOUR)
+                .expect("svid"),
+        ),
+    ];
+    for (what, client) in cases {
+        let result = handshake(&ca, &client, &server, PAYMENT).await;
+        assert!(
+            result.is_err(),
+            "{what}: the handshake must fail, got {result:?}"
+        );
+    }
+}
+
+fn ca_other() -> DevCa {
+    ca("other")
+}
+
+#[tokio::test]
+async fn a_server_with_the_wrong_identity_is_refused() {
+    let ca = ca("wrong-server");
+    let client = ca.mint(FRONTEND, HOUR).expect("client");
+    let impostor = ca
+        .mint("spiffe://cluster.local/ns/prod/sa/ledger", HOUR)
+        .expect("server");
+    let result = handshake(&ca, &client, &impostor, PAYMENT).await;
+    let err = result.expect_err("must be refused");
+    assert!(err.starts_with("client:"), "the client refuses: {err}");
+}
+
+#[test]
+fn each_verification_failure_is_named() {
+    let ca = ca("errors");
+    let other = ca_other();
+    let bundle = vec![ca.certificate().clone()];
+    let now = SystemTime::now();
+    let check = |svid: &Svid| verify_svid(&svid.chain, &bundle, TD, now);
+
+    assert_eq!(
+        check(&ca.mint(FRONTEND, HOUR).expect("svid")),
+        Ok(FRONTEND.to_owned())
+    );
+    assert_eq!(
+        check(&other.mint(FRONTEND, HOUR).expect("svid")),
+        Err(VerifyError::UnknownIssuer)
+    );
+    assert!(matches!(
+        check(&ca.mint("spiffe://other.td/ns/a/sa/b", HOUR).expect("svid")),
+        Err(VerifyError::TrustDomain { .. })
+    ));
+    assert_eq!(
+        check(
+            &ca.mint_with_sans(&[FRONTEND, PAYMENT], now - HOUR, now + HOUR)
+                .expect("svid")
+        ),
+        Err(VerifyError::UriSanCount(2))
+    );
+    assert_eq!(
+        check(
+            &ca.mint_with_sans(&[], now - HOUR, now + HOUR)
+                .expect("svid")
+        ),
+        Err(VerifyError::UriSanCount(0))
+    );
+    assert!(matches!(
+        check(
+            &ca.mint_with_sans(&["https://example.com/x"], now - HOUR, now + HOUR)
+                .expect("svid")
+        ),
+        Err(VerifyError::NotSpiffe(_))
+    ));
+    assert!(matches!(
+        check(
+            &ca.mint_window(FRONTEND, now - 2 * HOUR, now - HOUR)
+                .expect("svid")
+        ),
+        Err(VerifyError::Expired { index: 0, .. })
+    ));
+    assert!(matches!(
+        check(
+            &ca.mint_window(FRONTEND, now + HOUR, now + 2 * HOUR)
+                .expect("svid")
+        ),
+        Err(VerifyError::NotYetValid { index: 0, .. })
+    ));
+    assert_eq!(verify_svid(&[], &bundle, TD, now), Err(VerifyError::Empty));
+    // The CA certificate itself is not an SVID.
+    assert_eq!(
+        verify_svid(&[ca.certificate().clone()], &bundle, TD, now),
+        Err(VerifyError::LeafIsCa)
+    );
+}
