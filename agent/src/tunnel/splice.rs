@@ -2,7 +2,10 @@
 //! (EOF on one side shuts down writing on the other), and an error on either side resets both,
 //! so nothing is left hanging.
 
-use tokio::net::TcpStream;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+};
 
 /// Bytes moved in each direction.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -13,14 +16,34 @@ pub struct Transferred {
 
 /// Relay until both directions are closed. On error, both sockets are closed with RST.
 pub async fn splice(mut a: TcpStream, mut b: TcpStream) -> std::io::Result<Transferred> {
-    match tokio::io::copy_bidirectional(&mut a, &mut b).await {
-        Ok((a_to_b, b_to_a)) => Ok(Transferred { a_to_b, b_to_a }),
-        Err(e) => {
-            reset(&a);
-            reset(&b);
-            Err(e)
-        }
+    let result = relay(&mut a, &mut b).await;
+    if result.is_err() {
+        reset(&a);
+        reset(&b);
     }
+    result
+}
+
+/// The same between any stream (a tunnel stream) and a TCP socket, which is reset on error
+/// (dropping the tunnel stream resets it at the HTTP/2 level).
+pub async fn splice_io<A>(mut a: A, mut b: TcpStream) -> std::io::Result<Transferred>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+{
+    let result = relay(&mut a, &mut b).await;
+    if result.is_err() {
+        reset(&b);
+    }
+    result
+}
+
+async fn relay<A, B>(a: &mut A, b: &mut B) -> std::io::Result<Transferred>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let (a_to_b, b_to_a) = tokio::io::copy_bidirectional(a, b).await?;
+    Ok(Transferred { a_to_b, b_to_a })
 }
 
 /// Make the coming close send RST instead of FIN.

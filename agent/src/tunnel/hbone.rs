@@ -1,0 +1,350 @@
+//! HBONE: TCP connections carried as HTTP/2 `CONNECT` streams over mutual TLS, the wire protocol
+//! of Istio ambient. The client pools one HTTP/2 connection per (source identity, destination
+//! identity, destination address), so only a pair's first connection pays for the handshake;
+//! the server verifies the client, asks its [`Inbound`] whether the source may reach the target,
+//! and answers `200` (then bytes), `403` (policy) or `503` (application unreachable).
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::SystemTime,
+};
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::{Method, Request, Response, StatusCode, client::conn::http2::SendRequest};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
+
+use super::splice::splice_io;
+use crate::tls::peer_identity;
+
+/// Per-stream and per-connection HTTP/2 flow-control windows, sized for bulk transfer.
+const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// An established tunnel stream (bytes after the `200`).
+pub type TunnelStream = TokioIo<hyper::upgrade::Upgraded>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("connecting to the tunnel endpoint {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("TLS with {addr}: {source}")]
+    Tls {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("HTTP/2 with {addr}: {source}")]
+    Http {
+        addr: SocketAddr,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("building CONNECT {authority}: {source}")]
+    Request {
+        authority: SocketAddr,
+        #[source]
+        source: hyper::http::Error,
+    },
+    #[error("{addr} answered {status} to CONNECT {authority}")]
+    Refused {
+        addr: SocketAddr,
+        authority: SocketAddr,
+        status: StatusCode,
+    },
+}
+
+impl TunnelError {
+    /// The destination's policy denied the connection.
+    pub fn is_denied(&self) -> bool {
+        matches!(self, TunnelError::Refused { status, .. } if *status == StatusCode::FORBIDDEN)
+    }
+}
+
+/// Which pooled HTTP/2 connection a tunnel uses.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub src: String,
+    pub dst: String,
+    /// The tunnel endpoint (`<pod IP>:15008`).
+    pub endpoint: SocketAddr,
+}
+
+#[derive(Clone)]
+struct Pooled {
+    sender: SendRequest<Empty<Bytes>>,
+    /// NotAfter of the server certificate this connection was proven with.
+    server_not_after: SystemTime,
+}
+
+/// An opened tunnel and what it was proven with.
+pub struct Opened {
+    pub stream: TunnelStream,
+    pub server_not_after: SystemTime,
+    /// A new HTTP/2 connection (and TLS handshake) was made for it.
+    pub new_connection: bool,
+}
+
+/// How to reach a tunnel endpoint: a TCP connection (made inside the source pod's netns) and the
+/// TLS client config for the pair.
+pub struct Dial {
+    pub tcp: BoxFuture<io::Result<TcpStream>>,
+    pub tls: Arc<rustls::ClientConfig>,
+}
+
+/// The HBONE client with its connection pool.
+#[derive(Default, Clone)]
+pub struct TunnelClient {
+    pool: Arc<Mutex<HashMap<PoolKey, Pooled>>>,
+}
+
+impl TunnelClient {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Open a tunnel to `authority` (the original destination) through the endpoint of `key`,
+    /// reusing the pooled connection if there is a live one, else dialling with `dial()`.
+    pub async fn open(
+        &self,
+        key: &PoolKey,
+        authority: SocketAddr,
+        dial: impl FnOnce() -> Dial,
+    ) -> Result<Opened, TunnelError> {
+        let pooled = self.pooled(key);
+        let (pooled, new_connection) = match pooled {
+            Some(p) => (p, false),
+            None => (self.connect(key, dial()).await?, true),
+        };
+        let request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(authority.to_string())
+            .body(Empty::<Bytes>::new())
+            .map_err(|source| TunnelError::Request { authority, source })?;
+        let mut sender = pooled.sender.clone();
+        let response = sender.send_request(request).await.map_err(|source| {
+            self.evict(key);
+            TunnelError::Http {
+                addr: key.endpoint,
+                source,
+            }
+        })?;
+        if response.status() != StatusCode::OK {
+            return Err(TunnelError::Refused {
+                addr: key.endpoint,
+                authority,
+                status: response.status(),
+            });
+        }
+        let upgraded = hyper::upgrade::on(response)
+            .await
+            .map_err(|source| TunnelError::Http {
+                addr: key.endpoint,
+                source,
+            })?;
+        Ok(Opened {
+            stream: TokioIo::new(upgraded),
+            server_not_after: pooled.server_not_after,
+            new_connection,
+        })
+    }
+
+    fn pooled(&self, key: &PoolKey) -> Option<Pooled> {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        match pool.get(key) {
+            Some(p) if p.sender.is_ready() && p.server_not_after > SystemTime::now() => {
+                Some(p.clone())
+            }
+            Some(_) => {
+                pool.remove(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn evict(&self, key: &PoolKey) {
+        self.pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
+
+    /// Drop every pooled connection whose key matches (identities rotated or revoked).
+    pub fn evict_where(&self, pred: impl Fn(&PoolKey) -> bool) {
+        self.pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|k, _| !pred(k));
+    }
+
+    /// Number of pooled HTTP/2 connections.
+    pub fn pooled_connections(&self) -> usize {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    async fn connect(&self, key: &PoolKey, dial: Dial) -> Result<Pooled, TunnelError> {
+        let addr = key.endpoint;
+        let tcp = dial
+            .tcp
+            .await
+            .map_err(|source| TunnelError::Connect { addr, source })?;
+        let _ = tcp.set_nodelay(true);
+        // The server name is not used for verification (the SPIFFE verifier checks the
+        // identity); it is only sent as SNI.
+        let name = ServerName::IpAddress(addr.ip().into());
+        let tls = tokio_rustls::TlsConnector::from(dial.tls)
+            .connect(name, tcp)
+            .await
+            .map_err(|source| TunnelError::Tls { addr, source })?;
+        let server_not_after = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(not_after)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|source| TunnelError::Http { addr, source })?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(endpoint = %addr, error = %e, "tunnel connection closed");
+            }
+        });
+        let pooled = Pooled {
+            sender,
+            server_not_after,
+        };
+        self.pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone(), pooled.clone());
+        Ok(pooled)
+    }
+}
+
+/// NotAfter of a certificate (UNIX_EPOCH if it does not parse: an expired proof).
+pub fn not_after(cert: &CertificateDer<'_>) -> SystemTime {
+    x509_parser::parse_x509_certificate(cert)
+        .map(|(_, c)| {
+            let secs = c.validity().not_after.timestamp().max(0) as u64;
+            SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs)
+        })
+        .unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+/// The destination side's decisions.
+pub trait Inbound: Send + Sync + 'static {
+    /// May `source` (a verified SPIFFE ID) reach `target`?
+    fn authorize(&self, source: &str, target: SocketAddr) -> bool;
+    /// Connect to the application at `target` (from inside its pod's netns).
+    fn deliver(&self, target: SocketAddr) -> BoxFuture<io::Result<TcpStream>>;
+    /// A tunneled connection was admitted; `client_not_after` bounds any cached verdict.
+    fn admitted(&self, source: &str, target: SocketAddr, client_not_after: SystemTime);
+}
+
+/// Serve one accepted TCP connection on a tunnel listener: TLS with `tls`, then HTTP/2, one
+/// `CONNECT` stream per tunneled connection.
+pub async fn serve_connection(
+    tcp: TcpStream,
+    tls: Arc<rustls::ServerConfig>,
+    inbound: Arc<dyn Inbound>,
+) -> Result<(), io::Error> {
+    let peer = tcp.peer_addr()?;
+    let _ = tcp.set_nodelay(true);
+    let tls = tokio_rustls::TlsAcceptor::from(tls).accept(tcp).await?;
+    let certs = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(<[_]>::to_vec)
+        .unwrap_or_default();
+    let Some(source) = peer_identity(&certs) else {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "client has no SPIFFE identity",
+        ));
+    };
+    let client_not_after = certs
+        .first()
+        .map(not_after)
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    let source: Arc<str> = source.into();
+    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let inbound = inbound.clone();
+        let source = source.clone();
+        async move {
+            Ok::<_, std::convert::Infallible>(
+                handle_connect(req, &source, client_not_after, inbound).await,
+            )
+        }
+    });
+    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .serve_connection(TokioIo::new(tls), service)
+        .await
+        .map_err(|e| io::Error::other(format!("HTTP/2 with {peer}: {e}")))
+}
+
+fn status(code: StatusCode) -> Response<Empty<Bytes>> {
+    let mut r = Response::new(Empty::new());
+    *r.status_mut() = code;
+    r
+}
+
+async fn handle_connect(
+    mut req: Request<hyper::body::Incoming>,
+    source: &str,
+    client_not_after: SystemTime,
+    inbound: Arc<dyn Inbound>,
+) -> Response<Empty<Bytes>> {
+    if req.method() != Method::CONNECT {
+        return status(StatusCode::METHOD_NOT_ALLOWED);
+    }
+    let Some(target) = req
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+    else {
+        return status(StatusCode::BAD_REQUEST);
+    };
+    if !inbound.authorize(source, target) {
+        return status(StatusCode::FORBIDDEN);
+    }
+    let app = match inbound.deliver(target).await {
+        Ok(app) => app,
+        Err(e) => {
+            tracing::info!(source, %target, error = %e, "application unreachable");
+            return status(StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
+    inbound.admitted(source, target, client_not_after);
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(upgraded) => {
+                let _ = splice_io(TokioIo::new(upgraded), app).await;
+            }
+            Err(e) => tracing::debug!(error = %e, "CONNECT stream did not start"),
+        }
+    });
+    status(StatusCode::OK)
+}

@@ -1,0 +1,217 @@
+//! HBONE over real sockets on loopback with real TLS: bytes and half-close through a tunnel,
+//! pooling (one HTTP/2 connection for many streams), 403 and 503 answers, and a server with the
+//! wrong identity refused by the client.
+
+use std::{
+    io,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+};
+
+use super::hbone::{
+    BoxFuture, Dial, Inbound, PoolKey, TunnelClient, TunnelError, serve_connection,
+};
+use crate::{
+    identity::ca::{DevCa, init},
+    tls::{client_config, server_config},
+};
+
+const TD: &str = "cluster.local";
+const FRONTEND: &str = "spiffe://cluster.local/ns/prod/sa/frontend";
+const PAYMENT: &str = "spiffe://cluster.local/ns/prod/sa/payment";
+const HOUR: Duration = Duration::from_secs(3600);
+
+struct TestInbound {
+    allow: bool,
+    admitted: Mutex<Vec<(String, SocketAddr)>>,
+}
+
+impl Inbound for TestInbound {
+    fn authorize(&self, _source: &str, _target: SocketAddr) -> bool {
+        self.allow
+    }
+    fn deliver(&self, target: SocketAddr) -> BoxFuture<io::Result<TcpStream>> {
+        Box::pin(TcpStream::connect(target))
+    }
+    fn admitted(&self, source: &str, target: SocketAddr, client_not_after: SystemTime) {
+        assert!(
+            client_not_after > SystemTime::now(),
+            "the client certificate's NotAfter is passed on"
+        );
+        self.admitted
+            .lock()
+            .expect("lock")
+            .push((source.to_owned(), target));
+    }
+}
+
+struct Fixture {
+    ca: DevCa,
+    endpoint: SocketAddr,
+    app: SocketAddr,
+    tcp_accepts: Arc<AtomicUsize>,
+    inbound: Arc<TestInbound>,
+}
+
+async fn echo_app() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                if s.read_to_end(&mut buf).await.is_ok() {
+                    let _ = s.write_all(&buf).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+async fn fixture(name: &str, allow: bool, server_id: &str) -> Fixture {
+    let dir = std::env::temp_dir().join(format!("latch-hbone-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (cert, key) = init(&dir).expect("CA");
+    let ca = DevCa::load(&cert, &key).expect("load");
+    let _ = std::fs::remove_dir_all(&dir);
+    let server_svid = ca.mint(server_id, HOUR).expect("server svid");
+    let tls =
+        server_config(&server_svid, vec![ca.certificate().clone()], TD).expect("server config");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind tunnel");
+    let endpoint = listener.local_addr().expect("addr");
+    let tcp_accepts = Arc::new(AtomicUsize::new(0));
+    let inbound = Arc::new(TestInbound {
+        allow,
+        admitted: Mutex::new(Vec::new()),
+    });
+    {
+        let tcp_accepts = tcp_accepts.clone();
+        let inbound: Arc<dyn Inbound> = inbound.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                tcp_accepts.fetch_add(1, Ordering::SeqCst);
+                let (tls, inbound) = (tls.clone(), inbound.clone());
+                tokio::spawn(async move {
+                    let _ = serve_connection(tcp, tls, inbound).await;
+                });
+            }
+        });
+    }
+    Fixture {
+        ca,
+        endpoint,
+        app: echo_app().await,
+        tcp_accepts,
+        inbound,
+    }
+}
+
+fn dialer(f: &Fixture, expected: &str) -> impl FnOnce() -> Dial {
+    let svid = f.ca.mint(FRONTEND, HOUR).expect("client svid");
+    let tls = client_config(&svid, vec![f.ca.certificate().clone()], TD, expected)
+        .expect("client config");
+    let endpoint = f.endpoint;
+    move || Dial {
+        tcp: Box::pin(TcpStream::connect(endpoint)),
+        tls,
+    }
+}
+
+fn key(f: &Fixture) -> PoolKey {
+    PoolKey {
+        src: FRONTEND.into(),
+        dst: PAYMENT.into(),
+        endpoint: f.endpoint,
+    }
+}
+
+#[tokio::test]
+async fn bytes_and_half_close_cross_the_tunnel_and_connections_are_pooled() {
+    let f = fixture("pool", true, PAYMENT).await;
+    let client = TunnelClient::new();
+    for (i, payload) in ["first", "second", "third"].iter().enumerate() {
+        let mut opened = client
+            .open(&key(&f), f.app, dialer(&f, PAYMENT))
+            .await
+            .expect("tunnel");
+        assert_eq!(opened.new_connection, i == 0, "only the first stream dials");
+        assert!(opened.server_not_after > SystemTime::now());
+        opened
+            .stream
+            .write_all(payload.as_bytes())
+            .await
+            .expect("write");
+        opened.stream.shutdown().await.expect("half-close");
+        let mut back = Vec::new();
+        opened.stream.read_to_end(&mut back).await.expect("read");
+        assert_eq!(back, payload.as_bytes());
+    }
+    assert_eq!(
+        f.tcp_accepts.load(Ordering::SeqCst),
+        1,
+        "one TCP+TLS connection carried all streams"
+    );
+    assert_eq!(client.pooled_connections(), 1);
+    let admitted = f.inbound.admitted.lock().expect("lock").clone();
+    assert_eq!(
+        admitted,
+        vec![(FRONTEND.to_owned(), f.app); 3],
+        "the server saw the client's verified identity"
+    );
+}
+
+#[tokio::test]
+async fn a_policy_deny_is_403() {
+    let f = fixture("deny", false, PAYMENT).await;
+    let err = TunnelClient::new()
+        .open(&key(&f), f.app, dialer(&f, PAYMENT))
+        .await
+        .err()
+        .expect("denied");
+    assert!(err.is_denied(), "{err}");
+}
+
+#[tokio::test]
+async fn an_unreachable_application_is_503() {
+    let f = fixture("unreachable", true, PAYMENT).await;
+    let closed = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let gone = closed.local_addr().expect("addr");
+    drop(closed);
+    let err = TunnelClient::new()
+        .open(&key(&f), gone, dialer(&f, PAYMENT))
+        .await
+        .err()
+        .expect("503");
+    assert!(
+        matches!(err, TunnelError::Refused { status, .. } if status == hyper::StatusCode::SERVICE_UNAVAILABLE),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_server_with_another_identity_is_refused() {
+    let f = fixture("impostor", true, "spiffe://cluster.local/ns/prod/sa/ledger").await;
+    let client = TunnelClient::new();
+    let err = client
+        .open(&key(&f), f.app, dialer(&f, PAYMENT))
+        .await
+        .err()
+        .expect("refused");
+    assert!(matches!(err, TunnelError::Tls { .. }), "{err}");
+    assert_eq!(
+        client.pooled_connections(),
+        0,
+        "nothing pooled for a failed handshake"
+    );
+    assert!(f.inbound.admitted.lock().expect("lock").is_empty());
+}
