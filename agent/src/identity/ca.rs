@@ -124,6 +124,9 @@ pub struct Svid {
     pub serial: String,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
+    /// When this agent minted or loaded it (rotation is measured from here: `not_before` is
+    /// backdated for clock skew).
+    pub issued_at: SystemTime,
 }
 
 impl Clone for Svid {
@@ -135,6 +138,7 @@ impl Clone for Svid {
             serial: self.serial.clone(),
             not_before: self.not_before,
             not_after: self.not_after,
+            issued_at: self.issued_at,
         }
     }
 }
@@ -241,6 +245,7 @@ impl DevCa {
             serial,
             not_before,
             not_after,
+            issued_at: SystemTime::now(),
         })
     }
 }

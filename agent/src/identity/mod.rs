@@ -2,6 +2,7 @@
 //! the registry built from the config (cgroup → local workload, IP → identity).
 
 pub mod ca;
+pub mod certs;
 pub mod registry;
 
 pub use registry::{Endpoint, LocalWorkload, Registry, RegistryError};

@@ -1,0 +1,353 @@
+//! Certificate sources and the store of current SVIDs, one per local identity.
+//!
+//! - `dev-ca`: the agent mints an SVID per identity from the development CA, with the configured
+//!   TTL, and mints a new one once half of its lifetime has passed.
+//! - `files`: SVIDs written by cert-manager, spiffe-helper or similar, in
+//!   `<dir>/<namespace>/<serviceAccount>/{cert.pem,key.pem,bundle.pem}` (`cert.pem` is the leaf
+//!   then any intermediates; `bundle.pem` the trust anchors), re-read when a file changes. A file
+//!   set that does not verify (wrong identity, expired, not chained to its bundle) is refused and
+//!   the previous SVID kept.
+//!
+//! Replacing an SVID is atomic: handshakes use the old one until the new one is in place
+//! ([`CertStore::resolver`] gives rustls the current certificate at each handshake).
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+    time::{Duration, SystemTime},
+};
+
+use rustls::{
+    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+    sign::CertifiedKey,
+};
+
+use super::ca::{CaError, DevCa, Svid};
+use crate::tls::{provider, verify_svid};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    #[error("reading {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {why}", path.display())]
+    Invalid { path: PathBuf, why: String },
+    #[error("the signing key of {identity} is not usable: {why}")]
+    Key { identity: String, why: String },
+}
+
+/// Where SVIDs come from.
+pub enum Source {
+    DevCa { ca: Box<DevCa>, ttl: Duration },
+    Files { dir: PathBuf },
+}
+
+/// One identity's current SVID, ready for rustls.
+#[derive(Clone)]
+pub struct Current {
+    pub svid: Arc<Svid>,
+    pub certified: Arc<CertifiedKey>,
+    pub bundle: Arc<Vec<CertificateDer<'static>>>,
+    /// Modification times of the files it came from (`files` source).
+    stamps: Vec<Option<SystemTime>>,
+}
+
+impl std::fmt::Debug for Current {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Current")
+            .field("svid", &self.svid)
+            .finish_non_exhaustive()
+    }
+}
+
+pub struct CertStore {
+    source: Source,
+    trust_domain: String,
+    current: RwLock<HashMap<String, Current>>,
+}
+
+/// `<namespace>/<serviceAccount>` of a Kubernetes-form SPIFFE ID.
+fn ns_sa(spiffe_id: &str) -> Option<(&str, &str)> {
+    let path = spiffe_id.strip_prefix("spiffe://")?.split_once('/')?.1;
+    let mut parts = path.split('/');
+    match (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) {
+        (Some("ns"), Some(ns), Some("sa"), Some(sa), None) => Some((ns, sa)),
+        _ => None,
+    }
+}
+
+fn certified(svid: &Svid) -> Result<Arc<CertifiedKey>, CertError> {
+    let key = provider()
+        .key_provider
+        .load_private_key(svid.key.clone_key())
+        .map_err(|e| CertError::Key {
+            identity: svid.spiffe_id.clone(),
+            why: e.to_string(),
+        })?;
+    Ok(Arc::new(CertifiedKey::new(svid.chain.clone(), key)))
+}
+
+fn mtime(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// Half of the lifetime (from when it was issued to NotAfter) has passed: time to rotate.
+pub fn rotation_due(svid: &Svid, now: SystemTime) -> bool {
+    let start = svid.issued_at.max(svid.not_before);
+    let lifetime = svid
+        .not_after
+        .duration_since(start)
+        .unwrap_or(Duration::ZERO);
+    now >= start + lifetime / 2
+}
+
+impl CertStore {
+    pub fn new(source: Source, trust_domain: &str) -> Self {
+        Self {
+            source,
+            trust_domain: trust_domain.to_owned(),
+            current: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// The current SVID of `spiffe_id`, if it has one.
+    pub fn current(&self, spiffe_id: &str) -> Option<Current> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(spiffe_id)
+            .cloned()
+    }
+
+    /// Identities with an SVID.
+    pub fn identities(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// Make sure every identity in `ids` has an SVID, and forget the others.
+    pub fn ensure(&self, ids: &[String]) -> Result<(), CertError> {
+        for id in ids {
+            if self.current(id).is_none() {
+                let fresh = self.obtain(id)?;
+                self.install(id, fresh);
+            }
+        }
+        self.current
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|id, _| ids.contains(id));
+        Ok(())
+    }
+
+    /// Rotate what is due (dev-ca: past half-life; files: changed on disk). Returns the
+    /// identities that got a new SVID; errors are per identity and leave the old SVID in place.
+    pub fn refresh(&self, now: SystemTime) -> (Vec<String>, Vec<(String, CertError)>) {
+        let (mut rotated, mut failed) = (Vec::new(), Vec::new());
+        for id in self.identities() {
+            let Some(current) = self.current(&id) else {
+                continue;
+            };
+            let due = match &self.source {
+                Source::DevCa { .. } => rotation_due(&current.svid, now),
+                Source::Files { dir } => self.file_paths(dir, &id).is_some_and(|paths| {
+                    paths.iter().map(|p| mtime(p)).collect::<Vec<_>>() != current.stamps
+                }),
+            };
+            if !due {
+                continue;
+            }
+            match self.obtain(&id) {
+                Ok(fresh) => {
+                    self.install(&id, fresh);
+                    rotated.push(id);
+                }
+                Err(e) => failed.push((id, e)),
+            }
+        }
+        (rotated, failed)
+    }
+
+    fn install(&self, id: &str, fresh: Current) {
+        tracing::info!(
+            identity = id,
+            serial = %fresh.svid.serial,
+            not_after = ?fresh.svid.not_after,
+            "certificate in place"
+        );
+        self.current
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_owned(), fresh);
+    }
+
+    fn file_paths(&self, dir: &Path, id: &str) -> Option<[PathBuf; 3]> {
+        let (ns, sa) = ns_sa(id)?;
+        let base = dir.join(ns).join(sa);
+        Some([
+            base.join("cert.pem"),
+            base.join("key.pem"),
+            base.join("bundle.pem"),
+        ])
+    }
+
+    fn obtain(&self, id: &str) -> Result<Current, CertError> {
+        match &self.source {
+            Source::DevCa { ca, ttl } => {
+                let svid = ca.mint(id, *ttl)?;
+                Ok(Current {
+                    certified: certified(&svid)?,
+                    svid: Arc::new(svid),
+                    bundle: Arc::new(vec![ca.certificate().clone()]),
+                    stamps: Vec::new(),
+                })
+            }
+            Source::Files { dir } => self.load_files(dir, id),
+        }
+    }
+
+    fn load_files(&self, dir: &Path, id: &str) -> Result<Current, CertError> {
+        let paths = self.file_paths(dir, id).ok_or_else(|| CertError::Invalid {
+            path: dir.to_owned(),
+            why: format!(
+                "{id} is not of the form spiffe://<td>/ns/<namespace>/sa/<serviceAccount>"
+            ),
+        })?;
+        let stamps: Vec<Option<SystemTime>> = paths.iter().map(|p| mtime(p)).collect();
+        let read = |p: &PathBuf| {
+            std::fs::read(p).map_err(|source| CertError::Read {
+                path: p.clone(),
+                source,
+            })
+        };
+        let (cert_pem, key_pem, bundle_pem) =
+            (read(&paths[0])?, read(&paths[1])?, read(&paths[2])?);
+        let certs =
+            |pem: &[u8], path: &PathBuf| -> Result<Vec<CertificateDer<'static>>, CertError> {
+                let certs = CertificateDer::pem_slice_iter(pem)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| CertError::Invalid {
+                        path: path.clone(),
+                        why: e.to_string(),
+                    })?;
+                if certs.is_empty() {
+                    return Err(CertError::Invalid {
+                        path: path.clone(),
+                        why: "no certificate in the file".into(),
+                    });
+                }
+                Ok(certs)
+            };
+        let chain = certs(&cert_pem, &paths[0])?;
+        let bundle = certs(&bundle_pem, &paths[2])?;
+        // Never put key material into an error message: only say what is wrong.
+        let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| CertError::Invalid {
+            path: paths[1].clone(),
+            why: "no usable private key (PKCS#8, SEC1 or PKCS#1 PEM expected)".into(),
+        })?;
+        let found =
+            verify_svid(&chain, &bundle, &self.trust_domain, SystemTime::now()).map_err(|e| {
+                CertError::Invalid {
+                    path: paths[0].clone(),
+                    why: e.to_string(),
+                }
+            })?;
+        if found != id {
+            return Err(CertError::Invalid {
+                path: paths[0].clone(),
+                why: format!("the certificate is for {found}, expected {id}"),
+            });
+        }
+        let (_, leaf) =
+            x509_parser::parse_x509_certificate(&chain[0]).map_err(|e| CertError::Invalid {
+                path: paths[0].clone(),
+                why: e.to_string(),
+            })?;
+        let to_time = |t: x509_parser::time::ASN1Time| {
+            SystemTime::UNIX_EPOCH + Duration::from_secs(t.timestamp().max(0) as u64)
+        };
+        let svid = Svid {
+            spiffe_id: id.to_owned(),
+            serial: leaf.raw_serial_as_string(),
+            not_before: to_time(leaf.validity().not_before),
+            not_after: to_time(leaf.validity().not_after),
+            issued_at: SystemTime::now(),
+            chain,
+            key,
+        };
+        Ok(Current {
+            certified: certified(&svid)?,
+            svid: Arc::new(svid),
+            bundle: Arc::new(bundle),
+            stamps,
+        })
+    }
+
+    /// A rustls certificate resolver that always returns `id`'s current SVID.
+    pub fn resolver(self: &Arc<Self>, id: &str) -> Arc<CurrentCert> {
+        Arc::new(CurrentCert {
+            store: self.clone(),
+            id: id.to_owned(),
+        })
+    }
+}
+
+/// Resolves to the current certificate of one identity, for both sides of a handshake.
+pub struct CurrentCert {
+    store: Arc<CertStore>,
+    id: String,
+}
+
+impl std::fmt::Debug for CurrentCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CurrentCert({})", self.id)
+    }
+}
+
+impl CurrentCert {
+    fn get(&self) -> Option<Arc<CertifiedKey>> {
+        self.store.current(&self.id).map(|c| c.certified)
+    }
+}
+
+impl rustls::server::ResolvesServerCert for CurrentCert {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.get()
+    }
+}
+
+impl rustls::client::ResolvesClientCert for CurrentCert {
+    fn resolve(
+        &self,
+        _hints: &[&[u8]],
+        _schemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.get()
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests;

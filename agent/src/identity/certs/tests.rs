@@ -1,0 +1,204 @@
+//! The certificate store: dev-ca minting and half-life rotation (driven by an explicit clock, no
+//! sleeping), the `files` source with reload on change and refusal of bad files, and the rustls
+//! resolvers.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use super::*;
+use crate::identity::ca::init;
+
+const TD: &str = "cluster.local";
+const FRONTEND: &str = "spiffe://cluster.local/ns/prod/sa/frontend";
+
+fn tempdir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("latch-certs-{}-{name}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).expect("tempdir");
+    dir
+}
+
+fn dev_ca(dir: &Path) -> DevCa {
+    let (cert, key) = init(&dir.join("ca")).expect("init");
+    DevCa::load(&cert, &key).expect("load")
+}
+
+#[test]
+fn dev_ca_mints_and_rotates_at_half_life() {
+    let dir = tempdir("devca");
+    let ttl = Duration::from_secs(10);
+    let store = Arc::new(CertStore::new(
+        Source::DevCa {
+            ca: Box::new(dev_ca(&dir)),
+            ttl,
+        },
+        TD,
+    ));
+    store.ensure(&[FRONTEND.to_owned()]).expect("ensure");
+    let first = store.current(FRONTEND).expect("minted");
+    assert_eq!(first.svid.spiffe_id, FRONTEND);
+
+    let now = SystemTime::now();
+    let (rotated, failed) = store.refresh(now);
+    assert!(
+        rotated.is_empty() && failed.is_empty(),
+        "nothing is due yet"
+    );
+    assert_eq!(
+        store.current(FRONTEND).expect("current").svid.serial,
+        first.svid.serial
+    );
+
+    // Past half of the lifetime (5 s of 10 after issuing): rotate, and the new SVID replaces the
+    // old one.
+    let later = first.svid.issued_at + Duration::from_secs(6);
+    let (rotated, failed) = store.refresh(later);
+    assert_eq!(rotated, vec![FRONTEND.to_owned()]);
+    assert!(failed.is_empty());
+    let second = store.current(FRONTEND).expect("current");
+    assert_ne!(second.svid.serial, first.svid.serial);
+    assert!(second.svid.not_after >= first.svid.not_after);
+
+    // The resolver hands out the current certificate.
+    let resolver = store.resolver(FRONTEND);
+    let key = rustls::client::ResolvesClientCert::resolve(&*resolver, &[], &[]).expect("resolves");
+    assert_eq!(key.cert, second.svid.chain);
+
+    // Forgetting an identity drops its SVID.
+    store.ensure(&[]).expect("ensure");
+    assert!(store.current(FRONTEND).is_none());
+    let _ = fs::remove_dir_all(&dir);
+}
+
+fn write_svid(dir: &Path, ca: &DevCa, svid: &Svid) {
+    let base = dir.join("prod").join("frontend");
+    fs::create_dir_all(&base).expect("dir");
+    let cert_pem: String = svid
+        .chain
+        .iter()
+        .map(|c| pem::encode(&pem::Pem::new("CERTIFICATE", c.to_vec())))
+        .collect();
+    fs::write(base.join("cert.pem"), cert_pem).expect("cert");
+    fs::write(
+        base.join("key.pem"),
+        pem::encode(&pem::Pem::new(
+            "PRIVATE KEY",
+            svid.key.secret_der().to_vec(),
+        )),
+    )
+    .expect("key");
+    fs::write(
+        base.join("bundle.pem"),
+        pem::encode(&pem::Pem::new("CERTIFICATE", ca.certificate().to_vec())),
+    )
+    .expect("bundle");
+    // Each write gets its own modification time, even within one filesystem time tick.
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    for f in ["cert.pem", "key.pem", "bundle.pem"] {
+        let file = fs::File::options()
+            .write(true)
+            .open(base.join(f))
+            .expect("open");
+        file.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + n))
+            .expect("mtime");
+    }
+}
+
+#[test]
+fn files_source_loads_reloads_on_change_and_refuses_bad_files() {
+    let dir = tempdir("files");
+    let ca = dev_ca(&dir);
+    let certs_dir = dir.join("svids");
+    write_svid(
+        &certs_dir,
+        &ca,
+        &ca.mint(FRONTEND, Duration::from_secs(3600)).expect("svid"),
+    );
+    let store = CertStore::new(
+        Source::Files {
+            dir: certs_dir.clone(),
+        },
+        TD,
+    );
+    store.ensure(&[FRONTEND.to_owned()]).expect("loads");
+    let first = store
+        .current(FRONTEND)
+        .expect("current")
+        .svid
+        .serial
+        .clone();
+
+    // Unchanged files: nothing to do.
+    assert!(store.refresh(SystemTime::now()).0.is_empty());
+
+    // A renewed certificate on disk is picked up.
+    write_svid(
+        &certs_dir,
+        &ca,
+        &ca.mint(FRONTEND, Duration::from_secs(3600)).expect("svid"),
+    );
+    let (rotated, failed) = store.refresh(SystemTime::now());
+    assert_eq!(rotated, vec![FRONTEND.to_owned()], "failed: {failed:?}");
+    let second = store
+        .current(FRONTEND)
+        .expect("current")
+        .svid
+        .serial
+        .clone();
+    assert_ne!(first, second);
+
+    // A certificate for another identity is refused and the current one kept.
+    write_svid(
+        &certs_dir,
+        &ca,
+        &ca.mint(
+            "spiffe://cluster.local/ns/prod/sa/ledger",
+            Duration::from_secs(3600),
+        )
+        .expect("svid"),
+    );
+    let (rotated, failed) = store.refresh(SystemTime::now());
+    assert!(rotated.is_empty());
+    assert_eq!(failed.len(), 1);
+    assert!(
+        failed[0]
+            .1
+            .to_string()
+            .contains("expected spiffe://cluster.local/ns/prod/sa/frontend"),
+        "{}",
+        failed[0].1
+    );
+    assert_eq!(store.current(FRONTEND).expect("kept").svid.serial, second);
+
+    // A broken key file: the error names the file and never shows key material.
+    let key_path = certs_dir.join("prod/frontend/key.pem");
+    fs::write(
+        &key_path,
+        "-----BEGIN PRIVATE KEY-----\nc2VjcmV0LWtleS1ieXRlcw==\n-----END PRIVATE KEY-----\n",
+    )
+    .expect("write");
+    let fresh = CertStore::new(
+        Source::Files {
+            dir: certs_dir.clone(),
+        },
+        TD,
+    );
+    let err = fresh
+        .ensure(&[FRONTEND.to_owned()])
+        .expect_err("refused")
+        .to_string();
+    assert!(!err.contains("c2VjcmV0"), "key material leaked: {err}");
+    let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn kubernetes_paths_are_required_for_files() {
+    assert_eq!(ns_sa(FRONTEND), Some(("prod", "frontend")));
+    assert_eq!(ns_sa("spiffe://cluster.local/workload/x"), None);
+    assert_eq!(ns_sa("spiffe://cluster.local/ns/a/sa/b/c"), None);
+}
