@@ -23,7 +23,10 @@ use rustls::{
     sign::CertifiedKey,
 };
 
-use super::ca::{CaError, DevCa, Svid};
+use super::{
+    ca::{CaError, DevCa, Svid},
+    spiffe::SpiffeUri,
+};
 use crate::tls::{provider, verify_svid};
 
 #[derive(Debug, thiserror::Error)]
@@ -73,19 +76,10 @@ pub struct CertStore {
 }
 
 /// `<namespace>/<serviceAccount>` of a Kubernetes-form SPIFFE ID.
-fn ns_sa(spiffe_id: &str) -> Option<(&str, &str)> {
-    let path = spiffe_id.strip_prefix("spiffe://")?.split_once('/')?.1;
-    let mut parts = path.split('/');
-    match (
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-    ) {
-        (Some("ns"), Some(ns), Some("sa"), Some(sa), None) => Some((ns, sa)),
-        _ => None,
-    }
+fn ns_sa(spiffe_id: &str) -> Option<(String, String)> {
+    let id = SpiffeUri::parse(spiffe_id).ok()?;
+    id.kubernetes()
+        .map(|(ns, sa)| (ns.to_owned(), sa.to_owned()))
 }
 
 fn certified(svid: &Svid) -> Result<Arc<CertifiedKey>, CertError> {
@@ -202,7 +196,7 @@ impl CertStore {
 
     fn file_paths(&self, dir: &Path, id: &str) -> Option<[PathBuf; 3]> {
         let (ns, sa) = ns_sa(id)?;
-        let base = dir.join(ns).join(sa);
+        let base = dir.join(&ns).join(&sa);
         Some([
             base.join("cert.pem"),
             base.join("key.pem"),

@@ -4,6 +4,7 @@
 pub mod ca;
 pub mod certs;
 pub mod registry;
+pub mod spiffe;
 
 pub use registry::{Endpoint, LocalWorkload, Registry, RegistryError};
 

@@ -2,11 +2,12 @@
 //!
 //! An SVID is accepted when: every certificate of the chain is within its validity window; each
 //! certificate is signed by the next one, and the last by a CA of the trust bundle (issuers must
-//! be CAs; the leaf must not be one); the leaf has exactly one URI SAN, a `spiffe://` URI whose
+//! be CAs; the leaf must not be one); the leaf has exactly one URI SAN, a valid SPIFFE ID whose
 //! trust domain is ours. The client side also requires the server's ID to be the expected one.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::identity::spiffe::SpiffeUri;
 use rustls::{
     CertificateError, DigitallySignedStruct, DistinguishedName, Error as TlsError, SignatureScheme,
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
@@ -104,13 +105,6 @@ fn uri_sans(cert: &X509Certificate<'_>) -> Vec<String> {
     }
 }
 
-/// The trust domain of a `spiffe://` URI.
-fn trust_domain_of(id: &str) -> Option<&str> {
-    let rest = id.strip_prefix("spiffe://")?;
-    let td = rest.split('/').next()?;
-    (!td.is_empty()).then_some(td)
-}
-
 /// Verify an SVID chain (leaf first) against `bundle` at `now`; returns the SPIFFE ID.
 pub fn verify_svid(
     chain: &[CertificateDer<'_>],
@@ -155,15 +149,12 @@ pub fn verify_svid(
         return Err(VerifyError::UriSanCount(uris.len()));
     }
     let id = uris[0].clone();
-    match trust_domain_of(&id) {
-        None => return Err(VerifyError::NotSpiffe(id)),
-        Some(td) if td != trust_domain => {
-            return Err(VerifyError::TrustDomain {
-                id: id.clone(),
-                expected: trust_domain.to_owned(),
-            });
-        }
-        Some(_) => {}
+    let parsed = SpiffeUri::parse(&id).map_err(|_| VerifyError::NotSpiffe(id.clone()))?;
+    if parsed.trust_domain() != trust_domain {
+        return Err(VerifyError::TrustDomain {
+            id,
+            expected: trust_domain.to_owned(),
+        });
     }
 
     // Each certificate signed by the next; the last by a bundle CA.

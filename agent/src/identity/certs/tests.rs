@@ -198,7 +198,7 @@ fn files_source_loads_reloads_on_change_and_refuses_bad_files() {
 
 #[test]
 fn kubernetes_paths_are_required_for_files() {
-    assert_eq!(ns_sa(FRONTEND), Some(("prod", "frontend")));
+    assert_eq!(ns_sa(FRONTEND), Some(("prod".into(), "frontend".into())));
     assert_eq!(ns_sa("spiffe://cluster.local/workload/x"), None);
     assert_eq!(ns_sa("spiffe://cluster.local/ns/a/sa/b/c"), None);
 }
