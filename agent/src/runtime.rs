@@ -23,15 +23,21 @@ use tokio::{
 };
 
 use crate::{
-    capture::{NetnsWorker, PodListeners, inbound, outbound},
-    config::{Config, DataplaneMode},
+    capture::{NetnsWorker, PodListeners, inbound, outbound, tunneled},
+    config::{CertificateSource, Config, DataplaneMode},
     datapath::{Datapath, DatapathSettings, install::inbound_link_name, system},
-    identity::{LocalWorkload, Registry},
+    identity::{
+        LocalWorkload, Registry,
+        ca::DevCa,
+        certs::{CertStore, Source},
+    },
     state::{SharedState, Snapshot},
+    tunnel::hbone::TunnelClient,
     verdicts::{SharedMaps, VerdictCache, lock},
 };
 
-/// How often the config file is checked for changes (SIGHUP reloads at once).
+/// How often the config file is checked for changes (SIGHUP reloads at once), and certificates
+/// for rotation.
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A pod this agent serves: its listeners' tasks and its netns worker.
@@ -65,6 +71,35 @@ struct Agent {
     cache: VerdictCache,
     state: SharedState,
     pods: BTreeMap<String, PodRuntime>,
+    certs: Arc<CertStore>,
+    tunnel: TunnelClient,
+}
+
+/// The certificate store for the config's `certificates` section.
+fn cert_store(config_path: &Path, config: &Config) -> anyhow::Result<CertStore> {
+    let source = match &config.certificates {
+        None => None,
+        Some(c) => Some(match (c.source, &c.ca_cert, &c.ca_key, &c.dir) {
+            (CertificateSource::DevCa, Some(cert), Some(key), _) => Source::DevCa {
+                ca: Box::new(
+                    DevCa::load(cert, key)
+                        .with_context(|| format!("{}: certificates", config_path.display()))?,
+                ),
+                ttl: c.ttl,
+            },
+            (CertificateSource::Files, _, _, Some(dir)) => Source::Files { dir: dir.clone() },
+            _ => anyhow::bail!("{}: certificates: incomplete", config_path.display()),
+        }),
+    };
+    Ok(CertStore::new(source, &config.trust_domain))
+}
+
+fn identities(registry: &Registry) -> Vec<String> {
+    registry
+        .workloads
+        .iter()
+        .map(|w| w.identity.to_string())
+        .collect()
 }
 
 fn settings(config: &Config) -> DatapathSettings {
@@ -84,6 +119,10 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         Registry::from_config(&config).with_context(|| format!("{}", config_path.display()))?;
     // Everything that depends on the outside world is checked before the kernel is touched, so
     // a bad config at start-up leaves nothing attached.
+    let certs = Arc::new(cert_store(config_path, &config)?);
+    certs
+        .ensure(&identities(&registry))
+        .with_context(|| format!("{}: certificates", config_path.display()))?;
     let prepared = prepare(config_path, &config, &registry, &BTreeMap::new())?;
     let mut datapath = Datapath::install(settings(&config)).context("installing the datapath")?;
     let maps: SharedMaps = Arc::new(Mutex::new(datapath.maps()?));
@@ -95,6 +134,8 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         maps,
         state,
         pods: BTreeMap::new(),
+        certs,
+        tunnel: TunnelClient::new(),
     };
     agent.commit(prepared)?;
     agent.drop_stale_inbound_links()?;
@@ -127,6 +168,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
                     last_seen = stamp;
                     agent.reload("config file changed");
                 }
+                agent.rotate_certificates();
             }
         }
     }
@@ -148,6 +190,14 @@ fn file_stamp(path: &Path) -> Option<(std::time::SystemTime, u64)> {
 }
 
 impl Agent {
+    /// Rotate SVIDs that are due; failures keep the current SVID and are reported.
+    fn rotate_certificates(&self) {
+        let (_rotated, failed) = self.certs.refresh(std::time::SystemTime::now());
+        for (identity, error) in failed {
+            tracing::error!(identity, error = %error, "certificate rotation failed; keeping the current certificate");
+        }
+    }
+
     fn reload(&mut self, trigger: &str) {
         match self.try_reload() {
             Ok(()) => tracing::info!(trigger, "config reloaded"),
@@ -167,6 +217,8 @@ impl Agent {
             ("bpfPinDir", config.bpf_pin_dir != old.bpf_pin_dir),
             ("cgroupRoot", config.cgroup_root != old.cgroup_root),
             ("ports", config.ports != old.ports),
+            ("certificates", config.certificates != old.certificates),
+            ("trustDomain", config.trust_domain != old.trust_domain),
         ] {
             if changed {
                 anyhow::bail!(
@@ -177,6 +229,9 @@ impl Agent {
         }
         let registry = Registry::from_config(&config)
             .with_context(|| format!("{}", self.config_path.display()))?;
+        self.certs
+            .ensure(&identities(&registry))
+            .with_context(|| format!("{}: certificates", self.config_path.display()))?;
         let prepared = prepare(&self.config_path, &config, &registry, &self.pods)?;
         self.state.replace(Snapshot { config, registry });
         self.commit(prepared)
@@ -247,7 +302,7 @@ impl Agent {
         {
             let listeners = match listeners {
                 Some(l) => l,
-                None => PodListeners::open(&worker, ports.capture, ports.inbound)
+                None => PodListeners::open(&worker, ports.capture, ports.inbound, ports.tunnel)
                     .with_context(|| format!("workload {}: opening listeners", workload.id))?,
             };
             self.datapath
@@ -264,6 +319,7 @@ impl Agent {
         }
 
         let registry = &snapshot.registry;
+        self.certs.retain(&identities(registry));
         let revoked = self
             .cache
             .revoke_unknown(|k| registry.identity(k).is_some())?;
@@ -289,6 +345,15 @@ impl Agent {
             maps: self.maps.clone(),
             cache: self.cache.clone(),
             state: self.state.clone(),
+            certs: self.certs.clone(),
+            tunnel: self.tunnel.clone(),
+        });
+        let tunnel_ctx = Arc::new(tunneled::TunnelContext {
+            workload: workload.clone(),
+            worker: worker.clone(),
+            cache: self.cache.clone(),
+            state: self.state.clone(),
+            certs: self.certs.clone(),
         });
         let in_ctx = Arc::new(inbound::InboundContext {
             workload: workload.clone(),
@@ -298,6 +363,7 @@ impl Agent {
         let mut tasks = vec![
             tokio::spawn(outbound::serve(listeners.capture_v4, out_ctx.clone())),
             tokio::spawn(inbound::serve(listeners.inbound, in_ctx)),
+            tokio::spawn(tunneled::serve(listeners.tunnel, tunnel_ctx)),
         ];
         if let Some(v6) = listeners.capture_v6 {
             tasks.push(tokio::spawn(outbound::serve(v6, out_ctx)));
@@ -377,8 +443,13 @@ fn prepare(
             // close, in commit.
             Some(_) => None,
             None => Some(
-                PodListeners::open(&worker, config.ports.capture, config.ports.inbound)
-                    .with_context(|| format!("{file}: workload {}: opening listeners", w.id))?,
+                PodListeners::open(
+                    &worker,
+                    config.ports.capture,
+                    config.ports.inbound,
+                    config.ports.tunnel,
+                )
+                .with_context(|| format!("{file}: workload {}: opening listeners", w.id))?,
             ),
         };
         new_pods.push(PreparedPod {

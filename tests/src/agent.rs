@@ -21,6 +21,8 @@ pub struct AgentOptions {
     /// `fastpath` or `tunnel`.
     pub dataplane_mode: String,
     pub verdict_ttl: String,
+    /// Lifetime of the SVIDs the node's agent mints from the cluster's development CA.
+    pub cert_ttl: String,
     /// Appended to the generated config.
     pub extra_yaml: String,
 }
@@ -31,6 +33,7 @@ impl Default for AgentOptions {
             mtls_mode: "PERMISSIVE".into(),
             dataplane_mode: "fastpath".into(),
             verdict_ttl: "5m".into(),
+            cert_ttl: "1h".into(),
             extra_yaml: String::new(),
         }
     }

@@ -158,6 +158,18 @@ impl Cluster {
             pods: Vec::new(),
             created_netns: Vec::new(),
         };
+        let ca_dir = cluster.dir.join("ca");
+        let out = std::process::Command::new(env::latch_bin()?)
+            .args(["ca", "init"])
+            .arg(&ca_dir)
+            .output()
+            .context("running latch ca init")?;
+        if !out.status.success() {
+            anyhow::bail!(
+                "latch ca init failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         cluster.make_netns(&cluster.fabric.clone())?;
         netns::ip(
             &cluster.fabric,
@@ -425,6 +437,13 @@ impl Cluster {
             node.dir.join("debug.sock").display()
         ));
         y.push_str("metrics: off\n");
+        let ca = self.dir.join("ca");
+        y.push_str(&format!(
+            "certificates: {{ source: dev-ca, caCert: {}, caKey: {}, ttl: {} }}\n",
+            ca.join("ca.pem").display(),
+            ca.join("ca-key.pem").display(),
+            options.cert_ttl
+        ));
         let labels = |p: &Pod| {
             p.spec
                 .labels

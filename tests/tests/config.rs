@@ -106,6 +106,9 @@ fn a_bad_reload_keeps_the_running_state() {
     let options = AgentOptions::default();
     let good = cluster.config_yaml(n1, &options);
     cluster.start_agent(n1, options).expect("agent");
+    cluster
+        .start_agent(n2, AgentOptions::default())
+        .expect("agent on node 2");
     let _echo = cluster.echo_server(server, PORT).expect("echo");
     let to = cluster.pod(server).addr4(PORT);
     assert!(cluster.probe(client, to, Some("before")).expect("probe").ok);

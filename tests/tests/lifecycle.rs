@@ -32,6 +32,9 @@ fn setup() -> (Cluster, NodeId, PodId, PodId) {
     cluster
         .start_agent(n1, AgentOptions::default())
         .expect("agent");
+    cluster
+        .start_agent(n2, AgentOptions::default())
+        .expect("agent on node 2");
     (cluster, n1, client, server)
 }
 

@@ -17,8 +17,8 @@ struct Setup {
     server: PodId,
 }
 
-/// Node 1 runs an agent and the enrolled client `frontend`; node 2 holds the server `payment`
-/// (a mesh peer of node 1) and no agent, so only node 1's datapath is under test.
+/// Node 1 runs the enrolled client `frontend`, node 2 the server `payment`; both nodes run an
+/// agent, so a pair's first connection crosses an mTLS tunnel between them.
 fn setup() -> Setup {
     let mut cluster = Cluster::new().expect("cluster");
     let n1 = cluster.add_node().expect("node 1");
@@ -32,6 +32,9 @@ fn setup() -> Setup {
     cluster
         .start_agent(n1, AgentOptions::default())
         .expect("agent on node 1");
+    cluster
+        .start_agent(n2, AgentOptions::default())
+        .expect("agent on node 2");
     Setup {
         cluster,
         n1,
@@ -52,6 +55,12 @@ fn pair_key(cluster: &Cluster, client: PodId, server: PodId) -> VerdictKey {
     let id =
         |p: PodId| latch::identity::IdentityKey::of(&cluster.pod(p).spiffe_id("cluster.local")).0;
     VerdictKey::new(id(client), id(server), PORT, DIRECTION_OUTBOUND)
+}
+
+fn inbound_key(cluster: &Cluster, client: PodId, server: PodId) -> VerdictKey {
+    let mut key = pair_key(cluster, client, server);
+    key.direction = latch_common::DIRECTION_INBOUND;
+    key
 }
 
 fn first_then_fast(dst: impl Fn(&Cluster) -> SocketAddr) {
@@ -82,10 +91,11 @@ fn first_then_fast(dst: impl Fn(&Cluster) -> SocketAddr) {
         redirected + 1,
         "first connection must be redirected"
     );
+    let marker = if to.is_ipv6() { "::1" } else { "127.0.0.6" };
     assert_eq!(
-        echo.peers().last().map(|p| p.ip()),
-        Some(cluster.pod(client).ips()[usize::from(to.is_ipv6())]),
-        "server must see the pod's own address"
+        echo.peers().last().map(|p| p.ip().to_string()),
+        Some(marker.to_owned()),
+        "the tunneled connection is delivered by node 2's agent from the marker address"
     );
 
     let verdict = maps(&cluster, n1)
@@ -96,8 +106,18 @@ fn first_then_fast(dst: impl Fn(&Cluster) -> SocketAddr) {
         "the agent must cache an allow for the pair"
     );
 
+    let n2 = NodeId(1);
+    let inbound_verdict = maps(&cluster, n2)
+        .verdict(&inbound_key(&cluster, client, server))
+        .expect("read verdict");
+    assert!(
+        inbound_verdict.is_some_and(|v| v.is_allow()),
+        "node 2 must cache the inbound allow for the pair"
+    );
+
     let fast = counter(&cluster, n1, Counter::FastpathAllowed);
     let redirected = counter(&cluster, n1, Counter::Redirected);
+    let admitted = counter(&cluster, n2, Counter::InboundAdmitted);
     let second = cluster.probe(client, to, Some("second")).expect("probe");
     assert!(
         second.ok && second.echo.as_deref() == Some("second"),
@@ -112,6 +132,16 @@ fn first_then_fast(dst: impl Fn(&Cluster) -> SocketAddr) {
         counter(&cluster, n1, Counter::Redirected),
         redirected,
         "the agent must see nothing of the repeat"
+    );
+    assert_eq!(
+        counter(&cluster, n2, Counter::InboundAdmitted),
+        admitted + 1,
+        "node 2's inbound check admits the repeat by its cached verdict"
+    );
+    assert_eq!(
+        echo.peers().last().map(|p| p.ip()),
+        Some(cluster.pod(client).ips()[usize::from(to.is_ipv6())]),
+        "the direct connection arrives from the pod's own address"
     );
     assert_eq!(second.peer.as_deref(), Some(to.to_string().as_str()));
     assert_ne!(

@@ -3,7 +3,8 @@
 //!   outbound connections; the listener a connection arrives on tells the agent which workload is
 //!   calling (no trust in source addresses);
 //! - inbound: `[::]:<inbound>` (dual-stack), where the `sk_lookup` check steers inbound
-//!   connections that have no fresh verdict.
+//!   connections that have no fresh verdict;
+//! - tunnel: `[::]:<tunnel>` (dual-stack), where other agents open HBONE tunnels to this pod.
 
 use std::{
     io,
@@ -21,6 +22,7 @@ pub struct PodListeners {
     /// Absent when the pod has no IPv6 loopback.
     pub capture_v6: Option<TcpListener>,
     pub inbound: TcpListener,
+    pub tunnel: TcpListener,
     /// Cookie of the pod's network namespace (matches `bpf_get_netns_cookie` in the kernel).
     pub netns_cookie: u64,
 }
@@ -41,27 +43,27 @@ fn listen(addr: SocketAddr, dual_stack: bool) -> io::Result<std::net::TcpListene
 
 impl PodListeners {
     /// Open the listeners inside the worker's namespace.
-    pub fn open(worker: &NetnsWorker, capture_port: u16, inbound_port: u16) -> io::Result<Self> {
+    pub fn open(
+        worker: &NetnsWorker,
+        capture_port: u16,
+        inbound_port: u16,
+        tunnel_port: u16,
+    ) -> io::Result<Self> {
         let netns = worker.path().display().to_string();
-        let (v4, v6, inbound) = worker.run_blocking(move || {
+        let (v4, v6, inbound, tunnel) = worker.run_blocking(move || {
+            let any = |port| {
+                listen(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)), true)
+                    .or_else(|_| listen(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)), false))
+            };
             let v4 = listen(SocketAddr::from((Ipv4Addr::LOCALHOST, capture_port)), false);
             let v6 = listen(SocketAddr::from((Ipv6Addr::LOCALHOST, capture_port)), false);
-            let inbound = listen(
-                SocketAddr::from((Ipv6Addr::UNSPECIFIED, inbound_port)),
-                true,
-            )
-            .or_else(|_| {
-                listen(
-                    SocketAddr::from((Ipv4Addr::UNSPECIFIED, inbound_port)),
-                    false,
-                )
-            });
-            (v4, v6, inbound)
+            (v4, v6, any(inbound_port), any(tunnel_port))
         })?;
         let with_ctx =
             |what: &str, e: io::Error| io::Error::new(e.kind(), format!("{what} in {netns}: {e}"));
         let v4 = v4.map_err(|e| with_ctx("capture listener 127.0.0.1", e))?;
         let inbound = inbound.map_err(|e| with_ctx("inbound listener", e))?;
+        let tunnel = tunnel.map_err(|e| with_ctx("tunnel listener", e))?;
         let v6 = match v6 {
             Ok(l) => Some(l),
             Err(e) => {
@@ -74,6 +76,7 @@ impl PodListeners {
             capture_v4: TcpListener::from_std(v4)?,
             capture_v6: v6.map(TcpListener::from_std).transpose()?,
             inbound: TcpListener::from_std(inbound)?,
+            tunnel: TcpListener::from_std(tunnel)?,
             netns_cookie,
         })
     }

@@ -11,6 +11,7 @@ pub mod inbound;
 pub mod listeners;
 pub mod netns;
 pub mod outbound;
+pub mod tunneled;
 
 pub use listeners::PodListeners;
 pub use netns::NetnsWorker;

@@ -2,12 +2,18 @@
 //!
 //! The accepted socket's peer is the application's socket as it sits in the pod's netns: with
 //! the pod's netns cookie, the peer's port and the family, the `sock_ops` program has published the
-//! original destination. The connection is forwarded from inside the pod's netns (so it leaves
-//! with the pod's own address), and once the destination has accepted it the pair's outbound
-//! allow is cached for the configured TTL, so the next connection takes the kernel fast path.
-//! (The HBONE tunnel replaces the plain forward.)
+//! original destination. The connection is carried through an HBONE tunnel (HTTP/2 CONNECT over
+//! mutual TLS, dialled from inside the pod's netns so it leaves with the pod's own address) to the
+//! destination pod's tunnel port, proving both identities. Once the destination agent answers
+//! `200` the pair's outbound allow is cached — bounded by both certificates' NotAfter and
+//! `verdictTtl` — so the next connection takes the kernel fast path. Workloads in `tunnel` mode
+//! are never cached.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use latch_common::{AF_INET, AF_INET6, RedirectKey};
 use tokio::net::{TcpListener, TcpStream};
@@ -16,14 +22,18 @@ use super::NetnsWorker;
 use crate::{
     config::DataplaneMode,
     datapath::maps::ip_from_key,
-    identity::{LocalWorkload, SpiffeId},
+    identity::{LocalWorkload, certs::CertStore},
     state::SharedState,
-    tunnel::splice::{reset, splice},
+    tls::client_config_with,
+    tunnel::{
+        hbone::{Dial, PoolKey, TunnelClient},
+        splice::{reset, splice_io},
+    },
     verdicts::{Direction, Pair, SharedMaps, VerdictCache, lock},
 };
 
-/// How long the agent waits for the original destination to accept.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the agent waits for the tunnel to the destination to open.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Everything an outbound handler needs for one pod.
 pub struct OutboundContext {
@@ -33,6 +43,8 @@ pub struct OutboundContext {
     pub maps: SharedMaps,
     pub cache: VerdictCache,
     pub state: SharedState,
+    pub certs: Arc<CertStore>,
+    pub tunnel: TunnelClient,
 }
 
 /// Accept captured connections until the task is aborted.
@@ -67,72 +79,107 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
     };
     let dst = SocketAddr::new(ip_from_key(&orig.addr), orig.port);
     let snapshot = ctx.state.get();
-    let src_id = &ctx.workload.identity;
-    let dst_id: Option<SpiffeId> = snapshot
-        .registry
-        .endpoint(&dst.ip())
-        .map(|e| e.identity.clone());
-
-    let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, ctx.worker.connect(dst, None)).await
-    {
-        Ok(Ok(upstream)) => upstream,
-        Ok(Err(e)) => {
-            access_log(
-                src_id,
-                dst_id.as_ref(),
-                dst,
-                "refused",
-                Some(&e.to_string()),
-            );
-            reset(&stream);
-            return;
-        }
-        Err(_) => {
-            access_log(src_id, dst_id.as_ref(), dst, "timeout", None);
+    let src_id = ctx.workload.identity.to_string();
+    let Some(endpoint) = snapshot.registry.endpoint(&dst.ip()) else {
+        access_log(&src_id, "", dst, "refused", "not a mesh endpoint");
+        reset(&stream);
+        return;
+    };
+    let dst_id = endpoint.identity.to_string();
+    let Some(current) = ctx.certs.current(&src_id) else {
+        access_log(
+            &src_id,
+            &dst_id,
+            dst,
+            "refused",
+            "no certificate for the source",
+        );
+        reset(&stream);
+        return;
+    };
+    let config = &snapshot.config;
+    let key = PoolKey {
+        src: src_id.clone(),
+        dst: dst_id.clone(),
+        endpoint: SocketAddr::new(dst.ip(), config.ports.tunnel),
+    };
+    let tls = match client_config_with(
+        ctx.certs.resolver(&src_id),
+        current.bundle.to_vec(),
+        &config.trust_domain,
+        &dst_id,
+    ) {
+        Ok(tls) => tls,
+        Err(e) => {
+            access_log(&src_id, &dst_id, dst, "refused", &e.to_string());
             reset(&stream);
             return;
         }
     };
-    let _ = upstream.set_nodelay(true);
+    let worker = ctx.worker.clone();
+    let tunnel_endpoint = key.endpoint;
+    let dial = move || Dial {
+        tcp: Box::pin(async move { worker.connect(tunnel_endpoint, None).await }),
+        tls,
+        client_not_after: current.svid.not_after,
+    };
+    let opened = match tokio::time::timeout(OPEN_TIMEOUT, ctx.tunnel.open(&key, dst, dial)).await {
+        Ok(Ok(opened)) => opened,
+        Ok(Err(e)) => {
+            let result = if e.is_denied() { "denied" } else { "refused" };
+            access_log(&src_id, &dst_id, dst, result, &e.to_string());
+            reset(&stream);
+            return;
+        }
+        Err(_) => {
+            access_log(&src_id, &dst_id, dst, "timeout", "the tunnel did not open");
+            reset(&stream);
+            return;
+        }
+    };
 
-    if let Some(dst_id) = &dst_id {
-        let dataplane = &snapshot.config.dataplane;
-        if dataplane.mode == DataplaneMode::Fastpath {
-            let pair = Pair {
-                src: src_id.key(),
-                dst: dst_id.key(),
-                port: dst.port(),
-                direction: Direction::Outbound,
-            };
-            if let Err(e) = ctx.cache.allow(pair, dataplane.verdict_ttl) {
-                tracing::error!(error = %e, "caching outbound allow");
-            }
+    let dataplane = &config.dataplane;
+    if dataplane.mode == DataplaneMode::Fastpath
+        && let Ok(left) = opened.proof_not_after.duration_since(SystemTime::now())
+    {
+        let pair = Pair {
+            src: ctx.workload.identity.key(),
+            dst: endpoint.identity.key(),
+            port: dst.port(),
+            direction: Direction::Outbound,
+        };
+        if let Err(e) = ctx.cache.allow(pair, dataplane.verdict_ttl.min(left)) {
+            tracing::error!(error = %e, "caching outbound allow");
         }
     }
-    access_log(src_id, dst_id.as_ref(), dst, "forwarded", None);
-    match splice(stream, upstream).await {
+    access_log(
+        &src_id,
+        &dst_id,
+        dst,
+        "tunneled",
+        if opened.new_connection {
+            "new mTLS connection"
+        } else {
+            "pooled mTLS connection"
+        },
+    );
+    match splice_io(opened.stream, stream).await {
         Ok(moved) => {
-            tracing::debug!(src = %src_id, %dst, sent = moved.a_to_b, received = moved.b_to_a, "connection closed")
+            tracing::debug!(src = %src_id, %dst, sent = moved.b_to_a, received = moved.a_to_b, "connection closed")
         }
         Err(e) => tracing::debug!(src = %src_id, %dst, error = %e, "connection reset"),
     }
 }
 
-fn access_log(
-    src: &SpiffeId,
-    dst: Option<&SpiffeId>,
-    addr: SocketAddr,
-    result: &str,
-    error: Option<&str>,
-) {
+fn access_log(src: &str, dst: &str, addr: SocketAddr, result: &str, detail: &str) {
     tracing::info!(
         target: "access",
-        source_principal = %src,
-        destination_principal = dst.map(|d| d.to_string()).unwrap_or_default(),
+        source_principal = src,
+        destination_principal = dst,
         destination = %addr,
-        path = "redirected",
+        path = "tunnel",
         result,
-        error = error.unwrap_or(""),
+        detail,
         "outbound connection"
     );
 }

@@ -75,6 +75,12 @@ pub fn check(config: &Config) -> Result<(), Problem> {
         }
     }
 
+    if config.certificates.is_none() && !config.workloads.is_empty() {
+        return Err(problem(
+            "certificates",
+            "required when the node has workloads: the mTLS tunnel needs their SVIDs",
+        ));
+    }
     if let Some(certs) = &config.certificates {
         match certs.source {
             CertificateSource::DevCa => {

@@ -27,7 +27,7 @@ use super::{
     ca::{CaError, DevCa, Svid},
     spiffe::SpiffeUri,
 };
-use crate::tls::{provider, verify_svid};
+use crate::tls::{certified_key, verify_svid};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
@@ -41,6 +41,8 @@ pub enum CertError {
     },
     #[error("{}: {why}", path.display())]
     Invalid { path: PathBuf, why: String },
+    #[error("no certificate source is configured for {0} (set `certificates`)")]
+    NoSource(String),
     #[error("the signing key of {identity} is not usable: {why}")]
     Key { identity: String, why: String },
 }
@@ -70,7 +72,8 @@ impl std::fmt::Debug for Current {
 }
 
 pub struct CertStore {
-    source: Source,
+    /// `None` when the config has no `certificates` (then the node has no workloads).
+    source: Option<Source>,
     trust_domain: String,
     current: RwLock<HashMap<String, Current>>,
 }
@@ -83,14 +86,10 @@ fn ns_sa(spiffe_id: &str) -> Option<(String, String)> {
 }
 
 fn certified(svid: &Svid) -> Result<Arc<CertifiedKey>, CertError> {
-    let key = provider()
-        .key_provider
-        .load_private_key(svid.key.clone_key())
-        .map_err(|e| CertError::Key {
-            identity: svid.spiffe_id.clone(),
-            why: e.to_string(),
-        })?;
-    Ok(Arc::new(CertifiedKey::new(svid.chain.clone(), key)))
+    certified_key(svid).map_err(|e| CertError::Key {
+        identity: svid.spiffe_id.clone(),
+        why: e.to_string(),
+    })
 }
 
 fn mtime(path: &Path) -> Option<SystemTime> {
@@ -108,7 +107,7 @@ pub fn rotation_due(svid: &Svid, now: SystemTime) -> bool {
 }
 
 impl CertStore {
-    pub fn new(source: Source, trust_domain: &str) -> Self {
+    pub fn new(source: Option<Source>, trust_domain: &str) -> Self {
         Self {
             source,
             trust_domain: trust_domain.to_owned(),
@@ -138,7 +137,7 @@ impl CertStore {
         ids
     }
 
-    /// Make sure every identity in `ids` has an SVID, and forget the others.
+    /// Make sure every identity in `ids` has an SVID.
     pub fn ensure(&self, ids: &[String]) -> Result<(), CertError> {
         for id in ids {
             if self.current(id).is_none() {
@@ -146,11 +145,15 @@ impl CertStore {
                 self.install(id, fresh);
             }
         }
+        Ok(())
+    }
+
+    /// Forget the SVIDs of identities not in `ids`.
+    pub fn retain(&self, ids: &[String]) {
         self.current
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|id, _| ids.contains(id));
-        Ok(())
     }
 
     /// Rotate what is due (dev-ca: past half-life; files: changed on disk). Returns the
@@ -162,8 +165,9 @@ impl CertStore {
                 continue;
             };
             let due = match &self.source {
-                Source::DevCa { .. } => rotation_due(&current.svid, now),
-                Source::Files { dir } => self.file_paths(dir, &id).is_some_and(|paths| {
+                None => false,
+                Some(Source::DevCa { .. }) => rotation_due(&current.svid, now),
+                Some(Source::Files { dir }) => self.file_paths(dir, &id).is_some_and(|paths| {
                     paths.iter().map(|p| mtime(p)).collect::<Vec<_>>() != current.stamps
                 }),
             };
@@ -206,7 +210,8 @@ impl CertStore {
 
     fn obtain(&self, id: &str) -> Result<Current, CertError> {
         match &self.source {
-            Source::DevCa { ca, ttl } => {
+            None => Err(CertError::NoSource(id.to_owned())),
+            Some(Source::DevCa { ca, ttl }) => {
                 let svid = ca.mint(id, *ttl)?;
                 Ok(Current {
                     certified: certified(&svid)?,
@@ -215,7 +220,7 @@ impl CertStore {
                     stamps: Vec::new(),
                 })
             }
-            Source::Files { dir } => self.load_files(dir, id),
+            Some(Source::Files { dir }) => self.load_files(dir, id),
         }
     }
 

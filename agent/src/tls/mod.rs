@@ -8,7 +8,8 @@ pub mod verify;
 use std::sync::Arc;
 
 use rustls::{
-    ClientConfig, ServerConfig, crypto::CryptoProvider, pki_types::CertificateDer, version::TLS13,
+    ClientConfig, ServerConfig, client::ResolvesClientCert, crypto::CryptoProvider,
+    pki_types::CertificateDer, server::ResolvesServerCert, sign::CertifiedKey, version::TLS13,
 };
 
 use crate::identity::ca::Svid;
@@ -33,17 +34,14 @@ pub enum TlsConfigError {
     },
 }
 
-/// Client side: present `svid`, accept only a server proving `expected_server`.
-pub fn client_config(
-    svid: &Svid,
+/// Client side: present the certificate `resolver` gives (the current SVID of the source), and
+/// accept only a server proving `expected_server`.
+pub fn client_config_with(
+    resolver: Arc<dyn ResolvesClientCert>,
     bundle: Vec<CertificateDer<'static>>,
     trust_domain: &str,
     expected_server: &str,
 ) -> Result<Arc<ClientConfig>, TlsConfigError> {
-    let err = |source| TlsConfigError::Rustls {
-        identity: svid.spiffe_id.clone(),
-        source,
-    };
     let verifier = Arc::new(SpiffeServerVerifier::new(
         bundle,
         trust_domain,
@@ -51,35 +49,93 @@ pub fn client_config(
     ));
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&TLS13])
-        .map_err(err)?
+        .map_err(|source| TlsConfigError::Rustls {
+            identity: expected_server.to_owned(),
+            source,
+        })?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
-        .with_client_auth_cert(svid.chain.clone(), svid.key.clone_key())
-        .map_err(err)?;
+        .with_client_cert_resolver(resolver);
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(Arc::new(config))
 }
 
-/// Server side: present `svid`, require a client certificate that is a valid SVID of our trust
-/// domain (who it is, is for policy to decide).
+/// Server side: present the certificate `resolver` gives (the current SVID of the destination
+/// workload), and require a client certificate that is a valid SVID of our trust domain (who it
+/// is, is for policy to decide).
+pub fn server_config_with(
+    resolver: Arc<dyn ResolvesServerCert>,
+    bundle: Vec<CertificateDer<'static>>,
+    trust_domain: &str,
+) -> Result<Arc<ServerConfig>, TlsConfigError> {
+    let verifier = Arc::new(SpiffeClientVerifier::new(bundle, trust_domain));
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&TLS13])
+        .map_err(|source| TlsConfigError::Rustls {
+            identity: trust_domain.to_owned(),
+            source,
+        })?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(resolver);
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Load an SVID's key for signing handshakes.
+pub fn certified_key(svid: &Svid) -> Result<Arc<CertifiedKey>, TlsConfigError> {
+    let key = provider()
+        .key_provider
+        .load_private_key(svid.key.clone_key())
+        .map_err(|source| TlsConfigError::Rustls {
+            identity: svid.spiffe_id.clone(),
+            source,
+        })?;
+    Ok(Arc::new(CertifiedKey::new(svid.chain.clone(), key)))
+}
+
+/// A fixed certificate, for both sides of a handshake.
+#[derive(Debug)]
+pub struct FixedCert(pub Arc<CertifiedKey>);
+
+impl ResolvesServerCert for FixedCert {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+impl ResolvesClientCert for FixedCert {
+    fn resolve(
+        &self,
+        _hints: &[&[u8]],
+        _schemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// [`client_config_with`] presenting a fixed SVID.
+pub fn client_config(
+    svid: &Svid,
+    bundle: Vec<CertificateDer<'static>>,
+    trust_domain: &str,
+    expected_server: &str,
+) -> Result<Arc<ClientConfig>, TlsConfigError> {
+    let fixed = Arc::new(FixedCert(certified_key(svid)?));
+    client_config_with(fixed, bundle, trust_domain, expected_server)
+}
+
+/// [`server_config_with`] presenting a fixed SVID.
 pub fn server_config(
     svid: &Svid,
     bundle: Vec<CertificateDer<'static>>,
     trust_domain: &str,
 ) -> Result<Arc<ServerConfig>, TlsConfigError> {
-    let err = |source| TlsConfigError::Rustls {
-        identity: svid.spiffe_id.clone(),
-        source,
-    };
-    let verifier = Arc::new(SpiffeClientVerifier::new(bundle, trust_domain));
-    let mut config = ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&TLS13])
-        .map_err(err)?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(svid.chain.clone(), svid.key.clone_key())
-        .map_err(err)?;
-    config.alpn_protocols = vec![ALPN_H2.to_vec()];
-    Ok(Arc::new(config))
+    let fixed = Arc::new(FixedCert(certified_key(svid)?));
+    server_config_with(fixed, bundle, trust_domain)
 }
 
 #[cfg(test)]

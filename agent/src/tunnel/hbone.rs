@@ -86,23 +86,26 @@ pub struct PoolKey {
 #[derive(Clone)]
 struct Pooled {
     sender: SendRequest<Empty<Bytes>>,
-    /// NotAfter of the server certificate this connection was proven with.
-    server_not_after: SystemTime,
+    /// The earlier NotAfter of the two certificates this connection was proven with.
+    proof_not_after: SystemTime,
 }
 
 /// An opened tunnel and what it was proven with.
 pub struct Opened {
     pub stream: TunnelStream,
-    pub server_not_after: SystemTime,
+    /// The earlier NotAfter of the client's and the server's certificates: no verdict proven
+    /// through this tunnel may outlive it.
+    pub proof_not_after: SystemTime,
     /// A new HTTP/2 connection (and TLS handshake) was made for it.
     pub new_connection: bool,
 }
 
-/// How to reach a tunnel endpoint: a TCP connection (made inside the source pod's netns) and the
-/// TLS client config for the pair.
+/// How to reach a tunnel endpoint: a TCP connection (made inside the source pod's netns), the
+/// TLS client config for the pair, and the NotAfter of the client certificate it presents.
 pub struct Dial {
     pub tcp: BoxFuture<io::Result<TcpStream>>,
     pub tls: Arc<rustls::ClientConfig>,
+    pub client_not_after: SystemTime,
 }
 
 /// The HBONE client with its connection pool.
@@ -157,7 +160,7 @@ impl TunnelClient {
             })?;
         Ok(Opened {
             stream: TokioIo::new(upgraded),
-            server_not_after: pooled.server_not_after,
+            proof_not_after: pooled.proof_not_after,
             new_connection,
         })
     }
@@ -165,7 +168,7 @@ impl TunnelClient {
     fn pooled(&self, key: &PoolKey) -> Option<Pooled> {
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
         match pool.get(key) {
-            Some(p) if p.sender.is_ready() && p.server_not_after > SystemTime::now() => {
+            Some(p) if p.sender.is_ready() && p.proof_not_after > SystemTime::now() => {
                 Some(p.clone())
             }
             Some(_) => {
@@ -206,7 +209,7 @@ impl TunnelClient {
         // The server name is not used for verification (the SPIFFE verifier checks the
         // identity); it is only sent as SNI.
         let name = ServerName::IpAddress(addr.ip().into());
-        let tls = tokio_rustls::TlsConnector::from(dial.tls)
+        let tls = tokio_rustls::TlsConnector::from(dial.tls.clone())
             .connect(name, tcp)
             .await
             .map_err(|source| TunnelError::Tls { addr, source })?;
@@ -230,7 +233,7 @@ impl TunnelClient {
         });
         let pooled = Pooled {
             sender,
-            server_not_after,
+            proof_not_after: server_not_after.min(dial.client_not_after),
         };
         self.pool
             .lock()

@@ -121,9 +121,11 @@ fn dialer(f: &Fixture, expected: &str) -> impl FnOnce() -> Dial {
     let tls = client_config(&svid, vec![f.ca.certificate().clone()], TD, expected)
         .expect("client config");
     let endpoint = f.endpoint;
+    let client_not_after = svid.not_after;
     move || Dial {
         tcp: Box::pin(TcpStream::connect(endpoint)),
         tls,
+        client_not_after,
     }
 }
 
@@ -145,7 +147,7 @@ async fn bytes_and_half_close_cross_the_tunnel_and_connections_are_pooled() {
             .await
             .expect("tunnel");
         assert_eq!(opened.new_connection, i == 0, "only the first stream dials");
-        assert!(opened.server_not_after > SystemTime::now());
+        assert!(opened.proof_not_after > SystemTime::now());
         opened
             .stream
             .write_all(payload.as_bytes())
