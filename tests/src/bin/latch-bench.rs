@@ -1,6 +1,7 @@
 //! `cargo xtask bench datapath`: connection rate and latency on one two-node topology, in one
-//! run, in three phases: no agent (baseline), agent with a cached allow (kernel fast path), and
-//! through the agent (every connection redirected: data-plane mode `tunnel`, nothing cached).
+//! run, in three phases: no agents (baseline), agents with a cached allow (kernel fast path on
+//! both nodes), and through the agents (every connection redirected and carried over the pooled
+//! mTLS tunnel: data-plane mode `tunnel`, nothing cached).
 //! Prints a markdown table with ratios to the baseline and writes JSON under
 //! `$LATCH_BENCH_OUT` (default `target/bench/`). Numbers, never pass/fail: thresholds live here,
 //! not in tests.
@@ -8,7 +9,7 @@
 use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context as _, bail};
-use latch_tests::{AgentOptions, Cluster, NodeId, PodId, PodSpec, env, netns};
+use latch_tests::{AgentOptions, Cluster, PodId, PodSpec, env, netns};
 use serde::Deserialize;
 
 const PORT: u16 = 8080;
@@ -85,34 +86,42 @@ fn datapath(count: usize) -> anyhow::Result<Vec<Phase>> {
     run_rate(&cluster, client, server, warmup, "warm-up")?;
     let baseline = run_rate(&cluster, client, server, count, "no agent (baseline)")?;
 
+    // Fast path: agents on both nodes; the first connection crosses the tunnel, the rest go
+    // straight through the kernel on both sides.
     let fast_options = AgentOptions {
         verdict_ttl: "1h".into(),
         ..AgentOptions::default()
     };
-    cluster.start_agent(n1, fast_options)?;
+    cluster.start_agent(n1, fast_options.clone())?;
+    cluster.start_agent(n2, fast_options)?;
     run_rate(&cluster, client, server, warmup, "warm-up")?;
     let fast = run_rate(
         &cluster,
         client,
         server,
         count,
-        "agent, cached allow (fast path)",
+        "agents, cached allow (fast path)",
     )?;
-    cluster.agent(n1).terminate()?;
-    cluster.agent(n1).uninstall()?;
+    for node in [n1, n2] {
+        cluster.agent(node).terminate()?;
+        cluster.agent(node).uninstall()?;
+    }
 
+    // Through the agents: data-plane mode `tunnel` caches nothing, so every connection is
+    // redirected and carried over the (pooled) mTLS tunnel.
     let tunnel_options = AgentOptions {
         dataplane_mode: "tunnel".into(),
         ..AgentOptions::default()
     };
-    cluster.start_agent(NodeId(n1.0), tunnel_options)?;
+    cluster.start_agent(n1, tunnel_options.clone())?;
+    cluster.start_agent(n2, tunnel_options)?;
     run_rate(&cluster, client, server, warmup, "warm-up")?;
     let redirected = run_rate(
         &cluster,
         client,
         server,
         count,
-        "through the agent (redirected)",
+        "through the agents (mTLS tunnel)",
     )?;
     Ok(vec![baseline, fast, redirected])
 }

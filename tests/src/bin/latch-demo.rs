@@ -32,11 +32,11 @@ fn path_taken(before: &[(Counter, u64)], after: &[(Counter, u64)]) -> String {
         .iter()
         .map(|c| match c {
             Counter::FastpathAllowed => "kernel fast path (cached allow)",
-            Counter::Redirected => "redirected to the agent",
+            Counter::Redirected => "redirected -> mTLS (HBONE) tunnel",
             Counter::CachedDeny => "cached deny",
-            Counter::InboundAdmitted => "inbound: admitted by cached verdict",
-            Counter::InboundSteered => "inbound: steered to the agent",
-            Counter::InboundRejected => "inbound: reset (no agent)",
+            Counter::InboundAdmitted => "admitted by cached inbound verdict",
+            Counter::InboundSteered => "steered to the agent",
+            Counter::InboundRejected => "reset (no agent)",
         })
         .collect();
     if words.is_empty() {
@@ -74,11 +74,21 @@ impl Demo {
         )
     }
 
-    fn connect(&mut self, from: PodId, to: SocketAddr, watch: NodeId) -> anyhow::Result<()> {
-        let before = counters(&self.cluster, watch);
+    fn connect(&mut self, from: PodId, to: SocketAddr) -> anyhow::Result<()> {
+        let nodes: Vec<NodeId> = self.cluster.nodes().map(|(id, _)| id).collect();
+        let before: Vec<_> = nodes.iter().map(|n| counters(&self.cluster, *n)).collect();
         let sent = "hello";
         let r = self.cluster.probe(from, to, Some(sent))?;
-        let after = counters(&self.cluster, watch);
+        let mut path = Vec::new();
+        for (i, node) in nodes.iter().enumerate() {
+            let moved = path_taken(&before[i], &counters(&self.cluster, *node));
+            if moved != "untouched" {
+                path.push(format!("node {}: {moved}", node.0 + 1));
+            }
+        }
+        if path.is_empty() {
+            path.push("untouched".to_owned());
+        }
         let target = self
             .cluster
             .nodes()
@@ -89,7 +99,7 @@ impl Demo {
         self.rows.push(Row {
             from: self.name(from),
             to: format!("{target} {to}"),
-            path: format!("node {}: {}", watch.0 + 1, path_taken(&before, &after)),
+            path: path.join("; "),
             result: outcome(&r, sent),
         });
         Ok(())
@@ -151,11 +161,17 @@ fn main() -> anyhow::Result<()> {
         cluster.pod(ledger).ipv4,
         cluster.pod(outsider).ipv4
     );
-    println!(
-        "node 1 agent: mTLS STRICT; node 2 agent: PERMISSIVE (plaintext until the mTLS tunnel lands)"
-    );
+    for pod in [frontend, payment, ledger] {
+        let p = cluster.pod(pod);
+        println!(
+            "  {:<11} {}",
+            p.spec.name,
+            p.spiffe_id(&cluster.trust_domain)
+        );
+    }
+    println!("both agents: mTLS STRICT, SVIDs minted from a development CA");
     cluster.start_agent(n1, AgentOptions::strict())?;
-    cluster.start_agent(n2, AgentOptions::default())?;
+    cluster.start_agent(n2, AgentOptions::strict())?;
     let _servers = [
         cluster.echo_server(payment, 8080)?,
         cluster.echo_server(ledger, 8080)?,
@@ -170,25 +186,28 @@ fn main() -> anyhow::Result<()> {
     let pay6 = demo.cluster.pod(payment).addr6(8080);
     let ledger4 = demo.cluster.pod(ledger).addr4(8080);
 
-    demo.note("a pair's first connection goes through the agent; it caches the allow");
-    demo.connect(frontend, pay4, n1)?;
-    demo.note("the repeat goes straight through the kernel");
-    demo.connect(frontend, pay4, n1)?;
-    demo.connect(frontend, pay6, n1)?;
+    demo.note(
+        "a pair's first connection crosses an mTLS tunnel between the agents; both cache the pair",
+    );
+    demo.connect(frontend, pay4)?;
+    demo.note("repeats go straight through the kernel on both nodes (same identities, any address family)");
+    demo.connect(frontend, pay4)?;
+    demo.connect(frontend, pay6)?;
     demo.note("not in the mesh: untouched");
-    demo.connect(frontend, demo.cluster.pod(outsider).addr4(8080), n1)?;
-    demo.note("plaintext from outside the mesh to a STRICT pod: reset by the inbound check");
-    demo.connect(outsider, demo.cluster.pod(frontend).addr4(9090), n1)?;
+    demo.connect(frontend, demo.cluster.pod(outsider).addr4(8080))?;
+    demo.note("plaintext from outside the mesh to STRICT pods: reset by the inbound check");
+    demo.connect(outsider, demo.cluster.pod(frontend).addr4(9090))?;
+    demo.connect(outsider, pay4)?;
     demo.note(
         "node 1's agent is killed (kill -9): cached pairs keep working, new ones fail closed",
     );
     demo.cluster.agent(n1).kill9();
-    demo.connect(frontend, pay4, n1)?;
-    demo.connect(frontend, ledger4, n1)?;
+    demo.connect(frontend, pay4)?;
+    demo.connect(frontend, ledger4)?;
     demo.note("the agent restarts and adopts its pinned programs and cache");
     demo.cluster.agent(n1).restart()?;
-    demo.connect(frontend, ledger4, n1)?;
-    demo.connect(frontend, ledger4, n1)?;
+    demo.connect(frontend, ledger4)?;
+    demo.connect(frontend, ledger4)?;
 
     print_table(&demo.rows);
     println!("\nCleaning up the namespaces, cgroups and pins.");
