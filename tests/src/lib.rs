@@ -9,6 +9,7 @@
 //! - [`agent`]: a `latch agent` process: config, start, readiness, logs, kill, restart.
 //! - [`probe`]: connecting from inside a pod with `latch-probe` and reading what happened.
 //! - [`server`]: echo servers inside pods that record who connected.
+//! - [`sniffer`]: packet captures on the links between nodes.
 
 pub mod agent;
 pub mod cluster;
@@ -16,6 +17,7 @@ pub mod env;
 pub mod netns;
 pub mod probe;
 pub mod server;
+pub mod sniffer;
 
 pub use agent::{Agent, AgentOptions};
 pub use cluster::{Cluster, NodeId, PodId, PodKind, PodSpec, eventually};
