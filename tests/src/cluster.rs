@@ -510,6 +510,19 @@ impl Cluster {
         probe::connect(&self.pod(from).netns(), None, to, send)
     }
 
+    /// A `latch-probe` command that runs inside the pod (its netns and cgroup).
+    pub fn probe_command(
+        &self,
+        pod: PodId,
+        args: &[&str],
+    ) -> anyhow::Result<std::process::Command> {
+        let p = self.pod(pod);
+        let mut cmd = std::process::Command::new(env::probe_bin()?);
+        cmd.args(args);
+        netns::enter(&mut cmd, &p.netns(), Some(&p.cgroup))?;
+        Ok(cmd)
+    }
+
     /// An echo server on `port` (IPv4 and IPv6) inside the pod's netns.
     pub fn echo_server(&self, pod: PodId, port: u16) -> anyhow::Result<EchoServer> {
         EchoServer::start(&self.pod(pod).netns(), port)

@@ -130,3 +130,115 @@ fn without_the_destination_agent_the_client_connection_fails_at_once() {
     assert!(r.echo.is_none());
     assert_eq!(echo.accepted(), 0);
 }
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_thousand_concurrent_tunneled_connections_complete_intact() {
+    let options = AgentOptions {
+        dataplane_mode: "tunnel".into(),
+        ..AgentOptions::strict()
+    };
+    let (mut cluster, n1, n2, client, server) = setup(options);
+    let _echo = cluster.echo_server(server, PORT).expect("echo");
+    let to = cluster.pod(server).addr4(PORT).to_string();
+    // Warm up: the pooled mTLS connection exists; fds are counted from here.
+    let r = cluster
+        .probe(client, cluster.pod(server).addr4(PORT), Some("warm"))
+        .expect("probe");
+    assert!(r.ok && r.echo.as_deref() == Some("warm"), "{r:?}");
+    let pids: Vec<u32> = [n1, n2]
+        .iter()
+        .map(|n| cluster.agent(*n).pid().expect("running"))
+        .collect();
+    let before: Vec<usize> = pids.iter().map(|p| open_fds(*p)).collect();
+
+    let out = cluster
+        .probe_command(
+            client,
+            &[
+                "concurrent",
+                "--to",
+                &to,
+                "--count",
+                "1000",
+                "--bytes",
+                "16384",
+            ],
+        )
+        .expect("command")
+        .output()
+        .expect("run");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(report["intact"], 1000, "{report}");
+
+    for (pid, start) in pids.iter().zip(&before) {
+        assert!(
+            latch_tests::eventually(std::time::Duration::from_secs(20), || open_fds(*pid)
+                <= *start),
+            "agent {pid} holds {} fds, started with {start}",
+            open_fds(*pid)
+        );
+    }
+}
+
+#[test]
+fn certificates_rotate_under_an_open_connection_and_bound_the_cache() {
+    use std::io::Write as _;
+    let options = AgentOptions {
+        cert_ttl: "6s".into(),
+        ..AgentOptions::strict()
+    };
+    let (mut cluster, n1, n2, client, server) = setup(options);
+    let _echo = cluster.echo_server(server, PORT).expect("echo");
+    let marks: Vec<usize> = [n1, n2].iter().map(|n| cluster.agent(*n).mark()).collect();
+    let to = cluster.pod(server).addr4(PORT).to_string();
+    let mut pipe = cluster
+        .probe_command(client, &["pipe", "--to", &to])
+        .expect("command")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut stdin = pipe.stdin.take().expect("stdin");
+    stdin.write_all(b"before-rotation|").expect("write");
+    stdin.flush().expect("flush");
+
+    // Both agents mint new SVIDs (at half of the 6 s lifetime) while the connection is open.
+    for (node, mark) in [n1, n2].iter().zip(&marks) {
+        cluster
+            .agent(*node)
+            .wait_for_line_after(*mark, std::time::Duration::from_secs(30), |l| {
+                l.contains("\"message\":\"certificate in place\"")
+            })
+            .expect("rotation");
+    }
+    stdin
+        .write_all(b"after-rotation")
+        .expect("write after rotation");
+    drop(stdin);
+    let out = pipe.wait_with_output().expect("probe");
+    let r: latch_tests::ProbeResult = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(
+        r.echo.as_deref(),
+        Some("before-rotation|after-rotation"),
+        "the open connection survives rotation: {r:?}"
+    );
+
+    // Cached verdicts are bounded by the certificates (6 s), not by verdictTtl (5 min).
+    let now = latch::datapath::system::now_boot_ns();
+    for node in [n1, n2] {
+        let verdicts = maps(&cluster, node).verdicts().expect("verdicts");
+        assert!(!verdicts.is_empty());
+        for v in verdicts {
+            assert!(
+                v.remaining_ns(now) <= 6_000_000_000,
+                "a verdict outlives its certificate: {v:?}"
+            );
+        }
+    }
+}

@@ -27,6 +27,8 @@ use crate::tls::peer_identity;
 /// Per-stream and per-connection HTTP/2 flow-control windows, sized for bulk transfer.
 const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// Tunneled connections one HTTP/2 connection may carry at once.
+const MAX_STREAMS: u32 = 4096;
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
@@ -300,6 +302,7 @@ pub async fn serve_connection(
         }
     });
     hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .max_concurrent_streams(MAX_STREAMS)
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .serve_connection(TokioIo::new(tls), service)

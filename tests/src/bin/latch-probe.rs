@@ -8,6 +8,12 @@
 //!   request and its echo (so the time includes the whole path to the server, through the agent
 //!   if redirected); prints one JSON line with the count, failures, total seconds and
 //!   per-connection latencies in microseconds.
+//! - `latch-probe pipe --to IP:PORT`: one connection fed from standard input (until EOF, then
+//!   half-close); prints the `connect` JSON line with what came back. Lets a test keep a
+//!   connection open across an event and finish it afterwards.
+//! - `latch-probe concurrent --to IP:PORT --count N --bytes B`: N connections at once, each
+//!   sending B pseudo-random bytes and checking the echo byte for byte; prints one JSON line with
+//!   the number that completed intact and the failures.
 //! - `latch-probe cgroup`: prints this process's cgroup.
 
 use std::{
@@ -77,6 +83,118 @@ fn connect(to: SocketAddr, send: Option<String>, timeout: Duration) -> String {
     )
 }
 
+fn pipe(to: SocketAddr) -> String {
+    let start = Instant::now();
+    let mut stream = match TcpStream::connect(to) {
+        Ok(s) => s,
+        Err(e) => {
+            return format!(
+                "{{\"ok\":false,\"errno\":{},\"error\":{},\"peer\":null,\"local\":null,\"echo\":null,\"reset\":false,\"elapsed_ms\":0}}",
+                e.raw_os_error().unwrap_or(0),
+                json_str(&e.to_string())
+            );
+        }
+    };
+    let peer = stream.peer_addr().ok().map(|a| a.to_string());
+    let local = stream.local_addr().ok().map(|a| a.to_string());
+    let mut reader = stream.try_clone().expect("clone socket");
+    let collector = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        reader.read_to_end(&mut buf).map(|_| buf)
+    });
+    let sent = std::io::copy(&mut std::io::stdin().lock(), &mut stream)
+        .and_then(|_| stream.shutdown(Shutdown::Write));
+    let received = collector
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("reader panicked")));
+    let (echo, error, reset) = match (sent, received) {
+        (Ok(()), Ok(buf)) => (
+            Some(String::from_utf8_lossy(&buf).into_owned()),
+            None,
+            false,
+        ),
+        (Err(e), _) | (_, Err(e)) => (
+            None,
+            Some(e.to_string()),
+            e.kind() == std::io::ErrorKind::ConnectionReset,
+        ),
+    };
+    format!(
+        "{{\"ok\":true,\"errno\":null,\"error\":{},\"peer\":{},\"local\":{},\"echo\":{},\"reset\":{reset},\"elapsed_ms\":{}}}",
+        opt(error),
+        opt(peer),
+        opt(local),
+        opt(echo),
+        start.elapsed().as_secs_f64() * 1000.0
+    )
+}
+
+/// xorshift64*: deterministic pseudo-random payloads without a dependency.
+fn payload(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 56) as u8
+        })
+        .collect()
+}
+
+fn concurrent(to: SocketAddr, count: usize, bytes: usize) -> String {
+    let start = Instant::now();
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(count));
+    let workers: Vec<_> = (0..count)
+        .map(|i| {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || -> Result<(), String> {
+                let data = payload(i as u64 + 1, bytes);
+                let mut stream = TcpStream::connect(to).map_err(|e| format!("connect: {e}"))?;
+                // Every connection is open before any finishes.
+                barrier.wait();
+                let mut reader = stream.try_clone().map_err(|e| e.to_string())?;
+                let expected = data.len();
+                let collector = std::thread::spawn(move || {
+                    let mut buf = Vec::with_capacity(expected);
+                    reader.read_to_end(&mut buf).map(|_| buf)
+                });
+                stream.write_all(&data).map_err(|e| format!("write: {e}"))?;
+                stream
+                    .shutdown(Shutdown::Write)
+                    .map_err(|e| format!("shutdown: {e}"))?;
+                let back = collector
+                    .join()
+                    .map_err(|_| "reader panicked".to_owned())?
+                    .map_err(|e| format!("read: {e}"))?;
+                if back != data {
+                    return Err(format!(
+                        "corrupted echo: {} of {} bytes",
+                        back.len(),
+                        data.len()
+                    ));
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    let mut intact = 0usize;
+    let mut errors = Vec::new();
+    for w in workers {
+        match w.join() {
+            Ok(Ok(())) => intact += 1,
+            Ok(Err(e)) => errors.push(e),
+            Err(_) => errors.push("worker panicked".to_owned()),
+        }
+    }
+    errors.truncate(5);
+    format!(
+        "{{\"count\":{count},\"intact\":{intact},\"errors\":{},\"total_s\":{}}}",
+        serde_json::to_string(&errors).unwrap_or_else(|_| "[]".into()),
+        start.elapsed().as_secs_f64()
+    )
+}
+
 fn rate(to: SocketAddr, count: usize) -> String {
     let mut latencies = Vec::with_capacity(count);
     let mut failures = 0usize;
@@ -126,6 +244,16 @@ fn main() {
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(1000);
             println!("{}", rate(to(), count));
+        }
+        Some("pipe") => println!("{}", pipe(to())),
+        Some("concurrent") => {
+            let count = arg(&args, "--count")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(100);
+            let bytes = arg(&args, "--bytes")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(65536);
+            println!("{}", concurrent(to(), count, bytes));
         }
         Some("cgroup") => match std::fs::read_to_string("/proc/self/cgroup") {
             Ok(text) => print!("{text}"),
