@@ -23,6 +23,8 @@ pub struct AgentOptions {
     pub verdict_ttl: String,
     /// Lifetime of the SVIDs the node's agent mints from the cluster's development CA.
     pub cert_ttl: String,
+    /// Mint from this development CA (a `latch ca init` directory) instead of the cluster's.
+    pub ca_dir: Option<PathBuf>,
     /// Appended to the generated config.
     pub extra_yaml: String,
 }
@@ -34,6 +36,7 @@ impl Default for AgentOptions {
             dataplane_mode: "fastpath".into(),
             verdict_ttl: "5m".into(),
             cert_ttl: "1h".into(),
+            ca_dir: None,
             extra_yaml: String::new(),
         }
     }

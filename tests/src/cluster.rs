@@ -437,7 +437,10 @@ impl Cluster {
             node.dir.join("debug.sock").display()
         ));
         y.push_str("metrics: off\n");
-        let ca = self.dir.join("ca");
+        let ca = options
+            .ca_dir
+            .clone()
+            .unwrap_or_else(|| self.dir.join("ca"));
         y.push_str(&format!(
             "certificates: {{ source: dev-ca, caCert: {}, caKey: {}, ttl: {} }}\n",
             ca.join("ca.pem").display(),
@@ -508,6 +511,24 @@ impl Cluster {
         send: Option<&str>,
     ) -> anyhow::Result<ProbeResult> {
         probe::connect(&self.pod(from).netns(), None, to, send)
+    }
+
+    /// A new development CA (`latch ca init`) in the cluster's directory, for agents that must
+    /// not trust each other.
+    pub fn other_ca(&self, name: &str) -> anyhow::Result<PathBuf> {
+        let dir = self.dir.join(name);
+        let out = std::process::Command::new(env::latch_bin()?)
+            .args(["ca", "init"])
+            .arg(&dir)
+            .output()
+            .context("running latch ca init")?;
+        if !out.status.success() {
+            anyhow::bail!(
+                "latch ca init failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(dir)
     }
 
     /// A `latch-probe` command that runs inside the pod (its netns and cgroup).

@@ -242,3 +242,46 @@ fn certificates_rotate_under_an_open_connection_and_bound_the_cache() {
         }
     }
 }
+
+#[test]
+fn agents_that_do_not_share_a_trust_anchor_cannot_tunnel_and_cache_nothing() {
+    let mut cluster = Cluster::new().expect("cluster");
+    let n1 = cluster.add_node().expect("node 1");
+    let n2 = cluster.add_node().expect("node 2");
+    let client = cluster
+        .add_pod(n1, PodSpec::mesh("frontend", "prod", "frontend"))
+        .expect("pod");
+    let server = cluster
+        .add_pod(n2, PodSpec::mesh("payment", "prod", "payment"))
+        .expect("pod");
+    let rogue = cluster.other_ca("rogue-ca").expect("second CA");
+    cluster
+        .start_agent(n1, AgentOptions::strict())
+        .expect("agent 1");
+    let rogue_options = AgentOptions {
+        ca_dir: Some(rogue),
+        ..AgentOptions::strict()
+    };
+    cluster.start_agent(n2, rogue_options).expect("agent 2");
+    let echo = cluster.echo_server(server, PORT).expect("echo");
+
+    let r = cluster
+        .probe(client, cluster.pod(server).addr4(PORT), Some("x"))
+        .expect("probe");
+    assert!(r.echo.is_none() && (r.reset || r.refused()), "{r:?}");
+    assert_eq!(echo.accepted(), 0, "the application is never reached");
+    for node in [n1, n2] {
+        assert!(
+            maps(&cluster, node)
+                .verdicts()
+                .expect("verdicts")
+                .is_empty(),
+            "a failed handshake caches nothing"
+        );
+    }
+    let log = cluster.agent(n1).log();
+    assert!(
+        log.contains("TLS with"),
+        "the refusal names the TLS failure:\n{log}"
+    );
+}
