@@ -54,7 +54,10 @@ impl AgentOptions {
 #[derive(Default)]
 struct LogState {
     lines: Vec<String>,
+    /// The current process's output has ended.
     closed: bool,
+    /// Which spawn the current process is; readers of an earlier one must not mark it closed.
+    generation: u64,
 }
 
 type Log = Arc<(Mutex<LogState>, Condvar)>;
@@ -102,11 +105,13 @@ impl Agent {
         let mut child = cmd
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
-        {
+        let generation = {
             let mut state = self.log.0.lock().unwrap_or_else(|p| p.into_inner());
             state.closed = false;
+            state.generation += 1;
             self.offset = state.lines.len();
-        }
+            state.generation
+        };
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -136,7 +141,10 @@ impl Agent {
                 }
                 if closes {
                     let (lock, cvar) = &*log;
-                    lock.lock().unwrap_or_else(|p| p.into_inner()).closed = true;
+                    let mut state = lock.lock().unwrap_or_else(|p| p.into_inner());
+                    if state.generation == generation {
+                        state.closed = true;
+                    }
                     cvar.notify_all();
                 }
             });

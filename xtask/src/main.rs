@@ -30,7 +30,7 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Benchmarks: `datapath` (more to come).
+    /// Benchmarks: `datapath` or `tunnel`.
     Bench {
         what: String,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

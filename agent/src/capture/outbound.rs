@@ -103,24 +103,16 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
         dst: dst_id.clone(),
         endpoint: SocketAddr::new(dst.ip(), config.ports.tunnel),
     };
-    let tls = match client_config_with(
-        ctx.certs.resolver(&src_id),
-        current.bundle.to_vec(),
-        &config.trust_domain,
-        &dst_id,
-    ) {
-        Ok(tls) => tls,
-        Err(e) => {
-            access_log(&src_id, &dst_id, dst, "refused", &e.to_string());
-            reset(&stream);
-            return;
-        }
-    };
+    // Only a new pooled connection needs a TLS client config: build it in the dialler.
     let worker = ctx.worker.clone();
     let tunnel_endpoint = key.endpoint;
+    let resolver = ctx.certs.resolver(&src_id);
+    let trust_domain = config.trust_domain.clone();
+    let expected = dst_id.clone();
     let dial = move || Dial {
         tcp: Box::pin(async move { worker.connect(tunnel_endpoint, None).await }),
-        tls,
+        tls: client_config_with(resolver, current.bundle.to_vec(), &trust_domain, &expected)
+            .map_err(|e| e.to_string()),
         client_not_after: current.svid.not_after,
     };
     let opened = match tokio::time::timeout(OPEN_TIMEOUT, ctx.tunnel.open(&key, dst, dial)).await {

@@ -106,7 +106,7 @@ pub struct Opened {
 /// TLS client config for the pair, and the NotAfter of the client certificate it presents.
 pub struct Dial {
     pub tcp: BoxFuture<io::Result<TcpStream>>,
-    pub tls: Arc<rustls::ClientConfig>,
+    pub tls: Result<Arc<rustls::ClientConfig>, String>,
     pub client_not_after: SystemTime,
 }
 
@@ -211,7 +211,11 @@ impl TunnelClient {
         // The server name is not used for verification (the SPIFFE verifier checks the
         // identity); it is only sent as SNI.
         let name = ServerName::IpAddress(addr.ip().into());
-        let tls = tokio_rustls::TlsConnector::from(dial.tls.clone())
+        let config = dial.tls.clone().map_err(|e| TunnelError::Tls {
+            addr,
+            source: io::Error::other(e),
+        })?;
+        let tls = tokio_rustls::TlsConnector::from(config)
             .connect(name, tcp)
             .await
             .map_err(|source| TunnelError::Tls { addr, source })?;

@@ -124,7 +124,7 @@ fn dialer(f: &Fixture, expected: &str) -> impl FnOnce() -> Dial {
     let client_not_after = svid.not_after;
     move || Dial {
         tcp: Box::pin(TcpStream::connect(endpoint)),
-        tls,
+        tls: Ok(tls),
         client_not_after,
     }
 }

@@ -74,6 +74,181 @@ fn run_rate(
     })
 }
 
+fn probe_json(
+    cluster: &Cluster,
+    client: PodId,
+    args: &[&str],
+) -> anyhow::Result<serde_json::Value> {
+    let pod = cluster.pod(client);
+    let mut cmd = Command::new(env::probe_bin()?);
+    cmd.args(args);
+    netns::enter(&mut cmd, &pod.netns(), Some(&pod.cgroup))?;
+    let out = cmd.output().context("running latch-probe")?;
+    if !out.status.success() {
+        bail!(
+            "latch-probe failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    serde_json::from_slice(&out.stdout).context("parsing latch-probe output")
+}
+
+/// Bytes per second moved by `streams` connections of `mib` MiB each (both directions).
+fn throughput(
+    cluster: &Cluster,
+    client: PodId,
+    server: PodId,
+    streams: usize,
+    mib: usize,
+) -> anyhow::Result<f64> {
+    let to = cluster.pod(server).addr4(PORT).to_string();
+    let v = probe_json(
+        cluster,
+        client,
+        &[
+            "throughput",
+            "--to",
+            &to,
+            "--streams",
+            &streams.to_string(),
+            "--mb",
+            &mib.to_string(),
+        ],
+    )?;
+    if v["failures"].as_u64() != Some(0) {
+        bail!("throughput run had failures: {v}");
+    }
+    Ok(v["bytes"].as_f64().unwrap_or(0.0) / v["total_s"].as_f64().unwrap_or(1.0))
+}
+
+struct TunnelReport {
+    baseline_p50: u64,
+    first_p50: u64,
+    pooled_p50: u64,
+    fast_p50: u64,
+    base_1: f64,
+    base_8: f64,
+    tunnel_1: f64,
+    tunnel_8: f64,
+}
+
+fn tunnel(count: usize, samples: usize, mib: usize) -> anyhow::Result<TunnelReport> {
+    let mut cluster = Cluster::new()?;
+    let n1 = cluster.add_node()?;
+    let n2 = cluster.add_node()?;
+    let client = cluster.add_pod(n1, PodSpec::mesh("client", "bench", "client"))?;
+    let server = cluster.add_pod(n2, PodSpec::mesh("server", "bench", "server"))?;
+    let _echo = cluster.echo_server(server, PORT)?;
+
+    run_rate(&cluster, client, server, count / 10, "warm-up")?;
+    let baseline = run_rate(&cluster, client, server, count, "no agents")?;
+    let base_1 = throughput(&cluster, client, server, 1, mib)?;
+    let base_8 = throughput(&cluster, client, server, 8, mib / 4)?;
+
+    // First connections: every sample starts with an empty pool and an empty cache.
+    let fast_options = AgentOptions {
+        verdict_ttl: "1h".into(),
+        ..AgentOptions::default()
+    };
+    cluster.start_agent(n1, fast_options.clone())?;
+    cluster.start_agent(n2, fast_options)?;
+    let mut first = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        for node in [n1, n2] {
+            latch::datapath::KernelMaps::open_pinned(&cluster.node(node).pin_dir)?
+                .remove_verdicts_where(|_| true)?;
+        }
+        cluster.agent(n1).restart()?;
+        first.push(run_rate(&cluster, client, server, 1, "first connection")?.p50_us);
+    }
+    first.sort_unstable();
+    run_rate(&cluster, client, server, count / 10, "warm-up")?;
+    let fast = run_rate(&cluster, client, server, count, "fast path")?;
+    for node in [n1, n2] {
+        cluster.agent(node).terminate()?;
+        cluster.agent(node).uninstall()?;
+    }
+
+    let tunnel_options = AgentOptions {
+        dataplane_mode: "tunnel".into(),
+        ..AgentOptions::default()
+    };
+    cluster.start_agent(n1, tunnel_options.clone())?;
+    cluster.start_agent(n2, tunnel_options)?;
+    run_rate(&cluster, client, server, count / 10, "warm-up")?;
+    let pooled = run_rate(&cluster, client, server, count, "pooled tunnel")?;
+    let tunnel_1 = throughput(&cluster, client, server, 1, mib)?;
+    let tunnel_8 = throughput(&cluster, client, server, 8, mib / 4)?;
+    Ok(TunnelReport {
+        baseline_p50: baseline.p50_us,
+        first_p50: percentile(&first, 0.5),
+        pooled_p50: pooled.p50_us,
+        fast_p50: fast.p50_us,
+        base_1,
+        base_8,
+        tunnel_1,
+        tunnel_8,
+    })
+}
+
+fn print_tunnel(r: &TunnelReport, out_dir: &std::path::Path) -> anyhow::Result<()> {
+    let added = |p: u64| p as i64 - r.baseline_p50 as i64;
+    println!("\n| connection (1-byte request + echo) | p50 µs | added vs no agent µs |");
+    println!("|---|---:|---:|");
+    println!("| no agents | {} | 0 |", r.baseline_p50);
+    println!(
+        "| first connection (new mTLS + HBONE) | {} | {} |",
+        r.first_p50,
+        added(r.first_p50)
+    );
+    println!(
+        "| tunneled on a pooled HTTP/2 connection | {} | {} |",
+        r.pooled_p50,
+        added(r.pooled_p50)
+    );
+    println!(
+        "| kernel fast path | {} | {} |",
+        r.fast_p50,
+        added(r.fast_p50)
+    );
+    let mb = |b: f64| b / (1024.0 * 1024.0);
+    println!("\n| throughput | no agents MiB/s | tunnel MiB/s | ratio |");
+    println!("|---|---:|---:|---:|");
+    println!(
+        "| 1 stream | {:.0} | {:.0} | {:.2} |",
+        mb(r.base_1),
+        mb(r.tunnel_1),
+        r.tunnel_1 / r.base_1
+    );
+    println!(
+        "| 8 streams | {:.0} | {:.0} | {:.2} |",
+        mb(r.base_8),
+        mb(r.tunnel_8),
+        r.tunnel_8 / r.base_8
+    );
+    println!(
+        "\ntarget: a pooled tunneled connection adds under 150 µs at p50 ({} µs here)",
+        added(r.pooled_p50)
+    );
+    println!("not measured yet: the nginx mTLS stream-proxy pair comparison");
+    let json = serde_json::json!({
+        "benchmark": "tunnel",
+        "latency_p50_us": {
+            "no_agents": r.baseline_p50, "first_connection": r.first_p50,
+            "pooled_tunnel": r.pooled_p50, "fast_path": r.fast_p50,
+        },
+        "throughput_bytes_per_s": {
+            "no_agents_1": r.base_1, "no_agents_8": r.base_8,
+            "tunnel_1": r.tunnel_1, "tunnel_8": r.tunnel_8,
+        },
+    });
+    let path = out_dir.join("tunnel.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&json)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
 fn datapath(count: usize) -> anyhow::Result<Vec<Phase>> {
     let mut cluster = Cluster::new()?;
     let n1 = cluster.add_node()?;
@@ -135,8 +310,20 @@ fn main() -> anyhow::Result<()> {
         .and_then(|i| args.get(i + 1))
         .and_then(|c| c.parse().ok())
         .unwrap_or(5000);
-    if what != "datapath" {
-        bail!("unknown benchmark {what:?}; available: datapath [--count N]");
+    let out_dir = std::env::var_os("LATCH_BENCH_OUT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target/bench"));
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    match what {
+        "datapath" => {}
+        "tunnel" => {
+            println!(
+                "tunnel benchmark: {count} connections per latency phase, client on node 1, server on node 2"
+            );
+            let report = tunnel(count, 20, 64)?;
+            return print_tunnel(&report, &out_dir);
+        }
+        _ => bail!("unknown benchmark {what:?}; available: datapath, tunnel [--count N]"),
     }
     println!(
         "datapath benchmark: {count} connections per phase (one-byte request + echo each), client on node 1, server on node 2"
@@ -161,10 +348,6 @@ fn main() -> anyhow::Result<()> {
         "\nfast path keeps {:.1}% of the baseline connection rate (target: at least 97%)",
         fast_ratio * 100.0
     );
-    let out_dir = std::env::var_os("LATCH_BENCH_OUT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("target/bench"));
-    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let json = serde_json::json!({
         "benchmark": "datapath",
         "connections_per_phase": count,

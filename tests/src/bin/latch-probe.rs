@@ -14,6 +14,9 @@
 //! - `latch-probe concurrent --to IP:PORT --count N --bytes B`: N connections at once, each
 //!   sending B pseudo-random bytes and checking the echo byte for byte; prints one JSON line with
 //!   the number that completed intact and the failures.
+//! - `latch-probe throughput --to IP:PORT --streams S --mb M`: S connections at once, each
+//!   sending M MiB and reading the echo; prints one JSON line with the bytes moved (both
+//!   directions) and the seconds it took.
 //! - `latch-probe cgroup`: prints this process's cgroup.
 
 use std::{
@@ -195,6 +198,45 @@ fn concurrent(to: SocketAddr, count: usize, bytes: usize) -> String {
     )
 }
 
+fn throughput(to: SocketAddr, streams: usize, mib: usize) -> String {
+    let bytes = mib * 1024 * 1024;
+    let start = Instant::now();
+    let workers: Vec<_> = (0..streams)
+        .map(|_| {
+            std::thread::spawn(move || -> std::io::Result<u64> {
+                let mut stream = TcpStream::connect(to)?;
+                let mut reader = stream.try_clone()?;
+                let collector =
+                    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+                let chunk = vec![0x5au8; 256 * 1024];
+                let mut left = bytes;
+                while left > 0 {
+                    let n = left.min(chunk.len());
+                    stream.write_all(&chunk[..n])?;
+                    left -= n;
+                }
+                stream.shutdown(Shutdown::Write)?;
+                let back = collector
+                    .join()
+                    .map_err(|_| std::io::Error::other("reader panicked"))??;
+                Ok(bytes as u64 + back)
+            })
+        })
+        .collect();
+    let mut moved = 0u64;
+    let mut failures = 0usize;
+    for w in workers {
+        match w.join() {
+            Ok(Ok(n)) => moved += n,
+            _ => failures += 1,
+        }
+    }
+    format!(
+        "{{\"streams\":{streams},\"bytes\":{moved},\"failures\":{failures},\"total_s\":{}}}",
+        start.elapsed().as_secs_f64()
+    )
+}
+
 fn rate(to: SocketAddr, count: usize) -> String {
     let mut latencies = Vec::with_capacity(count);
     let mut failures = 0usize;
@@ -246,6 +288,15 @@ fn main() {
             println!("{}", rate(to(), count));
         }
         Some("pipe") => println!("{}", pipe(to())),
+        Some("throughput") => {
+            let streams = arg(&args, "--streams")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(1);
+            let mib = arg(&args, "--mb")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(64);
+            println!("{}", throughput(to(), streams, mib));
+        }
         Some("concurrent") => {
             let count = arg(&args, "--count")
                 .and_then(|s| s.parse().ok())
