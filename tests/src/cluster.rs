@@ -121,6 +121,15 @@ impl Node {
     }
 }
 
+/// See [`Cluster::two_nodes`].
+pub struct TwoNodes {
+    pub cluster: Cluster,
+    pub n1: NodeId,
+    pub n2: NodeId,
+    pub client: PodId,
+    pub server: PodId,
+}
+
 pub struct Cluster {
     pub prefix: String,
     pub trust_domain: String,
@@ -158,18 +167,7 @@ impl Cluster {
             pods: Vec::new(),
             created_netns: Vec::new(),
         };
-        let ca_dir = cluster.dir.join("ca");
-        let out = std::process::Command::new(env::latch_bin()?)
-            .args(["ca", "init"])
-            .arg(&ca_dir)
-            .output()
-            .context("running latch ca init")?;
-        if !out.status.success() {
-            anyhow::bail!(
-                "latch ca init failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        cluster.other_ca("ca")?;
         cluster.make_netns(&cluster.fabric.clone())?;
         netns::ip(
             &cluster.fabric,
@@ -191,6 +189,23 @@ impl Cluster {
         netns::create(name)?;
         self.created_netns.push(name.to_owned());
         Ok(())
+    }
+
+    /// The topology most tests use: two nodes, `client` on node 1 and `server` on node 2, no
+    /// agents yet.
+    pub fn two_nodes(client: PodSpec, server: PodSpec) -> anyhow::Result<TwoNodes> {
+        let mut cluster = Cluster::new()?;
+        let n1 = cluster.add_node()?;
+        let n2 = cluster.add_node()?;
+        let client = cluster.add_pod(n1, client)?;
+        let server = cluster.add_pod(n2, server)?;
+        Ok(TwoNodes {
+            cluster,
+            n1,
+            n2,
+            client,
+            server,
+        })
     }
 
     /// Add a node (no agent yet) connected to every other node.
@@ -513,8 +528,8 @@ impl Cluster {
         probe::connect(&self.pod(from).netns(), None, to, send)
     }
 
-    /// A new development CA (`latch ca init`) in the cluster's directory, for agents that must
-    /// not trust each other.
+    /// A new development CA (`latch ca init`) in the cluster's directory: the cluster's own
+    /// (`ca`), or another one for agents that must not trust each other.
     pub fn other_ca(&self, name: &str) -> anyhow::Result<PathBuf> {
         let dir = self.dir.join(name);
         let out = std::process::Command::new(env::latch_bin()?)

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use latch::datapath::{KernelMaps, install::programs_on_cgroup, syscall::AttachType};
-use latch_tests::{Agent, AgentOptions, Cluster, PodSpec};
+use latch_tests::{Agent, AgentOptions, Cluster, PodSpec, TwoNodes};
 
 const PORT: u16 = 6060;
 
@@ -94,15 +94,17 @@ fn each_kind_of_mistake_is_reported_with_file_line_and_field() {
 
 #[test]
 fn a_bad_reload_keeps_the_running_state() {
-    let mut cluster = Cluster::new().expect("cluster");
-    let n1 = cluster.add_node().expect("node 1");
-    let n2 = cluster.add_node().expect("node 2");
-    let client = cluster
-        .add_pod(n1, PodSpec::mesh("frontend", "prod", "frontend"))
-        .expect("pod");
-    let server = cluster
-        .add_pod(n2, PodSpec::mesh("payment", "prod", "payment"))
-        .expect("pod");
+    let TwoNodes {
+        mut cluster,
+        n1,
+        n2,
+        client,
+        server,
+    } = Cluster::two_nodes(
+        PodSpec::mesh("frontend", "prod", "frontend"),
+        PodSpec::mesh("payment", "prod", "payment"),
+    )
+    .expect("cluster");
     let options = AgentOptions::default();
     let good = cluster.config_yaml(n1, &options);
     cluster.start_agent(n1, options).expect("agent");

@@ -6,22 +6,25 @@ use std::time::Duration;
 
 use latch::datapath::{KernelMaps, system::boot_ns_after};
 use latch_common::{Counter, DECISION_ALLOW, DIRECTION_INBOUND, VerdictKey, VerdictValue};
-use latch_tests::{AgentOptions, Cluster, NodeId, PodId, PodSpec};
+use latch_tests::{AgentOptions, Cluster, NodeId, PodId, PodSpec, TwoNodes};
 
 const PORT: u16 = 9090;
 
 /// Node 1: agent + enrolled `payment`; node 2: `analytics`, a mesh pod whose node runs no agent,
 /// so its connections arrive at node 1 directly (not through a tunnel).
 fn setup(options: AgentOptions) -> (Cluster, NodeId, PodId, PodId) {
-    let mut cluster = Cluster::new().expect("cluster");
-    let n1 = cluster.add_node().expect("node 1");
-    let n2 = cluster.add_node().expect("node 2");
-    let server = cluster
-        .add_pod(n1, PodSpec::mesh("payment", "prod", "payment"))
-        .expect("pod");
-    let client = cluster
-        .add_pod(n2, PodSpec::mesh("analytics", "prod", "analytics"))
-        .expect("pod");
+    // `payment` is on node 1 (with the agent), `analytics` on node 2.
+    let TwoNodes {
+        mut cluster,
+        n1,
+        client: server,
+        server: client,
+        ..
+    } = Cluster::two_nodes(
+        PodSpec::mesh("payment", "prod", "payment"),
+        PodSpec::mesh("analytics", "prod", "analytics"),
+    )
+    .expect("cluster");
     cluster.start_agent(n1, options).expect("agent");
     (cluster, n1, server, client)
 }

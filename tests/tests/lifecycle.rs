@@ -11,30 +11,31 @@ use latch::datapath::{
     syscall::AttachType,
 };
 use latch_common::Counter;
-use latch_tests::{AgentOptions, Cluster, NodeId, PodId, PodSpec, eventually};
+use latch_tests::{AgentOptions, Cluster, NodeId, PodId, PodSpec, TwoNodes, eventually};
 
 const PORT: u16 = 7070;
 
 fn setup() -> (Cluster, NodeId, PodId, PodId) {
-    let mut cluster = Cluster::new().expect("cluster");
-    let n1 = cluster.add_node().expect("node 1");
-    let n2 = cluster.add_node().expect("node 2");
-    let client = cluster
-        .add_pod(n1, PodSpec::mesh("frontend", "prod", "frontend"))
-        .expect("pod");
-    let server = cluster
-        .add_pod(n2, PodSpec::mesh("payment", "prod", "payment"))
-        .expect("pod");
+    let TwoNodes {
+        mut cluster,
+        n1,
+        n2,
+        client,
+        server,
+    } = Cluster::two_nodes(
+        PodSpec::mesh("frontend", "prod", "frontend"),
+        PodSpec::mesh("payment", "prod", "payment"),
+    )
+    .expect("cluster");
     let other = cluster
         .add_pod(n2, PodSpec::mesh("ledger", "prod", "ledger"))
         .expect("pod");
     assert_eq!(other, PodId(2));
-    cluster
-        .start_agent(n1, AgentOptions::default())
-        .expect("agent");
-    cluster
-        .start_agent(n2, AgentOptions::default())
-        .expect("agent on node 2");
+    for node in [n1, n2] {
+        cluster
+            .start_agent(node, AgentOptions::default())
+            .expect("agent");
+    }
     (cluster, n1, client, server)
 }
 

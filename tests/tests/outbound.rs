@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use latch::datapath::{KernelMaps, system::boot_ns_after};
 use latch_common::{Counter, DECISION_DENY, DIRECTION_OUTBOUND, VerdictKey, VerdictValue};
-use latch_tests::{AgentOptions, Cluster, NodeId, PodId, PodKind, PodSpec};
+use latch_tests::{AgentOptions, Cluster, NodeId, PodId, PodKind, PodSpec, TwoNodes};
 
 const PORT: u16 = 8080;
 
@@ -20,21 +20,22 @@ struct Setup {
 /// Node 1 runs the enrolled client `frontend`, node 2 the server `payment`; both nodes run an
 /// agent, so a pair's first connection crosses an mTLS tunnel between them.
 fn setup() -> Setup {
-    let mut cluster = Cluster::new().expect("cluster");
-    let n1 = cluster.add_node().expect("node 1");
-    let n2 = cluster.add_node().expect("node 2");
-    let client = cluster
-        .add_pod(n1, PodSpec::mesh("frontend", "prod", "frontend"))
-        .expect("client pod");
-    let server = cluster
-        .add_pod(n2, PodSpec::mesh("payment", "prod", "payment"))
-        .expect("server pod");
-    cluster
-        .start_agent(n1, AgentOptions::default())
-        .expect("agent on node 1");
-    cluster
-        .start_agent(n2, AgentOptions::default())
-        .expect("agent on node 2");
+    let TwoNodes {
+        mut cluster,
+        n1,
+        n2,
+        client,
+        server,
+    } = Cluster::two_nodes(
+        PodSpec::mesh("frontend", "prod", "frontend"),
+        PodSpec::mesh("payment", "prod", "payment"),
+    )
+    .expect("cluster");
+    for node in [n1, n2] {
+        cluster
+            .start_agent(node, AgentOptions::default())
+            .expect("agent");
+    }
     Setup {
         cluster,
         n1,

@@ -6,7 +6,7 @@
 use latch::datapath::KernelMaps;
 use latch_common::Counter;
 use latch_tests::{
-    AgentOptions, Cluster, NodeId, PodId, PodSpec,
+    AgentOptions, Cluster, NodeId, PodId, PodSpec, TwoNodes,
     sniffer::{Sniffer, contains, tcp_segment},
 };
 
@@ -14,15 +14,17 @@ const PORT: u16 = 8080;
 const TUNNEL_PORT: u16 = 15008;
 
 fn setup(options: AgentOptions) -> (Cluster, NodeId, NodeId, PodId, PodId) {
-    let mut cluster = Cluster::new().expect("cluster");
-    let n1 = cluster.add_node().expect("node 1");
-    let n2 = cluster.add_node().expect("node 2");
-    let client = cluster
-        .add_pod(n1, PodSpec::mesh("frontend", "prod", "frontend"))
-        .expect("pod");
-    let server = cluster
-        .add_pod(n2, PodSpec::mesh("payment", "prod", "payment"))
-        .expect("pod");
+    let TwoNodes {
+        mut cluster,
+        n1,
+        n2,
+        client,
+        server,
+    } = Cluster::two_nodes(
+        PodSpec::mesh("frontend", "prod", "frontend"),
+        PodSpec::mesh("payment", "prod", "payment"),
+    )
+    .expect("cluster");
     cluster.start_agent(n1, options.clone()).expect("agent 1");
     cluster.start_agent(n2, options).expect("agent 2");
     (cluster, n1, n2, client, server)
@@ -245,15 +247,17 @@ fn certificates_rotate_under_an_open_connection_and_bound_the_cache() {
 
 #[test]
 fn agents_that_do_not_share_a_trust_anchor_cannot_tunnel_and_cache_nothing() {
-    let mut cluster = Cluster::new().expect("cluster");
-    let n1 = cluster.add_node().expect("node 1");
-    let n2 = cluster.add_node().expect("node 2");
-    let client = cluster
-        .add_pod(n1, PodSpec::mesh("frontend", "prod", "frontend"))
-        .expect("pod");
-    let server = cluster
-        .add_pod(n2, PodSpec::mesh("payment", "prod", "payment"))
-        .expect("pod");
+    let TwoNodes {
+        mut cluster,
+        n1,
+        n2,
+        client,
+        server,
+    } = Cluster::two_nodes(
+        PodSpec::mesh("frontend", "prod", "frontend"),
+        PodSpec::mesh("payment", "prod", "payment"),
+    )
+    .expect("cluster");
     let rogue = cluster.other_ca("rogue-ca").expect("second CA");
     cluster
         .start_agent(n1, AgentOptions::strict())
