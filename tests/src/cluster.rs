@@ -208,6 +208,14 @@ impl Cluster {
         })
     }
 
+    /// [`Cluster::two_nodes`] with `prod/frontend` on node 1 and `prod/payment` on node 2.
+    pub fn frontend_payment() -> anyhow::Result<TwoNodes> {
+        Self::two_nodes(
+            PodSpec::mesh("frontend", "prod", "frontend"),
+            PodSpec::mesh("payment", "prod", "payment"),
+        )
+    }
+
     /// Add a node (no agent yet) connected to every other node.
     pub fn add_node(&mut self) -> anyhow::Result<NodeId> {
         let index = self.nodes.len() + 1;

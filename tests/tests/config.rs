@@ -100,11 +100,7 @@ fn a_bad_reload_keeps_the_running_state() {
         n2,
         client,
         server,
-    } = Cluster::two_nodes(
-        PodSpec::mesh("frontend", "prod", "frontend"),
-        PodSpec::mesh("payment", "prod", "payment"),
-    )
-    .expect("cluster");
+    } = Cluster::frontend_payment().expect("cluster");
     let options = AgentOptions::default();
     let good = cluster.config_yaml(n1, &options);
     cluster.start_agent(n1, options).expect("agent");

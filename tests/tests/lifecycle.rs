@@ -22,11 +22,7 @@ fn setup() -> (Cluster, NodeId, PodId, PodId) {
         n2,
         client,
         server,
-    } = Cluster::two_nodes(
-        PodSpec::mesh("frontend", "prod", "frontend"),
-        PodSpec::mesh("payment", "prod", "payment"),
-    )
-    .expect("cluster");
+    } = Cluster::frontend_payment().expect("cluster");
     let other = cluster
         .add_pod(n2, PodSpec::mesh("ledger", "prod", "ledger"))
         .expect("pod");

@@ -26,11 +26,7 @@ fn setup() -> Setup {
         n2,
         client,
         server,
-    } = Cluster::two_nodes(
-        PodSpec::mesh("frontend", "prod", "frontend"),
-        PodSpec::mesh("payment", "prod", "payment"),
-    )
-    .expect("cluster");
+    } = Cluster::frontend_payment().expect("cluster");
     for node in [n1, n2] {
         cluster
             .start_agent(node, AgentOptions::default())

@@ -6,7 +6,7 @@
 use latch::datapath::KernelMaps;
 use latch_common::Counter;
 use latch_tests::{
-    AgentOptions, Cluster, NodeId, PodId, PodSpec, TwoNodes,
+    AgentOptions, Cluster, NodeId, PodId, TwoNodes,
     sniffer::{Sniffer, contains, tcp_segment},
 };
 
@@ -20,11 +20,7 @@ fn setup(options: AgentOptions) -> (Cluster, NodeId, NodeId, PodId, PodId) {
         n2,
         client,
         server,
-    } = Cluster::two_nodes(
-        PodSpec::mesh("frontend", "prod", "frontend"),
-        PodSpec::mesh("payment", "prod", "payment"),
-    )
-    .expect("cluster");
+    } = Cluster::frontend_payment().expect("cluster");
     cluster.start_agent(n1, options.clone()).expect("agent 1");
     cluster.start_agent(n2, options).expect("agent 2");
     (cluster, n1, n2, client, server)
@@ -253,11 +249,7 @@ fn agents_that_do_not_share_a_trust_anchor_cannot_tunnel_and_cache_nothing() {
         n2,
         client,
         server,
-    } = Cluster::two_nodes(
-        PodSpec::mesh("frontend", "prod", "frontend"),
-        PodSpec::mesh("payment", "prod", "payment"),
-    )
-    .expect("cluster");
+    } = Cluster::frontend_payment().expect("cluster");
     let rogue = cluster.other_ca("rogue-ca").expect("second CA");
     cluster
         .start_agent(n1, AgentOptions::strict())
