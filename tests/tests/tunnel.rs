@@ -275,9 +275,12 @@ fn agents_that_do_not_share_a_trust_anchor_cannot_tunnel_and_cache_nothing() {
             "a failed handshake caches nothing"
         );
     }
-    let log = cluster.agent(n1).log();
-    assert!(
-        log.contains("TLS with"),
-        "the refusal names the TLS failure:\n{log}"
-    );
+    // The agent logs the refusal before resetting the client; its output is read
+    // asynchronously, so wait for the line.
+    let line = cluster
+        .agent(n1)
+        .wait_for_line_after(0, std::time::Duration::from_secs(10), |l| {
+            l.contains("\"outbound connection\"") && l.contains("TLS with")
+        });
+    assert!(line.is_ok(), "the refusal names the TLS failure: {line:?}");
 }
