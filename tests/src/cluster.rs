@@ -460,10 +460,7 @@ impl Cluster {
             node.dir.join("debug.sock").display()
         ));
         y.push_str("metrics: off\n");
-        let ca = options
-            .ca_dir
-            .clone()
-            .unwrap_or_else(|| self.dir.join("ca"));
+        let ca = options.ca_dir.clone().unwrap_or_else(|| self.ca_dir());
         y.push_str(&format!(
             "certificates: {{ source: dev-ca, caCert: {}, caKey: {}, ttl: {} }}\n",
             ca.join("ca.pem").display(),
@@ -534,6 +531,11 @@ impl Cluster {
         send: Option<&str>,
     ) -> anyhow::Result<ProbeResult> {
         probe::connect(&self.pod(from).netns(), None, to, send)
+    }
+
+    /// The directory of the cluster's development CA (`ca.pem`, `ca-key.pem`).
+    pub fn ca_dir(&self) -> PathBuf {
+        self.dir.join("ca")
     }
 
     /// A new development CA (`latch ca init`) in the cluster's directory: the cluster's own

@@ -10,11 +10,13 @@
 //! - [`probe`]: connecting from inside a pod with `latch-probe` and reading what happened.
 //! - [`server`]: echo servers inside pods that record who connected.
 //! - [`sniffer`]: packet captures on the links between nodes.
+//! - [`nginx`]: an nginx mTLS stream-proxy pair, the benchmarks' point of comparison.
 
 pub mod agent;
 pub mod cluster;
 pub mod env;
 pub mod netns;
+pub mod nginx;
 pub mod probe;
 pub mod server;
 pub mod sniffer;

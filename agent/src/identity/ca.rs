@@ -143,6 +143,25 @@ impl Clone for Svid {
     }
 }
 
+impl Svid {
+    /// The certificate chain as PEM (leaf first).
+    pub fn chain_pem(&self) -> String {
+        self.chain
+            .iter()
+            .map(|c| pem::encode(&pem::Pem::new("CERTIFICATE", c.to_vec())))
+            .collect()
+    }
+
+    /// The private key as PKCS#8 PEM. For writing a key file (mode 0600, see
+    /// [`write_private`]); never for logs.
+    pub fn key_pem(&self) -> String {
+        pem::encode(&pem::Pem::new(
+            "PRIVATE KEY",
+            self.key.secret_der().to_vec(),
+        ))
+    }
+}
+
 impl std::fmt::Debug for Svid {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Svid")
@@ -176,6 +195,11 @@ impl DevCa {
             },
         )?;
         Ok(Self { issuer, cert })
+    }
+
+    /// The CA certificate as PEM.
+    pub fn certificate_pem(&self) -> String {
+        pem::encode(&pem::Pem::new("CERTIFICATE", self.cert.to_vec()))
     }
 
     /// The CA certificate: the trust bundle of a dev-ca mesh.

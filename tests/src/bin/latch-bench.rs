@@ -122,6 +122,9 @@ fn throughput(
 }
 
 struct TunnelReport {
+    nginx_p50: u64,
+    nginx_1: f64,
+    nginx_8: f64,
     baseline_p50: u64,
     first_p50: u64,
     pooled_p50: u64,
@@ -179,7 +182,58 @@ fn tunnel(count: usize, samples: usize, mib: usize) -> anyhow::Result<TunnelRepo
     let pooled = run_rate(&cluster, client, server, count, "pooled tunnel")?;
     let tunnel_1 = throughput(&cluster, client, server, 1, mib)?;
     let tunnel_8 = throughput(&cluster, client, server, 8, mib / 4)?;
+    for node in [n1, n2] {
+        cluster.agent(node).terminate()?;
+        cluster.agent(node).uninstall()?;
+    }
+
+    // The same through an nginx mTLS stream-proxy pair (sidecar style), no agents.
+    let nginx = latch_tests::nginx::NginxPair::start(&cluster, client, server, PORT)?;
+    let via = format!("127.0.0.1:{}", latch_tests::nginx::CLIENT_PORT);
+    let nginx_rate = |count: usize| -> anyhow::Result<Phase> {
+        let v = probe_json(
+            &cluster,
+            client,
+            &["rate", "--to", &via, "--count", &count.to_string()],
+        )?;
+        let mut lat: Vec<u64> = serde_json::from_value(v["latencies_us"].clone())?;
+        lat.sort_unstable();
+        Ok(Phase {
+            name: "nginx pair",
+            rate: 0.0,
+            p50_us: percentile(&lat, 0.5),
+            p99_us: percentile(&lat, 0.99),
+            failures: v["failures"].as_u64().unwrap_or(0) as usize,
+        })
+    };
+    nginx_rate(count / 10)?;
+    let nginx_p50 = nginx_rate(count)?.p50_us;
+    let nginx_tp = |streams: usize, mib: usize| -> anyhow::Result<f64> {
+        let v = probe_json(
+            &cluster,
+            client,
+            &[
+                "throughput",
+                "--to",
+                &via,
+                "--streams",
+                &streams.to_string(),
+                "--mb",
+                &mib.to_string(),
+            ],
+        )?;
+        if v["failures"].as_u64() != Some(0) {
+            bail!("nginx throughput run had failures: {v}");
+        }
+        Ok(v["bytes"].as_f64().unwrap_or(0.0) / v["total_s"].as_f64().unwrap_or(1.0))
+    };
+    let nginx_1 = nginx_tp(1, mib)?;
+    let nginx_8 = nginx_tp(8, mib / 4)?;
+    drop(nginx);
     Ok(TunnelReport {
+        nginx_p50,
+        nginx_1,
+        nginx_8,
         baseline_p50: baseline.p50_us,
         first_p50: percentile(&first, 0.5),
         pooled_p50: pooled.p50_us,
@@ -211,35 +265,48 @@ fn print_tunnel(r: &TunnelReport, out_dir: &std::path::Path) -> anyhow::Result<(
         r.fast_p50,
         added(r.fast_p50)
     );
+    println!(
+        "| nginx mTLS stream-proxy pair | {} | {} |",
+        r.nginx_p50,
+        added(r.nginx_p50)
+    );
     let mb = |b: f64| b / (1024.0 * 1024.0);
-    println!("\n| throughput | no agents MiB/s | tunnel MiB/s | ratio |");
-    println!("|---|---:|---:|---:|");
     println!(
-        "| 1 stream | {:.0} | {:.0} | {:.2} |",
-        mb(r.base_1),
-        mb(r.tunnel_1),
-        r.tunnel_1 / r.base_1
+        "\n| throughput | no agents MiB/s | tunnel MiB/s | nginx pair MiB/s | tunnel / no agents | tunnel / nginx |"
     );
-    println!(
-        "| 8 streams | {:.0} | {:.0} | {:.2} |",
-        mb(r.base_8),
-        mb(r.tunnel_8),
-        r.tunnel_8 / r.base_8
-    );
+    println!("|---|---:|---:|---:|---:|---:|");
+    for (label, base, tunnel, nginx) in [
+        ("1 stream", r.base_1, r.tunnel_1, r.nginx_1),
+        ("8 streams", r.base_8, r.tunnel_8, r.nginx_8),
+    ] {
+        println!(
+            "| {label} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} |",
+            mb(base),
+            mb(tunnel),
+            mb(nginx),
+            tunnel / base,
+            tunnel / nginx
+        );
+    }
     println!(
         "\ntarget: a pooled tunneled connection adds under 150 µs at p50 ({} µs here)",
         added(r.pooled_p50)
     );
-    println!("not measured yet: the nginx mTLS stream-proxy pair comparison");
+    println!(
+        "target: tunnel throughput at least 1.2x the nginx pair's ({:.2}x / {:.2}x here)",
+        r.tunnel_1 / r.nginx_1,
+        r.tunnel_8 / r.nginx_8
+    );
     let json = serde_json::json!({
         "benchmark": "tunnel",
         "latency_p50_us": {
             "no_agents": r.baseline_p50, "first_connection": r.first_p50,
-            "pooled_tunnel": r.pooled_p50, "fast_path": r.fast_p50,
+            "pooled_tunnel": r.pooled_p50, "fast_path": r.fast_p50, "nginx_pair": r.nginx_p50,
         },
         "throughput_bytes_per_s": {
             "no_agents_1": r.base_1, "no_agents_8": r.base_8,
             "tunnel_1": r.tunnel_1, "tunnel_8": r.tunnel_8,
+            "nginx_1": r.nginx_1, "nginx_8": r.nginx_8,
         },
     });
     let path = out_dir.join("tunnel.json");

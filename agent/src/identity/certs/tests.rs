@@ -77,25 +77,9 @@ fn dev_ca_mints_and_rotates_at_half_life() {
 fn write_svid(dir: &Path, ca: &DevCa, svid: &Svid) {
     let base = dir.join("prod").join("frontend");
     fs::create_dir_all(&base).expect("dir");
-    let cert_pem: String = svid
-        .chain
-        .iter()
-        .map(|c| pem::encode(&pem::Pem::new("CERTIFICATE", c.to_vec())))
-        .collect();
-    fs::write(base.join("cert.pem"), cert_pem).expect("cert");
-    fs::write(
-        base.join("key.pem"),
-        pem::encode(&pem::Pem::new(
-            "PRIVATE KEY",
-            svid.key.secret_der().to_vec(),
-        )),
-    )
-    .expect("key");
-    fs::write(
-        base.join("bundle.pem"),
-        pem::encode(&pem::Pem::new("CERTIFICATE", ca.certificate().to_vec())),
-    )
-    .expect("bundle");
+    fs::write(base.join("cert.pem"), svid.chain_pem()).expect("cert");
+    fs::write(base.join("key.pem"), svid.key_pem()).expect("key");
+    fs::write(base.join("bundle.pem"), ca.certificate_pem()).expect("bundle");
     // Each write gets its own modification time, even within one filesystem time tick.
     static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
