@@ -9,6 +9,7 @@ pub mod capture;
 pub mod config;
 pub mod datapath;
 pub mod identity;
+pub mod metrics;
 pub mod runtime;
 pub mod state;
 pub mod tls;

@@ -32,7 +32,7 @@ use crate::{
         certs::{CertStore, Source},
     },
     state::{SharedState, Snapshot},
-    tunnel::hbone::TunnelClient,
+    tunnel::{hbone::TunnelClient, tracked::Tracker},
     verdicts::{SharedMaps, VerdictCache, lock},
 };
 
@@ -73,6 +73,7 @@ struct Agent {
     pods: BTreeMap<String, PodRuntime>,
     certs: Arc<CertStore>,
     tunnel: TunnelClient,
+    tracker: Tracker,
 }
 
 /// The certificate store for the config's `certificates` section.
@@ -136,6 +137,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         pods: BTreeMap::new(),
         certs,
         tunnel: TunnelClient::new(),
+        tracker: Tracker::new(),
     };
     agent.commit(prepared)?;
     agent.drop_stale_inbound_links()?;
@@ -347,6 +349,7 @@ impl Agent {
             state: self.state.clone(),
             certs: self.certs.clone(),
             tunnel: self.tunnel.clone(),
+            tracker: self.tracker.clone(),
         });
         let tunnel_ctx = Arc::new(tunneled::TunnelContext {
             workload: workload.clone(),
@@ -354,11 +357,13 @@ impl Agent {
             cache: self.cache.clone(),
             state: self.state.clone(),
             certs: self.certs.clone(),
+            tracker: self.tracker.clone(),
         });
         let in_ctx = Arc::new(inbound::InboundContext {
             workload: workload.clone(),
             worker: worker.clone(),
             state: self.state.clone(),
+            tracker: self.tracker.clone(),
         });
         let mut tasks = vec![
             tokio::spawn(outbound::serve(listeners.capture_v4, out_ctx.clone())),

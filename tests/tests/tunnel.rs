@@ -280,7 +280,7 @@ fn agents_that_do_not_share_a_trust_anchor_cannot_tunnel_and_cache_nothing() {
     let line = cluster
         .agent(n1)
         .wait_for_line_after(0, std::time::Duration::from_secs(10), |l| {
-            l.contains("\"outbound connection\"") && l.contains("TLS with")
+            l.contains("\"direction\":\"outbound\"") && l.contains("TLS with")
         });
     assert!(line.is_ok(), "the refusal names the TLS failure: {line:?}");
 }

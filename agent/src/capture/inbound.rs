@@ -1,8 +1,10 @@
-//! Inbound connections the `sk_lookup` check steered to the agent (no fresh verdict for the
-//! pair). Until the policy engine exists, the mesh-wide mTLS mode decides: `STRICT` resets the
-//! plaintext connection, `PERMISSIVE` delivers it to the application from inside the pod's
-//! netns, from the loopback marker address (127.0.0.6 or ::1) that the inbound check lets
-//! through.
+//! Inbound connections the `sk_lookup` check steered to the agent: plaintext connections with no
+//! fresh verdict for the pair. The workload's PeerAuthentication mode for the port decides first:
+//! `STRICT` resets the connection (a reset, not a silent hang); `PERMISSIVE` and `DISABLE` let
+//! the authorization policy judge it as a source with no principal (by its address only). An
+//! admitted connection is delivered to the application from inside the pod's netns, from the
+//! loopback marker address (127.0.0.6 or ::1) that the inbound check lets through; if the policy
+//! depends on HTTP attributes, every request is decided on its own.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -11,12 +13,21 @@ use std::{
 
 use tokio::net::{TcpListener, TcpStream};
 
-use super::NetnsWorker;
+use super::{
+    NetnsWorker,
+    carry::{self, Carried, HttpParty},
+    tunneled::deliver,
+};
 use crate::{
     config::MtlsMode,
     identity::LocalWorkload,
+    metrics::access,
     state::SharedState,
-    tunnel::splice::{reset, splice},
+    tunnel::{
+        splice::reset,
+        tracked::{ConnInfo, Tracker},
+    },
+    verdicts::{Direction, decide},
 };
 
 /// Source address of connections the agent delivers to an application over IPv4. Loopback
@@ -29,6 +40,7 @@ pub struct InboundContext {
     pub workload: LocalWorkload,
     pub worker: Arc<NetnsWorker>,
     pub state: SharedState,
+    pub tracker: Tracker,
 }
 
 pub async fn serve(listener: TcpListener, ctx: Arc<InboundContext>) {
@@ -61,54 +73,77 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &InboundContext) {
         }
     };
     let snapshot = ctx.state.get();
-    let source = snapshot
-        .registry
-        .endpoint(&peer.ip())
-        .map(|e| e.identity.to_string());
-    let mode = snapshot.config.mtls.mode;
-    match mode {
-        MtlsMode::Strict => {
-            let reason = "plaintext connection rejected (mTLS STRICT)";
-            access_log(peer, source.as_deref(), dst, &ctx.workload, "DENY", reason);
-            reset(&stream);
-        }
-        MtlsMode::Permissive => {
-            let marker = match dst.ip() {
-                IpAddr::V4(_) => SocketAddr::new(DELIVERY_MARKER_V4.into(), 0),
-                IpAddr::V6(_) => SocketAddr::new(DELIVERY_MARKER_V6.into(), 0),
-            };
-            let app = match ctx.worker.connect(dst, Some(marker)).await {
-                Ok(app) => app,
-                Err(e) => {
-                    tracing::info!(target: "access", source = %peer, destination = %dst, error = %e, "inbound delivery failed");
-                    reset(&stream);
-                    return;
-                }
-            };
-            let reason = "plaintext accepted (mTLS PERMISSIVE)";
-            access_log(peer, source.as_deref(), dst, &ctx.workload, "ALLOW", reason);
-            let _ = splice(stream, app).await;
-        }
+    let destination = ctx.workload.identity.to_string();
+    let refuse = |policy: &str, reason: &str| {
+        access::decision(&access::Record {
+            direction: "inbound",
+            source_address: Some(peer),
+            destination_principal: &destination,
+            destination_address: Some(dst),
+            decision: "DENY",
+            policy,
+            reason,
+            path: "plaintext",
+            ..Default::default()
+        });
+        reset(&stream);
+    };
+    let (mode, mode_source) = decide::mtls_mode(&snapshot, &ctx.workload, dst.port());
+    if mode == MtlsMode::Strict {
+        refuse(&mode_source, "plaintext connection rejected (mTLS STRICT)");
+        return;
     }
-}
-
-/// The access-log line of an inbound decision.
-fn access_log(
-    peer: SocketAddr,
-    source: Option<&str>,
-    dst: SocketAddr,
-    workload: &LocalWorkload,
-    decision: &str,
-    reason: &str,
-) {
-    tracing::info!(
-        target: "access",
-        source = %peer,
-        source_principal = source.unwrap_or_default(),
-        destination = %dst,
-        destination_principal = %workload.identity,
-        decision,
-        reason,
-        "inbound connection"
-    );
+    let outcome = decide::connection(&snapshot, &ctx.workload, None, Some(peer.ip()), dst);
+    let (http, policy, reason) = match outcome {
+        decide::Outcome::Decided(j) if !j.allowed => {
+            refuse(&j.policy, &j.reason);
+            return;
+        }
+        decide::Outcome::Decided(j) => (false, j.policy, j.reason),
+        decide::Outcome::Http => (true, String::new(), "decided per HTTP request".to_owned()),
+    };
+    let app = match deliver(&ctx.worker, dst).await {
+        Ok(app) => app,
+        Err(e) => {
+            tracing::info!(source = %peer, destination = %dst, error = %e, "inbound delivery failed");
+            reset(&stream);
+            return;
+        }
+    };
+    let carried = Carried {
+        info: ConnInfo {
+            source: String::new(),
+            destination: destination.clone(),
+            destination_address: dst,
+            source_ip: Some(peer.ip()),
+            direction: Direction::Inbound,
+            path: "plaintext",
+            workload: ctx.workload.id.clone(),
+        },
+        source_address: Some(peer),
+        policy,
+        reason: format!("plaintext accepted (mTLS {mode:?} from {mode_source}); {reason}"),
+    };
+    if http {
+        let party = HttpParty {
+            state: ctx.state.clone(),
+            workload: ctx.workload.clone(),
+            source: None,
+            source_ip: Some(peer.ip()),
+        };
+        carry::http(&ctx.tracker, carried, party, stream, app).await
+    } else {
+        access::decision(&access::Record {
+            direction: "inbound",
+            source_address: Some(peer),
+            destination_principal: &destination,
+            destination_address: Some(dst),
+            decision: "ALLOW",
+            policy: &carried.policy,
+            reason: &carried.reason,
+            path: "plaintext",
+            ..Default::default()
+        });
+        carry::splice(&ctx.tracker, carried, stream, app, false).await
+    }
 }

@@ -3,10 +3,13 @@
 //!
 //! - [`netns`]: a worker thread that lives in a pod's netns and makes sockets there.
 //! - [`listeners`]: the capture (15001, loopback) and inbound (15006) listeners of one pod.
-//! - [`outbound`]: a redirected connection: find its original destination, forward it, cache the
-//!   pair's allow.
-//! - [`inbound`]: a steered inbound connection: apply the mesh-wide mTLS mode.
+//! - [`outbound`]: a redirected connection: find its original destination, tunnel it, cache the
+//!   pair's verdict when the destination says it may be cached.
+//! - [`inbound`]: a steered plaintext inbound connection: PeerAuthentication, then policy.
+//! - [`tunneled`]: the destination side of HBONE: policy for the verified source, then delivery.
+//! - [`carry`]: relaying an admitted connection (splice or per-request HTTP), tracked and logged.
 
+pub mod carry;
 pub mod inbound;
 pub mod listeners;
 pub mod netns;

@@ -5,9 +5,10 @@
 //! original destination. The connection is carried through an HBONE tunnel (HTTP/2 CONNECT over
 //! mutual TLS, dialled from inside the pod's netns so it leaves with the pod's own address) to the
 //! destination pod's tunnel port, proving both identities. Once the destination agent answers
-//! `200` the pair's outbound allow is cached — bounded by both certificates' NotAfter and
-//! `verdictTtl` — so the next connection takes the kernel fast path. Workloads in `tunnel` mode
-//! are never cached.
+//! `200` and says its verdict holds for the identity pair, the pair's outbound allow is cached —
+//! bounded by both certificates' NotAfter and `verdictTtl` — so the next connection takes the
+//! kernel fast path; a cacheable `403` is cached as a short deny, so the next `connect()` fails
+//! at once with `EPERM`. Workloads in `tunnel` mode are never cached.
 
 use std::{
     net::SocketAddr,
@@ -18,22 +19,30 @@ use std::{
 use latch_common::{AF_INET, AF_INET6, RedirectKey};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::NetnsWorker;
+use super::{
+    NetnsWorker,
+    carry::{self, Carried},
+};
 use crate::{
     config::DataplaneMode,
     datapath::maps::ip_from_key,
     identity::{LocalWorkload, certs::CertStore},
+    metrics::access,
     state::SharedState,
     tls::client_config_with,
     tunnel::{
-        hbone::{Dial, PoolKey, TunnelClient},
-        splice::{reset, splice_io},
+        hbone::{Dial, PoolKey, TunnelClient, TunnelError},
+        splice::reset,
+        tracked::{ConnInfo, Tracker},
     },
     verdicts::{Direction, Pair, SharedMaps, VerdictCache, lock},
 };
 
 /// How long the agent waits for the tunnel to the destination to open.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest life of a cached deny (bounded by `verdictTtl` too): a policy change that allows
+/// the pair removes it at once, so this only bounds staleness if the sources' views diverge.
+const DENY_TTL: Duration = Duration::from_secs(30);
 
 /// Everything an outbound handler needs for one pod.
 pub struct OutboundContext {
@@ -45,6 +54,7 @@ pub struct OutboundContext {
     pub state: SharedState,
     pub certs: Arc<CertStore>,
     pub tunnel: TunnelClient,
+    pub tracker: Tracker,
 }
 
 /// Accept captured connections until the task is aborted.
@@ -81,7 +91,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
     let snapshot = ctx.state.get();
     let src_id = ctx.workload.identity.to_string();
     let Some(endpoint) = snapshot.registry.endpoint(&dst.ip()) else {
-        access_log(&src_id, "", dst, "refused", "not a mesh endpoint");
+        access_log(&src_id, "", dst, "REFUSED", "not a mesh endpoint");
         reset(&stream);
         return;
     };
@@ -91,7 +101,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
             &src_id,
             &dst_id,
             dst,
-            "refused",
+            "REFUSED",
             "no certificate for the source",
         );
         reset(&stream);
@@ -115,63 +125,88 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
             .map_err(|e| e.to_string()),
         client_not_after: current.svid.not_after,
     };
+    let fastpath = config.dataplane.mode == DataplaneMode::Fastpath;
+    let pair = Pair {
+        src: ctx.workload.identity.key(),
+        dst: endpoint.identity.key(),
+        port: dst.port(),
+        direction: Direction::Outbound,
+    };
     let opened = match tokio::time::timeout(OPEN_TIMEOUT, ctx.tunnel.open(&key, dst, dial)).await {
         Ok(Ok(opened)) => opened,
         Ok(Err(e)) => {
-            let result = if e.is_denied() { "denied" } else { "refused" };
-            access_log(&src_id, &dst_id, dst, result, &e.to_string());
+            let decision = if e.is_denied() { "DENY" } else { "REFUSED" };
+            access_log(&src_id, &dst_id, dst, decision, &e.to_string());
+            if fastpath
+                && let TunnelError::Refused {
+                    cacheable: true, ..
+                } = &e
+            {
+                let ttl = config.dataplane.verdict_ttl.min(DENY_TTL);
+                if e.is_denied()
+                    && let Err(e) = ctx.cache.deny(pair, ttl)
+                {
+                    tracing::error!(error = %e, "caching outbound deny");
+                }
+            }
             reset(&stream);
             return;
         }
         Err(_) => {
-            access_log(&src_id, &dst_id, dst, "timeout", "the tunnel did not open");
+            access_log(
+                &src_id,
+                &dst_id,
+                dst,
+                "REFUSED",
+                "the tunnel did not open in time",
+            );
             reset(&stream);
             return;
         }
     };
 
-    let dataplane = &config.dataplane;
-    if dataplane.mode == DataplaneMode::Fastpath
+    if fastpath
+        && opened.cacheable
         && let Ok(left) = opened.proof_not_after.duration_since(SystemTime::now())
+        && let Err(e) = ctx
+            .cache
+            .allow(pair, config.dataplane.verdict_ttl.min(left))
     {
-        let pair = Pair {
-            src: ctx.workload.identity.key(),
-            dst: endpoint.identity.key(),
-            port: dst.port(),
+        tracing::error!(error = %e, "caching outbound allow");
+    }
+    let reason = match (opened.new_connection, opened.cacheable) {
+        (true, true) => "new mTLS connection; verdict cached",
+        (true, false) => "new mTLS connection; not cacheable",
+        (false, true) => "pooled mTLS connection; verdict cached",
+        (false, false) => "pooled mTLS connection; not cacheable",
+    };
+    access_log(&src_id, &dst_id, dst, "ALLOW", reason);
+    let carried = Carried {
+        info: ConnInfo {
+            source: src_id,
+            destination: dst_id,
+            destination_address: dst,
+            source_ip: None,
             direction: Direction::Outbound,
-        };
-        if let Err(e) = ctx.cache.allow(pair, dataplane.verdict_ttl.min(left)) {
-            tracing::error!(error = %e, "caching outbound allow");
-        }
-    }
-    access_log(
-        &src_id,
-        &dst_id,
-        dst,
-        "tunneled",
-        if opened.new_connection {
-            "new mTLS connection"
-        } else {
-            "pooled mTLS connection"
+            path: "tunnel",
+            workload: ctx.workload.id.clone(),
         },
-    );
-    match splice_io(opened.stream, stream).await {
-        Ok(moved) => {
-            tracing::debug!(src = %src_id, %dst, sent = moved.b_to_a, received = moved.a_to_b, "connection closed")
-        }
-        Err(e) => tracing::debug!(src = %src_id, %dst, error = %e, "connection reset"),
-    }
+        source_address: None,
+        policy: String::new(),
+        reason: reason.to_owned(),
+    };
+    carry::splice(&ctx.tracker, carried, opened.stream, stream, true).await
 }
 
-fn access_log(src: &str, dst: &str, addr: SocketAddr, result: &str, detail: &str) {
-    tracing::info!(
-        target: "access",
-        source_principal = src,
-        destination_principal = dst,
-        destination = %addr,
-        path = "tunnel",
-        result,
-        detail,
-        "outbound connection"
-    );
+fn access_log(src: &str, dst: &str, addr: SocketAddr, decision: &str, reason: &str) {
+    access::decision(&access::Record {
+        direction: "outbound",
+        source_principal: src,
+        destination_principal: dst,
+        destination_address: Some(addr),
+        decision,
+        reason,
+        path: "tunnel",
+        ..Default::default()
+    });
 }

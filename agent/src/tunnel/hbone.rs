@@ -3,6 +3,11 @@
 //! identity, destination address), so only a pair's first connection pays for the handshake;
 //! the server verifies the client, asks its [`Inbound`] whether the source may reach the target,
 //! and answers `200` (then bytes), `403` (policy) or `503` (application unreachable).
+//!
+//! Both answers carry [`CACHEABLE_HEADER`]: whether the destination's decision holds for every
+//! connection of the identity pair to that port, so the source may cache it in its kernel. A
+//! decision that depends on more (L7 attributes, addresses) is answered with `0` and the source
+//! sends every connection of the pair through the tunnel.
 
 use std::{
     collections::HashMap,
@@ -21,7 +26,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
 
-use super::splice::splice_io;
 use crate::tls::peer_identity;
 
 /// Per-stream and per-connection HTTP/2 flow-control windows, sized for bulk transfer.
@@ -29,6 +33,8 @@ const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// Tunneled connections one HTTP/2 connection may carry at once.
 const MAX_STREAMS: u32 = 4096;
+/// Response header: `1` if the source may cache the answer for the identity pair and port.
+pub const CACHEABLE_HEADER: &str = "x-latch-cacheable";
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
@@ -66,6 +72,8 @@ pub enum TunnelError {
         addr: SocketAddr,
         authority: SocketAddr,
         status: StatusCode,
+        /// The destination said the refusal holds for the whole identity pair and port.
+        cacheable: bool,
     },
 }
 
@@ -100,6 +108,14 @@ pub struct Opened {
     pub proof_not_after: SystemTime,
     /// A new HTTP/2 connection (and TLS handshake) was made for it.
     pub new_connection: bool,
+    /// The destination said its allow holds for the whole identity pair and port.
+    pub cacheable: bool,
+}
+
+fn cacheable(headers: &hyper::HeaderMap) -> bool {
+    headers
+        .get(CACHEABLE_HEADER)
+        .is_some_and(|v| v.as_bytes() == b"1")
 }
 
 /// How to reach a tunnel endpoint: a TCP connection (made inside the source pod's netns), the
@@ -147,11 +163,13 @@ impl TunnelClient {
                 source,
             }
         })?;
+        let cacheable = cacheable(response.headers());
         if response.status() != StatusCode::OK {
             return Err(TunnelError::Refused {
                 addr: key.endpoint,
                 authority,
                 status: response.status(),
+                cacheable,
             });
         }
         let upgraded = hyper::upgrade::on(response)
@@ -164,6 +182,7 @@ impl TunnelClient {
             stream: TokioIo::new(upgraded),
             proof_not_after: pooled.proof_not_after,
             new_connection,
+            cacheable,
         })
     }
 
@@ -259,14 +278,34 @@ pub fn not_after(cert: &CertificateDer<'_>) -> SystemTime {
         .unwrap_or(SystemTime::UNIX_EPOCH)
 }
 
+/// Carries an admitted tunnel stream once the `200` is on its way.
+pub type Carry = Box<dyn FnOnce(TunnelStream) -> BoxFuture<()> + Send>;
+
+/// What the destination side decided for one `CONNECT`.
+pub enum Admission {
+    /// `200`: the application is connected; `carry` relays the tunnel stream to it.
+    Admit { cacheable: bool, carry: Carry },
+    /// `403`: policy denies it.
+    Forbidden { cacheable: bool },
+    /// `503`: the application cannot be reached.
+    Unreachable,
+}
+
+/// Who is asking, as the tunnel server proved it.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    /// The client's verified SPIFFE ID.
+    pub identity: Arc<str>,
+    /// The client's address (the source pod's, since tunnels are dialled from its netns).
+    pub address: SocketAddr,
+    /// NotAfter of the client's certificate: no verdict may outlive it.
+    pub not_after: SystemTime,
+}
+
 /// The destination side's decisions.
 pub trait Inbound: Send + Sync + 'static {
-    /// May `source` (a verified SPIFFE ID) reach `target`?
-    fn authorize(&self, source: &str, target: SocketAddr) -> bool;
-    /// Connect to the application at `target` (from inside its pod's netns).
-    fn deliver(&self, target: SocketAddr) -> BoxFuture<io::Result<TcpStream>>;
-    /// A tunneled connection was admitted; `client_not_after` bounds any cached verdict.
-    fn admitted(&self, source: &str, target: SocketAddr, client_not_after: SystemTime);
+    /// Decide whether `caller` may reach `target` and, if so, connect to the application.
+    fn admit(self: Arc<Self>, caller: Caller, target: SocketAddr) -> BoxFuture<Admission>;
 }
 
 /// Serve one accepted TCP connection on a tunnel listener: TLS with `tls`, then HTTP/2, one
@@ -291,19 +330,18 @@ pub async fn serve_connection(
             "client has no SPIFFE identity",
         ));
     };
-    let client_not_after = certs
-        .first()
-        .map(not_after)
-        .unwrap_or(SystemTime::UNIX_EPOCH);
-    let source: Arc<str> = source.into();
+    let caller = Caller {
+        identity: source.into(),
+        address: peer,
+        not_after: certs
+            .first()
+            .map(not_after)
+            .unwrap_or(SystemTime::UNIX_EPOCH),
+    };
     let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
         let inbound = inbound.clone();
-        let source = source.clone();
-        async move {
-            Ok::<_, std::convert::Infallible>(
-                handle_connect(req, &source, client_not_after, inbound).await,
-            )
-        }
+        let caller = caller.clone();
+        async move { Ok::<_, std::convert::Infallible>(handle_connect(req, caller, inbound).await) }
     });
     hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .max_concurrent_streams(MAX_STREAMS)
@@ -320,10 +358,18 @@ fn status(code: StatusCode) -> Response<Empty<Bytes>> {
     r
 }
 
+fn answer(code: StatusCode, cacheable: bool) -> Response<Empty<Bytes>> {
+    let mut r = status(code);
+    r.headers_mut().insert(
+        CACHEABLE_HEADER,
+        hyper::header::HeaderValue::from_static(if cacheable { "1" } else { "0" }),
+    );
+    r
+}
+
 async fn handle_connect(
     mut req: Request<hyper::body::Incoming>,
-    source: &str,
-    client_not_after: SystemTime,
+    caller: Caller,
     inbound: Arc<dyn Inbound>,
 ) -> Response<Empty<Bytes>> {
     if req.method() != Method::CONNECT {
@@ -336,25 +382,18 @@ async fn handle_connect(
     else {
         return status(StatusCode::BAD_REQUEST);
     };
-    if !inbound.authorize(source, target) {
-        return status(StatusCode::FORBIDDEN);
+    match inbound.admit(caller, target).await {
+        Admission::Admit { cacheable, carry } => {
+            let upgrade = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                match upgrade.await {
+                    Ok(upgraded) => carry(TokioIo::new(upgraded)).await,
+                    Err(e) => tracing::debug!(error = %e, "CONNECT stream did not start"),
+                }
+            });
+            answer(StatusCode::OK, cacheable)
+        }
+        Admission::Forbidden { cacheable } => answer(StatusCode::FORBIDDEN, cacheable),
+        Admission::Unreachable => status(StatusCode::SERVICE_UNAVAILABLE),
     }
-    let app = match inbound.deliver(target).await {
-        Ok(app) => app,
-        Err(e) => {
-            tracing::info!(source, %target, error = %e, "application unreachable");
-            return status(StatusCode::SERVICE_UNAVAILABLE);
-        }
-    };
-    inbound.admitted(source, target, client_not_after);
-    let upgrade = hyper::upgrade::on(&mut req);
-    tokio::spawn(async move {
-        match upgrade.await {
-            Ok(upgraded) => {
-                let _ = splice_io(TokioIo::new(upgraded), app).await;
-            }
-            Err(e) => tracing::debug!(error = %e, "CONNECT stream did not start"),
-        }
-    });
-    status(StatusCode::OK)
 }

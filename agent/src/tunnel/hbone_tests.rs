@@ -3,7 +3,6 @@
 //! wrong identity refused by the client.
 
 use std::{
-    io,
     net::SocketAddr,
     sync::{
         Arc, Mutex,
@@ -17,8 +16,12 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use super::hbone::{
-    BoxFuture, Dial, Inbound, PoolKey, TunnelClient, TunnelError, serve_connection,
+use super::{
+    hbone::{
+        Admission, BoxFuture, Caller, Dial, Inbound, PoolKey, TunnelClient, TunnelError,
+        serve_connection,
+    },
+    splice::splice_io,
 };
 use crate::{
     identity::ca::{DevCa, init},
@@ -36,21 +39,32 @@ struct TestInbound {
 }
 
 impl Inbound for TestInbound {
-    fn authorize(&self, _source: &str, _target: SocketAddr) -> bool {
-        self.allow
-    }
-    fn deliver(&self, target: SocketAddr) -> BoxFuture<io::Result<TcpStream>> {
-        Box::pin(TcpStream::connect(target))
-    }
-    fn admitted(&self, source: &str, target: SocketAddr, client_not_after: SystemTime) {
+    fn admit(self: Arc<Self>, caller: Caller, target: SocketAddr) -> BoxFuture<Admission> {
         assert!(
-            client_not_after > SystemTime::now(),
+            caller.not_after > SystemTime::now(),
             "the client certificate's NotAfter is passed on"
         );
-        self.admitted
+        if !self.allow {
+            return Box::pin(async { Admission::Forbidden { cacheable: true } });
+        }
+        let admitted = self
+            .admitted
             .lock()
-            .expect("lock")
-            .push((source.to_owned(), target));
+            .map(|mut a| a.push((caller.identity.to_string(), target)));
+        assert!(admitted.is_ok());
+        Box::pin(async move {
+            match TcpStream::connect(target).await {
+                Ok(app) => Admission::Admit {
+                    cacheable: true,
+                    carry: Box::new(move |stream| {
+                        Box::pin(async move {
+                            let _ = splice_io(stream, app).await;
+                        })
+                    }),
+                },
+                Err(_) => Admission::Unreachable,
+            }
+        })
     }
 }
 
@@ -147,6 +161,10 @@ async fn bytes_and_half_close_cross_the_tunnel_and_connections_are_pooled() {
             .await
             .expect("tunnel");
         assert_eq!(opened.new_connection, i == 0, "only the first stream dials");
+        assert!(
+            opened.cacheable,
+            "the server's cacheable answer reaches the client"
+        );
         assert!(opened.proof_not_after > SystemTime::now());
         opened
             .stream
@@ -181,6 +199,16 @@ async fn a_policy_deny_is_403() {
         .err()
         .expect("denied");
     assert!(err.is_denied(), "{err}");
+    assert!(
+        matches!(
+            err,
+            TunnelError::Refused {
+                cacheable: true,
+                ..
+            }
+        ),
+        "the refusal says it may be cached: {err}"
+    );
 }
 
 #[tokio::test]

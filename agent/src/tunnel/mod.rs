@@ -1,9 +1,12 @@
 //! Carrying bytes between the two sides of a connection: [`splice`] relays between two streams,
-//! [`hbone`] is the HBONE tunnel between agents (HTTP/2 CONNECT over mutual TLS). The capture
-//! path still forwards plain TCP; switching it to HBONE is the next step (issue 3).
+//! [`hbone`] is the HBONE tunnel between agents (HTTP/2 CONNECT over mutual TLS), [`http`]
+//! enforces per-request (L7) policy inside a carried connection, and [`tracked`] lists the
+//! connections being carried, counts their bytes and closes the ones policy no longer allows.
 
 pub mod hbone;
+pub mod http;
 pub mod splice;
+pub mod tracked;
 
 #[cfg(test)]
 mod hbone_tests;

@@ -1,5 +1,8 @@
 //! The verdict cache policy: what the agent writes into the kernel's verdict map, with which
 //! expiry, and what it removes when the world changes. The kernel only reads these entries.
+//! [`decide`] turns policy into the decisions the enforcement points and the cache need.
+
+pub mod decide;
 
 use std::{
     sync::{Arc, Mutex, MutexGuard},

@@ -1,0 +1,63 @@
+//! The access log: one structured JSON line (tracing target `access`, on stdout) per policy
+//! decision and per carried connection when it ends, so an auditor can trace every
+//! authenticated hop: time, both SPIFFE IDs and addresses, port, decision, the policy that
+//! decided, the path (`tunnel`, `plaintext`, `http`), bytes and duration.
+
+use std::{net::SocketAddr, time::Duration};
+
+/// One access-log record.
+#[derive(Clone, Debug, Default)]
+pub struct Record<'a> {
+    /// `inbound` (this node is the destination) or `outbound`.
+    pub direction: &'a str,
+    pub source_principal: &'a str,
+    pub source_address: Option<SocketAddr>,
+    pub destination_principal: &'a str,
+    pub destination_address: Option<SocketAddr>,
+    /// `ALLOW` or `DENY`.
+    pub decision: &'a str,
+    /// `namespace/name` of the policy that decided, or empty.
+    pub policy: &'a str,
+    /// Why, in words.
+    pub reason: &'a str,
+    /// `tunnel`, `plaintext`, `http` or `fastpath`.
+    pub path: &'a str,
+    /// For `http`: method and path of the request.
+    pub request: &'a str,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub duration: Option<Duration>,
+}
+
+/// A decision was made (connection refused or admitted, or an HTTP request judged).
+pub fn decision(r: &Record<'_>) {
+    emit(r, "decision");
+}
+
+/// A carried connection ended.
+pub fn closed(r: &Record<'_>) {
+    emit(r, "connection closed");
+}
+
+fn emit(r: &Record<'_>, what: &str) {
+    let port = r.destination_address.map(|a| a.port()).unwrap_or_default();
+    tracing::info!(
+        target: "access",
+        event = what,
+        direction = r.direction,
+        source_principal = r.source_principal,
+        source_address = r.source_address.map(|a| a.to_string()).unwrap_or_default(),
+        destination_principal = r.destination_principal,
+        destination_address = r.destination_address.map(|a| a.to_string()).unwrap_or_default(),
+        destination_port = port,
+        decision = r.decision,
+        policy = r.policy,
+        reason = r.reason,
+        path = r.path,
+        request = r.request,
+        bytes_sent = r.bytes_sent,
+        bytes_received = r.bytes_received,
+        duration_ms = r.duration.map(|d| d.as_secs_f64() * 1000.0).unwrap_or_default(),
+        "access"
+    );
+}

@@ -1,0 +1,3 @@
+//! Observability: the access log ([`access`]).
+
+pub mod access;

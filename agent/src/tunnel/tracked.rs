@@ -1,0 +1,384 @@
+//! The connections the agent is carrying right now — tunneled (either side of HBONE) or
+//! plaintext delivered to an application — with who is talking to whom, live byte counts and
+//! age, and the means to close the ones the current policy no longer allows.
+//!
+//! A carried connection registers itself ([`Tracker::register`]) and relays its bytes with
+//! [`Tracked::splice`], which counts them as they pass and stops, resetting the local socket,
+//! when the tracker closes it ([`Tracker::close_where`]). Dropping the [`Tracked`] handle removes
+//! the entry.
+
+use std::{
+    collections::HashMap,
+    io,
+    net::{IpAddr, SocketAddr},
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
+use tokio_util::sync::CancellationToken;
+
+use super::splice::{Transferred, reset};
+use crate::verdicts::Direction;
+
+/// What a carried connection is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnInfo {
+    /// Source SPIFFE ID; empty for a plaintext source.
+    pub source: String,
+    /// Destination SPIFFE ID.
+    pub destination: String,
+    /// The original destination address.
+    pub destination_address: SocketAddr,
+    /// The source's address as seen by this node, when known.
+    pub source_ip: Option<IpAddr>,
+    /// Which side of the connection this node is.
+    pub direction: Direction,
+    /// `tunnel` (HBONE) or `plaintext`.
+    pub path: &'static str,
+    /// The local workload (`namespace/name`) this connection belongs to.
+    pub workload: String,
+}
+
+/// A point-in-time view of one carried connection.
+#[derive(Clone, Debug)]
+pub struct ConnSnapshot {
+    pub info: ConnInfo,
+    /// Bytes from the source to the destination so far.
+    pub sent: u64,
+    /// Bytes from the destination back to the source so far.
+    pub received: u64,
+    pub age: Duration,
+}
+
+struct Entry {
+    info: ConnInfo,
+    started: Instant,
+    counters: Arc<Counters>,
+    cancel: CancellationToken,
+}
+
+#[derive(Default)]
+struct Counters {
+    sent: AtomicU64,
+    received: AtomicU64,
+}
+
+/// The registry of carried connections (cheap to clone).
+#[derive(Clone, Default)]
+pub struct Tracker {
+    inner: Arc<Mutex<TrackerInner>>,
+}
+
+#[derive(Default)]
+struct TrackerInner {
+    next_id: u64,
+    entries: HashMap<u64, Entry>,
+}
+
+impl Tracker {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, TrackerInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Start tracking a connection; it stays listed until the returned handle is dropped.
+    pub fn register(&self, info: ConnInfo) -> Tracked {
+        let counters = Arc::new(Counters::default());
+        let cancel = CancellationToken::new();
+        let mut inner = self.lock();
+        inner.next_id += 1;
+        let id = inner.next_id;
+        inner.entries.insert(
+            id,
+            Entry {
+                info,
+                started: Instant::now(),
+                counters: counters.clone(),
+                cancel: cancel.clone(),
+            },
+        );
+        Tracked {
+            id,
+            tracker: self.clone(),
+            counters,
+            cancel,
+        }
+    }
+
+    /// Every carried connection, oldest first.
+    pub fn snapshot(&self) -> Vec<ConnSnapshot> {
+        let inner = self.lock();
+        let mut all: Vec<(u64, ConnSnapshot)> = inner
+            .entries
+            .iter()
+            .map(|(id, e)| {
+                (
+                    *id,
+                    ConnSnapshot {
+                        info: e.info.clone(),
+                        sent: e.counters.sent.load(Ordering::Relaxed),
+                        received: e.counters.received.load(Ordering::Relaxed),
+                        age: e.started.elapsed(),
+                    },
+                )
+            })
+            .collect();
+        all.sort_by_key(|(id, _)| *id);
+        all.into_iter().map(|(_, s)| s).collect()
+    }
+
+    /// Number of carried connections.
+    pub fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Close every connection for which `pred` holds; returns how many were closed.
+    pub fn close_where(&self, pred: impl Fn(&ConnInfo) -> bool) -> usize {
+        let inner = self.lock();
+        let mut closed = 0;
+        for entry in inner.entries.values() {
+            if !entry.cancel.is_cancelled() && pred(&entry.info) {
+                entry.cancel.cancel();
+                closed += 1;
+            }
+        }
+        closed
+    }
+}
+
+/// One tracked connection. Dropping it removes the entry.
+pub struct Tracked {
+    id: u64,
+    tracker: Tracker,
+    counters: Arc<Counters>,
+    cancel: CancellationToken,
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.tracker.lock().entries.remove(&self.id);
+    }
+}
+
+impl Tracked {
+    /// Has the tracker closed this connection?
+    pub fn is_closed(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    /// Wait until the tracker closes this connection.
+    pub async fn closed(&self) {
+        self.cancel.cancelled().await
+    }
+
+    /// Bytes (sent, received) so far.
+    pub fn totals(&self) -> (u64, u64) {
+        (
+            self.counters.sent.load(Ordering::Relaxed),
+            self.counters.received.load(Ordering::Relaxed),
+        )
+    }
+
+    /// `stream`, counting the bytes read from it as sent (source to destination) or received.
+    pub fn counted<S>(&self, stream: S, which: Which) -> Counted<S> {
+        Counted {
+            inner: stream,
+            counters: self.counters.clone(),
+            which,
+        }
+    }
+
+    /// Relay between `remote` (the side towards the other agent, or the plaintext client) and
+    /// `local` (a TCP socket of a local workload) until both directions end, counting bytes as
+    /// they pass. `local_is_source` says which way is "sent". If the tracker closes the
+    /// connection, `local` is reset and `remote` dropped; that ends in an error.
+    pub async fn splice<R>(
+        &self,
+        remote: R,
+        mut local: TcpStream,
+        local_is_source: bool,
+    ) -> io::Result<Transferred>
+    where
+        R: AsyncRead + AsyncWrite + Unpin,
+    {
+        let (from_remote, from_local) = if local_is_source {
+            (Which::Received, Which::Sent)
+        } else {
+            (Which::Sent, Which::Received)
+        };
+        let mut remote = self.counted(remote, from_remote);
+        let result = {
+            let mut local_counted = self.counted(&mut local, from_local);
+            tokio::select! {
+                r = tokio::io::copy_bidirectional(&mut remote, &mut local_counted) => r
+                    .map(|(a_to_b, b_to_a)| Transferred { a_to_b, b_to_a }),
+                () = self.cancel.cancelled() => Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "closed by the agent: no longer allowed",
+                )),
+            }
+        };
+        if result.is_err() {
+            reset(&local);
+        }
+        result
+    }
+}
+
+/// Which byte counter a read adds to.
+#[derive(Clone, Copy, Debug)]
+pub enum Which {
+    /// Source to destination.
+    Sent,
+    /// Destination back to the source.
+    Received,
+}
+
+/// A stream that counts the bytes read from it.
+pub struct Counted<S> {
+    inner: S,
+    counters: Arc<Counters>,
+    which: Which,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        if n > 0 {
+            let counter = match self.which {
+                Which::Sent => &self.counters.sent,
+                Which::Received => &self.counters.received,
+            };
+            counter.fetch_add(n, Ordering::Relaxed);
+        }
+        poll
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpListener,
+    };
+
+    async fn pair(listener: &TcpListener) -> (TcpStream, TcpStream) {
+        let addr = listener.local_addr().expect("bound");
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (client.expect("connect"), accepted.expect("accept").0)
+    }
+
+    fn info() -> ConnInfo {
+        ConnInfo {
+            source: "spiffe://cluster.local/ns/prod/sa/frontend".into(),
+            destination: "spiffe://cluster.local/ns/prod/sa/payment".into(),
+            destination_address: "10.244.2.2:8080".parse().expect("addr"),
+            source_ip: None,
+            direction: Direction::Inbound,
+            path: "tunnel",
+            workload: "prod/payment-1".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn counts_bytes_lists_and_unlists() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let (mut client, remote) = pair(&listener).await;
+        let (local, mut app) = pair(&listener).await;
+        let tracker = Tracker::new();
+        let tracked = tracker.register(info());
+        let relay = tokio::spawn(async move { tracked.splice(remote, local, false).await });
+
+        client.write_all(b"hello").await.expect("write");
+        let mut got = [0u8; 5];
+        app.read_exact(&mut got).await.expect("app reads");
+        app.write_all(b"hi").await.expect("app writes");
+        let mut back = [0u8; 2];
+        client.read_exact(&mut back).await.expect("client reads");
+        let listed = tracker.snapshot();
+        assert_eq!(listed.len(), 1);
+        assert_eq!((listed[0].sent, listed[0].received), (5, 2));
+
+        client.shutdown().await.expect("close");
+        app.shutdown().await.expect("close");
+        relay.await.expect("join").expect("relay");
+        assert!(tracker.is_empty(), "the entry goes with the connection");
+    }
+
+    #[tokio::test]
+    async fn close_where_resets_the_local_side() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let (_client, remote) = pair(&listener).await;
+        let (local, mut app) = pair(&listener).await;
+        let tracker = Tracker::new();
+        let tracked = tracker.register(info());
+        let relay = tokio::spawn(async move { tracked.splice(remote, local, false).await });
+        assert_eq!(tracker.close_where(|i| i.source.ends_with("/sa/other")), 0);
+        assert_eq!(
+            tracker.close_where(|i| i.source.ends_with("/sa/frontend")),
+            1
+        );
+        let err = relay.await.expect("join").expect_err("closed by the agent");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionAborted);
+        let mut buf = [0u8; 1];
+        let read = app.read(&mut buf).await;
+        assert!(
+            matches!(&read, Err(e) if e.kind() == io::ErrorKind::ConnectionReset),
+            "the application sees a reset, got {read:?}"
+        );
+        assert!(tracker.is_empty());
+    }
+}
