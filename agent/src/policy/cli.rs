@@ -1,0 +1,1 @@
+//! Text for `latch policy check` and `latch policy explain`; the binary parses arguments.
