@@ -144,6 +144,22 @@ impl Doc<'_> {
             .collect()
     }
 
+    /// A YAML syntax error, at the parser's position (deserialization errors would only name
+    /// the enclosing field).
+    fn syntax_error(&self) -> Option<PolicyError> {
+        let mut parser = yaml_rust2::parser::Parser::new_from_str(self.text);
+        loop {
+            match parser.next_token() {
+                Ok((yaml_rust2::parser::Event::StreamEnd, _)) => return None,
+                Ok(_) => {}
+                Err(e) => {
+                    let at = (e.marker().line(), e.marker().col() + 1);
+                    return Some(self.error_at("", format!("YAML syntax: {}", e.info()), Some(at)));
+                }
+            }
+        }
+    }
+
     fn parse<T: DeserializeOwned>(&self) -> Result<T, PolicyError> {
         let deserializer = serde_yaml_ng::Deserializer::from_str(self.text);
         serde_path_to_error::deserialize(deserializer).map_err(|e| {
@@ -216,6 +232,9 @@ impl Loader {
     }
 
     fn document(&mut self, doc: &Doc, summary: &mut FileSummary) -> Result<(), Vec<PolicyError>> {
+        if let Some(error) = doc.syntax_error() {
+            return Err(vec![error]);
+        }
         let header: model::Header = doc.parse().map_err(|e| vec![e])?;
         let Some(api_version) = header.api_version else {
             return Err(vec![doc.error("", "missing apiVersion".to_owned())]);
