@@ -3,13 +3,15 @@
 //! A connection is followed through the modules in this order: [`capture`] (per-pod listeners and
 //! the original destination), [`tunnel`] (carrying bytes), [`verdicts`] (what gets cached, for how
 //! long), [`datapath`] (the kernel programs and maps; the only module that talks to aya).
-//! [`config`] reads the node's configuration and [`identity`] turns workloads into identities.
+//! [`config`] reads the node's configuration, [`identity`] turns workloads into identities and
+//! [`policy`] decides, Istio's way, whether a connection or request is allowed.
 
 pub mod capture;
 pub mod config;
 pub mod datapath;
 pub mod identity;
 pub mod metrics;
+pub mod policy;
 pub mod runtime;
 pub mod state;
 pub mod tls;

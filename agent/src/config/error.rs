@@ -89,7 +89,7 @@ impl ConfigError {
 
 /// serde_yaml_ng puts the (parent) path in front and the location at the end of its messages;
 /// both are reported separately here.
-fn clean_message(raw: &str, path: &str) -> String {
+pub(crate) fn clean_message(raw: &str, path: &str) -> String {
     let mut msg = raw;
     if let Some(idx) = msg.rfind(" at line ") {
         msg = &msg[..idx];

@@ -28,7 +28,7 @@ fn parse_path(path: &str) -> Vec<Segment> {
 }
 
 /// (line, column), 1-based, of the value at `path` (for a mapping key, of the key).
-pub fn locate(text: &str, path: &str) -> Option<(usize, usize)> {
+pub(crate) fn locate(text: &str, path: &str) -> Option<(usize, usize)> {
     let target = parse_path(path);
     if target.is_empty() {
         return None;

@@ -7,10 +7,11 @@
 
 mod error;
 mod fields;
-mod locate;
+pub(crate) mod locate;
 mod validate;
 
 pub use error::ConfigError;
+pub(crate) use error::clean_message as clean_yaml_message;
 
 use std::{
     collections::BTreeMap,

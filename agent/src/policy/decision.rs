@@ -1,0 +1,150 @@
+//! What the engine is asked ([`Target`], [`Connection`], [`HttpRequest`]) and what it answers
+//! ([`Decision`], [`ConnectionDecision`], [`Explanation`]), each answer explaining itself.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use serde::Serialize;
+
+/// The destination workload.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    pub namespace: &'a str,
+    pub labels: &'a BTreeMap<String, String>,
+}
+
+/// One connection to the target.
+#[derive(Debug, Clone, Copy)]
+pub struct Connection<'a> {
+    /// The full SPIFFE ID (`spiffe://cluster.local/ns/prod/sa/frontend`); `None` for plaintext.
+    pub source_principal: Option<&'a str>,
+    pub source_ip: Option<IpAddr>,
+    pub destination_ip: IpAddr,
+    pub destination_port: u16,
+}
+
+/// One HTTP/1.1 request on a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpRequest<'a> {
+    pub method: &'a str,
+    /// As on the request line; the query string is ignored for matching.
+    pub path: &'a str,
+    /// The `Host` header (or the authority).
+    pub host: &'a str,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum PolicyKind {
+    AuthorizationPolicy,
+    PeerAuthentication,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Action {
+    Allow,
+    Deny,
+    Audit,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "ALLOW",
+            Self::Deny => "DENY",
+            Self::Audit => "AUDIT",
+        }
+    }
+}
+
+/// Istio's mTLS modes once `UNSET` has been resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum MtlsMode {
+    /// Plaintext connections are refused.
+    Strict,
+    /// Plaintext and mTLS connections are accepted (Istio's default).
+    Permissive,
+    /// mTLS is not required; enforced as PERMISSIVE, reported as DISABLE.
+    Disable,
+}
+
+impl MtlsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Strict => "STRICT",
+            Self::Permissive => "PERMISSIVE",
+            Self::Disable => "DISABLE",
+        }
+    }
+}
+
+/// Names one policy.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct PolicyRef {
+    pub kind: PolicyKind,
+    pub namespace: String,
+    pub name: String,
+    /// `None` for PeerAuthentication.
+    pub action: Option<Action>,
+}
+
+impl std::fmt::Display for PolicyRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?} {}/{}", self.kind, self.namespace, self.name)?;
+        if let Some(action) = self.action {
+            write!(f, " ({})", action.as_str())?;
+        }
+        Ok(())
+    }
+}
+
+/// A final answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    pub allowed: bool,
+    /// Whether every connection with the same source principal, source namespace, destination
+    /// workload and destination port gets the same answer (see [`super::engine`]).
+    pub cacheable: bool,
+    /// Why (not) cacheable.
+    pub cache_reason: String,
+    /// The policy that decided, `None` when allowed by default.
+    pub decided_by: Option<PolicyRef>,
+    /// The index of the deciding rule in `spec.rules`.
+    pub rule: Option<usize>,
+    pub reason: String,
+    /// Matching AUDIT policies (they never change the decision).
+    pub audited: Vec<PolicyRef>,
+    pub mtls_mode: MtlsMode,
+    /// The PeerAuthentication that set `mtls_mode`, `None` for the default.
+    pub mtls_source: Option<PolicyRef>,
+}
+
+/// The answer for a new connection: final, or dependent on its HTTP requests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum ConnectionDecision {
+    Decided(Decision),
+    /// Parse the HTTP/1.1 requests and call `evaluate_request` for each; if the connection is
+    /// not HTTP, call `evaluate_tcp`.
+    NeedsHttp {
+        reason: String,
+    },
+}
+
+/// Whether a decision was made for an HTTP request or a plain connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Http,
+    Tcp,
+}
+
+/// What `latch policy explain` and the debug API show.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Explanation {
+    pub decision: Decision,
+    pub protocol: Protocol,
+    /// Set when no request was given and the outcome depends on HTTP attributes: `decision`
+    /// is then the one for a non-HTTP connection.
+    pub needs_http: Option<String>,
+}

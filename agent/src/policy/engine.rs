@@ -1,0 +1,315 @@
+//! Decides connections and requests against the AuthorizationPolicies of a [`PolicySet`].
+//!
+//! Order (Istio's): a plaintext connection to a STRICT port is denied by PeerAuthentication;
+//! then any matching DENY policy denies; then, if no ALLOW policy applies to the workload, the
+//! connection is allowed; otherwise it is allowed only if some ALLOW rule matches. AUDIT
+//! policies that match are listed in [`Decision::audited`] and change nothing. Among several
+//! matching policies the first by (namespace, name) is reported as the decider.
+//!
+//! Three entry points evaluate the L7 fields differently (see [`super::matching`]):
+//! [`PolicySet::evaluate_connection`] does not know them yet and answers
+//! [`ConnectionDecision::NeedsHttp`] unless the answer is the same for every HTTP request *and*
+//! for a non-HTTP connection; [`PolicySet::evaluate_request`] knows them;
+//! [`PolicySet::evaluate_tcp`] applies Istio's TCP rules (ALLOW rules with L7 fields never
+//! match, DENY and AUDIT rules match with their L7 fields ignored).
+//!
+//! Cacheability: a decision is `cacheable` when another connection with the same source
+//! principal (hence namespace), destination workload and destination port must get the same
+//! answer. That is conservatively judged per workload: the source must be mTLS (plaintext
+//! decisions are never cacheable) and no AuthorizationPolicy applying to the workload may
+//! reference the source IP (`ipBlocks`, `notIpBlocks`, `when: source.ip`), the destination IP
+//! (`when: destination.ip`) or HTTP attributes (methods, paths, hosts and their `not*`),
+//! whether or not that policy decided.
+
+use super::{
+    PolicySet,
+    compile::AuthzPolicy,
+    decision::{
+        Action, Connection, ConnectionDecision, Decision, Explanation, HttpRequest, MtlsMode,
+        Protocol, Target,
+    },
+    matching::{Attrs, L7, Tri},
+};
+
+/// Which L7 evaluation a decision uses.
+#[derive(Clone, Copy)]
+enum Phase<'a> {
+    Connection,
+    Request(&'a HttpRequest<'a>),
+    Tcp,
+}
+
+/// A decision, or why it depends on the request.
+enum Outcome {
+    Final(Decision),
+    DependsOnHttp(String),
+}
+
+impl PolicySet {
+    /// Decide a new connection before any byte is read.
+    pub fn evaluate_connection(&self, target: &Target, conn: &Connection) -> ConnectionDecision {
+        let attrs = attrs(conn);
+        match self.decide(target, &attrs, Phase::Connection) {
+            Outcome::DependsOnHttp(reason) => ConnectionDecision::NeedsHttp { reason },
+            Outcome::Final(decision) => match self.decide(target, &attrs, Phase::Tcp) {
+                Outcome::Final(tcp) if tcp.allowed != decision.allowed => {
+                    ConnectionDecision::NeedsHttp {
+                        reason: format!(
+                            "{} for any HTTP request, but {} for a non-HTTP connection ({})",
+                            verdict(decision.allowed),
+                            verdict(tcp.allowed),
+                            tcp.reason
+                        ),
+                    }
+                }
+                _ => ConnectionDecision::Decided(decision),
+            },
+        }
+    }
+
+    /// Decide one HTTP request on a connection.
+    pub fn evaluate_request(
+        &self,
+        target: &Target,
+        conn: &Connection,
+        request: &HttpRequest,
+    ) -> Decision {
+        self.final_decision(target, conn, Phase::Request(request))
+    }
+
+    /// Decide a connection that turned out not to carry HTTP.
+    pub fn evaluate_tcp(&self, target: &Target, conn: &Connection) -> Decision {
+        self.final_decision(target, conn, Phase::Tcp)
+    }
+
+    /// The decision for `request`, or without one, for the connection (as plain TCP when the
+    /// outcome depends on HTTP, saying so).
+    pub fn explain(
+        &self,
+        target: &Target,
+        conn: &Connection,
+        request: Option<&HttpRequest>,
+    ) -> Explanation {
+        if let Some(request) = request {
+            return Explanation {
+                decision: self.evaluate_request(target, conn, request),
+                protocol: Protocol::Http,
+                needs_http: None,
+            };
+        }
+        let (decision, needs_http) = match self.evaluate_connection(target, conn) {
+            ConnectionDecision::Decided(decision) => (decision, None),
+            ConnectionDecision::NeedsHttp { reason } => {
+                (self.evaluate_tcp(target, conn), Some(reason))
+            }
+        };
+        Explanation {
+            decision,
+            protocol: Protocol::Tcp,
+            needs_http,
+        }
+    }
+
+    /// Whether an AuthorizationPolicy applying to `target` has L7 fields in an operation that
+    /// can match `port` (the caller then has to parse HTTP on that port).
+    pub fn has_l7_for(&self, target: &Target, port: u16) -> bool {
+        self.applicable(target).iter().any(|&id| {
+            self.inner.authz[id as usize]
+                .rules
+                .iter()
+                .flat_map(|r| &r.to)
+                .any(|op| op.has_l7() && op.port_matches(port))
+        })
+    }
+
+    fn final_decision(&self, target: &Target, conn: &Connection, phase: Phase) -> Decision {
+        match self.decide(target, &attrs(conn), phase) {
+            Outcome::Final(decision) => decision,
+            // Unreachable: with the request known, or as TCP, every rule is Yes or No.
+            Outcome::DependsOnHttp(reason) => self.denied_internal(reason),
+        }
+    }
+
+    fn denied_internal(&self, reason: String) -> Decision {
+        Decision {
+            allowed: false,
+            cacheable: false,
+            cache_reason: "internal error".to_owned(),
+            decided_by: None,
+            rule: None,
+            reason,
+            audited: Vec::new(),
+            mtls_mode: self.inner.default_mtls,
+            mtls_source: None,
+        }
+    }
+
+    /// Ids of the AuthorizationPolicies applying to `target`, in (namespace, name) order.
+    pub(crate) fn applicable(&self, target: &Target) -> Vec<u32> {
+        let inner = &*self.inner;
+        let mut ids = Vec::new();
+        let selector = |id: u32| &inner.authz[id as usize].selector;
+        let mut add = |namespace: &str| {
+            if let Some(bucket) = inner.authz_index.bucket(namespace) {
+                ids.extend_from_slice(&bucket.wide);
+                bucket.selected(target.labels, selector, &mut ids);
+            }
+        };
+        add(&inner.root_namespace);
+        if target.namespace != inner.root_namespace {
+            add(target.namespace);
+        }
+        ids.sort_unstable();
+        ids
+    }
+
+    fn decide(&self, target: &Target, attrs: &Attrs, phase: Phase) -> Outcome {
+        let (mtls_mode, mtls_source) = self.mtls_mode(target, attrs.destination_port);
+        let plaintext = attrs.principal.is_none();
+        if plaintext && mtls_mode == MtlsMode::Strict {
+            let by = mtls_source
+                .as_ref()
+                .map_or_else(|| "the default mode".to_owned(), ToString::to_string);
+            return Outcome::Final(Decision {
+                allowed: false,
+                cacheable: false,
+                cache_reason: "plaintext source".to_owned(),
+                decided_by: mtls_source.clone(),
+                rule: None,
+                reason: format!("plaintext connection refused: mTLS is STRICT ({by})"),
+                audited: Vec::new(),
+                mtls_mode,
+                mtls_source,
+            });
+        }
+        let mut deny = Found::default();
+        let mut allow = Found::default();
+        let mut allow_applies = false;
+        let mut audited = Vec::new();
+        let mut uncacheable = None;
+        for id in self.applicable(target) {
+            let policy = &self.inner.authz[id as usize];
+            if uncacheable.is_none() {
+                uncacheable = policy.uncacheable.map(|why| (policy, why));
+            }
+            let l7 = match phase {
+                Phase::Connection => L7::Unknown,
+                Phase::Request(r) => L7::Request(r),
+                Phase::Tcp => L7::Tcp {
+                    allow: policy.action == Action::Allow,
+                },
+            };
+            let found = match policy.action {
+                Action::Deny => &mut deny,
+                Action::Allow => {
+                    allow_applies = true;
+                    &mut allow
+                }
+                Action::Audit => {
+                    if matches!(first_match(policy, attrs, l7), Some((Tri::Yes, _))) {
+                        audited.push(policy.reference());
+                    }
+                    continue;
+                }
+            };
+            found.consider(policy, first_match(policy, attrs, l7));
+        }
+        let (allowed, by, reason) = if let Some((p, rule)) = deny.yes {
+            (
+                false,
+                Some((p, rule)),
+                format!("denied by {}, rule {rule}", p.reference()),
+            )
+        } else if allow_applies && allow.yes.is_none() && allow.maybe.is_none() {
+            (
+                false,
+                None,
+                "ALLOW policies apply but none matched".to_owned(),
+            )
+        } else if let Some((p, rule)) = deny.maybe.or(if allow.yes.is_none() {
+            allow.maybe
+        } else {
+            None
+        }) {
+            return Outcome::DependsOnHttp(format!(
+                "{}, rule {rule}, depends on HTTP attributes",
+                p.reference()
+            ));
+        } else if let Some((p, rule)) = allow.yes {
+            (
+                true,
+                Some((p, rule)),
+                format!("allowed by {}, rule {rule}", p.reference()),
+            )
+        } else {
+            (
+                true,
+                None,
+                "no ALLOW policy applies to the workload: allowed by default".to_owned(),
+            )
+        };
+        let (cacheable, cache_reason) = match uncacheable {
+            _ if plaintext => (false, "plaintext source".to_owned()),
+            Some((p, why)) => (false, format!("{} references {why}", p.reference())),
+            None => (
+                true,
+                "depends only on the source identity and the destination workload and port"
+                    .to_owned(),
+            ),
+        };
+        Outcome::Final(Decision {
+            allowed,
+            cacheable,
+            cache_reason,
+            decided_by: by.map(|(p, _)| p.reference()),
+            rule: by.map(|(_, rule)| rule),
+            reason,
+            audited,
+            mtls_mode,
+            mtls_source,
+        })
+    }
+}
+
+/// The first matching policy, and the first that may match depending on HTTP.
+#[derive(Default)]
+struct Found<'p> {
+    yes: Option<(&'p AuthzPolicy, usize)>,
+    maybe: Option<(&'p AuthzPolicy, usize)>,
+}
+
+impl<'p> Found<'p> {
+    fn consider(&mut self, policy: &'p AuthzPolicy, hit: Option<(Tri, usize)>) {
+        match hit {
+            Some((Tri::Yes, rule)) if self.yes.is_none() => self.yes = Some((policy, rule)),
+            Some((Tri::Maybe, rule)) if self.maybe.is_none() => self.maybe = Some((policy, rule)),
+            _ => {}
+        }
+    }
+}
+
+/// The first rule that matches (`Yes`), else the first that may (`Maybe`), with its index.
+fn first_match(policy: &AuthzPolicy, attrs: &Attrs, l7: L7) -> Option<(Tri, usize)> {
+    let mut maybe = None;
+    for (i, rule) in policy.rules.iter().enumerate() {
+        match rule.matches(attrs, l7) {
+            Tri::Yes => return Some((Tri::Yes, i)),
+            Tri::Maybe if maybe.is_none() => maybe = Some((Tri::Maybe, i)),
+            _ => {}
+        }
+    }
+    maybe
+}
+
+fn attrs<'a>(conn: &Connection<'a>) -> Attrs<'a> {
+    Attrs::new(
+        conn.source_principal,
+        conn.source_ip,
+        conn.destination_ip,
+        conn.destination_port,
+    )
+}
+
+fn verdict(allowed: bool) -> &'static str {
+    if allowed { "allowed" } else { "denied" }
+}

@@ -1,0 +1,196 @@
+//! Istio-compatible authorization: `AuthorizationPolicy` and `PeerAuthentication` files loaded
+//! into a [`PolicySet`], which decides connections and HTTP requests exactly as Istio does.
+//!
+//! How a connection is decided ([`engine`]):
+//! 1. The workload's mTLS mode comes from PeerAuthentication ([`peer_auth`]); a plaintext
+//!    connection to a STRICT port is denied there.
+//! 2. The policies that apply to the destination workload are found through an [`index`]:
+//!    those of its namespace whose selector its labels satisfy (or without selector), and those
+//!    of the root namespace (`istio-system` by default), which apply to every namespace.
+//! 3. Their rules are matched ([`matching`]): any matching DENY denies; if no ALLOW policy
+//!    applies, the connection is allowed; otherwise it is allowed only if an ALLOW rule matches.
+//!    Matching AUDIT policies are reported and change nothing.
+//! 4. If the answer depends on HTTP methods, paths or hosts, [`PolicySet::evaluate_connection`]
+//!    says [`ConnectionDecision::NeedsHttp`]: the caller then decides each request with
+//!    [`PolicySet::evaluate_request`], or, if the bytes are not HTTP, the connection with
+//!    [`PolicySet::evaluate_tcp`] (Istio's TCP rules).
+//!
+//! Loading ([`load`], [`compile`]) is all-or-nothing and reports every error as
+//! `file:line:col: field.path: why`. [`cli`] formats `latch policy check` and `explain`.
+
+pub mod cli;
+mod compile;
+mod decision;
+mod engine;
+mod error;
+mod index;
+mod load;
+mod matching;
+pub mod model;
+mod peer_auth;
+
+#[cfg(test)]
+mod reference;
+#[cfg(test)]
+mod tests;
+
+pub use decision::{
+    Action, Connection, ConnectionDecision, Decision, Explanation, HttpRequest, MtlsMode,
+    PolicyKind, PolicyRef, Protocol, Target,
+};
+pub use error::PolicyError;
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use serde::Serialize;
+
+use compile::{AuthzPolicy, PeerAuthPolicy};
+use index::Index;
+
+/// A loaded, checked and indexed set of policies. Cloning is cheap (shared).
+#[derive(Debug, Clone)]
+pub struct PolicySet {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug, Clone)]
+struct Inner {
+    root_namespace: String,
+    default_mtls: MtlsMode,
+    /// Sorted by (namespace, name); positions are the ids used by the indexes.
+    authz: Vec<AuthzPolicy>,
+    peer: Vec<PeerAuthPolicy>,
+    authz_index: Index,
+    peer_index: Index,
+    files: Vec<FileSummary>,
+}
+
+/// What one loaded file held.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FileSummary {
+    pub file: PathBuf,
+    pub authorization_policies: usize,
+    pub peer_authentications: usize,
+}
+
+/// One policy, for the debug API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PolicySummary {
+    pub kind: PolicyKind,
+    pub namespace: String,
+    pub name: String,
+    /// `None` for PeerAuthentication.
+    pub action: Option<Action>,
+    pub rules: usize,
+    pub selector: BTreeMap<String, String>,
+    pub file: PathBuf,
+    pub line: usize,
+}
+
+impl PolicySet {
+    /// No policies: everything is allowed, mTLS is PERMISSIVE.
+    pub fn empty(root_namespace: &str) -> Self {
+        Self::build(root_namespace, Vec::new(), Vec::new(), Vec::new())
+    }
+
+    /// Load every policy in `paths` (files, or directories whose `*.yaml`/`*.yml` files are
+    /// read in name order). Either every document is valid, or all errors are returned.
+    pub fn load(paths: &[PathBuf], root_namespace: &str) -> Result<Self, Vec<PolicyError>> {
+        load::load(paths, root_namespace)
+    }
+
+    /// As [`Self::load`], from in-memory `(file name, text)` pairs.
+    pub fn from_yaml(
+        sources: &[(&Path, &str)],
+        root_namespace: &str,
+    ) -> Result<Self, Vec<PolicyError>> {
+        load::from_texts(sources, root_namespace)
+    }
+
+    /// The mTLS mode used where no PeerAuthentication applies (Istio: PERMISSIVE).
+    pub fn with_default_mtls(mut self, mode: MtlsMode) -> Self {
+        Arc::make_mut(&mut self.inner).default_mtls = mode;
+        self
+    }
+
+    fn build(
+        root_namespace: &str,
+        mut authz: Vec<AuthzPolicy>,
+        mut peer: Vec<PeerAuthPolicy>,
+        files: Vec<FileSummary>,
+    ) -> Self {
+        authz.sort_by(|a, b| {
+            (&a.meta.namespace, &a.meta.name).cmp(&(&b.meta.namespace, &b.meta.name))
+        });
+        peer.sort_by(|a, b| {
+            (&a.meta.namespace, &a.meta.name).cmp(&(&b.meta.namespace, &b.meta.name))
+        });
+        let authz_index = Index::build(
+            authz
+                .iter()
+                .map(|p| (p.meta.namespace.as_str(), &p.selector)),
+        );
+        let peer_index = Index::build(
+            peer.iter()
+                .map(|p| (p.meta.namespace.as_str(), &p.selector)),
+        );
+        Self {
+            inner: Arc::new(Inner {
+                root_namespace: root_namespace.to_owned(),
+                default_mtls: MtlsMode::Permissive,
+                authz,
+                peer,
+                authz_index,
+                peer_index,
+                files,
+            }),
+        }
+    }
+
+    pub fn root_namespace(&self) -> &str {
+        &self.inner.root_namespace
+    }
+
+    /// The number of policies of both kinds.
+    pub fn len(&self) -> usize {
+        self.inner.authz.len() + self.inner.peer.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The files read, in order, with what each held.
+    pub fn files(&self) -> &[FileSummary] {
+        &self.inner.files
+    }
+
+    /// Every policy, AuthorizationPolicies first, each kind by (namespace, name).
+    pub fn summaries(&self) -> Vec<PolicySummary> {
+        let authz = self.inner.authz.iter().map(|p| PolicySummary {
+            kind: PolicyKind::AuthorizationPolicy,
+            namespace: p.meta.namespace.clone(),
+            name: p.meta.name.clone(),
+            action: Some(p.action),
+            rules: p.rules.len(),
+            selector: p.selector.clone(),
+            file: p.meta.file.clone(),
+            line: p.meta.line,
+        });
+        let peer = self.inner.peer.iter().map(|p| PolicySummary {
+            kind: PolicyKind::PeerAuthentication,
+            namespace: p.meta.namespace.clone(),
+            name: p.meta.name.clone(),
+            action: None,
+            rules: 0,
+            selector: p.selector.clone(),
+            file: p.meta.file.clone(),
+            line: p.meta.line,
+        });
+        authz.chain(peer).collect()
+    }
+}

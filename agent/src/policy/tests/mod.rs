@@ -1,0 +1,135 @@
+//! Policy tests: a table of Istio semantics ([`table`]), loading errors ([`errors`]) and the
+//! engine against the reference evaluator ([`props`]). Shared helpers live here.
+
+mod errors;
+mod props;
+mod table;
+
+use std::{collections::BTreeMap, net::IpAddr, path::Path};
+
+use super::{Connection, HttpRequest, PolicySet};
+
+/// Expands the compact policy notation: each document starts with `AP ns/name` or
+/// `PA ns/name`, followed by the lines of its `spec` (none for `spec: {}`).
+pub(super) fn expand(compact: &str) -> String {
+    let mut docs = Vec::new();
+    for line in compact.lines() {
+        let head = line.trim_start();
+        let kind = if head.starts_with("AP ") {
+            Some("AuthorizationPolicy")
+        } else if head.starts_with("PA ") {
+            Some("PeerAuthentication")
+        } else {
+            None
+        };
+        match kind {
+            Some(kind) => {
+                let (ns, name) = head[3..].trim().split_once('/').expect("ns/name");
+                docs.push((
+                    format!(
+                        "apiVersion: security.istio.io/v1\nkind: {kind}\nmetadata:\n  name: {name}\n  namespace: {ns}\n"
+                    ),
+                    String::new(),
+                ));
+            }
+            None if line.trim().is_empty() => {}
+            None => {
+                let doc = docs.last_mut().expect("a header first");
+                doc.1.push_str("  ");
+                doc.1.push_str(line.trim_start_matches("    "));
+                doc.1.push('\n');
+            }
+        }
+    }
+    docs.into_iter()
+        .map(|(head, spec)| {
+            if spec.is_empty() {
+                format!("{head}spec: {{}}\n")
+            } else {
+                format!("{head}spec:\n{spec}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+pub(super) fn set(compact: &str) -> PolicySet {
+    let text = expand(compact);
+    match PolicySet::from_yaml(&[(Path::new("test.yaml"), &text)], "istio-system") {
+        Ok(set) => set,
+        Err(errors) => panic!("{text}\n{errors:#?}"),
+    }
+}
+
+/// A request in compact notation: `ns=prod l:app=pay from=prod/fe|plain sip=IP dip=IP
+/// port=80 m=GET p=/x h=host`.
+pub(super) struct Req {
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+    pub principal: Option<String>,
+    pub source_ip: Option<IpAddr>,
+    pub destination_ip: IpAddr,
+    pub port: u16,
+    pub http: Option<(String, String, String)>,
+}
+
+impl Req {
+    pub(super) fn parse(spec: &str) -> Self {
+        let mut req = Req {
+            namespace: "prod".into(),
+            labels: BTreeMap::new(),
+            principal: Some("spiffe://cluster.local/ns/prod/sa/frontend".into()),
+            source_ip: Some("10.1.2.3".parse().unwrap()),
+            destination_ip: "10.9.0.1".parse().unwrap(),
+            port: 80,
+            http: None,
+        };
+        let (mut m, mut p, mut h) = (None, None, None);
+        for token in spec.split_whitespace() {
+            let (k, v) = token.split_once('=').expect("key=value");
+            match k {
+                "ns" => req.namespace = v.into(),
+                "from" if v == "plain" => req.principal = None,
+                "from" => {
+                    let (ns, sa) = v.split_once('/').expect("ns/sa");
+                    req.principal = Some(format!("spiffe://cluster.local/ns/{ns}/sa/{sa}"));
+                }
+                "id" => req.principal = Some(v.into()),
+                "sip" if v == "none" => req.source_ip = None,
+                "sip" => req.source_ip = Some(v.parse().unwrap()),
+                "dip" => req.destination_ip = v.parse().unwrap(),
+                "port" => req.port = v.parse().unwrap(),
+                "m" => m = Some(v.to_owned()),
+                "p" => p = Some(v.to_owned()),
+                "h" => h = Some(v.to_owned()),
+                label => {
+                    let key = label.strip_prefix("l:").expect("a label l:key=value");
+                    req.labels.insert(key.into(), v.into());
+                }
+            }
+        }
+        if m.is_some() || p.is_some() || h.is_some() {
+            req.http = Some((
+                m.unwrap_or_else(|| "GET".into()),
+                p.unwrap_or_else(|| "/".into()),
+                h.unwrap_or_else(|| "svc.prod".into()),
+            ));
+        }
+        req
+    }
+
+    pub(super) fn connection(&self) -> Connection<'_> {
+        Connection {
+            source_principal: self.principal.as_deref(),
+            source_ip: self.source_ip,
+            destination_ip: self.destination_ip,
+            destination_port: self.port,
+        }
+    }
+
+    pub(super) fn request(&self) -> Option<HttpRequest<'_>> {
+        self.http
+            .as_ref()
+            .map(|(method, path, host)| HttpRequest { method, path, host })
+    }
+}
