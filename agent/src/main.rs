@@ -32,6 +32,95 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// Istio AuthorizationPolicy / PeerAuthentication files: validate, explain decisions.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate policy files and directories; exit 0 if valid, 1 with `file:line:col: field: why`.
+    Check {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// The decision for one connection or request to the workload that owns the destination
+    /// address, per the config's workloads, peers and policies. Exit 0 ALLOW, 3 DENY, 1 error.
+    Explain {
+        /// The node config file (its workloads, peers and policies are used).
+        #[arg(long)]
+        config: PathBuf,
+        /// The source's SPIFFE ID, or `plaintext` for a connection without mTLS.
+        #[arg(long)]
+        from: String,
+        /// The source's IP address (for ipBlocks and source.ip conditions).
+        #[arg(long)]
+        source_ip: Option<std::net::IpAddr>,
+        /// The destination, IP:PORT.
+        #[arg(long)]
+        to: std::net::SocketAddr,
+        #[arg(long)]
+        method: Option<String>,
+        #[arg(long)]
+        path: Option<String>,
+        #[arg(long)]
+        host: Option<String>,
+        /// NAME:VALUE; accepted for compatibility, not evaluated (no supported policy field
+        /// reads request headers).
+        #[arg(long = "header")]
+        headers: Vec<String>,
+    },
+}
+
+/// Exit code of `latch policy explain` for a deny.
+const EXIT_DENY: u8 = 3;
+
+fn policy(command: PolicyCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        PolicyCommand::Check { paths } => {
+            let (text, ok) = latch::policy::cli::check(&paths);
+            if ok {
+                print!("{text}");
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprint!("{text}");
+                Ok(ExitCode::FAILURE)
+            }
+        }
+        PolicyCommand::Explain {
+            config,
+            from,
+            source_ip,
+            to,
+            method,
+            path,
+            host,
+            headers,
+        } => {
+            let snapshot = latch::runtime::offline_snapshot(&config)?;
+            let question = latch::verdicts::decide::Question {
+                from,
+                source_ip,
+                to,
+                method,
+                path,
+                host,
+            };
+            let explanation =
+                latch::verdicts::decide::explain(&snapshot, &question).map_err(anyhow::Error::msg)?;
+            print!("{}", latch::policy::cli::render_explain(&explanation));
+            if !headers.is_empty() {
+                println!("headers: not evaluated (no supported policy field reads them)");
+            }
+            Ok(if explanation.decision.allowed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_DENY)
+            })
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -52,6 +141,13 @@ fn init_logging() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Offline tools print for people; only the agent logs.
+    if let Command::Policy { command } = cli.command {
+        return policy(command).unwrap_or_else(|e| {
+            eprintln!("latch: {e:#}");
+            ExitCode::FAILURE
+        });
+    }
     init_logging();
     let result = match cli.command {
         Command::Agent { config, uninstall } => {
@@ -65,6 +161,7 @@ fn main() -> ExitCode {
                     .and_then(|rt| rt.block_on(latch::runtime::run(&config)))
             }
         }
+        Command::Policy { .. } => unreachable!("handled above"),
         Command::Ca {
             command: CaCommand::Init { dir },
         } => latch::identity::ca::init(&dir)

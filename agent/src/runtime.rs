@@ -1,10 +1,12 @@
 //! The `latch agent` process: install the datapath, bring the kernel maps and the per-pod
-//! listeners in line with the config, then serve until SIGTERM, reloading on SIGHUP and when the
-//! config file changes.
+//! listeners in line with the config and its policies, then serve until SIGTERM, reloading on
+//! SIGHUP and when the config file or a policy file changes.
 //!
-//! A reload is prepared completely (parse, validate, resolve cgroups, open namespaces and
-//! listeners) before anything running is touched; if any step fails the agent logs why and keeps
-//! the last good state.
+//! A reload is prepared completely (parse, validate, load every policy, resolve cgroups, open
+//! namespaces and listeners) before anything running is touched; if any step fails the agent
+//! logs why and keeps the last good state. Once a new state is in place, every cached verdict it
+//! would not cache the same way is removed from the kernel and every open connection it no
+//! longer allows is closed, and only then is the reload reported as applied.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -24,16 +26,17 @@ use tokio::{
 
 use crate::{
     capture::{NetnsWorker, PodListeners, inbound, outbound, tunneled},
-    config::{CertificateSource, Config, DataplaneMode},
+    config::{CertificateSource, Config, DataplaneMode, MtlsMode},
     datapath::{Datapath, DatapathSettings, install::inbound_link_name, system},
     identity::{
         LocalWorkload, Registry,
         ca::DevCa,
         certs::{CertStore, Source},
     },
+    policy::{self, PolicySet},
     state::{SharedState, Snapshot},
     tunnel::{hbone::TunnelClient, tracked::Tracker},
-    verdicts::{SharedMaps, VerdictCache, lock},
+    verdicts::{SharedMaps, VerdictCache, decide, lock},
 };
 
 /// How often the config file is checked for changes (SIGHUP reloads at once), and certificates
@@ -74,6 +77,31 @@ struct Agent {
     certs: Arc<CertStore>,
     tunnel: TunnelClient,
     tracker: Tracker,
+}
+
+/// The policy files of `config`, relative paths taken from the config file's directory.
+fn policy_paths(config_path: &Path, config: &Config) -> Vec<PathBuf> {
+    let base = config_path.parent().unwrap_or(Path::new("."));
+    config.policies.iter().map(|p| base.join(p)).collect()
+}
+
+/// Load every policy the config names (all or nothing).
+pub fn load_policies(config_path: &Path, config: &Config) -> anyhow::Result<PolicySet> {
+    let default_mtls = match config.mtls.mode {
+        MtlsMode::Strict => policy::MtlsMode::Strict,
+        MtlsMode::Permissive => policy::MtlsMode::Permissive,
+    };
+    PolicySet::load(&policy_paths(config_path, config), &config.root_namespace)
+        .map(|set| set.with_default_mtls(default_mtls))
+        .map_err(|errors| {
+            let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            anyhow::anyhow!(
+                "{} policy error{}:\n{}",
+                errors.len(),
+                if errors.len() == 1 { "" } else { "s" },
+                lines.join("\n")
+            )
+        })
 }
 
 /// The certificate store for the config's `certificates` section.
@@ -124,10 +152,15 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     certs
         .ensure(&identities(&registry))
         .with_context(|| format!("{}: certificates", config_path.display()))?;
+    let policies = load_policies(config_path, &config)?;
     let prepared = prepare(config_path, &config, &registry, &BTreeMap::new())?;
     let mut datapath = Datapath::install(settings(&config)).context("installing the datapath")?;
     let maps: SharedMaps = Arc::new(Mutex::new(datapath.maps()?));
-    let state = SharedState::new(Snapshot { config, registry });
+    let state = SharedState::new(Snapshot {
+        config,
+        registry,
+        policies,
+    });
     let mut agent = Agent {
         config_path: config_path.to_owned(),
         cache: VerdictCache::new(maps.clone()),
@@ -147,6 +180,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         node = %snapshot.config.node.name,
         workloads = snapshot.registry.workloads.len(),
         endpoints = snapshot.registry.endpoints.len(),
+        policies = snapshot.policies.len(),
         pin_dir = %snapshot.config.bpf_pin_dir.display(),
         "agent ready"
     );
@@ -155,20 +189,20 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
     let mut watch = tokio::time::interval(WATCH_INTERVAL);
-    let mut last_seen = file_stamp(config_path);
+    let mut last_seen = agent.watched_stamps();
     loop {
         tokio::select! {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             _ = sighup.recv() => {
-                last_seen = file_stamp(config_path);
+                last_seen = agent.watched_stamps();
                 agent.reload("SIGHUP");
             }
             _ = watch.tick() => {
-                let stamp = file_stamp(config_path);
-                if stamp != last_seen {
-                    last_seen = stamp;
-                    agent.reload("config file changed");
+                let stamps = agent.watched_stamps();
+                if stamps != last_seen {
+                    last_seen = stamps;
+                    agent.reload("config or policy file changed");
                 }
                 agent.rotate_certificates();
             }
@@ -176,6 +210,20 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     }
     tracing::info!("agent stopping; programs and maps stay pinned, enforcement continues");
     Ok(())
+}
+
+/// The state a config file describes (config, registry, policies), without touching the
+/// kernel: what `latch policy explain` evaluates against.
+pub fn offline_snapshot(config_path: &Path) -> anyhow::Result<Snapshot> {
+    let config = Config::load(config_path)?;
+    let registry =
+        Registry::from_config(&config).with_context(|| format!("{}", config_path.display()))?;
+    let policies = load_policies(config_path, &config)?;
+    Ok(Snapshot {
+        config,
+        registry,
+        policies,
+    })
 }
 
 /// Remove everything the agent pinned for this config.
@@ -186,12 +234,35 @@ pub fn uninstall(config_path: &Path) -> anyhow::Result<()> {
 }
 
 /// Modification time and length: enough to notice an edit or a replaced file.
-fn file_stamp(path: &Path) -> Option<(std::time::SystemTime, u64)> {
+type Stamp = Option<(std::time::SystemTime, u64)>;
+
+fn file_stamp(path: &Path) -> Stamp {
     let meta = std::fs::metadata(path).ok()?;
     Some((meta.modified().ok()?, meta.len()))
 }
 
+/// Stamps of `path` and, for a directory, of each entry in it (files added, removed or edited).
+fn stamps_under(path: &Path, out: &mut Vec<(PathBuf, Stamp)>) {
+    out.push((path.to_owned(), file_stamp(path)));
+    if let Ok(entries) = std::fs::read_dir(path) {
+        let mut names: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        names.sort();
+        for name in names {
+            out.push((name.clone(), file_stamp(&name)));
+        }
+    }
+}
+
 impl Agent {
+    /// Stamps of the config file and of every policy file and directory it names.
+    fn watched_stamps(&self) -> Vec<(PathBuf, Stamp)> {
+        let mut out = vec![(self.config_path.clone(), file_stamp(&self.config_path))];
+        for path in policy_paths(&self.config_path, &self.state.get().config) {
+            stamps_under(&path, &mut out);
+        }
+        out
+    }
+
     /// Rotate SVIDs that are due; failures keep the current SVID and are reported.
     fn rotate_certificates(&self) {
         let (_rotated, failed) = self.certs.refresh(std::time::SystemTime::now());
@@ -231,11 +302,16 @@ impl Agent {
         }
         let registry = Registry::from_config(&config)
             .with_context(|| format!("{}", self.config_path.display()))?;
+        let policies = load_policies(&self.config_path, &config)?;
         self.certs
             .ensure(&identities(&registry))
             .with_context(|| format!("{}: certificates", self.config_path.display()))?;
         let prepared = prepare(&self.config_path, &config, &registry, &self.pods)?;
-        self.state.replace(Snapshot { config, registry });
+        self.state.replace(Snapshot {
+            config,
+            registry,
+            policies,
+        });
         self.commit(prepared)
     }
 
@@ -320,15 +396,24 @@ impl Agent {
             self.pods.insert(pod.workload.id.clone(), pod);
         }
 
-        let registry = &snapshot.registry;
-        self.certs.retain(&identities(registry));
-        let revoked = self
-            .cache
-            .revoke_unknown(|k| registry.identity(k).is_some())?;
-        if revoked > 0 {
+        self.certs.retain(&identities(&snapshot.registry));
+        self.enforce(&snapshot)
+    }
+
+    /// Bring what is cached and open in line with `snapshot`: remove every cached verdict it
+    /// would not cache the same way, close every carried connection it no longer allows.
+    fn enforce(&self, snapshot: &Snapshot) -> anyhow::Result<()> {
+        let started = std::time::Instant::now();
+        let revoked = self.cache.revoke_stale(snapshot)?;
+        let closed = self
+            .tracker
+            .close_where(|info| !decide::still_allowed(snapshot, info));
+        if revoked > 0 || closed > 0 {
             tracing::info!(
                 revoked,
-                "removed cached verdicts of identities that are gone"
+                closed,
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "revoked cached verdicts and closed connections the new state no longer allows"
             );
         }
         Ok(())

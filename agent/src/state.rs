@@ -1,15 +1,17 @@
-//! The agent's current view of the world: the config it runs with and the registry built from
-//! it. Replaced as a whole on a successful reload; readers take a cheap snapshot.
+//! The agent's current view of the world: the config it runs with, the registry built from it
+//! and the policies it names. Replaced as a whole on a successful reload; readers take a cheap
+//! snapshot.
 
 use std::sync::{Arc, RwLock};
 
-use crate::{config::Config, identity::Registry};
+use crate::{config::Config, identity::Registry, policy::PolicySet};
 
-/// One consistent config + registry.
+/// One consistent config + registry + policy set.
 #[derive(Debug)]
 pub struct Snapshot {
     pub config: Config,
     pub registry: Registry,
+    pub policies: PolicySet,
 }
 
 /// Shared, swappable snapshot.

@@ -1,5 +1,7 @@
-//! Echo servers inside pods: accept on `[::]:port` (IPv4 and IPv6), read until the client
-//! half-closes, answer with what was read, and remember every peer address.
+//! Servers inside pods: accept on `[::]:port` (IPv4 and IPv6) and remember every peer address.
+//! The echo server reads until the client half-closes and answers with what was read; the HTTP
+//! server answers one HTTP/1.1 request per connection with `200` and a body of the request's
+//! method and path (`POST /v1/pay`), so a test sees which requests reached the application.
 
 use std::{
     io::{Read as _, Write as _},
@@ -30,8 +32,67 @@ fn unmap(addr: SocketAddr) -> SocketAddr {
     }
 }
 
+/// Answer one connection.
+type Handler = fn(std::net::TcpStream);
+
+fn echo(mut stream: std::net::TcpStream) {
+    let mut buf = Vec::new();
+    if stream.read_to_end(&mut buf).is_ok() {
+        let _ = stream.write_all(&buf);
+    }
+}
+
+/// One HTTP/1.1 request (head, and a body of `Content-Length` bytes), answered and closed.
+fn http(mut stream: std::net::TcpStream) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let length: usize = head
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or(0);
+    while buf.len() < head_end + length {
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let mut words = head.split_whitespace();
+    let body = format!(
+        "{} {}",
+        words.next().unwrap_or_default(),
+        words.next().unwrap_or_default()
+    );
+    let _ = write!(
+        stream,
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+}
+
 impl EchoServer {
+    /// An echo server.
     pub fn start(netns_path: &Path, port: u16) -> anyhow::Result<Self> {
+        Self::start_with(netns_path, port, echo)
+    }
+
+    /// The HTTP server described above.
+    pub fn start_http(netns_path: &Path, port: u16) -> anyhow::Result<Self> {
+        Self::start_with(netns_path, port, http)
+    }
+
+    fn start_with(netns_path: &Path, port: u16, handler: Handler) -> anyhow::Result<Self> {
         let listener = netns::in_netns(netns_path, move || {
             let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
             socket.set_only_v6(false)?;
@@ -47,17 +108,12 @@ impl EchoServer {
             let listener = listener.clone();
             let peers = peers.clone();
             std::thread::spawn(move || {
-                while let Ok((mut stream, peer)) = listener.accept() {
+                while let Ok((stream, peer)) = listener.accept() {
                     peers
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .push(unmap(peer));
-                    std::thread::spawn(move || {
-                        let mut buf = Vec::new();
-                        if stream.read_to_end(&mut buf).is_ok() {
-                            let _ = stream.write_all(&buf);
-                        }
-                    });
+                    std::thread::spawn(move || handler(stream));
                 }
             })
         };

@@ -156,7 +156,7 @@ fn redirect_bookkeeping_is_removed_when_sockets_close() {
             // Every first connection of a pair per family is redirected; expire the cache in
             // between by flushing it so each goes through the agent.
             maps(&cluster, n1)
-                .remove_verdicts_where(|_| true)
+                .remove_verdicts_where(|_, _| true)
                 .expect("flush");
             let r = cluster.probe(client, addr, Some("x")).expect("probe");
             assert!(r.ok && r.echo.as_deref() == Some("x"), "{r:?}");

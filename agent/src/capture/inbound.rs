@@ -19,9 +19,9 @@ use super::{
     tunneled::deliver,
 };
 use crate::{
-    config::MtlsMode,
     identity::LocalWorkload,
     metrics::access,
+    policy::MtlsMode,
     state::SharedState,
     tunnel::{
         splice::reset,
@@ -122,7 +122,10 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &InboundContext) {
         },
         source_address: Some(peer),
         policy,
-        reason: format!("plaintext accepted (mTLS {mode:?} from {mode_source}); {reason}"),
+        reason: format!(
+            "plaintext accepted (mTLS {} from {mode_source}); {reason}",
+            mode.as_str()
+        ),
     };
     if http {
         let party = HttpParty {

@@ -186,13 +186,14 @@ impl KernelMaps {
     /// Remove every verdict matching `pred`; returns how many were removed.
     pub fn remove_verdicts_where(
         &mut self,
-        mut pred: impl FnMut(&VerdictKey) -> bool,
+        mut pred: impl FnMut(&VerdictKey, &VerdictValue) -> bool,
     ) -> Result<usize, DatapathError> {
         let keys: Vec<VerdictKey> = self
             .verdicts
-            .keys()
+            .iter()
             .filter_map(Result::ok)
-            .filter(|k| pred(k))
+            .filter(|(k, v)| pred(k, v))
+            .map(|(k, _)| k)
             .collect();
         for key in &keys {
             self.remove_verdict(key)?;

@@ -31,6 +31,8 @@ pub struct Endpoint {
     pub name: String,
     pub namespace: String,
     pub identity: SpiffeId,
+    /// The pod's labels (policy selectors match them).
+    pub labels: BTreeMap<String, String>,
     pub local: bool,
     /// Node address for remote endpoints.
     pub node: Option<IpAddr>,
@@ -63,6 +65,7 @@ impl Registry {
                         name: w.name.clone(),
                         namespace: w.namespace.clone(),
                         identity: identity.clone(),
+                        labels: w.labels.clone(),
                         local: true,
                         node: None,
                     },
@@ -89,6 +92,7 @@ impl Registry {
                         name: p.name.clone(),
                         namespace: p.namespace.clone(),
                         identity: identity.clone(),
+                        labels: p.labels.clone(),
                         local: false,
                         node: Some(p.node),
                     },
@@ -121,6 +125,18 @@ impl Registry {
 
     pub fn workload(&self, id: &str) -> Option<&LocalWorkload> {
         self.workloads.iter().find(|w| w.id == id)
+    }
+
+    /// Every pod (local or peer) that carries `identity`, once each (a pod with several IPs
+    /// is one pod), in a stable order.
+    pub fn pods_of(&self, identity: IdentityKey) -> Vec<(IpAddr, &Endpoint)> {
+        let mut pods: BTreeMap<(&str, &str), (IpAddr, &Endpoint)> = BTreeMap::new();
+        for (ip, e) in &self.endpoints {
+            if e.identity.key() == identity {
+                pods.insert((e.namespace.as_str(), e.name.as_str()), (*ip, e));
+            }
+        }
+        pods.into_values().collect()
     }
 }
 

@@ -1,31 +1,67 @@
 //! What the policy says, in the terms the enforcement points need: a decision for one
-//! connection to a local workload (or "read its HTTP requests first"), a decision for one HTTP
-//! request, the PeerAuthentication mode for a workload's port, and the verdict that may be
-//! cached for an identity pair.
+//! connection to a workload (or "read its HTTP requests first"), a decision for one HTTP
+//! request, the PeerAuthentication mode for a workload's port, the verdict that may be cached
+//! for an identity pair, and whether an open connection is still allowed.
 //!
 //! The kernel caches verdicts per (source identity, destination identity, port), so a verdict
-//! is cacheable only if the policy gives the same cacheable answer for every workload that
-//! carries the destination identity (local workloads and peers alike): two pods of one service
-//! account with different labels, and so different policies, are never cached as one.
+//! is cacheable only if the policy gives the same cacheable answer for every pod that carries
+//! the destination identity (local workloads and peers alike): two pods of one service account
+//! with different labels, and so different policies, are never cached as one.
 
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+};
 
 use crate::{
-    config::MtlsMode,
     identity::{IdentityKey, LocalWorkload},
+    policy::{
+        Connection, ConnectionDecision, Decision, Explanation, HttpRequest, MtlsMode, PolicySet,
+        Target,
+    },
     state::Snapshot,
-    tunnel::http::RequestHead,
+    tunnel::{http::RequestHead, tracked::ConnInfo},
+    verdicts::Direction,
 };
 
 /// A decision and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Judgement {
     pub allowed: bool,
-    /// The verdict holds for every connection of the identity pair to this port.
+    /// The verdict holds for every connection with the same source identity, destination
+    /// workload and port (the engine's view; [`pair`] widens it to the identity).
     pub cacheable: bool,
-    /// `namespace/name` of the deciding policy, empty if none.
+    /// `namespace/name` of the deciding policy (and rule), empty if none.
     pub policy: String,
     pub reason: String,
+}
+
+impl From<Decision> for Judgement {
+    fn from(d: Decision) -> Self {
+        let policy = d
+            .decided_by
+            .as_ref()
+            .map(|p| match d.rule {
+                Some(rule) => format!("{}/{} rule {rule}", p.namespace, p.name),
+                None => format!("{}/{}", p.namespace, p.name),
+            })
+            .unwrap_or_default();
+        let mut reason = d.reason;
+        if !d.audited.is_empty() {
+            let audited: Vec<String> = d
+                .audited
+                .iter()
+                .map(|p| format!("{}/{}", p.namespace, p.name))
+                .collect();
+            reason = format!("{reason}; audited by {}", audited.join(", "));
+        }
+        Self {
+            allowed: d.allowed,
+            cacheable: d.cacheable,
+            policy,
+            reason,
+        }
+    }
 }
 
 /// The decision for a connection, before any bytes are read.
@@ -36,52 +72,191 @@ pub enum Outcome {
     Http,
 }
 
-/// The connection from `source` (a verified SPIFFE ID, `None` for plaintext) at `source_ip` to
-/// `target`, one of `workload`'s addresses.
-pub fn connection(
-    _snapshot: &Snapshot,
-    _workload: &LocalWorkload,
+fn target<'a>(namespace: &'a str, labels: &'a BTreeMap<String, String>) -> Target<'a> {
+    Target { namespace, labels }
+}
+
+fn evaluate(
+    policies: &PolicySet,
+    to: &Target<'_>,
     source: Option<&str>,
-    _source_ip: Option<IpAddr>,
-    _target: SocketAddr,
+    source_ip: Option<IpAddr>,
+    destination: SocketAddr,
 ) -> Outcome {
-    Outcome::Decided(Judgement {
-        allowed: true,
-        cacheable: source.is_some(),
-        policy: String::new(),
-        reason: "no policy engine".into(),
-    })
+    let conn = Connection {
+        source_principal: source,
+        source_ip,
+        destination_ip: destination.ip(),
+        destination_port: destination.port(),
+    };
+    match policies.evaluate_connection(to, &conn) {
+        ConnectionDecision::Decided(d) => Outcome::Decided(d.into()),
+        ConnectionDecision::NeedsHttp { .. } => Outcome::Http,
+    }
+}
+
+/// The connection from `source` (a verified SPIFFE ID, `None` for plaintext) at `source_ip` to
+/// `destination`, one of `workload`'s addresses.
+pub fn connection(
+    snapshot: &Snapshot,
+    workload: &LocalWorkload,
+    source: Option<&str>,
+    source_ip: Option<IpAddr>,
+    destination: SocketAddr,
+) -> Outcome {
+    let to = target(&workload.namespace, &workload.labels);
+    evaluate(&snapshot.policies, &to, source, source_ip, destination)
 }
 
 /// One HTTP request on a connection whose outcome was [`Outcome::Http`].
 pub fn request(
-    _snapshot: &Snapshot,
-    _workload: &LocalWorkload,
-    _source: Option<&str>,
-    _source_ip: Option<IpAddr>,
-    _target: SocketAddr,
-    _head: &RequestHead,
+    snapshot: &Snapshot,
+    workload: &LocalWorkload,
+    source: Option<&str>,
+    source_ip: Option<IpAddr>,
+    destination: SocketAddr,
+    head: &RequestHead,
 ) -> Judgement {
-    Judgement {
-        allowed: true,
-        cacheable: false,
-        policy: String::new(),
-        reason: "no policy engine".into(),
-    }
+    let conn = Connection {
+        source_principal: source,
+        source_ip,
+        destination_ip: destination.ip(),
+        destination_port: destination.port(),
+    };
+    let request = HttpRequest {
+        method: &head.method,
+        path: &head.path,
+        host: &head.host,
+    };
+    let to = target(&workload.namespace, &workload.labels);
+    snapshot
+        .policies
+        .evaluate_request(&to, &conn, &request)
+        .into()
 }
 
-/// The mTLS mode for `workload`'s `port`, and what set it.
-pub fn mtls_mode(snapshot: &Snapshot, _workload: &LocalWorkload, _port: u16) -> (MtlsMode, String) {
-    (snapshot.config.mtls.mode, "config mtls.mode".into())
+/// The mTLS mode for `workload`'s `port`, and what set it (a PeerAuthentication, or the
+/// config's mesh default).
+pub fn mtls_mode(snapshot: &Snapshot, workload: &LocalWorkload, port: u16) -> (MtlsMode, String) {
+    let to = target(&workload.namespace, &workload.labels);
+    let (mode, source) = snapshot.policies.mtls_mode(&to, port);
+    let source = source
+        .map(|p| format!("PeerAuthentication {}/{}", p.namespace, p.name))
+        .unwrap_or_else(|| "the mesh default (config mtls.mode)".to_owned());
+    (mode, source)
 }
 
 /// The verdict that may be cached for (`source`, `destination`, `port`): `Some(true)` allow,
-/// `Some(false)` deny, `None` if nothing may be cached.
+/// `Some(false)` deny, `None` if nothing may be cached (the decision depends on more than the
+/// pair, differs between the pods of the destination identity, or no pod carries it).
 pub fn pair(
     snapshot: &Snapshot,
-    _source: &str,
+    source: &str,
     destination: IdentityKey,
-    _port: u16,
+    port: u16,
 ) -> Option<bool> {
-    snapshot.registry.identity(destination).map(|_| true)
+    let mut verdict = None;
+    for (ip, pod) in snapshot.registry.pods_of(destination) {
+        let to = target(&pod.namespace, &pod.labels);
+        let allowed = match evaluate(
+            &snapshot.policies,
+            &to,
+            Some(source),
+            None,
+            SocketAddr::new(ip, port),
+        ) {
+            Outcome::Decided(j) if j.cacheable => j.allowed,
+            _ => return None,
+        };
+        if verdict.is_some_and(|v| v != allowed) {
+            return None;
+        }
+        verdict = Some(allowed);
+    }
+    verdict
+}
+
+/// Does the current state still allow the open connection `info`?
+pub fn still_allowed(snapshot: &Snapshot, info: &ConnInfo) -> bool {
+    let destination = info.destination_address;
+    let Some(pod) = snapshot.registry.endpoint(&destination.ip()) else {
+        return false;
+    };
+    if pod.identity.to_string() != info.destination {
+        return false;
+    }
+    let source = (!info.source.is_empty()).then_some(info.source.as_str());
+    if source.is_some_and(|s| {
+        snapshot
+            .registry
+            .identity(IdentityKey::of(s))
+            .is_none()
+    }) {
+        return false;
+    }
+    let to = target(&pod.namespace, &pod.labels);
+    if source.is_none() && snapshot.policies.mtls_mode(&to, destination.port()).0 == MtlsMode::Strict
+    {
+        return false;
+    }
+    match evaluate(&snapshot.policies, &to, source, info.source_ip, destination) {
+        Outcome::Decided(j) => j.allowed,
+        // Per-request enforcement goes on with the current policy; a connection spliced at the
+        // destination cannot be, so it is closed. The source side of a tunnel leaves it to the
+        // destination.
+        Outcome::Http => info.path == "http" || info.direction == Direction::Outbound,
+    }
+}
+
+/// The question `latch policy explain` and `GET /v1/explain` answer.
+#[derive(Clone, Debug)]
+pub struct Question {
+    /// A SPIFFE ID, or `plaintext` for a connection without mTLS.
+    pub from: String,
+    pub source_ip: Option<IpAddr>,
+    pub to: SocketAddr,
+    pub method: Option<String>,
+    pub path: Option<String>,
+    pub host: Option<String>,
+}
+
+/// The decision for `question` against the workload that owns its destination address (a
+/// local workload or a peer), with the deciding policy and rule. Errors name the bad input.
+pub fn explain(snapshot: &Snapshot, question: &Question) -> Result<Explanation, String> {
+    let source = match question.from.as_str() {
+        "plaintext" => None,
+        id => {
+            crate::identity::spiffe::SpiffeUri::parse(id)
+                .map_err(|e| format!("--from {id:?}: {e}"))?;
+            Some(id)
+        }
+    };
+    let destination = SocketAddr::new(
+        crate::capture::tunneled::unmap_ip(question.to.ip()),
+        question.to.port(),
+    );
+    let pod = snapshot
+        .registry
+        .endpoint(&destination.ip())
+        .ok_or_else(|| {
+            format!(
+                "--to {}: no workload or peer in the config has this address",
+                question.to.ip()
+            )
+        })?;
+    let to = target(&pod.namespace, &pod.labels);
+    let conn = Connection {
+        source_principal: source,
+        source_ip: question.source_ip,
+        destination_ip: destination.ip(),
+        destination_port: destination.port(),
+    };
+    let any_request =
+        question.method.is_some() || question.path.is_some() || question.host.is_some();
+    let request = any_request.then(|| HttpRequest {
+        method: question.method.as_deref().unwrap_or("GET"),
+        path: question.path.as_deref().unwrap_or("/"),
+        host: question.host.as_deref().unwrap_or(""),
+    });
+    Ok(snapshot.policies.explain(&to, &conn, request.as_ref()))
 }

@@ -5,6 +5,7 @@
 pub mod decide;
 
 use std::{
+    collections::HashMap,
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
@@ -14,8 +15,10 @@ use latch_common::{
 };
 
 use crate::{
+    config::DataplaneMode,
     datapath::{DatapathError, KernelMaps, system},
     identity::IdentityKey,
+    state::Snapshot,
 };
 
 /// Which side of the connection this node is on.
@@ -98,13 +101,38 @@ impl VerdictCache {
         lock(&self.maps).insert_verdict(pair.key(), value)
     }
 
-    /// Remove every cached verdict that involves an identity not in `known`.
-    pub fn revoke_unknown(
-        &self,
-        known: impl Fn(IdentityKey) -> bool,
-    ) -> Result<usize, DatapathError> {
-        lock(&self.maps).remove_verdicts_where(|k| {
-            !known(IdentityKey(k.src_identity)) || !known(IdentityKey(k.dst_identity))
+    /// Remove every cached verdict that the current state would not cache the same way: an
+    /// identity is gone, the dataplane no longer caches, or the policy's verdict for the pair
+    /// changed or stopped being cacheable. Allows and denies alike; returns how many.
+    pub fn revoke_stale(&self, snapshot: &Snapshot) -> Result<usize, DatapathError> {
+        let fastpath = snapshot.config.dataplane.mode == DataplaneMode::Fastpath;
+        let mut wanted: HashMap<(u64, u64, u16), Option<bool>> = HashMap::new();
+        lock(&self.maps).remove_verdicts_where(|k, v| {
+            if !fastpath {
+                return true;
+            }
+            let Some(source) = snapshot.registry.identity(IdentityKey(k.src_identity)) else {
+                return true;
+            };
+            let want = *wanted
+                .entry((k.src_identity, k.dst_identity, k.port))
+                .or_insert_with(|| {
+                    decide::pair(
+                        snapshot,
+                        &source.to_string(),
+                        IdentityKey(k.dst_identity),
+                        k.port,
+                    )
+                });
+            want != Some(v.decision == DECISION_ALLOW)
         })
+    }
+
+    /// Remove the cached verdicts matching `pred` (a debug flush); returns how many.
+    pub fn flush_where(
+        &self,
+        pred: impl Fn(&VerdictKey) -> bool,
+    ) -> Result<usize, DatapathError> {
+        lock(&self.maps).remove_verdicts_where(|k, _| pred(k))
     }
 }

@@ -159,7 +159,7 @@ fn tunnel(count: usize, samples: usize, mib: usize) -> anyhow::Result<TunnelRepo
     for _ in 0..samples {
         for node in [n1, n2] {
             latch::datapath::KernelMaps::open_pinned(&cluster.node(node).pin_dir)?
-                .remove_verdicts_where(|_| true)?;
+                .remove_verdicts_where(|_, _| true)?;
         }
         cluster.agent(n1).restart()?;
         first.push(run_rate(&cluster, client, server, 1, "first connection")?.p50_us);
