@@ -41,7 +41,8 @@ enum Phase<'a> {
 
 /// A decision, or why it depends on the request.
 enum Outcome {
-    Final(Decision),
+    /// The decision, and whether an applicable policy has L7 fields.
+    Final(Decision, bool),
     DependsOnHttp(String),
 }
 
@@ -51,8 +52,10 @@ impl PolicySet {
         let attrs = attrs(conn);
         match self.decide(target, &attrs, Phase::Connection) {
             Outcome::DependsOnHttp(reason) => ConnectionDecision::NeedsHttp { reason },
-            Outcome::Final(decision) => match self.decide(target, &attrs, Phase::Tcp) {
-                Outcome::Final(tcp) if tcp.allowed != decision.allowed => {
+            // Without L7 fields anywhere, TCP rules are the same rules.
+            Outcome::Final(decision, false) => ConnectionDecision::Decided(decision),
+            Outcome::Final(decision, true) => match self.decide(target, &attrs, Phase::Tcp) {
+                Outcome::Final(tcp, _) if tcp.allowed != decision.allowed => {
                     ConnectionDecision::NeedsHttp {
                         reason: format!(
                             "{} for any HTTP request, but {} for a non-HTTP connection ({})",
@@ -124,7 +127,7 @@ impl PolicySet {
 
     fn final_decision(&self, target: &Target, conn: &Connection, phase: Phase) -> Decision {
         match self.decide(target, &attrs(conn), phase) {
-            Outcome::Final(decision) => decision,
+            Outcome::Final(decision, _) => decision,
             // Unreachable: with the request known, or as TCP, every rule is Yes or No.
             Outcome::DependsOnHttp(reason) => self.denied_internal(reason),
         }
@@ -170,28 +173,33 @@ impl PolicySet {
             let by = mtls_source
                 .as_ref()
                 .map_or_else(|| "the default mode".to_owned(), ToString::to_string);
-            return Outcome::Final(Decision {
-                allowed: false,
-                cacheable: false,
-                cache_reason: "plaintext source".to_owned(),
-                decided_by: mtls_source.clone(),
-                rule: None,
-                reason: format!("plaintext connection refused: mTLS is STRICT ({by})"),
-                audited: Vec::new(),
-                mtls_mode,
-                mtls_source,
-            });
+            return Outcome::Final(
+                Decision {
+                    allowed: false,
+                    cacheable: false,
+                    cache_reason: "plaintext source".to_owned(),
+                    decided_by: mtls_source.clone(),
+                    rule: None,
+                    reason: format!("plaintext connection refused: mTLS is STRICT ({by})"),
+                    audited: Vec::new(),
+                    mtls_mode,
+                    mtls_source,
+                },
+                false,
+            );
         }
         let mut deny = Found::default();
         let mut allow = Found::default();
         let mut allow_applies = false;
         let mut audited = Vec::new();
         let mut uncacheable = None;
+        let mut has_l7 = false;
         for id in self.applicable(target) {
             let policy = &self.inner.authz[id as usize];
             if uncacheable.is_none() {
                 uncacheable = policy.uncacheable.map(|why| (policy, why));
             }
+            has_l7 |= policy.rules.iter().any(|r| r.has_l7());
             let l7 = match phase {
                 Phase::Connection => L7::Unknown,
                 Phase::Request(r) => L7::Request(r),
@@ -257,7 +265,7 @@ impl PolicySet {
                     .to_owned(),
             ),
         };
-        Outcome::Final(Decision {
+        let decision = Decision {
             allowed,
             cacheable,
             cache_reason,
@@ -267,7 +275,8 @@ impl PolicySet {
             audited,
             mtls_mode,
             mtls_source,
-        })
+        };
+        Outcome::Final(decision, has_l7)
     }
 }
 

@@ -331,11 +331,12 @@ fn directory_with_one_bad_file_loads_nothing() {
     )
     .unwrap();
     std::fs::write(dir.join("notes.txt"), "not yaml: [").unwrap();
-    let errors = PolicySet::load(&[dir.clone()], "istio-system").expect_err("a bad file");
+    let errors =
+        PolicySet::load(std::slice::from_ref(&dir), "istio-system").expect_err("a bad file");
     assert_eq!(errors.len(), 1, "{errors:?}");
     assert_eq!(errors[0].file(), dir.join("b.yml"));
     assert_eq!(errors[0].line(), Some(7));
-    let (out, ok) = cli::check(&[dir.clone()]);
+    let (out, ok) = cli::check(std::slice::from_ref(&dir));
     assert!(!ok);
     assert!(
         out.contains("b.yml:7:3: spec.action: unknown action \"NOPE\""),
@@ -354,7 +355,7 @@ fn check_lists_files() {
     )
     .unwrap();
     std::fs::write(dir.join("empty.yaml"), "# nothing\n---\n").unwrap();
-    let (out, ok) = cli::check(&[dir.clone()]);
+    let (out, ok) = cli::check(std::slice::from_ref(&dir));
     assert!(ok, "{out}");
     assert!(
         out.contains("a.yaml: ok: 1 AuthorizationPolicy, 1 PeerAuthentication\n"),
