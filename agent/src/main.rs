@@ -108,8 +108,8 @@ fn policy(command: PolicyCommand) -> anyhow::Result<ExitCode> {
                 path,
                 host,
             };
-            let explanation =
-                latch::verdicts::decide::explain(&snapshot, &question).map_err(anyhow::Error::msg)?;
+            let explanation = latch::verdicts::decide::explain(&snapshot, &question)
+                .map_err(anyhow::Error::msg)?;
             print!("{}", latch::policy::cli::render_explain(&explanation));
             if !headers.is_empty() {
                 println!("headers: not evaluated (no supported policy field reads them)");

@@ -574,6 +574,17 @@ impl Cluster {
         EchoServer::start(&self.pod(pod).netns(), port)
     }
 
+    /// An HTTP server on `port` inside the pod's netns (see [`EchoServer::start_http`]).
+    pub fn http_server(&self, pod: PodId, port: u16) -> anyhow::Result<EchoServer> {
+        EchoServer::start_http(&self.pod(pod).netns(), port)
+    }
+
+    /// The cluster's own directory (removed at teardown), for files a test shares between
+    /// nodes, such as policies.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     pub fn nodes(&self) -> impl Iterator<Item = (NodeId, &Node)> {
         self.nodes.iter().enumerate().map(|(i, n)| (NodeId(i), n))
     }

@@ -35,7 +35,7 @@ use crate::{
         splice::reset,
         tracked::{ConnInfo, Tracker},
     },
-    verdicts::{Direction, Pair, SharedMaps, VerdictCache, lock},
+    verdicts::{Direction, Pair, SharedMaps, VerdictCache, decide, lock},
 };
 
 /// How long the agent waits for the tunnel to the destination to open.
@@ -132,22 +132,31 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
         port: dst.port(),
         direction: Direction::Outbound,
     };
+    // The source caches only what its own view of the policy would cache too, so that its next
+    // reload corrects anything the destination answered from a view the source no longer has.
+    let agrees = |allowed: bool| {
+        decide::pair(&snapshot, &src_id, endpoint.identity.key(), dst.port()) == Some(allowed)
+    };
     let opened = match tokio::time::timeout(OPEN_TIMEOUT, ctx.tunnel.open(&key, dst, dial)).await {
         Ok(Ok(opened)) => opened,
         Ok(Err(e)) => {
             let decision = if e.is_denied() { "DENY" } else { "REFUSED" };
             access_log(&src_id, &dst_id, dst, decision, &e.to_string());
             if fastpath
-                && let TunnelError::Refused {
-                    cacheable: true, ..
-                } = &e
+                && e.is_denied()
+                && matches!(
+                    e,
+                    TunnelError::Refused {
+                        cacheable: true,
+                        ..
+                    }
+                )
+                && agrees(false)
+                && let Err(e) = ctx
+                    .cache
+                    .deny(pair, config.dataplane.verdict_ttl.min(DENY_TTL))
             {
-                let ttl = config.dataplane.verdict_ttl.min(DENY_TTL);
-                if e.is_denied()
-                    && let Err(e) = ctx.cache.deny(pair, ttl)
-                {
-                    tracing::error!(error = %e, "caching outbound deny");
-                }
+                tracing::error!(error = %e, "caching outbound deny");
             }
             reset(&stream);
             return;
@@ -165,8 +174,9 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
         }
     };
 
+    let cacheable = opened.cacheable && agrees(true);
     if fastpath
-        && opened.cacheable
+        && cacheable
         && let Ok(left) = opened.proof_not_after.duration_since(SystemTime::now())
         && let Err(e) = ctx
             .cache
@@ -174,7 +184,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
     {
         tracing::error!(error = %e, "caching outbound allow");
     }
-    let reason = match (opened.new_connection, opened.cacheable) {
+    let reason = match (opened.new_connection, cacheable) {
         (true, true) => "new mTLS connection; verdict cached",
         (true, false) => "new mTLS connection; not cacheable",
         (false, true) => "pooled mTLS connection; verdict cached",

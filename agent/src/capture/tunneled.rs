@@ -107,15 +107,16 @@ impl TunnelContext {
         });
     }
 
-    async fn decide(self: Arc<Self>, caller: Caller, target: SocketAddr) -> Admission {
+    async fn decide(self: Arc<Self>, mut caller: Caller, target: SocketAddr) -> Admission {
         let target = SocketAddr::new(unmap_ip(target.ip()), target.port());
+        caller.address = SocketAddr::new(unmap_ip(caller.address.ip()), caller.address.port());
         // Only this pod's own addresses: the tunnel is not a proxy to anywhere else.
         if !self.workload.ips.contains(&target.ip()) {
             self.refuse(&caller, target, "", "not an address of this workload");
             return Admission::Forbidden { cacheable: false };
         }
         let snapshot = self.state.get();
-        let source_ip = Some(unmap_ip(caller.address.ip()));
+        let source_ip = Some(caller.address.ip());
         let outcome = decide::connection(
             &snapshot,
             &self.workload,

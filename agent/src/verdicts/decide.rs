@@ -186,16 +186,12 @@ pub fn still_allowed(snapshot: &Snapshot, info: &ConnInfo) -> bool {
         return false;
     }
     let source = (!info.source.is_empty()).then_some(info.source.as_str());
-    if source.is_some_and(|s| {
-        snapshot
-            .registry
-            .identity(IdentityKey::of(s))
-            .is_none()
-    }) {
+    if source.is_some_and(|s| snapshot.registry.identity(IdentityKey::of(s)).is_none()) {
         return false;
     }
     let to = target(&pod.namespace, &pod.labels);
-    if source.is_none() && snapshot.policies.mtls_mode(&to, destination.port()).0 == MtlsMode::Strict
+    if source.is_none()
+        && snapshot.policies.mtls_mode(&to, destination.port()).0 == MtlsMode::Strict
     {
         return false;
     }

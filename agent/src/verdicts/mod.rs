@@ -129,10 +129,7 @@ impl VerdictCache {
     }
 
     /// Remove the cached verdicts matching `pred` (a debug flush); returns how many.
-    pub fn flush_where(
-        &self,
-        pred: impl Fn(&VerdictKey) -> bool,
-    ) -> Result<usize, DatapathError> {
+    pub fn flush_where(&self, pred: impl Fn(&VerdictKey) -> bool) -> Result<usize, DatapathError> {
         lock(&self.maps).remove_verdicts_where(|k, _| pred(k))
     }
 }
