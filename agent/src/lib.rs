@@ -4,11 +4,15 @@
 //! the original destination), [`tunnel`] (carrying bytes), [`verdicts`] (what gets cached, for how
 //! long), [`datapath`] (the kernel programs and maps; the only module that talks to aya).
 //! [`config`] reads the node's configuration and [`identity`] turns workloads into identities.
+//! [`debug`] serves the node-local debug socket (and is the `latch debug` client); [`metrics`]
+//! is the Prometheus exposition.
 
 pub mod capture;
 pub mod config;
 pub mod datapath;
+pub mod debug;
 pub mod identity;
+pub mod metrics;
 pub mod runtime;
 pub mod state;
 pub mod tls;
