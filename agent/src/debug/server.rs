@@ -28,6 +28,9 @@ use super::api::{ApiError, Backend, ExplainQuery, VerdictFilter};
 pub const MAX_BODY: usize = 64 * 1024;
 /// A client must send its request headers (and body) within this time.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// No connection lives longer than this many request timeouts (a backstop for clients that
+/// trickle a body or never read the answer; `latch debug` makes one request per connection).
+const CONNECTION_LIFETIME_FACTOR: u32 = 6;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DebugError {
@@ -52,6 +55,7 @@ pub struct DebugServer {
     path: PathBuf,
     /// (device, inode) of the socket file we created, so drop only removes our own.
     file_id: (u64, u64),
+    request_timeout: Duration,
 }
 
 impl DebugServer {
@@ -92,7 +96,15 @@ impl DebugServer {
             listener: socket.into(),
             path: path.to_owned(),
             file_id: (meta.dev(), meta.ino()),
+            request_timeout: REQUEST_TIMEOUT,
         })
+    }
+
+    /// How long a client may take to send a request's headers, and then its body (default
+    /// [`REQUEST_TIMEOUT`]).
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -103,6 +115,7 @@ impl DebugServer {
     /// Each connection runs in its own task.
     pub async fn serve(self, backend: Arc<dyn Backend>) -> io::Result<()> {
         let listener = tokio::net::UnixListener::from_std(self.listener.try_clone()?)?;
+        let timeout = self.request_timeout;
         loop {
             let stream = match listener.accept().await {
                 Ok((stream, _)) => stream,
@@ -117,15 +130,18 @@ impl DebugServer {
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
                     let backend = backend.clone();
-                    async move { Ok::<_, Infallible>(handle(req, backend).await) }
+                    async move { Ok::<_, Infallible>(handle(req, backend, timeout).await) }
                 });
-                let result = hyper::server::conn::http1::Builder::new()
+                let connection = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
-                    .header_read_timeout(REQUEST_TIMEOUT)
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-                if let Err(e) = result {
-                    tracing::debug!(error = %e, "debug connection ended with an error");
+                    .header_read_timeout(timeout)
+                    .serve_connection(TokioIo::new(stream), service);
+                match tokio::time::timeout(timeout * CONNECTION_LIFETIME_FACTOR, connection).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "debug connection ended with an error");
+                    }
+                    Err(_) => tracing::debug!("debug connection cut off after its time limit"),
                 }
             });
         }
@@ -236,23 +252,26 @@ async fn blocking<T: Send + 'static>(
         })
 }
 
+/// End the connection after this answer (the rest of the request body is not worth reading).
+fn closing(mut reply: Reply) -> Reply {
+    reply
+        .headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    reply
+}
+
 /// Read (and discard) the request body, at most [`MAX_BODY`] bytes.
-async fn drain_body(req: Request<Incoming>) -> Result<(), Reply> {
+async fn drain_body(req: Request<Incoming>, timeout: Duration) -> Result<(), Reply> {
     let declared = req
         .headers()
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let too_large = || {
-        let mut reply = error(
+        closing(error(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("request body is larger than {MAX_BODY} bytes"),
-        );
-        // The rest of the body is not worth reading: end the connection after this answer.
-        reply
-            .headers_mut()
-            .insert(CONNECTION, HeaderValue::from_static("close"));
-        reply
+        ))
     };
     if declared.is_some_and(|n| n > MAX_BODY as u64) {
         return Err(too_large());
@@ -269,22 +288,28 @@ async fn drain_body(req: Request<Incoming>) -> Result<(), Reply> {
             StatusCode::BAD_REQUEST,
             format!("reading the request body: {e}"),
         )),
-        Err(_) => Err(error(
+        Err(_) => Err(closing(error(
             StatusCode::REQUEST_TIMEOUT,
             "the request body did not arrive in time",
-        )),
+        ))),
     }
 }
 
-async fn handle(req: Request<Incoming>, backend: Arc<dyn Backend>) -> Reply {
+async fn handle(req: Request<Incoming>, backend: Arc<dyn Backend>, timeout: Duration) -> Reply {
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
-    let reply = route(req, &backend).await.unwrap_or_else(|reply| reply);
+    let reply = route(req, &backend, timeout)
+        .await
+        .unwrap_or_else(|reply| reply);
     tracing::debug!(%method, %path, status = reply.status().as_u16(), "debug request");
     reply
 }
 
-async fn route(req: Request<Incoming>, backend: &Arc<dyn Backend>) -> Result<Reply, Reply> {
+async fn route(
+    req: Request<Incoming>,
+    backend: &Arc<dyn Backend>,
+    timeout: Duration,
+) -> Result<Reply, Reply> {
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or("").to_owned();
     let Some((_, allowed)) = ROUTES.iter().find(|(p, _)| *p == path) else {
@@ -303,7 +328,7 @@ async fn route(req: Request<Incoming>, backend: &Arc<dyn Backend>) -> Result<Rep
             .insert(ALLOW, HeaderValue::from_static(allowed.as_str()));
         return Err(reply);
     }
-    drain_body(req).await?;
+    drain_body(req, timeout).await?;
     let bad_query = |e: super::query::QueryError| error(StatusCode::BAD_REQUEST, e.to_string());
     let internal = |e: String| error(StatusCode::INTERNAL_SERVER_ERROR, e);
     Ok(match path.as_str() {

@@ -430,3 +430,24 @@ async fn a_stale_socket_is_replaced_and_drop_removes_ours() {
     let _ = task.await;
     assert!(!path.exists(), "the socket file goes with the server");
 }
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_headers_is_cut_off() {
+    let dir = TempDir::new("debug-slow");
+    let path = dir.join("debug.sock");
+    let server = DebugServer::bind(&path)
+        .expect("bind")
+        .with_request_timeout(Duration::from_millis(200));
+    let task = tokio::spawn(server.serve(Arc::new(Fixed)));
+    // Partial headers: the server gives up on them and closes (raw() waits at most 5 s).
+    let _ = raw(&path, b"GET /v1/status HTTP/1.1\r\nHost:").await;
+    // A body that never arrives: the connection is cut off too.
+    let started = std::time::Instant::now();
+    let _ = raw(
+        &path,
+        b"POST /v1/reload HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nab",
+    )
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+    task.abort();
+}
