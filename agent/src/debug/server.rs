@@ -276,11 +276,8 @@ async fn drain_body(req: Request<Incoming>, timeout: Duration) -> Result<(), Rep
     if declared.is_some_and(|n| n > MAX_BODY as u64) {
         return Err(too_large());
     }
-    let collected = tokio::time::timeout(
-        REQUEST_TIMEOUT,
-        Limited::new(req.into_body(), MAX_BODY).collect(),
-    )
-    .await;
+    let collected =
+        tokio::time::timeout(timeout, Limited::new(req.into_body(), MAX_BODY).collect()).await;
     match collected {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
