@@ -4,11 +4,14 @@
 //! the original destination), [`tunnel`] (carrying bytes), [`verdicts`] (what gets cached, for how
 //! long), [`datapath`] (the kernel programs and maps; the only module that talks to aya).
 //! [`config`] reads the node's configuration, [`identity`] turns workloads into identities and
-//! [`policy`] decides, Istio's way, whether a connection or request is allowed.
+//! [`policy`] decides, Istio's way, whether a connection or request is allowed. [`debug`] serves
+//! the node-local debug socket (and is the `latch debug` client); [`metrics`] is the Prometheus
+//! exposition and the access log.
 
 pub mod capture;
 pub mod config;
 pub mod datapath;
+pub mod debug;
 pub mod identity;
 pub mod metrics;
 pub mod policy;

@@ -1,3 +1,280 @@
-//! Observability: the access log ([`access`]).
+//! The agent's Prometheus metrics: Istio's TCP metrics (so Istio dashboards work unchanged), the
+//! agent's own `latch_*` metrics, and values read from the agent only when scraped (kernel
+//! counters, verdict cache size, certificate expiry). [`http`] serves them; [`access`] writes
+//! the access log.
+//!
+//! Counters are registered without their `_total` suffix: the OpenMetrics encoder appends it.
 
 pub mod access;
+pub mod http;
+
+use std::{
+    fmt,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use latch_common::Counter as KernelCounter;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{
+        DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric as _, LabelValueEncoder,
+    },
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::ConstGauge,
+        histogram::Histogram,
+    },
+    registry::Registry,
+};
+
+/// Which side of the connection reported it, as Istio's `reporter` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reporter {
+    /// The client's agent.
+    Source,
+    /// The server's agent.
+    Destination,
+}
+
+impl EncodeLabelValue for Reporter {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
+        fmt::Write::write_str(
+            encoder,
+            match self {
+                Reporter::Source => "source",
+                Reporter::Destination => "destination",
+            },
+        )
+    }
+}
+
+/// Labels of the Istio TCP metrics.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct Labels {
+    pub reporter: Reporter,
+    /// SPIFFE ID of the client, or `unknown` (plaintext).
+    pub source_principal: String,
+    /// SPIFFE ID of the server.
+    pub destination_principal: String,
+    pub destination_port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DecisionLabels {
+    decision: &'static str,
+}
+
+/// What the agent reports at scrape time.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ScrapeSnapshot {
+    /// Kernel counters summed over CPUs (`KernelMaps::counters`).
+    pub kernel_counters: Vec<(KernelCounter, u64)>,
+    /// Entries in the kernel verdict cache.
+    pub cache_entries: u64,
+    /// (SPIFFE ID, seconds until NotAfter) of every current SVID.
+    pub cert_expiry: Vec<(String, f64)>,
+}
+
+/// Called at each scrape; must be quick (it runs on a blocking thread).
+pub type ScrapeSource = Box<dyn Fn() -> ScrapeSnapshot + Send + Sync>;
+
+/// Bucket bounds of `latch_tunnel_handshake_seconds`: 100 µs to 5 s.
+pub const HANDSHAKE_BUCKETS: [f64; 15] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+/// The metric name and help of each kernel counter (the match makes a new counter a compile
+/// error here until it has a metric).
+pub fn kernel_metric(counter: KernelCounter) -> (&'static str, &'static str) {
+    match counter {
+        KernelCounter::FastpathAllowed => (
+            "latch_fastpath_connections",
+            "Connections allowed in the kernel by a cached allow, without the agent.",
+        ),
+        KernelCounter::Redirected => (
+            "latch_redirected_connections",
+            "Outbound connections redirected to the agent's capture listener.",
+        ),
+        KernelCounter::CachedDeny => (
+            "latch_cached_deny_connections",
+            "Outbound connections refused in the kernel (EPERM) by a cached deny.",
+        ),
+        KernelCounter::InboundAdmitted => (
+            "latch_inbound_admitted",
+            "Inbound connections delivered straight to the pod by a cached inbound verdict.",
+        ),
+        KernelCounter::InboundSteered => (
+            "latch_inbound_steered",
+            "Inbound connections steered to the agent's inbound listener.",
+        ),
+        KernelCounter::InboundRejected => (
+            "latch_inbound_rejected",
+            "Inbound connections reset because no inbound listener was there to take them.",
+        ),
+    }
+}
+
+struct Inner {
+    registry: Registry,
+    opened: Family<Labels, Counter>,
+    closed: Family<Labels, Counter>,
+    sent: Family<Labels, Counter>,
+    received: Family<Labels, Counter>,
+    decisions: Family<DecisionLabels, Counter>,
+    handshake: Histogram,
+    source: Arc<RwLock<Option<ScrapeSource>>>,
+}
+
+/// The agent's metrics; cheap to clone, every clone records into the same registry.
+#[derive(Clone)]
+pub struct Metrics(Arc<Inner>);
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let family = |registry: &mut Registry, name: &str, help: &str| {
+            let family = Family::<Labels, Counter>::default();
+            registry.register(name, help, family.clone());
+            family
+        };
+        let opened = family(
+            &mut registry,
+            "istio_tcp_connections_opened",
+            "TCP connections opened through the mesh.",
+        );
+        let closed = family(
+            &mut registry,
+            "istio_tcp_connections_closed",
+            "TCP connections closed through the mesh.",
+        );
+        let sent = family(
+            &mut registry,
+            "istio_tcp_sent_bytes",
+            "Bytes sent by the client on mesh TCP connections.",
+        );
+        let received = family(
+            &mut registry,
+            "istio_tcp_received_bytes",
+            "Bytes received by the client on mesh TCP connections.",
+        );
+        let decisions = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "latch_policy_decisions",
+            "Authorization decisions made by the agent, by result.",
+            decisions.clone(),
+        );
+        let handshake = Histogram::new(HANDSHAKE_BUCKETS);
+        registry.register(
+            "latch_tunnel_handshake_seconds",
+            "Time to establish an HBONE tunnel (TLS handshake and CONNECT).",
+            handshake.clone(),
+        );
+        let source = Arc::new(RwLock::new(None));
+        registry.register_collector(Box::new(ScrapeCollector(source.clone())));
+        Self(Arc::new(Inner {
+            registry,
+            opened,
+            closed,
+            sent,
+            received,
+            decisions,
+            handshake,
+            source,
+        }))
+    }
+
+    /// Where the scrape-time values come from; replaces any earlier source.
+    pub fn set_scrape_source(&self, source: ScrapeSource) {
+        *self.0.source.write().unwrap_or_else(|p| p.into_inner()) = Some(source);
+    }
+
+    pub fn connection_opened(&self, labels: &Labels) {
+        self.0.opened.get_or_create(labels).inc();
+    }
+
+    /// A connection ended after `sent` bytes from the client and `received` bytes to it.
+    pub fn connection_closed(&self, labels: &Labels, sent: u64, received: u64) {
+        self.0.closed.get_or_create(labels).inc();
+        self.0.sent.get_or_create(labels).inc_by(sent);
+        self.0.received.get_or_create(labels).inc_by(received);
+    }
+
+    pub fn policy_decision(&self, allowed: bool) {
+        let decision = if allowed { "allow" } else { "deny" };
+        self.0
+            .decisions
+            .get_or_create(&DecisionLabels { decision })
+            .inc();
+    }
+
+    pub fn handshake(&self, elapsed: Duration) {
+        self.0.handshake.observe(elapsed.as_secs_f64());
+    }
+
+    /// The OpenMetrics text exposition (calls the scrape source).
+    pub fn encode(&self) -> Result<String, fmt::Error> {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.0.registry)?;
+        Ok(out)
+    }
+}
+
+/// Encodes the [`ScrapeSnapshot`] of the agent at each scrape.
+struct ScrapeCollector(Arc<RwLock<Option<ScrapeSource>>>);
+
+impl fmt::Debug for ScrapeCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ScrapeCollector")
+    }
+}
+
+impl Collector for ScrapeCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let snapshot = match &*self.0.read().unwrap_or_else(|p| p.into_inner()) {
+            Some(source) => source(),
+            None => return Ok(()),
+        };
+        for (counter, value) in &snapshot.kernel_counters {
+            let (name, help) = kernel_metric(*counter);
+            let metric = ConstCounter::new(*value);
+            metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)?;
+        }
+        let entries = ConstGauge::new(snapshot.cache_entries as i64);
+        entries.encode(encoder.encode_descriptor(
+            "latch_verdict_cache_entries",
+            "Entries in the kernel verdict cache (expired ones included until evicted).",
+            None,
+            entries.metric_type(),
+        )?)?;
+        if !snapshot.cert_expiry.is_empty() {
+            let mut family = encoder.encode_descriptor(
+                "latch_certificate_expiry_seconds",
+                "Seconds until the NotAfter of each current SVID.",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (identity, seconds) in &snapshot.cert_expiry {
+                let labels = [("identity", identity.as_str())];
+                ConstGauge::new(*seconds).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;
