@@ -1,5 +1,6 @@
-//! The `latch` command line: `latch agent` runs the node agent; more subcommands (policy, debug,
-//! ca) follow the same pattern and live in their own modules of the library.
+//! The `latch` command line: `latch agent` runs the node agent, `latch debug` asks a running one
+//! through its debug socket, `latch policy` checks and explains policies offline and `latch ca`
+//! makes a development CA. Each is a thin layer over the library.
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -31,6 +32,17 @@ enum Command {
     Ca {
         #[command(subcommand)]
         command: CaCommand,
+    },
+    /// Ask a running agent through its debug socket (tables, or --json).
+    Debug {
+        #[command(subcommand)]
+        command: latch::debug::DebugCli,
+        /// Print the API's JSON instead of tables.
+        #[arg(long, global = true)]
+        json: bool,
+        /// The agent's debug socket.
+        #[arg(long, global = true, default_value = latch::debug::DEFAULT_SOCKET)]
+        socket: PathBuf,
     },
     /// Istio AuthorizationPolicy / PeerAuthentication files: validate, explain decisions.
     Policy {
@@ -139,39 +151,71 @@ fn init_logging() {
         .init();
 }
 
+/// `latch debug`: one request to the agent's debug socket, printed.
+fn debug(
+    command: latch::debug::DebugCli,
+    json: bool,
+    socket: &std::path::Path,
+) -> anyhow::Result<()> {
+    let command = latch::debug::DebugCommand::try_from(command)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let client = latch::debug::client::Client::new(socket).with_explain_renderer(render_explain);
+    let out = runtime.block_on(client.run(&command, json))?;
+    print!("{out}");
+    Ok(())
+}
+
+/// The debug API's explain answer, printed as `latch policy explain` prints it.
+fn render_explain(value: &serde_json::Value) -> String {
+    serde_json::from_value::<latch::policy::Explanation>(value.clone())
+        .map(|e| latch::policy::cli::render_explain(&e))
+        .unwrap_or_else(|_| serde_json::to_string_pretty(value).unwrap_or_default())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Offline tools print for people; only the agent logs.
-    if let Command::Policy { command } = cli.command {
-        return policy(command).unwrap_or_else(|e| {
-            eprintln!("latch: {e:#}");
-            ExitCode::FAILURE
-        });
-    }
-    init_logging();
-    let result = match cli.command {
-        Command::Agent { config, uninstall } => {
-            if uninstall {
-                latch::runtime::uninstall(&config)
-            } else {
-                tokio::runtime::Builder::new_multi_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(anyhow::Error::from)
-                    .and_then(|rt| rt.block_on(latch::runtime::run(&config)))
-            }
-        }
-        Command::Policy { .. } => unreachable!("handled above"),
+    // Offline tools and the debug client print for people; the agent and `ca` log as JSON.
+    let printed = match cli.command {
+        Command::Policy { command } => policy(command),
+        Command::Debug {
+            command,
+            json,
+            socket,
+        } => debug(command, json, &socket).map(|()| ExitCode::SUCCESS),
+        Command::Agent { config, uninstall } => return logged(|| agent(&config, uninstall)),
         Command::Ca {
             command: CaCommand::Init { dir },
-        } => latch::identity::ca::init(&dir)
-            .map(|(cert, key)| {
-                println!("CA certificate: {}", cert.display());
-                println!("CA private key: {} (mode 0600)", key.display());
-            })
-            .map_err(anyhow::Error::from),
+        } => return logged(|| ca_init(&dir)),
     };
-    match result {
+    printed.unwrap_or_else(|e| {
+        eprintln!("latch: {e:#}");
+        ExitCode::FAILURE
+    })
+}
+
+fn agent(config: &std::path::Path, uninstall: bool) -> anyhow::Result<()> {
+    if uninstall {
+        return latch::runtime::uninstall(config);
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(latch::runtime::run(config))
+}
+
+fn ca_init(dir: &std::path::Path) -> anyhow::Result<()> {
+    let (cert, key) = latch::identity::ca::init(dir)?;
+    println!("CA certificate: {}", cert.display());
+    println!("CA private key: {} (mode 0600)", key.display());
+    Ok(())
+}
+
+/// Run `f` with JSON logging; a failure is logged and printed.
+fn logged(f: impl FnOnce() -> anyhow::Result<()>) -> ExitCode {
+    init_logging();
+    match f() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "latch failed");

@@ -28,11 +28,17 @@ use crate::{
     capture::{NetnsWorker, PodListeners, inbound, outbound, tunneled},
     config::{CertificateSource, Config, DataplaneMode, MtlsMode},
     datapath::{Datapath, DatapathSettings, install::inbound_link_name, system},
+    debug::{
+        DebugServer,
+        agent::{AgentView, Published, ReloadRequest},
+        api::{ProgramStatus, ReloadResult},
+    },
     identity::{
         LocalWorkload, Registry,
         ca::DevCa,
         certs::{CertStore, Source},
     },
+    metrics::{self, Metrics},
     policy::{self, PolicySet},
     state::{SharedState, Snapshot},
     tunnel::{hbone::TunnelClient, tracked::Tracker},
@@ -77,6 +83,55 @@ struct Agent {
     certs: Arc<CertStore>,
     tunnel: TunnelClient,
     tracker: Tracker,
+    metrics: Metrics,
+    published: Published,
+}
+
+/// A task that is aborted when this handle is dropped (when `run` returns).
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// How often the access log gets a summary of the kernel's fast-path activity.
+const SUMMARY_EVERY: u32 = 10;
+
+/// A sampled summary of what the kernel decided on its own (no per-connection log exists for
+/// the fast path): every [`SUMMARY_EVERY`] watch ticks, the counters' increase since the last
+/// summary, if any.
+#[derive(Default)]
+struct FastpathSummary {
+    ticks: u32,
+    last: BTreeMap<&'static str, u64>,
+}
+
+impl FastpathSummary {
+    fn tick(&mut self, maps: &SharedMaps) {
+        self.ticks += 1;
+        if self.ticks % SUMMARY_EVERY != 0 {
+            return;
+        }
+        let Ok(counters) = lock(maps).counters() else {
+            return;
+        };
+        let mut delta = BTreeMap::new();
+        for (counter, value) in counters {
+            let before = self.last.insert(counter.name(), value).unwrap_or(0);
+            delta.insert(counter.name(), value.saturating_sub(before));
+        }
+        if delta.values().any(|d| *d > 0) {
+            tracing::info!(
+                target: "access",
+                event = "fastpath summary",
+                interval_s = u64::from(SUMMARY_EVERY) * WATCH_INTERVAL.as_secs(),
+                counters = %serde_json::to_string(&delta).unwrap_or_default(),
+                "kernel fast-path activity"
+            );
+        }
+    }
 }
 
 /// The policy files of `config`, relative paths taken from the config file's directory.
@@ -154,6 +209,17 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("{}: certificates", config_path.display()))?;
     let policies = load_policies(config_path, &config)?;
     let prepared = prepare(config_path, &config, &registry, &BTreeMap::new())?;
+    // The debug socket and the metrics port are taken before the kernel is touched too: a second
+    // agent for the same node refuses to start here.
+    let debug_server = DebugServer::bind(&config.debug_socket)?;
+    let metrics_listener = match config.metrics {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("{}: metrics: binding {addr}", config_path.display()))?,
+        ),
+        None => None,
+    };
     let mut datapath = Datapath::install(settings(&config)).context("installing the datapath")?;
     let maps: SharedMaps = Arc::new(Mutex::new(datapath.maps()?));
     let state = SharedState::new(Snapshot {
@@ -161,6 +227,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         registry,
         policies,
     });
+    let metrics = Metrics::new();
     let mut agent = Agent {
         config_path: config_path.to_owned(),
         cache: VerdictCache::new(maps.clone()),
@@ -170,10 +237,35 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         pods: BTreeMap::new(),
         certs,
         tunnel: TunnelClient::new(),
-        tracker: Tracker::new(),
+        tracker: Tracker::with_metrics(metrics.clone()),
+        metrics,
+        published: Published::default(),
     };
     agent.commit(prepared)?;
     agent.drop_stale_inbound_links()?;
+
+    let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<ReloadRequest>(4);
+    let view = Arc::new(AgentView {
+        started: std::time::Instant::now(),
+        state: agent.state.clone(),
+        maps: agent.maps.clone(),
+        cache: agent.cache.clone(),
+        certs: agent.certs.clone(),
+        tracker: agent.tracker.clone(),
+        published: agent.published.clone(),
+        reloads: reload_tx,
+    });
+    let socket = debug_server.path().to_owned();
+    let _debug = AbortOnDrop(tokio::spawn(async move {
+        if let Err(e) = debug_server.serve(view).await {
+            tracing::error!(socket = %socket.display(), error = %e, "debug socket stopped");
+        }
+    }));
+    agent.metrics.set_scrape_source(agent.scrape_source());
+    let _metrics = metrics_listener.map(|listener| {
+        let metrics = agent.metrics.clone();
+        AbortOnDrop(tokio::spawn(metrics::http::serve_on(listener, metrics)))
+    });
 
     let snapshot = agent.state.get();
     tracing::info!(
@@ -182,8 +274,11 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         endpoints = snapshot.registry.endpoints.len(),
         policies = snapshot.policies.len(),
         pin_dir = %snapshot.config.bpf_pin_dir.display(),
+        debug_socket = %snapshot.config.debug_socket.display(),
+        metrics = %snapshot.config.metrics.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
         "agent ready"
     );
+    let mut summary = FastpathSummary::default();
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -198,6 +293,10 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
                 last_seen = agent.watched_stamps();
                 agent.reload("SIGHUP");
             }
+            Some(reply) = reload_rx.recv() => {
+                last_seen = agent.watched_stamps();
+                let _ = reply.send(agent.reload("debug API"));
+            }
             _ = watch.tick() => {
                 let stamps = agent.watched_stamps();
                 if stamps != last_seen {
@@ -205,6 +304,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
                     agent.reload("config or policy file changed");
                 }
                 agent.rotate_certificates();
+                summary.tick(&agent.maps);
             }
         }
     }
@@ -271,15 +371,87 @@ impl Agent {
         }
     }
 
-    fn reload(&mut self, trigger: &str) {
+    fn reload(&mut self, trigger: &str) -> ReloadResult {
         match self.try_reload() {
-            Ok(()) => tracing::info!(trigger, "config reloaded"),
-            Err(e) => tracing::error!(
-                trigger,
-                error = format!("{e:#}"),
-                "config reload failed; keeping the last good configuration"
-            ),
+            Ok(()) => {
+                tracing::info!(trigger, "config reloaded");
+                self.published.reloaded(trigger, None);
+                ReloadResult {
+                    ok: true,
+                    error: None,
+                }
+            }
+            Err(e) => {
+                let error = format!("{e:#}");
+                tracing::error!(
+                    trigger,
+                    error,
+                    "config reload failed; keeping the last good configuration"
+                );
+                self.published.reloaded(trigger, Some(error.clone()));
+                ReloadResult {
+                    ok: false,
+                    error: Some(error),
+                }
+            }
         }
+    }
+
+    /// What the metrics endpoint reads at each scrape.
+    fn scrape_source(&self) -> metrics::ScrapeSource {
+        let maps = self.maps.clone();
+        let certs = self.certs.clone();
+        Box::new(move || {
+            let (kernel_counters, cache_entries) = {
+                let maps = lock(&maps);
+                (
+                    maps.counters().unwrap_or_default(),
+                    maps.verdicts().map(|v| v.len() as u64).unwrap_or_default(),
+                )
+            };
+            let now = std::time::SystemTime::now();
+            let cert_expiry = certs
+                .identities()
+                .into_iter()
+                .filter_map(|id| {
+                    let not_after = certs.current(&id)?.svid.not_after;
+                    let left = match not_after.duration_since(now) {
+                        Ok(d) => d.as_secs_f64(),
+                        Err(e) => -e.duration().as_secs_f64(),
+                    };
+                    Some((id, left))
+                })
+                .collect();
+            metrics::ScrapeSnapshot {
+                kernel_counters,
+                cache_entries,
+                cert_expiry,
+            }
+        })
+    }
+
+    /// The programs this agent has in the kernel, for the debug API.
+    fn publish_programs(&self) {
+        let snapshot = self.state.get();
+        let root = snapshot.config.cgroup_root.display().to_string();
+        let mut programs: Vec<ProgramStatus> = self
+            .datapath
+            .attached()
+            .iter()
+            .map(|p| ProgramStatus {
+                name: p.name.to_owned(),
+                id: p.id,
+                attached_to: format!("cgroup {root}"),
+            })
+            .collect();
+        if let Ok(id) = self.datapath.inbound_program_id() {
+            programs.extend(snapshot.registry.workloads.iter().map(|w| ProgramStatus {
+                name: latch_common::program_names::INBOUND.to_owned(),
+                id,
+                attached_to: format!("netns {} ({})", w.netns.display(), w.id),
+            }));
+        }
+        self.published.set_programs(programs);
     }
 
     fn try_reload(&mut self) -> anyhow::Result<()> {
@@ -397,6 +569,7 @@ impl Agent {
         }
 
         self.certs.retain(&identities(&snapshot.registry));
+        self.publish_programs();
         self.enforce(&snapshot)
     }
 
@@ -435,6 +608,7 @@ impl Agent {
             certs: self.certs.clone(),
             tunnel: self.tunnel.clone(),
             tracker: self.tracker.clone(),
+            metrics: self.metrics.clone(),
         });
         let tunnel_ctx = Arc::new(tunneled::TunnelContext {
             workload: workload.clone(),
@@ -443,12 +617,14 @@ impl Agent {
             state: self.state.clone(),
             certs: self.certs.clone(),
             tracker: self.tracker.clone(),
+            metrics: self.metrics.clone(),
         });
         let in_ctx = Arc::new(inbound::InboundContext {
             workload: workload.clone(),
             worker: worker.clone(),
             state: self.state.clone(),
             tracker: self.tracker.clone(),
+            metrics: self.metrics.clone(),
         });
         let mut tasks = vec![
             tokio::spawn(outbound::serve(listeners.capture_v4, out_ctx.clone())),

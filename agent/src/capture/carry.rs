@@ -16,7 +16,7 @@ use tokio::{
 
 use crate::{
     identity::LocalWorkload,
-    metrics::access,
+    metrics::{Metrics, access},
     state::SharedState,
     tunnel::{
         http::{self, Authorize, RequestHead},
@@ -81,6 +81,7 @@ pub async fn splice<R>(
 
 /// The destination workload and caller of an HTTP-enforced connection.
 pub struct HttpParty {
+    pub metrics: Metrics,
     pub state: SharedState,
     pub workload: LocalWorkload,
     pub source: Option<Arc<str>>,
@@ -114,6 +115,7 @@ pub async fn http<R>(
             target,
             head,
         );
+        party.metrics.policy_decision(judgement.allowed);
         let request = format!("{} {}", head.method, head.path);
         access::decision(&access::Record {
             direction: "inbound",

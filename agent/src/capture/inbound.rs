@@ -20,7 +20,7 @@ use super::{
 };
 use crate::{
     identity::LocalWorkload,
-    metrics::access,
+    metrics::{Metrics, access},
     policy::MtlsMode,
     state::SharedState,
     tunnel::{
@@ -41,6 +41,7 @@ pub struct InboundContext {
     pub worker: Arc<NetnsWorker>,
     pub state: SharedState,
     pub tracker: Tracker,
+    pub metrics: Metrics,
 }
 
 pub async fn serve(listener: TcpListener, ctx: Arc<InboundContext>) {
@@ -75,6 +76,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &InboundContext) {
     let snapshot = ctx.state.get();
     let destination = ctx.workload.identity.to_string();
     let refuse = |policy: &str, reason: &str| {
+        ctx.metrics.policy_decision(false);
         access::decision(&access::Record {
             direction: "inbound",
             source_address: Some(peer),
@@ -129,6 +131,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &InboundContext) {
     };
     if http {
         let party = HttpParty {
+            metrics: ctx.metrics.clone(),
             state: ctx.state.clone(),
             workload: ctx.workload.clone(),
             source: None,
@@ -136,6 +139,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &InboundContext) {
         };
         carry::http(&ctx.tracker, carried, party, stream, app).await
     } else {
+        ctx.metrics.policy_decision(true);
         access::decision(&access::Record {
             direction: "inbound",
             source_address: Some(peer),

@@ -27,7 +27,7 @@ use crate::{
     config::DataplaneMode,
     datapath::maps::ip_from_key,
     identity::{LocalWorkload, certs::CertStore},
-    metrics::access,
+    metrics::{Metrics, access},
     state::SharedState,
     tls::client_config_with,
     tunnel::{
@@ -55,6 +55,7 @@ pub struct OutboundContext {
     pub certs: Arc<CertStore>,
     pub tunnel: TunnelClient,
     pub tracker: Tracker,
+    pub metrics: Metrics,
 }
 
 /// Accept captured connections until the task is aborted.
@@ -174,6 +175,9 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
         }
     };
 
+    if let Some(elapsed) = opened.handshake {
+        ctx.metrics.handshake(elapsed);
+    }
     let cacheable = opened.cacheable && agrees(true);
     if fastpath
         && cacheable

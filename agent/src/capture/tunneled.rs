@@ -26,7 +26,7 @@ use super::{
 use crate::{
     config::DataplaneMode,
     identity::{IdentityKey, LocalWorkload, certs::CertStore},
-    metrics::access,
+    metrics::{Metrics, access},
     state::SharedState,
     tls::server_config_with,
     tunnel::{
@@ -43,6 +43,7 @@ pub struct TunnelContext {
     pub state: SharedState,
     pub certs: Arc<CertStore>,
     pub tracker: Tracker,
+    pub metrics: Metrics,
 }
 
 pub fn unmap_ip(ip: IpAddr) -> IpAddr {
@@ -93,6 +94,7 @@ impl Inbound for TunnelContext {
 
 impl TunnelContext {
     fn refuse(&self, caller: &Caller, target: SocketAddr, policy: &str, reason: &str) {
+        self.metrics.policy_decision(false);
         access::decision(&access::Record {
             direction: "inbound",
             source_principal: &caller.identity,
@@ -175,6 +177,7 @@ impl TunnelContext {
             reason,
         };
         if !http {
+            self.metrics.policy_decision(true);
             access::decision(&access::Record {
                 direction: "inbound",
                 source_principal: &carried.info.source,
@@ -195,6 +198,7 @@ impl TunnelContext {
                 Box::pin(async move {
                     if http {
                         let party = HttpParty {
+                            metrics: ctx.metrics.clone(),
                             state: ctx.state.clone(),
                             workload: ctx.workload.clone(),
                             source: Some(caller.identity.clone()),

@@ -246,6 +246,21 @@ impl Datapath {
         Ok(())
     }
 
+    /// Kernel id of the loaded inbound-check program (one program, attached to every pod netns).
+    pub fn inbound_program_id(&self) -> Result<u32, DatapathError> {
+        let name = program_names::INBOUND;
+        let prog: &SkLookup = self
+            .ebpf
+            .program(name)
+            .ok_or(DatapathError::Missing {
+                kind: "program",
+                name,
+            })?
+            .try_into()
+            .map_err(|e| DatapathError::program("typing", name, e))?;
+        program_id(prog.info(), name)
+    }
+
     /// Workloads (pin names) whose netns has the inbound check pinned.
     pub fn inbound_attachments(&self) -> Result<Vec<String>, DatapathError> {
         let dir = inbound_dir(&self.settings.pin_dir);

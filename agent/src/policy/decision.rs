@@ -3,7 +3,7 @@
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The destination workload.
 #[derive(Debug, Clone, Copy)]
@@ -32,13 +32,13 @@ pub struct HttpRequest<'a> {
     pub host: &'a str,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum PolicyKind {
     AuthorizationPolicy,
     PeerAuthentication,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Action {
     Allow,
@@ -57,7 +57,7 @@ impl Action {
 }
 
 /// Istio's mTLS modes once `UNSET` has been resolved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum MtlsMode {
     /// Plaintext connections are refused.
@@ -79,7 +79,7 @@ impl MtlsMode {
 }
 
 /// Names one policy.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct PolicyRef {
     pub kind: PolicyKind,
     pub namespace: String,
@@ -99,7 +99,7 @@ impl std::fmt::Display for PolicyRef {
 }
 
 /// A final answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Decision {
     pub allowed: bool,
     /// Whether every connection with the same source principal, source namespace, destination
@@ -120,7 +120,7 @@ pub struct Decision {
 }
 
 /// The answer for a new connection: final, or dependent on its HTTP requests.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum ConnectionDecision {
     Decided(Decision),
@@ -132,7 +132,7 @@ pub enum ConnectionDecision {
 }
 
 /// Whether a decision was made for an HTTP request or a plain connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Http,
@@ -140,7 +140,7 @@ pub enum Protocol {
 }
 
 /// What `latch policy explain` and the debug API show.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Explanation {
     pub decision: Decision,
     pub protocol: Protocol,

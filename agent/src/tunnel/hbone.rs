@@ -110,6 +110,8 @@ pub struct Opened {
     pub new_connection: bool,
     /// The destination said its allow holds for the whole identity pair and port.
     pub cacheable: bool,
+    /// For a new connection: how long TCP, TLS and the HTTP/2 handshake took.
+    pub handshake: Option<std::time::Duration>,
 }
 
 fn cacheable(headers: &hyper::HeaderMap) -> bool {
@@ -146,9 +148,13 @@ impl TunnelClient {
         dial: impl FnOnce() -> Dial,
     ) -> Result<Opened, TunnelError> {
         let pooled = self.pooled(key);
-        let (pooled, new_connection) = match pooled {
-            Some(p) => (p, false),
-            None => (self.connect(key, dial()).await?, true),
+        let (pooled, handshake) = match pooled {
+            Some(p) => (p, None),
+            None => {
+                let started = std::time::Instant::now();
+                let pooled = self.connect(key, dial()).await?;
+                (pooled, Some(started.elapsed()))
+            }
         };
         let request = Request::builder()
             .method(Method::CONNECT)
@@ -181,8 +187,9 @@ impl TunnelClient {
         Ok(Opened {
             stream: TokioIo::new(upgraded),
             proof_not_after: pooled.proof_not_after,
-            new_connection,
+            new_connection: handshake.is_some(),
             cacheable,
+            handshake,
         })
     }
 

@@ -27,7 +27,10 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use super::splice::{Transferred, reset};
-use crate::verdicts::Direction;
+use crate::{
+    metrics::{Labels, Metrics, Reporter},
+    verdicts::Direction,
+};
 
 /// What a carried connection is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,10 +75,12 @@ struct Counters {
     received: AtomicU64,
 }
 
-/// The registry of carried connections (cheap to clone).
+/// The registry of carried connections (cheap to clone). With [`Tracker::with_metrics`], every
+/// connection is also counted in Istio's TCP metrics when it opens and closes.
 #[derive(Clone, Default)]
 pub struct Tracker {
     inner: Arc<Mutex<TrackerInner>>,
+    metrics: Option<Metrics>,
 }
 
 #[derive(Default)]
@@ -89,12 +94,22 @@ impl Tracker {
         Self::default()
     }
 
+    pub fn with_metrics(metrics: Metrics) -> Self {
+        Self {
+            inner: Arc::default(),
+            metrics: Some(metrics),
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, TrackerInner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Start tracking a connection; it stays listed until the returned handle is dropped.
     pub fn register(&self, info: ConnInfo) -> Tracked {
+        if let Some(metrics) = &self.metrics {
+            metrics.connection_opened(&labels(&info));
+        }
         let counters = Arc::new(Counters::default());
         let cancel = CancellationToken::new();
         let mut inner = self.lock();
@@ -172,7 +187,28 @@ pub struct Tracked {
 
 impl Drop for Tracked {
     fn drop(&mut self) {
-        self.tracker.lock().entries.remove(&self.id);
+        let entry = self.tracker.lock().entries.remove(&self.id);
+        if let (Some(metrics), Some(entry)) = (&self.tracker.metrics, entry) {
+            let (sent, received) = self.totals();
+            metrics.connection_closed(&labels(&entry.info), sent, received);
+        }
+    }
+}
+
+/// Istio's TCP metric labels for a connection, reported by the side this node is.
+fn labels(info: &ConnInfo) -> Labels {
+    Labels {
+        reporter: match info.direction {
+            Direction::Outbound => Reporter::Source,
+            Direction::Inbound => Reporter::Destination,
+        },
+        source_principal: if info.source.is_empty() {
+            "unknown".to_owned()
+        } else {
+            info.source.clone()
+        },
+        destination_principal: info.destination.clone(),
+        destination_port: info.destination_address.port(),
     }
 }
 
