@@ -111,7 +111,7 @@ struct FastpathSummary {
 impl FastpathSummary {
     fn tick(&mut self, maps: &SharedMaps) {
         self.ticks += 1;
-        if self.ticks % SUMMARY_EVERY != 0 {
+        if !self.ticks.is_multiple_of(SUMMARY_EVERY) {
             return;
         }
         let Ok(counters) = lock(maps).counters() else {
