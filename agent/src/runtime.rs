@@ -208,10 +208,10 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         .ensure(&identities(&registry))
         .with_context(|| format!("{}: certificates", config_path.display()))?;
     let policies = load_policies(config_path, &config)?;
-    let prepared = prepare(config_path, &config, &registry, &BTreeMap::new())?;
-    // The debug socket and the metrics port are taken before the kernel is touched too: a second
-    // agent for the same node refuses to start here.
+    // The debug socket is taken first: a second agent for the same node refuses to start here,
+    // before it opens a listener or touches the kernel.
     let debug_server = DebugServer::bind(&config.debug_socket)?;
+    let prepared = prepare(config_path, &config, &registry, &BTreeMap::new())?;
     let metrics_listener = match config.metrics {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)

@@ -25,6 +25,8 @@ pub struct AgentOptions {
     pub cert_ttl: String,
     /// Mint from this development CA (a `latch ca init` directory) instead of the cluster's.
     pub ca_dir: Option<PathBuf>,
+    /// The `metrics` setting: `off`, or an address inside the node's netns.
+    pub metrics: String,
     /// Appended to the generated config.
     pub extra_yaml: String,
 }
@@ -37,6 +39,7 @@ impl Default for AgentOptions {
             verdict_ttl: "5m".into(),
             cert_ttl: "1h".into(),
             ca_dir: None,
+            metrics: "off".into(),
             extra_yaml: String::new(),
         }
     }

@@ -459,7 +459,7 @@ impl Cluster {
             "debugSocket: {}\n",
             node.dir.join("debug.sock").display()
         ));
-        y.push_str("metrics: off\n");
+        y.push_str(&format!("metrics: {}\n", options.metrics));
         let ca = options.ca_dir.clone().unwrap_or_else(|| self.ca_dir());
         y.push_str(&format!(
             "certificates: {{ source: dev-ca, caCert: {}, caKey: {}, ttl: {} }}\n",
@@ -572,6 +572,11 @@ impl Cluster {
     /// An echo server on `port` (IPv4 and IPv6) inside the pod's netns.
     pub fn echo_server(&self, pod: PodId, port: u16) -> anyhow::Result<EchoServer> {
         EchoServer::start(&self.pod(pod).netns(), port)
+    }
+
+    /// The node agent's debug socket.
+    pub fn debug_socket(&self, node: NodeId) -> PathBuf {
+        self.node(node).dir.join("debug.sock")
     }
 
     /// An HTTP server on `port` inside the pod's netns (see [`EchoServer::start_http`]).

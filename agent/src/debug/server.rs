@@ -132,7 +132,9 @@ impl DebugServer {
                     let backend = backend.clone();
                     async move { Ok::<_, Infallible>(handle(req, backend, timeout).await) }
                 });
+                // A client that half-closes after its request still gets the answer.
                 let connection = hyper::server::conn::http1::Builder::new()
+                    .half_close(true)
                     .timer(TokioTimer::new())
                     .header_read_timeout(timeout)
                     .serve_connection(TokioIo::new(stream), service);

@@ -206,7 +206,8 @@ impl Metrics {
         self.0.opened.get_or_create(labels).inc();
     }
 
-    /// A connection ended after `sent` bytes from the client and `received` bytes to it.
+    /// A connection ended: `sent` bytes went to the client (the response side, Istio's
+    /// `istio_tcp_sent_bytes_total`) and `received` bytes came from it.
     pub fn connection_closed(&self, labels: &Labels, sent: u64, received: u64) {
         self.0.closed.get_or_create(labels).inc();
         self.0.sent.get_or_create(labels).inc_by(sent);

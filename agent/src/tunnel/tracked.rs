@@ -189,8 +189,10 @@ impl Drop for Tracked {
     fn drop(&mut self) {
         let entry = self.tracker.lock().entries.remove(&self.id);
         if let (Some(metrics), Some(entry)) = (&self.tracker.metrics, entry) {
-            let (sent, received) = self.totals();
-            metrics.connection_closed(&labels(&entry.info), sent, received);
+            // Istio counts bytes sent in the response (to the client) and received in the
+            // request (from the client).
+            let (from_source, to_source) = self.totals();
+            metrics.connection_closed(&labels(&entry.info), to_source, from_source);
         }
     }
 }
