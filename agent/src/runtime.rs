@@ -230,7 +230,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let mut agent = Agent {
         config_path: config_path.to_owned(),
-        cache: VerdictCache::new(maps.clone()),
+        cache: VerdictCache::new(maps.clone())?,
         datapath,
         maps,
         state,

@@ -11,12 +11,14 @@
 //! - [`server`]: echo servers inside pods that record who connected.
 //! - [`sniffer`]: packet captures on the links between nodes.
 //! - [`nginx`]: an nginx mTLS stream-proxy pair, the benchmarks' point of comparison.
+//! - [`policy_bench`]: decision cost and revocation time of the agent's policy code.
 
 pub mod agent;
 pub mod cluster;
 pub mod env;
 pub mod netns;
 pub mod nginx;
+pub mod policy_bench;
 pub mod probe;
 pub mod server;
 pub mod sniffer;

@@ -8,13 +8,13 @@ use std::{
     path::Path,
 };
 
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, SockHash};
+use aya::maps::{Array, HashMap, IterableMap as _, Map, MapData, PerCpuArray, SockHash};
 use latch_common::{
     Counter, DECISION_ALLOW, DECISION_DENY, DatapathConfig, EndpointInfo, IpKey, OrigDst,
     RedirectKey, VerdictKey, VerdictValue, WorkloadInfo, map_names,
 };
 
-use super::{DatapathError, system};
+use super::{DatapathError, syscall, system};
 
 /// One entry of the verdict cache, decoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -176,11 +176,25 @@ impl KernelMaps {
     }
 
     /// Every cached verdict, expired ones included (the kernel ignores those; LRU evicts them).
+    /// Read in batches: a few syscalls for a million entries.
     pub fn verdicts(&self) -> Result<Vec<Verdict>, DatapathError> {
-        Ok(collect(self.verdicts.iter(), map_names::VERDICTS)?
+        Ok(self
+            .verdict_entries()?
             .into_iter()
             .map(|(key, value)| Verdict { key, value })
             .collect())
+    }
+
+    fn verdict_entries(&self) -> Result<Vec<(VerdictKey, VerdictValue)>, DatapathError> {
+        syscall::map_lookup_all(self.verdicts.map().fd())
+            .map_err(|e| DatapathError::io("batch-reading map", map_names::VERDICTS, e))
+    }
+
+    /// Remove `keys` (a batch per syscall); keys already gone are skipped. Returns how many
+    /// were removed.
+    pub fn remove_verdicts(&mut self, keys: &[VerdictKey]) -> Result<usize, DatapathError> {
+        syscall::map_delete_all(self.verdicts.map().fd(), keys)
+            .map_err(|e| DatapathError::io("batch-removing from map", map_names::VERDICTS, e))
     }
 
     /// Remove every verdict matching `pred`; returns how many were removed.
@@ -189,16 +203,12 @@ impl KernelMaps {
         mut pred: impl FnMut(&VerdictKey, &VerdictValue) -> bool,
     ) -> Result<usize, DatapathError> {
         let keys: Vec<VerdictKey> = self
-            .verdicts
-            .iter()
-            .filter_map(Result::ok)
+            .verdict_entries()?
+            .into_iter()
             .filter(|(k, v)| pred(k, v))
             .map(|(k, _)| k)
             .collect();
-        for key in &keys {
-            self.remove_verdict(key)?;
-        }
-        Ok(keys.len())
+        self.remove_verdicts(&keys)
     }
 
     /// Expired verdicts are removed; returns how many.

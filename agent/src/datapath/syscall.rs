@@ -1,7 +1,9 @@
 //! The BPF commands Latch needs that aya 0.14 keeps private: listing the programs attached to a
 //! cgroup or network namespace (`BPF_PROG_QUERY`), swapping the program behind a pinned link in
 //! place (`BPF_LINK_UPDATE`, so a restarted agent never attaches twice), detaching a link at once
-//! whoever still holds it (`BPF_LINK_DETACH`), and opening a pinned object (`BPF_OBJ_GET`).
+//! whoever still holds it (`BPF_LINK_DETACH`), opening a pinned object (`BPF_OBJ_GET`), and
+//! reading or removing many map entries per syscall (`BPF_MAP_LOOKUP_BATCH`,
+//! `BPF_MAP_DELETE_BATCH`), which revocation of large caches needs.
 
 use std::os::fd::{AsFd, AsRawFd};
 
@@ -142,4 +144,123 @@ pub fn obj_get(path: &std::path::Path) -> std::io::Result<std::os::fd::OwnedFd> 
     }
     // SAFETY: the kernel returned a new fd that we now own.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+
+/// `bpf_attr` for the `BPF_MAP_*_BATCH` commands.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Elements read or removed per batch syscall.
+const BATCH: usize = 8192;
+
+/// Every (key, value) of a hash map, read a batch of buckets per syscall (`BPF_MAP_LOOKUP_BATCH`)
+/// instead of two syscalls per entry.
+pub fn map_lookup_all<K: Copy + Default, V: Copy + Default>(
+    map: &impl AsFd,
+) -> std::io::Result<Vec<(K, V)>> {
+    let mut out = Vec::new();
+    let mut keys = vec![K::default(); BATCH];
+    let mut values = vec![V::default(); BATCH];
+    // The batch token is the kernel's bucket cursor (a u32 for hash maps); 8 bytes is enough.
+    let (mut token_in, mut token_out) = (0u64, 0u64);
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                &mut token_in as *mut u64 as u64
+            },
+            out_batch: &mut token_out as *mut u64 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: BATCH as u32,
+            map_fd: map.as_fd().as_raw_fd() as u32,
+            ..Default::default()
+        };
+        let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let got = attr.count as usize;
+        out.extend(
+            keys[..got]
+                .iter()
+                .copied()
+                .zip(values[..got].iter().copied()),
+        );
+        match result {
+            Ok(()) => {}
+            // The end of the map (the last batch may still have carried elements).
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            Err(e) => return Err(e),
+        }
+        token_in = token_out;
+        first = false;
+    }
+}
+
+/// Remove `keys` from a hash map, a batch per syscall (`BPF_MAP_DELETE_BATCH`), large sets
+/// split over the machine's CPUs (the kernel's per-element cost dominates). Keys that are
+/// already gone are skipped. Returns how many were removed.
+pub fn map_delete_all<K: Copy + Sync>(
+    map: &(impl AsFd + Sync),
+    keys: &[K],
+) -> std::io::Result<usize> {
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(keys.len() / BATCH)
+        .max(1);
+    if threads == 1 {
+        return delete_batches(map, keys);
+    }
+    let per_thread = keys.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = keys
+            .chunks(per_thread)
+            .map(|part| scope.spawn(move || delete_batches(map, part)))
+            .collect();
+        let mut removed = 0;
+        for worker in workers {
+            removed += worker
+                .join()
+                .map_err(|_| std::io::Error::other("a map-delete thread panicked"))??;
+        }
+        Ok(removed)
+    })
+}
+
+fn delete_batches<K: Copy>(map: &impl AsFd, keys: &[K]) -> std::io::Result<usize> {
+    let mut removed = 0;
+    let mut rest = keys;
+    while !rest.is_empty() {
+        let chunk = &rest[..rest.len().min(BATCH)];
+        let mut attr = BatchAttr {
+            keys: chunk.as_ptr() as u64,
+            count: chunk.len() as u32,
+            map_fd: map.as_fd().as_raw_fd() as u32,
+            ..Default::default()
+        };
+        let result = bpf(BPF_MAP_DELETE_BATCH, &mut attr);
+        let done = attr.count as usize;
+        removed += done;
+        match result {
+            Ok(()) => rest = &rest[chunk.len()..],
+            // chunk[done] was not there: skip it and go on after it.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => rest = &rest[done + 1..],
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(removed)
 }

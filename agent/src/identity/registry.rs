@@ -49,6 +49,8 @@ pub struct Registry {
     pub workloads: Vec<LocalWorkload>,
     pub endpoints: HashMap<IpAddr, Endpoint>,
     identities: HashMap<IdentityKey, SpiffeId>,
+    /// One address of each pod (local or peer) by identity, for [`Registry::pods_of`].
+    pods: HashMap<IdentityKey, Vec<IpAddr>>,
 }
 
 impl Registry {
@@ -58,6 +60,7 @@ impl Registry {
         for w in &config.workloads {
             let identity = SpiffeId::new(td, &w.namespace, &w.service_account);
             registry.add_identity(&identity)?;
+            registry.add_pod(&identity, &w.ips);
             for ip in &w.ips {
                 registry.endpoints.insert(
                     *ip,
@@ -85,6 +88,7 @@ impl Registry {
         for p in &config.peers {
             let identity = SpiffeId::new(td, &p.namespace, &p.service_account);
             registry.add_identity(&identity)?;
+            registry.add_pod(&identity, &p.ips);
             for ip in &p.ips {
                 registry.endpoints.insert(
                     *ip,
@@ -100,6 +104,13 @@ impl Registry {
             }
         }
         Ok(registry)
+    }
+
+    fn add_pod(&mut self, identity: &SpiffeId, ips: &[IpAddr]) {
+        self.pods
+            .entry(identity.key())
+            .or_default()
+            .extend(ips.first());
     }
 
     fn add_identity(&mut self, id: &SpiffeId) -> Result<(), RegistryError> {
@@ -131,8 +142,8 @@ impl Registry {
     /// is one pod), in a stable order.
     pub fn pods_of(&self, identity: IdentityKey) -> Vec<(IpAddr, &Endpoint)> {
         let mut pods: BTreeMap<(&str, &str), (IpAddr, &Endpoint)> = BTreeMap::new();
-        for (ip, e) in &self.endpoints {
-            if e.identity.key() == identity {
+        for ip in self.pods.get(&identity).into_iter().flatten() {
+            if let Some(e) = self.endpoints.get(ip) {
                 pods.insert((e.namespace.as_str(), e.name.as_str()), (*ip, e));
             }
         }

@@ -43,6 +43,8 @@ pub(crate) struct AuthzPolicy {
     pub rules: Vec<Rule>,
     /// Why decisions involving this policy are not cacheable, if they are not.
     pub uncacheable: Option<&'static str>,
+    /// Some rule looks at the destination port (`ports`, `notPorts`, `destination.port`).
+    pub port_sensitive: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -187,12 +189,18 @@ pub(crate) fn authorization_policy(
         rules.push(compile_rule(&mut c, &format!("spec.rules[{i}]"), rule));
     }
     let uncacheable = rules.iter().find_map(uncacheable);
+    let port_sensitive = rules.iter().any(|r| {
+        r.to.iter()
+            .any(|op| !op.ports.is_empty() || !op.not_ports.is_empty())
+            || r.when.iter().any(Condition::uses_destination_port)
+    });
     c.finish(AuthzPolicy {
         meta,
         action,
         selector,
         rules,
         uncacheable,
+        port_sensitive,
     })
 }
 

@@ -147,6 +147,14 @@ impl PolicySet {
         }
     }
 
+    /// Whether an AuthorizationPolicy applying to `target` looks at the destination port: if
+    /// not, every port of the workload gets the same decision for a given source.
+    pub fn port_sensitive(&self, target: &Target) -> bool {
+        self.applicable(target)
+            .iter()
+            .any(|&id| self.inner.authz[id as usize].port_sensitive)
+    }
+
     /// Ids of the AuthorizationPolicies applying to `target`, in (namespace, name) order.
     pub(crate) fn applicable(&self, target: &Target) -> Vec<u32> {
         let inner = &*self.inner;

@@ -347,6 +347,10 @@ impl Condition {
             && (self.not_values.is_empty() || !hit(&self.not_values))
     }
 
+    pub(crate) fn uses_destination_port(&self) -> bool {
+        matches!(self.values, ConditionValues::DestinationPort(_))
+    }
+
     pub(crate) fn uses_ip(&self) -> Option<&'static str> {
         match self.values {
             ConditionValues::SourceIp(_) => Some("source IP"),

@@ -9,7 +9,7 @@
 //! with different labels, and so different policies, are never cached as one.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
 };
 
@@ -174,6 +174,61 @@ pub fn pair(
         verdict = Some(allowed);
     }
     verdict
+}
+
+/// [`pair`] for many entries at once (a revocation sweep): each answer is computed once per
+/// (source, destination, port), and once per (source, destination) when no policy of the
+/// destination's pods looks at the port.
+pub struct PairMemo<'a> {
+    snapshot: &'a Snapshot,
+    by_port: HashMap<(u64, u64, u16), Option<bool>>,
+    /// `Some(answer)` for a port-insensitive pair, `None` if it must be asked per port.
+    by_pair: HashMap<(u64, u64), Option<Option<bool>>>,
+}
+
+impl<'a> PairMemo<'a> {
+    pub fn new(snapshot: &'a Snapshot) -> Self {
+        Self {
+            snapshot,
+            by_port: HashMap::new(),
+            by_pair: HashMap::new(),
+        }
+    }
+
+    /// The cacheable verdict for (`source`, `destination`, `port`); `None` if nothing may be
+    /// cached (including an unknown source identity).
+    pub fn get(
+        &mut self,
+        source: IdentityKey,
+        destination: IdentityKey,
+        port: u16,
+    ) -> Option<bool> {
+        let snapshot = self.snapshot;
+        let source_id = snapshot.registry.identity(source)?;
+        let ask = || pair(snapshot, &source_id.to_string(), destination, port);
+        let scope = *self
+            .by_pair
+            .entry((source.0, destination.0))
+            .or_insert_with(|| {
+                let sensitive = snapshot
+                    .registry
+                    .pods_of(destination)
+                    .iter()
+                    .any(|(_, pod)| {
+                        snapshot
+                            .policies
+                            .port_sensitive(&target(&pod.namespace, &pod.labels))
+                    });
+                (!sensitive).then(ask)
+            });
+        match scope {
+            Some(answer) => answer,
+            None => *self
+                .by_port
+                .entry((source.0, destination.0, port))
+                .or_insert_with(ask),
+        }
+    }
 }
 
 /// Does the current state still allow the open connection `info`?

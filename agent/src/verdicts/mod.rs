@@ -70,15 +70,36 @@ pub fn lock(maps: &SharedMaps) -> MutexGuard<'_, KernelMaps> {
     maps.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Writes verdicts with the right expiry.
+/// Writes verdicts with the right expiry, and removes the ones the world no longer supports.
+///
+/// The agent is the only writer of the verdict map, so it keeps a copy of what it wrote (the
+/// shadow, loaded from the kernel at start for verdicts an earlier run pinned). Revocation
+/// decides on the shadow and removes the stale keys in batches; it never has to walk the
+/// kernel's million-bucket map. Keys the kernel's LRU evicted meanwhile are skipped.
 #[derive(Clone)]
 pub struct VerdictCache {
     maps: SharedMaps,
+    shadow: Arc<Mutex<HashMap<VerdictKey, VerdictValue>>>,
 }
 
 impl VerdictCache {
-    pub fn new(maps: SharedMaps) -> Self {
-        Self { maps }
+    /// A cache over `maps`, starting from the verdicts already in the kernel.
+    pub fn new(maps: SharedMaps) -> Result<Self, DatapathError> {
+        let now = system::now_boot_ns();
+        let shadow = lock(&maps)
+            .verdicts()?
+            .into_iter()
+            .filter(|v| v.value.expires_at_ns > now)
+            .map(|v| (v.key, v.value))
+            .collect();
+        Ok(Self {
+            maps,
+            shadow: Arc::new(Mutex::new(shadow)),
+        })
+    }
+
+    fn shadow(&self) -> MutexGuard<'_, HashMap<VerdictKey, VerdictValue>> {
+        self.shadow.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Cache an allow for `pair` that expires after `ttl` (the caller passes the smaller of the
@@ -98,7 +119,32 @@ impl VerdictCache {
             decision,
             _pad: 0,
         };
-        lock(&self.maps).insert_verdict(pair.key(), value)
+        // The shadow is locked across the kernel write so a concurrent sweep sees both or
+        // neither.
+        let mut shadow = self.shadow();
+        lock(&self.maps).insert_verdict(pair.key(), value)?;
+        shadow.insert(pair.key(), value);
+        Ok(())
+    }
+
+    /// Remove from the kernel (and the shadow) every unexpired verdict matching `stale`;
+    /// expired ones are forgotten (the kernel ignores them and its LRU reclaims them).
+    fn remove_where(
+        &self,
+        mut stale: impl FnMut(&VerdictKey, &VerdictValue) -> bool,
+    ) -> Result<usize, DatapathError> {
+        let now = system::now_boot_ns();
+        let mut shadow = self.shadow();
+        shadow.retain(|_, v| v.expires_at_ns > now);
+        let keys: Vec<VerdictKey> = shadow
+            .iter()
+            .filter(|(k, v)| stale(k, v))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in &keys {
+            shadow.remove(key);
+        }
+        lock(&self.maps).remove_verdicts(&keys)
     }
 
     /// Remove every cached verdict that the current state would not cache the same way: an
@@ -106,30 +152,22 @@ impl VerdictCache {
     /// changed or stopped being cacheable. Allows and denies alike; returns how many.
     pub fn revoke_stale(&self, snapshot: &Snapshot) -> Result<usize, DatapathError> {
         let fastpath = snapshot.config.dataplane.mode == DataplaneMode::Fastpath;
-        let mut wanted: HashMap<(u64, u64, u16), Option<bool>> = HashMap::new();
-        lock(&self.maps).remove_verdicts_where(|k, v| {
+        let mut wanted = decide::PairMemo::new(snapshot);
+        self.remove_where(|k, v| {
             if !fastpath {
                 return true;
             }
-            let Some(source) = snapshot.registry.identity(IdentityKey(k.src_identity)) else {
-                return true;
-            };
-            let want = *wanted
-                .entry((k.src_identity, k.dst_identity, k.port))
-                .or_insert_with(|| {
-                    decide::pair(
-                        snapshot,
-                        &source.to_string(),
-                        IdentityKey(k.dst_identity),
-                        k.port,
-                    )
-                });
+            let want = wanted.get(
+                IdentityKey(k.src_identity),
+                IdentityKey(k.dst_identity),
+                k.port,
+            );
             want != Some(v.decision == DECISION_ALLOW)
         })
     }
 
     /// Remove the cached verdicts matching `pred` (a debug flush); returns how many.
     pub fn flush_where(&self, pred: impl Fn(&VerdictKey) -> bool) -> Result<usize, DatapathError> {
-        lock(&self.maps).remove_verdicts_where(|k, _| pred(k))
+        self.remove_where(|k, _| pred(k))
     }
 }

@@ -1,4 +1,4 @@
-//! `cargo xtask bench datapath`: connection rate and latency on one two-node topology, in one
+//! `cargo xtask bench datapath and latency on one two-node topology, in one
 //! run, in three phases: no agents (baseline), agents with a cached allow (kernel fast path on
 //! both nodes), and through the agents (every connection redirected and carried over the pooled
 //! mTLS tunnel: data-plane mode `tunnel`, nothing cached).
@@ -368,6 +368,69 @@ fn datapath(count: usize) -> anyhow::Result<Vec<Phase>> {
     Ok(vec![baseline, fast, redirected])
 }
 
+fn policy(out_dir: &std::path::Path) -> anyhow::Result<()> {
+    use latch_tests::policy_bench::{decision_cost, revocation};
+    println!("policy benchmark: decision cost by loaded policies; revocation of cached verdicts");
+    let iterations = 200_000;
+    let costs = [10, 1_000, 10_000]
+        .into_iter()
+        .map(|n| decision_cost(n, iterations))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let base = costs[0].ns_per_decision;
+    println!("\n| policies loaded | ns per decision | ratio to 10 policies |");
+    println!("|---:|---:|---:|");
+    for c in &costs {
+        println!(
+            "| {} | {:.0} | {:.2} |",
+            c.policies,
+            c.ns_per_decision,
+            c.ns_per_decision / base
+        );
+    }
+    let r = revocation(100_000)?;
+    println!("\n| revocation | entries | removed | ms |");
+    println!("|---|---:|---:|---:|");
+    println!(
+        "| read every entry | {} | 0 | {:.1} |",
+        r.entries,
+        r.read_all.as_secs_f64() * 1e3
+    );
+    println!(
+        "| sweep, nothing to revoke | {} | 0 | {:.1} |",
+        r.entries,
+        r.sweep_nothing_to_revoke.as_secs_f64() * 1e3
+    );
+    println!(
+        "| deny-all: revoke every entry | {} | {} | {:.1} |",
+        r.entries,
+        r.removed,
+        r.revoke_all.as_secs_f64() * 1e3
+    );
+    let at_10k = costs.last().map(|c| c.ns_per_decision).unwrap_or_default();
+    println!(
+        "\ntargets: under 1000 ns per decision at 10,000 policies ({at_10k:.0} ns); revocation of 100,000 entries under 100 ms ({:.1} ms)",
+        r.revoke_all.as_secs_f64() * 1e3
+    );
+    let json = serde_json::json!({
+        "benchmark": "policy",
+        "decisions": costs.iter().map(|c| serde_json::json!({
+            "policies": c.policies, "ns_per_decision": c.ns_per_decision,
+            "ratio_to_10": c.ns_per_decision / base,
+        })).collect::<Vec<_>>(),
+        "revocation": {
+            "entries": r.entries, "removed": r.removed,
+            "read_all_ms": r.read_all.as_secs_f64() * 1e3,
+            "sweep_nothing_to_revoke_ms": r.sweep_nothing_to_revoke.as_secs_f64() * 1e3,
+            "revoke_all_ms": r.revoke_all.as_secs_f64() * 1e3,
+        },
+    });
+    let path = out_dir.join("policy.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&json)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let what = args.first().map(String::as_str).unwrap_or("");
@@ -390,7 +453,8 @@ fn main() -> anyhow::Result<()> {
             let report = tunnel(count, 20, 64)?;
             return print_tunnel(&report, &out_dir);
         }
-        _ => bail!("unknown benchmark {what:?}; available: datapath, tunnel [--count N]"),
+        "policy" => return policy(&out_dir),
+        _ => bail!("unknown benchmark {what:?}; available: datapath, tunnel, policy [--count N]"),
     }
     println!(
         "datapath benchmark: {count} connections per phase (one-byte request + echo each), client on node 1, server on node 2"
