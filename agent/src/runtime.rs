@@ -47,7 +47,7 @@ use crate::{
 
 /// How often the config file is checked for changes (SIGHUP reloads at once), and certificates
 /// for rotation.
-const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+const WATCH_INTERVAL: Duration = Duration::from_millis(250);
 
 /// A pod this agent serves: its listeners' tasks and its netns worker.
 struct PodRuntime {
@@ -97,7 +97,7 @@ impl<T> Drop for AbortOnDrop<T> {
 }
 
 /// How often the access log gets a summary of the kernel's fast-path activity.
-const SUMMARY_EVERY: u32 = 10;
+const SUMMARY_EVERY: u32 = 40;
 
 /// A sampled summary of what the kernel decided on its own (no per-connection log exists for
 /// the fast path): every [`SUMMARY_EVERY`] watch ticks, the counters' increase since the last
@@ -126,7 +126,7 @@ impl FastpathSummary {
             tracing::info!(
                 target: "access",
                 event = "fastpath summary",
-                interval_s = u64::from(SUMMARY_EVERY) * WATCH_INTERVAL.as_secs(),
+                interval_s = (WATCH_INTERVAL * SUMMARY_EVERY).as_secs(),
                 counters = %serde_json::to_string(&delta).unwrap_or_default(),
                 "kernel fast-path activity"
             );

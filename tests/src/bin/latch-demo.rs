@@ -1,6 +1,8 @@
-//! `cargo xtask demo`: a two-node cluster in network namespaces with real agents and real kernel
-//! programs. It makes a handful of connections and prints, for each, the path it took (read from
-//! the kernel counters) and what the client saw; then it cleans everything up.
+//! `cargo xtask demo`: a two-node cluster in network namespaces with real agents, real kernel
+//! programs and an embedded set of Istio policies. It makes a handful of connections and HTTP
+//! requests and prints, for each, the path it took (read from the kernel counters) and what the
+//! client saw; then it changes a policy and shows the cached verdict revoked; then it cleans
+//! everything up.
 
 use std::net::SocketAddr;
 
@@ -46,8 +48,48 @@ fn path_taken(before: &[(Counter, u64)], after: &[(Counter, u64)]) -> String {
     }
 }
 
+/// The embedded policies: ledger admits only frontend (L4, cacheable); only frontend may
+/// `POST /v1/pay` on payment (L7, decided per request, never cached).
+const POLICIES: &str = r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: { name: ledger-allow-frontend, namespace: prod }
+spec:
+  selector: { matchLabels: { app: ledger } }
+  action: ALLOW
+  rules:
+  - from: [{ source: { principals: ["cluster.local/ns/prod/sa/frontend"] } }]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: { name: payment-api, namespace: prod }
+spec:
+  selector: { matchLabels: { app: payment } }
+  action: ALLOW
+  rules:
+  - from: [{ source: { principals: ["cluster.local/ns/prod/sa/frontend"] } }]
+    to: [{ operation: { methods: ["POST"], paths: ["/v1/pay"] } }]
+"#;
+
+/// Written during the demo: ledger denies everything.
+const LEDGER_DENY_ALL: &str = r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: { name: ledger-deny-all, namespace: prod }
+spec:
+  selector: { matchLabels: { app: ledger } }
+  action: DENY
+  rules: [{}]
+"#;
+
 fn outcome(r: &ProbeResult, sent: &str) -> String {
-    if r.ok && r.echo.as_deref() == Some(sent) {
+    let answer = r.echo.as_deref().unwrap_or_default();
+    if let Some(status) = answer.strip_prefix("HTTP/1.1 ") {
+        let status = status.lines().next().unwrap_or_default();
+        let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default().trim();
+        return format!("HTTP {status}: {body:?} ({:.1} ms)", r.elapsed_ms);
+    }
+    if r.eperm() {
+        "REFUSED at connect(): EPERM".to_owned()
+    } else if r.ok && r.echo.as_deref() == Some(sent) {
         format!(
             "OK ({:.1} ms), peer {}",
             r.elapsed_ms,
@@ -75,9 +117,25 @@ impl Demo {
     }
 
     fn connect(&mut self, from: PodId, to: SocketAddr) -> anyhow::Result<()> {
+        self.send(from, to, "hello", "")
+    }
+
+    /// One HTTP/1.1 request.
+    fn http(
+        &mut self,
+        from: PodId,
+        to: SocketAddr,
+        method: &str,
+        path: &str,
+    ) -> anyhow::Result<()> {
+        let request =
+            format!("{method} {path} HTTP/1.1\r\nHost: payment\r\nContent-Length: 0\r\n\r\n");
+        self.send(from, to, &request, &format!(" {method} {path}"))
+    }
+
+    fn send(&mut self, from: PodId, to: SocketAddr, sent: &str, what: &str) -> anyhow::Result<()> {
         let nodes: Vec<NodeId> = self.cluster.nodes().map(|(id, _)| id).collect();
         let before: Vec<_> = nodes.iter().map(|n| counters(&self.cluster, *n)).collect();
-        let sent = "hello";
         let r = self.cluster.probe(from, to, Some(sent))?;
         let mut path = Vec::new();
         for (i, node) in nodes.iter().enumerate() {
@@ -98,7 +156,7 @@ impl Demo {
             .unwrap_or_default();
         self.rows.push(Row {
             from: self.name(from),
-            to: format!("{target} {to}"),
+            to: format!("{target} {to}{what}"),
             path: path.join("; "),
             result: outcome(&r, sent),
         });
@@ -142,26 +200,54 @@ fn print_table(rows: &[Row]) {
     }
 }
 
+/// Write `file` into the shared policy directory and wait until both agents applied it.
+fn change_policy(
+    demo: &mut Demo,
+    write: impl FnOnce() -> std::io::Result<()>,
+) -> anyhow::Result<()> {
+    let nodes: Vec<NodeId> = demo.cluster.nodes().map(|(id, _)| id).collect();
+    let marks: Vec<usize> = nodes
+        .iter()
+        .map(|n| demo.cluster.agent(*n).mark())
+        .collect();
+    let started = std::time::Instant::now();
+    write()?;
+    for (node, mark) in nodes.iter().zip(marks) {
+        demo.cluster.agent(*node).wait_for_line_after(
+            mark,
+            std::time::Duration::from_secs(20),
+            |l| l.contains("\"message\":\"config reloaded\""),
+        )?;
+    }
+    demo.note(&format!(
+        "   (both agents applied it {:.0} ms after the file was written)",
+        started.elapsed().as_secs_f64() * 1e3
+    ));
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     println!("Latch demo: two nodes in network namespaces, real agents, real eBPF programs.");
     let mut cluster = Cluster::new()?;
     let n1 = cluster.add_node()?;
     let n2 = cluster.add_node()?;
     let frontend = cluster.add_pod(n1, PodSpec::mesh("frontend-1", "prod", "frontend"))?;
+    let analytics = cluster.add_pod(n1, PodSpec::mesh("analytics-1", "prod", "analytics"))?;
     let payment = cluster.add_pod(n2, PodSpec::mesh("payment-1", "prod", "payment"))?;
     let ledger = cluster.add_pod(n2, PodSpec::mesh("ledger-1", "prod", "ledger"))?;
     let outsider = cluster.add_pod(n2, PodSpec::external("outsider"))?;
     println!(
-        "node 1 (10.244.0.1): frontend-1 {}",
-        cluster.pod(frontend).ipv4
+        "node 1 (10.244.0.1): frontend-1 {}, analytics-1 {}",
+        cluster.pod(frontend).ipv4,
+        cluster.pod(analytics).ipv4
     );
     println!(
-        "node 2 (10.244.0.2): payment-1 {}, ledger-1 {}, outsider {} (not in the mesh)",
+        "node 2 (10.244.0.2): payment-1 {} (HTTP API), ledger-1 {}, outsider {} (not in the mesh)",
         cluster.pod(payment).ipv4,
         cluster.pod(ledger).ipv4,
         cluster.pod(outsider).ipv4
     );
-    for pod in [frontend, payment, ledger] {
+    for pod in [frontend, analytics, payment, ledger] {
         let p = cluster.pod(pod);
         println!(
             "  {:<11} {}",
@@ -169,11 +255,21 @@ fn main() -> anyhow::Result<()> {
             p.spiffe_id(&cluster.trust_domain)
         );
     }
+    let policies = cluster.dir().join("policies");
+    std::fs::create_dir_all(&policies)?;
+    std::fs::write(policies.join("prod.yaml"), POLICIES)?;
+    println!("policies (Istio AuthorizationPolicy, read unchanged):");
+    println!("  prod/ledger-allow-frontend: ledger admits only frontend");
+    println!("  prod/payment-api:           only frontend may POST /v1/pay on payment");
     println!("both agents: mTLS STRICT, SVIDs minted from a development CA");
-    cluster.start_agent(n1, AgentOptions::strict())?;
-    cluster.start_agent(n2, AgentOptions::strict())?;
+    let options = AgentOptions {
+        extra_yaml: format!("policies: [{}]\n", policies.display()),
+        ..AgentOptions::strict()
+    };
+    cluster.start_agent(n1, options.clone())?;
+    cluster.start_agent(n2, options)?;
     let _servers = [
-        cluster.echo_server(payment, 8080)?,
+        cluster.http_server(payment, 8080)?,
         cluster.echo_server(ledger, 8080)?,
         cluster.echo_server(outsider, 8080)?,
         cluster.echo_server(frontend, 9090)?,
@@ -182,30 +278,48 @@ fn main() -> anyhow::Result<()> {
         cluster,
         rows: Vec::new(),
     };
-    let pay4 = demo.cluster.pod(payment).addr4(8080);
-    let pay6 = demo.cluster.pod(payment).addr6(8080);
+    let pay = demo.cluster.pod(payment).addr4(8080);
     let ledger4 = demo.cluster.pod(ledger).addr4(8080);
+    let ledger6 = demo.cluster.pod(ledger).addr6(8080);
 
     demo.note(
         "a pair's first connection crosses an mTLS tunnel between the agents; both cache the pair",
     );
-    demo.connect(frontend, pay4)?;
+    demo.connect(frontend, ledger4)?;
     demo.note("repeats go straight through the kernel on both nodes (same identities, any address family)");
-    demo.connect(frontend, pay4)?;
-    demo.connect(frontend, pay6)?;
+    demo.connect(frontend, ledger4)?;
+    demo.connect(frontend, ledger6)?;
+    demo.note("ledger admits only frontend: analytics is refused by the destination, then by its own kernel");
+    demo.connect(analytics, ledger4)?;
+    demo.connect(analytics, ledger4)?;
+    demo.note("L7 policy on payment: every request decided at the destination, nothing cached");
+    demo.http(frontend, pay, "POST", "/v1/pay")?;
+    demo.http(frontend, pay, "GET", "/v1/pay")?;
+    demo.http(analytics, pay, "POST", "/v1/pay")?;
     demo.note("not in the mesh: untouched");
     demo.connect(frontend, demo.cluster.pod(outsider).addr4(8080))?;
     demo.note("plaintext from outside the mesh to STRICT pods: reset by the inbound check");
     demo.connect(outsider, demo.cluster.pod(frontend).addr4(9090))?;
-    demo.connect(outsider, pay4)?;
+    demo.connect(outsider, ledger4)?;
     demo.note(
-        "node 1's agent is killed (kill -9): cached pairs keep working, new ones fail closed",
+        "node 1's agent is killed (kill -9): cached pairs keep working, the rest fails closed",
     );
     demo.cluster.agent(n1).kill9();
-    demo.connect(frontend, pay4)?;
     demo.connect(frontend, ledger4)?;
+    demo.http(frontend, pay, "POST", "/v1/pay")?;
     demo.note("the agent restarts and adopts its pinned programs and cache");
     demo.cluster.agent(n1).restart()?;
+    demo.http(frontend, pay, "POST", "/v1/pay")?;
+    demo.connect(frontend, ledger4)?;
+    demo.note("a DENY policy for ledger is dropped into the policy directory: the cached allow is revoked");
+    change_policy(&mut demo, || {
+        std::fs::write(policies.join("ledger-deny.yaml"), LEDGER_DENY_ALL)
+    })?;
+    demo.connect(frontend, ledger4)?;
+    demo.note("and removed again: frontend may reach ledger again");
+    change_policy(&mut demo, || {
+        std::fs::remove_file(policies.join("ledger-deny.yaml"))
+    })?;
     demo.connect(frontend, ledger4)?;
     demo.connect(frontend, ledger4)?;
 
