@@ -1,6 +1,9 @@
-//! A thread that has entered a pod's network namespace and runs socket-creating jobs there.
-//! Sockets keep the namespace they were created in, so the rest of the agent (tokio, in the node's
-//! namespace) uses them as usual once they exist.
+//! Making sockets inside a pod's network namespace. Sockets keep the namespace they were created
+//! in, so the rest of the agent (tokio, in the node's namespace) uses them as usual once they
+//! exist. Listeners are opened by a thread that lives in the namespace ([`NetnsWorker::run`]);
+//! outbound sockets on the connection path are made by the calling thread itself, which enters
+//! the namespace for the one `socket()` call and returns at once ([`NetnsWorker::connect`]), so a
+//! connection never waits for a thread hop.
 
 use std::{
     fs::File,
@@ -18,12 +21,53 @@ type Job = Box<dyn FnOnce() + Send>;
 pub struct NetnsWorker {
     jobs: mpsc::Sender<Job>,
     path: PathBuf,
+    /// The namespace itself, for entering it from other threads.
+    netns: File,
+}
+
+/// The agent's own network namespace, for returning to it.
+fn home_netns() -> io::Result<&'static File> {
+    static HOME: std::sync::OnceLock<File> = std::sync::OnceLock::new();
+    if let Some(home) = HOME.get() {
+        return Ok(home);
+    }
+    // Every thread but the netns workers lives in the agent's namespace; the process's entry
+    // (its main thread's) names it.
+    let file = File::open("/proc/self/ns/net")
+        .map_err(|e| annotate(e, "opening", Path::new("/proc/self/ns/net")))?;
+    Ok(HOME.get_or_init(|| file))
+}
+
+/// While alive, the calling thread is inside another network namespace; dropping it returns the
+/// thread to the agent's. Never held across an `.await`.
+struct Entered(&'static File);
+
+impl Entered {
+    fn enter(netns: &File) -> io::Result<Self> {
+        let home = home_netns()?;
+        nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+        Ok(Self(home))
+    }
+}
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        if let Err(e) = nix::sched::setns(self.0, nix::sched::CloneFlags::CLONE_NEWNET) {
+            // A thread left in a pod's namespace would make later sockets there: never go on.
+            eprintln!("latch: cannot return to the agent's network namespace: {e}");
+            std::process::abort();
+        }
+    }
 }
 
 impl NetnsWorker {
     /// Start a thread inside the netns at `path` (e.g. `/run/netns/pod-a`).
     pub fn spawn(path: &Path) -> io::Result<Self> {
         let file = File::open(path).map_err(|e| annotate(e, "opening netns", path))?;
+        let netns = file
+            .try_clone()
+            .map_err(|e| annotate(e, "duplicating the fd of netns", path))?;
+        home_netns()?;
         let (jobs, inbox) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::sync_channel::<io::Result<()>>(1);
         let name = format!(
@@ -50,6 +94,7 @@ impl NetnsWorker {
         Ok(Self {
             jobs,
             path: path.to_owned(),
+            netns,
         })
     }
 
@@ -93,18 +138,16 @@ impl NetnsWorker {
         dst: SocketAddr,
         bind: Option<SocketAddr>,
     ) -> io::Result<tokio::net::TcpStream> {
-        let socket = self
-            .run(move || -> io::Result<Socket> {
-                let socket =
-                    Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
-                socket.set_nonblocking(true)?;
-                socket.set_tcp_nodelay(true)?;
-                if let Some(local) = bind {
-                    socket.bind(&SockAddr::from(local))?;
-                }
-                Ok(socket)
-            })
-            .await??;
+        let socket = {
+            let _inside = Entered::enter(&self.netns)
+                .map_err(|e| annotate(e, "entering netns", &self.path))?;
+            Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?
+        };
+        socket.set_nonblocking(true)?;
+        socket.set_tcp_nodelay(true)?;
+        if let Some(local) = bind {
+            socket.bind(&SockAddr::from(local))?;
+        }
         let socket = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
         socket.connect(dst).await
     }

@@ -31,6 +31,9 @@ use crate::tls::peer_identity;
 /// Per-stream and per-connection HTTP/2 flow-control windows, sized for bulk transfer.
 const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// Largest HTTP/2 frame either side accepts: bulk data moves in few frames (the default is
+/// 16 KiB, one frame per TLS record).
+const MAX_FRAME: u32 = 1024 * 1024;
 /// Tunneled connections one HTTP/2 connection may carry at once.
 const MAX_STREAMS: u32 = 4096;
 /// Response header: `1` if the source may cache the answer for the identity pair and port.
@@ -255,6 +258,7 @@ impl TunnelClient {
         let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
             .handshake(TokioIo::new(tls))
             .await
             .map_err(|source| TunnelError::Http { addr, source })?;
@@ -354,6 +358,7 @@ pub async fn serve_connection(
         .max_concurrent_streams(MAX_STREAMS)
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
         .serve_connection(TokioIo::new(tls), service)
         .await
         .map_err(|e| io::Error::other(format!("HTTP/2 with {peer}: {e}")))

@@ -7,6 +7,10 @@ use tokio::{
     net::TcpStream,
 };
 
+/// Relay buffer per direction: large enough that bulk transfers move in few reads and writes
+/// (tokio's default is 8 KiB).
+pub const BUFFER: usize = 64 * 1024;
+
 /// Bytes moved in each direction.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Transferred {
@@ -42,7 +46,7 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let (a_to_b, b_to_a) = tokio::io::copy_bidirectional(a, b).await?;
+    let (a_to_b, b_to_a) = tokio::io::copy_bidirectional_with_sizes(a, b, BUFFER, BUFFER).await?;
     Ok(Transferred { a_to_b, b_to_a })
 }
 

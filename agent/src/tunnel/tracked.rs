@@ -26,7 +26,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::splice::{Transferred, reset};
+use super::splice::{BUFFER, Transferred, reset};
 use crate::{
     metrics::{Labels, Metrics, Reporter},
     verdicts::Direction,
@@ -264,7 +264,9 @@ impl Tracked {
         let result = {
             let mut local_counted = self.counted(&mut local, from_local);
             tokio::select! {
-                r = tokio::io::copy_bidirectional(&mut remote, &mut local_counted) => r
+                r = tokio::io::copy_bidirectional_with_sizes(
+                    &mut remote, &mut local_counted, BUFFER, BUFFER,
+                ) => r
                     .map(|(a_to_b, b_to_a)| Transferred { a_to_b, b_to_a }),
                 () = self.cancel.cancelled() => Err(io::Error::new(
                     io::ErrorKind::ConnectionAborted,
