@@ -431,7 +431,7 @@ impl Agent {
     }
 
     /// The programs this agent has in the kernel, for the debug API.
-    fn publish_programs(&self) {
+    fn publish_programs(&mut self) {
         let snapshot = self.state.get();
         let root = snapshot.config.cgroup_root.display().to_string();
         let mut programs: Vec<ProgramStatus> = self

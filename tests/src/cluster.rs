@@ -130,6 +130,16 @@ pub struct TwoNodes {
     pub server: PodId,
 }
 
+impl TwoNodes {
+    /// Start both nodes' agents with the same options.
+    pub fn start_agents(mut self, options: AgentOptions) -> anyhow::Result<Self> {
+        for node in [self.n1, self.n2] {
+            self.cluster.start_agent(node, options.clone())?;
+        }
+        Ok(self)
+    }
+}
+
 pub struct Cluster {
     pub prefix: String,
     pub trust_domain: String,
@@ -590,6 +600,52 @@ impl Cluster {
         &self.dir
     }
 
+    /// A connection from `from` to `to` that stays open (`latch-probe pipe`): `first` is sent,
+    /// then this waits until the agent of `admitting` logged its ALLOW for the destination.
+    pub fn open_pipe(
+        &mut self,
+        from: PodId,
+        to: SocketAddr,
+        first: &[u8],
+        admitting: NodeId,
+    ) -> anyhow::Result<OpenPipe> {
+        use std::io::Write as _;
+        let mark = self.agent(admitting).mark();
+        let mut child = self
+            .probe_command(from, &["pipe", "--to", &to.to_string()])?
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("starting latch-probe pipe")?;
+        let mut stdin = child.stdin.take().context("probe stdin")?;
+        stdin.write_all(first)?;
+        stdin.flush()?;
+        let destination = format!("\"destination_address\":\"{to}\"");
+        self.agent(admitting)
+            .wait_for_line_after(mark, std::time::Duration::from_secs(20), |l| {
+                l.contains("\"decision\":\"ALLOW\"") && l.contains(&destination)
+            })
+            .context("the connection was not admitted")?;
+        Ok(OpenPipe { child, stdin })
+    }
+
+    /// Where each of `nodes`' logs is now (to wait for something after it).
+    pub fn marks(&mut self, nodes: &[NodeId]) -> Vec<usize> {
+        nodes.iter().map(|n| self.agent(*n).mark()).collect()
+    }
+
+    /// Wait until each of `nodes`' agents logged `config reloaded` after its mark.
+    pub fn wait_reloaded(&mut self, nodes: &[NodeId], marks: &[usize]) -> anyhow::Result<()> {
+        for (node, mark) in nodes.iter().zip(marks) {
+            self.agent(*node)
+                .wait_for_line_after(*mark, std::time::Duration::from_secs(20), |l| {
+                    l.contains("\"message\":\"config reloaded\"")
+                })
+                .with_context(|| format!("node {} did not reload", node.0 + 1))?;
+        }
+        Ok(())
+    }
+
     pub fn nodes(&self) -> impl Iterator<Item = (NodeId, &Node)> {
         self.nodes.iter().enumerate().map(|(i, n)| (NodeId(i), n))
     }
@@ -665,6 +721,24 @@ fn remove_cgroup_tree(cgroup: &Path) {
         }
     }
     eprintln!("cleanup: could not remove cgroup {}", cgroup.display());
+}
+
+/// A connection held open by [`Cluster::open_pipe`].
+pub struct OpenPipe {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+}
+
+impl OpenPipe {
+    /// Send `rest`, half-close, and read what came back (the probe's JSON line).
+    pub fn finish(mut self, rest: &[u8]) -> anyhow::Result<ProbeResult> {
+        use std::io::Write as _;
+        // The agent may have closed the connection: a failed write is part of the result.
+        let _ = self.stdin.write_all(rest);
+        drop(self.stdin);
+        let out = self.child.wait_with_output().context("latch-probe pipe")?;
+        serde_json::from_slice(&out.stdout).context("parsing latch-probe pipe output")
+    }
 }
 
 /// Wait for kernel state that offers no notification (a map entry going away after a socket

@@ -24,6 +24,6 @@ pub mod server;
 pub mod sniffer;
 
 pub use agent::{Agent, AgentOptions};
-pub use cluster::{Cluster, NodeId, PodId, PodKind, PodSpec, TwoNodes, eventually};
+pub use cluster::{Cluster, NodeId, OpenPipe, PodId, PodKind, PodSpec, TwoNodes, eventually};
 pub use probe::ProbeResult;
 pub use server::EchoServer;

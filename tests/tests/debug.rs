@@ -10,7 +10,7 @@ use std::{
     net::TcpStream,
     os::unix::{fs::MetadataExt as _, net::UnixStream, process::CommandExt as _},
     path::Path,
-    process::{Command, Stdio},
+    process::Command,
     time::Duration,
 };
 
@@ -40,22 +40,23 @@ struct Setup {
 
 fn setup() -> Setup {
     let TwoNodes {
-        mut cluster,
+        cluster,
         n1,
         n2,
         client,
         server,
-    } = Cluster::frontend_payment().expect("cluster");
-    let policies = cluster.dir().join("policies");
-    std::fs::create_dir_all(&policies).expect("dir");
-    std::fs::write(policies.join("allow-prod.yaml"), ALLOW_PROD).expect("policy");
-    let options = AgentOptions {
-        metrics: "127.0.0.1:15020".into(),
-        extra_yaml: format!("policies: [{}]\n", policies.display()),
-        ..AgentOptions::strict()
-    };
-    cluster.start_agent(n1, options.clone()).expect("agent 1");
-    cluster.start_agent(n2, options).expect("agent 2");
+    } = Cluster::frontend_payment()
+        .and_then(|t| {
+            let policies = t.cluster.dir().join("policies");
+            std::fs::create_dir_all(&policies)?;
+            std::fs::write(policies.join("allow-prod.yaml"), ALLOW_PROD)?;
+            t.start_agents(AgentOptions {
+                metrics: "127.0.0.1:15020".into(),
+                extra_yaml: format!("policies: [{}]\n", policies.display()),
+                ..AgentOptions::strict()
+            })
+        })
+        .expect("cluster with agents");
     Setup {
         cluster,
         n1,
@@ -186,39 +187,24 @@ fn every_endpoint_and_command_reports_what_the_test_did() {
     assert!(explained.contains("prod/allow-prod"), "{explained}");
 
     // connections: an open tunneled connection with both identities and its bytes.
-    let mark = cluster.agent(n2).mark();
-    let other = cluster.pod(server).addr4(PORT + 1).to_string();
-    let mut pipe = cluster
-        .probe_command(client, &["pipe", "--to", &other])
-        .expect("command")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let mut stdin = pipe.stdin.take().expect("stdin");
-    stdin.write_all(b"hello|").expect("write");
-    stdin.flush().expect("flush");
-    cluster
-        .agent(n2)
-        .wait_for_line_after(mark, WAIT, |l| {
-            l.contains("\"decision\":\"ALLOW\"") && l.contains(&format!(":{}\"", PORT + 1))
-        })
-        .expect("admitted");
+    let other = cluster.pod(server).addr4(PORT + 1);
+    let pipe = cluster
+        .open_pipe(client, other, b"hello|", n2)
+        .expect("open connection");
     let listed = eventually(WAIT, || {
         let connections = debug_json(&s2, &["connections"]);
         connections.as_array().is_some_and(|all| {
             all.iter().any(|c| {
                 c["source"] == FRONTEND
                     && c["destination"] == PAYMENT
-                    && c["destinationAddress"] == other
+                    && c["destinationAddress"] == other.to_string()
                     && c["bytesSent"] == 6
             })
         })
     });
     assert!(listed, "{}", debug_json(&s2, &["connections"]));
-    drop(stdin);
-    let out = pipe.wait_with_output().expect("pipe");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("hello|"));
+    let r = pipe.finish(b"").expect("pipe");
+    assert_eq!(r.echo.as_deref(), Some("hello|"), "{r:?}");
 
     // flush: the cache empties and the next connection goes through the tunnel again.
     for socket in [&s1, &s2] {

@@ -21,17 +21,14 @@ struct Setup {
 /// agent, so a pair's first connection crosses an mTLS tunnel between them.
 fn setup() -> Setup {
     let TwoNodes {
-        mut cluster,
+        cluster,
         n1,
-        n2,
         client,
         server,
-    } = Cluster::frontend_payment().expect("cluster");
-    for node in [n1, n2] {
-        cluster
-            .start_agent(node, AgentOptions::default())
-            .expect("agent");
-    }
+        ..
+    } = Cluster::frontend_payment()
+        .and_then(|t| t.start_agents(AgentOptions::default()))
+        .expect("cluster with agents");
     Setup {
         cluster,
         n1,

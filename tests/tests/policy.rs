@@ -5,9 +5,8 @@
 //! check` / `explain` on the same files.
 
 use std::{
-    io::Write as _,
     path::PathBuf,
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -219,38 +218,18 @@ fn a_namespace_deny_all_revokes_cached_verdicts_and_closes_open_connections() {
     }
 
     // A tunneled connection that stays open across the change (first of its port).
-    let mark = cluster.agent(n2).mark();
-    let other = cluster.pod(ledger).addr4(TCP_PORT + 1).to_string();
-    let mut pipe = cluster
-        .probe_command(frontend, &["pipe", "--to", &other])
-        .expect("command")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let mut stdin = pipe.stdin.take().expect("stdin");
-    stdin.write_all(b"before|").expect("write");
-    stdin.flush().expect("flush");
-    cluster
-        .agent(n2)
-        .wait_for_line_after(mark, WAIT, |l| {
-            l.contains("\"decision\":\"ALLOW\"") && l.contains(&format!(":{}\"", TCP_PORT + 1))
-        })
-        .expect("the open connection was admitted");
+    let other = cluster.pod(ledger).addr4(TCP_PORT + 1);
+    let pipe = cluster
+        .open_pipe(frontend, other, b"before|", n2)
+        .expect("open connection");
 
-    let marks: Vec<usize> = [n1, n2].iter().map(|n| cluster.agent(*n).mark()).collect();
+    let marks = cluster.marks(&[n1, n2]);
     let written = Instant::now();
     std::fs::write(policies.join("ledger-deny-all.yaml"), LEDGER_DENY_ALL).expect("write");
-    let mut applied = Vec::new();
-    for (node, mark) in [n1, n2].iter().zip(&marks) {
-        cluster
-            .agent(*node)
-            .wait_for_line_after(*mark, WAIT, |l| {
-                l.contains("\"message\":\"config reloaded\"")
-            })
-            .expect("the change is applied");
-        applied.push(written.elapsed());
-    }
+    cluster
+        .wait_reloaded(&[n1, n2], &marks)
+        .expect("the change is applied");
+    let applied = written.elapsed();
     let refused = eventually(WAIT, || {
         cluster
             .probe(frontend, to, Some("third"))
@@ -259,8 +238,7 @@ fn a_namespace_deny_all_revokes_cached_verdicts_and_closes_open_connections() {
     let enforced = written.elapsed();
     assert!(refused, "after the deny-all, connect() does not succeed");
     println!(
-        "revocation: policy file written -> applied on node 1 {:?}, node 2 {:?}; -> first refused connection {:?}",
-        applied[0], applied[1], enforced
+        "revocation: policy file written -> applied on both nodes {applied:?}; -> first refused connection {enforced:?}"
     );
     for node in [n1, n2] {
         let maps = maps(&cluster, node);
@@ -275,10 +253,7 @@ fn a_namespace_deny_all_revokes_cached_verdicts_and_closes_open_connections() {
     }
 
     // The connection that was open is closed by the agents.
-    let _ = stdin.write_all(b"after");
-    drop(stdin);
-    let out = pipe.wait_with_output().expect("probe");
-    let r: ProbeResult = serde_json::from_slice(&out.stdout).expect("json");
+    let r = pipe.finish(b"after").expect("probe");
     assert_ne!(
         r.echo.as_deref(),
         Some("before|after"),
@@ -286,16 +261,9 @@ fn a_namespace_deny_all_revokes_cached_verdicts_and_closes_open_connections() {
     );
 
     // Removing the deny-all allows the pair again at once (a cached deny is revoked too).
-    let marks: Vec<usize> = [n1, n2].iter().map(|n| cluster.agent(*n).mark()).collect();
+    let marks = cluster.marks(&[n1, n2]);
     std::fs::remove_file(policies.join("ledger-deny-all.yaml")).expect("remove");
-    for (node, mark) in [n1, n2].iter().zip(&marks) {
-        cluster
-            .agent(*node)
-            .wait_for_line_after(*mark, WAIT, |l| {
-                l.contains("\"message\":\"config reloaded\"")
-            })
-            .expect("reloaded");
-    }
+    cluster.wait_reloaded(&[n1, n2], &marks).expect("reloaded");
     let allowed = eventually(WAIT, || {
         cluster
             .probe(frontend, to, Some("fourth"))
@@ -396,7 +364,7 @@ spec:
 
     // The same file dropped into the running agents' directory: the reload fails, says why,
     // and the last good policy keeps being enforced.
-    let marks: Vec<usize> = [n1, n2].iter().map(|n| cluster.agent(*n).mark()).collect();
+    let marks = cluster.marks(&[n1, n2]);
     std::fs::write(policies.join("zz-bad.yaml"), bad).expect("write");
     for (node, mark) in [n1, n2].iter().zip(&marks) {
         let line = cluster

@@ -15,14 +15,14 @@ const TUNNEL_PORT: u16 = 15008;
 
 fn setup(options: AgentOptions) -> (Cluster, NodeId, NodeId, PodId, PodId) {
     let TwoNodes {
-        mut cluster,
+        cluster,
         n1,
         n2,
         client,
         server,
-    } = Cluster::frontend_payment().expect("cluster");
-    cluster.start_agent(n1, options.clone()).expect("agent 1");
-    cluster.start_agent(n2, options).expect("agent 2");
+    } = Cluster::frontend_payment()
+        .and_then(|t| t.start_agents(options))
+        .expect("cluster with agents");
     (cluster, n1, n2, client, server)
 }
 

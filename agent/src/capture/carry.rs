@@ -34,6 +34,22 @@ pub struct Carried {
 }
 
 impl Carried {
+    /// The access-log line of the connection's end, with how it ended.
+    fn log_closed(
+        &self,
+        tracked: &Tracked,
+        started: Instant,
+        result: &std::io::Result<impl Sized>,
+    ) {
+        let mut record = self.record(tracked, started);
+        let why;
+        if let Err(e) = result {
+            why = format!("{}; ended: {e}", self.reason);
+            record.reason = &why;
+        }
+        access::closed(&record);
+    }
+
     fn record<'a>(&'a self, tracked: &Tracked, started: Instant) -> access::Record<'a> {
         let (sent, received) = tracked.totals();
         access::Record {
@@ -70,13 +86,7 @@ pub async fn splice<R>(
     let started = Instant::now();
     let tracked = tracker.register(carried.info.clone());
     let result = tracked.splice(remote, local, local_is_source).await;
-    let mut record = carried.record(&tracked, started);
-    let why;
-    if let Err(e) = &result {
-        why = format!("{}; ended: {e}", carried.reason);
-        record.reason = &why;
-    }
-    access::closed(&record);
+    carried.log_closed(&tracked, started, &result);
 }
 
 /// The destination workload and caller of an HTTP-enforced connection.
@@ -138,11 +148,5 @@ pub async fn http<R>(
         r = http::serve(downstream, upstream, authorize) => r,
         () = tracked.closed() => Err(std::io::Error::other("closed by the agent: no longer allowed")),
     };
-    let mut record = carried.record(&tracked, started);
-    let why;
-    if let Err(e) = &result {
-        why = format!("{}; ended: {e}", carried.reason);
-        record.reason = &why;
-    }
-    access::closed(&record);
+    carried.log_closed(&tracked, started, &result);
 }

@@ -2,7 +2,10 @@
 
 use std::path::PathBuf;
 
-use super::{locate, validate::Problem};
+use super::{
+    locate,
+    report::{Problem, path_prefix, position},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -24,22 +27,6 @@ pub enum ConfigError {
         path: String,
         message: String,
     },
-}
-
-fn position(line: Option<usize>, column: Option<usize>) -> String {
-    match (line, column) {
-        (Some(l), Some(c)) => format!(":{l}:{c}"),
-        (Some(l), None) => format!(":{l}"),
-        _ => String::new(),
-    }
-}
-
-fn path_prefix(path: &str) -> String {
-    if path.is_empty() {
-        String::new()
-    } else {
-        format!("{path}: ")
-    }
 }
 
 impl ConfigError {

@@ -8,6 +8,7 @@
 mod error;
 mod fields;
 pub(crate) mod locate;
+pub(crate) mod report;
 mod validate;
 
 pub use error::ConfigError;

@@ -3,21 +3,10 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::{CertificateSource, Config};
-
-/// A problem at a field path.
-#[derive(Debug)]
-pub struct Problem {
-    pub path: String,
-    pub message: String,
-}
-
-fn problem(path: impl Into<String>, message: impl Into<String>) -> Problem {
-    Problem {
-        path: path.into(),
-        message: message.into(),
-    }
-}
+use super::{
+    CertificateSource, Config,
+    report::{Problem, problem},
+};
 
 pub fn check(config: &Config) -> Result<(), Problem> {
     let p = &config.ports;

@@ -207,15 +207,7 @@ impl Datapath {
     pub fn attach_inbound(&mut self, workload: &str, netns: &Path) -> Result<(), DatapathError> {
         let link_path = inbound_dir(&self.settings.pin_dir).join(inbound_pin_name(workload));
         let name = program_names::INBOUND;
-        let prog: &mut SkLookup = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::Missing {
-                kind: "program",
-                name,
-            })?
-            .try_into()
-            .map_err(|e| DatapathError::program("typing", name, e))?;
+        let prog = self.inbound_program()?;
         if adopt_link(
             &link_path,
             prog.fd()
@@ -246,19 +238,23 @@ impl Datapath {
         Ok(())
     }
 
-    /// Kernel id of the loaded inbound-check program (one program, attached to every pod netns).
-    pub fn inbound_program_id(&self) -> Result<u32, DatapathError> {
+    /// The loaded inbound-check program (one program, attached to every pod netns).
+    fn inbound_program(&mut self) -> Result<&mut SkLookup, DatapathError> {
         let name = program_names::INBOUND;
-        let prog: &SkLookup = self
-            .ebpf
-            .program(name)
+        self.ebpf
+            .program_mut(name)
             .ok_or(DatapathError::Missing {
                 kind: "program",
                 name,
             })?
             .try_into()
-            .map_err(|e| DatapathError::program("typing", name, e))?;
-        program_id(prog.info(), name)
+            .map_err(|e| DatapathError::program("typing", name, e))
+    }
+
+    /// Kernel id of the inbound-check program.
+    pub fn inbound_program_id(&mut self) -> Result<u32, DatapathError> {
+        let prog = self.inbound_program()?;
+        program_id(prog.info(), program_names::INBOUND)
     }
 
     /// Workloads (pin names) whose netns has the inbound check pinned.

@@ -4,25 +4,14 @@
 
 use std::collections::BTreeMap;
 
+pub(crate) use crate::config::report::Problem;
+use crate::config::report::problem;
+
 use super::{
     decision::{Action, MtlsMode, PolicyKind, PolicyRef},
     matching::{Cidr, Condition, ConditionValues, Operation, Pattern, Rule, Source},
     model,
 };
-
-/// A problem in one field of a document.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Problem {
-    pub path: String,
-    pub message: String,
-}
-
-fn problem(path: impl Into<String>, message: impl Into<String>) -> Problem {
-    Problem {
-        path: path.into(),
-        message: message.into(),
-    }
-}
 
 /// Identity and origin of a loaded policy.
 #[derive(Debug, Clone)]

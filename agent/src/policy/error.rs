@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use crate::config::report::{path_prefix, position};
+
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
     #[error("{}: cannot read: {source}", file.display())]
@@ -36,21 +38,5 @@ impl PolicyError {
         match self {
             Self::Read { file, .. } | Self::Invalid { file, .. } => file,
         }
-    }
-}
-
-fn position(line: Option<usize>, column: Option<usize>) -> String {
-    match (line, column) {
-        (Some(l), Some(c)) => format!(":{l}:{c}"),
-        (Some(l), None) => format!(":{l}"),
-        _ => String::new(),
-    }
-}
-
-fn path_prefix(path: &str) -> String {
-    if path.is_empty() {
-        String::new()
-    } else {
-        format!("{path}: ")
     }
 }

@@ -56,14 +56,15 @@ pub fn reset(stream: &TcpStream) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use tokio::{
         io::{AsyncReadExt, AsyncWriteExt},
         net::TcpListener,
     };
 
-    async fn pair(listener: &TcpListener) -> (TcpStream, TcpStream) {
+    /// A connected (client, accepted) pair of TCP sockets on `listener`.
+    pub(crate) async fn pair(listener: &TcpListener) -> (TcpStream, TcpStream) {
         let addr = listener.local_addr().expect("bound");
         let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
         (client.expect("connect"), accepted.expect("accept").0)

@@ -350,16 +350,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tunnel::splice::tests::pair;
     use tokio::{
         io::{AsyncReadExt, AsyncWriteExt},
         net::TcpListener,
     };
-
-    async fn pair(listener: &TcpListener) -> (TcpStream, TcpStream) {
-        let addr = listener.local_addr().expect("bound");
-        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        (client.expect("connect"), accepted.expect("accept").0)
-    }
 
     fn info() -> ConnInfo {
         ConnInfo {

@@ -206,19 +206,10 @@ fn change_policy(
     write: impl FnOnce() -> std::io::Result<()>,
 ) -> anyhow::Result<()> {
     let nodes: Vec<NodeId> = demo.cluster.nodes().map(|(id, _)| id).collect();
-    let marks: Vec<usize> = nodes
-        .iter()
-        .map(|n| demo.cluster.agent(*n).mark())
-        .collect();
+    let marks = demo.cluster.marks(&nodes);
     let started = std::time::Instant::now();
     write()?;
-    for (node, mark) in nodes.iter().zip(marks) {
-        demo.cluster.agent(*node).wait_for_line_after(
-            mark,
-            std::time::Duration::from_secs(20),
-            |l| l.contains("\"message\":\"config reloaded\""),
-        )?;
-    }
+    demo.cluster.wait_reloaded(&nodes, &marks)?;
     demo.note(&format!(
         "   (both agents applied it {:.0} ms after the file was written)",
         started.elapsed().as_secs_f64() * 1e3
