@@ -326,3 +326,34 @@ impl Drop for Agent {
         self.kill9();
     }
 }
+
+/// `latch debug ARGS --socket SOCKET` (the CLI against an agent's debug socket): whether it
+/// succeeded, and its stdout and stderr.
+pub fn debug(socket: &Path, args: &[&str]) -> anyhow::Result<(bool, String)> {
+    let out = Command::new(env::latch_bin()?)
+        .arg("debug")
+        .args(args)
+        .arg("--socket")
+        .arg(socket)
+        .output()
+        .context("running latch debug")?;
+    Ok((
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    ))
+}
+
+/// `latch debug ARGS --json`, which must succeed, parsed.
+pub fn debug_json(socket: &Path, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let (ok, out) = debug(socket, &all)?;
+    if !ok {
+        bail!("latch debug {args:?} failed: {out}");
+    }
+    serde_json::from_str(&out).with_context(|| format!("latch debug {args:?}: not JSON: {out}"))
+}

@@ -66,31 +66,12 @@ fn setup() -> Setup {
     }
 }
 
-/// `latch debug ARGS --socket SOCKET`: (success, stdout + stderr).
 fn debug(socket: &Path, args: &[&str]) -> (bool, String) {
-    let out = Command::new(env::latch_bin().expect("latch"))
-        .arg("debug")
-        .args(args)
-        .arg("--socket")
-        .arg(socket)
-        .output()
-        .expect("run latch debug");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    latch_tests::agent::debug(socket, args).expect("latch debug")
 }
 
 fn debug_json(socket: &Path, args: &[&str]) -> Value {
-    let mut all = args.to_vec();
-    all.push("--json");
-    let (ok, out) = debug(socket, &all);
-    assert!(ok, "latch debug {args:?} failed: {out}");
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {out}"))
+    latch_tests::agent::debug_json(socket, args).expect("latch debug")
 }
 
 fn counter(cluster: &Cluster, node: NodeId, name: &str) -> u64 {

@@ -201,4 +201,20 @@ fn the_verdict_map_holds_a_million_entries() {
         m.counter(Counter::FastpathAllowed).expect("counter"),
         fast + 1
     );
+
+    // The debug API pages through all of them, and finds the real pair among them.
+    let socket = cluster.debug_socket(n1);
+    let debug_json = |socket: &std::path::Path, args: &[&str]| {
+        latch_tests::agent::debug_json(socket, args).expect("latch debug")
+    };
+    let page = debug_json(
+        &socket,
+        &["verdicts", "--offset", "999995", "--limit", "10"],
+    );
+    assert_eq!(page["total"], 1_000_001, "{page}");
+    assert_eq!(page["verdicts"].as_array().map(Vec::len), Some(6), "{page}");
+    let frontend = cluster.pod(client).spiffe_id("cluster.local");
+    let page = debug_json(&socket, &["verdicts", "--identity", &frontend]);
+    assert_eq!(page["total"], 1, "{page}");
+    assert_eq!(page["verdicts"][0]["port"], PORT, "{page}");
 }
