@@ -1,6 +1,7 @@
 //! HBONE: TCP connections carried as HTTP/2 `CONNECT` streams over mutual TLS, the wire protocol
-//! of Istio ambient. The client pools one HTTP/2 connection per (source identity, destination
-//! identity, destination address), so only a pair's first connection pays for the handshake;
+//! of Istio ambient. The client pools HTTP/2 connections per (source identity, destination
+//! identity, destination address), so only a pair's first connection pays for the handshake
+//! (a busy pair gets up to one connection per CPU, so its streams are encrypted in parallel);
 //! the server verifies the client, asks its [`Inbound`] whether the source may reach the target,
 //! and answers `200` (then bytes), `403` (policy) or `503` (application unreachable).
 //!
@@ -15,7 +16,10 @@ use std::{
     io,
     net::SocketAddr,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::SystemTime,
 };
 
@@ -43,6 +47,110 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// An established tunnel stream (bytes after the `200`).
 pub type TunnelStream = TokioIo<hyper::upgrade::Upgraded>;
+
+/// Streams a pooled connection carries at once before the pair opens another one.
+pub(crate) const SPREAD_AT: usize = 4;
+
+/// Most pooled connections per pair: one per CPU.
+pub(crate) fn max_connections() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// A tunnel stream opened by the client; while it lives it counts as active on its pooled
+/// connection.
+pub struct ClientStream {
+    io: TunnelStream,
+    _active: Active,
+}
+
+/// One active stream on a pooled connection. When the last stream of a connection ends and the
+/// pair has other connections, this one leaves the pool (and closes once nothing uses it), so a
+/// burst's extra connections do not outlive it.
+struct Active {
+    count: Arc<AtomicUsize>,
+    pool: std::sync::Weak<Mutex<Pool>>,
+    key: PoolKey,
+}
+
+impl Active {
+    fn new(count: &Arc<AtomicUsize>, pool: &Arc<Mutex<Pool>>, key: &PoolKey) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self {
+            count: count.clone(),
+            pool: Arc::downgrade(pool),
+            key: key.clone(),
+        }
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        if self.count.fetch_sub(1, Ordering::Relaxed) != 1 {
+            return;
+        }
+        let Some(pool) = self.pool.upgrade() else {
+            return;
+        };
+        let mut pool = pool.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = pool.get_mut(&self.key)
+            && entry.conns.len() > 1
+        {
+            entry.conns.retain(|p| {
+                !Arc::ptr_eq(&p.active, &self.count) || p.active.load(Ordering::Relaxed) > 0
+            });
+        }
+    }
+}
+
+/// The pooled connections of each pair, and how many are being dialled.
+type Pool = HashMap<PoolKey, PoolEntry>;
+
+#[derive(Default)]
+struct PoolEntry {
+    conns: Vec<Pooled>,
+    dialing: usize,
+}
+
+/// What [`TunnelClient::open`] does for a pair.
+enum Pick {
+    /// A pooled connection, already counting this stream as active.
+    Use(Pooled, Active),
+    Dial,
+}
+
+impl tokio::io::AsyncRead for ClientStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for ClientStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
@@ -101,11 +209,13 @@ struct Pooled {
     sender: SendRequest<Empty<Bytes>>,
     /// The earlier NotAfter of the two certificates this connection was proven with.
     proof_not_after: SystemTime,
+    /// Streams open on it now.
+    active: Arc<AtomicUsize>,
 }
 
 /// An opened tunnel and what it was proven with.
 pub struct Opened {
-    pub stream: TunnelStream,
+    pub stream: ClientStream,
     /// The earlier NotAfter of the client's and the server's certificates: no verdict proven
     /// through this tunnel may outlive it.
     pub proof_not_after: SystemTime,
@@ -134,7 +244,7 @@ pub struct Dial {
 /// The HBONE client with its connection pool.
 #[derive(Default, Clone)]
 pub struct TunnelClient {
-    pool: Arc<Mutex<HashMap<PoolKey, Pooled>>>,
+    pool: Arc<Mutex<Pool>>,
 }
 
 impl TunnelClient {
@@ -143,20 +253,23 @@ impl TunnelClient {
     }
 
     /// Open a tunnel to `authority` (the original destination) through the endpoint of `key`,
-    /// reusing the pooled connection if there is a live one, else dialling with `dial()`.
+    /// reusing the least busy live pooled connection, or dialling with `dial()` if there is none
+    /// or all are busy and the pair may have another.
     pub async fn open(
         &self,
         key: &PoolKey,
         authority: SocketAddr,
         dial: impl FnOnce() -> Dial,
     ) -> Result<Opened, TunnelError> {
-        let pooled = self.pooled(key);
-        let (pooled, handshake) = match pooled {
-            Some(p) => (p, None),
-            None => {
+        let (pooled, active, handshake) = match self.pick(key) {
+            Pick::Use(p, active) => (p, active, None),
+            Pick::Dial => {
                 let started = std::time::Instant::now();
-                let pooled = self.connect(key, dial()).await?;
-                (pooled, Some(started.elapsed()))
+                let dialled = self.connect(key, dial()).await;
+                self.dialled(key);
+                let pooled = dialled?;
+                let active = Active::new(&pooled.active, &self.pool, key);
+                (pooled, active, Some(started.elapsed()))
             }
         };
         let request = Request::builder()
@@ -188,7 +301,10 @@ impl TunnelClient {
                 source,
             })?;
         Ok(Opened {
-            stream: TokioIo::new(upgraded),
+            stream: ClientStream {
+                io: TokioIo::new(upgraded),
+                _active: active,
+            },
             proof_not_after: pooled.proof_not_after,
             new_connection: handshake.is_some(),
             cacheable,
@@ -196,17 +312,42 @@ impl TunnelClient {
         })
     }
 
-    fn pooled(&self, key: &PoolKey) -> Option<Pooled> {
+    /// The least busy live connection of the pair, unless all are busy (or there is none) and
+    /// the pair may have another: then the caller dials, counted until [`Self::dialled`].
+    fn pick(&self, key: &PoolKey) -> Pick {
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        match pool.get(key) {
-            Some(p) if p.sender.is_ready() && p.proof_not_after > SystemTime::now() => {
-                Some(p.clone())
+        let entry = pool.entry(key.clone()).or_default();
+        let now = SystemTime::now();
+        entry
+            .conns
+            .retain(|p| p.sender.is_ready() && p.proof_not_after > now);
+        let least_busy = entry
+            .conns
+            .iter()
+            .min_by_key(|p| p.active.load(Ordering::Relaxed))
+            .cloned();
+        let room = entry.conns.len() + entry.dialing < max_connections();
+        match least_busy {
+            Some(p) if !room || p.active.load(Ordering::Relaxed) < SPREAD_AT => {
+                // Counted under the pool's lock, so a burst of opens sees each other.
+                let active = Active::new(&p.active, &self.pool, key);
+                Pick::Use(p, active)
             }
-            Some(_) => {
+            _ => {
+                entry.dialing += 1;
+                Pick::Dial
+            }
+        }
+    }
+
+    /// A dial started by [`Self::pick`] has ended (either way).
+    fn dialled(&self, key: &PoolKey) {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = pool.get_mut(key) {
+            entry.dialing = entry.dialing.saturating_sub(1);
+            if entry.conns.is_empty() && entry.dialing == 0 {
                 pool.remove(key);
-                None
             }
-            None => None,
         }
     }
 
@@ -227,7 +368,12 @@ impl TunnelClient {
 
     /// Number of pooled HTTP/2 connections.
     pub fn pooled_connections(&self) -> usize {
-        self.pool.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|e| e.conns.len())
+            .sum()
     }
 
     async fn connect(&self, key: &PoolKey, dial: Dial) -> Result<Pooled, TunnelError> {
@@ -270,11 +416,15 @@ impl TunnelClient {
         let pooled = Pooled {
             sender,
             proof_not_after: server_not_after.min(dial.client_not_after),
+            active: Arc::default(),
         };
         self.pool
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(key.clone(), pooled.clone());
+            .entry(key.clone())
+            .or_default()
+            .conns
+            .push(pooled.clone());
         Ok(pooled)
     }
 }

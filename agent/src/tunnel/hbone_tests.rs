@@ -245,3 +245,39 @@ async fn a_server_with_another_identity_is_refused() {
     );
     assert!(f.inbound.admitted.lock().expect("lock").is_empty());
 }
+
+#[tokio::test]
+async fn a_busy_pair_spreads_over_connections_up_to_one_per_cpu_and_shrinks_back() {
+    let f = fixture("spread", true, PAYMENT).await;
+    let client = TunnelClient::new();
+    let mut open = Vec::new();
+    for _ in 0..=super::hbone::SPREAD_AT {
+        open.push(
+            client
+                .open(&key(&f), f.app, dialer(&f, PAYMENT))
+                .await
+                .expect("tunnel"),
+        );
+    }
+    let expected = super::hbone::max_connections().min(2);
+    assert_eq!(
+        client.pooled_connections(),
+        expected,
+        "{} streams at once use {expected} connection(s)",
+        super::hbone::SPREAD_AT + 1
+    );
+    drop(open);
+    assert_eq!(
+        client.pooled_connections(),
+        1,
+        "once idle, the burst's extra connections leave the pool"
+    );
+    let again = client
+        .open(&key(&f), f.app, dialer(&f, PAYMENT))
+        .await
+        .expect("tunnel");
+    assert!(
+        !again.new_connection,
+        "the idle pooled connection is reused"
+    );
+}
