@@ -194,13 +194,39 @@ pub(crate) fn authorization_policy(
 }
 
 fn uncacheable(rule: &Rule) -> Option<&'static str> {
+    uncacheable_on(rule, None)
+}
+
+/// Why a decision that consults `rule` could not be cached, for connections to `port` (`None`:
+/// any port). A rule whose operations all name other ports cannot match, so it never makes a
+/// decision on `port` depend on anything; of its operations, only those that can match `port`
+/// count for L7.
+fn uncacheable_on(rule: &Rule, port: Option<u16>) -> Option<&'static str> {
+    let here = |op: &&Operation| port.is_none_or(|p| op.port_matches(p));
+    if !rule.to.is_empty() && !rule.to.iter().any(|op| here(&op)) {
+        return None;
+    }
     if rule.from.iter().any(Source::uses_source_ip) {
         return Some("source IP");
     }
     if let Some(why) = rule.when.iter().find_map(Condition::uses_ip) {
         return Some(why);
     }
-    rule.has_l7().then_some("HTTP attributes")
+    rule.to
+        .iter()
+        .filter(here)
+        .any(Operation::has_l7)
+        .then_some("HTTP attributes")
+}
+
+impl AuthzPolicy {
+    /// Why a decision on `port` that consults this policy could not be cached, if it could not.
+    pub(crate) fn uncacheable_on(&self, port: u16) -> Option<&'static str> {
+        self.uncacheable?;
+        self.rules
+            .iter()
+            .find_map(|rule| uncacheable_on(rule, Some(port)))
+    }
 }
 
 fn selector(

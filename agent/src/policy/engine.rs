@@ -15,11 +15,12 @@
 //!
 //! Cacheability: a decision is `cacheable` when another connection with the same source
 //! principal (hence namespace), destination workload and destination port must get the same
-//! answer. That is conservatively judged per workload: the source must be mTLS (plaintext
-//! decisions are never cacheable) and no AuthorizationPolicy applying to the workload may
-//! reference the source IP (`ipBlocks`, `notIpBlocks`, `when: source.ip`), the destination IP
-//! (`when: destination.ip`) or HTTP attributes (methods, paths, hosts and their `not*`),
-//! whether or not that policy decided.
+//! answer. That is conservatively judged per workload and port: the source must be mTLS
+//! (plaintext decisions are never cacheable) and no rule of an AuthorizationPolicy applying to
+//! the workload that can match the port (its operations name the port, or none names a port)
+//! may reference the source IP (`ipBlocks`, `notIpBlocks`, `when: source.ip`), the destination
+//! IP (`when: destination.ip`) or HTTP attributes (methods, paths, hosts and their `not*`, in an
+//! operation for that port), whether or not that rule decided.
 
 use super::{
     PolicySet,
@@ -205,7 +206,9 @@ impl PolicySet {
         for id in self.applicable(target) {
             let policy = &self.inner.authz[id as usize];
             if uncacheable.is_none() {
-                uncacheable = policy.uncacheable.map(|why| (policy, why));
+                uncacheable = policy
+                    .uncacheable_on(attrs.destination_port)
+                    .map(|why| (policy, why));
             }
             has_l7 |= policy.rules.iter().any(|r| r.has_l7());
             let l7 = match phase {
