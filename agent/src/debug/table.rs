@@ -57,6 +57,14 @@ pub fn duration(seconds: f64) -> String {
     if seconds.is_nan() || seconds <= 0.0 {
         return "expired".into();
     }
+    elapsed(seconds)
+}
+
+/// A time that has passed (uptime, age): `0s` is just started, not expired.
+pub fn elapsed(seconds: f64) -> String {
+    if seconds.is_nan() || seconds <= 0.0 {
+        return "0s".into();
+    }
     if seconds < 60.0 {
         return format!("{seconds:.1}s");
     }
@@ -77,7 +85,7 @@ pub fn status(s: &Status) -> String {
         "version:        {}\nnode:           {}\nuptime:         {}\ndataplane mode: {}\ntrust domain:   {}\nlast reload:    {} ({}, {}){}\n",
         s.version,
         s.node,
-        duration(s.uptime_seconds as f64),
+        elapsed(s.uptime_seconds as f64),
         s.dataplane_mode,
         s.trust_domain,
         s.last_reload.at,
@@ -236,7 +244,7 @@ pub fn connections(connections: &[Connection]) -> String {
             c.destination_address.to_string(),
             c.bytes_sent.to_string(),
             c.bytes_received.to_string(),
-            duration(c.age_seconds),
+            elapsed(c.age_seconds),
         ]);
     }
     table.render()
@@ -327,6 +335,7 @@ key:00000000deadbeef                        spiffe://cluster.local/ns/db/sa/pg  
     #[test]
     fn durations_and_key_values() {
         assert_eq!(duration(0.0), "expired");
+        assert_eq!(elapsed(0.0), "0s");
         assert_eq!(duration(7260.0), "2h01m");
         assert_eq!(duration(90000.0), "1d01h");
         let v = serde_json::json!({"decision": "DENY", "matched": {"policy": "prod/deny", "rules": [1, 2]}});
