@@ -36,7 +36,7 @@ use crate::{
     identity::{
         LocalWorkload, Registry,
         ca::DevCa,
-        certs::{CertStore, Source},
+        certs::{self, CertStore, Source},
     },
     metrics::{self, Metrics},
     policy::{self, PolicySet},
@@ -52,16 +52,8 @@ const WATCH_INTERVAL: Duration = Duration::from_millis(250);
 /// A pod this agent serves: its listeners' tasks and its netns worker.
 struct PodRuntime {
     workload: LocalWorkload,
-    tasks: Vec<JoinHandle<()>>,
+    _tasks: Vec<AbortOnDrop<()>>,
     _worker: Arc<NetnsWorker>,
-}
-
-impl Drop for PodRuntime {
-    fn drop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
-        }
-    }
 }
 
 /// A pod whose netns is entered (and, if it is new, whose listeners are open) but that is not
@@ -87,7 +79,8 @@ struct Agent {
     published: Published,
 }
 
-/// A task that is aborted when this handle is dropped (when `run` returns).
+/// A task that is aborted when this handle is dropped (a pod's listeners when the pod goes, the
+/// debug and metrics servers when `run` returns).
 struct AbortOnDrop<T>(JoinHandle<T>);
 
 impl<T> Drop for AbortOnDrop<T> {
@@ -400,26 +393,20 @@ impl Agent {
     /// What the metrics endpoint reads at each scrape.
     fn scrape_source(&self) -> metrics::ScrapeSource {
         let maps = self.maps.clone();
+        let cache = self.cache.clone();
         let certs = self.certs.clone();
         Box::new(move || {
-            let (kernel_counters, cache_entries) = {
-                let maps = lock(&maps);
-                (
-                    maps.counters().unwrap_or_default(),
-                    maps.verdicts().map(|v| v.len() as u64).unwrap_or_default(),
-                )
-            };
+            let kernel_counters = lock(&maps).counters().unwrap_or_default();
+            // From the agent's own record: a scrape never walks the kernel's million buckets
+            // while connections wait for the maps.
+            let cache_entries = cache.len() as u64;
             let now = std::time::SystemTime::now();
             let cert_expiry = certs
                 .identities()
                 .into_iter()
                 .filter_map(|id| {
                     let not_after = certs.current(&id)?.svid.not_after;
-                    let left = match not_after.duration_since(now) {
-                        Ok(d) => d.as_secs_f64(),
-                        Err(e) => -e.duration().as_secs_f64(),
-                    };
-                    Some((id, left))
+                    Some((id, certs::seconds_left(not_after, now)))
                 })
                 .collect();
             metrics::ScrapeSnapshot {
@@ -627,16 +614,19 @@ impl Agent {
             metrics: self.metrics.clone(),
         });
         let mut tasks = vec![
-            tokio::spawn(outbound::serve(listeners.capture_v4, out_ctx.clone())),
-            tokio::spawn(inbound::serve(listeners.inbound, in_ctx)),
-            tokio::spawn(tunneled::serve(listeners.tunnel, tunnel_ctx)),
+            AbortOnDrop(tokio::spawn(outbound::serve(
+                listeners.capture_v4,
+                out_ctx.clone(),
+            ))),
+            AbortOnDrop(tokio::spawn(inbound::serve(listeners.inbound, in_ctx))),
+            AbortOnDrop(tokio::spawn(tunneled::serve(listeners.tunnel, tunnel_ctx))),
         ];
         if let Some(v6) = listeners.capture_v6 {
-            tasks.push(tokio::spawn(outbound::serve(v6, out_ctx)));
+            tasks.push(AbortOnDrop(tokio::spawn(outbound::serve(v6, out_ctx))));
         }
         PodRuntime {
             workload,
-            tasks,
+            _tasks: tasks,
             _worker: worker,
         }
     }

@@ -33,7 +33,32 @@ pub struct Carried {
     pub reason: String,
 }
 
+/// One inbound policy decision: counted in the metrics and written to the access log.
+pub fn decided(metrics: &Metrics, record: &access::Record<'_>) {
+    metrics.policy_decision(record.decision == "ALLOW");
+    access::decision(record);
+}
+
 impl Carried {
+    /// The admission of this (inbound) connection, counted and logged.
+    pub fn admitted(&self, metrics: &Metrics) {
+        decided(
+            metrics,
+            &access::Record {
+                direction: "inbound",
+                source_principal: &self.info.source,
+                source_address: self.source_address,
+                destination_principal: &self.info.destination,
+                destination_address: Some(self.info.destination_address),
+                decision: "ALLOW",
+                policy: &self.policy,
+                reason: &self.reason,
+                path: self.info.path,
+                ..Default::default()
+            },
+        );
+    }
+
     /// The access-log line of the connection's end, with how it ended.
     fn log_closed(
         &self,
@@ -125,21 +150,23 @@ pub async fn http<R>(
             target,
             head,
         );
-        party.metrics.policy_decision(judgement.allowed);
         let request = format!("{} {}", head.method, head.path);
-        access::decision(&access::Record {
-            direction: "inbound",
-            source_principal: party.source.as_deref().unwrap_or_default(),
-            source_address,
-            destination_principal: &destination,
-            destination_address: Some(target),
-            decision: if judgement.allowed { "ALLOW" } else { "DENY" },
-            policy: &judgement.policy,
-            reason: &judgement.reason,
-            path: "http",
-            request: &request,
-            ..Default::default()
-        });
+        decided(
+            &party.metrics,
+            &access::Record {
+                direction: "inbound",
+                source_principal: party.source.as_deref().unwrap_or_default(),
+                source_address,
+                destination_principal: &destination,
+                destination_address: Some(target),
+                decision: if judgement.allowed { "ALLOW" } else { "DENY" },
+                policy: &judgement.policy,
+                reason: &judgement.reason,
+                path: "http",
+                request: &request,
+                ..Default::default()
+            },
+        );
         judgement.allowed
     });
     let downstream = tracked.counted(remote, Which::Sent);

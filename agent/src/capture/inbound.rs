@@ -7,7 +7,7 @@
 //! depends on HTTP attributes, every request is decided on its own.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
 };
 
@@ -52,21 +52,11 @@ pub async fn serve(listener: TcpListener, ctx: Arc<InboundContext>) {
     .await
 }
 
-fn unmap(addr: SocketAddr) -> SocketAddr {
-    match addr.ip() {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(IpAddr::V4(v4), addr.port()),
-            None => addr,
-        },
-        IpAddr::V4(_) => addr,
-    }
-}
-
 async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &InboundContext) {
-    let peer = unmap(peer);
+    let peer = super::canonical(peer);
     // The steered connection keeps its original destination as its local address.
     let dst = match stream.local_addr() {
-        Ok(addr) => unmap(addr),
+        Ok(addr) => super::canonical(addr),
         Err(e) => {
             tracing::warn!(error = %e, "inbound connection without local address");
             reset(&stream);
@@ -76,18 +66,20 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &InboundContext) {
     let snapshot = ctx.state.get();
     let destination = ctx.workload.identity.to_string();
     let refuse = |policy: &str, reason: &str| {
-        ctx.metrics.policy_decision(false);
-        access::decision(&access::Record {
-            direction: "inbound",
-            source_address: Some(peer),
-            destination_principal: &destination,
-            destination_address: Some(dst),
-            decision: "DENY",
-            policy,
-            reason,
-            path: "plaintext",
-            ..Default::default()
-        });
+        carry::decided(
+            &ctx.metrics,
+            &access::Record {
+                direction: "inbound",
+                source_address: Some(peer),
+                destination_principal: &destination,
+                destination_address: Some(dst),
+                decision: "DENY",
+                policy,
+                reason,
+                path: "plaintext",
+                ..Default::default()
+            },
+        );
         reset(&stream);
     };
     let (mode, mode_source) = decide::mtls_mode(&snapshot, &ctx.workload, dst.port());
@@ -139,18 +131,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &InboundContext) {
         };
         carry::http(&ctx.tracker, carried, party, stream, app).await
     } else {
-        ctx.metrics.policy_decision(true);
-        access::decision(&access::Record {
-            direction: "inbound",
-            source_address: Some(peer),
-            destination_principal: &destination,
-            destination_address: Some(dst),
-            decision: "ALLOW",
-            policy: &carried.policy,
-            reason: &carried.reason,
-            path: "plaintext",
-            ..Default::default()
-        });
+        carried.admitted(&ctx.metrics);
         carry::splice(&ctx.tracker, carried, stream, app, false).await
     }
 }

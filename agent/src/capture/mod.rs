@@ -23,6 +23,11 @@ use std::{future::Future, net::SocketAddr, sync::Arc};
 
 use tokio::net::{TcpListener, TcpStream};
 
+/// `addr` with an IPv4-mapped IPv6 address shown as IPv4 (dual-stack listeners see those).
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
 /// Accept on `listener` until the task is aborted, handling each connection in its own task.
 pub async fn accept_loop<C, F, Fut>(listener: TcpListener, ctx: Arc<C>, workload: String, handle: F)
 where

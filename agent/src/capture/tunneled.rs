@@ -46,13 +46,6 @@ pub struct TunnelContext {
     pub metrics: Metrics,
 }
 
-pub fn unmap_ip(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
-    }
-}
-
 pub async fn serve(listener: TcpListener, ctx: Arc<TunnelContext>) {
     let workload = ctx.workload.id.clone();
     super::accept_loop(listener, ctx, workload, |tcp, peer, ctx| async move {
@@ -94,24 +87,26 @@ impl Inbound for TunnelContext {
 
 impl TunnelContext {
     fn refuse(&self, caller: &Caller, target: SocketAddr, policy: &str, reason: &str) {
-        self.metrics.policy_decision(false);
-        access::decision(&access::Record {
-            direction: "inbound",
-            source_principal: &caller.identity,
-            source_address: Some(caller.address),
-            destination_principal: &self.workload.identity.to_string(),
-            destination_address: Some(target),
-            decision: "DENY",
-            policy,
-            reason,
-            path: "tunnel",
-            ..Default::default()
-        });
+        carry::decided(
+            &self.metrics,
+            &access::Record {
+                direction: "inbound",
+                source_principal: &caller.identity,
+                source_address: Some(caller.address),
+                destination_principal: &self.workload.identity.to_string(),
+                destination_address: Some(target),
+                decision: "DENY",
+                policy,
+                reason,
+                path: "tunnel",
+                ..Default::default()
+            },
+        );
     }
 
     async fn decide(self: Arc<Self>, mut caller: Caller, target: SocketAddr) -> Admission {
-        let target = SocketAddr::new(unmap_ip(target.ip()), target.port());
-        caller.address = SocketAddr::new(unmap_ip(caller.address.ip()), caller.address.port());
+        let target = super::canonical(target);
+        caller.address = super::canonical(caller.address);
         // Only this pod's own addresses: the tunnel is not a proxy to anywhere else.
         if !self.workload.ips.contains(&target.ip()) {
             self.refuse(&caller, target, "", "not an address of this workload");
@@ -177,19 +172,7 @@ impl TunnelContext {
             reason,
         };
         if !http {
-            self.metrics.policy_decision(true);
-            access::decision(&access::Record {
-                direction: "inbound",
-                source_principal: &carried.info.source,
-                source_address: carried.source_address,
-                destination_principal: &carried.info.destination,
-                destination_address: Some(target),
-                decision: "ALLOW",
-                policy: &carried.policy,
-                reason: &carried.reason,
-                path: "tunnel",
-                ..Default::default()
-            });
+            carried.admitted(&self.metrics);
         }
         let ctx = self.clone();
         Admission::Admit {

@@ -23,7 +23,10 @@ use super::api::{
 };
 use crate::{
     datapath::system,
-    identity::{IdentityKey, Registry, certs::CertStore},
+    identity::{
+        IdentityKey, Registry,
+        certs::{CertStore, rotation_at, seconds_left},
+    },
     state::SharedState,
     tunnel::tracked::Tracker,
     verdicts::{Direction, SharedMaps, VerdictCache, decide, lock},
@@ -143,15 +146,11 @@ impl Backend for AgentView {
             .identities()
             .into_iter()
             .filter_map(|id| {
-                let current = self.certs.current(&id)?;
-                let left = match current.svid.not_after.duration_since(now) {
-                    Ok(d) => d.as_secs() as i64,
-                    Err(e) => -(e.duration().as_secs() as i64),
-                };
+                let not_after = self.certs.current(&id)?.svid.not_after;
                 Some(CertificateStatus {
                     identity: id,
-                    not_after: rfc3339(current.svid.not_after),
-                    seconds_left: left,
+                    not_after: rfc3339(not_after),
+                    seconds_left: seconds_left(not_after, now) as i64,
                 })
             })
             .collect();
@@ -270,14 +269,12 @@ impl Backend for AgentView {
             .into_iter()
             .filter_map(|id| {
                 let svid = self.certs.current(&id)?.svid;
-                let start = svid.issued_at.max(svid.not_before);
-                let half = svid.not_after.duration_since(start).unwrap_or_default() / 2;
                 Some(Cert {
                     identity: id,
                     serial: svid.serial.clone(),
                     not_before: rfc3339(svid.not_before),
                     not_after: rfc3339(svid.not_after),
-                    next_rotation: rfc3339(start + half),
+                    next_rotation: rfc3339(rotation_at(&svid)),
                 })
             })
             .collect()

@@ -96,14 +96,26 @@ fn mtime(path: &Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
-/// Half of the lifetime (from when it was issued to NotAfter) has passed: time to rotate.
-pub fn rotation_due(svid: &Svid, now: SystemTime) -> bool {
+/// When half of the lifetime (from when it was issued to NotAfter) has passed: time to rotate.
+pub fn rotation_at(svid: &Svid) -> SystemTime {
     let start = svid.issued_at.max(svid.not_before);
     let lifetime = svid
         .not_after
         .duration_since(start)
         .unwrap_or(Duration::ZERO);
-    now >= start + lifetime / 2
+    start + lifetime / 2
+}
+
+pub fn rotation_due(svid: &Svid, now: SystemTime) -> bool {
+    now >= rotation_at(svid)
+}
+
+/// Seconds from `now` until `not_after`, negative once it has passed.
+pub fn seconds_left(not_after: SystemTime, now: SystemTime) -> f64 {
+    match not_after.duration_since(now) {
+        Ok(d) => d.as_secs_f64(),
+        Err(e) => -e.duration().as_secs_f64(),
+    }
 }
 
 impl CertStore {

@@ -127,7 +127,8 @@ impl Registry {
     }
 
     pub fn endpoint(&self, ip: &IpAddr) -> Option<&Endpoint> {
-        self.endpoints.get(&canonical(ip))
+        // IPv4-mapped IPv6 addresses are looked up as IPv4.
+        self.endpoints.get(&ip.to_canonical())
     }
 
     pub fn identity(&self, key: IdentityKey) -> Option<&SpiffeId> {
@@ -148,13 +149,5 @@ impl Registry {
             }
         }
         pods.into_values().collect()
-    }
-}
-
-/// IPv4-mapped IPv6 addresses are looked up as IPv4.
-fn canonical(ip: &IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(*ip),
-        v4 => *v4,
     }
 }

@@ -282,10 +282,7 @@ pub fn explain(snapshot: &Snapshot, question: &Question) -> Result<Explanation, 
             Some(id)
         }
     };
-    let destination = SocketAddr::new(
-        crate::capture::tunneled::unmap_ip(question.to.ip()),
-        question.to.port(),
-    );
+    let destination = SocketAddr::new(question.to.ip().to_canonical(), question.to.port());
     let pod = snapshot
         .registry
         .endpoint(&destination.ip())

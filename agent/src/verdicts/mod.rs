@@ -98,6 +98,19 @@ impl VerdictCache {
         })
     }
 
+    /// Unexpired verdicts the agent has cached (the kernel's LRU may have evicted a few).
+    pub fn len(&self) -> usize {
+        let now = system::now_boot_ns();
+        self.shadow()
+            .values()
+            .filter(|v| v.expires_at_ns > now)
+            .count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     fn shadow(&self) -> MutexGuard<'_, HashMap<VerdictKey, VerdictValue>> {
         self.shadow.lock().unwrap_or_else(|p| p.into_inner())
     }
