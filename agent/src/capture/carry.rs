@@ -42,31 +42,23 @@ pub fn decided(metrics: &Metrics, record: &access::Record<'_>) {
 impl Carried {
     /// The admission of this (inbound) connection, counted and logged.
     pub fn admitted(&self, metrics: &Metrics) {
-        decided(
-            metrics,
-            &access::Record {
-                direction: "inbound",
-                source_principal: &self.info.source,
-                source_address: self.source_address,
-                destination_principal: &self.info.destination,
-                destination_address: Some(self.info.destination_address),
-                decision: "ALLOW",
-                policy: &self.policy,
-                reason: &self.reason,
-                path: self.info.path,
-                ..Default::default()
-            },
-        );
+        decided(metrics, &self.record());
     }
 
-    /// The access-log line of the connection's end, with how it ended.
+    /// The access-log line of the connection's end: bytes, duration and how it ended.
     fn log_closed(
         &self,
         tracked: &Tracked,
         started: Instant,
         result: &std::io::Result<impl Sized>,
     ) {
-        let mut record = self.record(tracked, started);
+        let (sent, received) = tracked.totals();
+        let mut record = access::Record {
+            bytes_sent: sent,
+            bytes_received: received,
+            duration: Some(started.elapsed()),
+            ..self.record()
+        };
         let why;
         if let Err(e) = result {
             why = format!("{}; ended: {e}", self.reason);
@@ -75,8 +67,8 @@ impl Carried {
         access::closed(&record);
     }
 
-    fn record<'a>(&'a self, tracked: &Tracked, started: Instant) -> access::Record<'a> {
-        let (sent, received) = tracked.totals();
+    /// The access-log record of this admitted connection.
+    fn record(&self) -> access::Record<'_> {
         access::Record {
             direction: match self.info.direction {
                 Direction::Inbound => "inbound",
@@ -90,10 +82,7 @@ impl Carried {
             policy: &self.policy,
             reason: &self.reason,
             path: self.info.path,
-            request: "",
-            bytes_sent: sent,
-            bytes_received: received,
-            duration: Some(started.elapsed()),
+            ..Default::default()
         }
     }
 }
