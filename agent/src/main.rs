@@ -141,14 +141,22 @@ enum CaCommand {
     Init { dir: PathBuf },
 }
 
-fn init_logging() {
+/// JSON logs on stdout, written by a background thread so that no connection waits for a log
+/// write (lossless: a full queue makes the logger wait rather than drop lines). Lines still
+/// queued are written when the returned guard drops.
+fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_env("LATCH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (stdout, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("latch-log")
+        .finish(std::io::stdout());
     tracing_subscriber::fmt()
         .json()
         .with_env_filter(filter)
-        .with_writer(std::io::stdout)
+        .with_writer(stdout)
         .init();
+    guard
 }
 
 /// `latch debug`: one request to the agent's debug socket, printed.
@@ -214,7 +222,7 @@ fn ca_init(dir: &std::path::Path) -> anyhow::Result<()> {
 
 /// Run `f` with JSON logging; a failure is logged and printed.
 fn logged(f: impl FnOnce() -> anyhow::Result<()>) -> ExitCode {
-    init_logging();
+    let _written_on_exit = init_logging();
     match f() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -138,7 +138,9 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
     let agrees = |allowed: bool| {
         decide::pair(&snapshot, &src_id, endpoint.identity.key(), dst.port()) == Some(allowed)
     };
-    let opened = match tokio::time::timeout(OPEN_TIMEOUT, ctx.tunnel.open(&key, dst, dial)).await {
+    // The application's first bytes go out behind the CONNECT, before the answer.
+    let open = ctx.tunnel.open(&key, dst, dial, Some(&stream));
+    let opened = match tokio::time::timeout(OPEN_TIMEOUT, open).await {
         Ok(Ok(opened)) => opened,
         Ok(Err(e)) => {
             let decision = if e.is_denied() { "DENY" } else { "REFUSED" };

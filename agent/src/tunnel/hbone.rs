@@ -5,6 +5,15 @@
 //! the server verifies the client, asks its [`Inbound`] whether the source may reach the target,
 //! and answers `200` (then bytes), `403` (policy) or `503` (application unreachable).
 //!
+//! The client does not wait for the answer to start: what the source application has already
+//! written is sent on the stream right behind the `CONNECT` (up to [`EARLY_DATA`] bytes), so a
+//! request travels with the `CONNECT` instead of one round trip after it. The server reads the
+//! stream only after it has answered `200`; on `403` or `503` those bytes are discarded and the
+//! source connection is reset, exactly as if they had never left the source node.
+//!
+//! Both sides use the `h2` crate directly: the stream is read and written by the task that
+//! relays it (see [`H2Stream`]), with no helper task in between.
+//!
 //! Both answers carry [`CACHEABLE_HEADER`]: whether the destination's decision holds for every
 //! connection of the identity pair to that port, so the source may cache it in its kernel. A
 //! decision that depends on more (L7 attributes, addresses) is answered with `0` and the source
@@ -24,12 +33,16 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body_util::Empty;
-use hyper::{Method, Request, Response, StatusCode, client::conn::http2::SendRequest};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use h2::{
+    RecvStream, SendStream,
+    client::{ResponseFuture, SendRequest},
+    server::SendResponse,
+};
+use hyper::{Method, Request, Response, StatusCode};
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
 
+use super::h2stream::H2Stream;
 use crate::tls::peer_identity;
 
 /// Per-stream and per-connection HTTP/2 flow-control windows, sized for bulk transfer.
@@ -40,20 +53,23 @@ const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 const MAX_FRAME: u32 = 1024 * 1024;
 /// Tunneled connections one HTTP/2 connection may carry at once.
 const MAX_STREAMS: u32 = 4096;
+/// Most bytes of the source's that are sent before the destination has answered.
+pub const EARLY_DATA: usize = 64 * 1024;
 /// Response header: `1` if the source may cache the answer for the identity pair and port.
 pub const CACHEABLE_HEADER: &str = "x-latch-cacheable";
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// An established tunnel stream (bytes after the `200`).
-pub type TunnelStream = TokioIo<hyper::upgrade::Upgraded>;
+pub type TunnelStream = H2Stream;
 
 /// Streams a pooled connection carries at once before the pair opens another one.
 pub(crate) const SPREAD_AT: usize = 4;
 
-/// Most pooled connections per pair: one per CPU.
+/// Most pooled connections per pair: one per CPU (asked once: the answer reads cgroup files).
 pub(crate) fn max_connections() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// A tunnel stream opened by the client; while it lives it counts as active on its pooled
@@ -170,7 +186,12 @@ pub enum TunnelError {
     Http {
         addr: SocketAddr,
         #[source]
-        source: hyper::Error,
+        source: h2::Error,
+    },
+    #[error("reading the source connection before the tunnel opened: {source}")]
+    Source {
+        #[source]
+        source: io::Error,
     },
     #[error("building CONNECT {authority}: {source}")]
     Request {
@@ -206,7 +227,9 @@ pub struct PoolKey {
 
 #[derive(Clone)]
 struct Pooled {
-    sender: SendRequest<Empty<Bytes>>,
+    sender: SendRequest<Bytes>,
+    /// The connection's task has ended: no new streams on it.
+    closed: Arc<std::sync::atomic::AtomicBool>,
     /// The earlier NotAfter of the two certificates this connection was proven with.
     proof_not_after: SystemTime,
     /// Streams open on it now.
@@ -227,7 +250,7 @@ pub struct Opened {
     pub handshake: Option<std::time::Duration>,
 }
 
-fn cacheable(headers: &hyper::HeaderMap) -> bool {
+fn cacheable(headers: &hyper::http::HeaderMap) -> bool {
     headers
         .get(CACHEABLE_HEADER)
         .is_some_and(|v| v.as_bytes() == b"1")
@@ -254,12 +277,14 @@ impl TunnelClient {
 
     /// Open a tunnel to `authority` (the original destination) through the endpoint of `key`,
     /// reusing the least busy live pooled connection, or dialling with `dial()` if there is none
-    /// or all are busy and the pair may have another.
+    /// or all are busy and the pair may have another. While the destination decides, what
+    /// `source` has already written is sent on the stream (see [`EARLY_DATA`]).
     pub async fn open(
         &self,
         key: &PoolKey,
         authority: SocketAddr,
         dial: impl FnOnce() -> Dial,
+        source: Option<&TcpStream>,
     ) -> Result<Opened, TunnelError> {
         let (pooled, active, handshake) = match self.pick(key) {
             Pick::Use(p, active) => (p, active, None),
@@ -272,18 +297,27 @@ impl TunnelClient {
                 (pooled, active, Some(started.elapsed()))
             }
         };
-        let request = Request::builder()
-            .method(Method::CONNECT)
-            .uri(authority.to_string())
-            .body(Empty::<Bytes>::new())
-            .map_err(|source| TunnelError::Request { authority, source })?;
-        let mut sender = pooled.sender.clone();
-        let response = sender.send_request(request).await.map_err(|source| {
+        let http = |source| {
             self.evict(key);
             TunnelError::Http {
                 addr: key.endpoint,
                 source,
             }
+        };
+        let request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(authority.to_string())
+            .body(())
+            .map_err(|source| TunnelError::Request { authority, source })?;
+        let mut sender = pooled.sender.clone().ready().await.map_err(http)?;
+        let (response, mut send) = sender.send_request(request, false).map_err(http)?;
+        let (response, source_ended) = match source {
+            Some(source) => answer_with_early_data(response, &mut send, source).await?,
+            None => (response.await, false),
+        };
+        let response = response.map_err(|source| TunnelError::Http {
+            addr: key.endpoint,
+            source,
         })?;
         let cacheable = cacheable(response.headers());
         if response.status() != StatusCode::OK {
@@ -294,15 +328,9 @@ impl TunnelClient {
                 cacheable,
             });
         }
-        let upgraded = hyper::upgrade::on(response)
-            .await
-            .map_err(|source| TunnelError::Http {
-                addr: key.endpoint,
-                source,
-            })?;
         Ok(Opened {
             stream: ClientStream {
-                io: TokioIo::new(upgraded),
+                io: H2Stream::new(send, response.into_body()).send_ended(source_ended),
                 _active: active,
             },
             proof_not_after: pooled.proof_not_after,
@@ -320,7 +348,7 @@ impl TunnelClient {
         let now = SystemTime::now();
         entry
             .conns
-            .retain(|p| p.sender.is_ready() && p.proof_not_after > now);
+            .retain(|p| !p.closed.load(Ordering::Relaxed) && p.proof_not_after > now);
         let least_busy = entry
             .conns
             .iter()
@@ -401,20 +429,24 @@ impl TunnelClient {
             .and_then(|c| c.first())
             .map(not_after)
             .unwrap_or(SystemTime::UNIX_EPOCH);
-        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .initial_stream_window_size(STREAM_WINDOW)
+        let (sender, connection) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
-            .handshake(TokioIo::new(tls))
+            .handshake::<_, Bytes>(tls)
             .await
             .map_err(|source| TunnelError::Http { addr, source })?;
+        let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ended = closed.clone();
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(endpoint = %addr, error = %e, "tunnel connection closed");
             }
+            ended.store(true, Ordering::Relaxed);
         });
         let pooled = Pooled {
             sender,
+            closed,
             proof_not_after: server_not_after.min(dial.client_not_after),
             active: Arc::default(),
         };
@@ -426,6 +458,53 @@ impl TunnelClient {
             .conns
             .push(pooled.clone());
         Ok(pooled)
+    }
+}
+
+/// The destination's answer, and whether the source's half of the stream has already ended.
+type Answer = (Result<Response<RecvStream>, h2::Error>, bool);
+
+/// Wait for the destination's answer to a `CONNECT`, meanwhile sending what `source` writes (up
+/// to [`EARLY_DATA`] bytes) on the stream, and its half-close (`END_STREAM`) if it comes: a
+/// request-response client often writes its request and half-closes before anything returns. A
+/// source that fails fails the opening, since its error would not be seen twice.
+async fn answer_with_early_data(
+    response: ResponseFuture,
+    send: &mut SendStream<Bytes>,
+    source: &TcpStream,
+) -> Result<Answer, TunnelError> {
+    tokio::pin!(response);
+    let mut buf = vec![0u8; EARLY_DATA];
+    let mut left = EARLY_DATA;
+    let mut ended = false;
+    loop {
+        tokio::select! {
+            biased;
+            answer = &mut response => return Ok((answer, ended)),
+            readable = source.readable(), if left > 0 && !ended => {
+                let read = readable.and_then(|()| source.try_read(&mut buf[..left]));
+                // Within the stream's initial window, so h2 sends it as it comes.
+                match read {
+                    Ok(0) => {
+                        if let Err(e) = send.send_data(Bytes::new(), true) {
+                            return Ok((Err(e), ended));
+                        }
+                        ended = true;
+                    }
+                    Ok(n) => {
+                        if let Err(e) = send.send_data(Bytes::copy_from_slice(&buf[..n]), false) {
+                            return Ok((Err(e), ended));
+                        }
+                        left -= n;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(source) => {
+                        send.send_reset(h2::Reason::CANCEL);
+                        return Err(TunnelError::Source { source });
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -499,28 +578,34 @@ pub async fn serve_connection(
             .map(not_after)
             .unwrap_or(SystemTime::UNIX_EPOCH),
     };
-    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-        let inbound = inbound.clone();
-        let caller = caller.clone();
-        async move { Ok::<_, std::convert::Infallible>(handle_connect(req, caller, inbound).await) }
-    });
-    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+    let mut connection = h2::server::Builder::new()
         .max_concurrent_streams(MAX_STREAMS)
-        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
-        .serve_connection(TokioIo::new(tls), service)
+        .handshake::<_, Bytes>(tls)
         .await
-        .map_err(|e| io::Error::other(format!("HTTP/2 with {peer}: {e}")))
+        .map_err(|e| io::Error::other(format!("HTTP/2 with {peer}: {e}")))?;
+    while let Some(stream) = connection.accept().await {
+        let (request, respond) =
+            stream.map_err(|e| io::Error::other(format!("HTTP/2 with {peer}: {e}")))?;
+        tokio::spawn(handle_connect(
+            request,
+            respond,
+            caller.clone(),
+            inbound.clone(),
+        ));
+    }
+    Ok(())
 }
 
-fn status(code: StatusCode) -> Response<Empty<Bytes>> {
-    let mut r = Response::new(Empty::new());
+fn status(code: StatusCode) -> Response<()> {
+    let mut r = Response::new(());
     *r.status_mut() = code;
     r
 }
 
-fn answer(code: StatusCode, cacheable: bool) -> Response<Empty<Bytes>> {
+fn answer(code: StatusCode, cacheable: bool) -> Response<()> {
     let mut r = status(code);
     r.headers_mut().insert(
         CACHEABLE_HEADER,
@@ -529,33 +614,39 @@ fn answer(code: StatusCode, cacheable: bool) -> Response<Empty<Bytes>> {
     r
 }
 
+/// Answer a stream with `response` and end it.
+fn refuse(mut respond: SendResponse<Bytes>, response: Response<()>) {
+    if let Err(e) = respond.send_response(response, true) {
+        tracing::debug!(error = %e, "CONNECT stream ended before its answer");
+    }
+}
+
 async fn handle_connect(
-    mut req: Request<hyper::body::Incoming>,
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
     caller: Caller,
     inbound: Arc<dyn Inbound>,
-) -> Response<Empty<Bytes>> {
-    if req.method() != Method::CONNECT {
-        return status(StatusCode::METHOD_NOT_ALLOWED);
+) {
+    if request.method() != Method::CONNECT {
+        return refuse(respond, status(StatusCode::METHOD_NOT_ALLOWED));
     }
-    let Some(target) = req
+    let Some(target) = request
         .uri()
         .authority()
         .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
     else {
-        return status(StatusCode::BAD_REQUEST);
+        return refuse(respond, status(StatusCode::BAD_REQUEST));
     };
     match inbound.admit(caller, target).await {
         Admission::Admit { cacheable, carry } => {
-            let upgrade = hyper::upgrade::on(&mut req);
-            tokio::spawn(async move {
-                match upgrade.await {
-                    Ok(upgraded) => carry(TokioIo::new(upgraded)).await,
-                    Err(e) => tracing::debug!(error = %e, "CONNECT stream did not start"),
-                }
-            });
-            answer(StatusCode::OK, cacheable)
+            match respond.send_response(answer(StatusCode::OK, cacheable), false) {
+                Ok(send) => carry(H2Stream::new(send, request.into_body())).await,
+                Err(e) => tracing::debug!(error = %e, "CONNECT stream ended before its 200"),
+            }
         }
-        Admission::Forbidden { cacheable } => answer(StatusCode::FORBIDDEN, cacheable),
-        Admission::Unreachable => status(StatusCode::SERVICE_UNAVAILABLE),
+        Admission::Forbidden { cacheable } => {
+            refuse(respond, answer(StatusCode::FORBIDDEN, cacheable))
+        }
+        Admission::Unreachable => refuse(respond, status(StatusCode::SERVICE_UNAVAILABLE)),
     }
 }

@@ -21,7 +21,7 @@ use super::{
         Admission, BoxFuture, Caller, Dial, Inbound, PoolKey, TunnelClient, TunnelError,
         serve_connection,
     },
-    splice::splice_io,
+    splice::{splice_io, tests::pair},
 };
 use crate::{
     identity::ca::{DevCa, init},
@@ -157,7 +157,7 @@ async fn bytes_and_half_close_cross_the_tunnel_and_connections_are_pooled() {
     let client = TunnelClient::new();
     for (i, payload) in ["first", "second", "third"].iter().enumerate() {
         let mut opened = client
-            .open(&key(&f), f.app, dialer(&f, PAYMENT))
+            .open(&key(&f), f.app, dialer(&f, PAYMENT), None)
             .await
             .expect("tunnel");
         assert_eq!(opened.new_connection, i == 0, "only the first stream dials");
@@ -191,10 +191,43 @@ async fn bytes_and_half_close_cross_the_tunnel_and_connections_are_pooled() {
 }
 
 #[tokio::test]
+async fn what_the_source_wrote_and_its_half_close_go_out_before_the_answer() {
+    let f = fixture("early", true, PAYMENT).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let (mut application, captured) = pair(&listener).await;
+    application
+        .write_all(b"request written at once")
+        .await
+        .expect("write");
+    application.shutdown().await.expect("half-close");
+    captured.readable().await.expect("the request is waiting");
+
+    let opened = TunnelClient::new()
+        .open(&key(&f), f.app, dialer(&f, PAYMENT), Some(&captured))
+        .await
+        .expect("tunnel");
+    let relay = tokio::spawn(splice_io(opened.stream, captured));
+    let mut back = Vec::new();
+    application
+        .read_to_end(&mut back)
+        .await
+        .expect("the echo and its end come back");
+    assert_eq!(
+        back, b"request written at once",
+        "the echo app answers only after EOF: the early END_STREAM arrived"
+    );
+    let moved = relay.await.expect("join").expect("relay");
+    assert_eq!(
+        moved.b_to_a, 0,
+        "the relay found nothing more from the source (sent early, once)"
+    );
+}
+
+#[tokio::test]
 async fn a_policy_deny_is_403() {
     let f = fixture("deny", false, PAYMENT).await;
     let err = TunnelClient::new()
-        .open(&key(&f), f.app, dialer(&f, PAYMENT))
+        .open(&key(&f), f.app, dialer(&f, PAYMENT), None)
         .await
         .err()
         .expect("denied");
@@ -218,7 +251,7 @@ async fn an_unreachable_application_is_503() {
     let gone = closed.local_addr().expect("addr");
     drop(closed);
     let err = TunnelClient::new()
-        .open(&key(&f), gone, dialer(&f, PAYMENT))
+        .open(&key(&f), gone, dialer(&f, PAYMENT), None)
         .await
         .err()
         .expect("503");
@@ -233,7 +266,7 @@ async fn a_server_with_another_identity_is_refused() {
     let f = fixture("impostor", true, "spiffe://cluster.local/ns/prod/sa/ledger").await;
     let client = TunnelClient::new();
     let err = client
-        .open(&key(&f), f.app, dialer(&f, PAYMENT))
+        .open(&key(&f), f.app, dialer(&f, PAYMENT), None)
         .await
         .err()
         .expect("refused");
@@ -254,7 +287,7 @@ async fn a_busy_pair_spreads_over_connections_up_to_one_per_cpu_and_shrinks_back
     for _ in 0..=super::hbone::SPREAD_AT {
         open.push(
             client
-                .open(&key(&f), f.app, dialer(&f, PAYMENT))
+                .open(&key(&f), f.app, dialer(&f, PAYMENT), None)
                 .await
                 .expect("tunnel"),
         );
@@ -273,7 +306,7 @@ async fn a_busy_pair_spreads_over_connections_up_to_one_per_cpu_and_shrinks_back
         "once idle, the burst's extra connections leave the pool"
     );
     let again = client
-        .open(&key(&f), f.app, dialer(&f, PAYMENT))
+        .open(&key(&f), f.app, dialer(&f, PAYMENT), None)
         .await
         .expect("tunnel");
     assert!(
