@@ -6,13 +6,14 @@
 //! [`config`] reads the node's configuration, [`identity`] turns workloads into identities and
 //! [`policy`] decides, Istio's way, whether a connection or request is allowed. [`debug`] serves
 //! the node-local debug socket (and is the `latch debug` client); [`metrics`] is the Prometheus
-//! exposition and the access log.
+//! exposition and the access log; [`logging`] writes log lines out in batches.
 
 pub mod capture;
 pub mod config;
 pub mod datapath;
 pub mod debug;
 pub mod identity;
+pub mod logging;
 pub mod metrics;
 pub mod policy;
 pub mod runtime;

@@ -141,24 +141,6 @@ enum CaCommand {
     Init { dir: PathBuf },
 }
 
-/// JSON logs on stdout, written by a background thread so that no connection waits for a log
-/// write (lossless: a full queue makes the logger wait rather than drop lines). Lines still
-/// queued are written when the returned guard drops.
-fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("LATCH_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let (stdout, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .thread_name("latch-log")
-        .finish(std::io::stdout());
-    tracing_subscriber::fmt()
-        .json()
-        .with_env_filter(filter)
-        .with_writer(stdout)
-        .init();
-    guard
-}
-
 /// `latch debug`: one request to the agent's debug socket, printed.
 fn debug(
     command: latch::debug::DebugCli,
@@ -222,7 +204,13 @@ fn ca_init(dir: &std::path::Path) -> anyhow::Result<()> {
 
 /// Run `f` with JSON logging; a failure is logged and printed.
 fn logged(f: impl FnOnce() -> anyhow::Result<()>) -> ExitCode {
-    let _written_on_exit = init_logging();
+    let _written_on_exit = match latch::logging::init() {
+        Ok(flusher) => flusher,
+        Err(e) => {
+            eprintln!("latch: starting the log thread: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     match f() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
