@@ -20,6 +20,7 @@ use crate::{
     state::SharedState,
     tunnel::{
         http::{self, Authorize, RequestHead},
+        splice::Remote,
         tracked::{ConnInfo, Tracked, Tracker, Which},
     },
     verdicts::{Direction, decide},
@@ -88,15 +89,13 @@ impl Carried {
 }
 
 /// Splice `remote` and `local` (see [`Tracked::splice`]) while the connection is listed.
-pub async fn splice<R>(
+pub async fn splice(
     tracker: &Tracker,
     carried: Carried,
-    remote: R,
+    remote: impl Into<Remote>,
     local: TcpStream,
     local_is_source: bool,
-) where
-    R: AsyncRead + AsyncWrite + Unpin,
-{
+) {
     let started = Instant::now();
     let tracked = tracker.register(carried.info.clone());
     let result = tracked.splice(remote, local, local_is_source).await;

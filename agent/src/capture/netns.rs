@@ -132,7 +132,9 @@ impl NetnsWorker {
             .map_err(|_| io::Error::other("netns worker dropped a job"))
     }
 
-    /// Connect to `dst` from inside the namespace, optionally from a fixed local address.
+    /// Connect to `dst` from inside the namespace, optionally from a fixed local address. A
+    /// connection the kernel completed within `connect()` itself (the pod's own application,
+    /// over loopback) is used at once, without a round through the reactor.
     pub async fn connect(
         &self,
         dst: SocketAddr,
@@ -148,8 +150,21 @@ impl NetnsWorker {
         if let Some(local) = bind {
             socket.bind(&SockAddr::from(local))?;
         }
-        let socket = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
-        socket.connect(dst).await
+        match socket.connect(&SockAddr::from(dst)) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+            Err(e) => return Err(e),
+        }
+        let stream = tokio::net::TcpStream::from_std(std::net::TcpStream::from(socket))?;
+        if stream.peer_addr().is_err() {
+            // Still connecting: writable once it is done, either way.
+            stream.writable().await?;
+            if let Some(e) = stream.take_error()? {
+                return Err(e);
+            }
+            stream.peer_addr()?;
+        }
+        Ok(stream)
     }
 }
 

@@ -9,6 +9,7 @@
 //! between), which keeps a tunneled connection's bytes to one wake-up per hop.
 
 use std::{
+    future::poll_fn,
     io,
     pin::Pin,
     task::{Context, Poll, ready},
@@ -17,6 +18,8 @@ use std::{
 use bytes::{Buf as _, Bytes};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::splice::{ChunkRead, ChunkWrite};
 
 /// A tunneled connection's HTTP/2 stream.
 pub struct H2Stream {
@@ -36,6 +39,20 @@ impl H2Stream {
             unread: Bytes::new(),
             shut: false,
         }
+    }
+
+    /// The two halves, for a relay that moves whole chunks (see [`super::splice`]).
+    pub(crate) fn into_halves(self) -> (H2Reader, H2Writer) {
+        (
+            H2Reader {
+                recv: self.recv,
+                unread: self.unread,
+            },
+            H2Writer {
+                send: self.send,
+                shut: self.shut,
+            },
+        )
     }
 
     /// Mark this side's half as already ended (its `END_STREAM` was sent before the stream was
@@ -129,5 +146,77 @@ impl AsyncWrite for H2Stream {
             self.send.send_data(Bytes::new(), true).map_err(io_error)?;
         }
         Poll::Ready(Ok(()))
+    }
+}
+
+/// The receiving half of a tunnel stream.
+pub(crate) struct H2Reader {
+    recv: RecvStream,
+    unread: Bytes,
+}
+
+impl ChunkRead for H2Reader {
+    async fn read_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        if !self.unread.is_empty() {
+            return Ok(Some(std::mem::take(&mut self.unread)));
+        }
+        loop {
+            match poll_fn(|cx| self.recv.poll_data(cx)).await {
+                None => return Ok(None),
+                Some(Ok(data)) if data.is_empty() => {}
+                Some(Ok(data)) => return Ok(Some(data)),
+                Some(Err(e)) if e.reason() == Some(Reason::NO_ERROR) => return Ok(None),
+                Some(Err(e)) => return Err(io_error(e)),
+            }
+        }
+    }
+
+    fn consumed(&mut self, n: usize) {
+        let _ = self.recv.flow_control().release_capacity(n);
+    }
+}
+
+/// The sending half of a tunnel stream.
+pub(crate) struct H2Writer {
+    send: SendStream<Bytes>,
+    shut: bool,
+}
+
+impl ChunkWrite for H2Writer {
+    /// Send `chunk` in pieces as large as the peer's window allows.
+    async fn write_chunk(&mut self, mut chunk: Bytes) -> io::Result<()> {
+        while !chunk.is_empty() {
+            self.send.reserve_capacity(chunk.len());
+            let capacity = poll_fn(|cx| {
+                let now = self.send.capacity();
+                if now > 0 {
+                    return Poll::Ready(Ok(now));
+                }
+                match ready!(self.send.poll_capacity(cx)) {
+                    Some(Ok(n)) => Poll::Ready(Ok(n)),
+                    Some(Err(e)) => Poll::Ready(Err(io_error(e))),
+                    None => Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "the tunnel stream is closed for sending",
+                    ))),
+                }
+            })
+            .await?;
+            if capacity == 0 {
+                continue;
+            }
+            let piece = chunk.split_to(capacity.min(chunk.len()));
+            self.send.send_data(piece, false).map_err(io_error)?;
+        }
+        Ok(())
+    }
+
+    async fn finish(&mut self) -> io::Result<()> {
+        if !self.shut {
+            self.shut = true;
+            self.send.reserve_capacity(0);
+            self.send.send_data(Bytes::new(), true).map_err(io_error)?;
+        }
+        Ok(())
     }
 }

@@ -32,7 +32,7 @@ use std::{
     time::SystemTime,
 };
 
-use bytes::Bytes;
+use bytes::{BufMut as _, Bytes};
 use h2::{
     RecvStream, SendStream,
     client::{ResponseFuture, SendRequest},
@@ -77,6 +77,15 @@ pub(crate) fn max_connections() -> usize {
 pub struct ClientStream {
     io: TunnelStream,
     _active: Active,
+}
+
+impl From<ClientStream> for super::splice::Remote {
+    fn from(stream: ClientStream) -> Self {
+        super::splice::Remote::Tunnel {
+            stream: stream.io,
+            keep: Some(Box::new(stream._active)),
+        }
+    }
 }
 
 /// One active stream on a pooled connection. When the last stream of a connection ends and the
@@ -474,7 +483,8 @@ async fn answer_with_early_data(
     source: &TcpStream,
 ) -> Result<Answer, TunnelError> {
     tokio::pin!(response);
-    let mut buf = vec![0u8; EARLY_DATA];
+    // Not zeroed: a request is usually a few hundred bytes.
+    let mut buf = bytes::BytesMut::new();
     let mut left = EARLY_DATA;
     let mut ended = false;
     loop {
@@ -482,7 +492,9 @@ async fn answer_with_early_data(
             biased;
             answer = &mut response => return Ok((answer, ended)),
             readable = source.readable(), if left > 0 && !ended => {
-                let read = readable.and_then(|()| source.try_read(&mut buf[..left]));
+                buf.reserve(left);
+                let mut room = (&mut buf).limit(left);
+                let read = readable.and_then(|()| source.try_read_buf(&mut room));
                 // Within the stream's initial window, so h2 sends it as it comes.
                 match read {
                     Ok(0) => {
@@ -492,7 +504,7 @@ async fn answer_with_early_data(
                         ended = true;
                     }
                     Ok(n) => {
-                        if let Err(e) = send.send_data(Bytes::copy_from_slice(&buf[..n]), false) {
+                        if let Err(e) = send.send_data(buf.split().freeze(), false) {
                             return Ok((Err(e), ended));
                         }
                         left -= n;

@@ -21,7 +21,7 @@ use super::{
         Admission, BoxFuture, Caller, Dial, Inbound, PoolKey, TunnelClient, TunnelError,
         serve_connection,
     },
-    splice::{splice_io, tests::pair},
+    splice::{splice, tests::pair},
 };
 use crate::{
     identity::ca::{DevCa, init},
@@ -58,7 +58,7 @@ impl Inbound for TestInbound {
                     cacheable: true,
                     carry: Box::new(move |stream| {
                         Box::pin(async move {
-                            let _ = splice_io(stream, app).await;
+                            let _ = splice(stream, app).await;
                         })
                     }),
                 },
@@ -206,7 +206,7 @@ async fn what_the_source_wrote_and_its_half_close_go_out_before_the_answer() {
         .open(&key(&f), f.app, dialer(&f, PAYMENT), Some(&captured))
         .await
         .expect("tunnel");
-    let relay = tokio::spawn(splice_io(opened.stream, captured));
+    let relay = tokio::spawn(splice(opened.stream, captured));
     let mut back = Vec::new();
     application
         .read_to_end(&mut back)

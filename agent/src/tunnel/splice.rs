@@ -1,53 +1,226 @@
-//! Byte splicing between two TCP streams: both directions at once, half-close carried across
-//! (EOF on one side shuts down writing on the other), and an error on either side resets both,
-//! so nothing is left hanging.
+//! Byte splicing between a local TCP socket and the far side of a carried connection (another
+//! TCP socket, or a tunnel's HTTP/2 stream): both directions at once, half-close carried across
+//! (EOF on one side ends writing on the other), and an error on either side resets both, so
+//! nothing is left hanging.
+//!
+//! Bytes move as reference-counted chunks: what is read from a socket is the very buffer handed
+//! to HTTP/2, and what HTTP/2 received is written to the socket as it is, with no copy in
+//! between. Read buffers follow the traffic, from [`MIN_READ`] up to [`MAX_READ`]: an idle or
+//! request-response connection holds little memory, a bulk transfer moves in large reads.
 
-use tokio::{
-    io::{AsyncRead, AsyncWrite},
-    net::TcpStream,
+use std::{
+    future::Future,
+    io,
+    sync::atomic::{AtomicU64, Ordering},
 };
 
-/// Relay buffer per direction: large enough that bulk transfers move in few reads and writes
-/// (tokio's default is 8 KiB).
-pub const BUFFER: usize = 64 * 1024;
+use bytes::{BufMut as _, Bytes, BytesMut};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{
+        TcpStream,
+        tcp::{ReadHalf, WriteHalf},
+    },
+};
+
+use super::h2stream::H2Stream;
+
+/// The first read of a connection, and the smallest a read shrinks to.
+pub const MIN_READ: usize = 16 * 1024;
+/// The largest read, reached by reads that keep filling what they were given.
+pub const MAX_READ: usize = 512 * 1024;
 
 /// Bytes moved in each direction.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Transferred {
+    /// From the far side to the local socket.
     pub a_to_b: u64,
+    /// From the local socket to the far side.
     pub b_to_a: u64,
 }
 
-/// Relay until both directions are closed. On error, both sockets are closed with RST.
-pub async fn splice(mut a: TcpStream, mut b: TcpStream) -> std::io::Result<Transferred> {
-    let result = relay(&mut a, &mut b).await;
+/// The far side of a spliced connection.
+pub enum Remote {
+    Tcp(TcpStream),
+    /// A tunnel stream, and whatever must live as long as it is carried.
+    Tunnel {
+        stream: H2Stream,
+        keep: Option<Box<dyn Send>>,
+    },
+}
+
+impl From<TcpStream> for Remote {
+    fn from(tcp: TcpStream) -> Self {
+        Remote::Tcp(tcp)
+    }
+}
+
+impl From<H2Stream> for Remote {
+    fn from(stream: H2Stream) -> Self {
+        Remote::Tunnel { stream, keep: None }
+    }
+}
+
+/// Relay between `remote` and `local` until both directions have ended. `from_remote` and
+/// `from_local` count the bytes read from each side as they pass. On error a TCP `remote` is
+/// reset and a tunnel stream is reset by dropping it; resetting `local` is the caller's (it may
+/// also stop the relay for reasons of its own).
+pub async fn relay(
+    remote: Remote,
+    local: &mut TcpStream,
+    from_remote: &AtomicU64,
+    from_local: &AtomicU64,
+) -> io::Result<Transferred> {
+    let (local_read, local_write) = local.split();
+    let (local_read, local_write) = (TcpReader::new(local_read), TcpWriter(local_write));
+    match remote {
+        Remote::Tcp(mut tcp) => {
+            let result = {
+                let (read, write) = tcp.split();
+                both_ways(
+                    TcpReader::new(read),
+                    TcpWriter(write),
+                    local_read,
+                    local_write,
+                    from_remote,
+                    from_local,
+                )
+                .await
+            };
+            if result.is_err() {
+                reset(&tcp);
+            }
+            result
+        }
+        Remote::Tunnel { stream, keep } => {
+            let (read, write) = stream.into_halves();
+            let result = both_ways(
+                read,
+                write,
+                local_read,
+                local_write,
+                from_remote,
+                from_local,
+            )
+            .await;
+            drop(keep);
+            result
+        }
+    }
+}
+
+/// Splice `remote` and the TCP socket `local`, resetting `local` too on error.
+pub async fn splice(remote: impl Into<Remote>, mut local: TcpStream) -> io::Result<Transferred> {
+    let (from_remote, from_local) = (AtomicU64::new(0), AtomicU64::new(0));
+    let result = relay(remote.into(), &mut local, &from_remote, &from_local).await;
     if result.is_err() {
-        reset(&a);
-        reset(&b);
+        reset(&local);
     }
     result
 }
 
-/// The same between any stream (a tunnel stream) and a TCP socket, which is reset on error
-/// (dropping the tunnel stream resets it at the HTTP/2 level).
-pub async fn splice_io<A>(mut a: A, mut b: TcpStream) -> std::io::Result<Transferred>
-where
-    A: AsyncRead + AsyncWrite + Unpin,
-{
-    let result = relay(&mut a, &mut b).await;
-    if result.is_err() {
-        reset(&b);
-    }
-    result
-}
-
-async fn relay<A, B>(a: &mut A, b: &mut B) -> std::io::Result<Transferred>
-where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
-{
-    let (a_to_b, b_to_a) = tokio::io::copy_bidirectional_with_sizes(a, b, BUFFER, BUFFER).await?;
+async fn both_ways(
+    remote_read: impl ChunkRead,
+    remote_write: impl ChunkWrite,
+    local_read: impl ChunkRead,
+    local_write: impl ChunkWrite,
+    from_remote: &AtomicU64,
+    from_local: &AtomicU64,
+) -> io::Result<Transferred> {
+    let (a_to_b, b_to_a) = tokio::try_join!(
+        pump(remote_read, local_write, from_remote),
+        pump(local_read, remote_write, from_local),
+    )?;
     Ok(Transferred { a_to_b, b_to_a })
+}
+
+/// Move chunks from `from` to `to` until `from` ends, then end `to`.
+async fn pump(
+    mut from: impl ChunkRead,
+    mut to: impl ChunkWrite,
+    count: &AtomicU64,
+) -> io::Result<u64> {
+    let mut total = 0;
+    while let Some(chunk) = from.read_chunk().await? {
+        let n = chunk.len();
+        count.fetch_add(n as u64, Ordering::Relaxed);
+        to.write_chunk(chunk).await?;
+        from.consumed(n);
+        total += n as u64;
+    }
+    to.finish().await?;
+    Ok(total)
+}
+
+/// Where a relay reads chunks from.
+pub(crate) trait ChunkRead: Send {
+    /// The next chunk; `None` once the sender has ended its half.
+    fn read_chunk(&mut self) -> impl Future<Output = io::Result<Option<Bytes>>> + Send;
+    /// `n` bytes of what was read have been written on: the sender may send more.
+    fn consumed(&mut self, _n: usize) {}
+}
+
+/// Where a relay writes chunks to.
+pub(crate) trait ChunkWrite: Send {
+    fn write_chunk(&mut self, chunk: Bytes) -> impl Future<Output = io::Result<()>> + Send;
+    /// End this half (FIN, or `END_STREAM`).
+    fn finish(&mut self) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+/// Reads from a TCP socket into buffers sized by what the last reads brought.
+struct TcpReader<'a> {
+    io: ReadHalf<'a>,
+    buf: BytesMut,
+    next: usize,
+}
+
+impl<'a> TcpReader<'a> {
+    fn new(io: ReadHalf<'a>) -> Self {
+        Self {
+            io,
+            buf: BytesMut::new(),
+            next: MIN_READ,
+        }
+    }
+}
+
+impl ChunkRead for TcpReader<'_> {
+    async fn read_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        self.buf.reserve(self.next);
+        let n = self
+            .io
+            .read_buf(&mut (&mut self.buf).limit(self.next))
+            .await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        self.next = next_read(self.next, n);
+        Ok(Some(self.buf.split().freeze()))
+    }
+}
+
+/// The size of the next read after one of `size` brought `n` bytes: twice as large if it was
+/// filled, half as large if it was mostly empty.
+fn next_read(size: usize, n: usize) -> usize {
+    if n >= size {
+        (size * 2).min(MAX_READ)
+    } else if n < size / 4 {
+        (size / 2).max(MIN_READ)
+    } else {
+        size
+    }
+}
+
+struct TcpWriter<'a>(WriteHalf<'a>);
+
+impl ChunkWrite for TcpWriter<'_> {
+    async fn write_chunk(&mut self, chunk: Bytes) -> io::Result<()> {
+        self.0.write_all(&chunk).await
+    }
+
+    async fn finish(&mut self) -> io::Result<()> {
+        self.0.shutdown().await
+    }
 }
 
 /// Make the coming close send RST instead of FIN.
@@ -58,10 +231,7 @@ pub fn reset(stream: &TcpStream) {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use tokio::{
-        io::{AsyncReadExt, AsyncWriteExt},
-        net::TcpListener,
-    };
+    use tokio::net::TcpListener;
 
     /// A connected (client, accepted) pair of TCP sockets on `listener`.
     pub(crate) async fn pair(listener: &TcpListener) -> (TcpStream, TcpStream) {
@@ -103,5 +273,47 @@ pub(crate) mod tests {
                 b_to_a: 4
             }
         );
+    }
+
+    #[tokio::test]
+    async fn a_reset_on_one_side_resets_the_other() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let (client, agent_in) = pair(&listener).await;
+        let (agent_out, mut server) = pair(&listener).await;
+        let relay = tokio::spawn(splice(agent_in, agent_out));
+        reset(&client);
+        drop(client);
+        relay
+            .await
+            .expect("join")
+            .expect_err("the reset is an error");
+        let mut buf = [0u8; 1];
+        let read = server.read(&mut buf).await;
+        assert_eq!(
+            read.expect_err("RST, not FIN").kind(),
+            io::ErrorKind::ConnectionReset
+        );
+    }
+
+    #[test]
+    fn reads_grow_while_they_fill_and_shrink_when_they_do_not() {
+        let mut size = MIN_READ;
+        while size < MAX_READ {
+            let grown = next_read(size, size);
+            assert_eq!(grown, size * 2);
+            size = grown;
+        }
+        assert_eq!(next_read(MAX_READ, MAX_READ), MAX_READ, "capped");
+        assert_eq!(
+            next_read(MAX_READ, MAX_READ / 2),
+            MAX_READ,
+            "half full: kept"
+        );
+        assert_eq!(
+            next_read(MAX_READ, 100),
+            MAX_READ / 2,
+            "mostly empty: halved"
+        );
+        assert_eq!(next_read(MIN_READ, 1), MIN_READ, "never below the minimum");
     }
 }

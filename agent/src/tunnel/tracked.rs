@@ -26,7 +26,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::splice::{BUFFER, Transferred, reset};
+use super::splice::{Remote, Transferred, relay, reset};
 use crate::{
     metrics::{Labels, Metrics, Reporter},
     verdicts::Direction,
@@ -246,33 +246,23 @@ impl Tracked {
     /// `local` (a TCP socket of a local workload) until both directions end, counting bytes as
     /// they pass. `local_is_source` says which way is "sent". If the tracker closes the
     /// connection, `local` is reset and `remote` dropped; that ends in an error.
-    pub async fn splice<R>(
+    pub async fn splice(
         &self,
-        remote: R,
+        remote: impl Into<Remote>,
         mut local: TcpStream,
         local_is_source: bool,
-    ) -> io::Result<Transferred>
-    where
-        R: AsyncRead + AsyncWrite + Unpin,
-    {
+    ) -> io::Result<Transferred> {
         let (from_remote, from_local) = if local_is_source {
-            (Which::Received, Which::Sent)
+            (&self.counters.received, &self.counters.sent)
         } else {
-            (Which::Sent, Which::Received)
+            (&self.counters.sent, &self.counters.received)
         };
-        let mut remote = self.counted(remote, from_remote);
-        let result = {
-            let mut local_counted = self.counted(&mut local, from_local);
-            tokio::select! {
-                r = tokio::io::copy_bidirectional_with_sizes(
-                    &mut remote, &mut local_counted, BUFFER, BUFFER,
-                ) => r
-                    .map(|(a_to_b, b_to_a)| Transferred { a_to_b, b_to_a }),
-                () = self.cancel.cancelled() => Err(io::Error::new(
-                    io::ErrorKind::ConnectionAborted,
-                    "closed by the agent: no longer allowed",
-                )),
-            }
+        let result = tokio::select! {
+            r = relay(remote.into(), &mut local, from_remote, from_local) => r,
+            () = self.cancel.cancelled() => Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "closed by the agent: no longer allowed",
+            )),
         };
         if result.is_err() {
             reset(&local);
