@@ -122,6 +122,7 @@ fn throughput(
 }
 
 struct TunnelReport {
+    handoff_us: f64,
     nginx_p50: u64,
     nginx_1: f64,
     nginx_8: f64,
@@ -231,6 +232,7 @@ fn tunnel(count: usize, samples: usize, mib: usize) -> anyhow::Result<TunnelRepo
     let nginx_8 = nginx_tp(8, mib / 4)?;
     drop(nginx);
     Ok(TunnelReport {
+        handoff_us: handoff_us()?,
         nginx_p50,
         nginx_1,
         nginx_8,
@@ -243,6 +245,40 @@ fn tunnel(count: usize, samples: usize, mib: usize) -> anyhow::Result<TunnelRepo
         tunnel_1,
         tunnel_8,
     })
+}
+
+/// What one hand-off of a few bytes from one thread's socket to another's costs on this machine
+/// (half the p50 round trip of a one-byte ping-pong over loopback): the floor under every hop a
+/// proxy adds, whatever the proxy does.
+fn handoff_us() -> anyhow::Result<f64> {
+    use std::io::{Read as _, Write as _};
+    const ROUNDS: usize = 20_000;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding loopback")?;
+    let addr = listener.local_addr()?;
+    let echo = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut s, _) = listener.accept()?;
+        s.set_nodelay(true)?;
+        let mut b = [0u8; 1];
+        while s.read(&mut b)? == 1 {
+            s.write_all(&b)?;
+        }
+        Ok(())
+    });
+    let mut s = std::net::TcpStream::connect(addr).context("connecting on loopback")?;
+    s.set_nodelay(true)?;
+    let mut rtt = Vec::with_capacity(ROUNDS);
+    let mut b = [0u8; 1];
+    for _ in 0..ROUNDS {
+        let t = std::time::Instant::now();
+        s.write_all(b"x")?;
+        s.read_exact(&mut b)?;
+        rtt.push(t.elapsed().as_nanos() as u64);
+    }
+    drop(s);
+    echo.join()
+        .map_err(|_| anyhow::anyhow!("ping-pong thread panicked"))??;
+    rtt.sort_unstable();
+    Ok(percentile(&rtt, 0.5) as f64 / 2000.0)
 }
 
 fn print_tunnel(r: &TunnelReport, out_dir: &std::path::Path) -> anyhow::Result<()> {
@@ -289,6 +325,13 @@ fn print_tunnel(r: &TunnelReport, out_dir: &std::path::Path) -> anyhow::Result<(
         );
     }
     println!(
+        "\none hand-off between two threads' sockets on this machine: {:.0} µs (p50 of a loopback \
+         one-byte ping-pong, halved); a tunneled connection adds four of them (client to agent, \
+         agent to agent, and back), about {:.0} µs, before either agent does any work",
+        r.handoff_us,
+        4.0 * r.handoff_us
+    );
+    println!(
         "\ntarget: a pooled tunneled connection adds under 150 µs at p50 ({} µs here)",
         added(r.pooled_p50)
     );
@@ -299,6 +342,7 @@ fn print_tunnel(r: &TunnelReport, out_dir: &std::path::Path) -> anyhow::Result<(
     );
     let json = serde_json::json!({
         "benchmark": "tunnel",
+        "handoff_us": r.handoff_us,
         "latency_p50_us": {
             "no_agents": r.baseline_p50, "first_connection": r.first_p50,
             "pooled_tunnel": r.pooled_p50, "fast_path": r.fast_p50, "nginx_pair": r.nginx_p50,
