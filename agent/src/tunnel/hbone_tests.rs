@@ -224,6 +224,40 @@ async fn what_the_source_wrote_and_its_half_close_go_out_before_the_answer() {
 }
 
 #[tokio::test]
+async fn an_application_that_resets_resets_the_source_connection() {
+    let f = fixture("reset", true, PAYMENT).await;
+    let resetting = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
+    let app = resetting.local_addr().expect("addr");
+    tokio::spawn(async move {
+        if let Ok((mut s, _)) = resetting.accept().await {
+            let mut request = [0u8; 5];
+            if s.read_exact(&mut request).await.is_ok() {
+                crate::tunnel::splice::reset(&s);
+            }
+        }
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let (mut application, captured) = pair(&listener).await;
+    application.write_all(b"hello").await.expect("write");
+
+    let opened = TunnelClient::new()
+        .open(&key(&f), app, dialer(&f, PAYMENT), Some(&captured))
+        .await
+        .expect("tunnel");
+    let relay = tokio::spawn(splice(opened.stream, captured));
+    let mut buf = [0u8; 8];
+    let read = application.read(&mut buf).await;
+    assert_eq!(
+        read.expect_err("a reset, not an end of stream").kind(),
+        std::io::ErrorKind::ConnectionReset
+    );
+    relay
+        .await
+        .expect("join")
+        .expect_err("the relay ends in the stream's reset");
+}
+
+#[tokio::test]
 async fn a_policy_deny_is_403() {
     let f = fixture("deny", false, PAYMENT).await;
     let err = TunnelClient::new()
