@@ -1,5 +1,6 @@
 //! Where the agent's log lines go: JSON on stdout, written in batches by a background thread
-//! every [`FLUSH_EVERY`]. A connection's access-log lines cost a copy into memory, not a write
+//! [`FLUSH_EVERY`] after the first line of a batch arrives (the thread sleeps while there is
+//! nothing to write). A connection's access-log lines cost a copy into memory, not a write
 //! and a wake-up of the log reader each, which on a busy node is the difference between the
 //! log keeping up and the log slowing every connection (Envoy batches its access log the same
 //! way). Nothing is dropped: a writer that finds [`MOST_BUFFERED`] bytes waiting writes them
@@ -34,30 +35,15 @@ pub fn init() -> io::Result<Flusher> {
 /// A writer that batches into memory, and the thread that writes the batches to `out`.
 pub fn batched(out: Box<dyn Write + Send>) -> io::Result<(Batched, Flusher)> {
     let shared = Arc::new(Shared {
-        pending: Mutex::new(Vec::new()),
+        pending: Mutex::new(Pending::default()),
+        waiting: Condvar::new(),
         out: Mutex::new(out),
-        stopping: Mutex::new(false),
-        stop: Condvar::new(),
     });
     let thread = {
         let shared = shared.clone();
         std::thread::Builder::new()
             .name("latch-log".into())
-            .spawn(move || {
-                loop {
-                    let stopping = lock(&shared.stopping);
-                    let (stopping, _) = shared
-                        .stop
-                        .wait_timeout(stopping, FLUSH_EVERY)
-                        .unwrap_or_else(PoisonError::into_inner);
-                    let stop = *stopping;
-                    drop(stopping);
-                    shared.write_out();
-                    if stop {
-                        return;
-                    }
-                }
-            })?
+            .spawn(move || shared.flush_until_stopped())?
     };
     Ok((
         Batched(shared.clone()),
@@ -69,11 +55,17 @@ pub fn batched(out: Box<dyn Write + Send>) -> io::Result<(Batched, Flusher)> {
 }
 
 struct Shared {
-    pending: Mutex<Vec<u8>>,
+    pending: Mutex<Pending>,
+    /// Signalled when lines arrive in an empty buffer, and when the flusher stops.
+    waiting: Condvar,
     /// Held while a batch is written, so batches go out in order.
     out: Mutex<Box<dyn Write + Send>>,
-    stopping: Mutex<bool>,
-    stop: Condvar,
+}
+
+#[derive(Default)]
+struct Pending {
+    lines: Vec<u8>,
+    stopping: bool,
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -81,9 +73,31 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
+    /// The log thread: asleep while there is nothing to write (an idle agent does not wake it),
+    /// otherwise writing what [`FLUSH_EVERY`] collected.
+    fn flush_until_stopped(&self) {
+        loop {
+            let pending = lock(&self.pending);
+            let pending = self
+                .waiting
+                .wait_while(pending, |p| p.lines.is_empty() && !p.stopping)
+                .unwrap_or_else(PoisonError::into_inner);
+            let (pending, _) = self
+                .waiting
+                .wait_timeout_while(pending, FLUSH_EVERY, |p| !p.stopping)
+                .unwrap_or_else(PoisonError::into_inner);
+            let stop = pending.stopping;
+            drop(pending);
+            self.write_out();
+            if stop {
+                return;
+            }
+        }
+    }
+
     fn write_out(&self) {
         let mut out = lock(&self.out);
-        let batch = std::mem::take(&mut *lock(&self.pending));
+        let batch = std::mem::take(&mut lock(&self.pending).lines);
         if !batch.is_empty() {
             // Nowhere to report a failure to write the log; the next batch tries again.
             let _ = out.write_all(&batch).and_then(|()| out.flush());
@@ -97,11 +111,15 @@ pub struct Batched(Arc<Shared>);
 
 impl Write for Batched {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let full = {
+        let (first, full) = {
             let mut pending = lock(&self.0.pending);
-            pending.extend_from_slice(buf);
-            pending.len() >= MOST_BUFFERED
+            let first = pending.lines.is_empty();
+            pending.lines.extend_from_slice(buf);
+            (first, pending.lines.len() >= MOST_BUFFERED)
         };
+        if first {
+            self.0.waiting.notify_one();
+        }
         if full {
             self.0.write_out();
         }
@@ -121,8 +139,8 @@ pub struct Flusher {
 
 impl Drop for Flusher {
     fn drop(&mut self) {
-        *lock(&self.shared.stopping) = true;
-        self.shared.stop.notify_all();
+        lock(&self.shared.pending).stopping = true;
+        self.shared.waiting.notify_all();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -178,6 +196,32 @@ mod tests {
                 (0..1000).collect::<Vec<_>>(),
                 "writer {t}: every line, in order"
             );
+        }
+    }
+
+    /// An output that reports each write.
+    struct Reported(std::sync::mpsc::Sender<Vec<u8>>);
+
+    impl Write for Reported {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let _ = self.0.send(buf.to_vec());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_line_in_a_quiet_log_wakes_the_thread_and_is_written_without_waiting_for_exit() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (mut writer, _flusher) = batched(Box::new(Reported(tx))).expect("log thread");
+        for line in ["first\n", "after a quiet spell\n"] {
+            writer.write_all(line.as_bytes()).expect("write");
+            let written = rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the log thread writes the line while the agent runs");
+            assert_eq!(written, line.as_bytes());
         }
     }
 
