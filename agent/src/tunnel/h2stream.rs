@@ -5,8 +5,9 @@
 //! (`ConnectionReset`), so the splice on this side resets its TCP socket too. Dropping the stream
 //! before both sides ended it resets it (`CANCEL`).
 //!
-//! Both halves are used directly in the task that relays them (no channel to a helper task in
-//! between), which keeps a tunneled connection's bytes to one wake-up per hop.
+//! The stream is read and written directly by the task that relays it (no channel to a helper
+//! task in between): as whole chunks by the splice ([`H2Stream::into_halves`]), or through
+//! `AsyncRead`/`AsyncWrite` by the HTTP/1.1 enforcement.
 
 use std::{
     future::poll_fn,
@@ -23,42 +24,30 @@ use super::splice::{ChunkRead, ChunkWrite};
 
 /// A tunneled connection's HTTP/2 stream.
 pub struct H2Stream {
-    send: SendStream<Bytes>,
-    recv: RecvStream,
-    /// Received bytes not read yet.
-    unread: Bytes,
-    /// `END_STREAM` has been sent.
-    shut: bool,
+    reader: H2Reader,
+    writer: H2Writer,
 }
 
 impl H2Stream {
     pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
         Self {
-            send,
-            recv,
-            unread: Bytes::new(),
-            shut: false,
+            reader: H2Reader {
+                recv,
+                unread: Bytes::new(),
+            },
+            writer: H2Writer { send, shut: false },
         }
     }
 
     /// The two halves, for a relay that moves whole chunks (see [`super::splice`]).
     pub(crate) fn into_halves(self) -> (H2Reader, H2Writer) {
-        (
-            H2Reader {
-                recv: self.recv,
-                unread: self.unread,
-            },
-            H2Writer {
-                send: self.send,
-                shut: self.shut,
-            },
-        )
+        (self.reader, self.writer)
     }
 
     /// Mark this side's half as already ended (its `END_STREAM` was sent before the stream was
     /// handed over), so a later shutdown sends nothing.
     pub fn send_ended(mut self, ended: bool) -> Self {
-        self.shut |= ended;
+        self.writer.shut |= ended;
         self
     }
 }
@@ -78,28 +67,122 @@ pub fn io_error(e: h2::Error) -> io::Error {
     io::Error::new(kind, e)
 }
 
+/// The receiving half of a tunnel stream.
+pub(crate) struct H2Reader {
+    recv: RecvStream,
+    /// Received bytes not read yet.
+    unread: Bytes,
+}
+
+impl H2Reader {
+    /// The next received bytes; `None` once the peer ended its half (`END_STREAM`, or a reset
+    /// with `NO_ERROR`).
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+        if !self.unread.is_empty() {
+            return Poll::Ready(Ok(Some(std::mem::take(&mut self.unread))));
+        }
+        loop {
+            let chunk = match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) if data.is_empty() => continue,
+                Some(Ok(data)) => Ok(Some(data)),
+                None => Ok(None),
+                Some(Err(e)) if e.reason() == Some(Reason::NO_ERROR) => Ok(None),
+                Some(Err(e)) => Err(io_error(e)),
+            };
+            return Poll::Ready(chunk);
+        }
+    }
+
+    /// `n` bytes have been taken: the window is given back only for those.
+    fn release(&mut self, n: usize) {
+        let _ = self.recv.flow_control().release_capacity(n);
+    }
+}
+
+impl ChunkRead for H2Reader {
+    async fn read_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        poll_fn(|cx| self.poll_chunk(cx)).await
+    }
+
+    fn consumed(&mut self, n: usize) {
+        self.release(n);
+    }
+}
+
+/// The sending half of a tunnel stream.
+pub(crate) struct H2Writer {
+    send: SendStream<Bytes>,
+    /// `END_STREAM` has been sent.
+    shut: bool,
+}
+
+impl H2Writer {
+    /// Room to send up to `wanted` bytes: the window the peer has granted, at least one byte.
+    fn poll_room(&mut self, cx: &mut Context<'_>, wanted: usize) -> Poll<io::Result<usize>> {
+        self.send.reserve_capacity(wanted);
+        loop {
+            let now = self.send.capacity();
+            if now > 0 {
+                return Poll::Ready(Ok(now.min(wanted)));
+            }
+            match ready!(self.send.poll_capacity(cx)) {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Poll::Ready(Err(io_error(e))),
+                None => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "the tunnel stream is closed for sending",
+                    )));
+                }
+            }
+        }
+    }
+
+    fn send(&mut self, data: Bytes) -> io::Result<()> {
+        self.send.send_data(data, false).map_err(io_error)
+    }
+
+    /// Send `END_STREAM`, once.
+    fn end(&mut self) -> io::Result<()> {
+        if !self.shut {
+            self.shut = true;
+            self.send.reserve_capacity(0);
+            self.send.send_data(Bytes::new(), true).map_err(io_error)?;
+        }
+        Ok(())
+    }
+}
+
+impl ChunkWrite for H2Writer {
+    /// Send `chunk` in pieces as large as the peer's window allows.
+    async fn write_chunk(&mut self, mut chunk: Bytes) -> io::Result<()> {
+        while !chunk.is_empty() {
+            let room = poll_fn(|cx| self.poll_room(cx, chunk.len())).await?;
+            self.send(chunk.split_to(room))?;
+        }
+        Ok(())
+    }
+
+    async fn finish(&mut self) -> io::Result<()> {
+        self.end()
+    }
+}
+
 impl AsyncRead for H2Stream {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        while self.unread.is_empty() {
-            match ready!(self.recv.poll_data(cx)) {
-                // END_STREAM: the peer half-closed.
-                None => return Poll::Ready(Ok(())),
-                Some(Ok(data)) => self.unread = data,
-                Some(Err(e)) if e.reason() == Some(Reason::NO_ERROR) => {
-                    return Poll::Ready(Ok(()));
-                }
-                Some(Err(e)) => return Poll::Ready(Err(io_error(e))),
-            }
-        }
-        let n = self.unread.len().min(out.remaining());
-        out.put_slice(&self.unread[..n]);
-        self.unread.advance(n);
-        // The window is given back only for what the reader has taken.
-        let _ = self.recv.flow_control().release_capacity(n);
+        let reader = &mut self.reader;
+        let Some(mut data) = ready!(reader.poll_chunk(cx))? else {
+            return Poll::Ready(Ok(()));
+        };
+        let n = data.len().min(out.remaining());
+        out.put_slice(&data[..n]);
+        data.advance(n);
+        reader.unread = data;
+        reader.release(n);
         Poll::Ready(Ok(()))
     }
 }
@@ -113,24 +196,9 @@ impl AsyncWrite for H2Stream {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        self.send.reserve_capacity(buf.len());
-        let mut capacity = self.send.capacity();
-        while capacity == 0 {
-            capacity = match ready!(self.send.poll_capacity(cx)) {
-                Some(Ok(n)) => n,
-                Some(Err(e)) => return Poll::Ready(Err(io_error(e))),
-                None => {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::BrokenPipe,
-                        "the tunnel stream is closed for sending",
-                    )));
-                }
-            };
-        }
-        let n = capacity.min(buf.len());
-        self.send
-            .send_data(Bytes::copy_from_slice(&buf[..n]), false)
-            .map_err(io_error)?;
+        let writer = &mut self.writer;
+        let n = ready!(writer.poll_room(cx, buf.len()))?;
+        writer.send(Bytes::copy_from_slice(&buf[..n]))?;
         Poll::Ready(Ok(n))
     }
 
@@ -140,83 +208,6 @@ impl AsyncWrite for H2Stream {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if !self.shut {
-            self.shut = true;
-            self.send.reserve_capacity(0);
-            self.send.send_data(Bytes::new(), true).map_err(io_error)?;
-        }
-        Poll::Ready(Ok(()))
-    }
-}
-
-/// The receiving half of a tunnel stream.
-pub(crate) struct H2Reader {
-    recv: RecvStream,
-    unread: Bytes,
-}
-
-impl ChunkRead for H2Reader {
-    async fn read_chunk(&mut self) -> io::Result<Option<Bytes>> {
-        if !self.unread.is_empty() {
-            return Ok(Some(std::mem::take(&mut self.unread)));
-        }
-        loop {
-            match poll_fn(|cx| self.recv.poll_data(cx)).await {
-                None => return Ok(None),
-                Some(Ok(data)) if data.is_empty() => {}
-                Some(Ok(data)) => return Ok(Some(data)),
-                Some(Err(e)) if e.reason() == Some(Reason::NO_ERROR) => return Ok(None),
-                Some(Err(e)) => return Err(io_error(e)),
-            }
-        }
-    }
-
-    fn consumed(&mut self, n: usize) {
-        let _ = self.recv.flow_control().release_capacity(n);
-    }
-}
-
-/// The sending half of a tunnel stream.
-pub(crate) struct H2Writer {
-    send: SendStream<Bytes>,
-    shut: bool,
-}
-
-impl ChunkWrite for H2Writer {
-    /// Send `chunk` in pieces as large as the peer's window allows.
-    async fn write_chunk(&mut self, mut chunk: Bytes) -> io::Result<()> {
-        while !chunk.is_empty() {
-            self.send.reserve_capacity(chunk.len());
-            let capacity = poll_fn(|cx| {
-                let now = self.send.capacity();
-                if now > 0 {
-                    return Poll::Ready(Ok(now));
-                }
-                match ready!(self.send.poll_capacity(cx)) {
-                    Some(Ok(n)) => Poll::Ready(Ok(n)),
-                    Some(Err(e)) => Poll::Ready(Err(io_error(e))),
-                    None => Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::BrokenPipe,
-                        "the tunnel stream is closed for sending",
-                    ))),
-                }
-            })
-            .await?;
-            if capacity == 0 {
-                continue;
-            }
-            let piece = chunk.split_to(capacity.min(chunk.len()));
-            self.send.send_data(piece, false).map_err(io_error)?;
-        }
-        Ok(())
-    }
-
-    async fn finish(&mut self) -> io::Result<()> {
-        if !self.shut {
-            self.shut = true;
-            self.send.reserve_capacity(0);
-            self.send.send_data(Bytes::new(), true).map_err(io_error)?;
-        }
-        Ok(())
+        Poll::Ready(self.writer.end())
     }
 }
