@@ -38,8 +38,6 @@ use crate::{
     verdicts::{Direction, Pair, SharedMaps, VerdictCache, decide, lock},
 };
 
-/// How long the agent waits for the tunnel to the destination to open.
-const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest life of a cached deny (bounded by `verdictTtl` too): a policy change that allows
 /// the pair removes it at once, so this only bounds staleness if the sources' views diverge.
 const DENY_TTL: Duration = Duration::from_secs(30);
@@ -140,9 +138,9 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
     };
     // The application's first bytes go out behind the CONNECT, before the answer.
     let open = ctx.tunnel.open(&key, dst, dial, Some(&stream));
-    let opened = match tokio::time::timeout(OPEN_TIMEOUT, open).await {
-        Ok(Ok(opened)) => opened,
-        Ok(Err(e)) => {
+    let opened = match open.await {
+        Ok(opened) => opened,
+        Err(e) => {
             let decision = if e.is_denied() { "DENY" } else { "REFUSED" };
             access_log(&src_id, &dst_id, dst, decision, &e.to_string());
             if fastpath
@@ -161,17 +159,6 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
             {
                 tracing::error!(error = %e, "caching outbound deny");
             }
-            reset(&stream);
-            return;
-        }
-        Err(_) => {
-            access_log(
-                &src_id,
-                &dst_id,
-                dst,
-                "REFUSED",
-                "the tunnel did not open in time",
-            );
             reset(&stream);
             return;
         }

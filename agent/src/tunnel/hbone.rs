@@ -29,7 +29,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
     },
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
 
 use bytes::{BufMut as _, Bytes};
@@ -53,6 +53,14 @@ const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 const MAX_FRAME: u32 = 1024 * 1024;
 /// Tunneled connections one HTTP/2 connection may carry at once.
 const MAX_STREAMS: u32 = 4096;
+/// How long opening a tunnel may take, dial and answer together. A pooled connection whose
+/// `CONNECT` goes unanswered that long leaves the pool (its peer is gone or stuck).
+pub const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+/// TCP keepalive on tunnel connections: an idle connection to a peer that vanished (a node that
+/// died without closing it) is found dead within about a minute and leaves the pool.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_PROBES: u32 = 3;
 /// Most bytes of the source's that are sent before the destination has answered.
 pub const EARLY_DATA: usize = 64 * 1024;
 /// Response header: `1` if the source may cache the answer for the identity pair and port.
@@ -197,6 +205,11 @@ pub enum TunnelError {
         #[source]
         source: h2::Error,
     },
+    #[error("{addr} did not answer CONNECT {authority} within {:?}", OPEN_TIMEOUT)]
+    Timeout {
+        addr: SocketAddr,
+        authority: SocketAddr,
+    },
     #[error("reading the source connection before the tunnel opened: {source}")]
     Source {
         #[source]
@@ -274,9 +287,19 @@ pub struct Dial {
 }
 
 /// The HBONE client with its connection pool.
-#[derive(Default, Clone)]
+#[derive(Clone)]
 pub struct TunnelClient {
     pool: Arc<Mutex<Pool>>,
+    open_timeout: Duration,
+}
+
+impl Default for TunnelClient {
+    fn default() -> Self {
+        Self {
+            pool: Arc::default(),
+            open_timeout: OPEN_TIMEOUT,
+        }
+    }
 }
 
 impl TunnelClient {
@@ -284,10 +307,18 @@ impl TunnelClient {
         Self::default()
     }
 
+    /// The same client with another limit on opening a tunnel than [`OPEN_TIMEOUT`].
+    pub fn with_open_timeout(mut self, limit: Duration) -> Self {
+        self.open_timeout = limit;
+        self
+    }
+
     /// Open a tunnel to `authority` (the original destination) through the endpoint of `key`,
     /// reusing the least busy live pooled connection, or dialling with `dial()` if there is none
     /// or all are busy and the pair may have another. While the destination decides, what
-    /// `source` has already written is sent on the stream (see [`EARLY_DATA`]).
+    /// `source` has already written is sent on the stream (see [`EARLY_DATA`]). Dialling and the
+    /// answer together may take [`OPEN_TIMEOUT`]; a pooled connection that did not answer in time
+    /// leaves the pool.
     pub async fn open(
         &self,
         key: &PoolKey,
@@ -295,13 +326,18 @@ impl TunnelClient {
         dial: impl FnOnce() -> Dial,
         source: Option<&TcpStream>,
     ) -> Result<Opened, TunnelError> {
+        let deadline = tokio::time::Instant::now() + self.open_timeout;
+        let timed_out = || TunnelError::Timeout {
+            addr: key.endpoint,
+            authority,
+        };
         let (pooled, active, handshake) = match self.pick(key) {
             Pick::Use(p, active) => (p, active, None),
             Pick::Dial => {
                 let started = std::time::Instant::now();
-                let dialled = self.connect(key, dial()).await;
+                let dialled = tokio::time::timeout_at(deadline, self.connect(key, dial())).await;
                 self.dialled(key);
-                let pooled = dialled?;
+                let pooled = dialled.map_err(|_| timed_out())??;
                 let active = Active::new(&pooled.active, &self.pool, key);
                 (pooled, active, Some(started.elapsed()))
             }
@@ -318,12 +354,20 @@ impl TunnelClient {
             .uri(authority.to_string())
             .body(())
             .map_err(|source| TunnelError::Request { authority, source })?;
-        let mut sender = pooled.sender.clone().ready().await.map_err(http)?;
-        let (response, mut send) = sender.send_request(request, false).map_err(http)?;
-        let (response, source_ended) = match source {
-            Some(source) => answer_with_early_data(response, &mut send, source).await?,
-            None => (response.await, false),
+        let exchange = async {
+            let mut sender = pooled.sender.clone().ready().await.map_err(http)?;
+            let (response, mut send) = sender.send_request(request, false).map_err(http)?;
+            let (response, source_ended) = match source {
+                Some(source) => answer_with_early_data(response, &mut send, source).await?,
+                None => (response.await, false),
+            };
+            Ok::<_, TunnelError>((response, send, source_ended))
         };
+        let Ok(exchanged) = tokio::time::timeout_at(deadline, exchange).await else {
+            self.forget(key, &pooled);
+            return Err(timed_out());
+        };
+        let (response, send, source_ended) = exchanged?;
         let response = response.map_err(|source| TunnelError::Http {
             addr: key.endpoint,
             source,
@@ -388,6 +432,16 @@ impl TunnelClient {
         }
     }
 
+    /// Take one connection out of the pair's pool (it closes once nothing uses it).
+    fn forget(&self, key: &PoolKey, pooled: &Pooled) {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = pool.get_mut(key) {
+            entry
+                .conns
+                .retain(|p| !Arc::ptr_eq(&p.active, &pooled.active));
+        }
+    }
+
     fn evict(&self, key: &PoolKey) {
         self.pool
             .lock()
@@ -419,7 +473,7 @@ impl TunnelClient {
             .tcp
             .await
             .map_err(|source| TunnelError::Connect { addr, source })?;
-        let _ = tcp.set_nodelay(true);
+        keepalive(&tcp);
         // The server name is not used for verification (the SPIFFE verifier checks the
         // identity); it is only sent as SNI.
         let name = ServerName::IpAddress(addr.ip().into());
@@ -520,6 +574,16 @@ async fn answer_with_early_data(
     }
 }
 
+/// No delay, and keepalive probes on an idle tunnel connection (see [`KEEPALIVE_IDLE`]).
+fn keepalive(tcp: &TcpStream) {
+    let _ = tcp.set_nodelay(true);
+    let probes = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&probes);
+}
+
 /// NotAfter of a certificate (UNIX_EPOCH if it does not parse: an expired proof).
 pub fn not_after(cert: &CertificateDer<'_>) -> SystemTime {
     x509_parser::parse_x509_certificate(cert)
@@ -568,7 +632,7 @@ pub async fn serve_connection(
     inbound: Arc<dyn Inbound>,
 ) -> Result<(), io::Error> {
     let peer = tcp.peer_addr()?;
-    let _ = tcp.set_nodelay(true);
+    keepalive(&tcp);
     let tls = tokio_rustls::TlsAcceptor::from(tls).accept(tcp).await?;
     let certs = tls
         .get_ref()

@@ -35,6 +35,8 @@ const HOUR: Duration = Duration::from_secs(3600);
 
 struct TestInbound {
     allow: bool,
+    /// Never answer (a destination agent that is stuck).
+    stuck: std::sync::atomic::AtomicBool,
     admitted: Mutex<Vec<(String, SocketAddr)>>,
 }
 
@@ -44,6 +46,9 @@ impl Inbound for TestInbound {
             caller.not_after > SystemTime::now(),
             "the client certificate's NotAfter is passed on"
         );
+        if self.stuck.load(Ordering::SeqCst) {
+            return Box::pin(std::future::pending());
+        }
         if !self.allow {
             return Box::pin(async { Admission::Forbidden { cacheable: true } });
         }
@@ -106,6 +111,7 @@ async fn fixture(name: &str, allow: bool, server_id: &str) -> Fixture {
     let tcp_accepts = Arc::new(AtomicUsize::new(0));
     let inbound = Arc::new(TestInbound {
         allow,
+        stuck: false.into(),
         admitted: Mutex::new(Vec::new()),
     });
     {
@@ -255,6 +261,40 @@ async fn an_application_that_resets_resets_the_source_connection() {
         .await
         .expect("join")
         .expect_err("the relay ends in the stream's reset");
+}
+
+#[tokio::test]
+async fn a_pooled_connection_that_stops_answering_times_out_and_leaves_the_pool() {
+    let f = fixture("stuck", true, PAYMENT).await;
+    // The limit is what is under test, not a wait for something else.
+    let client = TunnelClient::new().with_open_timeout(Duration::from_millis(300));
+    let opened = client
+        .open(&key(&f), f.app, dialer(&f, PAYMENT), None)
+        .await
+        .expect("tunnel");
+    drop(opened);
+    assert_eq!(client.pooled_connections(), 1);
+
+    f.inbound.stuck.store(true, Ordering::SeqCst);
+    let err = client
+        .open(&key(&f), f.app, dialer(&f, PAYMENT), None)
+        .await
+        .err()
+        .expect("no answer");
+    assert!(matches!(err, TunnelError::Timeout { .. }), "{err}");
+    assert_eq!(
+        client.pooled_connections(),
+        0,
+        "the silent connection left the pool"
+    );
+
+    f.inbound.stuck.store(false, Ordering::SeqCst);
+    let opened = client
+        .open(&key(&f), f.app, dialer(&f, PAYMENT), None)
+        .await
+        .expect("tunnel again");
+    assert!(opened.new_connection, "a new connection was dialled");
+    assert_eq!(f.tcp_accepts.load(Ordering::SeqCst), 2);
 }
 
 #[tokio::test]
