@@ -205,10 +205,11 @@ pub enum TunnelError {
         #[source]
         source: h2::Error,
     },
-    #[error("{addr} did not answer CONNECT {authority} within {:?}", OPEN_TIMEOUT)]
+    #[error("{addr} did not answer CONNECT {authority} within {limit:?}")]
     Timeout {
         addr: SocketAddr,
         authority: SocketAddr,
+        limit: Duration,
     },
     #[error("reading the source connection before the tunnel opened: {source}")]
     Source {
@@ -330,6 +331,7 @@ impl TunnelClient {
         let timed_out = || TunnelError::Timeout {
             addr: key.endpoint,
             authority,
+            limit: self.open_timeout,
         };
         let (pooled, active, handshake) = match self.pick(key) {
             Pick::Use(p, active) => (p, active, None),
