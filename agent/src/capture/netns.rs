@@ -148,6 +148,17 @@ impl NetnsWorker {
         socket.set_nonblocking(true)?;
         socket.set_tcp_nodelay(true)?;
         if let Some(local) = bind {
+            // The port is chosen by connect(), unique per 4-tuple rather than per address: no
+            // port search at bind() time, and deliveries to different application ports share
+            // the marker address's ports.
+            if local.port() == 0 {
+                // Best effort: without it, bind() picks the port as before.
+                let _ = nix::sys::socket::setsockopt(
+                    &socket,
+                    nix::sys::socket::sockopt::IpBindAddressNoPort,
+                    &true,
+                );
+            }
             socket.bind(&SockAddr::from(local))?;
         }
         match socket.connect(&SockAddr::from(dst)) {
