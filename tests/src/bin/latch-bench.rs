@@ -497,10 +497,13 @@ fn main() -> anyhow::Result<()> {
     match what {
         "datapath" => {}
         "tunnel" => {
+            const MIB: usize = 256;
             println!(
-                "tunnel benchmark: {count} connections per latency phase, client on node 1, server on node 2"
+                "tunnel benchmark: {count} connections per latency phase; throughput: one stream \
+                 of {MIB} MiB, eight of {} MiB (echoed back); client on node 1, server on node 2",
+                MIB / 4
             );
-            let report = tunnel(count, 20, 64)?;
+            let report = tunnel(count, 20, MIB)?;
             return print_tunnel(&report, &out_dir);
         }
         "policy" => return policy(&out_dir),
