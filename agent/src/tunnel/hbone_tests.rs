@@ -230,6 +230,36 @@ async fn what_the_source_wrote_and_its_half_close_go_out_before_the_answer() {
 }
 
 #[tokio::test]
+async fn more_than_the_early_data_limit_arrives_whole_and_in_order() {
+    let f = fixture("early-bulk", true, PAYMENT).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let (application, captured) = pair(&listener).await;
+    let request: Vec<u8> = (0..3 * super::hbone::EARLY_DATA + 123)
+        .map(|i| (i % 251) as u8)
+        .collect();
+    let (mut app_read, mut app_write) = application.into_split();
+    let writer = {
+        let request = request.clone();
+        tokio::spawn(async move {
+            app_write.write_all(&request).await.expect("write");
+            app_write.shutdown().await.expect("half-close");
+        })
+    };
+    captured.readable().await.expect("the request is arriving");
+
+    let opened = TunnelClient::new()
+        .open(&key(&f), f.app, dialer(&f, PAYMENT), Some(&captured))
+        .await
+        .expect("tunnel");
+    let relay = tokio::spawn(splice(opened.stream, captured));
+    let mut back = Vec::new();
+    app_read.read_to_end(&mut back).await.expect("the echo");
+    writer.await.expect("writer");
+    assert!(back == request, "echo of {} bytes differs", back.len());
+    relay.await.expect("join").expect("relay");
+}
+
+#[tokio::test]
 async fn an_application_that_resets_resets_the_source_connection() {
     let f = fixture("reset", true, PAYMENT).await;
     let resetting = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
