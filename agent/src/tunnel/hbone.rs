@@ -475,7 +475,7 @@ impl TunnelClient {
             .tcp
             .await
             .map_err(|source| TunnelError::Connect { addr, source })?;
-        keepalive(&tcp);
+        set_tunnel_options(&tcp);
         // The server name is not used for verification (the SPIFFE verifier checks the
         // identity); it is only sent as SNI.
         let name = ServerName::IpAddress(addr.ip().into());
@@ -576,8 +576,8 @@ async fn answer_with_early_data(
     }
 }
 
-/// No delay, and keepalive probes on an idle tunnel connection (see [`KEEPALIVE_IDLE`]).
-fn keepalive(tcp: &TcpStream) {
+/// A tunnel socket's options: no delay, and keepalive probes once idle (see [`KEEPALIVE_IDLE`]).
+fn set_tunnel_options(tcp: &TcpStream) {
     let _ = tcp.set_nodelay(true);
     let probes = socket2::TcpKeepalive::new()
         .with_time(KEEPALIVE_IDLE)
@@ -634,7 +634,7 @@ pub async fn serve_connection(
     inbound: Arc<dyn Inbound>,
 ) -> Result<(), io::Error> {
     let peer = tcp.peer_addr()?;
-    keepalive(&tcp);
+    set_tunnel_options(&tcp);
     let tls = tokio_rustls::TlsAcceptor::from(tls).accept(tcp).await?;
     let certs = tls
         .get_ref()

@@ -21,7 +21,10 @@ use super::{
         Admission, BoxFuture, Caller, Dial, Inbound, PoolKey, TunnelClient, TunnelError,
         serve_connection,
     },
-    splice::{splice, tests::pair},
+    splice::{
+        Transferred,
+        tests::{pair, splice},
+    },
 };
 use crate::{
     identity::ca::{DevCa, init},
@@ -157,6 +160,25 @@ fn key(f: &Fixture) -> PoolKey {
     }
 }
 
+/// An application's connection as the source agent holds it: (application side, captured side).
+async fn captured_connection() -> (TcpStream, TcpStream) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    pair(&listener).await
+}
+
+/// Tunnel `captured` to `app` (what it already holds goes out with the `CONNECT`) and relay it.
+async fn tunnel_captured(
+    f: &Fixture,
+    app: SocketAddr,
+    captured: TcpStream,
+) -> tokio::task::JoinHandle<std::io::Result<Transferred>> {
+    let opened = TunnelClient::new()
+        .open(&key(f), app, dialer(f, PAYMENT), Some(&captured))
+        .await
+        .expect("tunnel");
+    tokio::spawn(splice(opened.stream, captured))
+}
+
 #[tokio::test]
 async fn bytes_and_half_close_cross_the_tunnel_and_connections_are_pooled() {
     let f = fixture("pool", true, PAYMENT).await;
@@ -199,8 +221,7 @@ async fn bytes_and_half_close_cross_the_tunnel_and_connections_are_pooled() {
 #[tokio::test]
 async fn what_the_source_wrote_and_its_half_close_go_out_before_the_answer() {
     let f = fixture("early", true, PAYMENT).await;
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let (mut application, captured) = pair(&listener).await;
+    let (mut application, captured) = captured_connection().await;
     application
         .write_all(b"request written at once")
         .await
@@ -208,11 +229,7 @@ async fn what_the_source_wrote_and_its_half_close_go_out_before_the_answer() {
     application.shutdown().await.expect("half-close");
     captured.readable().await.expect("the request is waiting");
 
-    let opened = TunnelClient::new()
-        .open(&key(&f), f.app, dialer(&f, PAYMENT), Some(&captured))
-        .await
-        .expect("tunnel");
-    let relay = tokio::spawn(splice(opened.stream, captured));
+    let relay = tunnel_captured(&f, f.app, captured).await;
     let mut back = Vec::new();
     application
         .read_to_end(&mut back)
@@ -232,8 +249,7 @@ async fn what_the_source_wrote_and_its_half_close_go_out_before_the_answer() {
 #[tokio::test]
 async fn more_than_the_early_data_limit_arrives_whole_and_in_order() {
     let f = fixture("early-bulk", true, PAYMENT).await;
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let (application, captured) = pair(&listener).await;
+    let (application, captured) = captured_connection().await;
     let request: Vec<u8> = (0..3 * super::hbone::EARLY_DATA + 123)
         .map(|i| (i % 251) as u8)
         .collect();
@@ -247,11 +263,7 @@ async fn more_than_the_early_data_limit_arrives_whole_and_in_order() {
     };
     captured.readable().await.expect("the request is arriving");
 
-    let opened = TunnelClient::new()
-        .open(&key(&f), f.app, dialer(&f, PAYMENT), Some(&captured))
-        .await
-        .expect("tunnel");
-    let relay = tokio::spawn(splice(opened.stream, captured));
+    let relay = tunnel_captured(&f, f.app, captured).await;
     let mut back = Vec::new();
     app_read.read_to_end(&mut back).await.expect("the echo");
     writer.await.expect("writer");
@@ -272,15 +284,10 @@ async fn an_application_that_resets_resets_the_source_connection() {
             }
         }
     });
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let (mut application, captured) = pair(&listener).await;
+    let (mut application, captured) = captured_connection().await;
     application.write_all(b"hello").await.expect("write");
 
-    let opened = TunnelClient::new()
-        .open(&key(&f), app, dialer(&f, PAYMENT), Some(&captured))
-        .await
-        .expect("tunnel");
-    let relay = tokio::spawn(splice(opened.stream, captured));
+    let relay = tunnel_captured(&f, app, captured).await;
     let mut buf = [0u8; 8];
     let read = application.read(&mut buf).await;
     assert_eq!(

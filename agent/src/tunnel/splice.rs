@@ -109,16 +109,6 @@ pub async fn relay(
     }
 }
 
-/// Splice `remote` and the TCP socket `local`, resetting `local` too on error.
-pub async fn splice(remote: impl Into<Remote>, mut local: TcpStream) -> io::Result<Transferred> {
-    let (from_remote, from_local) = (AtomicU64::new(0), AtomicU64::new(0));
-    let result = relay(remote.into(), &mut local, &from_remote, &from_local).await;
-    if result.is_err() {
-        reset(&local);
-    }
-    result
-}
-
 async fn both_ways(
     remote_read: impl ChunkRead,
     remote_write: impl ChunkWrite,
@@ -232,6 +222,20 @@ pub fn reset(stream: &TcpStream) {
 pub(crate) mod tests {
     use super::*;
     use tokio::net::TcpListener;
+
+    /// Splice `remote` and the TCP socket `local` without a tracker (the agent splices through
+    /// [`crate::tunnel::tracked::Tracked::splice`]), resetting `local` too on error.
+    pub(crate) async fn splice(
+        remote: impl Into<Remote>,
+        mut local: TcpStream,
+    ) -> io::Result<Transferred> {
+        let (from_remote, from_local) = (AtomicU64::new(0), AtomicU64::new(0));
+        let result = relay(remote.into(), &mut local, &from_remote, &from_local).await;
+        if result.is_err() {
+            reset(&local);
+        }
+        result
+    }
 
     /// A connected (client, accepted) pair of TCP sockets on `listener`.
     pub(crate) async fn pair(listener: &TcpListener) -> (TcpStream, TcpStream) {
