@@ -6,8 +6,10 @@
 //! [`config`] reads the node's configuration, [`identity`] turns workloads into identities and
 //! [`policy`] decides, Istio's way, whether a connection or request is allowed. [`debug`] serves
 //! the node-local debug socket (and is the `latch debug` client); [`metrics`] is the Prometheus
-//! exposition and the access log; [`logging`] writes log lines out in batches.
+//! exposition and the access log; [`logging`] writes log lines out in batches; [`busy_poll`]
+//! keeps the runtime polling for I/O for a moment after data-path activity.
 
+pub mod busy_poll;
 pub mod capture;
 pub mod config;
 pub mod datapath;

@@ -189,10 +189,7 @@ fn agent(config: &std::path::Path, uninstall: bool) -> anyhow::Result<()> {
     if uninstall {
         return latch::runtime::uninstall(config);
     }
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(latch::runtime::run(config))
+    latch::runtime::serve(config)
 }
 
 fn ca_init(dir: &std::path::Path) -> anyhow::Result<()> {

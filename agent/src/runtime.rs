@@ -25,6 +25,7 @@ use tokio::{
 };
 
 use crate::{
+    busy_poll,
     capture::{NetnsWorker, PodListeners, inbound, outbound, tunneled},
     config::{CertificateSource, Config, DataplaneMode, MtlsMode},
     datapath::{Datapath, DatapathSettings, install::inbound_link_name, system},
@@ -190,8 +191,19 @@ fn settings(config: &Config) -> DatapathSettings {
 }
 
 /// Run the agent until SIGTERM/SIGINT. Programs and maps stay pinned when it returns.
-pub async fn run(config_path: &Path) -> anyhow::Result<()> {
+/// Run the agent until SIGTERM, on a tokio runtime with the config's `dataplane.workerThreads`.
+pub fn serve(config_path: &Path) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.dataplane.worker_threads)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?
+        .block_on(run(config_path, config))
+}
+
+async fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
+    busy_poll::install(config.dataplane.busy_poll);
     let registry =
         Registry::from_config(&config).with_context(|| format!("{}", config_path.display()))?;
     // Everything that depends on the outside world is checked before the kernel is touched, so
@@ -451,6 +463,10 @@ impl Agent {
             ("ports", config.ports != old.ports),
             ("certificates", config.certificates != old.certificates),
             ("trustDomain", config.trust_domain != old.trust_domain),
+            (
+                "dataplane.workerThreads",
+                config.dataplane.worker_threads != old.dataplane.worker_threads,
+            ),
         ] {
             if changed {
                 anyhow::bail!(
@@ -466,6 +482,7 @@ impl Agent {
             .ensure(&identities(&registry))
             .with_context(|| format!("{}: certificates", self.config_path.display()))?;
         let prepared = prepare(&self.config_path, &config, &registry, &self.pods)?;
+        busy_poll::install(config.dataplane.busy_poll);
         self.state.replace(Snapshot {
             config,
             registry,

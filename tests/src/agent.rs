@@ -21,6 +21,8 @@ pub struct AgentOptions {
     /// `fastpath` or `tunnel`.
     pub dataplane_mode: String,
     pub verdict_ttl: String,
+    /// `dataplane.busyPoll`; `None` leaves the agent's default.
+    pub busy_poll: Option<String>,
     /// Lifetime of the SVIDs the node's agent mints from the cluster's development CA.
     pub cert_ttl: String,
     /// Mint from this development CA (a `latch ca init` directory) instead of the cluster's.
@@ -37,6 +39,7 @@ impl Default for AgentOptions {
             mtls_mode: "PERMISSIVE".into(),
             dataplane_mode: "fastpath".into(),
             verdict_ttl: "5m".into(),
+            busy_poll: None,
             cert_ttl: "1h".into(),
             ca_dir: None,
             metrics: "off".into(),

@@ -460,8 +460,13 @@ impl Cluster {
         y.push_str(&format!("cgroupRoot: {}\n", node.cgroup_root.display()));
         y.push_str(&format!("bpfPinDir: {}\n", node.pin_dir.display()));
         y.push_str("ports: { capture: 15001, inbound: 15006, tunnel: 15008 }\n");
+        let busy_poll = options
+            .busy_poll
+            .as_ref()
+            .map(|d| format!(", busyPoll: {d}"))
+            .unwrap_or_default();
         y.push_str(&format!(
-            "dataplane: {{ mode: {}, verdictTtl: {} }}\n",
+            "dataplane: {{ mode: {}, verdictTtl: {}{busy_poll} }}\n",
             options.dataplane_mode, options.verdict_ttl
         ));
         y.push_str(&format!("mtls: {{ mode: {} }}\n", options.mtls_mode));

@@ -39,6 +39,7 @@ where
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                crate::busy_poll::activity();
                 tokio::spawn(handle(stream, peer, ctx.clone()));
             }
             Err(e) => tracing::warn!(workload, listener = ?local, error = %e, "accept failed"),

@@ -11,8 +11,7 @@ use serde::{Deserialize, Deserializer, Serializer, de::Error};
 
 pub fn positive_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let raw = String::deserialize(d)?;
-    let duration = humantime::parse_duration(raw.trim())
-        .map_err(|e| D::Error::custom(format!("invalid duration {raw:?}: {e}")))?;
+    let duration = parse_duration(&raw).map_err(D::Error::custom)?;
     if duration.is_zero() {
         return Err(D::Error::custom(format!(
             "duration {raw:?} must be greater than zero"
@@ -20,6 +19,40 @@ pub fn positive_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D:
     }
     Ok(duration)
 }
+
+fn parse_duration(raw: &str) -> Result<Duration, String> {
+    humantime::parse_duration(raw.trim()).map_err(|e| format!("invalid duration {raw:?}: {e}"))
+}
+
+/// The busy-poll window: zero (off) up to [`MAX_BUSY_POLL`].
+pub fn busy_poll<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let raw = String::deserialize(d)?;
+    let duration = parse_duration(&raw).map_err(D::Error::custom)?;
+    if duration > MAX_BUSY_POLL {
+        return Err(D::Error::custom(format!(
+            "{raw:?} is longer than the {} maximum",
+            humantime::format_duration(MAX_BUSY_POLL)
+        )));
+    }
+    Ok(duration)
+}
+
+/// Longer windows would keep a worker busy between unrelated connections rather than between a
+/// request and its answer.
+pub const MAX_BUSY_POLL: Duration = Duration::from_millis(10);
+
+/// Tokio worker threads: 1 to [`MAX_WORKER_THREADS`].
+pub fn worker_threads<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let n = usize::deserialize(d)?;
+    if !(1..=MAX_WORKER_THREADS).contains(&n) {
+        return Err(D::Error::custom(format!(
+            "{n} worker threads: must be between 1 and {MAX_WORKER_THREADS}"
+        )));
+    }
+    Ok(n)
+}
+
+pub const MAX_WORKER_THREADS: usize = 256;
 
 pub fn serialize_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&humantime::format_duration(*d).to_string())

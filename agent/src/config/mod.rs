@@ -102,6 +102,19 @@ pub struct Dataplane {
         serialize_with = "fields::serialize_duration"
     )]
     pub verdict_ttl: Duration,
+    /// Tokio worker threads (fixed at start-up).
+    #[serde(
+        default = "defaults::worker_threads",
+        deserialize_with = "fields::worker_threads"
+    )]
+    pub worker_threads: usize,
+    /// How long the worker keeps polling for I/O after data-path activity; zero turns it off.
+    #[serde(
+        default = "defaults::busy_poll",
+        deserialize_with = "fields::busy_poll",
+        serialize_with = "fields::serialize_duration"
+    )]
+    pub busy_poll: Duration,
 }
 
 impl Default for Dataplane {
@@ -109,6 +122,8 @@ impl Default for Dataplane {
         Self {
             mode: DataplaneMode::default(),
             verdict_ttl: defaults::verdict_ttl(),
+            worker_threads: defaults::worker_threads(),
+            busy_poll: defaults::busy_poll(),
         }
     }
 }
@@ -214,6 +229,12 @@ mod defaults {
     }
     pub fn verdict_ttl() -> Duration {
         Duration::from_secs(300)
+    }
+    pub fn worker_threads() -> usize {
+        1
+    }
+    pub fn busy_poll() -> Duration {
+        Duration::from_micros(200)
     }
     pub fn certificate_ttl() -> Duration {
         Duration::from_secs(3600)

@@ -59,6 +59,8 @@ fn design_example_parses() {
     );
     assert_eq!(c.dataplane.mode, DataplaneMode::Fastpath);
     assert_eq!(c.dataplane.verdict_ttl, Duration::from_secs(300));
+    assert_eq!(c.dataplane.worker_threads, 1);
+    assert_eq!(c.dataplane.busy_poll, Duration::from_micros(200));
     let certs = c.certificates.expect("certificates");
     assert_eq!(certs.source, CertificateSource::DevCa);
     assert_eq!(certs.ttl, Duration::from_secs(3600));
@@ -131,6 +133,28 @@ fn zero_ttl() {
         "dataplane.verdictTtl",
     );
     assert!(msg.contains("greater than zero"), "{msg}");
+}
+
+#[test]
+fn busy_poll_and_workers() {
+    let c = parse(&format!(
+        "{MINIMAL}dataplane: {{ busyPoll: 0s, workerThreads: 4 }}\n"
+    ))
+    .expect("valid");
+    assert_eq!(c.dataplane.busy_poll, Duration::ZERO, "zero turns it off");
+    assert_eq!(c.dataplane.worker_threads, 4);
+    let msg = expect_error(
+        &format!("{MINIMAL}dataplane: {{ busyPoll: 50ms }}\n"),
+        5,
+        "dataplane.busyPoll",
+    );
+    assert!(msg.contains("longer than the 10ms maximum"), "{msg}");
+    let msg = expect_error(
+        &format!("{MINIMAL}dataplane: {{ workerThreads: 0 }}\n"),
+        5,
+        "dataplane.workerThreads",
+    );
+    assert!(msg.contains("between 1 and 256"), "{msg}");
 }
 
 #[test]

@@ -665,6 +665,7 @@ pub async fn serve_connection(
         .await
         .map_err(|e| io::Error::other(format!("HTTP/2 with {peer}: {e}")))?;
     while let Some(stream) = connection.accept().await {
+        crate::busy_poll::activity();
         let (request, respond) =
             stream.map_err(|e| io::Error::other(format!("HTTP/2 with {peer}: {e}")))?;
         tokio::spawn(handle_connect(

@@ -133,6 +133,7 @@ async fn pump(
     let mut total = 0;
     while let Some(chunk) = from.read_chunk().await? {
         let n = chunk.len();
+        crate::busy_poll::activity();
         count.fetch_add(n as u64, Ordering::Relaxed);
         to.write_chunk(chunk).await?;
         from.consumed(n);

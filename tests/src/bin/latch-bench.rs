@@ -129,6 +129,8 @@ struct TunnelReport {
     baseline_p50: u64,
     first_p50: u64,
     pooled_p50: u64,
+    /// The same with `dataplane.busyPoll: 0s`.
+    pooled_no_poll_p50: u64,
     fast_p50: u64,
     base_1: f64,
     base_8: f64,
@@ -184,11 +186,24 @@ fn tunnel(count: usize, samples: usize, mib: usize) -> anyhow::Result<TunnelRepo
         ..AgentOptions::default()
     };
     cluster.start_agent(n1, tunnel_options.clone())?;
-    cluster.start_agent(n2, tunnel_options)?;
+    cluster.start_agent(n2, tunnel_options.clone())?;
     run_rate(&cluster, client, server, count / 10, "warm-up")?;
     let pooled = run_rate(&cluster, client, server, count, "pooled tunnel")?;
     let tunnel_1 = throughput(&cluster, client, server, 1, mib)?;
     let tunnel_8 = throughput(&cluster, client, server, 8, mib / 4)?;
+    for node in [n1, n2] {
+        cluster.agent(node).terminate()?;
+        cluster.agent(node).uninstall()?;
+    }
+    // What busy polling is worth: the same pooled connections with it turned off.
+    let no_poll_options = AgentOptions {
+        busy_poll: Some("0s".into()),
+        ..tunnel_options
+    };
+    cluster.start_agent(n1, no_poll_options.clone())?;
+    cluster.start_agent(n2, no_poll_options)?;
+    run_rate(&cluster, client, server, count / 10, "warm-up")?;
+    let pooled_no_poll = run_rate(&cluster, client, server, count, "pooled, no busy poll")?;
     for node in [n1, n2] {
         cluster.agent(node).terminate()?;
         cluster.agent(node).uninstall()?;
@@ -245,6 +260,7 @@ fn tunnel(count: usize, samples: usize, mib: usize) -> anyhow::Result<TunnelRepo
         baseline_p50: baseline.p50_us,
         first_p50: percentile(&first, 0.5),
         pooled_p50: pooled.p50_us,
+        pooled_no_poll_p50: pooled_no_poll.p50_us,
         fast_p50: fast.p50_us,
         base_1,
         base_8,
@@ -303,6 +319,11 @@ fn print_tunnel(r: &TunnelReport, out_dir: &std::path::Path) -> anyhow::Result<(
         added(r.pooled_p50)
     );
     println!(
+        "| the same, busy polling off (`busyPoll: 0s`) | {} | {} |",
+        r.pooled_no_poll_p50,
+        added(r.pooled_no_poll_p50)
+    );
+    println!(
         "| kernel fast path | {} | {} |",
         r.fast_p50,
         added(r.fast_p50)
@@ -351,7 +372,8 @@ fn print_tunnel(r: &TunnelReport, out_dir: &std::path::Path) -> anyhow::Result<(
         "handoff_us": r.handoff_us,
         "latency_p50_us": {
             "no_agents": r.baseline_p50, "first_connection": r.first_p50,
-            "pooled_tunnel": r.pooled_p50, "fast_path": r.fast_p50, "nginx_pair": r.nginx_p50,
+            "pooled_tunnel": r.pooled_p50, "pooled_tunnel_no_busy_poll": r.pooled_no_poll_p50,
+            "fast_path": r.fast_p50, "nginx_pair": r.nginx_p50,
         },
         "throughput_bytes_per_s": {
             "no_agents_1": r.base_1, "no_agents_8": r.base_8,

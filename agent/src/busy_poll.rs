@@ -1,0 +1,203 @@
+//! Busy polling after data-path activity (`dataplane.busyPoll`, `docs/config.md`).
+//!
+//! A thread that blocks waiting for the next packet pays for a wake-up when it comes: tens of
+//! microseconds when the CPU it sleeps on has halted, which on a virtual machine whose host does
+//! not poll for its guests is every time. A relayed request is answered a round trip later, so
+//! every hop through the agent would pay it. For a short window after each event of the data path
+//! (a captured connection accepted, a tunnel stream opened, a chunk relayed), the runtime's worker
+//! keeps polling for I/O instead of blocking, yielding its CPU to any other runnable thread
+//! between polls, and picks the answer up without a wake-up. Once the window passes with nothing
+//! new the worker blocks as before: an idle agent costs nothing.
+//!
+//! This is Seastar's idle poll, or the kernel's `haltpoll`, done in userspace. It only helps the
+//! worker that owns the runtime's I/O driver, which is why the data path runs on one worker by
+//! default (`dataplane.workerThreads`).
+
+use std::{
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use tokio::sync::Notify;
+
+/// Keeps the current runtime polling for a window after each [`BusyPoll::activity`].
+pub struct BusyPoll {
+    epoch: Instant,
+    /// The window in nanoseconds; zero turns polling off.
+    window: AtomicU64,
+    /// Nanoseconds after `epoch` until which the worker keeps polling.
+    until: AtomicU64,
+    /// The polling task is waiting for activity (and must be woken for it).
+    parked: AtomicBool,
+    wake: Notify,
+    /// Polls made while kept busy.
+    rounds: AtomicU64,
+}
+
+impl BusyPoll {
+    pub fn new(window: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            epoch: Instant::now(),
+            window: AtomicU64::new(nanos(window)),
+            until: AtomicU64::new(0),
+            parked: AtomicBool::new(false),
+            wake: Notify::new(),
+            rounds: AtomicU64::new(0),
+        })
+    }
+
+    /// Change the window; zero stops polling after the current window.
+    pub fn set_window(&self, window: Duration) {
+        self.window.store(nanos(window), Ordering::Relaxed);
+    }
+
+    pub fn window(&self) -> Duration {
+        Duration::from_nanos(self.window.load(Ordering::Relaxed))
+    }
+
+    /// The data path just handled an event: keep polling for the next one for a window.
+    pub fn activity(&self) {
+        let window = self.window.load(Ordering::Relaxed);
+        if window == 0 {
+            return;
+        }
+        self.until.store(self.now() + window, Ordering::Relaxed);
+        if self.parked.load(Ordering::Relaxed) && self.parked.swap(false, Ordering::AcqRel) {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Whether the worker is being kept polling right now (for tests and `latch debug`).
+    pub fn is_polling(&self) -> bool {
+        !self.parked.load(Ordering::Acquire) && self.now() < self.until.load(Ordering::Relaxed)
+    }
+
+    /// How many times the worker polled while kept busy.
+    pub fn rounds(&self) -> u64 {
+        self.rounds.load(Ordering::Relaxed)
+    }
+
+    /// The polling task: spawn it once on the runtime to keep polling.
+    pub async fn run(self: Arc<Self>) {
+        loop {
+            self.parked.store(true, Ordering::Release);
+            if self.now() >= self.until.load(Ordering::Relaxed) {
+                self.wake.notified().await;
+            } else {
+                // Activity came in between the last check and parking: no wake-up was sent.
+                self.parked.store(false, Ordering::Release);
+            }
+            while self.now() < self.until.load(Ordering::Relaxed) {
+                // Let any other thread that is ready run on this CPU, then hand the worker back
+                // to the runtime: with a yielded task it polls for I/O with a zero timeout and
+                // runs whatever became ready before coming back here.
+                std::thread::yield_now();
+                tokio::task::yield_now().await;
+                self.rounds.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn now(&self) -> u64 {
+        nanos(self.epoch.elapsed())
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The agent's poller, once [`install`] has run.
+static AGENT: OnceLock<Arc<BusyPoll>> = OnceLock::new();
+
+/// Start the agent's poller on the current runtime (the first call only; later calls change the
+/// window).
+pub fn install(window: Duration) {
+    let mut created = None;
+    let poller = AGENT.get_or_init(|| {
+        let poller = BusyPoll::new(window);
+        created = Some(poller.clone());
+        poller
+    });
+    match created {
+        Some(poller) => {
+            tokio::spawn(poller.run());
+        }
+        None => poller.set_window(window),
+    }
+}
+
+/// Note data-path activity for the agent's poller (nothing before [`install`]).
+pub fn activity() {
+    if let Some(poller) = AGENT.get() {
+        poller.activity();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Wait (yielding, never sleeping) until `cond` holds; fail after `limit`.
+    async fn until(limit: Duration, mut cond: impl FnMut() -> bool) {
+        tokio::time::timeout(limit, async {
+            while !cond() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("condition not reached in time");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn polls_after_activity_and_parks_when_the_window_has_passed() {
+        let poller = BusyPoll::new(Duration::from_millis(20));
+        tokio::spawn(poller.clone().run());
+        until(Duration::from_secs(5), || {
+            poller.parked.load(Ordering::Acquire)
+        })
+        .await;
+        assert!(!poller.is_polling(), "no activity yet");
+
+        poller.activity();
+        assert!(poller.is_polling(), "activity starts a window");
+        // The task wakes and keeps the worker polling; the window then runs out with nothing new.
+        until(Duration::from_secs(5), || poller.rounds() > 0).await;
+        until(Duration::from_secs(5), || {
+            poller.parked.load(Ordering::Acquire)
+        })
+        .await;
+        assert!(!poller.is_polling());
+        let rounds = poller.rounds();
+        tokio::task::yield_now().await;
+        assert_eq!(poller.rounds(), rounds, "parked: no more polling");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_zero_window_never_polls() {
+        let poller = BusyPoll::new(Duration::ZERO);
+        tokio::spawn(poller.clone().run());
+        poller.activity();
+        assert!(!poller.is_polling());
+
+        poller.set_window(Duration::from_millis(20));
+        poller.activity();
+        assert!(
+            poller.is_polling(),
+            "a window set later applies to the next activity"
+        );
+        poller.set_window(Duration::ZERO);
+        until(Duration::from_secs(5), || {
+            poller.parked.load(Ordering::Acquire)
+        })
+        .await;
+        let rounds = poller.rounds();
+        poller.activity();
+        assert!(!poller.is_polling());
+        tokio::task::yield_now().await;
+        assert_eq!(poller.rounds(), rounds);
+    }
+}
