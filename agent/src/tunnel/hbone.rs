@@ -42,7 +42,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
 
-use super::h2stream::H2Stream;
+use super::{h2stream::H2Stream, splice::read_now};
 use crate::tls::peer_identity;
 
 /// Per-stream and per-connection HTTP/2 flow-control windows, sized for bulk transfer.
@@ -539,40 +539,89 @@ async fn answer_with_early_data(
     source: &TcpStream,
 ) -> Result<Answer, TunnelError> {
     tokio::pin!(response);
-    // Not zeroed: a request is usually a few hundred bytes.
-    let mut buf = bytes::BytesMut::new();
-    let mut left = EARLY_DATA;
-    let mut ended = false;
+    let mut early = Early {
+        buf: bytes::BytesMut::new(),
+        left: EARLY_DATA,
+        ended: false,
+    };
+    // What the source wrote before it was accepted is taken at once, so that it leaves with the
+    // CONNECT: the reactor has not seen the new socket yet, and waiting for it to would send the
+    // CONNECT alone.
+    while early.wants_more() {
+        let read = read_now(source, &mut early.buf, early.left.min(EARLY_READ));
+        match early.forward(read, send)? {
+            Forwarded::Sent => {}
+            Forwarded::Nothing => break,
+            Forwarded::Failed(e) => return Ok((Err(e), early.ended)),
+        }
+    }
     loop {
         tokio::select! {
             biased;
-            answer = &mut response => return Ok((answer, ended)),
-            readable = source.readable(), if left > 0 && !ended => {
-                buf.reserve(left);
-                let mut room = (&mut buf).limit(left);
-                let read = readable.and_then(|()| source.try_read_buf(&mut room));
-                // Within the stream's initial window, so h2 sends it as it comes.
-                match read {
-                    Ok(0) => {
-                        if let Err(e) = send.send_data(Bytes::new(), true) {
-                            return Ok((Err(e), ended));
-                        }
-                        ended = true;
-                    }
-                    Ok(n) => {
-                        if let Err(e) = send.send_data(buf.split().freeze(), false) {
-                            return Ok((Err(e), ended));
-                        }
-                        left -= n;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(source) => {
-                        send.send_reset(h2::Reason::CANCEL);
-                        return Err(TunnelError::Source { source });
-                    }
+            answer = &mut response => return Ok((answer, early.ended)),
+            readable = source.readable(), if early.wants_more() => {
+                early.buf.reserve(early.left);
+                let mut room = (&mut early.buf).limit(early.left);
+                let read = match readable.and_then(|()| source.try_read_buf(&mut room)) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+                    read => read.map(Some),
+                };
+                if let Forwarded::Failed(e) = early.forward(read, send)? {
+                    return Ok((Err(e), early.ended));
                 }
             }
         }
+    }
+}
+
+/// The largest single read of early data taken before the reactor has seen the socket.
+const EARLY_READ: usize = 16 * 1024;
+
+/// The source's bytes sent before the destination's answer.
+struct Early {
+    /// Not zeroed: a request is usually a few hundred bytes.
+    buf: bytes::BytesMut,
+    /// Bytes that may still be sent.
+    left: usize,
+    /// The source's half-close has been sent (`END_STREAM`).
+    ended: bool,
+}
+
+enum Forwarded {
+    Sent,
+    /// The source had nothing waiting.
+    Nothing,
+    /// The stream refused it: the answer is this error.
+    Failed(h2::Error),
+}
+
+impl Early {
+    fn wants_more(&self) -> bool {
+        self.left > 0 && !self.ended
+    }
+
+    /// Send what one read of the source brought (`None`: nothing was waiting). Within the
+    /// stream's initial window, so h2 sends it as it comes. A source that fails fails the
+    /// opening.
+    fn forward(
+        &mut self,
+        read: io::Result<Option<usize>>,
+        send: &mut SendStream<Bytes>,
+    ) -> Result<Forwarded, TunnelError> {
+        let sent = match read {
+            Ok(None) => return Ok(Forwarded::Nothing),
+            Ok(Some(0)) => send
+                .send_data(Bytes::new(), true)
+                .map(|()| self.ended = true),
+            Ok(Some(n)) => send
+                .send_data(self.buf.split().freeze(), false)
+                .map(|()| self.left -= n),
+            Err(source) => {
+                send.send_reset(h2::Reason::CANCEL);
+                return Err(TunnelError::Source { source });
+            }
+        };
+        Ok(sent.map_or_else(Forwarded::Failed, |()| Forwarded::Sent))
     }
 }
 

@@ -72,14 +72,14 @@ pub async fn relay(
     from_local: &AtomicU64,
 ) -> io::Result<Transferred> {
     let (local_read, local_write) = local.split();
-    let (local_read, local_write) = (TcpReader::new(local_read), TcpWriter(local_write));
+    let (local_read, local_write) = (TcpReader::new(local_read), TcpWriter::new(local_write));
     match remote {
         Remote::Tcp(mut tcp) => {
             let result = {
                 let (read, write) = tcp.split();
                 both_ways(
                     TcpReader::new(read),
-                    TcpWriter(write),
+                    TcpWriter::new(write),
                     local_read,
                     local_write,
                     from_remote,
@@ -202,16 +202,74 @@ fn next_read(size: usize, n: usize) -> usize {
     }
 }
 
-struct TcpWriter<'a>(WriteHalf<'a>);
+/// Writes to a TCP socket; the first write goes straight to the socket ([`write_now`]).
+struct TcpWriter<'a> {
+    io: WriteHalf<'a>,
+    first: bool,
+}
+
+impl<'a> TcpWriter<'a> {
+    fn new(io: WriteHalf<'a>) -> Self {
+        Self { io, first: true }
+    }
+}
 
 impl ChunkWrite for TcpWriter<'_> {
     async fn write_chunk(&mut self, chunk: Bytes) -> io::Result<()> {
-        self.0.write_all(&chunk).await
+        let mut rest = &chunk[..];
+        if std::mem::take(&mut self.first) {
+            rest = &rest[write_now(self.io.as_ref(), rest)?..];
+        }
+        if !rest.is_empty() {
+            self.io.write_all(rest).await?;
+        }
+        Ok(())
     }
 
     async fn finish(&mut self) -> io::Result<()> {
-        self.0.shutdown().await
+        self.io.shutdown().await
     }
+}
+
+/// Write what the socket takes right now (0 bytes if it would block), without waiting for the
+/// reactor to have reported it writable. A socket that was just connected or accepted is
+/// writable, but tokio only learns so at its next poll of the I/O driver; going through it, the
+/// first bytes of a connection (a request the application is waiting for) would wait behind
+/// whatever else is ready to run.
+pub(crate) fn write_now(stream: &TcpStream, buf: &[u8]) -> io::Result<usize> {
+    use std::io::Write as _;
+    match (&*socket2::SockRef::from(stream)).write(buf) {
+        Ok(n) => Ok(n),
+        Err(e) if would_block(&e) => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+/// Read what is already waiting on the socket into `buf` (at most `limit` bytes), without
+/// waiting for the reactor to have reported it readable (see [`write_now`]). `None` if nothing
+/// is waiting, `Some(0)` at end of stream.
+pub(crate) fn read_now(
+    stream: &TcpStream,
+    buf: &mut BytesMut,
+    limit: usize,
+) -> io::Result<Option<usize>> {
+    use std::io::Read as _;
+    let start = buf.len();
+    buf.resize(start + limit, 0);
+    let read = (&*socket2::SockRef::from(stream)).read(&mut buf[start..]);
+    buf.truncate(start + *read.as_ref().unwrap_or(&0));
+    match read {
+        Ok(n) => Ok(Some(n)),
+        Err(e) if would_block(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn would_block(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+    )
 }
 
 /// Make the coming close send RST instead of FIN.
@@ -243,6 +301,31 @@ pub(crate) mod tests {
         let addr = listener.local_addr().expect("bound");
         let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
         (client.expect("connect"), accepted.expect("accept").0)
+    }
+
+    #[tokio::test]
+    async fn fresh_sockets_are_read_and_written_directly() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let (client, accepted) = pair(&listener).await;
+        let mut buf = BytesMut::new();
+        assert_eq!(
+            read_now(&accepted, &mut buf, 64).expect("read"),
+            None,
+            "nothing waiting"
+        );
+        assert_eq!(write_now(&client, b"hello").expect("write"), 5);
+        // Loopback delivers within the sending call: what was written is waiting.
+        socket2::SockRef::from(&client)
+            .shutdown(std::net::Shutdown::Write)
+            .expect("shutdown");
+        assert_eq!(read_now(&accepted, &mut buf, 3).expect("read"), Some(3));
+        assert_eq!(read_now(&accepted, &mut buf, 64).expect("read"), Some(2));
+        assert_eq!(&buf[..], b"hello", "appended, nothing else kept");
+        assert_eq!(
+            read_now(&accepted, &mut buf, 64).expect("read"),
+            Some(0),
+            "end of stream"
+        );
     }
 
     #[tokio::test]
