@@ -4,7 +4,10 @@
 //! and a wake-up of the log reader each, which on a busy node is the difference between the
 //! log keeping up and the log slowing every connection (Envoy batches its access log the same
 //! way). Nothing is dropped: a writer that finds [`MOST_BUFFERED`] bytes waiting writes them
-//! itself, and the [`Flusher`] writes what is left when it is dropped.
+//! itself, and the [`Flusher`] writes what is left when it is dropped. Lines are formatted by
+//! the `json` submodule.
+
+mod json;
 
 use std::{
     io::{self, Write},
@@ -12,6 +15,8 @@ use std::{
     thread::JoinHandle,
     time::Duration,
 };
+
+use tracing_subscriber::{layer::SubscriberExt as _, util::SubscriberInitExt as _};
 
 /// How long a log line may wait in memory.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(50);
@@ -24,10 +29,9 @@ pub fn init() -> io::Result<Flusher> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("LATCH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let (writer, flusher) = batched(Box::new(io::stdout()))?;
-    tracing_subscriber::fmt()
-        .json()
-        .with_env_filter(filter)
-        .with_writer(move || writer.clone())
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(json::JsonLines::new(writer))
         .init();
     Ok(flusher)
 }
@@ -105,7 +109,7 @@ impl Shared {
     }
 }
 
-/// The writer handed to the log formatter (one per line).
+/// The writer handed to the log formatter (one `write_all` per line).
 #[derive(Clone)]
 pub struct Batched(Arc<Shared>);
 
@@ -154,7 +158,7 @@ mod tests {
 
     /// An output that records what reached it.
     #[derive(Clone, Default)]
-    struct Recorded(Arc<Mutex<Vec<u8>>>);
+    pub(super) struct Recorded(pub(super) Arc<Mutex<Vec<u8>>>);
 
     impl Write for Recorded {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
