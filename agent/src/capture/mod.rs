@@ -41,6 +41,9 @@ where
             Ok((stream, peer)) => {
                 crate::busy_poll::activity();
                 tokio::spawn(handle(stream, peer, ctx.clone()));
+                // The new connection first: the next accept() finds nothing more often than not,
+                // and that system call need not come before the connection's own.
+                tokio::task::yield_now().await;
             }
             Err(e) => tracing::warn!(workload, listener = ?local, error = %e, "accept failed"),
         }

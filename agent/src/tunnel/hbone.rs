@@ -723,6 +723,9 @@ pub async fn serve_connection(
             caller.clone(),
             inbound.clone(),
         ));
+        // The new stream first: polling the connection again reads its socket, which more
+        // often than not has nothing more, and that can wait.
+        tokio::task::yield_now().await;
     }
     Ok(())
 }
