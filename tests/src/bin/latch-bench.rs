@@ -354,7 +354,8 @@ fn print_tunnel(r: &TunnelReport, out_dir: &std::path::Path) -> anyhow::Result<(
     println!(
         "\none hand-off between two threads' sockets on this machine: {:.0} µs (p50 of a loopback \
          one-byte ping-pong, halved); a tunneled connection adds four of them (client to agent, \
-         agent to agent, and back), about {:.0} µs, before either agent does any work",
+         agent to agent, and back), about {:.0} µs when the receiving thread sleeps (busy polling \
+         keeps the agents' workers from sleeping in between)",
         r.handoff_us,
         4.0 * r.handoff_us
     );
