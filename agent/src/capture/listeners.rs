@@ -36,6 +36,8 @@ fn listen(addr: SocketAddr, dual_stack: bool) -> io::Result<std::net::TcpListene
         socket.set_only_v6(!dual_stack)?;
     }
     socket.set_nonblocking(true)?;
+    // Accepted sockets inherit it (Linux): no setsockopt() per connection.
+    socket.set_tcp_nodelay(true)?;
     socket.bind(&SockAddr::from(addr))?;
     socket.listen(BACKLOG)?;
     Ok(socket.into())
@@ -79,5 +81,20 @@ impl PodListeners {
             tunnel: TcpListener::from_std(tunnel)?,
             netns_cookie,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepted_connections_inherit_no_delay() {
+        let listener = listen(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), false).expect("listen");
+        let addr = listener.local_addr().expect("bound");
+        let _client = std::net::TcpStream::connect(addr).expect("connect");
+        listener.set_nonblocking(false).expect("blocking");
+        let (accepted, _) = listener.accept().expect("accept");
+        assert!(accepted.nodelay().expect("TCP_NODELAY"));
     }
 }

@@ -143,9 +143,13 @@ impl NetnsWorker {
         let socket = {
             let _inside = Entered::enter(&self.netns)
                 .map_err(|e| annotate(e, "entering netns", &self.path))?;
-            Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?
+            // Non-blocking from the start: no fcntl() calls on the connection path.
+            Socket::new(
+                Domain::for_address(dst),
+                Type::STREAM.nonblocking(),
+                Some(Protocol::TCP),
+            )?
         };
-        socket.set_nonblocking(true)?;
         socket.set_tcp_nodelay(true)?;
         if let Some(local) = bind {
             // The port is chosen by connect(), unique per 4-tuple rather than per address: no

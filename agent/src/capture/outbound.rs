@@ -66,7 +66,6 @@ pub async fn serve(listener: TcpListener, ctx: Arc<OutboundContext>) {
 }
 
 async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
-    let _ = stream.set_nodelay(true);
     let key = RedirectKey {
         netns_cookie: ctx.netns_cookie,
         port: peer.port(),
