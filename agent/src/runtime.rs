@@ -190,8 +190,8 @@ fn settings(config: &Config) -> DatapathSettings {
     }
 }
 
-/// Run the agent until SIGTERM/SIGINT. Programs and maps stay pinned when it returns.
-/// Run the agent until SIGTERM, on a tokio runtime with the config's `dataplane.workerThreads`.
+/// Run the agent until SIGTERM/SIGINT, on a tokio runtime with the config's
+/// `dataplane.workerThreads`. Programs and maps stay pinned when it returns.
 pub fn serve(config_path: &Path) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
     tokio::runtime::Builder::new_multi_thread()

@@ -154,6 +154,26 @@ fn a_bad_reload_keeps_the_running_state() {
         .expect("reported");
     assert!(line.contains("prod/frontend"), "{line}");
 
+    // A setting that only a restart can change.
+    let mark = cluster.agent(n1).mark();
+    let more_workers = good.replace("verdictTtl: 5m }", "verdictTtl: 5m, workerThreads: 2 }");
+    assert_ne!(more_workers, good, "the test changes the setting");
+    cluster
+        .agent(n1)
+        .write_config(&more_workers)
+        .expect("write");
+    cluster.agent(n1).reload();
+    let line = cluster
+        .agent(n1)
+        .wait_for_line_after(mark, Duration::from_secs(20), |l| {
+            l.contains("config reload failed")
+        })
+        .expect("reported");
+    assert!(
+        line.contains("dataplane.workerThreads cannot change while the agent runs"),
+        "{line}"
+    );
+
     assert!(cluster.agent(n1).is_running());
     assert_eq!(
         (

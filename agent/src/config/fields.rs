@@ -1,5 +1,6 @@
 //! Field-level checks done while deserializing, so that the parser reports the exact line:
-//! durations, absolute paths, Kubernetes names, the trust domain, ports, the metrics address.
+//! durations (and the busy-poll window), absolute paths, Kubernetes names, the trust domain,
+//! ports, the metrics address, the number of worker threads.
 
 use std::{
     net::{IpAddr, SocketAddr},
