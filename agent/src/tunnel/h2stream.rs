@@ -20,7 +20,10 @@ use bytes::{Buf as _, Bytes};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::splice::{ChunkRead, ChunkWrite};
+use super::{
+    answer::PendingAnswer,
+    splice::{ChunkRead, ChunkWrite},
+};
 
 /// A tunneled connection's HTTP/2 stream.
 pub struct H2Stream {
@@ -30,6 +33,16 @@ pub struct H2Stream {
 
 impl H2Stream {
     pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
+        Self::with_sender(Sender::Open(send), recv)
+    }
+
+    /// A stream whose `200` has not been sent yet: it goes with the first bytes written (or the
+    /// shutdown), or on its own when its timer runs out ([`PendingAnswer`]).
+    pub fn answering(answer: PendingAnswer, recv: RecvStream) -> Self {
+        Self::with_sender(Sender::Pending(answer), recv)
+    }
+
+    fn with_sender(send: Sender, recv: RecvStream) -> Self {
         Self {
             reader: H2Reader {
                 recv,
@@ -111,21 +124,40 @@ impl ChunkRead for H2Reader {
 
 /// The sending half of a tunnel stream.
 pub(crate) struct H2Writer {
-    send: SendStream<Bytes>,
+    send: Sender,
     /// `END_STREAM` has been sent.
     shut: bool,
 }
 
+/// What the writer sends on.
+enum Sender {
+    Open(SendStream<Bytes>),
+    /// The `CONNECT`'s answer is still held back.
+    Pending(PendingAnswer),
+}
+
 impl H2Writer {
+    /// The stream to send on, sending the held-back answer first if there is one.
+    fn stream(&mut self) -> io::Result<&mut SendStream<Bytes>> {
+        if let Sender::Pending(answer) = &self.send {
+            self.send = Sender::Open(answer.take()?);
+        }
+        match &mut self.send {
+            Sender::Open(send) => Ok(send),
+            Sender::Pending(_) => unreachable!("replaced just above"),
+        }
+    }
+
     /// Room to send up to `wanted` bytes: the window the peer has granted, at least one byte.
     fn poll_room(&mut self, cx: &mut Context<'_>, wanted: usize) -> Poll<io::Result<usize>> {
-        self.send.reserve_capacity(wanted);
+        let send = self.stream()?;
+        send.reserve_capacity(wanted);
         loop {
-            let now = self.send.capacity();
+            let now = send.capacity();
             if now > 0 {
                 return Poll::Ready(Ok(now.min(wanted)));
             }
-            match ready!(self.send.poll_capacity(cx)) {
+            match ready!(send.poll_capacity(cx)) {
                 Some(Ok(_)) => {}
                 Some(Err(e)) => return Poll::Ready(Err(io_error(e))),
                 None => {
@@ -139,15 +171,16 @@ impl H2Writer {
     }
 
     fn send(&mut self, data: Bytes) -> io::Result<()> {
-        self.send.send_data(data, false).map_err(io_error)
+        self.stream()?.send_data(data, false).map_err(io_error)
     }
 
     /// Send `END_STREAM`, once.
     fn end(&mut self) -> io::Result<()> {
         if !self.shut {
             self.shut = true;
-            self.send.reserve_capacity(0);
-            self.send.send_data(Bytes::new(), true).map_err(io_error)?;
+            let send = self.stream()?;
+            send.reserve_capacity(0);
+            send.send_data(Bytes::new(), true).map_err(io_error)?;
         }
         Ok(())
     }

@@ -8,8 +8,10 @@
 //! The client does not wait for the answer to start: what the source application has already
 //! written is sent on the stream right behind the `CONNECT` (up to [`EARLY_DATA`] bytes), so a
 //! request travels with the `CONNECT` instead of one round trip after it. The server reads the
-//! stream only after it has answered `200`; on `403` or `503` those bytes are discarded and the
-//! source connection is reset, exactly as if they had never left the source node.
+//! stream only once it has admitted the connection and connected the application; on `403` or
+//! `503` those bytes are discarded and the source connection is reset, exactly as if they had
+//! never left the source node. The `200` itself is held back for the application's first bytes
+//! (see [`super::answer`]), so that a request's answer crosses in one TLS record.
 //!
 //! Both sides use the `h2` crate directly: the stream is read and written by the task that
 //! relays it (see [`H2Stream`]), with no helper task in between.
@@ -42,7 +44,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
 
-use super::{h2stream::H2Stream, splice::read_now};
+use super::{answer::PendingAnswer, h2stream::H2Stream, splice::read_now};
 use crate::tls::peer_identity;
 
 /// Per-stream and per-connection HTTP/2 flow-control windows, sized for bulk transfer.
@@ -754,7 +756,7 @@ fn refuse(mut respond: SendResponse<Bytes>, response: Response<()>) {
 
 async fn handle_connect(
     request: Request<RecvStream>,
-    mut respond: SendResponse<Bytes>,
+    respond: SendResponse<Bytes>,
     caller: Caller,
     inbound: Arc<dyn Inbound>,
 ) {
@@ -770,10 +772,9 @@ async fn handle_connect(
     };
     match inbound.admit(caller, target).await {
         Admission::Admit { cacheable, carry } => {
-            match respond.send_response(answer(StatusCode::OK, cacheable), false) {
-                Ok(send) => carry(H2Stream::new(send, request.into_body())).await,
-                Err(e) => tracing::debug!(error = %e, "CONNECT stream ended before its 200"),
-            }
+            // The 200 goes with the application's first bytes (see `answer`).
+            let held = PendingAnswer::new(respond, answer(StatusCode::OK, cacheable));
+            carry(H2Stream::answering(held, request.into_body())).await
         }
         Admission::Forbidden { cacheable } => {
             refuse(respond, answer(StatusCode::FORBIDDEN, cacheable))

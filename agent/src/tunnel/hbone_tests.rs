@@ -425,3 +425,28 @@ async fn a_busy_pair_spreads_over_connections_up_to_one_per_cpu_and_shrinks_back
         "the idle pooled connection is reused"
     );
 }
+
+#[tokio::test]
+async fn an_application_that_says_nothing_is_still_answered() {
+    let f = fixture("silent", true, PAYMENT).await;
+    // Accepts and holds its connections without a byte or a close.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
+    let silent = listener.local_addr().expect("addr");
+    let held = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    // The 200 is held back for the application's first bytes only until its timer runs out;
+    // the test's own limit is far beyond that.
+    let opened = tokio::time::timeout(
+        Duration::from_secs(10),
+        TunnelClient::new().open(&key(&f), silent, dialer(&f, PAYMENT), None),
+    )
+    .await
+    .expect("answered without the application's bytes")
+    .expect("tunnel");
+    assert!(opened.cacheable, "the held-back answer is the admission's");
+    held.abort();
+}

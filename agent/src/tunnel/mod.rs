@@ -3,6 +3,7 @@
 //! enforces per-request (L7) policy inside a carried connection, and [`tracked`] lists the
 //! connections being carried, counts their bytes and closes the ones policy no longer allows.
 
+pub mod answer;
 pub mod h2stream;
 pub mod hbone;
 pub mod http;
