@@ -234,7 +234,7 @@ mod defaults {
         1
     }
     pub fn busy_poll() -> Duration {
-        Duration::from_micros(200)
+        Duration::from_micros(500)
     }
     pub fn certificate_ttl() -> Duration {
         Duration::from_secs(3600)

@@ -60,7 +60,7 @@ fn design_example_parses() {
     assert_eq!(c.dataplane.mode, DataplaneMode::Fastpath);
     assert_eq!(c.dataplane.verdict_ttl, Duration::from_secs(300));
     assert_eq!(c.dataplane.worker_threads, 1);
-    assert_eq!(c.dataplane.busy_poll, Duration::from_micros(200));
+    assert_eq!(c.dataplane.busy_poll, Duration::from_micros(500));
     let certs = c.certificates.expect("certificates");
     assert_eq!(certs.source, CertificateSource::DevCa);
     assert_eq!(certs.ttl, Duration::from_secs(3600));
