@@ -35,6 +35,8 @@ pub struct BusyPoll {
     wake: Notify,
     /// Polls made while kept busy.
     rounds: AtomicU64,
+    /// Nanoseconds spent kept busy, over finished windows.
+    busy: AtomicU64,
 }
 
 impl BusyPoll {
@@ -46,6 +48,7 @@ impl BusyPoll {
             parked: AtomicBool::new(false),
             wake: Notify::new(),
             rounds: AtomicU64::new(0),
+            busy: AtomicU64::new(0),
         })
     }
 
@@ -80,6 +83,11 @@ impl BusyPoll {
         self.rounds.load(Ordering::Relaxed)
     }
 
+    /// Time the worker spent kept busy (windows that have ended).
+    pub fn busy(&self) -> Duration {
+        Duration::from_nanos(self.busy.load(Ordering::Relaxed))
+    }
+
     /// The polling task: spawn it once on the runtime to keep polling.
     pub async fn run(self: Arc<Self>) {
         loop {
@@ -90,6 +98,7 @@ impl BusyPoll {
                 // Activity came in between the last check and parking: no wake-up was sent.
                 self.parked.store(false, Ordering::Release);
             }
+            let started = self.now();
             while self.now() < self.until.load(Ordering::Relaxed) {
                 // Let any other thread that is ready run on this CPU, then hand the worker back
                 // to the runtime: with a yielded task it polls for I/O with a zero timeout and
@@ -98,6 +107,8 @@ impl BusyPoll {
                 tokio::task::yield_now().await;
                 self.rounds.fetch_add(1, Ordering::Relaxed);
             }
+            self.busy
+                .fetch_add(self.now().saturating_sub(started), Ordering::Relaxed);
         }
     }
 
@@ -128,6 +139,11 @@ pub fn install(window: Duration) {
         }
         None => poller.set_window(window),
     }
+}
+
+/// Time the agent's worker spent busy polling so far (for `latch_busy_poll_seconds_total`).
+pub fn busy() -> Duration {
+    AGENT.get().map_or(Duration::ZERO, |poller| poller.busy())
 }
 
 /// Note data-path activity for the agent's poller (nothing before [`install`]).
@@ -171,6 +187,10 @@ mod tests {
         })
         .await;
         assert!(!poller.is_polling());
+        assert!(
+            poller.busy() > Duration::ZERO,
+            "the window's time is counted"
+        );
         let rounds = poller.rounds();
         tokio::task::yield_now().await;
         assert_eq!(poller.rounds(), rounds, "parked: no more polling");

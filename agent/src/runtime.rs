@@ -425,6 +425,7 @@ impl Agent {
                 kernel_counters,
                 cache_entries,
                 cert_expiry,
+                busy_poll_seconds: busy_poll::busy().as_secs_f64(),
             }
         })
     }

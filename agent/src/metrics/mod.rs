@@ -75,6 +75,8 @@ pub struct ScrapeSnapshot {
     pub cache_entries: u64,
     /// (SPIFFE ID, seconds until NotAfter) of every current SVID.
     pub cert_expiry: Vec<(String, f64)>,
+    /// Seconds the worker has spent busy polling (`dataplane.busyPoll`).
+    pub busy_poll_seconds: f64,
 }
 
 /// Called at each scrape; must be quick (it runs on a blocking thread).
@@ -254,6 +256,14 @@ impl Collector for ScrapeCollector {
             let metric = ConstCounter::new(*value);
             metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)?;
         }
+        let polled = ConstCounter::new(snapshot.busy_poll_seconds);
+        polled.encode(encoder.encode_descriptor(
+            "latch_busy_poll_seconds",
+            "Time the agent's worker spent polling for I/O after data-path activity instead of \
+             sleeping (dataplane.busyPoll).",
+            None,
+            polled.metric_type(),
+        )?)?;
         let entries = ConstGauge::new(snapshot.cache_entries as i64);
         entries.encode(encoder.encode_descriptor(
             "latch_verdict_cache_entries",

@@ -135,6 +135,7 @@ fn scrape_source_values_are_read_at_each_scrape() {
                 .collect(),
             cache_entries: 7,
             cert_expiry: vec![(FRONTEND.into(), 1800.5)],
+            busy_poll_seconds: 0.25,
         }
     }));
     let first = samples(&metrics.encode().expect("encodes"));
@@ -147,6 +148,7 @@ fn scrape_source_values_are_read_at_each_scrape() {
     assert_eq!(second["latch_inbound_steered_total"], 42.0);
     assert_eq!(second["latch_inbound_rejected_total"], 52.0);
     assert_eq!(second["latch_verdict_cache_entries"], 7.0);
+    assert_eq!(second["latch_busy_poll_seconds_total"], 0.25);
     assert_eq!(
         second[&format!("latch_certificate_expiry_seconds{{identity=\"{FRONTEND}\"}}")],
         1800.5
