@@ -57,10 +57,6 @@ impl BusyPoll {
         self.window.store(nanos(window), Ordering::Relaxed);
     }
 
-    pub fn window(&self) -> Duration {
-        Duration::from_nanos(self.window.load(Ordering::Relaxed))
-    }
-
     /// The data path just handled an event: keep polling for the next one for a window.
     pub fn activity(&self) {
         let window = self.window.load(Ordering::Relaxed);
@@ -73,7 +69,7 @@ impl BusyPoll {
         }
     }
 
-    /// Whether the worker is being kept polling right now (for tests and `latch debug`).
+    /// Whether the worker is being kept polling right now.
     pub fn is_polling(&self) -> bool {
         !self.parked.load(Ordering::Acquire) && self.now() < self.until.load(Ordering::Relaxed)
     }

@@ -119,17 +119,11 @@ fn a_bad_reload_keeps_the_running_state() {
     );
 
     // A broken file, noticed by the watcher.
-    let mark = cluster.agent(n1).mark();
-    cluster
-        .agent(n1)
-        .write_config(&good.replace("peers:", "peers: ["))
-        .expect("write");
-    let line = cluster
-        .agent(n1)
-        .wait_for_line_after(mark, Duration::from_secs(20), |l| {
-            l.contains("config reload failed")
-        })
-        .expect("the agent reports the failed reload");
+    let line = failed_reload(
+        cluster.agent(n1),
+        &good.replace("peers:", "peers: ["),
+        false,
+    );
     assert!(
         line.contains("keeping the last good configuration"),
         "{line}"
@@ -140,35 +134,17 @@ fn a_bad_reload_keeps_the_running_state() {
     );
 
     // A valid file that points a workload at a cgroup that does not exist, via SIGHUP.
-    let mark = cluster.agent(n1).mark();
-    cluster
-        .agent(n1)
-        .write_config(&good.replace("/frontend,", "/gone,"))
-        .expect("write");
-    cluster.agent(n1).reload();
-    let line = cluster
-        .agent(n1)
-        .wait_for_line_after(mark, Duration::from_secs(20), |l| {
-            l.contains("config reload failed")
-        })
-        .expect("reported");
+    let line = failed_reload(
+        cluster.agent(n1),
+        &good.replace("/frontend,", "/gone,"),
+        true,
+    );
     assert!(line.contains("prod/frontend"), "{line}");
 
     // A setting that only a restart can change.
-    let mark = cluster.agent(n1).mark();
     let more_workers = good.replace("verdictTtl: 5m }", "verdictTtl: 5m, workerThreads: 2 }");
     assert_ne!(more_workers, good, "the test changes the setting");
-    cluster
-        .agent(n1)
-        .write_config(&more_workers)
-        .expect("write");
-    cluster.agent(n1).reload();
-    let line = cluster
-        .agent(n1)
-        .wait_for_line_after(mark, Duration::from_secs(20), |l| {
-            l.contains("config reload failed")
-        })
-        .expect("reported");
+    let line = failed_reload(cluster.agent(n1), &more_workers, true);
     assert!(
         line.contains("dataplane.workerThreads cannot change while the agent runs"),
         "{line}"
@@ -186,4 +162,19 @@ fn a_bad_reload_keeps_the_running_state() {
     );
     let r = cluster.probe(client, to, Some("after")).expect("probe");
     assert!(r.ok && r.echo.as_deref() == Some("after"), "{r:?}");
+}
+
+/// Write `yaml` as the agent's config (and send SIGHUP if `sighup`; otherwise the watcher
+/// notices the change), then wait for the agent to report the failed reload: that line.
+fn failed_reload(agent: &mut Agent, yaml: &str, sighup: bool) -> String {
+    let mark = agent.mark();
+    agent.write_config(yaml).expect("write");
+    if sighup {
+        agent.reload();
+    }
+    agent
+        .wait_for_line_after(mark, Duration::from_secs(20), |l| {
+            l.contains("config reload failed")
+        })
+        .expect("the agent reports the failed reload")
 }
