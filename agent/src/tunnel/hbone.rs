@@ -581,7 +581,7 @@ const EARLY_READ: usize = 16 * 1024;
 
 /// The source's bytes sent before the destination's answer.
 struct Early {
-    /// Not zeroed: a request is usually a few hundred bytes.
+    /// Grown as bytes come: a request is usually a few hundred bytes.
     buf: bytes::BytesMut,
     /// Bytes that may still be sent.
     left: usize,
