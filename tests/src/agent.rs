@@ -2,7 +2,7 @@
 //! (followed line by line, so tests wait for events instead of sleeping), and its life cycle.
 
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
+    io::{Read as _, Write as _},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{Arc, Condvar, Mutex},
@@ -78,6 +78,20 @@ pub struct Agent {
     offset: usize,
 }
 
+/// Append complete log lines to the log file and to the lines kept in memory.
+fn record(log: &Log, file: &Mutex<std::fs::File>, complete: &[u8]) {
+    if let Ok(mut f) = file.lock() {
+        let _ = f.write_all(complete);
+    }
+    let text = String::from_utf8_lossy(complete);
+    let (lock, cvar) = &**log;
+    lock.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .lines
+        .extend(text.lines().map(str::to_owned));
+    cvar.notify_all();
+}
+
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Agent {
@@ -133,17 +147,27 @@ impl Agent {
             let log = self.log.clone();
             let file = file.clone();
             std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines() {
-                    let Ok(line) = line else { break };
-                    if let Ok(mut f) = file.lock() {
-                        let _ = writeln!(f, "{line}");
+                // Whole reads at a time: the agent writes its log in batches, and a write to the
+                // file per line would cost the CPU the connections under test share.
+                let mut stream = stream;
+                let mut pending = Vec::new();
+                let mut chunk = vec![0u8; 64 * 1024];
+                loop {
+                    let n = match stream.read(&mut chunk) {
+                        Ok(0) => break,
+                        Ok(n) => n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(_) => break,
+                    };
+                    pending.extend_from_slice(&chunk[..n]);
+                    if let Some(end) = pending.iter().rposition(|&b| b == b'\n') {
+                        let complete: Vec<u8> = pending.drain(..=end).collect();
+                        record(&log, &file, &complete);
                     }
-                    let (lock, cvar) = &*log;
-                    lock.lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .lines
-                        .push(line);
-                    cvar.notify_all();
+                }
+                if !pending.is_empty() {
+                    pending.push(b'\n');
+                    record(&log, &file, &pending);
                 }
                 if closes {
                     let (lock, cvar) = &*log;
