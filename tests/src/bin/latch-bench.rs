@@ -121,17 +121,115 @@ fn throughput(
     Ok(v["bytes"].as_f64().unwrap_or(0.0) / v["total_s"].as_f64().unwrap_or(1.0))
 }
 
+/// Latencies (µs) of `count` sequential connections from `client` to `to`, each a one-byte
+/// request and its echo.
+fn latencies(cluster: &Cluster, client: PodId, to: &str, count: usize) -> anyhow::Result<Vec<u64>> {
+    let v = probe_json(
+        cluster,
+        client,
+        &["rate", "--to", to, "--count", &count.to_string()],
+    )?;
+    let r: Rate = serde_json::from_value(v).context("parsing latch-probe rate output")?;
+    if r.failures != 0 {
+        bail!("{} of {} connections to {to} failed", r.failures, r.count);
+    }
+    Ok(r.latencies_us)
+}
+
+/// The no-agent reference: a second cluster of the same topology that never runs agents, measured
+/// in turns with each phase (see [`paired`]).
+struct Reference {
+    cluster: Cluster,
+    client: PodId,
+    to: String,
+    _echo: latch_tests::EchoServer,
+    /// Every reference latency measured so far.
+    all: Vec<u64>,
+}
+
+impl Reference {
+    fn new() -> anyhow::Result<Self> {
+        let mut cluster = Cluster::new()?;
+        let n1 = cluster.add_node()?;
+        let n2 = cluster.add_node()?;
+        let client = cluster.add_pod(n1, PodSpec::mesh("client", "bench", "client"))?;
+        let server = cluster.add_pod(n2, PodSpec::mesh("server", "bench", "server"))?;
+        let echo = cluster.echo_server(server, PORT)?;
+        let to = cluster.pod(server).addr4(PORT).to_string();
+        Ok(Self {
+            cluster,
+            client,
+            to,
+            _echo: echo,
+            all: Vec::new(),
+        })
+    }
+
+    fn latencies(&self, count: usize) -> anyhow::Result<Vec<u64>> {
+        latencies(&self.cluster, self.client, &self.to, count)
+    }
+
+    fn p50(&self) -> u64 {
+        let mut all = self.all.clone();
+        all.sort_unstable();
+        percentile(&all, 0.5)
+    }
+}
+
+/// Connections per turn of a paired measurement.
+const TURN: usize = 250;
+
+/// A phase's p50 and the no-agent reference's p50 over the same stretch of time.
+#[derive(Clone, Copy)]
+struct Paired {
+    p50_us: u64,
+    reference_p50_us: u64,
+}
+
+impl Paired {
+    fn added_us(&self) -> i64 {
+        self.p50_us as i64 - self.reference_p50_us as i64
+    }
+}
+
+/// Measure `count` connections with `measure` and as many through the reference, in alternating
+/// turns of [`TURN`]: this VM's speed drifts by tens of microseconds per connection within a
+/// minute, and a phase measured apart from its baseline would carry that drift into the
+/// difference.
+fn paired(
+    reference: &mut Reference,
+    count: usize,
+    mut measure: impl FnMut(usize) -> anyhow::Result<Vec<u64>>,
+) -> anyhow::Result<Paired> {
+    let (mut mine, mut theirs) = (Vec::with_capacity(count), Vec::with_capacity(count));
+    let mut left = count;
+    while left > 0 {
+        let n = left.min(TURN);
+        mine.extend(measure(n)?);
+        theirs.extend(reference.latencies(n)?);
+        left -= n;
+    }
+    reference.all.extend_from_slice(&theirs);
+    mine.sort_unstable();
+    theirs.sort_unstable();
+    Ok(Paired {
+        p50_us: percentile(&mine, 0.5),
+        reference_p50_us: percentile(&theirs, 0.5),
+    })
+}
+
 struct TunnelReport {
     handoff_us: f64,
-    nginx_p50: u64,
+    nginx: Paired,
     nginx_1: f64,
     nginx_8: f64,
+    /// The reference over the whole run.
     baseline_p50: u64,
     first_p50: u64,
-    pooled_p50: u64,
+    pooled: Paired,
     /// The same with `dataplane.busyPoll: 0s`.
-    pooled_no_poll_p50: u64,
-    fast_p50: u64,
+    pooled_no_poll: Paired,
+    fast: Paired,
     base_1: f64,
     base_8: f64,
     tunnel_1: f64,
@@ -139,6 +237,7 @@ struct TunnelReport {
 }
 
 fn tunnel(count: usize, samples: usize, mib: usize) -> anyhow::Result<TunnelReport> {
+    let mut reference = Reference::new()?;
     let mut cluster = Cluster::new()?;
     let n1 = cluster.add_node()?;
     let n2 = cluster.add_node()?;
@@ -150,8 +249,9 @@ fn tunnel(count: usize, samples: usize, mib: usize) -> anyhow::Result<TunnelRepo
     let other = cluster.add_pod(n2, PodSpec::mesh("other", "bench", "other"))?;
     let _other_echo = cluster.echo_server(other, PORT)?;
 
+    let to = cluster.pod(server).addr4(PORT).to_string();
     run_rate(&cluster, client, server, count / 10, "warm-up")?;
-    let baseline = run_rate(&cluster, client, server, count, "no agents")?;
+    reference.latencies(count / 10)?;
     let base_1 = throughput(&cluster, client, server, 1, mib)?;
     let base_8 = throughput(&cluster, client, server, 8, mib / 4)?;
 
@@ -175,7 +275,9 @@ fn tunnel(count: usize, samples: usize, mib: usize) -> anyhow::Result<TunnelRepo
     }
     first.sort_unstable();
     run_rate(&cluster, client, server, count / 10, "warm-up")?;
-    let fast = run_rate(&cluster, client, server, count, "fast path")?;
+    let fast = paired(&mut reference, count, |n| {
+        latencies(&cluster, client, &to, n)
+    })?;
     for node in [n1, n2] {
         cluster.agent(node).terminate()?;
         cluster.agent(node).uninstall()?;
@@ -188,7 +290,9 @@ fn tunnel(count: usize, samples: usize, mib: usize) -> anyhow::Result<TunnelRepo
     cluster.start_agent(n1, tunnel_options.clone())?;
     cluster.start_agent(n2, tunnel_options.clone())?;
     run_rate(&cluster, client, server, count / 10, "warm-up")?;
-    let pooled = run_rate(&cluster, client, server, count, "pooled tunnel")?;
+    let pooled = paired(&mut reference, count, |n| {
+        latencies(&cluster, client, &to, n)
+    })?;
     let tunnel_1 = throughput(&cluster, client, server, 1, mib)?;
     let tunnel_8 = throughput(&cluster, client, server, 8, mib / 4)?;
     for node in [n1, n2] {
@@ -203,7 +307,9 @@ fn tunnel(count: usize, samples: usize, mib: usize) -> anyhow::Result<TunnelRepo
     cluster.start_agent(n1, no_poll_options.clone())?;
     cluster.start_agent(n2, no_poll_options)?;
     run_rate(&cluster, client, server, count / 10, "warm-up")?;
-    let pooled_no_poll = run_rate(&cluster, client, server, count, "pooled, no busy poll")?;
+    let pooled_no_poll = paired(&mut reference, count, |n| {
+        latencies(&cluster, client, &to, n)
+    })?;
     for node in [n1, n2] {
         cluster.agent(node).terminate()?;
         cluster.agent(node).uninstall()?;
@@ -212,24 +318,10 @@ fn tunnel(count: usize, samples: usize, mib: usize) -> anyhow::Result<TunnelRepo
     // The same through an nginx mTLS stream-proxy pair (sidecar style), no agents.
     let nginx = latch_tests::nginx::NginxPair::start(&cluster, client, server, PORT)?;
     let via = format!("127.0.0.1:{}", latch_tests::nginx::CLIENT_PORT);
-    let nginx_rate = |count: usize| -> anyhow::Result<Phase> {
-        let v = probe_json(
-            &cluster,
-            client,
-            &["rate", "--to", &via, "--count", &count.to_string()],
-        )?;
-        let mut lat: Vec<u64> = serde_json::from_value(v["latencies_us"].clone())?;
-        lat.sort_unstable();
-        Ok(Phase {
-            name: "nginx pair",
-            rate: 0.0,
-            p50_us: percentile(&lat, 0.5),
-            p99_us: percentile(&lat, 0.99),
-            failures: v["failures"].as_u64().unwrap_or(0) as usize,
-        })
-    };
-    nginx_rate(count / 10)?;
-    let nginx_p50 = nginx_rate(count)?.p50_us;
+    latencies(&cluster, client, &via, count / 10)?;
+    let nginx_latency = paired(&mut reference, count, |n| {
+        latencies(&cluster, client, &via, n)
+    })?;
     let nginx_tp = |streams: usize, mib: usize| -> anyhow::Result<f64> {
         let v = probe_json(
             &cluster,
@@ -254,14 +346,14 @@ fn tunnel(count: usize, samples: usize, mib: usize) -> anyhow::Result<TunnelRepo
     drop(nginx);
     Ok(TunnelReport {
         handoff_us: handoff_us()?,
-        nginx_p50,
+        nginx: nginx_latency,
         nginx_1,
         nginx_8,
-        baseline_p50: baseline.p50_us,
+        baseline_p50: reference.p50(),
         first_p50: percentile(&first, 0.5),
-        pooled_p50: pooled.p50_us,
-        pooled_no_poll_p50: pooled_no_poll.p50_us,
-        fast_p50: fast.p50_us,
+        pooled,
+        pooled_no_poll,
+        fast,
         base_1,
         base_8,
         tunnel_1,
@@ -304,34 +396,36 @@ fn handoff_us() -> anyhow::Result<f64> {
 }
 
 fn print_tunnel(r: &TunnelReport, out_dir: &std::path::Path) -> anyhow::Result<()> {
-    let added = |p: u64| p as i64 - r.baseline_p50 as i64;
-    println!("\n| connection (1-byte request + echo) | p50 µs | added vs no agent µs |");
-    println!("|---|---:|---:|");
-    println!("| no agents | {} | 0 |", r.baseline_p50);
     println!(
-        "| first connection (new mTLS + HBONE) | {} | {} |",
+        "\n| connection (1-byte request + echo) | p50 µs | no agents, same time, p50 µs | added µs |"
+    );
+    println!("|---|---:|---:|---:|");
+    println!(
+        "| first connection (new mTLS + HBONE) | {} | {} | {} |",
         r.first_p50,
-        added(r.first_p50)
+        r.baseline_p50,
+        r.first_p50 as i64 - r.baseline_p50 as i64
     );
+    for (label, p) in [
+        ("tunneled on a pooled HTTP/2 connection", &r.pooled),
+        (
+            "the same, busy polling off (`busyPoll: 0s`)",
+            &r.pooled_no_poll,
+        ),
+        ("kernel fast path", &r.fast),
+        ("nginx mTLS stream-proxy pair", &r.nginx),
+    ] {
+        println!(
+            "| {label} | {} | {} | {} |",
+            p.p50_us,
+            p.reference_p50_us,
+            p.added_us()
+        );
+    }
     println!(
-        "| tunneled on a pooled HTTP/2 connection | {} | {} |",
-        r.pooled_p50,
-        added(r.pooled_p50)
-    );
-    println!(
-        "| the same, busy polling off (`busyPoll: 0s`) | {} | {} |",
-        r.pooled_no_poll_p50,
-        added(r.pooled_no_poll_p50)
-    );
-    println!(
-        "| kernel fast path | {} | {} |",
-        r.fast_p50,
-        added(r.fast_p50)
-    );
-    println!(
-        "| nginx mTLS stream-proxy pair | {} | {} |",
-        r.nginx_p50,
-        added(r.nginx_p50)
+        "\n(each phase taken in turns of {TURN} connections with a second cluster of the same \
+         topology and no agents; no agents over the whole run: {} µs)",
+        r.baseline_p50
     );
     let mb = |b: f64| b / (1024.0 * 1024.0);
     println!(
@@ -361,7 +455,7 @@ fn print_tunnel(r: &TunnelReport, out_dir: &std::path::Path) -> anyhow::Result<(
     );
     println!(
         "\ntarget: a pooled tunneled connection adds under 150 µs at p50 ({} µs here)",
-        added(r.pooled_p50)
+        r.pooled.added_us()
     );
     println!(
         "target: tunnel throughput at least 1.2x the nginx pair's ({:.2}x / {:.2}x here)",
@@ -373,8 +467,19 @@ fn print_tunnel(r: &TunnelReport, out_dir: &std::path::Path) -> anyhow::Result<(
         "handoff_us": r.handoff_us,
         "latency_p50_us": {
             "no_agents": r.baseline_p50, "first_connection": r.first_p50,
-            "pooled_tunnel": r.pooled_p50, "pooled_tunnel_no_busy_poll": r.pooled_no_poll_p50,
-            "fast_path": r.fast_p50, "nginx_pair": r.nginx_p50,
+            "pooled_tunnel": r.pooled.p50_us, "pooled_tunnel_no_busy_poll": r.pooled_no_poll.p50_us,
+            "fast_path": r.fast.p50_us, "nginx_pair": r.nginx.p50_us,
+        },
+        "no_agents_same_time_p50_us": {
+            "pooled_tunnel": r.pooled.reference_p50_us,
+            "pooled_tunnel_no_busy_poll": r.pooled_no_poll.reference_p50_us,
+            "fast_path": r.fast.reference_p50_us, "nginx_pair": r.nginx.reference_p50_us,
+        },
+        "added_p50_us": {
+            "first_connection": r.first_p50 as i64 - r.baseline_p50 as i64,
+            "pooled_tunnel": r.pooled.added_us(),
+            "pooled_tunnel_no_busy_poll": r.pooled_no_poll.added_us(),
+            "fast_path": r.fast.added_us(), "nginx_pair": r.nginx.added_us(),
         },
         "throughput_bytes_per_s": {
             "no_agents_1": r.base_1, "no_agents_8": r.base_8,
