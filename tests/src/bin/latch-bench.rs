@@ -1,10 +1,14 @@
-//! `cargo xtask bench datapath and latency on one two-node topology, in one
-//! run, in three phases: no agents (baseline), agents with a cached allow (kernel fast path on
-//! both nodes), and through the agents (every connection redirected and carried over the pooled
-//! mTLS tunnel: data-plane mode `tunnel`, nothing cached).
-//! Prints a markdown table with ratios to the baseline and writes JSON under
-//! `$LATCH_BENCH_OUT` (default `target/bench/`). Numbers, never pass/fail: thresholds live here,
-//! not in tests.
+//! `cargo xtask bench`: numbers, never pass/fail (thresholds live here, not in tests). Prints
+//! markdown tables and writes JSON under `$LATCH_BENCH_OUT` (default `target/bench/`).
+//!
+//! - `datapath`: connection rate and latency on one two-node topology in three phases: no agents
+//!   (baseline), agents with a cached allow (kernel fast path on both nodes), and every
+//!   connection carried over the pooled mTLS tunnel (data-plane mode `tunnel`, nothing cached).
+//! - `tunnel`: the latency a first, a pooled and a fast-path connection add, and throughput,
+//!   against no agents and against an nginx mTLS stream-proxy pair. Each phase is measured in
+//!   turns with a second cluster of the same topology that never runs agents (which also hosts
+//!   the nginx pair), so that the VM's drift falls on both sides of every comparison alike.
+//! - `policy`: the policy engine's decision cost and the revocation sweep, in-process.
 
 use std::{path::PathBuf, process::Command};
 
@@ -93,22 +97,21 @@ fn probe_json(
     serde_json::from_slice(&out.stdout).context("parsing latch-probe output")
 }
 
-/// Bytes per second moved by `streams` connections of `mib` MiB each (both directions).
+/// Bytes per second moved by `streams` connections of `mib` MiB each to `to` (both directions).
 fn throughput(
     cluster: &Cluster,
     client: PodId,
-    server: PodId,
+    to: &str,
     streams: usize,
     mib: usize,
 ) -> anyhow::Result<f64> {
-    let to = cluster.pod(server).addr4(PORT).to_string();
     let v = probe_json(
         cluster,
         client,
         &[
             "throughput",
             "--to",
-            &to,
+            to,
             "--streams",
             &streams.to_string(),
             "--mb",
@@ -116,9 +119,15 @@ fn throughput(
         ],
     )?;
     if v["failures"].as_u64() != Some(0) {
-        bail!("throughput run had failures: {v}");
+        bail!("throughput run to {to} had failures: {v}");
     }
     Ok(v["bytes"].as_f64().unwrap_or(0.0) / v["total_s"].as_f64().unwrap_or(1.0))
+}
+
+/// The median of `values`.
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
 }
 
 /// Latencies (µs) of `count` sequential connections from `client` to `to`, each a one-byte
@@ -137,14 +146,18 @@ fn latencies(cluster: &Cluster, client: PodId, to: &str, count: usize) -> anyhow
 }
 
 /// The no-agent reference: a second cluster of the same topology that never runs agents, measured
-/// in turns with each phase (see [`paired`]).
+/// in turns with each phase (see [`paired`]). It also hosts the nginx pair the tunnel is compared
+/// with, so that the two are measured in turns too.
 struct Reference {
+    nginx: Option<latch_tests::nginx::NginxPair>,
+    _echo: latch_tests::EchoServer,
     cluster: Cluster,
     client: PodId,
+    server: PodId,
+    /// The echo server, directly.
     to: String,
-    _echo: latch_tests::EchoServer,
-    /// Every reference latency measured so far.
-    all: Vec<u64>,
+    /// The echo server through the nginx pair (once started).
+    via_nginx: String,
 }
 
 impl Reference {
@@ -157,22 +170,33 @@ impl Reference {
         let echo = cluster.echo_server(server, PORT)?;
         let to = cluster.pod(server).addr4(PORT).to_string();
         Ok(Self {
+            nginx: None,
+            _echo: echo,
             cluster,
             client,
+            server,
             to,
-            _echo: echo,
-            all: Vec::new(),
+            via_nginx: format!("127.0.0.1:{}", latch_tests::nginx::CLIENT_PORT),
         })
     }
 
-    fn latencies(&self, count: usize) -> anyhow::Result<Vec<u64>> {
-        latencies(&self.cluster, self.client, &self.to, count)
+    /// An nginx mTLS stream-proxy pair (sidecar style) in front of the echo server.
+    fn start_nginx(&mut self) -> anyhow::Result<()> {
+        self.nginx = Some(latch_tests::nginx::NginxPair::start(
+            &self.cluster,
+            self.client,
+            self.server,
+            PORT,
+        )?);
+        Ok(())
     }
 
-    fn p50(&self) -> u64 {
-        let mut all = self.all.clone();
-        all.sort_unstable();
-        percentile(&all, 0.5)
+    fn latencies(&self, to: &str, count: usize) -> anyhow::Result<Vec<u64>> {
+        latencies(&self.cluster, self.client, to, count)
+    }
+
+    fn throughput(&self, to: &str, streams: usize, mib: usize) -> anyhow::Result<f64> {
+        throughput(&self.cluster, self.client, to, streams, mib)
     }
 }
 
@@ -192,12 +216,13 @@ impl Paired {
     }
 }
 
-/// Measure `count` connections with `measure` and as many through the reference, in alternating
-/// turns of [`TURN`]: this VM's speed drifts by tens of microseconds per connection within a
-/// minute, and a phase measured apart from its baseline would carry that drift into the
-/// difference.
+/// Measure `count` connections with `measure` and as many directly through the reference, in
+/// alternating turns of [`TURN`]: this VM's speed drifts by tens of microseconds per connection
+/// within a minute, and a phase measured apart from its baseline would carry that drift into the
+/// difference. The reference's latencies are also added to `all`.
 fn paired(
-    reference: &mut Reference,
+    reference: &Reference,
+    all: &mut Vec<u64>,
     count: usize,
     mut measure: impl FnMut(usize) -> anyhow::Result<Vec<u64>>,
 ) -> anyhow::Result<Paired> {
@@ -206,10 +231,10 @@ fn paired(
     while left > 0 {
         let n = left.min(TURN);
         mine.extend(measure(n)?);
-        theirs.extend(reference.latencies(n)?);
+        theirs.extend(reference.latencies(&reference.to, n)?);
         left -= n;
     }
-    reference.all.extend_from_slice(&theirs);
+    all.extend_from_slice(&theirs);
     mine.sort_unstable();
     theirs.sort_unstable();
     Ok(Paired {
@@ -217,6 +242,10 @@ fn paired(
         reference_p50_us: percentile(&theirs, 0.5),
     })
 }
+
+/// Rounds of the throughput comparison (no agents, tunnel, nginx pair in turn); medians are
+/// reported.
+const THROUGHPUT_ROUNDS: usize = 3;
 
 struct TunnelReport {
     handoff_us: f64,
@@ -238,6 +267,9 @@ struct TunnelReport {
 
 fn tunnel(count: usize, samples: usize, mib: usize) -> anyhow::Result<TunnelReport> {
     let mut reference = Reference::new()?;
+    reference.start_nginx()?;
+    // Every reference latency measured, for the no-agent row.
+    let mut all_reference = Vec::new();
     let mut cluster = Cluster::new()?;
     let n1 = cluster.add_node()?;
     let n2 = cluster.add_node()?;
@@ -251,9 +283,8 @@ fn tunnel(count: usize, samples: usize, mib: usize) -> anyhow::Result<TunnelRepo
 
     let to = cluster.pod(server).addr4(PORT).to_string();
     run_rate(&cluster, client, server, count / 10, "warm-up")?;
-    reference.latencies(count / 10)?;
-    let base_1 = throughput(&cluster, client, server, 1, mib)?;
-    let base_8 = throughput(&cluster, client, server, 8, mib / 4)?;
+    reference.latencies(&reference.to, count / 10)?;
+    reference.latencies(&reference.via_nginx, count / 10)?;
 
     // First connections: every sample starts with an empty pool and an empty cache (the client's
     // agent restarted, then warmed up on another pair).
@@ -275,7 +306,7 @@ fn tunnel(count: usize, samples: usize, mib: usize) -> anyhow::Result<TunnelRepo
     }
     first.sort_unstable();
     run_rate(&cluster, client, server, count / 10, "warm-up")?;
-    let fast = paired(&mut reference, count, |n| {
+    let fast = paired(&reference, &mut all_reference, count, |n| {
         latencies(&cluster, client, &to, n)
     })?;
     for node in [n1, n2] {
@@ -290,11 +321,19 @@ fn tunnel(count: usize, samples: usize, mib: usize) -> anyhow::Result<TunnelRepo
     cluster.start_agent(n1, tunnel_options.clone())?;
     cluster.start_agent(n2, tunnel_options.clone())?;
     run_rate(&cluster, client, server, count / 10, "warm-up")?;
-    let pooled = paired(&mut reference, count, |n| {
+    let pooled = paired(&reference, &mut all_reference, count, |n| {
         latencies(&cluster, client, &to, n)
     })?;
-    let tunnel_1 = throughput(&cluster, client, server, 1, mib)?;
-    let tunnel_8 = throughput(&cluster, client, server, 8, mib / 4)?;
+    // Throughput: no agents, the tunnel and the nginx pair in turns.
+    let mut runs: [Vec<f64>; 6] = Default::default();
+    for _ in 0..THROUGHPUT_ROUNDS {
+        for (i, (streams, mib)) in [(1, mib), (8, mib / 4)].into_iter().enumerate() {
+            runs[3 * i].push(reference.throughput(&reference.to, streams, mib)?);
+            runs[3 * i + 1].push(throughput(&cluster, client, &to, streams, mib)?);
+            runs[3 * i + 2].push(reference.throughput(&reference.via_nginx, streams, mib)?);
+        }
+    }
+    let [base_1, tunnel_1, nginx_1, base_8, tunnel_8, nginx_8] = runs.map(median);
     for node in [n1, n2] {
         cluster.agent(node).terminate()?;
         cluster.agent(node).uninstall()?;
@@ -307,7 +346,7 @@ fn tunnel(count: usize, samples: usize, mib: usize) -> anyhow::Result<TunnelRepo
     cluster.start_agent(n1, no_poll_options.clone())?;
     cluster.start_agent(n2, no_poll_options)?;
     run_rate(&cluster, client, server, count / 10, "warm-up")?;
-    let pooled_no_poll = paired(&mut reference, count, |n| {
+    let pooled_no_poll = paired(&reference, &mut all_reference, count, |n| {
         latencies(&cluster, client, &to, n)
     })?;
     for node in [n1, n2] {
@@ -315,41 +354,17 @@ fn tunnel(count: usize, samples: usize, mib: usize) -> anyhow::Result<TunnelRepo
         cluster.agent(node).uninstall()?;
     }
 
-    // The same through an nginx mTLS stream-proxy pair (sidecar style), no agents.
-    let nginx = latch_tests::nginx::NginxPair::start(&cluster, client, server, PORT)?;
-    let via = format!("127.0.0.1:{}", latch_tests::nginx::CLIENT_PORT);
-    latencies(&cluster, client, &via, count / 10)?;
-    let nginx_latency = paired(&mut reference, count, |n| {
-        latencies(&cluster, client, &via, n)
+    // The same through the nginx mTLS stream-proxy pair (sidecar style), no agents.
+    let nginx_latency = paired(&reference, &mut all_reference, count, |n| {
+        reference.latencies(&reference.via_nginx, n)
     })?;
-    let nginx_tp = |streams: usize, mib: usize| -> anyhow::Result<f64> {
-        let v = probe_json(
-            &cluster,
-            client,
-            &[
-                "throughput",
-                "--to",
-                &via,
-                "--streams",
-                &streams.to_string(),
-                "--mb",
-                &mib.to_string(),
-            ],
-        )?;
-        if v["failures"].as_u64() != Some(0) {
-            bail!("nginx throughput run had failures: {v}");
-        }
-        Ok(v["bytes"].as_f64().unwrap_or(0.0) / v["total_s"].as_f64().unwrap_or(1.0))
-    };
-    let nginx_1 = nginx_tp(1, mib)?;
-    let nginx_8 = nginx_tp(8, mib / 4)?;
-    drop(nginx);
+    all_reference.sort_unstable();
     Ok(TunnelReport {
         handoff_us: handoff_us()?,
         nginx: nginx_latency,
         nginx_1,
         nginx_8,
-        baseline_p50: reference.p50(),
+        baseline_p50: percentile(&all_reference, 0.5),
         first_p50: percentile(&first, 0.5),
         pooled,
         pooled_no_poll,
@@ -628,7 +643,8 @@ fn main() -> anyhow::Result<()> {
             const MIB: usize = 256;
             println!(
                 "tunnel benchmark: {count} connections per latency phase; throughput: one stream \
-                 of {MIB} MiB, eight of {} MiB (echoed back); client on node 1, server on node 2",
+                 of {MIB} MiB, eight of {} MiB (echoed back), median of {THROUGHPUT_ROUNDS} rounds \
+                 of no agents, tunnel and nginx pair in turn; client on node 1, server on node 2",
                 MIB / 4
             );
             let report = tunnel(count, 20, MIB)?;
