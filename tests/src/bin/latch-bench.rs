@@ -182,16 +182,33 @@ impl Tally {
 /// The no-agent reference: a second cluster of the same topology that never runs agents, measured
 /// in turns with each phase (see [`paired`]). It also hosts the nginx pair the tunnel is compared
 /// with, so that the two are measured in turns too.
+///
+/// The reference makes as many connections as all the phases together, to one address, within a
+/// minute or two; a client whose closed connections wait in TIME_WAIT for a minute would run out
+/// of free ports for that destination (connect() then searches the port range for
+/// milliseconds), so the direct turns are spread over [`REFERENCE_CLIENTS`] pods, and the nginx
+/// pair's client is a pod of its own.
 struct Reference {
     nginx: Option<latch_tests::nginx::NginxPair>,
     _echo: latch_tests::EchoServer,
     cluster: Cluster,
-    client: PodId,
+    clients: Vec<PodId>,
+    /// Turns taken so far: which client is next.
+    turns: std::cell::Cell<usize>,
+    nginx_client: PodId,
     server: PodId,
     /// The echo server, directly.
     to: String,
-    /// The echo server through the nginx pair (once started).
-    via_nginx: String,
+}
+
+/// Client pods of the reference's direct turns.
+const REFERENCE_CLIENTS: usize = 4;
+
+/// How the reference's client reaches its echo server.
+#[derive(Clone, Copy)]
+enum Via {
+    Direct,
+    Nginx,
 }
 
 impl Reference {
@@ -199,7 +216,10 @@ impl Reference {
         let mut cluster = Cluster::new()?;
         let n1 = cluster.add_node()?;
         let n2 = cluster.add_node()?;
-        let client = cluster.add_pod(n1, PodSpec::mesh("client", "bench", "client"))?;
+        let clients = (0..REFERENCE_CLIENTS)
+            .map(|i| cluster.add_pod(n1, PodSpec::mesh(&format!("client{i}"), "bench", "client")))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let nginx_client = cluster.add_pod(n1, PodSpec::mesh("nginx", "bench", "client"))?;
         let server = cluster.add_pod(n2, PodSpec::mesh("server", "bench", "server"))?;
         let echo = cluster.echo_server(server, PORT)?;
         let to = cluster.pod(server).addr4(PORT).to_string();
@@ -207,10 +227,11 @@ impl Reference {
             nginx: None,
             _echo: echo,
             cluster,
-            client,
+            clients,
+            turns: std::cell::Cell::new(0),
+            nginx_client,
             server,
             to,
-            via_nginx: format!("127.0.0.1:{}", latch_tests::nginx::CLIENT_PORT),
         })
     }
 
@@ -218,19 +239,34 @@ impl Reference {
     fn start_nginx(&mut self) -> anyhow::Result<()> {
         self.nginx = Some(latch_tests::nginx::NginxPair::start(
             &self.cluster,
-            self.client,
+            self.nginx_client,
             self.server,
             PORT,
         )?);
         Ok(())
     }
 
-    fn rate(&self, to: &str, count: usize) -> anyhow::Result<Rate> {
-        rate(&self.cluster, self.client, to, count)
+    fn client_and_destination(&self, via: Via) -> (PodId, String) {
+        match via {
+            Via::Direct => {
+                let turn = self.turns.replace(self.turns.get() + 1);
+                (self.clients[turn % self.clients.len()], self.to.clone())
+            }
+            Via::Nginx => (
+                self.nginx_client,
+                format!("127.0.0.1:{}", latch_tests::nginx::CLIENT_PORT),
+            ),
+        }
     }
 
-    fn throughput(&self, to: &str, streams: usize, mib: usize) -> anyhow::Result<f64> {
-        throughput(&self.cluster, self.client, to, streams, mib)
+    fn rate(&self, via: Via, count: usize) -> anyhow::Result<Rate> {
+        let (client, to) = self.client_and_destination(via);
+        rate(&self.cluster, client, &to, count)
+    }
+
+    fn throughput(&self, via: Via, streams: usize, mib: usize) -> anyhow::Result<f64> {
+        let (client, to) = self.client_and_destination(via);
+        throughput(&self.cluster, client, &to, streams, mib)
     }
 }
 
@@ -264,7 +300,7 @@ fn paired(
     while left > 0 {
         let n = left.min(TURN);
         mine.add(measure(n)?);
-        theirs.add(reference.rate(&reference.to, n)?);
+        theirs.add(reference.rate(Via::Direct, n)?);
         left -= n;
     }
     Ok((mine, theirs))
@@ -334,8 +370,8 @@ fn tunnel(count: usize, samples: usize, mib: usize) -> anyhow::Result<TunnelRepo
 
     let to = cluster.pod(server).addr4(PORT).to_string();
     run_rate(&cluster, client, server, count / 10, "warm-up")?;
-    reference.rate(&reference.to, count / 10)?;
-    reference.rate(&reference.via_nginx, count / 10)?;
+    reference.rate(Via::Direct, count / 10)?;
+    reference.rate(Via::Nginx, count / 10)?;
 
     // First connections: every sample starts with an empty pool and an empty cache (the client's
     // agent restarted, then warmed up on another pair).
@@ -379,9 +415,9 @@ fn tunnel(count: usize, samples: usize, mib: usize) -> anyhow::Result<TunnelRepo
     let mut runs: [Vec<f64>; 6] = Default::default();
     for _ in 0..THROUGHPUT_ROUNDS {
         for (i, (streams, mib)) in [(1, mib), (8, mib / 4)].into_iter().enumerate() {
-            runs[3 * i].push(reference.throughput(&reference.to, streams, mib)?);
+            runs[3 * i].push(reference.throughput(Via::Direct, streams, mib)?);
             runs[3 * i + 1].push(throughput(&cluster, client, &to, streams, mib)?);
-            runs[3 * i + 2].push(reference.throughput(&reference.via_nginx, streams, mib)?);
+            runs[3 * i + 2].push(reference.throughput(Via::Nginx, streams, mib)?);
         }
     }
     let [base_1, tunnel_1, nginx_1, base_8, tunnel_8, nginx_8] = runs.map(median);
@@ -407,7 +443,7 @@ fn tunnel(count: usize, samples: usize, mib: usize) -> anyhow::Result<TunnelRepo
 
     // The same through the nginx mTLS stream-proxy pair (sidecar style), no agents.
     let nginx_latency = paired_latency(&reference, &mut all_reference, count, |n| {
-        reference.rate(&reference.via_nginx, n)
+        reference.rate(Via::Nginx, n)
     })?;
     all_reference.sort_unstable();
     Ok(TunnelReport {
@@ -575,7 +611,7 @@ fn datapath(count: usize) -> anyhow::Result<Vec<(Phase, f64)>> {
     let mut all_reference = Tally::default();
 
     run_rate(&cluster, client, server, warmup, "warm-up")?;
-    reference.rate(&reference.to, warmup)?;
+    reference.rate(Via::Direct, warmup)?;
 
     // Fast path: agents on both nodes; the first connection crosses the tunnel, the rest go
     // straight through the kernel on both sides.
