@@ -19,14 +19,22 @@ const MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
 pub const CLIENT_PORT: u16 = 9001;
 const SERVER_PORT: u16 = 9443;
 
+/// The two nginx masters, each the leader of a process group with its workers.
 pub struct NginxPair {
     children: Vec<Child>,
 }
 
 impl Drop for NginxPair {
+    /// Kill each nginx's whole process group: killing only the master would leave its workers
+    /// running, holding the pod's netns and ports.
     fn drop(&mut self) {
         for child in &mut self.children {
-            let _ = child.kill();
+            if let Ok(pid) = i32::try_from(child.id()) {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
             let _ = child.wait();
         }
     }
@@ -125,6 +133,7 @@ impl NginxPair {
                 .arg("-e")
                 .arg(dir.join(format!("{name}.err")));
             cmd.stdout(Stdio::null()).stderr(Stdio::null());
+            std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
             netns::enter(&mut cmd, &cluster.pod(pod).netns(), None)?;
             pair.children.push(cmd.spawn().context("starting nginx")?);
             // nginx writes its pid file once it listens; it offers no other signal.
