@@ -57,6 +57,9 @@ pub fn client_config_with(
         .with_custom_certificate_verifier(verifier)
         .with_client_cert_resolver(resolver);
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // Never resume: a resumed session skips the verifier, and with it the SPIFFE checks against
+    // the current trust bundle.
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }
 
@@ -78,6 +81,10 @@ pub fn server_config_with(
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(resolver);
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // No session tickets: clients never resume (see `client_config_with`), so issuing them would
+    // only cost two messages and a stored session per connection.
+    config.send_tls13_tickets = 0;
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     Ok(Arc::new(config))
 }
 

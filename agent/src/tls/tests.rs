@@ -205,3 +205,48 @@ fn each_verification_failure_is_named() {
         Err(VerifyError::LeafIsCa)
     );
 }
+
+/// Configurations used twice, as cached ones would be: both handshakes are full, so the
+/// verifiers see every certificate (a resumed session would skip them, and with them the checks
+/// against the current trust bundle).
+#[tokio::test]
+async fn sessions_are_never_resumed() {
+    let ca = ca("resume");
+    let client = ca.mint(FRONTEND, HOUR).expect("client svid");
+    let server = ca.mint(PAYMENT, HOUR).expect("server svid");
+    let bundle = vec![ca.certificate().clone()];
+    let server_cfg = server_config(&server, bundle.clone(), TD).expect("server config");
+    let client_cfg = client_config(&client, bundle, TD, PAYMENT).expect("client config");
+    for round in 0..2 {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let acceptor = tokio_rustls::TlsAcceptor::from(server_cfg.clone());
+        let server_side = tokio::spawn(async move {
+            let mut tls = acceptor.accept(b).await.expect("server handshake");
+            let mut buf = [0u8; 4];
+            tls.read_exact(&mut buf).await.expect("server read");
+            tls.write_all(b"pong").await.expect("server write");
+            tls.flush().await.expect("server flush");
+            tls.get_ref().1.handshake_kind()
+        });
+        let name = ServerName::try_from("payment.prod").expect("name");
+        let mut tls = tokio_rustls::TlsConnector::from(client_cfg.clone())
+            .connect(name, a)
+            .await
+            .expect("client handshake");
+        tls.write_all(b"ping").await.expect("client write");
+        tls.flush().await.expect("client flush");
+        // Reading the answer also takes in whatever the server sent after its handshake.
+        let mut buf = [0u8; 4];
+        tls.read_exact(&mut buf).await.expect("client read");
+        assert_eq!(
+            tls.get_ref().1.handshake_kind(),
+            Some(rustls::HandshakeKind::Full),
+            "client, round {round}"
+        );
+        assert_eq!(
+            server_side.await.expect("server task"),
+            Some(rustls::HandshakeKind::Full),
+            "server, round {round}"
+        );
+    }
+}
