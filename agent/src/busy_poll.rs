@@ -4,7 +4,8 @@
 //! microseconds when the CPU it sleeps on has halted, which on a virtual machine whose host does
 //! not poll for its guests is every time. A relayed request is answered a round trip later, so
 //! every hop through the agent would pay it. For a short window after each event of the data path
-//! (a captured connection accepted, a tunnel stream opened, a chunk relayed), the runtime's worker
+//! (a captured connection accepted, a tunnel stream opened, a chunk relayed, bytes moved on a TLS
+//! connection between agents: [`Traffic`]), the runtime's worker
 //! keeps polling for I/O instead of blocking, yielding its CPU to any other runnable thread
 //! between polls, and picks the answer up without a wake-up. Once the window passes with nothing
 //! new the worker blocks as before: an idle agent costs nothing.
@@ -14,14 +15,20 @@
 //! default (`dataplane.workerThreads`).
 
 use std::{
+    io,
+    pin::Pin,
     sync::{
         Arc, OnceLock,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
+    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
-use tokio::sync::Notify;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    sync::Notify,
+};
 
 /// Keeps the current runtime polling for a window after each [`BusyPoll::activity`].
 pub struct BusyPoll {
@@ -149,6 +156,83 @@ pub fn activity() {
     }
 }
 
+/// A socket whose every read or write of some bytes is data-path activity: the TLS connections
+/// between agents. A tunnel's first connection is a TLS handshake, whose flights are hundreds of
+/// microseconds of cryptography apart on each side; without this, the worker waiting for the
+/// next flight would have stopped polling and be woken for it.
+pub struct Traffic<S> {
+    io: S,
+    poller: Option<Arc<BusyPoll>>,
+}
+
+impl<S> Traffic<S> {
+    /// `io`, its traffic noted for the agent's poller (nothing before [`install`]).
+    pub fn new(io: S) -> Self {
+        Self::noted_by(io, AGENT.get().cloned())
+    }
+
+    fn noted_by(io: S, poller: Option<Arc<BusyPoll>>) -> Self {
+        Self { io, poller }
+    }
+
+    fn note<T>(&self, moved: bool, result: T) -> T {
+        if moved && let Some(poller) = &self.poller {
+            poller.activity();
+        }
+        result
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Traffic<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.io).poll_read(cx, buf);
+        let moved = matches!(read, Poll::Ready(Ok(()))) && buf.filled().len() > before;
+        self.note(moved, read)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Traffic<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let written = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.note(wrote(&written), written)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let written = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.note(wrote(&written), written)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// A write that sent something is activity: the answer to it is what comes next.
+fn wrote(written: &Poll<io::Result<usize>>) -> bool {
+    matches!(written, Poll::Ready(Ok(n)) if *n > 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,6 +274,38 @@ mod tests {
         let rounds = poller.rounds();
         tokio::task::yield_now().await;
         assert_eq!(poller.rounds(), rounds, "parked: no more polling");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn traffic_both_ways_is_activity() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+        let poller = BusyPoll::new(Duration::from_millis(20));
+        tokio::spawn(poller.clone().run());
+        let (near, mut far) = tokio::io::duplex(64);
+        let mut near = Traffic::noted_by(near, Some(poller.clone()));
+        let idle = || async {
+            until(Duration::from_secs(5), || {
+                poller.parked.load(Ordering::Acquire) && !poller.is_polling()
+            })
+            .await
+        };
+
+        idle().await;
+        near.write_all(b"ping").await.expect("write");
+        assert!(poller.is_polling(), "a write starts a window");
+
+        idle().await;
+        far.write_all(b"pong").await.expect("far write");
+        assert!(!poller.is_polling(), "bytes waiting are not activity yet");
+        let mut buf = [0u8; 4];
+        near.read_exact(&mut buf).await.expect("read");
+        assert!(poller.is_polling(), "a read starts a window");
+
+        idle().await;
+        drop(far);
+        assert_eq!(near.read(&mut buf).await.expect("end"), 0);
+        assert!(!poller.is_polling(), "the end of the stream moves no bytes");
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -45,7 +45,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
 
 use super::{answer::PendingAnswer, h2stream::H2Stream, splice::read_now};
-use crate::tls::peer_identity;
+use crate::{busy_poll::Traffic, tls::peer_identity};
 
 /// Per-stream and per-connection HTTP/2 flow-control windows, sized for bulk transfer.
 const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
@@ -486,7 +486,7 @@ impl TunnelClient {
             source: io::Error::other(e),
         })?;
         let tls = tokio_rustls::TlsConnector::from(config)
-            .connect(name, tcp)
+            .connect(name, Traffic::new(tcp))
             .await
             .map_err(|source| TunnelError::Tls { addr, source })?;
         let server_not_after = tls
@@ -686,7 +686,9 @@ pub async fn serve_connection(
 ) -> Result<(), io::Error> {
     let peer = tcp.peer_addr()?;
     set_tunnel_options(&tcp);
-    let tls = tokio_rustls::TlsAcceptor::from(tls).accept(tcp).await?;
+    let tls = tokio_rustls::TlsAcceptor::from(tls)
+        .accept(Traffic::new(tcp))
+        .await?;
     let certs = tls
         .get_ref()
         .1
