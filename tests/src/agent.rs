@@ -31,6 +31,8 @@ pub struct AgentOptions {
     pub metrics: String,
     /// Appended to the generated config.
     pub extra_yaml: String,
+    /// Run this agent binary instead of `LATCH_BIN`'s (to compare builds).
+    pub bin: Option<PathBuf>,
 }
 
 impl Default for AgentOptions {
@@ -44,6 +46,7 @@ impl Default for AgentOptions {
             ca_dir: None,
             metrics: "off".into(),
             extra_yaml: String::new(),
+            bin: None,
         }
     }
 }
@@ -69,6 +72,7 @@ struct LogState {
 type Log = Arc<(Mutex<LogState>, Condvar)>;
 
 pub struct Agent {
+    bin: PathBuf,
     netns: PathBuf,
     config: PathBuf,
     log_file: PathBuf,
@@ -98,10 +102,21 @@ impl Agent {
     /// Write `config_yaml` into `dir` and start the agent in `netns`; waits until it logs
     /// `agent ready`, or fails with the end of its log.
     pub fn start(netns: &Path, dir: &Path, config_yaml: &str) -> anyhow::Result<Self> {
+        Self::start_binary(env::latch_bin()?, netns, dir, config_yaml)
+    }
+
+    /// [`Agent::start`] with the agent binary `bin`.
+    pub fn start_binary(
+        bin: PathBuf,
+        netns: &Path,
+        dir: &Path,
+        config_yaml: &str,
+    ) -> anyhow::Result<Self> {
         let config = dir.join("config.yaml");
         std::fs::write(&config, config_yaml)
             .with_context(|| format!("writing {}", config.display()))?;
         let mut agent = Self {
+            bin,
             netns: netns.to_owned(),
             log_file: dir.join("agent.log"),
             config,
@@ -114,7 +129,7 @@ impl Agent {
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
-        let bin = env::latch_bin()?;
+        let bin = self.bin.clone();
         let mut cmd = Command::new(&bin);
         cmd.args(["agent", "--config"])
             .arg(&self.config)
@@ -316,8 +331,7 @@ impl Agent {
 
     /// Run `latch agent --config <config> --uninstall` in the node's netns.
     pub fn uninstall(&self) -> anyhow::Result<()> {
-        let bin = env::latch_bin()?;
-        let mut cmd = Command::new(bin);
+        let mut cmd = Command::new(&self.bin);
         cmd.args(["agent", "--config"])
             .arg(&self.config)
             .arg("--uninstall");

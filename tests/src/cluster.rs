@@ -522,7 +522,11 @@ impl Cluster {
     pub fn start_agent(&mut self, id: NodeId, options: AgentOptions) -> anyhow::Result<&mut Agent> {
         let yaml = self.config_yaml(id, &options);
         let node = &mut self.nodes[id.0];
-        let agent = Agent::start(&node.netns(), &node.dir, &yaml)?;
+        let bin = match options.bin {
+            Some(bin) => bin,
+            None => crate::env::latch_bin()?,
+        };
+        let agent = Agent::start_binary(bin, &node.netns(), &node.dir, &yaml)?;
         node.agent = Some(agent);
         Ok(node.agent.as_mut().expect("just set"))
     }

@@ -30,7 +30,7 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Benchmarks: `datapath`, `tunnel` or `policy`.
+    /// Benchmarks: `datapath`, `tunnel`, `policy` or `compare` (agent builds side by side).
     Bench {
         what: String,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

@@ -9,6 +9,10 @@
 //!   turns with a second cluster of the same topology that never runs agents (which also hosts
 //!   the nginx pair), so that the VM's drift falls on both sides of every comparison alike.
 //! - `policy`: the policy engine's decision cost and the revocation sweep, in-process.
+//! - `compare`: agent builds or settings side by side, for differences a single run cannot
+//!   resolve: each variant's agents run a cluster of their own in data-plane mode `tunnel`, all
+//!   set up at once, and the pooled connection's latency is taken from each in turn (with the
+//!   no-agent reference in the same rotation).
 
 use std::{path::PathBuf, process::Command};
 
@@ -598,6 +602,139 @@ fn print_tunnel(r: &TunnelReport, out_dir: &std::path::Path) -> anyhow::Result<(
 
 /// The datapath phases, each with the no-agent reference's connection rate over the same turns;
 /// the first is the reference itself over all of them.
+/// One agent build or setting under comparison.
+struct Variant {
+    label: String,
+    options: AgentOptions,
+}
+
+impl std::str::FromStr for Variant {
+    type Err = anyhow::Error;
+
+    /// `LABEL=AGENT_BINARY[,busyPoll=DURATION]`.
+    fn from_str(spec: &str) -> anyhow::Result<Self> {
+        let (label, rest) = spec
+            .split_once('=')
+            .with_context(|| format!("variant {spec:?}: expected LABEL=AGENT_BINARY"))?;
+        let mut parts = rest.split(',');
+        let bin = PathBuf::from(parts.next().unwrap_or_default());
+        if !bin.is_file() {
+            bail!("variant {label}: no agent binary at {}", bin.display());
+        }
+        let mut options = AgentOptions {
+            dataplane_mode: "tunnel".into(),
+            bin: Some(bin),
+            ..AgentOptions::default()
+        };
+        for setting in parts {
+            match setting.split_once('=') {
+                Some(("busyPoll", value)) => options.busy_poll = Some(value.to_owned()),
+                _ => {
+                    bail!("variant {label}: unknown setting {setting:?} (known: busyPoll=DURATION)")
+                }
+            }
+        }
+        Ok(Self {
+            label: label.to_owned(),
+            options,
+        })
+    }
+}
+
+/// The value after `name` among `args`.
+fn flag(args: &[String], name: &str) -> anyhow::Result<Option<usize>> {
+    match args.iter().position(|a| a == name) {
+        None => Ok(None),
+        Some(i) => {
+            let value = args
+                .get(i + 1)
+                .with_context(|| format!("{name} needs a number"))?;
+            Ok(Some(
+                value.parse().with_context(|| format!("{name} {value:?}"))?,
+            ))
+        }
+    }
+}
+
+fn compare(args: &[String], out_dir: &std::path::Path) -> anyhow::Result<()> {
+    let turns = flag(args, "--turns")?.unwrap_or(30);
+    let per_turn = flag(args, "--per-turn")?.unwrap_or(TURN);
+    let mut specs = Vec::new();
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        if arg.starts_with("--") {
+            rest.next();
+        } else {
+            specs.push(arg.parse::<Variant>()?);
+        }
+    }
+    if specs.is_empty() {
+        bail!("compare: name at least one variant, LABEL=AGENT_BINARY[,busyPoll=DURATION]");
+    }
+    println!(
+        "compare: pooled tunneled connections (1-byte request + echo), {turns} turns of \
+         {per_turn} per variant, each variant in a cluster of its own, with the no-agent \
+         reference in the rotation"
+    );
+    let reference = Reference::new()?;
+    let mut clusters = Vec::new();
+    for variant in &specs {
+        let mut cluster = Cluster::new()?;
+        let n1 = cluster.add_node()?;
+        let n2 = cluster.add_node()?;
+        let client = cluster.add_pod(n1, PodSpec::mesh("client", "bench", "client"))?;
+        let server = cluster.add_pod(n2, PodSpec::mesh("server", "bench", "server"))?;
+        let echo = cluster.echo_server(server, PORT)?;
+        cluster.start_agent(n1, variant.options.clone())?;
+        cluster.start_agent(n2, variant.options.clone())?;
+        let to = cluster.pod(server).addr4(PORT).to_string();
+        rate(&cluster, client, &to, per_turn)?;
+        clusters.push((cluster, client, to, echo, Tally::default()));
+    }
+    reference.rate(Via::Direct, per_turn)?;
+    let mut reference_tally = Tally::default();
+    for turn in 0..turns {
+        reference_tally.add(reference.rate(Via::Direct, per_turn)?);
+        let k = clusters.len();
+        for i in 0..k {
+            let (cluster, client, to, _, tally) = &mut clusters[(turn + i) % k];
+            tally.add(rate(cluster, *client, to, per_turn)?);
+        }
+    }
+    let reference_p50 = reference_tally.percentile(0.5);
+    println!("\n| variant | p50 µs | p99 µs | added to no agents µs | failures |");
+    println!("|---|---:|---:|---:|---:|");
+    println!(
+        "| no agents (reference) | {reference_p50} | {} | 0 | {} |",
+        reference_tally.percentile(0.99),
+        reference_tally.failures
+    );
+    let mut rows = Vec::new();
+    for (variant, (_, _, _, _, tally)) in specs.iter().zip(&clusters) {
+        let p50 = tally.percentile(0.5);
+        let added = p50 as i64 - reference_p50 as i64;
+        println!(
+            "| {} | {p50} | {} | {added} | {} |",
+            variant.label,
+            tally.percentile(0.99),
+            tally.failures
+        );
+        rows.push(serde_json::json!({
+            "label": variant.label, "p50_us": p50, "added_p50_us": added,
+            "p99_us": tally.percentile(0.99), "failures": tally.failures,
+        }));
+    }
+    let json = serde_json::json!({
+        "benchmark": "compare", "turns": turns, "per_turn": per_turn,
+        "no_agents_p50_us": reference_p50, "variants": rows,
+    });
+    let path = out_dir.join("compare.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&json)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
 fn datapath(count: usize) -> anyhow::Result<Vec<(Phase, f64)>> {
     let reference = Reference::new()?;
     let mut cluster = Cluster::new()?;
@@ -751,7 +888,11 @@ fn main() -> anyhow::Result<()> {
             return print_tunnel(&report, &out_dir);
         }
         "policy" => return policy(&out_dir),
-        _ => bail!("unknown benchmark {what:?}; available: datapath, tunnel, policy [--count N]"),
+        "compare" => return compare(&args[1..], &out_dir),
+        _ => bail!(
+            "unknown benchmark {what:?}; available: datapath, tunnel, policy [--count N], \
+             compare [--turns N] [--per-turn M] LABEL=AGENT_BINARY[,busyPoll=DURATION]..."
+        ),
     }
     println!(
         "datapath benchmark: {count} connections per phase (one-byte request + echo each), client on node 1, server on node 2"
