@@ -17,7 +17,7 @@
 use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context as _, bail};
-use latch_tests::{AgentOptions, Cluster, PodId, PodSpec, env, netns};
+use latch_tests::{AgentOptions, Cluster, EchoServer, PodId, PodSpec, TwoNodes, env, netns};
 use serde::Deserialize;
 
 const PORT: u16 = 8080;
@@ -183,6 +183,18 @@ impl Tally {
     }
 }
 
+/// The benchmarks' topology: a client pod on node 1 and an echo server on [`PORT`] in a pod on
+/// node 2; with the server's address.
+fn client_and_echo() -> anyhow::Result<(TwoNodes, EchoServer, String)> {
+    let pair = Cluster::two_nodes(
+        PodSpec::mesh("client", "bench", "client"),
+        PodSpec::mesh("server", "bench", "server"),
+    )?;
+    let echo = pair.cluster.echo_server(pair.server, PORT)?;
+    let to = pair.cluster.pod(pair.server).addr4(PORT).to_string();
+    Ok((pair, echo, to))
+}
+
 /// The no-agent reference: a second cluster of the same topology that never runs agents, measured
 /// in turns with each phase (see [`paired`]). It also hosts the nginx pair the tunnel is compared
 /// with, so that the two are measured in turns too.
@@ -217,16 +229,21 @@ enum Via {
 
 impl Reference {
     fn new() -> anyhow::Result<Self> {
-        let mut cluster = Cluster::new()?;
-        let n1 = cluster.add_node()?;
-        let n2 = cluster.add_node()?;
-        let clients = (0..REFERENCE_CLIENTS)
-            .map(|i| cluster.add_pod(n1, PodSpec::mesh(&format!("client{i}"), "bench", "client")))
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let (pair, echo, to) = client_and_echo()?;
+        let TwoNodes {
+            mut cluster,
+            n1,
+            client,
+            server,
+            ..
+        } = pair;
+        let mut clients = vec![client];
+        for i in 1..REFERENCE_CLIENTS {
+            clients.push(
+                cluster.add_pod(n1, PodSpec::mesh(&format!("client{i}"), "bench", "client"))?,
+            );
+        }
         let nginx_client = cluster.add_pod(n1, PodSpec::mesh("nginx", "bench", "client"))?;
-        let server = cluster.add_pod(n2, PodSpec::mesh("server", "bench", "server"))?;
-        let echo = cluster.echo_server(server, PORT)?;
-        let to = cluster.pod(server).addr4(PORT).to_string();
         Ok(Self {
             nginx: None,
             _echo: echo,
@@ -361,18 +378,19 @@ fn tunnel(count: usize, samples: usize, mib: usize) -> anyhow::Result<TunnelRepo
     reference.start_nginx()?;
     // Every reference latency measured, for the no-agent row.
     let mut all_reference = Vec::new();
-    let mut cluster = Cluster::new()?;
-    let n1 = cluster.add_node()?;
-    let n2 = cluster.add_node()?;
-    let client = cluster.add_pod(n1, PodSpec::mesh("client", "bench", "client"))?;
-    let server = cluster.add_pod(n2, PodSpec::mesh("server", "bench", "server"))?;
-    let _echo = cluster.echo_server(server, PORT)?;
+    let (pair, _echo, to) = client_and_echo()?;
+    let TwoNodes {
+        mut cluster,
+        n1,
+        n2,
+        client,
+        server,
+    } = pair;
     // Another identity on the server's node: a restarted agent's first connection goes there, so
     // the measured first connection of the pair finds a warm agent, as it would in a cluster.
     let other = cluster.add_pod(n2, PodSpec::mesh("other", "bench", "other"))?;
     let _other_echo = cluster.echo_server(other, PORT)?;
 
-    let to = cluster.pod(server).addr4(PORT).to_string();
     run_rate(&cluster, client, server, count / 10, "warm-up")?;
     reference.rate(Via::Direct, count / 10)?;
     reference.rate(Via::Nginx, count / 10)?;
@@ -679,17 +697,10 @@ fn compare(args: &[String], out_dir: &std::path::Path) -> anyhow::Result<()> {
     let reference = Reference::new()?;
     let mut clusters = Vec::new();
     for variant in &specs {
-        let mut cluster = Cluster::new()?;
-        let n1 = cluster.add_node()?;
-        let n2 = cluster.add_node()?;
-        let client = cluster.add_pod(n1, PodSpec::mesh("client", "bench", "client"))?;
-        let server = cluster.add_pod(n2, PodSpec::mesh("server", "bench", "server"))?;
-        let echo = cluster.echo_server(server, PORT)?;
-        cluster.start_agent(n1, variant.options.clone())?;
-        cluster.start_agent(n2, variant.options.clone())?;
-        let to = cluster.pod(server).addr4(PORT).to_string();
-        rate(&cluster, client, &to, per_turn)?;
-        clusters.push((cluster, client, to, echo, Tally::default()));
+        let (pair, echo, to) = client_and_echo()?;
+        let pair = pair.start_agents(variant.options.clone())?;
+        rate(&pair.cluster, pair.client, &to, per_turn)?;
+        clusters.push((pair.cluster, pair.client, to, echo, Tally::default()));
     }
     reference.rate(Via::Direct, per_turn)?;
     let mut reference_tally = Tally::default();
@@ -737,13 +748,14 @@ fn compare(args: &[String], out_dir: &std::path::Path) -> anyhow::Result<()> {
 
 fn datapath(count: usize) -> anyhow::Result<Vec<(Phase, f64)>> {
     let reference = Reference::new()?;
-    let mut cluster = Cluster::new()?;
-    let n1 = cluster.add_node()?;
-    let n2 = cluster.add_node()?;
-    let client = cluster.add_pod(n1, PodSpec::mesh("client", "bench", "client"))?;
-    let server = cluster.add_pod(n2, PodSpec::mesh("server", "bench", "server"))?;
-    let _echo = cluster.echo_server(server, PORT)?;
-    let to = cluster.pod(server).addr4(PORT).to_string();
+    let (pair, _echo, to) = client_and_echo()?;
+    let TwoNodes {
+        mut cluster,
+        n1,
+        n2,
+        client,
+        server,
+    } = pair;
     let warmup = count / 10;
     let mut all_reference = Tally::default();
 
