@@ -60,6 +60,12 @@ fn connect(to: SocketAddr, send: Option<String>, timeout: Duration) -> String {
                 match exchange {
                     Ok(buf) => echo = Some(String::from_utf8_lossy(&buf).into_owned()),
                     Err(e) => {
+                        // A reset that lands between the write and the shutdown leaves
+                        // shutdown() with ENOTCONN, the reset itself still pending on the socket.
+                        let e = match stream.take_error() {
+                            Ok(Some(pending)) => pending,
+                            _ => e,
+                        };
                         reset = e.kind() == std::io::ErrorKind::ConnectionReset;
                         errno = e.raw_os_error();
                         error = Some(e.to_string());
