@@ -5,7 +5,9 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
+    pin::pin,
     sync::Arc,
+    task::Poll,
     time::Instant,
 };
 
@@ -20,7 +22,7 @@ use crate::{
     state::SharedState,
     tunnel::{
         http::{self, Authorize, RequestHead},
-        splice::Remote,
+        splice::{Remote, poll_once},
         tracked::{ConnInfo, Tracked, Tracker, Which},
     },
     verdicts::{Direction, decide},
@@ -88,17 +90,32 @@ impl Carried {
     }
 }
 
-/// Splice `remote` and `local` (see [`Tracked::splice`]) while the connection is listed.
+/// Splice `remote` and `local` (see [`Tracked::splice`]) while the connection is listed. The
+/// relay is polled once before anything else: whatever has already arrived (a `CONNECT`'s early
+/// data for the application, or the application's answer for the client) moves at once, and
+/// only then is the connection counted in the metrics and `admitted` run (the decision's
+/// access-log line and what else the caller records), while the other end is busy with those
+/// bytes.
 pub async fn splice(
     tracker: &Tracker,
     carried: Carried,
     remote: impl Into<Remote>,
     local: TcpStream,
     local_is_source: bool,
+    admitted: impl FnOnce(&Carried),
 ) {
     let started = Instant::now();
     let tracked = tracker.register(carried.info.clone());
-    let result = tracked.splice(remote, local, local_is_source).await;
+    let result = {
+        let mut relay = pin!(tracked.splice(remote, local, local_is_source));
+        let first = poll_once(relay.as_mut()).await;
+        tracked.count_opened();
+        admitted(&carried);
+        match first {
+            Poll::Ready(result) => result,
+            Poll::Pending => relay.await,
+        }
+    };
     carried.log_closed(&tracked, started, &result);
 }
 
@@ -125,6 +142,7 @@ pub async fn http<R>(
     let started = Instant::now();
     carried.info.path = "http";
     let tracked = tracker.register(carried.info.clone());
+    tracked.count_opened();
     let target = carried.info.destination_address;
     let source_address = carried.source_address;
     let destination = carried.info.destination.clone();
@@ -164,4 +182,67 @@ pub async fn http<R>(
         () = tracked.closed() => Err(std::io::Error::other("closed by the agent: no longer allowed")),
     };
     carried.log_closed(&tracked, started, &result);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::TcpListener,
+    };
+
+    use super::*;
+    use crate::tunnel::splice::tests::pair;
+
+    #[tokio::test]
+    async fn what_has_arrived_moves_before_the_bookkeeping() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let (mut client, remote) = pair(&listener).await;
+        let (local, app) = pair(&listener).await;
+        client.write_all(b"hello").await.expect("write");
+        remote.readable().await.expect("readable");
+        // A second handle on the application's socket, to look at it from inside `admitted`.
+        let app = app.into_std().expect("std");
+        let probe = app.try_clone().expect("clone");
+        let mut app = TcpStream::from_std(app).expect("tokio");
+
+        let tracker = Tracker::new();
+        let carried = Carried {
+            info: ConnInfo {
+                source: String::new(),
+                destination: "spiffe://cluster.local/ns/prod/sa/payment".into(),
+                destination_address: listener.local_addr().expect("addr"),
+                source_ip: None,
+                direction: Direction::Inbound,
+                path: "plaintext",
+                workload: "prod/payment".into(),
+            },
+            source_address: None,
+            policy: String::new(),
+            reason: String::new(),
+        };
+        let waiting_when_admitted = Mutex::new(None);
+        let admitted = |_: &Carried| {
+            let mut buf = [0u8; 16];
+            let waiting = probe.peek(&mut buf).map_err(|e| e.kind());
+            *waiting_when_admitted.lock().expect("lock") = Some(waiting);
+        };
+        let relay = splice(&tracker, carried, remote, local, false, admitted);
+        let ends = async {
+            let mut got = [0u8; 5];
+            app.read_exact(&mut got).await.expect("app reads");
+            assert_eq!(&got, b"hello");
+            client.shutdown().await.expect("client done");
+            app.shutdown().await.expect("app done");
+        };
+        tokio::join!(relay, ends);
+        assert_eq!(
+            *waiting_when_admitted.lock().expect("lock"),
+            Some(Ok(5)),
+            "the bytes were at the application before the decision was recorded"
+        );
+        assert!(tracker.is_empty());
+    }
 }

@@ -16,7 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::{
     NetnsWorker,
     carry::{self, Carried, HttpParty},
-    tunneled::deliver,
+    tunneled::{deliver, delivered},
 };
 use crate::{
     identity::LocalWorkload,
@@ -131,7 +131,10 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &InboundContext) {
         };
         carry::http(&ctx.tracker, carried, party, stream, app).await
     } else {
-        carried.admitted(&ctx.metrics);
-        carry::splice(&ctx.tracker, carried, stream, app, false).await
+        carry::splice(&ctx.tracker, carried, stream, app, false, |carried| {
+            carried.admitted(&ctx.metrics)
+        })
+        .await
     }
+    delivered(&ctx.worker, dst);
 }

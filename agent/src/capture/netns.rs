@@ -3,26 +3,43 @@
 //! exist. Listeners are opened by a thread that lives in the namespace ([`NetnsWorker::run`]);
 //! outbound sockets on the connection path are made by the calling thread itself, which enters
 //! the namespace for the one `socket()` call and returns at once ([`NetnsWorker::connect`]), so a
-//! connection never waits for a thread hop.
+//! connection never waits for a thread hop. Sockets bound to a fixed local address (deliveries
+//! to the pod's application) are made ahead of need ([`SPARES`]) when a delivered connection
+//! ends, so the next delivery usually finds one ready and goes straight to `connect()`.
 
 use std::{
     fs::File,
     io,
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::mpsc,
+    sync::{Mutex, PoisonError, mpsc},
 };
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 type Job = Box<dyn FnOnce() + Send>;
 
+/// How many sockets bound to a fixed local address are kept ready.
+pub const SPARES: usize = 4;
+
 /// Handle on the worker thread of one network namespace. The thread exits when this is dropped.
 pub struct NetnsWorker {
     jobs: mpsc::Sender<Job>,
+    namespace: Namespace,
+}
+
+/// The namespace itself, for entering it from other threads.
+struct Namespace {
     path: PathBuf,
-    /// The namespace itself, for entering it from other threads.
-    netns: File,
+    file: File,
+    /// Sockets made ahead, all for the same family and local address.
+    spares: Mutex<Vec<Spare>>,
+}
+
+struct Spare {
+    socket: Socket,
+    domain: Domain,
+    bind: SocketAddr,
 }
 
 /// The agent's own network namespace, for returning to it.
@@ -93,13 +110,16 @@ impl NetnsWorker {
             .map_err(|e| annotate(e, "entering netns", path))?;
         Ok(Self {
             jobs,
-            path: path.to_owned(),
-            netns,
+            namespace: Namespace {
+                path: path.to_owned(),
+                file: netns,
+                spares: Mutex::new(Vec::new()),
+            },
         })
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.namespace.path
     }
 
     /// Run `f` inside the namespace and wait for its result.
@@ -140,31 +160,14 @@ impl NetnsWorker {
         dst: SocketAddr,
         bind: Option<SocketAddr>,
     ) -> io::Result<tokio::net::TcpStream> {
-        let socket = {
-            let _inside = Entered::enter(&self.netns)
-                .map_err(|e| annotate(e, "entering netns", &self.path))?;
-            // Non-blocking from the start: no fcntl() calls on the connection path.
-            Socket::new(
-                Domain::for_address(dst),
-                Type::STREAM.nonblocking(),
-                Some(Protocol::TCP),
-            )?
+        let domain = Domain::for_address(dst);
+        let socket = match bind {
+            Some(bind) => match self.namespace.take_spare(domain, bind) {
+                Some(socket) => socket,
+                None => self.namespace.socket(domain, Some(bind))?,
+            },
+            None => self.namespace.socket(domain, None)?,
         };
-        socket.set_tcp_nodelay(true)?;
-        if let Some(local) = bind {
-            // The port is chosen by connect(), unique per 4-tuple rather than per address: no
-            // port search at bind() time, and deliveries to different application ports share
-            // the marker address's ports.
-            if local.port() == 0 {
-                // Best effort: without it, bind() picks the port as before.
-                let _ = nix::sys::socket::setsockopt(
-                    &socket,
-                    nix::sys::socket::sockopt::IpBindAddressNoPort,
-                    &true,
-                );
-            }
-            socket.bind(&SockAddr::from(local))?;
-        }
         match socket.connect(&SockAddr::from(dst)) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
@@ -181,8 +184,128 @@ impl NetnsWorker {
         }
         Ok(stream)
     }
+
+    /// Make sockets for connections from `bind` to `dst`'s family ahead of need, up to
+    /// [`SPARES`]. Called once a delivered connection has ended, when no one waits for the
+    /// worker.
+    pub fn replenish(&self, dst: SocketAddr, bind: SocketAddr) {
+        if let Err(e) = self.namespace.replenish(Domain::for_address(dst), bind) {
+            tracing::warn!(netns = %self.namespace.path.display(), error = %e, "making spare sockets");
+        }
+    }
+
+    /// How many sockets are ready for connections from `bind` to `dst`'s family.
+    pub fn spares(&self, dst: SocketAddr, bind: SocketAddr) -> usize {
+        let domain = Domain::for_address(dst);
+        lock(&self.namespace.spares)
+            .iter()
+            .filter(|s| s.domain == domain && s.bind == bind)
+            .count()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Namespace {
+    /// A new TCP socket of `domain` inside the namespace, optionally bound to `bind`.
+    fn socket(&self, domain: Domain, bind: Option<SocketAddr>) -> io::Result<Socket> {
+        let socket = {
+            let _inside = Entered::enter(&self.file)
+                .map_err(|e| annotate(e, "entering netns", &self.path))?;
+            // Non-blocking from the start: no fcntl() calls on the connection path.
+            Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP))?
+        };
+        socket.set_tcp_nodelay(true)?;
+        if let Some(local) = bind {
+            // The port is chosen by connect(), unique per 4-tuple rather than per address: no
+            // port search at bind() time, and deliveries to different application ports share
+            // the marker address's ports.
+            if local.port() == 0 {
+                // Best effort: without it, bind() picks the port as before.
+                let _ = nix::sys::socket::setsockopt(
+                    &socket,
+                    nix::sys::socket::sockopt::IpBindAddressNoPort,
+                    &true,
+                );
+            }
+            socket.bind(&SockAddr::from(local))?;
+        }
+        Ok(socket)
+    }
+
+    /// A socket made ahead for `bind`, if one is ready.
+    fn take_spare(&self, domain: Domain, bind: SocketAddr) -> Option<Socket> {
+        let mut spares = lock(&self.spares);
+        // Only one family and local address is kept: the one asked for last.
+        spares.retain(|s| s.domain == domain && s.bind == bind);
+        spares.pop().map(|s| s.socket)
+    }
+
+    /// Make spares for `bind` up to [`SPARES`].
+    fn replenish(&self, domain: Domain, bind: SocketAddr) -> io::Result<()> {
+        while lock(&self.spares).len() < SPARES {
+            let socket = self.socket(domain, Some(bind))?;
+            lock(&self.spares).push(Spare {
+                socket,
+                domain,
+                bind,
+            });
+        }
+        Ok(())
+    }
 }
 
 fn annotate(e: io::Error, what: &str, path: &Path) -> io::Error {
     io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn deliveries_use_sockets_made_ahead() {
+        // The agent's own namespace stands in for a pod's.
+        let worker = NetnsWorker::spawn(Path::new("/proc/self/ns/net")).expect("worker");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let dst = listener.local_addr().expect("address");
+        let marker: SocketAddr = "127.0.0.6:0".parse().expect("marker");
+        assert_eq!(worker.spares(dst, marker), 0, "none before the first");
+
+        let first = worker.connect(dst, Some(marker)).await.expect("connect");
+        assert_eq!(worker.spares(dst, marker), 0, "made on the way");
+        worker.replenish(dst, marker);
+        assert_eq!(worker.spares(dst, marker), SPARES);
+        let mut connections = vec![first];
+        for taken in 1..=SPARES + 1 {
+            let stream = worker.connect(dst, Some(marker)).await.expect("connect");
+            assert_eq!(
+                worker.spares(dst, marker),
+                SPARES.saturating_sub(taken),
+                "one taken each time, while there are any"
+            );
+            connections.push(stream);
+        }
+        let ours: Vec<SocketAddr> = connections
+            .iter()
+            .map(|c| c.local_addr().expect("local"))
+            .collect();
+        for _ in &ours {
+            let (_accepted, peer) = listener.accept().await.expect("accept");
+            assert_eq!(peer.ip(), IpAddr::from([127, 0, 0, 6]), "from the marker");
+            assert!(ours.contains(&peer), "accepted one of ours: {peer}");
+        }
+        let v6: SocketAddr = "[::1]:9".parse().expect("v6");
+        assert_eq!(
+            worker.spares(v6, "[::1]:0".parse().expect("v6 marker")),
+            0,
+            "kept only for the family and address asked for"
+        );
+    }
 }

@@ -163,26 +163,13 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
         }
     };
 
-    if let Some(elapsed) = opened.handshake {
-        ctx.metrics.handshake(elapsed);
-    }
     let cacheable = opened.cacheable && agrees(true);
-    if fastpath
-        && cacheable
-        && let Ok(left) = opened.proof_not_after.duration_since(SystemTime::now())
-        && let Err(e) = ctx
-            .cache
-            .allow(pair, config.dataplane.verdict_ttl.min(left))
-    {
-        tracing::error!(error = %e, "caching outbound allow");
-    }
     let reason = match (opened.new_connection, cacheable) {
         (true, true) => "new mTLS connection; verdict cached",
         (true, false) => "new mTLS connection; not cacheable",
         (false, true) => "pooled mTLS connection; verdict cached",
         (false, false) => "pooled mTLS connection; not cacheable",
     };
-    access_log(&src_id, &dst_id, dst, "ALLOW", reason);
     let carried = Carried {
         info: ConnInfo {
             source: src_id,
@@ -197,7 +184,26 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
         policy: String::new(),
         reason: reason.to_owned(),
     };
-    carry::splice(&ctx.tracker, carried, opened.stream, stream, true).await
+    // Cached before the answer is passed on: a client that has its answer can count on its
+    // next connection taking the fast path.
+    if fastpath
+        && cacheable
+        && let Ok(left) = opened.proof_not_after.duration_since(SystemTime::now())
+        && let Err(e) = ctx
+            .cache
+            .allow(pair, config.dataplane.verdict_ttl.min(left))
+    {
+        tracing::error!(error = %e, "caching outbound allow");
+    }
+    // Recorded once the answer's first bytes are on their way to the application.
+    let admitted = |carried: &Carried| {
+        if let Some(elapsed) = opened.handshake {
+            ctx.metrics.handshake(elapsed);
+        }
+        let info = &carried.info;
+        access_log(&info.source, &info.destination, dst, "ALLOW", reason);
+    };
+    carry::splice(&ctx.tracker, carried, opened.stream, stream, true, admitted).await
 }
 
 fn access_log(src: &str, dst: &str, addr: SocketAddr, decision: &str, reason: &str) {

@@ -72,11 +72,20 @@ async fn handle(tcp: TcpStream, ctx: &Arc<TunnelContext>) -> io::Result<()> {
 /// Connect to the application at `target` from inside the pod's netns, from the loopback
 /// marker address the inbound check lets through.
 pub async fn deliver(worker: &NetnsWorker, target: SocketAddr) -> io::Result<TcpStream> {
-    let marker = match target.ip() {
+    worker.connect(target, Some(marker(target))).await
+}
+
+/// A delivered connection to `target` has ended: make the sockets of the next deliveries now,
+/// while no connection waits for them.
+pub fn delivered(worker: &NetnsWorker, target: SocketAddr) {
+    worker.replenish(target, marker(target));
+}
+
+fn marker(target: SocketAddr) -> SocketAddr {
+    match target.ip() {
         IpAddr::V4(_) => SocketAddr::new(DELIVERY_MARKER_V4.into(), 0),
         IpAddr::V6(_) => SocketAddr::new(DELIVERY_MARKER_V6.into(), 0),
-    };
-    worker.connect(target, Some(marker)).await
+    }
 }
 
 impl Inbound for TunnelContext {
@@ -171,15 +180,13 @@ impl TunnelContext {
             policy,
             reason,
         };
-        if !http {
-            carried.admitted(&self.metrics);
-        }
         let ctx = self.clone();
         Admission::Admit {
             cacheable,
             carry: Box::new(move |stream| {
                 Box::pin(async move {
                     if http {
+                        // Every request is decided (and logged) on its own.
                         let party = HttpParty {
                             metrics: ctx.metrics.clone(),
                             state: ctx.state.clone(),
@@ -189,8 +196,12 @@ impl TunnelContext {
                         };
                         carry::http(&ctx.tracker, carried, party, stream, app).await
                     } else {
-                        carry::splice(&ctx.tracker, carried, stream, app, false).await
+                        carry::splice(&ctx.tracker, carried, stream, app, false, |carried| {
+                            carried.admitted(&ctx.metrics)
+                        })
+                        .await
                     }
+                    delivered(&ctx.worker, target);
                 })
             }),
         }

@@ -23,8 +23,19 @@ pub const ANSWER_WITHIN: Duration = Duration::from_millis(1);
 
 /// A `200` not sent yet, held by the stream's writer; a timer sends it at the latest.
 pub struct PendingAnswer {
-    state: Arc<Mutex<State>>,
-    timer: tokio::task::AbortHandle,
+    shared: Arc<Shared>,
+}
+
+/// Starts the timer of a [`PendingAnswer`]. The destination starts it once the `CONNECT`'s
+/// early data is on its way to the application, so that setting a timer is not among what
+/// those bytes wait for.
+pub struct AnswerTimer {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    timer: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
 enum State {
@@ -37,25 +48,26 @@ enum State {
 }
 
 impl PendingAnswer {
-    /// Hold `response` back; it is sent at the latest [`ANSWER_WITHIN`] from now.
-    pub fn new(respond: SendResponse<Bytes>, response: Response<()>) -> Self {
-        let state = Arc::new(Mutex::new(State::Waiting(respond, response)));
-        let timer = {
-            let state = state.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(ANSWER_WITHIN).await;
-                send(&state);
-            })
-            .abort_handle()
-        };
-        Self { state, timer }
+    /// Hold `response` back; it is sent at the latest [`ANSWER_WITHIN`] after the returned
+    /// timer is started.
+    pub fn new(respond: SendResponse<Bytes>, response: Response<()>) -> (Self, AnswerTimer) {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::Waiting(respond, response)),
+            timer: Mutex::new(None),
+        });
+        (
+            Self {
+                shared: shared.clone(),
+            },
+            AnswerTimer { shared },
+        )
     }
 
     /// The stream to send on: the answer goes out now if it has not yet.
     pub fn take(&self) -> std::io::Result<SendStream<Bytes>> {
-        self.timer.abort();
-        send(&self.state);
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        self.shared.stop_timer();
+        self.shared.send();
+        let mut state = lock(&self.shared.state);
         match std::mem::replace(&mut *state, State::Taken) {
             State::Sent(send) => Ok(send),
             State::Failed(e) => Err(io_error(e)),
@@ -66,24 +78,53 @@ impl PendingAnswer {
     }
 }
 
+impl AnswerTimer {
+    /// Send the answer [`ANSWER_WITHIN`] from now unless it has gone by then.
+    pub fn start(self) {
+        if !matches!(*lock(&self.shared.state), State::Waiting(..)) {
+            return;
+        }
+        let shared = self.shared.clone();
+        let timer = tokio::spawn(async move {
+            tokio::time::sleep(ANSWER_WITHIN).await;
+            shared.send();
+        });
+        // Sending after the answer went is harmless; the handle only saves a wake-up.
+        *lock(&self.shared.timer) = Some(timer.abort_handle());
+    }
+}
+
 impl Drop for PendingAnswer {
     /// A relay that ends (in an error) before the application sent anything still answers
     /// `200`, since the application was connected; the stream, dropped unfinished, is then reset.
     fn drop(&mut self) {
-        self.timer.abort();
-        send(&self.state);
+        self.shared.stop_timer();
+        self.shared.send();
     }
 }
 
-/// Send the answer now if it has not gone yet.
-fn send(state: &Mutex<State>) {
-    let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
-    if let State::Waiting(..) = *state
-        && let State::Waiting(mut respond, response) = std::mem::replace(&mut *state, State::Taken)
-    {
-        *state = match respond.send_response(response, false) {
-            Ok(send) => State::Sent(send),
-            Err(e) => State::Failed(e),
-        };
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Shared {
+    fn stop_timer(&self) {
+        if let Some(timer) = lock(&self.timer).take() {
+            timer.abort();
+        }
+    }
+
+    /// Send the answer now if it has not gone yet.
+    fn send(&self) {
+        let mut state = lock(&self.state);
+        if let State::Waiting(..) = *state
+            && let State::Waiting(mut respond, response) =
+                std::mem::replace(&mut *state, State::Taken)
+        {
+            *state = match respond.send_response(response, false) {
+                Ok(send) => State::Sent(send),
+                Err(e) => State::Failed(e),
+            };
+        }
     }
 }

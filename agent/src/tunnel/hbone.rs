@@ -26,7 +26,7 @@ use std::{
     future::Future,
     io,
     net::SocketAddr,
-    pin::Pin,
+    pin::{Pin, pin},
     sync::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
@@ -44,7 +44,11 @@ use hyper::{Method, Request, Response, StatusCode};
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
 
-use super::{answer::PendingAnswer, h2stream::H2Stream, splice::read_now};
+use super::{
+    answer::PendingAnswer,
+    h2stream::H2Stream,
+    splice::{poll_once, read_now},
+};
 use crate::{busy_poll::Traffic, tls::peer_identity};
 
 /// Per-stream and per-connection HTTP/2 flow-control windows, sized for bulk transfer.
@@ -775,8 +779,13 @@ async fn handle_connect(
     match inbound.admit(caller, target).await {
         Admission::Admit { cacheable, carry } => {
             // The 200 goes with the application's first bytes (see `answer`).
-            let held = PendingAnswer::new(respond, answer(StatusCode::OK, cacheable));
-            carry(H2Stream::answering(held, request.into_body())).await
+            let (held, timer) = PendingAnswer::new(respond, answer(StatusCode::OK, cacheable));
+            let mut carried = pin!(carry(H2Stream::answering(held, request.into_body())));
+            // The first poll delivers the early data to the application; then the timer.
+            if poll_once(carried.as_mut()).await.is_pending() {
+                timer.start();
+                carried.await
+            }
         }
         Admission::Forbidden { cacheable } => {
             refuse(respond, answer(StatusCode::FORBIDDEN, cacheable))

@@ -9,9 +9,11 @@
 //! request-response connection holds little memory, a bulk transfer moves in large reads.
 
 use std::{
-    future::Future,
+    future::{Future, poll_fn},
     io,
+    pin::Pin,
     sync::atomic::{AtomicU64, Ordering},
+    task::Poll,
 };
 
 use bytes::{BufMut as _, Bytes, BytesMut};
@@ -61,6 +63,12 @@ impl From<H2Stream> for Remote {
     }
 }
 
+/// Poll `future` once: whatever it can do without waiting is done, and its output if that was
+/// all. Used to move a connection's first bytes before the bookkeeping that goes with them.
+pub async fn poll_once<F: Future>(mut future: Pin<&mut F>) -> Poll<F::Output> {
+    poll_fn(|cx| Poll::Ready(future.as_mut().poll(cx))).await
+}
+
 /// Relay between `remote` and `local` until both directions have ended. `from_remote` and
 /// `from_local` count the bytes read from each side as they pass. On error a TCP `remote` is
 /// reset and a tunnel stream is reset by dropping it; resetting `local` is the caller's (it may
@@ -103,6 +111,10 @@ pub async fn relay(
                 from_local,
             )
             .await;
+            // The last frames (often the answer itself, with END_STREAM) are queued for the
+            // HTTP/2 connection's task: let it write them before this task goes on to close the
+            // socket and log the connection.
+            tokio::task::yield_now().await;
             drop(keep);
             result
         }

@@ -2,10 +2,11 @@
 //! plaintext delivered to an application — with who is talking to whom, live byte counts and
 //! age, and the means to close the ones the current policy no longer allows.
 //!
-//! A carried connection registers itself ([`Tracker::register`]) and relays its bytes with
+//! A carried connection registers itself ([`Tracker::register`]), is counted in the metrics as
+//! opened ([`Tracked::count_opened`], once its first bytes have moved) and relays its bytes with
 //! [`Tracked::splice`], which counts them as they pass and stops, resetting the local socket,
 //! when the tracker closes it ([`Tracker::close_where`]). Dropping the [`Tracked`] handle removes
-//! the entry.
+//! the entry (and counts the connection closed, if it was counted opened).
 
 use std::{
     collections::HashMap,
@@ -14,7 +15,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     task::{Context, Poll},
     time::{Duration, Instant},
@@ -107,9 +108,6 @@ impl Tracker {
 
     /// Start tracking a connection; it stays listed until the returned handle is dropped.
     pub fn register(&self, info: ConnInfo) -> Tracked {
-        if let Some(metrics) = &self.metrics {
-            metrics.connection_opened(&labels(&info));
-        }
         let counters = Arc::new(Counters::default());
         let cancel = CancellationToken::new();
         let mut inner = self.lock();
@@ -129,6 +127,7 @@ impl Tracker {
             tracker: self.clone(),
             counters,
             cancel,
+            opened: AtomicBool::new(false),
         }
     }
 
@@ -183,12 +182,18 @@ pub struct Tracked {
     tracker: Tracker,
     counters: Arc<Counters>,
     cancel: CancellationToken,
+    /// Counted in the metrics as opened.
+    opened: AtomicBool,
 }
 
 impl Drop for Tracked {
     fn drop(&mut self) {
         let entry = self.tracker.lock().entries.remove(&self.id);
-        if let (Some(metrics), Some(entry)) = (&self.tracker.metrics, entry) {
+        if let (Some(metrics), Some(entry), true) = (
+            &self.tracker.metrics,
+            entry,
+            self.opened.load(Ordering::Relaxed),
+        ) {
             // Istio counts bytes sent in the response (to the client) and received in the
             // request (from the client).
             let (from_source, to_source) = self.totals();
@@ -215,6 +220,26 @@ fn labels(info: &ConnInfo) -> Labels {
 }
 
 impl Tracked {
+    /// Count the connection as opened in the metrics (once; a connection never counted opened
+    /// is not counted closed either).
+    pub fn count_opened(&self) {
+        let Some(metrics) = &self.tracker.metrics else {
+            return;
+        };
+        if self.opened.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let labels = self
+            .tracker
+            .lock()
+            .entries
+            .get(&self.id)
+            .map(|e| labels(&e.info));
+        if let Some(labels) = labels {
+            metrics.connection_opened(&labels);
+        }
+    }
+
     /// Has the tracker closed this connection?
     pub fn is_closed(&self) -> bool {
         self.cancel.is_cancelled()
