@@ -6,11 +6,20 @@
 //! the first bytes, or the end, that the application sends, or on its own once [`ANSWER_WITHIN`]
 //! has passed, whichever comes first; nothing the application sends ever waits for it. The
 //! source waits for the `200` only to send more than its early data, and then at most that long.
+//!
+//! Held answers have no timer each: an [`AnswerClock`] per HTTP/2 connection, driven by the
+//! task serving it, ticks at most every [`ANSWER_WITHIN`] while answers are held and sends the
+//! ones whose time is up, so an answer leaves between one and two [`ANSWER_WITHIN`] after it was
+//! held if the application stays silent. A timer of its own per stream cost a task, a timer and
+//! a write to the runtime's event fd on the connection's way.
 
 use std::{
-    sync::{Arc, Mutex, PoisonError},
+    collections::VecDeque,
+    sync::{Arc, Mutex, PoisonError, Weak},
     time::Duration,
 };
+
+use tokio::{sync::Notify, time::Instant};
 
 use bytes::Bytes;
 use h2::{SendStream, server::SendResponse};
@@ -26,16 +35,29 @@ pub struct PendingAnswer {
     shared: Arc<Shared>,
 }
 
-/// Starts the timer of a [`PendingAnswer`]. The destination starts it once the `CONNECT`'s
-/// early data is on its way to the application, so that setting a timer is not among what
-/// those bytes wait for.
+/// Starts the countdown of a [`PendingAnswer`]. The destination starts it once the `CONNECT`'s
+/// early data is on its way to the application, so that it is not among what those bytes wait
+/// for.
 pub struct AnswerTimer {
     shared: Arc<Shared>,
 }
 
 struct Shared {
     state: Mutex<State>,
-    timer: Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+/// Sends the held answers of one HTTP/2 connection whose time is up (cheap to clone).
+#[derive(Clone, Default)]
+pub struct AnswerClock {
+    inner: Arc<ClockInner>,
+}
+
+#[derive(Default)]
+struct ClockInner {
+    /// Held answers in the order they were held, with when each is due.
+    held: Mutex<VecDeque<(Instant, Weak<Shared>)>>,
+    /// An answer was held while none were.
+    started: Notify,
 }
 
 enum State {
@@ -53,7 +75,6 @@ impl PendingAnswer {
     pub fn new(respond: SendResponse<Bytes>, response: Response<()>) -> (Self, AnswerTimer) {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::Waiting(respond, response)),
-            timer: Mutex::new(None),
         });
         (
             Self {
@@ -65,7 +86,6 @@ impl PendingAnswer {
 
     /// The stream to send on: the answer goes out now if it has not yet.
     pub fn take(&self) -> std::io::Result<SendStream<Bytes>> {
-        self.shared.stop_timer();
         self.shared.send();
         let mut state = lock(&self.shared.state);
         match std::mem::replace(&mut *state, State::Taken) {
@@ -79,18 +99,55 @@ impl PendingAnswer {
 }
 
 impl AnswerTimer {
-    /// Send the answer [`ANSWER_WITHIN`] from now unless it has gone by then.
-    pub fn start(self) {
+    /// Have `clock` send the answer [`ANSWER_WITHIN`] from now (or up to that much later)
+    /// unless it has gone by then.
+    pub fn start(self, clock: &AnswerClock) {
         if !matches!(*lock(&self.shared.state), State::Waiting(..)) {
             return;
         }
-        let shared = self.shared.clone();
-        let timer = tokio::spawn(async move {
-            tokio::time::sleep(ANSWER_WITHIN).await;
-            shared.send();
-        });
-        // Sending after the answer went is harmless; the handle only saves a wake-up.
-        *lock(&self.shared.timer) = Some(timer.abort_handle());
+        let due = Instant::now() + ANSWER_WITHIN;
+        let mut held = lock(&clock.inner.held);
+        held.push_back((due, Arc::downgrade(&self.shared)));
+        if held.len() == 1 {
+            clock.inner.started.notify_one();
+        }
+    }
+}
+
+impl AnswerClock {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Send the held answers as their time comes; never returns. Run it beside the
+    /// connection's other work (its ticks are at least [`ANSWER_WITHIN`] apart, and it sleeps
+    /// while no answer is held).
+    pub async fn run(&self) {
+        loop {
+            let first_due = lock(&self.inner.held).front().map(|(due, _)| *due);
+            let Some(first_due) = first_due else {
+                self.inner.started.notified().await;
+                continue;
+            };
+            if first_due > Instant::now() {
+                tokio::time::sleep_until(first_due).await;
+            }
+            let now = Instant::now();
+            let due: Vec<Weak<Shared>> = {
+                let mut held = lock(&self.inner.held);
+                let n = held.iter().take_while(|(due, _)| *due <= now).count();
+                held.drain(..n).map(|(_, answer)| answer).collect()
+            };
+            for answer in due {
+                if let Some(answer) = answer.upgrade() {
+                    answer.send();
+                }
+            }
+            // The next tick no sooner than that: one timer per tick, not one per answer.
+            if !lock(&self.inner.held).is_empty() {
+                tokio::time::sleep_until(now + ANSWER_WITHIN).await;
+            }
+        }
     }
 }
 
@@ -98,7 +155,6 @@ impl Drop for PendingAnswer {
     /// A relay that ends (in an error) before the application sent anything still answers
     /// `200`, since the application was connected; the stream, dropped unfinished, is then reset.
     fn drop(&mut self) {
-        self.shared.stop_timer();
         self.shared.send();
     }
 }
@@ -108,12 +164,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Shared {
-    fn stop_timer(&self) {
-        if let Some(timer) = lock(&self.timer).take() {
-            timer.abort();
-        }
-    }
-
     /// Send the answer now if it has not gone yet.
     fn send(&self) {
         let mut state = lock(&self.state);

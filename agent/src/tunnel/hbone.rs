@@ -45,7 +45,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
 
 use super::{
-    answer::PendingAnswer,
+    answer::{AnswerClock, PendingAnswer},
     h2stream::H2Stream,
     splice::{poll_once, read_now},
 };
@@ -721,7 +721,15 @@ pub async fn serve_connection(
         .handshake::<_, Bytes>(tls)
         .await
         .map_err(|e| io::Error::other(format!("HTTP/2 with {peer}: {e}")))?;
-    while let Some(stream) = connection.accept().await {
+    let clock = AnswerClock::new();
+    let mut ticking = pin!(clock.run());
+    loop {
+        let stream = tokio::select! {
+            biased;
+            stream = connection.accept() => stream,
+            () = &mut ticking => continue,
+        };
+        let Some(stream) = stream else { break };
         crate::busy_poll::activity();
         let (request, respond) =
             stream.map_err(|e| io::Error::other(format!("HTTP/2 with {peer}: {e}")))?;
@@ -730,6 +738,7 @@ pub async fn serve_connection(
             respond,
             caller.clone(),
             inbound.clone(),
+            clock.clone(),
         ));
         // The new stream first: polling the connection again reads its socket, which more
         // often than not has nothing more, and that can wait.
@@ -765,6 +774,7 @@ async fn handle_connect(
     respond: SendResponse<Bytes>,
     caller: Caller,
     inbound: Arc<dyn Inbound>,
+    clock: AnswerClock,
 ) {
     if request.method() != Method::CONNECT {
         return refuse(respond, status(StatusCode::METHOD_NOT_ALLOWED));
@@ -783,7 +793,7 @@ async fn handle_connect(
             let mut carried = pin!(carry(H2Stream::answering(held, request.into_body())));
             // The first poll delivers the early data to the application; then the timer.
             if poll_once(carried.as_mut()).await.is_pending() {
-                timer.start();
+                timer.start(&clock);
                 carried.await
             }
         }
