@@ -109,6 +109,9 @@ pub async fn splice(
     let result = {
         let mut relay = pin!(tracked.splice(remote, local, local_is_source));
         let first = poll_once(relay.as_mut()).await;
+        // Those bytes woke the client or the application; if the kernel put that thread on
+        // this CPU, it runs now rather than after the bookkeeping.
+        std::thread::yield_now();
         tracked.count_opened();
         admitted(&carried);
         match first {
