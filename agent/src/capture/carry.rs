@@ -112,6 +112,9 @@ pub async fn splice(
         // Those bytes woke the client or the application; if the kernel put that thread on
         // this CPU, it runs now rather than after the bookkeeping.
         std::thread::yield_now();
+        // And whatever else became ready meanwhile (the client's next connection, say) goes
+        // before this one's bookkeeping and end.
+        tokio::task::yield_now().await;
         tracked.count_opened();
         admitted(&carried);
         match first {
@@ -189,8 +192,6 @@ pub async fn http<R>(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
-
     use tokio::{
         io::{AsyncReadExt as _, AsyncWriteExt as _},
         net::TcpListener,
@@ -226,24 +227,27 @@ mod tests {
             policy: String::new(),
             reason: String::new(),
         };
-        let waiting_when_admitted = Mutex::new(None);
-        let admitted = |_: &Carried| {
+        let (admitted_tx, admitted_rx) = tokio::sync::oneshot::channel();
+        let admitted = move |_: &Carried| {
             let mut buf = [0u8; 16];
             let waiting = probe.peek(&mut buf).map_err(|e| e.kind());
-            *waiting_when_admitted.lock().expect("lock") = Some(waiting);
+            let _ = admitted_tx.send(waiting);
         };
         let relay = splice(&tracker, carried, remote, local, false, admitted);
         let ends = async {
+            // Nothing is read from the application's socket before the decision is recorded.
+            let waiting = admitted_rx.await.expect("admitted ran");
             let mut got = [0u8; 5];
             app.read_exact(&mut got).await.expect("app reads");
             assert_eq!(&got, b"hello");
             client.shutdown().await.expect("client done");
             app.shutdown().await.expect("app done");
+            waiting
         };
-        tokio::join!(relay, ends);
+        let ((), waiting) = tokio::join!(relay, ends);
         assert_eq!(
-            *waiting_when_admitted.lock().expect("lock"),
-            Some(Ok(5)),
+            waiting,
+            Ok(5),
             "the bytes were at the application before the decision was recorded"
         );
         assert!(tracker.is_empty());
