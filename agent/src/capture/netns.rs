@@ -19,7 +19,8 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 type Job = Box<dyn FnOnce() + Send>;
 
-/// How many sockets bound to a fixed local address are kept ready.
+/// How many sockets bound to a fixed local address are kept ready (made again, all at once,
+/// when half of them are used).
 pub const SPARES: usize = 4;
 
 /// Handle on the worker thread of one network namespace. The thread exits when this is dropped.
@@ -211,28 +212,45 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Namespace {
     /// A new TCP socket of `domain` inside the namespace, optionally bound to `bind`.
     fn socket(&self, domain: Domain, bind: Option<SocketAddr>) -> io::Result<Socket> {
-        let socket = {
+        self.sockets(domain, bind, 1)?
+            .pop()
+            .ok_or_else(|| io::Error::other("no socket made"))
+    }
+
+    /// `n` new TCP sockets of `domain` inside the namespace (entered once for all of them),
+    /// optionally bound to `bind`.
+    fn sockets(
+        &self,
+        domain: Domain,
+        bind: Option<SocketAddr>,
+        n: usize,
+    ) -> io::Result<Vec<Socket>> {
+        let sockets = {
             let _inside = Entered::enter(&self.file)
                 .map_err(|e| annotate(e, "entering netns", &self.path))?;
             // Non-blocking from the start: no fcntl() calls on the connection path.
-            Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP))?
+            (0..n)
+                .map(|_| Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP)))
+                .collect::<io::Result<Vec<_>>>()?
         };
-        socket.set_tcp_nodelay(true)?;
-        if let Some(local) = bind {
-            // The port is chosen by connect(), unique per 4-tuple rather than per address: no
-            // port search at bind() time, and deliveries to different application ports share
-            // the marker address's ports.
-            if local.port() == 0 {
-                // Best effort: without it, bind() picks the port as before.
-                let _ = nix::sys::socket::setsockopt(
-                    &socket,
-                    nix::sys::socket::sockopt::IpBindAddressNoPort,
-                    &true,
-                );
+        for socket in &sockets {
+            socket.set_tcp_nodelay(true)?;
+            if let Some(local) = bind {
+                // The port is chosen by connect(), unique per 4-tuple rather than per address:
+                // no port search at bind() time, and deliveries to different application ports
+                // share the marker address's ports.
+                if local.port() == 0 {
+                    // Best effort: without it, bind() picks the port as before.
+                    let _ = nix::sys::socket::setsockopt(
+                        socket,
+                        nix::sys::socket::sockopt::IpBindAddressNoPort,
+                        &true,
+                    );
+                }
+                socket.bind(&SockAddr::from(local))?;
             }
-            socket.bind(&SockAddr::from(local))?;
         }
-        Ok(socket)
+        Ok(sockets)
     }
 
     /// A socket made ahead for `bind`, if one is ready.
@@ -243,16 +261,19 @@ impl Namespace {
         spares.pop().map(|s| s.socket)
     }
 
-    /// Make spares for `bind` up to [`SPARES`].
+    /// Make spares for `bind` up to [`SPARES`] once half or more are used, all with one visit to
+    /// the namespace.
     fn replenish(&self, domain: Domain, bind: SocketAddr) -> io::Result<()> {
-        while lock(&self.spares).len() < SPARES {
-            let socket = self.socket(domain, Some(bind))?;
-            lock(&self.spares).push(Spare {
-                socket,
-                domain,
-                bind,
-            });
+        let left = lock(&self.spares).len();
+        if left > SPARES / 2 {
+            return Ok(());
         }
+        let made = self.sockets(domain, Some(bind), SPARES - left)?;
+        lock(&self.spares).extend(made.into_iter().map(|socket| Spare {
+            socket,
+            domain,
+            bind,
+        }));
         Ok(())
     }
 }
@@ -292,6 +313,15 @@ mod tests {
             );
             connections.push(stream);
         }
+        worker.replenish(dst, marker);
+        assert_eq!(worker.spares(dst, marker), SPARES, "all used: made again");
+        connections.push(worker.connect(dst, Some(marker)).await.expect("connect"));
+        worker.replenish(dst, marker);
+        assert_eq!(
+            worker.spares(dst, marker),
+            SPARES - 1,
+            "more than half left: nothing made"
+        );
         let ours: Vec<SocketAddr> = connections
             .iter()
             .map(|c| c.local_addr().expect("local"))
