@@ -174,10 +174,14 @@ fn a_thousand_concurrent_tunneled_connections_complete_intact() {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(report["intact"], 1000, "{report}");
 
+    // Each pod's netns keeps a few sockets made ahead for deliveries (the agent's
+    // `capture::netns::SPARES`); how many are ready at a given moment depends on the order in
+    // which connections ended. Anything beyond them is a leak.
+    const SPARE_SOCKETS: usize = 4;
     for (pid, start) in pids.iter().zip(&before) {
         assert!(
             latch_tests::eventually(std::time::Duration::from_secs(20), || open_fds(*pid)
-                <= *start),
+                <= *start + SPARE_SOCKETS),
             "agent {pid} holds {} fds, started with {start}",
             open_fds(*pid)
         );
