@@ -196,6 +196,7 @@ impl NetnsWorker {
     }
 
     /// How many sockets are ready for connections from `bind` to `dst`'s family.
+    #[cfg(test)]
     pub fn spares(&self, dst: SocketAddr, bind: SocketAddr) -> usize {
         let domain = Domain::for_address(dst);
         lock(&self.namespace.spares)
