@@ -117,6 +117,11 @@ impl ChunkRead for H2Reader {
         poll_fn(|cx| self.poll_chunk(cx)).await
     }
 
+    /// The peer's `END_STREAM` came with (or right after) the bytes just read.
+    fn ended(&mut self) -> bool {
+        self.unread.is_empty() && self.recv.is_end_stream()
+    }
+
     fn consumed(&mut self, n: usize) {
         self.release(n);
     }
@@ -170,8 +175,9 @@ impl H2Writer {
         }
     }
 
-    fn send(&mut self, data: Bytes) -> io::Result<()> {
-        self.stream()?.send_data(data, false).map_err(io_error)
+    fn send(&mut self, data: Bytes, end: bool) -> io::Result<()> {
+        self.shut |= end;
+        self.stream()?.send_data(data, end).map_err(io_error)
     }
 
     /// Send `END_STREAM`, once.
@@ -187,17 +193,26 @@ impl H2Writer {
 }
 
 impl ChunkWrite for H2Writer {
-    /// Send `chunk` in pieces as large as the peer's window allows.
-    async fn write_chunk(&mut self, mut chunk: Bytes) -> io::Result<()> {
+    /// Send `chunk` in pieces as large as the peer's window allows; with `last`, the final
+    /// piece carries `END_STREAM`.
+    async fn write_chunk(&mut self, mut chunk: Bytes, last: bool) -> io::Result<()> {
         while !chunk.is_empty() {
             let room = poll_fn(|cx| self.poll_room(cx, chunk.len())).await?;
-            self.send(chunk.split_to(room))?;
+            let piece = chunk.split_to(room);
+            self.send(piece, last && chunk.is_empty())?;
+        }
+        if last {
+            self.end()?;
         }
         Ok(())
     }
 
     async fn finish(&mut self) -> io::Result<()> {
         self.end()
+    }
+
+    fn finished(&self) -> bool {
+        self.shut
     }
 }
 
@@ -231,7 +246,7 @@ impl AsyncWrite for H2Stream {
         }
         let writer = &mut self.writer;
         let n = ready!(writer.poll_room(cx, buf.len()))?;
-        writer.send(Bytes::copy_from_slice(&buf[..n]))?;
+        writer.send(Bytes::copy_from_slice(&buf[..n]), false)?;
         Poll::Ready(Ok(n))
     }
 
@@ -242,5 +257,86 @@ impl AsyncWrite for H2Stream {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(self.writer.end())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper::{Method, Request, Response};
+
+    /// The two ends of one `CONNECT` stream between an HTTP/2 client and server over an
+    /// in-memory pipe: (the client's side, the server's side).
+    async fn stream_pair() -> (H2Stream, H2Stream) {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(async move {
+            let mut connection = h2::server::handshake(server_io)
+                .await
+                .expect("server handshake");
+            let (request, mut respond) = connection
+                .accept()
+                .await
+                .expect("a stream")
+                .expect("a good stream");
+            let send = respond
+                .send_response(Response::new(()), false)
+                .expect("200");
+            tokio::spawn(async move { while connection.accept().await.is_some() {} });
+            H2Stream::new(send, request.into_body())
+        });
+        let (sender, connection) = h2::client::handshake(client_io)
+            .await
+            .expect("client handshake");
+        tokio::spawn(connection);
+        let request = Request::builder()
+            .method(Method::CONNECT)
+            .uri("10.244.1.2:80")
+            .body(())
+            .expect("request");
+        let (response, send) = sender
+            .ready()
+            .await
+            .expect("ready")
+            .send_request(request, false)
+            .expect("CONNECT");
+        let response = response.await.expect("answer");
+        let client = H2Stream::new(send, response.into_body());
+        (client, server.await.expect("server side"))
+    }
+
+    #[tokio::test]
+    async fn the_last_chunk_carries_end_stream_and_the_reader_knows_it_came_with_it() {
+        let (client, server) = stream_pair().await;
+        let (_, mut writer) = client.into_halves();
+        let (mut reader, _) = server.into_halves();
+
+        writer
+            .write_chunk(Bytes::from_static(b"first"), false)
+            .await
+            .expect("write");
+        assert_eq!(
+            reader.read_chunk().await.expect("read").as_deref(),
+            Some(&b"first"[..])
+        );
+        assert!(
+            !reader.ended(),
+            "more may follow a chunk that was not the last"
+        );
+
+        writer
+            .write_chunk(Bytes::from_static(b"last"), true)
+            .await
+            .expect("write the last");
+        assert!(writer.finished(), "the last chunk ended the half");
+        assert_eq!(
+            reader.read_chunk().await.expect("read").as_deref(),
+            Some(&b"last"[..])
+        );
+        assert!(reader.ended(), "END_STREAM came with the last bytes");
+        assert_eq!(reader.read_chunk().await.expect("read"), None);
+        writer
+            .finish()
+            .await
+            .expect("a second end sends nothing and is no error");
     }
 }

@@ -11,14 +11,14 @@
 use std::{
     future::{Future, poll_fn},
     io,
-    pin::Pin,
+    pin::{Pin, pin},
     sync::atomic::{AtomicU64, Ordering},
     task::Poll,
 };
 
 use bytes::{BufMut as _, Bytes, BytesMut};
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    io::{AsyncReadExt as _, AsyncWriteExt as _, Interest},
     net::{
         TcpStream,
         tcp::{ReadHalf, WriteHalf},
@@ -143,13 +143,24 @@ async fn pump(
     count: &AtomicU64,
 ) -> io::Result<u64> {
     let mut total = 0;
+    if to.finished() {
+        // This half was ended before the relay began (a source's FIN that went out with the
+        // `CONNECT`): there is nothing left to read.
+        return Ok(0);
+    }
     while let Some(chunk) = from.read_chunk().await? {
         let n = chunk.len();
         crate::busy_poll::activity();
         count.fetch_add(n as u64, Ordering::Relaxed);
-        to.write_chunk(chunk).await?;
+        // A sender that has already ended its half: its last bytes and the end go together
+        // (one `DATA` frame with `END_STREAM`, or the bytes and the FIN back to back).
+        let last = from.ended();
+        to.write_chunk(chunk, last).await?;
         from.consumed(n);
         total += n as u64;
+        if last {
+            return Ok(total);
+        }
     }
     to.finish().await?;
     Ok(total)
@@ -159,15 +170,29 @@ async fn pump(
 pub(crate) trait ChunkRead: Send {
     /// The next chunk; `None` once the sender has ended its half.
     fn read_chunk(&mut self) -> impl Future<Output = io::Result<Option<Bytes>>> + Send;
+    /// The sender is known to have ended its half after the chunk just read (known without
+    /// another read): that chunk was the last.
+    fn ended(&mut self) -> bool {
+        false
+    }
     /// `n` bytes of what was read have been written on: the sender may send more.
     fn consumed(&mut self, _n: usize) {}
 }
 
 /// Where a relay writes chunks to.
 pub(crate) trait ChunkWrite: Send {
-    fn write_chunk(&mut self, chunk: Bytes) -> impl Future<Output = io::Result<()>> + Send;
+    /// Write `chunk`; with `last`, end this half right after it (as [`ChunkWrite::finish`]).
+    fn write_chunk(
+        &mut self,
+        chunk: Bytes,
+        last: bool,
+    ) -> impl Future<Output = io::Result<()>> + Send;
     /// End this half (FIN, or `END_STREAM`).
     fn finish(&mut self) -> impl Future<Output = io::Result<()>> + Send;
+    /// This half has already been ended.
+    fn finished(&self) -> bool {
+        false
+    }
 }
 
 /// Reads from a TCP socket into buffers sized by what the last reads brought.
@@ -175,6 +200,8 @@ struct TcpReader<'a> {
     io: ReadHalf<'a>,
     buf: BytesMut,
     next: usize,
+    /// The last read emptied the socket, and its FIN had already arrived.
+    drained_to_fin: bool,
 }
 
 impl<'a> TcpReader<'a> {
@@ -183,22 +210,37 @@ impl<'a> TcpReader<'a> {
             io,
             buf: BytesMut::new(),
             next: MIN_READ,
+            drained_to_fin: false,
         }
     }
 }
 
 impl ChunkRead for TcpReader<'_> {
     async fn read_chunk(&mut self) -> io::Result<Option<Bytes>> {
-        self.buf.reserve(self.next);
-        let n = self
-            .io
-            .read_buf(&mut (&mut self.buf).limit(self.next))
-            .await?;
+        if self.drained_to_fin {
+            return Ok(None);
+        }
+        let limit = self.next;
+        self.buf.reserve(limit);
+        let n = self.io.read_buf(&mut (&mut self.buf).limit(limit)).await?;
         if n == 0 {
             return Ok(None);
         }
+        // A read that got less than it asked for emptied the socket; if the peer's FIN had
+        // already arrived (the reactor saw it: a closed read side is never cleared), nothing
+        // follows. An error or reset is left for a read to report.
+        if n < limit
+            && let Poll::Ready(Ok(ready)) =
+                poll_once(pin!(self.io.as_ref().ready(Interest::READABLE))).await
+        {
+            self.drained_to_fin = ready.is_read_closed() && !ready.is_error();
+        }
         self.next = next_read(self.next, n);
         Ok(Some(self.buf.split().freeze()))
+    }
+
+    fn ended(&mut self) -> bool {
+        self.drained_to_fin
     }
 }
 
@@ -227,13 +269,16 @@ impl<'a> TcpWriter<'a> {
 }
 
 impl ChunkWrite for TcpWriter<'_> {
-    async fn write_chunk(&mut self, chunk: Bytes) -> io::Result<()> {
+    async fn write_chunk(&mut self, chunk: Bytes, last: bool) -> io::Result<()> {
         let mut rest = &chunk[..];
         if std::mem::take(&mut self.first) {
             rest = &rest[write_now(self.io.as_ref(), rest)?..];
         }
         if !rest.is_empty() {
             self.io.write_all(rest).await?;
+        }
+        if last {
+            self.finish().await?;
         }
         Ok(())
     }
@@ -393,6 +438,119 @@ pub(crate) mod tests {
             read.expect_err("RST, not FIN").kind(),
             io::ErrorKind::ConnectionReset
         );
+    }
+
+    /// Block until the peer's FIN has reached `stream` (`POLLRDHUP`), so that the reactor's
+    /// next look at it sees the FIN together with whatever bytes came before. (A socket from
+    /// tokio's `accept` may start out marked readable, without the FIN, hence sockets accepted
+    /// with std and registered once the FIN is there.)
+    fn until_fin_arrived(stream: &TcpStream) {
+        use std::os::fd::AsRawFd as _;
+        let mut fd = libc::pollfd {
+            fd: stream.as_raw_fd(),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, for the length given.
+        let n = unsafe { libc::poll(&mut fd, 1, 10_000) };
+        assert_eq!(n, 1, "the FIN arrives");
+    }
+
+    #[tokio::test]
+    async fn a_drained_socket_whose_fin_has_arrived_has_ended_without_another_read() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let (mut peer, mut accepted) = pair(&listener).await;
+        peer.write_all(b"more").await.expect("write");
+        accepted.readable().await.expect("readable");
+        let (read, _) = accepted.split();
+        let mut reader = TcpReader::new(read);
+        assert_eq!(
+            reader.read_chunk().await.expect("read").as_deref(),
+            Some(&b"more"[..])
+        );
+        assert!(!reader.ended(), "no FIN yet: more may follow");
+
+        peer.write_all(b"last").await.expect("write");
+        peer.shutdown().await.expect("half-close");
+        until_fin_arrived(reader.io.as_ref());
+        reader.io.as_ref().readable().await.expect("readable");
+        assert_eq!(
+            reader.read_chunk().await.expect("read").as_deref(),
+            Some(&b"last"[..])
+        );
+        assert!(reader.ended(), "the FIN had arrived behind the bytes read");
+        assert_eq!(reader.read_chunk().await.expect("read"), None);
+    }
+
+    /// A [`ChunkWrite`] that records what it was asked to do.
+    #[derive(Default)]
+    struct Recorded {
+        chunks: Vec<(Bytes, bool)>,
+        finished: usize,
+        /// Ended before the relay began.
+        ended_before: bool,
+    }
+
+    impl ChunkWrite for &mut Recorded {
+        async fn write_chunk(&mut self, chunk: Bytes, last: bool) -> io::Result<()> {
+            self.chunks.push((chunk, last));
+            Ok(())
+        }
+        async fn finish(&mut self) -> io::Result<()> {
+            self.finished += 1;
+            Ok(())
+        }
+        fn finished(&self) -> bool {
+            self.ended_before
+        }
+    }
+
+    #[tokio::test]
+    async fn a_half_ended_before_the_relay_began_is_not_read() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let (mut peer, mut accepted) = pair(&listener).await;
+        peer.write_all(b"late").await.expect("write");
+        let mut to = Recorded {
+            ended_before: true,
+            ..Recorded::default()
+        };
+        let count = AtomicU64::new(0);
+        let (read, _) = accepted.split();
+        let moved = pump(TcpReader::new(read), &mut to, &count)
+            .await
+            .expect("pump");
+        assert_eq!(moved, 0);
+        assert!(
+            to.chunks.is_empty() && to.finished == 0,
+            "nothing passed on"
+        );
+        let mut buf = [0u8; 4];
+        accepted.read_exact(&mut buf).await.expect("still there");
+        assert_eq!(&buf, b"late", "the socket was not read");
+    }
+
+    #[tokio::test]
+    async fn a_senders_last_bytes_and_its_end_are_passed_on_together() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let mut peer =
+            std::net::TcpStream::connect(listener.local_addr().expect("bound")).expect("connect");
+        let (accepted, _) = listener.accept().expect("accept");
+        std::io::Write::write_all(&mut peer, b"answer").expect("write");
+        peer.shutdown(std::net::Shutdown::Write)
+            .expect("half-close");
+        accepted.set_nonblocking(true).expect("non-blocking");
+        let mut accepted = TcpStream::from_std(accepted).expect("register");
+        until_fin_arrived(&accepted);
+        accepted.readable().await.expect("readable");
+        let (read, _) = accepted.split();
+        let mut to = Recorded::default();
+        let count = AtomicU64::new(0);
+        let moved = pump(TcpReader::new(read), &mut to, &count)
+            .await
+            .expect("pump");
+        assert_eq!(moved, 6);
+        assert_eq!(to.chunks, vec![(Bytes::from_static(b"answer"), true)]);
+        assert_eq!(to.finished, 0, "ended with the last chunk, not after it");
     }
 
     #[test]
