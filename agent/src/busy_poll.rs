@@ -118,6 +118,12 @@ impl BusyPoll {
     fn now(&self) -> u64 {
         nanos(self.epoch.elapsed())
     }
+
+    /// End the current window now, as if its time had run out.
+    #[cfg(test)]
+    fn run_out(&self) {
+        self.until.store(0, Ordering::Relaxed);
+    }
 }
 
 fn nanos(d: Duration) -> u64 {
@@ -248,9 +254,13 @@ mod tests {
         .expect("condition not reached in time");
     }
 
+    /// A window no test outlasts: whether it is still open never depends on how fast the
+    /// test runs. Tests end windows with [`BusyPoll::run_out`].
+    const LONG: Duration = Duration::from_secs(3600);
+
     #[tokio::test(flavor = "current_thread")]
     async fn polls_after_activity_and_parks_when_the_window_has_passed() {
-        let poller = BusyPoll::new(Duration::from_millis(20));
+        let poller = BusyPoll::new(LONG);
         tokio::spawn(poller.clone().run());
         until(Duration::from_secs(5), || {
             poller.parked.load(Ordering::Acquire)
@@ -262,6 +272,7 @@ mod tests {
         assert!(poller.is_polling(), "activity starts a window");
         // The task wakes and keeps the worker polling; the window then runs out with nothing new.
         until(Duration::from_secs(5), || poller.rounds() > 0).await;
+        poller.run_out();
         until(Duration::from_secs(5), || {
             poller.parked.load(Ordering::Acquire)
         })
@@ -318,13 +329,14 @@ mod tests {
         poller.activity();
         assert!(!poller.is_polling());
 
-        poller.set_window(Duration::from_millis(20));
+        poller.set_window(LONG);
         poller.activity();
         assert!(
             poller.is_polling(),
             "a window set later applies to the next activity"
         );
         poller.set_window(Duration::ZERO);
+        poller.run_out();
         until(Duration::from_secs(5), || {
             poller.parked.load(Ordering::Acquire)
         })
