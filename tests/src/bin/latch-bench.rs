@@ -351,9 +351,10 @@ fn paired_latency(
     })
 }
 
-/// Rounds of the throughput comparison (no agents, tunnel, nginx pair in turn); medians are
-/// reported.
-const THROUGHPUT_ROUNDS: usize = 3;
+/// Rounds of the throughput comparison (no agents, tunnel, nginx pair in turn, so that each
+/// round's three runs are seconds apart); medians are reported, and each ratio is the median of
+/// the rounds' own ratios, so that the VM's speed drifting between rounds does not enter it.
+const THROUGHPUT_ROUNDS: usize = 5;
 
 struct TunnelReport {
     handoff_us: f64,
@@ -371,6 +372,18 @@ struct TunnelReport {
     base_8: f64,
     tunnel_1: f64,
     tunnel_8: f64,
+    /// Medians of the rounds' tunnel / no agents and tunnel / nginx ratios, one stream and eight.
+    over_base_1: f64,
+    over_base_8: f64,
+    over_nginx_1: f64,
+    over_nginx_8: f64,
+    /// Every round's bytes per second: no agents, tunnel, nginx pair, one stream then eight.
+    rounds: [Vec<f64>; 6],
+}
+
+/// The median of the rounds' `a[i] / b[i]`.
+fn median_ratio(a: &[f64], b: &[f64]) -> f64 {
+    median(a.iter().zip(b).map(|(a, b)| a / b).collect())
 }
 
 fn tunnel(count: usize, samples: usize, mib: usize) -> anyhow::Result<TunnelReport> {
@@ -442,6 +455,11 @@ fn tunnel(count: usize, samples: usize, mib: usize) -> anyhow::Result<TunnelRepo
             runs[3 * i + 2].push(reference.throughput(Via::Nginx, streams, mib)?);
         }
     }
+    let over_base_1 = median_ratio(&runs[1], &runs[0]);
+    let over_nginx_1 = median_ratio(&runs[1], &runs[2]);
+    let over_base_8 = median_ratio(&runs[4], &runs[3]);
+    let over_nginx_8 = median_ratio(&runs[4], &runs[5]);
+    let rounds = runs.clone();
     let [base_1, tunnel_1, nginx_1, base_8, tunnel_8, nginx_8] = runs.map(median);
     for node in [n1, n2] {
         cluster.agent(node).terminate()?;
@@ -482,6 +500,11 @@ fn tunnel(count: usize, samples: usize, mib: usize) -> anyhow::Result<TunnelRepo
         base_8,
         tunnel_1,
         tunnel_8,
+        over_base_1,
+        over_base_8,
+        over_nginx_1,
+        over_nginx_8,
+        rounds,
     })
 }
 
@@ -556,19 +579,36 @@ fn print_tunnel(r: &TunnelReport, out_dir: &std::path::Path) -> anyhow::Result<(
         "\n| throughput | no agents MiB/s | tunnel MiB/s | nginx pair MiB/s | tunnel / no agents | tunnel / nginx |"
     );
     println!("|---|---:|---:|---:|---:|---:|");
-    for (label, base, tunnel, nginx) in [
-        ("1 stream", r.base_1, r.tunnel_1, r.nginx_1),
-        ("8 streams", r.base_8, r.tunnel_8, r.nginx_8),
+    for (label, base, tunnel, nginx, over_base, over_nginx) in [
+        (
+            "1 stream",
+            r.base_1,
+            r.tunnel_1,
+            r.nginx_1,
+            r.over_base_1,
+            r.over_nginx_1,
+        ),
+        (
+            "8 streams",
+            r.base_8,
+            r.tunnel_8,
+            r.nginx_8,
+            r.over_base_8,
+            r.over_nginx_8,
+        ),
     ] {
         println!(
-            "| {label} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} |",
+            "| {label} | {:.0} | {:.0} | {:.0} | {over_base:.2} | {over_nginx:.2} |",
             mb(base),
             mb(tunnel),
             mb(nginx),
-            tunnel / base,
-            tunnel / nginx
         );
     }
+    println!(
+        "
+(throughput: medians of {THROUGHPUT_ROUNDS} rounds; each ratio is the median of the \
+         rounds' own ratios)"
+    );
     println!(
         "\none hand-off between two threads' sockets on this machine: {:.0} µs (p50 of a loopback \
          one-byte ping-pong, halved); a tunneled connection adds four of them (client to agent, \
@@ -583,8 +623,7 @@ fn print_tunnel(r: &TunnelReport, out_dir: &std::path::Path) -> anyhow::Result<(
     );
     println!(
         "target: tunnel throughput at least 1.2x the nginx pair's ({:.2}x / {:.2}x here)",
-        r.tunnel_1 / r.nginx_1,
-        r.tunnel_8 / r.nginx_8
+        r.over_nginx_1, r.over_nginx_8
     );
     let json = serde_json::json!({
         "benchmark": "tunnel",
@@ -609,6 +648,14 @@ fn print_tunnel(r: &TunnelReport, out_dir: &std::path::Path) -> anyhow::Result<(
             "no_agents_1": r.base_1, "no_agents_8": r.base_8,
             "tunnel_1": r.tunnel_1, "tunnel_8": r.tunnel_8,
             "nginx_1": r.nginx_1, "nginx_8": r.nginx_8,
+        },
+        "throughput_ratio_median_of_rounds": {
+            "tunnel_over_no_agents_1": r.over_base_1, "tunnel_over_no_agents_8": r.over_base_8,
+            "tunnel_over_nginx_1": r.over_nginx_1, "tunnel_over_nginx_8": r.over_nginx_8,
+        },
+        "throughput_rounds_bytes_per_s": {
+            "no_agents_1": r.rounds[0], "tunnel_1": r.rounds[1], "nginx_1": r.rounds[2],
+            "no_agents_8": r.rounds[3], "tunnel_8": r.rounds[4], "nginx_8": r.rounds[5],
         },
     });
     let path = out_dir.join("tunnel.json");
