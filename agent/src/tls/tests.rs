@@ -250,3 +250,62 @@ async fn sessions_are_never_resumed() {
         );
     }
 }
+
+#[test]
+fn a_chain_is_signature_checked_once_per_bundle_and_its_dates_every_time() {
+    let ca = ca("remembered");
+    let other = ca_other();
+    let svid = ca.mint(FRONTEND, HOUR).expect("svid");
+    let bundle = vec![ca.certificate().clone()];
+    let checks = || verify::SIGNATURE_CHECKS.with(|n| n.get());
+    let now = SystemTime::now();
+
+    let before = checks();
+    assert_eq!(
+        verify_svid(&svid.chain, &bundle, TD, now),
+        Ok(FRONTEND.to_owned())
+    );
+    assert_eq!(checks(), before + 1, "first sight: signatures checked");
+    assert_eq!(
+        verify_svid(&svid.chain, &bundle, TD, now),
+        Ok(FRONTEND.to_owned())
+    );
+    assert_eq!(
+        checks(),
+        before + 1,
+        "seen with this bundle: not checked again"
+    );
+
+    let later = now + 2 * HOUR;
+    assert!(
+        matches!(
+            verify_svid(&svid.chain, &bundle, TD, later),
+            Err(VerifyError::Expired { index: 0, .. })
+        ),
+        "a remembered chain still expires"
+    );
+    assert_eq!(
+        verify_svid(&svid.chain, &bundle, "other.domain", now),
+        Err(VerifyError::TrustDomain {
+            id: FRONTEND.to_owned(),
+            expected: "other.domain".to_owned()
+        }),
+        "and is still held to the trust domain"
+    );
+
+    let wider = vec![other.certificate().clone(), ca.certificate().clone()];
+    assert_eq!(
+        verify_svid(&svid.chain, &wider, TD, now),
+        Ok(FRONTEND.to_owned())
+    );
+    assert_eq!(checks(), before + 2, "another bundle: checked again");
+    let foreign = vec![other.certificate().clone()];
+    for _ in 0..2 {
+        assert_eq!(
+            verify_svid(&svid.chain, &foreign, TD, now),
+            Err(VerifyError::UnknownIssuer),
+            "a chain that failed is never remembered"
+        );
+    }
+    assert_eq!(checks(), before + 4);
+}

@@ -4,8 +4,16 @@
 //! certificate is signed by the next one, and the last by a CA of the trust bundle (issuers must
 //! be CAs; the leaf must not be one); the leaf has exactly one URI SAN, a valid SPIFFE ID whose
 //! trust domain is ours. The client side also requires the server's ID to be the expected one.
+//!
+//! The signatures of a chain are checked once per trust bundle ([`Verified`]): a peer presents
+//! the same SVID on every new connection until it rotates. Everything else is checked on every
+//! use.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::{
+    collections::HashSet,
+    sync::{Mutex, PoisonError},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use crate::identity::spiffe::SpiffeUri;
 use rustls::{
@@ -157,6 +165,12 @@ pub fn verify_svid(
         });
     }
 
+    let key = Verified::key(chain, bundle);
+    if VERIFIED.contains(&key) {
+        return Ok(id);
+    }
+    #[cfg(test)]
+    SIGNATURE_CHECKS.with(|n| n.set(n.get() + 1));
     // Each certificate signed by the next; the last by a bundle CA.
     for index in 0..certs.len() {
         let cert = &certs[index];
@@ -179,7 +193,56 @@ pub fn verify_svid(
             return Err(VerifyError::UnknownIssuer);
         }
     }
+    VERIFIED.insert(key);
     Ok(id)
+}
+
+/// Chains whose signatures were found good, each with the trust bundle it was anchored to, as
+/// SHA-256 digests of both. Checking an SVID's signature again (about 60 µs of ECDSA P-256 on
+/// the development VM, on each side of every new tunnel connection) proves nothing new: the
+/// answer depends only on those bytes. Validity dates, the leaf's SAN and the trust domain do not
+/// go through here and are checked every time. A changed bundle makes every key new; the set is
+/// emptied when it reaches [`Verified::MOST`].
+struct Verified(Mutex<Option<HashSet<[u8; 32]>>>);
+
+static VERIFIED: Verified = Verified(Mutex::new(None));
+
+#[cfg(test)]
+thread_local! {
+    /// Chains whose signatures this thread checked (each test counts its own).
+    pub(super) static SIGNATURE_CHECKS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+impl Verified {
+    const MOST: usize = 4096;
+
+    fn key(chain: &[CertificateDer<'_>], bundle: &[CertificateDer<'_>]) -> [u8; 32] {
+        let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+        for certs in [chain, bundle] {
+            digest.update(&(certs.len() as u64).to_be_bytes());
+            for der in certs {
+                digest.update(&(der.len() as u64).to_be_bytes());
+                digest.update(der);
+            }
+        }
+        let mut key = [0u8; 32];
+        key.copy_from_slice(digest.finish().as_ref());
+        key
+    }
+
+    fn contains(&self, key: &[u8; 32]) -> bool {
+        let seen = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        seen.as_ref().is_some_and(|s| s.contains(key))
+    }
+
+    fn insert(&self, key: [u8; 32]) {
+        let mut seen = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let seen = seen.get_or_insert_with(HashSet::new);
+        if seen.len() >= Self::MOST {
+            seen.clear();
+        }
+        seen.insert(key);
+    }
 }
 
 /// The SPIFFE ID of a peer whose chain the verifiers already accepted.
