@@ -11,7 +11,7 @@
 
 use std::{
     collections::HashSet,
-    sync::{Mutex, PoisonError},
+    sync::{LazyLock, Mutex, PoisonError},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -203,9 +203,9 @@ pub fn verify_svid(
 /// each side of every new tunnel connection; a chain seen before takes 4 µs. Validity dates,
 /// the leaf's SAN and the trust domain do not go through here and are checked every time. A
 /// changed bundle makes every key new; the set is emptied when it reaches [`Verified::MOST`].
-struct Verified(Mutex<Option<HashSet<[u8; 32]>>>);
+struct Verified(Mutex<HashSet<[u8; 32]>>);
 
-static VERIFIED: Verified = Verified(Mutex::new(None));
+static VERIFIED: LazyLock<Verified> = LazyLock::new(|| Verified(Mutex::default()));
 
 #[cfg(test)]
 thread_local! {
@@ -230,14 +230,16 @@ impl Verified {
         key
     }
 
+    fn seen(&self) -> std::sync::MutexGuard<'_, HashSet<[u8; 32]>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn contains(&self, key: &[u8; 32]) -> bool {
-        let seen = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        seen.as_ref().is_some_and(|s| s.contains(key))
+        self.seen().contains(key)
     }
 
     fn insert(&self, key: [u8; 32]) {
-        let mut seen = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let seen = seen.get_or_insert_with(HashSet::new);
+        let mut seen = self.seen();
         if seen.len() >= Self::MOST {
             seen.clear();
         }

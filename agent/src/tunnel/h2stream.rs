@@ -202,6 +202,7 @@ impl ChunkWrite for H2Writer {
             self.send(piece, last && chunk.is_empty())?;
         }
         if last {
+            // Sent with the final piece above; on its own only for an empty chunk.
             self.end()?;
         }
         Ok(())
