@@ -359,8 +359,6 @@ const THROUGHPUT_ROUNDS: usize = 5;
 struct TunnelReport {
     handoff_us: f64,
     nginx: Paired,
-    nginx_1: f64,
-    nginx_8: f64,
     /// The reference over the whole run.
     baseline_p50: u64,
     first_p50: u64,
@@ -368,17 +366,34 @@ struct TunnelReport {
     /// The same with `dataplane.busyPoll: 0s`.
     pooled_no_poll: Paired,
     fast: Paired,
-    base_1: f64,
-    base_8: f64,
-    tunnel_1: f64,
-    tunnel_8: f64,
-    /// Medians of the rounds' tunnel / no agents and tunnel / nginx ratios, one stream and eight.
-    over_base_1: f64,
-    over_base_8: f64,
-    over_nginx_1: f64,
-    over_nginx_8: f64,
-    /// Every round's bytes per second: no agents, tunnel, nginx pair, one stream then eight.
-    rounds: [Vec<f64>; 6],
+    /// Throughput with one stream, and with eight.
+    one: Rounds,
+    eight: Rounds,
+}
+
+/// Every throughput round's bytes per second, by setup.
+#[derive(Default)]
+struct Rounds {
+    base: Vec<f64>,
+    tunnel: Vec<f64>,
+    nginx: Vec<f64>,
+}
+
+impl Rounds {
+    /// The medians: no agents, tunnel, nginx pair.
+    fn medians(&self) -> [f64; 3] {
+        [&self.base, &self.tunnel, &self.nginx].map(|runs| median(runs.clone()))
+    }
+
+    /// The median of the rounds' tunnel / no agents.
+    fn over_base(&self) -> f64 {
+        median_ratio(&self.tunnel, &self.base)
+    }
+
+    /// The median of the rounds' tunnel / nginx pair.
+    fn over_nginx(&self) -> f64 {
+        median_ratio(&self.tunnel, &self.nginx)
+    }
 }
 
 /// The median of the rounds' `a[i] / b[i]`.
@@ -447,20 +462,20 @@ fn tunnel(count: usize, samples: usize, mib: usize) -> anyhow::Result<TunnelRepo
         rate(&cluster, client, &to, n)
     })?;
     // Throughput: no agents, the tunnel and the nginx pair in turns.
-    let mut runs: [Vec<f64>; 6] = Default::default();
+    let (mut one, mut eight) = (Rounds::default(), Rounds::default());
     for _ in 0..THROUGHPUT_ROUNDS {
-        for (i, (streams, mib)) in [(1, mib), (8, mib / 4)].into_iter().enumerate() {
-            runs[3 * i].push(reference.throughput(Via::Direct, streams, mib)?);
-            runs[3 * i + 1].push(throughput(&cluster, client, &to, streams, mib)?);
-            runs[3 * i + 2].push(reference.throughput(Via::Nginx, streams, mib)?);
+        for (rounds, streams, mib) in [(&mut one, 1, mib), (&mut eight, 8, mib / 4)] {
+            rounds
+                .base
+                .push(reference.throughput(Via::Direct, streams, mib)?);
+            rounds
+                .tunnel
+                .push(throughput(&cluster, client, &to, streams, mib)?);
+            rounds
+                .nginx
+                .push(reference.throughput(Via::Nginx, streams, mib)?);
         }
     }
-    let over_base_1 = median_ratio(&runs[1], &runs[0]);
-    let over_nginx_1 = median_ratio(&runs[1], &runs[2]);
-    let over_base_8 = median_ratio(&runs[4], &runs[3]);
-    let over_nginx_8 = median_ratio(&runs[4], &runs[5]);
-    let rounds = runs.clone();
-    let [base_1, tunnel_1, nginx_1, base_8, tunnel_8, nginx_8] = runs.map(median);
     for node in [n1, n2] {
         cluster.agent(node).terminate()?;
         cluster.agent(node).uninstall()?;
@@ -489,22 +504,13 @@ fn tunnel(count: usize, samples: usize, mib: usize) -> anyhow::Result<TunnelRepo
     Ok(TunnelReport {
         handoff_us: handoff_us()?,
         nginx: nginx_latency,
-        nginx_1,
-        nginx_8,
         baseline_p50: percentile(&all_reference, 0.5),
         first_p50: percentile(&first, 0.5),
         pooled,
         pooled_no_poll,
         fast,
-        base_1,
-        base_8,
-        tunnel_1,
-        tunnel_8,
-        over_base_1,
-        over_base_8,
-        over_nginx_1,
-        over_nginx_8,
-        rounds,
+        one,
+        eight,
     })
 }
 
@@ -579,34 +585,19 @@ fn print_tunnel(r: &TunnelReport, out_dir: &std::path::Path) -> anyhow::Result<(
         "\n| throughput | no agents MiB/s | tunnel MiB/s | nginx pair MiB/s | tunnel / no agents | tunnel / nginx |"
     );
     println!("|---|---:|---:|---:|---:|---:|");
-    for (label, base, tunnel, nginx, over_base, over_nginx) in [
-        (
-            "1 stream",
-            r.base_1,
-            r.tunnel_1,
-            r.nginx_1,
-            r.over_base_1,
-            r.over_nginx_1,
-        ),
-        (
-            "8 streams",
-            r.base_8,
-            r.tunnel_8,
-            r.nginx_8,
-            r.over_base_8,
-            r.over_nginx_8,
-        ),
-    ] {
+    for (label, rounds) in [("1 stream", &r.one), ("8 streams", &r.eight)] {
+        let [base, tunnel, nginx] = rounds.medians();
         println!(
-            "| {label} | {:.0} | {:.0} | {:.0} | {over_base:.2} | {over_nginx:.2} |",
+            "| {label} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} |",
             mb(base),
             mb(tunnel),
             mb(nginx),
+            rounds.over_base(),
+            rounds.over_nginx(),
         );
     }
     println!(
-        "
-(throughput: medians of {THROUGHPUT_ROUNDS} rounds; each ratio is the median of the \
+        "\n(throughput: medians of {THROUGHPUT_ROUNDS} rounds; each ratio is the median of the \
          rounds' own ratios)"
     );
     println!(
@@ -623,8 +614,11 @@ fn print_tunnel(r: &TunnelReport, out_dir: &std::path::Path) -> anyhow::Result<(
     );
     println!(
         "target: tunnel throughput at least 1.2x the nginx pair's ({:.2}x / {:.2}x here)",
-        r.over_nginx_1, r.over_nginx_8
+        r.one.over_nginx(),
+        r.eight.over_nginx()
     );
+    let ([base_1, tunnel_1, nginx_1], [base_8, tunnel_8, nginx_8]) =
+        (r.one.medians(), r.eight.medians());
     let json = serde_json::json!({
         "benchmark": "tunnel",
         "handoff_us": r.handoff_us,
@@ -645,17 +639,19 @@ fn print_tunnel(r: &TunnelReport, out_dir: &std::path::Path) -> anyhow::Result<(
             "fast_path": r.fast.added_us(), "nginx_pair": r.nginx.added_us(),
         },
         "throughput_bytes_per_s": {
-            "no_agents_1": r.base_1, "no_agents_8": r.base_8,
-            "tunnel_1": r.tunnel_1, "tunnel_8": r.tunnel_8,
-            "nginx_1": r.nginx_1, "nginx_8": r.nginx_8,
+            "no_agents_1": base_1, "no_agents_8": base_8,
+            "tunnel_1": tunnel_1, "tunnel_8": tunnel_8,
+            "nginx_1": nginx_1, "nginx_8": nginx_8,
         },
         "throughput_ratio_median_of_rounds": {
-            "tunnel_over_no_agents_1": r.over_base_1, "tunnel_over_no_agents_8": r.over_base_8,
-            "tunnel_over_nginx_1": r.over_nginx_1, "tunnel_over_nginx_8": r.over_nginx_8,
+            "tunnel_over_no_agents_1": r.one.over_base(),
+            "tunnel_over_no_agents_8": r.eight.over_base(),
+            "tunnel_over_nginx_1": r.one.over_nginx(),
+            "tunnel_over_nginx_8": r.eight.over_nginx(),
         },
         "throughput_rounds_bytes_per_s": {
-            "no_agents_1": r.rounds[0], "tunnel_1": r.rounds[1], "nginx_1": r.rounds[2],
-            "no_agents_8": r.rounds[3], "tunnel_8": r.rounds[4], "nginx_8": r.rounds[5],
+            "no_agents_1": r.one.base, "tunnel_1": r.one.tunnel, "nginx_1": r.one.nginx,
+            "no_agents_8": r.eight.base, "tunnel_8": r.eight.tunnel, "nginx_8": r.eight.nginx,
         },
     });
     let path = out_dir.join("tunnel.json");
