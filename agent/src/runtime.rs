@@ -618,6 +618,7 @@ impl Agent {
         let tunnel_ctx = Arc::new(tunneled::TunnelContext {
             workload: workload.clone(),
             worker: worker.clone(),
+            maps: self.maps.clone(),
             cache: self.cache.clone(),
             state: self.state.clone(),
             certs: self.certs.clone(),
@@ -627,6 +628,7 @@ impl Agent {
         let in_ctx = Arc::new(inbound::InboundContext {
             workload: workload.clone(),
             worker: worker.clone(),
+            maps: self.maps.clone(),
             state: self.state.clone(),
             tracker: self.tracker.clone(),
             metrics: self.metrics.clone(),
@@ -712,6 +714,10 @@ fn prepare(
             NetnsWorker::spawn(&w.netns)
                 .with_context(|| format!("{file}: netns of workload {}", w.id))?,
         );
+        // Failing to set it up only warns (the worker falls back to the loopback marker).
+        worker
+            .route_deliveries()
+            .with_context(|| format!("{file}: workload {}: delivery routing", w.id))?;
         let listeners = match running.get(&w.id) {
             // Same pod with changed attributes: its listeners are re-opened after the old ones
             // close, in commit.

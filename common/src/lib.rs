@@ -32,8 +32,11 @@ pub mod map_names {
     pub const CONFIG: &str = "LATCH_CONFIG";
     /// Per-CPU `u64` counters, indexed by [`crate::Counter`].
     pub const COUNTERS: &str = "LATCH_COUNTERS";
+    /// [`crate::DeliveryKey`] → `u8`: connections the agent is about to deliver to a pod's
+    /// application from the client's own address; the inbound check lets each through once (LRU).
+    pub const DELIVERIES: &str = "LATCH_DELIVERIES";
 
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 9] = [
         WORKLOADS,
         ENDPOINTS,
         VERDICTS,
@@ -42,6 +45,7 @@ pub mod map_names {
         INBOUND_LISTENERS,
         CONFIG,
         COUNTERS,
+        DELIVERIES,
     ];
 }
 
@@ -75,6 +79,9 @@ pub const MAX_ENDPOINTS: u32 = 1 << 16;
 pub const MAX_REDIRECTS: u32 = 1 << 18;
 /// Inbound listeners: one per local pod IP.
 pub const MAX_INBOUND_LISTENERS: u32 = 1 << 12;
+/// Deliveries announced and not yet seen by the inbound check (LRU: one whose SYN never came
+/// ages out).
+pub const MAX_DELIVERIES: u32 = 1 << 14;
 /// Depth of cgroup ancestors the connect programs walk to find an enrolled workload (a pod cgroup
 /// with container cgroups below it).
 pub const MAX_CGROUP_DEPTH: u32 = 8;
@@ -238,6 +245,35 @@ pub struct VerdictValue {
     pub _pad: u32,
 }
 
+/// Interface index of the loopback device, the same in every network namespace.
+pub const LOOPBACK_IFINDEX: u32 = 1;
+
+/// One connection the agent is about to make inside a pod's netns, from a client's address to
+/// the application: the inbound check would otherwise take it for a connection straight from the
+/// client (a locally routed packet's ingress interface is the pod's own, not loopback).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct DeliveryKey {
+    /// The client's address, the delivery's source.
+    pub remote: IpKey,
+    /// The application's address.
+    pub local: IpKey,
+    /// Host byte order.
+    pub remote_port: u16,
+    /// Host byte order.
+    pub local_port: u16,
+}
+
+/// Inside each enrolled pod's netns, the agent's delivery sockets carry this mark (`SO_MARK`) and
+/// `ip rule fwmark DELIVERY_MARK lookup DELIVERY_TABLE` routes their packets, and the packets of
+/// the application sockets that accept them, over loopback: a delivery can then come from the
+/// client's own address. Chosen clear of the marks kube-proxy, Cilium and Istio use.
+pub const DELIVERY_MARK: u32 = 0x4c54;
+/// The routing table holding `local default dev lo` for marked packets.
+pub const DELIVERY_TABLE: u32 = 0x4c54;
+/// Preference of the rule: after `local` (0), before `main` (32766).
+pub const DELIVERY_RULE_PRIORITY: u32 = 32700;
+
 /// Address families as the kernel numbers them.
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
@@ -341,6 +377,7 @@ mod pod {
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::RedirectKey {}
     unsafe impl aya::Pod for super::DatapathConfig {}
+    unsafe impl aya::Pod for super::DeliveryKey {}
 }
 
 #[cfg(test)]

@@ -2,8 +2,11 @@
 //!
 //! For a new TCP connection to one of the pod's mesh IPs:
 //! - from a loopback source: delivered normally. This is the marker for connections the agent
-//!   itself delivers (from 127.0.0.6 or ::1 inside the pod's netns); the kernel drops packets with
-//!   loopback sources arriving on any other interface, so no remote peer can forge it.
+//!   itself delivers (from 127.0.0.6 or ::1 inside the pod's netns) when it cannot deliver them
+//!   from the client's own address; the kernel drops packets with loopback sources arriving on
+//!   any other interface, so no remote peer can forge it.
+//! - announced in `LATCH_DELIVERIES` (the agent's delivery from the client's own address, by its
+//!   exact four-tuple): delivered normally, once; the entry is consumed.
 //! - to the tunnel port: delivered normally (the agent's HBONE listener is there).
 //! - with a fresh inbound allow for (source identity by IP, pod identity, port): delivered normally.
 //! - with a fresh inbound deny: reset.
@@ -17,13 +20,13 @@ use aya_ebpf::{
 };
 use core::ptr::{addr_of, read_volatile};
 use latch_common::{
-    AF_INET, Counter, DECISION_ALLOW, DECISION_DENY, DIRECTION_INBOUND, ENDPOINT_LOCAL,
-    ENDPOINT_TUNNEL_ONLY, EndpointInfo, IpKey, VerdictKey,
+    AF_INET, Counter, DECISION_ALLOW, DECISION_DENY, DIRECTION_INBOUND, DeliveryKey,
+    ENDPOINT_LOCAL, ENDPOINT_TUNNEL_ONLY, EndpointInfo, IpKey, VerdictKey,
 };
 
 use crate::{
     context::{config, count, fresh_verdict},
-    maps::{LATCH_ENDPOINTS, LATCH_INBOUND_LISTENERS},
+    maps::{LATCH_DELIVERIES, LATCH_ENDPOINTS, LATCH_INBOUND_LISTENERS},
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -36,6 +39,8 @@ const DROP: u32 = sk_action::SK_DROP;
 struct Lookup {
     protocol: u32,
     local_port: u32,
+    /// Network byte order, as the context has it.
+    remote_port: u16,
     remote: IpKey,
     local: IpKey,
 }
@@ -47,6 +52,7 @@ fn read_lookup(lk: *mut bpf_sk_lookup) -> Lookup {
         let family = read_volatile(addr_of!((*lk).family));
         let protocol = read_volatile(addr_of!((*lk).protocol));
         let local_port = read_volatile(addr_of!((*lk).local_port));
+        let remote_port = read_volatile(addr_of!((*lk).remote_port));
         let remote4 = read_volatile(addr_of!((*lk).remote_ip4));
         let local4 = read_volatile(addr_of!((*lk).local_ip4));
         let r = [
@@ -72,6 +78,7 @@ fn read_lookup(lk: *mut bpf_sk_lookup) -> Lookup {
         Lookup {
             protocol,
             local_port,
+            remote_port,
             remote,
             local,
         }
@@ -83,6 +90,7 @@ pub fn latch_inbound(ctx: SkLookupContext) -> u32 {
     let Lookup {
         protocol,
         local_port,
+        remote_port,
         remote,
         local,
     } = read_lookup(ctx.lookup);
@@ -97,6 +105,16 @@ pub fn latch_inbound(ctx: SkLookupContext) -> u32 {
         return PASS;
     }
     if remote.is_loopback() {
+        return PASS;
+    }
+    let delivery = DeliveryKey {
+        remote,
+        local,
+        remote_port: u16::from_be(remote_port),
+        local_port,
+    };
+    if LATCH_DELIVERIES.get_ptr(delivery).is_some() {
+        let _ = LATCH_DELIVERIES.remove(delivery);
         return PASS;
     }
     let Some(pod) = LATCH_ENDPOINTS.get_ptr(local) else {

@@ -8,9 +8,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
 };
 use latch_common::{
-    COUNTER_SLOTS, DatapathConfig, EndpointInfo, IpKey, MAX_ENDPOINTS, MAX_INBOUND_LISTENERS,
-    MAX_REDIRECTS, MAX_VERDICTS, MAX_WORKLOADS, OrigDst, RedirectKey, VerdictKey, VerdictValue,
-    WorkloadInfo,
+    COUNTER_SLOTS, DatapathConfig, DeliveryKey, EndpointInfo, IpKey, MAX_DELIVERIES, MAX_ENDPOINTS,
+    MAX_INBOUND_LISTENERS, MAX_REDIRECTS, MAX_VERDICTS, MAX_WORKLOADS, OrigDst, RedirectKey,
+    VerdictKey, VerdictValue, WorkloadInfo,
 };
 
 #[map]
@@ -37,3 +37,6 @@ pub static LATCH_CONFIG: Array<DatapathConfig> = Array::pinned(1, 0);
 
 #[map]
 pub static LATCH_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
+
+#[map]
+pub static LATCH_DELIVERIES: LruHashMap<DeliveryKey, u8> = LruHashMap::pinned(MAX_DELIVERIES, 0);

@@ -1,12 +1,15 @@
 //! The mTLS (HBONE) tunnel between two agents, seen from the wire and from the kernel: a pair's
 //! first connection crosses the link as TLS to the tunnel port with its payload never in clear;
-//! `mode: tunnel` encrypts every connection and caches nothing; a destination without its agent
-//! makes the client's connection fail at once.
+//! `mode: tunnel` encrypts every connection and caches nothing; replicas sharing a pooled tunnel
+//! are each judged and delivered by their own address; a destination without its agent makes the
+//! client's connection fail at once.
 
 use latch::datapath::KernelMaps;
 use latch_common::Counter;
+use std::collections::HashSet;
+
 use latch_tests::{
-    AgentOptions, Cluster, NodeId, PodId, TwoNodes,
+    AgentOptions, Cluster, NodeId, PodId, PodSpec, TwoNodes,
     sniffer::{Sniffer, contains, tcp_segment},
 };
 
@@ -112,6 +115,90 @@ fn tunnel_mode_encrypts_every_connection_and_caches_nothing() {
             "nothing may be cached in tunnel mode"
         );
     }
+}
+
+#[test]
+fn replicas_sharing_a_pooled_tunnel_are_each_judged_and_delivered_by_their_own_address() {
+    // Two replicas of prod/frontend on node 1 share the pair's pooled tunnel, which the first
+    // one's connection dials from its own netns; the policy admits only the first's address.
+    let mut cluster = Cluster::new().expect("cluster");
+    let n1 = cluster.add_node().expect("node 1");
+    let n2 = cluster.add_node().expect("node 2");
+    let first = cluster
+        .add_pod(n1, PodSpec::mesh("frontend-a", "prod", "frontend"))
+        .expect("first replica");
+    let second = cluster
+        .add_pod(n1, PodSpec::mesh("frontend-b", "prod", "frontend"))
+        .expect("second replica");
+    let server = cluster
+        .add_pod(n2, PodSpec::mesh("payment", "prod", "payment"))
+        .expect("payment");
+    let [first_v4, first_v6] = cluster.pod(first).ips();
+    let policies = cluster.dir().join("policies");
+    std::fs::create_dir_all(&policies).expect("policy dir");
+    std::fs::write(
+        policies.join("first-replica-only.yaml"),
+        format!(
+            r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: first-replica-only
+  namespace: prod
+spec:
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/prod/sa/frontend"]
+        ipBlocks: ["{first_v4}/32", "{first_v6}/128"]
+"#
+        ),
+    )
+    .expect("policy");
+    let options = AgentOptions {
+        dataplane_mode: "tunnel".into(),
+        extra_yaml: format!("policies: [{}]\n", policies.display()),
+        ..AgentOptions::strict()
+    };
+    cluster.start_agent(n1, options.clone()).expect("agent 1");
+    cluster.start_agent(n2, options).expect("agent 2");
+    let echo = cluster.echo_server(server, PORT).expect("echo");
+    let to = cluster.pod(server).addr4(PORT);
+
+    let frames = on_the_wire(&cluster, || {
+        let r = cluster.probe(first, to, Some("a")).expect("probe");
+        assert!(
+            r.ok && r.echo.as_deref() == Some("a"),
+            "first replica: {r:?}"
+        );
+        let r = cluster.probe(second, to, Some("b")).expect("probe");
+        assert!(
+            r.echo.is_none() && (r.reset || !r.ok),
+            "the second replica's address is not allowed, though it rides the first's tunnel: {r:?}"
+        );
+        let r = cluster.probe(first, to, Some("c")).expect("probe");
+        assert!(
+            r.ok && r.echo.as_deref() == Some("c"),
+            "first replica: {r:?}"
+        );
+    });
+    let tunnels: HashSet<u16> = frames
+        .iter()
+        .filter_map(|f| tcp_segment(f))
+        .filter(|s| s.dst_port == TUNNEL_PORT)
+        .map(|s| s.src_port)
+        .collect();
+    assert_eq!(tunnels.len(), 1, "one pooled tunnel carries all three");
+    assert_eq!(
+        echo.peers().iter().map(|p| p.ip()).collect::<Vec<_>>(),
+        vec![first_v4, first_v4],
+        "the application sees the replica's own address"
+    );
+    assert_eq!(
+        maps(&cluster, n2).pending_deliveries(),
+        0,
+        "each announced delivery is consumed by its own SYN"
+    );
 }
 
 #[test]

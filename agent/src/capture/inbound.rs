@@ -3,8 +3,9 @@
 //! `STRICT` resets the connection (a reset, not a silent hang); `PERMISSIVE` and `DISABLE` let
 //! the authorization policy judge it as a source with no principal (by its address only). An
 //! admitted connection is delivered to the application from inside the pod's netns, from the
-//! loopback marker address (127.0.0.6 or ::1) that the inbound check lets through; if the policy
-//! depends on HTTP attributes, every request is decided on its own.
+//! client's own address as it would have arrived without the mesh (or, where the pod's routing
+//! does not allow that, from the loopback marker 127.0.0.6 or ::1); if the policy depends on HTTP
+//! attributes, every request is decided on its own.
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -27,11 +28,12 @@ use crate::{
         splice::reset,
         tracked::{ConnInfo, Tracker},
     },
-    verdicts::{Direction, decide},
+    verdicts::{Direction, SharedMaps, decide},
 };
 
-/// Source address of connections the agent delivers to an application over IPv4. Loopback
-/// sources can only originate inside the pod's netns, so the inbound check trusts them.
+/// Source address of connections the agent delivers to an application over IPv4 when it cannot
+/// deliver them from the client's own address. Loopback sources can only originate inside the
+/// pod's netns, so the inbound check trusts them.
 pub const DELIVERY_MARKER_V4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
 /// The same for IPv6.
 pub const DELIVERY_MARKER_V6: Ipv6Addr = Ipv6Addr::LOCALHOST;
@@ -39,6 +41,7 @@ pub const DELIVERY_MARKER_V6: Ipv6Addr = Ipv6Addr::LOCALHOST;
 pub struct InboundContext {
     pub workload: LocalWorkload,
     pub worker: Arc<NetnsWorker>,
+    pub maps: SharedMaps,
     pub state: SharedState,
     pub tracker: Tracker,
     pub metrics: Metrics,
@@ -96,7 +99,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &InboundContext) {
         decide::Outcome::Decided(j) => (false, j.policy, j.reason),
         decide::Outcome::Http => (true, String::new(), "decided per HTTP request".to_owned()),
     };
-    let app = match deliver(&ctx.worker, dst).await {
+    let app = match deliver(&ctx.worker, &ctx.maps, dst, Some(peer.ip())).await {
         Ok(app) => app,
         Err(e) => {
             tracing::info!(source = %peer, destination = %dst, error = %e, "inbound delivery failed");

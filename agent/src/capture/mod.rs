@@ -7,6 +7,7 @@
 //!   pair's verdict when the destination says it may be cached.
 //! - [`inbound`]: a steered plaintext inbound connection: PeerAuthentication, then policy.
 //! - [`tunneled`]: the destination side of HBONE: policy for the verified source, then delivery.
+//! - [`transparent`]: the pod's routing that lets deliveries come from the client's address.
 //! - [`carry`]: relaying an admitted connection (splice or per-request HTTP), tracked and logged.
 
 pub mod carry;
@@ -14,6 +15,7 @@ pub mod inbound;
 pub mod listeners;
 pub mod netns;
 pub mod outbound;
+pub mod transparent;
 pub mod tunneled;
 
 pub use listeners::PodListeners;

@@ -3,25 +3,38 @@
 //! exist. Listeners are opened by a thread that lives in the namespace ([`NetnsWorker::run`]);
 //! outbound sockets on the connection path are made by the calling thread itself, which enters
 //! the namespace for the one `socket()` call and returns at once ([`NetnsWorker::connect`]), so a
-//! connection never waits for a thread hop. Sockets bound to a fixed local address (deliveries
-//! to the pod's application) are made ahead of need ([`SPARES`]) when a delivered connection
-//! ends, so the next delivery usually finds one ready and goes straight to `connect()`.
+//! connection never waits for a thread hop. Sockets for deliveries to the pod's application
+//! (transparent and marked where the pod's routing allows, see [`super::transparent`]) are made
+//! ahead of need ([`SPARES`]) when a delivered connection ends, so the next delivery usually finds
+//! one ready and goes straight to `bind()` and `connect()`.
 
 use std::{
     fs::File,
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
-    sync::{Mutex, PoisonError, mpsc},
+    sync::{
+        Mutex, PoisonError,
+        atomic::{AtomicU16, Ordering},
+        mpsc,
+    },
 };
 
+use latch_common::DELIVERY_MARK;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+use super::transparent::{self, Transparent};
 
 type Job = Box<dyn FnOnce() + Send>;
 
-/// How many sockets bound to a fixed local address are kept ready (made again, all at once,
-/// when half of them are used).
+/// How many delivery sockets of a family are kept ready (made again, all at once, when half of
+/// them are used).
 pub const SPARES: usize = 4;
+
+/// The ports deliveries from clients' addresses take in turn (Linux's default ephemeral range).
+pub const DELIVERY_PORTS: std::ops::RangeInclusive<u16> = 32768..=60999;
+/// Ports tried for one delivery before it fails.
+const PORT_ATTEMPTS: usize = 8;
 
 /// Handle on the worker thread of one network namespace. The thread exits when this is dropped.
 pub struct NetnsWorker {
@@ -33,14 +46,17 @@ pub struct NetnsWorker {
 struct Namespace {
     path: PathBuf,
     file: File,
-    /// Sockets made ahead, all for the same family and local address.
+    /// Which families' deliveries may come from the client's own address.
+    transparent: Mutex<Transparent>,
+    /// Delivery sockets made ahead, all of the same family.
     spares: Mutex<Vec<Spare>>,
+    /// Turns through [`DELIVERY_PORTS`].
+    ports: AtomicU16,
 }
 
 struct Spare {
     socket: Socket,
     domain: Domain,
-    bind: SocketAddr,
 }
 
 /// The agent's own network namespace, for returning to it.
@@ -114,7 +130,10 @@ impl NetnsWorker {
             namespace: Namespace {
                 path: path.to_owned(),
                 file: netns,
+                transparent: Mutex::new(Transparent::default()),
                 spares: Mutex::new(Vec::new()),
+                // Somewhere else after each restart, away from the last run's recent ports.
+                ports: AtomicU16::new(std::process::id() as u16),
             },
         })
     }
@@ -153,57 +172,113 @@ impl NetnsWorker {
             .map_err(|_| io::Error::other("netns worker dropped a job"))
     }
 
-    /// Connect to `dst` from inside the namespace, optionally from a fixed local address. A
-    /// connection the kernel completed within `connect()` itself (the pod's own application,
-    /// over loopback) is used at once, without a round through the reactor.
-    pub async fn connect(
-        &self,
-        dst: SocketAddr,
-        bind: Option<SocketAddr>,
-    ) -> io::Result<tokio::net::TcpStream> {
-        let domain = Domain::for_address(dst);
-        let socket = match bind {
-            Some(bind) => match self.namespace.take_spare(domain, bind) {
-                Some(socket) => socket,
-                None => self.namespace.socket(domain, Some(bind))?,
-            },
-            None => self.namespace.socket(domain, None)?,
-        };
-        match socket.connect(&SockAddr::from(dst)) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-            Err(e) => return Err(e),
-        }
-        let stream = tokio::net::TcpStream::from_std(std::net::TcpStream::from(socket))?;
-        if stream.peer_addr().is_err() {
-            // Still connecting: writable once it is done, either way.
-            stream.writable().await?;
-            if let Some(e) = stream.take_error()? {
-                return Err(e);
-            }
-            stream.peer_addr()?;
-        }
-        Ok(stream)
+    /// Set up the pod's routing for deliveries from the clients' own addresses (see
+    /// [`super::transparent`]); until then, and for a family where that fails, deliveries come
+    /// from the loopback marker.
+    pub fn route_deliveries(&self) -> io::Result<Transparent> {
+        let path = self.namespace.path.clone();
+        let installed = self.run_blocking(move || transparent::install(&path))?;
+        *lock(&self.namespace.transparent) = installed;
+        // Spares made before were made for the old routing.
+        lock(&self.namespace.spares).clear();
+        Ok(installed)
     }
 
-    /// Make sockets for connections from `bind` to `dst`'s family ahead of need, up to
-    /// [`SPARES`]. Called once a delivered connection has ended, when no one waits for the
-    /// worker.
-    pub fn replenish(&self, dst: SocketAddr, bind: SocketAddr) {
-        if let Err(e) = self.namespace.replenish(Domain::for_address(dst), bind) {
+    /// Whether a delivery from `ip` can come from that address itself.
+    pub fn transparent_for(&self, ip: IpAddr) -> bool {
+        lock(&self.namespace.transparent).covers(ip)
+    }
+
+    /// Connect to `dst` from inside the namespace, from the address the kernel picks (the pod's
+    /// own, for a tunnel to another pod).
+    pub async fn connect(&self, dst: SocketAddr) -> io::Result<tokio::net::TcpStream> {
+        let socket = self.namespace.socket(Domain::for_address(dst), false)?;
+        connect(socket, dst).await
+    }
+
+    /// Deliver a connection to the application at `dst` from `from`: the client's address where
+    /// [`Self::transparent_for`] it, else a loopback marker. A delivery from a client's address
+    /// is passed to `announce` with its port before it connects.
+    ///
+    /// Where the family is transparent the port is chosen here, from [`DELIVERY_PORTS`] in turn
+    /// (`bind()` finding a free port itself would search ever longer among the ports its earlier
+    /// connections hold in `TIME_WAIT`); a four-tuple still in use makes it try the next one.
+    /// Otherwise `connect()` picks it.
+    pub async fn deliver(
+        &self,
+        dst: SocketAddr,
+        from: IpAddr,
+        announce: impl Fn(SocketAddr) -> io::Result<()>,
+    ) -> io::Result<tokio::net::TcpStream> {
+        let domain = Domain::for_address(dst);
+        let bind = |socket: &Socket, local: SocketAddr| {
+            socket.bind(&SockAddr::from(local)).map_err(|e| {
+                io::Error::new(e.kind(), format!("binding a delivery to {local}: {e}"))
+            })
+        };
+        if !self.namespace.transparent(domain) {
+            let socket = self.namespace.delivery_socket(domain)?;
+            bind(&socket, SocketAddr::new(from, 0))?;
+            return connect(socket, dst).await;
+        }
+        for _ in 0..PORT_ATTEMPTS {
+            let socket = self.namespace.delivery_socket(domain)?;
+            let local = SocketAddr::new(from, self.namespace.next_port());
+            match bind(&socket, local) {
+                Err(e) if e.kind() == io::ErrorKind::AddrInUse => continue,
+                other => other?,
+            }
+            if !from.is_loopback() {
+                announce(local)?;
+            }
+            match connect(socket, dst).await {
+                Err(e) if e.kind() == io::ErrorKind::AddrNotAvailable => continue,
+                connected => return connected,
+            }
+        }
+        Err(io::Error::new(
+            io::ErrorKind::AddrNotAvailable,
+            format!("no free port from {from} to {dst} in {PORT_ATTEMPTS} tries"),
+        ))
+    }
+
+    /// Make delivery sockets for `dst`'s family ahead of need, up to [`SPARES`]. Called once a
+    /// delivered connection has ended, when no one waits for the worker.
+    pub fn replenish(&self, dst: SocketAddr) {
+        if let Err(e) = self.namespace.replenish(Domain::for_address(dst)) {
             tracing::warn!(netns = %self.namespace.path.display(), error = %e, "making spare sockets");
         }
     }
 
-    /// How many sockets are ready for connections from `bind` to `dst`'s family.
+    /// How many delivery sockets are ready for `dst`'s family.
     #[cfg(test)]
-    pub fn spares(&self, dst: SocketAddr, bind: SocketAddr) -> usize {
+    pub fn spares(&self, dst: SocketAddr) -> usize {
         let domain = Domain::for_address(dst);
         lock(&self.namespace.spares)
             .iter()
-            .filter(|s| s.domain == domain && s.bind == bind)
+            .filter(|s| s.domain == domain)
             .count()
     }
+}
+
+/// Connect `socket` to `dst`. A connection the kernel completed within `connect()` itself (the
+/// pod's own application, over loopback) is used at once, without a round through the reactor.
+async fn connect(socket: Socket, dst: SocketAddr) -> io::Result<tokio::net::TcpStream> {
+    match socket.connect(&SockAddr::from(dst)) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let stream = tokio::net::TcpStream::from_std(std::net::TcpStream::from(socket))?;
+    if stream.peer_addr().is_err() {
+        // Still connecting: writable once it is done, either way.
+        stream.writable().await?;
+        if let Some(e) = stream.take_error()? {
+            return Err(e);
+        }
+        stream.peer_addr()?;
+    }
+    Ok(stream)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -211,21 +286,39 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Namespace {
-    /// A new TCP socket of `domain` inside the namespace, optionally bound to `bind`.
-    fn socket(&self, domain: Domain, bind: Option<SocketAddr>) -> io::Result<Socket> {
-        self.sockets(domain, bind, 1)?
+    /// Whether deliveries of `domain` may come from clients' addresses.
+    fn transparent(&self, domain: Domain) -> bool {
+        let t = *lock(&self.transparent);
+        if domain == Domain::IPV6 { t.v6 } else { t.v4 }
+    }
+
+    /// A delivery socket: one made ahead, or a new one.
+    fn delivery_socket(&self, domain: Domain) -> io::Result<Socket> {
+        match self.take_spare(domain) {
+            Some(socket) => Ok(socket),
+            None => self.socket(domain, true),
+        }
+    }
+
+    /// The next port of [`DELIVERY_PORTS`].
+    fn next_port(&self) -> u16 {
+        let span = DELIVERY_PORTS.end() - DELIVERY_PORTS.start() + 1;
+        DELIVERY_PORTS.start() + self.ports.fetch_add(1, Ordering::Relaxed) % span
+    }
+
+    /// A new TCP socket of `domain` inside the namespace; for a delivery, set up as
+    /// [`Self::sockets`] says.
+    fn socket(&self, domain: Domain, delivery: bool) -> io::Result<Socket> {
+        self.sockets(domain, delivery, 1)?
             .pop()
             .ok_or_else(|| io::Error::other("no socket made"))
     }
 
-    /// `n` new TCP sockets of `domain` inside the namespace (entered once for all of them),
-    /// optionally bound to `bind`.
-    fn sockets(
-        &self,
-        domain: Domain,
-        bind: Option<SocketAddr>,
-        n: usize,
-    ) -> io::Result<Vec<Socket>> {
+    /// `n` new TCP sockets of `domain` inside the namespace (entered once for all of them). A
+    /// delivery socket is transparent and marked where the pod's routing allows, to bind the
+    /// client's address (see [`NetnsWorker::deliver`]); else it gets its port from `connect()`,
+    /// unique per 4-tuple rather than per address (no port search at `bind()` time).
+    fn sockets(&self, domain: Domain, delivery: bool, n: usize) -> io::Result<Vec<Socket>> {
         let sockets = {
             let _inside = Entered::enter(&self.file)
                 .map_err(|e| annotate(e, "entering netns", &self.path))?;
@@ -234,47 +327,48 @@ impl Namespace {
                 .map(|_| Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP)))
                 .collect::<io::Result<Vec<_>>>()?
         };
+        let transparent = delivery && self.transparent(domain);
         for socket in &sockets {
             socket.set_tcp_nodelay(true)?;
-            if let Some(local) = bind {
-                // The port is chosen by connect(), unique per 4-tuple rather than per address:
-                // no port search at bind() time, and deliveries to different application ports
-                // share the marker address's ports.
-                if local.port() == 0 {
-                    // Best effort: without it, bind() picks the port as before.
-                    let _ = nix::sys::socket::setsockopt(
-                        socket,
-                        nix::sys::socket::sockopt::IpBindAddressNoPort,
-                        &true,
-                    );
+            if transparent {
+                if domain == Domain::IPV6 {
+                    socket.set_ip_transparent_v6(true)?;
+                } else {
+                    socket.set_ip_transparent_v4(true)?;
                 }
-                socket.bind(&SockAddr::from(local))?;
+                socket.set_mark(DELIVERY_MARK)?;
+                // Its port is chosen by the agent; one held in `TIME_WAIT` may be bound again
+                // (`connect()` still refuses a four-tuple in use).
+                socket.set_reuse_address(true)?;
+            } else if delivery {
+                // Best effort: without it, bind() picks the port.
+                let _ = nix::sys::socket::setsockopt(
+                    socket,
+                    nix::sys::socket::sockopt::IpBindAddressNoPort,
+                    &true,
+                );
             }
         }
         Ok(sockets)
     }
 
-    /// A socket made ahead for `bind`, if one is ready.
-    fn take_spare(&self, domain: Domain, bind: SocketAddr) -> Option<Socket> {
+    /// A delivery socket made ahead for `domain`, if one is ready.
+    fn take_spare(&self, domain: Domain) -> Option<Socket> {
         let mut spares = lock(&self.spares);
-        // Only one family and local address is kept: the one asked for last.
-        spares.retain(|s| s.domain == domain && s.bind == bind);
+        // Only one family is kept: the one asked for last.
+        spares.retain(|s| s.domain == domain);
         spares.pop().map(|s| s.socket)
     }
 
-    /// Make spares for `bind` up to [`SPARES`] once half or more are used, all with one visit to
-    /// the namespace.
-    fn replenish(&self, domain: Domain, bind: SocketAddr) -> io::Result<()> {
+    /// Make delivery sockets of `domain` up to [`SPARES`] once half or more are used, all with
+    /// one visit to the namespace.
+    fn replenish(&self, domain: Domain) -> io::Result<()> {
         let left = lock(&self.spares).len();
         if left > SPARES / 2 {
             return Ok(());
         }
-        let made = self.sockets(domain, Some(bind), SPARES - left)?;
-        lock(&self.spares).extend(made.into_iter().map(|socket| Spare {
-            socket,
-            domain,
-            bind,
-        }));
+        let made = self.sockets(domain, true, SPARES - left)?;
+        lock(&self.spares).extend(made.into_iter().map(|socket| Spare { socket, domain }));
         Ok(())
     }
 }
@@ -291,35 +385,38 @@ mod tests {
 
     #[tokio::test]
     async fn deliveries_use_sockets_made_ahead() {
-        // The agent's own namespace stands in for a pod's.
+        // The agent's own namespace stands in for a pod's (its routing is left alone: no
+        // `route_deliveries`, so deliveries are plain sockets bound to the marker).
         let worker = NetnsWorker::spawn(Path::new("/proc/self/ns/net")).expect("worker");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let dst = listener.local_addr().expect("address");
-        let marker: SocketAddr = "127.0.0.6:0".parse().expect("marker");
-        assert_eq!(worker.spares(dst, marker), 0, "none before the first");
+        let marker = IpAddr::from([127, 0, 0, 6]);
+        let never = |_| -> io::Result<()> { panic!("a delivery from the marker is not announced") };
+        assert!(!worker.transparent_for(marker), "not set up");
+        assert_eq!(worker.spares(dst), 0, "none before the first");
 
-        let first = worker.connect(dst, Some(marker)).await.expect("connect");
-        assert_eq!(worker.spares(dst, marker), 0, "made on the way");
-        worker.replenish(dst, marker);
-        assert_eq!(worker.spares(dst, marker), SPARES);
+        let first = worker.deliver(dst, marker, never).await.expect("connect");
+        assert_eq!(worker.spares(dst), 0, "made on the way");
+        worker.replenish(dst);
+        assert_eq!(worker.spares(dst), SPARES);
         let mut connections = vec![first];
         for taken in 1..=SPARES + 1 {
-            let stream = worker.connect(dst, Some(marker)).await.expect("connect");
+            let stream = worker.deliver(dst, marker, never).await.expect("connect");
             assert_eq!(
-                worker.spares(dst, marker),
+                worker.spares(dst),
                 SPARES.saturating_sub(taken),
                 "one taken each time, while there are any"
             );
             connections.push(stream);
         }
-        worker.replenish(dst, marker);
-        assert_eq!(worker.spares(dst, marker), SPARES, "all used: made again");
-        connections.push(worker.connect(dst, Some(marker)).await.expect("connect"));
-        worker.replenish(dst, marker);
+        worker.replenish(dst);
+        assert_eq!(worker.spares(dst), SPARES, "all used: made again");
+        connections.push(worker.deliver(dst, marker, never).await.expect("connect"));
+        worker.replenish(dst);
         assert_eq!(
-            worker.spares(dst, marker),
+            worker.spares(dst),
             SPARES - 1,
             "more than half left: nothing made"
         );
@@ -329,14 +426,10 @@ mod tests {
             .collect();
         for _ in &ours {
             let (_accepted, peer) = listener.accept().await.expect("accept");
-            assert_eq!(peer.ip(), IpAddr::from([127, 0, 0, 6]), "from the marker");
+            assert_eq!(peer.ip(), marker, "from the marker");
             assert!(ours.contains(&peer), "accepted one of ours: {peer}");
         }
         let v6: SocketAddr = "[::1]:9".parse().expect("v6");
-        assert_eq!(
-            worker.spares(v6, "[::1]:0".parse().expect("v6 marker")),
-            0,
-            "kept only for the family and address asked for"
-        );
+        assert_eq!(worker.spares(v6), 0, "kept only for the family asked for");
     }
 }

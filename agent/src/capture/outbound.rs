@@ -4,7 +4,8 @@
 //! the pod's netns cookie, the peer's port and the family, the `sock_ops` program has published the
 //! original destination. The connection is carried through an HBONE tunnel (HTTP/2 CONNECT over
 //! mutual TLS, dialled from inside the pod's netns so it leaves with the pod's own address) to the
-//! destination pod's tunnel port, proving both identities. Once the destination agent answers
+//! destination pod's tunnel port, proving both identities; the `CONNECT` names the pod's address
+//! (`Forwarded`), since other pods of the identity share the tunnel. Once the destination agent answers
 //! `200` and says its verdict holds for the identity pair, the pair's outbound allow is cached —
 //! bounded by both certificates' NotAfter and `verdictTtl` — so the next connection takes the
 //! kernel fast path; a cacheable `403` is cached as a short deny, so the next `connect()` fails
@@ -118,7 +119,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
     let trust_domain = config.trust_domain.clone();
     let expected = dst_id.clone();
     let dial = move || Dial {
-        tcp: Box::pin(async move { worker.connect(tunnel_endpoint, None).await }),
+        tcp: Box::pin(async move { worker.connect(tunnel_endpoint).await }),
         tls: client_config_with(resolver, current.bundle.to_vec(), &trust_domain, &expected)
             .map_err(|e| e.to_string()),
         client_not_after: current.svid.not_after,
@@ -135,8 +136,16 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
     let agrees = |allowed: bool| {
         decide::pair(&snapshot, &src_id, endpoint.identity.key(), dst.port()) == Some(allowed)
     };
+    // The client as a connection straight to the destination would show it: the pod's address
+    // of the destination's family, and the application socket's port.
+    let client = ctx
+        .workload
+        .ips
+        .iter()
+        .find(|ip| ip.is_ipv4() == dst.is_ipv4())
+        .map(|ip| SocketAddr::new(*ip, peer.port()));
     // The application's first bytes go out behind the CONNECT, before the answer.
-    let open = ctx.tunnel.open(&key, dst, dial, Some(&stream));
+    let open = ctx.tunnel.open(&key, dst, client, dial, Some(&stream));
     let opened = match open.await {
         Ok(opened) => opened,
         Err(e) => {

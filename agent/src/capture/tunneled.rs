@@ -2,8 +2,9 @@
 //! presenting the pod's current SVID. Each `CONNECT` must target one of the pod's own addresses
 //! and is decided by the pod's authorization policy for the verified source identity:
 //! - deny: `403`, and the answer says whether the source may cache the deny;
-//! - allow: the application is connected from inside the pod's netns (from the loopback marker
-//!   address) and the bytes are spliced; if the verdict holds for the whole identity pair it is
+//! - allow: the application is connected from inside the pod's netns, from the client's own
+//!   address (named by the source in `Forwarded` and confirmed by the registry; else the loopback
+//!   marker) and the bytes are spliced; if the verdict holds for the whole identity pair it is
 //!   cached — bounded by the client's and the pod's certificates' NotAfter and `verdictTtl` — so
 //!   the source's next direct connection is admitted by the kernel;
 //! - depends on HTTP attributes: the application is connected and every request is decided on
@@ -25,7 +26,7 @@ use super::{
 };
 use crate::{
     config::DataplaneMode,
-    identity::{IdentityKey, LocalWorkload, certs::CertStore},
+    identity::{IdentityKey, LocalWorkload, Registry, certs::CertStore},
     metrics::{Metrics, access},
     state::SharedState,
     tls::server_config_with,
@@ -33,12 +34,13 @@ use crate::{
         hbone::{Admission, BoxFuture, Caller, Inbound, serve_connection},
         tracked::{ConnInfo, Tracker},
     },
-    verdicts::{Direction, Pair, VerdictCache, decide},
+    verdicts::{Direction, Pair, SharedMaps, VerdictCache, decide, lock},
 };
 
 pub struct TunnelContext {
     pub workload: LocalWorkload,
     pub worker: Arc<NetnsWorker>,
+    pub maps: SharedMaps,
     pub cache: VerdictCache,
     pub state: SharedState,
     pub certs: Arc<CertStore>,
@@ -69,23 +71,72 @@ async fn handle(tcp: TcpStream, ctx: &Arc<TunnelContext>) -> io::Result<()> {
     serve_connection(tcp, tls, ctx.clone()).await
 }
 
-/// Connect to the application at `target` from inside the pod's netns, from the loopback
-/// marker address the inbound check lets through.
-pub async fn deliver(worker: &NetnsWorker, target: SocketAddr) -> io::Result<TcpStream> {
-    worker.connect(target, Some(marker(target))).await
+/// Connect to the application at `target` from inside the pod's netns, from the client's own
+/// address where the pod's routing allows it (as a connection straight from the client would
+/// arrive), else from the loopback marker. The inbound check lets the marker through, and a
+/// delivery from the client's address because it is announced in the kernel first.
+pub async fn deliver(
+    worker: &NetnsWorker,
+    maps: &SharedMaps,
+    target: SocketAddr,
+    client: Option<IpAddr>,
+) -> io::Result<TcpStream> {
+    let from = delivery_source(worker, target, client);
+    let announce = |local| {
+        lock(maps)
+            .announce_delivery(local, target)
+            .map_err(io::Error::other)
+    };
+    worker.deliver(target, from, announce).await
+}
+
+/// Where a delivery to `target` comes from: the client, unless it is the pod itself (a pod
+/// reaching its own address), of the other family, or the pod's routing does not allow it.
+fn delivery_source(worker: &NetnsWorker, target: SocketAddr, client: Option<IpAddr>) -> IpAddr {
+    match client.map(|ip| ip.to_canonical()) {
+        Some(ip)
+            if ip != target.ip()
+                && !ip.is_loopback()
+                && ip.is_ipv4() == target.is_ipv4()
+                && worker.transparent_for(ip) =>
+        {
+            ip
+        }
+        _ => marker(target),
+    }
 }
 
 /// A delivered connection to `target` has ended: make the sockets of the next deliveries now,
 /// while no connection waits for them.
 pub fn delivered(worker: &NetnsWorker, target: SocketAddr) {
-    worker.replenish(target, marker(target));
+    worker.replenish(target);
 }
 
-fn marker(target: SocketAddr) -> SocketAddr {
+fn marker(target: SocketAddr) -> IpAddr {
     match target.ip() {
-        IpAddr::V4(_) => SocketAddr::new(DELIVERY_MARKER_V4.into(), 0),
-        IpAddr::V6(_) => SocketAddr::new(DELIVERY_MARKER_V6.into(), 0),
+        IpAddr::V4(_) => DELIVERY_MARKER_V4.into(),
+        IpAddr::V6(_) => DELIVERY_MARKER_V6.into(),
     }
+}
+
+/// The client's address, for policy, logs and delivery: the one the source names for the stream
+/// (`Forwarded`) if the registry gives it the identity the certificate proved, else the tunnel
+/// connection's own; and whether the registry confirms it (only a confirmed address is given to
+/// the application as the connection's source).
+fn client_address(registry: &Registry, caller: &Caller) -> (SocketAddr, bool) {
+    let identity = IdentityKey::of(&caller.identity);
+    let confirms = |ip: &IpAddr| {
+        registry
+            .endpoint(ip)
+            .is_some_and(|e| e.identity.key() == identity)
+    };
+    if let Some(named) = caller.forwarded_for {
+        if confirms(&named.ip()) {
+            return (named, true);
+        }
+        tracing::info!(source = %caller.identity, named = %named, tunnel = %caller.address, "the registry does not give the address the source names to its identity; using the tunnel connection's");
+    }
+    (caller.address, confirms(&caller.address.ip()))
 }
 
 impl Inbound for TunnelContext {
@@ -116,12 +167,15 @@ impl TunnelContext {
     async fn decide(self: Arc<Self>, mut caller: Caller, target: SocketAddr) -> Admission {
         let target = super::canonical(target);
         caller.address = super::canonical(caller.address);
+        caller.forwarded_for = caller.forwarded_for.map(super::canonical);
         // Only this pod's own addresses: the tunnel is not a proxy to anywhere else.
         if !self.workload.ips.contains(&target.ip()) {
             self.refuse(&caller, target, "", "not an address of this workload");
             return Admission::Forbidden { cacheable: false };
         }
         let snapshot = self.state.get();
+        let confirmed;
+        (caller.address, confirmed) = client_address(&snapshot.registry, &caller);
         let source_ip = Some(caller.address.ip());
         let outcome = decide::connection(
             &snapshot,
@@ -156,7 +210,8 @@ impl TunnelContext {
                 "decided per HTTP request".to_owned(),
             ),
         };
-        let app = match deliver(&self.worker, target).await {
+        let from = confirmed.then_some(caller.address.ip());
+        let app = match deliver(&self.worker, &self.maps, target, from).await {
             Ok(app) => app,
             Err(e) => {
                 tracing::info!(source = %caller.identity, %target, error = %e, "application unreachable");
@@ -231,5 +286,68 @@ impl TunnelContext {
         if let Err(e) = self.cache.allow(pair, ttl.min(left)) {
             tracing::error!(error = %e, "caching inbound allow");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::Config;
+
+    const CONFIG: &str = r#"node: { name: n2, address: 10.244.0.2 }
+trustDomain: cluster.local
+cgroupRoot: /cg
+bpfPinDir: /sys/fs/bpf/x
+peers:
+  - { name: frontend-a, namespace: prod, serviceAccount: frontend, ips: [10.244.1.2], node: 10.244.0.1 }
+  - { name: frontend-b, namespace: prod, serviceAccount: frontend, ips: [10.244.1.3], node: 10.244.0.1 }
+  - { name: ledger, namespace: prod, serviceAccount: ledger, ips: [10.244.1.4], node: 10.244.0.1 }
+"#;
+
+    fn caller(tunnel: &str, forwarded_for: Option<&str>) -> Caller {
+        Caller {
+            identity: "spiffe://cluster.local/ns/prod/sa/frontend".into(),
+            address: tunnel.parse().expect("address"),
+            forwarded_for: forwarded_for.map(|a| a.parse().expect("address")),
+            not_after: SystemTime::now(),
+        }
+    }
+
+    #[test]
+    fn the_client_is_the_address_the_source_names_only_if_the_registry_agrees() {
+        let config = Config::from_yaml(Path::new("node.yaml"), CONFIG).expect("config");
+        let registry = Registry::from_config(&config).expect("registry");
+        let addr = |a: &str| a.parse::<SocketAddr>().expect("address");
+        assert_eq!(
+            client_address(
+                &registry,
+                &caller("10.244.1.2:50000", Some("10.244.1.3:41000"))
+            ),
+            (addr("10.244.1.3:41000"), true),
+            "another replica of the identity, riding the first one's tunnel"
+        );
+        assert_eq!(
+            client_address(&registry, &caller("10.244.1.2:50000", None)),
+            (addr("10.244.1.2:50000"), true),
+            "no Forwarded: the tunnel's own address"
+        );
+        assert_eq!(
+            client_address(
+                &registry,
+                &caller("10.244.1.2:50000", Some("10.244.1.4:41000"))
+            ),
+            (addr("10.244.1.2:50000"), true),
+            "an address of another identity is not believed"
+        );
+        assert_eq!(
+            client_address(
+                &registry,
+                &caller("10.244.1.9:50000", Some("10.244.1.8:41000"))
+            ),
+            (addr("10.244.1.9:50000"), false),
+            "addresses the registry does not know: judged by the tunnel's, delivered from the marker"
+        );
     }
 }

@@ -3,15 +3,15 @@
 //! `latch_common` key/value types.
 
 use std::{
-    net::{IpAddr, Ipv6Addr},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
     os::fd::AsRawFd,
     path::Path,
 };
 
 use aya::maps::{Array, HashMap, IterableMap as _, Map, MapData, PerCpuArray, SockHash};
 use latch_common::{
-    Counter, DECISION_ALLOW, DECISION_DENY, DatapathConfig, EndpointInfo, IpKey, OrigDst,
-    RedirectKey, VerdictKey, VerdictValue, WorkloadInfo, map_names,
+    Counter, DECISION_ALLOW, DECISION_DENY, DatapathConfig, DeliveryKey, EndpointInfo, IpKey,
+    OrigDst, RedirectKey, VerdictKey, VerdictValue, WorkloadInfo, map_names,
 };
 
 use super::{DatapathError, syscall, system};
@@ -68,6 +68,7 @@ pub struct KernelMaps {
     inbound_listeners: SockHash<MapData, IpKey>,
     config: Array<MapData, DatapathConfig>,
     counters: PerCpuArray<MapData, u64>,
+    deliveries: HashMap<MapData, DeliveryKey, u8>,
 }
 
 fn open(pin_dir: &Path, name: &'static str) -> Result<Map, DatapathError> {
@@ -97,6 +98,7 @@ impl KernelMaps {
             inbound_listeners: typed!(pin_dir, map_names::INBOUND_LISTENERS),
             config: typed!(pin_dir, map_names::CONFIG),
             counters: typed!(pin_dir, map_names::COUNTERS),
+            deliveries: typed!(pin_dir, map_names::DELIVERIES),
         })
     }
 
@@ -265,6 +267,31 @@ impl KernelMaps {
             self.inbound_listeners.remove(&ip_key(ip)),
             map_names::INBOUND_LISTENERS,
         )
+    }
+
+    // --- deliveries ----------------------------------------------------------------------------
+
+    /// Announce the connection `from` → `to` the agent is about to make inside a pod's netns, so
+    /// that the inbound check lets it through (once).
+    pub fn announce_delivery(
+        &mut self,
+        from: SocketAddr,
+        to: SocketAddr,
+    ) -> Result<(), DatapathError> {
+        let key = DeliveryKey {
+            remote: ip_key(from.ip()),
+            local: ip_key(to.ip()),
+            remote_port: from.port(),
+            local_port: to.port(),
+        };
+        self.deliveries
+            .insert(key, 1, 0)
+            .map_err(|e| DatapathError::map("writing", map_names::DELIVERIES, e))
+    }
+
+    /// Announced deliveries the inbound check has not seen yet.
+    pub fn pending_deliveries(&self) -> usize {
+        self.deliveries.keys().filter(Result::is_ok).count()
     }
 
     // --- counters ------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ use std::{
 };
 
 use latch_common::{
-    DECISION_ALLOW, MAX_ENDPOINTS, MAX_INBOUND_LISTENERS, MAX_REDIRECTS, MAX_VERDICTS,
-    MAX_WORKLOADS, map_names,
+    DECISION_ALLOW, MAX_DELIVERIES, MAX_ENDPOINTS, MAX_INBOUND_LISTENERS, MAX_REDIRECTS,
+    MAX_VERDICTS, MAX_WORKLOADS, map_names,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -138,6 +138,7 @@ impl Backend for AgentView {
         let workloads = maps.workloads().map_err(count_err)?.len() as u64;
         let endpoints = maps.endpoints().map_err(count_err)?.len() as u64;
         let (orig_dst, redirects) = maps.redirect_entries().map_err(count_err)?;
+        let deliveries = maps.pending_deliveries() as u64;
         drop(maps);
         let inner = self.published.lock();
         let now = SystemTime::now();
@@ -182,6 +183,7 @@ impl Backend for AgentView {
                         .sum(),
                     MAX_INBOUND_LISTENERS,
                 ),
+                map(map_names::DELIVERIES, deliveries, MAX_DELIVERIES),
             ],
             certificates,
             last_reload: inner.last_reload.clone().unwrap_or(ReloadStatus {

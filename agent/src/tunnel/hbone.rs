@@ -46,6 +46,7 @@ use tokio::net::TcpStream;
 
 use super::{
     answer::{AnswerClock, PendingAnswer},
+    forwarded,
     h2stream::H2Stream,
     splice::{poll_once, read_now},
 };
@@ -330,6 +331,7 @@ impl TunnelClient {
         &self,
         key: &PoolKey,
         authority: SocketAddr,
+        client: Option<SocketAddr>,
         dial: impl FnOnce() -> Dial,
         source: Option<&TcpStream>,
     ) -> Result<Opened, TunnelError> {
@@ -357,9 +359,13 @@ impl TunnelClient {
                 source,
             }
         };
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(Method::CONNECT)
-            .uri(authority.to_string())
+            .uri(authority.to_string());
+        if let Some(client) = client {
+            request = request.header(forwarded::FORWARDED, forwarded::header(client));
+        }
+        let request = request
             .body(())
             .map_err(|source| TunnelError::Request { authority, source })?;
         let exchange = async {
@@ -669,8 +675,12 @@ pub enum Admission {
 pub struct Caller {
     /// The client's verified SPIFFE ID.
     pub identity: Arc<str>,
-    /// The client's address (the source pod's, since tunnels are dialled from its netns).
+    /// The tunnel connection's source address: the pod that dialled it, from its netns. Other
+    /// pods of the same identity on that node share the connection.
     pub address: SocketAddr,
+    /// The address of the client of this stream, as the source says (`Forwarded`); to be
+    /// checked against the registry before it is believed.
+    pub forwarded_for: Option<SocketAddr>,
     /// NotAfter of the client's certificate: no verdict may outlive it.
     pub not_after: SystemTime,
 }
@@ -708,6 +718,7 @@ pub async fn serve_connection(
     let caller = Caller {
         identity: source.into(),
         address: peer,
+        forwarded_for: None,
         not_after: certs
             .first()
             .map(not_after)
@@ -772,7 +783,7 @@ fn refuse(mut respond: SendResponse<Bytes>, response: Response<()>) {
 async fn handle_connect(
     request: Request<RecvStream>,
     respond: SendResponse<Bytes>,
-    caller: Caller,
+    mut caller: Caller,
     inbound: Arc<dyn Inbound>,
     clock: AnswerClock,
 ) {
@@ -786,6 +797,15 @@ async fn handle_connect(
     else {
         return refuse(respond, status(StatusCode::BAD_REQUEST));
     };
+    if let Some(value) = request.headers().get(forwarded::FORWARDED) {
+        match forwarded::parse(value) {
+            Ok(client) => caller.forwarded_for = Some(client),
+            Err(e) => {
+                tracing::info!(source = %caller.identity, %target, error = %e, "CONNECT refused");
+                return refuse(respond, status(StatusCode::BAD_REQUEST));
+            }
+        }
+    }
     match inbound.admit(caller, target).await {
         Admission::Admit { cacheable, carry } => {
             // The 200 goes with the application's first bytes (see `answer`).

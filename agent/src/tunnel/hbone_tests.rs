@@ -173,7 +173,7 @@ async fn tunnel_captured(
     captured: TcpStream,
 ) -> tokio::task::JoinHandle<std::io::Result<Transferred>> {
     let opened = TunnelClient::new()
-        .open(&key(f), app, dialer(f, PAYMENT), Some(&captured))
+        .open(&key(f), app, None, dialer(f, PAYMENT), Some(&captured))
         .await
         .expect("tunnel");
     tokio::spawn(splice(opened.stream, captured))
@@ -185,7 +185,7 @@ async fn bytes_and_half_close_cross_the_tunnel_and_connections_are_pooled() {
     let client = TunnelClient::new();
     for (i, payload) in ["first", "second", "third"].iter().enumerate() {
         let mut opened = client
-            .open(&key(&f), f.app, dialer(&f, PAYMENT), None)
+            .open(&key(&f), f.app, None, dialer(&f, PAYMENT), None)
             .await
             .expect("tunnel");
         assert_eq!(opened.new_connection, i == 0, "only the first stream dials");
@@ -306,7 +306,7 @@ async fn a_pooled_connection_that_stops_answering_times_out_and_leaves_the_pool(
     // The limit is what is under test, not a wait for something else.
     let client = TunnelClient::new().with_open_timeout(Duration::from_millis(300));
     let opened = client
-        .open(&key(&f), f.app, dialer(&f, PAYMENT), None)
+        .open(&key(&f), f.app, None, dialer(&f, PAYMENT), None)
         .await
         .expect("tunnel");
     drop(opened);
@@ -314,7 +314,7 @@ async fn a_pooled_connection_that_stops_answering_times_out_and_leaves_the_pool(
 
     f.inbound.stuck.store(true, Ordering::SeqCst);
     let err = client
-        .open(&key(&f), f.app, dialer(&f, PAYMENT), None)
+        .open(&key(&f), f.app, None, dialer(&f, PAYMENT), None)
         .await
         .err()
         .expect("no answer");
@@ -327,7 +327,7 @@ async fn a_pooled_connection_that_stops_answering_times_out_and_leaves_the_pool(
 
     f.inbound.stuck.store(false, Ordering::SeqCst);
     let opened = client
-        .open(&key(&f), f.app, dialer(&f, PAYMENT), None)
+        .open(&key(&f), f.app, None, dialer(&f, PAYMENT), None)
         .await
         .expect("tunnel again");
     assert!(opened.new_connection, "a new connection was dialled");
@@ -338,7 +338,7 @@ async fn a_pooled_connection_that_stops_answering_times_out_and_leaves_the_pool(
 async fn a_policy_deny_is_403() {
     let f = fixture("deny", false, PAYMENT).await;
     let err = TunnelClient::new()
-        .open(&key(&f), f.app, dialer(&f, PAYMENT), None)
+        .open(&key(&f), f.app, None, dialer(&f, PAYMENT), None)
         .await
         .err()
         .expect("denied");
@@ -362,7 +362,7 @@ async fn an_unreachable_application_is_503() {
     let gone = closed.local_addr().expect("addr");
     drop(closed);
     let err = TunnelClient::new()
-        .open(&key(&f), gone, dialer(&f, PAYMENT), None)
+        .open(&key(&f), gone, None, dialer(&f, PAYMENT), None)
         .await
         .err()
         .expect("503");
@@ -377,7 +377,7 @@ async fn a_server_with_another_identity_is_refused() {
     let f = fixture("impostor", true, "spiffe://cluster.local/ns/prod/sa/ledger").await;
     let client = TunnelClient::new();
     let err = client
-        .open(&key(&f), f.app, dialer(&f, PAYMENT), None)
+        .open(&key(&f), f.app, None, dialer(&f, PAYMENT), None)
         .await
         .err()
         .expect("refused");
@@ -398,7 +398,7 @@ async fn a_busy_pair_spreads_over_connections_up_to_one_per_cpu_and_shrinks_back
     for _ in 0..=super::hbone::SPREAD_AT {
         open.push(
             client
-                .open(&key(&f), f.app, dialer(&f, PAYMENT), None)
+                .open(&key(&f), f.app, None, dialer(&f, PAYMENT), None)
                 .await
                 .expect("tunnel"),
         );
@@ -417,7 +417,7 @@ async fn a_busy_pair_spreads_over_connections_up_to_one_per_cpu_and_shrinks_back
         "once idle, the burst's extra connections leave the pool"
     );
     let again = client
-        .open(&key(&f), f.app, dialer(&f, PAYMENT), None)
+        .open(&key(&f), f.app, None, dialer(&f, PAYMENT), None)
         .await
         .expect("tunnel");
     assert!(
@@ -442,7 +442,7 @@ async fn an_application_that_says_nothing_is_still_answered() {
     // the test's own limit is far beyond that.
     let opened = tokio::time::timeout(
         Duration::from_secs(10),
-        TunnelClient::new().open(&key(&f), silent, dialer(&f, PAYMENT), None),
+        TunnelClient::new().open(&key(&f), silent, None, dialer(&f, PAYMENT), None),
     )
     .await
     .expect("answered without the application's bytes")

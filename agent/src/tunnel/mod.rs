@@ -1,9 +1,11 @@
 //! Carrying bytes between the two sides of a connection: [`splice`] relays between two streams,
-//! [`hbone`] is the HBONE tunnel between agents (HTTP/2 CONNECT over mutual TLS), [`http`]
+//! [`hbone`] is the HBONE tunnel between agents (HTTP/2 CONNECT over mutual TLS, the client's
+//! address in [`forwarded`]), [`http`]
 //! enforces per-request (L7) policy inside a carried connection, and [`tracked`] lists the
 //! connections being carried, counts their bytes and closes the ones policy no longer allows.
 
 pub mod answer;
+pub mod forwarded;
 pub mod h2stream;
 pub mod hbone;
 pub mod http;

@@ -1,0 +1,168 @@
+//! Routing inside one pod's network namespace that lets the agent deliver a connection to the
+//! application from the client's own address, as a connection straight from the client (the
+//! kernel fast path) arrives; without it the application would see the loopback marker.
+//!
+//! A delivery socket is transparent (`IP_TRANSPARENT`, so it may bind an address the pod does not
+//! have) and carries [`DELIVERY_MARK`]. In the pod's netns the agent sets, once per pod:
+//! - `net.ipv4.tcp_fwmark_accept = 1`: the application's accepted socket takes the mark of the
+//!   SYN it answers (IPv4 and IPv6 alike);
+//! - `ip rule add fwmark DELIVERY_MARK lookup DELIVERY_TABLE` and
+//!   `ip route add local default dev lo table DELIVERY_TABLE`, for each family: marked packets,
+//!   the delivery's and the application's answers, are delivered locally over loopback, so the
+//!   answer to "the client" reaches the agent's socket instead of leaving by the pod's interface.
+//!
+//! Unmarked traffic is untouched. What is set stays in the netns (it only ever matches the
+//! agent's mark); setting it again finds it in place. A family that cannot be set up falls back
+//! to the marker address, with a warning.
+
+use std::{io, net::IpAddr, path::Path};
+
+use latch_common::{DELIVERY_MARK, DELIVERY_RULE_PRIORITY, DELIVERY_TABLE, LOOPBACK_IFINDEX};
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage,
+    NetlinkPayload,
+};
+use netlink_packet_route::{
+    AddressFamily, RouteNetlinkMessage,
+    route::{RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType},
+    rule::{RuleAction, RuleAttribute, RuleMessage},
+};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+
+/// The families whose deliveries may come from the client's own address in one pod.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Transparent {
+    pub v4: bool,
+    pub v6: bool,
+}
+
+impl Transparent {
+    /// Whether a delivery from `ip` can use it.
+    pub fn covers(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(_) => self.v4,
+            IpAddr::V6(_) => self.v6,
+        }
+    }
+}
+
+const FWMARK_ACCEPT: &str = "/proc/sys/net/ipv4/tcp_fwmark_accept";
+
+/// Set the routing up in the calling thread's network namespace (a pod's netns worker); `netns`
+/// only names it in warnings.
+pub fn install(netns: &Path) -> Transparent {
+    let warn = |what: &str, e: &io::Error| {
+        tracing::warn!(netns = %netns.display(), error = %e, "{what}; deliveries there come from the loopback marker instead of the client's address");
+    };
+    // The sysctl is per network namespace: the thread's own, as it opens the file.
+    if let Err(e) = std::fs::write(FWMARK_ACCEPT, "1") {
+        warn(&format!("setting {FWMARK_ACCEPT}"), &e);
+        return Transparent::default();
+    }
+    let mut socket = match Routes::open() {
+        Ok(socket) => socket,
+        Err(e) => {
+            warn("opening a netlink socket", &e);
+            return Transparent::default();
+        }
+    };
+    let mut family = |family: AddressFamily, name: &str| match socket.install(family) {
+        Ok(()) => true,
+        Err(e) => {
+            warn(&format!("{name} delivery routing"), &e);
+            false
+        }
+    };
+    Transparent {
+        v4: family(AddressFamily::Inet, "IPv4"),
+        v6: family(AddressFamily::Inet6, "IPv6"),
+    }
+}
+
+/// A route netlink socket in the calling thread's namespace.
+struct Routes {
+    socket: Socket,
+    sequence: u32,
+}
+
+impl Routes {
+    fn open() -> io::Result<Self> {
+        let mut socket = Socket::new(NETLINK_ROUTE)?;
+        socket.bind_auto()?;
+        socket.connect(&SocketAddr::new(0, 0))?;
+        Ok(Self {
+            socket,
+            sequence: 0,
+        })
+    }
+
+    fn install(&mut self, family: AddressFamily) -> io::Result<()> {
+        let mut rule = RuleMessage::default();
+        rule.header.family = family;
+        rule.header.action = RuleAction::ToTable;
+        rule.attributes = vec![
+            RuleAttribute::Priority(DELIVERY_RULE_PRIORITY),
+            RuleAttribute::FwMark(DELIVERY_MARK),
+            RuleAttribute::Table(DELIVERY_TABLE),
+        ];
+        self.create(RouteNetlinkMessage::NewRule(rule))
+            .map_err(|e| io::Error::new(e.kind(), format!("adding the fwmark rule: {e}")))?;
+
+        let mut route = RouteMessage::default();
+        route.header.address_family = family;
+        route.header.table = RouteHeader::RT_TABLE_UNSPEC;
+        route.header.protocol = RouteProtocol::Static;
+        route.header.scope = RouteScope::Host;
+        route.header.kind = RouteType::Local;
+        route.attributes = vec![
+            RouteAttribute::Table(DELIVERY_TABLE),
+            RouteAttribute::Oif(LOOPBACK_IFINDEX),
+        ];
+        self.create(RouteNetlinkMessage::NewRoute(route))
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("adding `local default dev lo table {DELIVERY_TABLE}`: {e}"),
+                )
+            })
+    }
+
+    /// Send one create request and wait for its acknowledgement; already there counts as done.
+    fn create(&mut self, message: RouteNetlinkMessage) -> io::Result<()> {
+        self.sequence += 1;
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
+        header.sequence_number = self.sequence;
+        let mut request = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(message));
+        request.finalize();
+        let mut buf = vec![0; request.buffer_len()];
+        request.serialize(&mut buf);
+        self.socket.send(&buf, 0)?;
+        loop {
+            let (reply, _) = self.socket.recv_from_full()?;
+            let mut at = 0;
+            while at < reply.len() {
+                let message = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&reply[at..])
+                    .map_err(|e| {
+                        io::Error::new(io::ErrorKind::InvalidData, format!("netlink reply: {e}"))
+                    })?;
+                let length = message.header.length as usize;
+                if length == 0 {
+                    break;
+                }
+                // Messages in one datagram start at 4-byte boundaries.
+                at += length.next_multiple_of(4);
+                if message.header.sequence_number != self.sequence {
+                    continue;
+                }
+                if let NetlinkPayload::Error(e) = message.payload {
+                    return match e.code {
+                        None => Ok(()),
+                        Some(code) if -code.get() == libc::EEXIST => Ok(()),
+                        Some(_) => Err(e.to_io()),
+                    };
+                }
+            }
+        }
+    }
+}
