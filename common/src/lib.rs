@@ -32,8 +32,8 @@ pub mod map_names {
     pub const CONFIG: &str = "LATCH_CONFIG";
     /// Per-CPU `u64` counters, indexed by [`crate::Counter`].
     pub const COUNTERS: &str = "LATCH_COUNTERS";
-    /// [`crate::DeliveryKey`] → `u8`: connections the agent is about to deliver to a pod's
-    /// application from the client's own address; the inbound check lets each through once (LRU).
+    /// [`crate::DeliveryKey`] → `u8`: connections the agent delivers to a pod's application
+    /// from the client's own address, while they live; the inbound check lets them through (LRU).
     pub const DELIVERIES: &str = "LATCH_DELIVERIES";
 
     pub const ALL: [&str; 9] = [
@@ -79,8 +79,9 @@ pub const MAX_ENDPOINTS: u32 = 1 << 16;
 pub const MAX_REDIRECTS: u32 = 1 << 18;
 /// Inbound listeners: one per local pod IP.
 pub const MAX_INBOUND_LISTENERS: u32 = 1 << 12;
-/// Deliveries announced and not yet seen by the inbound check (LRU: one whose SYN never came
-/// ages out).
+/// Deliveries from clients' addresses alive at once. LRU: an entry only matters until its SYN is
+/// answered, so evicting a live connection's is harmless, and one the agent died before
+/// withdrawing ages out.
 pub const MAX_DELIVERIES: u32 = 1 << 14;
 /// Depth of cgroup ancestors the connect programs walk to find an enrolled workload (a pod cgroup
 /// with container cgroups below it).

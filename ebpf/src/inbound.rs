@@ -6,7 +6,7 @@
 //!   from the client's own address; the kernel drops packets with loopback sources arriving on
 //!   any other interface, so no remote peer can forge it.
 //! - announced in `LATCH_DELIVERIES` (the agent's delivery from the client's own address, by its
-//!   exact four-tuple): delivered normally, once; the entry is consumed.
+//!   exact four-tuple, for as long as that connection lives): delivered normally.
 //! - to the tunnel port: delivered normally (the agent's HBONE listener is there).
 //! - with a fresh inbound allow for (source identity by IP, pod identity, port): delivered normally.
 //! - with a fresh inbound deny: reset.
@@ -114,7 +114,6 @@ pub fn latch_inbound(ctx: SkLookupContext) -> u32 {
         local_port,
     };
     if LATCH_DELIVERIES.get_ptr(delivery).is_some() {
-        let _ = LATCH_DELIVERIES.remove(delivery);
         return PASS;
     }
     let Some(pod) = LATCH_ENDPOINTS.get_ptr(local) else {

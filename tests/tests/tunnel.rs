@@ -6,10 +6,10 @@
 
 use latch::datapath::KernelMaps;
 use latch_common::Counter;
-use std::collections::HashSet;
+use std::{collections::HashSet, time::Duration};
 
 use latch_tests::{
-    AgentOptions, Cluster, NodeId, PodId, PodSpec, TwoNodes,
+    AgentOptions, Cluster, NodeId, PodId, PodSpec, TwoNodes, eventually,
     sniffer::{Sniffer, contains, tcp_segment},
 };
 
@@ -194,10 +194,31 @@ spec:
         vec![first_v4, first_v4],
         "the application sees the replica's own address"
     );
-    assert_eq!(
-        maps(&cluster, n2).pending_deliveries(),
-        0,
-        "each announced delivery is consumed by its own SYN"
+    let pending = || maps(&cluster, n2).pending_deliveries();
+    assert!(
+        eventually(Duration::from_secs(10), || pending() == 0),
+        "each delivery is withdrawn once its connection ended: {} left",
+        pending()
+    );
+
+    // While a delivered connection lives, its four-tuple stays announced to the inbound check.
+    let pipe = cluster
+        .open_pipe(first, to, b"open ", n2)
+        .expect("open connection");
+    // (`open_pipe` may return on the previous connection's closing log line: wait for it.)
+    assert!(
+        eventually(Duration::from_secs(10), || maps(&cluster, n2)
+            .pending_deliveries()
+            == 1),
+        "announced while it lives"
+    );
+    let r = pipe.finish(b"and closed").expect("finish");
+    assert_eq!(r.echo.as_deref(), Some("open and closed"), "{r:?}");
+    assert!(
+        eventually(Duration::from_secs(10), || maps(&cluster, n2)
+            .pending_deliveries()
+            == 0),
+        "withdrawn when it ended"
     );
 }
 

@@ -99,8 +99,8 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &InboundContext) {
         decide::Outcome::Decided(j) => (false, j.policy, j.reason),
         decide::Outcome::Http => (true, String::new(), "decided per HTTP request".to_owned()),
     };
-    let app = match deliver(&ctx.worker, &ctx.maps, dst, Some(peer.ip())).await {
-        Ok(app) => app,
+    let (app, announced) = match deliver(&ctx.worker, &ctx.maps, dst, Some(peer.ip())).await {
+        Ok(delivered) => delivered,
         Err(e) => {
             tracing::info!(source = %peer, destination = %dst, error = %e, "inbound delivery failed");
             reset(&stream);
@@ -139,5 +139,6 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &InboundContext) {
         })
         .await
     }
+    drop(announced);
     delivered(&ctx.worker, dst);
 }

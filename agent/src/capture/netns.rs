@@ -198,18 +198,19 @@ impl NetnsWorker {
 
     /// Deliver a connection to the application at `dst` from `from`: the client's address where
     /// [`Self::transparent_for`] it, else a loopback marker. A delivery from a client's address
-    /// is passed to `announce` with its port before it connects.
+    /// is passed to `announce` with its port before it connects; what that returns (dropped
+    /// should this attempt fail) comes back with the connection.
     ///
     /// Where the family is transparent the port is chosen here, from [`DELIVERY_PORTS`] in turn
     /// (`bind()` finding a free port itself would search ever longer among the ports its earlier
     /// connections hold in `TIME_WAIT`); a four-tuple still in use makes it try the next one.
     /// Otherwise `connect()` picks it.
-    pub async fn deliver(
+    pub async fn deliver<A>(
         &self,
         dst: SocketAddr,
         from: IpAddr,
-        announce: impl Fn(SocketAddr) -> io::Result<()>,
-    ) -> io::Result<tokio::net::TcpStream> {
+        announce: impl Fn(SocketAddr) -> io::Result<A>,
+    ) -> io::Result<(tokio::net::TcpStream, Option<A>)> {
         let domain = Domain::for_address(dst);
         let bind = |socket: &Socket, local: SocketAddr| {
             socket.bind(&SockAddr::from(local)).map_err(|e| {
@@ -219,7 +220,7 @@ impl NetnsWorker {
         if !self.namespace.transparent(domain) {
             let socket = self.namespace.delivery_socket(domain)?;
             bind(&socket, SocketAddr::new(from, 0))?;
-            return connect(socket, dst).await;
+            return Ok((connect(socket, dst).await?, None));
         }
         for _ in 0..PORT_ATTEMPTS {
             let socket = self.namespace.delivery_socket(domain)?;
@@ -228,12 +229,14 @@ impl NetnsWorker {
                 Err(e) if e.kind() == io::ErrorKind::AddrInUse => continue,
                 other => other?,
             }
-            if !from.is_loopback() {
-                announce(local)?;
-            }
+            let announced = if from.is_loopback() {
+                None
+            } else {
+                Some(announce(local)?)
+            };
             match connect(socket, dst).await {
                 Err(e) if e.kind() == io::ErrorKind::AddrNotAvailable => continue,
-                connected => return connected,
+                connected => return Ok((connected?, announced)),
             }
         }
         Err(io::Error::new(
@@ -397,13 +400,13 @@ mod tests {
         assert!(!worker.transparent_for(marker), "not set up");
         assert_eq!(worker.spares(dst), 0, "none before the first");
 
-        let first = worker.deliver(dst, marker, never).await.expect("connect");
+        let (first, _) = worker.deliver(dst, marker, never).await.expect("connect");
         assert_eq!(worker.spares(dst), 0, "made on the way");
         worker.replenish(dst);
         assert_eq!(worker.spares(dst), SPARES);
         let mut connections = vec![first];
         for taken in 1..=SPARES + 1 {
-            let stream = worker.deliver(dst, marker, never).await.expect("connect");
+            let (stream, _) = worker.deliver(dst, marker, never).await.expect("connect");
             assert_eq!(
                 worker.spares(dst),
                 SPARES.saturating_sub(taken),
@@ -413,7 +416,7 @@ mod tests {
         }
         worker.replenish(dst);
         assert_eq!(worker.spares(dst), SPARES, "all used: made again");
-        connections.push(worker.deliver(dst, marker, never).await.expect("connect"));
+        connections.push(worker.deliver(dst, marker, never).await.expect("connect").0);
         worker.replenish(dst);
         assert_eq!(
             worker.spares(dst),

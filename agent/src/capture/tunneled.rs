@@ -74,20 +74,46 @@ async fn handle(tcp: TcpStream, ctx: &Arc<TunnelContext>) -> io::Result<()> {
 /// Connect to the application at `target` from inside the pod's netns, from the client's own
 /// address where the pod's routing allows it (as a connection straight from the client would
 /// arrive), else from the loopback marker. The inbound check lets the marker through, and a
-/// delivery from the client's address because it is announced in the kernel first.
+/// delivery from the client's address for as long as the returned [`Announced`] is kept.
 pub async fn deliver(
     worker: &NetnsWorker,
     maps: &SharedMaps,
     target: SocketAddr,
     client: Option<IpAddr>,
-) -> io::Result<TcpStream> {
+) -> io::Result<(TcpStream, Option<Announced>)> {
     let from = delivery_source(worker, target, client);
-    let announce = |local| {
-        lock(maps)
-            .announce_delivery(local, target)
-            .map_err(io::Error::other)
-    };
+    let announce = |local| Announced::new(maps, local, target);
     worker.deliver(target, from, announce).await
+}
+
+/// A delivery from `from` to `to` announced to the inbound check (`LATCH_DELIVERIES`); withdrawn
+/// when dropped, once the delivered connection has ended (while it lives its four-tuple is taken,
+/// so nothing else can use the entry).
+pub struct Announced {
+    maps: SharedMaps,
+    from: SocketAddr,
+    to: SocketAddr,
+}
+
+impl Announced {
+    fn new(maps: &SharedMaps, from: SocketAddr, to: SocketAddr) -> io::Result<Self> {
+        lock(maps)
+            .announce_delivery(from, to)
+            .map_err(io::Error::other)?;
+        Ok(Self {
+            maps: maps.clone(),
+            from,
+            to,
+        })
+    }
+}
+
+impl Drop for Announced {
+    fn drop(&mut self) {
+        if let Err(e) = lock(&self.maps).withdraw_delivery(self.from, self.to) {
+            tracing::warn!(from = %self.from, to = %self.to, error = %e, "withdrawing an announced delivery");
+        }
+    }
 }
 
 /// Where a delivery to `target` comes from: the client, unless it is the pod itself (a pod
@@ -211,8 +237,8 @@ impl TunnelContext {
             ),
         };
         let from = confirmed.then_some(caller.address.ip());
-        let app = match deliver(&self.worker, &self.maps, target, from).await {
-            Ok(app) => app,
+        let (app, announced) = match deliver(&self.worker, &self.maps, target, from).await {
+            Ok(delivered) => delivered,
             Err(e) => {
                 tracing::info!(source = %caller.identity, %target, error = %e, "application unreachable");
                 return Admission::Unreachable;
@@ -256,6 +282,7 @@ impl TunnelContext {
                         })
                         .await
                     }
+                    drop(announced);
                     delivered(&ctx.worker, target);
                 })
             }),

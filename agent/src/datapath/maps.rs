@@ -49,6 +49,15 @@ pub fn ip_key(ip: IpAddr) -> IpKey {
     }
 }
 
+fn delivery_key(from: SocketAddr, to: SocketAddr) -> DeliveryKey {
+    DeliveryKey {
+        remote: ip_key(from.ip()),
+        local: ip_key(to.ip()),
+        remote_port: from.port(),
+        local_port: to.port(),
+    }
+}
+
 /// The address a map key stands for (mapped addresses come back as IPv4).
 pub fn ip_from_key(key: &IpKey) -> IpAddr {
     let v6 = Ipv6Addr::from(key.addr);
@@ -272,24 +281,30 @@ impl KernelMaps {
     // --- deliveries ----------------------------------------------------------------------------
 
     /// Announce the connection `from` → `to` the agent is about to make inside a pod's netns, so
-    /// that the inbound check lets it through (once).
+    /// that the inbound check lets it through.
     pub fn announce_delivery(
         &mut self,
         from: SocketAddr,
         to: SocketAddr,
     ) -> Result<(), DatapathError> {
-        let key = DeliveryKey {
-            remote: ip_key(from.ip()),
-            local: ip_key(to.ip()),
-            remote_port: from.port(),
-            local_port: to.port(),
-        };
         self.deliveries
-            .insert(key, 1, 0)
+            .insert(delivery_key(from, to), 1, 0)
             .map_err(|e| DatapathError::map("writing", map_names::DELIVERIES, e))
     }
 
-    /// Announced deliveries the inbound check has not seen yet.
+    /// The delivery `from` → `to` has ended.
+    pub fn withdraw_delivery(
+        &mut self,
+        from: SocketAddr,
+        to: SocketAddr,
+    ) -> Result<(), DatapathError> {
+        remove_if_present(
+            self.deliveries.remove(&delivery_key(from, to)),
+            map_names::DELIVERIES,
+        )
+    }
+
+    /// Deliveries announced and not withdrawn.
     pub fn pending_deliveries(&self) -> usize {
         self.deliveries.keys().filter(Result::is_ok).count()
     }
