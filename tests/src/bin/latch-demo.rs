@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 
 use latch::datapath::KernelMaps;
 use latch_common::Counter;
-use latch_tests::{AgentOptions, Cluster, NodeId, PodId, PodSpec, ProbeResult};
+use latch_tests::{AgentOptions, Cluster, NodeId, PodId, PodSpec, ProbeResult, server::EchoServer};
 
 struct Row {
     from: String,
@@ -105,6 +105,8 @@ fn outcome(r: &ProbeResult, sent: &str) -> String {
 struct Demo {
     cluster: Cluster,
     rows: Vec<Row>,
+    /// The applications, by pod and port, to say where they saw each connection come from.
+    servers: Vec<(PodId, u16, EchoServer)>,
 }
 
 impl Demo {
@@ -136,6 +138,16 @@ impl Demo {
     fn send(&mut self, from: PodId, to: SocketAddr, sent: &str, what: &str) -> anyhow::Result<()> {
         let nodes: Vec<NodeId> = self.cluster.nodes().map(|(id, _)| id).collect();
         let before: Vec<_> = nodes.iter().map(|n| counters(&self.cluster, *n)).collect();
+        let target = self
+            .cluster
+            .nodes()
+            .flat_map(|(_, n)| n.pods.clone())
+            .find(|p| self.cluster.pod(*p).ips().contains(&to.ip()));
+        let server = self
+            .servers
+            .iter()
+            .find(|(pod, port, _)| Some(*pod) == target && *port == to.port());
+        let seen = server.map_or(0, |(_, _, s)| s.accepted());
         let r = self.cluster.probe(from, to, Some(sent))?;
         let mut path = Vec::new();
         for (i, node) in nodes.iter().enumerate() {
@@ -147,18 +159,21 @@ impl Demo {
         if path.is_empty() {
             path.push("untouched".to_owned());
         }
-        let target = self
-            .cluster
-            .nodes()
-            .flat_map(|(_, n)| n.pods.clone())
-            .find(|p| self.cluster.pod(*p).ips().contains(&to.ip()))
-            .map(|p| self.name(p))
-            .unwrap_or_default();
+        let mut result = outcome(&r, sent);
+        if let Some((_, _, server)) = server
+            && server.accepted() > seen
+            && let Some(source) = server.peers().last()
+        {
+            result.push_str(&format!(", app saw {}", source.ip()));
+        }
         self.rows.push(Row {
             from: self.name(from),
-            to: format!("{target} {to}{what}"),
+            to: format!(
+                "{} {to}{what}",
+                target.map(|p| self.name(p)).unwrap_or_default()
+            ),
             path: path.join("; "),
-            result: outcome(&r, sent),
+            result,
         });
         Ok(())
     }
@@ -259,15 +274,16 @@ fn main() -> anyhow::Result<()> {
     };
     cluster.start_agent(n1, options.clone())?;
     cluster.start_agent(n2, options)?;
-    let _servers = [
-        cluster.http_server(payment, 8080)?,
-        cluster.echo_server(ledger, 8080)?,
-        cluster.echo_server(outsider, 8080)?,
-        cluster.echo_server(frontend, 9090)?,
+    let servers = vec![
+        (payment, 8080, cluster.http_server(payment, 8080)?),
+        (ledger, 8080, cluster.echo_server(ledger, 8080)?),
+        (outsider, 8080, cluster.echo_server(outsider, 8080)?),
+        (frontend, 9090, cluster.echo_server(frontend, 9090)?),
     ];
     let mut demo = Demo {
         cluster,
         rows: Vec::new(),
+        servers,
     };
     let pay = demo.cluster.pod(payment).addr4(8080);
     let ledger4 = demo.cluster.pod(ledger).addr4(8080);
@@ -277,7 +293,7 @@ fn main() -> anyhow::Result<()> {
         "a pair's first connection crosses an mTLS tunnel between the agents; both cache the pair",
     );
     demo.connect(frontend, ledger4)?;
-    demo.note("repeats go straight through the kernel on both nodes (same identities, any address family)");
+    demo.note("repeats go straight through the kernel on both nodes (same identities, any address family); the application sees the same client address either way");
     demo.connect(frontend, ledger4)?;
     demo.connect(frontend, ledger6)?;
     demo.note("ledger admits only frontend: analytics is refused by the destination, then by its own kernel");
