@@ -28,7 +28,7 @@ use crate::{
     busy_poll,
     capture::{NetnsWorker, PodListeners, inbound, outbound, tunneled},
     config::{CertificateSource, Config, DataplaneMode, MtlsMode},
-    datapath::{Datapath, DatapathSettings, install::inbound_link_name, system},
+    datapath::{Datapath, DatapathSettings, DeliveryMap, install::inbound_link_name, system},
     debug::{
         DebugServer,
         agent::{AgentView, Published, ReloadRequest},
@@ -70,6 +70,7 @@ struct Agent {
     config_path: PathBuf,
     datapath: Datapath,
     maps: SharedMaps,
+    deliveries: Arc<DeliveryMap>,
     cache: VerdictCache,
     state: SharedState,
     pods: BTreeMap<String, PodRuntime>,
@@ -227,6 +228,7 @@ async fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
     };
     let mut datapath = Datapath::install(settings(&config)).context("installing the datapath")?;
     let maps: SharedMaps = Arc::new(Mutex::new(datapath.maps()?));
+    let deliveries = Arc::new(datapath.deliveries()?);
     let state = SharedState::new(Snapshot {
         config,
         registry,
@@ -238,6 +240,7 @@ async fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
         cache: VerdictCache::new(maps.clone())?,
         datapath,
         maps,
+        deliveries,
         state,
         pods: BTreeMap::new(),
         certs,
@@ -618,7 +621,7 @@ impl Agent {
         let tunnel_ctx = Arc::new(tunneled::TunnelContext {
             workload: workload.clone(),
             worker: worker.clone(),
-            maps: self.maps.clone(),
+            deliveries: self.deliveries.clone(),
             cache: self.cache.clone(),
             state: self.state.clone(),
             certs: self.certs.clone(),
@@ -628,7 +631,7 @@ impl Agent {
         let in_ctx = Arc::new(inbound::InboundContext {
             workload: workload.clone(),
             worker: worker.clone(),
-            maps: self.maps.clone(),
+            deliveries: self.deliveries.clone(),
             state: self.state.clone(),
             tracker: self.tracker.clone(),
             metrics: self.metrics.clone(),

@@ -20,6 +20,7 @@ use super::{
     tunneled::{deliver, delivered},
 };
 use crate::{
+    datapath::DeliveryMap,
     identity::LocalWorkload,
     metrics::{Metrics, access},
     policy::MtlsMode,
@@ -28,7 +29,7 @@ use crate::{
         splice::reset,
         tracked::{ConnInfo, Tracker},
     },
-    verdicts::{Direction, SharedMaps, decide},
+    verdicts::{Direction, decide},
 };
 
 /// Source address of connections the agent delivers to an application over IPv4 when it cannot
@@ -41,7 +42,7 @@ pub const DELIVERY_MARKER_V6: Ipv6Addr = Ipv6Addr::LOCALHOST;
 pub struct InboundContext {
     pub workload: LocalWorkload,
     pub worker: Arc<NetnsWorker>,
-    pub maps: SharedMaps,
+    pub deliveries: Arc<DeliveryMap>,
     pub state: SharedState,
     pub tracker: Tracker,
     pub metrics: Metrics,
@@ -99,7 +100,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &InboundContext) {
         decide::Outcome::Decided(j) => (false, j.policy, j.reason),
         decide::Outcome::Http => (true, String::new(), "decided per HTTP request".to_owned()),
     };
-    let (app, announced) = match deliver(&ctx.worker, &ctx.maps, dst, Some(peer.ip())).await {
+    let (app, announced) = match deliver(&ctx.worker, &ctx.deliveries, dst, Some(peer.ip())).await {
         Ok(delivered) => delivered,
         Err(e) => {
             tracing::info!(source = %peer, destination = %dst, error = %e, "inbound delivery failed");

@@ -26,6 +26,7 @@ use super::{
 };
 use crate::{
     config::DataplaneMode,
+    datapath::DeliveryMap,
     identity::{IdentityKey, LocalWorkload, Registry, certs::CertStore},
     metrics::{Metrics, access},
     state::SharedState,
@@ -34,13 +35,13 @@ use crate::{
         hbone::{Admission, BoxFuture, Caller, Inbound, serve_connection},
         tracked::{ConnInfo, Tracker},
     },
-    verdicts::{Direction, Pair, SharedMaps, VerdictCache, decide, lock},
+    verdicts::{Direction, Pair, VerdictCache, decide},
 };
 
 pub struct TunnelContext {
     pub workload: LocalWorkload,
     pub worker: Arc<NetnsWorker>,
-    pub maps: SharedMaps,
+    pub deliveries: Arc<DeliveryMap>,
     pub cache: VerdictCache,
     pub state: SharedState,
     pub certs: Arc<CertStore>,
@@ -77,12 +78,12 @@ async fn handle(tcp: TcpStream, ctx: &Arc<TunnelContext>) -> io::Result<()> {
 /// delivery from the client's address for as long as the returned [`Announced`] is kept.
 pub async fn deliver(
     worker: &NetnsWorker,
-    maps: &SharedMaps,
+    deliveries: &Arc<DeliveryMap>,
     target: SocketAddr,
     client: Option<IpAddr>,
 ) -> io::Result<(TcpStream, Option<Announced>)> {
     let from = delivery_source(worker, target, client);
-    let announce = |local| Announced::new(maps, local, target);
+    let announce = |local| Announced::new(deliveries, local, target);
     worker.deliver(target, from, announce).await
 }
 
@@ -90,18 +91,16 @@ pub async fn deliver(
 /// when dropped, once the delivered connection has ended (while it lives its four-tuple is taken,
 /// so nothing else can use the entry).
 pub struct Announced {
-    maps: SharedMaps,
+    deliveries: Arc<DeliveryMap>,
     from: SocketAddr,
     to: SocketAddr,
 }
 
 impl Announced {
-    fn new(maps: &SharedMaps, from: SocketAddr, to: SocketAddr) -> io::Result<Self> {
-        lock(maps)
-            .announce_delivery(from, to)
-            .map_err(io::Error::other)?;
+    fn new(deliveries: &Arc<DeliveryMap>, from: SocketAddr, to: SocketAddr) -> io::Result<Self> {
+        deliveries.announce(from, to).map_err(io::Error::other)?;
         Ok(Self {
-            maps: maps.clone(),
+            deliveries: deliveries.clone(),
             from,
             to,
         })
@@ -110,7 +109,7 @@ impl Announced {
 
 impl Drop for Announced {
     fn drop(&mut self) {
-        if let Err(e) = lock(&self.maps).withdraw_delivery(self.from, self.to) {
+        if let Err(e) = self.deliveries.withdraw(self.from, self.to) {
             tracing::warn!(from = %self.from, to = %self.to, error = %e, "withdrawing an announced delivery");
         }
     }
@@ -237,7 +236,7 @@ impl TunnelContext {
             ),
         };
         let from = confirmed.then_some(caller.address.ip());
-        let (app, announced) = match deliver(&self.worker, &self.maps, target, from).await {
+        let (app, announced) = match deliver(&self.worker, &self.deliveries, target, from).await {
             Ok(delivered) => delivered,
             Err(e) => {
                 tracing::info!(source = %caller.identity, %target, error = %e, "application unreachable");

@@ -20,7 +20,7 @@ use aya::{
 use latch_common::{DatapathConfig, map_names, program_names};
 
 use super::{
-    DatapathError, EBPF_OBJECT, KernelMaps,
+    DatapathError, DeliveryMap, EBPF_OBJECT, KernelMaps,
     syscall::{self, AttachType},
     system,
 };
@@ -191,6 +191,11 @@ impl Datapath {
     /// Typed handles on the pinned maps.
     pub fn maps(&mut self) -> Result<KernelMaps, DatapathError> {
         KernelMaps::open_pinned(&self.settings.pin_dir)
+    }
+
+    /// A handle on the announced deliveries alone.
+    pub fn deliveries(&self) -> Result<DeliveryMap, DatapathError> {
+        DeliveryMap::open_pinned(&self.settings.pin_dir)
     }
 
     pub fn settings(&self) -> &DatapathSettings {

@@ -3,7 +3,7 @@
 //! `latch_common` key/value types.
 
 use std::{
-    net::{IpAddr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv6Addr},
     os::fd::AsRawFd,
     path::Path,
 };
@@ -46,15 +46,6 @@ pub fn ip_key(ip: IpAddr) -> IpKey {
             Some(v4) => IpKey::from_v4(v4.octets()),
             None => IpKey::from_v6(v6.octets()),
         },
-    }
-}
-
-fn delivery_key(from: SocketAddr, to: SocketAddr) -> DeliveryKey {
-    DeliveryKey {
-        remote: ip_key(from.ip()),
-        local: ip_key(to.ip()),
-        remote_port: from.port(),
-        local_port: to.port(),
     }
 }
 
@@ -280,31 +271,7 @@ impl KernelMaps {
 
     // --- deliveries ----------------------------------------------------------------------------
 
-    /// Announce the connection `from` → `to` the agent is about to make inside a pod's netns, so
-    /// that the inbound check lets it through.
-    pub fn announce_delivery(
-        &mut self,
-        from: SocketAddr,
-        to: SocketAddr,
-    ) -> Result<(), DatapathError> {
-        self.deliveries
-            .insert(delivery_key(from, to), 1, 0)
-            .map_err(|e| DatapathError::map("writing", map_names::DELIVERIES, e))
-    }
-
-    /// The delivery `from` → `to` has ended.
-    pub fn withdraw_delivery(
-        &mut self,
-        from: SocketAddr,
-        to: SocketAddr,
-    ) -> Result<(), DatapathError> {
-        remove_if_present(
-            self.deliveries.remove(&delivery_key(from, to)),
-            map_names::DELIVERIES,
-        )
-    }
-
-    /// Deliveries announced and not withdrawn.
+    /// Deliveries announced and not withdrawn (see [`super::DeliveryMap`]).
     pub fn pending_deliveries(&self) -> usize {
         self.deliveries.keys().filter(Result::is_ok).count()
     }
@@ -335,7 +302,7 @@ impl KernelMaps {
     }
 }
 
-fn remove_if_present(
+pub(super) fn remove_if_present(
     result: Result<(), aya::maps::MapError>,
     map: &'static str,
 ) -> Result<(), DatapathError> {

@@ -6,6 +6,7 @@
 //!   `cgroupRoot`, attach the inbound check to pod network namespaces, uninstall.
 //! - [`maps`]: typed access to the pinned maps (workloads, endpoints, verdicts, redirects, inbound
 //!   listeners, config, counters).
+//! - [`deliveries`]: the announced deliveries, on a handle of their own.
 //! - [`syscall`]: the two BPF commands aya 0.14 does not expose (`BPF_PROG_QUERY` on a cgroup or
 //!   netns, `BPF_LINK_UPDATE` of a pinned link).
 //!
@@ -13,11 +14,13 @@
 //! `cgroupRoot`, and `links/inbound/<workload>` for the inbound check of each pod netns. Pins
 //! outlive the agent: enforcement continues through a restart, and the next agent adopts them.
 
+pub mod deliveries;
 pub mod install;
 pub mod maps;
 pub mod syscall;
 pub mod system;
 
+pub use deliveries::DeliveryMap;
 pub use install::{Datapath, DatapathSettings, uninstall};
 pub use maps::{KernelMaps, Verdict};
 

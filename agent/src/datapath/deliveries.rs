@@ -1,0 +1,60 @@
+//! `LATCH_DELIVERIES` on a handle of its own: the connections the agent delivers to pods'
+//! applications from their clients' own addresses, announced to the inbound check before they
+//! connect and withdrawn when they end. Apart from [`super::KernelMaps`] so that a delivery never
+//! waits behind a sweep of the verdict cache holding that lock.
+
+use std::{
+    net::SocketAddr,
+    path::Path,
+    sync::{Mutex, PoisonError},
+};
+
+use aya::maps::{HashMap, Map, MapData};
+use latch_common::{DeliveryKey, map_names};
+
+use super::{DatapathError, maps::ip_key};
+
+pub struct DeliveryMap(Mutex<HashMap<MapData, DeliveryKey, u8>>);
+
+impl DeliveryMap {
+    /// Open the map pinned under `pin_dir`.
+    pub fn open_pinned(pin_dir: &Path) -> Result<Self, DatapathError> {
+        let path = pin_dir.join("maps").join(map_names::DELIVERIES);
+        let data = MapData::from_pin(&path)
+            .map_err(|e| DatapathError::map("opening pinned map", path.display().to_string(), e))?;
+        let map = HashMap::try_from(
+            Map::from_map_data(data)
+                .map_err(|e| DatapathError::map("typing map", map_names::DELIVERIES, e))?,
+        )
+        .map_err(|e| DatapathError::map("typing map", map_names::DELIVERIES, e))?;
+        Ok(Self(Mutex::new(map)))
+    }
+
+    /// The agent is about to connect `from` → `to` inside a pod's netns: let it through.
+    pub fn announce(&self, from: SocketAddr, to: SocketAddr) -> Result<(), DatapathError> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key(from, to), 1, 0)
+            .map_err(|e| DatapathError::map("writing", map_names::DELIVERIES, e))
+    }
+
+    /// The delivery `from` → `to` has ended.
+    pub fn withdraw(&self, from: SocketAddr, to: SocketAddr) -> Result<(), DatapathError> {
+        let removed = self
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&key(from, to));
+        super::maps::remove_if_present(removed, map_names::DELIVERIES)
+    }
+}
+
+fn key(from: SocketAddr, to: SocketAddr) -> DeliveryKey {
+    DeliveryKey {
+        remote: ip_key(from.ip()),
+        local: ip_key(to.ip()),
+        remote_port: from.port(),
+        local_port: to.port(),
+    }
+}
