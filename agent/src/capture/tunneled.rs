@@ -345,35 +345,44 @@ peers:
     fn the_client_is_the_address_the_source_names_only_if_the_registry_agrees() {
         let config = Config::from_yaml(Path::new("node.yaml"), CONFIG).expect("config");
         let registry = Registry::from_config(&config).expect("registry");
-        let addr = |a: &str| a.parse::<SocketAddr>().expect("address");
-        assert_eq!(
-            client_address(
-                &registry,
-                &caller("10.244.1.2:50000", Some("10.244.1.3:41000"))
+        // (tunnel connection's address, Forwarded, client, confirmed, why)
+        let cases = [
+            (
+                "10.244.1.2:50000",
+                Some("10.244.1.3:41000"),
+                "10.244.1.3:41000",
+                true,
+                "another replica of the identity, riding the first one's tunnel",
             ),
-            (addr("10.244.1.3:41000"), true),
-            "another replica of the identity, riding the first one's tunnel"
-        );
-        assert_eq!(
-            client_address(&registry, &caller("10.244.1.2:50000", None)),
-            (addr("10.244.1.2:50000"), true),
-            "no Forwarded: the tunnel's own address"
-        );
-        assert_eq!(
-            client_address(
-                &registry,
-                &caller("10.244.1.2:50000", Some("10.244.1.4:41000"))
+            (
+                "10.244.1.2:50000",
+                None,
+                "10.244.1.2:50000",
+                true,
+                "no Forwarded: the tunnel's own address",
             ),
-            (addr("10.244.1.2:50000"), true),
-            "an address of another identity is not believed"
-        );
-        assert_eq!(
-            client_address(
-                &registry,
-                &caller("10.244.1.9:50000", Some("10.244.1.8:41000"))
+            (
+                "10.244.1.2:50000",
+                Some("10.244.1.4:41000"),
+                "10.244.1.2:50000",
+                true,
+                "an address of another identity is not believed",
             ),
-            (addr("10.244.1.9:50000"), false),
-            "addresses the registry does not know: judged by the tunnel's, delivered from the marker"
-        );
+            (
+                "10.244.1.9:50000",
+                Some("10.244.1.8:41000"),
+                "10.244.1.9:50000",
+                false,
+                "unknown addresses: judged by the tunnel's, delivered from the marker",
+            ),
+        ];
+        for (tunnel, named, client, confirmed, why) in cases {
+            let expected = (client.parse().expect("address"), confirmed);
+            assert_eq!(
+                client_address(&registry, &caller(tunnel, named)),
+                expected,
+                "{why}"
+            );
+        }
     }
 }
