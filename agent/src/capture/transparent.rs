@@ -166,3 +166,39 @@ impl Routes {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `install` in a network namespace of its own (a thread that left the test's), twice.
+    #[test]
+    fn installs_in_a_fresh_namespace_and_again_over_itself() {
+        let installed = std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("new netns");
+            // As in a pod: loopback up (a child process starts in this thread's namespace).
+            let up = std::process::Command::new("ip")
+                .args(["link", "set", "lo", "up"])
+                .status()
+                .expect("ip");
+            assert!(up.success());
+            let fwmark_accept = || std::fs::read_to_string(FWMARK_ACCEPT).expect("sysctl");
+            assert_eq!(fwmark_accept().trim(), "0", "a fresh namespace's default");
+            let first = install(Path::new("test"));
+            assert_eq!(fwmark_accept().trim(), "1");
+            (first, install(Path::new("test")))
+        })
+        .join()
+        .expect("thread");
+        let both = Transparent { v4: true, v6: true };
+        assert_eq!(installed, (both, both), "set up, then found in place");
+        assert!(both.covers("10.244.1.2".parse().expect("v4")));
+        assert!(
+            !Transparent {
+                v4: true,
+                v6: false
+            }
+            .covers("fd00::2".parse().expect("v6"))
+        );
+    }
+}
