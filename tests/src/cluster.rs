@@ -610,7 +610,8 @@ impl Cluster {
     }
 
     /// A connection from `from` to `to` that stays open (`latch-probe pipe`): `first` is sent,
-    /// then this waits until the agent of `admitting` logged its ALLOW for the destination.
+    /// then this waits until the agent of `admitting` logged its ALLOW decision for the
+    /// destination.
     pub fn open_pipe(
         &mut self,
         from: PodId,
@@ -632,7 +633,10 @@ impl Cluster {
         let destination = format!("\"destination_address\":\"{to}\"");
         self.agent(admitting)
             .wait_for_line_after(mark, std::time::Duration::from_secs(20), |l| {
-                l.contains("\"decision\":\"ALLOW\"") && l.contains(&destination)
+                // The decision, not an earlier connection's closing line.
+                l.contains("\"event\":\"decision\"")
+                    && l.contains("\"decision\":\"ALLOW\"")
+                    && l.contains(&destination)
             })
             .context("the connection was not admitted")?;
         Ok(OpenPipe { child, stdin })

@@ -205,11 +205,9 @@ spec:
     let pipe = cluster
         .open_pipe(first, to, b"open ", n2)
         .expect("open connection");
-    // (`open_pipe` may return on the previous connection's closing log line: wait for it.)
-    assert!(
-        eventually(Duration::from_secs(10), || maps(&cluster, n2)
-            .pending_deliveries()
-            == 1),
+    assert_eq!(
+        maps(&cluster, n2).pending_deliveries(),
+        1,
         "announced while it lives"
     );
     let r = pipe.finish(b"and closed").expect("finish");
