@@ -343,6 +343,10 @@ impl Namespace {
                 // Its port is chosen by the agent; one held in `TIME_WAIT` may be bound again
                 // (`connect()` still refuses a four-tuple in use).
                 socket.set_reuse_address(true)?;
+                // Its packets go over loopback anyway; bound there, its four-tuple counts as
+                // loopback traffic, which `tcp_tw_reuse`'s default lets a new connection take
+                // over from `TIME_WAIT` (by address alone, ours would not on every kernel).
+                socket.bind_device(Some(b"lo"))?;
             } else if delivery {
                 // Best effort: without it, bind() picks the port.
                 let _ = nix::sys::socket::setsockopt(
