@@ -7,13 +7,15 @@
 //! [`policy`] decides, Istio's way, whether a connection or request is allowed. [`debug`] serves
 //! the node-local debug socket (and is the `latch debug` client); [`metrics`] is the Prometheus
 //! exposition and the access log; [`logging`] writes log lines out in batches; [`busy_poll`]
-//! keeps the runtime polling for I/O for a moment after data-path activity.
+//! keeps the runtime polling for I/O for a moment after data-path activity; [`file_watch`] notices
+//! config and policy file changes at once.
 
 pub mod busy_poll;
 pub mod capture;
 pub mod config;
 pub mod datapath;
 pub mod debug;
+pub mod file_watch;
 pub mod identity;
 pub mod logging;
 pub mod metrics;

@@ -34,6 +34,7 @@ use crate::{
         agent::{AgentView, Published, ReloadRequest},
         api::{ProgramStatus, ReloadResult},
     },
+    file_watch::FileWatch,
     identity::{
         LocalWorkload, Registry,
         ca::DevCa,
@@ -293,23 +294,48 @@ async fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
     let mut sighup = signal(SignalKind::hangup())?;
     let mut watch = tokio::time::interval(WATCH_INTERVAL);
     let mut last_seen = agent.watched_stamps();
+    let mut files = match FileWatch::new() {
+        Ok(files) => Some(files),
+        Err(e) => {
+            tracing::warn!(error = %e, "no inotify; config and policy changes are noticed by the periodic check only");
+            None
+        }
+    };
+    agent.watch_files(&mut files);
     loop {
         tokio::select! {
+            // A file event before the periodic check, should both be ready.
+            biased;
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             _ = sighup.recv() => {
                 last_seen = agent.watched_stamps();
                 agent.reload("SIGHUP");
+                agent.watch_files(&mut files);
             }
             Some(reply) = reload_rx.recv() => {
                 last_seen = agent.watched_stamps();
                 let _ = reply.send(agent.reload("debug API"));
+                agent.watch_files(&mut files);
+            }
+            changed = next_change(&mut files) => {
+                if let Err(e) = changed {
+                    tracing::warn!(error = %e, "reading inotify events; the periodic check goes on");
+                    files = None;
+                }
+                let stamps = agent.watched_stamps();
+                if stamps != last_seen {
+                    last_seen = stamps;
+                    agent.reload("config or policy file changed");
+                    agent.watch_files(&mut files);
+                }
             }
             _ = watch.tick() => {
                 let stamps = agent.watched_stamps();
                 if stamps != last_seen {
                     last_seen = stamps;
-                    agent.reload("config or policy file changed");
+                    agent.reload("config or policy file changed (periodic check)");
+                    agent.watch_files(&mut files);
                 }
                 agent.rotate_certificates();
                 summary.tick(&agent.maps);
@@ -361,7 +387,24 @@ fn stamps_under(path: &Path, out: &mut Vec<(PathBuf, Stamp)>) {
     }
 }
 
+/// The next change `files` reports; never, without inotify.
+async fn next_change(files: &mut Option<FileWatch>) -> std::io::Result<()> {
+    match files {
+        Some(files) => files.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
 impl Agent {
+    /// Watch the config file and the policy paths the current config names.
+    fn watch_files(&self, files: &mut Option<FileWatch>) {
+        if let Some(files) = files {
+            let mut paths = vec![self.config_path.clone()];
+            paths.extend(policy_paths(&self.config_path, &self.state.get().config));
+            files.watch(&paths);
+        }
+    }
+
     /// Stamps of the config file and of every policy file and directory it names.
     fn watched_stamps(&self) -> Vec<(PathBuf, Stamp)> {
         let mut out = vec![(self.config_path.clone(), file_stamp(&self.config_path))];

@@ -132,6 +132,10 @@ fn a_bad_reload_keeps_the_running_state() {
         line.contains("config.yaml:"),
         "the report names the file: {line}"
     );
+    assert!(
+        line.contains("\"trigger\":\"config or policy file changed\""),
+        "noticed by inotify as the file was closed, not by the periodic check: {line}"
+    );
 
     // A valid file that points a workload at a cgroup that does not exist, via SIGHUP.
     let line = failed_reload(
