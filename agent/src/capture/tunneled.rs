@@ -149,11 +149,10 @@ fn marker(target: SocketAddr) -> IpAddr {
 /// connection's own; and whether the registry confirms it (only a confirmed address is given to
 /// the application as the connection's source).
 fn client_address(registry: &Registry, caller: &Caller) -> (SocketAddr, bool) {
-    let identity = IdentityKey::of(&caller.identity);
     let confirms = |ip: &IpAddr| {
         registry
             .endpoint(ip)
-            .is_some_and(|e| e.identity.key() == identity)
+            .is_some_and(|e| e.identity.is(&caller.identity))
     };
     if let Some(named) = caller.forwarded_for {
         if confirms(&named.ip()) {

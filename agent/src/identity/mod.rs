@@ -31,6 +31,18 @@ impl SpiffeId {
     pub fn key(&self) -> IdentityKey {
         IdentityKey::of(&self.to_string())
     }
+
+    /// Whether `uri` is this ID as written out, compared in place (no string or key made).
+    pub fn is(&self, uri: &str) -> bool {
+        let parts = || {
+            let rest = uri.strip_prefix("spiffe://")?;
+            let rest = rest.strip_prefix(self.trust_domain.as_str())?;
+            let rest = rest.strip_prefix("/ns/")?;
+            let rest = rest.strip_prefix(self.namespace.as_str())?;
+            Some(rest.strip_prefix("/sa/")? == self.service_account)
+        };
+        parts().unwrap_or(false)
+    }
 }
 
 impl std::fmt::Display for SpiffeId {
@@ -77,5 +89,21 @@ mod tests {
             IdentityKey::of("spiffe://cluster.local/ns/prod/sa/frontend")
         );
         assert_ne!(a.key(), b.key());
+    }
+
+    #[test]
+    fn is_compares_with_the_written_form() {
+        let id = SpiffeId::new("cluster.local", "prod", "frontend");
+        assert!(id.is("spiffe://cluster.local/ns/prod/sa/frontend"));
+        for other in [
+            "spiffe://cluster.local/ns/prod/sa/frontend2",
+            "spiffe://cluster.local/ns/production/sa/frontend",
+            "spiffe://cluster.localx/ns/prod/sa/frontend",
+            "spiffe://cluster.local/ns/prod/sa/",
+            "cluster.local/ns/prod/sa/frontend",
+            "",
+        ] {
+            assert!(!id.is(other), "{other}");
+        }
     }
 }
