@@ -14,7 +14,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::{
-        Mutex, PoisonError,
+        Mutex, OnceLock, PoisonError,
         atomic::{AtomicU16, Ordering},
         mpsc,
     },
@@ -46,8 +46,8 @@ pub struct NetnsWorker {
 struct Namespace {
     path: PathBuf,
     file: File,
-    /// Which families' deliveries may come from the client's own address.
-    transparent: Mutex<Transparent>,
+    /// Which families' deliveries may come from the client's own address, once set up.
+    transparent: OnceLock<Transparent>,
     /// Delivery sockets made ahead, all of the same family.
     spares: Mutex<Vec<Spare>>,
     /// Turns through [`DELIVERY_PORTS`].
@@ -130,7 +130,7 @@ impl NetnsWorker {
             namespace: Namespace {
                 path: path.to_owned(),
                 file: netns,
-                transparent: Mutex::new(Transparent::default()),
+                transparent: OnceLock::new(),
                 spares: Mutex::new(Vec::new()),
                 // Somewhere else after each restart, away from the last run's recent ports.
                 ports: AtomicU16::new(std::process::id() as u16),
@@ -173,20 +173,23 @@ impl NetnsWorker {
     }
 
     /// Set up the pod's routing for deliveries from the clients' own addresses (see
-    /// [`super::transparent`]); until then, and for a family where that fails, deliveries come
-    /// from the loopback marker.
+    /// [`super::transparent`]), once per worker; until then, and for a family where that fails,
+    /// deliveries come from the loopback marker.
     pub fn route_deliveries(&self) -> io::Result<Transparent> {
+        if let Some(installed) = self.namespace.transparent.get() {
+            return Ok(*installed);
+        }
         let path = self.namespace.path.clone();
         let installed = self.run_blocking(move || transparent::install(&path))?;
-        *lock(&self.namespace.transparent) = installed;
-        // Spares made before were made for the old routing.
+        let installed = *self.namespace.transparent.get_or_init(|| installed);
+        // Spares made before were made for no routing.
         lock(&self.namespace.spares).clear();
         Ok(installed)
     }
 
     /// Whether a delivery from `ip` can come from that address itself.
     pub fn transparent_for(&self, ip: IpAddr) -> bool {
-        lock(&self.namespace.transparent).covers(ip)
+        self.namespace.routing().covers(ip)
     }
 
     /// Connect to `dst` from inside the namespace, from the address the kernel picks (the pod's
@@ -289,10 +292,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Namespace {
+    /// What the pod's routing allows (nothing before it is set up).
+    fn routing(&self) -> Transparent {
+        self.transparent.get().copied().unwrap_or_default()
+    }
+
     /// Whether deliveries of `domain` may come from clients' addresses.
     fn transparent(&self, domain: Domain) -> bool {
-        let t = *lock(&self.transparent);
-        if domain == Domain::IPV6 { t.v6 } else { t.v4 }
+        self.routing().family(domain == Domain::IPV6)
     }
 
     /// A delivery socket: one made ahead, or a new one.

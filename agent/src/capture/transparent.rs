@@ -39,10 +39,12 @@ pub struct Transparent {
 impl Transparent {
     /// Whether a delivery from `ip` can use it.
     pub fn covers(&self, ip: IpAddr) -> bool {
-        match ip {
-            IpAddr::V4(_) => self.v4,
-            IpAddr::V6(_) => self.v6,
-        }
+        self.family(ip.is_ipv6())
+    }
+
+    /// Whether deliveries of IPv6 (`v6`) or IPv4 can use it.
+    pub fn family(&self, v6: bool) -> bool {
+        if v6 { self.v6 } else { self.v4 }
     }
 }
 
