@@ -9,24 +9,21 @@ use std::{
     sync::{Mutex, PoisonError},
 };
 
-use aya::maps::{HashMap, Map, MapData};
+use aya::maps::{HashMap, MapData};
 use latch_common::{DeliveryKey, map_names};
 
-use super::{DatapathError, maps::ip_key};
+use super::{
+    DatapathError,
+    maps::{self, ip_key},
+};
 
 pub struct DeliveryMap(Mutex<HashMap<MapData, DeliveryKey, u8>>);
 
 impl DeliveryMap {
     /// Open the map pinned under `pin_dir`.
     pub fn open_pinned(pin_dir: &Path) -> Result<Self, DatapathError> {
-        let path = pin_dir.join("maps").join(map_names::DELIVERIES);
-        let data = MapData::from_pin(&path)
-            .map_err(|e| DatapathError::map("opening pinned map", path.display().to_string(), e))?;
-        let map = HashMap::try_from(
-            Map::from_map_data(data)
-                .map_err(|e| DatapathError::map("typing map", map_names::DELIVERIES, e))?,
-        )
-        .map_err(|e| DatapathError::map("typing map", map_names::DELIVERIES, e))?;
+        let map = HashMap::try_from(maps::open(pin_dir, map_names::DELIVERIES)?)
+            .map_err(|e| DatapathError::map("typing map", map_names::DELIVERIES, e))?;
         Ok(Self(Mutex::new(map)))
     }
 
@@ -46,7 +43,7 @@ impl DeliveryMap {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&key(from, to));
-        super::maps::remove_if_present(removed, map_names::DELIVERIES)
+        maps::remove_if_present(removed, map_names::DELIVERIES)
     }
 }
 

@@ -71,7 +71,7 @@ pub struct KernelMaps {
     deliveries: HashMap<MapData, DeliveryKey, u8>,
 }
 
-fn open(pin_dir: &Path, name: &'static str) -> Result<Map, DatapathError> {
+pub(super) fn open(pin_dir: &Path, name: &'static str) -> Result<Map, DatapathError> {
     let path = pin_dir.join("maps").join(name);
     let data = MapData::from_pin(&path)
         .map_err(|e| DatapathError::map("opening pinned map", path.display().to_string(), e))?;
