@@ -11,10 +11,15 @@ use hyper::header::HeaderValue;
 /// The header's name, as HTTP/2 carries it.
 pub const FORWARDED: &str = "forwarded";
 
-/// `Forwarded` naming `client`.
+/// `Forwarded` naming `client`. Marked sensitive, which HPACK sends as never indexed: the value
+/// changes with every connection (the client's port), so indexing it would only fill both ends'
+/// header tables with entries never used again, pushing out the ones every `CONNECT` reuses.
 pub fn header(client: SocketAddr) -> HeaderValue {
     // An IP address and a port are always a valid header value.
-    HeaderValue::from_str(&format!("for=\"{client}\"")).unwrap_or(HeaderValue::from_static(""))
+    let mut value =
+        HeaderValue::from_str(&format!("for=\"{client}\"")).unwrap_or(HeaderValue::from_static(""));
+    value.set_sensitive(true);
+    value
 }
 
 /// The address of the first `for=` of a `Forwarded` value (port 0 if it has none), or why it has
@@ -68,6 +73,10 @@ mod tests {
         assert_eq!(
             header("[fd00::2]:7".parse().expect("address")),
             "for=\"[fd00::2]:7\""
+        );
+        assert!(
+            header("10.244.1.2:7".parse().expect("address")).is_sensitive(),
+            "sent never indexed"
         );
     }
 
