@@ -697,6 +697,33 @@ impl std::str::FromStr for Variant {
     }
 }
 
+/// A variant's cluster in a comparison, with what its turns measured.
+struct Compared {
+    cluster: Cluster,
+    client: PodId,
+    to: String,
+    _echo: EchoServer,
+    /// The source and destination agents' process IDs.
+    agents: [u32; 2],
+    tally: Tally,
+    /// CPU time the source and destination agents used during the variant's turns.
+    cpu_ns: [u64; 2],
+}
+
+/// CPU time used so far by all threads of process `pid`, in nanoseconds (the first field of
+/// each thread's `schedstat`, kept by the scheduler itself rather than sampled at ticks); 0 if
+/// it cannot be read.
+fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
 /// The value after `name` among `args`.
 fn flag(args: &[String], name: &str) -> anyhow::Result<Option<usize>> {
     match args.iter().position(|a| a == name) {
@@ -738,7 +765,23 @@ fn compare(args: &[String], out_dir: &std::path::Path) -> anyhow::Result<()> {
         let (pair, echo, to) = client_and_echo()?;
         let pair = pair.start_agents(variant.options.clone())?;
         rate(&pair.cluster, pair.client, &to, per_turn)?;
-        clusters.push((pair.cluster, pair.client, to, echo, Tally::default()));
+        let agents = [pair.n1, pair.n2].map(|n| {
+            pair.cluster
+                .node(n)
+                .agent
+                .as_ref()
+                .and_then(|a| a.pid())
+                .unwrap_or_default()
+        });
+        clusters.push(Compared {
+            cluster: pair.cluster,
+            client: pair.client,
+            to,
+            _echo: echo,
+            agents,
+            tally: Tally::default(),
+            cpu_ns: [0; 2],
+        });
     }
     reference.rate(Via::Direct, per_turn)?;
     let mut reference_tally = Tally::default();
@@ -746,24 +789,35 @@ fn compare(args: &[String], out_dir: &std::path::Path) -> anyhow::Result<()> {
         reference_tally.add(reference.rate(Via::Direct, per_turn)?);
         let k = clusters.len();
         for i in 0..k {
-            let (cluster, client, to, _, tally) = &mut clusters[(turn + i) % k];
-            tally.add(rate(cluster, *client, to, per_turn)?);
+            let c = &mut clusters[(turn + i) % k];
+            let before = c.agents.map(cpu_ns);
+            c.tally.add(rate(&c.cluster, c.client, &c.to, per_turn)?);
+            for (sum, (pid, before)) in c.cpu_ns.iter_mut().zip(c.agents.iter().zip(before)) {
+                *sum += cpu_ns(*pid).saturating_sub(before);
+            }
         }
     }
     let reference_p50 = reference_tally.percentile(0.5);
-    println!("\n| variant | p50 µs | p99 µs | added to no agents µs | failures |");
-    println!("|---|---:|---:|---:|---:|");
     println!(
-        "| no agents (reference) | {reference_p50} | {} | 0 | {} |",
+        "\n| variant | p50 µs | p99 µs | added to no agents µs | source agent CPU µs | \
+         destination agent CPU µs | failures |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| no agents (reference) | {reference_p50} | {} | 0 | | | {} |",
         reference_tally.percentile(0.99),
         reference_tally.failures
     );
     let mut rows = Vec::new();
-    for (variant, (_, _, _, _, tally)) in specs.iter().zip(&clusters) {
+    for (variant, c) in specs.iter().zip(&clusters) {
+        let tally = &c.tally;
         let p50 = tally.percentile(0.5);
         let added = p50 as i64 - reference_p50 as i64;
+        let [source_cpu, destination_cpu] = c
+            .cpu_ns
+            .map(|ns| ns as f64 / 1000.0 / tally.count.max(1) as f64);
         println!(
-            "| {} | {p50} | {} | {added} | {} |",
+            "| {} | {p50} | {} | {added} | {source_cpu:.1} | {destination_cpu:.1} | {} |",
             variant.label,
             tally.percentile(0.99),
             tally.failures
@@ -771,8 +825,13 @@ fn compare(args: &[String], out_dir: &std::path::Path) -> anyhow::Result<()> {
         rows.push(serde_json::json!({
             "label": variant.label, "p50_us": p50, "added_p50_us": added,
             "p99_us": tally.percentile(0.99), "failures": tally.failures,
+            "source_agent_cpu_us": source_cpu, "destination_agent_cpu_us": destination_cpu,
         }));
     }
+    println!(
+        "\n(agent CPU: per connection, all of the agent's threads, from /proc/PID/task/*/schedstat; \
+         with busy polling on it includes the polling)"
+    );
     let json = serde_json::json!({
         "benchmark": "compare", "turns": turns, "per_turn": per_turn,
         "no_agents_p50_us": reference_p50, "variants": rows,
