@@ -89,12 +89,34 @@ fn tunnel_mode_encrypts_every_connection_and_caches_nothing() {
     let _echo = cluster.echo_server(server, PORT).expect("echo");
     let to = cluster.pod(server).addr4(PORT);
     let secret = "tunnel-mode-secret-91bc";
+    let source = cluster.node(n1).agent.as_ref().expect("source agent");
+    let mark = source.mark();
     let frames = on_the_wire(&cluster, || {
         for _ in 0..5 {
             let r = cluster.probe(client, to, Some(secret)).expect("probe");
             assert!(r.ok && r.echo.as_deref() == Some(secret), "{r:?}");
         }
     });
+    // The source's access log says so too, for every connection.
+    let outbound_decision =
+        |l: &str| l.contains("\"event\":\"decision\"") && l.contains("\"direction\":\"outbound\"");
+    let decisions = std::cell::RefCell::new(Vec::new());
+    source
+        .wait_for_line_after(mark, Duration::from_secs(20), |l| {
+            if outbound_decision(l) {
+                decisions.borrow_mut().push(l.to_owned());
+            }
+            decisions.borrow().len() == 5
+        })
+        .expect("the source's five decision lines");
+    let decisions = decisions.into_inner();
+    assert_eq!(decisions.len(), 5, "{decisions:#?}");
+    assert!(
+        decisions
+            .iter()
+            .all(|l| l.contains("mode tunnel, not cached")),
+        "{decisions:#?}"
+    );
     assert!(!frames.iter().any(|f| contains(f, secret.as_bytes())));
     assert_eq!(
         maps(&cluster, n1).counter(Counter::Redirected).expect("c"),

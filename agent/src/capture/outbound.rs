@@ -172,13 +172,29 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
         }
     };
 
-    let cacheable = opened.cacheable && agrees(true);
-    let reason = match (opened.new_connection, cacheable) {
-        (true, true) => "new mTLS connection; verdict cached",
-        (true, false) => "new mTLS connection; not cacheable",
-        (false, true) => "pooled mTLS connection; verdict cached",
-        (false, false) => "pooled mTLS connection; not cacheable",
+    // Cached before the answer is passed on: a client that has its answer can count on its
+    // next connection taking the fast path. In `mode: tunnel` nothing is cached, and the
+    // source's own view of the policy is not asked.
+    let caching = if !fastpath {
+        Caching::TunnelMode
+    } else if !(opened.cacheable && agrees(true)) {
+        Caching::NotCacheable
+    } else {
+        match opened.proof_not_after.duration_since(SystemTime::now()) {
+            Err(_) => Caching::NotCacheable,
+            Ok(left) => match ctx
+                .cache
+                .allow(pair, config.dataplane.verdict_ttl.min(left))
+            {
+                Ok(()) => Caching::Cached,
+                Err(e) => {
+                    tracing::error!(error = %e, "caching outbound allow");
+                    Caching::NotCacheable
+                }
+            },
+        }
     };
+    let reason = reason(opened.new_connection, caching);
     let carried = Carried {
         info: ConnInfo {
             source: src_id,
@@ -193,17 +209,6 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
         policy: String::new(),
         reason: reason.to_owned(),
     };
-    // Cached before the answer is passed on: a client that has its answer can count on its
-    // next connection taking the fast path.
-    if fastpath
-        && cacheable
-        && let Ok(left) = opened.proof_not_after.duration_since(SystemTime::now())
-        && let Err(e) = ctx
-            .cache
-            .allow(pair, config.dataplane.verdict_ttl.min(left))
-    {
-        tracing::error!(error = %e, "caching outbound allow");
-    }
     // Recorded once the answer's first bytes are on their way to the application.
     let admitted = |carried: &Carried| {
         if let Some(elapsed) = opened.handshake {
@@ -213,6 +218,30 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
         access_log(&info.source, &info.destination, dst, "ALLOW", reason);
     };
     carry::splice(&ctx.tracker, carried, opened.stream, stream, true, admitted).await
+}
+
+/// What became of an allowed pair's verdict at the source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Caching {
+    /// Cached: the pair's next connection takes the kernel fast path.
+    Cached,
+    /// Not cached: the destination's answer or the source's own view of the policy does not
+    /// let it be, the proof has expired, or the cache could not take it.
+    NotCacheable,
+    /// `mode: tunnel`, where nothing is cached.
+    TunnelMode,
+}
+
+/// The access log's reason for an allowed outbound connection.
+fn reason(new_connection: bool, caching: Caching) -> &'static str {
+    match (new_connection, caching) {
+        (true, Caching::Cached) => "new mTLS connection; verdict cached",
+        (true, Caching::NotCacheable) => "new mTLS connection; not cacheable",
+        (true, Caching::TunnelMode) => "new mTLS connection; mode tunnel, not cached",
+        (false, Caching::Cached) => "pooled mTLS connection; verdict cached",
+        (false, Caching::NotCacheable) => "pooled mTLS connection; not cacheable",
+        (false, Caching::TunnelMode) => "pooled mTLS connection; mode tunnel, not cached",
+    }
 }
 
 fn access_log(src: &str, dst: &str, addr: SocketAddr, decision: &str, reason: &str) {
