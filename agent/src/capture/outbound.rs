@@ -177,22 +177,18 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
     // source's own view of the policy is not asked.
     let caching = if !fastpath {
         Caching::TunnelMode
-    } else if !(opened.cacheable && agrees(true)) {
-        Caching::NotCacheable
+    } else if opened.cacheable
+        && agrees(true)
+        && cache_allow(
+            ctx,
+            pair,
+            config.dataplane.verdict_ttl,
+            opened.proof_not_after,
+        )
+    {
+        Caching::Cached
     } else {
-        match opened.proof_not_after.duration_since(SystemTime::now()) {
-            Err(_) => Caching::NotCacheable,
-            Ok(left) => match ctx
-                .cache
-                .allow(pair, config.dataplane.verdict_ttl.min(left))
-            {
-                Ok(()) => Caching::Cached,
-                Err(e) => {
-                    tracing::error!(error = %e, "caching outbound allow");
-                    Caching::NotCacheable
-                }
-            },
-        }
+        Caching::NotCacheable
     };
     let reason = reason(opened.new_connection, caching);
     let carried = Carried {
@@ -218,6 +214,26 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
         access_log(&info.source, &info.destination, dst, "ALLOW", reason);
     };
     carry::splice(&ctx.tracker, carried, opened.stream, stream, true, admitted).await
+}
+
+/// Cache the pair's outbound allow for `verdict_ttl`, bounded by the proof's NotAfter; whether
+/// it was cached (not if the proof has expired or the cache refused it).
+fn cache_allow(
+    ctx: &OutboundContext,
+    pair: Pair,
+    verdict_ttl: Duration,
+    proof_not_after: SystemTime,
+) -> bool {
+    let Ok(left) = proof_not_after.duration_since(SystemTime::now()) else {
+        return false;
+    };
+    match ctx.cache.allow(pair, verdict_ttl.min(left)) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::error!(error = %e, "caching outbound allow");
+            false
+        }
+    }
 }
 
 /// What became of an allowed pair's verdict at the source.
