@@ -8,7 +8,8 @@
 //! the node-local debug socket (and is the `latch debug` client); [`metrics`] is the Prometheus
 //! exposition and the access log; [`logging`] writes log lines out in batches; [`busy_poll`]
 //! keeps the runtime polling for I/O for a moment after data-path activity; [`file_watch`] notices
-//! config and policy file changes at once.
+//! config and policy file changes at once; [`yielding`] hands the worker to waiting work before a
+//! connection's bookkeeping.
 
 pub mod busy_poll;
 pub mod capture;
@@ -25,3 +26,4 @@ pub mod state;
 pub mod tls;
 pub mod tunnel;
 pub mod verdicts;
+pub mod yielding;

@@ -114,7 +114,7 @@ pub async fn splice(
         std::thread::yield_now();
         // And whatever else became ready meanwhile (the client's next connection, say) goes
         // before this one's bookkeeping and end.
-        tokio::task::yield_now().await;
+        crate::yielding::behind_ready().await;
         tracked.count_opened();
         admitted(&carried);
         match first {

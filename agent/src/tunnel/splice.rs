@@ -112,9 +112,10 @@ pub async fn relay(
             )
             .await;
             // The last frames (often the answer itself, with END_STREAM) are queued for the
-            // HTTP/2 connection's task: let it write them before this task goes on to close the
-            // socket and log the connection.
-            tokio::task::yield_now().await;
+            // HTTP/2 connection's task: let it write them, and let whatever else is waiting (the
+            // client's next connection, say) go, before this task goes on to close the socket
+            // and log the connection.
+            crate::yielding::behind_ready().await;
             drop(keep);
             result
         }
