@@ -446,4 +446,148 @@ mod tests {
         let v6: SocketAddr = "[::1]:9".parse().expect("v6");
         assert_eq!(worker.spares(v6), 0, "kept only for the family asked for");
     }
+
+    /// A network namespace of the test's own, shaped like a pod's: loopback up and the pod's
+    /// address on `eth0` (one end of a veth pair whose other end stays inside). It lives as long
+    /// as the thread that made it, which waits for this to be dropped.
+    struct ScratchPod {
+        /// The namespace, as the thread's entry in `/proc`.
+        path: PathBuf,
+        listener: Option<std::net::TcpListener>,
+        done: Option<mpsc::Sender<()>>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl ScratchPod {
+        /// A pod with `address` whose application listens on `app`.
+        fn new(address: &'static str, app: SocketAddr) -> Self {
+            let (made_tx, made_rx) = mpsc::channel();
+            let (done, until) = mpsc::channel::<()>();
+            let thread = std::thread::spawn(move || {
+                nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("new netns");
+                // Children start in this thread's namespace.
+                for args in [
+                    &["link", "set", "lo", "up"][..],
+                    &[
+                        "link", "add", "eth0", "type", "veth", "peer", "name", "peer0",
+                    ],
+                    &["addr", "add", address, "dev", "eth0"],
+                    &["link", "set", "eth0", "up"],
+                    &["link", "set", "peer0", "up"],
+                ] {
+                    let status = std::process::Command::new("ip").args(args).status();
+                    assert!(status.expect("ip").success(), "ip {args:?}");
+                }
+                let listener = std::net::TcpListener::bind(app).expect("application listens");
+                let path = format!(
+                    "/proc/{}/task/{}/ns/net",
+                    std::process::id(),
+                    nix::unistd::gettid()
+                );
+                made_tx.send((PathBuf::from(path), listener)).expect("send");
+                let _ = until.recv();
+            });
+            let (path, listener) = made_rx.recv().expect("scratch pod made");
+            Self {
+                path,
+                listener: Some(listener),
+                done: Some(done),
+                thread: Some(thread),
+            }
+        }
+
+        /// Whether the pod holds the connection from `local` to `remote` in `TIME_WAIT`.
+        fn in_time_wait(&self, local: SocketAddr, remote: SocketAddr) -> bool {
+            let hex = |a: SocketAddr| match a.ip() {
+                IpAddr::V4(ip) => {
+                    format!("{:08X}:{:04X}", u32::from_ne_bytes(ip.octets()), a.port())
+                }
+                IpAddr::V6(_) => unreachable!("IPv4 only"),
+            };
+            let (local, remote) = (hex(local), hex(remote));
+            let table = self
+                .path
+                .parent()
+                .expect("task dir")
+                .parent()
+                .expect("task");
+            std::fs::read_to_string(table.join("net/tcp"))
+                .expect("the pod's TCP table")
+                .lines()
+                .skip(1)
+                .any(|line| {
+                    let fields: Vec<&str> = line.split_whitespace().collect();
+                    fields.get(1..4) == Some(&[local.as_str(), remote.as_str(), "06"][..])
+                })
+        }
+    }
+
+    impl Drop for ScratchPod {
+        fn drop(&mut self) {
+            self.listener.take();
+            self.done.take();
+            if let Some(thread) = self.thread.take() {
+                let _ = thread.join();
+            }
+        }
+    }
+
+    /// A client's port is delivered again while its last delivered connection is still in
+    /// `TIME_WAIT`, on either side: after the ephemeral range has turned once, every port the
+    /// agent chooses is one it used before.
+    #[tokio::test]
+    async fn a_four_tuple_in_time_wait_is_delivered_again() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+        let app: SocketAddr = "10.244.77.2:8080".parse().expect("address");
+        let mut pod = ScratchPod::new("10.244.77.2/24", app);
+        let listener = pod.listener.take().expect("listener");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+        let worker = NetnsWorker::spawn(&pod.path).expect("worker");
+        let routing = worker.route_deliveries().expect("routing");
+        assert_eq!(routing, Transparent { v4: true, v6: true });
+        let client = IpAddr::from([10, 244, 9, 9]);
+        assert!(worker.transparent_for(client));
+
+        for (turn, agent_closes_first) in [(1000u16, true), (2000, false)] {
+            let port = DELIVERY_PORTS.start() + turn;
+            let from = SocketAddr::new(client, port);
+            let mut delivered = Vec::new();
+            for attempt in ["first", "again"] {
+                worker.namespace.ports.store(turn, Ordering::Relaxed);
+                let (mut delivery, announced) = worker
+                    .deliver(app, client, Ok::<_, io::Error>)
+                    .await
+                    .expect("delivered");
+                assert_eq!(announced, Some(from), "{attempt}: announced");
+                let (mut accepted, peer) = listener.accept().await.expect("accept");
+                delivered.push(peer);
+                delivery.write_all(b"x").await.expect("write");
+                let mut byte = [0u8; 1];
+                accepted.read_exact(&mut byte).await.expect("read");
+                // Whoever closes first ends in TIME_WAIT once the other has closed too.
+                let (mut first, mut last, waiting) = if agent_closes_first {
+                    (delivery, accepted, (from, app))
+                } else {
+                    (accepted, delivery, (app, from))
+                };
+                first.shutdown().await.expect("shutdown");
+                assert_eq!(last.read(&mut byte).await.expect("read the end"), 0);
+                drop(first);
+                drop(last);
+                let mut checks = 0;
+                while !pod.in_time_wait(waiting.0, waiting.1) {
+                    checks += 1;
+                    assert!(checks < 10_000, "{attempt}: never in TIME_WAIT");
+                    tokio::task::yield_now().await;
+                }
+            }
+            assert_eq!(
+                delivered,
+                [from, from],
+                "agent closing first: {agent_closes_first}; the same four-tuple both times"
+            );
+        }
+    }
 }
