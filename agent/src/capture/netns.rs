@@ -453,14 +453,13 @@ mod tests {
     struct ScratchPod {
         /// The namespace, as the thread's entry in `/proc`.
         path: PathBuf,
-        listener: Option<std::net::TcpListener>,
         done: Option<mpsc::Sender<()>>,
         thread: Option<std::thread::JoinHandle<()>>,
     }
 
     impl ScratchPod {
-        /// A pod with `address` whose application listens on `app`.
-        fn new(address: &'static str, app: SocketAddr) -> Self {
+        /// A pod with `address`, and its application's listener on `app`.
+        fn new(address: &'static str, app: SocketAddr) -> (Self, std::net::TcpListener) {
             let (made_tx, made_rx) = mpsc::channel();
             let (done, until) = mpsc::channel::<()>();
             let thread = std::thread::spawn(move || {
@@ -488,12 +487,12 @@ mod tests {
                 let _ = until.recv();
             });
             let (path, listener) = made_rx.recv().expect("scratch pod made");
-            Self {
+            let pod = Self {
                 path,
-                listener: Some(listener),
                 done: Some(done),
                 thread: Some(thread),
-            }
+            };
+            (pod, listener)
         }
 
         /// Whether the pod holds the connection from `local` to `remote` in `TIME_WAIT`.
@@ -524,7 +523,6 @@ mod tests {
 
     impl Drop for ScratchPod {
         fn drop(&mut self) {
-            self.listener.take();
             self.done.take();
             if let Some(thread) = self.thread.take() {
                 let _ = thread.join();
@@ -540,8 +538,7 @@ mod tests {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
         let app: SocketAddr = "10.244.77.2:8080".parse().expect("address");
-        let mut pod = ScratchPod::new("10.244.77.2/24", app);
-        let listener = pod.listener.take().expect("listener");
+        let (pod, listener) = ScratchPod::new("10.244.77.2/24", app);
         listener.set_nonblocking(true).expect("nonblocking");
         let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
         let worker = NetnsWorker::spawn(&pod.path).expect("worker");
