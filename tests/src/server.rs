@@ -8,7 +8,8 @@ use std::{
     net::{SocketAddr, TcpListener},
     os::fd::AsRawFd,
     path::Path,
-    sync::{Arc, Mutex},
+    sync::{Arc, Condvar, Mutex},
+    time::Duration,
 };
 
 use anyhow::Context as _;
@@ -16,9 +17,16 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::netns;
 
+/// Peers of the connections accepted so far, and a signal for each new one.
+#[derive(Default)]
+struct Accepted {
+    peers: Mutex<Vec<SocketAddr>>,
+    more: Condvar,
+}
+
 pub struct EchoServer {
     listener: Arc<TcpListener>,
-    peers: Arc<Mutex<Vec<SocketAddr>>>,
+    accepted: Arc<Accepted>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -103,30 +111,52 @@ impl EchoServer {
         })
         .with_context(|| format!("echo server on port {port} in {}", netns_path.display()))?;
         let listener = Arc::new(listener);
-        let peers = Arc::new(Mutex::new(Vec::new()));
+        let accepted = Arc::new(Accepted::default());
         let thread = {
             let listener = listener.clone();
-            let peers = peers.clone();
+            let accepted = accepted.clone();
             std::thread::spawn(move || {
                 while let Ok((stream, peer)) = listener.accept() {
-                    peers
+                    accepted
+                        .peers
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .push(unmap(peer));
+                    accepted.more.notify_all();
                     std::thread::spawn(move || handler(stream));
                 }
             })
         };
         Ok(Self {
             listener,
-            peers,
+            accepted,
             thread: Some(thread),
         })
     }
 
     /// Peers of every accepted connection so far (IPv4-mapped addresses shown as IPv4).
     pub fn peers(&self) -> Vec<SocketAddr> {
-        self.peers.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.accepted
+            .peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Wait until the application has accepted `count` connections in all; returns whether it
+    /// did within `timeout`.
+    pub fn wait_accepted(&self, count: usize, timeout: Duration) -> bool {
+        let peers = self
+            .accepted
+            .peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let (peers, _) = self
+            .accepted
+            .more
+            .wait_timeout_while(peers, timeout, |p| p.len() < count)
+            .unwrap_or_else(|p| p.into_inner());
+        peers.len() >= count
     }
 
     pub fn accepted(&self) -> usize {

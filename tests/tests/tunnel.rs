@@ -224,9 +224,15 @@ spec:
     );
 
     // While a delivered connection lives, its four-tuple stays announced to the inbound check.
+    // The agent logs its decision before it delivers: wait for the application to have the
+    // connection, which the agent announced before connecting.
     let pipe = cluster
         .open_pipe(first, to, b"open ", n2)
         .expect("open connection");
+    assert!(
+        echo.wait_accepted(3, Duration::from_secs(20)),
+        "the open connection reaches the application"
+    );
     assert_eq!(
         maps(&cluster, n2).pending_deliveries(),
         1,
