@@ -122,6 +122,8 @@ impl FastpathSummary {
             tracing::info!(
                 target: "access",
                 event = "fastpath summary",
+                path = "fastpath",
+                encrypted = false,
                 interval_s = (WATCH_INTERVAL * SUMMARY_EVERY).as_secs(),
                 counters = %serde_json::to_string(&delta).unwrap_or_default(),
                 "kernel fast-path activity"
@@ -143,7 +145,10 @@ pub fn load_policies(config_path: &Path, config: &Config) -> anyhow::Result<Poli
         MtlsMode::Permissive => policy::MtlsMode::Permissive,
     };
     PolicySet::load(&policy_paths(config_path, config), &config.root_namespace)
-        .map(|set| set.with_default_mtls(default_mtls))
+        .map(|set| {
+            set.with_default_mtls(default_mtls)
+                .with_strict_fastpath(config.mtls.strict_fastpath)
+        })
         .map_err(|errors| {
             let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
             anyhow::anyhow!(

@@ -18,6 +18,9 @@ use crate::{env, netns};
 pub struct AgentOptions {
     /// `STRICT` or `PERMISSIVE`.
     pub mtls_mode: String,
+    /// `mtls.strictFastpath`: STRICT pairs take the kernel fast path after their first
+    /// connection.
+    pub strict_fastpath: bool,
     /// `fastpath` or `tunnel`.
     pub dataplane_mode: String,
     pub verdict_ttl: String,
@@ -39,6 +42,7 @@ impl Default for AgentOptions {
     fn default() -> Self {
         Self {
             mtls_mode: "PERMISSIVE".into(),
+            strict_fastpath: false,
             dataplane_mode: "fastpath".into(),
             verdict_ttl: "5m".into(),
             busy_poll: None,
@@ -52,10 +56,20 @@ impl Default for AgentOptions {
 }
 
 impl AgentOptions {
+    /// STRICT mTLS: every connection tunneled.
     pub fn strict() -> Self {
         Self {
             mtls_mode: "STRICT".into(),
             ..Self::default()
+        }
+    }
+
+    /// STRICT mTLS with `strictFastpath`: plaintext is refused, and a pair's repeats take the
+    /// kernel fast path once its first connection has proven both identities.
+    pub fn strict_fastpath() -> Self {
+        Self {
+            strict_fastpath: true,
+            ..Self::strict()
         }
     }
 }

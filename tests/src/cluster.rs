@@ -469,7 +469,10 @@ impl Cluster {
             "dataplane: {{ mode: {}, verdictTtl: {}{busy_poll} }}\n",
             options.dataplane_mode, options.verdict_ttl
         ));
-        y.push_str(&format!("mtls: {{ mode: {} }}\n", options.mtls_mode));
+        y.push_str(&format!(
+            "mtls: {{ mode: {}, strictFastpath: {} }}\n",
+            options.mtls_mode, options.strict_fastpath
+        ));
         y.push_str(&format!(
             "debugSocket: {}\n",
             node.dir.join("debug.sock").display()

@@ -53,7 +53,7 @@ fn setup() -> Setup {
             t.start_agents(AgentOptions {
                 metrics: "127.0.0.1:15020".into(),
                 extra_yaml: format!("policies: [{}]\n", policies.display()),
-                ..AgentOptions::strict()
+                ..AgentOptions::strict_fastpath()
             })
         })
         .expect("cluster with agents");
@@ -107,6 +107,10 @@ fn every_endpoint_and_command_reports_what_the_test_did() {
         assert_eq!(v["port"], PORT, "{page}");
         assert_eq!(v["direction"], direction, "{page}");
         assert_eq!(v["decision"], "allow", "{page}");
+        assert_eq!(
+            v["encrypted"], false,
+            "a cached pair takes the fast path: {page}"
+        );
         let left = v["secondsLeft"].as_f64().unwrap_or_default();
         assert!(left > 0.0 && left <= 300.0, "{page}");
     }
@@ -166,6 +170,10 @@ fn every_endpoint_and_command_reports_what_the_test_did() {
     );
     assert!(ok && explained.starts_with("ALLOW"), "{explained}");
     assert!(explained.contains("prod/allow-prod"), "{explained}");
+    assert!(
+        explained.contains("encrypted: no (first connection tunneled over mTLS, repeats through the kernel fast path"),
+        "with strictFastpath the pair is cached and its repeats are not encrypted: {explained}"
+    );
 
     // connections: an open tunneled connection with both identities and its bytes.
     let other = cluster.pod(server).addr4(PORT + 1);

@@ -85,7 +85,7 @@ fn mesh(files: &[(&str, &str)]) -> Mesh {
     }
     let options = AgentOptions {
         extra_yaml: format!("policies: [{}]\n", policies.display()),
-        ..AgentOptions::strict()
+        ..AgentOptions::strict_fastpath()
     };
     cluster.start_agent(n1, options.clone()).expect("agent 1");
     cluster.start_agent(n2, options).expect("agent 2");

@@ -40,9 +40,95 @@ fn on_the_wire(cluster: &Cluster, f: impl FnOnce()) -> Vec<Vec<u8>> {
     sniffer.frames()
 }
 
+/// Three connections of frontend to payment on `PORT`, captured on node 1's link.
+fn three_connections(
+    cluster: &Cluster,
+    client: PodId,
+    server: PodId,
+    secret: &str,
+) -> Vec<Vec<u8>> {
+    let to = cluster.pod(server).addr4(PORT);
+    on_the_wire(cluster, || {
+        for _ in 0..3 {
+            let r = cluster.probe(client, to, Some(secret)).expect("probe");
+            assert!(r.ok && r.echo.as_deref() == Some(secret), "{r:?}");
+        }
+    })
+}
+
+#[test]
+fn a_strict_pair_is_tunneled_on_every_connection_and_never_cached() {
+    let (mut cluster, n1, n2, client, server) = setup(AgentOptions::strict());
+    let _echo = cluster.echo_server(server, PORT).expect("echo");
+    let secret = "strict-secret-payload-5c1e";
+    let mark = cluster.agent(n1).mark();
+    let frames = three_connections(&cluster, client, server, secret);
+    assert!(
+        !frames.iter().any(|f| contains(f, secret.as_bytes())),
+        "under STRICT the payload never crosses in clear, on any connection"
+    );
+    assert!(
+        frames
+            .iter()
+            .filter_map(|f| tcp_segment(f))
+            .all(|s| s.dst_port == TUNNEL_PORT || s.src_port == TUNNEL_PORT),
+        "nothing but the tunnel crosses"
+    );
+    let source = maps(&cluster, n1);
+    assert_eq!(source.counter(Counter::Redirected).expect("c"), 3);
+    assert_eq!(source.counter(Counter::FastpathAllowed).expect("c"), 0);
+    for node in [n1, n2] {
+        assert!(
+            maps(&cluster, node)
+                .verdicts()
+                .expect("verdicts")
+                .is_empty(),
+            "a STRICT pair is never cached (node {})",
+            node.0 + 1
+        );
+    }
+    // The access log says each connection was encrypted.
+    let decisions = std::cell::RefCell::new(Vec::new());
+    cluster
+        .agent(n1)
+        .wait_for_line_after(mark, Duration::from_secs(20), |l| {
+            if l.contains("\"event\":\"decision\"") && l.contains("\"direction\":\"outbound\"") {
+                decisions.borrow_mut().push(l.to_owned());
+            }
+            decisions.borrow().len() == 3
+        })
+        .expect("the source's three decision lines");
+    for line in decisions.into_inner() {
+        assert!(
+            line.contains("\"encrypted\":true") && line.contains("not cacheable"),
+            "{line}"
+        );
+    }
+}
+
+#[test]
+fn with_strict_fastpath_a_strict_pair_is_proven_once_then_takes_the_fast_path_in_clear() {
+    let (cluster, n1, n2, client, server) = setup(AgentOptions::strict_fastpath());
+    let _echo = cluster.echo_server(server, PORT).expect("echo");
+    let secret = "strict-fastpath-payload-0d2b";
+    let frames = three_connections(&cluster, client, server, secret);
+    // What `strictFastpath` documents: identity proven by mTLS at the first connection, bound
+    // to the source address afterwards, not encrypted.
+    assert!(
+        frames.iter().any(|f| contains(f, secret.as_bytes())),
+        "the repeats cross in clear"
+    );
+    let source = maps(&cluster, n1);
+    assert_eq!(source.counter(Counter::Redirected).expect("c"), 1);
+    assert_eq!(source.counter(Counter::FastpathAllowed).expect("c"), 2);
+    for node in [n1, n2] {
+        assert_eq!(maps(&cluster, node).verdicts().expect("verdicts").len(), 1);
+    }
+}
+
 #[test]
 fn the_first_connection_crosses_the_link_as_tls_and_both_nodes_cache_the_pair() {
-    let (cluster, n1, n2, client, server) = setup(AgentOptions::strict());
+    let (cluster, n1, n2, client, server) = setup(AgentOptions::default());
     let _echo = cluster.echo_server(server, PORT).expect("echo");
     let secret = "top-secret-payload-7f3a";
     let to = cluster.pod(server).addr4(PORT);
@@ -327,7 +413,7 @@ fn certificates_rotate_under_an_open_connection_and_bound_the_cache() {
     use std::io::Write as _;
     let options = AgentOptions {
         cert_ttl: "6s".into(),
-        ..AgentOptions::strict()
+        ..AgentOptions::strict_fastpath()
     };
     let (mut cluster, n1, n2, client, server) = setup(options);
     let _echo = cluster.echo_server(server, PORT).expect("echo");

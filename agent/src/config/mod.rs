@@ -139,10 +139,15 @@ pub enum DataplaneMode {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Mtls {
     #[serde(default)]
     pub mode: MtlsMode,
+    /// STRICT ports take the kernel fast path after their first connection: identity proven by
+    /// mTLS then, bound to the source address afterwards, not encrypted (Cilium's mutual
+    /// authentication). Off: every connection to a STRICT port is tunneled (Istio's STRICT).
+    #[serde(default)]
+    pub strict_fastpath: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]

@@ -118,6 +118,7 @@ impl AgentView {
                         Decision::Deny
                     },
                     seconds_left: v.remaining_ns(now) as f64 / 1e9,
+                    encrypted: false,
                 })
             })
             .collect();

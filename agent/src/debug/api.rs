@@ -171,6 +171,10 @@ pub struct Verdict {
     pub decision: Decision,
     /// Seconds before the kernel ignores it (0 once expired).
     pub seconds_left: f64,
+    /// Whether the pair's cached connections are encrypted: never, as a cached allow sends
+    /// them through the kernel fast path. Pairs that must be encrypted (STRICT ports without
+    /// `mtls.strictFastpath`, `mode: tunnel`) are never cached, so never listed here.
+    pub encrypted: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -495,6 +499,7 @@ mod tests {
             direction: Direction::Outbound,
             decision: Decision::Allow,
             seconds_left: 1.0,
+            encrypted: false,
         };
         let filter = VerdictFilter {
             identity: Some("a".into()),

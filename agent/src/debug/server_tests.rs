@@ -116,6 +116,7 @@ impl Backend for Fixed {
             direction: Direction::Outbound,
             decision: Decision::Allow,
             seconds_left: 12.5,
+            encrypted: false,
         }]))
     }
 

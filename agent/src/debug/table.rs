@@ -174,6 +174,7 @@ pub fn verdicts(page: &VerdictPage) -> String {
         "DIRECTION",
         "DECISION",
         "TTL",
+        "ENCRYPTED",
     ]);
     for v in &page.verdicts {
         table.row([
@@ -189,6 +190,11 @@ pub fn verdicts(page: &VerdictPage) -> String {
                 Decision::Deny => "deny".into(),
             },
             duration(v.seconds_left),
+            match (v.decision, v.encrypted) {
+                (Decision::Deny, _) => "-".into(),
+                (Decision::Allow, true) => "yes".into(),
+                (Decision::Allow, false) => "no (fast path)".into(),
+            },
         ]);
     }
     let mut out = table.render();
@@ -310,6 +316,7 @@ mod tests {
                     direction: Direction::Outbound,
                     decision: Decision::Allow,
                     seconds_left: 252.4,
+                    encrypted: false,
                 },
                 Verdict {
                     source: "key:00000000deadbeef".into(),
@@ -318,15 +325,16 @@ mod tests {
                     direction: Direction::Inbound,
                     decision: Decision::Deny,
                     seconds_left: 4.25,
+                    encrypted: false,
                 },
             ],
         };
         assert_eq!(
             verdicts(&page),
             "\
-SOURCE                                      DESTINATION                                PORT  DIRECTION  DECISION  TTL
-spiffe://cluster.local/ns/prod/sa/frontend  spiffe://cluster.local/ns/prod/sa/payment  8080  outbound   allow     4m12s
-key:00000000deadbeef                        spiffe://cluster.local/ns/db/sa/pg         5432  inbound    deny      4.2s
+SOURCE                                      DESTINATION                                PORT  DIRECTION  DECISION  TTL    ENCRYPTED
+spiffe://cluster.local/ns/prod/sa/frontend  spiffe://cluster.local/ns/prod/sa/payment  8080  outbound   allow     4m12s  no (fast path)
+key:00000000deadbeef                        spiffe://cluster.local/ns/db/sa/pg         5432  inbound    deny      4.2s   -
 (1-2 of 3; use --offset/--limit for more)
 "
         );

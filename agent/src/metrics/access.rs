@@ -1,7 +1,8 @@
 //! The access log: one structured JSON line (tracing target `access`, on stdout) per policy
 //! decision and per carried connection when it ends, so an auditor can trace every
 //! authenticated hop: time, both SPIFFE IDs and addresses, port, decision, the policy that
-//! decided, the path (`tunnel`, `plaintext`, `http`), bytes and duration.
+//! decided, the path (`tunnel`, `plaintext`, `http`), whether the connection's bytes are
+//! encrypted, bytes and duration.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -39,6 +40,19 @@ pub fn closed(r: &Record<'_>) {
     emit(r, "connection closed");
 }
 
+impl Record<'_> {
+    /// Whether the connection's bytes cross encrypted: a tunneled connection is, and so is an
+    /// HTTP request with a verified source (it came through the tunnel); plaintext sources and
+    /// the kernel fast path are not.
+    pub fn encrypted(&self) -> bool {
+        match self.path {
+            "tunnel" => true,
+            "http" => !self.source_principal.is_empty(),
+            _ => false,
+        }
+    }
+}
+
 fn emit(r: &Record<'_>, what: &str) {
     let port = r.destination_address.map(|a| a.port()).unwrap_or_default();
     tracing::info!(
@@ -54,6 +68,7 @@ fn emit(r: &Record<'_>, what: &str) {
         policy = r.policy,
         reason = r.reason,
         path = r.path,
+        encrypted = r.encrypted(),
         request = r.request,
         bytes_sent = r.bytes_sent,
         bytes_received = r.bytes_received,

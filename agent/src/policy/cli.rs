@@ -47,6 +47,12 @@ pub fn render_explain(explanation: &Explanation) -> String {
         Protocol::Tcp => "connection",
     };
     let _ = writeln!(out, "evaluated as: {protocol}");
+    let _ = writeln!(
+        out,
+        "encrypted: {} ({})",
+        if explanation.encrypted { "yes" } else { "no" },
+        explanation.traffic.describe()
+    );
     if let Some(why) = &explanation.needs_http {
         let _ = writeln!(
             out,

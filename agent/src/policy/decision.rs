@@ -139,6 +139,47 @@ pub enum Protocol {
     Tcp,
 }
 
+/// How the connections of a pair cross between the nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Traffic {
+    /// A plaintext source: nothing proves it and nothing is encrypted.
+    Plaintext,
+    /// Every connection crosses the mTLS tunnel: every byte encrypted.
+    Tunneled,
+    /// The first connection crosses the mTLS tunnel and proves both identities; repeats go
+    /// straight through the kernel fast path, bound to the source address, not encrypted.
+    Fastpath,
+}
+
+impl Traffic {
+    /// What a decision's connections do: tunneled unless the decision may be cached.
+    pub fn of(decision: &Decision, plaintext: bool) -> Self {
+        if plaintext {
+            Self::Plaintext
+        } else if decision.cacheable {
+            Self::Fastpath
+        } else {
+            Self::Tunneled
+        }
+    }
+
+    /// Whether every byte of every connection is encrypted.
+    pub fn encrypted(self) -> bool {
+        self == Self::Tunneled
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Plaintext => "plaintext connection, not encrypted",
+            Self::Tunneled => "every connection tunneled over mTLS, encrypted",
+            Self::Fastpath => {
+                "first connection tunneled over mTLS, repeats through the kernel fast path, not encrypted"
+            }
+        }
+    }
+}
+
 /// What `latch policy explain` and the debug API show.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Explanation {
@@ -147,4 +188,17 @@ pub struct Explanation {
     /// Set when no request was given and the outcome depends on HTTP attributes: `decision`
     /// is then the one for a non-HTTP connection.
     pub needs_http: Option<String>,
+    /// How the pair's connections cross between the nodes.
+    pub traffic: Traffic,
+    /// Whether every byte of the pair's connections is encrypted (`traffic` is `tunneled`).
+    pub encrypted: bool,
+}
+
+impl Explanation {
+    /// Set how the pair's connections travel (and so whether they are encrypted).
+    pub fn with_traffic(mut self, traffic: Traffic) -> Self {
+        self.traffic = traffic;
+        self.encrypted = traffic.encrypted();
+        self
+    }
 }

@@ -27,7 +27,7 @@ use super::{
     compile::AuthzPolicy,
     decision::{
         Action, Connection, ConnectionDecision, Decision, Explanation, HttpRequest, MtlsMode,
-        Protocol, Target,
+        Protocol, Target, Traffic,
     },
     matching::{Attrs, L7, Tri},
 };
@@ -94,11 +94,16 @@ impl PolicySet {
         conn: &Connection,
         request: Option<&HttpRequest>,
     ) -> Explanation {
+        let plaintext = conn.source_principal.is_none();
         if let Some(request) = request {
+            let decision = self.evaluate_request(target, conn, request);
+            let traffic = Traffic::of(&decision, plaintext);
             return Explanation {
-                decision: self.evaluate_request(target, conn, request),
+                decision,
                 protocol: Protocol::Http,
                 needs_http: None,
+                traffic,
+                encrypted: traffic.encrypted(),
             };
         }
         let (decision, needs_http) = match self.evaluate_connection(target, conn) {
@@ -107,10 +112,17 @@ impl PolicySet {
                 (self.evaluate_tcp(target, conn), Some(reason))
             }
         };
+        let traffic = if needs_http.is_some() && !plaintext {
+            Traffic::Tunneled
+        } else {
+            Traffic::of(&decision, plaintext)
+        };
         Explanation {
             decision,
             protocol: Protocol::Tcp,
             needs_http,
+            traffic,
+            encrypted: traffic.encrypted(),
         }
     }
 
@@ -148,12 +160,14 @@ impl PolicySet {
         }
     }
 
-    /// Whether an AuthorizationPolicy applying to `target` looks at the destination port: if
-    /// not, every port of the workload gets the same decision for a given source.
+    /// Whether an AuthorizationPolicy applying to `target` looks at the destination port, or
+    /// (STRICT ports being uncacheable) its mTLS mode differs by port: if not, every port of the
+    /// workload gets the same decision for a given source.
     pub fn port_sensitive(&self, target: &Target) -> bool {
         self.applicable(target)
             .iter()
             .any(|&id| self.inner.authz[id as usize].port_sensitive)
+            || (!self.inner.strict_fastpath && self.mtls_port_sensitive(target))
     }
 
     /// Ids of the AuthorizationPolicies applying to `target`, in (namespace, name) order.
@@ -269,6 +283,15 @@ impl PolicySet {
         };
         let (cacheable, cache_reason) = match uncacheable {
             _ if plaintext => (false, "plaintext source".to_owned()),
+            _ if mtls_mode == MtlsMode::Strict && !self.inner.strict_fastpath => (
+                false,
+                format!(
+                    "mTLS is STRICT ({}): every connection is tunneled (mtls.strictFastpath is off)",
+                    mtls_source
+                        .as_ref()
+                        .map_or_else(|| "the default mode".to_owned(), ToString::to_string)
+                ),
+            ),
             Some((p, why)) => (false, format!("{} references {why}", p.reference())),
             None => (
                 true,

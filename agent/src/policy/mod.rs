@@ -36,7 +36,7 @@ mod tests;
 
 pub use decision::{
     Action, Connection, ConnectionDecision, Decision, Explanation, HttpRequest, MtlsMode,
-    PolicyKind, PolicyRef, Protocol, Target,
+    PolicyKind, PolicyRef, Protocol, Target, Traffic,
 };
 pub use error::PolicyError;
 
@@ -61,6 +61,9 @@ pub struct PolicySet {
 struct Inner {
     root_namespace: String,
     default_mtls: MtlsMode,
+    /// `mtls.strictFastpath`: STRICT ports may take the kernel fast path after the first
+    /// connection (identity proven once, then bound to the source address; not encrypted).
+    strict_fastpath: bool,
     /// Sorted by (namespace, name); positions are the ids used by the indexes.
     authz: Vec<AuthzPolicy>,
     peer: Vec<PeerAuthPolicy>,
@@ -117,6 +120,13 @@ impl PolicySet {
         self
     }
 
+    /// Let STRICT ports be cached (`mtls.strictFastpath`). Off by default: STRICT means mTLS on
+    /// every connection, as in Istio, so a STRICT port's verdicts are never cacheable.
+    pub fn with_strict_fastpath(mut self, on: bool) -> Self {
+        Arc::make_mut(&mut self.inner).strict_fastpath = on;
+        self
+    }
+
     fn build(
         root_namespace: &str,
         mut authz: Vec<AuthzPolicy>,
@@ -142,6 +152,7 @@ impl PolicySet {
             inner: Arc::new(Inner {
                 root_namespace: root_namespace.to_owned(),
                 default_mtls: MtlsMode::Permissive,
+                strict_fastpath: false,
                 authz,
                 peer,
                 authz_index,

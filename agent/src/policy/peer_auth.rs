@@ -14,6 +14,24 @@ use super::{
 };
 
 impl PolicySet {
+    /// Whether the workload-level PeerAuthentication of `target` sets modes per port.
+    pub(crate) fn mtls_port_sensitive(&self, target: &Target) -> bool {
+        let inner = &*self.inner;
+        let Some(bucket) = inner.peer_index.bucket(target.namespace) else {
+            return false;
+        };
+        let mut selected = Vec::new();
+        bucket.selected(
+            target.labels,
+            |id| &inner.peer[id as usize].selector,
+            &mut selected,
+        );
+        selected
+            .iter()
+            .min()
+            .is_some_and(|id| !inner.peer[*id as usize].port_modes.is_empty())
+    }
+
     /// The mTLS mode for `port` of `target`, and the PeerAuthentication that set it (`None`
     /// for the default).
     pub fn mtls_mode(&self, target: &Target, port: u16) -> (MtlsMode, Option<PolicyRef>) {

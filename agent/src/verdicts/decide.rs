@@ -14,10 +14,11 @@ use std::{
 };
 
 use crate::{
+    config::DataplaneMode,
     identity::{IdentityKey, LocalWorkload},
     policy::{
         Connection, ConnectionDecision, Decision, Explanation, HttpRequest, MtlsMode, PolicySet,
-        Target,
+        Target, Traffic,
     },
     state::Snapshot,
     tunnel::{http::RequestHead, tracked::ConnInfo},
@@ -306,5 +307,12 @@ pub fn explain(snapshot: &Snapshot, question: &Question) -> Result<Explanation, 
         path: question.path.as_deref().unwrap_or("/"),
         host: question.host.as_deref().unwrap_or(""),
     });
-    Ok(snapshot.policies.explain(&to, &conn, request.as_ref()))
+    let explanation = snapshot.policies.explain(&to, &conn, request.as_ref());
+    // Nothing is cached in `mode: tunnel`: every connection of an mTLS pair is tunneled.
+    let tunnel_mode = snapshot.config.dataplane.mode != DataplaneMode::Fastpath;
+    Ok(if tunnel_mode && explanation.traffic == Traffic::Fastpath {
+        explanation.with_traffic(Traffic::Tunneled)
+    } else {
+        explanation
+    })
 }

@@ -215,6 +215,17 @@ fn print_table(rows: &[Row]) {
     }
 }
 
+/// Rewrite every agent's config for `options` and wait until each has applied it.
+fn reconfigure(demo: &mut Demo, options: &AgentOptions) -> anyhow::Result<()> {
+    let nodes: Vec<NodeId> = demo.cluster.nodes().map(|(id, _)| id).collect();
+    let marks = demo.cluster.marks(&nodes);
+    for node in &nodes {
+        let yaml = demo.cluster.config_yaml(*node, options);
+        demo.cluster.agent(*node).write_config(&yaml)?;
+    }
+    demo.cluster.wait_reloaded(&nodes, &marks)
+}
+
 /// Write `file` into the shared policy directory and wait until both agents applied it.
 fn change_policy(
     demo: &mut Demo,
@@ -273,7 +284,7 @@ fn main() -> anyhow::Result<()> {
         ..AgentOptions::strict()
     };
     cluster.start_agent(n1, options.clone())?;
-    cluster.start_agent(n2, options)?;
+    cluster.start_agent(n2, options.clone())?;
     let servers = vec![
         (payment, 8080, cluster.http_server(payment, 8080)?),
         (ledger, 8080, cluster.echo_server(ledger, 8080)?),
@@ -289,11 +300,22 @@ fn main() -> anyhow::Result<()> {
     let ledger4 = demo.cluster.pod(ledger).addr4(8080);
     let ledger6 = demo.cluster.pod(ledger).addr6(8080);
 
+    demo.note("mTLS STRICT, as in Istio: every connection crosses an mTLS tunnel between the agents, nothing is cached");
+    demo.connect(frontend, ledger4)?;
+    demo.connect(frontend, ledger4)?;
+    demo.note("the operator sets mtls.strictFastpath: true on both nodes (identity proven by mTLS once, bound to the source address after, not encrypted)");
+    reconfigure(
+        &mut demo,
+        &AgentOptions {
+            strict_fastpath: true,
+            ..options
+        },
+    )?;
     demo.note(
-        "a pair's first connection crosses an mTLS tunnel between the agents; both cache the pair",
+        "a pair's first connection still crosses the mTLS tunnel; now both agents cache the pair",
     );
     demo.connect(frontend, ledger4)?;
-    demo.note("repeats go straight through the kernel on both nodes (same identities, any address family); the application sees the same client address either way");
+    demo.note("repeats go straight through the kernel on both nodes (same identities, any address family), in clear; the application sees the same client address either way");
     demo.connect(frontend, ledger4)?;
     demo.connect(frontend, ledger6)?;
     demo.note("ledger admits only frontend: analytics is refused by the destination, then by its own kernel");

@@ -116,6 +116,11 @@ const CASES: &[(&str, &str, &str, &str)] = &[
     ("default PERMISSIVE", "", "from=plain", "allow mtls=PERMISSIVE msrc=default"),
     ("mesh STRICT denies plaintext", "PA istio-system/mesh\nmtls: {mode: STRICT}", "from=plain", "deny nocache by=istio-system/mesh mtls=STRICT msrc=istio-system/mesh"),
     ("mesh STRICT allows mTLS", "PA istio-system/mesh\nmtls: {mode: STRICT}", "", "allow mtls=STRICT"),
+    ("STRICT mTLS is never cached: every connection tunneled", "PA istio-system/mesh\nmtls: {mode: STRICT}", "", "allow nocache"),
+    ("PERMISSIVE mTLS is cached", "PA istio-system/mesh\nmtls: {mode: PERMISSIVE}", "", "allow cache"),
+    ("DISABLE mTLS is cached", "PA prod/ns\nmtls: {mode: DISABLE}", "", "allow cache"),
+    ("a PERMISSIVE port of a STRICT workload is cached", "PA prod/w\nselector: {matchLabels: {app: pay}}\nmtls: {mode: STRICT}\nportLevelMtls: {8080: {mode: PERMISSIVE}}", "l:app=pay port=8080", "allow cache"),
+    ("the STRICT port of a PERMISSIVE workload is not", "PA prod/w\nselector: {matchLabels: {app: pay}}\nmtls: {mode: PERMISSIVE}\nportLevelMtls: {8080: {mode: STRICT}}", "l:app=pay port=8080", "allow nocache"),
     ("namespace over mesh", "PA istio-system/mesh\nmtls: {mode: STRICT}\nPA prod/ns\nmtls: {mode: PERMISSIVE}", "from=plain", "allow mtls=PERMISSIVE msrc=prod/ns"),
     ("namespace UNSET inherits mesh", "PA istio-system/mesh\nmtls: {mode: STRICT}\nPA prod/ns\nmtls: {mode: UNSET}", "from=plain", "deny msrc=istio-system/mesh"),
     ("workload over namespace", "PA prod/ns\nmtls: {mode: STRICT}\nPA prod/w\nselector: {matchLabels: {app: pay}}\nmtls: {mode: DISABLE}", "l:app=pay from=plain", "allow mtls=DISABLE msrc=prod/w"),
@@ -216,6 +221,66 @@ fn explain_renders() {
     );
     let json = serde_json::to_string(&explanation).unwrap();
     assert!(json.contains("\"allowed\":true"), "{json}");
+}
+
+#[test]
+fn strict_fastpath_lets_strict_ports_be_cached_and_explain_says_what_is_encrypted() {
+    let strict = "PA istio-system/mesh\nmtls: {mode: STRICT}";
+    let req = Req::parse("");
+    let target = Target {
+        namespace: "prod",
+        labels: &req.labels,
+    };
+    let tunneled = set(strict).explain(&target, &req.connection(), None);
+    assert!(tunneled.decision.allowed && !tunneled.decision.cacheable);
+    assert!(
+        tunneled.decision.cache_reason.contains("STRICT"),
+        "{tunneled:?}"
+    );
+    assert_eq!(tunneled.traffic, crate::policy::Traffic::Tunneled);
+    assert!(tunneled.encrypted);
+    let text = crate::policy::cli::render_explain(&tunneled);
+    assert!(
+        text.contains("encrypted: yes (every connection tunneled over mTLS"),
+        "{text}"
+    );
+
+    let opted = set(strict).with_strict_fastpath(true);
+    let fast = opted.explain(&target, &req.connection(), None);
+    assert!(fast.decision.allowed && fast.decision.cacheable, "{fast:?}");
+    assert_eq!(fast.traffic, crate::policy::Traffic::Fastpath);
+    assert!(!fast.encrypted);
+    let text = crate::policy::cli::render_explain(&fast);
+    assert!(
+        text.contains("encrypted: no (first connection tunneled"),
+        "{text}"
+    );
+
+    let plain = Req::parse("from=plain");
+    let permissive = set("").explain(&target, &plain.connection(), None);
+    assert_eq!(permissive.traffic, crate::policy::Traffic::Plaintext);
+    assert!(!permissive.encrypted);
+}
+
+#[test]
+fn a_port_level_strict_mode_makes_the_workload_port_sensitive() {
+    let per_port = set(
+        "PA prod/w\nselector: {matchLabels: {app: pay}}\nmtls: {mode: PERMISSIVE}\nportLevelMtls: {8080: {mode: STRICT}}",
+    );
+    let req = Req::parse("l:app=pay");
+    let target = Target {
+        namespace: "prod",
+        labels: &req.labels,
+    };
+    assert!(per_port.port_sensitive(&target));
+    assert!(
+        !per_port
+            .clone()
+            .with_strict_fastpath(true)
+            .port_sensitive(&target)
+    );
+    let whole = set("PA prod/w\nselector: {matchLabels: {app: pay}}\nmtls: {mode: STRICT}");
+    assert!(!whole.port_sensitive(&target));
 }
 
 #[test]
