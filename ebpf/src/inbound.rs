@@ -1,6 +1,7 @@
 //! `sk_lookup` on each enrolled pod's network namespace: the inbound check.
 //!
-//! For a new TCP connection to one of the pod's mesh IPs:
+//! Every new TCP connection to a non-loopback address of the pod's netns is checked; the
+//! addresses the agent knows are the pod's mesh IPs (local endpoints):
 //! - from a loopback source: delivered normally. This is the marker for connections the agent
 //!   itself delivers (from 127.0.0.6 or ::1 inside the pod's netns) when it cannot deliver them
 //!   from the client's own address; the kernel drops packets with loopback sources arriving on
@@ -12,6 +13,10 @@
 //! - with a fresh inbound deny: reset.
 //! - otherwise: steered to the agent's inbound listener in that netns; if the agent is not there
 //!   (no listener), reset: fail closed, never a hang and never a bypass.
+//!
+//! A connection to any other address of the netns (a link-local address, a secondary address,
+//! an address of a family the pod's `ips` do not list) is reset: the agent cannot tell which
+//! workload it is for, and nothing may reach the application around the check.
 
 use aya_ebpf::{
     bindings::{bpf_sk_lookup, sk_action},
@@ -117,12 +122,14 @@ pub fn latch_inbound(ctx: SkLookupContext) -> u32 {
         return PASS;
     }
     let Some(pod) = LATCH_ENDPOINTS.get_ptr(local) else {
-        return PASS;
+        count(Counter::InboundRejected);
+        return DROP;
     };
     // SAFETY: pointer from a successful hash lookup.
     let pod: EndpointInfo = unsafe { *pod };
     if pod.flags & ENDPOINT_LOCAL == 0 {
-        return PASS;
+        count(Counter::InboundRejected);
+        return DROP;
     }
 
     if pod.flags & ENDPOINT_TUNNEL_ONLY == 0

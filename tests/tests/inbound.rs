@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use latch::datapath::{KernelMaps, system::boot_ns_after};
 use latch_common::{Counter, DECISION_ALLOW, DIRECTION_INBOUND, VerdictKey, VerdictValue};
-use latch_tests::{AgentOptions, Cluster, NodeId, PodId, PodSpec, TwoNodes};
+use latch_tests::{AgentOptions, Cluster, NodeId, PodId, PodSpec, TwoNodes, netns};
 
 const PORT: u16 = 9090;
 
@@ -137,5 +137,77 @@ fn without_the_agent_inbound_connections_are_reset_not_bypassed() {
             .counter(Counter::InboundRejected)
             .expect("counter")
             >= 1
+    );
+}
+
+/// The interface index of `dev` inside namespace `ns`.
+fn ifindex(ns: &str, dev: &str) -> u32 {
+    let out = netns::sh(
+        std::process::Command::new("ip").args(["-n", ns, "-j", "link", "show", "dev", dev]),
+    )
+    .expect("ip link show");
+    let links: serde_json::Value = serde_json::from_str(&out).expect("ip -j output");
+    links[0]["ifindex"].as_u64().expect("ifindex") as u32
+}
+
+#[test]
+fn every_address_of_an_enrolled_pod_is_checked_link_local_and_secondary_ones_too() {
+    let (mut cluster, n1, server, client) = setup(AgentOptions::strict());
+    let neighbour = cluster
+        .add_pod(n1, PodSpec::external("neighbour"))
+        .expect("a pod on the same bridge, not in the mesh");
+    let echo = cluster.echo_server(server, PORT).expect("echo");
+    let server_ns = cluster.pod(server).netns_name.clone();
+    // Addresses the config does not list: a link-local one and a secondary IPv4 one.
+    netns::ip(&server_ns, &["addr", "add", "fe80::beef/64", "dev", "eth0"]).expect("link-local");
+    netns::ip(
+        &server_ns,
+        &["addr", "add", "10.244.1.200/32", "dev", "eth0"],
+    )
+    .expect("secondary");
+    let link_local = |ns: &str, dev: &str| {
+        std::net::SocketAddr::V6(std::net::SocketAddrV6::new(
+            "fe80::beef".parse().expect("address"),
+            PORT,
+            0,
+            ifindex(ns, dev),
+        ))
+    };
+    let rejected = || {
+        maps(&cluster, n1)
+            .counter(Counter::InboundRejected)
+            .expect("counter")
+    };
+    let before = rejected();
+
+    // From a pod on the same bridge, to the link-local address.
+    let neighbour_ns = cluster.pod(neighbour).netns_name.clone();
+    let to = link_local(&neighbour_ns, "eth0");
+    let r = cluster
+        .probe(neighbour, to, Some("link-local"))
+        .expect("probe");
+    assert!(
+        r.reset || r.refused(),
+        "link-local from a neighbour {to}: {r:?}"
+    );
+    // From the node itself (any process on the host network), to the same address.
+    let node_ns = cluster.node(n1).netns_name.clone();
+    let to = link_local(&node_ns, "br0");
+    let r = latch_tests::probe::connect(&cluster.node(n1).netns(), None, to, Some("node"))
+        .expect("probe");
+    assert!(
+        r.reset || r.refused(),
+        "link-local from the node {to}: {r:?}"
+    );
+    // From another node, to the secondary address.
+    let to: std::net::SocketAddr = format!("10.244.1.200:{PORT}").parse().expect("address");
+    let r = cluster.probe(client, to, Some("secondary")).expect("probe");
+    assert!(r.reset || r.refused(), "secondary address {to}: {r:?}");
+
+    assert_eq!(echo.accepted(), 0, "the application never sees them");
+    assert_eq!(
+        rejected(),
+        before + 3,
+        "each was reset by the inbound check"
     );
 }
