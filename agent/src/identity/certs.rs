@@ -27,7 +27,7 @@ use super::{
     ca::{CaError, DevCa, Svid},
     spiffe::SpiffeUri,
 };
-use crate::tls::{certified_key, verify_svid};
+use crate::tls::{Role, certified_key, verify_svid};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
@@ -275,13 +275,18 @@ impl CertStore {
             path: paths[1].clone(),
             why: "no usable private key (PKCS#8, SEC1 or PKCS#1 PEM expected)".into(),
         })?;
-        let found =
-            verify_svid(&chain, &bundle, &self.trust_domain, SystemTime::now()).map_err(|e| {
-                CertError::Invalid {
-                    path: paths[0].clone(),
-                    why: e.to_string(),
-                }
-            })?;
+        // The agent presents a workload's SVID on both sides of its tunnels.
+        let found = verify_svid(
+            &chain,
+            &bundle,
+            &self.trust_domain,
+            Role::ClientAndServer,
+            SystemTime::now(),
+        )
+        .map_err(|e| CertError::Invalid {
+            path: paths[0].clone(),
+            why: e.to_string(),
+        })?;
         if found != id {
             return Err(CertError::Invalid {
                 path: paths[0].clone(),

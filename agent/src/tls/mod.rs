@@ -1,8 +1,12 @@
 //! Mutual TLS between agents: rustls configurations (TLS 1.3 only, ring provider) whose
 //! certificate verifiers are SPIFFE-aware ([`verify`]): the chain must verify to the trust
-//! bundle, the leaf must carry exactly one `spiffe://` URI SAN in our trust domain and be within
-//! its validity window; the client also checks that the server is the destination workload.
+//! bundle under the X.509-SVID profile ([`profile`], [`names`]), the leaf must carry exactly one
+//! `spiffe://` URI SAN in our trust domain, and every certificate must be within its validity
+//! window; the client also checks that the server is the destination workload.
 
+pub mod error;
+mod names;
+mod profile;
 pub mod verify;
 
 use std::sync::Arc;
@@ -14,7 +18,8 @@ use rustls::{
 
 use crate::identity::ca::Svid;
 pub use verify::{
-    SpiffeClientVerifier, SpiffeServerVerifier, VerifyError, peer_identity, verify_svid,
+    CertRef, Position, Problem, Role, SpiffeClientVerifier, SpiffeServerVerifier, VerifyError,
+    peer_identity, svid_identity, verify_svid,
 };
 
 /// ALPN of the HBONE tunnel (HTTP/2).
@@ -145,5 +150,7 @@ pub fn server_config(
     server_config_with(fixed, bundle, trust_domain)
 }
 
+#[cfg(test)]
+mod chain_tests;
 #[cfg(test)]
 mod tests;

@@ -6,7 +6,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use rustls::pki_types::ServerName;
+use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use super::*;
@@ -35,6 +35,19 @@ async fn handshake(
     expected: &str,
 ) -> Result<String, String> {
     let bundle = vec![ca_for_server.certificate().clone()];
+    let (client_result, server_result) = handshake_sides(bundle, client, server, expected).await?;
+    client_result?;
+    server_result
+}
+
+/// Handshake `client` (expecting `expected`) against `server`, both trusting `bundle`: what
+/// each side saw (the server: the client's identity).
+pub(super) async fn handshake_sides(
+    bundle: Vec<CertificateDer<'static>>,
+    client: &Svid,
+    server: &Svid,
+    expected: &str,
+) -> Result<(Result<(), String>, Result<String, String>), String> {
     let server_cfg = server_config(server, bundle.clone(), TD).map_err(|e| e.to_string())?;
     let client_cfg = client_config(client, bundle, TD, expected).map_err(|e| e.to_string())?;
     let (a, b) = tokio::io::duplex(64 * 1024);
@@ -74,8 +87,7 @@ async fn handshake(
     .await;
     // Keep the client's end open until the server is done with the handshake.
     let server_result = server_side.await.map_err(|e| e.to_string())?;
-    drop(client_result?);
-    server_result
+    Ok((client_result.map(drop), server_result))
 }
 
 #[tokio::test]
@@ -143,66 +155,93 @@ async fn a_server_with_the_wrong_identity_is_refused() {
     assert!(err.starts_with("client:"), "the client refuses: {err}");
 }
 
+/// The rule a refused chain broke, and where.
+fn refusal(result: Result<String, VerifyError>) -> (Option<Position>, Option<Problem>) {
+    match result {
+        Ok(id) => panic!("accepted as {id}"),
+        Err(e) => (e.position(), e.problem().cloned()),
+    }
+}
+
 #[test]
 fn each_verification_failure_is_named() {
     let ca = ca("errors");
     let other = ca_other();
     let bundle = vec![ca.certificate().clone()];
     let now = SystemTime::now();
-    let check = |svid: &Svid| verify_svid(&svid.chain, &bundle, TD, now);
+    let check = |svid: &Svid| verify_svid(&svid.chain, &bundle, TD, Role::Client, now);
+    let leaf = Some(Position::Leaf);
 
     assert_eq!(
         check(&ca.mint(FRONTEND, HOUR).expect("svid")),
         Ok(FRONTEND.to_owned())
     );
-    assert_eq!(
-        check(&other.mint(FRONTEND, HOUR).expect("svid")),
-        Err(VerifyError::UnknownIssuer)
-    );
     assert!(matches!(
-        check(&ca.mint("spiffe://other.td/ns/a/sa/b", HOUR).expect("svid")),
-        Err(VerifyError::TrustDomain { .. })
+        refusal(check(&other.mint(FRONTEND, HOUR).expect("svid"))),
+        (Some(Position::Leaf), Some(Problem::UnknownIssuer { .. }))
     ));
     assert_eq!(
-        check(
+        refusal(check(
+            &ca.mint("spiffe://other.td/ns/a/sa/b", HOUR).expect("svid")
+        )),
+        (
+            leaf,
+            Some(Problem::TrustDomain {
+                id: "spiffe://other.td/ns/a/sa/b".into(),
+                expected: TD.into()
+            })
+        )
+    );
+    assert_eq!(
+        refusal(check(
             &ca.mint_with_sans(&[FRONTEND, PAYMENT], now - HOUR, now + HOUR)
                 .expect("svid")
-        ),
-        Err(VerifyError::UriSanCount(2))
+        )),
+        (leaf, Some(Problem::UriSanCount(2)))
     );
     assert_eq!(
-        check(
+        refusal(check(
             &ca.mint_with_sans(&[], now - HOUR, now + HOUR)
                 .expect("svid")
-        ),
-        Err(VerifyError::UriSanCount(0))
+        )),
+        (leaf, Some(Problem::UriSanCount(0)))
     );
     assert!(matches!(
-        check(
+        refusal(check(
             &ca.mint_with_sans(&["https://example.com/x"], now - HOUR, now + HOUR)
                 .expect("svid")
-        ),
-        Err(VerifyError::NotSpiffe(_))
+        )),
+        (Some(Position::Leaf), Some(Problem::NotSpiffe { .. }))
     ));
     assert!(matches!(
-        check(
+        refusal(check(
             &ca.mint_window(FRONTEND, now - 2 * HOUR, now - HOUR)
                 .expect("svid")
-        ),
-        Err(VerifyError::Expired { index: 0, .. })
+        )),
+        (Some(Position::Leaf), Some(Problem::Expired { .. }))
     ));
     assert!(matches!(
-        check(
+        refusal(check(
             &ca.mint_window(FRONTEND, now + HOUR, now + 2 * HOUR)
                 .expect("svid")
-        ),
-        Err(VerifyError::NotYetValid { index: 0, .. })
+        )),
+        (Some(Position::Leaf), Some(Problem::NotYetValid { .. }))
     ));
-    assert_eq!(verify_svid(&[], &bundle, TD, now), Err(VerifyError::Empty));
+    let none: [CertificateDer<'_>; 0] = [];
+    assert_eq!(
+        verify_svid(&none, &bundle, TD, Role::Client, now),
+        Err(VerifyError::Empty)
+    );
     // The CA certificate itself is not an SVID.
     assert_eq!(
-        verify_svid(&[ca.certificate().clone()], &bundle, TD, now),
-        Err(VerifyError::LeafIsCa)
+        refusal(verify_svid(
+            &[ca.certificate().clone()],
+            &bundle,
+            TD,
+            Role::Client,
+            now
+        )),
+        (leaf, Some(Problem::LeafIsCa))
     );
 }
 
@@ -259,17 +298,14 @@ fn a_chain_is_signature_checked_once_per_bundle_and_its_dates_every_time() {
     let bundle = vec![ca.certificate().clone()];
     let checks = || verify::SIGNATURE_CHECKS.with(|n| n.get());
     let now = SystemTime::now();
+    let verify = |bundle: &[CertificateDer<'static>], td: &str, at: SystemTime| {
+        verify_svid(&svid.chain, bundle, td, Role::Client, at)
+    };
 
     let before = checks();
-    assert_eq!(
-        verify_svid(&svid.chain, &bundle, TD, now),
-        Ok(FRONTEND.to_owned())
-    );
+    assert_eq!(verify(&bundle, TD, now), Ok(FRONTEND.to_owned()));
     assert_eq!(checks(), before + 1, "first sight: signatures checked");
-    assert_eq!(
-        verify_svid(&svid.chain, &bundle, TD, now),
-        Ok(FRONTEND.to_owned())
-    );
+    assert_eq!(verify(&bundle, TD, now), Ok(FRONTEND.to_owned()));
     assert_eq!(
         checks(),
         before + 1,
@@ -279,31 +315,33 @@ fn a_chain_is_signature_checked_once_per_bundle_and_its_dates_every_time() {
     let later = now + 2 * HOUR;
     assert!(
         matches!(
-            verify_svid(&svid.chain, &bundle, TD, later),
-            Err(VerifyError::Expired { index: 0, .. })
+            refusal(verify(&bundle, TD, later)),
+            (Some(Position::Leaf), Some(Problem::Expired { .. }))
         ),
         "a remembered chain still expires"
     );
     assert_eq!(
-        verify_svid(&svid.chain, &bundle, "other.domain", now),
-        Err(VerifyError::TrustDomain {
-            id: FRONTEND.to_owned(),
-            expected: "other.domain".to_owned()
-        }),
+        refusal(verify(&bundle, "other.domain", now)),
+        (
+            Some(Position::Leaf),
+            Some(Problem::TrustDomain {
+                id: FRONTEND.to_owned(),
+                expected: "other.domain".to_owned()
+            })
+        ),
         "and is still held to the trust domain"
     );
 
     let wider = vec![other.certificate().clone(), ca.certificate().clone()];
-    assert_eq!(
-        verify_svid(&svid.chain, &wider, TD, now),
-        Ok(FRONTEND.to_owned())
-    );
+    assert_eq!(verify(&wider, TD, now), Ok(FRONTEND.to_owned()));
     assert_eq!(checks(), before + 2, "another bundle: checked again");
     let foreign = vec![other.certificate().clone()];
     for _ in 0..2 {
-        assert_eq!(
-            verify_svid(&svid.chain, &foreign, TD, now),
-            Err(VerifyError::UnknownIssuer),
+        assert!(
+            matches!(
+                refusal(verify(&foreign, TD, now)),
+                (Some(Position::Leaf), Some(Problem::UnknownIssuer { .. }))
+            ),
             "a chain that failed is never remembered"
         );
     }
