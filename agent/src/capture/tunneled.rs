@@ -1,6 +1,7 @@
 //! The destination side of HBONE for one pod: TLS connections on the pod's tunnel listener,
-//! presenting the pod's current SVID. Each `CONNECT` must target one of the pod's own addresses
-//! and is decided by the pod's authorization policy for the verified source identity:
+//! presenting the pod's current SVID. Each `CONNECT` must target one of the pod's own addresses,
+//! on a port that is not one of the agent's own listeners' (`403` otherwise), and is decided by
+//! the pod's authorization policy for the verified source identity:
 //! - deny: `403`, and the answer says whether the source may cache the deny;
 //! - allow: the application is connected from inside the pod's netns, from the client's own
 //!   address (named by the source in `Forwarded` and confirmed by the registry; else the loopback
@@ -23,6 +24,7 @@ use super::{
     NetnsWorker,
     carry::{self, Carried, HttpParty},
     inbound::{DELIVERY_MARKER_V4, DELIVERY_MARKER_V6},
+    listeners::{own_listener, own_port_refusal},
 };
 use crate::{
     config::DataplaneMode,
@@ -198,6 +200,17 @@ impl TunnelContext {
             return Admission::Forbidden { cacheable: false };
         }
         let snapshot = self.state.get();
+        // Nor to the agent's own listeners in the pod: that would carry the client back to the
+        // agent (a loop through the inbound listener, or a tunnel inside the tunnel).
+        if let Some(listener) = own_listener(&snapshot.config.ports, target.port()) {
+            self.refuse(
+                &caller,
+                target,
+                "",
+                &own_port_refusal(listener, target.port()),
+            );
+            return Admission::Forbidden { cacheable: false };
+        }
         let confirmed;
         (caller.address, confirmed) = client_address(&snapshot.registry, &caller);
         let source_ip = Some(caller.address.ip());
