@@ -9,8 +9,10 @@
 //! exposition and the access log; [`logging`] writes log lines out in batches; [`busy_poll`]
 //! keeps the runtime polling for I/O for a moment after data-path activity; [`file_watch`] notices
 //! config and policy file changes at once; [`yielding`] hands the worker to waiting work before a
-//! connection's bookkeeping.
+//! connection's bookkeeping; [`accept`] keeps every accept loop from spinning when descriptors
+//! run out.
 
+pub mod accept;
 pub mod busy_poll;
 pub mod capture;
 pub mod config;

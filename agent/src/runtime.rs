@@ -43,7 +43,7 @@ use crate::{
     metrics::{self, Metrics},
     policy::{self, PolicySet},
     state::{SharedState, Snapshot},
-    tunnel::{hbone::TunnelClient, tracked::Tracker},
+    tunnel::{handshakes::Handshakes, hbone::TunnelClient, tracked::Tracker},
     verdicts::{SharedMaps, VerdictCache, decide, lock},
 };
 
@@ -77,6 +77,8 @@ struct Agent {
     pods: BTreeMap<String, PodRuntime>,
     certs: Arc<CertStore>,
     tunnel: TunnelClient,
+    /// TLS handshakes in progress on the tunnel listeners, per source address.
+    handshakes: Handshakes,
     tracker: Tracker,
     metrics: Metrics,
     published: Published,
@@ -251,6 +253,7 @@ async fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
         pods: BTreeMap::new(),
         certs,
         tunnel: TunnelClient::new(),
+        handshakes: Handshakes::new(),
         tracker: Tracker::with_metrics(metrics.clone()),
         metrics,
         published: Published::default(),
@@ -675,6 +678,7 @@ impl Agent {
             certs: self.certs.clone(),
             tracker: self.tracker.clone(),
             metrics: self.metrics.clone(),
+            handshakes: self.handshakes.clone(),
         });
         let in_ctx = Arc::new(inbound::InboundContext {
             workload: workload.clone(),

@@ -303,6 +303,13 @@ impl Agent {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Descriptors the running agent holds (0 if it is not running).
+    pub fn open_fds(&self) -> usize {
+        self.pid()
+            .and_then(|pid| std::fs::read_dir(format!("/proc/{pid}/fd")).ok())
+            .map_or(0, |d| d.count())
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child
             .as_mut()

@@ -10,12 +10,14 @@
 //! - [`probe`]: connecting from inside a pod with `latch-probe` and reading what happened.
 //! - [`server`]: echo servers inside pods that record who connected.
 //! - [`sniffer`]: packet captures on the links between nodes.
+//! - [`hbone`]: a `CONNECT` of the test's choosing through a real tunnel.
 //! - [`nginx`]: an nginx mTLS stream-proxy pair, the benchmarks' point of comparison.
 //! - [`policy_bench`]: decision cost and revocation time of the agent's policy code.
 
 pub mod agent;
 pub mod cluster;
 pub mod env;
+pub mod hbone;
 pub mod netns;
 pub mod nginx;
 pub mod policy_bench;

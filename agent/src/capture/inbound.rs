@@ -1,5 +1,7 @@
 //! Inbound connections the `sk_lookup` check steered to the agent: plaintext connections with no
-//! fresh verdict for the pair. The workload's PeerAuthentication mode for the port decides first:
+//! fresh verdict for the pair. A connection to one of the agent's own ports is reset at once
+//! (delivering it would bring it back to the agent). The workload's PeerAuthentication mode for
+//! the port decides first:
 //! `STRICT` resets the connection (a reset, not a silent hang); `PERMISSIVE` and `DISABLE` let
 //! the authorization policy judge it as a source with no principal (by its address only). An
 //! admitted connection is delivered to the application from inside the pod's netns, from the
@@ -17,6 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::{
     NetnsWorker,
     carry::{self, Carried, HttpParty},
+    listeners::{own_listener, own_port_refusal},
     tunneled::{deliver, delivered},
 };
 use crate::{
@@ -86,6 +89,11 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &InboundContext) {
         );
         reset(&stream);
     };
+    // A connection to one of the agent's own ports would be delivered to the agent again.
+    if let Some(listener) = own_listener(&snapshot.config.ports, dst.port()) {
+        refuse("", &own_port_refusal(listener, dst.port()));
+        return;
+    }
     let (mode, mode_source) = decide::mtls_mode(&snapshot, &ctx.workload, dst.port());
     if mode == MtlsMode::Strict {
         refuse(&mode_source, "plaintext connection rejected (mTLS STRICT)");

@@ -5,6 +5,10 @@
 //! - inbound: `[::]:<inbound>` (dual-stack), where the `sk_lookup` check steers inbound
 //!   connections that have no fresh verdict;
 //! - tunnel: `[::]:<tunnel>` (dual-stack), where other agents open HBONE tunnels to this pod.
+//!
+//! Their ports are the agent's own in every pod: [`own_listener`] names them, and the agent
+//! never delivers a connection to one (it would arrive at the agent again, be delivered again,
+//! and so on, a connection and a decision each time round).
 
 use std::{
     io,
@@ -15,7 +19,24 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tokio::net::TcpListener;
 
 use super::NetnsWorker;
-use crate::datapath::system;
+use crate::{config::Ports, datapath::system};
+
+/// Which of the agent's listeners in a pod `port` belongs to (`capture`, `inbound`, `tunnel`),
+/// if any.
+pub fn own_listener(ports: &Ports, port: u16) -> Option<&'static str> {
+    [
+        (ports.capture, "capture"),
+        (ports.inbound, "inbound"),
+        (ports.tunnel, "tunnel"),
+    ]
+    .into_iter()
+    .find_map(|(own, name)| (own == port).then_some(name))
+}
+
+/// The reason logged for refusing a connection to `port`, one of the agent's own listeners'.
+pub fn own_port_refusal(listener: &str, port: u16) -> String {
+    format!("port {port} is the agent's own ({listener} listener); never delivered")
+}
 
 pub struct PodListeners {
     pub capture_v4: TcpListener,
@@ -87,6 +108,21 @@ impl PodListeners {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_agents_own_ports_are_named() {
+        let ports = Ports {
+            capture: 15001,
+            inbound: 15006,
+            tunnel: 15008,
+        };
+        assert_eq!(own_listener(&ports, 15001), Some("capture"));
+        assert_eq!(own_listener(&ports, 15006), Some("inbound"));
+        assert_eq!(own_listener(&ports, 15008), Some("tunnel"));
+        for other in [8080, 15000, 15007, 15020] {
+            assert_eq!(own_listener(&ports, other), None, "{other}");
+        }
+    }
 
     #[test]
     fn accepted_connections_inherit_no_delay() {

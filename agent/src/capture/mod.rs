@@ -30,24 +30,29 @@ pub fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
-/// Accept on `listener` until the task is aborted, handling each connection in its own task.
+/// Accept on `listener` until the task is aborted, handling each connection in its own task;
+/// failed accepts back off (see [`crate::accept`]).
 pub async fn accept_loop<C, F, Fut>(listener: TcpListener, ctx: Arc<C>, workload: String, handle: F)
 where
     C: Send + Sync + 'static,
     F: Fn(TcpStream, SocketAddr, Arc<C>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let local = listener.local_addr().ok();
+    let local = listener
+        .local_addr()
+        .map_or_else(|e| format!("unknown address ({e})"), |a| a.to_string());
+    let mut backoff = crate::accept::Backoff::new(format_args!("{workload} {local}"));
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                backoff.accepted();
                 crate::busy_poll::activity();
                 tokio::spawn(handle(stream, peer, ctx.clone()));
                 // The new connection first: the next accept() finds nothing more often than not,
                 // and that system call need not come before the connection's own.
                 tokio::task::yield_now().await;
             }
-            Err(e) => tracing::warn!(workload, listener = ?local, error = %e, "accept failed"),
+            Err(e) => backoff.failed(&e).await,
         }
     }
 }

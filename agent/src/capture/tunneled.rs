@@ -1,6 +1,9 @@
 //! The destination side of HBONE for one pod: TLS connections on the pod's tunnel listener,
-//! presenting the pod's current SVID. Each `CONNECT` must target one of the pod's own addresses
-//! and is decided by the pod's authorization policy for the verified source identity:
+//! presenting the pod's current SVID, each to complete its handshakes within
+//! `tunnel.handshakeTimeout`, and no more than `tunnel.maxHandshakesPerSource` of them in
+//! progress from one source address (see [`crate::tunnel::handshakes`]). Each `CONNECT` must target one of the pod's own addresses,
+//! on a port that is not one of the agent's own listeners' (`403` otherwise), and is decided by
+//! the pod's authorization policy for the verified source identity:
 //! - deny: `403`, and the answer says whether the source may cache the deny;
 //! - allow: the application is connected from inside the pod's netns, from the client's own
 //!   address (named by the source in `Forwarded` and confirmed by the registry; else the loopback
@@ -23,6 +26,7 @@ use super::{
     NetnsWorker,
     carry::{self, Carried, HttpParty},
     inbound::{DELIVERY_MARKER_V4, DELIVERY_MARKER_V6},
+    listeners::{own_listener, own_port_refusal},
 };
 use crate::{
     config::DataplaneMode,
@@ -32,7 +36,9 @@ use crate::{
     state::SharedState,
     tls::server_config_with,
     tunnel::{
-        hbone::{Admission, BoxFuture, Caller, Inbound, serve_connection},
+        handshakes::{Handshakes, InProgress},
+        hbone::{Admission, BoxFuture, Caller, Inbound, accept_connection},
+        splice::reset,
         tracked::{ConnInfo, Tracker},
     },
     verdicts::{Direction, Pair, VerdictCache, decide},
@@ -47,29 +53,46 @@ pub struct TunnelContext {
     pub certs: Arc<CertStore>,
     pub tracker: Tracker,
     pub metrics: Metrics,
+    /// TLS handshakes in progress per source, shared by the node's tunnel listeners.
+    pub handshakes: Handshakes,
 }
 
 pub async fn serve(listener: TcpListener, ctx: Arc<TunnelContext>) {
     let workload = ctx.workload.id.clone();
-    super::accept_loop(listener, ctx, workload, |tcp, peer, ctx| async move {
-        if let Err(e) = handle(tcp, &ctx).await {
-            tracing::info!(workload = %ctx.workload.id, %peer, error = %e, "tunnel connection ended with an error");
+    super::accept_loop(listener, ctx, workload, |tcp, peer, ctx| {
+        // Counted in the order of accepts; beyond the source's share, reset at once.
+        let limit = ctx.state.get().config.tunnel.max_handshakes_per_source;
+        let in_progress = ctx.handshakes.start(peer.ip(), limit);
+        async move {
+            let Some(in_progress) = in_progress else {
+                reset(&tcp);
+                return;
+            };
+            if let Err(e) = handle(tcp, in_progress, &ctx).await {
+                tracing::info!(workload = %ctx.workload.id, %peer, error = %e, "tunnel connection ended with an error");
+            }
         }
     })
     .await
 }
 
-async fn handle(tcp: TcpStream, ctx: &Arc<TunnelContext>) -> io::Result<()> {
+async fn handle(
+    tcp: TcpStream,
+    in_progress: InProgress,
+    ctx: &Arc<TunnelContext>,
+) -> io::Result<()> {
     let id = ctx.workload.identity.to_string();
     let bundle = ctx
         .certs
         .current(&id)
         .map(|c| c.bundle.to_vec())
         .ok_or_else(|| io::Error::other(format!("no certificate for {id}")))?;
-    let trust_domain = ctx.state.get().config.trust_domain.clone();
-    let tls = server_config_with(ctx.certs.resolver(&id), bundle, &trust_domain)
+    let config = &ctx.state.get().config;
+    let tls = server_config_with(ctx.certs.resolver(&id), bundle, &config.trust_domain)
         .map_err(io::Error::other)?;
-    serve_connection(tcp, tls, ctx.clone()).await
+    let connection = accept_connection(tcp, tls, config.tunnel.handshake_timeout).await;
+    drop(in_progress);
+    connection?.serve(ctx.clone()).await
 }
 
 /// Connect to the application at `target` from inside the pod's netns, from the client's own
@@ -198,6 +221,17 @@ impl TunnelContext {
             return Admission::Forbidden { cacheable: false };
         }
         let snapshot = self.state.get();
+        // Nor to the agent's own listeners in the pod: that would carry the client back to the
+        // agent (a loop through the inbound listener, or a tunnel inside the tunnel).
+        if let Some(listener) = own_listener(&snapshot.config.ports, target.port()) {
+            self.refuse(
+                &caller,
+                target,
+                "",
+                &own_port_refusal(listener, target.port()),
+            );
+            return Admission::Forbidden { cacheable: false };
+        }
         let confirmed;
         (caller.address, confirmed) = client_address(&snapshot.registry, &caller);
         let source_ip = Some(caller.address.ip());

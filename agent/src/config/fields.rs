@@ -1,6 +1,6 @@
 //! Field-level checks done while deserializing, so that the parser reports the exact line:
 //! durations (and the busy-poll window), absolute paths, Kubernetes names, the trust domain,
-//! ports, the metrics address, the number of worker threads.
+//! ports, the metrics address, the number of worker threads, the tunnel's handshake limits.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -54,6 +54,35 @@ pub fn worker_threads<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error
 }
 
 pub const MAX_WORKER_THREADS: usize = 256;
+
+/// The tunnel's handshake timeout: greater than zero, at most [`MAX_HANDSHAKE_TIMEOUT`].
+pub fn handshake_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let raw = String::deserialize(d)?;
+    let duration = parse_duration(&raw).map_err(D::Error::custom)?;
+    if duration.is_zero() || duration > MAX_HANDSHAKE_TIMEOUT {
+        return Err(D::Error::custom(format!(
+            "{raw:?} must be greater than zero and at most {}",
+            humantime::format_duration(MAX_HANDSHAKE_TIMEOUT)
+        )));
+    }
+    Ok(duration)
+}
+
+/// A longer handshake would let idle connections hold the agent's descriptors for that long.
+pub const MAX_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Handshakes in progress per source address: 1 to [`MAX_HANDSHAKES_PER_SOURCE`].
+pub fn max_handshakes_per_source<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let n = usize::deserialize(d)?;
+    if !(1..=MAX_HANDSHAKES_PER_SOURCE).contains(&n) {
+        return Err(D::Error::custom(format!(
+            "{n} handshakes: must be between 1 and {MAX_HANDSHAKES_PER_SOURCE}"
+        )));
+    }
+    Ok(n)
+}
+
+pub const MAX_HANDSHAKES_PER_SOURCE: usize = 4096;
 
 pub fn serialize_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&humantime::format_duration(*d).to_string())

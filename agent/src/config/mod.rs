@@ -40,6 +40,9 @@ pub struct Config {
     /// Latch addition: the mesh-wide mTLS mode used until PeerAuthentication policies exist.
     #[serde(default)]
     pub mtls: Mtls,
+    /// Latch addition: limits on the tunnel server's TLS handshakes.
+    #[serde(default)]
+    pub tunnel: Tunnel,
     #[serde(default)]
     pub certificates: Option<Certificates>,
     #[serde(
@@ -160,6 +163,34 @@ pub enum MtlsMode {
     Permissive,
 }
 
+/// The tunnel server's defences against connections that never prove anything.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Tunnel {
+    /// How long a client may take to complete TLS and the HTTP/2 preface.
+    #[serde(
+        default = "defaults::handshake_timeout",
+        deserialize_with = "fields::handshake_timeout",
+        serialize_with = "fields::serialize_duration"
+    )]
+    pub handshake_timeout: Duration,
+    /// Handshakes in progress from one source address; connections beyond are closed at once.
+    #[serde(
+        default = "defaults::max_handshakes_per_source",
+        deserialize_with = "fields::max_handshakes_per_source"
+    )]
+    pub max_handshakes_per_source: usize,
+}
+
+impl Default for Tunnel {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: defaults::handshake_timeout(),
+            max_handshakes_per_source: defaults::max_handshakes_per_source(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Certificates {
@@ -240,6 +271,12 @@ mod defaults {
     }
     pub fn busy_poll() -> Duration {
         Duration::from_micros(500)
+    }
+    pub fn handshake_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn max_handshakes_per_source() -> usize {
+        64
     }
     pub fn certificate_ttl() -> Duration {
         Duration::from_secs(3600)

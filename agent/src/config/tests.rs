@@ -303,3 +303,40 @@ fn syntax_error_has_a_line() {
     let err = parse(&format!("{MINIMAL}workloads: [\n  {{ name: a\n")).expect_err("broken");
     assert!(err.line().is_some(), "{err}");
 }
+
+#[test]
+fn tunnel_handshake_limits() {
+    let c = parse(MINIMAL).expect("valid");
+    assert_eq!(
+        c.tunnel.handshake_timeout,
+        Duration::from_secs(10),
+        "default"
+    );
+    assert_eq!(c.tunnel.max_handshakes_per_source, 64, "default");
+    let c = parse(&format!(
+        "{MINIMAL}tunnel: {{ handshakeTimeout: 2s, maxHandshakesPerSource: 8 }}\n"
+    ))
+    .expect("valid");
+    assert_eq!(c.tunnel.handshake_timeout, Duration::from_secs(2));
+    assert_eq!(c.tunnel.max_handshakes_per_source, 8);
+    for (value, field, why) in [
+        (
+            "handshakeTimeout: 0s",
+            "tunnel.handshakeTimeout",
+            "at most 1m",
+        ),
+        (
+            "handshakeTimeout: 2m",
+            "tunnel.handshakeTimeout",
+            "at most 1m",
+        ),
+        (
+            "maxHandshakesPerSource: 0",
+            "tunnel.maxHandshakesPerSource",
+            "between 1 and 4096",
+        ),
+    ] {
+        let msg = expect_error(&format!("{MINIMAL}tunnel: {{ {value} }}\n"), 5, field);
+        assert!(msg.contains(why), "{msg}");
+    }
+}

@@ -116,13 +116,17 @@ impl DebugServer {
     pub async fn serve(self, backend: Arc<dyn Backend>) -> io::Result<()> {
         let listener = tokio::net::UnixListener::from_std(self.listener.try_clone()?)?;
         let timeout = self.request_timeout;
+        let mut backoff =
+            crate::accept::Backoff::new(format_args!("debug socket {}", self.path.display()));
         loop {
             let stream = match listener.accept().await {
-                Ok((stream, _)) => stream,
+                Ok((stream, _)) => {
+                    backoff.accepted();
+                    stream
+                }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning, keep serving.
-                    tracing::warn!(socket = %self.path.display(), error = %e, "debug socket accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    backoff.failed(&e).await;
                     continue;
                 }
             };

@@ -35,12 +35,19 @@ pub async fn serve(addr: SocketAddr, metrics: Metrics) -> Result<(), MetricsErro
 
 /// Serve `/metrics` on an already bound listener (tests bind port 0).
 pub async fn serve_on(listener: tokio::net::TcpListener, metrics: Metrics) {
+    let local = listener
+        .local_addr()
+        .map_or_else(|e| format!("unknown address ({e})"), |a| a.to_string());
+    let mut backoff = crate::accept::Backoff::new(format_args!("metrics {local}"));
     loop {
         let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+            Ok((stream, _)) => {
+                backoff.accepted();
+                stream
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "metrics accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // EMFILE and friends: back off instead of spinning, keep serving.
+                backoff.failed(&e).await;
                 continue;
             }
         };

@@ -60,6 +60,13 @@ const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 const MAX_FRAME: u32 = 1024 * 1024;
 /// Tunneled connections one HTTP/2 connection may carry at once.
 const MAX_STREAMS: u32 = 4096;
+/// Largest header list (HPACK-decoded, RFC 9113 §6.5.2) either side accepts: a `CONNECT` and
+/// its answer are a few hundred bytes (h2's default would be 16 MiB; ztunnel's server takes
+/// 64 KiB, its client 16 KiB).
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// How long a tunnel client may take to complete TLS and the HTTP/2 preface, unless the config
+/// says otherwise (`tunnel.handshakeTimeout`; ztunnel's TLS listener allows 10 s too).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long opening a tunnel may take, dial and answer together. A pooled connection whose
 /// `CONNECT` goes unanswered that long leaves the pool (its peer is gone or stuck).
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -510,6 +517,9 @@ impl TunnelClient {
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
+            .max_header_list_size(MAX_HEADER_LIST)
+            // The server never starts streams: a PUSH_PROMISE is a protocol error.
+            .enable_push(false)
             .handshake::<_, Bytes>(tls)
             .await
             .map_err(|source| TunnelError::Http { addr, source })?;
@@ -691,14 +701,51 @@ pub trait Inbound: Send + Sync + 'static {
     fn admit(self: Arc<Self>, caller: Caller, target: SocketAddr) -> BoxFuture<Admission>;
 }
 
-/// Serve one accepted TCP connection on a tunnel listener: TLS with `tls`, then HTTP/2, one
-/// `CONNECT` stream per tunneled connection.
+/// Serve one accepted TCP connection on a tunnel listener: [`accept_connection`] within
+/// [`HANDSHAKE_TIMEOUT`], then [`ServerConnection::serve`].
 pub async fn serve_connection(
     tcp: TcpStream,
     tls: Arc<rustls::ServerConfig>,
     inbound: Arc<dyn Inbound>,
 ) -> Result<(), io::Error> {
+    accept_connection(tcp, tls, HANDSHAKE_TIMEOUT)
+        .await?
+        .serve(inbound)
+        .await
+}
+
+type ServerTls = tokio_rustls::server::TlsStream<Traffic<TcpStream>>;
+
+/// A tunnel connection whose client has proven its identity and started HTTP/2.
+pub struct ServerConnection {
+    connection: h2::server::Connection<ServerTls, Bytes>,
+    caller: Caller,
+    peer: SocketAddr,
+}
+
+/// The handshakes of an accepted TCP connection on a tunnel listener: TLS with `tls` (which
+/// verifies the client's certificate), then HTTP/2's preface and settings, all within `timeout`
+/// (a client that has proven nothing by then is disconnected).
+pub async fn accept_connection(
+    tcp: TcpStream,
+    tls: Arc<rustls::ServerConfig>,
+    timeout: Duration,
+) -> Result<ServerConnection, io::Error> {
     let peer = tcp.peer_addr()?;
+    match tokio::time::timeout(timeout, handshakes(tcp, tls, peer)).await {
+        Ok(handshaken) => handshaken,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("{peer} did not complete the TLS and HTTP/2 handshakes within {timeout:?}"),
+        )),
+    }
+}
+
+async fn handshakes(
+    tcp: TcpStream,
+    tls: Arc<rustls::ServerConfig>,
+    peer: SocketAddr,
+) -> Result<ServerConnection, io::Error> {
     set_tunnel_options(&tcp);
     let tls = tokio_rustls::TlsAcceptor::from(tls)
         .accept(Traffic::new(tcp))
@@ -724,38 +771,56 @@ pub async fn serve_connection(
             .map(not_after)
             .unwrap_or(SystemTime::UNIX_EPOCH),
     };
-    let mut connection = h2::server::Builder::new()
+    let connection = h2::server::Builder::new()
         .max_concurrent_streams(MAX_STREAMS)
+        .max_header_list_size(MAX_HEADER_LIST)
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
         .handshake::<_, Bytes>(tls)
         .await
         .map_err(|e| io::Error::other(format!("HTTP/2 with {peer}: {e}")))?;
-    let clock = AnswerClock::new();
-    let mut ticking = pin!(clock.run());
-    loop {
-        let stream = tokio::select! {
-            biased;
-            stream = connection.accept() => stream,
-            () = &mut ticking => continue,
-        };
-        let Some(stream) = stream else { break };
-        crate::busy_poll::activity();
-        let (request, respond) =
-            stream.map_err(|e| io::Error::other(format!("HTTP/2 with {peer}: {e}")))?;
-        tokio::spawn(handle_connect(
-            request,
-            respond,
-            caller.clone(),
-            inbound.clone(),
-            clock.clone(),
-        ));
-        // The new stream first: polling the connection again reads its socket, which more
-        // often than not has nothing more, and that can wait.
-        tokio::task::yield_now().await;
+    Ok(ServerConnection {
+        connection,
+        caller,
+        peer,
+    })
+}
+
+impl ServerConnection {
+    /// Serve the connection's `CONNECT` streams, one per tunneled connection, each decided by
+    /// `inbound`, until the client closes it.
+    pub async fn serve(self, inbound: Arc<dyn Inbound>) -> Result<(), io::Error> {
+        let Self {
+            mut connection,
+            caller,
+            peer,
+        } = self;
+        let clock = AnswerClock::new();
+        let mut ticking = pin!(clock.run());
+        loop {
+            let stream = tokio::select! {
+                biased;
+                stream = connection.accept() => stream,
+                () = &mut ticking => continue,
+            };
+            let Some(stream) = stream else { break };
+            crate::busy_poll::activity();
+            let (request, respond) =
+                stream.map_err(|e| io::Error::other(format!("HTTP/2 with {peer}: {e}")))?;
+            tokio::spawn(handle_connect(
+                request,
+                respond,
+                caller.clone(),
+                inbound.clone(),
+                clock.clone(),
+            ));
+            // The new stream first: polling the connection again reads its socket, which more
+            // often than not has nothing more, and that can wait.
+            tokio::task::yield_now().await;
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 fn status(code: StatusCode) -> Response<()> {

@@ -1,6 +1,7 @@
 //! HBONE over real sockets on loopback with real TLS: bytes and half-close through a tunnel,
-//! pooling (one HTTP/2 connection for many streams), 403 and 503 answers, and a server with the
-//! wrong identity refused by the client.
+//! pooling (one HTTP/2 connection for many streams), 403 and 503 answers, a server with the
+//! wrong identity refused by the client, and the server's limits: a client that does not
+//! complete its handshakes in time is disconnected, oversized header lists are refused.
 
 use std::{
     net::SocketAddr,
@@ -19,7 +20,7 @@ use tokio::{
 use super::{
     hbone::{
         Admission, BoxFuture, Caller, Dial, Inbound, PoolKey, TunnelClient, TunnelError,
-        serve_connection,
+        accept_connection, serve_connection,
     },
     splice::{
         Transferred,
@@ -449,4 +450,88 @@ async fn an_application_that_says_nothing_is_still_answered() {
     .expect("tunnel");
     assert!(opened.cacheable, "the held-back answer is the admission's");
     held.abort();
+}
+
+#[tokio::test]
+async fn a_client_that_does_not_complete_its_handshakes_in_time_is_disconnected() {
+    let f = fixture("slow-handshake", true, PAYMENT).await;
+    let server_svid = f.ca.mint(PAYMENT, HOUR).expect("server svid");
+    let tls = server_config(&server_svid, vec![f.ca.certificate().clone()], TD).expect("tls");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let endpoint = listener.local_addr().expect("addr");
+    let server = tokio::spawn(async move {
+        let mut results = Vec::new();
+        for _ in 0..2 {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let handshaken = accept_connection(tcp, tls.clone(), Duration::from_millis(200)).await;
+            results.push(handshaken.err().map(|e| e.kind()));
+        }
+        results
+    });
+    // One connection that never says a word, one that stops in the middle of its ClientHello.
+    let mut silent = TcpStream::connect(endpoint).await.expect("connect");
+    let mut stalled = TcpStream::connect(endpoint).await.expect("connect");
+    stalled
+        .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+        .await
+        .expect("write");
+    for client in [&mut silent, &mut stalled] {
+        let mut buf = [0u8; 64];
+        // The server closes it: end of stream, or a reset.
+        let closed = loop {
+            match client.read(&mut buf).await {
+                Ok(0) | Err(_) => break true,
+                Ok(_) => continue,
+            }
+        };
+        assert!(closed);
+    }
+    let results = server.await.expect("server task");
+    assert_eq!(
+        results,
+        [Some(std::io::ErrorKind::TimedOut); 2],
+        "both handshakes timed out"
+    );
+}
+
+#[tokio::test]
+async fn a_connect_with_an_oversized_header_list_is_refused() {
+    let f = fixture("big-headers", true, PAYMENT).await;
+    let svid = f.ca.mint(FRONTEND, HOUR).expect("client svid");
+    let tls =
+        client_config(&svid, vec![f.ca.certificate().clone()], TD, PAYMENT).expect("client config");
+    let tcp = TcpStream::connect(f.endpoint).await.expect("connect");
+    let name = rustls::pki_types::ServerName::IpAddress(f.endpoint.ip().into());
+    let tls = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .expect("TLS");
+    let (sender, connection) = h2::client::handshake(tls).await.expect("HTTP/2");
+    tokio::spawn(connection);
+    let mut sender = sender.ready().await.expect("ready");
+    let request = |padding: usize| {
+        hyper::Request::builder()
+            .method(hyper::Method::CONNECT)
+            .uri(f.app.to_string())
+            .header("x-padding", "a".repeat(padding))
+            .body(())
+            .expect("request")
+    };
+    let (response, _send) = sender.send_request(request(32 * 1024), true).expect("send");
+    let response = response.await.expect("answered");
+    assert_eq!(
+        response.status(),
+        hyper::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+    );
+    assert!(
+        f.inbound.admitted.lock().expect("lock").is_empty(),
+        "never reaches the decision"
+    );
+    // The connection itself is still good for a request of ordinary size.
+    let mut sender = sender.ready().await.expect("ready");
+    let (response, _send) = sender.send_request(request(100), true).expect("send");
+    assert_eq!(
+        response.await.expect("answered").status(),
+        hyper::StatusCode::OK
+    );
 }
