@@ -39,7 +39,7 @@ mod tests;
 
 pub use decision::{
     Action, Connection, ConnectionDecision, Decision, Explanation, HttpRequest, MtlsMode,
-    PolicyKind, PolicyRef, Protocol, Target, Traffic,
+    PolicyKind, PolicyRef, Protocol, RequestPath, Target, Traffic,
 };
 pub use error::PolicyError;
 
