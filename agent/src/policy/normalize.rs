@@ -107,8 +107,7 @@ fn is_unreserved(b: u8) -> bool {
 
 /// Bytes that are percent-encoded wherever they appear raw (Envoy's path canonicalisation).
 fn must_escape(b: u8) -> bool {
-    b < 0x20
-        || b >= 0x7f
+    !(0x20..0x7f).contains(&b)
         || matches!(
             b,
             b' ' | b'"' | b'#' | b'<' | b'>' | b'?' | b'^' | b'`' | b'{' | b'|' | b'}'
