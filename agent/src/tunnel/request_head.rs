@@ -166,6 +166,20 @@ mod tests {
     }
 
     #[test]
+    fn a_target_that_starts_with_two_slashes_stays_a_path() {
+        let mut req = request("//a/./b?q", &["payment"]);
+        let head = prepare(&mut req, PathNormalization::Base).expect("valid");
+        assert_eq!(head.path, "//a/b");
+        assert_eq!(forwarded(&req).0, "//a/b?q");
+        assert_eq!(req.uri().authority(), None);
+        let mut req = request("http://payment//x/../y", &[]);
+        let head = prepare(&mut req, PathNormalization::Base).expect("valid");
+        assert_eq!((head.host.as_str(), head.path.as_str()), ("payment", "//y"));
+        assert_eq!(req.uri().path(), "//y");
+        assert_eq!(req.uri().authority(), None);
+    }
+
+    #[test]
     fn none_leaves_the_target_alone() {
         let mut req = request("/x/../admin", &["payment"]);
         let head = prepare(&mut req, PathNormalization::None).expect("valid");
