@@ -1,7 +1,8 @@
 //! Servers inside pods: accept on `[::]:port` (IPv4 and IPv6) and remember every peer address.
 //! The echo server reads until the client half-closes and answers with what was read; the HTTP
 //! server answers one HTTP/1.1 request per connection with `200` and a body of the request's
-//! method and path (`POST /v1/pay`), so a test sees which requests reached the application.
+//! method and request target (`POST /v1/pay`), and keeps every request head it read, so a test
+//! sees which requests reached the application and how.
 
 use std::{
     io::{Read as _, Write as _},
@@ -27,6 +28,7 @@ struct Accepted {
 pub struct EchoServer {
     listener: Arc<TcpListener>,
     accepted: Arc<Accepted>,
+    heads: Heads,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -40,10 +42,13 @@ fn unmap(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-/// Answer one connection.
-type Handler = fn(std::net::TcpStream);
+/// The request heads an HTTP server has read.
+type Heads = Arc<Mutex<Vec<String>>>;
 
-fn echo(mut stream: std::net::TcpStream) {
+/// Answer one connection.
+type Handler = fn(std::net::TcpStream, &Heads);
+
+fn echo(mut stream: std::net::TcpStream, _: &Heads) {
     let mut buf = Vec::new();
     if stream.read_to_end(&mut buf).is_ok() {
         let _ = stream.write_all(&buf);
@@ -51,7 +56,7 @@ fn echo(mut stream: std::net::TcpStream) {
 }
 
 /// One HTTP/1.1 request (head, and a body of `Content-Length` bytes), answered and closed.
-fn http(mut stream: std::net::TcpStream) {
+fn http(mut stream: std::net::TcpStream, heads: &Heads) {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     let head_end = loop {
@@ -64,6 +69,10 @@ fn http(mut stream: std::net::TcpStream) {
         }
     };
     let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    heads
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(head.clone());
     let length: usize = head
         .lines()
         .filter_map(|l| l.split_once(':'))
@@ -112,9 +121,11 @@ impl EchoServer {
         .with_context(|| format!("echo server on port {port} in {}", netns_path.display()))?;
         let listener = Arc::new(listener);
         let accepted = Arc::new(Accepted::default());
+        let heads = Heads::default();
         let thread = {
             let listener = listener.clone();
             let accepted = accepted.clone();
+            let heads = heads.clone();
             std::thread::spawn(move || {
                 while let Ok((stream, peer)) = listener.accept() {
                     accepted
@@ -123,13 +134,15 @@ impl EchoServer {
                         .unwrap_or_else(|p| p.into_inner())
                         .push(unmap(peer));
                     accepted.more.notify_all();
-                    std::thread::spawn(move || handler(stream));
+                    let heads = heads.clone();
+                    std::thread::spawn(move || handler(stream, &heads));
                 }
             })
         };
         Ok(Self {
             listener,
             accepted,
+            heads,
             thread: Some(thread),
         })
     }
@@ -157,6 +170,12 @@ impl EchoServer {
             .wait_timeout_while(peers, timeout, |p| p.len() < count)
             .unwrap_or_else(|p| p.into_inner());
         peers.len() >= count
+    }
+
+    /// The head (request line and header fields) of every request the HTTP server read, in the
+    /// order they were read; empty for an echo server.
+    pub fn request_heads(&self) -> Vec<String> {
+        self.heads.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn accepted(&self) -> usize {

@@ -36,6 +36,11 @@ fn each_kind_of_mistake_is_reported_with_file_line_and_field() {
             "mtls.mode",
         ),
         (
+            "bad path normalization",
+            format!("{good}http: {{ pathNormalization: base }}\n"),
+            "http.pathNormalization: unknown variant `base`",
+        ),
+        (
             "bad IP",
             good.replace("address: 10.244.0.1", "address: 10.244.0.300"),
             "node.address",

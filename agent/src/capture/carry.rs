@@ -19,9 +19,10 @@ use tokio::{
 use crate::{
     identity::LocalWorkload,
     metrics::{Metrics, access},
+    policy::normalize::PathNormalization,
     state::SharedState,
     tunnel::{
-        http::{self, Authorize, RequestHead},
+        http::{self, BadRequest, Enforcer, RequestHead},
         splice::{Remote, poll_once},
         tracked::{ConnInfo, Tracked, Tracker, Which},
     },
@@ -134,6 +135,62 @@ pub struct HttpParty {
     pub source_ip: Option<IpAddr>,
 }
 
+/// The enforcement point of one HTTP-enforced connection: each request judged with the policy
+/// and path normalisation in force when it arrives, and recorded.
+struct Gate {
+    party: HttpParty,
+    target: SocketAddr,
+    source_address: Option<SocketAddr>,
+    destination: String,
+}
+
+impl Gate {
+    fn record(&self, decision: &str, policy: &str, reason: &str, request: &str) {
+        decided(
+            &self.party.metrics,
+            &access::Record {
+                direction: "inbound",
+                source_principal: self.party.source.as_deref().unwrap_or_default(),
+                source_address: self.source_address,
+                destination_principal: &self.destination,
+                destination_address: Some(self.target),
+                decision,
+                policy,
+                reason,
+                path: "http",
+                request,
+                ..Default::default()
+            },
+        );
+    }
+}
+
+impl Enforcer for Gate {
+    fn path_normalization(&self) -> PathNormalization {
+        self.party.state.get().config.http.path_normalization
+    }
+
+    fn authorize(&self, head: &RequestHead) -> bool {
+        let snapshot = self.party.state.get();
+        let judgement = decide::request(
+            &snapshot,
+            &self.party.workload,
+            self.party.source.as_deref(),
+            self.party.source_ip,
+            self.target,
+            head,
+        );
+        let decision = if judgement.allowed { "ALLOW" } else { "DENY" };
+        let request = format!("{} {}", head.method, head.path);
+        self.record(decision, &judgement.policy, &judgement.reason, &request);
+        judgement.allowed
+    }
+
+    fn refused(&self, request: &str, why: &BadRequest) {
+        self.record("DENY", "", &format!("bad request (400): {why}"), request);
+    }
+}
+
 /// Serve `remote` as HTTP/1.1 towards the application `app`, deciding every request with the
 /// current policy.
 pub async fn http<R>(
@@ -149,42 +206,17 @@ pub async fn http<R>(
     carried.info.path = "http";
     let tracked = tracker.register(carried.info.clone());
     tracked.count_opened();
-    let target = carried.info.destination_address;
-    let source_address = carried.source_address;
-    let destination = carried.info.destination.clone();
-    let authorize: Authorize = Arc::new(move |head: &RequestHead| {
-        let snapshot = party.state.get();
-        let judgement = decide::request(
-            &snapshot,
-            &party.workload,
-            party.source.as_deref(),
-            party.source_ip,
-            target,
-            head,
-        );
-        let request = format!("{} {}", head.method, head.path);
-        decided(
-            &party.metrics,
-            &access::Record {
-                direction: "inbound",
-                source_principal: party.source.as_deref().unwrap_or_default(),
-                source_address,
-                destination_principal: &destination,
-                destination_address: Some(target),
-                decision: if judgement.allowed { "ALLOW" } else { "DENY" },
-                policy: &judgement.policy,
-                reason: &judgement.reason,
-                path: "http",
-                request: &request,
-                ..Default::default()
-            },
-        );
-        judgement.allowed
+    let header_read_timeout = party.state.get().config.http.header_read_timeout;
+    let gate = Arc::new(Gate {
+        party,
+        target: carried.info.destination_address,
+        source_address: carried.source_address,
+        destination: carried.info.destination.clone(),
     });
     let downstream = tracked.counted(remote, Which::Sent);
     let upstream = tracked.counted(app, Which::Received);
     let result = tokio::select! {
-        r = http::serve(downstream, upstream, authorize) => r,
+        r = http::serve(downstream, upstream, gate, header_read_timeout) => r,
         () = tracked.closed() => Err(std::io::Error::other("closed by the agent: no longer allowed")),
     };
     carried.log_closed(&tracked, started, &result);

@@ -23,6 +23,8 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::policy::normalize::PathNormalization;
+
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Config {
@@ -43,6 +45,9 @@ pub struct Config {
     /// Latch addition: limits on the tunnel server's TLS handshakes.
     #[serde(default)]
     pub tunnel: Tunnel,
+    /// Per-request (L7) enforcement: Istio's `pathNormalization`, and Latch's header timeout.
+    #[serde(default)]
+    pub http: Http,
     #[serde(default)]
     pub certificates: Option<Certificates>,
     #[serde(
@@ -191,6 +196,31 @@ impl Default for Tunnel {
     }
 }
 
+/// Per-request (L7) enforcement settings.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Http {
+    /// How request paths are normalised before policy sees them and the application gets them.
+    #[serde(default)]
+    pub path_normalization: PathNormalization,
+    /// Latch addition: how long a client has to send a complete request head.
+    #[serde(
+        default = "defaults::header_read_timeout",
+        deserialize_with = "fields::positive_duration",
+        serialize_with = "fields::serialize_duration"
+    )]
+    pub header_read_timeout: Duration,
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        Self {
+            path_normalization: PathNormalization::default(),
+            header_read_timeout: defaults::header_read_timeout(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Certificates {
@@ -277,6 +307,10 @@ mod defaults {
     }
     pub fn max_handshakes_per_source() -> usize {
         64
+    }
+    /// nginx's `client_header_timeout`; hyper's own default is 30 s, Envoy has none.
+    pub fn header_read_timeout() -> Duration {
+        Duration::from_secs(60)
     }
     pub fn certificate_ttl() -> Duration {
         Duration::from_secs(3600)

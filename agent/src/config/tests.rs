@@ -340,3 +340,43 @@ fn tunnel_handshake_limits() {
         assert!(msg.contains(why), "{msg}");
     }
 }
+
+#[test]
+fn http_section_defaults_and_values() {
+    let c = parse(MINIMAL).expect("valid");
+    assert_eq!(c.http.path_normalization, PathNormalization::Base);
+    assert_eq!(c.http.header_read_timeout, Duration::from_secs(60));
+    let c = parse(&format!(
+        "{MINIMAL}http: {{ pathNormalization: DECODE_AND_MERGE_SLASHES, headerReadTimeout: 10s }}\n"
+    ))
+    .expect("valid");
+    assert_eq!(
+        c.http.path_normalization,
+        PathNormalization::DecodeAndMergeSlashes
+    );
+    assert_eq!(c.http.header_read_timeout, Duration::from_secs(10));
+    let c = parse(&format!("{MINIMAL}http: {{ pathNormalization: NONE }}\n")).expect("valid");
+    assert_eq!(c.http.path_normalization, PathNormalization::None);
+}
+
+#[test]
+fn bad_path_normalization() {
+    let msg = expect_error(
+        &format!("{MINIMAL}http:\n  headerReadTimeout: 5s\n  pathNormalization: MERGE\n"),
+        7,
+        "http.pathNormalization",
+    );
+    assert!(
+        msg.starts_with("node.yaml:7:3: http.pathNormalization: unknown variant `MERGE`"),
+        "{msg}"
+    );
+    for mode in ["NONE", "BASE", "MERGE_SLASHES", "DECODE_AND_MERGE_SLASHES"] {
+        assert!(msg.contains(mode), "{mode} missing from {msg}");
+    }
+    let msg = expect_error(
+        &format!("{MINIMAL}http: {{ headerReadTimeout: 0s }}\n"),
+        5,
+        "http.headerReadTimeout",
+    );
+    assert!(msg.contains("greater than zero"), "{msg}");
+}

@@ -53,6 +53,17 @@ pub fn render_explain(explanation: &Explanation) -> String {
         if explanation.encrypted { "yes" } else { "no" },
         explanation.traffic.describe()
     );
+    if let Some(path) = &explanation.request_path {
+        if path.given == path.normalized {
+            let _ = writeln!(out, "path: {} ({})", path.normalized, path.normalization);
+        } else {
+            let _ = writeln!(
+                out,
+                "path: {} ({} normalisation of {:?})",
+                path.normalized, path.normalization, path.given
+            );
+        }
+    }
     if let Some(why) = &explanation.needs_http {
         let _ = writeln!(
             out,

@@ -5,6 +5,8 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
 
+use super::normalize::PathNormalization;
+
 /// The destination workload.
 #[derive(Debug, Clone, Copy)]
 pub struct Target<'a> {
@@ -192,6 +194,9 @@ pub struct Explanation {
     pub traffic: Traffic,
     /// Whether every byte of the pair's connections is encrypted (`traffic` is `tunneled`).
     pub encrypted: bool,
+    /// For a request: its path as given and as policy judged it (normalised).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_path: Option<RequestPath>,
 }
 
 impl Explanation {
@@ -201,4 +206,13 @@ impl Explanation {
         self.encrypted = traffic.encrypted();
         self
     }
+}
+
+/// A request's path before and after normalisation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestPath {
+    pub given: String,
+    /// What policy judged (and what the application would receive), without the query string.
+    pub normalized: String,
+    pub normalization: PathNormalization,
 }

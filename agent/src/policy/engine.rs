@@ -104,6 +104,7 @@ impl PolicySet {
                 needs_http: None,
                 traffic,
                 encrypted: traffic.encrypted(),
+                request_path: None,
             };
         }
         let (decision, needs_http) = match self.evaluate_connection(target, conn) {
@@ -123,6 +124,7 @@ impl PolicySet {
             needs_http,
             traffic,
             encrypted: traffic.encrypted(),
+            request_path: None,
         }
     }
 

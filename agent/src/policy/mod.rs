@@ -17,6 +17,8 @@
 //!
 //! Loading ([`load`], [`compile`]) is all-or-nothing and reports every error as
 //! `file:line:col: field.path: why`. [`cli`] formats `latch policy check` and `explain`.
+//! [`normalize`] turns a request path into the one policy judges (and the application
+//! receives), as Istio's `pathNormalization` does.
 
 pub mod cli;
 mod compile;
@@ -27,6 +29,7 @@ mod index;
 mod load;
 mod matching;
 pub mod model;
+pub mod normalize;
 mod peer_auth;
 
 #[cfg(test)]
@@ -36,7 +39,7 @@ mod tests;
 
 pub use decision::{
     Action, Connection, ConnectionDecision, Decision, Explanation, HttpRequest, MtlsMode,
-    PolicyKind, PolicyRef, Protocol, Target, Traffic,
+    PolicyKind, PolicyRef, Protocol, RequestPath, Target, Traffic,
 };
 pub use error::PolicyError;
 

@@ -1,66 +1,39 @@
 //! HTTP/1.1 enforcement inside a carried connection. When a workload's policy depends on the
 //! method, path or host of requests, the agent does not splice bytes blindly: it serves the
-//! incoming stream as HTTP/1.1 (hyper), asks `authorize` about every request, forwards the
-//! allowed ones to the application over one upstream connection, and answers the others itself
-//! with `403 Forbidden` and Envoy's body `RBAC: access denied`. A stream that is not HTTP/1.1
-//! ends with an error, so a non-HTTP connection that only L7 rules could allow is denied.
+//! incoming stream as HTTP/1.1 (hyper), makes every request ready for policy
+//! ([`super::request_head`]: its host checked, its path normalised and rewritten; a bad one gets
+//! `400`), asks the [`Enforcer`] about it, forwards the allowed ones to the application over one
+//! upstream connection, and answers the others itself with `403 Forbidden` and Envoy's body
+//! `RBAC: access denied`. A stream that is not HTTP/1.1 ends with an error, so a non-HTTP
+//! connection that only L7 rules could allow is denied, and a client that does not finish a
+//! request head in time is disconnected.
 
-use std::{io, sync::Arc};
+use std::{io, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
 use hyper::{Request, Response, StatusCode, body::Incoming, client::conn::http1::SendRequest};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     sync::Mutex,
 };
 
-/// The parts of a request that policy can look at.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RequestHead {
-    pub method: String,
-    pub path: String,
-    /// The `Host` header (or the request target's authority), without a port.
-    pub host: String,
-}
+use super::request_head::prepare;
+pub use super::request_head::{BadRequest, RequestHead};
+use crate::policy::normalize::PathNormalization;
 
-impl RequestHead {
-    fn of<B>(req: &Request<B>) -> Self {
-        let host = req
-            .headers()
-            .get(hyper::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_owned)
-            .or_else(|| req.uri().authority().map(|a| a.to_string()))
-            .unwrap_or_default();
-        Self {
-            method: req.method().as_str().to_owned(),
-            path: req
-                .uri()
-                .path_and_query()
-                .map(|p| p.path().to_owned())
-                .unwrap_or_else(|| "/".to_owned()),
-            host: strip_port(&host).to_owned(),
-        }
-    }
+/// What the HTTP server asks the enforcement point about each request.
+pub trait Enforcer: Send + Sync + 'static {
+    /// The path normalisation in force for the next request (read per request, so a reload
+    /// applies to the next one; whatever it is, the application receives the path judged).
+    fn path_normalization(&self) -> PathNormalization;
+    /// The decision on a request as policy sees it: `true` forwards it.
+    fn authorize(&self, head: &RequestHead) -> bool;
+    /// A request answered with `400` before policy was asked; `request` is its method and
+    /// target as received.
+    fn refused(&self, request: &str, why: &BadRequest);
 }
-
-fn strip_port(host: &str) -> &str {
-    if host.starts_with('[') {
-        // [v6]:port
-        return host
-            .split_once(']')
-            .map_or(host, |(h, _)| &host[..h.len() + 1]);
-    }
-    match host.rsplit_once(':') {
-        Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => h,
-        _ => host,
-    }
-}
-
-/// The per-request decision: `true` forwards the request.
-pub type Authorize = Arc<dyn Fn(&RequestHead) -> bool + Send + Sync>;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -78,6 +51,26 @@ fn forbidden() -> Response<Body> {
     r
 }
 
+/// `400`, saying why, and the connection closes after it.
+fn bad_request(why: &BadRequest) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(format!("Bad Request: {why}\n")))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = StatusCode::BAD_REQUEST;
+    let headers = r.headers_mut();
+    headers.insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain"),
+    );
+    headers.insert(
+        hyper::header::CONNECTION,
+        hyper::header::HeaderValue::from_static("close"),
+    );
+    r
+}
+
 fn bad_gateway() -> Response<Body> {
     let mut r = Response::new(
         Full::new(Bytes::new())
@@ -88,8 +81,17 @@ fn bad_gateway() -> Response<Body> {
     r
 }
 
-/// Serve `downstream` as HTTP/1.1 until it closes, forwarding allowed requests to `upstream`.
-pub async fn serve<D, U>(downstream: D, upstream: U, authorize: Authorize) -> io::Result<()>
+/// Serve `downstream` as HTTP/1.1 until it closes, forwarding allowed requests to `upstream`
+/// with their normalised target. A client that has not sent a complete request head
+/// `header_read_timeout` after the connection started or the previous answer was written is
+/// disconnected (hyper's timer runs while it waits for a head, so this also bounds how long a
+/// kept-alive connection may sit idle).
+pub async fn serve<D, U>(
+    downstream: D,
+    upstream: U,
+    enforcer: Arc<dyn Enforcer>,
+    header_read_timeout: Duration,
+) -> io::Result<()>
 where
     D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -103,13 +105,19 @@ where
         }
     });
     let sender: Arc<Mutex<SendRequest<Incoming>>> = Arc::new(Mutex::new(sender));
-    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let sender = sender.clone();
-        let authorize = authorize.clone();
+        let enforcer = enforcer.clone();
         async move {
-            let head = RequestHead::of(&req);
-            if !authorize(&head) {
-                return Ok::<_, std::convert::Infallible>(forbidden());
+            let head = match prepare(&mut req, enforcer.path_normalization()) {
+                Ok(head) => head,
+                Err(why) => {
+                    enforcer.refused(&format!("{} {}", req.method(), req.uri()), &why);
+                    return Ok::<_, std::convert::Infallible>(bad_request(&why));
+                }
+            };
+            if !enforcer.authorize(&head) {
+                return Ok(forbidden());
             }
             let mut sender = sender.lock().await;
             if sender.ready().await.is_err() {
@@ -127,10 +135,24 @@ where
     // A client may half-close after its last request and still read the answers.
     let served = hyper::server::conn::http1::Builder::new()
         .half_close(true)
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout)
         .serve_connection(TokioIo::new(downstream), service)
         .await;
     upstream_task.abort();
-    served.map_err(|e| io::Error::other(format!("HTTP/1.1 from the client: {e}")))
+    served.map_err(|e| {
+        if e.is_timeout() {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "HTTP/1.1 from the client: no complete request head within {}",
+                    humantime::format_duration(header_read_timeout)
+                ),
+            )
+        } else {
+            io::Error::other(format!("HTTP/1.1 from the client: {e}"))
+        }
+    })
 }
 
 #[cfg(test)]
@@ -141,7 +163,7 @@ mod tests {
         net::{TcpListener, TcpStream},
     };
 
-    /// An application that answers every request with its method and path.
+    /// An application that answers every request with its method, target and host.
     async fn app() -> std::net::SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
@@ -149,7 +171,12 @@ mod tests {
             while let Ok((s, _)) = listener.accept().await {
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(|req: Request<Incoming>| async move {
-                        let body = format!("{} {}", req.method(), req.uri().path());
+                        let host = req
+                            .headers()
+                            .get(hyper::header::HOST)
+                            .and_then(|h| h.to_str().ok())
+                            .unwrap_or_default();
+                        let body = format!("{} {} host={host}", req.method(), req.uri());
                         Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(
                             body,
                         ))))
@@ -163,11 +190,41 @@ mod tests {
         addr
     }
 
-    async fn exchange(authorize: Authorize, raw: &[u8]) -> (String, io::Result<()>) {
+    /// Allows `POST /v1/pay` only, normalising with `mode`, and remembers what it refused.
+    struct OnlyPostPay {
+        mode: PathNormalization,
+        refused: std::sync::Mutex<Vec<String>>,
+    }
+
+    impl Enforcer for OnlyPostPay {
+        fn path_normalization(&self) -> PathNormalization {
+            self.mode
+        }
+        fn authorize(&self, h: &RequestHead) -> bool {
+            h.method == "POST" && h.path == "/v1/pay"
+        }
+        fn refused(&self, request: &str, why: &BadRequest) {
+            self.refused
+                .lock()
+                .expect("lock")
+                .push(format!("{request}: {why}"));
+        }
+    }
+
+    fn only_post_pay() -> Arc<OnlyPostPay> {
+        Arc::new(OnlyPostPay {
+            mode: PathNormalization::Base,
+            refused: Default::default(),
+        })
+    }
+
+    const TIMEOUT: Duration = Duration::from_secs(60);
+
+    async fn exchange(enforcer: Arc<OnlyPostPay>, raw: &[u8]) -> (String, io::Result<()>) {
         let app = app().await;
         let (mut client, proxied) = tokio::io::duplex(64 * 1024);
         let upstream = TcpStream::connect(app).await.expect("connect app");
-        let proxy = tokio::spawn(serve(proxied, upstream, authorize));
+        let proxy = tokio::spawn(serve(proxied, upstream, enforcer, TIMEOUT));
         client.write_all(raw).await.expect("write");
         client.shutdown().await.expect("half-close");
         let mut out = Vec::new();
@@ -176,8 +233,12 @@ mod tests {
         (String::from_utf8_lossy(&out).into_owned(), result)
     }
 
-    fn only_post_pay() -> Authorize {
-        Arc::new(|h: &RequestHead| h.method == "POST" && h.path == "/v1/pay")
+    /// The status codes in `out` (bodies have no trailing newline, so status lines are found
+    /// anywhere).
+    fn statuses(out: &str) -> Vec<&str> {
+        out.match_indices("HTTP/1.1 ")
+            .map(|(i, _)| &out[i + 9..i + 12])
+            .collect()
     }
 
     #[tokio::test]
@@ -190,14 +251,73 @@ mod tests {
         )
         .await;
         result.expect("served");
-        // Bodies have no trailing newline, so find status lines anywhere.
-        let statuses: Vec<&str> = out
-            .match_indices("HTTP/1.1 ")
-            .map(|(i, _)| &out[i + 9..i + 12])
-            .collect();
-        assert_eq!(statuses, ["200", "403", "200"], "{out}");
-        assert!(out.contains("POST /v1/pay"), "{out}");
+        assert_eq!(statuses(&out), ["200", "403", "200"], "{out}");
+        assert!(out.contains("POST /v1/pay host=payment:8080"), "{out}");
         assert!(out.contains("RBAC: access denied"), "{out}");
+    }
+
+    #[tokio::test]
+    async fn policy_and_application_see_the_same_normalised_request() {
+        let (out, result) = exchange(
+            only_post_pay(),
+            b"POST /v1/x/../%70ay?a=/../b HTTP/1.1\r\nHost: payment\r\nContent-Length: 0\r\n\r\n\
+              POST /v1/./pay/.. HTTP/1.1\r\nHost: payment\r\nContent-Length: 0\r\n\r\n\
+              POST http://payment:8080/v1/pay HTTP/1.1\r\nHost: other\r\nContent-Length: 0\r\n\r\n",
+        )
+        .await;
+        result.expect("served");
+        assert_eq!(statuses(&out), ["200", "403", "200"], "{out}");
+        assert!(out.contains("POST /v1/pay?a=/../b host=payment"), "{out}");
+        assert!(out.contains("POST /v1/pay host=payment:8080"), "{out}");
+    }
+
+    #[tokio::test]
+    async fn a_bad_request_gets_400_and_ends_the_connection() {
+        for raw in [
+            &b"POST /v1/%zz HTTP/1.1\r\nHost: payment\r\nContent-Length: 0\r\n\r\n"[..],
+            b"POST /v1/pay HTTP/1.1\r\nHost: payment\r\nHost: other\r\nContent-Length: 0\r\n\r\n",
+        ] {
+            let enforcer = only_post_pay();
+            let mut pipelined = raw.to_vec();
+            pipelined.extend_from_slice(
+                b"POST /v1/pay HTTP/1.1\r\nHost: payment\r\nContent-Length: 0\r\n\r\n",
+            );
+            let (out, result) = exchange(enforcer.clone(), &pipelined).await;
+            result.expect("served");
+            assert_eq!(statuses(&out), ["400"], "{out}");
+            assert!(out.contains("Bad Request: "), "{out}");
+            let refused = enforcer.refused.lock().expect("lock").clone();
+            assert_eq!(refused.len(), 1, "{refused:?}");
+            assert!(refused[0].starts_with("POST /v1/"), "{refused:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_head_not_finished_in_time_ends_the_connection() {
+        let app = app().await;
+        let (mut client, proxied) = tokio::io::duplex(64 * 1024);
+        let upstream = TcpStream::connect(app).await.expect("connect app");
+        let proxy = tokio::spawn(serve(
+            proxied,
+            upstream,
+            only_post_pay(),
+            Duration::from_millis(50),
+        ));
+        // Never finished, never half-closed: only the timeout can end it.
+        client
+            .write_all(b"POST /v1/pay HTTP/1.1\r\nHost: pay")
+            .await
+            .expect("write");
+        let err = proxy.await.expect("join").expect_err("timed out");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        assert!(
+            err.to_string()
+                .contains("no complete request head within 50ms"),
+            "{err}"
+        );
+        let mut out = Vec::new();
+        client.read_to_end(&mut out).await.expect("read");
+        assert!(out.is_empty(), "nothing answered: {out:?}");
     }
 
     #[tokio::test]
@@ -206,12 +326,5 @@ mod tests {
             exchange(only_post_pay(), b"\x16\x03\x01 not http at all\r\n\r\n").await;
         assert!(result.is_err(), "not HTTP: {out}");
         assert!(!out.contains("200"), "{out}");
-    }
-
-    #[test]
-    fn host_without_port() {
-        assert_eq!(strip_port("payment:8080"), "payment");
-        assert_eq!(strip_port("payment"), "payment");
-        assert_eq!(strip_port("[fd00::1]:80"), "[fd00::1]");
     }
 }

@@ -18,10 +18,10 @@ use crate::{
     identity::{IdentityKey, LocalWorkload},
     policy::{
         Connection, ConnectionDecision, Decision, Explanation, HttpRequest, MtlsMode, PolicySet,
-        Target, Traffic,
+        RequestPath, Target, Traffic, normalize::normalize_path,
     },
     state::Snapshot,
-    tunnel::{http::RequestHead, tracked::ConnInfo},
+    tunnel::{http::RequestHead, request_head::strip_port, tracked::ConnInfo},
     verdicts::Direction,
 };
 
@@ -302,17 +302,144 @@ pub fn explain(snapshot: &Snapshot, question: &Question) -> Result<Explanation, 
     };
     let any_request =
         question.method.is_some() || question.path.is_some() || question.host.is_some();
-    let request = any_request.then(|| HttpRequest {
-        method: question.method.as_deref().unwrap_or("GET"),
-        path: question.path.as_deref().unwrap_or("/"),
-        host: question.host.as_deref().unwrap_or(""),
-    });
-    let explanation = snapshot.policies.explain(&to, &conn, request.as_ref());
+    let mut explanation = if any_request {
+        // As the enforcement point sees the request: the path normalised with the config's
+        // mode (the query string is never part of it), the host without its port.
+        let normalization = snapshot.config.http.path_normalization;
+        let given = question.path.as_deref().unwrap_or("/");
+        let path = given.split_once('?').map_or(given, |(path, _)| path);
+        let normalized = normalize_path(path, normalization).map_err(|e| {
+            format!("--path {given:?}: {e} (the agent answers such a request with 400 Bad Request)")
+        })?;
+        let request = HttpRequest {
+            method: question.method.as_deref().unwrap_or("GET"),
+            path: &normalized,
+            host: strip_port(question.host.as_deref().unwrap_or("")),
+        };
+        let mut explanation = snapshot.policies.explain(&to, &conn, Some(&request));
+        explanation.request_path = Some(RequestPath {
+            given: given.to_owned(),
+            normalized: normalized.clone(),
+            normalization,
+        });
+        explanation
+    } else {
+        snapshot.policies.explain(&to, &conn, None)
+    };
     // Nothing is cached in `mode: tunnel`: every connection of an mTLS pair is tunneled.
     let tunnel_mode = snapshot.config.dataplane.mode != DataplaneMode::Fastpath;
-    Ok(if tunnel_mode && explanation.traffic == Traffic::Fastpath {
-        explanation.with_traffic(Traffic::Tunneled)
-    } else {
-        explanation
-    })
+    if tunnel_mode && explanation.traffic == Traffic::Fastpath {
+        explanation = explanation.with_traffic(Traffic::Tunneled);
+    }
+    Ok(explanation)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::{config::Config, identity::Registry};
+
+    const NO_ADMIN: &str = r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: { name: no-admin, namespace: prod }
+spec:
+  action: DENY
+  rules:
+  - to: [{ operation: { paths: ["/admin", "/admin/*"] } }]
+  - to: [{ operation: { hosts: ["internal.example"] } }]
+"#;
+
+    fn snapshot(http: &str) -> Snapshot {
+        let config = Config::from_yaml(
+            Path::new("node.yaml"),
+            &format!(
+                "node: {{ name: n1, address: 10.244.0.1 }}\ntrustDomain: cluster.local\n\
+                 cgroupRoot: /cg\nbpfPinDir: /sys/fs/bpf/x\n{http}\
+                 peers:\n  - {{ name: payment, namespace: prod, serviceAccount: payment, \
+                 ips: [10.244.2.2], node: 10.244.0.2 }}\n"
+            ),
+        )
+        .expect("config");
+        let registry = Registry::from_config(&config).expect("registry");
+        let policies = PolicySet::from_yaml(&[(Path::new("p.yaml"), NO_ADMIN)], "istio-system")
+            .expect("policies");
+        Snapshot {
+            config,
+            registry,
+            policies,
+        }
+    }
+
+    fn ask(snapshot: &Snapshot, path: &str, host: &str) -> Result<Explanation, String> {
+        explain(
+            snapshot,
+            &Question {
+                from: "spiffe://cluster.local/ns/prod/sa/frontend".into(),
+                source_ip: None,
+                to: "10.244.2.2:8080".parse().expect("addr"),
+                method: Some("GET".into()),
+                path: Some(path.into()),
+                host: Some(host.into()),
+            },
+        )
+    }
+
+    #[test]
+    fn explain_normalises_the_path_with_the_configured_mode() {
+        let base = snapshot("");
+        let e = ask(&base, "/x/../%61dmin?next=/ok", "payment").expect("explained");
+        assert!(!e.decision.allowed, "{e:?}");
+        assert_eq!(
+            e.request_path,
+            Some(RequestPath {
+                given: "/x/../%61dmin?next=/ok".into(),
+                normalized: "/admin".into(),
+                normalization: crate::config::PathNormalization::Base,
+            })
+        );
+        assert!(
+            ask(&base, "/a/./b", "payment")
+                .expect("ok")
+                .decision
+                .allowed
+        );
+        assert!(
+            ask(&base, "//admin", "payment")
+                .expect("ok")
+                .decision
+                .allowed
+        );
+
+        let merge = snapshot("http: { pathNormalization: MERGE_SLASHES }\n");
+        assert!(
+            !ask(&merge, "//admin", "payment")
+                .expect("ok")
+                .decision
+                .allowed
+        );
+
+        let none = snapshot("http: { pathNormalization: NONE }\n");
+        assert!(
+            ask(&none, "/x/../admin", "payment")
+                .expect("ok")
+                .decision
+                .allowed
+        );
+
+        let err = ask(&base, "/%zz", "payment").expect_err("bad escape");
+        assert!(
+            err.contains("--path \"/%zz\": invalid percent escape"),
+            "{err}"
+        );
+        assert!(err.contains("400 Bad Request"), "{err}");
+    }
+
+    #[test]
+    fn explain_judges_the_host_without_its_port() {
+        let base = snapshot("");
+        let e = ask(&base, "/", "internal.example:8080").expect("explained");
+        assert!(!e.decision.allowed, "{e:?}");
+    }
 }

@@ -1,9 +1,11 @@
 //! `latch-probe`: the client the tests and benchmarks run inside pods (in the pod's netns and
 //! cgroup), so that the kernel programs see a real process of that pod.
 //!
-//! - `latch-probe connect --to IP:PORT [--send TEXT] [--timeout-ms N]`: one connection; prints
-//!   one JSON line: ok, errno, error, peer, local, echo, reset, elapsed_ms. Exit 0 even when the
-//!   connection fails (the JSON says how).
+//! - `latch-probe connect --to IP:PORT [--send TEXT] [--keep-open] [--timeout-ms N]`: one
+//!   connection; sends TEXT and half-closes (with `--keep-open`, sends TEXT and does not
+//!   half-close, so the exchange ends only when the other side closes), reads until the end;
+//!   prints one JSON line: ok, errno, error, peer, local, echo, reset, elapsed_ms. Exit 0 even
+//!   when the connection fails (the JSON says how).
 //! - `latch-probe rate --to IP:PORT --count N`: N sequential connections, each a one-byte
 //!   request and its echo (so the time includes the whole path to the server, through the agent
 //!   if redirected); prints one JSON line with the count, failures, total seconds and
@@ -39,7 +41,7 @@ fn opt(s: Option<String>) -> String {
     s.map(|s| json_str(&s)).unwrap_or_else(|| "null".into())
 }
 
-fn connect(to: SocketAddr, send: Option<String>, timeout: Duration) -> String {
+fn connect(to: SocketAddr, send: Option<String>, half_close: bool, timeout: Duration) -> String {
     let start = Instant::now();
     let (mut ok, mut errno, mut error, mut peer, mut local, mut echo, mut reset) =
         (false, None, None, None, None, None, false);
@@ -52,7 +54,13 @@ fn connect(to: SocketAddr, send: Option<String>, timeout: Duration) -> String {
             if let Some(text) = send {
                 let exchange = stream
                     .write_all(text.as_bytes())
-                    .and_then(|()| stream.shutdown(Shutdown::Write))
+                    .and_then(|()| {
+                        if half_close {
+                            stream.shutdown(Shutdown::Write)
+                        } else {
+                            Ok(())
+                        }
+                    })
                     .and_then(|()| {
                         let mut buf = Vec::new();
                         stream.read_to_end(&mut buf).map(|_| buf)
@@ -285,7 +293,11 @@ fn main() {
                 .and_then(|s| s.parse().ok())
                 .map(Duration::from_millis)
                 .unwrap_or(Duration::from_secs(10));
-            println!("{}", connect(to(), arg(&args, "--send"), timeout));
+            let half_close = !args.iter().any(|a| a == "--keep-open");
+            println!(
+                "{}",
+                connect(to(), arg(&args, "--send"), half_close, timeout)
+            );
         }
         Some("rate") => {
             let count = arg(&args, "--count")
@@ -321,7 +333,7 @@ fn main() {
         },
         _ => {
             eprintln!(
-                "usage: latch-probe connect --to IP:PORT [--send TEXT] [--timeout-ms N] | rate --to IP:PORT --count N | cgroup"
+                "usage: latch-probe connect --to IP:PORT [--send TEXT] [--keep-open] [--timeout-ms N] | rate --to IP:PORT --count N | cgroup"
             );
             std::process::exit(2);
         }
