@@ -10,12 +10,15 @@
 //! - [`probe`]: connecting from inside a pod with `latch-probe` and reading what happened.
 //! - [`server`]: echo servers inside pods that record who connected.
 //! - [`sniffer`]: packet captures on the links between nodes.
+//! - [`l2`]: raw frames sent from inside a pod (gratuitous ARP, neighbour advertisements, a
+//!   chosen source MAC) and what a namespace's neighbour table and bridge learned.
 //! - [`nginx`]: an nginx mTLS stream-proxy pair, the benchmarks' point of comparison.
 //! - [`policy_bench`]: decision cost and revocation time of the agent's policy code.
 
 pub mod agent;
 pub mod cluster;
 pub mod env;
+pub mod l2;
 pub mod netns;
 pub mod nginx;
 pub mod policy_bench;
@@ -24,6 +27,8 @@ pub mod server;
 pub mod sniffer;
 
 pub use agent::{Agent, AgentOptions};
-pub use cluster::{Cluster, NodeId, OpenPipe, PodId, PodKind, PodSpec, TwoNodes, eventually};
+pub use cluster::{
+    Cluster, NodeId, OpenPipe, PodId, PodKind, PodSpec, Topology, TwoNodes, eventually,
+};
 pub use probe::ProbeResult;
 pub use server::EchoServer;

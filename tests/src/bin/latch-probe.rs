@@ -1,8 +1,9 @@
 //! `latch-probe`: the client the tests and benchmarks run inside pods (in the pod's netns and
 //! cgroup), so that the kernel programs see a real process of that pod.
 //!
-//! - `latch-probe connect --to IP:PORT [--send TEXT] [--timeout-ms N]`: one connection; prints
-//!   one JSON line: ok, errno, error, peer, local, echo, reset, elapsed_ms. Exit 0 even when the
+//! - `latch-probe connect --to IP:PORT [--from IP] [--send TEXT] [--timeout-ms N]`: one
+//!   connection (from the address `--from` if given, which the namespace must hold); prints one
+//!   JSON line: ok, errno, error, peer, local, echo, reset, elapsed_ms. Exit 0 even when the
 //!   connection fails (the JSON says how).
 //! - `latch-probe rate --to IP:PORT --count N`: N sequential connections, each a one-byte
 //!   request and its echo (so the time includes the whole path to the server, through the agent
@@ -21,7 +22,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{Shutdown, SocketAddr, TcpStream},
+    net::{IpAddr, Shutdown, SocketAddr, TcpStream},
     time::{Duration, Instant},
 };
 
@@ -39,11 +40,31 @@ fn opt(s: Option<String>) -> String {
     s.map(|s| json_str(&s)).unwrap_or_else(|| "null".into())
 }
 
-fn connect(to: SocketAddr, send: Option<String>, timeout: Duration) -> String {
+/// A TCP connection to `to`, from `from` if given.
+fn open(to: SocketAddr, from: Option<IpAddr>, timeout: Duration) -> std::io::Result<TcpStream> {
+    let Some(from) = from else {
+        return TcpStream::connect_timeout(&to, timeout);
+    };
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(to),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.bind(&SocketAddr::new(from, 0).into())?;
+    socket.connect_timeout(&to.into(), timeout)?;
+    Ok(socket.into())
+}
+
+fn connect(
+    to: SocketAddr,
+    from: Option<IpAddr>,
+    send: Option<String>,
+    timeout: Duration,
+) -> String {
     let start = Instant::now();
     let (mut ok, mut errno, mut error, mut peer, mut local, mut echo, mut reset) =
         (false, None, None, None, None, None, false);
-    match TcpStream::connect_timeout(&to, timeout) {
+    match open(to, from, timeout) {
         Ok(mut stream) => {
             ok = true;
             peer = stream.peer_addr().ok().map(|a| a.to_string());
@@ -285,7 +306,15 @@ fn main() {
                 .and_then(|s| s.parse().ok())
                 .map(Duration::from_millis)
                 .unwrap_or(Duration::from_secs(10));
-            println!("{}", connect(to(), arg(&args, "--send"), timeout));
+            let from = match arg(&args, "--from").map(|s| s.parse()) {
+                None => None,
+                Some(Ok(ip)) => Some(ip),
+                Some(Err(_)) => {
+                    eprintln!("latch-probe: --from must be an IP address");
+                    std::process::exit(2);
+                }
+            };
+            println!("{}", connect(to(), from, arg(&args, "--send"), timeout));
         }
         Some("rate") => {
             let count = arg(&args, "--count")
@@ -321,7 +350,7 @@ fn main() {
         },
         _ => {
             eprintln!(
-                "usage: latch-probe connect --to IP:PORT [--send TEXT] [--timeout-ms N] | rate --to IP:PORT --count N | cgroup"
+                "usage: latch-probe connect --to IP:PORT [--from IP] [--send TEXT] [--timeout-ms N] | rate --to IP:PORT --count N | cgroup"
             );
             std::process::exit(2);
         }
