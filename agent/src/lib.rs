@@ -11,6 +11,7 @@
 //! config and policy file changes at once; [`yielding`] hands the worker to waiting work before a
 //! connection's bookkeeping.
 
+pub mod antispoof;
 pub mod busy_poll;
 pub mod capture;
 pub mod config;
