@@ -517,3 +517,76 @@ fn the_check_outlives_the_agent_and_uninstall_removes_it() {
     );
     assert!(!Path::new(&scene.cluster.node(n1).pin_dir).exists());
 }
+
+/// A CNI may make a pod's veth pair on the node and move one end into the pod (Calico does). A
+/// TCX link goes along with a moved interface, where the node's check would judge the pod's
+/// incoming traffic by the node's interface indexes: a pair with both ends on the node gets no
+/// check, even if the agent is down when one end moves, and the end that stays is guarded once
+/// its peer is in the pod. (An interface moved away with its check while the agent runs loses it
+/// at the next resync.)
+#[test]
+fn a_veth_pair_made_on_the_node_is_guarded_on_the_nodes_end_only() {
+    let TwoNodes {
+        mut cluster, n1, ..
+    } = Cluster::frontend_payment()
+        .and_then(|t| t.start_agents(AgentOptions::default()))
+        .expect("cluster");
+    let node_ns = cluster.node(n1).netns_name.clone();
+    let pod_netns = cluster.pod(PodId(0)).netns();
+    let programs = |netns: &Path, name: &'static str| {
+        netns::in_netns(netns, move || {
+            let ifindex = nix::net::if_::if_nametoindex(name)?;
+            Ok(programs_on_interface(ifindex)?.len())
+        })
+        .expect("query")
+    };
+
+    // A pair within the node while the agent runs: neither end is guarded.
+    let mark = cluster.agent(n1).mark();
+    netns::ip(
+        &node_ns,
+        &[
+            "link", "add", "cni0a", "type", "veth", "peer", "name", "cni0b",
+        ],
+    )
+    .expect("veth");
+    // An interface made after it is guarded by a resync that has seen the pair.
+    let pod = cluster.pod(PodId(0)).netns_name.clone();
+    netns::ip(
+        &node_ns,
+        &[
+            "link", "add", "marker0", "type", "veth", "peer", "name", "marker1", "netns", &pod,
+        ],
+    )
+    .expect("veth to the pod");
+    cluster
+        .agent(n1)
+        .wait_for_line_after(mark, WAIT, |l| {
+            l.contains("anti-spoofing check on interfaces") && l.contains("marker0")
+        })
+        .expect("a resync after the pair appeared");
+    let node = cluster.node(n1).netns();
+    assert_eq!(programs(&node, "cni0a"), 0);
+    assert_eq!(programs(&node, "cni0b"), 0);
+
+    // One end moves into the pod while the agent is down: it carries nothing along.
+    cluster.agent(n1).kill9();
+    netns::ip(&node_ns, &["link", "set", "cni0b", "netns", &pod]).expect("move");
+    assert_eq!(
+        programs(&pod_netns, "cni0b"),
+        0,
+        "the moved end carries a check"
+    );
+
+    // Back up, the agent guards the end that stayed, now a pod's host side.
+    let mark = cluster.agent(n1).mark();
+    cluster.agent(n1).restart().expect("restart");
+    cluster
+        .agent(n1)
+        .wait_for_line_after(mark, WAIT, |l| {
+            l.contains("anti-spoofing check on interfaces") && l.contains("cni0a")
+        })
+        .expect("the node's end is guarded");
+    assert_eq!(programs(&node, "cni0a"), 1);
+    assert_eq!(programs(&pod_netns, "cni0b"), 0);
+}

@@ -4,8 +4,10 @@
 //!
 //! This module owns *where* the check runs and *what it knows*:
 //! - the check is on every Ethernet interface of the agent's network namespace (the node's),
-//!   including those created later: a netlink subscription to link and address changes wakes a
-//!   resync, which attaches the check to new interfaces and forgets the pins of vanished ones;
+//!   including those created later (a veth pair is guarded once one end is in another
+//!   namespace, see [`guarded`]): a netlink subscription to link and address changes wakes a
+//!   resync, which attaches the check to new interfaces and detaches it from interfaces that
+//!   vanished or left the namespace;
 //! - `LATCH_SOURCES` binds each address of an enrolled pod to the pod's host-side interface (found
 //!   from the pod's namespace and confirmed from the agent's, [`host_side`]) and each address the
 //!   node holds on exactly one interface to that interface; an enrolled pod whose host side cannot
@@ -278,9 +280,15 @@ impl State {
     }
 }
 
-/// Whether an interface gets the check: every Ethernet interface but loopback.
+/// Whether an interface gets the check: every Ethernet interface but loopback and a veth whose
+/// peer is in the agent's namespace too. Such a pair joins the node to itself and carries
+/// nothing from a pod; it is often a pod's pair before the CNI moves one end into the pod
+/// (Calico makes them so), and a TCX link goes along with a moved interface: left on it, the
+/// node's check would judge the pod's incoming traffic with the node's interface indexes. Once
+/// the peer is in another namespace, the link change wakes a resync that guards this end.
 fn guarded(link: &Link) -> bool {
-    link.ethernet && !link.loopback
+    let veth_within = link.kind == Kind::Veth && link.peer_netns.is_none();
+    link.ethernet && !link.loopback && !veth_within
 }
 
 /// What the maps should hold.

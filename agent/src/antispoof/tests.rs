@@ -174,3 +174,22 @@ fn a_pod_without_a_confirmed_host_side_binds_nowhere() {
         assert_eq!(plan.unbound, BTreeSet::from(["prod/frontend".to_owned()]));
     }
 }
+
+#[test]
+fn guards_ethernet_interfaces_but_loopback_and_veths_within_the_node() {
+    assert!(guarded(&link(2, "fab0", Kind::Other)));
+    assert!(guarded(&link(3, "br0", Kind::Bridge)));
+    assert!(guarded(&veth(4, "p2", Some(3), 2, 0)));
+    assert!(!guarded(&loopback()));
+    // Both ends still the node's: a pair a CNI is about to move into a pod.
+    let within = Link {
+        peer_netns: None,
+        ..veth(5, "cali1", None, 6, 0)
+    };
+    assert!(!guarded(&within));
+    let layer3 = Link {
+        ethernet: false,
+        ..link(7, "wg0", Kind::Other)
+    };
+    assert!(!guarded(&layer3));
+}
