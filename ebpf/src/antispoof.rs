@@ -42,7 +42,7 @@ use crate::{
 
 /// The frame goes on (to the next TCX program, then the stack or the bridge).
 const PASS: i32 = TCX_NEXT;
-const DROP: i32 = TC_ACT_SHOT as i32;
+const DROP: i32 = TC_ACT_SHOT;
 
 /// Only Ethernet interfaces are guarded: the network header follows a 14-byte Ethernet header
 /// (a VLAN tag the kernel has already taken into the skb's metadata is not in the data).
@@ -102,7 +102,7 @@ fn allowed(ctx: &TcContext) -> bool {
             read_volatile(addr_of!((*skb).ifindex)),
         )
     };
-    let info = match LATCH_INTERFACES.get_ptr(&ifindex) {
+    let info = match LATCH_INTERFACES.get_ptr(ifindex) {
         // SAFETY: pointer from a successful hash lookup.
         Some(info) => unsafe { *info },
         None => InterfaceInfo::default(),
@@ -127,7 +127,7 @@ fn mac_allowed(ctx: &TcContext, ifindex: u32) -> bool {
     let Ok(mac) = ctx.load::<[u8; 6]>(6) else {
         return true;
     };
-    match LATCH_MACS.get_ptr(&MacKey::new(mac)) {
+    match LATCH_MACS.get_ptr(MacKey::new(mac)) {
         // SAFETY: pointer from a successful hash lookup.
         Some(owner) => (unsafe { *owner }) == ifindex,
         None => true,
