@@ -12,7 +12,8 @@
 //!   from the pod's namespace and confirmed from the agent's, [`host_side`]) and each address the
 //!   node holds on exactly one interface to that interface; an enrolled pod whose host side cannot
 //!   be found has its addresses bound to no interface at all (fail closed);
-//! - `LATCH_INTERFACES` marks enrolled pods' host sides and bridge ports (with their masters);
+//! - `LATCH_INTERFACES` marks enrolled pods' host sides, every veth to another namespace and
+//!   bridge ports (with their masters);
 //! - `LATCH_MACS` binds each enrolled pod's MAC address to its host side.
 //!
 //! Every resync computes the whole wanted state from the current links, addresses and enrolled
@@ -29,7 +30,9 @@ use std::{
     sync::{Arc, Mutex, PoisonError},
 };
 
-use latch_common::{INTERFACE_BRIDGE_PORT, INTERFACE_POD, InterfaceInfo, SourceBinding};
+use latch_common::{
+    INTERFACE_BRIDGE_PORT, INTERFACE_POD, INTERFACE_POD_FACING, InterfaceInfo, SourceBinding,
+};
 
 use crate::datapath::{AntiSpoofDatapath, DatapathError, antispoof::Attached};
 
@@ -353,17 +356,24 @@ fn plan(links: &[Link], addresses: &[Address], pods: &[Resolved]) -> Plan {
     }
 
     for link in links.iter().filter(|l| guarded(l)) {
-        let Some(master) = link.master else {
-            continue;
-        };
-        let info = plan.interfaces.entry(link.index).or_default();
-        info.master = master;
-        if by_index
-            .get(&master)
-            .is_some_and(|m| m.kind == Kind::Bridge)
-        {
-            info.flags |= INTERFACE_BRIDGE_PORT;
+        let mut flags = 0;
+        // Guarded veths all have their peer in another namespace.
+        if link.kind == Kind::Veth {
+            flags |= INTERFACE_POD_FACING;
         }
+        if let Some(master) = link.master
+            && by_index
+                .get(&master)
+                .is_some_and(|m| m.kind == Kind::Bridge)
+        {
+            flags |= INTERFACE_BRIDGE_PORT;
+        }
+        if flags == 0 && link.master.is_none() {
+            continue;
+        }
+        let info = plan.interfaces.entry(link.index).or_default();
+        info.flags |= flags;
+        info.master = link.master.unwrap_or(0);
     }
     plan
 }

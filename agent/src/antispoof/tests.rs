@@ -106,14 +106,14 @@ fn bridged_node() {
     assert_eq!(
         plan.interfaces[&4],
         InterfaceInfo {
-            flags: INTERFACE_POD | INTERFACE_BRIDGE_PORT,
+            flags: INTERFACE_POD | INTERFACE_POD_FACING | INTERFACE_BRIDGE_PORT,
             master: 3
         }
     );
     assert_eq!(
         plan.interfaces[&5],
         InterfaceInfo {
-            flags: INTERFACE_BRIDGE_PORT,
+            flags: INTERFACE_POD_FACING | INTERFACE_BRIDGE_PORT,
             master: 3
         }
     );
@@ -149,13 +149,22 @@ fn routed_node() {
     assert!(!plan.sources.contains_key(&ip("fe80::1")));
     assert_eq!(
         plan.interfaces,
-        HashMap::from([(
-            4,
-            InterfaceInfo {
-                flags: INTERFACE_POD,
-                master: 0
-            }
-        )])
+        HashMap::from([
+            (
+                4,
+                InterfaceInfo {
+                    flags: INTERFACE_POD | INTERFACE_POD_FACING,
+                    master: 0
+                }
+            ),
+            (
+                5,
+                InterfaceInfo {
+                    flags: INTERFACE_POD_FACING,
+                    master: 0
+                }
+            )
+        ])
     );
 }
 
