@@ -246,6 +246,101 @@ fn a_routed_pod_cannot_ride_frontends_verdict() {
     }
 }
 
+/// The other way round: the attacker on node 1 takes payment's address (a pod on node 2) and
+/// connects to frontend, which has payment's verdict cached on node 1. Node 1 must drop it (the
+/// route back to payment does not leave through the attacker's interface) and admit nothing.
+fn remote_address_is_refused(scene: &Scene, v6: bool) {
+    let c = &scene.cluster;
+    let frontend = c.pod(scene.frontend);
+    let payment = c.pod(scene.payment);
+    let attacker = c.pod(scene.attacker);
+    let (stolen, to, prefix): (IpAddr, SocketAddr, &str) = if v6 {
+        (payment.ipv6.into(), frontend.addr6(PORT), "128")
+    } else {
+        (payment.ipv4.into(), frontend.addr4(PORT), "32")
+    };
+    // The next hop towards frontend, resolved ahead (so that no neighbour discovery carries
+    // payment's address first): frontend itself on a bridge, the gateway on a routed node.
+    match c.node(scene.n1).topology {
+        Topology::Bridged => {
+            let mac = l2::show(Some(l2::mac(&frontend.netns_name, "eth0").expect("mac")));
+            netns::ip(
+                &attacker.netns_name,
+                &[
+                    "neigh",
+                    "replace",
+                    &to.ip().to_string(),
+                    "lladdr",
+                    &mac,
+                    "dev",
+                    "eth0",
+                    "nud",
+                    "permanent",
+                ],
+            )
+            .expect("neighbour entry");
+        }
+        Topology::Routed => pin_gateway(scene, v6),
+    }
+    netns::ip(
+        &attacker.netns_name,
+        &[
+            "addr",
+            "add",
+            &format!("{stolen}/{prefix}"),
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    )
+    .expect("taking payment's address");
+
+    let admitted = counter(c, scene.n1, Counter::InboundAdmitted);
+    let drops = spoof_drops(c, scene.n1);
+    let r = probe::connect_from(&attacker.netns(), None, stolen, to, GIVE_UP).expect("probe");
+    assert!(
+        !r.ok,
+        "a connection from payment's address by a pod of node 1: {r:?}"
+    );
+    assert_eq!(
+        counter(c, scene.n1, Counter::InboundAdmitted),
+        admitted,
+        "node 1 admitted a spoofed SYN by payment's cached verdict"
+    );
+    assert!(
+        spoof_drops(c, scene.n1) > drops,
+        "node 1 must drop the spoofed packets"
+    );
+
+    let admitted = counter(c, scene.n1, Counter::InboundAdmitted);
+    let r = c.probe(scene.payment, to, Some("mine")).expect("probe");
+    assert!(r.ok && r.echo.as_deref() == Some("mine"), "{r:?}");
+    assert_eq!(counter(c, scene.n1, Counter::InboundAdmitted), admitted + 1);
+}
+
+#[test]
+fn a_pod_cannot_ride_a_remote_pods_verdict() {
+    for topology in [Topology::Bridged, Topology::Routed] {
+        let scene = scene(topology, Attacker::Unenrolled);
+        let _frontend_echo = scene
+            .cluster
+            .echo_server(scene.frontend, PORT)
+            .expect("echo server");
+        for to in [
+            scene.cluster.pod(scene.frontend).addr4(PORT),
+            scene.cluster.pod(scene.frontend).addr6(PORT),
+        ] {
+            let r = scene
+                .cluster
+                .probe(scene.payment, to, Some("hello"))
+                .expect("probe");
+            assert!(r.ok && r.echo.as_deref() == Some("hello"), "{r:?}");
+        }
+        remote_address_is_refused(&scene, false);
+        remote_address_is_refused(&scene, true);
+    }
+}
+
 #[test]
 fn routed_pods_connect_through_the_tunnel_then_the_fast_path() {
     let TwoNodes {
