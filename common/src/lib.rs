@@ -38,8 +38,8 @@ pub mod map_names {
     /// [`crate::IpKey`] → [`crate::SourceBinding`]: each address of an enrolled local pod, bound
     /// to the node-side interface its packets must come in through (anti-spoofing).
     pub const SOURCES: &str = "LATCH_SOURCES";
-    /// ifindex → [`crate::InterfaceInfo`]: interfaces of the node that face a pod, are an
-    /// enrolled pod's host side, or are a port of a bridge (anti-spoofing).
+    /// ifindex → [`crate::InterfaceInfo`]: interfaces of the node that are veths to another
+    /// namespace, an enrolled pod's host side, or a port of a bridge (anti-spoofing).
     pub const INTERFACES: &str = "LATCH_INTERFACES";
     /// [`crate::MacKey`] → ifindex: each enrolled local pod's MAC address, bound to its host-side
     /// interface, so that no other bridge port can claim it (anti-spoofing).
@@ -344,10 +344,11 @@ pub const INTERFACE_POD: u32 = 1;
 /// The interface is a port of a bridge: frames from it must not carry an enrolled pod's MAC
 /// address unless it is that pod's own port.
 pub const INTERFACE_BRIDGE_PORT: u32 = 2;
-/// The interface is a veth whose peer is in another network namespace (a pod's, enrolled or
-/// not): a remote mesh endpoint's address coming in on it must pass the reverse-path check. The
-/// node's own links to other nodes are trusted and skip it.
-pub const INTERFACE_POD_FACING: u32 = 4;
+/// The interface is a veth whose peer is in another network namespace: all a pod can send
+/// through to the node, so a remote mesh endpoint's address coming in on it must pass the
+/// reverse-path check. The node's other interfaces (NICs, bonds, VXLAN) link it to the other
+/// nodes, where the network is trusted, and skip it.
+pub const INTERFACE_VETH: u32 = 4;
 
 /// A MAC address as a map key.
 #[repr(C)]

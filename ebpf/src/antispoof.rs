@@ -12,11 +12,11 @@
 //! 2. `I` is an enrolled pod's host-side interface (`INTERFACE_POD`): drop, unless the address
 //!    is IPv6 link-local or unspecified, or the ARP sender is `0.0.0.0` (neighbour discovery,
 //!    duplicate-address detection, ARP probes need them);
-//! 3. the address is a mesh endpoint (`LATCH_ENDPOINTS`, a pod on another node) and `I` faces a
-//!    pod (a veth to another namespace, `INTERFACE_POD_FACING`): pass only if the route back to
-//!    it leaves through `I` (or `I`'s master), as strict `rp_filter` decides. On the node's own
-//!    links, where the other nodes' pods legitimately come from, the network between the nodes
-//!    is trusted and the lookup is spared;
+//! 3. the address is a mesh endpoint (`LATCH_ENDPOINTS`, a pod on another node) and `I` is a
+//!    veth to another namespace (`INTERFACE_VETH`, which is how pods reach the node): pass only
+//!    if the route back to it leaves through `I` (or `I`'s master), as strict `rp_filter`
+//!    decides. The node's other interfaces link it to the other nodes, whose pods legitimately
+//!    come in there; the network between the nodes is trusted and the lookup is spared;
 //! 4. otherwise pass.
 //!
 //! Besides: a frame on a bridge port that carries an enrolled pod's MAC address as its source is
@@ -34,7 +34,7 @@ use aya_ebpf::{
 };
 use core::ptr::{addr_of, read_volatile};
 use latch_common::{
-    AF_INET, AF_INET6, Counter, INTERFACE_BRIDGE_PORT, INTERFACE_POD, INTERFACE_POD_FACING,
+    AF_INET, AF_INET6, Counter, INTERFACE_BRIDGE_PORT, INTERFACE_POD, INTERFACE_VETH,
     InterfaceInfo, IpKey, LOOPBACK_IFINDEX, MacKey,
 };
 
@@ -94,8 +94,8 @@ impl Ingress {
         self.info.flags & INTERFACE_POD != 0
     }
 
-    fn faces_a_pod(&self) -> bool {
-        self.info.flags & INTERFACE_POD_FACING != 0
+    fn is_veth(&self) -> bool {
+        self.info.flags & INTERFACE_VETH != 0
     }
 }
 
@@ -251,7 +251,7 @@ fn claim(ctx: &TcContext, at: &Ingress, addr: &IpKey, exempt: bool, local: &IpKe
     if at.is_pod() {
         return exempt;
     }
-    if at.faces_a_pod() && LATCH_ENDPOINTS.get_ptr(addr).is_some() {
+    if at.is_veth() && LATCH_ENDPOINTS.get_ptr(addr).is_some() {
         return route_back_through(ctx, at, addr, local);
     }
     true

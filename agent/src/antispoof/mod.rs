@@ -12,8 +12,9 @@
 //!   from the pod's namespace and confirmed from the agent's, [`host_side`]) and each address the
 //!   node holds on exactly one interface to that interface; an enrolled pod whose host side cannot
 //!   be found has its addresses bound to no interface at all (fail closed);
-//! - `LATCH_INTERFACES` marks enrolled pods' host sides, every veth to another namespace and
-//!   bridge ports (with their masters);
+//! - `LATCH_INTERFACES` marks enrolled pods' host sides, every veth to another namespace (where
+//!   remote endpoints' addresses get the reverse-path check) and bridge ports (with their
+//!   masters);
 //! - `LATCH_MACS` binds each enrolled pod's MAC address to its host side.
 //!
 //! Every resync computes the whole wanted state from the current links, addresses and enrolled
@@ -31,7 +32,7 @@ use std::{
 };
 
 use latch_common::{
-    INTERFACE_BRIDGE_PORT, INTERFACE_POD, INTERFACE_POD_FACING, InterfaceInfo, SourceBinding,
+    INTERFACE_BRIDGE_PORT, INTERFACE_POD, INTERFACE_VETH, InterfaceInfo, SourceBinding,
 };
 
 use crate::datapath::{AntiSpoofDatapath, DatapathError, antispoof::Attached};
@@ -359,7 +360,7 @@ fn plan(links: &[Link], addresses: &[Address], pods: &[Resolved]) -> Plan {
         let mut flags = 0;
         // Guarded veths all have their peer in another namespace.
         if link.kind == Kind::Veth {
-            flags |= INTERFACE_POD_FACING;
+            flags |= INTERFACE_VETH;
         }
         if let Some(master) = link.master
             && by_index

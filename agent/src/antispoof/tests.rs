@@ -106,14 +106,14 @@ fn bridged_node() {
     assert_eq!(
         plan.interfaces[&4],
         InterfaceInfo {
-            flags: INTERFACE_POD | INTERFACE_POD_FACING | INTERFACE_BRIDGE_PORT,
+            flags: INTERFACE_POD | INTERFACE_VETH | INTERFACE_BRIDGE_PORT,
             master: 3
         }
     );
     assert_eq!(
         plan.interfaces[&5],
         InterfaceInfo {
-            flags: INTERFACE_POD_FACING | INTERFACE_BRIDGE_PORT,
+            flags: INTERFACE_VETH | INTERFACE_BRIDGE_PORT,
             master: 3
         }
     );
@@ -153,14 +153,14 @@ fn routed_node() {
             (
                 4,
                 InterfaceInfo {
-                    flags: INTERFACE_POD | INTERFACE_POD_FACING,
+                    flags: INTERFACE_POD | INTERFACE_VETH,
                     master: 0
                 }
             ),
             (
                 5,
                 InterfaceInfo {
-                    flags: INTERFACE_POD_FACING,
+                    flags: INTERFACE_VETH,
                     master: 0
                 }
             )
