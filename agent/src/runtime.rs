@@ -25,7 +25,7 @@ use tokio::{
 };
 
 use crate::{
-    antispoof::{AntiSpoof, PodAddresses},
+    antispoof::{AntiSpoof, Enrolled},
     busy_poll,
     capture::{NetnsWorker, PodListeners, inbound, outbound, tunneled},
     config::{CertificateSource, Config, DataplaneMode, MtlsMode},
@@ -231,7 +231,7 @@ async fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
     };
     let mut datapath = Datapath::install(settings(&config)).context("installing the datapath")?;
     let (antispoof, antispoof_watch) =
-        AntiSpoof::start(datapath.antispoof()?, PodAddresses::of(&registry))
+        AntiSpoof::start(datapath.antispoof()?, Enrolled::of(&config, &registry))
             .context("starting anti-spoofing")?;
     let _antispoof_watch = AbortOnDrop(antispoof_watch);
     let maps: SharedMaps = Arc::new(Mutex::new(datapath.maps()?));
@@ -590,7 +590,7 @@ impl Agent {
 
         // Pods' addresses are bound to their interfaces before their endpoints are written.
         self.antispoof
-            .set_pods(PodAddresses::of(&snapshot.registry))?;
+            .set(Enrolled::of(&snapshot.config, &snapshot.registry))?;
         {
             let mut maps = lock(&self.maps);
             for (cgroup_id, _) in maps.workloads()? {

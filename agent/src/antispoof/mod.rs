@@ -3,23 +3,23 @@
 //! `ebpf/src/antispoof.rs`, its rules are in `docs/datapath.md`).
 //!
 //! This module owns *where* the check runs and *what it knows*:
-//! - the check is on every Ethernet interface of the agent's network namespace (the node's),
-//!   including those created later (a veth pair is guarded once one end is in another
-//!   namespace, see [`guarded`]): a netlink subscription to link and address changes wakes a
-//!   resync, which attaches the check to new interfaces and detaches it from interfaces that
-//!   vanished or left the namespace;
+//! - the check is on every Ethernet interface of the agent's network namespace (the node's) but
+//!   bridges and bonds (their ports are checked), including those created later (a veth pair
+//!   is guarded once one end is in another namespace, see [`guarded`]): a netlink subscription
+//!   to link and address changes wakes a resync, which attaches the check to new interfaces and
+//!   detaches it from interfaces that vanished, left the namespace or became a master;
 //! - `LATCH_SOURCES` binds each address of an enrolled pod to the pod's host-side interface (found
 //!   from the pod's namespace and confirmed from the agent's, [`host_side`]) and each address the
 //!   node holds on exactly one interface to that interface; an enrolled pod whose host side cannot
 //!   be found has its addresses bound to no interface at all (fail closed);
-//! - `LATCH_INTERFACES` marks enrolled pods' host sides, every veth to another namespace (where
-//!   remote endpoints' addresses get the reverse-path check) and bridge ports (with their
-//!   masters);
+//! - `LATCH_INTERFACES` marks enrolled pods' host sides, every veth to another namespace but the
+//!   node's own link (where remote endpoints' addresses get the reverse-path check) and bridge
+//!   ports (with their masters);
 //! - `LATCH_MACS` binds each enrolled pod's MAC address to its host side.
 //!
 //! Every resync computes the whole wanted state from the current links, addresses and enrolled
 //! pods ([`plan`]) and writes the difference, so a missed notification only delays, never
-//! corrupts. The runtime hands over the enrolled pods on every reconcile ([`AntiSpoof::set_pods`]).
+//! corrupts. The runtime hands over the enrolled pods on every reconcile ([`AntiSpoof::set`]).
 
 pub mod host_side;
 pub mod netlink;
@@ -50,18 +50,28 @@ pub struct PodAddresses {
     pub ips: Vec<IpAddr>,
 }
 
-impl PodAddresses {
-    /// The enrolled pods of a registry.
-    pub fn of(registry: &crate::identity::Registry) -> Vec<Self> {
-        registry
-            .workloads
-            .iter()
-            .map(|w| Self {
-                workload: w.id.clone(),
-                netns: w.netns.clone(),
-                ips: w.ips.clone(),
-            })
-            .collect()
+/// What anti-spoofing needs from the node's configuration: its enrolled pods, and its own
+/// address (the interface that holds it is the node's link to the other nodes).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Enrolled {
+    pub node_address: Option<IpAddr>,
+    pub pods: Vec<PodAddresses>,
+}
+
+impl Enrolled {
+    pub fn of(config: &crate::config::Config, registry: &crate::identity::Registry) -> Self {
+        Self {
+            node_address: Some(config.node.address),
+            pods: registry
+                .workloads
+                .iter()
+                .map(|w| PodAddresses {
+                    workload: w.id.clone(),
+                    netns: w.netns.clone(),
+                    ips: w.ips.clone(),
+                })
+                .collect(),
+        }
     }
 }
 
@@ -83,7 +93,7 @@ pub struct AntiSpoof {
 struct State {
     datapath: AntiSpoofDatapath,
     socket: RouteSocket,
-    pods: Vec<PodAddresses>,
+    enrolled: Enrolled,
     /// What each pod's namespace said last time, while the agent's links still confirm it.
     resolved: HashMap<String, Resolved>,
     /// Interfaces that have the check in this run.
@@ -101,11 +111,11 @@ struct Resolved {
 
 impl AntiSpoof {
     /// Put the check on every interface of the agent's namespace now (adopting links an earlier
-    /// run pinned), with `pods` bound, and keep following link and address changes until the
-    /// returned task is aborted. Must run inside the tokio runtime.
+    /// run pinned), with the enrolled pods bound, and keep following link and address changes
+    /// until the returned task is aborted. Must run inside the tokio runtime.
     pub fn start(
         datapath: AntiSpoofDatapath,
-        pods: Vec<PodAddresses>,
+        enrolled: Enrolled,
     ) -> Result<(Self, tokio::task::JoinHandle<()>), AntiSpoofError> {
         // Subscribed before the first read, so no change falls between the two.
         let mut events = Events::subscribe().map_err(AntiSpoofError::Netlink)?;
@@ -114,7 +124,7 @@ impl AntiSpoof {
             state: Arc::new(Mutex::new(State {
                 datapath,
                 socket,
-                pods,
+                enrolled,
                 resolved: HashMap::new(),
                 attached: BTreeSet::new(),
                 unbound: BTreeSet::new(),
@@ -139,10 +149,10 @@ impl AntiSpoof {
         Ok((this, task))
     }
 
-    /// The enrolled pods changed (a reconcile): bind their addresses, now.
-    pub fn set_pods(&self, pods: Vec<PodAddresses>) -> Result<(), AntiSpoofError> {
+    /// The configuration changed (a reconcile): bind the enrolled pods' addresses, now.
+    pub fn set(&self, enrolled: Enrolled) -> Result<(), AntiSpoofError> {
         let mut state = self.lock();
-        state.pods = pods;
+        state.enrolled = enrolled;
         state.resync()
     }
 
@@ -167,7 +177,7 @@ impl State {
         let addresses = self.socket.addresses().map_err(AntiSpoofError::Netlink)?;
         let (new, adopted) = self.follow_interfaces(&links)?;
         let pods = self.resolve_pods(&links);
-        let plan = plan(&links, &addresses, &pods);
+        let plan = plan(&links, &addresses, &pods, self.enrolled.node_address);
         self.datapath.set_sources(&plan.sources)?;
         self.datapath.set_interfaces(&plan.interfaces)?;
         self.datapath.set_macs(&plan.macs)?;
@@ -186,9 +196,10 @@ impl State {
         &mut self,
         links: &[Link],
     ) -> Result<(Vec<String>, Vec<String>), AntiSpoofError> {
+        let masters = masters(links);
         let wanted: BTreeSet<u32> = links
             .iter()
-            .filter(|l| guarded(l))
+            .filter(|l| guarded(l, &masters))
             .map(|l| l.index)
             .collect();
         let mut stale: BTreeSet<u32> = self.datapath.pinned()?.into_iter().collect();
@@ -203,7 +214,7 @@ impl State {
             );
         }
         let (mut new, mut adopted) = (Vec::new(), Vec::new());
-        for link in links.iter().filter(|l| guarded(l)) {
+        for link in links.iter().filter(|l| guarded(l, &masters)) {
             if self.attached.contains(&link.index) {
                 continue;
             }
@@ -228,7 +239,7 @@ impl State {
     /// them, else from a new look inside its namespace.
     fn resolve_pods(&mut self, links: &[Link]) -> Vec<Resolved> {
         let mut out = Vec::new();
-        let pods = self.pods.clone();
+        let pods = self.enrolled.pods.clone();
         for pod in pods {
             let cached = self.resolved.get(&pod.workload).filter(|r| {
                 r.pod == pod
@@ -276,7 +287,7 @@ impl State {
             tracing::error!(workload = %workload, "anti-spoofing: no veth to the node holds this workload's addresses, so nothing may send with them (only veth-based pod networking is supported)");
         }
         for workload in self.unbound.difference(&unbound) {
-            if self.pods.iter().any(|p| &p.workload == workload) {
+            if self.enrolled.pods.iter().any(|p| &p.workload == workload) {
                 tracing::info!(workload = %workload, "anti-spoofing: the workload's addresses are bound to its interface again");
             }
         }
@@ -284,15 +295,29 @@ impl State {
     }
 }
 
-/// Whether an interface gets the check: every Ethernet interface but loopback and a veth whose
-/// peer is in the agent's namespace too. Such a pair joins the node to itself and carries
-/// nothing from a pod; it is often a pod's pair before the CNI moves one end into the pod
-/// (Calico makes them so), and a TCX link goes along with a moved interface: left on it, the
-/// node's check would judge the pod's incoming traffic with the node's interface indexes. Once
-/// the peer is in another namespace, the link change wakes a resync that guards this end.
-fn guarded(link: &Link) -> bool {
+/// Whether an interface gets the check: every Ethernet interface but
+/// - loopback;
+/// - a bridge or a bond (the master of other interfaces, in `masters`): a frame reaches its
+///   ingress only from one of its ports, which has checked it already;
+/// - a veth whose peer is in the agent's namespace too. Such a pair joins the node to itself
+///   and carries nothing from a pod; it is often a pod's pair before the CNI moves one end into
+///   the pod (Calico makes them so), and a TCX link goes along with a moved interface: left on
+///   it, the node's check would judge the pod's incoming traffic with the node's interface
+///   indexes. Once the peer is in another namespace, the link change wakes a resync that guards
+///   this end.
+fn guarded(link: &Link, masters: &BTreeSet<u32>) -> bool {
     let veth_within = link.kind == Kind::Veth && link.peer_netns.is_none();
-    link.ethernet && !link.loopback && !veth_within
+    link.ethernet && !link.loopback && !veth_within && !masters.contains(&link.index)
+}
+
+/// Bridges, and every interface that is another's master.
+fn masters(links: &[Link]) -> BTreeSet<u32> {
+    links
+        .iter()
+        .filter(|l| l.kind == Kind::Bridge)
+        .map(|l| l.index)
+        .chain(links.iter().filter_map(|l| l.master))
+        .collect()
 }
 
 /// What the maps should hold.
@@ -305,20 +330,32 @@ struct Plan {
     unbound: BTreeSet<String>,
 }
 
-fn plan(links: &[Link], addresses: &[Address], pods: &[Resolved]) -> Plan {
+fn plan(
+    links: &[Link],
+    addresses: &[Address],
+    pods: &[Resolved],
+    node_address: Option<IpAddr>,
+) -> Plan {
     let by_index: BTreeMap<u32, &Link> = links.iter().map(|l| (l.index, l)).collect();
     let master_of = |index: u32| by_index.get(&index).and_then(|l| l.master).unwrap_or(0);
+    let masters = masters(links);
     let mut plan = Plan::default();
 
-    // The node's own addresses, each bound to the one interface that holds it. One held on
-    // several interfaces (a gateway address on every veth of a routed node) binds nowhere: on
-    // such links each pod is alone with the node.
+    // The node's own addresses (on a bridge too), each bound to the one interface that holds
+    // it. One held on several interfaces (a gateway address on every veth of a routed node)
+    // binds nowhere: on such links each pod is alone with the node.
     let mut holders: BTreeMap<IpAddr, BTreeSet<u32>> = BTreeMap::new();
     for address in addresses {
-        if by_index.get(&address.index).is_some_and(|l| guarded(l)) {
+        if by_index.get(&address.index).is_some_and(|l| !l.loopback) {
             holders.entry(address.ip).or_default().insert(address.index);
         }
     }
+    // The node's link to the other nodes: where its own address is.
+    let uplinks: BTreeSet<u32> = addresses
+        .iter()
+        .filter(|a| Some(a.ip) == node_address)
+        .map(|a| a.index)
+        .collect();
     for (ip, indexes) in holders {
         if let [index] = indexes.into_iter().collect::<Vec<_>>()[..] {
             plan.sources.insert(
@@ -356,10 +393,11 @@ fn plan(links: &[Link], addresses: &[Address], pods: &[Resolved]) -> Plan {
         }
     }
 
-    for link in links.iter().filter(|l| guarded(l)) {
+    for link in links.iter().filter(|l| guarded(l, &masters)) {
         let mut flags = 0;
-        // Guarded veths all have their peer in another namespace.
-        if link.kind == Kind::Veth {
+        // Guarded veths all have their peer in another namespace; the node's own link, if it
+        // is a veth (kind's nodes, the test cluster's), is not a pod's way in.
+        if link.kind == Kind::Veth && !uplinks.contains(&link.index) {
             flags |= INTERFACE_VETH;
         }
         if let Some(master) = link.master

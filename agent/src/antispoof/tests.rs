@@ -72,7 +72,8 @@ fn bridged_node() {
     // have their eth0 at index 2, in namespaces 0 and 1).
     let links = [
         loopback(),
-        link(2, "fab0", Kind::Other),
+        // The node's link is a veth too (as in the test cluster), to namespace 7.
+        veth(2, "fab0", None, 9, 7),
         link(3, "br0", Kind::Bridge),
         veth(4, "p2", Some(3), 2, 0),
         veth(5, "p3", Some(3), 2, 1),
@@ -83,7 +84,12 @@ fn bridged_node() {
         address(3, "10.244.1.1"),
         address(3, "fd00:10:244:1::1"),
     ];
-    let plan = plan(&links, &addresses, &[frontend(true)]);
+    let plan = plan(
+        &links,
+        &addresses,
+        &[frontend(true)],
+        Some(ip("10.244.0.1")),
+    );
 
     let bound = SourceBinding {
         ifindex: 4,
@@ -91,8 +97,8 @@ fn bridged_node() {
     };
     assert_eq!(plan.sources[&ip("10.244.1.2")], bound);
     assert_eq!(plan.sources[&ip("fd00:10:244:1::2")], bound);
-    // The gateway is the bridge's own; the node's link address is fab0's; loopback is not
-    // guarded.
+    // The gateway is the bridge's own (a bridge is not guarded itself, but its address is
+    // bound); the node's link address is fab0's; loopback's are not bound.
     assert_eq!(
         plan.sources[&ip("10.244.1.1")],
         SourceBinding {
@@ -117,6 +123,7 @@ fn bridged_node() {
             master: 3
         }
     );
+    // fab0 holds the node's address: no reverse-path check there. br0 is not guarded.
     assert!(!plan.interfaces.contains_key(&2) && !plan.interfaces.contains_key(&3));
     assert_eq!(plan.macs, HashMap::from([(FRONTEND_MAC, 4)]));
     assert!(plan.unbound.is_empty());
@@ -137,7 +144,12 @@ fn routed_node() {
         address(4, "fe80::1"),
         address(5, "fe80::1"),
     ];
-    let plan = plan(&links, &addresses, &[frontend(true)]);
+    let plan = plan(
+        &links,
+        &addresses,
+        &[frontend(true)],
+        Some(ip("10.244.0.1")),
+    );
     assert_eq!(
         plan.sources[&ip("10.244.1.2")],
         SourceBinding {
@@ -173,7 +185,7 @@ fn a_pod_without_a_confirmed_host_side_binds_nowhere() {
     let links = [loopback(), link(2, "fab0", Kind::Other)];
     for pod in [frontend(false), frontend(true)] {
         // Unresolved, or resolved to an interface the agent's namespace does not have.
-        let plan = plan(&links, &[], &[pod]);
+        let plan = plan(&links, &[], &[pod], None);
         assert_eq!(plan.sources[&ip("10.244.1.2")], SourceBinding::default());
         assert_eq!(
             plan.sources[&ip("fd00:10:244:1::2")],
@@ -185,20 +197,32 @@ fn a_pod_without_a_confirmed_host_side_binds_nowhere() {
 }
 
 #[test]
-fn guards_ethernet_interfaces_but_loopback_and_veths_within_the_node() {
-    assert!(guarded(&link(2, "fab0", Kind::Other)));
-    assert!(guarded(&link(3, "br0", Kind::Bridge)));
-    assert!(guarded(&veth(4, "p2", Some(3), 2, 0)));
-    assert!(!guarded(&loopback()));
-    // Both ends still the node's: a pair a CNI is about to move into a pod.
-    let within = Link {
-        peer_netns: None,
-        ..veth(5, "cali1", None, 6, 0)
-    };
-    assert!(!guarded(&within));
-    let layer3 = Link {
-        ethernet: false,
-        ..link(7, "wg0", Kind::Other)
-    };
-    assert!(!guarded(&layer3));
+fn guards_ethernet_interfaces_but_loopback_masters_and_veths_within_the_node() {
+    let links = [
+        loopback(),
+        link(2, "eth0", Kind::Other),
+        link(3, "br0", Kind::Bridge),
+        veth(4, "p2", Some(3), 2, 0),
+        link(5, "bond0", Kind::Other),
+        Link {
+            master: Some(5),
+            ..link(6, "eth1", Kind::Other)
+        },
+        // Both ends still the node's: a pair a CNI is about to move into a pod.
+        Link {
+            peer_netns: None,
+            ..veth(7, "cali1", None, 8, 0)
+        },
+        Link {
+            ethernet: false,
+            ..link(9, "wg0", Kind::Other)
+        },
+    ];
+    let masters = masters(&links);
+    let guarded: Vec<&str> = links
+        .iter()
+        .filter(|l| guarded(l, &masters))
+        .map(|l| l.name.as_str())
+        .collect();
+    assert_eq!(guarded, ["eth0", "p2", "eth1"]);
 }

@@ -844,7 +844,10 @@ fn compare(args: &[String], out_dir: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn datapath(count: usize) -> anyhow::Result<(Vec<(Phase, f64)>, Vec<(&'static str, u32)>)> {
+/// Nanoseconds per packet of the anti-spoofing check, by kind of packet.
+type PacketCosts = Vec<(&'static str, u32)>;
+
+fn datapath(count: usize) -> anyhow::Result<(Vec<(Phase, f64)>, PacketCosts)> {
     let reference = Reference::new()?;
     let (pair, _echo, to) = client_and_echo()?;
     let TwoNodes {
@@ -1104,11 +1107,7 @@ fn main() -> anyhow::Result<()> {
 /// The anti-spoofing check's own cost per packet, on node 1 of the fast-path cluster (agents
 /// running): the loaded program is run on crafted frames with `BPF_PROG_TEST_RUN`, a million
 /// times each, as if each had come in on the given interface.
-fn antispoof_cost(
-    cluster: &Cluster,
-    client: PodId,
-    server: PodId,
-) -> anyhow::Result<Vec<(&'static str, u32)>> {
+fn antispoof_cost(cluster: &Cluster, client: PodId, server: PodId) -> anyhow::Result<PacketCosts> {
     let node = cluster.node(cluster.pod(client).node);
     let (c, s) = (cluster.pod(client), cluster.pod(server));
     let client_mac = latch_tests::l2::mac(&c.netns_name, "eth0")?;
@@ -1121,7 +1120,7 @@ fn antispoof_cost(
             tcp4(bridge_mac, client_mac, c.ipv4, s.ipv4),
         ),
         (
-            "a packet from a pod on another node at the node's link (FIB lookup)",
+            "a packet from a pod on another node at the node's link (a veth here: FIB lookup)",
             "fab0".to_owned(),
             tcp4(client_mac, bridge_mac, s.ipv4, c.ipv4),
         ),
