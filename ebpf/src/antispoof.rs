@@ -73,6 +73,21 @@ const FIB_SUCCESS: i64 = 0;
 const FIB_NO_NEIGH: i64 = 7;
 const FIB_FRAG_NEEDED: i64 = 8;
 
+/// `T` at `offset` from the start of the frame: read in place when the linear part of the
+/// packet holds it (the usual case: headers are linear), else copied by `bpf_skb_load_bytes`,
+/// which also reads from fragments. `None` if the packet is shorter.
+#[inline(always)]
+fn read<T: Copy, const OFFSET: usize>(ctx: &TcContext) -> Option<T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + OFFSET + core::mem::size_of::<T>() <= end {
+        // SAFETY: within [data, data_end), which the verifier checks too.
+        Some(unsafe { core::ptr::read_unaligned((start + OFFSET) as *const T) })
+    } else {
+        ctx.load::<T>(OFFSET).ok()
+    }
+}
+
 #[classifier]
 pub fn latch_antispoof(ctx: TcContext) -> i32 {
     if allowed(&ctx) {
@@ -131,7 +146,7 @@ fn allowed(ctx: &TcContext) -> bool {
 /// A frame whose source MAC is an enrolled pod's passes only on that pod's own port.
 #[inline(always)]
 fn mac_allowed(ctx: &TcContext, ifindex: u32) -> bool {
-    let Ok(mac) = ctx.load::<[u8; 6]>(6) else {
+    let Some(mac) = read::<[u8; 6], 6>(ctx) else {
         return true;
     };
     match LATCH_MACS.get_ptr(MacKey::new(mac)) {
@@ -145,7 +160,7 @@ fn mac_allowed(ctx: &TcContext, ifindex: u32) -> bool {
 fn ipv4(ctx: &TcContext, at: &Ingress) -> bool {
     // Source and destination, bytes 12..20 of the header. A truncated header is left to the
     // stack, which drops it.
-    let Ok(addrs) = ctx.load::<[u8; 8]>(ETH_HLEN + 12) else {
+    let Some(addrs) = read::<[u8; 8], { ETH_HLEN + 12 }>(ctx) else {
         return true;
     };
     let src = IpKey::from_v4([addrs[0], addrs[1], addrs[2], addrs[3]]);
@@ -155,7 +170,7 @@ fn ipv4(ctx: &TcContext, at: &Ingress) -> bool {
 
 #[inline(always)]
 fn ipv6(ctx: &TcContext, at: &Ingress) -> bool {
-    let Ok(header) = ctx.load::<[u8; IPV6_HLEN]>(ETH_HLEN) else {
+    let Some(header) = read::<[u8; IPV6_HLEN], ETH_HLEN>(ctx) else {
         return true;
     };
     let src = v6_at(&header, 8);

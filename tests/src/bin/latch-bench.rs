@@ -1120,7 +1120,7 @@ fn antispoof_cost(cluster: &Cluster, client: PodId, server: PodId) -> anyhow::Re
             tcp4(bridge_mac, client_mac, c.ipv4, s.ipv4),
         ),
         (
-            "a packet from a pod on another node at the node's link (a veth here: FIB lookup)",
+            "a packet from a pod on another node at the node's link",
             "fab0".to_owned(),
             tcp4(client_mac, bridge_mac, s.ipv4, c.ipv4),
         ),
