@@ -280,8 +280,12 @@ fn address_of(message: &AddressMessage) -> Option<Address> {
     })
 }
 
-/// Route netlink multicast groups (`RTNLGRP_*`) that announce changes to links and addresses.
-const GROUPS: [u32; 3] = [1, 5, 9];
+/// Route netlink multicast groups that announce changes to links and addresses:
+/// `RTNLGRP_LINK`, `RTNLGRP_IPV4_IFADDR`, `RTNLGRP_IPV6_IFADDR` (`linux/rtnetlink.h`).
+const RTNLGRP_LINK: u32 = 1;
+const RTNLGRP_IPV4_IFADDR: u32 = 5;
+const RTNLGRP_IPV6_IFADDR: u32 = 9;
+const GROUPS: [u32; 3] = [RTNLGRP_LINK, RTNLGRP_IPV4_IFADDR, RTNLGRP_IPV6_IFADDR];
 
 /// A socket subscribed to link and address changes in the calling thread's namespace.
 pub struct Events {

@@ -161,19 +161,6 @@ impl AntiSpoofDatapath {
             .collect();
         sync(&mut self.macs, &wanted, map_names::MACS)
     }
-
-    /// What `LATCH_SOURCES` holds (for the debug API and tests).
-    pub fn sources(&self) -> Result<Vec<(IpAddr, SourceBinding)>, DatapathError> {
-        let entries = self
-            .sources
-            .iter()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| DatapathError::map("iterating", map_names::SOURCES, e))?;
-        Ok(entries
-            .into_iter()
-            .map(|(k, v)| (super::maps::ip_from_key(&k), v))
-            .collect())
-    }
 }
 
 /// Bring `map` to exactly `wanted`: stale keys removed, new and changed ones written.
