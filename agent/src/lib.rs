@@ -13,6 +13,7 @@
 //! run out.
 
 pub mod accept;
+pub mod antispoof;
 pub mod busy_poll;
 pub mod capture;
 pub mod config;

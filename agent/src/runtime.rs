@@ -25,6 +25,7 @@ use tokio::{
 };
 
 use crate::{
+    antispoof::{AntiSpoof, Enrolled},
     busy_poll,
     capture::{NetnsWorker, PodListeners, inbound, outbound, tunneled},
     config::{CertificateSource, Config, DataplaneMode, MtlsMode},
@@ -70,6 +71,7 @@ struct PreparedPod {
 struct Agent {
     config_path: PathBuf,
     datapath: Datapath,
+    antispoof: AntiSpoof,
     maps: SharedMaps,
     deliveries: Arc<DeliveryMap>,
     cache: VerdictCache,
@@ -235,6 +237,10 @@ async fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
         None => None,
     };
     let mut datapath = Datapath::install(settings(&config)).context("installing the datapath")?;
+    let (antispoof, antispoof_watch) =
+        AntiSpoof::start(datapath.antispoof()?, Enrolled::of(&config, &registry))
+            .context("starting anti-spoofing")?;
+    let _antispoof_watch = AbortOnDrop(antispoof_watch);
     let maps: SharedMaps = Arc::new(Mutex::new(datapath.maps()?));
     let deliveries = Arc::new(datapath.deliveries()?);
     let state = SharedState::new(Snapshot {
@@ -247,6 +253,7 @@ async fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
         config_path: config_path.to_owned(),
         cache: VerdictCache::new(maps.clone())?,
         datapath,
+        antispoof,
         maps,
         deliveries,
         state,
@@ -505,6 +512,12 @@ impl Agent {
                 attached_to: format!("netns {} ({})", w.netns.display(), w.id),
             }));
         }
+        programs.push(ProgramStatus {
+            name: latch_common::program_names::ANTISPOOF.to_owned(),
+            id: self.antispoof.program_id(),
+            attached_to: "every Ethernet interface of the node's network namespace (TCX ingress)"
+                .to_owned(),
+        });
         self.published.set_programs(programs);
     }
 
@@ -583,6 +596,9 @@ impl Agent {
             }
         }
 
+        // Pods' addresses are bound to their interfaces before their endpoints are written.
+        self.antispoof
+            .set(Enrolled::of(&snapshot.config, &snapshot.registry))?;
         {
             let mut maps = lock(&self.maps);
             for (cgroup_id, _) in maps.workloads()? {

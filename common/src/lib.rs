@@ -35,8 +35,17 @@ pub mod map_names {
     /// [`crate::DeliveryKey`] → `u8`: connections the agent delivers to a pod's application
     /// from the client's own address, while they live; the inbound check lets them through (LRU).
     pub const DELIVERIES: &str = "LATCH_DELIVERIES";
+    /// [`crate::IpKey`] → [`crate::SourceBinding`]: each address of an enrolled local pod, bound
+    /// to the node-side interface its packets must come in through (anti-spoofing).
+    pub const SOURCES: &str = "LATCH_SOURCES";
+    /// ifindex → [`crate::InterfaceInfo`]: interfaces of the node that are veths to another
+    /// namespace, an enrolled pod's host side, or a port of a bridge (anti-spoofing).
+    pub const INTERFACES: &str = "LATCH_INTERFACES";
+    /// [`crate::MacKey`] → ifindex: each enrolled local pod's MAC address, bound to its host-side
+    /// interface, so that no other bridge port can claim it (anti-spoofing).
+    pub const MACS: &str = "LATCH_MACS";
 
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 12] = [
         WORKLOADS,
         ENDPOINTS,
         VERDICTS,
@@ -46,6 +55,9 @@ pub mod map_names {
         CONFIG,
         COUNTERS,
         DELIVERIES,
+        SOURCES,
+        INTERFACES,
+        MACS,
     ];
 }
 
@@ -57,14 +69,17 @@ pub mod program_names {
     pub const GETPEERNAME6: &str = "latch_getpeername6";
     pub const SOCK_OPS: &str = "latch_sock_ops";
     pub const INBOUND: &str = "latch_inbound";
+    /// The anti-spoofing check at the ingress (TCX) of every interface of the node.
+    pub const ANTISPOOF: &str = "latch_antispoof";
 
-    pub const ALL: [&str; 6] = [
+    pub const ALL: [&str; 7] = [
         CONNECT4,
         CONNECT6,
         GETPEERNAME4,
         GETPEERNAME6,
         SOCK_OPS,
         INBOUND,
+        ANTISPOOF,
     ];
 }
 
@@ -83,6 +98,12 @@ pub const MAX_INBOUND_LISTENERS: u32 = 1 << 12;
 /// answered, so evicting a live connection's is harmless, and one the agent died before
 /// withdrawing ages out.
 pub const MAX_DELIVERIES: u32 = 1 << 14;
+/// Addresses of enrolled local pods (each pod has a few).
+pub const MAX_SOURCES: u32 = 1 << 16;
+/// Interfaces of the node that are a pod's host side or a bridge port.
+pub const MAX_INTERFACES: u32 = 1 << 16;
+/// MAC addresses of enrolled local pods.
+pub const MAX_MACS: u32 = 1 << 16;
 /// Depth of cgroup ancestors the connect programs walk to find an enrolled workload (a pod cgroup
 /// with container cgroups below it).
 pub const MAX_CGROUP_DEPTH: u32 = 8;
@@ -153,6 +174,24 @@ impl IpKey {
             i += 1;
         }
         a[15] == 1
+    }
+
+    /// `fe80::/10`, an IPv6 link-local address.
+    pub const fn is_v6_link_local(&self) -> bool {
+        self.addr[0] == 0xfe && (self.addr[1] & 0xc0) == 0x80
+    }
+
+    /// `::`, the IPv6 unspecified address (a mapped `0.0.0.0` is not).
+    pub const fn is_v6_unspecified(&self) -> bool {
+        let a = &self.addr;
+        let mut i = 0;
+        while i < 16 {
+            if a[i] != 0 {
+                return false;
+            }
+            i += 1;
+        }
+        true
     }
 
     /// Whether this is an IPv4-mapped address.
@@ -275,6 +314,56 @@ pub const DELIVERY_TABLE: u32 = 0x4c54;
 /// Preference of the rule: after `local` (0), before `main` (32766).
 pub const DELIVERY_RULE_PRIORITY: u32 = 32700;
 
+/// Where packets from one address of an enrolled local pod may come in (anti-spoofing): the
+/// pod's host-side interface, and the bridge that interface is a port of, if any (frames bridged
+/// up to the node are seen again at the bridge's own ingress). An `ifindex` of 0 binds the
+/// address to no interface at all: the agent could not find the pod's host side, and nothing
+/// may use the address (fail closed).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SourceBinding {
+    pub ifindex: u32,
+    /// 0 when the host-side interface has no master.
+    pub master: u32,
+}
+
+/// An interface of the node the anti-spoofing check needs to know about.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct InterfaceInfo {
+    /// `INTERFACE_*` flags.
+    pub flags: u32,
+    /// The interface's master (bridge, bond), 0 if none: a route that leaves through the
+    /// master counts as leaving through this interface in the reverse-path check.
+    pub master: u32,
+}
+
+/// The interface is the host side of an enrolled local pod: every packet it brings in must carry
+/// one of that pod's addresses (or a link-local or unspecified one, for neighbour discovery).
+pub const INTERFACE_POD: u32 = 1;
+/// The interface is a port of a bridge: frames from it must not carry an enrolled pod's MAC
+/// address unless it is that pod's own port.
+pub const INTERFACE_BRIDGE_PORT: u32 = 2;
+/// The interface is a veth whose peer is in another network namespace: all a pod can send
+/// through to the node, so a remote mesh endpoint's address coming in on it must pass the
+/// reverse-path check. The node's other interfaces (NICs, bonds, VXLAN) link it to the other
+/// nodes, where the network is trusted, and skip it.
+pub const INTERFACE_VETH: u32 = 4;
+
+/// A MAC address as a map key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct MacKey {
+    pub addr: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+impl MacKey {
+    pub const fn new(addr: [u8; 6]) -> Self {
+        Self { addr, _pad: [0; 2] }
+    }
+}
+
 /// Address families as the kernel numbers them.
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
@@ -339,16 +428,20 @@ pub enum Counter {
     InboundSteered = 4,
     /// Inbound connection that had to be steered but no listener was there: reset.
     InboundRejected = 5,
+    /// Packet dropped at an interface of the node by the anti-spoofing check: a source (or ARP
+    /// sender, or neighbour-advertisement target) address, or a MAC address, it may not use.
+    SpoofDropped = 6,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 6] = [
+    pub const ALL: [Counter; 7] = [
         Counter::FastpathAllowed,
         Counter::Redirected,
         Counter::CachedDeny,
         Counter::InboundAdmitted,
         Counter::InboundSteered,
         Counter::InboundRejected,
+        Counter::SpoofDropped,
     ];
 
     /// Stable snake_case name, used in the debug API and metrics.
@@ -360,11 +453,12 @@ impl Counter {
             Counter::InboundAdmitted => "inbound_admitted",
             Counter::InboundSteered => "inbound_steered",
             Counter::InboundRejected => "inbound_rejected",
+            Counter::SpoofDropped => "spoof_dropped",
         }
     }
 }
 
-pub const COUNTER_SLOTS: u32 = 6;
+pub const COUNTER_SLOTS: u32 = 7;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -379,6 +473,9 @@ mod pod {
     unsafe impl aya::Pod for super::RedirectKey {}
     unsafe impl aya::Pod for super::DatapathConfig {}
     unsafe impl aya::Pod for super::DeliveryKey {}
+    unsafe impl aya::Pod for super::SourceBinding {}
+    unsafe impl aya::Pod for super::InterfaceInfo {}
+    unsafe impl aya::Pod for super::MacKey {}
 }
 
 #[cfg(test)]
@@ -396,6 +493,9 @@ mod tests {
         assert_eq!(size_of::<OrigDst>(), 24);
         assert_eq!(size_of::<RedirectKey>(), 16);
         assert_eq!(size_of::<DatapathConfig>(), 16);
+        assert_eq!(size_of::<SourceBinding>(), 8);
+        assert_eq!(size_of::<InterfaceInfo>(), 8);
+        assert_eq!(size_of::<MacKey>(), 8);
     }
 
     #[test]
@@ -410,6 +510,20 @@ mod tests {
         assert!(IpKey::from_v6(one).is_loopback());
         assert!(!k.is_loopback());
         assert_eq!(IpKey::from_words(k.to_words()), k);
+    }
+
+    #[test]
+    fn link_local_and_unspecified() {
+        let mut ll = [0u8; 16];
+        ll[0] = 0xfe;
+        ll[1] = 0x80;
+        ll[15] = 7;
+        assert!(IpKey::from_v6(ll).is_v6_link_local());
+        ll[1] = 0xc0; // fec0::/10, site-local, is not link-local
+        assert!(!IpKey::from_v6(ll).is_v6_link_local());
+        assert!(IpKey::from_v6([0; 16]).is_v6_unspecified());
+        assert!(!IpKey::from_v4([0, 0, 0, 0]).is_v6_unspecified());
+        assert!(!IpKey::from_v4([10, 244, 1, 2]).is_v6_link_local());
     }
 
     #[test]

@@ -6,12 +6,16 @@
 //! - [`sock_ops`]: records how the agent finds a redirected connection, and forgets it on close.
 //! - [`inbound`]: `sk_lookup` on each enrolled pod's netns: admit by cached verdict or steer to the
 //!   agent's inbound listener.
+//! - [`antispoof`]: TC ingress on every Ethernet interface of the node: no pod sends with an
+//!   address (or MAC) that is not its own.
 //!
 //! Maps and their layouts come from `latch-common`; nothing here defines ABI of its own.
 //! On the host this crate builds to an empty binary so that workspace-wide tools still work.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
+#[cfg(target_arch = "bpf")]
+mod antispoof;
 #[cfg(target_arch = "bpf")]
 mod connect;
 #[cfg(target_arch = "bpf")]

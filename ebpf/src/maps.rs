@@ -8,9 +8,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
 };
 use latch_common::{
-    COUNTER_SLOTS, DatapathConfig, DeliveryKey, EndpointInfo, IpKey, MAX_DELIVERIES, MAX_ENDPOINTS,
-    MAX_INBOUND_LISTENERS, MAX_REDIRECTS, MAX_VERDICTS, MAX_WORKLOADS, OrigDst, RedirectKey,
-    VerdictKey, VerdictValue, WorkloadInfo,
+    COUNTER_SLOTS, DatapathConfig, DeliveryKey, EndpointInfo, InterfaceInfo, IpKey, MAX_DELIVERIES,
+    MAX_ENDPOINTS, MAX_INBOUND_LISTENERS, MAX_INTERFACES, MAX_MACS, MAX_REDIRECTS, MAX_SOURCES,
+    MAX_VERDICTS, MAX_WORKLOADS, MacKey, OrigDst, RedirectKey, SourceBinding, VerdictKey,
+    VerdictValue, WorkloadInfo,
 };
 
 #[map]
@@ -40,3 +41,12 @@ pub static LATCH_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS,
 
 #[map]
 pub static LATCH_DELIVERIES: LruHashMap<DeliveryKey, u8> = LruHashMap::pinned(MAX_DELIVERIES, 0);
+
+#[map]
+pub static LATCH_SOURCES: HashMap<IpKey, SourceBinding> = HashMap::pinned(MAX_SOURCES, 0);
+
+#[map]
+pub static LATCH_INTERFACES: HashMap<u32, InterfaceInfo> = HashMap::pinned(MAX_INTERFACES, 0);
+
+#[map]
+pub static LATCH_MACS: HashMap<MacKey, u32> = HashMap::pinned(MAX_MACS, 0);

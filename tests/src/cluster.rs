@@ -3,8 +3,9 @@
 //!
 //! Addresses (every test uses the same ones; namespaces keep tests apart):
 //! - node `i` (from 1): `10.244.0.i/24`, `fd00:10:244::i/64`, on a bridge in a "fabric" netns;
-//! - pod `j` (from 0) on node `i`: `10.244.i.(j+2)/24`, `fd00:10:244:i::(j+2)/64`, on the node's
-//!   bridge whose gateway is `.1`.
+//! - pod `j` (from 0) on node `i`: `10.244.i.(j+2)`, `fd00:10:244:i::(j+2)`, reached in one of
+//!   two ways ([`Topology`]): on the node's bridge (`/24`, `/64`, gateway `.1`), or routed, each
+//!   pod on a veth of its own with `/32` and `/128` routes on the node and no bridge.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -26,6 +27,18 @@ pub struct NodeId(pub usize);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PodId(pub usize);
+
+/// How a node connects its pods.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Topology {
+    /// Every pod's veth is a port of the node's bridge `br0` (`10.244.i.1/24`,
+    /// `fd00:10:244:i::1/64`): the pods share one link, as with the bridge CNI plugin.
+    Bridged,
+    /// No bridge: every pod has a veth of its own to the node, which routes to it with a `/32`
+    /// and a `/128` route (as Calico does). Each host-side veth holds `10.244.i.1/32` and
+    /// `fe80::1/64`, the pod's gateways.
+    Routed,
+}
 
 /// How a pod relates to the mesh.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,6 +84,8 @@ pub struct Pod {
     pub spec: PodSpec,
     pub node: NodeId,
     pub netns_name: String,
+    /// The pod's veth on the node's side (in the node's netns); the pod's own is `eth0`.
+    pub host_if: String,
     pub cgroup: PathBuf,
     pub ipv4: Ipv4Addr,
     pub ipv6: Ipv6Addr,
@@ -103,6 +118,7 @@ impl Pod {
 
 pub struct Node {
     pub index: usize,
+    pub topology: Topology,
     pub netns_name: String,
     pub cgroup_root: PathBuf,
     pub pin_dir: PathBuf,
@@ -204,9 +220,18 @@ impl Cluster {
     /// The topology most tests use: two nodes, `client` on node 1 and `server` on node 2, no
     /// agents yet.
     pub fn two_nodes(client: PodSpec, server: PodSpec) -> anyhow::Result<TwoNodes> {
+        Self::two_nodes_in(Topology::Bridged, client, server)
+    }
+
+    /// [`Cluster::two_nodes`] with both nodes connecting their pods as `topology` says.
+    pub fn two_nodes_in(
+        topology: Topology,
+        client: PodSpec,
+        server: PodSpec,
+    ) -> anyhow::Result<TwoNodes> {
         let mut cluster = Cluster::new()?;
-        let n1 = cluster.add_node()?;
-        let n2 = cluster.add_node()?;
+        let n1 = cluster.add_node_with(topology)?;
+        let n2 = cluster.add_node_with(topology)?;
         let client = cluster.add_pod(n1, client)?;
         let server = cluster.add_pod(n2, server)?;
         Ok(TwoNodes {
@@ -220,14 +245,26 @@ impl Cluster {
 
     /// [`Cluster::two_nodes`] with `prod/frontend` on node 1 and `prod/payment` on node 2.
     pub fn frontend_payment() -> anyhow::Result<TwoNodes> {
-        Self::two_nodes(
+        Self::frontend_payment_in(Topology::Bridged)
+    }
+
+    /// [`Cluster::frontend_payment`] on nodes of the given topology.
+    pub fn frontend_payment_in(topology: Topology) -> anyhow::Result<TwoNodes> {
+        Self::two_nodes_in(
+            topology,
             PodSpec::mesh("frontend", "prod", "frontend"),
             PodSpec::mesh("payment", "prod", "payment"),
         )
     }
 
-    /// Add a node (no agent yet) connected to every other node.
+    /// Add a node with a bridge for its pods (no agent yet) connected to every other node.
     pub fn add_node(&mut self) -> anyhow::Result<NodeId> {
+        self.add_node_with(Topology::Bridged)
+    }
+
+    /// Add a node (no agent yet) connected to every other node, connecting its pods as
+    /// `topology` says.
+    pub fn add_node_with(&mut self, topology: Topology) -> anyhow::Result<NodeId> {
         let index = self.nodes.len() + 1;
         let name = format!("{}-n{index}", self.prefix);
         self.make_netns(&name)?;
@@ -273,34 +310,36 @@ impl Cluster {
             ],
         )?;
         netns::ip(ns, &["link", "set", "fab0", "up"])?;
-        netns::ip(
-            ns,
-            &[
-                "link",
-                "add",
-                "br0",
-                "type",
-                "bridge",
-                "mcast_snooping",
-                "0",
-            ],
-        )?;
-        netns::ip(
-            ns,
-            &["addr", "add", &format!("10.244.{index}.1/24"), "dev", "br0"],
-        )?;
-        netns::ip(
-            ns,
-            &[
-                "addr",
-                "add",
-                &format!("fd00:10:244:{index}::1/64"),
-                "dev",
-                "br0",
-                "nodad",
-            ],
-        )?;
-        netns::ip(ns, &["link", "set", "br0", "up"])?;
+        if topology == Topology::Bridged {
+            netns::ip(
+                ns,
+                &[
+                    "link",
+                    "add",
+                    "br0",
+                    "type",
+                    "bridge",
+                    "mcast_snooping",
+                    "0",
+                ],
+            )?;
+            netns::ip(
+                ns,
+                &["addr", "add", &format!("10.244.{index}.1/24"), "dev", "br0"],
+            )?;
+            netns::ip(
+                ns,
+                &[
+                    "addr",
+                    "add",
+                    &format!("fd00:10:244:{index}::1/64"),
+                    "dev",
+                    "br0",
+                    "nodad",
+                ],
+            )?;
+            netns::ip(ns, &["link", "set", "br0", "up"])?;
+        }
         let path = netns::path(ns);
         netns::sysctl(&path, "net/ipv4/ip_forward", "1")?;
         netns::sysctl(&path, "net/ipv6/conf/all/forwarding", "1")?;
@@ -357,6 +396,7 @@ impl Cluster {
         std::fs::create_dir_all(&dir)?;
         self.nodes.push(Node {
             index,
+            topology,
             netns_name: name,
             cgroup_root,
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/{}-n{index}", self.prefix)),
@@ -373,6 +413,7 @@ impl Cluster {
         let index = n.index;
         let slot = n.pods.len() + 2;
         let node_ns = n.netns_name.clone();
+        let topology = n.topology;
         let cgroup = n.cgroup_root.join(&spec.name);
         let name = format!("{}-n{index}-{}", self.prefix, spec.name);
         self.make_netns(&name)?;
@@ -383,39 +424,15 @@ impl Cluster {
                 "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &name,
             ],
         )?;
-        netns::ip(&node_ns, &["link", "set", &host_if, "master", "br0", "up"])?;
         let ipv4 = Ipv4Addr::new(10, 244, index as u8, slot as u8);
         let ipv6: Ipv6Addr = format!("fd00:10:244:{index}::{slot:x}").parse()?;
-        netns::ip(
-            &name,
-            &["addr", "add", &format!("{ipv4}/24"), "dev", "eth0"],
-        )?;
-        netns::ip(
-            &name,
-            &["addr", "add", &format!("{ipv6}/64"), "dev", "eth0", "nodad"],
-        )?;
-        netns::ip(&name, &["link", "set", "eth0", "up"])?;
-        netns::ip(
-            &name,
-            &[
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("10.244.{index}.1"),
-            ],
-        )?;
-        netns::ip(
-            &name,
-            &[
-                "-6",
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("fd00:10:244:{index}::1"),
-            ],
-        )?;
+        match topology {
+            Topology::Bridged => {
+                netns::ip(&node_ns, &["link", "set", &host_if, "master", "br0", "up"])?;
+                connect_bridged_pod(&name, index, ipv4, ipv6)?;
+            }
+            Topology::Routed => connect_routed_pod(&node_ns, &host_if, &name, index, ipv4, ipv6)?,
+        }
         std::fs::create_dir_all(&cgroup)
             .with_context(|| format!("creating {}", cgroup.display()))?;
         let id = PodId(self.pods.len());
@@ -423,6 +440,7 @@ impl Cluster {
             spec,
             node,
             netns_name: name,
+            host_if,
             cgroup,
             ipv4,
             ipv6,
@@ -694,6 +712,105 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         self.teardown();
     }
+}
+
+/// A pod on its node's bridge: `/24` and `/64` on the shared link, the bridge as its gateway.
+fn connect_bridged_pod(
+    pod_ns: &str,
+    node: usize,
+    ipv4: Ipv4Addr,
+    ipv6: Ipv6Addr,
+) -> anyhow::Result<()> {
+    netns::ip(
+        pod_ns,
+        &["addr", "add", &format!("{ipv4}/24"), "dev", "eth0"],
+    )?;
+    netns::ip(
+        pod_ns,
+        &["addr", "add", &format!("{ipv6}/64"), "dev", "eth0", "nodad"],
+    )?;
+    netns::ip(pod_ns, &["link", "set", "eth0", "up"])?;
+    netns::ip(
+        pod_ns,
+        &[
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("10.244.{node}.1"),
+        ],
+    )?;
+    netns::ip(
+        pod_ns,
+        &[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("fd00:10:244:{node}::1"),
+        ],
+    )
+}
+
+/// A routed pod: `/32` and `/128` on its own veth; the node's side holds the gateways
+/// (`10.244.i.1/32`, `fe80::1`) and routes the pod's addresses to it.
+fn connect_routed_pod(
+    node_ns: &str,
+    host_if: &str,
+    pod_ns: &str,
+    node: usize,
+    ipv4: Ipv4Addr,
+    ipv6: Ipv6Addr,
+) -> anyhow::Result<()> {
+    let gateway4 = format!("10.244.{node}.1");
+    netns::ip(
+        node_ns,
+        &["addr", "add", &format!("{gateway4}/32"), "dev", host_if],
+    )?;
+    netns::ip(
+        node_ns,
+        &["addr", "add", "fe80::1/64", "dev", host_if, "nodad"],
+    )?;
+    netns::ip(node_ns, &["link", "set", host_if, "up"])?;
+    netns::ip(
+        pod_ns,
+        &["addr", "add", &format!("{ipv4}/32"), "dev", "eth0"],
+    )?;
+    netns::ip(
+        pod_ns,
+        &[
+            "addr",
+            "add",
+            &format!("{ipv6}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    )?;
+    netns::ip(pod_ns, &["link", "set", "eth0", "up"])?;
+    netns::ip(
+        pod_ns,
+        &["route", "add", &gateway4, "dev", "eth0", "scope", "link"],
+    )?;
+    netns::ip(
+        pod_ns,
+        &["route", "add", "default", "via", &gateway4, "dev", "eth0"],
+    )?;
+    netns::ip(
+        pod_ns,
+        &[
+            "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
+        ],
+    )?;
+    netns::ip(
+        node_ns,
+        &["route", "add", &format!("{ipv4}/32"), "dev", host_if],
+    )?;
+    netns::ip(
+        node_ns,
+        &["-6", "route", "add", &format!("{ipv6}/128"), "dev", host_if],
+    )
 }
 
 fn kill_cgroup_tree(cgroup: &Path) {

@@ -11,6 +11,8 @@
 //! - [`server`]: echo servers inside pods that record who connected.
 //! - [`sniffer`]: packet captures on the links between nodes.
 //! - [`hbone`]: a `CONNECT` of the test's choosing through a real tunnel.
+//! - [`l2`]: raw frames sent from inside a pod (gratuitous ARP, neighbour advertisements, a
+//!   chosen source MAC) and what a namespace's neighbour table and bridge learned.
 //! - [`nginx`]: an nginx mTLS stream-proxy pair, the benchmarks' point of comparison.
 //! - [`policy_bench`]: decision cost and revocation time of the agent's policy code.
 
@@ -18,6 +20,7 @@ pub mod agent;
 pub mod cluster;
 pub mod env;
 pub mod hbone;
+pub mod l2;
 pub mod netns;
 pub mod nginx;
 pub mod policy_bench;
@@ -26,6 +29,8 @@ pub mod server;
 pub mod sniffer;
 
 pub use agent::{Agent, AgentOptions};
-pub use cluster::{Cluster, NodeId, OpenPipe, PodId, PodKind, PodSpec, TwoNodes, eventually};
+pub use cluster::{
+    Cluster, NodeId, OpenPipe, PodId, PodKind, PodSpec, Topology, TwoNodes, eventually,
+};
 pub use probe::ProbeResult;
 pub use server::EchoServer;

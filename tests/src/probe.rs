@@ -1,7 +1,12 @@
 //! Connecting from inside a pod: runs `latch-probe connect` in the pod's netns (and cgroup) and
 //! parses the one JSON line it prints.
 
-use std::{net::SocketAddr, path::Path, process::Command};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    process::Command,
+    time::Duration,
+};
 
 use anyhow::{Context as _, bail};
 use serde::Deserialize;
@@ -42,8 +47,38 @@ pub fn connect(
     to: SocketAddr,
     send: Option<&str>,
 ) -> anyhow::Result<ProbeResult> {
+    run(netns, cgroup, &["--to", &to.to_string()], send)
+}
+
+/// One connection from the address `from` (which the namespace must hold), giving up after
+/// `timeout` (a connection that is never answered fails then).
+pub fn connect_from(
+    netns: &Path,
+    cgroup: Option<&Path>,
+    from: IpAddr,
+    to: SocketAddr,
+    timeout: Duration,
+) -> anyhow::Result<ProbeResult> {
+    let timeout = timeout.as_millis().to_string();
+    let args = [
+        "--to",
+        &to.to_string(),
+        "--from",
+        &from.to_string(),
+        "--timeout-ms",
+        &timeout,
+    ];
+    run(netns, cgroup, &args, Some("spoofed"))
+}
+
+fn run(
+    netns: &Path,
+    cgroup: Option<&Path>,
+    args: &[&str],
+    send: Option<&str>,
+) -> anyhow::Result<ProbeResult> {
     let mut cmd = Command::new(env::probe_bin()?);
-    cmd.args(["connect", "--to", &to.to_string()]);
+    cmd.arg("connect").args(args);
     if let Some(text) = send {
         cmd.args(["--send", text]);
     }

@@ -131,9 +131,12 @@ pub fn kernel() -> anyhow::Result<()> {
     let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
     report(
         &mut missing,
-        (major, minor) >= (5, 15),
-        &format!("kernel {} (5.15 or newer)", release.trim()),
-        "use a Linux 5.15+ kernel",
+        (major, minor) >= (6, 6),
+        &format!(
+            "kernel {} (6.6 or newer: TCX links, for anti-spoofing)",
+            release.trim()
+        ),
+        "use a Linux 6.6+ kernel",
     );
     report(
         &mut missing,

@@ -6,6 +6,7 @@
 //! by pointing it at the freshly loaded program (`BPF_LINK_UPDATE`, atomic, never a second
 //! attachment); only when there is none is a new link created and pinned. The inbound check is
 //! attached the same way to each enrolled pod's netns, pinned under `links/inbound/<workload>`.
+//! The anti-spoofing program is loaded here and attached per interface by [`super::antispoof`].
 
 use std::{
     fs::{self, File},
@@ -15,12 +16,14 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps, links::FdLink},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, SkLookup, SockOps, links::FdLink,
+    },
 };
 use latch_common::{DatapathConfig, map_names, program_names};
 
 use super::{
-    DatapathError, DeliveryMap, EBPF_OBJECT, KernelMaps,
+    AntiSpoofDatapath, DatapathError, DeliveryMap, EBPF_OBJECT, KernelMaps, antispoof,
     syscall::{self, AttachType},
     system,
 };
@@ -122,6 +125,7 @@ impl Datapath {
             maps_dir(&settings.pin_dir),
             links_dir(&settings.pin_dir),
             inbound_dir(&settings.pin_dir),
+            antispoof::links_dir(&settings.pin_dir),
         ] {
             create_dir(&dir)?;
         }
@@ -170,6 +174,9 @@ impl Datapath {
         inbound
             .load()
             .map_err(|e| DatapathError::program("loading", program_names::INBOUND, e))?;
+        antispoof_program(&mut ebpf)?
+            .load()
+            .map_err(|e| DatapathError::program("loading", program_names::ANTISPOOF, e))?;
 
         let mut datapath = Self {
             ebpf,
@@ -186,6 +193,20 @@ impl Datapath {
         };
         datapath.maps()?.set_config(config)?;
         Ok(datapath)
+    }
+
+    /// The anti-spoofing program (loaded, attached to no interface yet), its link pins and its
+    /// maps, on a handle of their own.
+    pub fn antispoof(&mut self) -> Result<AntiSpoofDatapath, DatapathError> {
+        let name = program_names::ANTISPOOF;
+        let program = antispoof_program(&mut self.ebpf)?;
+        let fd = program
+            .fd()
+            .map_err(|e| DatapathError::program("fd of", name, e))?
+            .try_clone()
+            .map_err(|e| DatapathError::io("duplicating the fd of", name, e))?;
+        let id = program_id(program.info(), name)?;
+        AntiSpoofDatapath::new(fd, id, &self.settings.pin_dir)
     }
 
     /// Typed handles on the pinned maps.
@@ -275,6 +296,17 @@ impl Datapath {
     }
 }
 
+fn antispoof_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, DatapathError> {
+    let name = program_names::ANTISPOOF;
+    ebpf.program_mut(name)
+        .ok_or(DatapathError::Missing {
+            kind: "program",
+            name,
+        })?
+        .try_into()
+        .map_err(|e| DatapathError::program("typing", name, e))
+}
+
 /// The pin name the inbound link of `workload` uses (for comparing with
 /// [`Datapath::inbound_attachments`]).
 pub fn inbound_link_name(workload: &str) -> String {
@@ -320,7 +352,12 @@ pub fn uninstall(pin_dir: &Path) -> Result<(), DatapathError> {
     if !pin_dir.exists() {
         return Ok(());
     }
-    for dir in [inbound_dir(pin_dir), links_dir(pin_dir), maps_dir(pin_dir)] {
+    for dir in [
+        antispoof::links_dir(pin_dir),
+        inbound_dir(pin_dir),
+        links_dir(pin_dir),
+        maps_dir(pin_dir),
+    ] {
         remove_pins(&dir)?;
     }
     fs::remove_dir(pin_dir)
@@ -351,7 +388,7 @@ fn remove_pins(dir: &Path) -> Result<(), DatapathError> {
 
 /// Detach a pinned link synchronously (a stale one may already be detached), then remove the
 /// pin. For a pinned map, only the pin is removed.
-fn detach_and_unpin(path: &Path) -> Result<(), DatapathError> {
+pub(super) fn detach_and_unpin(path: &Path) -> Result<(), DatapathError> {
     if let Ok(fd) = syscall::obj_get(path) {
         // EINVAL: not a link (a map pin) or already detached; either way nothing to do.
         let _ = syscall::link_detach(&fd);
@@ -385,4 +422,14 @@ pub fn programs_on_netns(netns: &Path) -> Result<Vec<u32>, DatapathError> {
     let file = File::open(netns).map_err(|e| DatapathError::io("opening netns", netns, e))?;
     syscall::attached_program_ids(&file, AttachType::SkLookup)
         .map_err(|e| DatapathError::io("querying programs on", netns, e))
+}
+
+/// Ids of the programs at the TCX ingress of interface `ifindex` of the calling thread's
+/// network namespace (the anti-spoofing check, and whatever else is there).
+pub fn programs_on_interface(ifindex: u32) -> Result<Vec<u32>, DatapathError> {
+    syscall::tcx_ingress_program_ids(ifindex).map_err(|source| DatapathError::Interface {
+        what: "querying the TCX programs of",
+        ifindex,
+        source,
+    })
 }

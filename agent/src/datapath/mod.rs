@@ -7,19 +7,23 @@
 //! - [`maps`]: typed access to the pinned maps (workloads, endpoints, verdicts, redirects, inbound
 //!   listeners, config, counters).
 //! - [`deliveries`]: the announced deliveries, on a handle of their own.
-//! - [`syscall`]: the two BPF commands aya 0.14 does not expose (`BPF_PROG_QUERY` on a cgroup or
-//!   netns, `BPF_LINK_UPDATE` of a pinned link).
+//! - [`antispoof`]: the anti-spoofing check's links (one per interface of the node) and maps.
+//! - [`syscall`]: the BPF commands aya 0.14 does not expose (`BPF_PROG_QUERY` on a cgroup or
+//!   netns, `BPF_LINK_UPDATE` of a pinned link, a TCX link by interface index, ...).
 //!
 //! Pin layout under `bpfPinDir`: `maps/<MAP_NAME>`, `links/<program>` for the programs on
-//! `cgroupRoot`, and `links/inbound/<workload>` for the inbound check of each pod netns. Pins
+//! `cgroupRoot`, `links/inbound/<workload>` for the inbound check of each pod netns, and
+//! `links/antispoof/<ifindex>` for the anti-spoofing check of each interface of the node. Pins
 //! outlive the agent: enforcement continues through a restart, and the next agent adopts them.
 
+pub mod antispoof;
 pub mod deliveries;
 pub mod install;
 pub mod maps;
 pub mod syscall;
 pub mod system;
 
+pub use antispoof::AntiSpoofDatapath;
 pub use deliveries::DeliveryMap;
 pub use install::{Datapath, DatapathSettings, uninstall};
 pub use maps::{KernelMaps, Verdict};
@@ -66,6 +70,13 @@ pub enum DatapathError {
         what: &'static str,
         path: PathBuf,
         detail: String,
+    },
+    #[error("{what} interface {ifindex}: {source}")]
+    Interface {
+        what: &'static str,
+        ifindex: u32,
+        #[source]
+        source: std::io::Error,
     },
     #[error("{0}")]
     System(String),

@@ -3,7 +3,11 @@
 //! place (`BPF_LINK_UPDATE`, so a restarted agent never attaches twice), detaching a link at once
 //! whoever still holds it (`BPF_LINK_DETACH`), opening a pinned object (`BPF_OBJ_GET`), and
 //! reading or removing many map entries per syscall (`BPF_MAP_LOOKUP_BATCH`,
-//! `BPF_MAP_DELETE_BATCH`), which revocation of large caches needs.
+//! `BPF_MAP_DELETE_BATCH`), which revocation of large caches needs; and, for the anti-spoofing
+//! check, attaching a TCX link by interface index at the head of the chain (`BPF_LINK_CREATE`:
+//! aya 0.14 attaches by interface *name*, which a rename can turn into another interface, and
+//! only at the tail), pinning it (`BPF_OBJ_PIN`) and reading which interface a pinned link is on
+//! (`BPF_OBJ_GET_INFO_BY_FD`).
 
 use std::os::fd::{AsFd, AsRawFd};
 
@@ -21,6 +25,7 @@ pub enum AttachType {
     Getpeername4 = 29,
     Getpeername6 = 30,
     SkLookup = 36,
+    TcxIngress = 46,
 }
 
 #[repr(C)]
@@ -70,9 +75,20 @@ pub fn attached_program_ids(
     target: &impl AsFd,
     attach_type: AttachType,
 ) -> std::io::Result<Vec<u32>> {
+    query_programs(target.as_fd().as_raw_fd() as u32, attach_type)
+}
+
+/// Ids of the programs attached at the TCX ingress of interface `ifindex` of the calling
+/// thread's network namespace.
+pub fn tcx_ingress_program_ids(ifindex: u32) -> std::io::Result<Vec<u32>> {
+    query_programs(ifindex, AttachType::TcxIngress)
+}
+
+/// `target` is an fd, or an interface index for the TCX hooks (the same field of `bpf_attr`).
+fn query_programs(target: u32, attach_type: AttachType) -> std::io::Result<Vec<u32>> {
     let mut ids = vec![0u32; 64];
     let mut attr = QueryAttr {
-        target_fd: target.as_fd().as_raw_fd() as u32,
+        target_fd: target,
         attach_type: attach_type as u32,
         prog_ids: ids.as_mut_ptr() as u64,
         prog_cnt: ids.len() as u32,
@@ -263,4 +279,102 @@ fn delete_batches<K: Copy>(map: &impl AsFd, keys: &[K]) -> std::io::Result<usize
         }
     }
     Ok(removed)
+}
+
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_CREATE: libc::c_long = 28;
+/// `BPF_TCX_INGRESS` of `enum bpf_attach_type`.
+const BPF_TCX_INGRESS: u32 = AttachType::TcxIngress as u32;
+/// With no relative program or link: insert at the head of the interface's TCX chain.
+const BPF_F_BEFORE: u32 = 1 << 3;
+/// `BPF_LINK_TYPE_TCX` of `enum bpf_link_type`.
+const BPF_LINK_TYPE_TCX: u32 = 11;
+
+/// `bpf_attr` for `BPF_LINK_CREATE` with the `tcx` member of its union.
+#[repr(C)]
+#[derive(Default)]
+struct TcxLinkCreateAttr {
+    prog_fd: u32,
+    target_ifindex: u32,
+    attach_type: u32,
+    flags: u32,
+    relative_fd: u32,
+    _pad: u32,
+    expected_revision: u64,
+}
+
+/// Attach `prog` (a `sched_cls` program) at the ingress of interface `ifindex` of the calling
+/// thread's network namespace, first in the chain, and return the link.
+pub fn tcx_attach_ingress_first(
+    prog: &impl AsFd,
+    ifindex: u32,
+) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let mut attr = TcxLinkCreateAttr {
+        prog_fd: prog.as_fd().as_raw_fd() as u32,
+        target_ifindex: ifindex,
+        attach_type: BPF_TCX_INGRESS,
+        flags: BPF_F_BEFORE,
+        ..Default::default()
+    };
+    // SAFETY: as in `bpf`; BPF_LINK_CREATE returns a new fd on success.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_CREATE,
+            &mut attr as *mut TcxLinkCreateAttr as *mut libc::c_void,
+            std::mem::size_of::<TcxLinkCreateAttr>() as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new fd that we now own.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Pin a BPF object (here a link) at `path` on a bpffs.
+pub fn obj_pin(object: &impl AsFd, path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let mut attr = ObjGetAttr {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: object.as_fd().as_raw_fd() as u32,
+        ..Default::default()
+    };
+    bpf(BPF_OBJ_PIN, &mut attr)
+}
+
+/// `struct bpf_link_info` up to and including its union (the `tcx` member is what is read).
+#[repr(C, align(8))]
+#[derive(Default)]
+struct LinkInfo {
+    kind: u32,
+    id: u32,
+    prog_id: u32,
+    _pad: u32,
+    union: [u32; 12],
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct InfoByFdAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// The interface a TCX link is attached to: `Some(0)` once its interface is gone (the kernel
+/// detaches the link then), `None` for a link that is not a TCX link.
+pub fn tcx_link_ifindex(link: &impl AsFd) -> std::io::Result<Option<u32>> {
+    let mut info = LinkInfo::default();
+    let mut attr = InfoByFdAttr {
+        bpf_fd: link.as_fd().as_raw_fd() as u32,
+        info_len: std::mem::size_of::<LinkInfo>() as u32,
+        info: &mut info as *mut LinkInfo as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok((info.kind == BPF_LINK_TYPE_TCX).then_some(info.union[0]))
 }

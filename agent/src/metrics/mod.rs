@@ -115,6 +115,10 @@ pub fn kernel_metric(counter: KernelCounter) -> (&'static str, &'static str) {
             "latch_inbound_rejected",
             "Inbound connections reset because no inbound listener was there to take them.",
         ),
+        KernelCounter::SpoofDropped => (
+            "latch_spoof_dropped",
+            "Packets dropped at an interface of the node for an address or MAC they may not use (anti-spoofing).",
+        ),
     }
 }
 

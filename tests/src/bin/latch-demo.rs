@@ -39,6 +39,7 @@ fn path_taken(before: &[(Counter, u64)], after: &[(Counter, u64)]) -> String {
             Counter::InboundAdmitted => "admitted by cached inbound verdict",
             Counter::InboundSteered => "steered to the agent",
             Counter::InboundRejected => "reset (no agent)",
+            Counter::SpoofDropped => "dropped by anti-spoofing",
         })
         .collect();
     if words.is_empty() {

@@ -1,11 +1,12 @@
 //! `latch-probe`: the client the tests and benchmarks run inside pods (in the pod's netns and
 //! cgroup), so that the kernel programs see a real process of that pod.
 //!
-//! - `latch-probe connect --to IP:PORT [--send TEXT] [--keep-open] [--timeout-ms N]`: one
-//!   connection; sends TEXT and half-closes (with `--keep-open`, sends TEXT and does not
-//!   half-close, so the exchange ends only when the other side closes), reads until the end;
-//!   prints one JSON line: ok, errno, error, peer, local, echo, reset, elapsed_ms. Exit 0 even
-//!   when the connection fails (the JSON says how).
+//! - `latch-probe connect --to IP:PORT [--from IP] [--send TEXT] [--keep-open] [--timeout-ms N]`:
+//!   one connection (from the address `--from` if given, which the namespace must hold); sends
+//!   TEXT and half-closes (with `--keep-open`, sends TEXT and does not half-close, so the exchange
+//!   ends only when the other side closes), reads until the end; prints one JSON line: ok, errno,
+//!   error, peer, local, echo, reset, elapsed_ms. Exit 0 even when the connection fails (the JSON
+//!   says how).
 //! - `latch-probe rate --to IP:PORT --count N`: N sequential connections, each a one-byte
 //!   request and its echo (so the time includes the whole path to the server, through the agent
 //!   if redirected); prints one JSON line with the count, failures, total seconds and
@@ -23,7 +24,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{Shutdown, SocketAddr, TcpStream},
+    net::{IpAddr, Shutdown, SocketAddr, TcpStream},
     time::{Duration, Instant},
 };
 
@@ -41,11 +42,32 @@ fn opt(s: Option<String>) -> String {
     s.map(|s| json_str(&s)).unwrap_or_else(|| "null".into())
 }
 
-fn connect(to: SocketAddr, send: Option<String>, half_close: bool, timeout: Duration) -> String {
+/// A TCP connection to `to`, from `from` if given.
+fn open(to: SocketAddr, from: Option<IpAddr>, timeout: Duration) -> std::io::Result<TcpStream> {
+    let Some(from) = from else {
+        return TcpStream::connect_timeout(&to, timeout);
+    };
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(to),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.bind(&SocketAddr::new(from, 0).into())?;
+    socket.connect_timeout(&to.into(), timeout)?;
+    Ok(socket.into())
+}
+
+fn connect(
+    to: SocketAddr,
+    from: Option<IpAddr>,
+    send: Option<String>,
+    half_close: bool,
+    timeout: Duration,
+) -> String {
     let start = Instant::now();
     let (mut ok, mut errno, mut error, mut peer, mut local, mut echo, mut reset) =
         (false, None, None, None, None, None, false);
-    match TcpStream::connect_timeout(&to, timeout) {
+    match open(to, from, timeout) {
         Ok(mut stream) => {
             ok = true;
             peer = stream.peer_addr().ok().map(|a| a.to_string());
@@ -294,9 +316,17 @@ fn main() {
                 .map(Duration::from_millis)
                 .unwrap_or(Duration::from_secs(10));
             let half_close = !args.iter().any(|a| a == "--keep-open");
+            let from = match arg(&args, "--from").map(|s| s.parse()) {
+                None => None,
+                Some(Ok(ip)) => Some(ip),
+                Some(Err(_)) => {
+                    eprintln!("latch-probe: --from must be an IP address");
+                    std::process::exit(2);
+                }
+            };
             println!(
                 "{}",
-                connect(to(), arg(&args, "--send"), half_close, timeout)
+                connect(to(), from, arg(&args, "--send"), half_close, timeout)
             );
         }
         Some("rate") => {
@@ -333,7 +363,7 @@ fn main() {
         },
         _ => {
             eprintln!(
-                "usage: latch-probe connect --to IP:PORT [--send TEXT] [--keep-open] [--timeout-ms N] | rate --to IP:PORT --count N | cgroup"
+                "usage: latch-probe connect --to IP:PORT [--from IP] [--send TEXT] [--keep-open] [--timeout-ms N] | rate --to IP:PORT --count N | cgroup"
             );
             std::process::exit(2);
         }
