@@ -223,8 +223,7 @@ impl Agent {
 
     /// Replace the config file (the agent notices the change by itself, or use [`Agent::reload`]).
     pub fn write_config(&self, yaml: &str) -> anyhow::Result<()> {
-        std::fs::write(&self.config, yaml)
-            .with_context(|| format!("writing {}", self.config.display()))
+        env::write_atomically(&self.config, yaml)
     }
 
     /// All log lines of the current run.

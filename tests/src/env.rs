@@ -88,3 +88,20 @@ pub fn latch_bin() -> anyhow::Result<PathBuf> {
 pub fn probe_bin() -> anyhow::Result<PathBuf> {
     binary("LATCH_PROBE", "latch-probe")
 }
+
+/// Replace `path` with `contents` in one step, as an editor or a Kubernetes ConfigMap does: the
+/// text is written to a file outside the watched directory (on the same filesystem, the
+/// system's temporary directory that holds every test's files) and renamed into place, so an
+/// agent that looks at `path` at any moment reads the old file or the new one, never half of it.
+pub fn write_atomically(path: &Path, contents: impl AsRef<[u8]>) -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let staging = std::env::temp_dir().join(format!(
+        ".latch-staging-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    ));
+    std::fs::write(&staging, contents).with_context(|| format!("writing {}", staging.display()))?;
+    std::fs::rename(&staging, path)
+        .with_context(|| format!("moving {} to {}", staging.display(), path.display()))
+}

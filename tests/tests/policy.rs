@@ -225,7 +225,8 @@ fn a_namespace_deny_all_revokes_cached_verdicts_and_closes_open_connections() {
 
     let marks = cluster.marks(&[n1, n2]);
     let written = Instant::now();
-    std::fs::write(policies.join("ledger-deny-all.yaml"), LEDGER_DENY_ALL).expect("write");
+    latch_tests::env::write_atomically(&policies.join("ledger-deny-all.yaml"), LEDGER_DENY_ALL)
+        .expect("write");
     cluster
         .wait_reloaded(&[n1, n2], &marks)
         .expect("the change is applied");
@@ -365,7 +366,7 @@ spec:
     // The same file dropped into the running agents' directory: the reload fails, says why,
     // and the last good policy keeps being enforced.
     let marks = cluster.marks(&[n1, n2]);
-    std::fs::write(policies.join("zz-bad.yaml"), bad).expect("write");
+    latch_tests::env::write_atomically(&policies.join("zz-bad.yaml"), bad).expect("write");
     for (node, mark) in [n1, n2].iter().zip(&marks) {
         let line = cluster
             .agent(*node)

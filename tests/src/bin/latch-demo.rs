@@ -343,7 +343,8 @@ fn main() -> anyhow::Result<()> {
     demo.connect(frontend, ledger4)?;
     demo.note("a DENY policy for ledger is dropped into the policy directory: the cached allow is revoked");
     change_policy(&mut demo, || {
-        std::fs::write(policies.join("ledger-deny.yaml"), LEDGER_DENY_ALL)
+        latch_tests::env::write_atomically(&policies.join("ledger-deny.yaml"), LEDGER_DENY_ALL)
+            .map_err(std::io::Error::other)
     })?;
     demo.connect(frontend, ledger4)?;
     demo.note("and removed again: frontend may reach ledger again");
