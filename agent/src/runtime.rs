@@ -33,7 +33,7 @@ use crate::{
     debug::{
         DebugServer,
         agent::{AgentView, Published, ReloadRequest},
-        api::{ProgramStatus, ReloadResult},
+        api::{ProgramStatus, ReloadResult, WorkloadFailure},
     },
     file_watch::FileWatch,
     identity::{
@@ -47,6 +47,9 @@ use crate::{
     tunnel::{handshakes::Handshakes, hbone::TunnelClient, tracked::Tracker},
     verdicts::{SharedMaps, VerdictCache, decide, lock},
 };
+
+/// How long a reload waits for the connections it closed to end before reporting.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// How often the config file is checked for changes (SIGHUP reloads at once), and certificates
 /// for rotation.
@@ -227,7 +230,7 @@ async fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
     // The debug socket is taken first: a second agent for the same node refuses to start here,
     // before it opens a listener or touches the kernel.
     let debug_server = DebugServer::bind(&config.debug_socket)?;
-    let prepared = prepare(config_path, &config, &registry, &BTreeMap::new())?;
+    let prepared = prepare(config_path, &config, &registry, &BTreeMap::new());
     let metrics_listener = match config.metrics {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -251,7 +254,7 @@ async fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let mut agent = Agent {
         config_path: config_path.to_owned(),
-        cache: VerdictCache::new(maps.clone())?,
+        cache: VerdictCache::new(maps.clone(), state.clone())?,
         datapath,
         antispoof,
         maps,
@@ -325,12 +328,12 @@ async fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
             _ = sigint.recv() => break,
             _ = sighup.recv() => {
                 last_seen = agent.watched_stamps();
-                agent.reload("SIGHUP");
+                agent.reload("SIGHUP").await;
                 agent.watch_files(&mut files);
             }
             Some(reply) = reload_rx.recv() => {
                 last_seen = agent.watched_stamps();
-                let _ = reply.send(agent.reload("debug API"));
+                let _ = reply.send(agent.reload("debug API").await);
                 agent.watch_files(&mut files);
             }
             changed = next_change(&mut files) => {
@@ -341,7 +344,7 @@ async fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
                 let stamps = agent.watched_stamps();
                 if stamps != last_seen {
                     last_seen = stamps;
-                    agent.reload("config or policy file changed");
+                    agent.reload("config or policy file changed").await;
                     agent.watch_files(&mut files);
                 }
             }
@@ -349,7 +352,7 @@ async fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
                 let stamps = agent.watched_stamps();
                 if stamps != last_seen {
                     last_seen = stamps;
-                    agent.reload("config or policy file changed (periodic check)");
+                    agent.reload("config or policy file changed (periodic check)").await;
                     agent.watch_files(&mut files);
                 }
                 agent.rotate_certificates();
@@ -437,9 +440,26 @@ impl Agent {
         }
     }
 
-    fn reload(&mut self, trigger: &str) -> ReloadResult {
-        match self.try_reload() {
-            Ok(()) => {
+    async fn reload(&mut self, trigger: &str) -> ReloadResult {
+        let outcome = self.try_reload();
+        // Whatever happened, the connections the state in force no longer allows were told to
+        // close; the reload is reported once they have ended.
+        self.closed_connections_ended().await;
+        match outcome {
+            Ok(Err(e)) => {
+                let error = format!("{e:#}");
+                tracing::error!(
+                    trigger,
+                    error,
+                    "config reload applied with errors; the new configuration is in force and revocation ran"
+                );
+                self.published.reloaded(trigger, Some(error.clone()));
+                ReloadResult {
+                    ok: false,
+                    error: Some(error),
+                }
+            }
+            Ok(Ok(())) => {
                 tracing::info!(trigger, "config reloaded");
                 self.published.reloaded(trigger, None);
                 ReloadResult {
@@ -463,11 +483,24 @@ impl Agent {
         }
     }
 
+    /// Wait until the connections the last commit closed have ended (their sockets reset, their
+    /// handles dropped), so that "reloaded" means they are gone; bounded: a relay that does not
+    /// end in time is reported and left to end on its own.
+    async fn closed_connections_ended(&self) {
+        if !self.tracker.closed_ended(CLOSE_WAIT).await {
+            tracing::warn!(
+                waited_ms = CLOSE_WAIT.as_millis() as u64,
+                "connections closed by the reload have not all ended yet"
+            );
+        }
+    }
+
     /// What the metrics endpoint reads at each scrape.
     fn scrape_source(&self) -> metrics::ScrapeSource {
         let maps = self.maps.clone();
         let cache = self.cache.clone();
         let certs = self.certs.clone();
+        let published = self.published.clone();
         Box::new(move || {
             let kernel_counters = lock(&maps).counters().unwrap_or_default();
             // From the agent's own record: a scrape never walks the kernel's million buckets
@@ -487,6 +520,7 @@ impl Agent {
                 cache_entries,
                 cert_expiry,
                 busy_poll_seconds: busy_poll::busy().as_secs_f64(),
+                failed_workloads: published.failed_workloads() as u64,
             }
         })
     }
@@ -521,7 +555,10 @@ impl Agent {
         self.published.set_programs(programs);
     }
 
-    fn try_reload(&mut self) -> anyhow::Result<()> {
+    /// Prepare the new state (an error here leaves everything as it was: the outer `Err`), then
+    /// put it in force and commit it (the inner result: an error there is reported with the
+    /// new state in force and revocation done).
+    fn try_reload(&mut self) -> anyhow::Result<anyhow::Result<()>> {
         let config = Config::load(&self.config_path)?;
         let current = self.state.get();
         let old = &current.config;
@@ -549,103 +586,218 @@ impl Agent {
         self.certs
             .ensure(&identities(&registry))
             .with_context(|| format!("{}: certificates", self.config_path.display()))?;
-        let prepared = prepare(&self.config_path, &config, &registry, &self.pods)?;
+        let prepared = prepare(&self.config_path, &config, &registry, &self.pods);
         busy_poll::install(config.dataplane.busy_poll);
         self.state.replace(Snapshot {
             config,
             registry,
             policies,
         });
-        self.commit(prepared)
+        Ok(self.commit(prepared))
     }
 
-    /// Apply a prepared state: kernel maps, inbound checks, listeners, revocation of verdicts
-    /// for identities that are gone.
+    /// Apply a prepared state: kernel maps, inbound checks, listeners; then, always, revoke
+    /// and close for the snapshot in force. A step that fails does not stop the others: a
+    /// workload's failure leaves that workload failing closed (its inbound check attached with
+    /// no listener behind it, its connections redirected to a listener that is not there) and
+    /// is reported; an error writing the kernel maps is returned after revocation has run.
     fn commit(&mut self, prepared: Prepared) -> anyhow::Result<()> {
         let snapshot = self.state.get();
+        let Prepared {
+            kernel_workloads,
+            kernel_endpoints,
+            new_pods,
+            mut failed,
+        } = prepared;
+        let applied = self.apply(
+            &snapshot,
+            &kernel_workloads,
+            &kernel_endpoints,
+            new_pods,
+            &mut failed,
+        );
+        self.fail_closed(&snapshot, &mut failed);
+        self.report_failures(failed);
+        self.certs.retain(&identities(&snapshot.registry));
+        self.publish_programs();
+        let enforced = self.enforce(&snapshot);
+        applied.and(enforced)
+    }
+
+    /// The kernel maps and the pods of a prepared state. Pods that fail here join `failed`.
+    fn apply(
+        &mut self,
+        snapshot: &Snapshot,
+        kernel_workloads: &HashMap<u64, WorkloadInfo>,
+        kernel_endpoints: &HashMap<std::net::IpAddr, EndpointInfo>,
+        new_pods: Vec<PreparedPod>,
+        failed: &mut BTreeMap<String, String>,
+    ) -> anyhow::Result<()> {
         let ports = snapshot.config.ports.clone();
-        let wanted: std::collections::HashSet<&str> = snapshot
+        let configured: std::collections::HashSet<&str> = snapshot
             .registry
             .workloads
             .iter()
             .map(|w| w.id.as_str())
             .collect();
-        let changed: Vec<String> = prepared
-            .new_pods
-            .iter()
-            .map(|p| p.workload.id.clone())
-            .collect();
+        let changed: Vec<String> = new_pods.iter().map(|p| p.workload.id.clone()).collect();
         let gone: Vec<String> = self
             .pods
             .keys()
-            .filter(|id| !wanted.contains(id.as_str()) || changed.contains(id))
+            .filter(|id| {
+                !configured.contains(id.as_str())
+                    || failed.contains_key(*id)
+                    || changed.contains(id)
+            })
             .cloned()
             .collect();
+        let mut errors: Vec<anyhow::Error> = Vec::new();
         for id in gone {
             if let Some(pod) = self.pods.remove(&id) {
                 {
                     let mut maps = lock(&self.maps);
                     for ip in &pod.workload.ips {
-                        maps.remove_inbound_listener(*ip)?;
+                        if let Err(e) = maps.remove_inbound_listener(*ip) {
+                            errors.push(e.into());
+                        }
                     }
                 }
-                if !wanted.contains(id.as_str()) {
-                    self.datapath.detach_inbound(&id)?;
+                if !configured.contains(id.as_str())
+                    && let Err(e) = self.datapath.detach_inbound(&id)
+                {
+                    errors.push(e.into());
                 }
                 tracing::info!(workload = %id, "workload removed");
             }
         }
 
         // Pods' addresses are bound to their interfaces before their endpoints are written.
-        self.antispoof
-            .set(Enrolled::of(&snapshot.config, &snapshot.registry))?;
+        if let Err(e) = self
+            .antispoof
+            .set(Enrolled::of(&snapshot.config, &snapshot.registry))
         {
-            let mut maps = lock(&self.maps);
-            for (cgroup_id, _) in maps.workloads()? {
-                if !prepared.kernel_workloads.contains_key(&cgroup_id) {
-                    maps.remove_workload(cgroup_id)?;
-                }
-            }
-            for (cgroup_id, info) in &prepared.kernel_workloads {
-                maps.set_workload(*cgroup_id, *info)?;
-            }
-            for (ip, _) in maps.endpoints()? {
-                if !prepared.kernel_endpoints.contains_key(&ip) {
-                    maps.remove_endpoint(ip)?;
-                }
-            }
-            for (ip, info) in &prepared.kernel_endpoints {
-                maps.set_endpoint(*ip, *info)?;
-            }
+            errors.push(e.into());
+        }
+        if let Err(e) = self.write_maps(kernel_workloads, kernel_endpoints) {
+            errors.push(e);
         }
 
         for PreparedPod {
             workload,
             worker,
             listeners,
-        } in prepared.new_pods
+        } in new_pods
         {
-            let listeners = match listeners {
-                Some(l) => l,
-                None => PodListeners::open(&worker, ports.capture, ports.inbound, ports.tunnel)
-                    .with_context(|| format!("workload {}: opening listeners", workload.id))?,
-            };
-            self.datapath
-                .attach_inbound(&workload.id, &workload.netns)?;
-            {
-                let mut maps = lock(&self.maps);
-                for ip in &workload.ips {
-                    maps.set_inbound_listener(*ip, &listeners.inbound)?;
+            let id = workload.id.clone();
+            match self.serve_pod(&ports, workload, worker, listeners) {
+                Ok(pod) => {
+                    tracing::info!(workload = %pod.workload.id, identity = %pod.workload.identity, "workload enrolled");
+                    self.pods.insert(pod.workload.id.clone(), pod);
+                }
+                Err(e) => {
+                    failed.insert(id, format!("{e:#}"));
                 }
             }
-            let pod = self.start_pod(workload, worker, listeners);
-            tracing::info!(workload = %pod.workload.id, identity = %pod.workload.identity, "workload enrolled");
-            self.pods.insert(pod.workload.id.clone(), pod);
         }
+        match errors.into_iter().next() {
+            Some(first) => Err(first),
+            None => Ok(()),
+        }
+    }
 
-        self.certs.retain(&identities(&snapshot.registry));
-        self.publish_programs();
-        self.enforce(&snapshot)
+    /// Open a pod's listeners if it has none yet, attach its inbound check, register its
+    /// inbound listener and start serving it.
+    fn serve_pod(
+        &mut self,
+        ports: &crate::config::Ports,
+        workload: LocalWorkload,
+        worker: Arc<NetnsWorker>,
+        listeners: Option<PodListeners>,
+    ) -> anyhow::Result<PodRuntime> {
+        let listeners = match listeners {
+            Some(l) => l,
+            None => PodListeners::open(&worker, ports.capture, ports.inbound, ports.tunnel)
+                .context("opening listeners")?,
+        };
+        self.datapath
+            .attach_inbound(&workload.id, &workload.netns)
+            .context("attaching the inbound check")?;
+        {
+            let mut maps = lock(&self.maps);
+            for ip in &workload.ips {
+                maps.set_inbound_listener(*ip, &listeners.inbound)
+                    .context("registering the inbound listener")?;
+            }
+        }
+        Ok(self.start_pod(workload, worker, listeners))
+    }
+
+    /// Bring the workload and endpoint maps in line with the prepared entries.
+    fn write_maps(
+        &self,
+        kernel_workloads: &HashMap<u64, WorkloadInfo>,
+        kernel_endpoints: &HashMap<std::net::IpAddr, EndpointInfo>,
+    ) -> anyhow::Result<()> {
+        let mut maps = lock(&self.maps);
+        for (cgroup_id, _) in maps.workloads()? {
+            if !kernel_workloads.contains_key(&cgroup_id) {
+                maps.remove_workload(cgroup_id)?;
+            }
+        }
+        for (cgroup_id, info) in kernel_workloads {
+            maps.set_workload(*cgroup_id, *info)?;
+        }
+        for (ip, _) in maps.endpoints()? {
+            if !kernel_endpoints.contains_key(&ip) {
+                maps.remove_endpoint(ip)?;
+            }
+        }
+        for (ip, info) in kernel_endpoints {
+            maps.set_endpoint(*ip, *info)?;
+        }
+        Ok(())
+    }
+
+    /// A workload the agent cannot serve fails closed: its inbound check stays (or is put) on
+    /// its netns with no listener registered, so every connection without a cached verdict is
+    /// reset, and its enrolled cgroup's connections are redirected to a capture listener that
+    /// is not there (refused).
+    fn fail_closed(&mut self, snapshot: &Snapshot, failed: &mut BTreeMap<String, String>) {
+        for w in &snapshot.registry.workloads {
+            let Some(why) = failed.get_mut(&w.id) else {
+                continue;
+            };
+            {
+                let mut maps = lock(&self.maps);
+                for ip in &w.ips {
+                    if let Err(e) = maps.remove_inbound_listener(*ip) {
+                        why.push_str(&format!("; unregistering its inbound listener: {e}"));
+                    }
+                }
+            }
+            if let Err(e) = self.datapath.attach_inbound(&w.id, &w.netns) {
+                why.push_str(&format!(
+                    "; its inbound check could not be attached either: {e}"
+                ));
+            }
+        }
+    }
+
+    /// Log and publish the workloads the agent could not serve.
+    fn report_failures(&self, failed: BTreeMap<String, String>) {
+        for (workload, error) in &failed {
+            tracing::error!(
+                workload,
+                error,
+                "workload not served; it fails closed until a reload fixes it"
+            );
+        }
+        self.published.set_failed_workloads(
+            failed
+                .into_iter()
+                .map(|(workload, error)| WorkloadFailure { workload, error })
+                .collect(),
+        );
     }
 
     /// Bring what is cached and open in line with `snapshot`: remove every cached verdict it
@@ -724,7 +876,15 @@ impl Agent {
 
     /// Inbound links pinned by an earlier run for workloads that are no longer configured.
     fn drop_stale_inbound_links(&mut self) -> anyhow::Result<()> {
-        let wanted: Vec<String> = self.pods.keys().map(|id| inbound_link_name(id)).collect();
+        // Every configured workload keeps its check: served ones and failed ones alike.
+        let wanted: Vec<String> = self
+            .state
+            .get()
+            .registry
+            .workloads
+            .iter()
+            .map(|w| inbound_link_name(&w.id))
+            .collect();
         for pinned in self.datapath.inbound_attachments()? {
             if !wanted.contains(&pinned) {
                 self.datapath.detach_inbound(&pinned)?;
@@ -735,18 +895,29 @@ impl Agent {
 }
 
 /// Everything that can fail for reasons outside the agent: cgroups exist, namespaces open,
-/// listeners bind. Nothing running is touched.
+/// listeners bind. Nothing running is touched. A workload for which one of these fails is
+/// recorded as failed (with the config location and why) and the others are prepared as
+/// usual: one pod never blocks the node.
 fn prepare(
     config_path: &Path,
     config: &Config,
     registry: &Registry,
     running: &BTreeMap<String, PodRuntime>,
-) -> anyhow::Result<Prepared> {
+) -> Prepared {
     let file = config_path.display();
+    let mut failed = BTreeMap::new();
     let mut kernel_workloads = HashMap::new();
     for (i, w) in registry.workloads.iter().enumerate() {
-        let cgroup_id = system::cgroup_id(&w.cgroup)
-            .with_context(|| format!("{file}: workloads[{i}].cgroup (workload {})", w.id))?;
+        let cgroup_id = match system::cgroup_id(&w.cgroup) {
+            Ok(id) => id,
+            Err(e) => {
+                failed.insert(
+                    w.id.clone(),
+                    format!("{file}: workloads[{i}].cgroup (workload {}): {e}", w.id),
+                );
+                continue;
+            }
+        };
         let flags = if config.dataplane.mode == DataplaneMode::Tunnel {
             WORKLOAD_TUNNEL_ONLY
         } else {
@@ -777,42 +948,53 @@ fn prepare(
         );
     }
     let mut new_pods = Vec::new();
-    for w in &registry.workloads {
-        if running.get(&w.id).is_some_and(|p| p.workload == *w) {
+    for (i, w) in registry.workloads.iter().enumerate() {
+        if failed.contains_key(&w.id) || running.get(&w.id).is_some_and(|p| p.workload == *w) {
             continue;
         }
-        let worker = Arc::new(
-            NetnsWorker::spawn(&w.netns)
-                .with_context(|| format!("{file}: netns of workload {}", w.id))?,
-        );
-        // Failing to set it up only warns (the worker falls back to the loopback marker).
-        worker
-            .route_deliveries()
-            .with_context(|| format!("{file}: workload {}: delivery routing", w.id))?;
-        let listeners = match running.get(&w.id) {
-            // Same pod with changed attributes: its listeners are re-opened after the old ones
-            // close, in commit.
-            Some(_) => None,
-            None => Some(
-                PodListeners::open(
-                    &worker,
-                    config.ports.capture,
-                    config.ports.inbound,
-                    config.ports.tunnel,
-                )
-                .with_context(|| format!("{file}: workload {}: opening listeners", w.id))?,
-            ),
-        };
-        new_pods.push(PreparedPod {
-            workload: w.clone(),
-            worker,
-            listeners,
-        });
+        match prepare_pod(config, w, running.contains_key(&w.id)) {
+            Ok(pod) => new_pods.push(pod),
+            Err(e) => {
+                failed.insert(
+                    w.id.clone(),
+                    format!("{file}: workloads[{i}] (workload {}): {e:#}", w.id),
+                );
+            }
+        }
     }
-    Ok(Prepared {
+    Prepared {
         kernel_workloads,
         kernel_endpoints,
         new_pods,
+        failed,
+    }
+}
+
+/// Enter a workload's netns and, unless it is already served (`replacing`: its listeners are
+/// re-opened in commit, once the old ones have closed), open its listeners.
+fn prepare_pod(config: &Config, w: &LocalWorkload, replacing: bool) -> anyhow::Result<PreparedPod> {
+    let worker = Arc::new(NetnsWorker::spawn(&w.netns).context("entering its netns")?);
+    // Failing to set it up only warns (the worker falls back to the loopback marker).
+    worker
+        .route_deliveries()
+        .context("setting up delivery routing")?;
+    let listeners = if replacing {
+        None
+    } else {
+        Some(
+            PodListeners::open(
+                &worker,
+                config.ports.capture,
+                config.ports.inbound,
+                config.ports.tunnel,
+            )
+            .context("opening listeners")?,
+        )
+    };
+    Ok(PreparedPod {
+        workload: w.clone(),
+        worker,
+        listeners,
     })
 }
 
@@ -820,4 +1002,6 @@ struct Prepared {
     kernel_workloads: HashMap<u64, WorkloadInfo>,
     kernel_endpoints: HashMap<std::net::IpAddr, EndpointInfo>,
     new_pods: Vec<PreparedPod>,
+    /// Workload id → why it cannot be served.
+    failed: BTreeMap<String, String>,
 }

@@ -167,7 +167,8 @@ fn revocation_in(
     })
     .context("installing the datapath")?;
     let maps: SharedMaps = Arc::new(Mutex::new(datapath.maps()?));
-    let cache = VerdictCache::new(maps.clone())?;
+    let state = latch::state::SharedState::new(snapshot(&config_path, &text)?);
+    let cache = VerdictCache::new(maps.clone(), state.clone())?;
     // 100 sources x 100 destinations x 10 ports = 100,000 pairs.
     let ids: Vec<_> = allow_all
         .registry
@@ -201,7 +202,7 @@ fn revocation_in(
                         Direction::Inbound
                     },
                 };
-                cache.allow(pair, Duration::from_secs(600))?;
+                cache.allow(pair, Duration::from_secs(600), state.generation())?;
                 inserted += 1;
             }
         }

@@ -20,7 +20,7 @@ use crate::{
     identity::LocalWorkload,
     metrics::{Metrics, access},
     policy::normalize::PathNormalization,
-    state::SharedState,
+    state::{DecidedUnder, SharedState},
     tunnel::{
         http::{self, BadRequest, Enforcer, RequestHead},
         splice::{Remote, poll_once},
@@ -35,6 +35,8 @@ pub struct Carried {
     pub source_address: Option<SocketAddr>,
     pub policy: String,
     pub reason: String,
+    /// The state the connection was admitted under.
+    pub decided_under: DecidedUnder,
 }
 
 /// One inbound policy decision: counted in the metrics and written to the access log.
@@ -44,6 +46,20 @@ pub fn decided(metrics: &Metrics, record: &access::Record<'_>) {
 }
 
 impl Carried {
+    /// List the connection. A reload that committed a newer state between the decision and
+    /// this registration has already run its close step without seeing it, so it is judged
+    /// again here; either way no connection admitted under an old state outlives a reload that
+    /// no longer allows it.
+    fn register(&self, tracker: &Tracker) -> Tracked {
+        let tracked = tracker.register(self.info.clone());
+        if let Some(now) = self.decided_under.newer()
+            && !decide::still_allowed(&now, &self.info)
+        {
+            tracked.close();
+        }
+        tracked
+    }
+
     /// The admission of this (inbound) connection, counted and logged.
     pub fn admitted(&self, metrics: &Metrics) {
         decided(metrics, &self.record());
@@ -106,7 +122,7 @@ pub async fn splice(
     admitted: impl FnOnce(&Carried),
 ) {
     let started = Instant::now();
-    let tracked = tracker.register(carried.info.clone());
+    let tracked = carried.register(tracker);
     let result = {
         let mut relay = pin!(tracked.splice(remote, local, local_is_source));
         let first = poll_once(relay.as_mut()).await;
@@ -204,7 +220,7 @@ pub async fn http<R>(
 {
     let started = Instant::now();
     carried.info.path = "http";
-    let tracked = tracker.register(carried.info.clone());
+    let tracked = carried.register(tracker);
     tracked.count_opened();
     let header_read_timeout = party.state.get().config.http.header_read_timeout;
     let gate = Arc::new(Gate {
@@ -232,6 +248,62 @@ mod tests {
     use super::*;
     use crate::tunnel::splice::tests::pair;
 
+    fn test_state() -> SharedState {
+        let config = crate::config::Config::from_yaml(
+            std::path::Path::new("test.yaml"),
+            "node: { name: n1, address: 10.244.0.1 }\ntrustDomain: cluster.local\ncgroupRoot: /cg\nbpfPinDir: /sys/fs/bpf/x\n",
+        )
+        .expect("config");
+        let registry = crate::identity::Registry::from_config(&config).expect("registry");
+        SharedState::new(crate::state::Snapshot {
+            config,
+            registry,
+            policies: crate::policy::PolicySet::empty("istio-system"),
+        })
+    }
+
+    fn carried(decided_under: DecidedUnder) -> Carried {
+        Carried {
+            info: ConnInfo {
+                source: "spiffe://cluster.local/ns/prod/sa/frontend".into(),
+                destination: "spiffe://cluster.local/ns/prod/sa/payment".into(),
+                destination_address: "10.244.2.2:8080".parse().expect("address"),
+                source_ip: None,
+                direction: Direction::Inbound,
+                path: "tunnel",
+                workload: "prod/payment".into(),
+            },
+            source_address: None,
+            policy: String::new(),
+            reason: String::new(),
+            decided_under,
+        }
+    }
+
+    #[test]
+    fn a_connection_decided_before_a_reload_and_listed_after_it_is_judged_again() {
+        let state = test_state();
+        let tracker = Tracker::new();
+        // Listed under the state it was decided under: kept (the reload's close step, which
+        // sees every listed connection, is the one that judges it).
+        let current = carried(DecidedUnder::now(&state).1).register(&tracker);
+        assert!(!current.is_closed());
+        // Decided, then a reload commits a state in which payment is gone and runs its close
+        // step, then the connection is listed: it must not survive.
+        let decided = DecidedUnder::now(&state).1;
+        let next = test_state().get();
+        state.replace(crate::state::Snapshot {
+            config: next.config.clone(),
+            registry: next.registry.clone(),
+            policies: next.policies.clone(),
+        });
+        let late = carried(decided).register(&tracker);
+        assert!(
+            late.is_closed(),
+            "judged under the state in force, and closed"
+        );
+    }
+
     #[tokio::test]
     async fn what_has_arrived_moves_before_the_bookkeeping() {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -258,6 +330,7 @@ mod tests {
             source_address: None,
             policy: String::new(),
             reason: String::new(),
+            decided_under: DecidedUnder::now(&test_state()).1,
         };
         let (admitted_tx, admitted_rx) = tokio::sync::oneshot::channel();
         let admitted = move |_: &Carried| {

@@ -27,7 +27,7 @@ use crate::{
     identity::LocalWorkload,
     metrics::{Metrics, access},
     policy::MtlsMode,
-    state::SharedState,
+    state::{DecidedUnder, SharedState},
     tunnel::{
         splice::reset,
         tracked::{ConnInfo, Tracker},
@@ -70,7 +70,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &InboundContext) {
             return;
         }
     };
-    let snapshot = ctx.state.get();
+    let (snapshot, decided_under) = DecidedUnder::now(&ctx.state);
     let destination = ctx.workload.identity.to_string();
     let refuse = |policy: &str, reason: &str| {
         carry::decided(
@@ -132,6 +132,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &InboundContext) {
             "plaintext accepted (mTLS {} from {mode_source}); {reason}",
             mode.as_str()
         ),
+        decided_under,
     };
     if http {
         let party = HttpParty {

@@ -29,14 +29,14 @@ use crate::{
     datapath::maps::ip_from_key,
     identity::{LocalWorkload, certs::CertStore},
     metrics::{Metrics, access},
-    state::SharedState,
+    state::{DecidedUnder, SharedState},
     tls::client_config_with,
     tunnel::{
         hbone::{Dial, PoolKey, TunnelClient, TunnelError},
         splice::reset,
         tracked::{ConnInfo, Tracker},
     },
-    verdicts::{Direction, Pair, SharedMaps, VerdictCache, decide, lock},
+    verdicts::{Direction, Pair, Put, SharedMaps, VerdictCache, decide, lock},
 };
 
 /// Longest life of a cached deny (bounded by `verdictTtl` too): a policy change that allows
@@ -87,7 +87,8 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
         }
     };
     let dst = SocketAddr::new(ip_from_key(&orig.addr), orig.port);
-    let snapshot = ctx.state.get();
+    let (snapshot, decided_under) = DecidedUnder::now(&ctx.state);
+    let generation = decided_under.generation();
     let src_id = ctx.workload.identity.to_string();
     let Some(endpoint) = snapshot.registry.endpoint(&dst.ip()) else {
         access_log(&src_id, "", dst, "REFUSED", "not a mesh endpoint");
@@ -161,9 +162,9 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
                     }
                 )
                 && agrees(false)
-                && let Err(e) = ctx
-                    .cache
-                    .deny(pair, config.dataplane.verdict_ttl.min(DENY_TTL))
+                && let Err(e) =
+                    ctx.cache
+                        .deny(pair, config.dataplane.verdict_ttl.min(DENY_TTL), generation)
             {
                 tracing::error!(error = %e, "caching outbound deny");
             }
@@ -184,6 +185,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
             pair,
             config.dataplane.verdict_ttl,
             opened.proof_not_after,
+            generation,
         )
     {
         Caching::Cached
@@ -204,6 +206,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
         source_address: None,
         policy: String::new(),
         reason: reason.to_owned(),
+        decided_under,
     };
     // Recorded once the answer's first bytes are on their way to the application.
     let admitted = |carried: &Carried| {
@@ -223,12 +226,13 @@ fn cache_allow(
     pair: Pair,
     verdict_ttl: Duration,
     proof_not_after: SystemTime,
+    decided_under: u64,
 ) -> bool {
     let Ok(left) = proof_not_after.duration_since(SystemTime::now()) else {
         return false;
     };
-    match ctx.cache.allow(pair, verdict_ttl.min(left)) {
-        Ok(()) => true,
+    match ctx.cache.allow(pair, verdict_ttl.min(left), decided_under) {
+        Ok(put) => put == Put::Cached,
         Err(e) => {
             tracing::error!(error = %e, "caching outbound allow");
             false

@@ -33,7 +33,7 @@ use crate::{
     datapath::DeliveryMap,
     identity::{IdentityKey, LocalWorkload, Registry, certs::CertStore},
     metrics::{Metrics, access},
-    state::SharedState,
+    state::{DecidedUnder, SharedState},
     tls::server_config_with,
     tunnel::{
         handshakes::{Handshakes, InProgress},
@@ -41,7 +41,7 @@ use crate::{
         splice::reset,
         tracked::{ConnInfo, Tracker},
     },
-    verdicts::{Direction, Pair, VerdictCache, decide},
+    verdicts::{Direction, Pair, Put, VerdictCache, decide},
 };
 
 pub struct TunnelContext {
@@ -220,7 +220,7 @@ impl TunnelContext {
             self.refuse(&caller, target, "", "not an address of this workload");
             return Admission::Forbidden { cacheable: false };
         }
-        let snapshot = self.state.get();
+        let (snapshot, decided_under) = DecidedUnder::now(&self.state);
         // Nor to the agent's own listeners in the pod: that would carry the client back to the
         // agent (a loop through the inbound listener, or a tunnel inside the tunnel).
         if let Some(listener) = own_listener(&snapshot.config.ports, target.port()) {
@@ -276,9 +276,10 @@ impl TunnelContext {
                 return Admission::Unreachable;
             }
         };
-        if cacheable {
-            self.cache_allow(&caller, target.port());
-        }
+        // Told to the source only if it is cached here too (not when a newer state was
+        // committed since the decision, which the source then learns from its next CONNECT).
+        let cacheable =
+            cacheable && self.cache_allow(&caller, target.port(), decided_under.generation());
         let carried = Carried {
             info: ConnInfo {
                 source: caller.identity.to_string(),
@@ -292,6 +293,7 @@ impl TunnelContext {
             source_address: Some(caller.address),
             policy,
             reason,
+            decided_under,
         };
         let ctx = self.clone();
         Admission::Admit {
@@ -321,8 +323,9 @@ impl TunnelContext {
         }
     }
 
-    /// Cache the pair's inbound allow, bounded by both certificates and `verdictTtl`.
-    fn cache_allow(&self, caller: &Caller, port: u16) {
+    /// Cache the pair's inbound allow, bounded by both certificates and `verdictTtl`; whether
+    /// it was cached.
+    fn cache_allow(&self, caller: &Caller, port: u16, decided_under: u64) -> bool {
         let ttl = self.state.get().config.dataplane.verdict_ttl;
         let own_not_after = self
             .certs
@@ -334,7 +337,7 @@ impl TunnelContext {
             .min(own_not_after)
             .duration_since(SystemTime::now())
         else {
-            return;
+            return false;
         };
         let pair = Pair {
             src: IdentityKey::of(&caller.identity),
@@ -342,8 +345,12 @@ impl TunnelContext {
             port,
             direction: Direction::Inbound,
         };
-        if let Err(e) = self.cache.allow(pair, ttl.min(left)) {
-            tracing::error!(error = %e, "caching inbound allow");
+        match self.cache.allow(pair, ttl.min(left), decided_under) {
+            Ok(put) => put == Put::Cached,
+            Err(e) => {
+                tracing::error!(error = %e, "caching inbound allow");
+                false
+            }
         }
     }
 }

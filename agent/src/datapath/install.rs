@@ -10,7 +10,7 @@
 
 use std::{
     fs::{self, File},
-    os::fd::AsFd,
+    os::{fd::AsFd, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
 };
 
@@ -233,6 +233,15 @@ impl Datapath {
     pub fn attach_inbound(&mut self, workload: &str, netns: &Path) -> Result<(), DatapathError> {
         let link_path = inbound_dir(&self.settings.pin_dir).join(inbound_pin_name(workload));
         let name = program_names::INBOUND;
+        let netns_file =
+            File::open(netns).map_err(|e| DatapathError::io("opening netns", netns, e))?;
+        // A pin left on another namespace (the workload moved to a new netns, while the agent
+        // ran or while it was down) is detached, never adopted.
+        let wanted_ino = netns_file
+            .metadata()
+            .map_err(|e| DatapathError::io("reading netns", netns, e))?
+            .ino();
+        release_link_elsewhere(&link_path, wanted_ino)?;
         let prog = self.inbound_program()?;
         if adopt_link(
             &link_path,
@@ -241,8 +250,6 @@ impl Datapath {
         )? {
             return Ok(());
         }
-        let netns_file =
-            File::open(netns).map_err(|e| DatapathError::io("opening netns", netns, e))?;
         let link_id = prog.attach(&netns_file).map_err(|e| {
             DatapathError::program("attaching to netns", netns.display().to_string(), e)
         })?;
@@ -319,6 +326,24 @@ fn program_id(
 ) -> Result<u32, DatapathError> {
     info.map(|i| i.id())
         .map_err(|e| DatapathError::program("reading info of", name, e))
+}
+
+/// Detach the netns link pinned at `path` if it is attached to any namespace but the one with
+/// inode `netns_ino`.
+fn release_link_elsewhere(path: &Path, netns_ino: u64) -> Result<(), DatapathError> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let attached = syscall::obj_get(path).and_then(|link| syscall::netns_link_ino(&link));
+    match attached {
+        Ok(Some(ino)) if u64::from(ino) == netns_ino => Ok(()),
+        Ok(other) => {
+            tracing::info!(pin = %path.display(), attached_to = ?other, netns_ino, "inbound check pinned on another network namespace; detaching it");
+            detach_and_unpin(path)
+        }
+        // Unreadable: adopt_link decides (it replaces a pin that does not work).
+        Err(_) => Ok(()),
+    }
 }
 
 /// If a link is pinned at `path`, point it at `prog` and return true. A pin whose link no longer

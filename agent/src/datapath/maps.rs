@@ -308,6 +308,12 @@ pub(super) fn remove_if_present(
 ) -> Result<(), DatapathError> {
     match result {
         Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        // Socket maps report a missing key as the syscall's ENOENT.
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
         Err(e) => Err(DatapathError::map("removing from", map, e)),
     }
 }

@@ -290,6 +290,8 @@ const BPF_TCX_INGRESS: u32 = AttachType::TcxIngress as u32;
 const BPF_F_BEFORE: u32 = 1 << 3;
 /// `BPF_LINK_TYPE_TCX` of `enum bpf_link_type`.
 const BPF_LINK_TYPE_TCX: u32 = 11;
+/// `BPF_LINK_TYPE_NETNS` of `enum bpf_link_type` (`sk_lookup` and flow dissector links).
+const BPF_LINK_TYPE_NETNS: u32 = 5;
 
 /// `bpf_attr` for `BPF_LINK_CREATE` with the `tcx` member of its union.
 #[repr(C)]
@@ -366,9 +368,7 @@ struct InfoByFdAttr {
     info: u64,
 }
 
-/// The interface a TCX link is attached to: `Some(0)` once its interface is gone (the kernel
-/// detaches the link then), `None` for a link that is not a TCX link.
-pub fn tcx_link_ifindex(link: &impl AsFd) -> std::io::Result<Option<u32>> {
+fn link_info(link: &impl AsFd) -> std::io::Result<LinkInfo> {
     let mut info = LinkInfo::default();
     let mut attr = InfoByFdAttr {
         bpf_fd: link.as_fd().as_raw_fd() as u32,
@@ -376,5 +376,19 @@ pub fn tcx_link_ifindex(link: &impl AsFd) -> std::io::Result<Option<u32>> {
         info: &mut info as *mut LinkInfo as u64,
     };
     bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(info)
+}
+
+/// The interface a TCX link is attached to: `Some(0)` once its interface is gone (the kernel
+/// detaches the link then), `None` for a link that is not a TCX link.
+pub fn tcx_link_ifindex(link: &impl AsFd) -> std::io::Result<Option<u32>> {
+    let info = link_info(link)?;
     Ok((info.kind == BPF_LINK_TYPE_TCX).then_some(info.union[0]))
+}
+
+/// The inode of the network namespace a netns link (`sk_lookup`) is attached to: `Some(0)` once
+/// that namespace is gone, `None` for a link of another kind.
+pub fn netns_link_ino(link: &impl AsFd) -> std::io::Result<Option<u32>> {
+    let info = link_info(link)?;
+    Ok((info.kind == BPF_LINK_TYPE_NETNS).then_some(info.union[0]))
 }

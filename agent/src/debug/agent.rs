@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::api::{
     Backend, Cert, CertificateStatus, Connection, Decision, ExplainQuery, FlushResult, MapStatus,
     Policies, PolicySummary, ProgramStatus, ReloadResult, ReloadStatus, Stats, Status, Verdict,
-    VerdictFilter, VerdictPage, Workload,
+    VerdictFilter, VerdictPage, Workload, WorkloadFailure,
 };
 use crate::{
     datapath::system,
@@ -46,6 +46,7 @@ struct PublishedInner {
     programs: Vec<ProgramStatus>,
     last_reload: Option<ReloadStatus>,
     policy_errors: Vec<String>,
+    failed_workloads: Vec<WorkloadFailure>,
 }
 
 impl Published {
@@ -55,6 +56,16 @@ impl Published {
 
     pub fn set_programs(&self, programs: Vec<ProgramStatus>) {
         self.lock().programs = programs;
+    }
+
+    /// How many workloads the agent could not serve.
+    pub fn failed_workloads(&self) -> usize {
+        self.lock().failed_workloads.len()
+    }
+
+    /// The workloads the agent could not serve, with why.
+    pub fn set_failed_workloads(&self, failed: Vec<WorkloadFailure>) {
+        self.lock().failed_workloads = failed;
     }
 
     /// Record a reload's outcome; `errors` are the lines of a failed one (empty on success).
@@ -193,6 +204,7 @@ impl Backend for AgentView {
                 trigger: "start".to_owned(),
                 error: None,
             }),
+            failed_workloads: inner.failed_workloads.clone(),
         })
     }
 

@@ -57,6 +57,18 @@ pub struct Status {
     pub maps: Vec<MapStatus>,
     pub certificates: Vec<CertificateStatus>,
     pub last_reload: ReloadStatus,
+    /// Workloads of the config the agent could not serve (their cgroup, netns or listeners),
+    /// each failing closed on its own while the others are served.
+    #[serde(default)]
+    pub failed_workloads: Vec<WorkloadFailure>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadFailure {
+    /// `namespace/name`.
+    pub workload: String,
+    pub error: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

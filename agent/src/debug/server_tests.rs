@@ -75,6 +75,7 @@ impl Backend for Fixed {
                 trigger: "startup".into(),
                 error: None,
             },
+            failed_workloads: Vec::new(),
         })
     }
 

@@ -117,7 +117,15 @@ pub fn status(s: &Status) -> String {
             duration(c.seconds_left as f64),
         ]);
     }
-    for table in [programs, maps, certs] {
+    let mut tables = vec![programs, maps, certs];
+    if !s.failed_workloads.is_empty() {
+        let mut failed = Table::new(["FAILED WORKLOAD", "ERROR"]);
+        for f in &s.failed_workloads {
+            failed.row([f.workload.clone(), f.error.clone()]);
+        }
+        tables.push(failed);
+    }
+    for table in tables {
         out.push('\n');
         out.push_str(&table.render());
     }

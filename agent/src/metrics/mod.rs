@@ -77,6 +77,8 @@ pub struct ScrapeSnapshot {
     pub cert_expiry: Vec<(String, f64)>,
     /// Seconds the worker has spent busy polling (`dataplane.busyPoll`).
     pub busy_poll_seconds: f64,
+    /// Workloads of the config the agent could not serve.
+    pub failed_workloads: u64,
 }
 
 /// Called at each scrape; must be quick (it runs on a blocking thread).
@@ -267,6 +269,14 @@ impl Collector for ScrapeCollector {
              sleeping (dataplane.busyPoll).",
             None,
             polled.metric_type(),
+        )?)?;
+        let failed = ConstGauge::new(snapshot.failed_workloads as i64);
+        failed.encode(encoder.encode_descriptor(
+            "latch_workloads_failed",
+            "Workloads of the config the agent could not serve (each fails closed on its own; \
+             latch debug status says why).",
+            None,
+            failed.metric_type(),
         )?)?;
         let entries = ConstGauge::new(snapshot.cache_entries as i64);
         entries.encode(encoder.encode_descriptor(

@@ -136,6 +136,7 @@ fn scrape_source_values_are_read_at_each_scrape() {
             cache_entries: 7,
             cert_expiry: vec![(FRONTEND.into(), 1800.5)],
             busy_poll_seconds: 0.25,
+            failed_workloads: 2,
         }
     }));
     let first = samples(&metrics.encode().expect("encodes"));
@@ -148,6 +149,7 @@ fn scrape_source_values_are_read_at_each_scrape() {
     assert_eq!(second["latch_inbound_steered_total"], 42.0);
     assert_eq!(second["latch_inbound_rejected_total"], 52.0);
     assert_eq!(second["latch_verdict_cache_entries"], 7.0);
+    assert_eq!(second["latch_workloads_failed"], 2.0);
     assert_eq!(second["latch_busy_poll_seconds_total"], 0.25);
     assert_eq!(
         second[&format!("latch_certificate_expiry_seconds{{identity=\"{FRONTEND}\"}}")],

@@ -81,6 +81,8 @@ struct Counters {
 #[derive(Clone, Default)]
 pub struct Tracker {
     inner: Arc<Mutex<TrackerInner>>,
+    /// Woken whenever a connection's handle is dropped.
+    ended: Arc<tokio::sync::Notify>,
     metrics: Option<Metrics>,
 }
 
@@ -98,6 +100,7 @@ impl Tracker {
     pub fn with_metrics(metrics: Metrics) -> Self {
         Self {
             inner: Arc::default(),
+            ended: Arc::default(),
             metrics: Some(metrics),
         }
     }
@@ -162,6 +165,28 @@ impl Tracker {
         self.len() == 0
     }
 
+    /// Wait until every connection closed so far ([`Tracker::close_where`], [`Tracked::close`])
+    /// has ended, at most `limit`; whether they all had.
+    pub async fn closed_ended(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let ended = self.ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if !self
+                .lock()
+                .entries
+                .values()
+                .any(|e| e.cancel.is_cancelled())
+            {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, ended).await.is_err() {
+                return false;
+            }
+        }
+    }
+
     /// Close every connection for which `pred` holds; returns how many were closed.
     pub fn close_where(&self, pred: impl Fn(&ConnInfo) -> bool) -> usize {
         let inner = self.lock();
@@ -186,9 +211,17 @@ pub struct Tracked {
     opened: AtomicBool,
 }
 
+impl Tracked {
+    /// Close this connection as [`Tracker::close_where`] would.
+    pub fn close(&self) {
+        self.cancel.cancel();
+    }
+}
+
 impl Drop for Tracked {
     fn drop(&mut self) {
         let entry = self.tracker.lock().entries.remove(&self.id);
+        self.tracker.ended.notify_waiters();
         if let (Some(metrics), Some(entry), true) = (
             &self.tracker.metrics,
             entry,

@@ -18,7 +18,7 @@ use crate::{
     config::DataplaneMode,
     datapath::{DatapathError, KernelMaps, system},
     identity::IdentityKey,
-    state::Snapshot,
+    state::{SharedState, Snapshot},
 };
 
 /// Which side of the connection this node is on.
@@ -76,15 +76,30 @@ pub fn lock(maps: &SharedMaps) -> MutexGuard<'_, KernelMaps> {
 /// shadow, loaded from the kernel at start for verdicts an earlier run pinned). Revocation
 /// decides on the shadow and removes the stale keys in batches; it never has to walk the
 /// kernel's million-bucket map. Keys the kernel's LRU evicted meanwhile are skipped.
+///
+/// A verdict is written only if the state it was decided under is still in force: a reload
+/// puts its snapshot in place and then revokes under the shadow's lock, so a verdict decided
+/// under the old snapshot is either in the shadow before the sweep (and judged by it) or
+/// refused here. Nothing decided under generation N reaches the kernel once N+1 is committed.
 #[derive(Clone)]
 pub struct VerdictCache {
     maps: SharedMaps,
+    state: SharedState,
     shadow: Arc<Mutex<HashMap<VerdictKey, VerdictValue>>>,
 }
 
+/// Whether a verdict was written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Put {
+    Cached,
+    /// A newer state was committed after the verdict was decided: not written.
+    Stale,
+}
+
 impl VerdictCache {
-    /// A cache over `maps`, starting from the verdicts already in the kernel.
-    pub fn new(maps: SharedMaps) -> Result<Self, DatapathError> {
+    /// A cache over `maps`, starting from the verdicts already in the kernel, writing only
+    /// verdicts decided under `state`'s current generation.
+    pub fn new(maps: SharedMaps, state: SharedState) -> Result<Self, DatapathError> {
         let now = system::now_boot_ns();
         let shadow = lock(&maps)
             .verdicts()?
@@ -94,6 +109,7 @@ impl VerdictCache {
             .collect();
         Ok(Self {
             maps,
+            state,
             shadow: Arc::new(Mutex::new(shadow)),
         })
     }
@@ -115,29 +131,49 @@ impl VerdictCache {
         self.shadow.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Cache an allow for `pair` that expires after `ttl` (the caller passes the smaller of the
-    /// configured TTL and what the proof it holds allows).
-    pub fn allow(&self, pair: Pair, ttl: Duration) -> Result<(), DatapathError> {
-        self.put(pair, DECISION_ALLOW, ttl)
+    /// Cache an allow for `pair`, decided under state generation `decided_under`, that expires
+    /// after `ttl` (the caller passes the smaller of the configured TTL and what the proof it
+    /// holds allows).
+    pub fn allow(
+        &self,
+        pair: Pair,
+        ttl: Duration,
+        decided_under: u64,
+    ) -> Result<Put, DatapathError> {
+        self.put(pair, DECISION_ALLOW, ttl, decided_under)
     }
 
     /// Cache a deny for `pair`: the next `connect()` fails at once with `EPERM`.
-    pub fn deny(&self, pair: Pair, ttl: Duration) -> Result<(), DatapathError> {
-        self.put(pair, DECISION_DENY, ttl)
+    pub fn deny(
+        &self,
+        pair: Pair,
+        ttl: Duration,
+        decided_under: u64,
+    ) -> Result<Put, DatapathError> {
+        self.put(pair, DECISION_DENY, ttl, decided_under)
     }
 
-    fn put(&self, pair: Pair, decision: u32, ttl: Duration) -> Result<(), DatapathError> {
+    fn put(
+        &self,
+        pair: Pair,
+        decision: u32,
+        ttl: Duration,
+        decided_under: u64,
+    ) -> Result<Put, DatapathError> {
         let value = VerdictValue {
             expires_at_ns: system::boot_ns_after(ttl),
             decision,
             _pad: 0,
         };
-        // The shadow is locked across the kernel write so a concurrent sweep sees both or
-        // neither.
+        // The shadow is locked across the check and the kernel write, so a sweep (which takes
+        // it after its state is in force) sees the entry, or the entry sees the new state.
         let mut shadow = self.shadow();
+        if self.state.generation() != decided_under {
+            return Ok(Put::Stale);
+        }
         lock(&self.maps).insert_verdict(pair.key(), value)?;
         shadow.insert(pair.key(), value);
-        Ok(())
+        Ok(Put::Cached)
     }
 
     /// Remove from the kernel (and the shadow) every unexpired verdict matching `stale`;
