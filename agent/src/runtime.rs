@@ -246,6 +246,15 @@ async fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
     let _antispoof_watch = AbortOnDrop(antispoof_watch);
     let maps: SharedMaps = Arc::new(Mutex::new(datapath.maps()?));
     let deliveries = Arc::new(datapath.deliveries()?);
+    let stale = deliveries
+        .clear()
+        .context("clearing deliveries announced by an earlier run")?;
+    if stale > 0 {
+        tracing::info!(
+            removed = stale,
+            "cleared deliveries an earlier run announced and never withdrew"
+        );
+    }
     let state = SharedState::new(Snapshot {
         config,
         registry,

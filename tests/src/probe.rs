@@ -59,6 +59,18 @@ pub fn connect_from(
     to: SocketAddr,
     timeout: Duration,
 ) -> anyhow::Result<ProbeResult> {
+    connect_from_port(netns, cgroup, SocketAddr::new(from, 0), to, timeout)
+}
+
+/// [`connect_from`] from a chosen port too (`SO_REUSEADDR`, so a four-tuple of an earlier
+/// connection can be used again).
+pub fn connect_from_port(
+    netns: &Path,
+    cgroup: Option<&Path>,
+    from: SocketAddr,
+    to: SocketAddr,
+    timeout: Duration,
+) -> anyhow::Result<ProbeResult> {
     let timeout = timeout.as_millis().to_string();
     let args = [
         "--to",

@@ -249,3 +249,32 @@ fn every_address_of_an_enrolled_pod_is_checked_link_local_and_secondary_ones_too
         "the inbound check reset the SYN to the secondary address"
     );
 }
+
+#[test]
+fn deliveries_a_crashed_agent_announced_are_forgotten_when_it_starts_again() {
+    let (mut cluster, n1, server, client) = setup(AgentOptions::strict());
+    let echo = cluster.echo_server(server, PORT).expect("echo");
+    let from = std::net::SocketAddr::new(cluster.pod(client).ipv4.into(), 41000);
+    let to = cluster.pod(server).addr4(PORT);
+    // What a crashed agent leaves behind: an announcement it never withdrew, which lets that
+    // exact four-tuple past the inbound check.
+    latch::datapath::DeliveryMap::open_pinned(&cluster.node(n1).pin_dir)
+        .expect("deliveries")
+        .announce(from, to)
+        .expect("announce");
+    cluster.agent(n1).kill9();
+    cluster.agent(n1).restart().expect("restart");
+    let r = latch_tests::probe::connect_from_port(
+        &cluster.pod(client).netns(),
+        None,
+        from,
+        to,
+        Duration::from_secs(5),
+    )
+    .expect("probe");
+    assert!(
+        r.reset || r.refused(),
+        "plaintext on a stale delivery's four-tuple must be reset under STRICT: {r:?}"
+    );
+    assert_eq!(echo.accepted(), 0, "the application never sees it");
+}

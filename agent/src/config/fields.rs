@@ -25,6 +25,23 @@ fn parse_duration(raw: &str) -> Result<Duration, String> {
     humantime::parse_duration(raw.trim()).map_err(|e| format!("invalid duration {raw:?}: {e}"))
 }
 
+/// `dataplane.verdictTtl`: greater than zero, at most [`MAX_VERDICT_TTL`].
+pub fn verdict_ttl<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let duration = positive_duration(d)?;
+    if duration > MAX_VERDICT_TTL {
+        return Err(D::Error::custom(format!(
+            "{} is longer than the {} maximum",
+            humantime::format_duration(duration),
+            humantime::format_duration(MAX_VERDICT_TTL)
+        )));
+    }
+    Ok(duration)
+}
+
+/// A cached verdict is a decision the kernel keeps applying without asking again; a day bounds
+/// how long a verdict outlives anything the agent failed to revoke (certificates bound it too).
+pub const MAX_VERDICT_TTL: Duration = Duration::from_secs(24 * 3600);
+
 /// The busy-poll window: zero (off) up to [`MAX_BUSY_POLL`].
 pub fn busy_poll<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let raw = String::deserialize(d)?;

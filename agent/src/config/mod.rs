@@ -106,7 +106,7 @@ pub struct Dataplane {
     pub mode: DataplaneMode,
     #[serde(
         default = "defaults::verdict_ttl",
-        deserialize_with = "fields::positive_duration",
+        deserialize_with = "fields::verdict_ttl",
         serialize_with = "fields::serialize_duration"
     )]
     pub verdict_ttl: Duration,

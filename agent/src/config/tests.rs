@@ -126,6 +126,18 @@ fn bad_duration() {
 }
 
 #[test]
+fn verdict_ttl_is_at_most_a_day() {
+    let msg = expect_error(
+        &format!("{MINIMAL}dataplane: {{ verdictTtl: 25h }}\n"),
+        5,
+        "dataplane.verdictTtl",
+    );
+    assert!(msg.contains("longer than the 1day maximum"), "{msg}");
+    let c = parse(&format!("{MINIMAL}dataplane: {{ verdictTtl: 24h }}\n")).expect("a day is fine");
+    assert_eq!(c.dataplane.verdict_ttl, Duration::from_secs(24 * 3600));
+}
+
+#[test]
 fn zero_ttl() {
     let msg = expect_error(
         &format!("{MINIMAL}dataplane: {{ verdictTtl: 0s }}\n"),

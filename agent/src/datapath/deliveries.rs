@@ -36,6 +36,19 @@ impl DeliveryMap {
             .map_err(|e| DatapathError::map("writing", map_names::DELIVERIES, e))
     }
 
+    /// Forget every announcement: at start, those left by an earlier run (a crash never
+    /// withdrew them) would let anyone who reuses their four-tuples past the inbound check. The
+    /// connections they announced are established already; a new agent delivers anew. Returns
+    /// how many were removed.
+    pub fn clear(&self) -> Result<usize, DatapathError> {
+        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let keys: Vec<DeliveryKey> = map.keys().filter_map(Result::ok).collect();
+        for key in &keys {
+            maps::remove_if_present(map.remove(key), map_names::DELIVERIES)?;
+        }
+        Ok(keys.len())
+    }
+
     /// The delivery `from` → `to` has ended.
     pub fn withdraw(&self, from: SocketAddr, to: SocketAddr) -> Result<(), DatapathError> {
         let removed = self

@@ -1,7 +1,7 @@
 //! `latch-probe`: the client the tests and benchmarks run inside pods (in the pod's netns and
 //! cgroup), so that the kernel programs see a real process of that pod.
 //!
-//! - `latch-probe connect --to IP:PORT [--from IP] [--send TEXT] [--keep-open] [--timeout-ms N]`:
+//! - `latch-probe connect --to IP:PORT [--from IP[:PORT]] [--send TEXT] [--keep-open] [--timeout-ms N]`:
 //!   one connection (from the address `--from` if given, which the namespace must hold); sends
 //!   TEXT and half-closes (with `--keep-open`, sends TEXT and does not half-close, so the exchange
 //!   ends only when the other side closes), reads until the end; prints one JSON line: ok, errno,
@@ -42,8 +42,8 @@ fn opt(s: Option<String>) -> String {
     s.map(|s| json_str(&s)).unwrap_or_else(|| "null".into())
 }
 
-/// A TCP connection to `to`, from `from` if given.
-fn open(to: SocketAddr, from: Option<IpAddr>, timeout: Duration) -> std::io::Result<TcpStream> {
+/// A TCP connection to `to`, from `from` if given (port 0: any port).
+fn open(to: SocketAddr, from: Option<SocketAddr>, timeout: Duration) -> std::io::Result<TcpStream> {
     let Some(from) = from else {
         return TcpStream::connect_timeout(&to, timeout);
     };
@@ -52,14 +52,15 @@ fn open(to: SocketAddr, from: Option<IpAddr>, timeout: Duration) -> std::io::Res
         socket2::Type::STREAM,
         Some(socket2::Protocol::TCP),
     )?;
-    socket.bind(&SocketAddr::new(from, 0).into())?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&from.into())?;
     socket.connect_timeout(&to.into(), timeout)?;
     Ok(socket.into())
 }
 
 fn connect(
     to: SocketAddr,
-    from: Option<IpAddr>,
+    from: Option<SocketAddr>,
     send: Option<String>,
     half_close: bool,
     timeout: Duration,
@@ -316,11 +317,14 @@ fn main() {
                 .map(Duration::from_millis)
                 .unwrap_or(Duration::from_secs(10));
             let half_close = !args.iter().any(|a| a == "--keep-open");
-            let from = match arg(&args, "--from").map(|s| s.parse()) {
+            let from = match arg(&args, "--from").map(|s| {
+                s.parse::<SocketAddr>()
+                    .or_else(|_| s.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 0)))
+            }) {
                 None => None,
-                Some(Ok(ip)) => Some(ip),
+                Some(Ok(addr)) => Some(addr),
                 Some(Err(_)) => {
-                    eprintln!("latch-probe: --from must be an IP address");
+                    eprintln!("latch-probe: --from must be IP or IP:PORT");
                     std::process::exit(2);
                 }
             };
@@ -363,7 +367,7 @@ fn main() {
         },
         _ => {
             eprintln!(
-                "usage: latch-probe connect --to IP:PORT [--from IP] [--send TEXT] [--keep-open] [--timeout-ms N] | rate --to IP:PORT --count N | cgroup"
+                "usage: latch-probe connect --to IP:PORT [--from IP[:PORT]] [--send TEXT] [--keep-open] [--timeout-ms N] | rate --to IP:PORT --count N | cgroup"
             );
             std::process::exit(2);
         }
