@@ -23,6 +23,7 @@ pub mod file_watch;
 pub mod identity;
 pub mod logging;
 pub mod metrics;
+pub mod netlink;
 pub mod policy;
 pub mod runtime;
 pub mod state;

@@ -3,18 +3,18 @@
 //! wakes up on every link or address change (`RTNLGRP_LINK`, `RTNLGRP_IPV4_IFADDR`,
 //! `RTNLGRP_IPV6_IFADDR`). Sockets keep the namespace they were made in.
 
-use std::{fs::File, io, net::IpAddr, os::fd::AsRawFd, path::Path};
+use std::{fs::File, io, net::IpAddr, os::fd::AsRawFd};
 
-use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
-};
+use netlink_packet_core::NLM_F_ACK;
 use netlink_packet_route::{
     RouteNetlinkMessage,
     address::{AddressAttribute, AddressMessage},
     link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkLayerType, LinkMessage},
     nsid::{NsidAttribute, NsidMessage},
 };
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+use netlink_sys::{Socket, protocols::NETLINK_ROUTE};
+
+pub use crate::netlink::RouteSocket;
 
 /// What kind of device a link is, as far as anti-spoofing cares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,44 +50,7 @@ pub struct Address {
     pub ip: IpAddr,
 }
 
-/// `NLM_F_DUMP_INTR`: the dump changed while it was read; read it again.
-const NLM_F_DUMP_INTR: u16 = 0x10;
-/// Dumps that keep changing underneath are read this many times before giving up.
-const DUMP_ATTEMPTS: usize = 5;
-
-/// A route netlink socket for requests, in the namespace it was opened in.
-pub struct RouteSocket {
-    socket: Socket,
-    sequence: u32,
-}
-
 impl RouteSocket {
-    /// In the calling thread's namespace.
-    pub fn open() -> io::Result<Self> {
-        let mut socket = Socket::new(NETLINK_ROUTE)?;
-        socket.bind_auto()?;
-        socket.connect(&SocketAddr::new(0, 0))?;
-        Ok(Self {
-            socket,
-            sequence: 0,
-        })
-    }
-
-    /// In the namespace at `netns` (a short-lived thread enters it to make the socket).
-    pub fn open_in(netns: &Path) -> io::Result<Self> {
-        let file = File::open(netns).map_err(|e| annotate(e, "opening", netns))?;
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-                        .map_err(|e| annotate(e.into(), "entering", netns))?;
-                    Self::open()
-                })
-                .join()
-                .map_err(|_| io::Error::other("netlink thread panicked"))?
-        })
-    }
-
     /// Every link of the namespace.
     pub fn links(&mut self) -> io::Result<Vec<Link>> {
         let messages = self.dump(RouteNetlinkMessage::GetLink(LinkMessage::default()))?;
@@ -144,85 +107,6 @@ impl RouteSocket {
             _ => None,
         });
         Ok(id.filter(|id| *id >= 0))
-    }
-
-    fn dump(&mut self, request: RouteNetlinkMessage) -> io::Result<Vec<RouteNetlinkMessage>> {
-        for _ in 0..DUMP_ATTEMPTS {
-            let (messages, interrupted) = self.exchange(request.clone(), NLM_F_DUMP)?;
-            if !interrupted {
-                return Ok(messages);
-            }
-        }
-        Err(io::Error::other(
-            "the netlink dump kept changing while it was read",
-        ))
-    }
-
-    fn request(
-        &mut self,
-        request: RouteNetlinkMessage,
-        flags: u16,
-    ) -> io::Result<Vec<RouteNetlinkMessage>> {
-        self.exchange(request, flags).map(|(messages, _)| messages)
-    }
-
-    /// Send one request and read its replies: until `NLMSG_DONE` for a dump, else until the
-    /// acknowledgement or the first reply.
-    fn exchange(
-        &mut self,
-        request: RouteNetlinkMessage,
-        flags: u16,
-    ) -> io::Result<(Vec<RouteNetlinkMessage>, bool)> {
-        self.sequence = self.sequence.wrapping_add(1);
-        let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST | flags;
-        header.sequence_number = self.sequence;
-        let mut message = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(request));
-        message.finalize();
-        let mut buf = vec![0; message.buffer_len()];
-        message.serialize(&mut buf);
-        self.socket.send(&buf, 0)?;
-
-        let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
-        let ack = flags & NLM_F_ACK != 0;
-        let mut out = Vec::new();
-        let mut interrupted = false;
-        loop {
-            let (datagram, _) = self.socket.recv_from_full()?;
-            let mut at = 0;
-            while at < datagram.len() {
-                let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&datagram[at..])
-                    .map_err(|e| {
-                        io::Error::new(io::ErrorKind::InvalidData, format!("netlink reply: {e}"))
-                    })?;
-                let length = reply.header.length as usize;
-                if length == 0 {
-                    break;
-                }
-                // Messages in one datagram start at 4-byte boundaries.
-                at += length.next_multiple_of(4);
-                if reply.header.sequence_number != self.sequence {
-                    continue;
-                }
-                interrupted |= reply.header.flags & NLM_F_DUMP_INTR != 0;
-                match reply.payload {
-                    NetlinkPayload::Done(_) => return Ok((out, interrupted)),
-                    NetlinkPayload::Error(e) => {
-                        return match e.code {
-                            None => Ok((out, interrupted)),
-                            Some(_) => Err(e.to_io()),
-                        };
-                    }
-                    NetlinkPayload::InnerMessage(inner) => {
-                        out.push(inner);
-                        if !dump && !ack {
-                            return Ok((out, interrupted));
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        }
     }
 }
 
@@ -332,8 +216,4 @@ impl Events {
             }
         }
     }
-}
-
-fn annotate(e: io::Error, what: &str, path: &Path) -> io::Error {
-    io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
 }

@@ -18,16 +18,14 @@
 use std::{io, net::IpAddr, path::Path};
 
 use latch_common::{DELIVERY_MARK, DELIVERY_RULE_PRIORITY, DELIVERY_TABLE, LOOPBACK_IFINDEX};
-use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage,
-    NetlinkPayload,
-};
+use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL};
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
     route::{RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType},
     rule::{RuleAction, RuleAttribute, RuleMessage},
 };
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+
+use crate::netlink::RouteSocket;
 
 /// The families whose deliveries may come from the client's own address in one pod.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -81,21 +79,12 @@ pub fn install(netns: &Path) -> Transparent {
     }
 }
 
-/// A route netlink socket in the calling thread's namespace.
-struct Routes {
-    socket: Socket,
-    sequence: u32,
-}
+/// The delivery routing, set over a route netlink socket of the calling thread's namespace.
+struct Routes(RouteSocket);
 
 impl Routes {
     fn open() -> io::Result<Self> {
-        let mut socket = Socket::new(NETLINK_ROUTE)?;
-        socket.bind_auto()?;
-        socket.connect(&SocketAddr::new(0, 0))?;
-        Ok(Self {
-            socket,
-            sequence: 0,
-        })
+        RouteSocket::open().map(Self)
     }
 
     fn install(&mut self, family: AddressFamily) -> io::Result<()> {
@@ -131,40 +120,13 @@ impl Routes {
 
     /// Send one create request and wait for its acknowledgement; already there counts as done.
     fn create(&mut self, message: RouteNetlinkMessage) -> io::Result<()> {
-        self.sequence += 1;
-        let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
-        header.sequence_number = self.sequence;
-        let mut request = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(message));
-        request.finalize();
-        let mut buf = vec![0; request.buffer_len()];
-        request.serialize(&mut buf);
-        self.socket.send(&buf, 0)?;
-        loop {
-            let (reply, _) = self.socket.recv_from_full()?;
-            let mut at = 0;
-            while at < reply.len() {
-                let message = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&reply[at..])
-                    .map_err(|e| {
-                        io::Error::new(io::ErrorKind::InvalidData, format!("netlink reply: {e}"))
-                    })?;
-                let length = message.header.length as usize;
-                if length == 0 {
-                    break;
-                }
-                // Messages in one datagram start at 4-byte boundaries.
-                at += length.next_multiple_of(4);
-                if message.header.sequence_number != self.sequence {
-                    continue;
-                }
-                if let NetlinkPayload::Error(e) = message.payload {
-                    return match e.code {
-                        None => Ok(()),
-                        Some(code) if -code.get() == libc::EEXIST => Ok(()),
-                        Some(_) => Err(e.to_io()),
-                    };
-                }
-            }
+        match self
+            .0
+            .request(message, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL)
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+            Err(e) => Err(e),
         }
     }
 }
