@@ -54,6 +54,13 @@ struct LinkUpdateAttr {
 }
 
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<()> {
+    bpf_call(cmd, attr).map(drop)
+}
+
+/// The `bpf(2)` system call with `attr`, a `#[repr(C)]` prefix of `union bpf_attr` (the kernel
+/// zero-extends it to its own size); the call's non-negative result (a new fd, for some
+/// commands). The benchmarks' test runs of the programs use it too.
+pub fn bpf_call<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<i64> {
     // SAFETY: `attr` is a #[repr(C)] bpf_attr prefix of the size we pass; the kernel zero-extends.
     let rc = unsafe {
         libc::syscall(
@@ -66,7 +73,7 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<()> {
     if rc < 0 {
         Err(std::io::Error::last_os_error())
     } else {
-        Ok(())
+        Ok(rc)
     }
 }
 

@@ -1198,22 +1198,7 @@ mod bpf_run {
     const BPF_PROG_TEST_RUN: libc::c_long = 10;
     const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 
-    fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<i64> {
-        // SAFETY: `attr` is a #[repr(C)] prefix of `union bpf_attr` of the size passed.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                cmd,
-                attr as *mut T as *mut libc::c_void,
-                std::mem::size_of::<T>() as libc::c_uint,
-            )
-        };
-        if rc < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(rc)
-        }
-    }
+    use latch::datapath::syscall::bpf_call as bpf;
 
     pub fn prog_fd_by_id(id: u32) -> std::io::Result<OwnedFd> {
         #[repr(C)]
