@@ -105,3 +105,18 @@ pub fn write_atomically(path: &Path, contents: impl AsRef<[u8]>) -> anyhow::Resu
     std::fs::rename(&staging, path)
         .with_context(|| format!("moving {} to {}", staging.display(), path.display()))
 }
+
+/// Run the `latch` command under test with `args`: its exit code and its stdout and stderr
+/// together.
+pub fn run_latch(args: &[&str]) -> anyhow::Result<(i32, String)> {
+    let out = std::process::Command::new(latch_bin()?)
+        .args(args)
+        .output()
+        .context("running latch")?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((out.status.code().unwrap_or(-1), text))
+}

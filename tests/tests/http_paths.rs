@@ -305,16 +305,7 @@ fn a_client_that_never_finishes_its_request_head_is_disconnected() {
 }
 
 fn latch(args: &[&str]) -> (i32, String) {
-    let out = std::process::Command::new(env::latch_bin().expect("latch"))
-        .args(args)
-        .output()
-        .expect("run latch");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
+    env::run_latch(args).expect("run latch")
 }
 
 #[test]

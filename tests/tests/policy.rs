@@ -6,7 +6,6 @@
 
 use std::{
     path::PathBuf,
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -274,16 +273,7 @@ fn a_namespace_deny_all_revokes_cached_verdicts_and_closes_open_connections() {
 }
 
 fn latch(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env::latch_bin().expect("latch"))
-        .args(args)
-        .output()
-        .expect("run latch");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
+    env::run_latch(args).expect("run latch")
 }
 
 #[test]

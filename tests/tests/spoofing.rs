@@ -162,23 +162,18 @@ fn pin_gateway(scene: &Scene, v6: bool) {
     .expect("neighbour entry");
 }
 
-/// The attacker puts frontend's address of one family on its interface and connects to payment
-/// from it, from outside every cgroup (so no connect hook redirects it): node 2 must admit
-/// nothing, node 1 must have dropped it, and frontend's own connection still takes the fast path.
-fn spoofed_connection_is_refused(scene: &Scene, v6: bool) {
+/// The attacker takes `stolen` (the address of `victim`, with its prefix length) on its
+/// interface and connects to `to` from it, from outside every cgroup (no connect hook redirects
+/// it): the connection fails, `admitting` (the destination's node) admits nothing by the
+/// victim's cached verdict, and node 1 has dropped the spoofed packets.
+fn steal_and_connect(
+    scene: &Scene,
+    (stolen, prefix, victim): (IpAddr, &str, &str),
+    to: SocketAddr,
+    admitting: NodeId,
+) {
     let c = &scene.cluster;
-    let frontend = c.pod(scene.frontend);
     let attacker = c.pod(scene.attacker);
-    let (stolen, to, prefix): (IpAddr, SocketAddr, &str) = if v6 {
-        (
-            frontend.ipv6.into(),
-            c.pod(scene.payment).addr6(PORT),
-            "128",
-        )
-    } else {
-        (frontend.ipv4.into(), c.pod(scene.payment).addr4(PORT), "32")
-    };
-    pin_gateway(scene, v6);
     netns::ip(
         &attacker.netns_name,
         &[
@@ -190,24 +185,42 @@ fn spoofed_connection_is_refused(scene: &Scene, v6: bool) {
             "nodad",
         ],
     )
-    .expect("taking frontend's address");
-
-    let admitted = counter(c, scene.n2, Counter::InboundAdmitted);
+    .unwrap_or_else(|e| panic!("taking {victim}'s address: {e:#}"));
+    let admitted = counter(c, admitting, Counter::InboundAdmitted);
     let drops = spoof_drops(c, scene.n1);
     let r = probe::connect_from(&attacker.netns(), None, stolen, to, GIVE_UP).expect("probe");
     assert!(
         !r.ok,
-        "a connection from frontend's address by another pod: {r:?}"
+        "a connection from {victim}'s address by another pod: {r:?}"
     );
     assert_eq!(
-        counter(c, scene.n2, Counter::InboundAdmitted),
+        counter(c, admitting, Counter::InboundAdmitted),
         admitted,
-        "node 2 admitted a spoofed SYN by frontend's cached verdict"
+        "a spoofed SYN was admitted by {victim}'s cached verdict"
     );
     assert!(
         spoof_drops(c, scene.n1) > drops,
         "node 1 must drop the spoofed packets"
     );
+}
+
+/// The attacker puts frontend's address of one family on its interface and connects to payment
+/// from it, from outside every cgroup (so no connect hook redirects it): node 2 must admit
+/// nothing, node 1 must have dropped it, and frontend's own connection still takes the fast path.
+fn spoofed_connection_is_refused(scene: &Scene, v6: bool) {
+    let c = &scene.cluster;
+    let frontend = c.pod(scene.frontend);
+    let (stolen, to, prefix): (IpAddr, SocketAddr, &str) = if v6 {
+        (
+            frontend.ipv6.into(),
+            c.pod(scene.payment).addr6(PORT),
+            "128",
+        )
+    } else {
+        (frontend.ipv4.into(), c.pod(scene.payment).addr4(PORT), "32")
+    };
+    pin_gateway(scene, v6);
+    steal_and_connect(scene, (stolen, prefix, "frontend"), to, scene.n2);
 
     // frontend itself is unaffected (the attacker still holds the address).
     let fast = counter(c, scene.n1, Counter::FastpathAllowed);
@@ -282,35 +295,7 @@ fn remote_address_is_refused(scene: &Scene, v6: bool) {
         }
         Topology::Routed => pin_gateway(scene, v6),
     }
-    netns::ip(
-        &attacker.netns_name,
-        &[
-            "addr",
-            "add",
-            &format!("{stolen}/{prefix}"),
-            "dev",
-            "eth0",
-            "nodad",
-        ],
-    )
-    .expect("taking payment's address");
-
-    let admitted = counter(c, scene.n1, Counter::InboundAdmitted);
-    let drops = spoof_drops(c, scene.n1);
-    let r = probe::connect_from(&attacker.netns(), None, stolen, to, GIVE_UP).expect("probe");
-    assert!(
-        !r.ok,
-        "a connection from payment's address by a pod of node 1: {r:?}"
-    );
-    assert_eq!(
-        counter(c, scene.n1, Counter::InboundAdmitted),
-        admitted,
-        "node 1 admitted a spoofed SYN by payment's cached verdict"
-    );
-    assert!(
-        spoof_drops(c, scene.n1) > drops,
-        "node 1 must drop the spoofed packets"
-    );
+    steal_and_connect(scene, (stolen, prefix, "payment"), to, scene.n1);
 
     let admitted = counter(c, scene.n1, Counter::InboundAdmitted);
     let r = c.probe(scene.payment, to, Some("mine")).expect("probe");
