@@ -10,7 +10,8 @@
 //!   IPv4 endpoint.
 //! - Ports are in host byte order.
 //! - Times are nanoseconds of `CLOCK_BOOTTIME` (`bpf_ktime_get_boot_ns` in the kernel).
-//! - Identities are 64-bit keys derived by the agent from SPIFFE IDs; the kernel only compares them.
+//! - Identities are 128-bit keys ([`Identity`]) derived by the agent from SPIFFE IDs; the kernel
+//!   only copies and compares them.
 #![no_std]
 
 /// Names of the maps, as they appear in the eBPF object and under the pin directory.
@@ -212,11 +213,27 @@ impl IpKey {
     }
 }
 
+/// A workload identity as the kernel stores it: the first 16 bytes of SHA-256 of the SPIFFE ID,
+/// in digest order (the agent derives it). 128 bits, so that no one can make two identities share
+/// a key by choosing service-account names: a 64-bit key falls to a birthday search of about 2^32
+/// hashes, a 128-bit one would take 2^64. Aligned to 8 so the programs copy it as two words.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Identity {
+    pub bytes: [u8; 16],
+}
+
+impl Identity {
+    pub const fn new(bytes: [u8; 16]) -> Self {
+        Self { bytes }
+    }
+}
+
 /// An enrolled workload, keyed by its (pod) cgroup id.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct WorkloadInfo {
-    pub identity: u64,
+    pub identity: Identity,
     /// `WORKLOAD_*` flags.
     pub flags: u32,
     pub _pad: u32,
@@ -230,7 +247,7 @@ pub const WORKLOAD_TUNNEL_ONLY: u32 = 1;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct EndpointInfo {
-    pub identity: u64,
+    pub identity: Identity,
     /// `ENDPOINT_*` flags.
     pub flags: u32,
     pub _pad: u32,
@@ -249,8 +266,8 @@ pub const DIRECTION_INBOUND: u8 = 1;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct VerdictKey {
-    pub src_identity: u64,
-    pub dst_identity: u64,
+    pub src_identity: Identity,
+    pub dst_identity: Identity,
     /// Destination port, host byte order.
     pub port: u16,
     /// `DIRECTION_*`.
@@ -259,7 +276,12 @@ pub struct VerdictKey {
 }
 
 impl VerdictKey {
-    pub const fn new(src_identity: u64, dst_identity: u64, port: u16, direction: u8) -> Self {
+    pub const fn new(
+        src_identity: Identity,
+        dst_identity: Identity,
+        port: u16,
+        direction: u8,
+    ) -> Self {
         Self {
             src_identity,
             dst_identity,
@@ -465,6 +487,7 @@ mod pod {
     // SAFETY: all of these are #[repr(C)], Copy, made only of integers and byte arrays, with
     // explicit padding fields, so every bit pattern is valid.
     unsafe impl aya::Pod for super::IpKey {}
+    unsafe impl aya::Pod for super::Identity {}
     unsafe impl aya::Pod for super::WorkloadInfo {}
     unsafe impl aya::Pod for super::EndpointInfo {}
     unsafe impl aya::Pod for super::VerdictKey {}
@@ -486,9 +509,11 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<IpKey>(), 16);
-        assert_eq!(size_of::<WorkloadInfo>(), 16);
-        assert_eq!(size_of::<EndpointInfo>(), 16);
-        assert_eq!(size_of::<VerdictKey>(), 24);
+        assert_eq!(size_of::<Identity>(), 16);
+        assert_eq!(core::mem::align_of::<Identity>(), 8);
+        assert_eq!(size_of::<WorkloadInfo>(), 24);
+        assert_eq!(size_of::<EndpointInfo>(), 24);
+        assert_eq!(size_of::<VerdictKey>(), 40);
         assert_eq!(size_of::<VerdictValue>(), 16);
         assert_eq!(size_of::<OrigDst>(), 24);
         assert_eq!(size_of::<RedirectKey>(), 16);

@@ -187,7 +187,13 @@ fn the_verdict_map_holds_a_million_entries() {
     let mut m = maps(&cluster, n1);
     let value = m.verdicts().expect("verdicts")[0].value;
     for i in 0..1_000_000u64 {
-        let key = latch_common::VerdictKey::new(i + 1_000_000, i, (i % 60_000) as u16 + 1, 0);
+        let id = |n: u64| {
+            let mut bytes = [0u8; 16];
+            bytes[..8].copy_from_slice(&n.to_le_bytes());
+            latch_common::Identity::new(bytes)
+        };
+        let key =
+            latch_common::VerdictKey::new(id(i + 1_000_000), id(i), (i % 60_000) as u16 + 1, 0);
         m.insert_verdict(key, value).expect("insert");
     }
     // Everything is still there (LRU has not evicted: the map is larger than a million).

@@ -11,7 +11,7 @@ use std::{
 };
 
 use latch_common::{
-    DECISION_ALLOW, MAX_DELIVERIES, MAX_ENDPOINTS, MAX_INBOUND_LISTENERS, MAX_REDIRECTS,
+    DECISION_ALLOW, Identity, MAX_DELIVERIES, MAX_ENDPOINTS, MAX_INBOUND_LISTENERS, MAX_REDIRECTS,
     MAX_VERDICTS, MAX_WORKLOADS, map_names,
 };
 use tokio::sync::{mpsc, oneshot};
@@ -100,12 +100,14 @@ pub struct AgentView {
     pub reloads: mpsc::Sender<ReloadRequest>,
 }
 
-/// The SPIFFE ID behind a kernel identity key, or `key:<hex>` for one the agent does not know.
-fn identity_name(registry: &Registry, key: u64) -> String {
+/// The SPIFFE ID behind a kernel identity key, or `key:<hex>` (all 32 digits) for one the agent
+/// does not know.
+fn identity_name(registry: &Registry, key: Identity) -> String {
+    let key = IdentityKey(key);
     registry
-        .identity(IdentityKey(key))
+        .identity(key)
         .map(ToString::to_string)
-        .unwrap_or_else(|| format!("key:{key:016x}"))
+        .unwrap_or_else(|| format!("key:{}", key.hex()))
 }
 
 impl AgentView {
@@ -113,7 +115,7 @@ impl AgentView {
         let raw = lock(&self.maps).verdicts().map_err(|e| e.to_string())?;
         let now = system::now_boot_ns();
         let snapshot = self.state.get();
-        let name = |key: u64| identity_name(&snapshot.registry, key);
+        let name = |key: Identity| identity_name(&snapshot.registry, key);
         let mut out: Vec<Verdict> = raw
             .iter()
             .filter(|v| v.value.expires_at_ns > now)

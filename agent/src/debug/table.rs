@@ -327,7 +327,7 @@ mod tests {
                     encrypted: false,
                 },
                 Verdict {
-                    source: "key:00000000deadbeef".into(),
+                    source: "key:000000000000000000000000deadbeef".into(),
                     destination: "spiffe://cluster.local/ns/db/sa/pg".into(),
                     port: 5432,
                     direction: Direction::Inbound,
@@ -342,7 +342,7 @@ mod tests {
             "\
 SOURCE                                      DESTINATION                                PORT  DIRECTION  DECISION  TTL    ENCRYPTED
 spiffe://cluster.local/ns/prod/sa/frontend  spiffe://cluster.local/ns/prod/sa/payment  8080  outbound   allow     4m12s  no (fast path)
-key:00000000deadbeef                        spiffe://cluster.local/ns/db/sa/pg         5432  inbound    deny      4.2s   -
+key:000000000000000000000000deadbeef        spiffe://cluster.local/ns/db/sa/pg         5432  inbound    deny      4.2s   -
 (1-2 of 3; use --offset/--limit for more)
 "
         );

@@ -1,4 +1,4 @@
-//! Who is who: SPIFFE identities of workloads, the 64-bit keys the kernel stores for them, and
+//! Who is who: SPIFFE identities of workloads, the 128-bit keys the kernel stores for them, and
 //! the registry built from the config (cgroup → local workload, IP → identity).
 
 pub mod ca;
@@ -8,6 +8,7 @@ pub mod spiffe;
 
 pub use registry::{Endpoint, LocalWorkload, Registry, RegistryError};
 
+use latch_common::Identity;
 use sha2::{Digest, Sha256};
 
 /// A Kubernetes-form SPIFFE ID: `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
@@ -55,18 +56,24 @@ impl std::fmt::Display for SpiffeId {
     }
 }
 
-/// A 64-bit identity key: the first 8 bytes of SHA-256 of the SPIFFE ID. Stable across agent
-/// restarts (so pinned verdicts stay meaningful), and infeasible to collide on purpose with a
-/// chosen identity. The registry still rejects accidental collisions.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
-pub struct IdentityKey(pub u64);
+/// The key the kernel stores for an identity: the first 16 bytes of SHA-256 of the SPIFFE ID.
+/// Stable across agent restarts (so pinned verdicts stay meaningful), and 128 bits wide so that
+/// two identities cannot be made to share a key by choosing their names (a birthday search
+/// would take about 2^64 hashes). The registry still rejects a collision, should one ever occur.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IdentityKey(pub Identity);
 
 impl IdentityKey {
     pub fn of(spiffe_id: &str) -> Self {
         let digest = Sha256::digest(spiffe_id.as_bytes());
-        let mut first = [0u8; 8];
-        first.copy_from_slice(&digest[..8]);
-        Self(u64::from_le_bytes(first))
+        let mut first = [0u8; 16];
+        first.copy_from_slice(&digest[..16]);
+        Self(Identity::new(first))
+    }
+
+    /// The key in lowercase hex, 32 digits, in digest order.
+    pub fn hex(&self) -> String {
+        self.0.bytes.iter().map(|b| format!("{b:02x}")).collect()
     }
 }
 
@@ -89,6 +96,21 @@ mod tests {
             IdentityKey::of("spiffe://cluster.local/ns/prod/sa/frontend")
         );
         assert_ne!(a.key(), b.key());
+    }
+
+    /// The kernel key is the first 16 bytes of SHA-256 of the written-out ID (the vector is
+    /// `printf %s spiffe://cluster.local/ns/prod/sa/frontend | sha256sum`), all 128 bits of it.
+    #[test]
+    fn the_key_is_the_first_16_bytes_of_sha256_of_the_id() {
+        let key = SpiffeId::new("cluster.local", "prod", "frontend").key();
+        assert_eq!(key.hex(), "7362477ddf0023707e04c15934e2f73d");
+        assert_eq!(
+            key.0.bytes,
+            [
+                0x73, 0x62, 0x47, 0x7d, 0xdf, 0x00, 0x23, 0x70, 0x7e, 0x04, 0xc1, 0x59, 0x34, 0xe2,
+                0xf7, 0x3d
+            ]
+        );
     }
 
     #[test]

@@ -40,7 +40,9 @@ pub struct Endpoint {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RegistryError {
-    #[error("identities {a} and {b} have the same 64-bit key; rename one service account")]
+    #[error(
+        "identities {a} and {b} have the same 128-bit identity key; rename one service account"
+    )]
     KeyCollision { a: String, b: String },
 }
 

@@ -182,9 +182,9 @@ pub fn pair(
 /// destination's pods looks at the port.
 pub struct PairMemo<'a> {
     snapshot: &'a Snapshot,
-    by_port: HashMap<(u64, u64, u16), Option<bool>>,
+    by_port: HashMap<(IdentityKey, IdentityKey, u16), Option<bool>>,
     /// `Some(answer)` for a port-insensitive pair, `None` if it must be asked per port.
-    by_pair: HashMap<(u64, u64), Option<Option<bool>>>,
+    by_pair: HashMap<(IdentityKey, IdentityKey), Option<Option<bool>>>,
 }
 
 impl<'a> PairMemo<'a> {
@@ -209,7 +209,7 @@ impl<'a> PairMemo<'a> {
         let ask = || pair(snapshot, &source_id.to_string(), destination, port);
         let scope = *self
             .by_pair
-            .entry((source.0, destination.0))
+            .entry((source, destination))
             .or_insert_with(|| {
                 let sensitive = snapshot
                     .registry
@@ -226,7 +226,7 @@ impl<'a> PairMemo<'a> {
             Some(answer) => answer,
             None => *self
                 .by_port
-                .entry((source.0, destination.0, port))
+                .entry((source, destination, port))
                 .or_insert_with(ask),
         }
     }
