@@ -1,16 +1,21 @@
 //! The agent's life cycle around the kernel state: a `kill -9` leaves enforcement in place (fast
 //! path works, connections that need the agent fail at once), a restarted agent adopts the pins
 //! without attaching anything twice and keeps the cache, `--uninstall` removes everything, and
-//! the redirect bookkeeping maps do not leak.
+//! the redirect bookkeeping maps do not leak. An agent started over the pins of another build
+//! replaces the maps laid out differently and adopts the rest.
 
 use std::time::Duration;
 
-use latch::datapath::{
-    KernelMaps,
-    install::{programs_on_cgroup, programs_on_netns},
-    syscall::AttachType,
+use latch::{
+    datapath::{
+        KernelMaps,
+        install::{programs_on_cgroup, programs_on_netns},
+        layout,
+        syscall::{self, AttachType, map_type},
+    },
+    identity::IdentityKey,
 };
-use latch_common::Counter;
+use latch_common::{Counter, DIRECTION_OUTBOUND, VerdictKey, map_names};
 use latch_tests::{AgentOptions, Cluster, NodeId, PodId, PodSpec, TwoNodes, eventually};
 
 const PORT: u16 = 7070;
@@ -223,4 +228,86 @@ fn the_verdict_map_holds_a_million_entries() {
     let page = debug_json(&socket, &["verdicts", "--identity", &frontend]);
     assert_eq!(page["total"], 1, "{page}");
     assert_eq!(page["verdicts"][0]["port"], PORT, "{page}");
+}
+
+/// An upgraded agent starts over the pins an earlier build left: the maps whose layout differs
+/// from this build's (the 8-byte identities of earlier builds in the verdict key and in the
+/// workload and endpoint values; a deliveries map of another type with the right sizes) are
+/// replaced, never adopted, and the others are adopted. The new agent then judges a connection,
+/// caches it under 128-bit identity keys, and the programs serve the repeat from the new map.
+#[test]
+fn maps_pinned_with_another_layout_are_replaced_and_the_others_adopted() {
+    let (mut cluster, n1, client, server) = setup();
+    let _echo = cluster.echo_server(server, PORT).expect("echo");
+    let status = cluster.agent(n1).terminate().expect("terminate");
+    assert!(status.success(), "{status:?}");
+
+    let maps_dir = cluster.node(n1).pin_dir.join("maps");
+    let expected = layout::expected().expect("layouts");
+    let pinned = |name: &str| {
+        layout::pinned(&maps_dir.join(name))
+            .expect("reading the pin")
+            .unwrap_or_else(|| panic!("{name} is not pinned"))
+    };
+    let deliveries = expected[map_names::DELIVERIES];
+    assert_eq!(deliveries.map_type, map_type::LRU_HASH);
+    let foreign = [
+        (map_names::VERDICTS, map_type::LRU_HASH, 24, 16),
+        (map_names::WORKLOADS, map_type::HASH, 8, 16),
+        (map_names::ENDPOINTS, map_type::HASH, 16, 16),
+        (
+            map_names::DELIVERIES,
+            map_type::HASH,
+            deliveries.key_size,
+            deliveries.value_size,
+        ),
+    ];
+    let mut planted = Vec::new();
+    for (name, kind, key_size, value_size) in foreign {
+        let path = maps_dir.join(name);
+        std::fs::remove_file(&path).expect("unpinning");
+        let map = syscall::map_create(kind, key_size, value_size, expected[name].max_entries)
+            .expect("creating a map of another layout");
+        syscall::obj_pin(&map, &path).expect("pinning it");
+        let old = pinned(name);
+        assert_ne!(old.layout, expected[name], "{name}");
+        planted.push((name, old.id));
+    }
+    let kept: Vec<(&str, u32)> = map_names::ALL
+        .into_iter()
+        .filter(|name| !planted.iter().any(|(p, _)| p == name))
+        .map(|name| (name, pinned(name).id))
+        .collect();
+    assert_eq!(kept.len(), map_names::ALL.len() - planted.len());
+
+    cluster
+        .agent(n1)
+        .restart()
+        .expect("the agent starts over foreign pins");
+    for (name, old_id) in &planted {
+        let now = pinned(name);
+        assert_ne!(now.id, *old_id, "{name} was adopted");
+        assert_eq!(now.layout, expected[name], "{name}");
+    }
+    for (name, id) in &kept {
+        assert_eq!(pinned(name).id, *id, "{name} was not adopted");
+    }
+
+    let to = cluster.pod(server).addr4(PORT);
+    let counter = |c: Counter| maps(&cluster, n1).counter(c).expect("counter");
+    let redirected = counter(Counter::Redirected);
+    let r = cluster.probe(client, to, Some("judged")).expect("probe");
+    assert!(r.ok && r.echo.as_deref() == Some("judged"), "{r:?}");
+    assert_eq!(counter(Counter::Redirected), redirected + 1);
+    let id = |p: PodId| IdentityKey::of(&cluster.pod(p).spiffe_id("cluster.local")).0;
+    let key = VerdictKey::new(id(client), id(server), PORT, DIRECTION_OUTBOUND);
+    let cached = maps(&cluster, n1).verdicts().expect("verdicts");
+    assert!(
+        cached.iter().any(|v| v.key == key && v.is_allow()),
+        "{cached:?}"
+    );
+    let fast = counter(Counter::FastpathAllowed);
+    let r = cluster.probe(client, to, Some("cached")).expect("probe");
+    assert!(r.ok && r.echo.as_deref() == Some("cached"), "{r:?}");
+    assert_eq!(counter(Counter::FastpathAllowed), fast + 1);
 }

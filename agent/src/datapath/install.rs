@@ -1,7 +1,8 @@
 //! Loading, attaching, pinning and re-adopting the kernel programs; uninstalling them.
 //!
 //! On start the agent loads the embedded object with its maps pinned by name under
-//! `<bpfPinDir>/maps` (existing pins are reused, so the verdict cache survives a restart). For each
+//! `<bpfPinDir>/maps` (existing pins are reused, so the verdict cache survives a restart, unless
+//! [`super::layout`] finds one laid out differently from this build's map). For each
 //! program on `cgroupRoot`, a link pinned under `<bpfPinDir>/links` from an earlier run is adopted
 //! by pointing it at the freshly loaded program (`BPF_LINK_UPDATE`, atomic, never a second
 //! attachment); only when there is none is a new link created and pinned. The inbound check is
@@ -23,7 +24,7 @@ use aya::{
 use latch_common::{DatapathConfig, map_names, program_names};
 
 use super::{
-    AntiSpoofDatapath, DatapathError, DeliveryMap, EBPF_OBJECT, KernelMaps, antispoof,
+    AntiSpoofDatapath, DatapathError, DeliveryMap, EBPF_OBJECT, KernelMaps, antispoof, layout,
     syscall::{self, AttachType},
     system,
 };
@@ -130,6 +131,7 @@ impl Datapath {
             create_dir(&dir)?;
         }
         let root_level = system::cgroup_level(&settings.cgroup_root)?;
+        layout::unpin_foreign_maps(&maps_dir(&settings.pin_dir))?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(maps_dir(&settings.pin_dir))
             .load(EBPF_OBJECT)?;

@@ -4,6 +4,8 @@
 //!   levels, the monotonic boot clock, network-namespace cookies).
 //! - [`install`]: load the embedded eBPF object, pin its maps, attach (or re-adopt) its links on
 //!   `cgroupRoot`, attach the inbound check to pod network namespaces, uninstall.
+//! - [`layout`]: each map's layout as the object defines it; a map pinned by another build
+//!   (another type or size) is replaced, never adopted.
 //! - [`maps`]: typed access to the pinned maps (workloads, endpoints, verdicts, redirects, inbound
 //!   listeners, config, counters).
 //! - [`deliveries`]: the announced deliveries, on a handle of their own.
@@ -19,6 +21,7 @@
 pub mod antispoof;
 pub mod deliveries;
 pub mod install;
+pub mod layout;
 pub mod maps;
 pub mod syscall;
 pub mod system;

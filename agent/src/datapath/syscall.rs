@@ -7,7 +7,8 @@
 //! check, attaching a TCX link by interface index at the head of the chain (`BPF_LINK_CREATE`:
 //! aya 0.14 attaches by interface *name*, which a rename can turn into another interface, and
 //! only at the tail), pinning it (`BPF_OBJ_PIN`) and reading which interface a pinned link is on
-//! (`BPF_OBJ_GET_INFO_BY_FD`).
+//! (`BPF_OBJ_GET_INFO_BY_FD`); and reading what a pinned map is (`BPF_OBJ_GET_INFO_BY_FD`), so that
+//! one of another layout is never adopted, or making one of any layout (`BPF_MAP_CREATE`).
 
 use std::os::fd::{AsFd, AsRawFd};
 
@@ -343,7 +344,7 @@ pub fn tcx_attach_ingress_first(
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// Pin a BPF object (here a link) at `path` on a bpffs.
+/// Pin a BPF object (a link, or a map) at `path` on a bpffs.
 pub fn obj_pin(object: &impl AsFd, path: &std::path::Path) -> std::io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
@@ -398,4 +399,70 @@ pub fn tcx_link_ifindex(link: &impl AsFd) -> std::io::Result<Option<u32>> {
 pub fn netns_link_ino(link: &impl AsFd) -> std::io::Result<Option<u32>> {
     let info = link_info(link)?;
     Ok((info.kind == BPF_LINK_TYPE_NETNS).then_some(info.union[0]))
+}
+
+/// Some map types of `enum bpf_map_type`.
+pub mod map_type {
+    pub const HASH: u32 = 1;
+    pub const LRU_HASH: u32 = 9;
+}
+
+/// `struct bpf_map_info` up to `map_flags`: what a map is (the kernel fills a prefix of the size
+/// it is given).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MapInfo {
+    /// `enum bpf_map_type` ([`map_type`]).
+    pub map_type: u32,
+    pub id: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub map_flags: u32,
+}
+
+/// Type, id, sizes and flags of a map.
+pub fn map_info(map: &impl AsFd) -> std::io::Result<MapInfo> {
+    let mut info = MapInfo::default();
+    let mut attr = InfoByFdAttr {
+        bpf_fd: map.as_fd().as_raw_fd() as u32,
+        info_len: std::mem::size_of::<MapInfo>() as u32,
+        info: &mut info as *mut MapInfo as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(info)
+}
+
+const BPF_MAP_CREATE: libc::c_long = 0;
+
+/// `bpf_attr` for `BPF_MAP_CREATE`, up to `map_flags`.
+#[repr(C)]
+#[derive(Default)]
+struct MapCreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+}
+
+/// Create a map of no program's (the agent's maps come from its object, through aya): the tests
+/// make maps of another layout with it, to stand for what an earlier build pinned.
+pub fn map_create(
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let mut attr = MapCreateAttr {
+        map_type,
+        key_size,
+        value_size,
+        max_entries,
+        map_flags: 0,
+    };
+    let fd = bpf_call(BPF_MAP_CREATE, &mut attr)?;
+    // SAFETY: the kernel returned a new fd that we now own.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }
