@@ -434,3 +434,43 @@ fn metrics_are_valid_exposition_and_match_the_connections() {
     );
     assert_eq!(sample(&src, "latch_verdict_cache_entries", &[]), 1.0);
 }
+
+/// The kernel keeps all 128 bits of an identity key: two verdicts whose source keys agree on
+/// their first 8 bytes (one 64-bit key, in earlier builds) are two entries, and `latch debug
+/// verdicts` names a key the agent does not know by all 32 hex digits, and finds each by them.
+#[test]
+fn verdicts_keep_and_show_all_128_bits_of_an_identity_key() {
+    let Setup { cluster, n1, .. } = setup();
+    let socket = cluster.debug_socket(n1);
+    let mut maps =
+        latch::datapath::KernelMaps::open_pinned(&cluster.node(n1).pin_dir).expect("pinned maps");
+    let payment = latch::identity::IdentityKey::of(PAYMENT).0;
+    let unknown = |last: u8| {
+        let mut bytes = [0x5a; 16];
+        bytes[15] = last;
+        latch_common::Identity::new(bytes)
+    };
+    let value = latch_common::VerdictValue {
+        expires_at_ns: latch::datapath::system::now_boot_ns() + 600_000_000_000,
+        decision: latch_common::DECISION_DENY,
+        _pad: 0,
+    };
+    for last in [1, 2] {
+        let key = latch_common::VerdictKey::new(
+            unknown(last),
+            payment,
+            PORT,
+            latch_common::DIRECTION_OUTBOUND,
+        );
+        maps.insert_verdict(key, value).expect("insert");
+    }
+    assert_eq!(maps.verdicts().expect("verdicts").len(), 2);
+
+    for last in [1u8, 2] {
+        let name = format!("key:{}{last:02x}", "5a".repeat(15));
+        let page = debug_json(&socket, &["verdicts", "--identity", &name]);
+        assert_eq!(page["total"], 1, "{page}");
+        assert_eq!(page["verdicts"][0]["source"], name.as_str(), "{page}");
+        assert_eq!(page["verdicts"][0]["destination"], PAYMENT, "{page}");
+    }
+}

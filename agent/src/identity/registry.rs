@@ -153,3 +153,26 @@ impl Registry {
         pods.into_values().collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A collision (infeasible with 128-bit keys, so one is planted) refuses the identity and
+    /// names both IDs, so that the operator knows which service accounts to look at.
+    #[test]
+    fn a_key_collision_names_both_identities() {
+        let mut registry = Registry::default();
+        let first = SpiffeId::new("cluster.local", "a", "first");
+        let second = SpiffeId::new("cluster.local", "b", "second");
+        registry.identities.insert(second.key(), first.clone());
+        let err = registry.add_identity(&second).expect_err("collision");
+        let message = err.to_string();
+        assert!(message.contains(&first.to_string()), "{message}");
+        assert!(message.contains(&second.to_string()), "{message}");
+        assert!(message.contains("128-bit"), "{message}");
+        // The same identity twice is no collision.
+        registry.add_identity(&first).expect("first is new");
+        registry.add_identity(&first).expect("first again");
+    }
+}
