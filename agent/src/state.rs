@@ -56,6 +56,14 @@ impl SharedState {
         self.read().generation
     }
 
+    /// Keep the snapshot in force but start a new generation: what was proven under the old
+    /// one (a trust bundle since replaced) is not cached, and carried connections decided
+    /// under it are judged again.
+    pub fn renew(&self) {
+        let mut current = self.0.write().unwrap_or_else(|p| p.into_inner());
+        current.generation += 1;
+    }
+
     /// Put `snapshot` in force, as the next generation.
     pub fn replace(&self, snapshot: Snapshot) {
         let mut current = self.0.write().unwrap_or_else(|p| p.into_inner());

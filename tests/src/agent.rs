@@ -30,6 +30,8 @@ pub struct AgentOptions {
     pub cert_ttl: String,
     /// Mint from this development CA (a `latch ca init` directory) instead of the cluster's.
     pub ca_dir: Option<PathBuf>,
+    /// Read SVIDs from this directory (`certificates.source: files`) instead of minting them.
+    pub cert_files: Option<PathBuf>,
     /// The `metrics` setting: `off`, or an address inside the node's netns.
     pub metrics: String,
     /// Appended to the generated config.
@@ -48,6 +50,7 @@ impl Default for AgentOptions {
             busy_poll: None,
             cert_ttl: "1h".into(),
             ca_dir: None,
+            cert_files: None,
             metrics: "off".into(),
             extra_yaml: String::new(),
             bin: None,

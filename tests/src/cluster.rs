@@ -497,12 +497,18 @@ impl Cluster {
         ));
         y.push_str(&format!("metrics: {}\n", options.metrics));
         let ca = options.ca_dir.clone().unwrap_or_else(|| self.ca_dir());
-        y.push_str(&format!(
-            "certificates: {{ source: dev-ca, caCert: {}, caKey: {}, ttl: {} }}\n",
-            ca.join("ca.pem").display(),
-            ca.join("ca-key.pem").display(),
-            options.cert_ttl
-        ));
+        match &options.cert_files {
+            Some(dir) => y.push_str(&format!(
+                "certificates: {{ source: files, dir: {} }}\n",
+                dir.display()
+            )),
+            None => y.push_str(&format!(
+                "certificates: {{ source: dev-ca, caCert: {}, caKey: {}, ttl: {} }}\n",
+                ca.join("ca.pem").display(),
+                ca.join("ca-key.pem").display(),
+                options.cert_ttl
+            )),
+        }
         let labels = |p: &Pod| {
             p.spec
                 .labels

@@ -112,6 +112,8 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
         src: src_id.clone(),
         dst: dst_id.clone(),
         endpoint: SocketAddr::new(dst.ip(), config.ports.tunnel),
+        // Read after the generation (see the tunnel server's `decide`).
+        trust: current.trust,
     };
     // Only a new pooled connection needs a TLS client config: build it in the dialler.
     let worker = ctx.worker.clone();

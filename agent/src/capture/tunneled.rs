@@ -20,6 +20,7 @@ use std::{
     time::SystemTime,
 };
 
+use rustls::pki_types::CertificateDer;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{
@@ -34,10 +35,10 @@ use crate::{
     identity::{IdentityKey, LocalWorkload, Registry, certs::CertStore},
     metrics::{Metrics, access},
     state::{DecidedUnder, SharedState},
-    tls::server_config_with,
+    tls::{Role, server_config_with, verify_svid},
     tunnel::{
         handshakes::{Handshakes, InProgress},
-        hbone::{Admission, BoxFuture, Caller, Inbound, accept_connection},
+        hbone::{Admission, BoxFuture, Caller, Inbound, Proof, accept_connection},
         splice::reset,
         tracked::{ConnInfo, Tracker},
     },
@@ -82,17 +83,17 @@ async fn handle(
     ctx: &Arc<TunnelContext>,
 ) -> io::Result<()> {
     let id = ctx.workload.identity.to_string();
-    let bundle = ctx
+    let (bundle, trust) = ctx
         .certs
         .current(&id)
-        .map(|c| c.bundle.to_vec())
+        .map(|c| (c.bundle.to_vec(), c.trust))
         .ok_or_else(|| io::Error::other(format!("no certificate for {id}")))?;
     let config = &ctx.state.get().config;
     let tls = server_config_with(ctx.certs.resolver(&id), bundle, &config.trust_domain)
         .map_err(io::Error::other)?;
     let connection = accept_connection(tcp, tls, config.tunnel.handshake_timeout).await;
     drop(in_progress);
-    connection?.serve(ctx.clone()).await
+    connection?.proven_under(trust).serve(ctx.clone()).await
 }
 
 /// Connect to the application at `target` from inside the pod's netns, from the client's own
@@ -190,6 +191,31 @@ impl Inbound for TunnelContext {
     fn admit(self: Arc<Self>, caller: Caller, target: SocketAddr) -> BoxFuture<Admission> {
         Box::pin(async move { self.decide(caller, target).await })
     }
+
+    fn proof(&self, caller: &Caller, chain: &[CertificateDer<'static>]) -> Proof {
+        let id = self.workload.identity.to_string();
+        let Some(current) = self.certs.current(&id) else {
+            return Proof::Revoked;
+        };
+        if current.trust == caller.trust {
+            return Proof::Holds;
+        }
+        let trust_domain = self.state.get().config.trust_domain.clone();
+        match verify_svid(
+            chain,
+            &current.bundle,
+            &trust_domain,
+            Role::Client,
+            SystemTime::now(),
+        ) {
+            Ok(_) => Proof::Retire,
+            Err(_) => Proof::Revoked,
+        }
+    }
+
+    fn trust_changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.certs.trust_changes())
+    }
 }
 
 impl TunnelContext {
@@ -221,6 +247,18 @@ impl TunnelContext {
             return Admission::Forbidden { cacheable: false };
         }
         let (snapshot, decided_under) = DecidedUnder::now(&self.state);
+        // Read after the generation: a bundle change installs the new bundle, then starts a new
+        // generation, so a decision under the new generation sees the new bundle here, and one
+        // under the old generation is refused by the cache (nothing it proved is cached).
+        if self.certs.trust(&self.workload.identity.to_string()) != Some(caller.trust) {
+            self.refuse(
+                &caller,
+                target,
+                "",
+                "the tunnel connection was proven under a trust bundle no longer in force",
+            );
+            return Admission::Unauthorized;
+        }
         // Nor to the agent's own listeners in the pod: that would carry the client back to the
         // agent (a loop through the inbound listener, or a tunnel inside the tunnel).
         if let Some(listener) = own_listener(&snapshot.config.ports, target.port()) {
@@ -378,6 +416,8 @@ peers:
             address: tunnel.parse().expect("address"),
             forwarded_for: forwarded_for.map(|a| a.parse().expect("address")),
             not_after: SystemTime::now(),
+            not_before: SystemTime::UNIX_EPOCH,
+            trust: 1,
         }
     }
 

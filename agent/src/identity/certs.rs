@@ -5,16 +5,24 @@
 //! - `files`: SVIDs written by cert-manager, spiffe-helper or similar, in
 //!   `<dir>/<namespace>/<serviceAccount>/{cert.pem,key.pem,bundle.pem}` (`cert.pem` is the leaf
 //!   then any intermediates; `bundle.pem` the trust anchors), re-read when a file changes. A file
-//!   set that does not verify (wrong identity, expired, not chained to its bundle) is refused and
-//!   the previous SVID kept.
+//!   set that does not verify (wrong identity, expired, not chained to its bundle, a key that
+//!   does not belong to the certificate) is refused and the previous SVID kept.
 //!
 //! Replacing an SVID is atomic: handshakes use the old one until the new one is in place
 //! ([`CertStore::resolver`] gives rustls the current certificate at each handshake).
+//!
+//! Each identity's trust bundle has a [`TrustEpoch`]: it stays the same across rotations that
+//! keep the bundle, and a new one is given when the bundle changes. A tunnel connection records
+//! the epoch it was proven under, so the agent can tell what the old bundle proved (see
+//! [`CertStore::take_trust_changes`] and [`CertStore::trust_changes`]).
 
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
-    sync::{Arc, RwLock},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, SystemTime},
 };
 
@@ -53,12 +61,18 @@ pub enum Source {
     Files { dir: PathBuf },
 }
 
+/// Which trust bundle an identity's connections were proven under: equal epochs, equal
+/// bundles. Never 0 for a bundle in force.
+pub type TrustEpoch = u64;
+
 /// One identity's current SVID, ready for rustls.
 #[derive(Clone)]
 pub struct Current {
     pub svid: Arc<Svid>,
     pub certified: Arc<CertifiedKey>,
     pub bundle: Arc<Vec<CertificateDer<'static>>>,
+    /// The epoch of `bundle`.
+    pub trust: TrustEpoch,
     /// Modification times of the files it came from (`files` source).
     stamps: Vec<Option<SystemTime>>,
 }
@@ -76,6 +90,12 @@ pub struct CertStore {
     source: Option<Source>,
     trust_domain: String,
     current: RwLock<HashMap<String, Current>>,
+    /// The last epoch given to a bundle.
+    epochs: AtomicU64,
+    /// Identities whose bundle changed since [`CertStore::take_trust_changes`] was last called.
+    trust_changed: Mutex<Vec<String>>,
+    /// Bumped by [`CertStore::announce_trust_change`]: tunnel connections watch it.
+    announce: tokio::sync::watch::Sender<u64>,
 }
 
 /// `<namespace>/<serviceAccount>` of a Kubernetes-form SPIFFE ID.
@@ -124,7 +144,37 @@ impl CertStore {
             source,
             trust_domain: trust_domain.to_owned(),
             current: RwLock::new(HashMap::new()),
+            epochs: AtomicU64::new(0),
+            trust_changed: Mutex::new(Vec::new()),
+            announce: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// The epoch of `spiffe_id`'s trust bundle in force (`None` without an SVID).
+    pub fn trust(&self, spiffe_id: &str) -> Option<TrustEpoch> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(spiffe_id)
+            .map(|c| c.trust)
+    }
+
+    /// The identities whose trust bundle changed since the last call (a rotation that brought
+    /// another bundle); each once.
+    pub fn take_trust_changes(&self) -> Vec<String> {
+        std::mem::take(&mut *self.trust_changed.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Tell every watcher of [`CertStore::trust_changes`] that a bundle changed (after what the
+    /// old bundles proved has been revoked).
+    pub fn announce_trust_change(&self) {
+        self.announce.send_modify(|n| *n += 1);
+    }
+
+    /// Changes when a trust bundle changed: tunnel connections then check whether what they
+    /// were proven under is still in force.
+    pub fn trust_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.announce.subscribe()
     }
 
     /// The current SVID of `spiffe_id`, if it has one.
@@ -197,17 +247,37 @@ impl CertStore {
         (rotated, failed)
     }
 
-    fn install(&self, id: &str, fresh: Current) {
+    /// Put `fresh` in force for `id`. Its bundle keeps the epoch of the one it replaces if they
+    /// are the same certificates; otherwise it gets a new epoch and, if it replaces another
+    /// bundle, `id` is recorded as changed.
+    fn install(&self, id: &str, mut fresh: Current) {
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        let changed = match current.get(id) {
+            Some(old) if old.bundle == fresh.bundle => {
+                fresh.bundle = old.bundle.clone();
+                fresh.trust = old.trust;
+                false
+            }
+            old => {
+                fresh.trust = self.epochs.fetch_add(1, Ordering::Relaxed) + 1;
+                old.is_some()
+            }
+        };
         tracing::info!(
             identity = id,
             serial = %fresh.svid.serial,
             not_after = ?fresh.svid.not_after,
+            trust_bundle_changed = changed,
             "certificate in place"
         );
-        self.current
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.to_owned(), fresh);
+        current.insert(id.to_owned(), fresh);
+        drop(current);
+        if changed {
+            self.trust_changed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(id.to_owned());
+        }
     }
 
     fn file_paths(&self, dir: &Path, id: &str) -> Option<[PathBuf; 3]> {
@@ -229,6 +299,7 @@ impl CertStore {
                     certified: certified(&svid)?,
                     svid: Arc::new(svid),
                     bundle: Arc::new(vec![ca.certificate().clone()]),
+                    trust: 0,
                     stamps: Vec::new(),
                 })
             }
@@ -310,10 +381,20 @@ impl CertStore {
             chain,
             key,
         };
+        let certified = certified(&svid)?;
+        // A key that is not the certificate's would fail every handshake: refuse it here.
+        certified.keys_match().map_err(|e| CertError::Invalid {
+            path: paths[1].clone(),
+            why: format!(
+                "the private key does not belong to the certificate in {} ({e})",
+                paths[0].display()
+            ),
+        })?;
         Ok(Current {
-            certified: certified(&svid)?,
+            certified,
             svid: Arc::new(svid),
             bundle: Arc::new(bundle),
+            trust: 0,
             stamps,
         })
     }

@@ -16,6 +16,17 @@
 //! Both sides use the `h2` crate directly: the stream is read and written by the task that
 //! relays it (see [`H2Stream`]), with no helper task in between.
 //!
+//! What a connection's handshake proved holds only while the certificates are within their
+//! validity and the trust bundle they were verified against is the one in force. The server
+//! checks both before each new stream: a client whose certificate has expired (or is not yet
+//! valid), or a connection proven under a bundle since replaced, gets `401` and a `GOAWAY`, so
+//! it re-proves on a new connection. The server also sends `GOAWAY` once the client's
+//! certificate expires, and when the bundle changes: open streams finish if the new bundle
+//! still verifies the client, and are reset at once if it does not ([`Proof`]). The client
+//! never opens a stream on a pooled connection whose proof has expired, and pools connections
+//! per trust epoch ([`PoolKey::trust`]); [`TunnelClient::retire`] takes the connections of an
+//! old bundle out of the pool.
+//!
 //! Both answers carry [`CACHEABLE_HEADER`]: whether the destination's decision holds for every
 //! connection of the identity pair to that port, so the source may cache it in its kernel. A
 //! decision that depends on more (L7 attributes, addresses) is answered with `0` and the source
@@ -75,6 +86,10 @@ pub const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_PROBES: u32 = 3;
+/// The longest the server waits, on a timer, for a client certificate to expire before sending
+/// `GOAWAY` (tokio's timers reach about two years); a later NotAfter is still checked before each
+/// stream.
+const EXPIRY_TIMER_MOST: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Most bytes of the source's that are sent before the destination has answered.
 pub const EARLY_DATA: usize = 64 * 1024;
 /// Response header: `1` if the source may cache the answer for the identity pair and port.
@@ -260,6 +275,10 @@ pub struct PoolKey {
     pub dst: String,
     /// The tunnel endpoint (`<pod IP>:15008`).
     pub endpoint: SocketAddr,
+    /// The epoch of the source's trust bundle that a connection of this key is verified with
+    /// (see [`crate::identity::certs::TrustEpoch`]): a connection proven under another bundle is
+    /// never used.
+    pub trust: u64,
 }
 
 #[derive(Clone)]
@@ -269,8 +288,39 @@ struct Pooled {
     closed: Arc<std::sync::atomic::AtomicBool>,
     /// The earlier NotAfter of the two certificates this connection was proven with.
     proof_not_after: SystemTime,
+    /// What else the connection was proven with, and how to end it.
+    proven: Arc<Proven>,
     /// Streams open on it now.
     active: Arc<AtomicUsize>,
+}
+
+/// A pooled connection's server certificate, and the handle that ends the connection.
+struct Proven {
+    /// The server certificate's NotBefore.
+    not_before: SystemTime,
+    /// The server's chain, as verified (to verify again when the trust bundle changes).
+    server_chain: Vec<CertificateDer<'static>>,
+    /// Ends the connection's task (and with it the connection) at once.
+    abort: tokio::task::AbortHandle,
+}
+
+impl Pooled {
+    /// Whether both certificates it was proven with are within their validity at `now`.
+    fn proof_holds(&self, now: SystemTime) -> bool {
+        self.proven.not_before <= now && now <= self.proof_not_after
+    }
+}
+
+/// What becomes of a pooled connection proven under a trust bundle no longer in force.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Retire {
+    /// Not concerned: it stays in the pool.
+    Keep,
+    /// Out of the pool: no new streams; open ones finish, then it closes.
+    Drain,
+    /// Closed at once, its open streams reset: the bundle in force no longer verifies the
+    /// server.
+    Close,
 }
 
 /// An opened tunnel and what it was proven with.
@@ -420,9 +470,10 @@ impl TunnelClient {
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
         let entry = pool.entry(key.clone()).or_default();
         let now = SystemTime::now();
+        // A connection whose certificates are no longer (or not yet) valid proves nothing.
         entry
             .conns
-            .retain(|p| !p.closed.load(Ordering::Relaxed) && p.proof_not_after > now);
+            .retain(|p| !p.closed.load(Ordering::Relaxed) && p.proof_holds(now));
         let least_busy = entry
             .conns
             .iter()
@@ -440,6 +491,32 @@ impl TunnelClient {
                 Pick::Dial
             }
         }
+    }
+
+    /// Retire the pooled connections of the keys `which` names, given each key and the chain
+    /// its server proved: [`Retire::Drain`] takes it out of the pool (open streams finish),
+    /// [`Retire::Close`] also ends it at once. Returns how many were taken out.
+    pub fn retire(&self, which: impl Fn(&PoolKey, &[CertificateDer<'static>]) -> Retire) -> usize {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        let mut retired = 0;
+        for (key, entry) in pool.iter_mut() {
+            entry
+                .conns
+                .retain(|p| match which(key, &p.proven.server_chain) {
+                    Retire::Keep => true,
+                    Retire::Drain => {
+                        retired += 1;
+                        false
+                    }
+                    Retire::Close => {
+                        p.proven.abort.abort();
+                        retired += 1;
+                        false
+                    }
+                });
+        }
+        pool.retain(|_, e| !e.conns.is_empty() || e.dialing > 0);
+        retired
     }
 
     /// A dial started by [`Self::pick`] has ended (either way).
@@ -506,13 +583,16 @@ impl TunnelClient {
             .connect(name, Traffic::new(tcp))
             .await
             .map_err(|source| TunnelError::Tls { addr, source })?;
-        let server_not_after = tls
+        let server_chain: Vec<CertificateDer<'static>> = tls
             .get_ref()
             .1
             .peer_certificates()
-            .and_then(|c| c.first())
-            .map(not_after)
-            .unwrap_or(SystemTime::UNIX_EPOCH);
+            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+            .unwrap_or_default();
+        let (server_not_before, server_not_after) = server_chain
+            .first()
+            .map(validity)
+            .unwrap_or((SystemTime::UNIX_EPOCH, SystemTime::UNIX_EPOCH));
         let (sender, connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
@@ -525,7 +605,7 @@ impl TunnelClient {
             .map_err(|source| TunnelError::Http { addr, source })?;
         let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let ended = closed.clone();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(endpoint = %addr, error = %e, "tunnel connection closed");
             }
@@ -535,6 +615,11 @@ impl TunnelClient {
             sender,
             closed,
             proof_not_after: server_not_after.min(dial.client_not_after),
+            proven: Arc::new(Proven {
+                not_before: server_not_before,
+                server_chain,
+                abort: task.abort_handle(),
+            }),
             active: Arc::default(),
         };
         self.pool
@@ -659,12 +744,18 @@ fn set_tunnel_options(tcp: &TcpStream) {
 
 /// NotAfter of a certificate (UNIX_EPOCH if it does not parse: an expired proof).
 pub fn not_after(cert: &CertificateDer<'_>) -> SystemTime {
+    validity(cert).1
+}
+
+/// NotBefore and NotAfter of a certificate (both UNIX_EPOCH if it does not parse: an expired
+/// proof).
+pub fn validity(cert: &CertificateDer<'_>) -> (SystemTime, SystemTime) {
+    let time = |t: x509_parser::time::ASN1Time| {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(t.timestamp().max(0) as u64)
+    };
     x509_parser::parse_x509_certificate(cert)
-        .map(|(_, c)| {
-            let secs = c.validity().not_after.timestamp().max(0) as u64;
-            SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs)
-        })
-        .unwrap_or(SystemTime::UNIX_EPOCH)
+        .map(|(_, c)| (time(c.validity().not_before), time(c.validity().not_after)))
+        .unwrap_or((SystemTime::UNIX_EPOCH, SystemTime::UNIX_EPOCH))
 }
 
 /// Carries an admitted tunnel stream once the `200` is on its way.
@@ -678,6 +769,21 @@ pub enum Admission {
     Forbidden { cacheable: bool },
     /// `503`: the application cannot be reached.
     Unreachable,
+    /// `401`, and `GOAWAY` on the connection: what it was proven with no longer holds (see
+    /// [`Inbound::proof`]); the client re-proves on a new connection.
+    Unauthorized,
+}
+
+/// Whether what a tunnel connection was proven with still holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proof {
+    Holds,
+    /// Proven under a trust bundle no longer in force, which the one in force still verifies:
+    /// `GOAWAY`, open streams finish, new ones are refused.
+    Retire,
+    /// The trust bundle in force no longer verifies the client: `GOAWAY` and the connection is
+    /// closed at once, its open streams reset.
+    Revoked,
 }
 
 /// Who is asking, as the tunnel server proved it.
@@ -691,14 +797,38 @@ pub struct Caller {
     /// The address of the client of this stream, as the source says (`Forwarded`); to be
     /// checked against the registry before it is believed.
     pub forwarded_for: Option<SocketAddr>,
-    /// NotAfter of the client's certificate: no verdict may outlive it.
+    /// NotAfter of the client's certificate: no verdict may outlive it, and no stream is opened
+    /// after it.
     pub not_after: SystemTime,
+    /// NotBefore of the client's certificate: no stream is opened before it.
+    pub not_before: SystemTime,
+    /// The trust epoch of the bundle the connection was verified with (see
+    /// [`ServerConnection::proven_under`]).
+    pub trust: u64,
+}
+
+impl Caller {
+    /// Whether the client's certificate is within its validity at `now`.
+    pub fn certificate_valid_at(&self, now: SystemTime) -> bool {
+        self.not_before <= now && now <= self.not_after
+    }
 }
 
 /// The destination side's decisions.
 pub trait Inbound: Send + Sync + 'static {
     /// Decide whether `caller` may reach `target` and, if so, connect to the application.
     fn admit(self: Arc<Self>, caller: Caller, target: SocketAddr) -> BoxFuture<Admission>;
+
+    /// Whether a connection proven as `caller`, with the client's `chain`, still holds under
+    /// the trust in force. Asked when [`Inbound::trust_changes`] changes.
+    fn proof(&self, _caller: &Caller, _chain: &[CertificateDer<'static>]) -> Proof {
+        Proof::Holds
+    }
+
+    /// Changes when a trust bundle changed; `None`: never.
+    fn trust_changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 }
 
 /// Serve one accepted TCP connection on a tunnel listener: [`accept_connection`] within
@@ -720,6 +850,8 @@ type ServerTls = tokio_rustls::server::TlsStream<Traffic<TcpStream>>;
 pub struct ServerConnection {
     connection: h2::server::Connection<ServerTls, Bytes>,
     caller: Caller,
+    /// The client's chain, as verified.
+    chain: Arc<[CertificateDer<'static>]>,
     peer: SocketAddr,
 }
 
@@ -762,15 +894,20 @@ async fn handshakes(
             "client has no SPIFFE identity",
         ));
     };
+    let (not_before, not_after) = certs
+        .first()
+        .map(validity)
+        .unwrap_or((SystemTime::UNIX_EPOCH, SystemTime::UNIX_EPOCH));
     let caller = Caller {
         identity: source.into(),
         address: peer,
         forwarded_for: None,
-        not_after: certs
-            .first()
-            .map(not_after)
-            .unwrap_or(SystemTime::UNIX_EPOCH),
+        not_after,
+        not_before,
+        trust: 0,
     };
+    let chain: Arc<[CertificateDer<'static>]> =
+        certs.into_iter().map(CertificateDer::into_owned).collect();
     let connection = h2::server::Builder::new()
         .max_concurrent_streams(MAX_STREAMS)
         .max_header_list_size(MAX_HEADER_LIST)
@@ -783,26 +920,89 @@ async fn handshakes(
     Ok(ServerConnection {
         connection,
         caller,
+        chain,
         peer,
     })
 }
 
 impl ServerConnection {
+    /// Record that the client was verified with the trust bundle of epoch `trust`.
+    pub fn proven_under(mut self, trust: u64) -> Self {
+        self.caller.trust = trust;
+        self
+    }
+
     /// Serve the connection's `CONNECT` streams, one per tunneled connection, each decided by
-    /// `inbound`, until the client closes it.
+    /// `inbound`, until the client closes it. `GOAWAY` is sent when a stream finds the proof no
+    /// longer holds (`401`), when the client's certificate expires, and when the trust bundle
+    /// changes (see [`Proof`]).
     pub async fn serve(self, inbound: Arc<dyn Inbound>) -> Result<(), io::Error> {
         let Self {
             mut connection,
             caller,
+            chain,
             peer,
         } = self;
         let clock = AnswerClock::new();
         let mut ticking = pin!(clock.run());
+        let go_away = Arc::new(tokio::sync::Notify::new());
+        let mut going_away = false;
+        // A certificate valid for longer than the timer can wait is left to the per-stream check.
+        let expires_in = caller
+            .not_after
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        let watch_expiry = expires_in <= EXPIRY_TIMER_MOST;
+        let mut expired = pin!(tokio::time::sleep(expires_in.min(EXPIRY_TIMER_MOST)));
+        let mut trust = inbound.trust_changes();
+        // A bundle that changed between the handshake and now is seen at once.
+        if let Some(watch) = trust.as_mut() {
+            watch.mark_changed();
+        }
         loop {
+            let trust_changed = async {
+                match trust.as_mut() {
+                    Some(watch) => watch.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
             let stream = tokio::select! {
                 biased;
                 stream = connection.accept() => stream,
                 () = &mut ticking => continue,
+                () = go_away.notified(), if !going_away => {
+                    going_away = true;
+                    connection.graceful_shutdown();
+                    continue;
+                }
+                () = &mut expired, if watch_expiry && !going_away => {
+                    tracing::debug!(%peer, source = %caller.identity, "client certificate expired; GOAWAY");
+                    going_away = true;
+                    connection.graceful_shutdown();
+                    continue;
+                }
+                changed = trust_changed => {
+                    if !changed {
+                        trust = None;
+                        continue;
+                    }
+                    match inbound.proof(&caller, &chain) {
+                        Proof::Holds => {}
+                        Proof::Retire if going_away => {}
+                        Proof::Retire => {
+                            tracing::debug!(%peer, source = %caller.identity, "trust bundle changed; GOAWAY");
+                            going_away = true;
+                            connection.graceful_shutdown();
+                        }
+                        Proof::Revoked => {
+                            tracing::info!(%peer, source = %caller.identity, "the trust bundle in force no longer verifies the client; tunnel connection closed");
+                            connection.abrupt_shutdown(h2::Reason::NO_ERROR);
+                            going_away = true;
+                            trust = None;
+                        }
+                    }
+                    continue;
+                }
             };
             let Some(stream) = stream else { break };
             crate::busy_poll::activity();
@@ -814,6 +1014,7 @@ impl ServerConnection {
                 caller.clone(),
                 inbound.clone(),
                 clock.clone(),
+                go_away.clone(),
             ));
             // The new stream first: polling the connection again reads its socket, which more
             // often than not has nothing more, and that can wait.
@@ -851,7 +1052,17 @@ async fn handle_connect(
     mut caller: Caller,
     inbound: Arc<dyn Inbound>,
     clock: AnswerClock,
+    go_away: Arc<tokio::sync::Notify>,
 ) {
+    let unauthorized = |respond| {
+        refuse(respond, status(StatusCode::UNAUTHORIZED));
+        go_away.notify_one();
+    };
+    // What the handshake proved holds only while the client's certificate is valid.
+    if !caller.certificate_valid_at(SystemTime::now()) {
+        tracing::info!(source = %caller.identity, client = %caller.address, "CONNECT refused: the client certificate the connection was proven with is not valid now");
+        return unauthorized(respond);
+    }
     if request.method() != Method::CONNECT {
         return refuse(respond, status(StatusCode::METHOD_NOT_ALLOWED));
     }
@@ -886,5 +1097,6 @@ async fn handle_connect(
             refuse(respond, answer(StatusCode::FORBIDDEN, cacheable))
         }
         Admission::Unreachable => refuse(respond, status(StatusCode::SERVICE_UNAVAILABLE)),
+        Admission::Unauthorized => unauthorized(respond),
     }
 }

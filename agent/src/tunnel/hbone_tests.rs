@@ -158,6 +158,7 @@ fn key(f: &Fixture) -> PoolKey {
         src: FRONTEND.into(),
         dst: PAYMENT.into(),
         endpoint: f.endpoint,
+        trust: 1,
     }
 }
 

@@ -215,6 +215,17 @@ impl VerdictCache {
         })
     }
 
+    /// Remove every cached verdict proven under `identity`'s trust bundle: its outbound
+    /// verdicts (the destination verified with its bundle) and its inbound ones (the source
+    /// verified with it). Allows and denies alike; returns how many.
+    pub fn revoke_proven_by(&self, identity: IdentityKey) -> Result<usize, DatapathError> {
+        self.remove_where(|k, _| match Direction::from_wire(k.direction) {
+            Some(Direction::Outbound) => IdentityKey(k.src_identity) == identity,
+            Some(Direction::Inbound) => IdentityKey(k.dst_identity) == identity,
+            None => true,
+        })
+    }
+
     /// Remove the cached verdicts matching `pred` (a debug flush); returns how many.
     pub fn flush_where(&self, pred: impl Fn(&VerdictKey) -> bool) -> Result<usize, DatapathError> {
         self.remove_where(|k, _| pred(k))

@@ -186,3 +186,104 @@ fn kubernetes_paths_are_required_for_files() {
     assert_eq!(ns_sa("spiffe://cluster.local/workload/x"), None);
     assert_eq!(ns_sa("spiffe://cluster.local/ns/a/sa/b/c"), None);
 }
+
+#[test]
+fn a_files_key_that_is_not_the_certificates_is_refused_naming_the_file() {
+    let dir = tempdir("mismatch");
+    let ca = dev_ca(&dir);
+    let certs_dir = dir.join("svids");
+    let good = ca.mint(FRONTEND, Duration::from_secs(3600)).expect("svid");
+    write_svid(&certs_dir, &ca, &good);
+    let store = CertStore::new(
+        Some(Source::Files {
+            dir: certs_dir.clone(),
+        }),
+        TD,
+    );
+    store.ensure(&[FRONTEND.to_owned()]).expect("loads");
+    // The certificate of one SVID with the key of another.
+    let other = ca.mint(FRONTEND, Duration::from_secs(3600)).expect("svid");
+    let mixed = Svid {
+        key: other.key.clone_key(),
+        ..(*store.current(FRONTEND).expect("current").svid).clone()
+    };
+    write_svid(&certs_dir, &ca, &mixed);
+    let (rotated, failed) = store.refresh(SystemTime::now());
+    assert!(rotated.is_empty());
+    let [(id, error)] = failed.as_slice() else {
+        panic!("one refusal expected: {failed:?}");
+    };
+    assert_eq!(id, FRONTEND);
+    let error = error.to_string();
+    assert!(
+        error.contains(
+            &certs_dir
+                .join("prod/frontend/key.pem")
+                .display()
+                .to_string()
+        ) && error.contains("does not belong to the certificate"),
+        "{error}"
+    );
+    assert_eq!(
+        store.current(FRONTEND).expect("kept").svid.serial,
+        good.serial,
+        "the last good SVID stays"
+    );
+    let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_bundle_keeps_its_trust_epoch_across_rotations_and_a_new_bundle_gets_another() {
+    let dir = tempdir("epochs");
+    let ca = dev_ca(&dir);
+    let certs_dir = dir.join("svids");
+    write_svid(
+        &certs_dir,
+        &ca,
+        &ca.mint(FRONTEND, Duration::from_secs(3600)).expect("svid"),
+    );
+    let store = CertStore::new(
+        Some(Source::Files {
+            dir: certs_dir.clone(),
+        }),
+        TD,
+    );
+    store.ensure(&[FRONTEND.to_owned()]).expect("loads");
+    let first = store.trust(FRONTEND).expect("epoch");
+    assert!(
+        store.take_trust_changes().is_empty(),
+        "a first SVID changes nothing"
+    );
+    let changes = store.trust_changes();
+
+    // A renewed certificate under the same bundle: same epoch, no change.
+    write_svid(
+        &certs_dir,
+        &ca,
+        &ca.mint(FRONTEND, Duration::from_secs(3600)).expect("svid"),
+    );
+    assert_eq!(store.refresh(SystemTime::now()).0.len(), 1);
+    assert_eq!(store.trust(FRONTEND), Some(first));
+    assert!(store.take_trust_changes().is_empty());
+
+    // Another CA: another bundle, another epoch, reported once.
+    let other = {
+        let (cert, key) = init(&dir.join("other-ca")).expect("init");
+        DevCa::load(&cert, &key).expect("load")
+    };
+    write_svid(
+        &certs_dir,
+        &other,
+        &other
+            .mint(FRONTEND, Duration::from_secs(3600))
+            .expect("svid"),
+    );
+    assert_eq!(store.refresh(SystemTime::now()).0.len(), 1);
+    assert_ne!(store.trust(FRONTEND), Some(first));
+    assert_eq!(store.take_trust_changes(), vec![FRONTEND.to_owned()]);
+    assert!(store.take_trust_changes().is_empty(), "reported once");
+    assert!(!changes.has_changed().expect("open"));
+    store.announce_trust_change();
+    assert!(changes.has_changed().expect("open"), "watchers are told");
+    let _ = fs::remove_dir_all(&dir);
+}
