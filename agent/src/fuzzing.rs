@@ -1,11 +1,12 @@
 //! The fuzz targets' code: one function per target, each taking the fuzzer's bytes, feeding
 //! them to a parser that reads input from outside the agent, and asserting what must hold of
 //! its answer. The `fuzz/` crate (cargo-fuzz, `cargo xtask fuzz`) calls these functions, and so
-//! does `agent/tests/fuzz_corpus.rs`, which replays every committed corpus file on stable: a
-//! crash found once stays a test. A failed property panics, naming what broke; a panic is what
+//! does `agent/tests/fuzz_corpus.rs`, which replays every committed input (seeds, corpus,
+//! regressions) on stable: a crash found once stays a test. A failed property panics, naming what broke; a panic is what
 //! the fuzzer reports. See docs/fuzzing.md.
 //!
-//! [`TARGETS`] lists them by the names of their directories under `fuzz/corpus/`.
+//! [`TARGETS`] lists them by the names of their directories under `fuzz/seeds/`, `fuzz/corpus/`
+//! and `fuzz/regressions/`.
 
 use std::{
     net::SocketAddr,
@@ -16,7 +17,7 @@ use std::{
 
 use crate::{
     config::{Config, ConfigError},
-    identity::spiffe::SpiffeUri,
+    identity::spiffe::{MAX_ID_LEN, SpiffeUri},
     policy::{
         Connection, ConnectionDecision, HttpRequest, PolicyError, PolicySet, Target as Workload,
         normalize::{PathNormalization, normalize_path},
@@ -203,16 +204,18 @@ pub fn spiffe_id(data: &[u8]) {
         Ok(&id),
         "and parses back"
     );
+    assert!(text.is_ascii() && text.len() <= MAX_ID_LEN, "{text:?}");
     assert!(!id.trust_domain().is_empty());
     assert!(id.path().is_empty() || id.path().starts_with('/'));
     if let Some((ns, sa)) = id.kubernetes() {
+        assert!(!ns.is_empty() && !sa.is_empty());
         assert_eq!(id.path(), format!("/ns/{ns}/sa/{sa}"));
     }
 }
 
 /// The trust bundle the certificate target verifies against: the CAs of the TLS table tests
 /// (one of them signed `leaf-sha256.pem`) and the fuzzing CA (`fuzzing/`), which signed the
-/// intermediate and the leaf of the corpus's two-certificate chain.
+/// intermediate and the leaf of the seeds' two-certificate chain.
 static BUNDLE: LazyLock<Vec<Vec<u8>>> = LazyLock::new(|| {
     [
         include_str!("tls/testdata/rsa-ca.pem"),
@@ -489,8 +492,8 @@ mod tests {
     }
 
     #[test]
-    fn the_corpus_chain_verifies_through_the_target() {
-        let chain = include_bytes!("../../fuzz/corpus/certificate/seed-chain-p256");
+    fn the_seed_chain_verifies_through_the_target() {
+        let chain = include_bytes!("../../fuzz/seeds/certificate/chain-p256");
         let elements = der_elements(chain);
         assert_eq!(elements.len(), 2, "leaf and intermediate");
         let id = verify_svid(&elements, &BUNDLE, TRUST_DOMAIN, Role::Server, at())

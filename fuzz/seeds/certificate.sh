@@ -1,6 +1,6 @@
 #!/bin/sh
 # Regenerates the certificate target's trust anchor (agent/src/fuzzing/root.pem, in the bundle
-# latch::fuzzing verifies against) and its hand-written seeds in fuzz/corpus/certificate/: a
+# latch::fuzzing verifies against) and its hand-written seeds in fuzz/seeds/certificate/: a
 # P-256 chain (leaf + intermediate with name constraints, signed by that root) that verifies,
 # and the single leaves of agent/src/tls/testdata (one verifies, the others break one rule).
 # Made with the openssl command-line tool (3.x), valid for 100 years. Seeds are DER: the target
@@ -8,7 +8,7 @@
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$(dirname "$here")")
-out="$repo/fuzz/corpus/certificate"
+out="$here/certificate"
 testdata="$repo/agent/src/tls/testdata"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
@@ -41,10 +41,10 @@ openssl x509 -req -in "$tmp/leaf.csr" -CA "$tmp/inter.pem" -CAkey "$tmp/inter.ke
   -set_serial 0x02 -days "$DAYS" -sha256 -extfile "$tmp/leaf.ext" -out "$tmp/leaf.pem" 2>/dev/null
 
 der() { openssl x509 -in "$1" -outform DER; }
-{ der "$tmp/leaf.pem"; der "$tmp/inter.pem"; } > "$out/seed-chain-p256"
-der "$tmp/leaf.pem" > "$out/seed-leaf-without-intermediate"
+{ der "$tmp/leaf.pem"; der "$tmp/inter.pem"; } > "$out/chain-p256"
+der "$tmp/leaf.pem" > "$out/leaf-without-intermediate"
 for leaf in leaf-sha256 leaf-sha1 leaf-md5 leaf-ecdsa-sha1 leaf-rsa1024 leaf-of-sha1-ca; do
-  der "$testdata/$leaf.pem" > "$out/seed-$leaf"
+  der "$testdata/$leaf.pem" > "$out/$leaf"
 done
 { der "$testdata/leaf-of-rsa1024-intermediate.pem"; der "$testdata/rsa1024-intermediate.pem"; } \
-  > "$out/seed-chain-rsa1024-intermediate"
+  > "$out/chain-rsa1024-intermediate"

@@ -1,19 +1,19 @@
 #!/usr/bin/env python3
-"""Writes the hand-written seeds of the text targets into fuzz/corpus/TARGET/seed-*: policies and
+"""Writes the hand-written seeds of the text targets into fuzz/seeds/TARGET/: policies and
 configs from the docs and the tests, SPIFFE IDs, request heads, Forwarded values and paths from
-the attacks of issue 18. Run from anywhere; it only adds or rewrites seed-* files."""
+the attacks of issue 18. Run from anywhere; it adds or rewrites files, never removes one."""
 import hashlib, pathlib, re
 
 repo = pathlib.Path(__file__).resolve().parents[2]
-corpus = repo / "fuzz" / "corpus"
+seeds = repo / "fuzz" / "seeds"
 
 
 def write(target, name, data):
-    d = corpus / target
+    d = seeds / target
     d.mkdir(parents=True, exist_ok=True)
     if isinstance(data, str):
         data = data.encode()
-    (d / f"seed-{name}").write_bytes(data)
+    (d / name).write_bytes(data)
 
 
 # Policies: every raw string of the tests that is a policy file, and one with every field.

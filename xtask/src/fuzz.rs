@@ -58,13 +58,18 @@ pub fn run(seconds: u64, cmin: bool, only: Option<&str>) -> anyhow::Result<()> {
     let mut crashed = Vec::new();
     for target in &chosen {
         step(&format!("fuzz: {target} for {seconds} s"));
+        // New inputs go to the first directory; the seeds are read, never minimised away.
         let corpus = format!("corpus/{target}");
+        let seeds = format!("seeds/{target}");
+        std::fs::create_dir_all(fuzz_dir().join(&corpus))
+            .with_context(|| format!("creating fuzz/{corpus}"))?;
         let run = cmd::run(&mut cargo_fuzz(&[
             "run",
             "--sanitizer",
             "none",
             target,
             &corpus,
+            &seeds,
             "--",
             &format!("-max_total_time={seconds}"),
             "-timeout=10",
