@@ -10,7 +10,8 @@
 //! keeps the runtime polling for I/O for a moment after data-path activity; [`file_watch`] notices
 //! config and policy file changes at once; [`yielding`] hands the worker to waiting work before a
 //! connection's bookkeeping; [`accept`] keeps every accept loop from spinning when descriptors
-//! run out.
+//! run out. [`fuzzing`] is the fuzz targets' code (docs/fuzzing.md), shared with the corpus
+//! replay test.
 
 pub mod accept;
 pub mod antispoof;
@@ -20,6 +21,8 @@ pub mod config;
 pub mod datapath;
 pub mod debug;
 pub mod file_watch;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod identity;
 pub mod logging;
 pub mod metrics;

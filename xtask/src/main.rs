@@ -2,6 +2,7 @@
 //! Latch. Every command first runs the setup it needs and says what it is doing.
 
 mod cmd;
+mod fuzz;
 mod setup;
 mod tasks;
 
@@ -30,6 +31,17 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Fuzz the parsers of outside input (cargo-fuzz, nightly): each target for `--seconds`.
+    Fuzz {
+        /// How long each target runs.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Minimise each target's corpus afterwards (`cargo fuzz cmin`).
+        #[arg(long)]
+        cmin: bool,
+        /// One target (default: all of fuzz/fuzz_targets).
+        target: Option<String>,
+    },
     /// Benchmarks: `datapath`, `tunnel`, `policy` or `compare` (agent builds side by side).
     Bench {
         what: String,
@@ -45,6 +57,11 @@ fn main() -> std::process::ExitCode {
         Command::Build { release } => tasks::build(release),
         Command::Test => tasks::test(),
         Command::Demo { args } => tasks::demo(&args),
+        Command::Fuzz {
+            seconds,
+            cmin,
+            target,
+        } => fuzz::run(seconds, cmin, target.as_deref()),
         Command::Bench { what, args } => tasks::bench(&what, &args),
     };
     match result {

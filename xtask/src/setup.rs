@@ -95,6 +95,22 @@ pub fn toolchain() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// cargo-fuzz (the `cargo fuzz` subcommand), for `cargo xtask fuzz`.
+pub fn cargo_fuzz() -> anyhow::Result<()> {
+    step("setup: cargo-fuzz");
+    let found = cmd::stdout_of(Command::new("cargo").args(["fuzz", "--version"]));
+    if let Some(version) = found {
+        println!("    ok: {}", version.trim());
+        return Ok(());
+    }
+    println!("    cargo-fuzz is missing: installing it with `cargo install cargo-fuzz --locked`");
+    cmd::run(
+        Command::new("cargo")
+            .args(["install", "cargo-fuzz", "--locked"])
+            .env_remove("RUSTUP_TOOLCHAIN"),
+    )
+}
+
 fn llvm_major(rustc_vv: &str) -> Option<u32> {
     rustc_vv
         .lines()

@@ -36,8 +36,11 @@ pub fn test() -> anyhow::Result<()> {
     setup::toolchain()?;
     setup::kernel()?;
 
-    step("format: cargo fmt --check (all crates, eBPF included)");
+    step("format: cargo fmt --check (all crates, eBPF and fuzz targets included)");
     cmd::run(cargo().args(["fmt", "--all", "--check"]))?;
+    // The fuzz targets are a workspace of their own (they link libFuzzer, on the nightly); their
+    // code is `latch::fuzzing`, linted with the agent, and the corpus is replayed by the tests.
+    cmd::run(cargo().args(["fmt", "--manifest-path", "fuzz/Cargo.toml", "--check"]))?;
 
     step("lint: clippy -D warnings on the host crates");
     cmd::run(cargo().args([

@@ -1,0 +1,4 @@
+//! Fuzz target `forwarded`: `latch::fuzzing::forwarded` on the fuzzer's bytes (docs/fuzzing.md).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| latch::fuzzing::forwarded(data));

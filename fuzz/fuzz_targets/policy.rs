@@ -1,0 +1,4 @@
+//! Fuzz target `policy`: `latch::fuzzing::policy` on the fuzzer's bytes (docs/fuzzing.md).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| latch::fuzzing::policy(data));
