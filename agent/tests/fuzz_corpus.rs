@@ -66,19 +66,21 @@ fn replay(inputs: &[(String, PathBuf)], lookup: fn(&str) -> Option<Target>) -> V
     failures
 }
 
-#[test]
-fn every_seed_passes_its_target() {
-    let inputs = inputs(&fuzz_dir().join("seeds"));
+/// Replay every input under `fuzz/<folder>/`, which must hold inputs for every target
+/// (`missing` says how to add them), and assert that all pass.
+fn replay_folder(folder: &str, what: &str, missing: &str) {
+    let inputs = inputs(&fuzz_dir().join(folder));
     for (name, _) in TARGETS {
         assert!(
             inputs.iter().any(|(n, _)| n == name),
-            "fuzz/seeds/{name}/ has no input: every target keeps hand-written seeds"
+            "fuzz/{folder}/{name}/ has no input: {}",
+            missing.replace("{name}", name)
         );
     }
     let failures = replay(&inputs, target);
     assert!(
         failures.is_empty(),
-        "{} of {} seeds fail:\n{}",
+        "{} of {} {what} fail:\n{}",
         failures.len(),
         inputs.len(),
         failures.join("\n")
@@ -86,21 +88,16 @@ fn every_seed_passes_its_target() {
 }
 
 #[test]
+fn every_seed_passes_its_target() {
+    replay_folder("seeds", "seeds", "every target keeps hand-written seeds");
+}
+
+#[test]
 fn every_corpus_file_passes_its_target() {
-    let inputs = inputs(&fuzz_dir().join("corpus"));
-    for (name, _) in TARGETS {
-        assert!(
-            inputs.iter().any(|(n, _)| n == name),
-            "fuzz/corpus/{name}/ has no input: run `cargo xtask fuzz --cmin {name}` and commit it"
-        );
-    }
-    let failures = replay(&inputs, target);
-    assert!(
-        failures.is_empty(),
-        "{} of {} corpus files fail:\n{}",
-        failures.len(),
-        inputs.len(),
-        failures.join("\n")
+    replay_folder(
+        "corpus",
+        "corpus files",
+        "run `cargo xtask fuzz --cmin {name}` and commit it",
     );
 }
 

@@ -78,6 +78,49 @@ fn wait_revoked(cluster: &Cluster, node: NodeId) {
     );
 }
 
+/// Wait until `node` has cached a verdict for the pair: `what` says which one, for the failure.
+fn wait_cached(cluster: &Cluster, node: NodeId, what: &str) {
+    assert!(
+        latch_tests::eventually(WAIT, || live_verdicts(cluster, node) > 0),
+        "node {}: {what}",
+        node.0 + 1
+    );
+}
+
+/// A tunnel connection from `client` to `server`'s node, held open, proven with a new SVID
+/// for `client` from the cluster CA and trusting only that CA.
+fn hold_tunnel(cluster: &Cluster, client: PodId, server: PodId) -> HeldTunnel {
+    let ca = cluster_ca(cluster);
+    let svid = ca
+        .mint(&cluster.pod(client).spiffe_id(&cluster.trust_domain), HOUR)
+        .expect("svid");
+    HeldTunnel::open(
+        cluster,
+        client,
+        server,
+        &svid,
+        vec![ca.certificate().clone()],
+    )
+    .expect("held tunnel")
+}
+
+/// Start node 1's agent with `options`, and node 2's with the same options but its SVIDs read
+/// from the `files` directory `files`.
+fn start_n2_on_files(
+    cluster: &mut Cluster,
+    n1: NodeId,
+    n2: NodeId,
+    files: &Path,
+    options: AgentOptions,
+) {
+    cluster.start_agent(n1, options.clone()).expect("agent 1");
+    let options = AgentOptions {
+        cert_files: Some(files.to_path_buf()),
+        ..options
+    };
+    cluster.start_agent(n2, options).expect("agent 2");
+}
+
 #[test]
 fn a_client_certificate_that_expires_under_an_open_tunnel_opens_no_new_stream() {
     let TwoNodes {
@@ -152,37 +195,26 @@ fn a_trust_bundle_that_no_longer_verifies_the_peer_closes_its_tunnel_and_revokes
         server,
     } = Cluster::frontend_payment().expect("cluster");
     let files = files_for(&cluster, "n2-svids", &[server]);
-    cluster
-        .start_agent(n1, AgentOptions::strict_fastpath())
-        .expect("agent 1");
-    let options = AgentOptions {
-        cert_files: Some(files.clone()),
-        ..AgentOptions::strict_fastpath()
-    };
-    cluster.start_agent(n2, options).expect("agent 2");
+    start_n2_on_files(
+        &mut cluster,
+        n1,
+        n2,
+        &files,
+        AgentOptions::strict_fastpath(),
+    );
     let echo = cluster.echo_server(server, PORT).expect("echo");
     let to = cluster.pod(server).addr4(PORT);
 
     // Proven once through the tunnel; both nodes cache the pair.
     let r = cluster.probe(client, to, Some("first")).expect("probe");
     assert!(r.ok && r.echo.as_deref() == Some("first"), "{r:?}");
-    assert!(
-        latch_tests::eventually(WAIT, || live_verdicts(&cluster, n2) > 0),
-        "the destination cached the pair's inbound verdict"
+    wait_cached(
+        &cluster,
+        n2,
+        "the destination cached the pair's inbound verdict",
     );
     // And a tunnel connection to payment held open, proven under the cluster CA.
-    let ca = cluster_ca(&cluster);
-    let frontend_svid = ca
-        .mint(&cluster.pod(client).spiffe_id(&cluster.trust_domain), HOUR)
-        .expect("svid");
-    let mut held = HeldTunnel::open(
-        &cluster,
-        client,
-        server,
-        &frontend_svid,
-        vec![ca.certificate().clone()],
-    )
-    .expect("held tunnel");
+    let mut held = hold_tunnel(&cluster, client, server);
     assert_eq!(held.connect(to), Ok(200));
     let accepted = echo.accepted();
 
@@ -230,24 +262,10 @@ fn a_trust_bundle_rotation_closes_pooled_tunnels_and_the_next_connection_is_prov
     let r = cluster.probe(client, to, Some("first")).expect("probe");
     assert!(r.ok && r.echo.as_deref() == Some("first"), "{r:?}");
     for node in [n1, n2] {
-        assert!(
-            latch_tests::eventually(WAIT, || live_verdicts(&cluster, node) > 0),
-            "node {} cached the pair",
-            node.0 + 1
-        );
+        wait_cached(&cluster, node, "cached the pair");
     }
     let ca = cluster_ca(&cluster);
-    let frontend_svid = ca
-        .mint(&cluster.pod(client).spiffe_id(&cluster.trust_domain), HOUR)
-        .expect("svid");
-    let mut held = HeldTunnel::open(
-        &cluster,
-        client,
-        server,
-        &frontend_svid,
-        vec![ca.certificate().clone()],
-    )
-    .expect("held tunnel");
+    let mut held = hold_tunnel(&cluster, client, server);
     assert_eq!(held.connect(to), Ok(200));
 
     // A root rotation's first step: both nodes trust the old and a new CA; the SVIDs stay.
@@ -276,11 +294,7 @@ fn a_trust_bundle_rotation_closes_pooled_tunnels_and_the_next_connection_is_prov
         })
         .expect("the pooled connection of the old bundle was not reused");
     for node in [n1, n2] {
-        assert!(
-            latch_tests::eventually(WAIT, || live_verdicts(&cluster, node) > 0),
-            "node {} cached the pair again under the new bundle",
-            node.0 + 1
-        );
+        wait_cached(&cluster, node, "cached the pair again under the new bundle");
     }
 }
 
@@ -294,14 +308,7 @@ fn a_files_key_that_does_not_belong_to_its_certificate_is_refused_and_the_last_s
         server,
     } = Cluster::frontend_payment().expect("cluster");
     let files = files_for(&cluster, "n2-svids", &[server]);
-    cluster
-        .start_agent(n1, AgentOptions::default())
-        .expect("agent 1");
-    let options = AgentOptions {
-        cert_files: Some(files.clone()),
-        ..AgentOptions::default()
-    };
-    cluster.start_agent(n2, options).expect("agent 2");
+    start_n2_on_files(&mut cluster, n1, n2, &files, AgentOptions::default());
     let _echo = cluster.echo_server(server, PORT).expect("echo");
     let to = cluster.pod(server).addr4(PORT);
 

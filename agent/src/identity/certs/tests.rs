@@ -93,16 +93,22 @@ fn write_svid(dir: &Path, ca: &DevCa, svid: &Svid) {
     }
 }
 
-#[test]
-fn files_source_loads_reloads_on_change_and_refuses_bad_files() {
-    let dir = tempdir("files");
+/// A `files` store over a new temporary directory, holding frontend's SVID from a new dev CA.
+struct FilesStore {
+    dir: PathBuf,
+    ca: DevCa,
+    certs_dir: PathBuf,
+    store: CertStore,
+    /// The SVID written and loaded at the start.
+    first: Svid,
+}
+
+fn files_store(name: &str) -> FilesStore {
+    let dir = tempdir(name);
     let ca = dev_ca(&dir);
     let certs_dir = dir.join("svids");
-    write_svid(
-        &certs_dir,
-        &ca,
-        &ca.mint(FRONTEND, Duration::from_secs(3600)).expect("svid"),
-    );
+    let first = ca.mint(FRONTEND, Duration::from_secs(3600)).expect("svid");
+    write_svid(&certs_dir, &ca, &first);
     let store = CertStore::new(
         Some(Source::Files {
             dir: certs_dir.clone(),
@@ -110,6 +116,24 @@ fn files_source_loads_reloads_on_change_and_refuses_bad_files() {
         TD,
     );
     store.ensure(&[FRONTEND.to_owned()]).expect("loads");
+    FilesStore {
+        dir,
+        ca,
+        certs_dir,
+        store,
+        first,
+    }
+}
+
+#[test]
+fn files_source_loads_reloads_on_change_and_refuses_bad_files() {
+    let FilesStore {
+        dir,
+        ca,
+        certs_dir,
+        store,
+        ..
+    } = files_store("files");
     let first = store
         .current(FRONTEND)
         .expect("current")
@@ -189,18 +213,13 @@ fn kubernetes_paths_are_required_for_files() {
 
 #[test]
 fn a_files_key_that_is_not_the_certificates_is_refused_naming_the_file() {
-    let dir = tempdir("mismatch");
-    let ca = dev_ca(&dir);
-    let certs_dir = dir.join("svids");
-    let good = ca.mint(FRONTEND, Duration::from_secs(3600)).expect("svid");
-    write_svid(&certs_dir, &ca, &good);
-    let store = CertStore::new(
-        Some(Source::Files {
-            dir: certs_dir.clone(),
-        }),
-        TD,
-    );
-    store.ensure(&[FRONTEND.to_owned()]).expect("loads");
+    let FilesStore {
+        dir,
+        ca,
+        certs_dir,
+        store,
+        first: good,
+    } = files_store("mismatch");
     // The certificate of one SVID with the key of another.
     let other = ca.mint(FRONTEND, Duration::from_secs(3600)).expect("svid");
     let mixed = Svid {
@@ -234,21 +253,13 @@ fn a_files_key_that_is_not_the_certificates_is_refused_naming_the_file() {
 
 #[test]
 fn a_bundle_keeps_its_trust_epoch_across_rotations_and_a_new_bundle_gets_another() {
-    let dir = tempdir("epochs");
-    let ca = dev_ca(&dir);
-    let certs_dir = dir.join("svids");
-    write_svid(
-        &certs_dir,
-        &ca,
-        &ca.mint(FRONTEND, Duration::from_secs(3600)).expect("svid"),
-    );
-    let store = CertStore::new(
-        Some(Source::Files {
-            dir: certs_dir.clone(),
-        }),
-        TD,
-    );
-    store.ensure(&[FRONTEND.to_owned()]).expect("loads");
+    let FilesStore {
+        dir,
+        ca,
+        certs_dir,
+        store,
+        ..
+    } = files_store("epochs");
     let first = store.trust(FRONTEND).expect("epoch");
     assert!(
         store.take_trust_changes().is_empty(),
