@@ -11,11 +11,7 @@
 //! kernel fast path; a cacheable `403` is cached as a short deny, so the next `connect()` fails
 //! at once with `EPERM`. Workloads in `tunnel` mode are never cached.
 
-use std::{
-    net::SocketAddr,
-    sync::Arc,
-    time::{Duration, SystemTime},
-};
+use std::{net::SocketAddr, sync::Arc, time::SystemTime};
 
 use latch_common::{AF_INET, AF_INET6, RedirectKey};
 use tokio::net::{TcpListener, TcpStream};
@@ -36,12 +32,11 @@ use crate::{
         splice::reset,
         tracked::{ConnInfo, Tracker},
     },
-    verdicts::{Direction, Pair, Put, SharedMaps, VerdictCache, decide, lock},
+    verdicts::{
+        Direction, Pair, SharedMaps, VerdictCache, lock,
+        rule::{self, Decided},
+    },
 };
-
-/// Longest life of a cached deny (bounded by `verdictTtl` too): a policy change that allows
-/// the pair removes it at once, so this only bounds staleness if the sources' views diverge.
-const DENY_TTL: Duration = Duration::from_secs(30);
 
 /// Everything an outbound handler needs for one pod.
 pub struct OutboundContext {
@@ -115,6 +110,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
         // Read after the generation (see the tunnel server's `decide`).
         trust: current.trust,
     };
+    let own_not_after = current.svid.not_after;
     // Only a new pooled connection needs a TLS client config: build it in the dialler.
     let worker = ctx.worker.clone();
     let tunnel_endpoint = key.endpoint;
@@ -134,10 +130,17 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
         port: dst.port(),
         direction: Direction::Outbound,
     };
-    // The source caches only what its own view of the policy would cache too, so that its next
-    // reload corrects anything the destination answered from a view the source no longer has.
-    let agrees = |allowed: bool| {
-        decide::pair(&snapshot, &src_id, endpoint.identity.key(), dst.port()) == Some(allowed)
+    // The caching rule also asks the source's own view of the policy, so that its next reload
+    // corrects anything the destination answered from a view the source no longer has.
+    let lifetime = |verdict: Decided, proof_not_after: SystemTime| {
+        rule::lifetime(
+            &snapshot,
+            &src_id,
+            endpoint.identity.key(),
+            dst.port(),
+            verdict,
+            proof_not_after,
+        )
     };
     // The client as a connection straight to the destination would show it: the pod's address
     // of the destination's family, and the application socket's port.
@@ -154,21 +157,19 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
         Err(e) => {
             let decision = if e.is_denied() { "DENY" } else { "REFUSED" };
             access_log(&src_id, &dst_id, dst, decision, &e.to_string());
-            if fastpath
+            if let TunnelError::Refused {
+                cacheable: true, ..
+            } = e
                 && e.is_denied()
-                && matches!(
-                    e,
-                    TunnelError::Refused {
+                && let Some(ttl) = lifetime(
+                    Decided {
+                        allowed: false,
                         cacheable: true,
-                        ..
-                    }
+                    },
+                    own_not_after,
                 )
-                && agrees(false)
-                && let Err(e) =
-                    ctx.cache
-                        .deny(pair, config.dataplane.verdict_ttl.min(DENY_TTL), generation)
             {
-                tracing::error!(error = %e, "caching outbound deny");
+                ctx.cache.remember(pair, false, ttl, generation);
             }
             reset(&stream);
             return;
@@ -180,15 +181,13 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
     // source's own view of the policy is not asked.
     let caching = if !fastpath {
         Caching::TunnelMode
-    } else if opened.cacheable
-        && agrees(true)
-        && cache_allow(
-            ctx,
-            pair,
-            config.dataplane.verdict_ttl,
-            opened.proof_not_after,
-            generation,
-        )
+    } else if let Some(ttl) = lifetime(
+        Decided {
+            allowed: true,
+            cacheable: opened.cacheable,
+        },
+        opened.proof_not_after,
+    ) && ctx.cache.remember(pair, true, ttl, generation)
     {
         Caching::Cached
     } else {
@@ -219,27 +218,6 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
         access_log(&info.source, &info.destination, dst, "ALLOW", reason);
     };
     carry::splice(&ctx.tracker, carried, opened.stream, stream, true, admitted).await
-}
-
-/// Cache the pair's outbound allow for `verdict_ttl`, bounded by the proof's NotAfter; whether
-/// it was cached (not if the proof has expired or the cache refused it).
-fn cache_allow(
-    ctx: &OutboundContext,
-    pair: Pair,
-    verdict_ttl: Duration,
-    proof_not_after: SystemTime,
-    decided_under: u64,
-) -> bool {
-    let Ok(left) = proof_not_after.duration_since(SystemTime::now()) else {
-        return false;
-    };
-    match ctx.cache.allow(pair, verdict_ttl.min(left), decided_under) {
-        Ok(put) => put == Put::Cached,
-        Err(e) => {
-            tracing::error!(error = %e, "caching outbound allow");
-            false
-        }
-    }
 }
 
 /// What became of an allowed pair's verdict at the source.

@@ -30,7 +30,6 @@ use super::{
     listeners::{own_listener, own_port_refusal},
 };
 use crate::{
-    config::DataplaneMode,
     datapath::DeliveryMap,
     identity::{IdentityKey, LocalWorkload, Registry, certs::CertStore},
     metrics::{Metrics, access},
@@ -42,7 +41,10 @@ use crate::{
         splice::reset,
         tracked::{ConnInfo, Tracker},
     },
-    verdicts::{Direction, Pair, Put, VerdictCache, decide},
+    verdicts::{
+        Direction, Pair, VerdictCache, decide,
+        rule::{self, Decided},
+    },
 };
 
 pub struct TunnelContext {
@@ -280,25 +282,28 @@ impl TunnelContext {
             source_ip,
             target,
         );
-        let fastpath = snapshot.config.dataplane.mode == DataplaneMode::Fastpath;
-        let pair_verdict = || {
-            decide::pair(
+        let lifetime = |allowed: bool, cacheable: bool| {
+            let own_not_after = self
+                .certs
+                .current(&self.workload.identity.to_string())
+                .map(|c| c.svid.not_after)
+                .unwrap_or(SystemTime::UNIX_EPOCH);
+            rule::lifetime(
                 &snapshot,
                 &caller.identity,
                 self.workload.identity.key(),
                 target.port(),
+                Decided { allowed, cacheable },
+                caller.not_after.min(own_not_after),
             )
         };
         let (http, cacheable, policy, reason) = match outcome {
             decide::Outcome::Decided(j) if !j.allowed => {
                 self.refuse(&caller, target, &j.policy, &j.reason);
-                let cacheable = j.cacheable && pair_verdict() == Some(false);
+                let cacheable = lifetime(false, j.cacheable).is_some();
                 return Admission::Forbidden { cacheable };
             }
-            decide::Outcome::Decided(j) => {
-                let cacheable = fastpath && j.cacheable && pair_verdict() == Some(true);
-                (false, cacheable, j.policy, j.reason)
-            }
+            decide::Outcome::Decided(j) => (false, j.cacheable, j.policy, j.reason),
             decide::Outcome::Http => (
                 true,
                 false,
@@ -316,8 +321,16 @@ impl TunnelContext {
         };
         // Told to the source only if it is cached here too (not when a newer state was
         // committed since the decision, which the source then learns from its next CONNECT).
-        let cacheable =
-            cacheable && self.cache_allow(&caller, target.port(), decided_under.generation());
+        let pair = Pair {
+            src: IdentityKey::of(&caller.identity),
+            dst: self.workload.identity.key(),
+            port: target.port(),
+            direction: Direction::Inbound,
+        };
+        let cacheable = lifetime(true, cacheable).is_some_and(|ttl| {
+            self.cache
+                .remember(pair, true, ttl, decided_under.generation())
+        });
         let carried = Carried {
             info: ConnInfo {
                 source: caller.identity.to_string(),
@@ -358,37 +371,6 @@ impl TunnelContext {
                     delivered(&ctx.worker, target);
                 })
             }),
-        }
-    }
-
-    /// Cache the pair's inbound allow, bounded by both certificates and `verdictTtl`; whether
-    /// it was cached.
-    fn cache_allow(&self, caller: &Caller, port: u16, decided_under: u64) -> bool {
-        let ttl = self.state.get().config.dataplane.verdict_ttl;
-        let own_not_after = self
-            .certs
-            .current(&self.workload.identity.to_string())
-            .map(|c| c.svid.not_after)
-            .unwrap_or(SystemTime::UNIX_EPOCH);
-        let Ok(left) = caller
-            .not_after
-            .min(own_not_after)
-            .duration_since(SystemTime::now())
-        else {
-            return false;
-        };
-        let pair = Pair {
-            src: IdentityKey::of(&caller.identity),
-            dst: self.workload.identity.key(),
-            port,
-            direction: Direction::Inbound,
-        };
-        match self.cache.allow(pair, ttl.min(left), decided_under) {
-            Ok(put) => put == Put::Cached,
-            Err(e) => {
-                tracing::error!(error = %e, "caching inbound allow");
-                false
-            }
         }
     }
 }

@@ -1,8 +1,10 @@
 //! The verdict cache policy: what the agent writes into the kernel's verdict map, with which
 //! expiry, and what it removes when the world changes. The kernel only reads these entries.
-//! [`decide`] turns policy into the decisions the enforcement points and the cache need.
+//! [`decide`] turns policy into the decisions the enforcement points and the cache need;
+//! [`rule`] says whether, and for how long, a decided pair's verdict is cached.
 
 pub mod decide;
+pub mod rule;
 
 use std::{
     collections::HashMap,
@@ -141,6 +143,23 @@ impl VerdictCache {
         decided_under: u64,
     ) -> Result<Put, DatapathError> {
         self.put(pair, DECISION_ALLOW, ttl, decided_under)
+    }
+
+    /// Cache `pair`'s verdict (allow or deny) for `ttl`, which [`rule::lifetime`] gave;
+    /// whether it was written. A failed write is logged, and the connection goes on uncached.
+    pub fn remember(&self, pair: Pair, allowed: bool, ttl: Duration, decided_under: u64) -> bool {
+        let put = if allowed {
+            self.allow(pair, ttl, decided_under)
+        } else {
+            self.deny(pair, ttl, decided_under)
+        };
+        match put {
+            Ok(put) => put == Put::Cached,
+            Err(e) => {
+                tracing::error!(error = %e, ?pair, allowed, "caching a verdict");
+                false
+            }
+        }
     }
 
     /// Cache a deny for `pair`: the next `connect()` fails at once with `EPERM`.
