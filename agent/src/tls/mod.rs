@@ -2,9 +2,11 @@
 //! certificate verifiers are SPIFFE-aware ([`verify`]): the chain must verify to the trust
 //! bundle under the X.509-SVID profile ([`profile`], [`names`]), the leaf must carry exactly one
 //! `spiffe://` URI SAN in our trust domain, and every certificate must be within its validity
-//! window; the client also checks that the server is the destination workload.
+//! window; the client also checks that the server is the destination workload. The tunnel's
+//! handshakes, and what they proved about the peer, are in [`handshake`].
 
 pub mod error;
+pub mod handshake;
 mod names;
 mod profile;
 pub mod verify;

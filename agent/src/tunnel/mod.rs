@@ -14,6 +14,3 @@ pub mod http;
 pub mod request_head;
 pub mod splice;
 pub mod tracked;
-
-#[cfg(test)]
-mod hbone_tests;

@@ -18,18 +18,18 @@ use tokio::{
 };
 
 use super::{
-    hbone::{
-        Admission, BoxFuture, Caller, Dial, Inbound, PoolKey, TunnelClient, TunnelError,
-        accept_connection, serve_connection,
-    },
-    splice::{
-        Transferred,
-        tests::{pair, splice},
-    },
+    Admission, BoxFuture, Caller, Dial, EARLY_DATA, Inbound, PoolKey, TunnelClient, TunnelError,
+    accept_connection,
+    pool::{SPREAD_AT, max_connections},
+    serve_connection,
 };
 use crate::{
     identity::ca::{DevCa, init},
     tls::{client_config, server_config},
+    tunnel::splice::{
+        Transferred,
+        tests::{pair, splice},
+    },
 };
 
 const TD: &str = "cluster.local";
@@ -252,9 +252,7 @@ async fn what_the_source_wrote_and_its_half_close_go_out_before_the_answer() {
 async fn more_than_the_early_data_limit_arrives_whole_and_in_order() {
     let f = fixture("early-bulk", true, PAYMENT).await;
     let (application, captured) = captured_connection().await;
-    let request: Vec<u8> = (0..3 * super::hbone::EARLY_DATA + 123)
-        .map(|i| (i % 251) as u8)
-        .collect();
+    let request: Vec<u8> = (0..3 * EARLY_DATA + 123).map(|i| (i % 251) as u8).collect();
     let (mut app_read, mut app_write) = application.into_split();
     let writer = {
         let request = request.clone();
@@ -397,7 +395,7 @@ async fn a_busy_pair_spreads_over_connections_up_to_one_per_cpu_and_shrinks_back
     let f = fixture("spread", true, PAYMENT).await;
     let client = TunnelClient::new();
     let mut open = Vec::new();
-    for _ in 0..=super::hbone::SPREAD_AT {
+    for _ in 0..=SPREAD_AT {
         open.push(
             client
                 .open(&key(&f), f.app, None, dialer(&f, PAYMENT), None)
@@ -405,12 +403,12 @@ async fn a_busy_pair_spreads_over_connections_up_to_one_per_cpu_and_shrinks_back
                 .expect("tunnel"),
         );
     }
-    let expected = super::hbone::max_connections().min(2);
+    let expected = max_connections().min(2);
     assert_eq!(
         client.pooled_connections(),
         expected,
         "{} streams at once use {expected} connection(s)",
-        super::hbone::SPREAD_AT + 1
+        SPREAD_AT + 1
     );
     drop(open);
     assert_eq!(

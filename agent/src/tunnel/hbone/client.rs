@@ -1,0 +1,390 @@
+//! The HBONE client: [`TunnelClient::open`] sends a `CONNECT` on a pooled connection (dialling
+//! one when the pair has none free: TCP from the source pod's netns, TLS, HTTP/2) and sends what
+//! the source has already written right behind it, up to [`EARLY_DATA`] bytes, so a request does
+//! not wait one round trip for the answer. See `docs/tunnel.md` (*HBONE*, *Early data*).
+
+use std::{
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::{Context, Poll},
+    time::{Duration, SystemTime},
+};
+
+use bytes::{BufMut as _, Bytes};
+use h2::{RecvStream, SendStream, client::ResponseFuture};
+use hyper::{Method, Request, Response, StatusCode};
+use rustls::pki_types::CertificateDer;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
+
+use super::{
+    BoxFuture, CACHEABLE_HEADER, CONNECTION_WINDOW, EARLY_DATA, MAX_FRAME, MAX_HEADER_LIST,
+    STREAM_WINDOW, TunnelError, TunnelStream,
+    pool::{Active, Pick, Pool, PoolKey, Pooled, Retire},
+    set_tunnel_options,
+};
+use crate::{
+    busy_poll::Traffic,
+    tls::handshake,
+    tunnel::{
+        forwarded,
+        h2stream::H2Stream,
+        splice::{Remote, read_now},
+    },
+};
+
+/// How long opening a tunnel may take, dial and answer together. A pooled connection whose
+/// `CONNECT` goes unanswered that long leaves the pool (its peer is gone or stuck).
+pub const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How to reach a tunnel endpoint: a TCP connection (made inside the source pod's netns), the
+/// TLS client config for the pair, and the NotAfter of the client certificate it presents.
+pub struct Dial {
+    pub tcp: BoxFuture<io::Result<TcpStream>>,
+    pub tls: Result<Arc<rustls::ClientConfig>, String>,
+    pub client_not_after: SystemTime,
+}
+
+/// An opened tunnel and what it was proven with.
+pub struct Opened {
+    pub stream: ClientStream,
+    /// The earlier NotAfter of the client's and the server's certificates: no verdict proven
+    /// through this tunnel may outlive it.
+    pub proof_not_after: SystemTime,
+    /// A new HTTP/2 connection (and TLS handshake) was made for it.
+    pub new_connection: bool,
+    /// The destination said its allow holds for the whole identity pair and port.
+    pub cacheable: bool,
+    /// For a new connection: how long TCP, TLS and the HTTP/2 handshake took.
+    pub handshake: Option<Duration>,
+}
+
+/// A tunnel stream opened by the client; while it lives it counts as active on its pooled
+/// connection.
+pub struct ClientStream {
+    io: TunnelStream,
+    _active: Active,
+}
+
+impl From<ClientStream> for Remote {
+    fn from(stream: ClientStream) -> Self {
+        Remote::Tunnel {
+            stream: stream.io,
+            keep: Some(Box::new(stream._active)),
+        }
+    }
+}
+
+impl AsyncRead for ClientStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ClientStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// The HBONE client with its connection pool.
+#[derive(Clone)]
+pub struct TunnelClient {
+    pool: Pool,
+    open_timeout: Duration,
+}
+
+impl Default for TunnelClient {
+    fn default() -> Self {
+        Self {
+            pool: Pool::default(),
+            open_timeout: OPEN_TIMEOUT,
+        }
+    }
+}
+
+impl TunnelClient {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The same client with another limit on opening a tunnel than [`OPEN_TIMEOUT`].
+    pub fn with_open_timeout(mut self, limit: Duration) -> Self {
+        self.open_timeout = limit;
+        self
+    }
+
+    /// Open a tunnel to `authority` (the original destination) through the endpoint of `key`,
+    /// reusing the least busy live pooled connection, or dialling with `dial()` if there is none
+    /// or all are busy and the pair may have another. While the destination decides, what
+    /// `source` has already written is sent on the stream (see [`EARLY_DATA`]). Dialling and the
+    /// answer together may take [`OPEN_TIMEOUT`]; a pooled connection that did not answer in time
+    /// leaves the pool.
+    pub async fn open(
+        &self,
+        key: &PoolKey,
+        authority: SocketAddr,
+        client: Option<SocketAddr>,
+        dial: impl FnOnce() -> Dial,
+        source: Option<&TcpStream>,
+    ) -> Result<Opened, TunnelError> {
+        let deadline = tokio::time::Instant::now() + self.open_timeout;
+        let timed_out = || TunnelError::Timeout {
+            addr: key.endpoint,
+            authority,
+            limit: self.open_timeout,
+        };
+        let (pooled, active, handshake) = match self.pool.pick(key) {
+            Pick::Use(p, active) => (p, active, None),
+            Pick::Dial => {
+                let started = std::time::Instant::now();
+                let dialled = tokio::time::timeout_at(deadline, self.connect(key, dial())).await;
+                self.pool.dialled(key);
+                let pooled = dialled.map_err(|_| timed_out())??;
+                let active = self.pool.activate(&pooled, key);
+                (pooled, active, Some(started.elapsed()))
+            }
+        };
+        let http = |source| {
+            self.pool.evict(key);
+            TunnelError::Http {
+                addr: key.endpoint,
+                source,
+            }
+        };
+        let mut request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(authority.to_string());
+        if let Some(client) = client {
+            request = request.header(forwarded::FORWARDED, forwarded::header(client));
+        }
+        let request = request
+            .body(())
+            .map_err(|source| TunnelError::Request { authority, source })?;
+        let exchange = async {
+            let mut sender = pooled.sender.clone().ready().await.map_err(http)?;
+            let (response, mut send) = sender.send_request(request, false).map_err(http)?;
+            let (response, source_ended) = match source {
+                Some(source) => answer_with_early_data(response, &mut send, source).await?,
+                None => (response.await, false),
+            };
+            Ok::<_, TunnelError>((response, send, source_ended))
+        };
+        let Ok(exchanged) = tokio::time::timeout_at(deadline, exchange).await else {
+            self.pool.forget(key, &pooled);
+            return Err(timed_out());
+        };
+        let (response, send, source_ended) = exchanged?;
+        let response = response.map_err(|source| TunnelError::Http {
+            addr: key.endpoint,
+            source,
+        })?;
+        let cacheable = cacheable(response.headers());
+        if response.status() != StatusCode::OK {
+            return Err(TunnelError::Refused {
+                addr: key.endpoint,
+                authority,
+                status: response.status(),
+                cacheable,
+            });
+        }
+        Ok(Opened {
+            stream: ClientStream {
+                io: H2Stream::new(send, response.into_body()).send_ended(source_ended),
+                _active: active,
+            },
+            proof_not_after: pooled.proof_not_after,
+            new_connection: handshake.is_some(),
+            cacheable,
+            handshake,
+        })
+    }
+
+    /// Retire the pooled connections of the keys `which` names, given each key and the chain
+    /// its server proved: [`Retire::Drain`] takes it out of the pool (open streams finish),
+    /// [`Retire::Close`] also ends it at once. Returns how many were taken out.
+    pub fn retire(&self, which: impl Fn(&PoolKey, &[CertificateDer<'static>]) -> Retire) -> usize {
+        self.pool.retire(which)
+    }
+
+    /// Drop every pooled connection whose key matches (identities rotated or revoked).
+    pub fn evict_where(&self, pred: impl Fn(&PoolKey) -> bool) {
+        self.pool.evict_where(pred)
+    }
+
+    /// Number of pooled HTTP/2 connections.
+    pub fn pooled_connections(&self) -> usize {
+        self.pool.connections()
+    }
+
+    /// Dial `key`'s endpoint (TCP, TLS, HTTP/2) and pool the connection.
+    async fn connect(&self, key: &PoolKey, dial: Dial) -> Result<Pooled, TunnelError> {
+        let addr = key.endpoint;
+        let tcp = dial
+            .tcp
+            .await
+            .map_err(|source| TunnelError::Connect { addr, source })?;
+        set_tunnel_options(&tcp);
+        let config = dial.tls.map_err(|e| TunnelError::Tls {
+            addr,
+            source: io::Error::other(e),
+        })?;
+        let (tls, server) = handshake::connect(config, addr.ip(), Traffic::new(tcp))
+            .await
+            .map_err(|source| TunnelError::Tls { addr, source })?;
+        let (sender, connection) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .max_header_list_size(MAX_HEADER_LIST)
+            // The server never starts streams: a PUSH_PROMISE is a protocol error.
+            .enable_push(false)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(|source| TunnelError::Http { addr, source })?;
+        let closed = Arc::new(AtomicBool::new(false));
+        let ended = closed.clone();
+        let task = tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(endpoint = %addr, error = %e, "tunnel connection closed");
+            }
+            ended.store(true, Ordering::Relaxed);
+        });
+        let pooled = Pooled::new(
+            sender,
+            task.abort_handle(),
+            closed,
+            server,
+            dial.client_not_after,
+        );
+        self.pool.add(key, pooled.clone());
+        Ok(pooled)
+    }
+}
+
+fn cacheable(headers: &hyper::http::HeaderMap) -> bool {
+    headers
+        .get(CACHEABLE_HEADER)
+        .is_some_and(|v| v.as_bytes() == b"1")
+}
+/// The destination's answer, and whether the source's half of the stream has already ended.
+type Answer = (Result<Response<RecvStream>, h2::Error>, bool);
+
+/// Wait for the destination's answer to a `CONNECT`, meanwhile sending what `source` writes (up
+/// to [`EARLY_DATA`] bytes) on the stream, and its half-close (`END_STREAM`) if it comes: a
+/// request-response client often writes its request and half-closes before anything returns. A
+/// source that fails fails the opening, since its error would not be seen twice.
+async fn answer_with_early_data(
+    response: ResponseFuture,
+    send: &mut SendStream<Bytes>,
+    source: &TcpStream,
+) -> Result<Answer, TunnelError> {
+    tokio::pin!(response);
+    let mut early = Early {
+        buf: bytes::BytesMut::new(),
+        left: EARLY_DATA,
+        ended: false,
+    };
+    // What the source wrote before it was accepted is taken at once, so that it leaves with the
+    // CONNECT: the reactor has not seen the new socket yet, and waiting for it to would send the
+    // CONNECT alone.
+    while early.wants_more() {
+        let read = read_now(source, &mut early.buf, early.left.min(EARLY_READ));
+        match early.forward(read, send)? {
+            Forwarded::Sent => {}
+            Forwarded::Nothing => break,
+            Forwarded::Failed(e) => return Ok((Err(e), early.ended)),
+        }
+    }
+    loop {
+        tokio::select! {
+            biased;
+            answer = &mut response => return Ok((answer, early.ended)),
+            readable = source.readable(), if early.wants_more() => {
+                early.buf.reserve(early.left);
+                let mut room = (&mut early.buf).limit(early.left);
+                let read = match readable.and_then(|()| source.try_read_buf(&mut room)) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+                    read => read.map(Some),
+                };
+                if let Forwarded::Failed(e) = early.forward(read, send)? {
+                    return Ok((Err(e), early.ended));
+                }
+            }
+        }
+    }
+}
+
+/// The largest single read of early data taken before the reactor has seen the socket.
+const EARLY_READ: usize = 16 * 1024;
+
+/// The source's bytes sent before the destination's answer.
+struct Early {
+    /// Grown as bytes come: a request is usually a few hundred bytes.
+    buf: bytes::BytesMut,
+    /// Bytes that may still be sent.
+    left: usize,
+    /// The source's half-close has been sent (`END_STREAM`).
+    ended: bool,
+}
+
+enum Forwarded {
+    Sent,
+    /// The source had nothing waiting.
+    Nothing,
+    /// The stream refused it: the answer is this error.
+    Failed(h2::Error),
+}
+
+impl Early {
+    fn wants_more(&self) -> bool {
+        self.left > 0 && !self.ended
+    }
+
+    /// Send what one read of the source brought (`None`: nothing was waiting). Within the
+    /// stream's initial window, so h2 sends it as it comes. A source that fails fails the
+    /// opening.
+    fn forward(
+        &mut self,
+        read: io::Result<Option<usize>>,
+        send: &mut SendStream<Bytes>,
+    ) -> Result<Forwarded, TunnelError> {
+        let sent = match read {
+            Ok(None) => return Ok(Forwarded::Nothing),
+            Ok(Some(0)) => send
+                .send_data(Bytes::new(), true)
+                .map(|()| self.ended = true),
+            Ok(Some(n)) => send
+                .send_data(self.buf.split().freeze(), false)
+                .map(|()| self.left -= n),
+            Err(source) => {
+                send.send_reset(h2::Reason::CANCEL);
+                return Err(TunnelError::Source { source });
+            }
+        };
+        Ok(sent.map_or_else(Forwarded::Failed, |()| Forwarded::Sent))
+    }
+}

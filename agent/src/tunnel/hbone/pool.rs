@@ -1,0 +1,281 @@
+//! The client's pooled HTTP/2 connections, per [`PoolKey`] (source and destination identity,
+//! endpoint, trust epoch): a pair's streams share its connections, a busy pair spreads over up to
+//! one per CPU and shrinks back once idle, a connection whose proof no longer holds is never used,
+//! and those of a replaced trust bundle are retired. See `docs/tunnel.md` (*HBONE*, *How long a
+//! proof holds*).
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex, MutexGuard, PoisonError, Weak,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::SystemTime,
+};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use rustls::pki_types::CertificateDer;
+
+use crate::tls::handshake::PeerChain;
+
+/// Streams a pooled connection carries at once before the pair opens another one.
+pub(super) const SPREAD_AT: usize = 4;
+
+/// Most pooled connections per pair: one per CPU (asked once: the answer reads cgroup files).
+pub(super) fn max_connections() -> usize {
+    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Which pooled HTTP/2 connection a tunnel uses.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub src: String,
+    pub dst: String,
+    /// The tunnel endpoint (`<pod IP>:15008`).
+    pub endpoint: SocketAddr,
+    /// The epoch of the source's trust bundle that a connection of this key is verified with
+    /// (see [`crate::identity::certs::TrustEpoch`]): a connection proven under another bundle is
+    /// never used.
+    pub trust: u64,
+}
+
+/// What becomes of a pooled connection proven under a trust bundle no longer in force.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Retire {
+    /// Not concerned: it stays in the pool.
+    Keep,
+    /// Out of the pool: no new streams; open ones finish, then it closes.
+    Drain,
+    /// Closed at once, its open streams reset: the bundle in force no longer verifies the
+    /// server.
+    Close,
+}
+
+/// One pooled HTTP/2 connection.
+#[derive(Clone)]
+pub(super) struct Pooled {
+    pub(super) sender: SendRequest<Bytes>,
+    /// The earlier NotAfter of the two certificates this connection was proven with.
+    pub(super) proof_not_after: SystemTime,
+    /// The connection's task has ended: no new streams on it.
+    closed: Arc<AtomicBool>,
+    /// What else the connection was proven with, and how to end it.
+    proven: Arc<Proven>,
+    /// Streams open on it now.
+    active: Arc<AtomicUsize>,
+}
+
+/// A pooled connection's server certificate, and the handle that ends the connection.
+struct Proven {
+    /// The server certificate's NotBefore.
+    not_before: SystemTime,
+    /// The server's chain, as verified (to verify again when the trust bundle changes).
+    server_chain: Vec<CertificateDer<'static>>,
+    /// Ends the connection's task (and with it the connection) at once.
+    abort: tokio::task::AbortHandle,
+}
+
+impl Pooled {
+    /// A new connection: `sender` opens its streams; `task` drives it and sets `closed` when it
+    /// ends; `server` is what its handshake proved of the server, `client_not_after` the NotAfter
+    /// of the certificate the client presented.
+    pub(super) fn new(
+        sender: SendRequest<Bytes>,
+        task: tokio::task::AbortHandle,
+        closed: Arc<AtomicBool>,
+        server: PeerChain,
+        client_not_after: SystemTime,
+    ) -> Self {
+        Self {
+            sender,
+            proof_not_after: server.not_after.min(client_not_after),
+            closed,
+            proven: Arc::new(Proven {
+                not_before: server.not_before,
+                server_chain: server.chain,
+                abort: task,
+            }),
+            active: Arc::default(),
+        }
+    }
+
+    /// Whether both certificates it was proven with are within their validity at `now`.
+    fn proof_holds(&self, now: SystemTime) -> bool {
+        self.proven.not_before <= now && now <= self.proof_not_after
+    }
+
+    fn is(&self, other: &Pooled) -> bool {
+        Arc::ptr_eq(&self.active, &other.active)
+    }
+}
+
+/// What [`Pool::pick`] chose for a pair.
+pub(super) enum Pick {
+    /// A pooled connection, already counting this stream as active.
+    Use(Pooled, Active),
+    Dial,
+}
+
+type Entries = HashMap<PoolKey, PoolEntry>;
+
+#[derive(Default)]
+struct PoolEntry {
+    conns: Vec<Pooled>,
+    dialing: usize,
+}
+
+fn lock(entries: &Mutex<Entries>) -> MutexGuard<'_, Entries> {
+    entries.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The pooled connections of each pair, and how many are being dialled.
+#[derive(Clone, Default)]
+pub(super) struct Pool(Arc<Mutex<Entries>>);
+
+impl Pool {
+    /// The least busy live connection of the pair, unless all are busy (or there is none) and
+    /// the pair may have another: then the caller dials, counted until [`Self::dialled`].
+    pub(super) fn pick(&self, key: &PoolKey) -> Pick {
+        let mut pool = lock(&self.0);
+        let entry = pool.entry(key.clone()).or_default();
+        let now = SystemTime::now();
+        // A connection whose certificates are no longer (or not yet) valid proves nothing.
+        entry
+            .conns
+            .retain(|p| !p.closed.load(Ordering::Relaxed) && p.proof_holds(now));
+        let least_busy = entry
+            .conns
+            .iter()
+            .min_by_key(|p| p.active.load(Ordering::Relaxed))
+            .cloned();
+        let room = entry.conns.len() + entry.dialing < max_connections();
+        match least_busy {
+            Some(p) if !room || p.active.load(Ordering::Relaxed) < SPREAD_AT => {
+                // Counted under the pool's lock, so a burst of opens sees each other.
+                let active = Active::new(&p.active, &self.0, key);
+                Pick::Use(p, active)
+            }
+            _ => {
+                entry.dialing += 1;
+                Pick::Dial
+            }
+        }
+    }
+
+    /// Add a newly dialled connection to the pair's pool.
+    pub(super) fn add(&self, key: &PoolKey, pooled: Pooled) {
+        lock(&self.0)
+            .entry(key.clone())
+            .or_default()
+            .conns
+            .push(pooled);
+    }
+
+    /// A dial started by [`Self::pick`] has ended (either way).
+    pub(super) fn dialled(&self, key: &PoolKey) {
+        let mut pool = lock(&self.0);
+        if let Some(entry) = pool.get_mut(key) {
+            entry.dialing = entry.dialing.saturating_sub(1);
+            if entry.conns.is_empty() && entry.dialing == 0 {
+                pool.remove(key);
+            }
+        }
+    }
+
+    /// Count one more stream as active on `pooled`, a connection of `key`.
+    pub(super) fn activate(&self, pooled: &Pooled, key: &PoolKey) -> Active {
+        Active::new(&pooled.active, &self.0, key)
+    }
+
+    /// Take one connection out of the pair's pool (it closes once nothing uses it).
+    pub(super) fn forget(&self, key: &PoolKey, pooled: &Pooled) {
+        if let Some(entry) = lock(&self.0).get_mut(key) {
+            entry.conns.retain(|p| !p.is(pooled));
+        }
+    }
+
+    /// Take every connection of the pair out of the pool.
+    pub(super) fn evict(&self, key: &PoolKey) {
+        lock(&self.0).remove(key);
+    }
+
+    /// Drop every pooled connection whose key matches.
+    pub(super) fn evict_where(&self, pred: impl Fn(&PoolKey) -> bool) {
+        lock(&self.0).retain(|k, _| !pred(k));
+    }
+
+    /// Retire the connections of the keys `which` names, given each key and the chain its
+    /// server proved (see [`Retire`]). Returns how many were taken out.
+    pub(super) fn retire(
+        &self,
+        which: impl Fn(&PoolKey, &[CertificateDer<'static>]) -> Retire,
+    ) -> usize {
+        let mut pool = lock(&self.0);
+        let mut retired = 0;
+        for (key, entry) in pool.iter_mut() {
+            entry
+                .conns
+                .retain(|p| match which(key, &p.proven.server_chain) {
+                    Retire::Keep => true,
+                    Retire::Drain => {
+                        retired += 1;
+                        false
+                    }
+                    Retire::Close => {
+                        p.proven.abort.abort();
+                        retired += 1;
+                        false
+                    }
+                });
+        }
+        pool.retain(|_, e| !e.conns.is_empty() || e.dialing > 0);
+        retired
+    }
+
+    /// Number of pooled connections.
+    pub(super) fn connections(&self) -> usize {
+        lock(&self.0).values().map(|e| e.conns.len()).sum()
+    }
+}
+
+/// One active stream on a pooled connection. When the last stream of a connection ends and the
+/// pair has other connections, this one leaves the pool (and closes once nothing uses it), so a
+/// burst's extra connections do not outlive it.
+pub(super) struct Active {
+    count: Arc<AtomicUsize>,
+    pool: Weak<Mutex<Entries>>,
+    key: PoolKey,
+}
+
+impl Active {
+    fn new(count: &Arc<AtomicUsize>, pool: &Arc<Mutex<Entries>>, key: &PoolKey) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self {
+            count: count.clone(),
+            pool: Arc::downgrade(pool),
+            key: key.clone(),
+        }
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        if self.count.fetch_sub(1, Ordering::Relaxed) != 1 {
+            return;
+        }
+        let Some(pool) = self.pool.upgrade() else {
+            return;
+        };
+        let mut pool = lock(&pool);
+        if let Some(entry) = pool.get_mut(&self.key)
+            && entry.conns.len() > 1
+        {
+            entry.conns.retain(|p| {
+                !Arc::ptr_eq(&p.active, &self.count) || p.active.load(Ordering::Relaxed) > 0
+            });
+        }
+    }
+}
