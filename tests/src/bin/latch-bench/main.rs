@@ -1,0 +1,81 @@
+//! `cargo xtask bench`: numbers, never pass/fail (thresholds live here, not in tests). Prints
+//! markdown tables and writes JSON under `$LATCH_BENCH_OUT` (default `target/bench/`); how a
+//! phase is compared with no agents, and the figures, are in `docs/benchmarks.md`.
+//!
+//! One module per suite ([`datapath`], [`tunnel`], [`policy`], [`compare`]) over shared parts:
+//! [`pair`] (the measured topology and its phases with agents), [`reference`] (the no-agent
+//! cluster and measuring in turns with it), [`probe`], [`stats`] and [`report`].
+
+use clap::{Parser, Subcommand};
+
+mod antispoof;
+mod compare;
+mod cpus;
+mod datapath;
+mod handoff;
+mod pair;
+mod policy;
+mod probe;
+mod reference;
+mod report;
+mod stats;
+mod tunnel;
+
+#[derive(Parser)]
+#[command(
+    name = "latch-bench",
+    about = "Latch's benchmarks (run by `cargo xtask bench`)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    suite: Suite,
+}
+
+#[derive(Subcommand)]
+enum Suite {
+    /// Connection rate and latency: no agents, agents with a cached allow, every connection
+    /// over the pooled mTLS tunnel.
+    Datapath {
+        /// Connections per phase.
+        #[arg(long, default_value_t = 5000)]
+        count: usize,
+    },
+    /// The latency a first, a pooled and a fast-path connection add, and throughput, against no
+    /// agents and against an nginx mTLS stream-proxy pair.
+    Tunnel {
+        /// Connections per latency phase.
+        #[arg(long, default_value_t = 5000)]
+        count: usize,
+    },
+    /// The policy engine's decision cost and the revocation sweep, in-process.
+    Policy,
+    /// Agent builds or settings side by side: the pooled connection's latency and the agents'
+    /// CPU time, each variant in a cluster of its own.
+    Compare {
+        /// Turns per variant.
+        #[arg(long, default_value_t = 30)]
+        turns: usize,
+        /// Connections per turn.
+        #[arg(long, default_value_t = reference::TURN)]
+        per_turn: usize,
+        /// An agent binary to compare, under a label, with optional settings; one or more.
+        #[arg(required = true, value_name = "LABEL=AGENT_BINARY[,busyPoll=DURATION]")]
+        variants: Vec<compare::Variant>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    cpus::use_every_cpu()?;
+    let out_dir = report::out_dir()?;
+    match cli.suite {
+        Suite::Datapath { count } => datapath::run(count, &out_dir),
+        Suite::Tunnel { count } => tunnel::run(count, &out_dir),
+        Suite::Policy => policy::run(&out_dir),
+        Suite::Compare {
+            turns,
+            per_turn,
+            variants,
+        } => compare::run(turns, per_turn, &variants, &out_dir),
+    }
+}

@@ -1,0 +1,180 @@
+//! `tunnel`: the latency a first, a pooled and a fast-path connection add, and throughput,
+//! against no agents and against an nginx mTLS stream-proxy pair. Each phase is measured in turns
+//! with the no-agent [`Reference`] (which also hosts the nginx pair), so that the VM's drift
+//! falls on both sides of every comparison alike. The tables and JSON are in [`output`].
+
+use std::path::Path;
+
+use latch_tests::{AgentOptions, PodSpec};
+
+use crate::{
+    handoff::handoff_us,
+    pair::{PORT, Pair},
+    probe::{self, throughput},
+    reference::{Paired, Reference, Via, paired_latency},
+    stats::{Tally, median, percentile},
+};
+
+mod output;
+
+/// Rounds of the throughput comparison (no agents, tunnel, nginx pair in turn); medians are
+/// reported, and ratios are of medians. (The rounds' own ratios were tried as well: runs seconds
+/// apart differ as much as runs a minute apart on this VM, so pairing them within a round only
+/// compounded two runs' noise.)
+const THROUGHPUT_ROUNDS: usize = 5;
+
+/// MiB per throughput run with one stream (each of eight streams moves a quarter of it).
+const MIB: usize = 256;
+
+/// First connections measured, each after a restart of the client's agent.
+const FIRST_CONNECTIONS: usize = 20;
+
+struct TunnelReport {
+    handoff_us: f64,
+    nginx: Paired,
+    /// The reference over the whole run.
+    baseline_p50: u64,
+    first_p50: u64,
+    pooled: Paired,
+    /// The same with `dataplane.busyPoll: 0s`.
+    pooled_no_poll: Paired,
+    fast: Paired,
+    /// Throughput with one stream, and with eight.
+    one: Rounds,
+    eight: Rounds,
+}
+
+/// Every throughput round's bytes per second, by setup.
+#[derive(Default)]
+struct Rounds {
+    base: Vec<f64>,
+    tunnel: Vec<f64>,
+    nginx: Vec<f64>,
+}
+
+impl Rounds {
+    /// The medians: no agents, tunnel, nginx pair.
+    fn medians(&self) -> [f64; 3] {
+        [&self.base, &self.tunnel, &self.nginx].map(|runs| median(runs.clone()))
+    }
+
+    /// Tunnel / no agents, of the medians.
+    fn over_base(&self) -> f64 {
+        let [base, tunnel, _] = self.medians();
+        tunnel / base
+    }
+
+    /// Tunnel / nginx pair, of the medians.
+    fn over_nginx(&self) -> f64 {
+        let [_, tunnel, nginx] = self.medians();
+        tunnel / nginx
+    }
+}
+
+pub fn run(count: usize, out_dir: &Path) -> anyhow::Result<()> {
+    println!(
+        "tunnel benchmark: {count} connections per latency phase; throughput: one stream \
+         of {MIB} MiB, eight of {} MiB (echoed back), median of {THROUGHPUT_ROUNDS} rounds \
+         of no agents, tunnel and nginx pair in turn; client on node 1, server on node 2",
+        MIB / 4
+    );
+    let report = measure(count, FIRST_CONNECTIONS, MIB)?;
+    output::print(&report, out_dir)
+}
+
+fn measure(count: usize, samples: usize, mib: usize) -> anyhow::Result<TunnelReport> {
+    let mut reference = Reference::new()?;
+    reference.start_nginx()?;
+    // Every reference latency measured, for the no-agent row.
+    let mut all_reference = Vec::new();
+    let mut pair = Pair::new()?;
+    // Another identity on the server's node: a restarted agent's first connection goes there, so
+    // the measured first connection of the pair finds a warm agent, as it would in a cluster.
+    let other = pair
+        .cluster
+        .add_pod(pair.n2, PodSpec::mesh("other", "bench", "other"))?;
+    let _other_echo = pair.cluster.echo_server(other, PORT)?;
+    let to_other = pair.cluster.pod(other).addr4(PORT).to_string();
+
+    pair.warm_up(count / 10)?;
+    reference.rate(Via::Direct, count / 10)?;
+    reference.rate(Via::Nginx, count / 10)?;
+
+    // First connections: every sample starts with an empty pool and an empty cache (the client's
+    // agent restarted, then warmed up on another pair). They come before the phase's warm-up, so
+    // this phase is the one not run by `Pair::phase`.
+    let fast_options = AgentOptions {
+        verdict_ttl: "1h".into(),
+        ..AgentOptions::default()
+    };
+    pair.start_agents(&fast_options)?;
+    let mut first = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        for node in [pair.n1, pair.n2] {
+            latch::datapath::KernelMaps::open_pinned(&pair.cluster.node(node).pin_dir)?
+                .remove_verdicts_where(|_, _| true)?;
+        }
+        pair.cluster.agent(pair.n1).restart()?;
+        probe::rate(&pair.cluster, pair.client, &to_other, 1)?;
+        let mut one = Tally::default();
+        one.add(pair.rate(1)?);
+        first.push(one.percentile(0.5));
+    }
+    first.sort_unstable();
+    pair.warm_up(count / 10)?;
+    let fast = paired_latency(&reference, &mut all_reference, count, |n| pair.rate(n))?;
+    pair.stop_agents()?;
+
+    let tunnel_options = AgentOptions {
+        dataplane_mode: "tunnel".into(),
+        ..AgentOptions::default()
+    };
+    let (pooled, one, eight) = pair.phase(&tunnel_options, count / 10, |pair| {
+        let pooled = paired_latency(&reference, &mut all_reference, count, |n| pair.rate(n))?;
+        // Throughput: no agents, the tunnel and the nginx pair in turns.
+        let (mut one, mut eight) = (Rounds::default(), Rounds::default());
+        for _ in 0..THROUGHPUT_ROUNDS {
+            for (rounds, streams, mib) in [(&mut one, 1, mib), (&mut eight, 8, mib / 4)] {
+                rounds
+                    .base
+                    .push(reference.throughput(Via::Direct, streams, mib)?);
+                rounds.tunnel.push(throughput(
+                    &pair.cluster,
+                    pair.client,
+                    &pair.to,
+                    streams,
+                    mib,
+                )?);
+                rounds
+                    .nginx
+                    .push(reference.throughput(Via::Nginx, streams, mib)?);
+            }
+        }
+        Ok((pooled, one, eight))
+    })?;
+    // What busy polling is worth: the same pooled connections with it turned off.
+    let no_poll_options = AgentOptions {
+        busy_poll: Some("0s".into()),
+        ..tunnel_options
+    };
+    let pooled_no_poll = pair.phase(&no_poll_options, count / 10, |pair| {
+        paired_latency(&reference, &mut all_reference, count, |n| pair.rate(n))
+    })?;
+
+    // The same through the nginx mTLS stream-proxy pair (sidecar style), no agents.
+    let nginx_latency = paired_latency(&reference, &mut all_reference, count, |n| {
+        reference.rate(Via::Nginx, n)
+    })?;
+    all_reference.sort_unstable();
+    Ok(TunnelReport {
+        handoff_us: handoff_us()?,
+        nginx: nginx_latency,
+        baseline_p50: percentile(&all_reference, 0.5),
+        first_p50: percentile(&first, 0.5),
+        pooled,
+        pooled_no_poll,
+        fast,
+        one,
+        eight,
+    })
+}
