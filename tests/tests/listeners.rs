@@ -19,7 +19,7 @@ use latch_tests::{
 const PORT: u16 = 8080;
 const CAPTURE_PORT: u16 = 15001;
 const INBOUND_PORT: u16 = 15006;
-/// Sockets each pod's netns keeps made ahead for deliveries (`capture::netns::SPARES`): how
+/// Sockets each pod's netns keeps made ahead for deliveries (`capture::delivery::SPARES`): how
 /// many are ready at a given moment depends on the order in which connections ended.
 const SPARE_SOCKETS: usize = 4;
 

@@ -395,7 +395,7 @@ fn a_thousand_concurrent_tunneled_connections_complete_intact() {
     assert_eq!(report["intact"], 1000, "{report}");
 
     // Each pod's netns keeps a few sockets made ahead for deliveries (the agent's
-    // `capture::netns::SPARES`); how many are ready at a given moment depends on the order in
+    // `capture::delivery::SPARES`); how many are ready at a given moment depends on the order in
     // which connections ended. Anything beyond them is a leak.
     const SPARE_SOCKETS: usize = 4;
     for (pid, start) in pids.iter().zip(&before) {

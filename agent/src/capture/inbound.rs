@@ -9,18 +9,15 @@
 //! does not allow that, from the loopback marker 127.0.0.6 or ::1); if the policy depends on HTTP
 //! attributes, every request is decided on its own.
 
-use std::{
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::Arc,
-};
+use std::{net::SocketAddr, sync::Arc};
 
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{
     NetnsWorker,
     carry::{self, Carried, HttpParty},
+    delivery::{deliver, delivered},
     listeners::{own_listener, own_port_refusal},
-    tunneled::{deliver, delivered},
 };
 use crate::{
     datapath::DeliveryMap,
@@ -34,13 +31,6 @@ use crate::{
     },
     verdicts::{Direction, decide},
 };
-
-/// Source address of connections the agent delivers to an application over IPv4 when it cannot
-/// deliver them from the client's own address. Loopback sources can only originate inside the
-/// pod's netns, so the inbound check trusts them.
-pub const DELIVERY_MARKER_V4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
-/// The same for IPv6.
-pub const DELIVERY_MARKER_V6: Ipv6Addr = Ipv6Addr::LOCALHOST;
 
 pub struct InboundContext {
     pub workload: LocalWorkload,

@@ -7,10 +7,12 @@
 //!   pair's verdict when the destination says it may be cached.
 //! - [`inbound`]: a steered plaintext inbound connection: PeerAuthentication, then policy.
 //! - [`tunneled`]: the destination side of HBONE: policy for the verified source, then delivery.
+//! - [`delivery`]: connecting an admitted connection to the pod's application.
 //! - [`transparent`]: the pod's routing that lets deliveries come from the client's address.
 //! - [`carry`]: relaying an admitted connection (splice or per-request HTTP), tracked and logged.
 
 pub mod carry;
+pub mod delivery;
 pub mod inbound;
 pub mod listeners;
 pub mod netns;

@@ -3,38 +3,26 @@
 //! exist. Listeners are opened by a thread that lives in the namespace ([`NetnsWorker::run`]);
 //! outbound sockets on the connection path are made by the calling thread itself, which enters
 //! the namespace for the one `socket()` call and returns at once ([`NetnsWorker::connect`]), so a
-//! connection never waits for a thread hop. Sockets for deliveries to the pod's application
-//! (transparent and marked where the pod's routing allows, see [`super::transparent`]) are made
-//! ahead of need ([`SPARES`]) when a delivered connection ends, so the next delivery usually finds
-//! one ready and goes straight to `bind()` and `connect()`.
+//! connection never waits for a thread hop. Delivery sockets (transparent and marked where the
+//! pod's routing allows, see [`super::transparent`]) are made here for [`super::delivery`].
 
 use std::{
     fs::File,
     io,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
-    sync::{
-        Mutex, OnceLock, PoisonError,
-        atomic::{AtomicU16, Ordering},
-        mpsc,
-    },
+    sync::{OnceLock, mpsc},
 };
 
 use latch_common::DELIVERY_MARK;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
-use super::transparent::{self, Transparent};
+use super::{
+    delivery::DeliverySockets,
+    transparent::{self, Transparent},
+};
 
 type Job = Box<dyn FnOnce() + Send>;
-
-/// How many delivery sockets of a family are kept ready (made again, all at once, when half of
-/// them are used).
-pub const SPARES: usize = 4;
-
-/// The ports deliveries from clients' addresses take in turn (Linux's default ephemeral range).
-pub const DELIVERY_PORTS: std::ops::RangeInclusive<u16> = 32768..=60999;
-/// Ports tried for one delivery before it fails.
-const PORT_ATTEMPTS: usize = 8;
 
 /// Handle on the worker thread of one network namespace. The thread exits when this is dropped.
 pub struct NetnsWorker {
@@ -48,15 +36,8 @@ struct Namespace {
     file: File,
     /// Which families' deliveries may come from the client's own address, once set up.
     transparent: OnceLock<Transparent>,
-    /// Delivery sockets made ahead, all of the same family.
-    spares: Mutex<Vec<Spare>>,
-    /// Turns through [`DELIVERY_PORTS`].
-    ports: AtomicU16,
-}
-
-struct Spare {
-    socket: Socket,
-    domain: Domain,
+    /// Delivery sockets made ahead, and the turn through the delivery ports.
+    deliveries: DeliverySockets,
 }
 
 /// The agent's own network namespace, for returning to it.
@@ -131,9 +112,7 @@ impl NetnsWorker {
                 path: path.to_owned(),
                 file: netns,
                 transparent: OnceLock::new(),
-                spares: Mutex::new(Vec::new()),
-                // Somewhere else after each restart, away from the last run's recent ports.
-                ports: AtomicU16::new(std::process::id() as u16),
+                deliveries: DeliverySockets::new(),
             },
         })
     }
@@ -183,7 +162,7 @@ impl NetnsWorker {
         let installed = self.run_blocking(move || transparent::install(&path))?;
         let installed = *self.namespace.transparent.get_or_init(|| installed);
         // Spares made before were made for no routing.
-        lock(&self.namespace.spares).clear();
+        self.namespace.deliveries.clear();
         Ok(installed)
     }
 
@@ -199,77 +178,33 @@ impl NetnsWorker {
         connect(socket, dst).await
     }
 
-    /// Deliver a connection to the application at `dst` from `from`: the client's address where
-    /// [`Self::transparent_for`] it, else a loopback marker. A delivery from a client's address
-    /// is passed to `announce` with its port before it connects; what that returns (dropped
-    /// should this attempt fail) comes back with the connection.
-    ///
-    /// Where the family is transparent the port is chosen here, from [`DELIVERY_PORTS`] in turn
-    /// (`bind()` finding a free port itself would search ever longer among the ports its earlier
-    /// connections hold in `TIME_WAIT`); a four-tuple still in use makes it try the next one.
-    /// Otherwise `connect()` picks it.
-    pub async fn deliver<A>(
-        &self,
-        dst: SocketAddr,
-        from: IpAddr,
-        announce: impl Fn(SocketAddr) -> io::Result<A>,
-    ) -> io::Result<(tokio::net::TcpStream, Option<A>)> {
-        let domain = Domain::for_address(dst);
-        let bind = |socket: &Socket, local: SocketAddr| {
-            socket.bind(&SockAddr::from(local)).map_err(|e| {
-                io::Error::new(e.kind(), format!("binding a delivery to {local}: {e}"))
-            })
-        };
-        if !self.namespace.transparent(domain) {
-            let socket = self.namespace.delivery_socket(domain)?;
-            bind(&socket, SocketAddr::new(from, 0))?;
-            return Ok((connect(socket, dst).await?, None));
-        }
-        for _ in 0..PORT_ATTEMPTS {
-            let socket = self.namespace.delivery_socket(domain)?;
-            let local = SocketAddr::new(from, self.namespace.next_port());
-            match bind(&socket, local) {
-                Err(e) if e.kind() == io::ErrorKind::AddrInUse => continue,
-                other => other?,
-            }
-            let announced = if from.is_loopback() {
-                None
-            } else {
-                Some(announce(local)?)
-            };
-            match connect(socket, dst).await {
-                Err(e) if e.kind() == io::ErrorKind::AddrNotAvailable => continue,
-                connected => return Ok((connected?, announced)),
-            }
-        }
-        Err(io::Error::new(
-            io::ErrorKind::AddrNotAvailable,
-            format!("no free port from {from} to {dst} in {PORT_ATTEMPTS} tries"),
-        ))
-    }
-
-    /// Make delivery sockets for `dst`'s family ahead of need, up to [`SPARES`]. Called once a
-    /// delivered connection has ended, when no one waits for the worker.
-    pub fn replenish(&self, dst: SocketAddr) {
-        if let Err(e) = self.namespace.replenish(Domain::for_address(dst)) {
-            tracing::warn!(netns = %self.namespace.path.display(), error = %e, "making spare sockets");
+    /// A delivery socket for `domain`: one made ahead, or a new one.
+    pub(super) fn delivery_socket(&self, domain: Domain) -> io::Result<Socket> {
+        match self.namespace.deliveries.take(domain) {
+            Some(socket) => Ok(socket),
+            None => self.namespace.socket(domain, true),
         }
     }
 
-    /// How many delivery sockets are ready for `dst`'s family.
-    #[cfg(test)]
-    pub fn spares(&self, dst: SocketAddr) -> usize {
-        let domain = Domain::for_address(dst);
-        lock(&self.namespace.spares)
-            .iter()
-            .filter(|s| s.domain == domain)
-            .count()
+    /// Whether deliveries of `domain` may come from clients' addresses.
+    pub(super) fn transparent(&self, domain: Domain) -> bool {
+        self.namespace.transparent(domain)
+    }
+
+    /// The delivery sockets made ahead, and the next port for a delivery.
+    pub(super) fn deliveries(&self) -> &DeliverySockets {
+        &self.namespace.deliveries
+    }
+
+    /// `n` new delivery sockets of `domain`, made with one visit to the namespace.
+    pub(super) fn delivery_sockets(&self, domain: Domain, n: usize) -> io::Result<Vec<Socket>> {
+        self.namespace.sockets(domain, true, n)
     }
 }
 
 /// Connect `socket` to `dst`. A connection the kernel completed within `connect()` itself (the
 /// pod's own application, over loopback) is used at once, without a round through the reactor.
-async fn connect(socket: Socket, dst: SocketAddr) -> io::Result<tokio::net::TcpStream> {
+pub(super) async fn connect(socket: Socket, dst: SocketAddr) -> io::Result<tokio::net::TcpStream> {
     match socket.connect(&SockAddr::from(dst)) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
@@ -287,10 +222,6 @@ async fn connect(socket: Socket, dst: SocketAddr) -> io::Result<tokio::net::TcpS
     Ok(stream)
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 impl Namespace {
     /// What the pod's routing allows (nothing before it is set up).
     fn routing(&self) -> Transparent {
@@ -300,20 +231,6 @@ impl Namespace {
     /// Whether deliveries of `domain` may come from clients' addresses.
     fn transparent(&self, domain: Domain) -> bool {
         self.routing().family(domain == Domain::IPV6)
-    }
-
-    /// A delivery socket: one made ahead, or a new one.
-    fn delivery_socket(&self, domain: Domain) -> io::Result<Socket> {
-        match self.take_spare(domain) {
-            Some(socket) => Ok(socket),
-            None => self.socket(domain, true),
-        }
-    }
-
-    /// The next port of [`DELIVERY_PORTS`].
-    fn next_port(&self) -> u16 {
-        let span = DELIVERY_PORTS.end() - DELIVERY_PORTS.start() + 1;
-        DELIVERY_PORTS.start() + self.ports.fetch_add(1, Ordering::Relaxed) % span
     }
 
     /// A new TCP socket of `domain` inside the namespace; for a delivery, set up as
@@ -365,26 +282,6 @@ impl Namespace {
         }
         Ok(sockets)
     }
-
-    /// A delivery socket made ahead for `domain`, if one is ready.
-    fn take_spare(&self, domain: Domain) -> Option<Socket> {
-        let mut spares = lock(&self.spares);
-        // Only one family is kept: the one asked for last.
-        spares.retain(|s| s.domain == domain);
-        spares.pop().map(|s| s.socket)
-    }
-
-    /// Make delivery sockets of `domain` up to [`SPARES`] once half or more are used, all with
-    /// one visit to the namespace.
-    fn replenish(&self, domain: Domain) -> io::Result<()> {
-        let left = lock(&self.spares).len();
-        if left > SPARES / 2 {
-            return Ok(());
-        }
-        let made = self.sockets(domain, true, SPARES - left)?;
-        lock(&self.spares).extend(made.into_iter().map(|socket| Spare { socket, domain }));
-        Ok(())
-    }
 }
 
 fn annotate(e: io::Error, what: &str, path: &Path) -> io::Error {
@@ -396,56 +293,6 @@ mod tests {
     use std::net::IpAddr;
 
     use super::*;
-
-    #[tokio::test]
-    async fn deliveries_use_sockets_made_ahead() {
-        // The agent's own namespace stands in for a pod's (its routing is left alone: no
-        // `route_deliveries`, so deliveries are plain sockets bound to the marker).
-        let worker = NetnsWorker::spawn(Path::new("/proc/self/ns/net")).expect("worker");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let dst = listener.local_addr().expect("address");
-        let marker = IpAddr::from([127, 0, 0, 6]);
-        let never = |_| -> io::Result<()> { panic!("a delivery from the marker is not announced") };
-        assert!(!worker.transparent_for(marker), "not set up");
-        assert_eq!(worker.spares(dst), 0, "none before the first");
-
-        let (first, _) = worker.deliver(dst, marker, never).await.expect("connect");
-        assert_eq!(worker.spares(dst), 0, "made on the way");
-        worker.replenish(dst);
-        assert_eq!(worker.spares(dst), SPARES);
-        let mut connections = vec![first];
-        for taken in 1..=SPARES + 1 {
-            let (stream, _) = worker.deliver(dst, marker, never).await.expect("connect");
-            assert_eq!(
-                worker.spares(dst),
-                SPARES.saturating_sub(taken),
-                "one taken each time, while there are any"
-            );
-            connections.push(stream);
-        }
-        worker.replenish(dst);
-        assert_eq!(worker.spares(dst), SPARES, "all used: made again");
-        connections.push(worker.deliver(dst, marker, never).await.expect("connect").0);
-        worker.replenish(dst);
-        assert_eq!(
-            worker.spares(dst),
-            SPARES - 1,
-            "more than half left: nothing made"
-        );
-        let ours: Vec<SocketAddr> = connections
-            .iter()
-            .map(|c| c.local_addr().expect("local"))
-            .collect();
-        for _ in &ours {
-            let (_accepted, peer) = listener.accept().await.expect("accept");
-            assert_eq!(peer.ip(), marker, "from the marker");
-            assert!(ours.contains(&peer), "accepted one of ours: {peer}");
-        }
-        let v6: SocketAddr = "[::1]:9".parse().expect("v6");
-        assert_eq!(worker.spares(v6), 0, "kept only for the family asked for");
-    }
 
     /// A network namespace of the test's own, shaped like a pod's: loopback up and the pod's
     /// address on `eth0` (one end of a veth pair whose other end stays inside). It lives as long
@@ -548,11 +395,11 @@ mod tests {
         assert!(worker.transparent_for(client));
 
         for (turn, agent_closes_first) in [(1000u16, true), (2000, false)] {
-            let port = DELIVERY_PORTS.start() + turn;
+            let port = crate::capture::delivery::DELIVERY_PORTS.start() + turn;
             let from = SocketAddr::new(client, port);
             let mut delivered = Vec::new();
             for attempt in ["first", "again"] {
-                worker.namespace.ports.store(turn, Ordering::Relaxed);
+                worker.deliveries().set_turn(turn);
                 let (mut delivery, announced) = worker
                     .deliver(app, client, Ok::<_, io::Error>)
                     .await

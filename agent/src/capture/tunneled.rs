@@ -26,7 +26,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::{
     NetnsWorker,
     carry::{self, Carried, HttpParty},
-    inbound::{DELIVERY_MARKER_V4, DELIVERY_MARKER_V6},
+    delivery::{deliver, delivered},
     listeners::{own_listener, own_port_refusal},
 };
 use crate::{
@@ -96,78 +96,6 @@ async fn handle(
     let connection = accept_connection(tcp, tls, config.tunnel.handshake_timeout).await;
     drop(in_progress);
     connection?.proven_under(trust).serve(ctx.clone()).await
-}
-
-/// Connect to the application at `target` from inside the pod's netns, from the client's own
-/// address where the pod's routing allows it (as a connection straight from the client would
-/// arrive), else from the loopback marker. The inbound check lets the marker through, and a
-/// delivery from the client's address for as long as the returned [`Announced`] is kept.
-pub async fn deliver(
-    worker: &NetnsWorker,
-    deliveries: &Arc<DeliveryMap>,
-    target: SocketAddr,
-    client: Option<IpAddr>,
-) -> io::Result<(TcpStream, Option<Announced>)> {
-    let from = delivery_source(worker, target, client);
-    let announce = |local| Announced::new(deliveries, local, target);
-    worker.deliver(target, from, announce).await
-}
-
-/// A delivery from `from` to `to` announced to the inbound check (`LATCH_DELIVERIES`); withdrawn
-/// when dropped, once the delivered connection has ended (while it lives its four-tuple is taken,
-/// so nothing else can use the entry).
-pub struct Announced {
-    deliveries: Arc<DeliveryMap>,
-    from: SocketAddr,
-    to: SocketAddr,
-}
-
-impl Announced {
-    fn new(deliveries: &Arc<DeliveryMap>, from: SocketAddr, to: SocketAddr) -> io::Result<Self> {
-        deliveries.announce(from, to).map_err(io::Error::other)?;
-        Ok(Self {
-            deliveries: deliveries.clone(),
-            from,
-            to,
-        })
-    }
-}
-
-impl Drop for Announced {
-    fn drop(&mut self) {
-        if let Err(e) = self.deliveries.withdraw(self.from, self.to) {
-            tracing::warn!(from = %self.from, to = %self.to, error = %e, "withdrawing an announced delivery");
-        }
-    }
-}
-
-/// Where a delivery to `target` comes from: the client, unless it is the pod itself (a pod
-/// reaching its own address), of the other family, or the pod's routing does not allow it.
-fn delivery_source(worker: &NetnsWorker, target: SocketAddr, client: Option<IpAddr>) -> IpAddr {
-    match client.map(|ip| ip.to_canonical()) {
-        Some(ip)
-            if ip != target.ip()
-                && !ip.is_loopback()
-                && ip.is_ipv4() == target.is_ipv4()
-                && worker.transparent_for(ip) =>
-        {
-            ip
-        }
-        _ => marker(target),
-    }
-}
-
-/// A delivered connection to `target` has ended: make the sockets of the next deliveries now,
-/// while no connection waits for them.
-pub fn delivered(worker: &NetnsWorker, target: SocketAddr) {
-    worker.replenish(target);
-}
-
-fn marker(target: SocketAddr) -> IpAddr {
-    match target.ip() {
-        IpAddr::V4(_) => DELIVERY_MARKER_V4.into(),
-        IpAddr::V6(_) => DELIVERY_MARKER_V6.into(),
-    }
 }
 
 /// The client's address, for policy, logs and delivery: the one the source names for the stream
