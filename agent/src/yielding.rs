@@ -22,7 +22,7 @@ mod tests {
 
     use tokio::{io::AsyncReadExt as _, net::UnixStream};
 
-    use crate::tunnel::splice::poll_once;
+    use crate::tunnel::chunk::poll_once;
 
     /// Who ran in which order, when the caller yields in `yield_in` while a socket another task
     /// waits on has become readable (known to the kernel, not yet to the runtime).

@@ -22,8 +22,9 @@ use crate::{
     policy::normalize::PathNormalization,
     state::{DecidedUnder, SharedState},
     tunnel::{
+        chunk::poll_once,
         http::{self, BadRequest, Enforcer, RequestHead},
-        splice::{Remote, poll_once},
+        splice::Remote,
         tracked::{ConnInfo, Tracked, Tracker, Which},
     },
     verdicts::{Direction, decide},

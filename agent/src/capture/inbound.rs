@@ -26,7 +26,7 @@ use crate::{
     policy::MtlsMode,
     state::{DecidedUnder, SharedState},
     tunnel::{
-        splice::reset,
+        chunk::reset,
         tracked::{ConnInfo, Tracker},
     },
     verdicts::{Direction, decide},

@@ -28,8 +28,8 @@ use crate::{
     state::{DecidedUnder, SharedState},
     tls::client_config_with,
     tunnel::{
+        chunk::reset,
         hbone::{Dial, PoolKey, TunnelClient, TunnelError},
-        splice::reset,
         tracked::{ConnInfo, Tracker},
     },
     verdicts::{

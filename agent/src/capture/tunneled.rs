@@ -36,9 +36,9 @@ use crate::{
     state::{DecidedUnder, SharedState},
     tls::{Role, server_config_with, verify_svid},
     tunnel::{
+        chunk::reset,
         handshakes::{Handshakes, InProgress},
         hbone::{Admission, BoxFuture, Caller, Inbound, Proof, accept_connection},
-        splice::reset,
         tracked::{ConnInfo, Tracker},
     },
     verdicts::{

@@ -25,7 +25,7 @@ use bytes::Bytes;
 use h2::{SendStream, server::SendResponse};
 use hyper::Response;
 
-use super::h2stream::io_error;
+use super::chunk::io_error;
 
 /// The longest a `200` waits for the application's first bytes.
 pub const ANSWER_WITHIN: Duration = Duration::from_millis(1);

@@ -22,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::{
     answer::PendingAnswer,
-    splice::{ChunkRead, ChunkWrite},
+    chunk::{ChunkRead, ChunkWrite, io_error},
 };
 
 /// A tunneled connection's HTTP/2 stream.
@@ -63,21 +63,6 @@ impl H2Stream {
         self.writer.shut |= ended;
         self
     }
-}
-
-/// An HTTP/2 error as the I/O error a relay acts on: a reset stream is `ConnectionReset`.
-pub fn io_error(e: h2::Error) -> io::Error {
-    if e.is_io() {
-        return e
-            .into_io()
-            .unwrap_or_else(|| io::Error::other("HTTP/2 I/O error"));
-    }
-    let kind = if e.is_reset() || e.is_go_away() {
-        io::ErrorKind::ConnectionReset
-    } else {
-        io::ErrorKind::Other
-    };
-    io::Error::new(kind, e)
 }
 
 /// The receiving half of a tunnel stream.

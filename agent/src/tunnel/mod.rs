@@ -6,6 +6,7 @@
 //! connections being carried, counts their bytes and closes the ones policy no longer allows.
 
 pub mod answer;
+pub mod chunk;
 pub mod forwarded;
 pub mod h2stream;
 pub mod handshakes;

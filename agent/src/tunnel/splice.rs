@@ -9,9 +9,8 @@
 //! request-response connection holds little memory, a bulk transfer moves in large reads.
 
 use std::{
-    future::{Future, poll_fn},
     io,
-    pin::{Pin, pin},
+    pin::pin,
     sync::atomic::{AtomicU64, Ordering},
     task::Poll,
 };
@@ -25,7 +24,10 @@ use tokio::{
     },
 };
 
-use super::h2stream::H2Stream;
+use super::{
+    chunk::{ChunkRead, ChunkWrite, poll_once, reset, write_now},
+    h2stream::H2Stream,
+};
 
 /// The first read of a connection, and the smallest a read shrinks to.
 pub const MIN_READ: usize = 16 * 1024;
@@ -61,12 +63,6 @@ impl From<H2Stream> for Remote {
     fn from(stream: H2Stream) -> Self {
         Remote::Tunnel { stream, keep: None }
     }
-}
-
-/// Poll `future` once: whatever it can do without waiting is done, and its output if that was
-/// all. Used to move a connection's first bytes before the bookkeeping that goes with them.
-pub async fn poll_once<F: Future>(mut future: Pin<&mut F>) -> Poll<F::Output> {
-    poll_fn(|cx| Poll::Ready(future.as_mut().poll(cx))).await
 }
 
 /// Relay between `remote` and `local` until both directions have ended. `from_remote` and
@@ -167,35 +163,6 @@ async fn pump(
     Ok(total)
 }
 
-/// Where a relay reads chunks from.
-pub(crate) trait ChunkRead: Send {
-    /// The next chunk; `None` once the sender has ended its half.
-    fn read_chunk(&mut self) -> impl Future<Output = io::Result<Option<Bytes>>> + Send;
-    /// The sender is known to have ended its half after the chunk just read (known without
-    /// another read): that chunk was the last.
-    fn ended(&mut self) -> bool {
-        false
-    }
-    /// `n` bytes of what was read have been written on: the sender may send more.
-    fn consumed(&mut self, _n: usize) {}
-}
-
-/// Where a relay writes chunks to.
-pub(crate) trait ChunkWrite: Send {
-    /// Write `chunk`; with `last`, end this half right after it (as [`ChunkWrite::finish`]).
-    fn write_chunk(
-        &mut self,
-        chunk: Bytes,
-        last: bool,
-    ) -> impl Future<Output = io::Result<()>> + Send;
-    /// End this half (FIN, or `END_STREAM`).
-    fn finish(&mut self) -> impl Future<Output = io::Result<()>> + Send;
-    /// This half has already been ended.
-    fn finished(&self) -> bool {
-        false
-    }
-}
-
 /// Reads from a TCP socket into buffers sized by what the last reads brought.
 struct TcpReader<'a> {
     io: ReadHalf<'a>,
@@ -289,56 +256,12 @@ impl ChunkWrite for TcpWriter<'_> {
     }
 }
 
-/// Write what the socket takes right now (0 bytes if it would block), without waiting for the
-/// reactor to have reported it writable. A socket that was just connected or accepted is
-/// writable, but tokio only learns so at its next poll of the I/O driver; going through it, the
-/// first bytes of a connection (a request the application is waiting for) would wait behind
-/// whatever else is ready to run.
-pub(crate) fn write_now(stream: &TcpStream, buf: &[u8]) -> io::Result<usize> {
-    use std::io::Write as _;
-    match (&*socket2::SockRef::from(stream)).write(buf) {
-        Ok(n) => Ok(n),
-        Err(e) if would_block(&e) => Ok(0),
-        Err(e) => Err(e),
-    }
-}
-
-/// Read what is already waiting on the socket into `buf` (at most `limit` bytes), without
-/// waiting for the reactor to have reported it readable (see [`write_now`]). `None` if nothing
-/// is waiting, `Some(0)` at end of stream.
-pub(crate) fn read_now(
-    stream: &TcpStream,
-    buf: &mut BytesMut,
-    limit: usize,
-) -> io::Result<Option<usize>> {
-    use std::io::Read as _;
-    let start = buf.len();
-    buf.resize(start + limit, 0);
-    let read = (&*socket2::SockRef::from(stream)).read(&mut buf[start..]);
-    buf.truncate(start + *read.as_ref().unwrap_or(&0));
-    match read {
-        Ok(n) => Ok(Some(n)),
-        Err(e) if would_block(&e) => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
-fn would_block(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-    )
-}
-
-/// Make the coming close send RST instead of FIN.
-pub fn reset(stream: &TcpStream) {
-    let _ = socket2::SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO));
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
     use tokio::net::TcpListener;
+
+    use crate::tunnel::chunk::read_now;
 
     /// Splice `remote` and the TCP socket `local` without a tracker (the agent splices through
     /// [`crate::tunnel::tracked::Tracked::splice`]), resetting `local` too on error.

@@ -27,7 +27,10 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::splice::{Remote, Transferred, relay, reset};
+use super::{
+    chunk::reset,
+    splice::{Remote, Transferred, relay},
+};
 use crate::{
     metrics::{Labels, Metrics, Reporter},
     verdicts::Direction,

@@ -33,11 +33,7 @@ use super::{
 use crate::{
     busy_poll::Traffic,
     tls::handshake,
-    tunnel::{
-        forwarded,
-        h2stream::H2Stream,
-        splice::{Remote, read_now},
-    },
+    tunnel::{chunk::read_now, forwarded, h2stream::H2Stream, splice::Remote},
 };
 
 /// How long opening a tunnel may take, dial and answer together. A pooled connection whose

@@ -27,9 +27,9 @@ use crate::{
     tls::handshake,
     tunnel::{
         answer::{AnswerClock, PendingAnswer},
+        chunk::poll_once,
         forwarded,
         h2stream::H2Stream,
-        splice::poll_once,
     },
 };
 

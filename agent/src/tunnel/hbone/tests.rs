@@ -280,7 +280,7 @@ async fn an_application_that_resets_resets_the_source_connection() {
         if let Ok((mut s, _)) = resetting.accept().await {
             let mut request = [0u8; 5];
             if s.read_exact(&mut request).await.is_ok() {
-                crate::tunnel::splice::reset(&s);
+                crate::tunnel::chunk::reset(&s);
             }
         }
     });
