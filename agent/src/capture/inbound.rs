@@ -17,21 +17,16 @@ use std::{
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{
-    NetnsWorker,
+    PodContext,
     carry::{self, Carried, HttpParty},
     listeners::{own_listener, own_port_refusal},
     tunneled::{deliver, delivered},
 };
 use crate::{
-    datapath::DeliveryMap,
-    identity::LocalWorkload,
-    metrics::{Metrics, access},
+    metrics::access,
     policy::MtlsMode,
-    state::{DecidedUnder, SharedState},
-    tunnel::{
-        splice::reset,
-        tracked::{ConnInfo, Tracker},
-    },
+    state::DecidedUnder,
+    tunnel::{splice::reset, tracked::ConnInfo},
     verdicts::{Direction, decide},
 };
 
@@ -42,16 +37,7 @@ pub const DELIVERY_MARKER_V4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
 /// The same for IPv6.
 pub const DELIVERY_MARKER_V6: Ipv6Addr = Ipv6Addr::LOCALHOST;
 
-pub struct InboundContext {
-    pub workload: LocalWorkload,
-    pub worker: Arc<NetnsWorker>,
-    pub deliveries: Arc<DeliveryMap>,
-    pub state: SharedState,
-    pub tracker: Tracker,
-    pub metrics: Metrics,
-}
-
-pub async fn serve(listener: TcpListener, ctx: Arc<InboundContext>) {
+pub async fn serve(listener: TcpListener, ctx: Arc<PodContext>) {
     let workload = ctx.workload.id.clone();
     super::accept_loop(listener, ctx, workload, |stream, peer, ctx| async move {
         handle(stream, peer, &ctx).await
@@ -59,7 +45,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<InboundContext>) {
     .await
 }
 
-async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &InboundContext) {
+async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &PodContext) {
     let peer = super::canonical(peer);
     // The steered connection keeps its original destination as its local address.
     let dst = match stream.local_addr() {

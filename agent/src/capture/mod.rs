@@ -9,17 +9,20 @@
 //! - [`tunneled`]: the destination side of HBONE: policy for the verified source, then delivery.
 //! - [`transparent`]: the pod's routing that lets deliveries come from the client's address.
 //! - [`carry`]: relaying an admitted connection (splice or per-request HTTP), tracked and logged.
+//! - [`pod`]: the context one pod's listeners share.
 
 pub mod carry;
 pub mod inbound;
 pub mod listeners;
 pub mod netns;
 pub mod outbound;
+pub mod pod;
 pub mod transparent;
 pub mod tunneled;
 
 pub use listeners::PodListeners;
 pub use netns::NetnsWorker;
+pub use pod::PodContext;
 
 use std::{future::Future, net::SocketAddr, sync::Arc};
 

@@ -21,44 +21,29 @@ use latch_common::{AF_INET, AF_INET6, RedirectKey};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{
-    NetnsWorker,
+    PodContext,
     carry::{self, Carried},
 };
 use crate::{
     config::DataplaneMode,
     datapath::maps::ip_from_key,
-    identity::{LocalWorkload, certs::CertStore},
-    metrics::{Metrics, access},
-    state::{DecidedUnder, SharedState},
+    metrics::access,
+    state::DecidedUnder,
     tls::client_config_with,
     tunnel::{
-        hbone::{Dial, PoolKey, TunnelClient, TunnelError},
+        hbone::{Dial, PoolKey, TunnelError},
         splice::reset,
-        tracked::{ConnInfo, Tracker},
+        tracked::ConnInfo,
     },
-    verdicts::{Direction, Pair, Put, SharedMaps, VerdictCache, decide, lock},
+    verdicts::{Direction, Pair, Put, decide, lock},
 };
 
 /// Longest life of a cached deny (bounded by `verdictTtl` too): a policy change that allows
 /// the pair removes it at once, so this only bounds staleness if the sources' views diverge.
 const DENY_TTL: Duration = Duration::from_secs(30);
 
-/// Everything an outbound handler needs for one pod.
-pub struct OutboundContext {
-    pub workload: LocalWorkload,
-    pub netns_cookie: u64,
-    pub worker: Arc<NetnsWorker>,
-    pub maps: SharedMaps,
-    pub cache: VerdictCache,
-    pub state: SharedState,
-    pub certs: Arc<CertStore>,
-    pub tunnel: TunnelClient,
-    pub tracker: Tracker,
-    pub metrics: Metrics,
-}
-
 /// Accept captured connections until the task is aborted.
-pub async fn serve(listener: TcpListener, ctx: Arc<OutboundContext>) {
+pub async fn serve(listener: TcpListener, ctx: Arc<PodContext>) {
     let workload = ctx.workload.id.clone();
     super::accept_loop(listener, ctx, workload, |stream, peer, ctx| async move {
         handle(stream, peer, &ctx).await
@@ -66,7 +51,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<OutboundContext>) {
     .await
 }
 
-async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
+async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &PodContext) {
     let key = RedirectKey {
         netns_cookie: ctx.netns_cookie,
         port: peer.port(),
@@ -224,7 +209,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
 /// Cache the pair's outbound allow for `verdict_ttl`, bounded by the proof's NotAfter; whether
 /// it was cached (not if the proof has expired or the cache refused it).
 fn cache_allow(
-    ctx: &OutboundContext,
+    ctx: &PodContext,
     pair: Pair,
     verdict_ttl: Duration,
     proof_not_after: SystemTime,

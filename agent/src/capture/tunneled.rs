@@ -24,7 +24,7 @@ use rustls::pki_types::CertificateDer;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{
-    NetnsWorker,
+    NetnsWorker, PodContext,
     carry::{self, Carried, HttpParty},
     inbound::{DELIVERY_MARKER_V4, DELIVERY_MARKER_V6},
     listeners::{own_listener, own_port_refusal},
@@ -32,33 +32,20 @@ use super::{
 use crate::{
     config::DataplaneMode,
     datapath::DeliveryMap,
-    identity::{IdentityKey, LocalWorkload, Registry, certs::CertStore},
-    metrics::{Metrics, access},
-    state::{DecidedUnder, SharedState},
+    identity::{IdentityKey, Registry},
+    metrics::access,
+    state::DecidedUnder,
     tls::{Role, server_config_with, verify_svid},
     tunnel::{
-        handshakes::{Handshakes, InProgress},
+        handshakes::InProgress,
         hbone::{Admission, BoxFuture, Caller, Inbound, Proof, accept_connection},
         splice::reset,
-        tracked::{ConnInfo, Tracker},
+        tracked::ConnInfo,
     },
-    verdicts::{Direction, Pair, Put, VerdictCache, decide},
+    verdicts::{Direction, Pair, Put, decide},
 };
 
-pub struct TunnelContext {
-    pub workload: LocalWorkload,
-    pub worker: Arc<NetnsWorker>,
-    pub deliveries: Arc<DeliveryMap>,
-    pub cache: VerdictCache,
-    pub state: SharedState,
-    pub certs: Arc<CertStore>,
-    pub tracker: Tracker,
-    pub metrics: Metrics,
-    /// TLS handshakes in progress per source, shared by the node's tunnel listeners.
-    pub handshakes: Handshakes,
-}
-
-pub async fn serve(listener: TcpListener, ctx: Arc<TunnelContext>) {
+pub async fn serve(listener: TcpListener, ctx: Arc<PodContext>) {
     let workload = ctx.workload.id.clone();
     super::accept_loop(listener, ctx, workload, |tcp, peer, ctx| {
         // Counted in the order of accepts; beyond the source's share, reset at once.
@@ -77,11 +64,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<TunnelContext>) {
     .await
 }
 
-async fn handle(
-    tcp: TcpStream,
-    in_progress: InProgress,
-    ctx: &Arc<TunnelContext>,
-) -> io::Result<()> {
+async fn handle(tcp: TcpStream, in_progress: InProgress, ctx: &Arc<PodContext>) -> io::Result<()> {
     let id = ctx.workload.identity.to_string();
     let (bundle, trust) = ctx
         .certs
@@ -187,7 +170,7 @@ fn client_address(registry: &Registry, caller: &Caller) -> (SocketAddr, bool) {
     (caller.address, confirms(&caller.address.ip()))
 }
 
-impl Inbound for TunnelContext {
+impl Inbound for PodContext {
     fn admit(self: Arc<Self>, caller: Caller, target: SocketAddr) -> BoxFuture<Admission> {
         Box::pin(async move { self.decide(caller, target).await })
     }
@@ -218,7 +201,7 @@ impl Inbound for TunnelContext {
     }
 }
 
-impl TunnelContext {
+impl PodContext {
     fn refuse(&self, caller: &Caller, target: SocketAddr, policy: &str, reason: &str) {
         carry::decided(
             &self.metrics,

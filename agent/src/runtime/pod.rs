@@ -8,7 +8,7 @@ use anyhow::Context as _;
 
 use super::{AbortOnDrop, Agent};
 use crate::{
-    capture::{NetnsWorker, PodListeners, inbound, outbound, tunneled},
+    capture::{NetnsWorker, PodContext, PodListeners, inbound, outbound, tunneled},
     config::{Config, Ports},
     identity::LocalWorkload,
     verdicts::lock,
@@ -89,55 +89,38 @@ impl Agent {
         Ok(self.start_pod(workload, worker, listeners))
     }
 
-    /// Spawn the pod's listener tasks: outbound capture (IPv4 and, if open, IPv6), inbound and
-    /// tunnel.
+    /// Spawn the pod's listener tasks, one context for all: outbound capture (IPv4 and, if
+    /// open, IPv6), inbound and tunnel.
     fn start_pod(
         &self,
         workload: LocalWorkload,
         worker: Arc<NetnsWorker>,
         listeners: PodListeners,
     ) -> PodRuntime {
-        let out_ctx = Arc::new(outbound::OutboundContext {
+        let ctx = Arc::new(PodContext {
             workload: workload.clone(),
             netns_cookie: listeners.netns_cookie,
             worker: worker.clone(),
             maps: self.maps.clone(),
+            deliveries: self.deliveries.clone(),
             cache: self.cache.clone(),
             state: self.state.clone(),
             certs: self.certs.clone(),
             tunnel: self.tunnel.clone(),
             tracker: self.tracker.clone(),
             metrics: self.metrics.clone(),
-        });
-        let tunnel_ctx = Arc::new(tunneled::TunnelContext {
-            workload: workload.clone(),
-            worker: worker.clone(),
-            deliveries: self.deliveries.clone(),
-            cache: self.cache.clone(),
-            state: self.state.clone(),
-            certs: self.certs.clone(),
-            tracker: self.tracker.clone(),
-            metrics: self.metrics.clone(),
             handshakes: self.handshakes.clone(),
-        });
-        let in_ctx = Arc::new(inbound::InboundContext {
-            workload: workload.clone(),
-            worker: worker.clone(),
-            deliveries: self.deliveries.clone(),
-            state: self.state.clone(),
-            tracker: self.tracker.clone(),
-            metrics: self.metrics.clone(),
         });
         let mut tasks = vec![
             AbortOnDrop(tokio::spawn(outbound::serve(
                 listeners.capture_v4,
-                out_ctx.clone(),
+                ctx.clone(),
             ))),
-            AbortOnDrop(tokio::spawn(inbound::serve(listeners.inbound, in_ctx))),
-            AbortOnDrop(tokio::spawn(tunneled::serve(listeners.tunnel, tunnel_ctx))),
+            AbortOnDrop(tokio::spawn(inbound::serve(listeners.inbound, ctx.clone()))),
+            AbortOnDrop(tokio::spawn(tunneled::serve(listeners.tunnel, ctx.clone()))),
         ];
         if let Some(v6) = listeners.capture_v6 {
-            tasks.push(AbortOnDrop(tokio::spawn(outbound::serve(v6, out_ctx))));
+            tasks.push(AbortOnDrop(tokio::spawn(outbound::serve(v6, ctx))));
         }
         PodRuntime {
             workload,
