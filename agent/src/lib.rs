@@ -7,10 +7,11 @@
 //! [`policy`] decides, Istio's way, whether a connection or request is allowed. [`debug`] serves
 //! the node-local debug socket (and is the `latch debug` client); [`metrics`] is the Prometheus
 //! exposition and the access log; [`logging`] writes log lines out in batches; [`busy_poll`]
-//! keeps the runtime polling for I/O for a moment after data-path activity; [`file_watch`] notices
-//! config and policy file changes at once; [`yielding`] hands the worker to waiting work before a
-//! connection's bookkeeping; [`accept`] keeps every accept loop from spinning when descriptors
-//! run out. [`fuzzing`] is the fuzz targets' code (docs/fuzzing.md), shared with the corpus
+//! keeps the runtime polling for I/O for a moment after data-path activity; [`runtime`] is the
+//! `latch agent` process (a source of desired state, reconciled into the kernel and the pods'
+//! listeners) and [`state`] the snapshot in force; [`yielding`] hands the worker to waiting work
+//! before a connection's bookkeeping; [`accept`] keeps every accept loop from spinning when
+//! descriptors run out. [`fuzzing`] is the fuzz targets' code (docs/fuzzing.md), shared with the corpus
 //! replay test.
 
 pub mod accept;
@@ -20,7 +21,6 @@ pub mod capture;
 pub mod config;
 pub mod datapath;
 pub mod debug;
-pub mod file_watch;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod identity;

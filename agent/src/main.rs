@@ -111,7 +111,7 @@ fn policy(command: PolicyCommand) -> anyhow::Result<ExitCode> {
             host,
             headers,
         } => {
-            let snapshot = latch::runtime::offline_snapshot(&config)?;
+            let snapshot = latch::state::Snapshot::load(&config)?;
             let question = latch::verdicts::decide::Question {
                 from,
                 source_ip,

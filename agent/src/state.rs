@@ -7,10 +7,26 @@
 //! the verdict cache refuses a verdict decided under an older generation, and a carried
 //! connection decided under one is judged again, so nothing decided under the old state slips
 //! past the revocation that follows a reload.
+//!
+//! A snapshot is read from a config file with [`Snapshot::load`] (the policies it names
+//! included); [`cert_store`] makes the certificate store its `certificates` section describes.
 
-use std::sync::{Arc, RwLock};
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+};
 
-use crate::{config::Config, identity::Registry, policy::PolicySet};
+use anyhow::Context as _;
+
+use crate::{
+    config::{CertificateSource, Config, MtlsMode},
+    identity::{
+        Registry,
+        ca::DevCa,
+        certs::{CertStore, Source},
+    },
+    policy::{self, PolicySet},
+};
 
 /// One consistent config + registry + policy set.
 #[derive(Debug)]
@@ -18,6 +34,82 @@ pub struct Snapshot {
     pub config: Config,
     pub registry: Registry,
     pub policies: PolicySet,
+}
+
+impl Snapshot {
+    /// The state a config file describes (config, registry, policies), without touching the
+    /// kernel: what `latch policy explain` evaluates against.
+    pub fn load(config_path: &Path) -> anyhow::Result<Self> {
+        Self::from_config(config_path, Config::load(config_path)?)
+    }
+
+    /// The registry and the policies of `config`, read from `config_path`.
+    pub fn from_config(config_path: &Path, config: Config) -> anyhow::Result<Self> {
+        let registry =
+            Registry::from_config(&config).with_context(|| format!("{}", config_path.display()))?;
+        let policies = load_policies(config_path, &config)?;
+        Ok(Self {
+            config,
+            registry,
+            policies,
+        })
+    }
+
+    /// The SPIFFE IDs of the workloads this node serves.
+    pub fn identities(&self) -> Vec<String> {
+        self.registry
+            .workloads
+            .iter()
+            .map(|w| w.identity.to_string())
+            .collect()
+    }
+}
+
+/// The policy files of `config`, relative paths taken from the config file's directory.
+pub fn policy_paths(config_path: &Path, config: &Config) -> Vec<PathBuf> {
+    let base = config_path.parent().unwrap_or(Path::new("."));
+    config.policies.iter().map(|p| base.join(p)).collect()
+}
+
+/// Load every policy the config names (all or nothing).
+pub fn load_policies(config_path: &Path, config: &Config) -> anyhow::Result<PolicySet> {
+    let default_mtls = match config.mtls.mode {
+        MtlsMode::Strict => policy::MtlsMode::Strict,
+        MtlsMode::Permissive => policy::MtlsMode::Permissive,
+    };
+    PolicySet::load(&policy_paths(config_path, config), &config.root_namespace)
+        .map(|set| {
+            set.with_default_mtls(default_mtls)
+                .with_strict_fastpath(config.mtls.strict_fastpath)
+        })
+        .map_err(|errors| {
+            let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            anyhow::anyhow!(
+                "{} policy error{}:\n{}",
+                errors.len(),
+                if errors.len() == 1 { "" } else { "s" },
+                lines.join("\n")
+            )
+        })
+}
+
+/// The certificate store for the config's `certificates` section.
+pub fn cert_store(config_path: &Path, config: &Config) -> anyhow::Result<CertStore> {
+    let source = match &config.certificates {
+        None => None,
+        Some(c) => Some(match (c.source, &c.ca_cert, &c.ca_key, &c.dir) {
+            (CertificateSource::DevCa, Some(cert), Some(key), _) => Source::DevCa {
+                ca: Box::new(
+                    DevCa::load(cert, key)
+                        .with_context(|| format!("{}: certificates", config_path.display()))?,
+                ),
+                ttl: c.ttl,
+            },
+            (CertificateSource::Files, _, _, Some(dir)) => Source::Files { dir: dir.clone() },
+            _ => anyhow::bail!("{}: certificates: incomplete", config_path.display()),
+        }),
+    };
+    Ok(CertStore::new(source, &config.trust_domain))
 }
 
 /// Shared, swappable snapshot.

@@ -123,7 +123,7 @@ fn config_yaml(cgroup: &Path, pins: &Path, policies: &Path, identities: usize) -
 fn snapshot(config_path: &Path, text: &str) -> anyhow::Result<Snapshot> {
     let config = Config::from_yaml(config_path, text)?;
     let registry = Registry::from_config(&config)?;
-    let policies = latch::runtime::load_policies(config_path, &config)?;
+    let policies = latch::state::load_policies(config_path, &config)?;
     Ok(Snapshot {
         config,
         registry,

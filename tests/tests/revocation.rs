@@ -10,8 +10,7 @@ use std::{
 use latch::{
     datapath::KernelMaps,
     identity::IdentityKey,
-    runtime::offline_snapshot,
-    state::{DecidedUnder, SharedState},
+    state::{DecidedUnder, SharedState, Snapshot},
     verdicts::{Direction, Pair, Put, SharedMaps, VerdictCache},
 };
 use latch_tests::{AgentOptions, Cluster, PodSpec};
@@ -30,7 +29,7 @@ fn a_verdict_decided_before_a_reload_never_reaches_the_kernel_after_it() {
     let maps: SharedMaps = Arc::new(Mutex::new(
         KernelMaps::open_pinned(&cluster.node(n1).pin_dir).expect("maps"),
     ));
-    let state = SharedState::new(offline_snapshot(&config).expect("snapshot"));
+    let state = SharedState::new(Snapshot::load(&config).expect("snapshot"));
     let cache = VerdictCache::new(maps.clone(), state.clone()).expect("cache");
     // A pair of this test's own, so the running agent's entries do not matter.
     let pair = Pair {
@@ -49,7 +48,7 @@ fn a_verdict_decided_before_a_reload_never_reaches_the_kernel_after_it() {
 
     // Decided under generation N; the reload commits N+1 before the verdict is written.
     let (_, decided) = DecidedUnder::now(&state);
-    state.replace(offline_snapshot(&config).expect("snapshot"));
+    state.replace(Snapshot::load(&config).expect("snapshot"));
     let put = cache
         .allow(pair, Duration::from_secs(60), decided.generation())
         .expect("allow");

@@ -14,34 +14,20 @@ use std::{net::SocketAddr, sync::Arc};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{
-    NetnsWorker,
+    PodContext,
     carry::{self, Carried, HttpParty},
     delivery::{deliver, delivered},
     listeners::{own_listener, own_port_refusal},
 };
 use crate::{
-    datapath::DeliveryMap,
-    identity::LocalWorkload,
-    metrics::{Metrics, access},
+    metrics::access,
     policy::MtlsMode,
-    state::{DecidedUnder, SharedState},
-    tunnel::{
-        chunk::reset,
-        tracked::{ConnInfo, Tracker},
-    },
+    state::DecidedUnder,
+    tunnel::{chunk::reset, tracked::ConnInfo},
     verdicts::{Direction, decide},
 };
 
-pub struct InboundContext {
-    pub workload: LocalWorkload,
-    pub worker: Arc<NetnsWorker>,
-    pub deliveries: Arc<DeliveryMap>,
-    pub state: SharedState,
-    pub tracker: Tracker,
-    pub metrics: Metrics,
-}
-
-pub async fn serve(listener: TcpListener, ctx: Arc<InboundContext>) {
+pub async fn serve(listener: TcpListener, ctx: Arc<PodContext>) {
     let workload = ctx.workload.id.clone();
     super::accept_loop(listener, ctx, workload, |stream, peer, ctx| async move {
         handle(stream, peer, &ctx).await
@@ -49,7 +35,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<InboundContext>) {
     .await
 }
 
-async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &InboundContext) {
+async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &PodContext) {
     let peer = super::canonical(peer);
     // The steered connection keeps its original destination as its local address.
     let dst = match stream.local_addr() {

@@ -10,6 +10,7 @@
 //! - [`delivery`]: connecting an admitted connection to the pod's application.
 //! - [`transparent`]: the pod's routing that lets deliveries come from the client's address.
 //! - [`carry`]: relaying an admitted connection (splice or per-request HTTP), tracked and logged.
+//! - [`pod`]: the context one pod's listeners share.
 
 pub mod carry;
 pub mod delivery;
@@ -17,11 +18,13 @@ pub mod inbound;
 pub mod listeners;
 pub mod netns;
 pub mod outbound;
+pub mod pod;
 pub mod transparent;
 pub mod tunneled;
 
 pub use listeners::PodListeners;
 pub use netns::NetnsWorker;
+pub use pod::PodContext;
 
 use std::{future::Future, net::SocketAddr, sync::Arc};
 

@@ -17,43 +17,28 @@ use latch_common::{AF_INET, AF_INET6, RedirectKey};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{
-    NetnsWorker,
+    PodContext,
     carry::{self, Carried},
 };
 use crate::{
     config::DataplaneMode,
     datapath::maps::ip_from_key,
-    identity::{LocalWorkload, certs::CertStore},
-    metrics::{Metrics, access},
-    state::{DecidedUnder, SharedState},
+    metrics::access,
+    state::DecidedUnder,
     tls::client_config_with,
     tunnel::{
         chunk::reset,
-        hbone::{Dial, PoolKey, TunnelClient, TunnelError},
-        tracked::{ConnInfo, Tracker},
+        hbone::{Dial, PoolKey, TunnelError},
+        tracked::ConnInfo,
     },
     verdicts::{
-        Direction, Pair, SharedMaps, VerdictCache, lock,
+        Direction, Pair, lock,
         rule::{self, Decided},
     },
 };
 
-/// Everything an outbound handler needs for one pod.
-pub struct OutboundContext {
-    pub workload: LocalWorkload,
-    pub netns_cookie: u64,
-    pub worker: Arc<NetnsWorker>,
-    pub maps: SharedMaps,
-    pub cache: VerdictCache,
-    pub state: SharedState,
-    pub certs: Arc<CertStore>,
-    pub tunnel: TunnelClient,
-    pub tracker: Tracker,
-    pub metrics: Metrics,
-}
-
 /// Accept captured connections until the task is aborted.
-pub async fn serve(listener: TcpListener, ctx: Arc<OutboundContext>) {
+pub async fn serve(listener: TcpListener, ctx: Arc<PodContext>) {
     let workload = ctx.workload.id.clone();
     super::accept_loop(listener, ctx, workload, |stream, peer, ctx| async move {
         handle(stream, peer, &ctx).await
@@ -61,7 +46,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<OutboundContext>) {
     .await
 }
 
-async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
+async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &PodContext) {
     let key = RedirectKey {
         netns_cookie: ctx.netns_cookie,
         port: peer.port(),

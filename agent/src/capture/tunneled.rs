@@ -24,43 +24,29 @@ use rustls::pki_types::CertificateDer;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{
-    NetnsWorker,
+    PodContext,
     carry::{self, Carried, HttpParty},
     delivery::{deliver, delivered},
     listeners::{own_listener, own_port_refusal},
 };
 use crate::{
-    datapath::DeliveryMap,
-    identity::{IdentityKey, LocalWorkload, Registry, certs::CertStore},
-    metrics::{Metrics, access},
-    state::{DecidedUnder, SharedState},
+    identity::{IdentityKey, Registry},
+    metrics::access,
+    state::DecidedUnder,
     tls::{Role, server_config_with, verify_svid},
     tunnel::{
         chunk::reset,
-        handshakes::{Handshakes, InProgress},
+        handshakes::InProgress,
         hbone::{Admission, BoxFuture, Caller, Inbound, Proof, accept_connection},
-        tracked::{ConnInfo, Tracker},
+        tracked::ConnInfo,
     },
     verdicts::{
-        Direction, Pair, VerdictCache, decide,
+        Direction, Pair, decide,
         rule::{self, Decided},
     },
 };
 
-pub struct TunnelContext {
-    pub workload: LocalWorkload,
-    pub worker: Arc<NetnsWorker>,
-    pub deliveries: Arc<DeliveryMap>,
-    pub cache: VerdictCache,
-    pub state: SharedState,
-    pub certs: Arc<CertStore>,
-    pub tracker: Tracker,
-    pub metrics: Metrics,
-    /// TLS handshakes in progress per source, shared by the node's tunnel listeners.
-    pub handshakes: Handshakes,
-}
-
-pub async fn serve(listener: TcpListener, ctx: Arc<TunnelContext>) {
+pub async fn serve(listener: TcpListener, ctx: Arc<PodContext>) {
     let workload = ctx.workload.id.clone();
     super::accept_loop(listener, ctx, workload, |tcp, peer, ctx| {
         // Counted in the order of accepts; beyond the source's share, reset at once.
@@ -79,11 +65,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<TunnelContext>) {
     .await
 }
 
-async fn handle(
-    tcp: TcpStream,
-    in_progress: InProgress,
-    ctx: &Arc<TunnelContext>,
-) -> io::Result<()> {
+async fn handle(tcp: TcpStream, in_progress: InProgress, ctx: &Arc<PodContext>) -> io::Result<()> {
     let id = ctx.workload.identity.to_string();
     let (bundle, trust) = ctx
         .certs
@@ -117,7 +99,7 @@ fn client_address(registry: &Registry, caller: &Caller) -> (SocketAddr, bool) {
     (caller.address, confirms(&caller.address.ip()))
 }
 
-impl Inbound for TunnelContext {
+impl Inbound for PodContext {
     fn admit(self: Arc<Self>, caller: Caller, target: SocketAddr) -> BoxFuture<Admission> {
         Box::pin(async move { self.decide(caller, target).await })
     }
@@ -148,7 +130,7 @@ impl Inbound for TunnelContext {
     }
 }
 
-impl TunnelContext {
+impl PodContext {
     fn refuse(&self, caller: &Caller, target: SocketAddr, policy: &str, reason: &str) {
         carry::decided(
             &self.metrics,

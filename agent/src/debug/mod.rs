@@ -4,11 +4,12 @@
 //! - [`server`]: the socket's lifecycle (stale-socket takeover, mode 0600) and the routes.
 //! - [`client`] and [`table`]: `latch debug`, which calls the routes and prints tables.
 //! - [`query`]: query-string encoding shared by both sides.
-//! - [`agent`]: the running agent's implementation of the backend.
+//! - [`agent`]: the running agent's implementation of the backend; [`programs`]: its program list.
 
 pub mod agent;
 pub mod api;
 pub mod client;
+pub mod programs;
 pub mod query;
 pub mod server;
 pub mod table;

@@ -1,12 +1,15 @@
 //! The agent's Prometheus metrics: Istio's TCP metrics (so Istio dashboards work unchanged), the
 //! agent's own `latch_*` metrics, and values read from the agent only when scraped (kernel
 //! counters, verdict cache size, certificate expiry). [`http`] serves them; [`access`] writes
-//! the access log.
+//! the access log, [`fastpath`] its summary of the kernel's own decisions; [`scrape`] is what the
+//! running agent is read for at each scrape.
 //!
 //! Counters are registered without their `_total` suffix: the OpenMetrics encoder appends it.
 
 pub mod access;
+pub mod fastpath;
 pub mod http;
+pub mod scrape;
 
 use std::{
     fmt,

@@ -2,8 +2,9 @@
 //! directories that hold them (a directory, unlike a file, survives the atomic renames editors and
 //! Kubernetes ConfigMap volumes use to replace files). Only finished changes count: a file
 //! closed after writing, moved in or out, or deleted; a file being written is not read half-way.
-//! What an event concerns is not sorted out here: the agent compares the files' stamps, which
-//! also catches whatever inotify cannot see (some network filesystems) at its periodic check.
+//! What an event concerns is not sorted out here: [`super::FileSource`] compares the files'
+//! stamps, which also catches whatever inotify cannot see (some network filesystems) at its
+//! periodic check.
 
 use std::{
     collections::BTreeSet,

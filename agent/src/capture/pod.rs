@@ -1,0 +1,32 @@
+//! What every listener of one pod works with: the pod, its netns worker, and the node-wide
+//! handles its connections share. The runtime makes one per pod ([`crate::runtime::pod`]).
+
+use std::sync::Arc;
+
+use super::NetnsWorker;
+use crate::{
+    datapath::DeliveryMap,
+    identity::{LocalWorkload, certs::CertStore},
+    metrics::Metrics,
+    state::SharedState,
+    tunnel::{handshakes::Handshakes, hbone::TunnelClient, tracked::Tracker},
+    verdicts::{SharedMaps, VerdictCache},
+};
+
+/// One pod's context, shared by its outbound, inbound and tunnel listeners.
+pub struct PodContext {
+    pub workload: LocalWorkload,
+    /// The pod netns's cookie: the key of its captured connections' original destinations.
+    pub netns_cookie: u64,
+    pub worker: Arc<NetnsWorker>,
+    pub maps: SharedMaps,
+    pub deliveries: Arc<DeliveryMap>,
+    pub cache: VerdictCache,
+    pub state: SharedState,
+    pub certs: Arc<CertStore>,
+    pub tunnel: TunnelClient,
+    pub tracker: Tracker,
+    pub metrics: Metrics,
+    /// TLS handshakes in progress per source, shared by the node's tunnel listeners.
+    pub handshakes: Handshakes,
+}

@@ -1,0 +1,43 @@
+//! The running agent's [`ScrapeSource`]: what the metrics endpoint reads at each scrape.
+
+use std::{sync::Arc, time::SystemTime};
+
+use super::{ScrapeSnapshot, ScrapeSource};
+use crate::{
+    busy_poll,
+    debug::agent::Published,
+    identity::certs::{self, CertStore},
+    verdicts::{SharedMaps, VerdictCache, lock},
+};
+
+/// Kernel counters, the verdict cache's size, certificate expiry, busy polling and the
+/// workloads not served, read when scraped.
+pub fn agent_source(
+    maps: SharedMaps,
+    cache: VerdictCache,
+    certs: Arc<CertStore>,
+    published: Published,
+) -> ScrapeSource {
+    Box::new(move || {
+        let kernel_counters = lock(&maps).counters().unwrap_or_default();
+        // From the agent's own record: a scrape never walks the kernel's million buckets
+        // while connections wait for the maps.
+        let cache_entries = cache.len() as u64;
+        let now = SystemTime::now();
+        let cert_expiry = certs
+            .identities()
+            .into_iter()
+            .filter_map(|id| {
+                let not_after = certs.current(&id)?.svid.not_after;
+                Some((id, certs::seconds_left(not_after, now)))
+            })
+            .collect();
+        ScrapeSnapshot {
+            kernel_counters,
+            cache_entries,
+            cert_expiry,
+            busy_poll_seconds: busy_poll::busy().as_secs_f64(),
+            failed_workloads: published.failed_workloads() as u64,
+        }
+    })
+}

@@ -1,0 +1,175 @@
+//! Start-up, then one loop until SIGTERM/SIGINT: a reload when SIGHUP, the debug API or the
+//! [`Source`] asks for one (one path for all three), certificate rotation and the fast-path
+//! summary at every tick.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use anyhow::Context as _;
+use tokio::signal::unix::{SignalKind, signal};
+
+use super::{AbortOnDrop, Agent, WATCH_INTERVAL, reconcile::prepare, source::Source};
+use crate::{
+    antispoof::{AntiSpoof, Enrolled},
+    busy_poll,
+    config::Config,
+    datapath::{Datapath, DatapathSettings},
+    debug::{
+        DebugServer,
+        agent::{AgentView, Published, ReloadRequest},
+    },
+    metrics::{self, Metrics, fastpath::FastpathSummary},
+    state::{SharedState, cert_store},
+    tunnel::{handshakes::Handshakes, hbone::TunnelClient, tracked::Tracker},
+    verdicts::{SharedMaps, VerdictCache},
+};
+
+/// Start the agent on the desired state `source` makes of `config` (the node config read at
+/// start-up), then serve until SIGTERM/SIGINT. Programs and maps stay pinned when it returns.
+pub async fn run<S: Source>(mut source: S, config: Config) -> anyhow::Result<()> {
+    busy_poll::install(config.dataplane.busy_poll);
+    let origin = source.origin().to_owned();
+    // Everything that depends on the outside world is checked before the kernel is touched, so
+    // a bad config at start-up leaves nothing attached.
+    let snapshot = source.initial(config)?;
+    let certs = Arc::new(cert_store(&origin, &snapshot.config)?);
+    certs
+        .ensure(&snapshot.identities())
+        .with_context(|| format!("{}: certificates", origin.display()))?;
+    let config = &snapshot.config;
+    // The debug socket is taken first: a second agent for the same node refuses to start here,
+    // before it opens a listener or touches the kernel.
+    let debug_server = DebugServer::bind(&config.debug_socket)?;
+    let prepared = prepare(&origin, config, &snapshot.registry, &BTreeMap::new());
+    let metrics_listener = match config.metrics {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("{}: metrics: binding {addr}", origin.display()))?,
+        ),
+        None => None,
+    };
+    let mut datapath = Datapath::install(settings(config)).context("installing the datapath")?;
+    let (antispoof, antispoof_watch) = AntiSpoof::start(
+        datapath.antispoof()?,
+        Enrolled::of(config, &snapshot.registry),
+    )
+    .context("starting anti-spoofing")?;
+    let _antispoof_watch = AbortOnDrop(antispoof_watch);
+    let maps: SharedMaps = Arc::new(Mutex::new(datapath.maps()?));
+    let deliveries = Arc::new(datapath.deliveries()?);
+    let stale = deliveries
+        .clear()
+        .context("clearing deliveries announced by an earlier run")?;
+    if stale > 0 {
+        tracing::info!(
+            removed = stale,
+            "cleared deliveries an earlier run announced and never withdrew"
+        );
+    }
+    let state = SharedState::new(snapshot);
+    let metrics = Metrics::new();
+    let mut agent = Agent {
+        origin,
+        cache: VerdictCache::new(maps.clone(), state.clone())?,
+        datapath,
+        antispoof,
+        maps,
+        deliveries,
+        state,
+        pods: BTreeMap::new(),
+        certs,
+        tunnel: TunnelClient::new(),
+        handshakes: Handshakes::new(),
+        tracker: Tracker::with_metrics(metrics.clone()),
+        metrics,
+        published: Published::default(),
+    };
+    agent.commit(prepared)?;
+    agent.drop_stale_inbound_links()?;
+
+    let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<ReloadRequest>(4);
+    let view = Arc::new(AgentView {
+        started: Instant::now(),
+        state: agent.state.clone(),
+        maps: agent.maps.clone(),
+        cache: agent.cache.clone(),
+        certs: agent.certs.clone(),
+        tracker: agent.tracker.clone(),
+        published: agent.published.clone(),
+        reloads: reload_tx,
+    });
+    let socket = debug_server.path().to_owned();
+    let _debug = AbortOnDrop(tokio::spawn(async move {
+        if let Err(e) = debug_server.serve(view).await {
+            tracing::error!(socket = %socket.display(), error = %e, "debug socket stopped");
+        }
+    }));
+    agent
+        .metrics
+        .set_scrape_source(metrics::scrape::agent_source(
+            agent.maps.clone(),
+            agent.cache.clone(),
+            agent.certs.clone(),
+            agent.published.clone(),
+        ));
+    let _metrics = metrics_listener.map(|listener| {
+        let metrics = agent.metrics.clone();
+        AbortOnDrop(tokio::spawn(metrics::http::serve_on(listener, metrics)))
+    });
+
+    let snapshot = agent.state.get();
+    tracing::info!(
+        node = %snapshot.config.node.name,
+        workloads = snapshot.registry.workloads.len(),
+        endpoints = snapshot.registry.endpoints.len(),
+        policies = snapshot.policies.len(),
+        pin_dir = %snapshot.config.bpf_pin_dir.display(),
+        debug_socket = %snapshot.config.debug_socket.display(),
+        metrics = %snapshot.config.metrics.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
+        "agent ready"
+    );
+    let mut summary = FastpathSummary::new(WATCH_INTERVAL);
+
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let mut tick = tokio::time::interval(WATCH_INTERVAL);
+    source.follow(&snapshot);
+    loop {
+        let (trigger, reply) = tokio::select! {
+            biased;
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+            _ = sighup.recv() => ("SIGHUP", None),
+            Some(reply) = reload_rx.recv() => ("debug API", Some(reply)),
+            trigger = source.changed() => (trigger, None),
+            _ = tick.tick() => {
+                agent.rotate_certificates();
+                summary.tick(&agent.maps);
+                continue;
+            }
+        };
+        let desired = source.load(&agent.state.get());
+        let result = agent.reload(trigger, desired).await;
+        if let Some(reply) = reply {
+            let _ = reply.send(result);
+        }
+        source.follow(&agent.state.get());
+    }
+    tracing::info!("agent stopping; programs and maps stay pinned, enforcement continues");
+    Ok(())
+}
+
+fn settings(config: &Config) -> DatapathSettings {
+    DatapathSettings {
+        pin_dir: config.bpf_pin_dir.clone(),
+        cgroup_root: config.cgroup_root.clone(),
+        capture_port: config.ports.capture,
+        inbound_port: config.ports.inbound,
+        tunnel_port: config.ports.tunnel,
+    }
+}
