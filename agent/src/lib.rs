@@ -19,6 +19,7 @@ pub mod antispoof;
 pub mod busy_poll;
 pub mod capture;
 pub mod config;
+pub mod conn;
 pub mod datapath;
 pub mod debug;
 #[doc(hidden)]

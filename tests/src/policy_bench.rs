@@ -20,11 +20,12 @@ use std::{
 use anyhow::Context as _;
 use latch::{
     config::Config,
+    conn::Direction,
     datapath::{Datapath, DatapathSettings, uninstall},
     identity::Registry,
     policy::{Connection, ConnectionDecision, PolicySet, Target},
     state::Snapshot,
-    verdicts::{Direction, Pair, SharedMaps, VerdictCache},
+    verdicts::{Pair, SharedMaps, VerdictCache},
 };
 
 use crate::env;

@@ -8,10 +8,11 @@ use std::{
 };
 
 use latch::{
+    conn::Direction,
     datapath::KernelMaps,
     identity::IdentityKey,
     state::{DecidedUnder, SharedState, Snapshot},
-    verdicts::{Direction, Pair, Put, SharedMaps, VerdictCache},
+    verdicts::{Pair, Put, SharedMaps, VerdictCache},
 };
 use latch_tests::{AgentOptions, Cluster, PodSpec};
 

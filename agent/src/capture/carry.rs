@@ -17,17 +17,18 @@ use tokio::{
 };
 
 use crate::{
+    conn::{ConnInfo, Direction, RequestHead},
     identity::LocalWorkload,
     metrics::{Metrics, access},
     policy::normalize::PathNormalization,
     state::{DecidedUnder, SharedState},
     tunnel::{
         chunk::poll_once,
-        http::{self, BadRequest, Enforcer, RequestHead},
+        http::{self, BadRequest, Enforcer},
         splice::Remote,
-        tracked::{ConnInfo, Tracked, Tracker, Which},
+        tracked::{Tracked, Tracker, Which},
     },
-    verdicts::{Direction, decide},
+    verdicts::decide,
 };
 
 /// Everything the access log says about a carried connection.

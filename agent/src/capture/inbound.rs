@@ -20,11 +20,12 @@ use super::{
     listeners::{own_listener, own_port_refusal},
 };
 use crate::{
+    conn::{ConnInfo, Direction},
     metrics::access,
     policy::MtlsMode,
     state::DecidedUnder,
-    tunnel::{chunk::reset, tracked::ConnInfo},
-    verdicts::{Direction, decide},
+    tunnel::chunk::reset,
+    verdicts::decide,
 };
 
 pub async fn serve(listener: TcpListener, ctx: Arc<PodContext>) {

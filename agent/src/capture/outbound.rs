@@ -22,6 +22,7 @@ use super::{
 };
 use crate::{
     config::DataplaneMode,
+    conn::{ConnInfo, Direction},
     datapath::maps::ip_from_key,
     metrics::access,
     state::DecidedUnder,
@@ -29,10 +30,9 @@ use crate::{
     tunnel::{
         chunk::reset,
         hbone::{Dial, PoolKey, TunnelError},
-        tracked::ConnInfo,
     },
     verdicts::{
-        Direction, Pair, lock,
+        Pair, lock,
         rule::{self, Decided},
     },
 };

@@ -30,6 +30,7 @@ use super::{
     listeners::{own_listener, own_port_refusal},
 };
 use crate::{
+    conn::{ConnInfo, Direction},
     identity::{IdentityKey, Registry},
     metrics::access,
     state::DecidedUnder,
@@ -38,10 +39,9 @@ use crate::{
         chunk::reset,
         handshakes::InProgress,
         hbone::{Admission, BoxFuture, Caller, Inbound, Proof, accept_connection},
-        tracked::ConnInfo,
     },
     verdicts::{
-        Direction, Pair, decide,
+        Pair, decide,
         rule::{self, Decided},
     },
 };

@@ -22,6 +22,7 @@ use super::api::{
     VerdictFilter, VerdictPage, Workload, WorkloadFailure,
 };
 use crate::{
+    conn::Direction,
     datapath::system,
     identity::{
         IdentityKey, Registry,
@@ -29,7 +30,7 @@ use crate::{
     },
     state::SharedState,
     tunnel::tracked::Tracker,
-    verdicts::{Direction, SharedMaps, VerdictCache, decide, lock},
+    verdicts::{SharedMaps, VerdictCache, decide, lock},
 };
 
 /// A reload request from the debug API to the agent's main loop.

@@ -12,7 +12,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use super::query::{self, QueryError};
-pub use crate::verdicts::Direction;
+pub use crate::conn::Direction;
 
 /// What the agent provides to the debug server. Methods other than [`Backend::reload`] are
 /// called on a blocking thread, so they may read kernel maps or take locks.

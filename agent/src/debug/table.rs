@@ -3,7 +3,7 @@
 //! rendering of `explain`).
 
 use super::api::{Cert, Connection, Decision, Policies, Stats, Status, VerdictPage, Workload};
-use crate::verdicts::Direction;
+use crate::conn::Direction;
 
 /// Columns padded to their widest cell, separated by two spaces, no trailing spaces.
 #[derive(Debug, Clone)]

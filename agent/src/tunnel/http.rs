@@ -19,8 +19,9 @@ use tokio::{
     sync::Mutex,
 };
 
+pub use super::request_head::BadRequest;
 use super::request_head::prepare;
-pub use super::request_head::{BadRequest, RequestHead};
+use crate::conn::RequestHead;
 use crate::policy::normalize::PathNormalization;
 
 /// What the HTTP server asks the enforcement point about each request.

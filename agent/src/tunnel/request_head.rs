@@ -11,17 +11,10 @@ use hyper::{
     http::uri::Authority,
 };
 
-use crate::policy::normalize::{PathError, PathNormalization, normalize_path};
-
-/// The parts of a request that policy can look at.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RequestHead {
-    pub method: String,
-    /// The normalised path (the one the application receives), without the query string.
-    pub path: String,
-    /// The host (the `Host` header, or the absolute-form target's authority), without a port.
-    pub host: String,
-}
+use crate::{
+    conn::RequestHead,
+    policy::normalize::{PathError, PathNormalization, normalize_path},
+};
 
 /// Why a request is answered with `400 Bad Request`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -11,7 +11,6 @@
 use std::{
     collections::HashMap,
     io,
-    net::{IpAddr, SocketAddr},
     pin::Pin,
     sync::{
         Arc, Mutex,
@@ -32,28 +31,9 @@ use super::{
     splice::{Remote, Transferred, relay},
 };
 use crate::{
+    conn::{ConnInfo, Direction},
     metrics::{Labels, Metrics, Reporter},
-    verdicts::Direction,
 };
-
-/// What a carried connection is.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ConnInfo {
-    /// Source SPIFFE ID; empty for a plaintext source.
-    pub source: String,
-    /// Destination SPIFFE ID.
-    pub destination: String,
-    /// The original destination address.
-    pub destination_address: SocketAddr,
-    /// The source's address as seen by this node, when known.
-    pub source_ip: Option<IpAddr>,
-    /// Which side of the connection this node is.
-    pub direction: Direction,
-    /// `tunnel` (HBONE) or `plaintext`.
-    pub path: &'static str,
-    /// The local workload (`namespace/name`) this connection belongs to.
-    pub workload: String,
-}
 
 /// A point-in-time view of one carried connection.
 #[derive(Clone, Debug)]

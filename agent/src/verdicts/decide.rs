@@ -15,14 +15,14 @@ use std::{
 
 use crate::{
     config::DataplaneMode,
+    conn::{ConnInfo, Direction, RequestHead},
     identity::{IdentityKey, LocalWorkload},
     policy::{
         Connection, ConnectionDecision, Decision, Explanation, HttpRequest, MtlsMode, PolicySet,
         RequestPath, Target, Traffic, normalize::normalize_path,
     },
     state::Snapshot,
-    tunnel::{http::RequestHead, request_head::strip_port, tracked::ConnInfo},
-    verdicts::Direction,
+    tunnel::request_head::strip_port,
 };
 
 /// A decision and why.

@@ -12,41 +12,15 @@ use std::{
     time::Duration,
 };
 
-use latch_common::{
-    DECISION_ALLOW, DECISION_DENY, DIRECTION_INBOUND, DIRECTION_OUTBOUND, VerdictKey, VerdictValue,
-};
+use latch_common::{DECISION_ALLOW, DECISION_DENY, VerdictKey, VerdictValue};
 
 use crate::{
     config::DataplaneMode,
+    conn::Direction,
     datapath::{DatapathError, KernelMaps, system},
     identity::IdentityKey,
     state::{SharedState, Snapshot},
 };
-
-/// Which side of the connection this node is on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Direction {
-    Outbound,
-    Inbound,
-}
-
-impl Direction {
-    pub fn wire(self) -> u8 {
-        match self {
-            Direction::Outbound => DIRECTION_OUTBOUND,
-            Direction::Inbound => DIRECTION_INBOUND,
-        }
-    }
-
-    pub fn from_wire(raw: u8) -> Option<Self> {
-        match raw {
-            DIRECTION_OUTBOUND => Some(Direction::Outbound),
-            DIRECTION_INBOUND => Some(Direction::Inbound),
-            _ => None,
-        }
-    }
-}
 
 /// A pair whose verdict is cached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
