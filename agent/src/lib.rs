@@ -6,16 +6,14 @@
 //! [`config`] reads the node's configuration, [`identity`] turns workloads into identities and
 //! [`policy`] decides, Istio's way, whether a connection or request is allowed. [`debug`] serves
 //! the node-local debug socket (and is the `latch debug` client); [`metrics`] is the Prometheus
-//! exposition and the access log; [`logging`] writes log lines out in batches; [`busy_poll`]
-//! keeps the runtime polling for I/O for a moment after data-path activity; [`file_watch`] notices
-//! config and policy file changes at once; [`yielding`] hands the worker to waiting work before a
-//! connection's bookkeeping; [`accept`] keeps every accept loop from spinning when descriptors
+//! exposition and the access log; [`logging`] writes log lines out in batches; [`scheduling`]
+//! decides when the data path's worker polls, sleeps or yields; [`file_watch`] notices config and
+//! policy file changes at once; [`accept`] keeps every accept loop from spinning when descriptors
 //! run out. [`fuzzing`] is the fuzz targets' code (docs/fuzzing.md), shared with the corpus
 //! replay test.
 
 pub mod accept;
 pub mod antispoof;
-pub mod busy_poll;
 pub mod capture;
 pub mod config;
 pub mod datapath;
@@ -29,8 +27,8 @@ pub mod metrics;
 pub mod netlink;
 pub mod policy;
 pub mod runtime;
+pub mod scheduling;
 pub mod state;
 pub mod tls;
 pub mod tunnel;
 pub mod verdicts;
-pub mod yielding;

@@ -26,7 +26,6 @@ use tokio::{
 
 use crate::{
     antispoof::{AntiSpoof, Enrolled},
-    busy_poll,
     capture::{NetnsWorker, PodListeners, inbound, outbound, tunneled},
     config::{CertificateSource, Config, DataplaneMode, MtlsMode},
     datapath::{Datapath, DatapathSettings, DeliveryMap, install::inbound_link_name, system},
@@ -43,6 +42,7 @@ use crate::{
     },
     metrics::{self, Metrics},
     policy::{self, PolicySet},
+    scheduling::busy_poll,
     state::{SharedState, Snapshot},
     tunnel::{
         handshakes::Handshakes,

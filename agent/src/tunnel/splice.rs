@@ -111,7 +111,7 @@ pub async fn relay(
             // HTTP/2 connection's task: let it write them, and let whatever else is waiting (the
             // client's next connection, say) go, before this task goes on to close the socket
             // and log the connection.
-            crate::yielding::behind_ready().await;
+            crate::scheduling::yielding::behind_ready().await;
             drop(keep);
             result
         }
@@ -147,7 +147,7 @@ async fn pump(
     }
     while let Some(chunk) = from.read_chunk().await? {
         let n = chunk.len();
-        crate::busy_poll::activity();
+        crate::scheduling::busy_poll::activity();
         count.fetch_add(n as u64, Ordering::Relaxed);
         // A sender that has already ended its half: its last bytes and the end go together
         // (one `DATA` frame with `END_STREAM`, or the bytes and the FIN back to back).
