@@ -1,25 +1,9 @@
-//! Anti-spoofing: no pod on this node sends with an address that is not its own, so the fast
-//! path's binding of an identity to a source address holds (the kernel side is
-//! `ebpf/src/antispoof.rs`, its rules are in `docs/datapath.md`).
-//!
-//! This module owns *where* the check runs and *what it knows*:
-//! - the check is on every Ethernet interface of the agent's network namespace (the node's) but
-//!   bridges and bonds (their ports are checked), including those created later (a veth pair
-//!   is guarded once one end is in another namespace, see [`guarded`]): a netlink subscription
-//!   to link and address changes wakes a resync, which attaches the check to new interfaces and
-//!   detaches it from interfaces that vanished, left the namespace or became a master;
-//! - `LATCH_SOURCES` binds each address of an enrolled pod to the pod's host-side interface (found
-//!   from the pod's namespace and confirmed from the agent's, [`host_side`]) and each address the
-//!   node holds on exactly one interface to that interface; an enrolled pod whose host side cannot
-//!   be found has its addresses bound to no interface at all (fail closed);
-//! - `LATCH_INTERFACES` marks enrolled pods' host sides, every veth to another namespace but the
-//!   node's own link (where remote endpoints' addresses get the reverse-path check) and bridge
-//!   ports (with their masters);
-//! - `LATCH_MACS` binds each enrolled pod's MAC address to its host side.
-//!
-//! Every resync computes the whole wanted state from the current links, addresses and enrolled
-//! pods ([`plan`]) and writes the difference, so a missed notification only delays, never
-//! corrupts. The runtime hands over the enrolled pods on every reconcile ([`AntiSpoof::set`]).
+//! Anti-spoofing: where the kernel check (`ebpf/src/antispoof.rs`) runs and what it knows. A
+//! netlink subscription to link and address changes wakes a resync, which attaches the check to
+//! the node's interfaces ([`guarded`]) and computes the whole wanted content of `LATCH_SOURCES`,
+//! `LATCH_INTERFACES` and `LATCH_MACS` from the current links, addresses and enrolled pods
+//! ([`plan`], [`host_side`]), writing only the difference; the runtime hands over the enrolled pods
+//! on every reconcile ([`AntiSpoof::set`]). The rules: `docs/datapath.md` (Anti-spoofing).
 
 pub mod host_side;
 pub mod netlink;

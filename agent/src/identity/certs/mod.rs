@@ -1,20 +1,8 @@
-//! Certificate sources and the store of current SVIDs, one per local identity.
-//!
-//! - `dev-ca`: the agent mints an SVID per identity from the development CA, with the configured
-//!   TTL, and mints a new one once half of its lifetime has passed.
-//! - `files`: SVIDs written by cert-manager, spiffe-helper or similar, in
-//!   `<dir>/<namespace>/<serviceAccount>/{cert.pem,key.pem,bundle.pem}` (`cert.pem` is the leaf
-//!   then any intermediates; `bundle.pem` the trust anchors), re-read when a file changes. A file
-//!   set that does not verify (wrong identity, expired, not chained to its bundle, a key that
-//!   does not belong to the certificate) is refused and the previous SVID kept.
-//!
-//! Replacing an SVID is atomic: handshakes use the old one until the new one is in place
-//! ([`CertStore::resolver`] gives rustls the current certificate at each handshake).
-//!
-//! Each identity's trust bundle has a [`TrustEpoch`]: it stays the same across rotations that
-//! keep the bundle, and a new one is given when the bundle changes. A tunnel connection records
-//! the epoch it was proven under, so the agent can tell what the old bundle proved (see
-//! [`CertStore::take_trust_changes`] and [`CertStore::trust_changes`]).
+//! Certificate sources (`dev-ca`, `files`) and the store of current SVIDs, one per local identity,
+//! each replaced atomically ([`CertStore::resolver`] gives rustls the current one at every
+//! handshake). Each identity's trust bundle has a [`TrustEpoch`], new only when the bundle changes,
+//! so the agent can tell what an old bundle proved ([`CertStore::take_trust_changes`]). The
+//! sources and their rules: `docs/tunnel.md` (Certificates, How long a proof holds).
 
 use std::{
     collections::HashMap,

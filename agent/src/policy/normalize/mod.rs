@@ -1,24 +1,8 @@
-//! Request path normalisation as Istio configures Envoy (MeshConfig `pathNormalization`): one
-//! pure function, [`normalize_path`], for every caller — per-request enforcement, which also
-//! forwards its result to the application so that policy and application judge the same path,
-//! `latch policy explain`, `GET /v1/explain`, and fuzzing.
-//!
-//! The modes, by Istio's names:
-//! - `NONE`: the path as received; only `%00` is refused (Istio refuses it in every mode).
-//! - `BASE`, the default (Envoy's `normalize_path`): percent-encoded unreserved characters
-//!   (RFC 3986 §2.3: letters, digits, `-`, `.`, `_`, `~`) are decoded, once (`%2561` stays);
-//!   a backslash becomes `/`; dot segments are removed (RFC 3986 §5.2.4; `%2e` is a dot, and `..`
-//!   never climbs above the root); bytes that may not stand in a path (controls, space, `"`, `#`,
-//!   `<`, `>`, `?`, `^`, `` ` ``, `{`, `|`, `}`, DEL, non-ASCII) are percent-encoded with upper-case
-//!   hex; every other escape is kept exactly as sent, case included (`%2F`, `%2f`, `%5C`); `//` stays.
-//! - `MERGE_SLASHES`: `BASE`, then every run of `/` becomes one (Envoy's `merge_slashes`).
-//! - `DECODE_AND_MERGE_SLASHES`: first `%2F` and `%5C` (either case) are decoded to `/` (Envoy's
-//!   `path_with_escaped_slashes_action: UNESCAPE_AND_FORWARD`, a decoded backslash then being a
-//!   slash as above), then `MERGE_SLASHES`.
-//!
-//! Except in `NONE`, a `%` that is not followed by two hex digits is refused: Envoy passes such
-//! a path through, but no application can then be trusted to read it as policy did. The query
-//! string is not part of the path: callers split it off first and pass it on untouched.
+//! Request path normalisation as Istio configures Envoy (MeshConfig `pathNormalization`): one pure
+//! function, [`normalize_path`], for every caller (per-request enforcement, which forwards its
+//! result so that policy and application judge the same path; `explain`; fuzzing). The modes, and
+//! where they differ from Envoy: `docs/policy.md` (Decisions). The query string is not part of the
+//! path: callers split it off first and pass it on untouched.
 
 use std::fmt::Write as _;
 
