@@ -9,7 +9,11 @@ pub mod deliveries;
 pub mod install;
 pub mod layout;
 pub mod maps;
+// The datapath's only unsafe: raw bpf(2) commands and a getsockopt(2) that neither aya nor nix
+// offers, each block with its SAFETY comment.
+#[allow(unsafe_code)]
 pub mod syscall;
+#[allow(unsafe_code)]
 pub mod system;
 
 pub use antispoof::AntiSpoofDatapath;

@@ -369,14 +369,12 @@ pub(crate) mod tests {
     /// tokio's `accept` may start out marked readable, without the FIN, hence sockets accepted
     /// with std and registered once the FIN is there.)
     fn until_fin_arrived(stream: &TcpStream) {
-        use std::os::fd::AsRawFd as _;
-        let mut fd = libc::pollfd {
-            fd: stream.as_raw_fd(),
-            events: libc::POLLRDHUP,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd, for the length given.
-        let n = unsafe { libc::poll(&mut fd, 1, 10_000) };
+        use nix::poll::{PollFd, PollFlags, poll};
+        use std::os::fd::AsFd as _;
+        // nix has no name for POLLRDHUP.
+        let rdhup = PollFlags::from_bits_retain(libc::POLLRDHUP);
+        let mut fd = [PollFd::new(stream.as_fd(), rdhup)];
+        let n = poll(&mut fd, 10_000u16).expect("poll");
         assert_eq!(n, 1, "the FIN arrives");
     }
 
