@@ -9,7 +9,7 @@
 //! exposition and the access log; [`logging`] writes log lines out in batches; [`scheduling`]
 //! decides when the data path's worker polls, sleeps or yields; [`file_watch`] notices config and
 //! policy file changes at once; [`accept`] keeps every accept loop from spinning when descriptors
-//! run out. [`fuzzing`] is the fuzz targets' code (docs/fuzzing.md), shared with the corpus
+//! run out; [`sync`] is the one way to take a lock. [`fuzzing`] is the fuzz targets' code (docs/fuzzing.md), shared with the corpus
 //! replay test.
 
 pub mod accept;
@@ -29,6 +29,7 @@ pub mod policy;
 pub mod runtime;
 pub mod scheduling;
 pub mod state;
+pub mod sync;
 pub mod tls;
 pub mod tunnel;
 pub mod verdicts;

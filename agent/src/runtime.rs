@@ -44,12 +44,13 @@ use crate::{
     policy::{self, PolicySet},
     scheduling::busy_poll,
     state::{SharedState, Snapshot},
+    sync::lock,
     tunnel::{
         handshakes::Handshakes,
         hbone::{Retire, TunnelClient},
         tracked::Tracker,
     },
-    verdicts::{SharedMaps, VerdictCache, decide, lock},
+    verdicts::{SharedMaps, VerdictCache, decide},
 };
 
 /// How long a reload waits for the connections it closed to end before reporting.

@@ -12,14 +12,17 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
     path::PathBuf,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{Arc, Mutex},
 };
 
 use latch_common::{
     INTERFACE_BRIDGE_PORT, INTERFACE_POD, INTERFACE_VETH, InterfaceInfo, SourceBinding,
 };
 
-use crate::datapath::{AntiSpoofDatapath, DatapathError, antispoof::Attached};
+use crate::{
+    datapath::{AntiSpoofDatapath, DatapathError, antispoof::Attached},
+    sync::lock,
+};
 
 use self::{
     host_side::PodSide,
@@ -135,23 +138,19 @@ impl AntiSpoof {
 
     /// The configuration changed (a reconcile): bind the enrolled pods' addresses, now.
     pub fn set(&self, enrolled: Enrolled) -> Result<(), AntiSpoofError> {
-        let mut state = self.lock();
+        let mut state = lock(&self.state);
         state.enrolled = enrolled;
         state.resync()
     }
 
     /// Read the links and addresses again and bring the kernel in line.
     pub fn resync(&self) -> Result<(), AntiSpoofError> {
-        self.lock().resync()
+        lock(&self.state).resync()
     }
 
     /// Kernel id of the program.
     pub fn program_id(&self) -> u32 {
-        self.lock().datapath.program_id()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.state).datapath.program_id()
     }
 }
 

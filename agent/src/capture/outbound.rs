@@ -26,6 +26,7 @@ use crate::{
     identity::{LocalWorkload, certs::CertStore},
     metrics::{Metrics, access},
     state::{DecidedUnder, SharedState},
+    sync::lock,
     tls::client_config_with,
     tunnel::{
         chunk::reset,
@@ -33,7 +34,7 @@ use crate::{
         tracked::{ConnInfo, Tracker},
     },
     verdicts::{
-        Direction, Pair, SharedMaps, VerdictCache, lock,
+        Direction, Pair, SharedMaps, VerdictCache,
         rule::{self, Decided},
     },
 };

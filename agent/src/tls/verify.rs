@@ -6,7 +6,7 @@
 
 use std::{
     collections::HashMap,
-    sync::{LazyLock, Mutex, PoisonError},
+    sync::{LazyLock, Mutex},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -341,7 +341,7 @@ impl Verified {
     }
 
     fn seen(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Window>> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        crate::sync::lock(&self.0)
     }
 
     fn anchor_window(&self, key: &[u8; 32]) -> Option<Window> {

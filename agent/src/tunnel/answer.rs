@@ -5,7 +5,7 @@
 
 use std::{
     collections::VecDeque,
-    sync::{Arc, Mutex, PoisonError, Weak},
+    sync::{Arc, Mutex, Weak},
     time::Duration,
 };
 
@@ -16,6 +16,7 @@ use h2::{SendStream, server::SendResponse};
 use hyper::Response;
 
 use super::chunk::io_error;
+use crate::sync::lock;
 
 /// The longest a `200` waits for the application's first bytes.
 pub const ANSWER_WITHIN: Duration = Duration::from_millis(1);
@@ -147,10 +148,6 @@ impl Drop for PendingAnswer {
     fn drop(&mut self) {
         self.shared.send();
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Shared {

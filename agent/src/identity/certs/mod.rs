@@ -23,7 +23,10 @@ use super::{
     ca::{CaError, DevCa, Svid},
     spiffe::SpiffeUri,
 };
-use crate::tls::{Role, certified_key, verify_svid};
+use crate::{
+    sync::lock,
+    tls::{Role, certified_key, verify_svid},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
@@ -150,7 +153,7 @@ impl CertStore {
     /// The identities whose trust bundle changed since the last call (a rotation that brought
     /// another bundle); each once.
     pub fn take_trust_changes(&self) -> Vec<String> {
-        std::mem::take(&mut *self.trust_changed.lock().unwrap_or_else(|p| p.into_inner()))
+        std::mem::take(&mut *lock(&self.trust_changed))
     }
 
     /// Tell every watcher of [`CertStore::trust_changes`] that a bundle changed (after what the
@@ -261,10 +264,7 @@ impl CertStore {
         current.insert(id.to_owned(), fresh);
         drop(current);
         if changed {
-            self.trust_changed
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(id.to_owned());
+            lock(&self.trust_changed).push(id.to_owned());
         }
     }
 
