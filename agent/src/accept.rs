@@ -1,18 +1,7 @@
-//! Accept loops that outlast running out of descriptors.
-//!
-//! When the process (`EMFILE`) or the system (`ENFILE`) has no descriptor left, or the kernel no
-//! memory for the new socket (`ENOBUFS`, `ENOMEM`), `accept()` fails at once and leaves the
-//! connection in the listener's queue, so the listener stays ready and a loop that simply tries
-//! again spins on the CPU. Every accept loop of the agent (capture, inbound, tunnel, debug
-//! socket, metrics) reports its failures to a [`Backoff`] instead: after such an error the loop
-//! waits before its next `accept()`, [`MIN_DELAY`] at first and twice as long after each further
-//! failure, up to [`MAX_DELAY`], and takes up accepting again as soon as one succeeds (once
-//! descriptors have been freed). Other errors (a connection the peer aborted while it waited in
-//! the queue) concern one connection only: the loop goes on at once.
-//!
-//! Failures are logged at most once per [`WARN_EVERY`] per listener, each line saying how many
-//! accepts failed since the previous one ([`Tally`]), so that a listener failing thousands of
-//! times does not flood the log; the first success after failures says so once.
+//! Accept loops that outlast running out of descriptors: after `EMFILE`, `ENFILE`, `ENOBUFS` or
+//! `ENOMEM` a loop's [`Backoff`] waits before its next `accept()` ([`MIN_DELAY`], doubling up to
+//! [`MAX_DELAY`]) instead of spinning, and logs at most once per [`WARN_EVERY`] per listener
+//! ([`Tally`]). Why: `docs/security.md` (Resource exhaustion).
 
 use std::{fmt::Display, io, time::Duration};
 

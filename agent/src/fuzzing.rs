@@ -1,12 +1,8 @@
-//! The fuzz targets' code: one function per target, each taking the fuzzer's bytes, feeding
-//! them to a parser that reads input from outside the agent, and asserting what must hold of
-//! its answer. The `fuzz/` crate (cargo-fuzz, `cargo xtask fuzz`) calls these functions, and so
-//! does `agent/tests/fuzz_corpus.rs`, which replays every committed input (seeds, corpus,
-//! regressions) on stable: a crash found once stays a test. A failed property panics, naming what broke; a panic is what
-//! the fuzzer reports. See docs/fuzzing.md.
-//!
-//! [`TARGETS`] lists them by the names of their directories under `fuzz/seeds/`, `fuzz/corpus/`
-//! and `fuzz/regressions/`.
+//! The fuzz targets' code ([`TARGETS`]): one function per target, each feeding the fuzzer's bytes
+//! to a parser of outside input and asserting what must hold of its answer (a failed property
+//! panics, naming what broke). The `fuzz/` crate calls them, and so does
+//! `agent/tests/fuzz_corpus.rs`, which replays every committed input on stable. See
+//! `docs/fuzzing.md`.
 
 use std::{
     net::SocketAddr,

@@ -130,7 +130,7 @@ impl SharedState {
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Current> {
-        self.0.read().unwrap_or_else(|p| p.into_inner())
+        crate::sync::read(&self.0)
     }
 
     pub fn get(&self) -> Arc<Snapshot> {
@@ -152,13 +152,13 @@ impl SharedState {
     /// one (a trust bundle since replaced) is not cached, and carried connections decided
     /// under it are judged again.
     pub fn renew(&self) {
-        let mut current = self.0.write().unwrap_or_else(|p| p.into_inner());
+        let mut current = crate::sync::write(&self.0);
         current.generation += 1;
     }
 
     /// Put `snapshot` in force, as the next generation.
     pub fn replace(&self, snapshot: Snapshot) {
-        let mut current = self.0.write().unwrap_or_else(|p| p.into_inner());
+        let mut current = crate::sync::write(&self.0);
         current.snapshot = Arc::new(snapshot);
         current.generation += 1;
     }

@@ -14,6 +14,7 @@ use std::{
 };
 
 use latch::accept::{MAX_DELAY, MIN_DELAY, WARN_EVERY};
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use tracing_subscriber::layer::SubscriberExt as _;
 
 /// One log event: its fields (the message under `message`) as text.
@@ -69,21 +70,13 @@ fn most_attempts(window: Duration) -> u64 {
     attempts
 }
 
-fn nofile() -> libc::rlimit {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct it is given.
-    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
-    assert_eq!(rc, 0, "getrlimit: {}", std::io::Error::last_os_error());
-    limit
+/// RLIMIT_NOFILE: (soft, hard).
+fn nofile() -> (u64, u64) {
+    getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit")
 }
 
-fn set_nofile(limit: libc::rlimit) {
-    // SAFETY: setrlimit only reads the struct it is given.
-    let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
-    assert_eq!(rc, 0, "setrlimit: {}", std::io::Error::last_os_error());
+fn set_nofile((soft, hard): (u64, u64)) {
+    setrlimit(Resource::RLIMIT_NOFILE, soft, hard).expect("setrlimit");
 }
 
 /// Open `/dev/null` until the process has no descriptor left; the files are the filling.
@@ -178,10 +171,7 @@ async fn scenario() -> (Vec<SocketAddr>, Vec<SocketAddr>) {
         .expect("/proc/self/fd")
         .count();
     assert!(open < 200, "{open} descriptors open already");
-    set_nofile(libc::rlimit {
-        rlim_cur: 256,
-        ..original
-    });
+    set_nofile((256, original.1));
     let filling = fill_descriptors();
 
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<SocketAddr>();

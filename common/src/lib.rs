@@ -482,23 +482,33 @@ impl Counter {
 
 pub const COUNTER_SLOTS: u32 = 7;
 
+// aya reads and writes map values only of types marked with its unsafe `Pod` trait.
 #[cfg(feature = "user")]
+#[allow(unsafe_code)]
 mod pod {
-    // SAFETY: all of these are #[repr(C)], Copy, made only of integers and byte arrays, with
-    // explicit padding fields, so every bit pattern is valid.
-    unsafe impl aya::Pod for super::IpKey {}
-    unsafe impl aya::Pod for super::Identity {}
-    unsafe impl aya::Pod for super::WorkloadInfo {}
-    unsafe impl aya::Pod for super::EndpointInfo {}
-    unsafe impl aya::Pod for super::VerdictKey {}
-    unsafe impl aya::Pod for super::VerdictValue {}
-    unsafe impl aya::Pod for super::OrigDst {}
-    unsafe impl aya::Pod for super::RedirectKey {}
-    unsafe impl aya::Pod for super::DatapathConfig {}
-    unsafe impl aya::Pod for super::DeliveryKey {}
-    unsafe impl aya::Pod for super::SourceBinding {}
-    unsafe impl aya::Pod for super::InterfaceInfo {}
-    unsafe impl aya::Pod for super::MacKey {}
+    macro_rules! pod {
+        ($($map_type:ident),* $(,)?) => {$(
+            // SAFETY: every map type is #[repr(C)], Copy, made only of integers and byte arrays,
+            // with explicit padding fields, so every bit pattern is valid.
+            unsafe impl aya::Pod for super::$map_type {}
+        )*};
+    }
+
+    pod!(
+        IpKey,
+        Identity,
+        WorkloadInfo,
+        EndpointInfo,
+        VerdictKey,
+        VerdictValue,
+        OrigDst,
+        RedirectKey,
+        DatapathConfig,
+        DeliveryKey,
+        SourceBinding,
+        InterfaceInfo,
+        MacKey,
+    );
 }
 
 #[cfg(test)]

@@ -89,6 +89,8 @@ pub fn fdb_port(ns: &str, mac: Mac) -> anyhow::Result<Option<String>> {
 
 /// Send `frames` (complete Ethernet frames) out of `ifname`, from inside the namespace at
 /// `netns`.
+// Raw AF_PACKET frames to a chosen link address: nix offers no safe way to build the address.
+#[allow(unsafe_code)]
 pub fn send_frames(netns: &Path, ifname: &str, frames: Vec<Vec<u8>>) -> anyhow::Result<()> {
     let ifname = ifname.to_owned();
     netns::in_netns(netns, move || {

@@ -82,6 +82,8 @@ pub fn sysctl(netns: &Path, key: &str, value: &str) -> anyhow::Result<()> {
 }
 
 /// Make `cmd` start inside `netns` and, if given, inside `cgroup`.
+// `CommandExt::pre_exec` is unsafe: the closure runs between fork and exec.
+#[allow(unsafe_code)]
 pub fn enter(cmd: &mut Command, netns: &Path, cgroup: Option<&Path>) -> anyhow::Result<()> {
     let ns = File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
     let procs = match cgroup {

@@ -209,7 +209,7 @@ fn revocation_in(
         }
     }
     let started = Instant::now();
-    let read = latch::verdicts::lock(&maps).verdicts()?.len();
+    let read = latch::sync::lock(&maps).verdicts()?.len();
     let read_all = started.elapsed();
     anyhow::ensure!(read == inserted, "read {read} of {inserted} entries");
     let started = Instant::now();

@@ -186,8 +186,8 @@ impl EchoServer {
 impl Drop for EchoServer {
     fn drop(&mut self) {
         // shutdown() on a listening socket wakes a blocked accept() with an error.
-        // SAFETY: valid fd owned by the listener.
-        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        let _ =
+            nix::sys::socket::shutdown(self.listener.as_raw_fd(), nix::sys::socket::Shutdown::Both);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

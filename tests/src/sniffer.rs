@@ -19,6 +19,8 @@ const ETH_P_ALL: u16 = 0x0003;
 
 impl Sniffer {
     /// Start capturing every frame on `ifname` inside `netns_path`.
+    // A raw AF_PACKET socket bound to one interface, read by hand: libc only.
+    #[allow(unsafe_code)]
     pub fn start(netns_path: &Path, ifname: &str) -> anyhow::Result<Self> {
         let ifname = ifname.to_owned();
         let fd = netns::in_netns(netns_path, move || {
@@ -67,16 +69,15 @@ impl Sniffer {
 
     /// Every frame captured so far (drains the queue).
     pub fn frames(&self) -> Vec<Vec<u8>> {
+        use nix::sys::socket::{MsgFlags, recv};
         let mut frames = Vec::new();
         let mut buf = vec![0u8; 65536];
         loop {
-            // SAFETY: reading into a buffer we own, of the length we pass.
-            let n =
-                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n <= 0 {
-                return frames;
-            }
-            frames.push(buf[..n as usize].to_vec());
+            let n = match recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+                Ok(n) if n > 0 => n,
+                _ => return frames,
+            };
+            frames.push(buf[..n].to_vec());
         }
     }
 }

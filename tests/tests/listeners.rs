@@ -6,7 +6,7 @@
 
 use std::{
     net::SocketAddr,
-    os::fd::AsRawFd as _,
+    os::fd::AsFd as _,
     time::{Duration, Instant},
 };
 
@@ -153,22 +153,14 @@ fn a_connect_through_the_tunnel_to_the_agents_own_ports_is_refused() {
 
 /// Raise this process's soft descriptor limit to at least `needed` (within its hard limit).
 fn raise_nofile(needed: u64) {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit and setrlimit read or write the struct they are given.
-    unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
-        assert!(
-            limit.rlim_max >= needed,
-            "RLIMIT_NOFILE's hard limit {} is below {needed}",
-            limit.rlim_max
-        );
-        if limit.rlim_cur < needed {
-            limit.rlim_cur = limit.rlim_max;
-            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
-        }
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+    assert!(
+        hard >= needed,
+        "RLIMIT_NOFILE's hard limit {hard} is below {needed}"
+    );
+    if soft < needed {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("setrlimit");
     }
 }
 
@@ -177,13 +169,12 @@ fn raise_nofile(needed: u64) {
 /// reset), or `limit` passes. Returns how many are closed.
 fn await_closes(sockets: &[std::net::TcpStream], count: usize, limit: Duration) -> usize {
     let deadline = Instant::now() + limit;
-    let mut open: Vec<libc::pollfd> = sockets
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    // nix has no name for POLLRDHUP.
+    let ended = PollFlags::POLLIN | PollFlags::from_bits_retain(libc::POLLRDHUP);
+    let mut open: Vec<PollFd> = sockets
         .iter()
-        .map(|s| libc::pollfd {
-            fd: s.as_raw_fd(),
-            events: libc::POLLIN | libc::POLLRDHUP,
-            revents: 0,
-        })
+        .map(|s| PollFd::new(s.as_fd(), ended))
         .collect();
     let mut closed = 0;
     while closed < count {
@@ -191,17 +182,11 @@ fn await_closes(sockets: &[std::net::TcpStream], count: usize, limit: Duration) 
         if left.is_zero() {
             break;
         }
-        // SAFETY: `open` is a valid array of pollfd for the length given.
-        let ready = unsafe {
-            libc::poll(
-                open.as_mut_ptr(),
-                open.len() as libc::nfds_t,
-                left.as_millis().min(i32::MAX as u128) as i32,
-            )
-        };
-        assert!(ready >= 0, "poll: {}", std::io::Error::last_os_error());
+        let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
+        poll(&mut open, timeout).expect("poll");
         let before = open.len();
-        open.retain(|p| p.revents == 0);
+        // Any event at all (`any()` is `None` for bits nix has no name for) is the end.
+        open.retain(|p| p.any() == Some(false));
         closed += before - open.len();
     }
     closed

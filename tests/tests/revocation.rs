@@ -40,7 +40,7 @@ fn a_verdict_decided_before_a_reload_never_reaches_the_kernel_after_it() {
         direction: Direction::Inbound,
     };
     let in_kernel = || {
-        latch::verdicts::lock(&maps)
+        latch::sync::lock(&maps)
             .verdicts()
             .expect("verdicts")
             .iter()

@@ -1,25 +1,9 @@
-//! Anti-spoofing: no pod on this node sends with an address that is not its own, so the fast
-//! path's binding of an identity to a source address holds (the kernel side is
-//! `ebpf/src/antispoof.rs`, its rules are in `docs/datapath.md`).
-//!
-//! This module owns *where* the check runs and *what it knows*:
-//! - the check is on every Ethernet interface of the agent's network namespace (the node's) but
-//!   bridges and bonds (their ports are checked), including those created later (a veth pair
-//!   is guarded once one end is in another namespace, see [`guarded`]): a netlink subscription
-//!   to link and address changes wakes a resync, which attaches the check to new interfaces and
-//!   detaches it from interfaces that vanished, left the namespace or became a master;
-//! - `LATCH_SOURCES` binds each address of an enrolled pod to the pod's host-side interface (found
-//!   from the pod's namespace and confirmed from the agent's, [`host_side`]) and each address the
-//!   node holds on exactly one interface to that interface; an enrolled pod whose host side cannot
-//!   be found has its addresses bound to no interface at all (fail closed);
-//! - `LATCH_INTERFACES` marks enrolled pods' host sides, every veth to another namespace but the
-//!   node's own link (where remote endpoints' addresses get the reverse-path check) and bridge
-//!   ports (with their masters);
-//! - `LATCH_MACS` binds each enrolled pod's MAC address to its host side.
-//!
-//! Every resync computes the whole wanted state from the current links, addresses and enrolled
-//! pods ([`plan`]) and writes the difference, so a missed notification only delays, never
-//! corrupts. The runtime hands over the enrolled pods on every reconcile ([`AntiSpoof::set`]).
+//! Anti-spoofing: where the kernel check (`ebpf/src/antispoof.rs`) runs and what it knows. A
+//! netlink subscription to link and address changes wakes a resync, which attaches the check to
+//! the node's interfaces ([`guarded`]) and computes the whole wanted content of `LATCH_SOURCES`,
+//! `LATCH_INTERFACES` and `LATCH_MACS` from the current links, addresses and enrolled pods
+//! ([`plan`], [`host_side`]), writing only the difference; the runtime hands over the enrolled pods
+//! on every reconcile ([`AntiSpoof::set`]). The rules: `docs/datapath.md` (Anti-spoofing).
 
 pub mod host_side;
 pub mod netlink;
@@ -28,14 +12,17 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
     path::PathBuf,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{Arc, Mutex},
 };
 
 use latch_common::{
     INTERFACE_BRIDGE_PORT, INTERFACE_POD, INTERFACE_VETH, InterfaceInfo, SourceBinding,
 };
 
-use crate::datapath::{AntiSpoofDatapath, DatapathError, antispoof::Attached};
+use crate::{
+    datapath::{AntiSpoofDatapath, DatapathError, antispoof::Attached},
+    sync::lock,
+};
 
 use self::{
     host_side::PodSide,
@@ -151,23 +138,19 @@ impl AntiSpoof {
 
     /// The configuration changed (a reconcile): bind the enrolled pods' addresses, now.
     pub fn set(&self, enrolled: Enrolled) -> Result<(), AntiSpoofError> {
-        let mut state = self.lock();
+        let mut state = lock(&self.state);
         state.enrolled = enrolled;
         state.resync()
     }
 
     /// Read the links and addresses again and bring the kernel in line.
     pub fn resync(&self) -> Result<(), AntiSpoofError> {
-        self.lock().resync()
+        lock(&self.state).resync()
     }
 
     /// Kernel id of the program.
     pub fn program_id(&self) -> u32 {
-        self.lock().datapath.program_id()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.state).datapath.program_id()
     }
 }
 

@@ -178,6 +178,8 @@ pub struct Events {
 
 impl Events {
     /// Subscribe. Changes from this moment on wake [`Events::changed`].
+    // tokio polls a descriptor only through `AsyncFd::register`, which is unsafe.
+    #[allow(unsafe_code)]
     pub fn subscribe() -> io::Result<Self> {
         let mut socket = Socket::new(NETLINK_ROUTE)?;
         socket.bind_auto()?;

@@ -133,7 +133,7 @@ pub async fn splice(
         std::thread::yield_now();
         // And whatever else became ready meanwhile (the client's next connection, say) goes
         // before this one's bookkeeping and end.
-        crate::yielding::behind_ready().await;
+        crate::scheduling::yielding::behind_ready().await;
         tracked.count_opened();
         admitted(&carried);
         match first {

@@ -8,7 +8,7 @@ use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{
-        Arc, Mutex, PoisonError,
+        Arc, Mutex,
         atomic::{AtomicU16, Ordering},
     },
 };
@@ -17,7 +17,7 @@ use socket2::{Domain, SockAddr, Socket};
 use tokio::net::TcpStream;
 
 use super::{NetnsWorker, netns::connect};
-use crate::datapath::DeliveryMap;
+use crate::{datapath::DeliveryMap, sync::lock};
 
 /// Source address of connections the agent delivers to an application over IPv4 when it cannot
 /// deliver them from the client's own address. Loopback sources can only originate inside the
@@ -129,7 +129,7 @@ impl DeliverySockets {
     }
 
     fn spares(&self) -> std::sync::MutexGuard<'_, Vec<Spare>> {
-        self.spares.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.spares)
     }
 
     /// A delivery socket made ahead for `domain`, if one is ready.

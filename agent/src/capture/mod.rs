@@ -51,7 +51,7 @@ where
         match listener.accept().await {
             Ok((stream, peer)) => {
                 backoff.accepted();
-                crate::busy_poll::activity();
+                crate::scheduling::busy_poll::activity();
                 tokio::spawn(handle(stream, peer, ctx.clone()));
                 // The new connection first: the next accept() finds nothing more often than not,
                 // and that system call need not come before the connection's own.

@@ -26,13 +26,14 @@ use crate::{
     datapath::maps::ip_from_key,
     metrics::access,
     state::DecidedUnder,
+    sync::lock,
     tls::client_config_with,
     tunnel::{
         chunk::reset,
         hbone::{Dial, PoolKey, TunnelError},
     },
     verdicts::{
-        Pair, lock,
+        Pair,
         rule::{self, Decided},
     },
 };

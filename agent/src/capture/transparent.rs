@@ -1,19 +1,8 @@
 //! Routing inside one pod's network namespace that lets the agent deliver a connection to the
-//! application from the client's own address, as a connection straight from the client (the
-//! kernel fast path) arrives; without it the application would see the loopback marker.
-//!
-//! A delivery socket is transparent (`IP_TRANSPARENT`, so it may bind an address the pod does not
-//! have) and carries [`DELIVERY_MARK`]. In the pod's netns the agent sets, once per pod:
-//! - `net.ipv4.tcp_fwmark_accept = 1`: the application's accepted socket takes the mark of the
-//!   SYN it answers (IPv4 and IPv6 alike);
-//! - `ip rule add fwmark DELIVERY_MARK lookup DELIVERY_TABLE` and
-//!   `ip route add local default dev lo table DELIVERY_TABLE`, for each family: marked packets,
-//!   the delivery's and the application's answers, are delivered locally over loopback, so the
-//!   answer to "the client" reaches the agent's socket instead of leaving by the pod's interface.
-//!
-//! Unmarked traffic is untouched. What is set stays in the netns (it only ever matches the
-//! agent's mark); setting it again finds it in place. A family that cannot be set up falls back
-//! to the marker address, with a warning.
+//! application from the client's own address, as a fast-path connection arrives (without it the
+//! application would see the loopback marker): once per pod, `tcp_fwmark_accept` and a local route
+//! for packets marked [`DELIVERY_MARK`]. The settings and why: `docs/datapath.md` (Deliveries from
+//! the client's address). A family that cannot be set up falls back to the marker, with a warning.
 
 use std::{io, net::IpAddr, path::Path};
 

@@ -1,17 +1,9 @@
-//! The destination side of HBONE for one pod: TLS connections on the pod's tunnel listener,
-//! presenting the pod's current SVID, each to complete its handshakes within
-//! `tunnel.handshakeTimeout`, and no more than `tunnel.maxHandshakesPerSource` of them in
-//! progress from one source address (see [`crate::tunnel::handshakes`]). Each `CONNECT` must target one of the pod's own addresses,
-//! on a port that is not one of the agent's own listeners' (`403` otherwise), and is decided by
-//! the pod's authorization policy for the verified source identity:
-//! - deny: `403`, and the answer says whether the source may cache the deny;
-//! - allow: the application is connected from inside the pod's netns, from the client's own
-//!   address (named by the source in `Forwarded` and confirmed by the registry; else the loopback
-//!   marker) and the bytes are spliced; if the verdict holds for the whole identity pair it is
-//!   cached — bounded by the client's and the pod's certificates' NotAfter and `verdictTtl` — so
-//!   the source's next direct connection is admitted by the kernel;
-//! - depends on HTTP attributes: the application is connected and every request is decided on
-//!   its own; nothing is cached.
+//! The destination side of HBONE for one pod: TLS connections on the pod's tunnel listener (their
+//! handshake limits: [`crate::tunnel::handshakes`]), each `CONNECT` checked to target one of the
+//! pod's own addresses on a port that is not the agent's (`403` otherwise), then decided by the
+//! pod's policy for the verified source: `403`; or the application connected from inside the pod's
+//! netns from the client's own address and the bytes spliced (the verdict cached as
+//! [`crate::verdicts`] rules); or, when HTTP attributes decide, each request on its own.
 
 use std::{
     io,

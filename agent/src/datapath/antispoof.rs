@@ -1,12 +1,7 @@
-//! The kernel side of anti-spoofing: the TCX links of `latch_antispoof`, one per interface of
-//! the node (pinned under `<bpfPinDir>/links/antispoof/<ifindex>`), and its three maps
-//! (`LATCH_SOURCES`, `LATCH_INTERFACES`, `LATCH_MACS`). What goes in them, and on which
-//! interfaces, is decided by [`crate::antispoof`]; this module only carries it out.
-//!
-//! A link is attached by interface index (never by name, which a rename can move) at the head of
-//! the interface's TCX chain. A pinned link left by an earlier run is adopted by pointing it at
-//! the freshly loaded program (`BPF_LINK_UPDATE`); a pin whose interface is gone (the kernel
-//! detached the link with it) is removed.
+//! The kernel side of anti-spoofing: the TCX links of `latch_antispoof`, one per interface,
+//! attached by index at the head of the chain and pinned under `links/antispoof/<ifindex>`, and its
+//! three maps. What goes in them, and on which interfaces, is decided by [`crate::antispoof`]; this
+//! module only carries it out (`docs/datapath.md`, Anti-spoofing).
 
 use std::{
     collections::HashMap as StdHashMap,

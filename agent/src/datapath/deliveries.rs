@@ -3,14 +3,12 @@
 //! connect and withdrawn when they end. Apart from [`super::KernelMaps`] so that a delivery never
 //! waits behind a sweep of the verdict cache holding that lock.
 
-use std::{
-    net::SocketAddr,
-    path::Path,
-    sync::{Mutex, PoisonError},
-};
+use std::{net::SocketAddr, path::Path, sync::Mutex};
 
 use aya::maps::{HashMap, MapData};
 use latch_common::{DeliveryKey, map_names};
+
+use crate::sync::lock;
 
 use super::{
     DatapathError,
@@ -29,9 +27,7 @@ impl DeliveryMap {
 
     /// The agent is about to connect `from` → `to` inside a pod's netns: let it through.
     pub fn announce(&self, from: SocketAddr, to: SocketAddr) -> Result<(), DatapathError> {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        lock(&self.0)
             .insert(key(from, to), 1, 0)
             .map_err(|e| DatapathError::map("writing", map_names::DELIVERIES, e))
     }
@@ -41,7 +37,7 @@ impl DeliveryMap {
     /// connections they announced are established already; a new agent delivers anew. Returns
     /// how many were removed.
     pub fn clear(&self) -> Result<usize, DatapathError> {
-        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut map = lock(&self.0);
         let keys: Vec<DeliveryKey> = map.keys().filter_map(Result::ok).collect();
         for key in &keys {
             maps::remove_if_present(map.remove(key), map_names::DELIVERIES)?;
@@ -51,11 +47,7 @@ impl DeliveryMap {
 
     /// The delivery `from` → `to` has ended.
     pub fn withdraw(&self, from: SocketAddr, to: SocketAddr) -> Result<(), DatapathError> {
-        let removed = self
-            .0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&key(from, to));
+        let removed = lock(&self.0).remove(&key(from, to));
         maps::remove_if_present(removed, map_names::DELIVERIES)
     }
 }

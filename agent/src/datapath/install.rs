@@ -1,13 +1,8 @@
-//! Loading, attaching, pinning and re-adopting the kernel programs; uninstalling them.
-//!
-//! On start the agent loads the embedded object with its maps pinned by name under
-//! `<bpfPinDir>/maps` (existing pins are reused, so the verdict cache survives a restart, unless
-//! [`super::layout`] finds one laid out differently from this build's map). For each
-//! program on `cgroupRoot`, a link pinned under `<bpfPinDir>/links` from an earlier run is adopted
-//! by pointing it at the freshly loaded program (`BPF_LINK_UPDATE`, atomic, never a second
-//! attachment); only when there is none is a new link created and pinned. The inbound check is
-//! attached the same way to each enrolled pod's netns, pinned under `links/inbound/<workload>`.
-//! The anti-spoofing program is loaded here and attached per interface by [`super::antispoof`].
+//! Loading, attaching, pinning and re-adopting the kernel programs (on `cgroupRoot`, and the
+//! inbound check in each enrolled pod's netns), and uninstalling them. Pinned maps are reused
+//! unless [`super::layout`] refuses them; pinned links are pointed at the new programs
+//! (`BPF_LINK_UPDATE`). The anti-spoofing links are [`super::antispoof`]'s. The pins and what
+//! survives a restart: `docs/datapath.md` (Pins, restarts and uninstall).
 
 use std::{
     fs::{self, File},

@@ -1,14 +1,6 @@
-//! The layout of each map as this build defines it, and the check that keeps a map pinned by
-//! another build from being adopted.
-//!
-//! aya reuses a map pinned under the map's name whatever its type and sizes. After an upgrade that
-//! changed a key or a value (the 128-bit identities did), the programs and the agent would then
-//! work on a map of another shape: keys cut short, values read past their end, or a load that
-//! fails. So before the object is loaded, every pin under `maps/` is compared with the definition
-//! of the same map in the embedded object (type, key size, value size, max entries, flags). A pin
-//! that differs is removed, with a warning, and the load creates that map afresh; the others are
-//! adopted as always. The programs of the earlier run keep using the map they had until their
-//! links are pointed at the new programs, a moment later in the same start.
+//! The layout of each map as this build defines it (type, key and value size, max entries, flags),
+//! and the check that removes, before the object is loaded, a pin laid out by another build: aya
+//! alone would adopt it whatever its shape. Why: `docs/datapath.md` (Pins, restarts and uninstall).
 
 use std::{collections::BTreeMap, path::Path};
 

@@ -1,29 +1,19 @@
-//! The kernel datapath: the only code in Latch that talks to aya.
-//!
-//! - [`system`]: the host facts the datapath needs (bpffs, the cgroup v2 mount, cgroup ids and
-//!   levels, the monotonic boot clock, network-namespace cookies).
-//! - [`install`]: load the embedded eBPF object, pin its maps, attach (or re-adopt) its links on
-//!   `cgroupRoot`, attach the inbound check to pod network namespaces, uninstall.
-//! - [`layout`]: each map's layout as the object defines it; a map pinned by another build
-//!   (another type or size) is replaced, never adopted.
-//! - [`maps`]: typed access to the pinned maps (workloads, endpoints, verdicts, redirects, inbound
-//!   listeners, config, counters).
-//! - [`deliveries`]: the announced deliveries, on a handle of their own.
-//! - [`antispoof`]: the anti-spoofing check's links (one per interface of the node) and maps.
-//! - [`syscall`]: the BPF commands aya 0.14 does not expose (`BPF_PROG_QUERY` on a cgroup or
-//!   netns, `BPF_LINK_UPDATE` of a pinned link, a TCX link by interface index, ...).
-//!
-//! Pin layout under `bpfPinDir`: `maps/<MAP_NAME>`, `links/<program>` for the programs on
-//! `cgroupRoot`, `links/inbound/<workload>` for the inbound check of each pod netns, and
-//! `links/antispoof/<ifindex>` for the anti-spoofing check of each interface of the node. Pins
-//! outlive the agent: enforcement continues through a restart, and the next agent adopts them.
+//! The kernel datapath: the only code in Latch that talks to aya. [`install`] loads and attaches
+//! the eBPF object, [`layout`] refuses maps pinned by another build, [`maps`] and [`deliveries`]
+//! give typed access to the pinned maps, [`antispoof`] owns the anti-spoofing links, [`system`] the
+//! host facts and [`syscall`] the BPF commands aya does not expose. Programs, maps and the pin
+//! layout: `docs/datapath.md`.
 
 pub mod antispoof;
 pub mod deliveries;
 pub mod install;
 pub mod layout;
 pub mod maps;
+// The datapath's only unsafe: raw bpf(2) commands and a getsockopt(2) that neither aya nor nix
+// offers, each block with its SAFETY comment.
+#[allow(unsafe_code)]
 pub mod syscall;
+#[allow(unsafe_code)]
 pub mod system;
 
 pub use antispoof::AntiSpoofDatapath;

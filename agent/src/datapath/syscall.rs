@@ -1,14 +1,8 @@
-//! The BPF commands Latch needs that aya 0.14 keeps private: listing the programs attached to a
-//! cgroup or network namespace (`BPF_PROG_QUERY`), swapping the program behind a pinned link in
-//! place (`BPF_LINK_UPDATE`, so a restarted agent never attaches twice), detaching a link at once
-//! whoever still holds it (`BPF_LINK_DETACH`), opening a pinned object (`BPF_OBJ_GET`), and
-//! reading or removing many map entries per syscall (`BPF_MAP_LOOKUP_BATCH`,
-//! `BPF_MAP_DELETE_BATCH`), which revocation of large caches needs; and, for the anti-spoofing
-//! check, attaching a TCX link by interface index at the head of the chain (`BPF_LINK_CREATE`:
-//! aya 0.14 attaches by interface *name*, which a rename can turn into another interface, and
-//! only at the tail), pinning it (`BPF_OBJ_PIN`) and reading which interface a pinned link is on
-//! (`BPF_OBJ_GET_INFO_BY_FD`); and reading what a pinned map is (`BPF_OBJ_GET_INFO_BY_FD`), so that
-//! one of another layout is never adopted, or making one of any layout (`BPF_MAP_CREATE`).
+//! The BPF commands Latch needs that aya 0.14 keeps private, as raw `bpf(2)` calls: querying the
+//! programs on a cgroup, netns or interface, updating and detaching links, opening and pinning
+//! objects, batch lookups and deletes (revocation of large caches), attaching a TCX link by
+//! interface index at the head of the chain, and reading and creating maps of any layout. Why each
+//! is needed: `docs/datapath.md` (Pins, restarts and uninstall; Anti-spoofing).
 
 use std::os::fd::{AsFd, AsRawFd};
 

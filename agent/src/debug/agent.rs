@@ -29,8 +29,9 @@ use crate::{
         certs::{CertStore, rotation_at, seconds_left},
     },
     state::SharedState,
+    sync::lock,
     tunnel::tracked::Tracker,
-    verdicts::{SharedMaps, VerdictCache, decide, lock},
+    verdicts::{SharedMaps, VerdictCache, decide},
 };
 
 /// A reload request from the debug API to the agent's main loop.
@@ -51,27 +52,23 @@ struct PublishedInner {
 }
 
 impl Published {
-    fn lock(&self) -> std::sync::MutexGuard<'_, PublishedInner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     pub fn set_programs(&self, programs: Vec<ProgramStatus>) {
-        self.lock().programs = programs;
+        lock(&self.inner).programs = programs;
     }
 
     /// How many workloads the agent could not serve.
     pub fn failed_workloads(&self) -> usize {
-        self.lock().failed_workloads.len()
+        lock(&self.inner).failed_workloads.len()
     }
 
     /// The workloads the agent could not serve, with why.
     pub fn set_failed_workloads(&self, failed: Vec<WorkloadFailure>) {
-        self.lock().failed_workloads = failed;
+        lock(&self.inner).failed_workloads = failed;
     }
 
     /// Record a reload's outcome; `errors` are the lines of a failed one (empty on success).
     pub fn reloaded(&self, trigger: &str, error: Option<String>) {
-        let mut inner = self.lock();
+        let mut inner = lock(&self.inner);
         inner.policy_errors = error
             .as_deref()
             .map(|e| e.lines().map(str::to_owned).collect())
@@ -155,7 +152,7 @@ impl Backend for AgentView {
         let (orig_dst, redirects) = maps.redirect_entries().map_err(count_err)?;
         let deliveries = maps.pending_deliveries() as u64;
         drop(maps);
-        let inner = self.published.lock();
+        let inner = lock(&self.published.inner);
         let now = SystemTime::now();
         let certificates = self
             .certs
@@ -273,7 +270,7 @@ impl Backend for AgentView {
                     file: format!("{}:{}", p.file.display(), p.line),
                 })
                 .collect(),
-            errors: self.published.lock().policy_errors.clone(),
+            errors: lock(&self.published.inner).policy_errors.clone(),
         }
     }
 

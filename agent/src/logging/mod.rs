@@ -11,12 +11,14 @@ mod json;
 
 use std::{
     io::{self, Write},
-    sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError},
+    sync::{Arc, Condvar, Mutex, PoisonError},
     thread::JoinHandle,
     time::Duration,
 };
 
 use tracing_subscriber::{layer::SubscriberExt as _, util::SubscriberInitExt as _};
+
+use crate::sync::lock;
 
 /// How long a log line may wait in memory.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(50);
@@ -70,10 +72,6 @@ struct Shared {
 struct Pending {
     lines: Vec<u8>,
     stopping: bool,
-}
-
-fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Shared {

@@ -3,7 +3,7 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use crate::verdicts::{SharedMaps, lock};
+use crate::{sync::lock, verdicts::SharedMaps};
 
 /// How many ticks go into one summary.
 const SUMMARY_EVERY: u32 = 40;

@@ -210,7 +210,7 @@ impl Metrics {
 
     /// Where the scrape-time values come from; replaces any earlier source.
     pub fn set_scrape_source(&self, source: ScrapeSource) {
-        *self.0.source.write().unwrap_or_else(|p| p.into_inner()) = Some(source);
+        *crate::sync::write(&self.0.source) = Some(source);
     }
 
     pub fn connection_opened(&self, labels: &Labels) {
@@ -256,7 +256,7 @@ impl fmt::Debug for ScrapeCollector {
 
 impl Collector for ScrapeCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
-        let snapshot = match &*self.0.read().unwrap_or_else(|p| p.into_inner()) {
+        let snapshot = match &*crate::sync::read(&self.0) {
             Some(source) => source(),
             None => return Ok(()),
         };

@@ -4,10 +4,11 @@ use std::{sync::Arc, time::SystemTime};
 
 use super::{ScrapeSnapshot, ScrapeSource};
 use crate::{
-    busy_poll,
     debug::agent::Published,
     identity::certs::{self, CertStore},
-    verdicts::{SharedMaps, VerdictCache, lock},
+    scheduling::busy_poll,
+    sync::lock,
+    verdicts::{SharedMaps, VerdictCache},
 };
 
 /// Kernel counters, the verdict cache's size, certificate expiry, busy polling and the

@@ -1,26 +1,10 @@
-//! Decides connections and requests against the AuthorizationPolicies of a [`PolicySet`].
-//!
-//! Order (Istio's): a plaintext connection to a STRICT port is denied by PeerAuthentication;
-//! then any matching DENY policy denies; then, if no ALLOW policy applies to the workload, the
-//! connection is allowed; otherwise it is allowed only if some ALLOW rule matches. AUDIT
-//! policies that match are listed in [`Decision::audited`] and change nothing. Among several
-//! matching policies the first by (namespace, name) is reported as the decider.
-//!
-//! Three entry points evaluate the L7 fields differently (see [`super::matching`]):
-//! [`PolicySet::evaluate_connection`] does not know them yet and answers
-//! [`ConnectionDecision::NeedsHttp`] unless the answer is the same for every HTTP request *and*
-//! for a non-HTTP connection; [`PolicySet::evaluate_request`] knows them;
-//! [`PolicySet::evaluate_tcp`] applies Istio's TCP rules (ALLOW rules with L7 fields never
-//! match, DENY and AUDIT rules match with their L7 fields ignored).
-//!
-//! Cacheability: a decision is `cacheable` when another connection with the same source
-//! principal (hence namespace), destination workload and destination port must get the same
-//! answer. That is conservatively judged per workload and port: the source must be mTLS
-//! (plaintext decisions are never cacheable) and no rule of an AuthorizationPolicy applying to
-//! the workload that can match the port (its operations name the port, or none names a port)
-//! may reference the source IP (`ipBlocks`, `notIpBlocks`, `when: source.ip`), the destination
-//! IP (`when: destination.ip`) or HTTP attributes (methods, paths, hosts and their `not*`, in an
-//! operation for that port), whether or not that rule decided.
+//! Decides connections and requests against the policies of a [`PolicySet`], in Istio's order
+//! (`docs/policy.md`, Decisions); among several matching policies the first by (namespace, name)
+//! is reported as the decider. [`PolicySet::evaluate_connection`] does not know the L7 fields yet
+//! and answers [`ConnectionDecision::NeedsHttp`] unless every request and a non-HTTP connection
+//! get the same answer; [`PolicySet::evaluate_request`] knows them; [`PolicySet::evaluate_tcp`]
+//! applies Istio's TCP rules. Whether a decision is `cacheable` is judged per workload and port, as
+//! `docs/policy.md` (What is cached) says.
 
 use super::{
     PolicySet,

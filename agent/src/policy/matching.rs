@@ -1,21 +1,7 @@
-//! Compiled rules and how one rule matches one connection or request, Istio's way.
-//!
-//! Within a rule, `from`, `to` and `when` must all match; entries of `from` (and of `to`) are
-//! OR-ed; `when` conditions are AND-ed; the values of one field are OR-ed; a `not*` field matches
-//! when none of its values does. A missing (or empty) part matches anything.
-//!
-//! Principals are compared without the `spiffe://` prefix (Istio policies write
-//! `cluster.local/ns/prod/sa/frontend`); the source namespace is the `ns` segment of the
-//! principal. A plaintext source has neither, so `principals`/`namespaces` never match it and
-//! `notPrincipals`/`notNamespaces` always do (Envoy's `not_id` over an absent principal).
-//! Strings match exactly, by prefix (`abc*`), by suffix (`*abc`), or `*` for any non-empty value.
-//! Hosts compare without regard to ASCII case; paths are compared without their query string.
-//!
-//! L7 fields (methods, paths, hosts and their `not*` forms) are only known for HTTP requests.
-//! A rule is therefore evaluated in one of three [`L7`] modes, giving a three-valued [`Tri`]
-//! answer: with the request known, with it unknown (the connection phase: Kleene logic, so
-//! `Maybe` means "depends on the request"), or as a plain TCP connection (Istio drops L7 fields
-//! from DENY and AUDIT rules, making them wider, and drops whole ALLOW rules that have any).
+//! Compiled rules and how one rule matches one connection or request, Istio's way (the rules:
+//! `docs/policy.md`, Decisions). L7 fields exist only on HTTP requests, so a rule is matched in one
+//! of three [`L7`] modes with a three-valued [`Tri`] answer: request known; request not known yet
+//! (Kleene logic: `Maybe` means "depends on the request"); plain TCP (Istio's TCP rules).
 
 use std::net::IpAddr;
 

@@ -1,24 +1,8 @@
 //! Istio-compatible authorization: `AuthorizationPolicy` and `PeerAuthentication` files loaded
-//! into a [`PolicySet`], which decides connections and HTTP requests exactly as Istio does.
-//!
-//! How a connection is decided ([`engine`]):
-//! 1. The workload's mTLS mode comes from PeerAuthentication ([`peer_auth`]); a plaintext
-//!    connection to a STRICT port is denied there.
-//! 2. The policies that apply to the destination workload are found through an [`index`]:
-//!    those of its namespace whose selector its labels satisfy (or without selector), and those
-//!    of the root namespace (`istio-system` by default), which apply to every namespace.
-//! 3. Their rules are matched ([`matching`]): any matching DENY denies; if no ALLOW policy
-//!    applies, the connection is allowed; otherwise it is allowed only if an ALLOW rule matches.
-//!    Matching AUDIT policies are reported and change nothing.
-//! 4. If the answer depends on HTTP methods, paths or hosts, [`PolicySet::evaluate_connection`]
-//!    says [`ConnectionDecision::NeedsHttp`]: the caller then decides each request with
-//!    [`PolicySet::evaluate_request`], or, if the bytes are not HTTP, the connection with
-//!    [`PolicySet::evaluate_tcp`] (Istio's TCP rules).
-//!
-//! Loading ([`load`], [`compile`]) is all-or-nothing and reports every error as
-//! `file:line:col: field.path: why`. [`cli`] formats `latch policy check` and `explain`.
-//! [`normalize`] turns a request path into the one policy judges (and the application
-//! receives), as Istio's `pathNormalization` does.
+//! ([`load`], [`compile`]: all or nothing, every error as `file:line:col: field.path: why`) into a
+//! [`PolicySet`], which decides connections and requests exactly as Istio does ([`engine`],
+//! [`matching`], [`peer_auth`], [`index`]; the rules: `docs/policy.md`). [`cli`] formats
+//! `latch policy check` and `explain`; [`normalize`] is Istio's `pathNormalization`.
 
 pub mod cli;
 mod compile;

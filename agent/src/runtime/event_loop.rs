@@ -14,7 +14,6 @@ use tokio::signal::unix::{SignalKind, signal};
 use super::{AbortOnDrop, Agent, WATCH_INTERVAL, reconcile::prepare, source::Source};
 use crate::{
     antispoof::{AntiSpoof, Enrolled},
-    busy_poll,
     config::Config,
     datapath::{Datapath, DatapathSettings},
     debug::{
@@ -22,6 +21,7 @@ use crate::{
         agent::{AgentView, Published, ReloadRequest},
     },
     metrics::{self, Metrics, fastpath::FastpathSummary},
+    scheduling::busy_poll,
     state::{SharedState, cert_store},
     tunnel::{handshakes::Handshakes, hbone::TunnelClient, tracked::Tracker},
     verdicts::{SharedMaps, VerdictCache},

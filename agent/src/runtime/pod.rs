@@ -11,7 +11,7 @@ use crate::{
     capture::{NetnsWorker, PodContext, PodListeners, inbound, outbound, tunneled},
     config::{Config, Ports},
     identity::LocalWorkload,
-    verdicts::lock,
+    sync::lock,
 };
 
 /// A pod this agent serves: its listeners' tasks and its netns worker.

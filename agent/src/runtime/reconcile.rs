@@ -22,7 +22,6 @@ use super::{
 };
 use crate::{
     antispoof::Enrolled,
-    busy_poll,
     config::{Config, DataplaneMode},
     datapath::{install::inbound_link_name, system},
     debug::{
@@ -30,8 +29,10 @@ use crate::{
         programs::programs,
     },
     identity::Registry,
+    scheduling::busy_poll,
     state::Snapshot,
-    verdicts::{decide, lock},
+    sync::lock,
+    verdicts::decide,
 };
 
 /// How long a reload waits for the connections it closed to end before reporting.

@@ -153,6 +153,4 @@ pub fn server_config(
 }
 
 #[cfg(test)]
-mod chain_tests;
-#[cfg(test)]
 mod tests;

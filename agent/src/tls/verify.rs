@@ -1,28 +1,12 @@
-//! SPIFFE X.509-SVID path verification with x509-parser, and the rustls verifiers built on it.
-//!
-//! A chain (leaf first, then the intermediates the peer sent, in order) is accepted when:
-//! - every certificate, and the trust anchor, is within its validity window;
-//! - every certificate, and the anchor, passes [`profile::check_encoding`]: no duplicate or
-//!   undecodable extension, no critical extension the verifier does not enforce, a signature
-//!   algorithm it accepts (no SHA-1 or MD5), no RSA key under 2048 bits;
-//! - the leaf is an SVID ([`profile::check_leaf`]) with exactly one URI SAN, a SPIFFE ID with a
-//!   path in our trust domain;
-//! - each intermediate and the anchor are CAs fit to issue what is below them
-//!   ([`profile::check_issuer`]: CA flag, pathLenConstraint, keyUsage, extendedKeyUsage);
-//! - each certificate names the next as its issuer and is signed by it, and the top one is
-//!   signed by a CA of the trust bundle whose subject is its issuer;
-//! - the name constraints of every CA above a certificate allow its names ([`names`]).
-//!
-//! The client side also requires the server's ID to be the expected one.
-//!
-//! What needs the bundle or a signature is checked once per (role, chain, bundle) and
-//! remembered ([`Verified`]): a peer presents the same SVID on every new connection until it
-//! rotates. Everything about the chain's own certificates and the dates are checked on every
-//! use.
+//! SPIFFE X.509-SVID path verification with x509-parser, and the rustls verifiers built on it: a
+//! chain (leaf first) is walked to an anchor of the bundle with the per-certificate rules of
+//! [`profile`] and the name constraints of [`names`]. What needs the bundle or a signature is
+//! checked once per (role, chain, bundle) and remembered ([`Verified`]); dates and the chain's own
+//! certificates are checked on every use. The rules, one by one: `docs/tunnel.md` (Verification).
 
 use std::{
     collections::HashMap,
-    sync::{LazyLock, Mutex, PoisonError},
+    sync::{LazyLock, Mutex},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -357,7 +341,7 @@ impl Verified {
     }
 
     fn seen(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Window>> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        crate::sync::lock(&self.0)
     }
 
     fn anchor_window(&self, key: &[u8; 32]) -> Option<Window> {

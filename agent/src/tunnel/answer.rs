@@ -1,21 +1,11 @@
-//! The destination's `200` to a `CONNECT`, held back for a moment so that it leaves with the
-//! application's first bytes. By the time the `200` can be sent the application is connected and
-//! has the source's early data (`hbone` sends the request behind the `CONNECT`), so its answer
-//! usually follows within microseconds; sent alone, the `200` would be a TLS record, a packet
-//! and a wake-up of the source agent of its own, just ahead of the data. The `200` goes out with
-//! the first bytes, or the end, that the application sends, or on its own once [`ANSWER_WITHIN`]
-//! has passed, whichever comes first; nothing the application sends ever waits for it. The
-//! source waits for the `200` only to send more than its early data, and then at most that long.
-//!
-//! Held answers have no timer each: an [`AnswerClock`] per HTTP/2 connection, driven by the
-//! task serving it, ticks at most every [`ANSWER_WITHIN`] while answers are held and sends the
-//! ones whose time is up, so an answer leaves between one and two [`ANSWER_WITHIN`] after it was
-//! held if the application stays silent. A timer of its own per stream cost a task, a timer and
-//! a write to the runtime's event fd on the connection's way.
+//! The destination's `200` to a `CONNECT`, held back so that it leaves with the application's first
+//! bytes (or its end), or on its own once [`ANSWER_WITHIN`] has passed; nothing the application
+//! sends waits for it. Held answers share one [`AnswerClock`] per HTTP/2 connection instead of a
+//! timer each. Why: `docs/tunnel.md` (HBONE).
 
 use std::{
     collections::VecDeque,
-    sync::{Arc, Mutex, PoisonError, Weak},
+    sync::{Arc, Mutex, Weak},
     time::Duration,
 };
 
@@ -26,6 +16,7 @@ use h2::{SendStream, server::SendResponse};
 use hyper::Response;
 
 use super::chunk::io_error;
+use crate::sync::lock;
 
 /// The longest a `200` waits for the application's first bytes.
 pub const ANSWER_WITHIN: Duration = Duration::from_millis(1);
@@ -157,10 +148,6 @@ impl Drop for PendingAnswer {
     fn drop(&mut self) {
         self.shared.send();
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Shared {

@@ -12,10 +12,13 @@
 use std::{
     collections::HashMap,
     net::IpAddr,
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    sync::{Arc, Mutex},
 };
 
-use crate::accept::{Tally, WARN_EVERY};
+use crate::{
+    accept::{Tally, WARN_EVERY},
+    sync::lock,
+};
 
 /// The handshakes in progress of every source, shared by the node's tunnel listeners.
 #[derive(Clone, Debug)]
@@ -41,15 +44,11 @@ impl Handshakes {
         Self::default()
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
     /// Start a handshake from `source` if it has fewer than `limit` in progress; it counts until
     /// the returned [`InProgress`] is dropped. `None` (refused, and counted for the log) if not.
     pub fn start(&self, source: IpAddr, limit: usize) -> Option<InProgress> {
         let source = source.to_canonical();
-        let mut state = self.lock();
+        let mut state = lock(&self.0);
         let count = state.in_progress.entry(source).or_default();
         if *count >= limit {
             if let Some(refused) = state.refused.add() {
@@ -71,7 +70,7 @@ impl Handshakes {
 
     /// Handshakes in progress from `source`.
     pub fn in_progress(&self, source: IpAddr) -> usize {
-        let state = self.lock();
+        let state = lock(&self.0);
         state
             .in_progress
             .get(&source.to_canonical())
@@ -89,7 +88,7 @@ pub struct InProgress {
 
 impl Drop for InProgress {
     fn drop(&mut self) {
-        let mut state = self.handshakes.lock();
+        let mut state = lock(&self.handshakes.0);
         if let Some(count) = state.in_progress.get_mut(&self.source) {
             *count -= 1;
             if *count == 0 {

@@ -111,7 +111,7 @@ pub async fn relay(
             // HTTP/2 connection's task: let it write them, and let whatever else is waiting (the
             // client's next connection, say) go, before this task goes on to close the socket
             // and log the connection.
-            crate::yielding::behind_ready().await;
+            crate::scheduling::yielding::behind_ready().await;
             drop(keep);
             result
         }
@@ -147,7 +147,7 @@ async fn pump(
     }
     while let Some(chunk) = from.read_chunk().await? {
         let n = chunk.len();
-        crate::busy_poll::activity();
+        crate::scheduling::busy_poll::activity();
         count.fetch_add(n as u64, Ordering::Relaxed);
         // A sender that has already ended its half: its last bytes and the end go together
         // (one `DATA` frame with `END_STREAM`, or the bytes and the FIN back to back).
@@ -369,14 +369,12 @@ pub(crate) mod tests {
     /// tokio's `accept` may start out marked readable, without the FIN, hence sockets accepted
     /// with std and registered once the FIN is there.)
     fn until_fin_arrived(stream: &TcpStream) {
-        use std::os::fd::AsRawFd as _;
-        let mut fd = libc::pollfd {
-            fd: stream.as_raw_fd(),
-            events: libc::POLLRDHUP,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd, for the length given.
-        let n = unsafe { libc::poll(&mut fd, 1, 10_000) };
+        use nix::poll::{PollFd, PollFlags, poll};
+        use std::os::fd::AsFd as _;
+        // nix has no name for POLLRDHUP.
+        let rdhup = PollFlags::from_bits_retain(libc::POLLRDHUP);
+        let mut fd = [PollFd::new(stream.as_fd(), rdhup)];
+        let n = poll(&mut fd, 10_000u16).expect("poll");
         assert_eq!(n, 1, "the FIN arrives");
     }
 

@@ -33,6 +33,7 @@ use super::{
 use crate::{
     conn::{ConnInfo, Direction},
     metrics::{Labels, Metrics, Reporter},
+    sync::lock,
 };
 
 /// A point-in-time view of one carried connection.
@@ -88,15 +89,11 @@ impl Tracker {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, TrackerInner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Start tracking a connection; it stays listed until the returned handle is dropped.
     pub fn register(&self, info: ConnInfo) -> Tracked {
         let counters = Arc::new(Counters::default());
         let cancel = CancellationToken::new();
-        let mut inner = self.lock();
+        let mut inner = lock(&self.inner);
         inner.next_id += 1;
         let id = inner.next_id;
         inner.entries.insert(
@@ -119,7 +116,7 @@ impl Tracker {
 
     /// Every carried connection, oldest first.
     pub fn snapshot(&self) -> Vec<ConnSnapshot> {
-        let inner = self.lock();
+        let inner = lock(&self.inner);
         let mut all: Vec<(u64, ConnSnapshot)> = inner
             .entries
             .iter()
@@ -141,7 +138,7 @@ impl Tracker {
 
     /// Number of carried connections.
     pub fn len(&self) -> usize {
-        self.lock().entries.len()
+        lock(&self.inner).entries.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -156,8 +153,7 @@ impl Tracker {
             let ended = self.ended.notified();
             tokio::pin!(ended);
             ended.as_mut().enable();
-            if !self
-                .lock()
+            if !lock(&self.inner)
                 .entries
                 .values()
                 .any(|e| e.cancel.is_cancelled())
@@ -172,7 +168,7 @@ impl Tracker {
 
     /// Close every connection for which `pred` holds; returns how many were closed.
     pub fn close_where(&self, pred: impl Fn(&ConnInfo) -> bool) -> usize {
-        let inner = self.lock();
+        let inner = lock(&self.inner);
         let mut closed = 0;
         for entry in inner.entries.values() {
             if !entry.cancel.is_cancelled() && pred(&entry.info) {
@@ -203,7 +199,7 @@ impl Tracked {
 
 impl Drop for Tracked {
     fn drop(&mut self) {
-        let entry = self.tracker.lock().entries.remove(&self.id);
+        let entry = lock(&self.tracker.inner).entries.remove(&self.id);
         self.tracker.ended.notify_waiters();
         if let (Some(metrics), Some(entry), true) = (
             &self.tracker.metrics,
@@ -245,9 +241,7 @@ impl Tracked {
         if self.opened.swap(true, Ordering::Relaxed) {
             return;
         }
-        let labels = self
-            .tracker
-            .lock()
+        let labels = lock(&self.tracker.inner)
             .entries
             .get(&self.id)
             .map(|e| labels(&e.info));

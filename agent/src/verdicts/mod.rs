@@ -20,6 +20,7 @@ use crate::{
     datapath::{DatapathError, KernelMaps, system},
     identity::IdentityKey,
     state::{SharedState, Snapshot},
+    sync::lock,
 };
 
 /// A pair whose verdict is cached.
@@ -39,12 +40,6 @@ impl Pair {
 
 /// Shared handle on the kernel maps, used by every task that writes verdicts.
 pub type SharedMaps = Arc<Mutex<KernelMaps>>;
-
-pub fn lock(maps: &SharedMaps) -> MutexGuard<'_, KernelMaps> {
-    // A panic while holding the lock cannot leave the kernel maps inconsistent (each write is one
-    // syscall), so a poisoned lock is still usable.
-    maps.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 /// Writes verdicts with the right expiry, and removes the ones the world no longer supports.
 ///
@@ -104,7 +99,7 @@ impl VerdictCache {
     }
 
     fn shadow(&self) -> MutexGuard<'_, HashMap<VerdictKey, VerdictValue>> {
-        self.shadow.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.shadow)
     }
 
     /// Cache an allow for `pair`, decided under state generation `decided_under`, that expires

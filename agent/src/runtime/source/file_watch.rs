@@ -34,6 +34,8 @@ pub struct FileWatch {
 }
 
 impl FileWatch {
+    // tokio polls a descriptor only through `AsyncFd::register`, which is unsafe.
+    #[allow(unsafe_code)]
     pub fn new() -> io::Result<Self> {
         let inotify = Inotify::init()?;
         // SAFETY: an `Inotify` owns its descriptor, keeps it open until it is dropped (with the

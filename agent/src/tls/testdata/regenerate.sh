@@ -1,7 +1,7 @@
 #!/bin/sh
 # Regenerates the certificates in this directory: chains rcgen cannot make (rcgen signs with
 # neither SHA-1 nor MD5, and ring, its backend here, neither makes nor signs with RSA keys of
-# 1024 bits), for the table tests and the handshake test of agent/src/tls/tests.rs.
+# 1024 bits), for the table tests and the handshake test of agent/src/tls/tests/.
 #
 # Real certificates from the openssl command-line tool (3.x), valid for 100 years from the day
 # they are made. Run it from anywhere; it rewrites the files next to it. Only the leaves' private

@@ -31,7 +31,7 @@ use super::{
     set_tunnel_options,
 };
 use crate::{
-    busy_poll::Traffic,
+    scheduling::busy_poll::Traffic,
     tls::handshake,
     tunnel::{chunk::read_now, forwarded, h2stream::H2Stream, splice::Remote},
 };

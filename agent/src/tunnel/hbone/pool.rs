@@ -8,7 +8,7 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{
-        Arc, Mutex, MutexGuard, PoisonError, Weak,
+        Arc, Mutex, Weak,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::SystemTime,
@@ -18,7 +18,7 @@ use bytes::Bytes;
 use h2::client::SendRequest;
 use rustls::pki_types::CertificateDer;
 
-use crate::tls::handshake::PeerChain;
+use crate::{sync::lock, tls::handshake::PeerChain};
 
 /// Streams a pooled connection carries at once before the pair opens another one.
 pub(super) const SPREAD_AT: usize = 4;
@@ -125,10 +125,6 @@ type Entries = HashMap<PoolKey, PoolEntry>;
 struct PoolEntry {
     conns: Vec<Pooled>,
     dialing: usize,
-}
-
-fn lock(entries: &Mutex<Entries>) -> MutexGuard<'_, Entries> {
-    entries.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The pooled connections of each pair, and how many are being dialled.

@@ -23,7 +23,7 @@ use super::{
     TunnelStream, set_tunnel_options,
 };
 use crate::{
-    busy_poll::Traffic,
+    scheduling::busy_poll::Traffic,
     tls::handshake,
     tunnel::{
         answer::{AnswerClock, PendingAnswer},
@@ -271,7 +271,7 @@ impl ServerConnection {
                 }
             };
             let Some(stream) = stream else { break };
-            crate::busy_poll::activity();
+            crate::scheduling::busy_poll::activity();
             let (request, respond) =
                 stream.map_err(|e| io::Error::other(format!("HTTP/2 with {peer}: {e}")))?;
             tokio::spawn(handle_connect(

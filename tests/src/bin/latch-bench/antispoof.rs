@@ -106,6 +106,8 @@ mod bpf_run {
 
     use latch::datapath::syscall::bpf_call as bpf;
 
+    // A descriptor the bpf(2) call returned, owned through `OwnedFd::from_raw_fd`.
+    #[allow(unsafe_code)]
     pub fn prog_fd_by_id(id: u32) -> std::io::Result<OwnedFd> {
         #[repr(C)]
         struct Attr {

@@ -373,5 +373,4 @@ async fn route(
 }
 
 #[cfg(test)]
-#[path = "server_tests.rs"]
 mod tests;

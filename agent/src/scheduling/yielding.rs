@@ -1,11 +1,6 @@
-//! Handing the runtime's worker to other tasks before a connection's less urgent work (its
-//! bookkeeping, its end), so that what is waiting on a socket (the client's next connection, an
-//! application's answer) is served first.
-//!
-//! `tokio::task::yield_now` alone does not do that on the multi-threaded runtime the agent runs:
-//! a yielded task is woken right after the worker's next I/O poll, after the tasks that poll found
-//! ready, and being the last one woken it takes the worker's LIFO slot, so it runs before them.
-//! [`behind_ready`] yields a second time from there, which puts it behind them.
+//! Handing the runtime's worker to every other ready task before a connection's less urgent work
+//! (its bookkeeping, its end): [`behind_ready`]. Why `tokio::task::yield_now` alone does not:
+//! `docs/benchmarks.md` (tunnel, the second yield).
 
 /// Let every other task that is ready, including those the worker's next poll for I/O finds
 /// ready, run before the caller goes on.

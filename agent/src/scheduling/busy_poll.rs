@@ -1,18 +1,7 @@
-//! Busy polling after data-path activity (`dataplane.busyPoll`, `docs/config.md`).
-//!
-//! A thread that blocks waiting for the next packet pays for a wake-up when it comes: tens of
-//! microseconds when the CPU it sleeps on has halted, which on a virtual machine whose host does
-//! not poll for its guests is every time. A relayed request is answered a round trip later, so
-//! every hop through the agent would pay it. For a short window after each event of the data path
-//! (a captured connection accepted, a tunnel stream opened, a chunk relayed, bytes moved on a TLS
-//! connection between agents: [`Traffic`]), the runtime's worker
-//! keeps polling for I/O instead of blocking, yielding its CPU to any other runnable thread
-//! between polls, and picks the answer up without a wake-up. Once the window passes with nothing
-//! new the worker blocks as before: an idle agent costs nothing.
-//!
-//! This is Seastar's idle poll, or the kernel's `haltpoll`, done in userspace. It only helps the
-//! worker that owns the runtime's I/O driver, which is why the data path runs on one worker by
-//! default (`dataplane.workerThreads`).
+//! Busy polling after data-path activity (`dataplane.busyPoll`): for a window after each event
+//! ([`activity`], or bytes moved on a [`Traffic`] socket) the runtime's worker keeps polling for
+//! I/O instead of sleeping, so the answer it waits for is picked up without a wake-up. Why, and
+//! what it costs: `docs/config.md` (`busyPoll`); the measurements: `docs/benchmarks.md`.
 
 use std::{
     io,

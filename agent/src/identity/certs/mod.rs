@@ -1,20 +1,8 @@
-//! Certificate sources and the store of current SVIDs, one per local identity.
-//!
-//! - `dev-ca`: the agent mints an SVID per identity from the development CA, with the configured
-//!   TTL, and mints a new one once half of its lifetime has passed.
-//! - `files`: SVIDs written by cert-manager, spiffe-helper or similar, in
-//!   `<dir>/<namespace>/<serviceAccount>/{cert.pem,key.pem,bundle.pem}` (`cert.pem` is the leaf
-//!   then any intermediates; `bundle.pem` the trust anchors), re-read when a file changes. A file
-//!   set that does not verify (wrong identity, expired, not chained to its bundle, a key that
-//!   does not belong to the certificate) is refused and the previous SVID kept.
-//!
-//! Replacing an SVID is atomic: handshakes use the old one until the new one is in place
-//! ([`CertStore::resolver`] gives rustls the current certificate at each handshake).
-//!
-//! Each identity's trust bundle has a [`TrustEpoch`]: it stays the same across rotations that
-//! keep the bundle, and a new one is given when the bundle changes. A tunnel connection records
-//! the epoch it was proven under, so the agent can tell what the old bundle proved (see
-//! [`CertStore::take_trust_changes`] and [`CertStore::trust_changes`]).
+//! Certificate sources (`dev-ca`, `files`) and the store of current SVIDs, one per local identity,
+//! each replaced atomically ([`CertStore::resolver`] gives rustls the current one at every
+//! handshake). Each identity's trust bundle has a [`TrustEpoch`], new only when the bundle changes,
+//! so the agent can tell what an old bundle proved ([`CertStore::take_trust_changes`]). The
+//! sources and their rules: `docs/tunnel.md` (Certificates, How long a proof holds).
 
 use std::{
     collections::HashMap,
@@ -35,7 +23,10 @@ use super::{
     ca::{CaError, DevCa, Svid},
     spiffe::SpiffeUri,
 };
-use crate::tls::{Role, certified_key, verify_svid};
+use crate::{
+    sync::lock,
+    tls::{Role, certified_key, verify_svid},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
@@ -152,9 +143,7 @@ impl CertStore {
 
     /// The epoch of `spiffe_id`'s trust bundle in force (`None` without an SVID).
     pub fn trust(&self, spiffe_id: &str) -> Option<TrustEpoch> {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+        crate::sync::read(&self.current)
             .get(spiffe_id)
             .map(|c| c.trust)
     }
@@ -162,7 +151,7 @@ impl CertStore {
     /// The identities whose trust bundle changed since the last call (a rotation that brought
     /// another bundle); each once.
     pub fn take_trust_changes(&self) -> Vec<String> {
-        std::mem::take(&mut *self.trust_changed.lock().unwrap_or_else(|p| p.into_inner()))
+        std::mem::take(&mut *lock(&self.trust_changed))
     }
 
     /// Tell every watcher of [`CertStore::trust_changes`] that a bundle changed (after what the
@@ -179,22 +168,12 @@ impl CertStore {
 
     /// The current SVID of `spiffe_id`, if it has one.
     pub fn current(&self, spiffe_id: &str) -> Option<Current> {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(spiffe_id)
-            .cloned()
+        crate::sync::read(&self.current).get(spiffe_id).cloned()
     }
 
     /// Identities with an SVID.
     pub fn identities(&self) -> Vec<String> {
-        let mut ids: Vec<String> = self
-            .current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .cloned()
-            .collect();
+        let mut ids: Vec<String> = crate::sync::read(&self.current).keys().cloned().collect();
         ids.sort();
         ids
     }
@@ -212,10 +191,7 @@ impl CertStore {
 
     /// Forget the SVIDs of identities not in `ids`.
     pub fn retain(&self, ids: &[String]) {
-        self.current
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|id, _| ids.contains(id));
+        crate::sync::write(&self.current).retain(|id, _| ids.contains(id));
     }
 
     /// Rotate what is due (dev-ca: past half-life; files: changed on disk). Returns the
@@ -251,7 +227,7 @@ impl CertStore {
     /// are the same certificates; otherwise it gets a new epoch and, if it replaces another
     /// bundle, `id` is recorded as changed.
     fn install(&self, id: &str, mut fresh: Current) {
-        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        let mut current = crate::sync::write(&self.current);
         let changed = match current.get(id) {
             Some(old) if old.bundle == fresh.bundle => {
                 fresh.bundle = old.bundle.clone();
@@ -273,10 +249,7 @@ impl CertStore {
         current.insert(id.to_owned(), fresh);
         drop(current);
         if changed {
-            self.trust_changed
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(id.to_owned());
+            lock(&self.trust_changed).push(id.to_owned());
         }
     }
 

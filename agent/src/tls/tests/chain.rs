@@ -1,5 +1,5 @@
 //! Table tests of the chain rules: one row per rule, each a chain that breaks exactly that rule
-//! (made with rcgen, or with openssl for what rcgen cannot make: see `testdata/regenerate.sh`),
+//! (made with rcgen, or with openssl for what rcgen cannot make: see `../testdata/regenerate.sh`),
 //! asserting which certificate is refused and why; and rows that must pass. Every row is
 //! verified twice, and a refused path must never be remembered as good.
 
@@ -14,11 +14,11 @@ use rustls::pki_types::{CertificateDer, pem::PemObject as _};
 
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
-use super::{
-    Position, Problem, Role, VerifyError, svid_identity, tests::handshake_sides, verify,
-    verify_svid,
+use super::handshake_sides;
+use crate::{
+    identity::ca::{DevCa, Svid, init},
+    tls::{Position, Problem, Role, VerifyError, svid_identity, verify, verify_svid},
 };
-use crate::identity::ca::{DevCa, Svid, init};
 
 const TD: &str = "cluster.local";
 const FRONTEND: &str = "spiffe://cluster.local/ns/prod/sa/frontend";
@@ -134,20 +134,20 @@ fn unknown_critical() -> CustomExtension {
 
 fn fixture(name: &str) -> CertificateDer<'static> {
     let pem = match name {
-        "rsa-ca" => include_str!("testdata/rsa-ca.pem"),
-        "rsa1024-ca" => include_str!("testdata/rsa1024-ca.pem"),
-        "sha1-ca" => include_str!("testdata/sha1-ca.pem"),
-        "ec-ca" => include_str!("testdata/ec-ca.pem"),
-        "rsa1024-intermediate" => include_str!("testdata/rsa1024-intermediate.pem"),
-        "leaf-sha256" => include_str!("testdata/leaf-sha256.pem"),
-        "leaf-sha1" => include_str!("testdata/leaf-sha1.pem"),
-        "leaf-md5" => include_str!("testdata/leaf-md5.pem"),
-        "leaf-ecdsa-sha1" => include_str!("testdata/leaf-ecdsa-sha1.pem"),
-        "leaf-rsa1024" => include_str!("testdata/leaf-rsa1024.pem"),
-        "leaf-of-rsa1024-ca" => include_str!("testdata/leaf-of-rsa1024-ca.pem"),
-        "leaf-of-sha1-ca" => include_str!("testdata/leaf-of-sha1-ca.pem"),
+        "rsa-ca" => include_str!("../testdata/rsa-ca.pem"),
+        "rsa1024-ca" => include_str!("../testdata/rsa1024-ca.pem"),
+        "sha1-ca" => include_str!("../testdata/sha1-ca.pem"),
+        "ec-ca" => include_str!("../testdata/ec-ca.pem"),
+        "rsa1024-intermediate" => include_str!("../testdata/rsa1024-intermediate.pem"),
+        "leaf-sha256" => include_str!("../testdata/leaf-sha256.pem"),
+        "leaf-sha1" => include_str!("../testdata/leaf-sha1.pem"),
+        "leaf-md5" => include_str!("../testdata/leaf-md5.pem"),
+        "leaf-ecdsa-sha1" => include_str!("../testdata/leaf-ecdsa-sha1.pem"),
+        "leaf-rsa1024" => include_str!("../testdata/leaf-rsa1024.pem"),
+        "leaf-of-rsa1024-ca" => include_str!("../testdata/leaf-of-rsa1024-ca.pem"),
+        "leaf-of-sha1-ca" => include_str!("../testdata/leaf-of-sha1-ca.pem"),
         "leaf-of-rsa1024-intermediate" => {
-            include_str!("testdata/leaf-of-rsa1024-intermediate.pem")
+            include_str!("../testdata/leaf-of-rsa1024-intermediate.pem")
         }
         other => panic!("no fixture {other}"),
     };
@@ -1204,7 +1204,7 @@ async fn a_client_certificate_signed_with_sha1_fails_the_handshake() {
     let server = dev.mint(PAYMENT, HOUR).expect("server svid");
     let bundle = vec![dev.certificate().clone(), fixture("rsa-ca")];
     let key = || {
-        PrivateKeyDer::from_pem_slice(include_bytes!("testdata/leaf-key.pem")).expect("leaf key")
+        PrivateKeyDer::from_pem_slice(include_bytes!("../testdata/leaf-key.pem")).expect("leaf key")
     };
 
     let good = svid(FRONTEND, vec![fixture("leaf-sha256")], key());

@@ -1,5 +1,6 @@
 //! Mutual TLS handshakes in memory between rustls client and server configs built by this
-//! module, with good and bad SVIDs, and direct checks of each verification error.
+//! module, with good and bad SVIDs, and direct checks of each verification error; the table of
+//! chain rules is in [`chain`].
 
 use std::{
     path::PathBuf,
@@ -11,6 +12,8 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use super::*;
 use crate::identity::ca::{DevCa, init};
+
+mod chain;
 
 const TD: &str = "cluster.local";
 const FRONTEND: &str = "spiffe://cluster.local/ns/prod/sa/frontend";
