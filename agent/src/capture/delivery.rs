@@ -40,14 +40,14 @@ const PORT_ATTEMPTS: usize = 8;
 /// arrive), else from the loopback marker. The inbound check lets the marker through, and a
 /// delivery from the client's address for as long as the returned [`Announced`] is kept.
 pub async fn deliver(
-    worker: &NetnsWorker,
+    sockets: &DeliverySockets,
     deliveries: &Arc<DeliveryMap>,
     target: SocketAddr,
     client: Option<IpAddr>,
 ) -> io::Result<(TcpStream, Option<Announced>)> {
-    let from = delivery_source(worker, target, client);
+    let from = delivery_source(&sockets.worker, target, client);
     let announce = |local| Announced::new(deliveries, local, target);
-    worker.deliver(target, from, announce).await
+    sockets.connect(target, from, announce).await
 }
 
 /// A delivery from `from` to `to` announced to the inbound check (`LATCH_DELIVERIES`); withdrawn
@@ -96,8 +96,8 @@ fn delivery_source(worker: &NetnsWorker, target: SocketAddr, client: Option<IpAd
 
 /// A delivered connection to `target` has ended: make the sockets of the next deliveries now,
 /// while no connection waits for them.
-pub fn delivered(worker: &NetnsWorker, target: SocketAddr) {
-    worker.replenish(target);
+pub fn delivered(sockets: &DeliverySockets, target: SocketAddr) {
+    sockets.replenish(target);
 }
 
 fn marker(target: SocketAddr) -> IpAddr {
@@ -107,9 +107,10 @@ fn marker(target: SocketAddr) -> IpAddr {
     }
 }
 
-/// One namespace's delivery sockets made ahead (all of one family: the one asked for last) and
-/// its turn through [`DELIVERY_PORTS`].
-pub(super) struct DeliverySockets {
+/// Delivery sockets of one pod's namespace: those made ahead (all of one family: the one asked
+/// for last) and the turn through [`DELIVERY_PORTS`].
+pub struct DeliverySockets {
+    worker: Arc<NetnsWorker>,
     spares: Mutex<Vec<Spare>>,
     ports: AtomicU16,
 }
@@ -120,34 +121,42 @@ struct Spare {
 }
 
 impl DeliverySockets {
-    pub(super) fn new() -> Self {
+    /// Sockets for deliveries in `worker`'s namespace, once its routing is set up
+    /// ([`NetnsWorker::route_deliveries`]).
+    pub fn new(worker: Arc<NetnsWorker>) -> Self {
         Self {
+            worker,
             spares: Mutex::new(Vec::new()),
             // Somewhere else after each restart, away from the last run's recent ports.
             ports: AtomicU16::new(std::process::id() as u16),
         }
     }
 
-    fn spares(&self) -> std::sync::MutexGuard<'_, Vec<Spare>> {
+    fn made_ahead(&self) -> std::sync::MutexGuard<'_, Vec<Spare>> {
         lock(&self.spares)
     }
 
-    /// A delivery socket made ahead for `domain`, if one is ready.
-    pub(super) fn take(&self, domain: Domain) -> Option<Socket> {
-        let mut spares = self.spares();
-        // Only one family is kept: the one asked for last.
-        spares.retain(|s| s.domain == domain);
-        spares.pop().map(|s| s.socket)
-    }
-
-    /// Forget the sockets made ahead (they were made for routing since changed).
-    pub(super) fn clear(&self) {
-        self.spares().clear();
+    /// A delivery socket: one made ahead, or a new one.
+    fn socket(&self, domain: Domain) -> io::Result<Socket> {
+        let spare = {
+            let mut spares = self.made_ahead();
+            // Only one family is kept: the one asked for last.
+            spares.retain(|s| s.domain == domain);
+            spares.pop()
+        };
+        match spare {
+            Some(spare) => Ok(spare.socket),
+            None => self
+                .worker
+                .delivery_sockets(domain, 1)?
+                .pop()
+                .ok_or_else(|| io::Error::other("no socket made")),
+        }
     }
 
     /// Make [`DELIVERY_PORTS`]' `turn`th port the next one.
     #[cfg(test)]
-    pub(super) fn set_turn(&self, turn: u16) {
+    pub fn set_turn(&self, turn: u16) {
         self.ports.store(turn, Ordering::Relaxed);
     }
 
@@ -156,11 +165,9 @@ impl DeliverySockets {
         let span = DELIVERY_PORTS.end() - DELIVERY_PORTS.start() + 1;
         DELIVERY_PORTS.start() + self.ports.fetch_add(1, Ordering::Relaxed) % span
     }
-}
 
-impl NetnsWorker {
     /// Deliver a connection to the application at `dst` from `from`: the client's address where
-    /// [`Self::transparent_for`] it, else a loopback marker. A delivery from a client's address
+    /// [`NetnsWorker::transparent_for`] it, else a loopback marker. A delivery from a client's address
     /// is passed to `announce` with its port before it connects; what that returns (dropped
     /// should this attempt fail) comes back with the connection.
     ///
@@ -168,7 +175,7 @@ impl NetnsWorker {
     /// (`bind()` finding a free port itself would search ever longer among the ports its earlier
     /// connections hold in `TIME_WAIT`); a four-tuple still in use makes it try the next one.
     /// Otherwise `connect()` picks it.
-    pub async fn deliver<A>(
+    pub async fn connect<A>(
         &self,
         dst: SocketAddr,
         from: IpAddr,
@@ -180,14 +187,14 @@ impl NetnsWorker {
                 io::Error::new(e.kind(), format!("binding a delivery to {local}: {e}"))
             })
         };
-        if !self.transparent(domain) {
-            let socket = self.delivery_socket(domain)?;
+        if !self.worker.transparent(domain) {
+            let socket = self.socket(domain)?;
             bind(&socket, SocketAddr::new(from, 0))?;
             return Ok((connect(socket, dst).await?, None));
         }
         for _ in 0..PORT_ATTEMPTS {
-            let socket = self.delivery_socket(domain)?;
-            let local = SocketAddr::new(from, self.deliveries().next_port());
+            let socket = self.socket(domain)?;
+            let local = SocketAddr::new(from, self.next_port());
             match bind(&socket, local) {
                 Err(e) if e.kind() == io::ErrorKind::AddrInUse => continue,
                 other => other?,
@@ -213,17 +220,16 @@ impl NetnsWorker {
     /// has ended, when no one waits for the worker.
     pub fn replenish(&self, dst: SocketAddr) {
         let domain = Domain::for_address(dst);
-        let left = self.deliveries().spares().len();
+        let left = self.made_ahead().len();
         if left > SPARES / 2 {
             return;
         }
-        match self.delivery_sockets(domain, SPARES - left) {
+        match self.worker.delivery_sockets(domain, SPARES - left) {
             Ok(made) => self
-                .deliveries()
-                .spares()
+                .made_ahead()
                 .extend(made.into_iter().map(|socket| Spare { socket, domain })),
             Err(e) => {
-                tracing::warn!(netns = %self.path().display(), error = %e, "making spare sockets")
+                tracing::warn!(netns = %self.worker.path().display(), error = %e, "making spare sockets")
             }
         }
     }
@@ -232,8 +238,7 @@ impl NetnsWorker {
     #[cfg(test)]
     pub fn spares(&self, dst: SocketAddr) -> usize {
         let domain = Domain::for_address(dst);
-        self.deliveries()
-            .spares()
+        self.made_ahead()
             .iter()
             .filter(|s| s.domain == domain)
             .count()
@@ -250,7 +255,8 @@ mod tests {
     async fn deliveries_use_sockets_made_ahead() {
         // The agent's own namespace stands in for a pod's (its routing is left alone: no
         // `route_deliveries`, so deliveries are plain sockets bound to the marker).
-        let worker = NetnsWorker::spawn(Path::new("/proc/self/ns/net")).expect("worker");
+        let worker = Arc::new(NetnsWorker::spawn(Path::new("/proc/self/ns/net")).expect("worker"));
+        let sockets = DeliverySockets::new(worker.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -258,28 +264,34 @@ mod tests {
         let marker = IpAddr::from([127, 0, 0, 6]);
         let never = |_| -> io::Result<()> { panic!("a delivery from the marker is not announced") };
         assert!(!worker.transparent_for(marker), "not set up");
-        assert_eq!(worker.spares(dst), 0, "none before the first");
+        assert_eq!(sockets.spares(dst), 0, "none before the first");
 
-        let (first, _) = worker.deliver(dst, marker, never).await.expect("connect");
-        assert_eq!(worker.spares(dst), 0, "made on the way");
-        worker.replenish(dst);
-        assert_eq!(worker.spares(dst), SPARES);
+        let (first, _) = sockets.connect(dst, marker, never).await.expect("connect");
+        assert_eq!(sockets.spares(dst), 0, "made on the way");
+        sockets.replenish(dst);
+        assert_eq!(sockets.spares(dst), SPARES);
         let mut connections = vec![first];
         for taken in 1..=SPARES + 1 {
-            let (stream, _) = worker.deliver(dst, marker, never).await.expect("connect");
+            let (stream, _) = sockets.connect(dst, marker, never).await.expect("connect");
             assert_eq!(
-                worker.spares(dst),
+                sockets.spares(dst),
                 SPARES.saturating_sub(taken),
                 "one taken each time, while there are any"
             );
             connections.push(stream);
         }
-        worker.replenish(dst);
-        assert_eq!(worker.spares(dst), SPARES, "all used: made again");
-        connections.push(worker.deliver(dst, marker, never).await.expect("connect").0);
-        worker.replenish(dst);
+        sockets.replenish(dst);
+        assert_eq!(sockets.spares(dst), SPARES, "all used: made again");
+        connections.push(
+            sockets
+                .connect(dst, marker, never)
+                .await
+                .expect("connect")
+                .0,
+        );
+        sockets.replenish(dst);
         assert_eq!(
-            worker.spares(dst),
+            sockets.spares(dst),
             SPARES - 1,
             "more than half left: nothing made"
         );
@@ -293,6 +305,6 @@ mod tests {
             assert!(ours.contains(&peer), "accepted one of ours: {peer}");
         }
         let v6: SocketAddr = "[::1]:9".parse().expect("v6");
-        assert_eq!(worker.spares(v6), 0, "kept only for the family asked for");
+        assert_eq!(sockets.spares(v6), 0, "kept only for the family asked for");
     }
 }

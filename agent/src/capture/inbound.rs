@@ -85,7 +85,8 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &PodContext) {
         decide::Outcome::Decided(j) => (false, j.policy, j.reason),
         decide::Outcome::Http => (true, String::new(), "decided per HTTP request".to_owned()),
     };
-    let (app, announced) = match deliver(&ctx.worker, &ctx.deliveries, dst, Some(peer.ip())).await {
+    let (app, announced) = match deliver(&ctx.delivery, &ctx.deliveries, dst, Some(peer.ip())).await
+    {
         Ok(delivered) => delivered,
         Err(e) => {
             tracing::info!(source = %peer, destination = %dst, error = %e, "inbound delivery failed");
@@ -127,5 +128,5 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &PodContext) {
         .await
     }
     drop(announced);
-    delivered(&ctx.worker, dst);
+    delivered(&ctx.delivery, dst);
 }

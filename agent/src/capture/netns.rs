@@ -4,7 +4,7 @@
 //! outbound sockets on the connection path are made by the calling thread itself, which enters
 //! the namespace for the one `socket()` call and returns at once ([`NetnsWorker::connect`]), so a
 //! connection never waits for a thread hop. Delivery sockets (transparent and marked where the
-//! pod's routing allows, see [`super::transparent`]) are made here for [`super::delivery`].
+//! pod's routing allows, see [`super::transparent`]) are made here for deliveries.
 
 use std::{
     fs::File,
@@ -17,10 +17,7 @@ use std::{
 use latch_common::DELIVERY_MARK;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
-use super::{
-    delivery::DeliverySockets,
-    transparent::{self, Transparent},
-};
+use super::transparent::{self, Transparent};
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -36,8 +33,6 @@ struct Namespace {
     file: File,
     /// Which families' deliveries may come from the client's own address, once set up.
     transparent: OnceLock<Transparent>,
-    /// Delivery sockets made ahead, and the turn through the delivery ports.
-    deliveries: DeliverySockets,
 }
 
 /// The agent's own network namespace, for returning to it.
@@ -112,7 +107,6 @@ impl NetnsWorker {
                 path: path.to_owned(),
                 file: netns,
                 transparent: OnceLock::new(),
-                deliveries: DeliverySockets::new(),
             },
         })
     }
@@ -161,8 +155,6 @@ impl NetnsWorker {
         let path = self.namespace.path.clone();
         let installed = self.run_blocking(move || transparent::install(&path))?;
         let installed = *self.namespace.transparent.get_or_init(|| installed);
-        // Spares made before were made for no routing.
-        self.namespace.deliveries.clear();
         Ok(installed)
     }
 
@@ -178,22 +170,9 @@ impl NetnsWorker {
         connect(socket, dst).await
     }
 
-    /// A delivery socket for `domain`: one made ahead, or a new one.
-    pub(super) fn delivery_socket(&self, domain: Domain) -> io::Result<Socket> {
-        match self.namespace.deliveries.take(domain) {
-            Some(socket) => Ok(socket),
-            None => self.namespace.socket(domain, true),
-        }
-    }
-
     /// Whether deliveries of `domain` may come from clients' addresses.
     pub(super) fn transparent(&self, domain: Domain) -> bool {
         self.namespace.transparent(domain)
-    }
-
-    /// The delivery sockets made ahead, and the next port for a delivery.
-    pub(super) fn deliveries(&self) -> &DeliverySockets {
-        &self.namespace.deliveries
     }
 
     /// `n` new delivery sockets of `domain`, made with one visit to the namespace.
@@ -388,8 +367,9 @@ mod tests {
         let (pod, listener) = ScratchPod::new("10.244.77.2/24", app);
         listener.set_nonblocking(true).expect("nonblocking");
         let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-        let worker = NetnsWorker::spawn(&pod.path).expect("worker");
+        let worker = std::sync::Arc::new(NetnsWorker::spawn(&pod.path).expect("worker"));
         let routing = worker.route_deliveries().expect("routing");
+        let sockets = crate::capture::delivery::DeliverySockets::new(worker.clone());
         assert_eq!(routing, Transparent { v4: true, v6: true });
         let client = IpAddr::from([10, 244, 9, 9]);
         assert!(worker.transparent_for(client));
@@ -399,9 +379,9 @@ mod tests {
             let from = SocketAddr::new(client, port);
             let mut delivered = Vec::new();
             for attempt in ["first", "again"] {
-                worker.deliveries().set_turn(turn);
-                let (mut delivery, announced) = worker
-                    .deliver(app, client, Ok::<_, io::Error>)
+                sockets.set_turn(turn);
+                let (mut delivery, announced) = sockets
+                    .connect(app, client, Ok::<_, io::Error>)
                     .await
                     .expect("delivered");
                 assert_eq!(announced, Some(from), "{attempt}: announced");

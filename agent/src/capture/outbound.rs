@@ -203,7 +203,15 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &PodContext) {
         let info = &carried.info;
         access_log(&info.source, &info.destination, dst, "ALLOW", reason);
     };
-    carry::splice(&ctx.tracker, carried, opened.stream, stream, true, admitted).await
+    carry::splice(
+        &ctx.tracker,
+        carried,
+        opened.stream.into_remote(),
+        stream,
+        true,
+        admitted,
+    )
+    .await
 }
 
 /// What became of an allowed pair's verdict at the source.

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::NetnsWorker;
+use super::{NetnsWorker, delivery::DeliverySockets};
 use crate::{
     datapath::DeliveryMap,
     identity::{LocalWorkload, certs::CertStore},
@@ -19,6 +19,8 @@ pub struct PodContext {
     /// The pod netns's cookie: the key of its captured connections' original destinations.
     pub netns_cookie: u64,
     pub worker: Arc<NetnsWorker>,
+    /// Delivery sockets in the pod's netns.
+    pub delivery: DeliverySockets,
     pub maps: SharedMaps,
     pub deliveries: Arc<DeliveryMap>,
     pub cache: VerdictCache,

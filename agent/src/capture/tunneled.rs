@@ -214,7 +214,7 @@ impl PodContext {
             ),
         };
         let from = confirmed.then_some(caller.address.ip());
-        let (app, announced) = match deliver(&self.worker, &self.deliveries, target, from).await {
+        let (app, announced) = match deliver(&self.delivery, &self.deliveries, target, from).await {
             Ok(delivered) => delivered,
             Err(e) => {
                 tracing::info!(source = %caller.identity, %target, error = %e, "application unreachable");
@@ -270,7 +270,7 @@ impl PodContext {
                         .await
                     }
                     drop(announced);
-                    delivered(&ctx.worker, target);
+                    delivered(&ctx.delivery, target);
                 })
             }),
         }

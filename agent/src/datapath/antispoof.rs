@@ -19,9 +19,9 @@ use aya::{
 use latch_common::{InterfaceInfo, IpKey, MacKey, SourceBinding, map_names};
 
 use super::{
-    DatapathError,
-    install::detach_and_unpin,
+    error::DatapathError,
     maps::{ip_key, open},
+    pins::detach_and_unpin,
     syscall,
 };
 

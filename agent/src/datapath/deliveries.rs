@@ -1,6 +1,6 @@
 //! `LATCH_DELIVERIES` on a handle of its own: the connections the agent delivers to pods'
 //! applications from their clients' own addresses, announced to the inbound check before they
-//! connect and withdrawn when they end. Apart from [`super::KernelMaps`] so that a delivery never
+//! connect and withdrawn when they end. Apart from [`super::maps::KernelMaps`] so that a delivery never
 //! waits behind a sweep of the verdict cache holding that lock.
 
 use std::{net::SocketAddr, path::Path, sync::Mutex};
@@ -11,7 +11,7 @@ use latch_common::{DeliveryKey, map_names};
 use crate::sync::lock;
 
 use super::{
-    DatapathError,
+    error::DatapathError,
     maps::{self, ip_key},
 };
 

@@ -19,7 +19,13 @@ use aya::{
 use latch_common::{DatapathConfig, map_names, program_names};
 
 use super::{
-    AntiSpoofDatapath, DatapathError, DeliveryMap, EBPF_OBJECT, KernelMaps, antispoof, layout,
+    antispoof::{self, AntiSpoofDatapath},
+    deliveries::DeliveryMap,
+    error::DatapathError,
+    layout,
+    maps::KernelMaps,
+    object::EBPF_OBJECT,
+    pins::{detach_and_unpin, ignore_not_found},
     syscall::{self, AttachType},
     system,
 };
@@ -406,26 +412,6 @@ fn remove_pins(dir: &Path) -> Result<(), DatapathError> {
     fs::remove_dir(dir)
         .or_else(ignore_not_found)
         .map_err(|e| DatapathError::io("removing", dir, e))
-}
-
-/// Detach a pinned link synchronously (a stale one may already be detached), then remove the
-/// pin. For a pinned map, only the pin is removed.
-pub(super) fn detach_and_unpin(path: &Path) -> Result<(), DatapathError> {
-    if let Ok(fd) = syscall::obj_get(path) {
-        // EINVAL: not a link (a map pin) or already detached; either way nothing to do.
-        let _ = syscall::link_detach(&fd);
-    }
-    fs::remove_file(path)
-        .or_else(ignore_not_found)
-        .map_err(|e| DatapathError::io("unpinning", path, e))
-}
-
-fn ignore_not_found(e: std::io::Error) -> std::io::Result<()> {
-    if e.kind() == std::io::ErrorKind::NotFound {
-        Ok(())
-    } else {
-        Err(e)
-    }
 }
 
 /// Ids of the programs attached to a cgroup for one of Latch's hooks (to check that nothing is

@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, path::Path};
 
 use latch_common::map_names;
 
-use super::{DatapathError, EBPF_OBJECT, syscall};
+use super::{error::DatapathError, object::EBPF_OBJECT, syscall};
 
 /// What a map is, as far as a program or a reader of it is concerned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]

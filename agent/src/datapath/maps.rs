@@ -14,7 +14,7 @@ use latch_common::{
     OrigDst, RedirectKey, VerdictKey, VerdictValue, WorkloadInfo, map_names,
 };
 
-use super::{DatapathError, syscall, system};
+use super::{error::DatapathError, syscall, system};
 
 /// One entry of the verdict cache, decoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,7 +87,7 @@ macro_rules! typed {
 }
 
 impl KernelMaps {
-    /// Open the maps pinned under `pin_dir` (as laid out by [`super::Datapath::install`]).
+    /// Open the maps pinned under `pin_dir` (as laid out by [`super::install::Datapath::install`]).
     pub fn open_pinned(pin_dir: &Path) -> Result<Self, DatapathError> {
         Ok(Self {
             workloads: typed!(pin_dir, map_names::WORKLOADS),
@@ -271,7 +271,7 @@ impl KernelMaps {
 
     // --- deliveries ----------------------------------------------------------------------------
 
-    /// Deliveries announced and not withdrawn (see [`super::DeliveryMap`]).
+    /// Deliveries announced and not withdrawn (see [`super::deliveries::DeliveryMap`]).
     pub fn pending_deliveries(&self) -> usize {
         self.deliveries.keys().filter(Result::is_ok).count()
     }

@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use super::DatapathError;
+use super::error::DatapathError;
 
 /// Make sure `dir` lives on a bpffs, mounting one at `/sys/fs/bpf` if none is there.
 pub fn ensure_bpffs(dir: &Path) -> Result<(), DatapathError> {

@@ -8,7 +8,7 @@ use std::{
     path::PathBuf,
 };
 
-use super::{IdentityKey, SpiffeId};
+use super::id::{IdentityKey, SpiffeId};
 use crate::config::Config;
 
 /// A pod on this node.

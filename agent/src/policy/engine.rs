@@ -35,11 +35,11 @@ impl PolicySet {
     /// Decide a new connection before any byte is read.
     pub fn evaluate_connection(&self, target: &Target, conn: &Connection) -> ConnectionDecision {
         let attrs = attrs(conn);
-        match self.decide(target, &attrs, Phase::Connection) {
+        match decide(self, target, &attrs, Phase::Connection) {
             Outcome::DependsOnHttp(reason) => ConnectionDecision::NeedsHttp { reason },
             // Without L7 fields anywhere, TCP rules are the same rules.
             Outcome::Final(decision, false) => ConnectionDecision::Decided(decision),
-            Outcome::Final(decision, true) => match self.decide(target, &attrs, Phase::Tcp) {
+            Outcome::Final(decision, true) => match decide(self, target, &attrs, Phase::Tcp) {
                 Outcome::Final(tcp, _) if tcp.allowed != decision.allowed => {
                     ConnectionDecision::NeedsHttp {
                         reason: format!(
@@ -62,12 +62,12 @@ impl PolicySet {
         conn: &Connection,
         request: &HttpRequest,
     ) -> Decision {
-        self.final_decision(target, conn, Phase::Request(request))
+        final_decision(self, target, conn, Phase::Request(request))
     }
 
     /// Decide a connection that turned out not to carry HTTP.
     pub fn evaluate_tcp(&self, target: &Target, conn: &Connection) -> Decision {
-        self.final_decision(target, conn, Phase::Tcp)
+        final_decision(self, target, conn, Phase::Tcp)
     }
 
     /// The decision for `request`, or without one, for the connection (as plain TCP when the
@@ -124,14 +124,6 @@ impl PolicySet {
         })
     }
 
-    fn final_decision(&self, target: &Target, conn: &Connection, phase: Phase) -> Decision {
-        match self.decide(target, &attrs(conn), phase) {
-            Outcome::Final(decision, _) => decision,
-            // Unreachable: with the request known, or as TCP, every rule is Yes or No.
-            Outcome::DependsOnHttp(reason) => self.denied_internal(reason),
-        }
-    }
-
     fn denied_internal(&self, reason: String) -> Decision {
         Decision {
             allowed: false,
@@ -173,130 +165,6 @@ impl PolicySet {
         }
         ids.sort_unstable();
         ids
-    }
-
-    fn decide(&self, target: &Target, attrs: &Attrs, phase: Phase) -> Outcome {
-        let (mtls_mode, mtls_source) = self.mtls_mode(target, attrs.destination_port);
-        let plaintext = attrs.principal.is_none();
-        if plaintext && mtls_mode == MtlsMode::Strict {
-            let by = mtls_source
-                .as_ref()
-                .map_or_else(|| "the default mode".to_owned(), ToString::to_string);
-            return Outcome::Final(
-                Decision {
-                    allowed: false,
-                    cacheable: false,
-                    cache_reason: "plaintext source".to_owned(),
-                    decided_by: mtls_source.clone(),
-                    rule: None,
-                    reason: format!("plaintext connection refused: mTLS is STRICT ({by})"),
-                    audited: Vec::new(),
-                    mtls_mode,
-                    mtls_source,
-                },
-                false,
-            );
-        }
-        let mut deny = Found::default();
-        let mut allow = Found::default();
-        let mut allow_applies = false;
-        let mut audited = Vec::new();
-        let mut uncacheable = None;
-        let mut has_l7 = false;
-        for id in self.applicable(target) {
-            let policy = &self.inner.authz[id as usize];
-            if uncacheable.is_none() {
-                uncacheable = policy
-                    .uncacheable_on(attrs.destination_port)
-                    .map(|why| (policy, why));
-            }
-            has_l7 |= policy.rules.iter().any(|r| r.has_l7());
-            let l7 = match phase {
-                Phase::Connection => L7::Unknown,
-                Phase::Request(r) => L7::Request(r),
-                Phase::Tcp => L7::Tcp {
-                    allow: policy.action == Action::Allow,
-                },
-            };
-            let found = match policy.action {
-                Action::Deny => &mut deny,
-                Action::Allow => {
-                    allow_applies = true;
-                    &mut allow
-                }
-                Action::Audit => {
-                    if matches!(first_match(policy, attrs, l7), Some((Tri::Yes, _))) {
-                        audited.push(policy.reference());
-                    }
-                    continue;
-                }
-            };
-            found.consider(policy, first_match(policy, attrs, l7));
-        }
-        let (allowed, by, reason) = if let Some((p, rule)) = deny.yes {
-            (
-                false,
-                Some((p, rule)),
-                format!("denied by {}, rule {rule}", p.reference()),
-            )
-        } else if allow_applies && allow.yes.is_none() && allow.maybe.is_none() {
-            (
-                false,
-                None,
-                "ALLOW policies apply but none matched".to_owned(),
-            )
-        } else if let Some((p, rule)) = deny.maybe.or(if allow.yes.is_none() {
-            allow.maybe
-        } else {
-            None
-        }) {
-            return Outcome::DependsOnHttp(format!(
-                "{}, rule {rule}, depends on HTTP attributes",
-                p.reference()
-            ));
-        } else if let Some((p, rule)) = allow.yes {
-            (
-                true,
-                Some((p, rule)),
-                format!("allowed by {}, rule {rule}", p.reference()),
-            )
-        } else {
-            (
-                true,
-                None,
-                "no ALLOW policy applies to the workload: allowed by default".to_owned(),
-            )
-        };
-        let (cacheable, cache_reason) = match uncacheable {
-            _ if plaintext => (false, "plaintext source".to_owned()),
-            _ if mtls_mode == MtlsMode::Strict && !self.inner.strict_fastpath => (
-                false,
-                format!(
-                    "mTLS is STRICT ({}): every connection is tunneled (mtls.strictFastpath is off)",
-                    mtls_source
-                        .as_ref()
-                        .map_or_else(|| "the default mode".to_owned(), ToString::to_string)
-                ),
-            ),
-            Some((p, why)) => (false, format!("{} references {why}", p.reference())),
-            None => (
-                true,
-                "depends only on the source identity and the destination workload and port"
-                    .to_owned(),
-            ),
-        };
-        let decision = Decision {
-            allowed,
-            cacheable,
-            cache_reason,
-            decided_by: by.map(|(p, _)| p.reference()),
-            rule: by.map(|(_, rule)| rule),
-            reason,
-            audited,
-            mtls_mode,
-            mtls_source,
-        };
-        Outcome::Final(decision, has_l7)
     }
 }
 
@@ -341,4 +209,137 @@ fn attrs<'a>(conn: &Connection<'a>) -> Attrs<'a> {
 
 fn verdict(allowed: bool) -> &'static str {
     if allowed { "allowed" } else { "denied" }
+}
+
+/// The decision for `target` under `set` in `phase`, from what is known of the connection.
+fn decide(set: &PolicySet, target: &Target, attrs: &Attrs, phase: Phase) -> Outcome {
+    let (mtls_mode, mtls_source) = set.mtls_mode(target, attrs.destination_port);
+    let plaintext = attrs.principal.is_none();
+    if plaintext && mtls_mode == MtlsMode::Strict {
+        let by = mtls_source
+            .as_ref()
+            .map_or_else(|| "the default mode".to_owned(), ToString::to_string);
+        return Outcome::Final(
+            Decision {
+                allowed: false,
+                cacheable: false,
+                cache_reason: "plaintext source".to_owned(),
+                decided_by: mtls_source.clone(),
+                rule: None,
+                reason: format!("plaintext connection refused: mTLS is STRICT ({by})"),
+                audited: Vec::new(),
+                mtls_mode,
+                mtls_source,
+            },
+            false,
+        );
+    }
+    let mut deny = Found::default();
+    let mut allow = Found::default();
+    let mut allow_applies = false;
+    let mut audited = Vec::new();
+    let mut uncacheable = None;
+    let mut has_l7 = false;
+    for id in set.applicable(target) {
+        let policy = &set.inner.authz[id as usize];
+        if uncacheable.is_none() {
+            uncacheable = policy
+                .uncacheable_on(attrs.destination_port)
+                .map(|why| (policy, why));
+        }
+        has_l7 |= policy.rules.iter().any(|r| r.has_l7());
+        let l7 = match phase {
+            Phase::Connection => L7::Unknown,
+            Phase::Request(r) => L7::Request(r),
+            Phase::Tcp => L7::Tcp {
+                allow: policy.action == Action::Allow,
+            },
+        };
+        let found = match policy.action {
+            Action::Deny => &mut deny,
+            Action::Allow => {
+                allow_applies = true;
+                &mut allow
+            }
+            Action::Audit => {
+                if matches!(first_match(policy, attrs, l7), Some((Tri::Yes, _))) {
+                    audited.push(policy.reference());
+                }
+                continue;
+            }
+        };
+        found.consider(policy, first_match(policy, attrs, l7));
+    }
+    let (allowed, by, reason) = if let Some((p, rule)) = deny.yes {
+        (
+            false,
+            Some((p, rule)),
+            format!("denied by {}, rule {rule}", p.reference()),
+        )
+    } else if allow_applies && allow.yes.is_none() && allow.maybe.is_none() {
+        (
+            false,
+            None,
+            "ALLOW policies apply but none matched".to_owned(),
+        )
+    } else if let Some((p, rule)) = deny.maybe.or(if allow.yes.is_none() {
+        allow.maybe
+    } else {
+        None
+    }) {
+        return Outcome::DependsOnHttp(format!(
+            "{}, rule {rule}, depends on HTTP attributes",
+            p.reference()
+        ));
+    } else if let Some((p, rule)) = allow.yes {
+        (
+            true,
+            Some((p, rule)),
+            format!("allowed by {}, rule {rule}", p.reference()),
+        )
+    } else {
+        (
+            true,
+            None,
+            "no ALLOW policy applies to the workload: allowed by default".to_owned(),
+        )
+    };
+    let (cacheable, cache_reason) = match uncacheable {
+        _ if plaintext => (false, "plaintext source".to_owned()),
+        _ if mtls_mode == MtlsMode::Strict && !set.inner.strict_fastpath => (
+            false,
+            format!(
+                "mTLS is STRICT ({}): every connection is tunneled (mtls.strictFastpath is off)",
+                mtls_source
+                    .as_ref()
+                    .map_or_else(|| "the default mode".to_owned(), ToString::to_string)
+            ),
+        ),
+        Some((p, why)) => (false, format!("{} references {why}", p.reference())),
+        None => (
+            true,
+            "depends only on the source identity and the destination workload and port".to_owned(),
+        ),
+    };
+    let decision = Decision {
+        allowed,
+        cacheable,
+        cache_reason,
+        decided_by: by.map(|(p, _)| p.reference()),
+        rule: by.map(|(_, rule)| rule),
+        reason,
+        audited,
+        mtls_mode,
+        mtls_source,
+    };
+    Outcome::Final(decision, has_l7)
+}
+
+/// [`decide`] where the answer is final (the request is known, or the connection is TCP).
+fn final_decision(set: &PolicySet, target: &Target, conn: &Connection, phase: Phase) -> Decision {
+    match decide(set, target, &attrs(conn), phase) {
+        Outcome::Final(decision, _) => decision,
+        // Unreachable: with the request known, or as TCP, every rule is Yes or No.
+        Outcome::DependsOnHttp(reason) => set.denied_internal(reason),
+    }
 }

@@ -1,6 +1,6 @@
 //! Istio-compatible authorization: `AuthorizationPolicy` and `PeerAuthentication` files loaded
 //! ([`load`], [`compile`]: all or nothing, every error as `file:line:col: field.path: why`) into a
-//! [`PolicySet`], which decides connections and requests exactly as Istio does ([`engine`],
+//! [`PolicySet`], which decides connections and requests exactly as Istio does (`engine`,
 //! [`matching`], [`peer_auth`], [`index`]; the rules: `docs/policy.md`). [`cli`] formats
 //! `latch policy check` and `explain`; [`normalize`] is Istio's `pathNormalization`.
 

@@ -11,7 +11,11 @@ use std::{
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 
-use super::{AbortOnDrop, Agent, WATCH_INTERVAL, reconcile::prepare, source::Source};
+use super::{
+    agent::{AbortOnDrop, Agent, WATCH_INTERVAL},
+    reconcile::{self, prepare},
+    source::Source,
+};
 use crate::{
     antispoof::{AntiSpoof, Enrolled},
     config::Config,
@@ -88,8 +92,8 @@ pub async fn run<S: Source>(mut source: S, config: Config) -> anyhow::Result<()>
         metrics,
         published: Published::default(),
     };
-    agent.commit(prepared)?;
-    agent.drop_stale_inbound_links()?;
+    reconcile::commit(&mut agent, prepared)?;
+    reconcile::drop_stale_inbound_links(&mut agent)?;
 
     let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<ReloadRequest>(4);
     let view = Arc::new(AgentView {
@@ -154,7 +158,7 @@ pub async fn run<S: Source>(mut source: S, config: Config) -> anyhow::Result<()>
             }
         };
         let desired = source.load(&agent.state.get());
-        let result = agent.reload(trigger, desired).await;
+        let result = reconcile::reload(&mut agent, trigger, desired).await;
         if let Some(reply) = reply {
             let _ = reply.send(result);
         }

@@ -8,37 +8,18 @@
 //! trait, so a second source plugs in without a second runtime. [`pod`] starts a pod's listeners,
 //! [`trust`] rotates certificates. docs/runtime.md has the reasoning.
 
+mod agent;
 pub mod event_loop;
 pub mod pod;
 pub mod reconcile;
 pub mod source;
 pub mod trust;
 
-use std::{
-    collections::BTreeMap,
-    path::{Path, PathBuf},
-    sync::Arc,
-    time::Duration,
-};
+use std::path::Path;
 
 use anyhow::Context as _;
-use tokio::task::JoinHandle;
 
-use crate::{
-    antispoof::AntiSpoof,
-    config::Config,
-    datapath::{Datapath, DeliveryMap},
-    debug::agent::Published,
-    identity::certs::CertStore,
-    metrics::Metrics,
-    state::SharedState,
-    tunnel::{handshakes::Handshakes, hbone::TunnelClient, tracked::Tracker},
-    verdicts::{SharedMaps, VerdictCache},
-};
-
-/// How often the config file is checked for changes (SIGHUP reloads at once), and certificates
-/// for rotation.
-const WATCH_INTERVAL: Duration = Duration::from_millis(250);
+use crate::config::Config;
 
 /// Run the agent until SIGTERM/SIGINT, on a tokio runtime with the config's
 /// `dataplane.workerThreads`. Programs and maps stay pinned when it returns.
@@ -51,7 +32,7 @@ pub fn serve(config_path: &Path) -> anyhow::Result<()> {
         .context("starting the tokio runtime")?
         .block_on(async {
             // Made inside the runtime: it registers with the reactor and the timer.
-            let source = source::FileSource::new(config_path, WATCH_INTERVAL);
+            let source = source::FileSource::new(config_path, agent::WATCH_INTERVAL);
             event_loop::run(source, config).await
         })
 }
@@ -61,35 +42,4 @@ pub fn uninstall(config_path: &Path) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
     crate::datapath::uninstall(&config.bpf_pin_dir)?;
     Ok(())
-}
-
-/// What the running agent holds: the kernel side, the state in force, the pods it serves and
-/// the handles their listeners share.
-struct Agent {
-    /// Where the desired state comes from, as errors name it (the config file).
-    origin: PathBuf,
-    datapath: Datapath,
-    antispoof: AntiSpoof,
-    maps: SharedMaps,
-    deliveries: Arc<DeliveryMap>,
-    cache: VerdictCache,
-    state: SharedState,
-    pods: BTreeMap<String, pod::PodRuntime>,
-    certs: Arc<CertStore>,
-    tunnel: TunnelClient,
-    /// TLS handshakes in progress on the tunnel listeners, per source address.
-    handshakes: Handshakes,
-    tracker: Tracker,
-    metrics: Metrics,
-    published: Published,
-}
-
-/// A task that is aborted when this handle is dropped (a pod's listeners when the pod goes, the
-/// debug and metrics servers when the event loop returns).
-struct AbortOnDrop<T>(JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }

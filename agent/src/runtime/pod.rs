@@ -1,25 +1,21 @@
 //! Pod start-up: enter a pod's netns and open its listeners ([`prepare_pod`], nothing running
 //! touched), then attach its inbound check, register its inbound listener and serve it
-//! ([`Agent::serve_pod`]).
+//! ([`serve_pod`]).
 
 use std::sync::Arc;
 
 use anyhow::Context as _;
 
-use super::{AbortOnDrop, Agent};
+use super::agent::{AbortOnDrop, Agent, PodRuntime};
 use crate::{
-    capture::{NetnsWorker, PodContext, PodListeners, inbound, outbound, tunneled},
+    capture::{
+        NetnsWorker, PodContext, PodListeners, delivery::DeliverySockets, inbound, outbound,
+        tunneled,
+    },
     config::{Config, Ports},
     identity::LocalWorkload,
     sync::lock,
 };
-
-/// A pod this agent serves: its listeners' tasks and its netns worker.
-pub(super) struct PodRuntime {
-    pub(super) workload: LocalWorkload,
-    _tasks: Vec<AbortOnDrop<()>>,
-    _worker: Arc<NetnsWorker>,
-}
 
 /// A pod whose netns is entered (and, if it is new, whose listeners are open) but that is not
 /// yet serving.
@@ -59,73 +55,73 @@ fn open_listeners(worker: &NetnsWorker, ports: &Ports) -> anyhow::Result<PodList
         .context("opening listeners")
 }
 
-impl Agent {
-    /// Open a pod's listeners if it has none yet, attach its inbound check, register its
-    /// inbound listener and start serving it.
-    pub(super) fn serve_pod(
-        &mut self,
-        ports: &Ports,
-        pod: PreparedPod,
-    ) -> anyhow::Result<PodRuntime> {
-        let PreparedPod {
-            workload,
-            worker,
-            listeners,
-        } = pod;
-        let listeners = match listeners {
-            Some(l) => l,
-            None => open_listeners(&worker, ports)?,
-        };
-        self.datapath
-            .attach_inbound(&workload.id, &workload.netns)
-            .context("attaching the inbound check")?;
-        {
-            let mut maps = lock(&self.maps);
-            for ip in &workload.ips {
-                maps.set_inbound_listener(*ip, &listeners.inbound)
-                    .context("registering the inbound listener")?;
-            }
+/// Open a pod's listeners if it has none yet, attach its inbound check, register its
+/// inbound listener and start serving it.
+pub(super) fn serve_pod(
+    agent: &mut Agent,
+    ports: &Ports,
+    pod: PreparedPod,
+) -> anyhow::Result<PodRuntime> {
+    let PreparedPod {
+        workload,
+        worker,
+        listeners,
+    } = pod;
+    let listeners = match listeners {
+        Some(l) => l,
+        None => open_listeners(&worker, ports)?,
+    };
+    agent
+        .datapath
+        .attach_inbound(&workload.id, &workload.netns)
+        .context("attaching the inbound check")?;
+    {
+        let mut maps = lock(&agent.maps);
+        for ip in &workload.ips {
+            maps.set_inbound_listener(*ip, &listeners.inbound)
+                .context("registering the inbound listener")?;
         }
-        Ok(self.start_pod(workload, worker, listeners))
     }
+    Ok(start_pod(agent, workload, worker, listeners))
+}
 
-    /// Spawn the pod's listener tasks, one context for all: outbound capture (IPv4 and, if
-    /// open, IPv6), inbound and tunnel.
-    fn start_pod(
-        &self,
-        workload: LocalWorkload,
-        worker: Arc<NetnsWorker>,
-        listeners: PodListeners,
-    ) -> PodRuntime {
-        let ctx = Arc::new(PodContext {
-            workload: workload.clone(),
-            netns_cookie: listeners.netns_cookie,
-            worker: worker.clone(),
-            maps: self.maps.clone(),
-            deliveries: self.deliveries.clone(),
-            cache: self.cache.clone(),
-            state: self.state.clone(),
-            certs: self.certs.clone(),
-            tunnel: self.tunnel.clone(),
-            tracker: self.tracker.clone(),
-            metrics: self.metrics.clone(),
-            handshakes: self.handshakes.clone(),
-        });
-        let mut tasks = vec![
-            AbortOnDrop(tokio::spawn(outbound::serve(
-                listeners.capture_v4,
-                ctx.clone(),
-            ))),
-            AbortOnDrop(tokio::spawn(inbound::serve(listeners.inbound, ctx.clone()))),
-            AbortOnDrop(tokio::spawn(tunneled::serve(listeners.tunnel, ctx.clone()))),
-        ];
-        if let Some(v6) = listeners.capture_v6 {
-            tasks.push(AbortOnDrop(tokio::spawn(outbound::serve(v6, ctx))));
-        }
-        PodRuntime {
-            workload,
-            _tasks: tasks,
-            _worker: worker,
-        }
+/// Spawn the pod's listener tasks, one context for all: outbound capture (IPv4 and, if
+/// open, IPv6), inbound and tunnel.
+fn start_pod(
+    agent: &Agent,
+    workload: LocalWorkload,
+    worker: Arc<NetnsWorker>,
+    listeners: PodListeners,
+) -> PodRuntime {
+    let ctx = Arc::new(PodContext {
+        workload: workload.clone(),
+        netns_cookie: listeners.netns_cookie,
+        worker: worker.clone(),
+        delivery: DeliverySockets::new(worker.clone()),
+        maps: agent.maps.clone(),
+        deliveries: agent.deliveries.clone(),
+        cache: agent.cache.clone(),
+        state: agent.state.clone(),
+        certs: agent.certs.clone(),
+        tunnel: agent.tunnel.clone(),
+        tracker: agent.tracker.clone(),
+        metrics: agent.metrics.clone(),
+        handshakes: agent.handshakes.clone(),
+    });
+    let mut tasks = vec![
+        AbortOnDrop(tokio::spawn(outbound::serve(
+            listeners.capture_v4,
+            ctx.clone(),
+        ))),
+        AbortOnDrop(tokio::spawn(inbound::serve(listeners.inbound, ctx.clone()))),
+        AbortOnDrop(tokio::spawn(tunneled::serve(listeners.tunnel, ctx.clone()))),
+    ];
+    if let Some(v6) = listeners.capture_v6 {
+        tasks.push(AbortOnDrop(tokio::spawn(outbound::serve(v6, ctx))));
+    }
+    PodRuntime {
+        workload,
+        _tasks: tasks,
+        _worker: worker,
     }
 }

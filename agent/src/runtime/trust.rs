@@ -4,7 +4,7 @@
 
 use std::time::{Instant, SystemTime};
 
-use super::Agent;
+use super::agent::Agent;
 use crate::{identity::IdentityKey, tls, tunnel::hbone::Retire};
 
 impl Agent {

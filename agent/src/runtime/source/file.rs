@@ -9,7 +9,10 @@ use std::{
 
 use tokio::time::Interval;
 
-use super::{Source, file_watch::FileWatch, restart_only_unchanged};
+use super::{
+    contract::{Source, restart_only_unchanged},
+    file_watch::FileWatch,
+};
 use crate::{
     config::Config,
     state::{Snapshot, policy_paths},

@@ -25,10 +25,11 @@ use tokio::{
 };
 
 use super::{
-    BoxFuture, CACHEABLE_HEADER, CONNECTION_WINDOW, EARLY_DATA, MAX_FRAME, MAX_HEADER_LIST,
-    STREAM_WINDOW, TunnelError, TunnelStream,
     pool::{Active, Pick, Pool, PoolKey, Pooled, Retire},
-    set_tunnel_options,
+    protocol::{
+        BoxFuture, CACHEABLE_HEADER, CONNECTION_WINDOW, EARLY_DATA, MAX_FRAME, MAX_HEADER_LIST,
+        STREAM_WINDOW, TunnelError, TunnelStream, set_tunnel_options,
+    },
 };
 use crate::{
     scheduling::busy_poll::Traffic,
@@ -69,11 +70,12 @@ pub struct ClientStream {
     _active: Active,
 }
 
-impl From<ClientStream> for Remote {
-    fn from(stream: ClientStream) -> Self {
+impl ClientStream {
+    /// The stream as the far side of a splice, keeping its pool slot while it is carried.
+    pub fn into_remote(self) -> Remote {
         Remote::Tunnel {
-            stream: stream.io,
-            keep: Some(Box::new(stream._active)),
+            stream: self.io,
+            keep: Some(Box::new(self._active)),
         }
     }
 }

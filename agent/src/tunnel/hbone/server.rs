@@ -18,7 +18,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use rustls::pki_types::CertificateDer;
 use tokio::net::TcpStream;
 
-use super::{
+use super::protocol::{
     BoxFuture, CACHEABLE_HEADER, CONNECTION_WINDOW, MAX_FRAME, MAX_HEADER_LIST, STREAM_WINDOW,
     TunnelStream, set_tunnel_options,
 };

@@ -178,7 +178,7 @@ async fn tunnel_captured(
         .open(&key(f), app, None, dialer(f, PAYMENT), Some(&captured))
         .await
         .expect("tunnel");
-    tokio::spawn(splice(opened.stream, captured))
+    tokio::spawn(splice(opened.stream.into_remote(), captured))
 }
 
 #[tokio::test]
