@@ -3,6 +3,7 @@
 
 mod cmd;
 mod fuzz;
+mod modules;
 mod setup;
 mod tasks;
 

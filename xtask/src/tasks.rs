@@ -52,6 +52,8 @@ pub fn test() -> anyhow::Result<()> {
         "warnings",
     ]))?;
 
+    crate::modules::check_acyclic()?;
+
     step("lint: clippy -D warnings on the eBPF crate, for bpfel-unknown-none");
     let arch = std::env::consts::ARCH;
     cmd::run(
