@@ -1,6 +1,7 @@
 //! The words every layer shares about one connection: which side this node is on
-//! ([`Direction`]), what a carried connection is ([`ConnInfo`]) and the parts of an HTTP request
-//! that policy looks at ([`RequestHead`]). It sits below capture, tunnel, verdicts and policy
+//! ([`Direction`]), how its bytes travel ([`Via`]), what became of it ([`AccessDecision`]), what
+//! a carried connection is ([`ConnInfo`]) and the parts of an HTTP request that policy looks at
+//! ([`RequestHead`]). They become strings only in the access log and the metrics. It sits below capture, tunnel, verdicts and policy
 //! decisions, and imports none of them.
 
 use std::net::{IpAddr, SocketAddr};
@@ -32,6 +33,68 @@ impl Direction {
     }
 }
 
+impl Direction {
+    /// As the access log and the debug API write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+}
+
+/// How a connection's bytes travel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// An HBONE stream: mutual TLS between the nodes.
+    Tunnel,
+    /// From a source that is not in the mesh.
+    Plaintext,
+    /// Through the tunnel, each HTTP request judged on its own.
+    Http,
+    /// The kernel admitted it by a cached verdict; no agent in between.
+    Fastpath,
+}
+
+impl Via {
+    /// As the access log writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Via::Tunnel => "tunnel",
+            Via::Plaintext => "plaintext",
+            Via::Http => "http",
+            Via::Fastpath => "fastpath",
+        }
+    }
+}
+
+/// What became of a connection or an HTTP request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AccessDecision {
+    /// Admitted by policy.
+    Allow,
+    /// Denied by policy (or a request refused as bad).
+    Deny,
+    /// Refused before any policy decided (not a mesh endpoint, no certificate, unreachable).
+    Refused,
+}
+
+impl AccessDecision {
+    /// `Allow` if `allowed`, else `Deny`.
+    pub fn of(allowed: bool) -> Self {
+        if allowed { Self::Allow } else { Self::Deny }
+    }
+
+    /// As the access log writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccessDecision::Allow => "ALLOW",
+            AccessDecision::Deny => "DENY",
+            AccessDecision::Refused => "REFUSED",
+        }
+    }
+}
+
 /// What a carried connection is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConnInfo {
@@ -45,8 +108,8 @@ pub struct ConnInfo {
     pub source_ip: Option<IpAddr>,
     /// Which side of the connection this node is.
     pub direction: Direction,
-    /// `tunnel` (HBONE) or `plaintext`.
-    pub path: &'static str,
+    /// How its bytes travel.
+    pub path: Via,
     /// The local workload (`namespace/name`) this connection belongs to.
     pub workload: String,
 }

@@ -17,7 +17,7 @@ use tokio::{
 };
 
 use crate::{
-    conn::{ConnInfo, Direction, RequestHead},
+    conn::{AccessDecision, ConnInfo, Direction, RequestHead, Via},
     identity::LocalWorkload,
     metrics::{Metrics, access},
     policy::normalize::PathNormalization,
@@ -43,7 +43,7 @@ pub struct Carried {
 
 /// One inbound policy decision: counted in the metrics and written to the access log.
 pub fn decided(metrics: &Metrics, record: &access::Record<'_>) {
-    metrics.policy_decision(record.decision == "ALLOW");
+    metrics.policy_decision(record.decision == AccessDecision::Allow);
     access::decision(record);
 }
 
@@ -92,19 +92,13 @@ impl Carried {
     /// The access-log record of this admitted connection.
     fn record(&self) -> access::Record<'_> {
         access::Record {
-            direction: match self.info.direction {
-                Direction::Inbound => "inbound",
-                Direction::Outbound => "outbound",
-            },
             source_principal: &self.info.source,
             source_address: self.source_address,
             destination_principal: &self.info.destination,
             destination_address: Some(self.info.destination_address),
-            decision: "ALLOW",
             policy: &self.policy,
             reason: &self.reason,
-            path: self.info.path,
-            ..Default::default()
+            ..access::Record::new(self.info.direction, AccessDecision::Allow, self.info.path)
         }
     }
 }
@@ -163,21 +157,18 @@ struct Gate {
 }
 
 impl Gate {
-    fn record(&self, decision: &str, policy: &str, reason: &str, request: &str) {
+    fn record(&self, decision: AccessDecision, policy: &str, reason: &str, request: &str) {
         decided(
             &self.party.metrics,
             &access::Record {
-                direction: "inbound",
                 source_principal: self.party.source.as_deref().unwrap_or_default(),
                 source_address: self.source_address,
                 destination_principal: &self.destination,
                 destination_address: Some(self.target),
-                decision,
                 policy,
                 reason,
-                path: "http",
                 request,
-                ..Default::default()
+                ..access::Record::new(Direction::Inbound, decision, Via::Http)
             },
         );
     }
@@ -198,14 +189,19 @@ impl Enforcer for Gate {
             self.target,
             head,
         );
-        let decision = if judgement.allowed { "ALLOW" } else { "DENY" };
+        let decision = AccessDecision::of(judgement.allowed);
         let request = format!("{} {}", head.method, head.path);
         self.record(decision, &judgement.policy, &judgement.reason, &request);
         judgement.allowed
     }
 
     fn refused(&self, request: &str, why: &BadRequest) {
-        self.record("DENY", "", &format!("bad request (400): {why}"), request);
+        self.record(
+            AccessDecision::Deny,
+            "",
+            &format!("bad request (400): {why}"),
+            request,
+        );
     }
 }
 
@@ -221,7 +217,7 @@ pub async fn http<R>(
     R: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let started = Instant::now();
-    carried.info.path = "http";
+    carried.info.path = Via::Http;
     let tracked = carried.register(tracker);
     tracked.count_opened();
     let header_read_timeout = party.state.get().config.http.header_read_timeout;
@@ -272,7 +268,7 @@ mod tests {
                 destination_address: "10.244.2.2:8080".parse().expect("address"),
                 source_ip: None,
                 direction: Direction::Inbound,
-                path: "tunnel",
+                path: crate::conn::Via::Tunnel,
                 workload: "prod/payment".into(),
             },
             source_address: None,
@@ -326,7 +322,7 @@ mod tests {
                 destination_address: listener.local_addr().expect("addr"),
                 source_ip: None,
                 direction: Direction::Inbound,
-                path: "plaintext",
+                path: crate::conn::Via::Plaintext,
                 workload: "prod/payment".into(),
             },
             source_address: None,

@@ -20,7 +20,7 @@ use super::{
     listeners::{own_listener, own_port_refusal},
 };
 use crate::{
-    conn::{ConnInfo, Direction},
+    conn::{AccessDecision, ConnInfo, Direction, Via},
     metrics::access,
     policy::MtlsMode,
     state::DecidedUnder,
@@ -53,15 +53,12 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &PodContext) {
         carry::decided(
             &ctx.metrics,
             &access::Record {
-                direction: "inbound",
                 source_address: Some(peer),
                 destination_principal: &destination,
                 destination_address: Some(dst),
-                decision: "DENY",
                 policy,
                 reason,
-                path: "plaintext",
-                ..Default::default()
+                ..access::Record::new(Direction::Inbound, AccessDecision::Deny, Via::Plaintext)
             },
         );
         reset(&stream);
@@ -101,7 +98,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &PodContext) {
             destination_address: dst,
             source_ip: Some(peer.ip()),
             direction: Direction::Inbound,
-            path: "plaintext",
+            path: Via::Plaintext,
             workload: ctx.workload.id.clone(),
         },
         source_address: Some(peer),

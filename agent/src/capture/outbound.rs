@@ -22,7 +22,7 @@ use super::{
 };
 use crate::{
     config::DataplaneMode,
-    conn::{ConnInfo, Direction},
+    conn::{AccessDecision, ConnInfo, Direction, Via},
     datapath::maps::ip_from_key,
     metrics::access,
     state::DecidedUnder,
@@ -72,7 +72,13 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &PodContext) {
     let generation = decided_under.generation();
     let src_id = ctx.workload.identity.to_string();
     let Some(endpoint) = snapshot.registry.endpoint(&dst.ip()) else {
-        access_log(&src_id, "", dst, "REFUSED", "not a mesh endpoint");
+        access_log(
+            &src_id,
+            "",
+            dst,
+            AccessDecision::Refused,
+            "not a mesh endpoint",
+        );
         reset(&stream);
         return;
     };
@@ -82,7 +88,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &PodContext) {
             &src_id,
             &dst_id,
             dst,
-            "REFUSED",
+            AccessDecision::Refused,
             "no certificate for the source",
         );
         reset(&stream);
@@ -141,7 +147,11 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &PodContext) {
     let opened = match open.await {
         Ok(opened) => opened,
         Err(e) => {
-            let decision = if e.is_denied() { "DENY" } else { "REFUSED" };
+            let decision = if e.is_denied() {
+                AccessDecision::Deny
+            } else {
+                AccessDecision::Refused
+            };
             access_log(&src_id, &dst_id, dst, decision, &e.to_string());
             if let TunnelError::Refused {
                 cacheable: true, ..
@@ -187,7 +197,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &PodContext) {
             destination_address: dst,
             source_ip: None,
             direction: Direction::Outbound,
-            path: "tunnel",
+            path: Via::Tunnel,
             workload: ctx.workload.id.clone(),
         },
         source_address: None,
@@ -201,7 +211,13 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &PodContext) {
             ctx.metrics.handshake(elapsed);
         }
         let info = &carried.info;
-        access_log(&info.source, &info.destination, dst, "ALLOW", reason);
+        access_log(
+            &info.source,
+            &info.destination,
+            dst,
+            AccessDecision::Allow,
+            reason,
+        );
     };
     carry::splice(
         &ctx.tracker,
@@ -238,15 +254,12 @@ fn reason(new_connection: bool, caching: Caching) -> &'static str {
     }
 }
 
-fn access_log(src: &str, dst: &str, addr: SocketAddr, decision: &str, reason: &str) {
+fn access_log(src: &str, dst: &str, addr: SocketAddr, decision: AccessDecision, reason: &str) {
     access::decision(&access::Record {
-        direction: "outbound",
         source_principal: src,
         destination_principal: dst,
         destination_address: Some(addr),
-        decision,
         reason,
-        path: "tunnel",
-        ..Default::default()
+        ..access::Record::new(Direction::Outbound, decision, Via::Tunnel)
     });
 }

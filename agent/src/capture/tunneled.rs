@@ -22,7 +22,7 @@ use super::{
     listeners::{own_listener, own_port_refusal},
 };
 use crate::{
-    conn::{ConnInfo, Direction},
+    conn::{AccessDecision, ConnInfo, Direction, Via},
     identity::{IdentityKey, Registry},
     metrics::access,
     state::DecidedUnder,
@@ -127,16 +127,13 @@ impl PodContext {
         carry::decided(
             &self.metrics,
             &access::Record {
-                direction: "inbound",
                 source_principal: &caller.identity,
                 source_address: Some(caller.address),
                 destination_principal: &self.workload.identity.to_string(),
                 destination_address: Some(target),
-                decision: "DENY",
                 policy,
                 reason,
-                path: "tunnel",
-                ..Default::default()
+                ..access::Record::new(Direction::Inbound, AccessDecision::Deny, Via::Tunnel)
             },
         );
     }
@@ -240,7 +237,7 @@ impl PodContext {
                 destination_address: target,
                 source_ip,
                 direction: Direction::Inbound,
-                path: "tunnel",
+                path: Via::Tunnel,
                 workload: self.workload.id.clone(),
             },
             source_address: Some(caller.address),

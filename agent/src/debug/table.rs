@@ -3,7 +3,6 @@
 //! rendering of `explain`).
 
 use super::api::{Cert, Connection, Decision, Policies, Stats, Status, VerdictPage, Workload};
-use crate::conn::Direction;
 
 /// Columns padded to their widest cell, separated by two spaces, no trailing spaces.
 #[derive(Debug, Clone)]
@@ -189,10 +188,7 @@ pub fn verdicts(page: &VerdictPage) -> String {
             v.source.clone(),
             v.destination.clone(),
             v.port.to_string(),
-            match v.direction {
-                Direction::Outbound => "outbound".into(),
-                Direction::Inbound => "inbound".into(),
-            },
+            v.direction.as_str().into(),
             match v.decision {
                 Decision::Allow => "allow".into(),
                 Decision::Deny => "deny".into(),
@@ -308,7 +304,7 @@ pub fn key_values(value: &serde_json::Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::debug::api::Verdict;
+    use crate::{conn::Direction, debug::api::Verdict};
 
     #[test]
     fn verdict_table_is_aligned() {

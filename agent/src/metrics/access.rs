@@ -6,28 +6,49 @@
 
 use std::{net::SocketAddr, time::Duration};
 
+use crate::conn::{AccessDecision, Direction, Via};
+
 /// One access-log record.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Record<'a> {
-    /// `inbound` (this node is the destination) or `outbound`.
-    pub direction: &'a str,
+    pub direction: Direction,
     pub source_principal: &'a str,
     pub source_address: Option<SocketAddr>,
     pub destination_principal: &'a str,
     pub destination_address: Option<SocketAddr>,
-    /// `ALLOW` or `DENY`.
-    pub decision: &'a str,
+    pub decision: AccessDecision,
     /// `namespace/name` of the policy that decided, or empty.
     pub policy: &'a str,
     /// Why, in words.
     pub reason: &'a str,
-    /// `tunnel`, `plaintext`, `http` or `fastpath`.
-    pub path: &'a str,
+    pub path: Via,
     /// For `http`: method and path of the request.
     pub request: &'a str,
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub duration: Option<Duration>,
+}
+
+impl Record<'_> {
+    /// A record of `decision` on a connection `via` that path, on `direction`'s side; the rest
+    /// empty, to be filled in.
+    pub fn new(direction: Direction, decision: AccessDecision, via: Via) -> Self {
+        Record {
+            direction,
+            source_principal: "",
+            source_address: None,
+            destination_principal: "",
+            destination_address: None,
+            decision,
+            policy: "",
+            reason: "",
+            path: via,
+            request: "",
+            bytes_sent: 0,
+            bytes_received: 0,
+            duration: None,
+        }
+    }
 }
 
 /// A decision was made (connection refused or admitted, or an HTTP request judged).
@@ -46,9 +67,9 @@ impl Record<'_> {
     /// the kernel fast path are not.
     pub fn encrypted(&self) -> bool {
         match self.path {
-            "tunnel" => true,
-            "http" => !self.source_principal.is_empty(),
-            _ => false,
+            Via::Tunnel => true,
+            Via::Http => !self.source_principal.is_empty(),
+            Via::Plaintext | Via::Fastpath => false,
         }
     }
 }
@@ -58,16 +79,16 @@ fn emit(r: &Record<'_>, what: &str) {
     tracing::info!(
         target: "access",
         event = what,
-        direction = r.direction,
+        direction = r.direction.as_str(),
         source_principal = r.source_principal,
         source_address = r.source_address.map(|a| a.to_string()).unwrap_or_default(),
         destination_principal = r.destination_principal,
         destination_address = r.destination_address.map(|a| a.to_string()).unwrap_or_default(),
         destination_port = port,
-        decision = r.decision,
+        decision = r.decision.as_str(),
         policy = r.policy,
         reason = r.reason,
-        path = r.path,
+        path = r.path.as_str(),
         encrypted = r.encrypted(),
         request = r.request,
         bytes_sent = r.bytes_sent,

@@ -388,7 +388,7 @@ mod tests {
             destination_address: "10.244.2.2:8080".parse().expect("addr"),
             source_ip: None,
             direction: Direction::Inbound,
-            path: "tunnel",
+            path: crate::conn::Via::Tunnel,
             workload: "prod/payment-1".into(),
         }
     }

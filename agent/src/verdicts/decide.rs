@@ -15,7 +15,7 @@ use std::{
 
 use crate::{
     config::DataplaneMode,
-    conn::{ConnInfo, Direction, RequestHead},
+    conn::{ConnInfo, Direction, RequestHead, Via},
     identity::{IdentityKey, LocalWorkload},
     policy::{
         Connection, ConnectionDecision, Decision, Explanation, HttpRequest, MtlsMode, PolicySet,
@@ -256,7 +256,7 @@ pub fn still_allowed(snapshot: &Snapshot, info: &ConnInfo) -> bool {
         // Per-request enforcement goes on with the current policy; a connection spliced at the
         // destination cannot be, so it is closed. The source side of a tunnel leaves it to the
         // destination.
-        Outcome::Http => info.path == "http" || info.direction == Direction::Outbound,
+        Outcome::Http => info.path == Via::Http || info.direction == Direction::Outbound,
     }
 }
 
