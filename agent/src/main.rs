@@ -112,7 +112,7 @@ fn policy(command: PolicyCommand) -> anyhow::Result<ExitCode> {
             headers,
         } => {
             let snapshot = latch::state::Snapshot::load(&config)?;
-            let question = latch::verdicts::decide::Question {
+            let question = latch::state::decide::Question {
                 from,
                 source_ip,
                 to,
@@ -120,8 +120,8 @@ fn policy(command: PolicyCommand) -> anyhow::Result<ExitCode> {
                 path,
                 host,
             };
-            let explanation = latch::verdicts::decide::explain(&snapshot, &question)
-                .map_err(anyhow::Error::msg)?;
+            let explanation =
+                latch::state::decide::explain(&snapshot, &question).map_err(anyhow::Error::msg)?;
             print!("{}", latch::policy::cli::render_explain(&explanation));
             if !headers.is_empty() {
                 println!("headers: not evaluated (no supported policy field reads them)");

@@ -21,14 +21,13 @@ use crate::{
     identity::LocalWorkload,
     metrics::{Metrics, access},
     policy::normalize::PathNormalization,
-    state::{DecidedUnder, SharedState},
+    state::{DecidedUnder, SharedState, decide},
     tunnel::{
         chunk::poll_once,
         http::{self, BadRequest, Enforcer},
         splice::Remote,
         tracked::{Tracked, Tracker, Which},
     },
-    verdicts::decide,
 };
 
 /// Everything the access log says about a carried connection.

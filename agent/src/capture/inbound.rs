@@ -23,9 +23,8 @@ use crate::{
     conn::{AccessDecision, ConnInfo, Direction, Via},
     metrics::access,
     policy::MtlsMode,
-    state::DecidedUnder,
+    state::{DecidedUnder, decide},
     tunnel::chunk::reset,
-    verdicts::decide,
 };
 
 pub async fn serve(listener: TcpListener, ctx: Arc<PodContext>) {

@@ -25,7 +25,7 @@ use crate::{
     conn::{AccessDecision, ConnInfo, Direction, Via},
     identity::{IdentityKey, Registry},
     metrics::access,
-    state::DecidedUnder,
+    state::{DecidedUnder, decide},
     tls::{Role, server_config_with, verify_svid},
     tunnel::{
         chunk::reset,
@@ -33,7 +33,7 @@ use crate::{
         hbone::{Admission, BoxFuture, Caller, Inbound, Proof, accept_connection},
     },
     verdicts::{
-        Pair, decide,
+        Pair,
         rule::{self, Decided},
     },
 };

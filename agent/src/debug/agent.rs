@@ -28,10 +28,10 @@ use crate::{
         IdentityKey, Registry,
         certs::{CertStore, rotation_at, seconds_left},
     },
-    state::SharedState,
+    state::{SharedState, decide},
     sync::lock,
     tunnel::tracked::Tracker,
-    verdicts::{SharedMaps, VerdictCache, decide},
+    verdicts::{SharedMaps, VerdictCache},
 };
 
 /// A reload request from the debug API to the agent's main loop.

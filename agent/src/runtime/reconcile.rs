@@ -30,9 +30,8 @@ use crate::{
     },
     identity::Registry,
     scheduling::busy_poll,
-    state::Snapshot,
+    state::{Snapshot, decide},
     sync::lock,
-    verdicts::decide,
 };
 
 /// How long a reload waits for the connections it closed to end before reporting.

@@ -1,9 +1,7 @@
 //! The verdict cache policy: what the agent writes into the kernel's verdict map, with which
 //! expiry, and what it removes when the world changes. The kernel only reads these entries.
-//! [`decide`] turns policy into the decisions the enforcement points and the cache need;
 //! [`rule`] says whether, and for how long, a decided pair's verdict is cached.
 
-pub mod decide;
 pub mod rule;
 
 use std::{
@@ -19,7 +17,7 @@ use crate::{
     conn::Direction,
     datapath::{DatapathError, KernelMaps, system},
     identity::IdentityKey,
-    state::{SharedState, Snapshot},
+    state::{SharedState, Snapshot, decide},
     sync::lock,
 };
 

@@ -3,9 +3,11 @@
 
 use std::time::{Duration, SystemTime};
 
-use crate::{config::DataplaneMode, identity::IdentityKey, state::Snapshot};
-
-use super::decide;
+use crate::{
+    config::DataplaneMode,
+    identity::IdentityKey,
+    state::{Snapshot, decide},
+};
 
 /// Longest life of a cached deny (bounded by `verdictTtl` too): a policy change that allows
 /// the pair removes it at once, so this only bounds staleness if the nodes' views diverge.

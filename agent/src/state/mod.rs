@@ -9,7 +9,10 @@
 //! past the revocation that follows a reload.
 //!
 //! A snapshot is read from a config file with [`Snapshot::load`] (the policies it names
-//! included); [`cert_store`] makes the certificate store its `certificates` section describes.
+//! included); [`cert_store`] makes the certificate store its `certificates` section describes;
+//! [`decide`] answers what the snapshot's policies say, in the enforcement points' terms.
+
+pub mod decide;
 
 use std::{
     path::{Path, PathBuf},
