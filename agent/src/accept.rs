@@ -109,6 +109,23 @@ impl Backoff {
         self.failing = 0;
         self.delay = MIN_DELAY;
     }
+
+    /// The next connection `accept` brings: a failed accept (`EMFILE` and friends) backs off
+    /// and tries again, so the loop keeps serving without spinning.
+    pub async fn next<T, Fut>(&mut self, mut accept: impl FnMut() -> Fut) -> T
+    where
+        Fut: std::future::Future<Output = io::Result<T>>,
+    {
+        loop {
+            match accept().await {
+                Ok(accepted) => {
+                    self.accepted();
+                    return accepted;
+                }
+                Err(e) => self.failed(&e).await,
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -48,16 +48,11 @@ where
         .map_or_else(|e| format!("unknown address ({e})"), |a| a.to_string());
     let mut backoff = crate::accept::Backoff::new(format_args!("{workload} {local}"));
     loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                backoff.accepted();
-                crate::scheduling::busy_poll::activity();
-                tokio::spawn(handle(stream, peer, ctx.clone()));
-                // The new connection first: the next accept() finds nothing more often than not,
-                // and that system call need not come before the connection's own.
-                tokio::task::yield_now().await;
-            }
-            Err(e) => backoff.failed(&e).await,
-        }
+        let (stream, peer) = backoff.next(|| listener.accept()).await;
+        crate::scheduling::busy_poll::activity();
+        tokio::spawn(handle(stream, peer, ctx.clone()));
+        // The new connection first: the next accept() finds nothing more often than not, and
+        // that system call need not come before the connection's own.
+        tokio::task::yield_now().await;
     }
 }

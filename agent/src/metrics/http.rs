@@ -40,17 +40,7 @@ pub async fn serve_on(listener: tokio::net::TcpListener, metrics: Metrics) {
         .map_or_else(|e| format!("unknown address ({e})"), |a| a.to_string());
     let mut backoff = crate::accept::Backoff::new(format_args!("metrics {local}"));
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => {
-                backoff.accepted();
-                stream
-            }
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning, keep serving.
-                backoff.failed(&e).await;
-                continue;
-            }
-        };
+        let (stream, _) = backoff.next(|| listener.accept()).await;
         let metrics = metrics.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {

@@ -119,17 +119,7 @@ impl DebugServer {
         let mut backoff =
             crate::accept::Backoff::new(format_args!("debug socket {}", self.path.display()));
         loop {
-            let stream = match listener.accept().await {
-                Ok((stream, _)) => {
-                    backoff.accepted();
-                    stream
-                }
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning, keep serving.
-                    backoff.failed(&e).await;
-                    continue;
-                }
-            };
+            let (stream, _) = backoff.next(|| listener.accept()).await;
             let backend = backend.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
