@@ -129,7 +129,7 @@ impl PodContext {
             &access::Record {
                 source_principal: &caller.identity,
                 source_address: Some(caller.address),
-                destination_principal: &self.workload.identity.to_string(),
+                destination_principal: self.workload.identity.as_str(),
                 destination_address: Some(target),
                 policy,
                 reason,
@@ -151,7 +151,7 @@ impl PodContext {
         // Read after the generation: a bundle change installs the new bundle, then starts a new
         // generation, so a decision under the new generation sees the new bundle here, and one
         // under the old generation is refused by the cache (nothing it proved is cached).
-        if self.certs.trust(&self.workload.identity.to_string()) != Some(caller.trust) {
+        if self.certs.trust(self.workload.identity.as_str()) != Some(caller.trust) {
             self.refuse(
                 &caller,
                 target,
@@ -184,7 +184,7 @@ impl PodContext {
         let lifetime = |allowed: bool, cacheable: bool| {
             let own_not_after = self
                 .certs
-                .current(&self.workload.identity.to_string())
+                .current(self.workload.identity.as_str())
                 .map(|c| c.svid.not_after)
                 .unwrap_or(SystemTime::UNIX_EPOCH);
             rule::lifetime(

@@ -3,26 +3,39 @@
 use latch_common::Identity;
 use sha2::{Digest, Sha256};
 
-/// A Kubernetes-form SPIFFE ID: `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
+/// A Kubernetes-form SPIFFE ID: `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`,
+/// written out and keyed once, when it is made (a connection reads both, and makes neither).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub struct SpiffeId {
     pub trust_domain: String,
     pub namespace: String,
     pub service_account: String,
+    #[serde(skip)]
+    uri: String,
+    #[serde(skip)]
+    key: IdentityKey,
 }
 
 impl SpiffeId {
     pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> Self {
+        let uri = format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}");
         Self {
             trust_domain: trust_domain.to_owned(),
             namespace: namespace.to_owned(),
             service_account: service_account.to_owned(),
+            key: IdentityKey::of(&uri),
+            uri,
         }
     }
 
     /// The key the kernel maps use for this identity.
     pub fn key(&self) -> IdentityKey {
-        IdentityKey::of(&self.to_string())
+        self.key
+    }
+
+    /// The ID written out (`spiffe://…`).
+    pub fn as_str(&self) -> &str {
+        &self.uri
     }
 
     /// Whether `uri` is this ID as written out, compared in place (no string or key made).
@@ -40,11 +53,7 @@ impl SpiffeId {
 
 impl std::fmt::Display for SpiffeId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "spiffe://{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
-        )
+        f.write_str(&self.uri)
     }
 }
 
@@ -77,6 +86,14 @@ mod tests {
     fn spiffe_id_renders_kubernetes_form() {
         let id = SpiffeId::new("cluster.local", "prod", "frontend");
         assert_eq!(id.to_string(), "spiffe://cluster.local/ns/prod/sa/frontend");
+    }
+
+    #[test]
+    fn the_written_out_id_and_its_key_are_made_once_and_agree() {
+        let id = SpiffeId::new("cluster.local", "prod", "frontend");
+        assert_eq!(id.as_str(), "spiffe://cluster.local/ns/prod/sa/frontend");
+        assert_eq!(id.key(), IdentityKey::of(id.as_str()));
+        assert!(id.is(id.as_str()));
     }
 
     #[test]

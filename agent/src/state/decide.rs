@@ -238,7 +238,7 @@ pub fn still_allowed(snapshot: &Snapshot, info: &ConnInfo) -> bool {
     let Some(pod) = snapshot.registry.endpoint(&destination.ip()) else {
         return false;
     };
-    if pod.identity.to_string() != info.destination {
+    if pod.identity.as_str() != info.destination {
         return false;
     }
     let source = (!info.source.is_empty()).then_some(info.source.as_str());
