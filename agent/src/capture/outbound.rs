@@ -26,7 +26,6 @@ use crate::{
     datapath::maps::ip_from_key,
     metrics::access,
     state::DecidedUnder,
-    sync::lock,
     tls::client_config_with,
     tunnel::{
         chunk::reset,
@@ -54,7 +53,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &PodContext) {
         family: if peer.is_ipv4() { AF_INET } else { AF_INET6 },
         _pad: 0,
     };
-    let orig = match lock(&ctx.maps).redirect(&key) {
+    let orig = match ctx.redirects.get(&key) {
         Ok(Some(orig)) => orig,
         Ok(None) => {
             tracing::warn!(workload = %ctx.workload.id, %peer, "captured connection has no original destination; resetting");

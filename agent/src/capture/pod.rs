@@ -5,12 +5,12 @@ use std::sync::Arc;
 
 use super::{NetnsWorker, delivery::DeliverySockets};
 use crate::{
-    datapath::DeliveryMap,
+    datapath::{DeliveryMap, RedirectMap},
     identity::{LocalWorkload, certs::CertStore},
     metrics::Metrics,
     state::SharedState,
     tunnel::{handshakes::Handshakes, hbone::TunnelClient, tracked::Tracker},
-    verdicts::{SharedMaps, VerdictCache},
+    verdicts::VerdictCache,
 };
 
 /// One pod's context, shared by its outbound, inbound and tunnel listeners.
@@ -21,7 +21,8 @@ pub struct PodContext {
     pub worker: Arc<NetnsWorker>,
     /// Delivery sockets in the pod's netns.
     pub delivery: DeliverySockets,
-    pub maps: SharedMaps,
+    /// The redirect map, read (without a lock) for each captured connection.
+    pub redirects: Arc<RedirectMap>,
     pub deliveries: Arc<DeliveryMap>,
     pub cache: VerdictCache,
     pub state: SharedState,

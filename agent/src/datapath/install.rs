@@ -23,7 +23,7 @@ use super::{
     deliveries::DeliveryMap,
     error::DatapathError,
     layout,
-    maps::KernelMaps,
+    maps::{KernelMaps, RedirectMap},
     object::EBPF_OBJECT,
     pins::{detach_and_unpin, ignore_not_found},
     syscall::{self, AttachType},
@@ -215,6 +215,11 @@ impl Datapath {
     /// Typed handles on the pinned maps.
     pub fn maps(&mut self) -> Result<KernelMaps, DatapathError> {
         KernelMaps::open_pinned(&self.settings.pin_dir)
+    }
+
+    /// A handle on the redirect map alone (see [`RedirectMap`]).
+    pub fn redirects(&self) -> Result<RedirectMap, DatapathError> {
+        RedirectMap::open_pinned(&self.settings.pin_dir)
     }
 
     /// A handle on the announced deliveries alone.

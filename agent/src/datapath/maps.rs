@@ -58,7 +58,8 @@ pub fn ip_from_key(key: &IpKey) -> IpAddr {
     }
 }
 
-/// Handles on every Latch map, opened from their pins.
+/// Handles on every Latch map, opened from their pins. Each owner (the runtime, the verdict
+/// cache, the debug socket, the metrics) opens its own, so none waits on another's lock.
 pub struct KernelMaps {
     workloads: HashMap<MapData, u64, WorkloadInfo>,
     endpoints: HashMap<MapData, IpKey, EndpointInfo>,
@@ -84,6 +85,28 @@ macro_rules! typed {
             .try_into()
             .map_err(|e| DatapathError::map("typing map", $name, e))?
     };
+}
+
+/// The redirect map alone, for the capture path: a lookup takes no lock, so nothing another
+/// owner of a map handle does (a debug read of the whole verdict map, a reload's writes) stalls a
+/// connection.
+pub struct RedirectMap(HashMap<MapData, RedirectKey, OrigDst>);
+
+impl RedirectMap {
+    /// Open the redirect map pinned under `pin_dir`.
+    pub fn open_pinned(pin_dir: &Path) -> Result<Self, DatapathError> {
+        Ok(Self(typed!(pin_dir, map_names::REDIRECTS)))
+    }
+
+    /// The original destination of a connection accepted on a capture listener, by the
+    /// client's netns cookie, local port and family.
+    pub fn get(&self, key: &RedirectKey) -> Result<Option<OrigDst>, DatapathError> {
+        match self.0.get(key, 0) {
+            Ok(value) => Ok(Some(value)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(DatapathError::map("reading", map_names::REDIRECTS, e)),
+        }
+    }
 }
 
 impl KernelMaps {
@@ -230,16 +253,6 @@ impl KernelMaps {
     }
 
     // --- redirects -----------------------------------------------------------------------------
-
-    /// The original destination of a connection accepted on a capture listener, by the client's
-    /// netns cookie, local port and family.
-    pub fn redirect(&self, key: &RedirectKey) -> Result<Option<OrigDst>, DatapathError> {
-        match self.redirects.get(key, 0) {
-            Ok(value) => Ok(Some(value)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(DatapathError::map("reading", map_names::REDIRECTS, e)),
-        }
-    }
 
     /// Entries in the redirect bookkeeping maps (orig-dst by cookie, redirects by port); both
     /// drop to zero when no redirected socket is open.

@@ -23,7 +23,7 @@ pub use antispoof::AntiSpoofDatapath;
 pub use deliveries::DeliveryMap;
 pub use error::DatapathError;
 pub use install::{Datapath, DatapathSettings, uninstall};
-pub use maps::{KernelMaps, Verdict};
+pub use maps::{KernelMaps, RedirectMap, Verdict};
 
 #[cfg(test)]
 mod tests {

@@ -9,7 +9,7 @@ use tokio::task::JoinHandle;
 use crate::{
     antispoof::AntiSpoof,
     capture::NetnsWorker,
-    datapath::{Datapath, DeliveryMap},
+    datapath::{Datapath, DeliveryMap, RedirectMap},
     debug::agent::Published,
     identity::{LocalWorkload, certs::CertStore},
     metrics::Metrics,
@@ -29,7 +29,9 @@ pub(super) struct Agent {
     pub(super) origin: PathBuf,
     pub(super) datapath: Datapath,
     pub(super) antispoof: AntiSpoof,
+    /// The runtime's own handle on the maps (reconcile's writes, the fast-path summary).
     pub(super) maps: SharedMaps,
+    pub(super) redirects: Arc<RedirectMap>,
     pub(super) deliveries: Arc<DeliveryMap>,
     pub(super) cache: VerdictCache,
     pub(super) state: SharedState,

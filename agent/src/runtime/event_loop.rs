@@ -63,7 +63,13 @@ pub async fn run<S: Source>(mut source: S, config: Config) -> anyhow::Result<()>
     )
     .context("starting anti-spoofing")?;
     let _antispoof_watch = AbortOnDrop(antispoof_watch);
-    let maps: SharedMaps = Arc::new(Mutex::new(datapath.maps()?));
+    // Each owner opens its own handles on the pinned maps, so that none waits on another's
+    // lock: above all, no debug read or reload write ever stalls a captured connection.
+    let own_maps = |datapath: &mut Datapath| -> anyhow::Result<SharedMaps> {
+        Ok(Arc::new(Mutex::new(datapath.maps()?)))
+    };
+    let maps = own_maps(&mut datapath)?;
+    let redirects = Arc::new(datapath.redirects()?);
     let deliveries = Arc::new(datapath.deliveries()?);
     let stale = deliveries
         .clear()
@@ -78,10 +84,11 @@ pub async fn run<S: Source>(mut source: S, config: Config) -> anyhow::Result<()>
     let metrics = Metrics::new();
     let mut agent = Agent {
         origin,
-        cache: VerdictCache::new(maps.clone(), state.clone())?,
+        cache: VerdictCache::new(own_maps(&mut datapath)?, state.clone())?,
         datapath,
         antispoof,
         maps,
+        redirects,
         deliveries,
         state,
         pods: BTreeMap::new(),
@@ -99,7 +106,7 @@ pub async fn run<S: Source>(mut source: S, config: Config) -> anyhow::Result<()>
     let view = Arc::new(AgentView {
         started: Instant::now(),
         state: agent.state.clone(),
-        maps: agent.maps.clone(),
+        maps: own_maps(&mut agent.datapath)?,
         cache: agent.cache.clone(),
         certs: agent.certs.clone(),
         tracker: agent.tracker.clone(),
@@ -115,7 +122,7 @@ pub async fn run<S: Source>(mut source: S, config: Config) -> anyhow::Result<()>
     agent
         .metrics
         .set_scrape_source(metrics::scrape::agent_source(
-            agent.maps.clone(),
+            own_maps(&mut agent.datapath)?,
             agent.cache.clone(),
             agent.certs.clone(),
             agent.published.clone(),

@@ -98,7 +98,7 @@ fn start_pod(
         netns_cookie: listeners.netns_cookie,
         worker: worker.clone(),
         delivery: DeliverySockets::new(worker.clone()),
-        maps: agent.maps.clone(),
+        redirects: agent.redirects.clone(),
         deliveries: agent.deliveries.clone(),
         cache: agent.cache.clone(),
         state: agent.state.clone(),
