@@ -13,7 +13,7 @@ use std::{
 
 use crate::{
     config::{Config, ConfigError},
-    identity::spiffe::{MAX_ID_LEN, SpiffeUri},
+    identity::{SpiffeId, spiffe::MAX_ID_LEN},
     policy::{
         Connection, ConnectionDecision, HttpRequest, PolicyError, PolicySet, Target as Workload,
         normalize::{PathNormalization, normalize_path},
@@ -173,7 +173,7 @@ pub fn config(data: &[u8]) {
                 )
             {
                 let id = format!("spiffe://{}/ns/{ns}/sa/{sa}", config.trust_domain);
-                let parsed = SpiffeUri::parse(&id)
+                let parsed = SpiffeId::parse(&id)
                     .unwrap_or_else(|e| panic!("a loaded config names an invalid identity: {e}"));
                 assert_eq!(parsed.kubernetes(), Some((ns.as_str(), sa.as_str())));
             }
@@ -190,13 +190,13 @@ pub fn spiffe_id(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    let Ok(id) = SpiffeUri::parse(text) else {
+    let Ok(id) = SpiffeId::parse(text) else {
         return;
     };
     let printed = id.to_string();
     assert_eq!(printed, text, "an ID prints as it was written");
     assert_eq!(
-        SpiffeUri::parse(&printed).as_ref(),
+        SpiffeId::parse(&printed).as_ref(),
         Ok(&id),
         "and parses back"
     );
@@ -242,7 +242,7 @@ pub fn certificate(data: &[u8]) {
     };
     let identity = svid_identity(leaf, TRUST_DOMAIN);
     if let Ok(id) = &identity {
-        let parsed = SpiffeUri::parse(id).expect("an SVID's identity is a SPIFFE ID");
+        let parsed = SpiffeId::parse(id).expect("an SVID's identity is a SPIFFE ID");
         assert_eq!(parsed.trust_domain(), TRUST_DOMAIN);
         assert!(!parsed.path().is_empty());
     }

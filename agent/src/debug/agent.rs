@@ -219,7 +219,11 @@ impl Backend for AgentView {
                 name: w.name.clone(),
                 namespace: w.namespace.clone(),
                 identity: w.identity.to_string(),
-                service_account: w.identity.service_account.clone(),
+                service_account: w
+                    .identity
+                    .kubernetes()
+                    .map(|(_, sa)| sa.to_owned())
+                    .unwrap_or_default(),
                 labels: w.labels.clone(),
                 ips: w.ips.clone(),
                 local: true,
@@ -237,7 +241,11 @@ impl Backend for AgentView {
                     name: e.name.clone(),
                     namespace: e.namespace.clone(),
                     identity: e.identity.to_string(),
-                    service_account: e.identity.service_account.clone(),
+                    service_account: e
+                        .identity
+                        .kubernetes()
+                        .map(|(_, sa)| sa.to_owned())
+                        .unwrap_or_default(),
                     labels: e.labels.clone(),
                     ips: Vec::new(),
                     local: false,

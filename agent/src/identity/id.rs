@@ -1,30 +1,73 @@
-//! A workload's SPIFFE ID in Kubernetes form, and the 128-bit key the kernel stores for it.
+//! The one SPIFFE ID type: parsed from a certificate or a question, or made in Kubernetes form
+//! for a workload; and the 128-bit key the kernel stores for it.
+
+use std::{fmt, str::FromStr};
 
 use latch_common::Identity;
 use sha2::{Digest, Sha256};
 
-/// A Kubernetes-form SPIFFE ID: `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`,
-/// written out and keyed once, when it is made (a connection reads both, and makes neither).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+use super::spiffe::{SpiffeError, validate};
+
+/// A SPIFFE ID, `spiffe://<trust domain><path>`; Kubernetes workloads have the path
+/// `/ns/<namespace>/sa/<service account>`. Written out and keyed once, when it is made (a
+/// connection reads both, and makes neither).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SpiffeId {
-    pub trust_domain: String,
-    pub namespace: String,
-    pub service_account: String,
-    #[serde(skip)]
     uri: String,
-    #[serde(skip)]
+    /// Where the trust domain ends in `uri` (the path starts).
+    path_at: usize,
     key: IdentityKey,
 }
 
+const SCHEME: &str = "spiffe://";
+
 impl SpiffeId {
+    /// A Kubernetes workload's ID: `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
     pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> Self {
-        let uri = format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}");
+        Self::from_uri(
+            format!("{SCHEME}{trust_domain}/ns/{namespace}/sa/{service_account}"),
+            SCHEME.len() + trust_domain.len(),
+        )
+    }
+
+    /// Parse and validate `input` (docs in [`super::spiffe`]).
+    pub fn parse(input: &str) -> Result<Self, SpiffeError> {
+        let trust_domain_len = validate(input)?;
+        Ok(Self::from_uri(
+            input.to_owned(),
+            SCHEME.len() + trust_domain_len,
+        ))
+    }
+
+    fn from_uri(uri: String, path_at: usize) -> Self {
         Self {
-            trust_domain: trust_domain.to_owned(),
-            namespace: namespace.to_owned(),
-            service_account: service_account.to_owned(),
             key: IdentityKey::of(&uri),
             uri,
+            path_at,
+        }
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.uri[SCHEME.len()..self.path_at]
+    }
+
+    /// Empty, or starting with `/`.
+    pub fn path(&self) -> &str {
+        &self.uri[self.path_at..]
+    }
+
+    /// For `/ns/<namespace>/sa/<service account>` paths: (namespace, service account).
+    pub fn kubernetes(&self) -> Option<(&str, &str)> {
+        let mut parts = self.path().strip_prefix('/')?.split('/');
+        match (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) {
+            (Some("ns"), Some(ns), Some("sa"), Some(sa), None) => Some((ns, sa)),
+            _ => None,
         }
     }
 
@@ -38,22 +81,30 @@ impl SpiffeId {
         &self.uri
     }
 
-    /// Whether `uri` is this ID as written out, compared in place (no string or key made).
+    /// Whether `uri` is this ID as written out.
     pub fn is(&self, uri: &str) -> bool {
-        let parts = || {
-            let rest = uri.strip_prefix("spiffe://")?;
-            let rest = rest.strip_prefix(self.trust_domain.as_str())?;
-            let rest = rest.strip_prefix("/ns/")?;
-            let rest = rest.strip_prefix(self.namespace.as_str())?;
-            Some(rest.strip_prefix("/sa/")? == self.service_account)
-        };
-        parts().unwrap_or(false)
+        self.uri == uri
     }
 }
 
-impl std::fmt::Display for SpiffeId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl fmt::Display for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.uri)
+    }
+}
+
+impl FromStr for SpiffeId {
+    type Err = SpiffeError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+/// Written out, as everywhere else.
+impl serde::Serialize for SpiffeId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.uri)
     }
 }
 
@@ -94,6 +145,13 @@ mod tests {
         assert_eq!(id.as_str(), "spiffe://cluster.local/ns/prod/sa/frontend");
         assert_eq!(id.key(), IdentityKey::of(id.as_str()));
         assert!(id.is(id.as_str()));
+        assert_eq!(id.trust_domain(), "cluster.local");
+        assert_eq!(id.kubernetes(), Some(("prod", "frontend")));
+        assert_eq!(
+            SpiffeId::parse(id.as_str()).expect("valid"),
+            id,
+            "made and parsed, the same ID"
+        );
     }
 
     #[test]

@@ -1,22 +1,14 @@
-//! SPIFFE IDs parsed and validated per the SPIFFE specification (SPIFFE-ID, section 2):
+//! The rules a SPIFFE ID is parsed and validated by ([`super::SpiffeId::parse`]), per the SPIFFE
+//! specification (SPIFFE-ID, section 2):
 //! `spiffe://<trust domain><path>`, the trust domain made of lowercase letters, digits, `.`, `-`
 //! and `_`; the path empty or `/`-separated non-empty segments of letters, digits, `.`, `-`, `_`
 //! (never `.` or `..`); no query, fragment, port, userinfo or percent-encoding; at most 2048
 //! bytes. Kubernetes workloads use the path `/ns/<namespace>/sa/<service account>`.
 
-use std::{fmt, str::FromStr};
-
 /// Longest SPIFFE ID accepted (bytes), per the specification.
 pub const MAX_ID_LEN: usize = 2048;
 /// Longest trust domain accepted (bytes).
 pub const MAX_TRUST_DOMAIN_LEN: usize = 255;
-
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SpiffeUri {
-    trust_domain: String,
-    /// Empty, or starting with `/`.
-    path: String,
-}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpiffeError {
@@ -50,111 +42,72 @@ pub enum SpiffeError {
     TooLong(String),
 }
 
-impl SpiffeUri {
-    pub fn parse(input: &str) -> Result<Self, SpiffeError> {
-        let owned = || input.to_owned();
-        if input.len() > MAX_ID_LEN {
-            return Err(SpiffeError::TooLong(owned()));
-        }
-        let rest = input
-            .strip_prefix("spiffe://")
-            .ok_or_else(|| SpiffeError::Scheme(owned()))?;
-        if rest.contains('#') {
-            return Err(SpiffeError::Fragment(owned()));
-        }
-        if rest.contains('?') {
-            return Err(SpiffeError::Query(owned()));
-        }
-        let (td, path) = match rest.find('/') {
-            Some(i) => rest.split_at(i),
-            None => (rest, ""),
-        };
-        if td.contains('@') {
-            return Err(SpiffeError::UserInfo(owned()));
-        }
-        if td.contains(':') {
-            return Err(SpiffeError::Port(owned()));
-        }
-        if td.is_empty() {
-            return Err(SpiffeError::EmptyTrustDomain(owned()));
-        }
-        if td.len() > MAX_TRUST_DOMAIN_LEN {
-            return Err(SpiffeError::TrustDomainTooLong(owned()));
-        }
-        if let Some(found) = td.chars().find(|c| {
-            !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_'))
-        }) {
-            return Err(SpiffeError::TrustDomainChar {
-                input: owned(),
-                found,
-            });
-        }
-        if !path.is_empty() {
-            for segment in path[1..].split('/') {
-                if segment.is_empty() {
-                    return Err(SpiffeError::EmptySegment(owned()));
-                }
-                if segment == "." || segment == ".." {
-                    return Err(SpiffeError::DotSegment(owned()));
-                }
-                if let Some(found) = segment
-                    .chars()
-                    .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')))
-                {
-                    return Err(SpiffeError::PathChar {
-                        input: owned(),
-                        found,
-                    });
-                }
+/// Check `input` against the rules above; the length of its trust domain.
+pub(super) fn validate(input: &str) -> Result<usize, SpiffeError> {
+    let owned = || input.to_owned();
+    if input.len() > MAX_ID_LEN {
+        return Err(SpiffeError::TooLong(owned()));
+    }
+    let rest = input
+        .strip_prefix("spiffe://")
+        .ok_or_else(|| SpiffeError::Scheme(owned()))?;
+    if rest.contains('#') {
+        return Err(SpiffeError::Fragment(owned()));
+    }
+    if rest.contains('?') {
+        return Err(SpiffeError::Query(owned()));
+    }
+    let (td, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    if td.contains('@') {
+        return Err(SpiffeError::UserInfo(owned()));
+    }
+    if td.contains(':') {
+        return Err(SpiffeError::Port(owned()));
+    }
+    if td.is_empty() {
+        return Err(SpiffeError::EmptyTrustDomain(owned()));
+    }
+    if td.len() > MAX_TRUST_DOMAIN_LEN {
+        return Err(SpiffeError::TrustDomainTooLong(owned()));
+    }
+    if let Some(found) = td
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_')))
+    {
+        return Err(SpiffeError::TrustDomainChar {
+            input: owned(),
+            found,
+        });
+    }
+    if !path.is_empty() {
+        for segment in path[1..].split('/') {
+            if segment.is_empty() {
+                return Err(SpiffeError::EmptySegment(owned()));
+            }
+            if segment == "." || segment == ".." {
+                return Err(SpiffeError::DotSegment(owned()));
+            }
+            if let Some(found) = segment
+                .chars()
+                .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')))
+            {
+                return Err(SpiffeError::PathChar {
+                    input: owned(),
+                    found,
+                });
             }
         }
-        Ok(Self {
-            trust_domain: td.to_owned(),
-            path: path.to_owned(),
-        })
     }
-
-    pub fn trust_domain(&self) -> &str {
-        &self.trust_domain
-    }
-
-    pub fn path(&self) -> &str {
-        &self.path
-    }
-
-    /// For `/ns/<namespace>/sa/<service account>` paths: (namespace, service account).
-    pub fn kubernetes(&self) -> Option<(&str, &str)> {
-        let mut parts = self.path.strip_prefix('/')?.split('/');
-        match (
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-        ) {
-            (Some("ns"), Some(ns), Some("sa"), Some(sa), None) => Some((ns, sa)),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for SpiffeUri {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "spiffe://{}{}", self.trust_domain, self.path)
-    }
-}
-
-impl FromStr for SpiffeUri {
-    type Err = SpiffeError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::parse(s)
-    }
+    Ok(td.len())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::identity::SpiffeId;
 
     #[test]
     fn valid_ids_from_the_specification() {
@@ -170,7 +123,7 @@ mod tests {
             "spiffe://td/.hidden",
             "spiffe://td/a..b",
         ] {
-            let parsed = SpiffeUri::parse(id).unwrap_or_else(|e| panic!("{id} must be valid: {e}"));
+            let parsed = SpiffeId::parse(id).unwrap_or_else(|e| panic!("{id} must be valid: {e}"));
             assert_eq!(parsed.to_string(), id, "round trip");
         }
     }
@@ -227,7 +180,7 @@ mod tests {
             (long_td.as_str(), |e| matches!(e, E::TrustDomainTooLong(_))),
         ];
         for (input, expected) in cases {
-            match SpiffeUri::parse(input) {
+            match SpiffeId::parse(input) {
                 Ok(id) => panic!("{input:?} must be invalid, parsed as {id}"),
                 Err(e) => {
                     assert!(expected(&e), "{input:?}: unexpected error {e:?}");
@@ -244,7 +197,7 @@ mod tests {
 
     #[test]
     fn kubernetes_form() {
-        let id: SpiffeUri = "spiffe://cluster.local/ns/prod/sa/frontend"
+        let id: SpiffeId = "spiffe://cluster.local/ns/prod/sa/frontend"
             .parse()
             .expect("valid");
         assert_eq!(id.trust_domain(), "cluster.local");
@@ -257,7 +210,7 @@ mod tests {
             "spiffe://td/x/a/sa/b",
         ] {
             assert_eq!(
-                SpiffeUri::parse(other).expect("valid").kubernetes(),
+                SpiffeId::parse(other).expect("valid").kubernetes(),
                 None,
                 "{other}"
             );

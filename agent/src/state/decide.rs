@@ -278,8 +278,7 @@ pub fn explain(snapshot: &Snapshot, question: &Question) -> Result<Explanation, 
     let source = match question.from.as_str() {
         "plaintext" => None,
         id => {
-            crate::identity::spiffe::SpiffeUri::parse(id)
-                .map_err(|e| format!("--from {id:?}: {e}"))?;
+            crate::identity::SpiffeId::parse(id).map_err(|e| format!("--from {id:?}: {e}"))?;
             Some(id)
         }
     };

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use crate::identity::spiffe::SpiffeUri;
+use crate::identity::SpiffeId;
 use rustls::{
     CertificateError, DigitallySignedStruct, DistinguishedName, Error as TlsError, SignatureScheme,
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
@@ -78,7 +78,7 @@ fn leaf_identity(leaf: &X509Certificate<'_>, trust_domain: &str) -> Result<Strin
     let [uri] = uris.as_slice() else {
         return Err(Problem::UriSanCount(uris.len()));
     };
-    let id = SpiffeUri::parse(uri).map_err(|e| Problem::NotSpiffe {
+    let id = SpiffeId::parse(uri).map_err(|e| Problem::NotSpiffe {
         reason: e.to_string(),
     })?;
     if id.path().is_empty() {

@@ -19,10 +19,7 @@ use rustls::{
     sign::CertifiedKey,
 };
 
-use super::{
-    ca::{CaError, DevCa, Svid},
-    spiffe::SpiffeUri,
-};
+use super::ca::{CaError, DevCa, Svid};
 use crate::{
     sync::lock,
     tls::{Role, certified_key, verify_svid},
@@ -91,7 +88,7 @@ pub struct CertStore {
 
 /// `<namespace>/<serviceAccount>` of a Kubernetes-form SPIFFE ID.
 fn ns_sa(spiffe_id: &str) -> Option<(String, String)> {
-    let id = SpiffeUri::parse(spiffe_id).ok()?;
+    let id = super::SpiffeId::parse(spiffe_id).ok()?;
     id.kubernetes()
         .map(|(ns, sa)| (ns.to_owned(), sa.to_owned()))
 }
