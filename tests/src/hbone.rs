@@ -37,8 +37,8 @@ pub fn connect_status(
     })?;
     tcp.set_nonblocking(true)?;
     let key = PoolKey {
-        src: source,
-        dst: destination,
+        src: latch::identity::SpiffeId::parse(&source)?,
+        dst: latch::identity::SpiffeId::parse(&destination)?,
         endpoint,
         trust: 1,
     };

@@ -18,7 +18,7 @@ use tokio::{
 
 use crate::{
     conn::{AccessDecision, ConnInfo, Direction, RequestHead, Via},
-    identity::LocalWorkload,
+    identity::{LocalWorkload, SpiffeId},
     metrics::{Metrics, access},
     policy::normalize::PathNormalization,
     state::{DecidedUnder, SharedState, decide},
@@ -142,7 +142,7 @@ pub struct HttpParty {
     pub metrics: Metrics,
     pub state: SharedState,
     pub workload: LocalWorkload,
-    pub source: Option<Arc<str>>,
+    pub source: Option<SpiffeId>,
     pub source_ip: Option<IpAddr>,
 }
 
@@ -160,7 +160,7 @@ impl Gate {
         decided(
             &self.party.metrics,
             &access::Record {
-                source_principal: self.party.source.as_deref().unwrap_or_default(),
+                source_principal: self.party.source.as_ref().map_or("", SpiffeId::as_str),
                 source_address: self.source_address,
                 destination_principal: &self.destination,
                 destination_address: Some(self.target),
@@ -183,7 +183,7 @@ impl Enforcer for Gate {
         let judgement = decide::request(
             &snapshot,
             &self.party.workload,
-            self.party.source.as_deref(),
+            self.party.source.as_ref().map(SpiffeId::as_str),
             self.party.source_ip,
             self.target,
             head,

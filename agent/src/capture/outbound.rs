@@ -95,8 +95,8 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &PodContext) {
     };
     let config = &snapshot.config;
     let key = PoolKey {
-        src: src_id.clone(),
-        dst: dst_id.clone(),
+        src: ctx.workload.identity.clone(),
+        dst: endpoint.identity.clone(),
         endpoint: SocketAddr::new(dst.ip(), config.ports.tunnel),
         // Read after the generation (see the tunnel server's `decide`).
         trust: current.trust,

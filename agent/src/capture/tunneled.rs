@@ -23,7 +23,7 @@ use super::{
 };
 use crate::{
     conn::{AccessDecision, ConnInfo, Direction, Via},
-    identity::{IdentityKey, Registry},
+    identity::Registry,
     metrics::access,
     state::{DecidedUnder, decide},
     tls::{Role, server_config_with, verify_svid},
@@ -80,7 +80,7 @@ fn client_address(registry: &Registry, caller: &Caller) -> (SocketAddr, bool) {
     let confirms = |ip: &IpAddr| {
         registry
             .endpoint(ip)
-            .is_some_and(|e| e.identity.is(&caller.identity))
+            .is_some_and(|e| e.identity == caller.identity)
     };
     if let Some(named) = caller.forwarded_for {
         if confirms(&named.ip()) {
@@ -127,7 +127,7 @@ impl PodContext {
         carry::decided(
             &self.metrics,
             &access::Record {
-                source_principal: &caller.identity,
+                source_principal: caller.identity.as_str(),
                 source_address: Some(caller.address),
                 destination_principal: self.workload.identity.as_str(),
                 destination_address: Some(target),
@@ -177,7 +177,7 @@ impl PodContext {
         let outcome = decide::connection(
             &snapshot,
             &self.workload,
-            Some(&caller.identity),
+            Some(caller.identity.as_str()),
             source_ip,
             target,
         );
@@ -189,7 +189,7 @@ impl PodContext {
                 .unwrap_or(SystemTime::UNIX_EPOCH);
             rule::lifetime(
                 &snapshot,
-                &caller.identity,
+                caller.identity.as_str(),
                 self.workload.identity.key(),
                 target.port(),
                 Decided { allowed, cacheable },
@@ -221,7 +221,7 @@ impl PodContext {
         // Told to the source only if it is cached here too (not when a newer state was
         // committed since the decision, which the source then learns from its next CONNECT).
         let pair = Pair {
-            src: IdentityKey::of(&caller.identity),
+            src: caller.identity.key(),
             dst: self.workload.identity.key(),
             port: target.port(),
             direction: Direction::Inbound,
@@ -293,7 +293,10 @@ peers:
 
     fn caller(tunnel: &str, forwarded_for: Option<&str>) -> Caller {
         Caller {
-            identity: "spiffe://cluster.local/ns/prod/sa/frontend".into(),
+            identity: crate::identity::SpiffeId::parse(
+                "spiffe://cluster.local/ns/prod/sa/frontend",
+            )
+            .expect("id"),
             address: tunnel.parse().expect("address"),
             forwarded_for: forwarded_for.map(|a| a.parse().expect("address")),
             not_after: SystemTime::now(),

@@ -42,10 +42,10 @@ impl Agent {
         }
         let trust_domain = self.state.get().config.trust_domain.clone();
         let retired = self.tunnel.retire(|key, server_chain| {
-            if !identities.contains(&key.src) {
+            if !identities.iter().any(|id| key.src.is(id)) {
                 return Retire::Keep;
             }
-            let Some(current) = self.certs.current(&key.src) else {
+            let Some(current) = self.certs.current(key.src.as_str()) else {
                 return Retire::Close;
             };
             if current.trust == key.trust {
@@ -59,7 +59,7 @@ impl Agent {
                 SystemTime::now(),
             );
             match verified {
-                Ok(id) if id == key.dst => Retire::Drain,
+                Ok(id) if key.dst.is(&id) => Retire::Drain,
                 _ => Retire::Close,
             }
         });

@@ -18,6 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
 
 use super::peer_identity;
+use crate::identity::SpiffeId;
 
 /// The peer's chain as its handshake verified it, and the validity of its certificate.
 pub struct PeerChain {
@@ -47,7 +48,7 @@ impl PeerChain {
 
 /// A client the server's handshake verified: its SPIFFE ID and its chain.
 pub struct ProvenClient {
-    pub identity: String,
+    pub identity: SpiffeId,
     pub peer: PeerChain,
 }
 

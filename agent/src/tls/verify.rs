@@ -358,10 +358,10 @@ impl Verified {
 }
 
 /// The SPIFFE ID of a peer whose chain the verifiers already accepted.
-pub fn peer_identity(chain: &[CertificateDer<'_>]) -> Option<String> {
+pub fn peer_identity(chain: &[CertificateDer<'_>]) -> Option<SpiffeId> {
     let leaf = parse(Position::Leaf, chain.first()?).ok()?;
     match uri_sans(&leaf).as_slice() {
-        [uri] => Some((*uri).to_owned()),
+        [uri] => SpiffeId::parse(uri).ok(),
         _ => None,
     }
 }

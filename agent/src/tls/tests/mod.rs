@@ -72,7 +72,7 @@ pub(super) async fn handshake_sides(
         tls.read_exact(&mut buf)
             .await
             .map_err(|e| format!("server read: {e}"))?;
-        Ok::<String, String>(peer)
+        Ok::<String, String>(peer.to_string())
     });
     let client_result = async {
         let mut tls = connector

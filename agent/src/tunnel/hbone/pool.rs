@@ -18,7 +18,7 @@ use bytes::Bytes;
 use h2::client::SendRequest;
 use rustls::pki_types::CertificateDer;
 
-use crate::{sync::lock, tls::handshake::PeerChain};
+use crate::{identity::SpiffeId, sync::lock, tls::handshake::PeerChain};
 
 /// Streams a pooled connection carries at once before the pair opens another one.
 pub(super) const SPREAD_AT: usize = 4;
@@ -32,8 +32,8 @@ pub(super) fn max_connections() -> usize {
 /// Which pooled HTTP/2 connection a tunnel uses.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PoolKey {
-    pub src: String,
-    pub dst: String,
+    pub src: SpiffeId,
+    pub dst: SpiffeId,
     /// The tunnel endpoint (`<pod IP>:15008`).
     pub endpoint: SocketAddr,
     /// The epoch of the source's trust bundle that a connection of this key is verified with
@@ -112,7 +112,9 @@ impl Pooled {
     }
 }
 
-/// What [`Pool::pick`] chose for a pair.
+/// What [`Pool::pick`] chose for a pair. Matched at once and never stored, so the size of
+/// `Use` (two SPIFFE IDs in its key) costs nothing worth a box per stream.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Pick {
     /// A pooled connection, already counting this stream as active.
     Use(Pooled, Active),

@@ -23,6 +23,7 @@ use super::protocol::{
     TunnelStream, set_tunnel_options,
 };
 use crate::{
+    identity::SpiffeId,
     scheduling::busy_poll::Traffic,
     tls::handshake,
     tunnel::{
@@ -75,7 +76,7 @@ pub enum Proof {
 #[derive(Clone, Debug)]
 pub struct Caller {
     /// The client's verified SPIFFE ID.
-    pub identity: Arc<str>,
+    pub identity: SpiffeId,
     /// The tunnel connection's source address: the pod that dialled it, from its netns. Other
     /// pods of the same identity on that node share the connection.
     pub address: SocketAddr,
@@ -166,7 +167,7 @@ async fn handshakes(
     set_tunnel_options(&tcp);
     let (tls, client) = handshake::accept(tls, Traffic::new(tcp)).await?;
     let caller = Caller {
-        identity: client.identity.into(),
+        identity: client.identity,
         address: peer,
         forwarded_for: None,
         not_after: client.peer.not_after,

@@ -155,8 +155,8 @@ fn dialer(f: &Fixture, expected: &str) -> impl FnOnce() -> Dial {
 
 fn key(f: &Fixture) -> PoolKey {
     PoolKey {
-        src: FRONTEND.into(),
-        dst: PAYMENT.into(),
+        src: crate::identity::SpiffeId::parse(FRONTEND).expect("id"),
+        dst: crate::identity::SpiffeId::parse(PAYMENT).expect("id"),
         endpoint: f.endpoint,
         trust: 1,
     }
