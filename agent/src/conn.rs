@@ -2,11 +2,13 @@
 //! ([`Direction`]), how its bytes travel ([`Via`]), what became of it ([`AccessDecision`]), what
 //! a carried connection is ([`ConnInfo`]) and the parts of an HTTP request that policy looks at
 //! ([`RequestHead`]). They become strings only in the access log and the metrics. It sits below capture, tunnel, verdicts and policy
-//! decisions, and imports none of them.
+//! decisions, and imports none of them (only the identity type).
 
 use std::net::{IpAddr, SocketAddr};
 
 use latch_common::{DIRECTION_INBOUND, DIRECTION_OUTBOUND};
+
+use crate::identity::SpiffeId;
 
 /// Which side of the connection this node is on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -98,10 +100,10 @@ impl AccessDecision {
 /// What a carried connection is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConnInfo {
-    /// Source SPIFFE ID; empty for a plaintext source.
-    pub source: String,
+    /// Source SPIFFE ID; `None` for a plaintext source.
+    pub source: Option<SpiffeId>,
     /// Destination SPIFFE ID.
-    pub destination: String,
+    pub destination: SpiffeId,
     /// The original destination address.
     pub destination_address: SocketAddr,
     /// The source's address as seen by this node, when known.

@@ -91,9 +91,9 @@ impl Carried {
     /// The access-log record of this admitted connection.
     fn record(&self) -> access::Record<'_> {
         access::Record {
-            source_principal: &self.info.source,
+            source_principal: self.info.source.as_ref().map_or("", SpiffeId::as_str),
             source_address: self.source_address,
-            destination_principal: &self.info.destination,
+            destination_principal: self.info.destination.as_str(),
             destination_address: Some(self.info.destination_address),
             policy: &self.policy,
             reason: &self.reason,
@@ -224,7 +224,7 @@ pub async fn http<R>(
         party,
         target: carried.info.destination_address,
         source_address: carried.source_address,
-        destination: carried.info.destination.clone(),
+        destination: carried.info.destination.to_string(),
     });
     let downstream = tracked.counted(remote, Which::Sent);
     let upstream = tracked.counted(app, Which::Received);
@@ -262,8 +262,10 @@ mod tests {
     fn carried(decided_under: DecidedUnder) -> Carried {
         Carried {
             info: ConnInfo {
-                source: "spiffe://cluster.local/ns/prod/sa/frontend".into(),
-                destination: "spiffe://cluster.local/ns/prod/sa/payment".into(),
+                source: Some(SpiffeId::valid(
+                    "spiffe://cluster.local/ns/prod/sa/frontend",
+                )),
+                destination: SpiffeId::valid("spiffe://cluster.local/ns/prod/sa/payment"),
                 destination_address: "10.244.2.2:8080".parse().expect("address"),
                 source_ip: None,
                 direction: Direction::Inbound,
@@ -316,8 +318,8 @@ mod tests {
         let tracker = Tracker::new();
         let carried = Carried {
             info: ConnInfo {
-                source: String::new(),
-                destination: "spiffe://cluster.local/ns/prod/sa/payment".into(),
+                source: None,
+                destination: SpiffeId::valid("spiffe://cluster.local/ns/prod/sa/payment"),
                 destination_address: listener.local_addr().expect("addr"),
                 source_ip: None,
                 direction: Direction::Inbound,

@@ -92,8 +92,8 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &PodContext) {
     };
     let carried = Carried {
         info: ConnInfo {
-            source: String::new(),
-            destination: destination.clone(),
+            source: None,
+            destination: ctx.workload.identity.clone(),
             destination_address: dst,
             source_ip: Some(peer.ip()),
             direction: Direction::Inbound,

@@ -191,8 +191,8 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &PodContext) {
     let reason = reason(opened.new_connection, caching);
     let carried = Carried {
         info: ConnInfo {
-            source: src_id,
-            destination: dst_id,
+            source: Some(ctx.workload.identity.clone()),
+            destination: endpoint.identity.clone(),
             destination_address: dst,
             source_ip: None,
             direction: Direction::Outbound,
@@ -205,18 +205,11 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &PodContext) {
         decided_under,
     };
     // Recorded once the answer's first bytes are on their way to the application.
-    let admitted = |carried: &Carried| {
+    let admitted = |_: &Carried| {
         if let Some(elapsed) = opened.handshake {
             ctx.metrics.handshake(elapsed);
         }
-        let info = &carried.info;
-        access_log(
-            &info.source,
-            &info.destination,
-            dst,
-            AccessDecision::Allow,
-            reason,
-        );
+        access_log(&src_id, &dst_id, dst, AccessDecision::Allow, reason);
     };
     carry::splice(
         &ctx.tracker,

@@ -232,8 +232,8 @@ impl PodContext {
         });
         let carried = Carried {
             info: ConnInfo {
-                source: caller.identity.to_string(),
-                destination: self.workload.identity.to_string(),
+                source: Some(caller.identity.clone()),
+                destination: self.workload.identity.clone(),
                 destination_address: target,
                 source_ip,
                 direction: Direction::Inbound,

@@ -308,15 +308,15 @@ impl Backend for AgentView {
             .snapshot()
             .into_iter()
             .map(|c| Connection {
-                source: if c.info.source.is_empty() {
-                    c.info
+                source: match &c.info.source {
+                    Some(id) => id.to_string(),
+                    None => c
+                        .info
                         .source_ip
                         .map(|ip| format!("plaintext {ip}"))
-                        .unwrap_or_else(|| "plaintext".into())
-                } else {
-                    c.info.source
+                        .unwrap_or_else(|| "plaintext".into()),
                 },
-                destination: c.info.destination,
+                destination: c.info.destination.to_string(),
                 destination_address: c.info.destination_address,
                 bytes_sent: c.sent,
                 bytes_received: c.received,

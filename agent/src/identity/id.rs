@@ -39,6 +39,12 @@ impl SpiffeId {
         ))
     }
 
+    /// `uri`, which a test knows to be valid.
+    #[cfg(test)]
+    pub fn valid(uri: &str) -> Self {
+        Self::parse(uri).unwrap_or_else(|e| panic!("{uri}: {e}"))
+    }
+
     fn from_uri(uri: String, path_at: usize) -> Self {
         Self {
             key: IdentityKey::of(&uri),

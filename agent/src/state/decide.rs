@@ -16,7 +16,7 @@ use std::{
 use crate::{
     config::DataplaneMode,
     conn::{ConnInfo, Direction, RequestHead, Via},
-    identity::{IdentityKey, LocalWorkload},
+    identity::{IdentityKey, LocalWorkload, SpiffeId},
     policy::{
         Connection, ConnectionDecision, Decision, Explanation, HttpRequest, MtlsMode, PolicySet,
         RequestPath, Target, Traffic, normalize::normalize_path,
@@ -238,13 +238,17 @@ pub fn still_allowed(snapshot: &Snapshot, info: &ConnInfo) -> bool {
     let Some(pod) = snapshot.registry.endpoint(&destination.ip()) else {
         return false;
     };
-    if pod.identity.as_str() != info.destination {
+    if pod.identity != info.destination {
         return false;
     }
-    let source = (!info.source.is_empty()).then_some(info.source.as_str());
-    if source.is_some_and(|s| snapshot.registry.identity(IdentityKey::of(s)).is_none()) {
+    if info
+        .source
+        .as_ref()
+        .is_some_and(|s| snapshot.registry.identity(s.key()).is_none())
+    {
         return false;
     }
+    let source = info.source.as_ref().map(SpiffeId::as_str);
     let to = target(&pod.namespace, &pod.labels);
     if source.is_none()
         && snapshot.policies.mtls_mode(&to, destination.port()).0 == MtlsMode::Strict

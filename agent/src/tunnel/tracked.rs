@@ -221,12 +221,11 @@ fn labels(info: &ConnInfo) -> Labels {
             Direction::Outbound => Reporter::Source,
             Direction::Inbound => Reporter::Destination,
         },
-        source_principal: if info.source.is_empty() {
-            "unknown".to_owned()
-        } else {
-            info.source.clone()
-        },
-        destination_principal: info.destination.clone(),
+        source_principal: info
+            .source
+            .as_ref()
+            .map_or_else(|| "unknown".to_owned(), ToString::to_string),
+        destination_principal: info.destination.to_string(),
         destination_port: info.destination_address.port(),
     }
 }
@@ -375,7 +374,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tunnel::splice::tests::pair;
+    use crate::{identity::SpiffeId, tunnel::splice::tests::pair};
     use tokio::{
         io::{AsyncReadExt, AsyncWriteExt},
         net::TcpListener,
@@ -383,8 +382,10 @@ mod tests {
 
     fn info() -> ConnInfo {
         ConnInfo {
-            source: "spiffe://cluster.local/ns/prod/sa/frontend".into(),
-            destination: "spiffe://cluster.local/ns/prod/sa/payment".into(),
+            source: Some(SpiffeId::valid(
+                "spiffe://cluster.local/ns/prod/sa/frontend",
+            )),
+            destination: SpiffeId::valid("spiffe://cluster.local/ns/prod/sa/payment"),
             destination_address: "10.244.2.2:8080".parse().expect("addr"),
             source_ip: None,
             direction: Direction::Inbound,
@@ -426,9 +427,18 @@ mod tests {
         let tracker = Tracker::new();
         let tracked = tracker.register(info());
         let relay = tokio::spawn(async move { tracked.splice(remote, local, false).await });
-        assert_eq!(tracker.close_where(|i| i.source.ends_with("/sa/other")), 0);
         assert_eq!(
-            tracker.close_where(|i| i.source.ends_with("/sa/frontend")),
+            tracker.close_where(|i| i
+                .source
+                .as_ref()
+                .is_some_and(|s| s.as_str().ends_with("/sa/other"))),
+            0
+        );
+        assert_eq!(
+            tracker.close_where(|i| i
+                .source
+                .as_ref()
+                .is_some_and(|s| s.as_str().ends_with("/sa/frontend"))),
             1
         );
         let err = relay.await.expect("join").expect_err("closed by the agent");
