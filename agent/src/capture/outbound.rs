@@ -1,15 +1,9 @@
-//! Redirected (captured) outbound connections of one pod.
-//!
-//! The accepted socket's peer is the application's socket as it sits in the pod's netns: with
-//! the pod's netns cookie, the peer's port and the family, the `sock_ops` program has published the
-//! original destination. The connection is carried through an HBONE tunnel (HTTP/2 CONNECT over
-//! mutual TLS, dialled from inside the pod's netns so it leaves with the pod's own address) to the
-//! destination pod's tunnel port, proving both identities; the `CONNECT` names the pod's address
-//! (`Forwarded`), since other pods of the identity share the tunnel. Once the destination agent answers
-//! `200` and says its verdict holds for the identity pair, the pair's outbound allow is cached —
-//! bounded by both certificates' NotAfter and `verdictTtl` — so the next connection takes the
-//! kernel fast path; a cacheable `403` is cached as a short deny, so the next `connect()` fails
-//! at once with `EPERM`. Workloads in `tunnel` mode are never cached.
+//! A pod's captured outbound connections: the original destination from the kernel's redirect
+//! map, then an HBONE tunnel (dialled from the pod's netns, so it leaves with the pod's address)
+//! to the destination pod's node, which proves both identities and answers. The answer's verdict
+//! is cached for the pair when [`crate::verdicts::rule`] allows, so the pair's next connection
+//! takes the kernel fast path. Details: docs/tunnel.md (*HBONE*), docs/policy.md (*What is
+//! cached*).
 
 use std::{net::SocketAddr, sync::Arc, time::SystemTime};
 

@@ -1,5 +1,5 @@
 //! Where the desired state comes from. A [`Source`] says when the desired state may have
-//! changed and loads it as a [`Snapshot`]; the runtime reconciles whatever snapshot it gets, the
+//! changed and loads it as a [`crate::state::Snapshot`]; the runtime reconciles whatever snapshot it gets, the
 //! same way for every source. [`FileSource`] is the config file and the policy files it names;
 //! the Kubernetes API is the next source (docs/runtime.md).
 
