@@ -339,10 +339,7 @@ pub fn explain(snapshot: &Snapshot, question: &Question) -> Result<Explanation, 
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
     use super::*;
-    use crate::{config::Config, identity::Registry};
 
     const NO_ADMIN: &str = r#"apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -355,24 +352,15 @@ spec:
 "#;
 
     fn snapshot(http: &str) -> Snapshot {
-        let config = Config::from_yaml(
-            Path::new("node.yaml"),
+        Snapshot::from_texts(
             &format!(
                 "node: {{ name: n1, address: 10.244.0.1 }}\ntrustDomain: cluster.local\n\
                  cgroupRoot: /cg\nbpfPinDir: /sys/fs/bpf/x\n{http}\
                  peers:\n  - {{ name: payment, namespace: prod, serviceAccount: payment, \
                  ips: [10.244.2.2], node: 10.244.0.2 }}\n"
             ),
+            NO_ADMIN,
         )
-        .expect("config");
-        let registry = Registry::from_config(&config).expect("registry");
-        let policies = PolicySet::from_yaml(&[(Path::new("p.yaml"), NO_ADMIN)], "istio-system")
-            .expect("policies");
-        Snapshot {
-            config,
-            registry,
-            policies,
-        }
     }
 
     fn ask(snapshot: &Snapshot, path: &str, host: &str) -> Result<Explanation, String> {

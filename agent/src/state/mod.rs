@@ -58,6 +58,20 @@ impl Snapshot {
         })
     }
 
+    /// A snapshot from a node config and one policy file given as text, for unit tests.
+    #[cfg(test)]
+    pub fn from_texts(config_yaml: &str, policy_yaml: &str) -> Self {
+        let config = Config::from_yaml(Path::new("node.yaml"), config_yaml).expect("config");
+        let registry = Registry::from_config(&config).expect("registry");
+        let policies = PolicySet::from_yaml(&[(Path::new("p.yaml"), policy_yaml)], "istio-system")
+            .expect("policies");
+        Self {
+            config,
+            registry,
+            policies,
+        }
+    }
+
     /// The SPIFFE IDs of the workloads this node serves.
     pub fn identities(&self) -> Vec<String> {
         self.registry

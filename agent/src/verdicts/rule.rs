@@ -53,10 +53,7 @@ pub fn lifetime(
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
     use super::*;
-    use crate::{config::Config, identity::Registry, policy::PolicySet};
 
     const FRONTEND: &str = "spiffe://cluster.local/ns/prod/sa/frontend";
     const LEDGER: &str = "spiffe://cluster.local/ns/prod/sa/ledger";
@@ -75,8 +72,7 @@ spec:
 "#;
 
     fn snapshot(mode: &str) -> Snapshot {
-        let config = Config::from_yaml(
-            Path::new("node.yaml"),
+        Snapshot::from_texts(
             &format!(
                 "node: {{ name: n1, address: 10.244.0.1 }}\ntrustDomain: cluster.local\n\
                  cgroupRoot: /cg\nbpfPinDir: /sys/fs/bpf/x\n\
@@ -84,17 +80,8 @@ spec:
                  peers:\n  - {{ name: payment, namespace: prod, serviceAccount: payment, \
                  labels: {{ app: payment }}, ips: [10.244.2.2], node: 10.244.0.2 }}\n"
             ),
+            FRONTEND_ONLY,
         )
-        .expect("config");
-        let registry = Registry::from_config(&config).expect("registry");
-        let policies =
-            PolicySet::from_yaml(&[(Path::new("p.yaml"), FRONTEND_ONLY)], "istio-system")
-                .expect("policies");
-        Snapshot {
-            config,
-            registry,
-            policies,
-        }
     }
 
     fn ask(
