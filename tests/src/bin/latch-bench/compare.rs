@@ -3,9 +3,19 @@
 //! up at once, and the pooled connection's latency is taken from each in turn (with the no-agent
 //! reference in the same rotation), with the agents' CPU time (`docs/benchmarks.md`).
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
 
 use anyhow::{Context as _, bail};
+use latch::datapath::{KernelMaps, system};
+use latch_common::{DECISION_ALLOW, DIRECTION_OUTBOUND, Identity, VerdictKey, VerdictValue};
 use latch_tests::AgentOptions;
 
 use crate::{
@@ -63,6 +73,8 @@ struct Compared {
     tally: Tally,
     /// CPU time the source and destination agents used during the variant's turns.
     cpu_ns: [u64; 2],
+    /// Whole verdict-map reads made through the debug socket during its turns.
+    debug_reads: usize,
 }
 
 /// CPU time used so far by all threads of process `pid`, in nanoseconds (the first field of
@@ -79,23 +91,77 @@ fn cpu_ns(pid: u32) -> u64 {
         .sum()
 }
 
-pub fn run(turns: usize, per_turn: usize, specs: &[Variant], out_dir: &Path) -> anyhow::Result<()> {
+/// Put `n` verdicts in the source node's verdict map that match no real pair: they only make a
+/// whole-map read as long as on a busy node.
+fn fill_verdicts(pair: &Pair, n: usize) -> anyhow::Result<()> {
+    let mut maps = KernelMaps::open_pinned(&pair.cluster.node(pair.n1).pin_dir)?;
+    let value = VerdictValue {
+        expires_at_ns: system::boot_ns_after(Duration::from_secs(24 * 3600)),
+        decision: DECISION_ALLOW,
+        _pad: 0,
+    };
+    for i in 0..n as u64 {
+        let mut src = [0xbe; 16];
+        src[..8].copy_from_slice(&i.to_le_bytes());
+        let key = VerdictKey::new(
+            Identity::new(src),
+            Identity::new([0xbe; 16]),
+            1,
+            DIRECTION_OUTBOUND,
+        );
+        maps.insert_verdict(key, value)?;
+    }
+    Ok(())
+}
+
+/// Read the whole verdict map through the debug socket of `pair`'s source agent, over and over,
+/// until `stop`; how many reads it made.
+fn debug_reader(pair: &Pair, stop: Arc<AtomicBool>) -> JoinHandle<usize> {
+    let socket = pair.cluster.debug_socket(pair.n1);
+    std::thread::spawn(move || {
+        let mut reads = 0;
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok((true, _)) = latch_tests::agent::debug(&socket, &["verdicts", "--json"]) {
+                reads += 1;
+            }
+        }
+        reads
+    })
+}
+
+pub fn run(
+    turns: usize,
+    per_turn: usize,
+    debug_reads: Option<usize>,
+    specs: &[Variant],
+    out_dir: &Path,
+) -> anyhow::Result<()> {
     println!(
         "compare: pooled tunneled connections (1-byte request + echo), {turns} turns of \
          {per_turn} per variant, each variant in a cluster of its own, with the no-agent \
          reference in the rotation"
     );
+    if let Some(n) = debug_reads {
+        println!(
+            "  while the source agent's {n}-verdict map is read whole through its debug socket, \
+             over and over"
+        );
+    }
     let reference = Reference::new()?;
     let mut clusters = Vec::new();
     for variant in specs {
         let mut pair = Pair::new()?;
         pair.start_agents(&variant.options)?;
         pair.warm_up(per_turn)?;
+        if let Some(n) = debug_reads {
+            fill_verdicts(&pair, n)?;
+        }
         clusters.push(Compared {
             agents: pair.agent_pids(),
             pair,
             tally: Tally::default(),
             cpu_ns: [0; 2],
+            debug_reads: 0,
         });
     }
     reference.rate(Via::Direct, per_turn)?;
@@ -106,7 +172,14 @@ pub fn run(turns: usize, per_turn: usize, specs: &[Variant], out_dir: &Path) -> 
         for i in 0..k {
             let c = &mut clusters[(turn + i) % k];
             let before = c.agents.map(cpu_ns);
-            c.tally.add(c.pair.rate(per_turn)?);
+            let stop = Arc::new(AtomicBool::new(false));
+            let reader = debug_reads.map(|_| debug_reader(&c.pair, stop.clone()));
+            let rate = c.pair.rate(per_turn);
+            stop.store(true, Ordering::Relaxed);
+            if let Some(reader) = reader {
+                c.debug_reads += reader.join().unwrap_or_default();
+            }
+            c.tally.add(rate?);
             for (sum, (pid, before)) in c.cpu_ns.iter_mut().zip(c.agents.iter().zip(before)) {
                 *sum += cpu_ns(*pid).saturating_sub(before);
             }
@@ -115,11 +188,11 @@ pub fn run(turns: usize, per_turn: usize, specs: &[Variant], out_dir: &Path) -> 
     let reference_p50 = reference_tally.percentile(0.5);
     println!(
         "\n| variant | p50 µs | p99 µs | added to no agents µs | source agent CPU µs | \
-         destination agent CPU µs | failures |"
+         destination agent CPU µs | debug reads | failures |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     println!(
-        "| no agents (reference) | {reference_p50} | {} | 0 | | | {} |",
+        "| no agents (reference) | {reference_p50} | {} | 0 | | | | {} |",
         reference_tally.percentile(0.99),
         reference_tally.failures
     );
@@ -132,15 +205,17 @@ pub fn run(turns: usize, per_turn: usize, specs: &[Variant], out_dir: &Path) -> 
             .cpu_ns
             .map(|ns| ns as f64 / 1000.0 / tally.count.max(1) as f64);
         println!(
-            "| {} | {p50} | {} | {added} | {source_cpu:.1} | {destination_cpu:.1} | {} |",
+            "| {} | {p50} | {} | {added} | {source_cpu:.1} | {destination_cpu:.1} | {} | {} |",
             variant.label,
             tally.percentile(0.99),
+            c.debug_reads,
             tally.failures
         );
         rows.push(serde_json::json!({
             "label": variant.label, "p50_us": p50, "added_p50_us": added,
             "p99_us": tally.percentile(0.99), "failures": tally.failures,
             "source_agent_cpu_us": source_cpu, "destination_agent_cpu_us": destination_cpu,
+            "debug_reads": c.debug_reads,
         }));
     }
     println!(
@@ -149,6 +224,7 @@ pub fn run(turns: usize, per_turn: usize, specs: &[Variant], out_dir: &Path) -> 
     );
     let json = serde_json::json!({
         "benchmark": "compare", "turns": turns, "per_turn": per_turn,
+        "debug_read_verdicts": debug_reads,
         "no_agents_p50_us": reference_p50, "variants": rows,
     });
     report::write_json(out_dir, "compare", &json)

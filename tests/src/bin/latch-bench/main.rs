@@ -58,6 +58,11 @@ enum Suite {
         /// Connections per turn.
         #[arg(long, default_value_t = reference::TURN)]
         per_turn: usize,
+        /// Put this many synthetic verdicts in each source node's verdict map and read the
+        /// whole map through the source agent's debug socket (`latch debug verdicts`) over and
+        /// over while the variant is measured: whether a debug read stalls connections.
+        #[arg(long, value_name = "VERDICTS")]
+        debug_reads: Option<usize>,
         /// An agent binary to compare, under a label, with optional settings; one or more.
         #[arg(required = true, value_name = "LABEL=AGENT_BINARY[,busyPoll=DURATION]")]
         variants: Vec<compare::Variant>,
@@ -75,7 +80,8 @@ fn main() -> anyhow::Result<()> {
         Suite::Compare {
             turns,
             per_turn,
+            debug_reads,
             variants,
-        } => compare::run(turns, per_turn, &variants, &out_dir),
+        } => compare::run(turns, per_turn, debug_reads, &variants, &out_dir),
     }
 }
