@@ -338,20 +338,111 @@ impl Config {
 
     /// Parse and validate `text`; `origin` names the file in messages.
     pub fn from_yaml(origin: &Path, text: &str) -> Result<Config, ConfigError> {
-        if text.trim().is_empty()
-            || text
-                .lines()
-                .all(|l| l.trim_start().starts_with('#') || l.trim().is_empty())
-        {
-            return Err(ConfigError::Empty {
-                file: origin.to_owned(),
-            });
-        }
+        refuse_empty(origin, text)?;
         let deserializer = serde_yaml_ng::Deserializer::from_str(text);
         let config: Config = serde_path_to_error::deserialize(deserializer)
             .map_err(|e| ConfigError::from_parse(origin, text, e))?;
         validate::check(&config).map_err(|problem| ConfigError::invalid(origin, text, problem))?;
         Ok(config)
+    }
+
+    /// Read and validate the node-level config of Kubernetes mode (`latch agent --kubernetes`).
+    pub fn load_for_kubernetes(path: &Path, node: Option<Node>) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.to_owned(),
+            source,
+        })?;
+        Self::kubernetes_from_yaml(path, &text, node)
+    }
+
+    /// The node-level config of Kubernetes mode: workloads, peers and policies come from the
+    /// API server, so the file must not list them; `node` is the file's, else `node` (from the
+    /// downward API's `NODE_NAME` and `HOST_IP`).
+    pub fn kubernetes_from_yaml(
+        origin: &Path,
+        text: &str,
+        node: Option<Node>,
+    ) -> Result<Config, ConfigError> {
+        refuse_empty(origin, text)?;
+        let deserializer = serde_yaml_ng::Deserializer::from_str(text);
+        let mut value: serde_yaml_ng::Mapping = serde_path_to_error::deserialize(deserializer)
+            .map_err(|e| ConfigError::from_parse(origin, text, e))?;
+        for key in ["workloads", "peers", "policies"] {
+            if value.contains_key(key) {
+                return Err(ConfigError::invalid(
+                    origin,
+                    text,
+                    report::problem(
+                        key,
+                        "in Kubernetes mode this comes from the API server; remove it from the \
+                         config file",
+                    ),
+                ));
+            }
+        }
+        if !value.contains_key("node") {
+            let Some(node) = node else {
+                return Err(ConfigError::invalid(
+                    origin,
+                    text,
+                    report::problem(
+                        "node",
+                        "not set: give node: in the file, or NODE_NAME and HOST_IP in the \
+                         environment (the DaemonSet sets them from the downward API)",
+                    ),
+                ));
+            };
+            let node = serde_yaml_ng::to_value(&node).map_err(|e| ConfigError::Invalid {
+                file: origin.to_owned(),
+                line: None,
+                column: None,
+                path: "node".to_owned(),
+                message: e.to_string(),
+            })?;
+            value.insert("node".into(), node);
+        }
+        let config: Config = serde_path_to_error::deserialize(serde_yaml_ng::Value::Mapping(value))
+            .map_err(|e| ConfigError::from_parse(origin, text, e))?;
+        validate::check(&config).map_err(|problem| ConfigError::invalid(origin, text, problem))?;
+        Ok(config)
+    }
+}
+
+/// A file with nothing but comments and blank lines is a mistake, not a config.
+fn refuse_empty(origin: &Path, text: &str) -> Result<(), ConfigError> {
+    if text.trim().is_empty()
+        || text
+            .lines()
+            .all(|l| l.trim_start().starts_with('#') || l.trim().is_empty())
+    {
+        return Err(ConfigError::Empty {
+            file: origin.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+impl Node {
+    /// This node from the downward API's values (`NODE_NAME`, `HOST_IP`): `None` when neither
+    /// is set; an error naming the variable when one is missing or does not parse.
+    pub fn from_environment(
+        name: Option<String>,
+        address: Option<String>,
+    ) -> Result<Option<Node>, String> {
+        match (name, address) {
+            (None, None) => Ok(None),
+            (Some(name), Some(address)) => {
+                if name.is_empty() {
+                    return Err("NODE_NAME is empty".to_owned());
+                }
+                let address = address
+                    .parse()
+                    .map_err(|e| format!("HOST_IP {address:?} is not an IP address: {e}"))?;
+                Ok(Some(Node { name, address }))
+            }
+            (Some(_), None) => Err("NODE_NAME is set but HOST_IP is not".to_owned()),
+            (None, Some(_)) => Err("HOST_IP is set but NODE_NAME is not".to_owned()),
+        }
     }
 }
 

@@ -392,3 +392,87 @@ fn bad_path_normalization() {
     );
     assert!(msg.contains("greater than zero"), "{msg}");
 }
+
+/// The node-level settings of Kubernetes mode, without `node`.
+const KUBERNETES: &str = "trustDomain: cluster.local\ncgroupRoot: /sys/fs/cgroup\nbpfPinDir: /sys/fs/bpf/latch\ndataplane: { mode: tunnel }\n";
+
+fn node_b() -> Node {
+    Node {
+        name: "node-b".into(),
+        address: "10.244.0.2".parse().expect("ip"),
+    }
+}
+
+#[test]
+fn kubernetes_mode_takes_the_node_from_the_environment_unless_the_file_names_it() {
+    let c = Config::kubernetes_from_yaml(Path::new("k.yaml"), KUBERNETES, Some(node_b()))
+        .expect("valid");
+    assert_eq!(c.node, node_b());
+    assert_eq!(c.dataplane.mode, DataplaneMode::Tunnel);
+    assert!(c.workloads.is_empty() && c.peers.is_empty() && c.policies.is_empty());
+
+    let text = format!("node: {{ name: n1, address: 10.244.0.1 }}\n{KUBERNETES}");
+    let c =
+        Config::kubernetes_from_yaml(Path::new("k.yaml"), &text, Some(node_b())).expect("valid");
+    assert_eq!(c.node.name, "n1");
+
+    let err = Config::kubernetes_from_yaml(Path::new("k.yaml"), KUBERNETES, None)
+        .expect_err("no node anywhere");
+    let msg = err.to_string();
+    assert!(msg.starts_with("k.yaml: node: not set"), "{msg}");
+    assert!(msg.contains("NODE_NAME and HOST_IP"), "{msg}");
+}
+
+#[test]
+fn kubernetes_mode_refuses_what_the_api_server_provides() {
+    for (key, line) in [
+        ("workloads: []", 5),
+        ("peers: []", 5),
+        ("policies: [/etc/latch/policies]", 5),
+    ] {
+        let text = format!("{KUBERNETES}{key}\n");
+        let err = Config::kubernetes_from_yaml(Path::new("k.yaml"), &text, Some(node_b()))
+            .expect_err(key);
+        let msg = err.to_string();
+        let field = key.split(':').next().unwrap_or_default();
+        assert!(
+            msg.starts_with(&format!("k.yaml:{line}:1: {field}: in Kubernetes mode")),
+            "{msg}"
+        );
+    }
+}
+
+#[test]
+fn kubernetes_mode_reports_field_errors_at_their_line() {
+    let text = format!("{KUBERNETES}ports: {{ capture: 15001, inbound: 15001 }}\n");
+    let err = Config::kubernetes_from_yaml(Path::new("k.yaml"), &text, Some(node_b()))
+        .expect_err("a port used twice");
+    assert!(err.to_string().starts_with("k.yaml:5:"), "{err}");
+    let text = format!("{KUBERNETES}dataplane2: {{}}\n");
+    let err = Config::kubernetes_from_yaml(Path::new("k.yaml"), &text, Some(node_b()))
+        .expect_err("an unknown field");
+    assert!(err.to_string().contains("dataplane2"), "{err}");
+}
+
+#[test]
+fn the_node_from_the_downward_api_must_be_whole() {
+    let some = |s: &str| Some(s.to_owned());
+    assert_eq!(Node::from_environment(None, None), Ok(None));
+    assert_eq!(
+        Node::from_environment(some("node-b"), some("10.244.0.2")),
+        Ok(Some(node_b()))
+    );
+    for (name, address, says) in [
+        (some("node-b"), None, "HOST_IP is not"),
+        (None, some("10.244.0.2"), "NODE_NAME is not"),
+        (
+            some("node-b"),
+            some("node-b"),
+            "HOST_IP \"node-b\" is not an IP",
+        ),
+        (some(""), some("10.244.0.2"), "NODE_NAME is empty"),
+    ] {
+        let err = Node::from_environment(name, address).expect_err(says);
+        assert!(err.contains(says), "{err}");
+    }
+}

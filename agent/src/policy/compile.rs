@@ -21,6 +21,9 @@ pub(crate) struct Meta {
     pub file: std::path::PathBuf,
     /// 1-based line of the document's `metadata.name`, in the file.
     pub line: usize,
+    /// `metadata.creationTimestamp`: of several PeerAuthentications at one level, the oldest
+    /// decides (as in Istio).
+    pub created: Option<time::OffsetDateTime>,
 }
 
 #[derive(Debug, Clone)]

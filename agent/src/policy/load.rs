@@ -13,7 +13,7 @@ use std::{
 use serde::de::DeserializeOwned;
 
 use super::{
-    FileSummary, PolicyError, PolicySet,
+    Compiled, FileSummary, PolicyError, PolicyObject, PolicySet,
     compile::{self, AuthzPolicy, Meta, PeerAuthPolicy, Problem},
     decision::PolicyKind,
     model,
@@ -52,6 +52,28 @@ pub(super) fn from_texts(
         loader.file(file, text);
     }
     loader.finish(root_namespace)
+}
+
+/// One policy object on its own (a Kubernetes object, written out as YAML), named by `origin`
+/// in its errors.
+pub(super) fn object(origin: &Path, text: &str) -> Result<PolicyObject, Vec<PolicyError>> {
+    let mut loader = Loader::default();
+    let mut summary = FileSummary {
+        file: origin.to_owned(),
+        authorization_policies: 0,
+        peer_authentications: 0,
+    };
+    let doc = Doc {
+        file: origin,
+        text,
+        offset: 0,
+    };
+    loader.document(&doc, &mut summary)?;
+    match (loader.authz.pop(), loader.peer.pop()) {
+        (Some(policy), _) => Ok(PolicyObject(Compiled::Authorization(policy))),
+        (_, Some(policy)) => Ok(PolicyObject(Compiled::PeerAuthentication(policy))),
+        (None, None) => Err(vec![doc.error("", "not a policy".to_owned())]),
+    }
 }
 
 /// A file as itself; a directory as its `*.yaml` and `*.yml` files, by name.
@@ -192,12 +214,25 @@ impl Doc<'_> {
         if namespace.is_empty() {
             return Err(self.error("metadata.namespace", "must not be empty".to_owned()));
         }
+        let created = match &meta.creation_timestamp {
+            None => None,
+            Some(text) => Some(
+                time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+                    .map_err(|e| {
+                    self.error(
+                        "metadata.creationTimestamp",
+                        format!("{text:?} is not an RFC 3339 time: {e}"),
+                    )
+                })?,
+            ),
+        };
         Ok(Meta {
             namespace,
             name: meta.name.clone(),
             file: self.file.to_owned(),
             line: locate(self.text, "metadata.name")
                 .map_or(self.offset + 1, |(l, _)| l + self.offset),
+            created,
         })
     }
 }

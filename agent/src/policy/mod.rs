@@ -59,6 +59,31 @@ struct Inner {
     files: Vec<FileSummary>,
 }
 
+/// One checked policy, loaded on its own: Kubernetes mode keeps each object's last good
+/// version, so one bad object never takes the others down.
+#[derive(Debug, Clone)]
+pub struct PolicyObject(Compiled);
+
+#[derive(Debug, Clone)]
+enum Compiled {
+    Authorization(AuthzPolicy),
+    PeerAuthentication(PeerAuthPolicy),
+}
+
+impl PolicyObject {
+    /// Check one object given as YAML (or JSON) text; `origin` names it in the errors.
+    pub fn parse(origin: &Path, text: &str) -> Result<Self, Vec<PolicyError>> {
+        load::object(origin, text)
+    }
+
+    pub fn kind(&self) -> PolicyKind {
+        match self.0 {
+            Compiled::Authorization(_) => PolicyKind::AuthorizationPolicy,
+            Compiled::PeerAuthentication(_) => PolicyKind::PeerAuthentication,
+        }
+    }
+}
+
 /// What one loaded file held.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct FileSummary {
@@ -101,6 +126,22 @@ impl PolicySet {
         load::from_texts(sources, root_namespace)
     }
 
+    /// A set of policy objects checked one by one ([`PolicyObject::parse`]), as Kubernetes
+    /// mode keeps them.
+    pub fn from_objects<'a>(
+        objects: impl IntoIterator<Item = &'a PolicyObject>,
+        root_namespace: &str,
+    ) -> Self {
+        let (mut authz, mut peer) = (Vec::new(), Vec::new());
+        for object in objects {
+            match &object.0 {
+                Compiled::Authorization(p) => authz.push(p.clone()),
+                Compiled::PeerAuthentication(p) => peer.push(p.clone()),
+            }
+        }
+        Self::build(root_namespace, authz, peer, Vec::new())
+    }
+
     /// The mTLS mode used where no PeerAuthentication applies (Istio: PERMISSIVE).
     pub fn with_default_mtls(mut self, mode: MtlsMode) -> Self {
         Arc::make_mut(&mut self.inner).default_mtls = mode;
@@ -123,8 +164,18 @@ impl PolicySet {
         authz.sort_by(|a, b| {
             (&a.meta.namespace, &a.meta.name).cmp(&(&b.meta.namespace, &b.meta.name))
         });
+        // The oldest first (a policy without a creation time after those with one), then by
+        // name: the first of a level decides (`peer_auth`).
         peer.sort_by(|a, b| {
-            (&a.meta.namespace, &a.meta.name).cmp(&(&b.meta.namespace, &b.meta.name))
+            let key = |p: &PeerAuthPolicy| {
+                (
+                    p.meta.namespace.clone(),
+                    p.meta.created.is_none(),
+                    p.meta.created,
+                    p.meta.name.clone(),
+                )
+            };
+            key(a).cmp(&key(b))
         });
         let authz_index = Index::build(
             authz

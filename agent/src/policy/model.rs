@@ -59,6 +59,22 @@ pub struct ObjectMeta {
     pub generation: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub creation_timestamp: Option<String>,
+    /// What the API server also returns (`kubectl get -o yaml`, the Kubernetes watch): read so
+    /// that such an object is accepted, never interpreted.
+    #[serde(default, skip_serializing)]
+    pub managed_fields: Option<serde_yaml_ng::Value>,
+    #[serde(default, skip_serializing)]
+    pub owner_references: Option<serde_yaml_ng::Value>,
+    #[serde(default, skip_serializing)]
+    pub finalizers: Option<serde_yaml_ng::Value>,
+    #[serde(default, skip_serializing)]
+    pub generate_name: Option<serde_yaml_ng::Value>,
+    #[serde(default, skip_serializing)]
+    pub deletion_timestamp: Option<serde_yaml_ng::Value>,
+    #[serde(default, skip_serializing)]
+    pub deletion_grace_period_seconds: Option<serde_yaml_ng::Value>,
+    #[serde(default, skip_serializing)]
+    pub self_link: Option<serde_yaml_ng::Value>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]

@@ -4,8 +4,8 @@
 //! mesh-wide policy (root namespace, no selector); then the default (PERMISSIVE unless set with
 //! [`PolicySet::with_default_mtls`]). `UNSET` (or no mode) defers to the next level.
 //!
-//! When several policies exist at one level Istio uses the oldest; Latch has no creation
-//! times it can trust, so it uses the first by (namespace, name), deterministically.
+//! When several policies exist at one level the oldest (`metadata.creationTimestamp`) decides,
+//! as in Istio; policies without one (hand-written files) come after, by name.
 
 use super::{
     PolicySet,

@@ -2,6 +2,7 @@
 //! engine against the reference evaluator ([`props`]). Shared helpers live here.
 
 mod errors;
+mod objects;
 mod props;
 mod table;
 
