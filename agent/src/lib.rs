@@ -18,6 +18,7 @@ pub mod debug;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod identity;
+pub mod kubernetes;
 pub mod logging;
 pub mod metrics;
 pub mod netlink;
