@@ -1,6 +1,6 @@
 //! Pod → cgroup: the cgroup2 mount that holds kubelet's kubepods root, the root itself (and so
 //! the cgroup driver), a pod's pod-level cgroup for its QoS class, the container cgroups below
-//! it. Everything is read from what exists on disk.
+//! it, and the processes in them. Everything is read from what exists on disk.
 
 use std::{
     fs, io,
@@ -403,4 +403,42 @@ pub fn list_containers(pod_cgroup: &Path) -> io::Result<Vec<ContainerCgroup>> {
     }
     out.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(out)
+}
+
+/// How deep below a container cgroup processes are looked for, when the container made cgroups
+/// of its own (a container running systemd, or a nested runtime).
+const PROCESS_DEPTH: usize = 3;
+
+/// The processes of the cgroup at `path`: its own, or if it has none, those of the first
+/// cgroup below it that has some (a cgroup v2 cgroup with children may hold none itself).
+pub(super) fn processes(path: &Path) -> io::Result<Vec<u32>> {
+    processes_below(path, PROCESS_DEPTH)
+}
+
+fn processes_below(path: &Path, depth: usize) -> io::Result<Vec<u32>> {
+    let procs = path.join("cgroup.procs");
+    let text = fs::read_to_string(&procs)?;
+    let pids: Vec<u32> = text
+        .lines()
+        .filter_map(|line| line.trim().parse().ok())
+        .collect();
+    if !pids.is_empty() || depth == 0 {
+        return Ok(pids);
+    }
+    let mut children: Vec<PathBuf> = fs::read_dir(path)?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path())
+        .collect();
+    children.sort();
+    for child in children {
+        match processes_below(&child, depth - 1) {
+            Ok(pids) if !pids.is_empty() => return Ok(pids),
+            // Removed meanwhile: look at the next one.
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Vec::new())
 }

@@ -1,5 +1,5 @@
-//! Pod → cgroup, for Kubernetes mode (pod → network namespace comes next). Inputs are plain
-//! values (the pod's UID and QoS class), so the watcher calls this without it knowing kube-rs.
+//! Pod → cgroup and pod → network namespace, for Kubernetes mode. Inputs are plain values (the
+//! pod's UID, QoS class and IPs), so the watcher calls this without it knowing kube-rs.
 //!
 //! - [`cgroup`]: kubelet's kubepods root, found on disk: a configured path, or `kubepods.slice`
 //!   / `kubepods` at the top of a cgroup2 mount, or one level down (a `--cgroup-root`, as kind's
@@ -14,13 +14,19 @@
 //!   cgroups below a pod cgroup: `cri-containerd-<id>.scope`, `crio-<id>.scope` (never
 //!   `crio-conmon-<id>.scope`), `docker-<id>.scope` (cri-dockerd), cgroupfs's bare `<id>` and
 //!   `crio-<id>`.
+//! - [`netns`]: a process of a container cgroup (the pod cgroup itself holds none under cgroup
+//!   v2), its netns accepted only when it holds one of the pod's IPs, and returned as an open
+//!   descriptor with its identity (inode, device): `/proc/PID/ns/net` names another namespace,
+//!   or none, once that process exits, while the descriptor keeps the namespace.
 //! - [`error`]: why not (yet); the caller retries what [`DiscoveryError::is_retryable`].
 
 pub mod cgroup;
 pub mod error;
+pub mod netns;
 
 pub use cgroup::{
     CgroupDriver, ContainerCgroup, KubepodsRoot, PodCgroup, QosClass, Runtime, cgroup2_mounts,
     choose_mount, list_containers,
 };
 pub use error::DiscoveryError;
+pub use netns::{NetnsId, PodNetns, addresses, pod_netns};
