@@ -30,3 +30,6 @@ pub use cgroup::{
 };
 pub use error::DiscoveryError;
 pub use netns::{NetnsId, PodNetns, addresses, pod_netns};
+
+#[cfg(test)]
+mod tests;
