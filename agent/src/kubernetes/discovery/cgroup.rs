@@ -421,6 +421,8 @@ fn processes_below(path: &Path, depth: usize) -> io::Result<Vec<u32>> {
     let pids: Vec<u32> = text
         .lines()
         .filter_map(|line| line.trim().parse().ok())
+        // A process outside the reader's PID namespace reads as 0 (the agent needs hostPID).
+        .filter(|pid| *pid != 0)
         .collect();
     if !pids.is_empty() || depth == 0 {
         return Ok(pids);
