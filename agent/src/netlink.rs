@@ -1,15 +1,19 @@
 //! Route netlink requests: one socket in a network namespace, a request and its replies (a dump
 //! read to its end, re-read if it changed underneath; an acknowledgement; or one reply). What
 //! the requests mean belongs to their users: the delivery routing in each pod's netns
-//! (`capture::transparent`) and the interfaces and addresses anti-spoofing watches
-//! (`antispoof::netlink`).
+//! (`capture::transparent`) and the interfaces anti-spoofing watches (`antispoof::netlink`).
+//! The addresses of a namespace are read here, for anti-spoofing and for Kubernetes mode's
+//! check of a pod's namespace.
 
-use std::{fs::File, io, path::Path};
+use std::{fs::File, io, net::IpAddr, path::Path};
 
 use netlink_packet_core::{
     NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
-use netlink_packet_route::RouteNetlinkMessage;
+use netlink_packet_route::{
+    RouteNetlinkMessage,
+    address::{AddressAttribute, AddressMessage},
+};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
 /// `NLM_F_DUMP_INTR`: the dump changed while it was read; read it again.
@@ -135,4 +139,42 @@ impl RouteSocket {
 
 fn annotate(e: io::Error, what: &str, path: &Path) -> io::Error {
     io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
+}
+
+/// One address of an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Address {
+    pub index: u32,
+    pub ip: IpAddr,
+}
+
+impl RouteSocket {
+    /// Every address of the namespace, both families.
+    pub fn addresses(&mut self) -> io::Result<Vec<Address>> {
+        let messages = self.dump(RouteNetlinkMessage::GetAddress(AddressMessage::default()))?;
+        Ok(messages
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewAddress(address) => address_of(&address),
+                _ => None,
+            })
+            .collect())
+    }
+}
+
+fn address_of(message: &AddressMessage) -> Option<Address> {
+    // IFA_LOCAL is the interface's own address; IFA_ADDRESS is the peer's on point-to-point
+    // links and the same as IFA_LOCAL elsewhere (IPv6 sends IFA_ADDRESS only).
+    let local = message.attributes.iter().find_map(|a| match a {
+        AddressAttribute::Local(ip) => Some(*ip),
+        _ => None,
+    });
+    let address = message.attributes.iter().find_map(|a| match a {
+        AddressAttribute::Address(ip) => Some(*ip),
+        _ => None,
+    });
+    Some(Address {
+        index: message.header.index,
+        ip: local.or(address)?,
+    })
 }

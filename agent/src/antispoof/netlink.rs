@@ -1,20 +1,19 @@
-//! Route netlink as anti-spoofing needs it: the links and addresses of a network namespace
-//! (dumped), the id a namespace has as seen from another one (`RTM_GETNSID`), and a socket that
+//! Route netlink as anti-spoofing needs it: the links of a network namespace (dumped; its
+//! addresses are [`crate::netlink`]'s), the id a namespace has as seen from another one (`RTM_GETNSID`), and a socket that
 //! wakes up on every link or address change (`RTNLGRP_LINK`, `RTNLGRP_IPV4_IFADDR`,
 //! `RTNLGRP_IPV6_IFADDR`). Sockets keep the namespace they were made in.
 
-use std::{fs::File, io, net::IpAddr, os::fd::AsRawFd};
+use std::{fs::File, io, os::fd::AsRawFd};
 
 use netlink_packet_core::NLM_F_ACK;
 use netlink_packet_route::{
     RouteNetlinkMessage,
-    address::{AddressAttribute, AddressMessage},
     link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkLayerType, LinkMessage},
     nsid::{NsidAttribute, NsidMessage},
 };
 use netlink_sys::{Socket, protocols::NETLINK_ROUTE};
 
-pub use crate::netlink::RouteSocket;
+pub use crate::netlink::{Address, RouteSocket};
 
 /// What kind of device a link is, as far as anti-spoofing cares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,13 +42,6 @@ pub struct Link {
     pub mac: Option<[u8; 6]>,
 }
 
-/// One address of an interface.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Address {
-    pub index: u32,
-    pub ip: IpAddr,
-}
-
 impl RouteSocket {
     /// Every link of the namespace.
     pub fn links(&mut self) -> io::Result<Vec<Link>> {
@@ -58,18 +50,6 @@ impl RouteSocket {
             .into_iter()
             .filter_map(|m| match m {
                 RouteNetlinkMessage::NewLink(link) => Some(link_of(link)),
-                _ => None,
-            })
-            .collect())
-    }
-
-    /// Every address of the namespace, both families.
-    pub fn addresses(&mut self) -> io::Result<Vec<Address>> {
-        let messages = self.dump(RouteNetlinkMessage::GetAddress(AddressMessage::default()))?;
-        Ok(messages
-            .into_iter()
-            .filter_map(|m| match m {
-                RouteNetlinkMessage::NewAddress(address) => address_of(&address),
                 _ => None,
             })
             .collect())
@@ -145,23 +125,6 @@ fn link_of(message: LinkMessage) -> Link {
         }
     }
     link
-}
-
-fn address_of(message: &AddressMessage) -> Option<Address> {
-    // IFA_LOCAL is the interface's own address; IFA_ADDRESS is the peer's on point-to-point
-    // links and the same as IFA_LOCAL elsewhere (IPv6 sends IFA_ADDRESS only).
-    let local = message.attributes.iter().find_map(|a| match a {
-        AddressAttribute::Local(ip) => Some(*ip),
-        _ => None,
-    });
-    let address = message.attributes.iter().find_map(|a| match a {
-        AddressAttribute::Address(ip) => Some(*ip),
-        _ => None,
-    });
-    Some(Address {
-        index: message.header.index,
-        ip: local.or(address)?,
-    })
 }
 
 /// Route netlink multicast groups that announce changes to links and addresses:
