@@ -3,6 +3,7 @@
 
 mod cmd;
 mod fuzz;
+mod manifests;
 mod modules;
 mod setup;
 mod tasks;
@@ -25,8 +26,11 @@ enum Command {
         #[arg(long)]
         release: bool,
     },
-    /// fmt check, clippy on every crate (eBPF included), unit and kernel integration tests.
+    /// fmt check, clippy on every crate (eBPF included), the manifests, unit and kernel
+    /// integration tests.
     Test,
+    /// Render deploy/ with kubectl kustomize and validate it against the Kubernetes schemas.
+    Manifests,
     /// A two-node cluster in network namespaces with real agents; prints what happened.
     Demo {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -57,6 +61,7 @@ fn main() -> std::process::ExitCode {
         Command::Setup => setup::toolchain().and_then(|()| setup::kernel()),
         Command::Build { release } => tasks::build(release),
         Command::Test => tasks::test(),
+        Command::Manifests => manifests::check(),
         Command::Demo { args } => tasks::demo(&args),
         Command::Fuzz {
             seconds,

@@ -53,6 +53,7 @@ pub fn test() -> anyhow::Result<()> {
     ]))?;
 
     crate::modules::check_acyclic()?;
+    crate::manifests::check()?;
 
     step("lint: clippy -D warnings on the eBPF crate, for bpfel-unknown-none");
     let arch = std::env::consts::ARCH;
