@@ -3,6 +3,7 @@
 
 mod cmd;
 mod fuzz;
+mod image;
 mod manifests;
 mod modules;
 mod setup;
@@ -26,9 +27,15 @@ enum Command {
         #[arg(long)]
         release: bool,
     },
-    /// fmt check, clippy on every crate (eBPF included), the manifests, unit and kernel
-    /// integration tests.
+    /// fmt check, clippy on every crate (eBPF included), the manifests, the image, unit and
+    /// kernel integration tests.
     Test,
+    /// The agent as an OCI image, latch:dev (release build), under target/image/ and in podman.
+    Image {
+        /// Instead: latch:test from the debug build, run with podman as `cargo xtask test` does.
+        #[arg(long)]
+        check: bool,
+    },
     /// Render deploy/ with kubectl kustomize and validate it against the Kubernetes schemas.
     Manifests,
     /// A two-node cluster in network namespaces with real agents; prints what happened.
@@ -61,6 +68,7 @@ fn main() -> std::process::ExitCode {
         Command::Setup => setup::toolchain().and_then(|()| setup::kernel()),
         Command::Build { release } => tasks::build(release),
         Command::Test => tasks::test(),
+        Command::Image { check } => tasks::image(check),
         Command::Manifests => manifests::check(),
         Command::Demo { args } => tasks::demo(&args),
         Command::Fuzz {
