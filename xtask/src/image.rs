@@ -164,12 +164,36 @@ fn build(profile: &str, tag: &str) -> anyhow::Result<String> {
     if !binary.exists() {
         bail!("{} was not built", binary.display());
     }
-    let rootfs = image_dir().join(format!("rootfs-{tag}"));
-    if rootfs.exists() {
-        std::fs::remove_dir_all(&rootfs)
-            .with_context(|| format!("removing {}", rootfs.display()))?;
+    // An empty image, unpacked into a bundle whose rootfs is filled here and packed back as
+    // the image's one layer (`umoci insert` writes layers without a tar trailer).
+    let layout = layout();
+    let reference = format!("{}:{tag}", layout.display());
+    if layout.join("index.json").exists() {
+        let tags = cmd::stdout_of(Command::new("umoci").args(["ls", "--layout"]).arg(&layout))
+            .unwrap_or_default();
+        if tags.lines().any(|t| t.trim() == tag) {
+            cmd::run(Command::new("umoci").args(["rm", "--image", &reference]))?;
+        }
+    } else {
+        std::fs::create_dir_all(image_dir())?;
+        cmd::run(
+            Command::new("umoci")
+                .args(["init", "--layout"])
+                .arg(&layout),
+        )?;
     }
-    std::fs::create_dir_all(&rootfs)?;
+    cmd::run(Command::new("umoci").args(["new", "--image", &reference]))?;
+    let bundle = image_dir().join(format!("bundle-{tag}"));
+    if bundle.exists() {
+        std::fs::remove_dir_all(&bundle)
+            .with_context(|| format!("removing {}", bundle.display()))?;
+    }
+    cmd::run(
+        Command::new("umoci")
+            .args(["unpack", "--image", &reference])
+            .arg(&bundle),
+    )?;
+    let rootfs = bundle.join("rootfs");
 
     // Debug information is no use in the image (the symbols stay, for backtraces).
     let entry = rootfs.join("latch");
@@ -209,29 +233,12 @@ fn build(profile: &str, tag: &str) -> anyhow::Result<String> {
         println!("    {line}");
     }
 
-    let layout = layout();
-    let reference = format!("{}:{tag}", layout.display());
-    if layout.join("index.json").exists() {
-        let tags = cmd::stdout_of(Command::new("umoci").args(["ls", "--layout"]).arg(&layout))
-            .unwrap_or_default();
-        if tags.lines().any(|t| t.trim() == tag) {
-            cmd::run(Command::new("umoci").args(["rm", "--image", &reference]))?;
-        }
-    } else {
-        std::fs::create_dir_all(image_dir())?;
-        cmd::run(
-            Command::new("umoci")
-                .args(["init", "--layout"])
-                .arg(&layout),
-        )?;
-    }
-    cmd::run(Command::new("umoci").args(["new", "--image", &reference]))?;
     cmd::run(
         Command::new("umoci")
-            .args(["insert", "--image", &reference])
-            .arg(&rootfs)
-            .arg("/"),
+            .args(["repack", "--image", &reference])
+            .arg(&bundle),
     )?;
+    std::fs::remove_dir_all(&bundle).with_context(|| format!("removing {}", bundle.display()))?;
     let arch = match std::env::consts::ARCH {
         "x86_64" => "amd64",
         "aarch64" => "arm64",
