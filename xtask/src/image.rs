@@ -6,9 +6,10 @@
 //! podman is installed) and into `target/image/latch-dev.tar`, a docker-archive that
 //! `kind load image-archive` and `ctr -n k8s.io images import` take.
 //!
-//! `cargo xtask test` makes the same image from the debug build (tag `test`, so that it never
-//! replaces a release `latch:dev`) and runs it with podman without network: `latch --version`
-//! and `latch policy check` on policy files mounted from the repository.
+//! `cargo xtask test` (and `cargo xtask image --check`) makes the same image from the debug build
+//! (tag `test`, so that it never replaces a release `latch:dev`), loads it into podman for the
+//! run only and runs it without network: `latch --version` and `latch policy check` on policy
+//! files mounted from the repository, which must answer as the binary it was made from does.
 
 use std::{
     path::{Path, PathBuf},
@@ -44,7 +45,7 @@ pub fn release() -> anyhow::Result<()> {
         &format!("docker-archive:{}:{NAME}:dev", archive.display()),
     ]))?;
     if cmd::capture(Command::new("podman").arg("--version")).is_some() {
-        load("dev")?;
+        load("dev", &format!("localhost/{NAME}:dev"))?;
     } else {
         println!("    podman is not installed: not loading the image into its storage");
     }
@@ -72,12 +73,31 @@ pub fn test() -> anyhow::Result<()> {
     ])?;
     let started = std::time::Instant::now();
     build("debug", "test")?;
-    load("test")?;
-    step("image: latch:test run by podman without network: --version, policy check");
+    // Podman's storage is the machine's: each run loads the image under a name of its own, so
+    // that runs in other work trees do not replace it under this one, and removes it after.
+    let name = format!("localhost/{NAME}:test-{}", std::process::id());
+    load("test", &name)?;
+    step(&format!(
+        "image: {name} run by podman without network: --version, policy check"
+    ));
+    let result = checks(&name);
+    let removed = cmd::capture(Command::new("podman").args(["rmi", &name]));
+    if !removed.is_some_and(|o| o.status.success()) {
+        println!("    could not remove {name} from podman's storage (podman rmi {name})");
+    }
+    result?;
+    println!(
+        "    image check took {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
 
+/// `latch --version` and `latch policy check` in the image `name`, against the host's binary.
+fn checks(name: &str) -> anyhow::Result<()> {
     let host = cmd::stdout_of(Command::new(root().join("target/debug/latch")).arg("--version"))
         .context("running target/debug/latch --version")?;
-    let (ok, out) = podman_run(&[], &["--version"])?;
+    let (ok, out) = podman_run(name, &[], &["--version"])?;
     if !ok || out.trim() != host.trim() {
         bail!(
             "`latch --version` in the image printed {:?} (succeeded: {ok}); the binary it was \
@@ -104,7 +124,7 @@ pub fn test() -> anyhow::Result<()> {
         let expected =
             expected.replace(&on_host.display().to_string(), &format!("/policies/{file}"));
         let in_image = format!("/policies/{file}");
-        let (ok, out) = podman_run(&["--volume", &mount], &["policy", "check", &in_image])?;
+        let (ok, out) = podman_run(name, &["--volume", &mount], &["policy", "check", &in_image])?;
         if ok != valid || host.status.success() != valid || out != expected {
             bail!(
                 "`latch policy check {in_image}` in the image (fuzz/seeds/policy/{file}, {}) \
@@ -125,10 +145,6 @@ pub fn test() -> anyhow::Result<()> {
             out.lines().count()
         );
     }
-    println!(
-        "    image check took {:.0} s",
-        started.elapsed().as_secs_f64()
-    );
     Ok(())
 }
 
@@ -270,14 +286,13 @@ fn build(profile: &str, tag: &str) -> anyhow::Result<String> {
     Ok(reference)
 }
 
-/// Copy `latch:TAG` from the layout into podman's storage as `localhost/latch:TAG`.
-fn load(tag: &str) -> anyhow::Result<()> {
-    // The previous build of the tag goes, rather than staying behind untagged.
-    let name = format!("localhost/{NAME}:{tag}");
-    if cmd::capture(Command::new("podman").args(["image", "exists", &name]))
+/// Copy `latch:TAG` from the layout into podman's storage as `NAME` (`localhost/latch:...`).
+fn load(tag: &str, name: &str) -> anyhow::Result<()> {
+    // The previous build of the name goes, rather than staying behind untagged.
+    if cmd::capture(Command::new("podman").args(["image", "exists", name]))
         .is_some_and(|o| o.status.success())
     {
-        cmd::run(Command::new("podman").args(["rmi", &name]))?;
+        cmd::run(Command::new("podman").args(["rmi", name]))?;
     }
     cmd::run(Command::new("skopeo").args([
         "copy",
@@ -287,8 +302,8 @@ fn load(tag: &str) -> anyhow::Result<()> {
     ]))
 }
 
-/// `podman run` of `latch:test` with `args`; whether it succeeded, and its stdout and stderr.
-fn podman_run(options: &[&str], args: &[&str]) -> anyhow::Result<(bool, String)> {
+/// `podman run` of the image `name` with `args`; whether it succeeded, its stdout and stderr.
+fn podman_run(name: &str, options: &[&str], args: &[&str]) -> anyhow::Result<(bool, String)> {
     let mut command = Command::new("podman");
     // runc, not podman's default crun: crun refuses hosts with a hybrid cgroup layout (this
     // project's VMs). podman asks for open-file and process limits above the host's by default
@@ -307,7 +322,7 @@ fn podman_run(options: &[&str], args: &[&str]) -> anyhow::Result<(bool, String)>
         command.args(["--ulimit", &format!("{name}={limit}:{limit}")]);
     }
     command.args(options);
-    command.arg(format!("localhost/{NAME}:test"));
+    command.arg(name);
     command.args(args);
     let shown = format!("podman {}", {
         let all: Vec<String> = command
