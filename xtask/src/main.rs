@@ -3,6 +3,8 @@
 
 mod cmd;
 mod fuzz;
+mod image;
+mod manifests;
 mod modules;
 mod setup;
 mod tasks;
@@ -25,8 +27,17 @@ enum Command {
         #[arg(long)]
         release: bool,
     },
-    /// fmt check, clippy on every crate (eBPF included), unit and kernel integration tests.
+    /// fmt check, clippy on every crate (eBPF included), the manifests, the image, unit and
+    /// kernel integration tests.
     Test,
+    /// The agent as an OCI image, latch:dev (release build), under target/image/ and in podman.
+    Image {
+        /// Instead: latch:test from the debug build, run with podman as `cargo xtask test` does.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Render deploy/ with kubectl kustomize and validate it against the Kubernetes schemas.
+    Manifests,
     /// A two-node cluster in network namespaces with real agents; prints what happened.
     Demo {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -57,6 +68,8 @@ fn main() -> std::process::ExitCode {
         Command::Setup => setup::toolchain().and_then(|()| setup::kernel()),
         Command::Build { release } => tasks::build(release),
         Command::Test => tasks::test(),
+        Command::Image { check } => tasks::image(check),
+        Command::Manifests => manifests::check(),
         Command::Demo { args } => tasks::demo(&args),
         Command::Fuzz {
             seconds,

@@ -28,6 +28,23 @@ pub fn build(release: bool) -> anyhow::Result<()> {
     build_binaries(release)
 }
 
+/// `cargo xtask image`: the release agent (as `cargo xtask build --release` builds it), then
+/// the image; with `--check`, the debug agent and the image check of `cargo xtask test`.
+pub fn image(check: bool) -> anyhow::Result<()> {
+    setup::toolchain()?;
+    let profile: &[&str] = if check { &[] } else { &["--release"] };
+    step(&format!(
+        "build: agent (with its eBPF object){}",
+        if check { "" } else { ", release" }
+    ));
+    cmd::run(cargo().args(["build", "-p", "latch"]).args(profile))?;
+    if check {
+        crate::image::test()
+    } else {
+        crate::image::release()
+    }
+}
+
 fn bin(profile: &str, name: &str) -> std::path::PathBuf {
     root().join("target").join(profile).join(name)
 }
@@ -53,6 +70,7 @@ pub fn test() -> anyhow::Result<()> {
     ]))?;
 
     crate::modules::check_acyclic()?;
+    crate::manifests::check()?;
 
     step("lint: clippy -D warnings on the eBPF crate, for bpfel-unknown-none");
     let arch = std::env::consts::ARCH;
@@ -81,6 +99,7 @@ pub fn test() -> anyhow::Result<()> {
     )?;
 
     build_binaries(false)?;
+    crate::image::test()?;
 
     step("tests: unit and kernel integration tests");
     cmd::run(
