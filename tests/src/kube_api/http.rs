@@ -334,9 +334,6 @@ fn respond(
     if kind.is_istio() && !shared.store().istio_installed {
         return not_found_path();
     }
-    if !kind.namespaced() && !attrs.namespace.is_empty() && attrs.resource != "namespaces" {
-        return not_found_path();
-    }
     if method != "GET" {
         return error(
             405,
@@ -348,17 +345,14 @@ fn respond(
             Some(json!({"kind": attrs.resource})),
         );
     }
-    // A namespace's own path names it: /api/v1/namespaces/<name>.
-    let namespace = if kind == Kind::Namespace {
+    // A namespace's own path (/api/v1/namespaces/<name>) names it twice, as namespace and name;
+    // it is in no namespace.
+    let namespace = if kind.namespaced() {
+        attrs.namespace.clone()
+    } else {
         String::new()
-    } else {
-        attrs.namespace.clone()
     };
-    let name = if kind == Kind::Namespace && attrs.name.is_empty() && attrs.verb == "get" {
-        attrs.namespace.clone()
-    } else {
-        attrs.name.clone()
-    };
+    let name = attrs.name.clone();
     match attrs.verb.as_str() {
         "get" => {
             if !attrs.subresource.is_empty() && attrs.subresource != "status" {
