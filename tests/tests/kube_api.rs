@@ -173,21 +173,28 @@ fn node_pods_reflector_sees_list_added_modified_left_and_deleted() {
             .apply(&pod("prod", "b2").node("node-b").build())
             .expect("b2 elsewhere");
         server
-            .update(Kind::Pod, "prod", "a1", |p| {
-                p["metadata"]["labels"]["app"] = json!("api");
-            })
+            .merge_patch(
+                Kind::Pod,
+                "prod",
+                "a1",
+                &json!({"metadata": {"labels": {"app": "api"}}}),
+            )
             .expect("relabel a1");
         server
             .modify::<Pod>("prod", "p0", |p| {
                 p.spec.as_mut().expect("spec").node_name = Some("node-a".to_owned());
             })
             .expect("schedule p0");
+        server
+            .begin_deletion(Kind::Pod, "prod", "a2", 30)
+            .expect("terminating a2");
         server.delete(Kind::Pod, "prod", "a2").expect("delete a2");
 
         for want in [
             "Apply(prod/a2)",
             "Apply(prod/a1)",
             "Apply(prod/p0)",
+            "Apply(prod/a2)",
             "Delete(prod/a2)",
         ] {
             assert_eq!(event(next(&mut node).await), want);
@@ -196,6 +203,7 @@ fn node_pods_reflector_sees_list_added_modified_left_and_deleted() {
             "ADDED prod/a2",
             "MODIFIED prod/a1",
             "ADDED prod/p0",
+            "MODIFIED prod/a2",
             "DELETED prod/a2",
         ] {
             assert_eq!(raw(next(&mut typed).await), want);
@@ -204,6 +212,7 @@ fn node_pods_reflector_sees_list_added_modified_left_and_deleted() {
             "ADDED prod/a2",
             "DELETED prod/a1",
             "ADDED prod/p0",
+            "MODIFIED prod/a2",
             "DELETED prod/a2",
         ] {
             assert_eq!(raw(next(&mut web).await), want);

@@ -202,6 +202,32 @@ impl KubeApiServer {
         Ok(self.shared.mutate(|s| s.delete(kind, namespace, name))?)
     }
 
+    /// Apply a JSON merge patch (RFC 7386) to an object, as `kubectl patch --type=merge` does:
+    /// `json!({"metadata": {"labels": {"app": "api"}}})`; `null` removes a field.
+    pub fn merge_patch(
+        &self,
+        kind: Kind,
+        namespace: &str,
+        name: &str,
+        patch: &Value,
+    ) -> anyhow::Result<Value> {
+        self.update(kind, namespace, name, |obj| store::merge_patch(obj, patch))
+    }
+
+    /// Start a graceful deletion: `deletionTimestamp` and `deletionGracePeriodSeconds` set (a
+    /// `MODIFIED`, the pod still there, as until its kubelet confirms); [`Self::delete`] ends it.
+    pub fn begin_deletion(
+        &self,
+        kind: Kind,
+        namespace: &str,
+        name: &str,
+        grace_seconds: i64,
+    ) -> anyhow::Result<Value> {
+        Ok(self
+            .shared
+            .mutate(|s| s.begin_deletion(kind, namespace, name, grace_seconds))?)
+    }
+
     pub fn get(&self, kind: Kind, namespace: &str, name: &str) -> Option<Value> {
         self.shared.store().get(kind, namespace, name).cloned()
     }

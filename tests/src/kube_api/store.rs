@@ -469,6 +469,7 @@ impl Store {
                         "creationTimestamp",
                         "generation",
                         "deletionTimestamp",
+                        "deletionGracePeriodSeconds",
                     ]
                 };
                 for &field in kept {
@@ -517,6 +518,31 @@ impl Store {
                 Ok(obj)
             }
         }
+    }
+
+    /// The first half of a graceful deletion, as `kubectl delete pod` leaves a pod until its
+    /// kubelet confirms: `metadata.deletionTimestamp` and `deletionGracePeriodSeconds` set (a
+    /// `MODIFIED`); [`Store::delete`] finishes it.
+    pub fn begin_deletion(
+        &mut self,
+        kind: Kind,
+        namespace: &str,
+        name: &str,
+        grace_seconds: i64,
+    ) -> Result<Value, StoreError> {
+        let mut obj = self.get(kind, namespace, name).cloned().ok_or_else(|| {
+            err(
+                404,
+                "NotFound",
+                format!("{} \"{name}\" not found", kind.plural()),
+            )
+        })?;
+        if obj["metadata"].get("deletionTimestamp").is_some() {
+            return Ok(obj);
+        }
+        obj["metadata"]["deletionTimestamp"] = json!(now_rfc3339());
+        obj["metadata"]["deletionGracePeriodSeconds"] = json!(grace_seconds);
+        self.write(obj, Mode::Replace, true)
     }
 
     /// Delete an object; its final state (with the deletion's resourceVersion) is returned and
@@ -633,6 +659,26 @@ fn defaults_on_create(kind: Kind, obj: &mut Value) {
     }
 }
 
+/// Apply a JSON merge patch (RFC 7386, `application/merge-patch+json`): objects merge, `null`
+/// removes, anything else replaces.
+pub fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(patch) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    let map = target.as_object_mut().expect("made an object");
+    for (k, v) in patch {
+        if v.is_null() {
+            map.remove(k);
+        } else {
+            merge_patch(map.entry(k.clone()).or_insert(Value::Null), v);
+        }
+    }
+}
+
 /// The current time as the API server writes `metav1.Time`: RFC 3339, UTC, whole seconds.
 pub fn now_rfc3339() -> String {
     let secs = std::time::SystemTime::now()
@@ -728,6 +774,48 @@ mod tests {
         assert_eq!(events[1].0, "DELETED");
         assert_eq!(events[1].1["metadata"]["labels"]["app"], "web");
         assert_eq!(events[1].1["metadata"]["resourceVersion"], "3");
+    }
+
+    #[test]
+    fn graceful_deletion_then_deletion() {
+        let mut s = Store::new();
+        s.apply(ns("prod")).expect("ns");
+        s.apply(pod("a", "node-a", "web")).expect("pod");
+        let going = s.begin_deletion(Kind::Pod, "prod", "a", 30).expect("begin");
+        assert!(going["metadata"]["deletionTimestamp"].is_string());
+        assert_eq!(going["metadata"]["deletionGracePeriodSeconds"], 30);
+        // A client's update cannot clear it.
+        let mut again = going.clone();
+        if let Some(m) = again["metadata"].as_object_mut() {
+            m.remove("deletionTimestamp");
+        }
+        again["metadata"]["labels"]["app"] = json!("api");
+        let kept = s.replace(again).expect("update");
+        assert_eq!(
+            kept["metadata"]["deletionTimestamp"],
+            going["metadata"]["deletionTimestamp"]
+        );
+        let gone = s.delete(Kind::Pod, "prod", "a").expect("delete");
+        assert!(gone["metadata"]["deletionTimestamp"].is_string());
+        let types: Vec<_> = s.changes_after(2).map(|c| c.ty).collect();
+        assert_eq!(
+            types,
+            [
+                ChangeType::Modified,
+                ChangeType::Modified,
+                ChangeType::Deleted
+            ]
+        );
+    }
+
+    #[test]
+    fn merge_patch_as_rfc_7386() {
+        let mut target = json!({"a": {"b": 1, "c": 2}, "d": [1], "e": "x"});
+        merge_patch(
+            &mut target,
+            &json!({"a": {"b": null, "f": 3}, "d": [2], "e": null}),
+        );
+        assert_eq!(target, json!({"a": {"c": 2, "f": 3}, "d": [2]}));
     }
 
     #[test]
