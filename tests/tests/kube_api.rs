@@ -18,7 +18,7 @@ use kube::{
 };
 use latch_tests::kube_api::{
     Kind, KubeApiServer, Observed,
-    fixtures::{Qos, authorization_policy, namespace, pod},
+    fixtures::{self, Qos, authorization_policy, namespace, pod},
 };
 use serde_json::json;
 
@@ -784,4 +784,99 @@ fn the_server_serves_inside_a_network_namespace() {
     .expect("GET /version from inside the netns");
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.contains("\"gitVersion\":\"v1.33.0\""), "{answer}");
+}
+
+/// The agent's other watches: Namespaces (enrolment labels; deleting one takes its pods with it)
+/// and Istio policies as dynamic objects, one written at v1beta1 and read at v1.
+#[test]
+fn namespaces_and_policies_through_watchers() {
+    let server = server_with_prod();
+    server
+        .apply(&pod("prod", "web-1").node("node-a").build())
+        .expect("pod");
+    runtime().block_on(async {
+        let client = client(&server);
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        let mut ns = watcher(namespaces, watcher::Config::default()).boxed();
+        let mut described = Vec::new();
+        for _ in 0..3 {
+            described.push(match next(&mut ns).await.expect("event") {
+                watcher::Event::InitApply(n) => format!(
+                    "InitApply({} {:?})",
+                    n.name_any(),
+                    n.labels().get("istio.io/dataplane-mode")
+                ),
+                other => format!("{:?}", std::mem::discriminant(&other)),
+            });
+        }
+        assert_eq!(described[1], "InitApply(prod Some(\"ambient\"))");
+
+        let gvk = GroupVersionKind::gvk("security.istio.io", "v1", "PeerAuthentication");
+        let (ar, _) = discovery::pinned_kind(&client, &gvk)
+            .await
+            .expect("discovered");
+        let pas: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+        let mut pa = watcher(pas, watcher::Config::default()).boxed();
+        for want in ["Init", "InitDone"] {
+            let got = match next(&mut pa).await.expect("event") {
+                watcher::Event::Init => "Init",
+                watcher::Event::InitDone => "InitDone",
+                _ => "other",
+            };
+            assert_eq!(got, want);
+        }
+        let mut strict =
+            fixtures::peer_authentication("prod", "strict", json!({"mtls": {"mode": "STRICT"}}));
+        strict["apiVersion"] = json!("security.istio.io/v1beta1");
+        server
+            .apply(&strict)
+            .expect("PeerAuthentication at v1beta1");
+        match next(&mut pa).await.expect("event") {
+            watcher::Event::Apply(o) => {
+                assert_eq!(o.name_any(), "strict");
+                assert_eq!(
+                    o.types.as_ref().map(|t| t.api_version.as_str()),
+                    Some("security.istio.io/v1")
+                );
+                assert_eq!(o.data["spec"]["mtls"]["mode"], "STRICT");
+            }
+            other => panic!("{other:?}"),
+        }
+
+        // Un-enrol the namespace, then delete it: it turns Terminating, its pod and policy go,
+        // then it does.
+        server
+            .merge_patch(
+                Kind::Namespace,
+                "",
+                "prod",
+                &json!({"metadata": {"labels": {"istio.io/dataplane-mode": null}}}),
+            )
+            .expect("un-enrol");
+        match next(&mut ns).await.expect("event") {
+            watcher::Event::Apply(n) => {
+                assert!(!n.labels().contains_key("istio.io/dataplane-mode"));
+                assert_eq!(n.labels()["kubernetes.io/metadata.name"], "prod");
+            }
+            other => panic!("{other:?}"),
+        }
+        server.delete(Kind::Namespace, "", "prod").expect("delete");
+        match next(&mut ns).await.expect("event") {
+            watcher::Event::Apply(n) => {
+                let phase = n.status.and_then(|s| s.phase);
+                assert_eq!(phase.as_deref(), Some("Terminating"));
+            }
+            other => panic!("{other:?}"),
+        }
+        match next(&mut ns).await.expect("event") {
+            watcher::Event::Delete(n) => assert_eq!(n.name_any(), "prod"),
+            other => panic!("{other:?}"),
+        }
+        match next(&mut pa).await.expect("event") {
+            watcher::Event::Delete(o) => assert_eq!(o.name_any(), "strict"),
+            other => panic!("{other:?}"),
+        }
+    });
+    assert!(server.get(Kind::Pod, "prod", "web-1").is_none());
+    assert!(server.denied().is_empty());
 }
