@@ -4,13 +4,25 @@
 //! agent's ClusterRole from `deploy/rbac.yaml` enforced and every request recorded.
 //!
 //! ```no_run
-//! use latch_tests::kube_api::{self, KubeApiServer, fixtures};
-//! let server = KubeApiServer::start_local().expect("server");
+//! use latch_tests::kube_api::{Kind, KubeApiServer, fixtures};
+//! use serde_json::json;
+//! let server = KubeApiServer::start_local().expect("server"); // or ::start(listener)
 //! server.apply(&fixtures::namespace("prod", &[("istio.io/dataplane-mode", "ambient")])).unwrap();
 //! server.apply(&fixtures::pod("prod", "web-1").node("node-a").ip("10.244.1.2").build()).unwrap();
-//! // kube::Config::new(server.url().parse().unwrap()) talks to it over plain HTTP.
-//! assert!(server.requests().iter().all(|r| r.allowed));
+//! server.apply(&fixtures::authorization_policy("prod", "deny-all", json!({}))).unwrap();
+//! // The agent (or kube::Config::new(server.url().parse()?)) talks to it over plain HTTP.
+//! server.merge_patch(Kind::Pod, "prod", "web-1", &json!({"metadata": {"labels": {"v": "2"}}}))
+//!     .unwrap();
+//! server.delete(Kind::Pod, "prod", "web-1").unwrap();
+//! assert!(server.denied().is_empty(), "the agent asked for more than its role grants");
+//! assert!(server.requests().iter().all(|r| r.attrs.resource != "secrets"));
 //! ```
+//!
+//! Objects go in with [`KubeApiServer::apply`] / [`KubeApiServer::create`] (any serializable
+//! object), change with [`KubeApiServer::update`], [`KubeApiServer::modify`] (typed),
+//! [`KubeApiServer::merge_patch`], [`KubeApiServer::set_pod_status`], and go with
+//! [`KubeApiServer::begin_deletion`] and [`KubeApiServer::delete`]. Every change gets the next
+//! resourceVersion and is seen by the open watches whose selectors it concerns.
 //!
 //! - [`store`]: the kinds, the objects, the resourceVersion, the history watches replay.
 //! - [`selector`]: label and field selectors.
@@ -24,7 +36,14 @@
 //! Hooks simulate what a real server does on its own: compaction ([`KubeApiServer::compact`]),
 //! watches ending ([`KubeApiServer::drop_watches`]), bookmarks ([`KubeApiServer::bookmark`]),
 //! an outage ([`KubeApiServer::go_silent`] / [`KubeApiServer::resume`]), Istio's CRDs coming
-//! and going ([`KubeApiServer::install_istio_crds`] / [`KubeApiServer::uninstall_istio_crds`]).
+//! and going ([`KubeApiServer::install_istio_crds`] / [`KubeApiServer::uninstall_istio_crds`];
+//! installed from the start). Nothing happens on a timer except a watch's `timeoutSeconds`;
+//! tests wait on what the server saw with [`KubeApiServer::wait_for`] (the request log and the
+//! open watches), never on time.
+//!
+//! Not served: writes through the API (405, or 403 where the role forbids them first), protobuf,
+//! pagination (every list is one page, which `limit` allows), subresources other than `status`,
+//! kinds other than Pods, Namespaces and Istio's three security kinds.
 
 pub mod discovery;
 pub mod fixtures;
