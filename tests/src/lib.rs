@@ -11,6 +11,8 @@
 //! - [`server`]: echo servers inside pods that record who connected.
 //! - [`sniffer`]: packet captures on the links between nodes.
 //! - [`hbone`]: a `CONNECT` of the test's choosing through a real tunnel.
+//! - [`kube_api`]: a Kubernetes API server (lists, watches, discovery, RBAC from
+//!   `deploy/rbac.yaml`) with real objects, for the agent's Kubernetes mode.
 //! - [`l2`]: raw frames sent from inside a pod (gratuitous ARP, neighbour advertisements, a
 //!   chosen source MAC) and what a namespace's neighbour table and bridge learned.
 //! - [`nginx`]: an nginx mTLS stream-proxy pair, the benchmarks' point of comparison.
@@ -20,6 +22,7 @@ pub mod agent;
 pub mod cluster;
 pub mod env;
 pub mod hbone;
+pub mod kube_api;
 pub mod l2;
 pub mod netns;
 pub mod nginx;
