@@ -1,7 +1,7 @@
 //! Running commands: announce them, run them with inherited output, fail with the command line.
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, Output},
 };
 
@@ -11,6 +11,14 @@ use anyhow::{Context as _, bail};
 pub fn root() -> PathBuf {
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     manifest.parent().map(PathBuf::from).unwrap_or(manifest)
+}
+
+/// `path` as the repository names it (relative to its root), for messages.
+pub fn relative(path: &Path) -> String {
+    path.strip_prefix(root())
+        .unwrap_or(path)
+        .display()
+        .to_string()
 }
 
 pub fn step(text: &str) {

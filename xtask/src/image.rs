@@ -18,7 +18,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::cmd::{self, root, step};
+use crate::cmd::{self, relative, root, step};
 
 /// The layout (under `target/image/`) and the image's name in podman's storage.
 const NAME: &str = "latch";
@@ -381,13 +381,6 @@ fn libraries(ldd: &str) -> anyhow::Result<Vec<PathBuf>> {
 fn size(path: &Path) -> String {
     let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     format!("{:.1} MB", bytes as f64 / 1e6)
-}
-
-fn relative(path: &Path) -> String {
-    path.strip_prefix(root())
-        .unwrap_or(path)
-        .display()
-        .to_string()
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::cmd::{self, root, step};
+use crate::cmd::{self, relative, root, step};
 
 /// The validator release (it bundles the schemas of Kubernetes 1.x up to 1.37).
 const KUBERNETES_VALIDATE: &str = "1.37.0";
@@ -242,13 +242,6 @@ spec:
             .replace("Seconds: 30", "Seconds: thirty"),
     ]
     .join("---\n")
-}
-
-fn relative(path: &Path) -> String {
-    path.strip_prefix(root())
-        .unwrap_or(path)
-        .display()
-        .to_string()
 }
 
 #[cfg(test)]

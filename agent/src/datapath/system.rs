@@ -55,11 +55,19 @@ pub fn cgroup2_mount() -> Result<PathBuf, DatapathError> {
 }
 
 fn parse_cgroup2_mount(mounts: &str) -> Option<PathBuf> {
-    mounts.lines().find_map(|line| {
-        let mut fields = line.split_whitespace();
-        let (_dev, mount_point, fstype) = (fields.next()?, fields.next()?, fields.next()?);
-        (fstype == "cgroup2").then(|| PathBuf::from(unescape_mount_path(mount_point)))
-    })
+    cgroup2_mounts(mounts).into_iter().next()
+}
+
+/// Every cgroup2 mount point in `mounts` (the text of `/proc/mounts`), in order.
+pub fn cgroup2_mounts(mounts: &str) -> Vec<PathBuf> {
+    mounts
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (_dev, mount_point, fstype) = (fields.next()?, fields.next()?, fields.next()?);
+            (fstype == "cgroup2").then(|| PathBuf::from(unescape_mount_path(mount_point)))
+        })
+        .collect()
 }
 
 /// `/proc/mounts` escapes spaces and a few other bytes as `\ooo` octal.

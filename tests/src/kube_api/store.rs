@@ -423,17 +423,7 @@ impl Store {
                     m.remove("deletionTimestamp");
                 }
                 defaults_on_create(kind, &mut obj);
-                self.rv += 1;
-                obj["metadata"]["resourceVersion"] = json!(self.rv.to_string());
-                self.put(kind, &namespace, &name, obj.clone());
-                self.history.push_back(Change {
-                    rv: self.rv,
-                    kind,
-                    ty: ChangeType::Added,
-                    object: obj.clone(),
-                    prev: None,
-                });
-                Ok(obj)
+                Ok(self.store_version(kind, &namespace, &name, obj, None))
             }
             Some(old) => {
                 let given = obj["metadata"]["resourceVersion"].as_str().unwrap_or("");
@@ -505,17 +495,7 @@ impl Store {
                     let generation = old["metadata"]["generation"].as_i64().unwrap_or(0);
                     obj["metadata"]["generation"] = json!(generation + 1);
                 }
-                self.rv += 1;
-                obj["metadata"]["resourceVersion"] = json!(self.rv.to_string());
-                self.put(kind, &namespace, &name, obj.clone());
-                self.history.push_back(Change {
-                    rv: self.rv,
-                    kind,
-                    ty: ChangeType::Modified,
-                    object: obj.clone(),
-                    prev: Some(old),
-                });
-                Ok(obj)
+                Ok(self.store_version(kind, &namespace, &name, obj, Some(old)))
             }
         }
     }
@@ -609,6 +589,33 @@ impl Store {
             }
         }
         self.istio_installed = false;
+    }
+
+    /// Store `obj` as the object's next version (the next resourceVersion) and record the
+    /// change: ADDED without a `prev`ious version, MODIFIED with one.
+    fn store_version(
+        &mut self,
+        kind: Kind,
+        namespace: &str,
+        name: &str,
+        mut obj: Value,
+        prev: Option<Value>,
+    ) -> Value {
+        self.rv += 1;
+        obj["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        self.put(kind, namespace, name, obj.clone());
+        self.history.push_back(Change {
+            rv: self.rv,
+            kind,
+            ty: if prev.is_some() {
+                ChangeType::Modified
+            } else {
+                ChangeType::Added
+            },
+            object: obj.clone(),
+            prev,
+        });
+        obj
     }
 
     fn put(&mut self, kind: Kind, namespace: &str, name: &str, obj: Value) {

@@ -8,6 +8,7 @@ use std::{
 };
 
 use super::error::DiscoveryError;
+pub use crate::datapath::system::cgroup2_mounts;
 
 /// kubelet's cgroup driver, which decides how cgroups are named.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -270,39 +271,6 @@ pub fn choose_mount(
     mounts
         .iter()
         .find_map(|mount| find(mount).map(|root| (mount.clone(), root)))
-}
-
-/// Every cgroup2 mount point in `mounts` (the text of `/proc/mounts`), in order.
-pub fn cgroup2_mounts(mounts: &str) -> Vec<PathBuf> {
-    mounts
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split_whitespace();
-            let (_device, mount_point, fstype) = (fields.next()?, fields.next()?, fields.next()?);
-            (fstype == "cgroup2").then(|| PathBuf::from(unescape_mount_path(mount_point)))
-        })
-        .collect()
-}
-
-/// `/proc/mounts` writes space, tab, newline and backslash as `\ooo` octal.
-fn unescape_mount_path(raw: &str) -> String {
-    let bytes = raw.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\'
-            && let Some(code) = raw
-                .get(i + 1..i + 4)
-                .and_then(|oct| u8::from_str_radix(oct, 8).ok())
-        {
-            out.push(code);
-            i += 4;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A configured root, under `mount`: itself when it lies inside `mount`, else as a cgroup path
