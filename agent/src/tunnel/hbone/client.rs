@@ -49,6 +49,28 @@ pub struct Dial {
     pub client_not_after: SystemTime,
 }
 
+/// A dial [`Pool::pick`] counted, uncounted when it ends however it ends (a timeout drops it).
+struct Dialling<'a> {
+    pool: &'a Pool,
+    key: &'a PoolKey,
+}
+
+impl Drop for Dialling<'_> {
+    fn drop(&mut self) {
+        self.pool.dialled(self.key);
+    }
+}
+
+/// A stream whose request has gone out, on the connection it went out on.
+struct Started {
+    pooled: Pooled,
+    active: Active,
+    /// How long dialling took, if this stream's connection was dialled for it.
+    handshake: Option<Duration>,
+    response: ResponseFuture,
+    send: SendStream<Bytes>,
+}
+
 /// An opened tunnel and what it was proven with.
 pub struct Opened {
     pub stream: ClientStream,
@@ -155,24 +177,6 @@ impl TunnelClient {
             authority,
             limit: self.open_timeout,
         };
-        let (pooled, active, handshake) = match self.pool.pick(key) {
-            Pick::Use(p, active) => (p, active, None),
-            Pick::Dial => {
-                let started = std::time::Instant::now();
-                let dialled = tokio::time::timeout_at(deadline, self.connect(key, dial())).await;
-                self.pool.dialled(key);
-                let pooled = dialled.map_err(|_| timed_out())??;
-                let active = self.pool.activate(&pooled, key);
-                (pooled, active, Some(started.elapsed()))
-            }
-        };
-        let http = |source| {
-            self.pool.evict(key);
-            TunnelError::Http {
-                addr: key.endpoint,
-                source,
-            }
-        };
         let mut request = Request::builder()
             .method(Method::CONNECT)
             .uri(authority.to_string());
@@ -182,9 +186,24 @@ impl TunnelClient {
         let request = request
             .body(())
             .map_err(|source| TunnelError::Request { authority, source })?;
+        let request = || {
+            let mut again = Request::new(());
+            *again.method_mut() = request.method().clone();
+            *again.uri_mut() = request.uri().clone();
+            *again.headers_mut() = request.headers().clone();
+            again
+        };
+        let started = tokio::time::timeout_at(deadline, self.start_stream(key, dial, request))
+            .await
+            .map_err(|_| timed_out())??;
+        let Started {
+            pooled,
+            active,
+            handshake,
+            response,
+            mut send,
+        } = started;
         let exchange = async {
-            let mut sender = pooled.sender.clone().ready().await.map_err(http)?;
-            let (response, mut send) = sender.send_request(request, false).map_err(http)?;
             let (response, source_ended) = match source {
                 Some(source) => answer_with_early_data(response, &mut send, source).await?,
                 None => (response.await, false),
@@ -219,6 +238,66 @@ impl TunnelClient {
             cacheable,
             handshake,
         })
+    }
+
+    /// Send `request` on a stream of `key`'s pair: on the least busy pooled connection, or on
+    /// one dialled with `dial()`. A pooled connection that can no longer open streams (its
+    /// server sent GOAWAY, as a draining server does while its open streams finish, or it
+    /// failed) leaves the pool and the next is tried, then a new one is dialled: nothing of the
+    /// source has been sent yet, so the request goes out once, on a connection that takes it.
+    async fn start_stream(
+        &self,
+        key: &PoolKey,
+        dial: impl FnOnce() -> Dial,
+        request: impl Fn() -> Request<()>,
+    ) -> Result<Started, TunnelError> {
+        let send = |pooled: &Pooled| {
+            let sender = pooled.sender.clone();
+            let request = request();
+            async move { sender.ready().await?.send_request(request, false) }
+        };
+        while let Pick::Use(pooled, active) = self.pool.pick(key) {
+            match send(&pooled).await {
+                Ok((response, send)) => {
+                    return Ok(Started {
+                        pooled,
+                        active,
+                        handshake: None,
+                        response,
+                        send,
+                    });
+                }
+                Err(e) => {
+                    tracing::debug!(endpoint = %key.endpoint, error = %e, "a pooled tunnel connection takes no new streams; trying another");
+                    self.pool.forget(key, &pooled);
+                }
+            }
+        }
+        let started = std::time::Instant::now();
+        let dialling = Dialling {
+            pool: &self.pool,
+            key,
+        };
+        let dialled = self.connect(key, dial()).await;
+        drop(dialling);
+        let pooled = dialled?;
+        let active = self.pool.activate(&pooled, key);
+        match send(&pooled).await {
+            Ok((response, send)) => Ok(Started {
+                pooled,
+                active,
+                handshake: Some(started.elapsed()),
+                response,
+                send,
+            }),
+            Err(source) => {
+                self.pool.forget(key, &pooled);
+                Err(TunnelError::Http {
+                    addr: key.endpoint,
+                    source,
+                })
+            }
+        }
     }
 
     /// Retire the pooled connections of the keys `which` names, given each key and the chain

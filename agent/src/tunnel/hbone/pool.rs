@@ -195,11 +195,6 @@ impl Pool {
         }
     }
 
-    /// Take every connection of the pair out of the pool.
-    pub(super) fn evict(&self, key: &PoolKey) {
-        lock(&self.0).remove(key);
-    }
-
     /// Drop every pooled connection whose key matches.
     pub(super) fn evict_where(&self, pred: impl Fn(&PoolKey) -> bool) {
         lock(&self.0).retain(|k, _| !pred(k));

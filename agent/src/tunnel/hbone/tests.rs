@@ -140,11 +140,15 @@ async fn fixture(name: &str, allow: bool, server_id: &str) -> Fixture {
     }
 }
 
-fn dialer(f: &Fixture, expected: &str) -> impl FnOnce() -> Dial {
+fn dialer(f: &Fixture, expected: &str) -> impl FnOnce() -> Dial + use<> {
+    dialer_to(f, expected, f.endpoint)
+}
+
+/// As [`dialer`], to another tunnel endpoint.
+fn dialer_to(f: &Fixture, expected: &str, endpoint: SocketAddr) -> impl FnOnce() -> Dial + use<> {
     let svid = f.ca.mint(FRONTEND, HOUR).expect("client svid");
     let tls = client_config(&svid, vec![f.ca.certificate().clone()], TD, expected)
         .expect("client config");
-    let endpoint = f.endpoint;
     let client_not_after = svid.not_after;
     move || Dial {
         tcp: Box::pin(TcpStream::connect(endpoint)),
@@ -533,4 +537,79 @@ async fn a_connect_with_an_oversized_header_list_is_refused() {
         response.await.expect("answered").status(),
         hyper::StatusCode::OK
     );
+}
+
+/// A server that drains as ztunnel does: on its first connection it answers the first CONNECT
+/// with `200`, then sends GOAWAY (no new streams; open ones go on) and `bye` on that stream,
+/// which stays open. Later connections answer `200` and `hello`. Counts its TCP connections.
+async fn draining_server(ca: &DevCa) -> (SocketAddr, Arc<AtomicUsize>) {
+    let svid = ca.mint(PAYMENT, HOUR).expect("server svid");
+    let tls = server_config(&svid, vec![ca.certificate().clone()], TD).expect("server config");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let endpoint = listener.local_addr().expect("addr");
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let first = counted.fetch_add(1, Ordering::SeqCst) == 0;
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let (tls, _) = crate::tls::handshake::accept(tls, tcp).await.expect("tls");
+                let mut h2 = h2::server::handshake(tls).await.expect("h2");
+                let mut held = Vec::new();
+                while let Some(Ok((_, mut respond))) = h2.accept().await {
+                    let mut body = respond
+                        .send_response(hyper::Response::new(()), false)
+                        .expect("200");
+                    if first {
+                        h2.graceful_shutdown();
+                        body.send_data(bytes::Bytes::from_static(b"bye"), false)
+                            .expect("bye");
+                    } else {
+                        body.send_data(bytes::Bytes::from_static(b"hello"), false)
+                            .expect("hello");
+                    }
+                    held.push(body);
+                }
+            });
+        }
+    });
+    (endpoint, connections)
+}
+
+#[tokio::test]
+async fn a_draining_server_gets_no_new_streams_and_the_next_tunnel_dials_anew() {
+    let f = fixture("goaway", true, PAYMENT).await;
+    let (endpoint, connections) = draining_server(&f.ca).await;
+    let key = PoolKey {
+        endpoint,
+        ..key(&f)
+    };
+    let client = TunnelClient::new();
+    let mut held = client
+        .open(&key, f.app, None, dialer_to(&f, PAYMENT, endpoint), None)
+        .await
+        .expect("first tunnel");
+    // `bye` comes after the GOAWAY on the same connection: once it is read, the client has
+    // seen the GOAWAY.
+    let mut bye = [0u8; 3];
+    held.stream.read_exact(&mut bye).await.expect("bye");
+    assert_eq!(&bye, b"bye");
+
+    let mut next = client
+        .open(&key, f.app, None, dialer_to(&f, PAYMENT, endpoint), None)
+        .await
+        .expect("the next tunnel opens on a new connection");
+    assert!(next.new_connection);
+    assert_eq!(connections.load(Ordering::SeqCst), 2);
+    let mut hello = [0u8; 5];
+    next.stream.read_exact(&mut hello).await.expect("hello");
+    assert_eq!(&hello, b"hello");
+    assert_eq!(
+        client.pooled_connections(),
+        1,
+        "the draining connection left the pool"
+    );
+    // The draining connection still carries the stream it had.
+    held.stream.write_all(b"still here").await.expect("write");
 }
