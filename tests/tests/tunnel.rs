@@ -335,6 +335,36 @@ spec:
 }
 
 #[test]
+fn a_tunneled_connection_to_a_closed_port_is_answered_503_and_reset_at_once() {
+    let (mut cluster, n1, n2, client, server) = setup(AgentOptions::default());
+    let closed = PORT + 1;
+    let (source_mark, destination_mark) = (cluster.agent(n1).mark(), cluster.agent(n2).mark());
+    let r = cluster
+        .probe(client, cluster.pod(server).addr4(closed), Some("x"))
+        .expect("probe");
+    assert!(r.echo.is_none() && (r.reset || r.refused()), "{r:?}");
+    // The destination delivers from the client's own address: the kernel's reset for that SYN
+    // must come back to it (not leave towards the client) for it to know at once.
+    let unreachable = cluster
+        .agent(n2)
+        .wait_for_line_after(destination_mark, Duration::from_secs(30), |l| {
+            l.contains("application unreachable")
+        })
+        .expect("the destination found the port closed");
+    assert!(unreachable.contains("refused"), "{unreachable}");
+    let refused = cluster
+        .agent(n1)
+        .wait_for_line_after(source_mark, Duration::from_secs(30), |l| {
+            l.contains("\"decision\":\"REFUSED\"")
+        })
+        .expect("the source's access log");
+    assert!(
+        refused.contains("answered 503"),
+        "a 503 from the destination, not the source's open timeout: {refused}"
+    );
+}
+
+#[test]
 fn without_the_destination_agent_the_client_connection_fails_at_once() {
     let (mut cluster, _n1, n2, client, server) = setup(AgentOptions::default());
     let echo = cluster.echo_server(server, PORT).expect("echo");

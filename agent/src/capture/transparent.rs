@@ -1,7 +1,7 @@
 //! Routing inside one pod's network namespace that lets the agent deliver a connection to the
 //! application from the client's own address, as a fast-path connection arrives (without it the
-//! application would see the loopback marker): once per pod, `tcp_fwmark_accept` and a local route
-//! for packets marked [`DELIVERY_MARK`]. The settings and why: `docs/datapath.md` (Deliveries from
+//! application would see the loopback marker): once per pod, `tcp_fwmark_accept`,
+//! `fwmark_reflect` and a local route for packets marked [`DELIVERY_MARK`]. The settings and why: `docs/datapath.md` (Deliveries from
 //! the client's address). A family that cannot be set up falls back to the marker, with a warning.
 
 use std::{io, net::IpAddr, path::Path};
@@ -36,6 +36,12 @@ impl Transparent {
 }
 
 const FWMARK_ACCEPT: &str = "/proc/sys/net/ipv4/tcp_fwmark_accept";
+/// Replies the kernel sends on no socket's behalf (a reset for a SYN to a port where nothing
+/// listens, an ICMP error) take the mark of the packet they answer, per family.
+const FWMARK_REFLECT: [&str; 2] = [
+    "/proc/sys/net/ipv4/fwmark_reflect",
+    "/proc/sys/net/ipv6/fwmark_reflect",
+];
 
 /// Set the routing up in the calling thread's network namespace (a pod's netns worker); `netns`
 /// only names it in warnings.
@@ -47,6 +53,14 @@ pub fn install(netns: &Path) -> Transparent {
     if let Err(e) = std::fs::write(FWMARK_ACCEPT, "1") {
         warn(&format!("setting {FWMARK_ACCEPT}"), &e);
         return Transparent::default();
+    }
+    // Without it, the reset for a delivery to a closed port leaves by the pod's interface
+    // towards the client's address instead of coming back to the agent, which then waits for
+    // the connect to time out instead of answering 503 at once.
+    for reflect in FWMARK_REFLECT {
+        if let Err(e) = std::fs::write(reflect, "1") {
+            tracing::warn!(netns = %netns.display(), error = %e, "setting {reflect}; a delivery to a closed port there is refused only when its connect times out");
+        }
     }
     let mut socket = match Routes::open() {
         Ok(socket) => socket,
@@ -135,10 +149,18 @@ mod tests {
                 .status()
                 .expect("ip");
             assert!(up.success());
-            let fwmark_accept = || std::fs::read_to_string(FWMARK_ACCEPT).expect("sysctl");
-            assert_eq!(fwmark_accept().trim(), "0", "a fresh namespace's default");
+            let sysctl = |path: &str| std::fs::read_to_string(path).expect("sysctl");
+            for path in [FWMARK_ACCEPT, FWMARK_REFLECT[0], FWMARK_REFLECT[1]] {
+                assert_eq!(
+                    sysctl(path).trim(),
+                    "0",
+                    "a fresh namespace's default: {path}"
+                );
+            }
             let first = install(Path::new("test"));
-            assert_eq!(fwmark_accept().trim(), "1");
+            for path in [FWMARK_ACCEPT, FWMARK_REFLECT[0], FWMARK_REFLECT[1]] {
+                assert_eq!(sysctl(path).trim(), "1", "{path}");
+            }
             (first, install(Path::new("test")))
         })
         .join()
