@@ -81,9 +81,15 @@ pub enum TunnelError {
 }
 
 impl TunnelError {
-    /// The destination's policy denied the connection.
+    /// The destination's policy denied the connection: `403`, or `401` (ztunnel's answer to a
+    /// policy deny; Latch's own when the client's proof no longer holds). Other answers are
+    /// refusals of another kind.
     pub fn is_denied(&self) -> bool {
-        matches!(self, TunnelError::Refused { status, .. } if *status == StatusCode::FORBIDDEN)
+        matches!(
+            self,
+            TunnelError::Refused { status, .. }
+                if *status == StatusCode::FORBIDDEN || *status == StatusCode::UNAUTHORIZED
+        )
     }
 }
 
@@ -95,4 +101,30 @@ pub(super) fn set_tunnel_options(tcp: &TcpStream) {
         .with_interval(KEEPALIVE_INTERVAL)
         .with_retries(KEEPALIVE_PROBES);
     let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&probes);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_401_or_403_answer_is_a_policy_deny_and_the_others_are_not() {
+        let answered = |status: StatusCode| TunnelError::Refused {
+            addr: "10.244.2.2:15008".parse().expect("addr"),
+            authority: "10.244.2.2:8080".parse().expect("addr"),
+            status,
+            cacheable: false,
+        };
+        for status in [StatusCode::FORBIDDEN, StatusCode::UNAUTHORIZED] {
+            assert!(answered(status).is_denied(), "{status}");
+        }
+        for status in [
+            StatusCode::BAD_REQUEST,
+            StatusCode::METHOD_NOT_ALLOWED,
+            StatusCode::SERVICE_UNAVAILABLE,
+            StatusCode::BAD_GATEWAY,
+        ] {
+            assert!(!answered(status).is_denied(), "{status}");
+        }
+    }
 }
