@@ -177,21 +177,17 @@ impl TunnelClient {
             authority,
             limit: self.open_timeout,
         };
-        let mut request = Request::builder()
-            .method(Method::CONNECT)
-            .uri(authority.to_string());
-        if let Some(client) = client {
-            request = request.header(forwarded::FORWARDED, forwarded::header(client));
-        }
-        let request = request
-            .body(())
-            .map_err(|source| TunnelError::Request { authority, source })?;
+        // Built for each connection it is sent on (once, unless a pooled one refuses it).
         let request = || {
-            let mut again = Request::new(());
-            *again.method_mut() = request.method().clone();
-            *again.uri_mut() = request.uri().clone();
-            *again.headers_mut() = request.headers().clone();
-            again
+            let mut request = Request::builder()
+                .method(Method::CONNECT)
+                .uri(authority.to_string());
+            if let Some(client) = client {
+                request = request.header(forwarded::FORWARDED, forwarded::header(client));
+            }
+            request
+                .body(())
+                .map_err(|source| TunnelError::Request { authority, source })
         };
         let started = tokio::time::timeout_at(deadline, self.start_stream(key, dial, request))
             .await
@@ -249,15 +245,14 @@ impl TunnelClient {
         &self,
         key: &PoolKey,
         dial: impl FnOnce() -> Dial,
-        request: impl Fn() -> Request<()>,
+        request: impl Fn() -> Result<Request<()>, TunnelError>,
     ) -> Result<Started, TunnelError> {
-        let send = |pooled: &Pooled| {
+        let send = |pooled: &Pooled, request: Request<()>| {
             let sender = pooled.sender.clone();
-            let request = request();
             async move { sender.ready().await?.send_request(request, false) }
         };
         while let Pick::Use(pooled, active) = self.pool.pick(key) {
-            match send(&pooled).await {
+            match send(&pooled, request()?).await {
                 Ok((response, send)) => {
                     return Ok(Started {
                         pooled,
@@ -282,7 +277,7 @@ impl TunnelClient {
         drop(dialling);
         let pooled = dialled?;
         let active = self.pool.activate(&pooled, key);
-        match send(&pooled).await {
+        match send(&pooled, request()?).await {
             Ok((response, send)) => Ok(Started {
                 pooled,
                 active,
