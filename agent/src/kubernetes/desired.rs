@@ -75,7 +75,7 @@ pub fn desired<'a>(
     let shared = shared_addresses(enrolled.iter().flat_map(|(_, _, _, e)| e.ips.iter()));
     for (pod, name, namespace, e) in enrolled {
         let mut ips = e.ips.clone();
-        ips.retain(|ip| !shared.contains(ip));
+        ips.retain(|ip| !shared.contains(&ip.to_canonical()));
         if ips.len() < e.ips.len() {
             out.problems.push(format!(
                 "pod {namespace}/{name}: an address it has is claimed by another enrolled pod; \
@@ -123,16 +123,15 @@ pub fn desired<'a>(
     out
 }
 
-/// The addresses that occur more than once.
+/// The addresses that occur more than once (IPv4-mapped IPv6 as IPv4), in canonical form.
 fn shared_addresses<'a>(ips: impl Iterator<Item = &'a IpAddr>) -> HashSet<IpAddr> {
     let mut seen = HashSet::new();
     let mut shared = HashSet::new();
-    for ip in ips {
-        if !seen.insert(ip.to_canonical()) {
-            shared.insert(*ip);
+    for ip in ips.map(IpAddr::to_canonical) {
+        if !seen.insert(ip) {
+            shared.insert(ip);
         }
     }
-    // Both claimants lose it, the first as well as the later ones.
     shared
 }
 
