@@ -19,7 +19,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the node agent in local mode.
+    /// Run the node agent: in local mode (workloads, peers and policies from the config file),
+    /// or with --kubernetes from the cluster's Pods, Namespaces and Istio policies.
     Agent {
         /// The node config file (YAML).
         #[arg(long)]
@@ -27,6 +28,19 @@ enum Command {
         /// Detach every program and unpin every map of this config's bpfPinDir, then exit.
         #[arg(long)]
         uninstall: bool,
+        /// Kubernetes mode: watch the API server (in-cluster config unless --kubeconfig).
+        #[arg(long)]
+        kubernetes: bool,
+        /// Kubernetes mode outside a cluster (development, tests): this kubeconfig.
+        #[arg(long, requires = "kubernetes")]
+        kubeconfig: Option<PathBuf>,
+        /// Kubernetes mode: kubelet's kubepods cgroup, when it is not found on its own (a
+        /// kubelet with another --cgroup-root).
+        #[arg(long, requires = "kubernetes")]
+        kubepods_root: Option<PathBuf>,
+        /// Kubernetes mode: where `GET /ready` is served (the DaemonSet's readiness probe).
+        #[arg(long, default_value = "127.0.0.1:15021", requires = "kubernetes")]
+        ready: std::net::SocketAddr,
     },
     /// Development certificate authority for local mode and tests.
     Ca {
@@ -174,7 +188,29 @@ fn main() -> ExitCode {
             json,
             socket,
         } => debug(command, json, &socket).map(|()| ExitCode::SUCCESS),
-        Command::Agent { config, uninstall } => return logged(|| agent(&config, uninstall)),
+        Command::Agent {
+            config,
+            uninstall,
+            kubernetes,
+            kubeconfig,
+            kubepods_root,
+            ready,
+        } => {
+            return logged(|| {
+                if !kubernetes {
+                    return agent(&config, uninstall);
+                }
+                if uninstall {
+                    return latch::kubernetes::serve::uninstall(&config);
+                }
+                latch::kubernetes::serve::serve(latch::kubernetes::serve::Options {
+                    config_path: config,
+                    kubeconfig,
+                    kubepods_root,
+                    ready,
+                })
+            });
+        }
         Command::Ca {
             command: CaCommand::Init { dir },
         } => return logged(|| ca_init(&dir)),

@@ -93,6 +93,8 @@ pub struct Agent {
     netns: PathBuf,
     config: PathBuf,
     log_file: PathBuf,
+    /// After `agent --config FILE`.
+    args: Vec<String>,
     child: Option<Child>,
     log: Log,
     /// Log lines before the current process started (earlier runs).
@@ -129,12 +131,24 @@ impl Agent {
         dir: &Path,
         config_yaml: &str,
     ) -> anyhow::Result<Self> {
+        Self::start_with_args(bin, netns, dir, config_yaml, &[])
+    }
+
+    /// [`Agent::start_binary`] with `args` after `agent --config FILE`.
+    pub fn start_with_args(
+        bin: PathBuf,
+        netns: &Path,
+        dir: &Path,
+        config_yaml: &str,
+        args: &[String],
+    ) -> anyhow::Result<Self> {
         let config = dir.join("config.yaml");
         std::fs::write(&config, config_yaml)
             .with_context(|| format!("writing {}", config.display()))?;
         let mut agent = Self {
             bin,
             netns: netns.to_owned(),
+            args: args.to_vec(),
             log_file: dir.join("agent.log"),
             config,
             child: None,
@@ -150,6 +164,7 @@ impl Agent {
         let mut cmd = Command::new(&bin);
         cmd.args(["agent", "--config"])
             .arg(&self.config)
+            .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

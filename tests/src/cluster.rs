@@ -407,14 +407,24 @@ impl Cluster {
         Ok(NodeId(index - 1))
     }
 
-    /// Add a pod on `node`.
+    /// Add a pod on `node`, its cgroup `<cgroupRoot>/<name>`.
     pub fn add_pod(&mut self, node: NodeId, spec: PodSpec) -> anyhow::Result<PodId> {
+        let cgroup = self.nodes[node.0].cgroup_root.join(&spec.name);
+        self.add_pod_in(node, spec, cgroup)
+    }
+
+    /// Add a pod on `node` whose processes run in `cgroup` (made with its parents if missing).
+    pub fn add_pod_in(
+        &mut self,
+        node: NodeId,
+        spec: PodSpec,
+        cgroup: PathBuf,
+    ) -> anyhow::Result<PodId> {
         let n = &self.nodes[node.0];
         let index = n.index;
         let slot = n.pods.len() + 2;
         let node_ns = n.netns_name.clone();
         let topology = n.topology;
-        let cgroup = n.cgroup_root.join(&spec.name);
         let name = format!("{}-n{index}-{}", self.prefix, spec.name);
         self.make_netns(&name)?;
         let host_if = format!("p{slot}");
@@ -467,6 +477,15 @@ impl Cluster {
     /// The node's config file text for `options`: its mesh pods as workloads, every other mesh
     /// pod as a peer.
     pub fn config_yaml(&self, id: NodeId, options: &AgentOptions) -> String {
+        let mut y = self.node_config_yaml(id, options);
+        y.push_str(&self.workloads_yaml(id));
+        y.push_str(&options.extra_yaml);
+        y
+    }
+
+    /// The node-level settings of the node's config for `options` (no workloads, peers or
+    /// policies: Kubernetes mode's config file).
+    pub fn node_config_yaml(&self, id: NodeId, options: &AgentOptions) -> String {
         let node = &self.nodes[id.0];
         let mut y = String::new();
         y.push_str(&format!(
@@ -509,6 +528,12 @@ impl Cluster {
                 options.cert_ttl
             )),
         }
+        y
+    }
+
+    /// The node's mesh pods as `workloads`, every other mesh pod as `peers`.
+    fn workloads_yaml(&self, id: NodeId) -> String {
+        let mut y = String::new();
         let labels = |p: &Pod| {
             p.spec
                 .labels
@@ -541,7 +566,6 @@ impl Cluster {
                 pod.ipv4, pod.ipv6, self.nodes[pod.node.0].ipv4()
             ));
         }
-        y.push_str(&options.extra_yaml);
         y
     }
 
@@ -554,6 +578,26 @@ impl Cluster {
             None => crate::env::latch_bin()?,
         };
         let agent = Agent::start_binary(bin, &node.netns(), &node.dir, &yaml)?;
+        node.agent = Some(agent);
+        Ok(node.agent.as_mut().expect("just set"))
+    }
+
+    /// Start the node's agent on the config `yaml` with `args` after `agent --config FILE`;
+    /// returns when it is ready.
+    pub fn start_agent_with(
+        &mut self,
+        id: NodeId,
+        yaml: &str,
+        args: &[String],
+    ) -> anyhow::Result<&mut Agent> {
+        let node = &mut self.nodes[id.0];
+        let agent = Agent::start_with_args(
+            crate::env::latch_bin()?,
+            &node.netns(),
+            &node.dir,
+            yaml,
+            args,
+        )?;
         node.agent = Some(agent);
         Ok(node.agent.as_mut().expect("just set"))
     }

@@ -23,6 +23,7 @@ pub mod cluster;
 pub mod env;
 pub mod hbone;
 pub mod kube_api;
+pub mod kube_cluster;
 pub mod l2;
 pub mod netns;
 pub mod nginx;

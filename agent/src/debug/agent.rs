@@ -18,8 +18,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::api::{
     Backend, Cert, CertificateStatus, Connection, Decision, ExplainQuery, FlushResult, MapStatus,
-    Policies, PolicySummary, ProgramStatus, ReloadResult, ReloadStatus, Stats, Status, Verdict,
-    VerdictFilter, VerdictPage, Workload, WorkloadFailure,
+    Policies, PolicySummary, ProgramStatus, RefusedPolicy, ReloadResult, ReloadStatus,
+    SourceStatus, Stats, Status, Verdict, VerdictFilter, VerdictPage, Workload, WorkloadFailure,
 };
 use crate::{
     conn::Direction,
@@ -49,6 +49,8 @@ struct PublishedInner {
     last_reload: Option<ReloadStatus>,
     policy_errors: Vec<String>,
     failed_workloads: Vec<WorkloadFailure>,
+    source: Option<SourceStatus>,
+    refused_policies: Vec<RefusedPolicy>,
 }
 
 impl Published {
@@ -64,6 +66,28 @@ impl Published {
     /// The workloads the agent could not serve, with why.
     pub fn set_failed_workloads(&self, failed: Vec<WorkloadFailure>) {
         lock(&self.inner).failed_workloads = failed;
+    }
+
+    /// What the source of desired state reports now (Kubernetes mode), and the policy objects
+    /// it refused.
+    pub fn set_source(&self, source: Option<SourceStatus>, refused: Vec<RefusedPolicy>) {
+        let mut inner = lock(&self.inner);
+        inner.source = source;
+        inner.refused_policies = refused;
+    }
+
+    /// Whether a source reports beside the state (Kubernetes mode).
+    pub fn has_source(&self) -> bool {
+        lock(&self.inner).source.is_some()
+    }
+
+    /// Whether the source says its API is failing, and how many policy objects it refused.
+    pub fn source_health(&self) -> (bool, usize) {
+        let inner = lock(&self.inner);
+        (
+            inner.source.as_ref().is_some_and(|s| s.api_failing),
+            inner.refused_policies.len(),
+        )
     }
 
     /// Record a reload's outcome; `errors` are the lines of a failed one (empty on success).
@@ -205,6 +229,7 @@ impl Backend for AgentView {
                 error: None,
             }),
             failed_workloads: inner.failed_workloads.clone(),
+            source: inner.source.clone(),
         })
     }
 
@@ -264,6 +289,7 @@ impl Backend for AgentView {
 
     fn policies(&self) -> Policies {
         let snapshot = self.state.get();
+        let published = lock(&self.published.inner);
         Policies {
             policies: snapshot
                 .policies
@@ -278,7 +304,8 @@ impl Backend for AgentView {
                     file: format!("{}:{}", p.file.display(), p.line),
                 })
                 .collect(),
-            errors: lock(&self.published.inner).policy_errors.clone(),
+            errors: published.policy_errors.clone(),
+            refused: published.refused_policies.clone(),
         }
     }
 

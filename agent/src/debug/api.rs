@@ -61,6 +61,55 @@ pub struct Status {
     /// each failing closed on its own while the others are served.
     #[serde(default)]
     pub failed_workloads: Vec<WorkloadFailure>,
+    /// What the source of desired state reports: Kubernetes mode only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<SourceStatus>,
+}
+
+/// The Kubernetes API as a source of desired state, as the agent sees it now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceStatus {
+    /// `kubernetes`.
+    pub kind: String,
+    /// Every watch has had its first full list and the state they describe is in force.
+    pub ready: bool,
+    /// A watch is failing now (the API server is out of reach or refuses): the last known state
+    /// stays enforced, and the watches resume (or re-list) when it answers again.
+    pub api_failing: bool,
+    /// Per watch (`pods`, `namespaces`, `authorizationpolicies`, `peerauthentications`).
+    pub watches: Vec<WatchStatus>,
+    /// Enrolled pods of this node the agent does not serve yet, each with why.
+    #[serde(default)]
+    pub waiting_pods: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WatchStatus {
+    pub name: String,
+    pub synced: bool,
+    pub failing: bool,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<String>,
+    /// The API version watched (Istio's kinds), `None` while the CRD is missing.
+    pub version: Option<String>,
+}
+
+/// A policy object (Kubernetes mode) whose latest version the parser refused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RefusedPolicy {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    pub resource_version: String,
+    /// Each naming the field and why.
+    pub errors: Vec<String>,
+    /// An earlier version of the object is in force instead; otherwise none is.
+    pub last_good_kept: bool,
+    /// The refused version asks to DENY (so a DENY is not in force as written).
+    pub deny: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -145,6 +194,9 @@ pub struct Policies {
     /// Load errors of the last reload.
     #[serde(default)]
     pub errors: Vec<String>,
+    /// Policy objects refused one by one (Kubernetes mode): the others stay in force.
+    #[serde(default)]
+    pub refused: Vec<RefusedPolicy>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -124,6 +124,44 @@ pub fn status(s: &Status) -> String {
         }
         tables.push(failed);
     }
+    if let Some(source) = &s.source {
+        let mut watches = Table::new(["WATCH", "SYNCED", "FAILING", "LAST ERROR"]);
+        for w in &source.watches {
+            let name = match &w.version {
+                Some(v) => format!("{} ({v})", w.name),
+                None => w.name.clone(),
+            };
+            watches.row([
+                name,
+                w.synced.to_string(),
+                w.failing.to_string(),
+                match (&w.last_error_at, &w.last_error) {
+                    (Some(at), Some(e)) => format!("{at} {e}"),
+                    _ => "-".to_owned(),
+                },
+            ]);
+        }
+        tables.push(watches);
+        if !source.waiting_pods.is_empty() {
+            let mut waiting = Table::new(["POD NOT SERVED YET"]);
+            for p in &source.waiting_pods {
+                waiting.row([p.clone()]);
+            }
+            tables.push(waiting);
+        }
+    }
+    if let Some(source) = &s.source {
+        out.push_str(&format!(
+            "source: {}, {}, API {}\n",
+            source.kind,
+            if source.ready { "ready" } else { "not ready" },
+            if source.api_failing {
+                "FAILING (enforcing the last known state)"
+            } else {
+                "reachable"
+            }
+        ));
+    }
     for table in tables {
         out.push('\n');
         out.push_str(&table.render());
@@ -167,6 +205,24 @@ pub fn policies(p: &Policies) -> String {
     if !p.errors.is_empty() {
         out.push_str("\nerrors in the last reload:\n");
         for e in &p.errors {
+            out.push_str(&format!("  {e}\n"));
+        }
+    }
+    for r in &p.refused {
+        out.push_str(&format!(
+            "\nrefused: {} {}/{} (resourceVersion {}){}{}:\n",
+            r.kind,
+            r.namespace,
+            r.name,
+            r.resource_version,
+            if r.deny { ", a DENY" } else { "" },
+            if r.last_good_kept {
+                ", its last good version stays in force"
+            } else {
+                ", not in force"
+            }
+        ));
+        for e in &r.errors {
             out.push_str(&format!("  {e}\n"));
         }
     }

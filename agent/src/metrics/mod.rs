@@ -82,6 +82,10 @@ pub struct ScrapeSnapshot {
     pub busy_poll_seconds: f64,
     /// Workloads of the config the agent could not serve.
     pub failed_workloads: u64,
+    /// Kubernetes mode: whether a watch of the API server is failing now (`None` in local mode).
+    pub api_failing: Option<bool>,
+    /// Kubernetes mode: policy objects whose latest version was refused.
+    pub refused_policies: u64,
 }
 
 /// Called at each scrape; must be quick (it runs on a blocking thread).
@@ -281,6 +285,24 @@ impl Collector for ScrapeCollector {
             None,
             failed.metric_type(),
         )?)?;
+        let refused = ConstGauge::new(snapshot.refused_policies as i64);
+        refused.encode(encoder.encode_descriptor(
+            "latch_policy_objects_refused",
+            "Policy objects whose latest version was refused (Kubernetes mode; each keeps its last \
+             good version, or is not in force; latch debug policies says why).",
+            None,
+            refused.metric_type(),
+        )?)?;
+        if let Some(failing) = snapshot.api_failing {
+            let failing = ConstGauge::new(i64::from(failing));
+            failing.encode(encoder.encode_descriptor(
+                "latch_kubernetes_api_failing",
+                "1 while a watch of the Kubernetes API server is failing (the last known state \
+                 stays enforced), else 0.",
+                None,
+                failing.metric_type(),
+            )?)?;
+        }
         let entries = ConstGauge::new(snapshot.cache_entries as i64);
         entries.encode(encoder.encode_descriptor(
             "latch_verdict_cache_entries",

@@ -33,12 +33,15 @@ pub fn agent_source(
                 Some((id, certs::seconds_left(not_after, now)))
             })
             .collect();
+        let (api_failing, refused_policies) = published.source_health();
         ScrapeSnapshot {
             kernel_counters,
             cache_entries,
             cert_expiry,
             busy_poll_seconds: busy_poll::busy().as_secs_f64(),
             failed_workloads: published.failed_workloads() as u64,
+            api_failing: published.has_source().then_some(api_failing),
+            refused_policies: refused_policies as u64,
         }
     })
 }

@@ -137,12 +137,16 @@ fn scrape_source_values_are_read_at_each_scrape() {
             cert_expiry: vec![(FRONTEND.into(), 1800.5)],
             busy_poll_seconds: 0.25,
             failed_workloads: 2,
+            api_failing: Some(true),
+            refused_policies: 3,
         }
     }));
     let first = samples(&metrics.encode().expect("encodes"));
     let second = samples(&metrics.encode().expect("encodes"));
     assert_eq!(first["latch_fastpath_connections_total"], 1.0);
     assert_eq!(second["latch_fastpath_connections_total"], 2.0);
+    assert_eq!(second["latch_kubernetes_api_failing"], 1.0);
+    assert_eq!(second["latch_policy_objects_refused"], 3.0);
     assert_eq!(second["latch_redirected_connections_total"], 12.0);
     assert_eq!(second["latch_cached_deny_connections_total"], 22.0);
     assert_eq!(second["latch_inbound_admitted_total"], 32.0);

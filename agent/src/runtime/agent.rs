@@ -20,7 +20,7 @@ use crate::{
 
 /// How often the config file is checked for changes (SIGHUP reloads at once), and certificates
 /// for rotation.
-pub(super) const WATCH_INTERVAL: Duration = Duration::from_millis(250);
+pub const WATCH_INTERVAL: Duration = Duration::from_millis(250);
 
 /// What the running agent holds: the kernel side, the state in force, the pods it serves and
 /// the handles their listeners share.

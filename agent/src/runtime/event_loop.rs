@@ -38,7 +38,7 @@ pub async fn run<S: Source>(mut source: S, config: Config) -> anyhow::Result<()>
     let origin = source.origin().to_owned();
     // Everything that depends on the outside world is checked before the kernel is touched, so
     // a bad config at start-up leaves nothing attached.
-    let snapshot = source.initial(config)?;
+    let snapshot = source.initial(config).await?;
     let certs = Arc::new(cert_store(&origin, &snapshot.config)?);
     certs
         .ensure(&snapshot.identities())
@@ -101,6 +101,8 @@ pub async fn run<S: Source>(mut source: S, config: Config) -> anyhow::Result<()>
     };
     reconcile::commit(&mut agent, prepared)?;
     reconcile::drop_stale_inbound_links(&mut agent)?;
+    source.applied(true);
+    publish_source(&agent, &source);
 
     let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<ReloadRequest>(4);
     let view = Arc::new(AgentView {
@@ -161,18 +163,27 @@ pub async fn run<S: Source>(mut source: S, config: Config) -> anyhow::Result<()>
             _ = tick.tick() => {
                 agent.rotate_certificates();
                 summary.tick(&agent.maps);
+                publish_source(&agent, &source);
                 continue;
             }
         };
         let desired = source.load(&agent.state.get());
-        let result = reconcile::reload(&mut agent, trigger, desired).await;
+        let (result, in_force) = reconcile::reload(&mut agent, trigger, desired).await;
         if let Some(reply) = reply {
             let _ = reply.send(result);
         }
+        source.applied(in_force);
         source.follow(&agent.state.get());
+        publish_source(&agent, &source);
     }
     tracing::info!("agent stopping; programs and maps stay pinned, enforcement continues");
     Ok(())
+}
+
+/// Publish what the source reports, for the debug API and the metrics.
+fn publish_source<S: Source>(agent: &Agent, source: &S) {
+    let (status, refused) = source.status();
+    agent.published.set_source(status, refused);
 }
 
 fn settings(config: &Config) -> DatapathSettings {

@@ -21,6 +21,8 @@ use anyhow::Context as _;
 
 use crate::config::Config;
 
+pub use agent::WATCH_INTERVAL;
+
 /// Run the agent until SIGTERM/SIGINT, on a tokio runtime with the config's
 /// `dataplane.workerThreads`. Programs and maps stay pinned when it returns.
 pub fn serve(config_path: &Path) -> anyhow::Result<()> {
@@ -32,7 +34,7 @@ pub fn serve(config_path: &Path) -> anyhow::Result<()> {
         .context("starting the tokio runtime")?
         .block_on(async {
             // Made inside the runtime: it registers with the reactor and the timer.
-            let source = source::FileSource::new(config_path, agent::WATCH_INTERVAL);
+            let source = source::FileSource::new(config_path, WATCH_INTERVAL);
             event_loop::run(source, config).await
         })
 }

@@ -123,13 +123,14 @@ pub(super) fn prepare(
 }
 
 /// Reconcile `desired` (what the source loaded), wait for the connections it closed to end,
-/// and log and publish the outcome under `trigger`.
+/// and log and publish the outcome under `trigger`; with whether `desired` is now in force.
 pub(super) async fn reload(
     agent: &mut Agent,
     trigger: &str,
     desired: anyhow::Result<Snapshot>,
-) -> ReloadResult {
+) -> (ReloadResult, bool) {
     let outcome = reconcile(agent, desired);
+    let in_force = outcome.is_ok();
     // Whatever happened, the connections the state in force no longer allows were told to
     // close; the reload is reported once they have ended.
     closed_connections_ended(agent).await;
@@ -158,7 +159,7 @@ pub(super) async fn reload(
         }
     };
     agent.published.reloaded(trigger, error.clone());
-    ReloadResult { ok, error }
+    (ReloadResult { ok, error }, in_force)
 }
 
 /// Prepare `desired` (an error here, or in loading it, leaves everything as it was: the

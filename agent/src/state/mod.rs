@@ -88,17 +88,21 @@ pub fn policy_paths(config_path: &Path, config: &Config) -> Vec<PathBuf> {
     config.policies.iter().map(|p| base.join(p)).collect()
 }
 
-/// Load every policy the config names (all or nothing).
-pub fn load_policies(config_path: &Path, config: &Config) -> anyhow::Result<PolicySet> {
+/// `set` with the config's mesh-wide defaults: the mTLS mode where no PeerAuthentication
+/// applies, and `mtls.strictFastpath`.
+pub fn with_policy_defaults(set: PolicySet, config: &Config) -> PolicySet {
     let default_mtls = match config.mtls.mode {
         MtlsMode::Strict => policy::MtlsMode::Strict,
         MtlsMode::Permissive => policy::MtlsMode::Permissive,
     };
+    set.with_default_mtls(default_mtls)
+        .with_strict_fastpath(config.mtls.strict_fastpath)
+}
+
+/// Load every policy the config names (all or nothing).
+pub fn load_policies(config_path: &Path, config: &Config) -> anyhow::Result<PolicySet> {
     PolicySet::load(&policy_paths(config_path, config), &config.root_namespace)
-        .map(|set| {
-            set.with_default_mtls(default_mtls)
-                .with_strict_fastpath(config.mtls.strict_fastpath)
-        })
+        .map(|set| with_policy_defaults(set, config))
         .map_err(|errors| {
             let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
             anyhow::anyhow!(

@@ -76,6 +76,7 @@ impl Backend for Fixed {
                 error: None,
             },
             failed_workloads: Vec::new(),
+            source: None,
         })
     }
 
@@ -106,6 +107,7 @@ impl Backend for Fixed {
                 file: "/etc/latch/policies/prod.yaml".into(),
             }],
             errors: vec![],
+            refused: vec![],
         }
     }
 

@@ -3,15 +3,20 @@
 
 use std::{future::Future, path::Path};
 
-use crate::{config::Config, state::Snapshot};
+use crate::{
+    config::Config,
+    debug::api::{RefusedPolicy, SourceStatus},
+    state::Snapshot,
+};
 
 /// A source of desired state, driven by the event loop.
 pub trait Source {
     /// Where the desired state comes from, as errors name it (the config file's path).
     fn origin(&self) -> &Path;
 
-    /// The first desired state, from the node config read at start-up.
-    fn initial(&mut self, config: Config) -> anyhow::Result<Snapshot>;
+    /// The first desired state, from the node config read at start-up. Nothing of the kernel
+    /// is touched until it resolves: what an earlier run pinned goes on enforcing meanwhile.
+    fn initial(&mut self, config: Config) -> impl Future<Output = anyhow::Result<Snapshot>> + Send;
 
     /// Resolves when the desired state may have changed, with the reload trigger that says how
     /// it was noticed (it names the reload in the log and the debug API).
@@ -25,6 +30,16 @@ pub trait Source {
     /// Follow what the state in force (`current`) names; called at start-up and after every
     /// reload, whatever its outcome.
     fn follow(&mut self, current: &Snapshot);
+
+    /// Whether the state the last [`Source::initial`] or [`Source::load`] made was put in force
+    /// (`false`: refused, the last good state stays).
+    fn applied(&mut self, _in_force: bool) {}
+
+    /// What the source reports beside the state (the debug API's `source`, the metrics), and
+    /// the policy objects it refused; nothing for the config file.
+    fn status(&self) -> (Option<SourceStatus>, Vec<RefusedPolicy>) {
+        (None, Vec::new())
+    }
 }
 
 /// Refuse a node config that changes a field only a restart can change (`origin` names where

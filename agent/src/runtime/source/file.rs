@@ -53,6 +53,13 @@ impl FileSource {
         }
     }
 
+    /// What the files are now counts as seen: only a later change resolves
+    /// [`Source::changed`] (for a source that reads the config file itself and uses this one
+    /// only to notice changes).
+    pub fn seen(&mut self) {
+        self.last_seen = self.stamps();
+    }
+
     /// Stamps of the config file and of every policy file and directory it names.
     fn stamps(&self) -> Vec<(PathBuf, Stamp)> {
         let mut out = vec![(self.config_path.clone(), file_stamp(&self.config_path))];
@@ -68,9 +75,9 @@ impl Source for FileSource {
         &self.config_path
     }
 
-    fn initial(&mut self, config: Config) -> anyhow::Result<Snapshot> {
+    async fn initial(&mut self, config: Config) -> anyhow::Result<Snapshot> {
         self.policy_paths = policy_paths(&self.config_path, &config);
-        self.last_seen = self.stamps();
+        self.seen();
         Snapshot::from_config(&self.config_path, config)
     }
 
@@ -95,7 +102,7 @@ impl Source for FileSource {
     }
 
     fn load(&mut self, current: &Snapshot) -> anyhow::Result<Snapshot> {
-        self.last_seen = self.stamps();
+        self.seen();
         let config = Config::load(&self.config_path)?;
         restart_only_unchanged(&self.config_path, &current.config, &config)?;
         Snapshot::from_config(&self.config_path, config)

@@ -1,0 +1,267 @@
+//! Kubernetes mode end to end: two nodes (one per cgroup driver) whose agents run
+//! `--kubernetes` against the test API server, pods made as kubelet makes them. The cluster's
+//! objects drive enforcement: pods enrolled by Istio ambient's labels, policy objects added,
+//! broken (the others stay in force) and removed, a pod labelled out of the mesh and deleted,
+//! an API outage while traffic flows, and the agent's role never exceeded.
+
+use std::time::Duration;
+
+use latch_tests::{
+    AgentOptions, PodSpec,
+    agent::debug_json,
+    eventually,
+    kube_api::{
+        Kind,
+        fixtures::{self, Qos},
+    },
+    kube_cluster::{Driver, KubeCluster},
+};
+use serde_json::{Value, json};
+
+const PORT: u16 = 9000;
+const WAIT: Duration = Duration::from_secs(30);
+
+/// `latch debug ARGS --json` on the node's agent.
+fn debug(k: &KubeCluster, node: latch_tests::NodeId, args: &[&str]) -> Value {
+    debug_json(&k.cluster.debug_socket(node), args)
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", log_tail(k, node)))
+}
+
+/// The `namespace/name` of the node agent's local workloads and of its peers.
+fn workloads(k: &KubeCluster, node: latch_tests::NodeId) -> (Vec<String>, Vec<String>) {
+    let all = debug(k, node, &["workloads"]);
+    let mut local = Vec::new();
+    let mut peers = Vec::new();
+    for w in all.as_array().expect("a list") {
+        let id = format!(
+            "{}/{}",
+            w["namespace"].as_str().unwrap_or(""),
+            w["name"].as_str().unwrap_or("")
+        );
+        if w["local"] == json!(true) {
+            local.push(id);
+        } else {
+            peers.push(id);
+        }
+    }
+    (local, peers)
+}
+
+/// The end of the node agent's log, access lines left out.
+fn log_tail(k: &KubeCluster, node: latch_tests::NodeId) -> String {
+    let lines = k
+        .cluster
+        .node(node)
+        .agent
+        .as_ref()
+        .map(|a| a.lines())
+        .unwrap_or_default();
+    let kept: Vec<&String> = lines
+        .iter()
+        .filter(|l| !l.contains("\"target\":\"access\""))
+        .collect();
+    let tail = kept[kept.len().saturating_sub(30)..]
+        .iter()
+        .map(|l| l.as_str())
+        .collect::<Vec<_>>()
+        .join("\n");
+    format!("--- node {} agent log ---\n{tail}", node.0 + 1)
+}
+
+/// The names of the policies in force on the node.
+fn policies(k: &KubeCluster, node: latch_tests::NodeId) -> Vec<String> {
+    debug(k, node, &["policies"])["policies"]
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|p| p["name"].as_str().unwrap_or("").to_owned())
+        .collect()
+}
+
+#[test]
+fn the_clusters_objects_drive_enforcement() {
+    let mut k = KubeCluster::new(&[Driver::Systemd, Driver::Cgroupfs]).expect("cluster");
+    let (n1, n2) = (latch_tests::NodeId(0), latch_tests::NodeId(1));
+    k.api
+        .apply(&fixtures::namespace(
+            "prod",
+            &[("istio.io/dataplane-mode", "ambient")],
+        ))
+        .expect("namespace");
+    k.api
+        .apply(&fixtures::namespace("tools", &[]))
+        .expect("namespace");
+    let frontend = k
+        .add_pod(
+            n1,
+            PodSpec::mesh("frontend", "prod", "frontend"),
+            Qos::Burstable,
+            &[],
+        )
+        .expect("frontend");
+    let mut payment = PodSpec::mesh("payment", "prod", "payment");
+    payment.labels = vec![("app".into(), "payment".into())];
+    let payment = k
+        .add_pod(n2, payment, Qos::Guaranteed, &[])
+        .expect("payment");
+    // Not enrolled: neither it nor its namespace asks for the mesh.
+    let _outsider = k
+        .add_pod(
+            n2,
+            PodSpec::mesh("debugger", "tools", "default"),
+            Qos::BestEffort,
+            &[],
+        )
+        .expect("outsider");
+    let _echo = k.cluster.echo_server(payment, PORT).expect("echo server");
+    let options = AgentOptions::strict();
+    for node in [n1, n2] {
+        k.start_agent(node, &options).expect("agent");
+    }
+
+    // Enrolled from the labels, found in kubelet's cgroup layout (both drivers), peers across.
+    assert_eq!(
+        workloads(&k, n1),
+        (
+            vec!["prod/frontend".to_owned()],
+            vec!["prod/payment".to_owned()]
+        )
+    );
+    assert_eq!(
+        workloads(&k, n2),
+        (
+            vec!["prod/payment".to_owned()],
+            vec!["prod/frontend".to_owned()]
+        )
+    );
+    let status = debug(&k, n2, &["status"]);
+    assert_eq!(status["source"]["ready"], json!(true), "{status}");
+    assert_eq!(status["source"]["apiFailing"], json!(false), "{status}");
+
+    let to = k.cluster.pod(payment).addr4(PORT);
+    let echoes = |k: &KubeCluster, payload: &str| {
+        k.cluster
+            .probe(frontend, to, Some(payload))
+            .is_ok_and(|r| r.echo.as_deref() == Some(payload))
+    };
+    assert!(
+        echoes(&k, "first"),
+        "frontend reaches payment over STRICT mTLS"
+    );
+
+    // A DENY object: enforced on the next connection.
+    k.api
+        .apply(&fixtures::authorization_policy(
+            "prod",
+            "deny-frontend",
+            json!({
+                "selector": {"matchLabels": {"app": "payment"}},
+                "action": "DENY",
+                "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/prod/sa/frontend"]}}]}]
+            }),
+        ))
+        .expect("policy");
+    assert!(
+        eventually(WAIT, || !echoes(&k, "second")),
+        "the DENY object is enforced"
+    );
+
+    // A broken change to it and a broken new object: both refused and reported; the DENY's last
+    // good version stays in force, and a good object sent after them is taken.
+    k.api
+        .apply(&fixtures::authorization_policy(
+            "prod",
+            "deny-frontend",
+            json!({"selector": {"matchLabels": {"app": "payment"}}, "action": "DENY-ISH"}),
+        ))
+        .expect("policy");
+    k.api
+        .apply(&fixtures::authorization_policy(
+            "prod",
+            "broken",
+            json!({"action": "ALLOW", "rules": [{"to": [{"operation": {"ports": ["eighty"]}}]}]}),
+        ))
+        .expect("policy");
+    k.api
+        .apply(&fixtures::authorization_policy(
+            "prod",
+            "audit-all",
+            json!({"action": "AUDIT", "rules": [{}]}),
+        ))
+        .expect("policy");
+    assert!(
+        eventually(WAIT, || policies(&k, n2).contains(&"audit-all".to_owned())),
+        "the good object sent after the broken ones is in force"
+    );
+    let in_force = policies(&k, n2);
+    assert!(
+        in_force.contains(&"deny-frontend".to_owned()),
+        "{in_force:?}"
+    );
+    assert!(!in_force.contains(&"broken".to_owned()), "{in_force:?}");
+    let refused = debug(&k, n2, &["policies"])["refused"].clone();
+    let refused: Vec<(String, bool, bool)> = refused
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|r| {
+            (
+                r["name"].as_str().unwrap_or("").to_owned(),
+                r["lastGoodKept"] == json!(true),
+                r["deny"] == json!(true),
+            )
+        })
+        .collect();
+    assert_eq!(
+        refused,
+        vec![
+            ("broken".to_owned(), false, false),
+            ("deny-frontend".to_owned(), true, false)
+        ]
+    );
+    assert!(
+        !echoes(&k, "third"),
+        "the DENY's last good version is enforced"
+    );
+
+    // Removing the DENY lets frontend through again.
+    k.api
+        .delete(Kind::AuthorizationPolicy, "prod", "deny-frontend")
+        .expect("delete");
+    assert!(
+        eventually(WAIT, || echoes(&k, "fourth")),
+        "allowed again once the DENY is gone\n{}\n{}",
+        log_tail(&k, n1),
+        log_tail(&k, n2)
+    );
+
+    // An API outage while traffic flows: the last known state stays enforced.
+    k.api.go_silent();
+    k.api.drop_watches();
+    assert!(echoes(&k, "fifth"), "enforcement goes on during the outage");
+    k.api.resume();
+
+    // Labelled out of the mesh: no longer a workload of node 2 nor a peer of node 1.
+    k.label_pod(payment, json!({"istio.io/dataplane-mode": "none"}))
+        .expect("label");
+    assert!(
+        eventually(WAIT, || workloads(&k, n2).0.is_empty()
+            && workloads(&k, n1).1.is_empty()),
+        "payment left the mesh on both nodes"
+    );
+
+    // Deleted: frontend leaves node 1's agent.
+    k.api.delete(Kind::Pod, "prod", "frontend").expect("delete");
+    assert!(
+        eventually(WAIT, || workloads(&k, n1).0.is_empty()),
+        "a deleted pod is no longer served: {:?}\n{}",
+        workloads(&k, n1),
+        log_tail(&k, n1)
+    );
+
+    let denied = k.api.denied();
+    assert!(
+        denied.is_empty(),
+        "the agents asked for more than their role: {denied:?}"
+    );
+}
