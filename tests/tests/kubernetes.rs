@@ -235,19 +235,37 @@ fn the_clusters_objects_drive_enforcement() {
         log_tail(&k, n2)
     );
 
-    // An API outage while traffic flows: the last known state stays enforced.
+    // An API outage while traffic flows: the last known state stays enforced. A change made
+    // meanwhile is missed, the history is compacted past it, and when the server answers again
+    // the watches get 410 Gone, list anew and apply it: payment, labelled out of the mesh, is no
+    // longer a workload of node 2 nor a peer of node 1.
     k.api.go_silent();
-    k.api.drop_watches();
     assert!(echoes(&k, "fifth"), "enforcement goes on during the outage");
-    k.api.resume();
-
-    // Labelled out of the mesh: no longer a workload of node 2 nor a peer of node 1.
     k.label_pod(payment, json!({"istio.io/dataplane-mode": "none"}))
         .expect("label");
+    k.api.compact();
+    k.api.resume();
     assert!(
         eventually(WAIT, || workloads(&k, n2).0.is_empty()
             && workloads(&k, n1).1.is_empty()),
-        "payment left the mesh on both nodes"
+        "payment left the mesh on both nodes: {:?} {:?}\n{}\n{}",
+        workloads(&k, n1),
+        workloads(&k, n2),
+        log_tail(&k, n1),
+        log_tail(&k, n2)
+    );
+
+    // Labelled back in: enrolled again, reached over mTLS again.
+    k.label_pod(payment, json!({"istio.io/dataplane-mode": null}))
+        .expect("label");
+    assert!(
+        eventually(WAIT, || workloads(&k, n2).0 == ["prod/payment"]
+            && workloads(&k, n1).1 == ["prod/payment"]),
+        "payment is back in the mesh on both nodes"
+    );
+    assert!(
+        eventually(WAIT, || echoes(&k, "sixth")),
+        "frontend reaches payment again"
     );
 
     // Deleted: frontend leaves node 1's agent.
@@ -264,4 +282,90 @@ fn the_clusters_objects_drive_enforcement() {
         denied.is_empty(),
         "the agents asked for more than their role: {denied:?}"
     );
+}
+
+/// An agent killed while the cluster changes: its kernel verdicts outlive it, and at start-up
+/// (after the first full list) it revokes the pairs that changed while it was down.
+#[test]
+fn a_restarted_agent_revokes_what_changed_while_it_was_down() {
+    let mut k = KubeCluster::new(&[Driver::Systemd, Driver::Systemd]).expect("cluster");
+    let (n1, n2) = (latch_tests::NodeId(0), latch_tests::NodeId(1));
+    k.api
+        .apply(&fixtures::namespace(
+            "prod",
+            &[("istio.io/dataplane-mode", "ambient")],
+        ))
+        .expect("namespace");
+    let frontend = k
+        .add_pod(
+            n1,
+            PodSpec::mesh("frontend", "prod", "frontend"),
+            Qos::BestEffort,
+            &[],
+        )
+        .expect("frontend");
+    let payment = k
+        .add_pod(
+            n2,
+            PodSpec::mesh("payment", "prod", "payment"),
+            Qos::Burstable,
+            &[],
+        )
+        .expect("payment");
+    let _echo = k.cluster.echo_server(payment, PORT).expect("echo server");
+    // PERMISSIVE fast path: an allowed pair is cached in the kernel on both nodes.
+    let options = AgentOptions::default();
+    for node in [n1, n2] {
+        k.start_agent(node, &options).expect("agent");
+    }
+    let to = k.cluster.pod(payment).addr4(PORT);
+    let echoes = |k: &KubeCluster, payload: &str| {
+        k.cluster
+            .probe(frontend, to, Some(payload))
+            .is_ok_and(|r| r.echo.as_deref() == Some(payload))
+    };
+    let frontend_id = "spiffe://cluster.local/ns/prod/sa/frontend";
+    let cached_allow = |k: &KubeCluster| {
+        debug(k, n1, &["verdicts"])["verdicts"]
+            .as_array()
+            .expect("a list")
+            .iter()
+            .any(|v| v["source"] == json!(frontend_id) && v["decision"] == json!("allow"))
+    };
+    assert!(echoes(&k, "first"), "allowed");
+    assert!(
+        eventually(WAIT, || cached_allow(&k)),
+        "node 1 caches the allowed pair"
+    );
+
+    k.agent(n1).kill9();
+    k.api
+        .apply(&fixtures::authorization_policy(
+            "prod",
+            "deny-all",
+            json!({"action": "DENY", "rules": [{}]}),
+        ))
+        .expect("policy");
+    assert!(
+        eventually(WAIT, || policies(&k, n2).contains(&"deny-all".to_owned())),
+        "node 2 applied the DENY"
+    );
+    assert!(
+        cached_allow_pinned(&k),
+        "node 1's cached allow outlived its agent"
+    );
+    k.agent(n1).restart().expect("restart");
+    assert!(
+        !cached_allow(&k),
+        "node 1 revoked at start-up what the cluster no longer allows"
+    );
+    assert!(!echoes(&k, "second"), "denied");
+}
+
+/// Whether node 1's pinned verdict map still holds an entry (read without its agent).
+fn cached_allow_pinned(k: &KubeCluster) -> bool {
+    let pin_dir = &k.cluster.node(latch_tests::NodeId(0)).pin_dir;
+    latch::datapath::KernelMaps::open_pinned(pin_dir)
+        .and_then(|maps| maps.verdicts())
+        .is_ok_and(|verdicts| !verdicts.is_empty())
 }
