@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use latch_tests::{
-    AgentOptions, PodSpec,
+    AgentOptions, EchoServer, NodeId, PodId, PodSpec,
     agent::debug_json,
     eventually,
     kube_api::{
@@ -22,13 +22,13 @@ const PORT: u16 = 9000;
 const WAIT: Duration = Duration::from_secs(30);
 
 /// `latch debug ARGS --json` on the node's agent.
-fn debug(k: &KubeCluster, node: latch_tests::NodeId, args: &[&str]) -> Value {
+fn debug(k: &KubeCluster, node: NodeId, args: &[&str]) -> Value {
     debug_json(&k.cluster.debug_socket(node), args)
         .unwrap_or_else(|e| panic!("{e:#}\n{}", log_tail(k, node)))
 }
 
 /// The `namespace/name` of the node agent's local workloads and of its peers.
-fn workloads(k: &KubeCluster, node: latch_tests::NodeId) -> (Vec<String>, Vec<String>) {
+fn workloads(k: &KubeCluster, node: NodeId) -> (Vec<String>, Vec<String>) {
     let all = debug(k, node, &["workloads"]);
     let mut local = Vec::new();
     let mut peers = Vec::new();
@@ -48,7 +48,7 @@ fn workloads(k: &KubeCluster, node: latch_tests::NodeId) -> (Vec<String>, Vec<St
 }
 
 /// The end of the node agent's log, access lines left out.
-fn log_tail(k: &KubeCluster, node: latch_tests::NodeId) -> String {
+fn log_tail(k: &KubeCluster, node: NodeId) -> String {
     let lines = k
         .cluster
         .node(node)
@@ -69,7 +69,7 @@ fn log_tail(k: &KubeCluster, node: latch_tests::NodeId) -> String {
 }
 
 /// The names of the policies in force on the node.
-fn policies(k: &KubeCluster, node: latch_tests::NodeId) -> Vec<String> {
+fn policies(k: &KubeCluster, node: NodeId) -> Vec<String> {
     debug(k, node, &["policies"])["policies"]
         .as_array()
         .expect("a list")
@@ -78,74 +78,110 @@ fn policies(k: &KubeCluster, node: latch_tests::NodeId) -> Vec<String> {
         .collect()
 }
 
+/// `prod` enrolled (Istio's namespace label), `prod/frontend` on node 1 and `prod/payment`
+/// (`app: payment`, an echo server on [`PORT`]) on node 2, each node's cgroups in `drivers`'
+/// layout; `before_agents` adds what else the test needs, then both agents start with `options`.
+struct Mesh {
+    k: KubeCluster,
+    frontend: PodId,
+    payment: PodId,
+    _echo: EchoServer,
+}
+
+impl Mesh {
+    fn start(
+        drivers: [Driver; 2],
+        qos: [Qos; 2],
+        options: &AgentOptions,
+        before_agents: impl FnOnce(&mut KubeCluster),
+    ) -> Self {
+        let mut k = KubeCluster::new(&drivers).expect("cluster");
+        k.api
+            .apply(&fixtures::namespace(
+                "prod",
+                &[("istio.io/dataplane-mode", "ambient")],
+            ))
+            .expect("namespace");
+        let frontend = k
+            .add_pod(
+                N1,
+                PodSpec::mesh("frontend", "prod", "frontend"),
+                qos[0],
+                &[],
+            )
+            .expect("frontend");
+        let mut payment = PodSpec::mesh("payment", "prod", "payment");
+        payment.labels = vec![("app".into(), "payment".into())];
+        let payment = k.add_pod(N2, payment, qos[1], &[]).expect("payment");
+        let echo = k.cluster.echo_server(payment, PORT).expect("echo server");
+        before_agents(&mut k);
+        for node in [N1, N2] {
+            k.start_agent(node, options).expect("agent");
+        }
+        Self {
+            k,
+            frontend,
+            payment,
+            _echo: echo,
+        }
+    }
+
+    /// Whether `payload` sent from frontend to payment comes back.
+    fn echoes(&self, payload: &str) -> bool {
+        let to = self.k.cluster.pod(self.payment).addr4(PORT);
+        self.k
+            .cluster
+            .probe(self.frontend, to, Some(payload))
+            .is_ok_and(|r| r.echo.as_deref() == Some(payload))
+    }
+}
+
+const N1: NodeId = NodeId(0);
+const N2: NodeId = NodeId(1);
+
 #[test]
 fn the_clusters_objects_drive_enforcement() {
-    let mut k = KubeCluster::new(&[Driver::Systemd, Driver::Cgroupfs]).expect("cluster");
-    let (n1, n2) = (latch_tests::NodeId(0), latch_tests::NodeId(1));
-    k.api
-        .apply(&fixtures::namespace(
-            "prod",
-            &[("istio.io/dataplane-mode", "ambient")],
-        ))
-        .expect("namespace");
-    k.api
-        .apply(&fixtures::namespace("tools", &[]))
-        .expect("namespace");
-    let frontend = k
-        .add_pod(
-            n1,
-            PodSpec::mesh("frontend", "prod", "frontend"),
-            Qos::Burstable,
-            &[],
-        )
-        .expect("frontend");
-    let mut payment = PodSpec::mesh("payment", "prod", "payment");
-    payment.labels = vec![("app".into(), "payment".into())];
-    let payment = k
-        .add_pod(n2, payment, Qos::Guaranteed, &[])
-        .expect("payment");
-    // Not enrolled: neither it nor its namespace asks for the mesh.
-    let _outsider = k
-        .add_pod(
-            n2,
-            PodSpec::mesh("debugger", "tools", "default"),
-            Qos::BestEffort,
-            &[],
-        )
-        .expect("outsider");
-    let _echo = k.cluster.echo_server(payment, PORT).expect("echo server");
-    let options = AgentOptions::strict();
-    for node in [n1, n2] {
-        k.start_agent(node, &options).expect("agent");
-    }
+    let mesh = Mesh::start(
+        [Driver::Systemd, Driver::Cgroupfs],
+        [Qos::Burstable, Qos::Guaranteed],
+        &AgentOptions::strict(),
+        |k| {
+            k.api
+                .apply(&fixtures::namespace("tools", &[]))
+                .expect("namespace");
+            // Not enrolled: neither it nor its namespace asks for the mesh.
+            k.add_pod(
+                N2,
+                PodSpec::mesh("debugger", "tools", "default"),
+                Qos::BestEffort,
+                &[],
+            )
+            .expect("outsider");
+        },
+    );
+    let (k, n1, n2, payment) = (&mesh.k, N1, N2, mesh.payment);
 
     // Enrolled from the labels, found in kubelet's cgroup layout (both drivers), peers across.
     assert_eq!(
-        workloads(&k, n1),
+        workloads(k, n1),
         (
             vec!["prod/frontend".to_owned()],
             vec!["prod/payment".to_owned()]
         )
     );
     assert_eq!(
-        workloads(&k, n2),
+        workloads(k, n2),
         (
             vec!["prod/payment".to_owned()],
             vec!["prod/frontend".to_owned()]
         )
     );
-    let status = debug(&k, n2, &["status"]);
+    let status = debug(k, n2, &["status"]);
     assert_eq!(status["source"]["ready"], json!(true), "{status}");
     assert_eq!(status["source"]["apiFailing"], json!(false), "{status}");
 
-    let to = k.cluster.pod(payment).addr4(PORT);
-    let echoes = |k: &KubeCluster, payload: &str| {
-        k.cluster
-            .probe(frontend, to, Some(payload))
-            .is_ok_and(|r| r.echo.as_deref() == Some(payload))
-    };
     assert!(
-        echoes(&k, "first"),
+        mesh.echoes("first"),
         "frontend reaches payment over STRICT mTLS"
     );
 
@@ -162,7 +198,7 @@ fn the_clusters_objects_drive_enforcement() {
         ))
         .expect("policy");
     assert!(
-        eventually(WAIT, || !echoes(&k, "second")),
+        eventually(WAIT, || !mesh.echoes("second")),
         "the DENY object is enforced"
     );
 
@@ -190,16 +226,16 @@ fn the_clusters_objects_drive_enforcement() {
         ))
         .expect("policy");
     assert!(
-        eventually(WAIT, || policies(&k, n2).contains(&"audit-all".to_owned())),
+        eventually(WAIT, || policies(k, n2).contains(&"audit-all".to_owned())),
         "the good object sent after the broken ones is in force"
     );
-    let in_force = policies(&k, n2);
+    let in_force = policies(k, n2);
     assert!(
         in_force.contains(&"deny-frontend".to_owned()),
         "{in_force:?}"
     );
     assert!(!in_force.contains(&"broken".to_owned()), "{in_force:?}");
-    let refused = debug(&k, n2, &["policies"])["refused"].clone();
+    let refused = debug(k, n2, &["policies"])["refused"].clone();
     let refused: Vec<(String, bool, bool)> = refused
         .as_array()
         .expect("a list")
@@ -220,7 +256,7 @@ fn the_clusters_objects_drive_enforcement() {
         ]
     );
     assert!(
-        !echoes(&k, "third"),
+        !mesh.echoes("third"),
         "the DENY's last good version is enforced"
     );
 
@@ -229,10 +265,10 @@ fn the_clusters_objects_drive_enforcement() {
         .delete(Kind::AuthorizationPolicy, "prod", "deny-frontend")
         .expect("delete");
     assert!(
-        eventually(WAIT, || echoes(&k, "fourth")),
+        eventually(WAIT, || mesh.echoes("fourth")),
         "allowed again once the DENY is gone\n{}\n{}",
-        log_tail(&k, n1),
-        log_tail(&k, n2)
+        log_tail(k, n1),
+        log_tail(k, n2)
     );
 
     // An API outage while traffic flows: the last known state stays enforced. A change made
@@ -240,41 +276,44 @@ fn the_clusters_objects_drive_enforcement() {
     // the watches get 410 Gone, list anew and apply it: payment, labelled out of the mesh, is no
     // longer a workload of node 2 nor a peer of node 1.
     k.api.go_silent();
-    assert!(echoes(&k, "fifth"), "enforcement goes on during the outage");
+    assert!(
+        mesh.echoes("fifth"),
+        "enforcement goes on during the outage"
+    );
     k.label_pod(payment, json!({"istio.io/dataplane-mode": "none"}))
         .expect("label");
     k.api.compact();
     k.api.resume();
     assert!(
-        eventually(WAIT, || workloads(&k, n2).0.is_empty()
-            && workloads(&k, n1).1.is_empty()),
+        eventually(WAIT, || workloads(k, n2).0.is_empty()
+            && workloads(k, n1).1.is_empty()),
         "payment left the mesh on both nodes: {:?} {:?}\n{}\n{}",
-        workloads(&k, n1),
-        workloads(&k, n2),
-        log_tail(&k, n1),
-        log_tail(&k, n2)
+        workloads(k, n1),
+        workloads(k, n2),
+        log_tail(k, n1),
+        log_tail(k, n2)
     );
 
     // Labelled back in: enrolled again, reached over mTLS again.
     k.label_pod(payment, json!({"istio.io/dataplane-mode": null}))
         .expect("label");
     assert!(
-        eventually(WAIT, || workloads(&k, n2).0 == ["prod/payment"]
-            && workloads(&k, n1).1 == ["prod/payment"]),
+        eventually(WAIT, || workloads(k, n2).0 == ["prod/payment"]
+            && workloads(k, n1).1 == ["prod/payment"]),
         "payment is back in the mesh on both nodes"
     );
     assert!(
-        eventually(WAIT, || echoes(&k, "sixth")),
+        eventually(WAIT, || mesh.echoes("sixth")),
         "frontend reaches payment again"
     );
 
     // Deleted: frontend leaves node 1's agent.
     k.api.delete(Kind::Pod, "prod", "frontend").expect("delete");
     assert!(
-        eventually(WAIT, || workloads(&k, n1).0.is_empty()),
+        eventually(WAIT, || workloads(k, n1).0.is_empty()),
         "a deleted pod is no longer served: {:?}\n{}",
-        workloads(&k, n1),
-        log_tail(&k, n1)
+        workloads(k, n1),
+        log_tail(k, n1)
     );
 
     let denied = k.api.denied();
@@ -288,58 +327,30 @@ fn the_clusters_objects_drive_enforcement() {
 /// (after the first full list) it revokes the pairs that changed while it was down.
 #[test]
 fn a_restarted_agent_revokes_what_changed_while_it_was_down() {
-    let mut k = KubeCluster::new(&[Driver::Systemd, Driver::Systemd]).expect("cluster");
-    let (n1, n2) = (latch_tests::NodeId(0), latch_tests::NodeId(1));
-    k.api
-        .apply(&fixtures::namespace(
-            "prod",
-            &[("istio.io/dataplane-mode", "ambient")],
-        ))
-        .expect("namespace");
-    let frontend = k
-        .add_pod(
-            n1,
-            PodSpec::mesh("frontend", "prod", "frontend"),
-            Qos::BestEffort,
-            &[],
-        )
-        .expect("frontend");
-    let payment = k
-        .add_pod(
-            n2,
-            PodSpec::mesh("payment", "prod", "payment"),
-            Qos::Burstable,
-            &[],
-        )
-        .expect("payment");
-    let _echo = k.cluster.echo_server(payment, PORT).expect("echo server");
     // PERMISSIVE fast path: an allowed pair is cached in the kernel on both nodes.
-    let options = AgentOptions::default();
-    for node in [n1, n2] {
-        k.start_agent(node, &options).expect("agent");
-    }
-    let to = k.cluster.pod(payment).addr4(PORT);
-    let echoes = |k: &KubeCluster, payload: &str| {
-        k.cluster
-            .probe(frontend, to, Some(payload))
-            .is_ok_and(|r| r.echo.as_deref() == Some(payload))
-    };
+    let mut mesh = Mesh::start(
+        [Driver::Systemd, Driver::Systemd],
+        [Qos::BestEffort, Qos::Burstable],
+        &AgentOptions::default(),
+        |_| {},
+    );
     let frontend_id = "spiffe://cluster.local/ns/prod/sa/frontend";
     let cached_allow = |k: &KubeCluster| {
-        debug(k, n1, &["verdicts"])["verdicts"]
+        debug(k, N1, &["verdicts"])["verdicts"]
             .as_array()
             .expect("a list")
             .iter()
             .any(|v| v["source"] == json!(frontend_id) && v["decision"] == json!("allow"))
     };
-    assert!(echoes(&k, "first"), "allowed");
+    assert!(mesh.echoes("first"), "allowed");
     assert!(
-        eventually(WAIT, || cached_allow(&k)),
+        eventually(WAIT, || cached_allow(&mesh.k)),
         "node 1 caches the allowed pair"
     );
 
-    k.agent(n1).kill9();
-    k.api
+    mesh.k.agent(N1).kill9();
+    mesh.k
+        .api
         .apply(&fixtures::authorization_policy(
             "prod",
             "deny-all",
@@ -347,24 +358,25 @@ fn a_restarted_agent_revokes_what_changed_while_it_was_down() {
         ))
         .expect("policy");
     assert!(
-        eventually(WAIT, || policies(&k, n2).contains(&"deny-all".to_owned())),
+        eventually(WAIT, || policies(&mesh.k, N2)
+            .contains(&"deny-all".to_owned())),
         "node 2 applied the DENY"
     );
     assert!(
-        cached_allow_pinned(&k),
+        cached_allow_pinned(&mesh.k),
         "node 1's cached allow outlived its agent"
     );
-    k.agent(n1).restart().expect("restart");
+    mesh.k.agent(N1).restart().expect("restart");
     assert!(
-        !cached_allow(&k),
+        !cached_allow(&mesh.k),
         "node 1 revoked at start-up what the cluster no longer allows"
     );
-    assert!(!echoes(&k, "second"), "denied");
+    assert!(!mesh.echoes("second"), "denied");
 }
 
 /// Whether node 1's pinned verdict map still holds an entry (read without its agent).
 fn cached_allow_pinned(k: &KubeCluster) -> bool {
-    let pin_dir = &k.cluster.node(latch_tests::NodeId(0)).pin_dir;
+    let pin_dir = &k.cluster.node(N1).pin_dir;
     latch::datapath::KernelMaps::open_pinned(pin_dir)
         .and_then(|maps| maps.verdicts())
         .is_ok_and(|verdicts| !verdicts.is_empty())

@@ -7,8 +7,6 @@
 
 use std::{collections::BTreeMap, path::Path};
 
-use serde::Serialize;
-
 use crate::policy::{PolicyKind, PolicyObject, PolicySet};
 
 /// Which object: kind, namespace, name.
@@ -26,20 +24,10 @@ struct Entry {
     refused: Option<Refused>,
 }
 
-/// An object version the parser refused.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Refused {
-    pub kind: PolicyKind,
-    pub namespace: String,
-    pub name: String,
-    pub resource_version: String,
-    /// Each as `field.path: why`, prefixed by where in the object.
-    pub errors: Vec<String>,
-    /// An earlier version of the object is in force instead.
-    pub last_good_kept: bool,
-    /// The refused version asks to DENY.
-    pub deny: bool,
-}
+/// An object version the parser refused, as the debug API lists it (`kind`, namespace, name,
+/// resource version, the errors as `field.path: why`, whether an earlier version is in force
+/// instead, whether the refused version asks to DENY).
+pub use crate::debug::api::RefusedPolicy as Refused;
 
 /// What applying one object did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,7 +82,7 @@ impl PolicyObjects {
     ) -> Applied {
         let entry = self.objects.entry(key.clone()).or_default();
         let refused = Refused {
-            kind: key.0,
+            kind: format!("{:?}", key.0),
             namespace: key.1,
             name: key.2,
             resource_version,

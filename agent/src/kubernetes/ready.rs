@@ -3,39 +3,19 @@
 //! before; anything else 404. The DaemonSet's readiness probe asks it (`deploy/daemonset.yaml`),
 //! so a rolling update moves on to the next node only once this one enforces again.
 
-use std::{convert::Infallible, time::Duration};
-
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 
 use super::source::Readiness;
 
 /// Serve `/ready` on `listener` until the future is dropped.
 pub async fn serve(listener: tokio::net::TcpListener, readiness: Readiness) {
-    let local = listener
-        .local_addr()
-        .map_or_else(|e| format!("unknown address ({e})"), |a| a.to_string());
-    let mut backoff = crate::accept::Backoff::new(format_args!("readiness {local}"));
-    loop {
-        let (stream, _) = backoff.next(|| listener.accept()).await;
-        let readiness = readiness.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let ready = readiness.get();
-                async move { Ok::<_, Infallible>(answer(&req, ready)) }
-            });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(error = %e, "readiness connection ended with an error");
-            }
-        });
-    }
+    crate::metrics::http::serve_http1(listener, "readiness", move |req| {
+        let response = answer(&req, readiness.get());
+        async move { response }
+    })
+    .await;
 }
 
 fn answer<B>(req: &Request<B>, ready: bool) -> Response<Full<Bytes>> {

@@ -57,29 +57,24 @@ pub fn serve(options: Options) -> anyhow::Result<()> {
     let root = KubepodsRoot::detect(options.kubepods_root.as_deref())
         .context("finding kubelet's kubepods cgroup (give --kubepods-root if kubelet uses another --cgroup-root)")?;
     tracing::info!(kubepods = %root.path().display(), driver = ?root.driver(), "kubelet's pod cgroups");
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.dataplane.worker_threads)
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?
-        .block_on(async {
-            let client = client(options.kubeconfig.as_deref()).await?;
-            let readiness = Readiness::default();
-            let listener = tokio::net::TcpListener::bind(options.ready)
-                .await
-                .with_context(|| format!("binding the readiness endpoint {}", options.ready))?;
-            let ready = tokio::spawn(ready::serve(listener, readiness.clone()));
-            let source = KubeSource::new(
-                &options.config_path,
-                node,
-                client,
-                LocalPods::new(root),
-                readiness,
-            );
-            let result = crate::runtime::event_loop::run(source, config).await;
-            ready.abort();
-            result
-        })
+    crate::runtime::block_on(config.dataplane.worker_threads, async {
+        let client = client(options.kubeconfig.as_deref()).await?;
+        let readiness = Readiness::default();
+        let listener = tokio::net::TcpListener::bind(options.ready)
+            .await
+            .with_context(|| format!("binding the readiness endpoint {}", options.ready))?;
+        let ready = tokio::spawn(ready::serve(listener, readiness.clone()));
+        let source = KubeSource::new(
+            &options.config_path,
+            node,
+            client,
+            LocalPods::new(root),
+            readiness,
+        );
+        let result = crate::runtime::event_loop::run(source, config).await;
+        ready.abort();
+        result
+    })?
 }
 
 /// A client from `kubeconfig`, or from the pod's service account in the cluster.

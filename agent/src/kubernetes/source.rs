@@ -249,19 +249,7 @@ impl Source for KubeSource {
                 version: h.version,
             })
             .collect();
-        let refused = lock(&shared.policies)
-            .refused()
-            .into_iter()
-            .map(|r| RefusedPolicy {
-                kind: format!("{:?}", r.kind),
-                namespace: r.namespace,
-                name: r.name,
-                resource_version: r.resource_version,
-                errors: r.errors,
-                last_good_kept: r.last_good_kept,
-                deny: r.deny,
-            })
-            .collect();
+        let refused = lock(&shared.policies).refused();
         (
             Some(SourceStatus {
                 kind: "kubernetes".into(),

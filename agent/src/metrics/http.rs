@@ -35,17 +35,28 @@ pub async fn serve(addr: SocketAddr, metrics: Metrics) -> Result<(), MetricsErro
 
 /// Serve `/metrics` on an already bound listener (tests bind port 0).
 pub async fn serve_on(listener: tokio::net::TcpListener, metrics: Metrics) {
+    serve_http1(listener, "metrics", move |req| handle(req, metrics.clone())).await;
+}
+
+/// Serve HTTP/1.1 on `listener` (a node-local endpoint: the metrics, Kubernetes mode's
+/// `/ready`), each request answered by `answer`, until the future is dropped; `what` names the
+/// endpoint in the log.
+pub async fn serve_http1<A, F>(listener: tokio::net::TcpListener, what: &'static str, answer: A)
+where
+    A: Fn(Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
     let local = listener
         .local_addr()
         .map_or_else(|e| format!("unknown address ({e})"), |a| a.to_string());
-    let mut backoff = crate::accept::Backoff::new(format_args!("metrics {local}"));
+    let mut backoff = crate::accept::Backoff::new(format_args!("{what} {local}"));
     loop {
         let (stream, _) = backoff.next(|| listener.accept()).await;
-        let metrics = metrics.clone();
+        let answer = answer.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let metrics = metrics.clone();
-                async move { Ok::<_, Infallible>(handle(req, metrics).await) }
+                let reply = answer(req);
+                async move { Ok::<_, Infallible>(reply.await) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -53,7 +64,7 @@ pub async fn serve_on(listener: tokio::net::TcpListener, metrics: Metrics) {
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {
-                tracing::debug!(error = %e, "metrics connection ended with an error");
+                tracing::debug!(endpoint = what, error = %e, "connection ended with an error");
             }
         });
     }

@@ -27,16 +27,25 @@ pub use agent::WATCH_INTERVAL;
 /// `dataplane.workerThreads`. Programs and maps stay pinned when it returns.
 pub fn serve(config_path: &Path) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.dataplane.worker_threads)
+    block_on(config.dataplane.worker_threads, async {
+        // Made inside the runtime: it registers with the reactor and the timer.
+        let source = source::FileSource::new(config_path, WATCH_INTERVAL);
+        event_loop::run(source, config).await
+    })?
+}
+
+/// Run `main` to completion on a tokio runtime with `worker_threads` workers (the config's
+/// `dataplane.workerThreads`).
+pub fn block_on<F: std::future::Future>(
+    worker_threads: usize,
+    main: F,
+) -> anyhow::Result<F::Output> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(worker_threads)
         .enable_all()
         .build()
         .context("starting the tokio runtime")?
-        .block_on(async {
-            // Made inside the runtime: it registers with the reactor and the timer.
-            let source = source::FileSource::new(config_path, WATCH_INTERVAL);
-            event_loop::run(source, config).await
-        })
+        .block_on(main))
 }
 
 /// Remove everything the agent pinned for this config.
