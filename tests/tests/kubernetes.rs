@@ -307,6 +307,34 @@ fn the_clusters_objects_drive_enforcement() {
         "frontend reaches payment again"
     );
 
+    // An outage the agents see (the server answers 503): reported in `latch debug status`,
+    // enforcement unchanged, cleared once the watches are back.
+    let api_failing = |node: NodeId| debug(k, node, &["status"])["source"]["apiFailing"].clone();
+    k.api.go_unavailable();
+    assert!(
+        eventually(WAIT, || api_failing(n1) == json!(true)
+            && api_failing(n2) == json!(true)),
+        "the outage is reported: {}\n{}\n{}",
+        debug(k, n1, &["status"])["source"],
+        debug(k, n2, &["status"])["source"],
+        log_tail(k, n1)
+    );
+    let (ok, table) = latch_tests::agent::debug(&k.cluster.debug_socket(n1), &["status"])
+        .expect("latch debug status");
+    assert!(ok && table.contains("API FAILING"), "{table}");
+    assert!(
+        mesh.echoes("seventh"),
+        "enforcement goes on while the API server fails"
+    );
+    k.api.resume();
+    assert!(
+        eventually(WAIT, || api_failing(n1) == json!(false)
+            && api_failing(n2) == json!(false)),
+        "the agents are back on the API server: {}\n{}",
+        debug(k, n1, &["status"])["source"],
+        debug(k, n2, &["status"])["source"]
+    );
+
     // Deleted: frontend leaves node 1's agent.
     k.api.delete(Kind::Pod, "prod", "frontend").expect("delete");
     assert!(

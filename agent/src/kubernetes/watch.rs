@@ -32,6 +32,9 @@ use crate::{policy::PolicyKind, sync::lock};
 
 /// How often a missing Istio CRD is looked for again.
 pub const CRD_RECHECK: Duration = Duration::from_secs(30);
+/// How often a failing watch's resource is listed (one object) to learn that the API server
+/// answers again: a watch resumed after an error sends nothing until something changes.
+pub const PROBE_EVERY: Duration = Duration::from_secs(1);
 
 /// The Istio API group of the two policy kinds.
 const ISTIO_SECURITY: &str = "security.istio.io";
@@ -90,6 +93,10 @@ impl Shared {
         if changed {
             self.changed.notify_one();
         }
+    }
+
+    fn is_failing(&self, watch: &'static str) -> bool {
+        lock(&self.health).get(watch).is_some_and(|h| h.failing)
     }
 
     fn event(&self, watch: &'static str, init_done: bool) {
@@ -201,10 +208,10 @@ async fn reflect<K>(
 {
     let stream = reflector::reflector(
         writer,
-        watcher(api, watcher::Config::default()).default_backoff(),
+        watcher(api.clone(), watcher::Config::default()).default_backoff(),
     );
     let mut stream = std::pin::pin!(stream);
-    while let Some(event) = stream.next().await {
+    while let Some(event) = next_or_recovered(&mut stream, name, &shared, &api).await {
         match event {
             Ok(event) => {
                 let init_done = matches!(event, watcher::Event::InitDone);
@@ -214,6 +221,37 @@ async fn reflect<K>(
                 }
             }
             Err(e) => shared.failed(name, &e),
+        }
+    }
+}
+
+/// The next item of a watch's `stream`. While the watch `name` is failing, its resource is also
+/// listed (one object) every [`PROBE_EVERY`], and an answer marks it healthy again: a watch that
+/// resumes after an error sends nothing until something changes, so its stream alone would
+/// leave the failure standing.
+async fn next_or_recovered<S, K>(
+    stream: &mut S,
+    name: &'static str,
+    shared: &Shared,
+    api: &Api<K>,
+) -> Option<S::Item>
+where
+    S: futures::Stream + Unpin,
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    loop {
+        if !shared.is_failing(name) {
+            return stream.next().await;
+        }
+        tokio::select! {
+            item = stream.next() => return item,
+            _ = tokio::time::sleep(PROBE_EVERY) => {
+                let one = kube::api::ListParams::default().limit(1);
+                if api.list(&one).await.is_ok() {
+                    tracing::info!(watch = name, "Kubernetes API server answers again");
+                    shared.event(name, false);
+                }
+            }
         }
     }
 }
@@ -292,9 +330,10 @@ async fn follow_policies(
     name: &'static str,
     shared: &Shared,
 ) {
-    let mut stream = std::pin::pin!(watcher(api, watcher::Config::default()).default_backoff());
+    let mut stream =
+        std::pin::pin!(watcher(api.clone(), watcher::Config::default()).default_backoff());
     let mut listed: Vec<(String, String)> = Vec::new();
-    while let Some(event) = stream.next().await {
+    while let Some(event) = next_or_recovered(&mut stream, name, shared, &api).await {
         let event = match event {
             Ok(event) => event,
             Err(watcher::Error::InitialListFailed(e)) if is_missing(&e) => return,

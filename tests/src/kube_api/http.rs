@@ -52,7 +52,7 @@ pub struct RequestRecord {
     /// Whether the ClusterRole (or the public discovery paths) allowed it.
     pub allowed: bool,
     /// The HTTP status answered (200 for a watch, whatever its events); `None` while unanswered
-    /// (held by an outage).
+    /// (held by an outage); 0 when the connection was closed without an answer (unreachable).
     pub status: Option<u16>,
 }
 
@@ -153,7 +153,7 @@ pub async fn serve(
                 tokio::spawn(async move {
                     let service = service_fn(move |req| {
                         let shared = shared.clone();
-                        async move { Ok::<_, Infallible>(handle(shared, req).await) }
+                        async move { handle(shared, req).await }
                     });
                     // A client going away mid-watch is an error here; nothing to do about it.
                     let _ = hyper::server::conn::http1::Builder::new()
@@ -249,7 +249,23 @@ fn not_found_path() -> Response<Body> {
     )
 }
 
-async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+/// What `handle` fails with while the server is unreachable ([`super::KubeApiServer::go_unavailable`]):
+/// hyper then closes the connection without an answer.
+#[derive(Debug)]
+pub struct Unreachable;
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the test API server is unreachable")
+    }
+}
+
+impl std::error::Error for Unreachable {}
+
+async fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Unreachable> {
     let method = req.method().as_str().to_owned();
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or("").to_owned();
@@ -283,10 +299,14 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         }
     }
 
+    if shared.store().unavailable {
+        shared.observe(|o| o.requests[seq as usize].status = Some(0));
+        return Err(Unreachable);
+    }
     let resp = respond(&shared, req, seq, &method, &path, &params, &attrs, allowed);
     let code = resp.status().as_u16();
     shared.observe(|o| o.requests[seq as usize].status = Some(code));
-    resp
+    Ok(resp)
 }
 
 /// The answer to a request let through (not held by an outage).

@@ -35,7 +35,8 @@
 //! `#[test]` functions can use it; dropping the handle stops it and frees its port.
 //! Hooks simulate what a real server does on its own: compaction ([`KubeApiServer::compact`]),
 //! watches ending ([`KubeApiServer::drop_watches`]), bookmarks ([`KubeApiServer::bookmark`]),
-//! an outage ([`KubeApiServer::go_silent`] / [`KubeApiServer::resume`]), Istio's CRDs coming
+//! an outage ([`KubeApiServer::go_silent`] or [`KubeApiServer::go_unavailable`], then
+//! [`KubeApiServer::resume`]), Istio's CRDs coming
 //! and going ([`KubeApiServer::install_istio_crds`] / [`KubeApiServer::uninstall_istio_crds`];
 //! installed from the start). Nothing happens on a timer except a watch's `timeoutSeconds`;
 //! tests wait on what the server saw with [`KubeApiServer::wait_for`] (the request log and the
@@ -295,9 +296,23 @@ impl KubeApiServer {
         self.shared.mutate(|s| s.silent = true);
     }
 
-    /// End the outage: held requests are answered, watches send what they missed.
+    /// An outage that clients see: every open watch ends and every request's connection is
+    /// closed without an answer (an API server that is down) until [`Self::resume`]. (Not a
+    /// 503: kube-rs's client retries those by itself, so its callers never see them.)
+    pub fn go_unavailable(&self) {
+        self.shared.mutate(|s| {
+            s.unavailable = true;
+            s.drop_generation += 1;
+        });
+    }
+
+    /// End the outage: held requests are answered, watches send what they missed, requests
+    /// are answered again.
     pub fn resume(&self) {
-        self.shared.mutate(|s| s.silent = false);
+        self.shared.mutate(|s| {
+            s.silent = false;
+            s.unavailable = false;
+        });
     }
 
     /// Every request so far, in arrival order.

@@ -261,6 +261,8 @@ pub struct Store {
     pub istio_installed: bool,
     /// While set, no request is answered and no watch sends anything.
     pub silent: bool,
+    /// Every request is answered 503 Service Unavailable (see `KubeApiServer::go_unavailable`).
+    pub unavailable: bool,
     /// Bumped to end every open watch.
     pub drop_generation: u64,
     /// Bumped to make every bookmark-enabled watch send a BOOKMARK.
