@@ -112,13 +112,25 @@ pub(super) fn baggage(source: &crate::identity::SpiffeId) -> Option<hyper::heade
 
 /// A new W3C `traceparent` (version 00, random trace and parent IDs, not sampled), as ztunnel
 /// starts one for each connection it tunnels; `None` if the system has no randomness to give.
+/// Marked sensitive (HPACK: never indexed), since no value is ever sent twice.
 pub(super) fn traceparent() -> Option<hyper::header::HeaderValue> {
     use ring::rand::SecureRandom as _;
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut ids = [0u8; 24];
     ring::rand::SystemRandom::new().fill(&mut ids).ok()?;
-    let (trace, parent) = ids.split_at(16);
-    let hex = |b: &[u8]| b.iter().map(|b| format!("{b:02x}")).collect::<String>();
-    hyper::header::HeaderValue::try_from(format!("00-{}-{}-00", hex(trace), hex(parent))).ok()
+    // `00-` 32 hex digits `-` 16 hex digits `-00`.
+    let mut text = Vec::with_capacity(55);
+    text.extend_from_slice(b"00-");
+    for (i, byte) in ids.iter().enumerate() {
+        if i == 16 {
+            text.push(b'-');
+        }
+        text.extend([HEX[usize::from(byte >> 4)], HEX[usize::from(byte & 0xf)]]);
+    }
+    text.extend_from_slice(b"-00");
+    let mut value = hyper::header::HeaderValue::from_bytes(&text).ok()?;
+    value.set_sensitive(true);
+    Some(value)
 }
 
 /// A tunnel socket's options: no delay, and keepalive probes once idle (see [`KEEPALIVE_IDLE`]).
@@ -136,7 +148,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_traceparent_is_version_00_with_random_nonzero_ids() {
+    fn a_traceparent_is_version_00_with_new_random_ids() {
         let parse = |v: hyper::header::HeaderValue| -> Vec<String> {
             v.to_str()
                 .expect("ascii")
@@ -144,7 +156,9 @@ mod tests {
                 .map(str::to_owned)
                 .collect()
         };
-        let a = parse(traceparent().expect("traceparent"));
+        let first = traceparent().expect("traceparent");
+        assert!(first.is_sensitive(), "sent never indexed");
+        let a = parse(first);
         let b = parse(traceparent().expect("traceparent"));
         assert_eq!(a.len(), 4);
         assert_eq!((a[0].as_str(), a[3].as_str()), ("00", "00"));
