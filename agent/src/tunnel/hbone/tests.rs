@@ -712,12 +712,12 @@ async fn a_connection_whose_ping_goes_unanswered_is_closed_and_the_next_tunnel_d
 }
 
 /// A server that is not Latch's: it answers every `CONNECT` `200` (with Latch's cacheable header
-/// only if `latch`) and holds the stream open, takes at most `max_streams` streams per
+/// only while `latch` holds) and holds the stream open, takes at most `max_streams` streams per
 /// connection, and counts its TCP connections.
 async fn foreign_server(
     ca: &DevCa,
     max_streams: u32,
-    latch: bool,
+    latch: Arc<std::sync::atomic::AtomicBool>,
 ) -> (SocketAddr, Arc<AtomicUsize>) {
     let svid = ca.mint(PAYMENT, HOUR).expect("server svid");
     let tls = server_config(&svid, vec![ca.certificate().clone()], TD).expect("server config");
@@ -728,7 +728,7 @@ async fn foreign_server(
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             counted.fetch_add(1, Ordering::SeqCst);
-            let tls = tls.clone();
+            let (tls, latch) = (tls.clone(), latch.clone());
             tokio::spawn(async move {
                 let (tls, _) = crate::tls::handshake::accept(tls, tcp).await.expect("tls");
                 let mut h2 = h2::server::Builder::new()
@@ -739,7 +739,7 @@ async fn foreign_server(
                 let mut held = Vec::new();
                 while let Some(Ok((_, mut respond))) = h2.accept().await {
                     let mut answer = hyper::Response::new(());
-                    if latch {
+                    if latch.load(Ordering::SeqCst) {
                         answer.headers_mut().insert(
                             CACHEABLE_HEADER,
                             hyper::header::HeaderValue::from_static("0"),
@@ -756,7 +756,7 @@ async fn foreign_server(
 #[tokio::test]
 async fn a_server_at_its_stream_limit_gets_another_connection_instead_of_a_wait() {
     let f = fixture("max-streams", true, PAYMENT).await;
-    let (endpoint, connections) = foreign_server(&f.ca, 1, true).await;
+    let (endpoint, connections) = foreign_server(&f.ca, 1, Arc::new(true.into())).await;
     let key = PoolKey {
         endpoint,
         ..key(&f)
@@ -781,7 +781,7 @@ async fn source_pods_share_a_connection_only_to_a_server_that_answers_as_latch()
     let f = fixture("attribution", true, PAYMENT).await;
     let pod = |last: u8| Some(SocketAddr::from(([10, 244, 1, last], 40000)));
     for (latch, expected) in [(false, 2), (true, 1)] {
-        let (endpoint, connections) = foreign_server(&f.ca, 100, latch).await;
+        let (endpoint, connections) = foreign_server(&f.ca, 100, Arc::new(latch.into())).await;
         let key = PoolKey {
             endpoint,
             ..key(&f)
@@ -838,4 +838,47 @@ async fn a_draining_server_lets_its_open_stream_finish_then_closes() {
     // client keeps it pooled. Without GOAWAY this would wait for ever.
     let drained = f.drain.run(HOUR).await;
     assert_eq!(drained.left, 0);
+}
+
+#[tokio::test]
+async fn an_endpoint_that_stops_answering_as_latch_gets_per_pod_connections_again() {
+    let f = fixture("unlearn", true, PAYMENT).await;
+    let pod = |last: u8| Some(SocketAddr::from(([10, 244, 1, last], 40000)));
+    let latch = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (endpoint, connections) = foreign_server(&f.ca, 100, latch.clone()).await;
+    let key = PoolKey {
+        endpoint,
+        ..key(&f)
+    };
+    let client = TunnelClient::new();
+    let mut held = Vec::new();
+    for (source, latch_now) in [
+        (pod(2), true),
+        (pod(3), true),
+        // Another server answers on that endpoint from now on (ztunnel in Latch's place).
+        (pod(2), false),
+        (pod(3), false),
+        (pod(2), false),
+    ] {
+        latch.store(latch_now, Ordering::SeqCst);
+        held.push(
+            client
+                .open(&key, f.app, source, dialer_to(&f, PAYMENT, endpoint), None)
+                .await
+                .expect("tunnel"),
+        );
+        if held.len() == 2 {
+            assert_eq!(
+                connections.load(Ordering::SeqCst),
+                1,
+                "shared while Latch's"
+            );
+        }
+    }
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        3,
+        "the shared connection left the pool; then each pod dialled its own"
+    );
+    assert_eq!(client.pooled_connections(), 2);
 }
