@@ -407,6 +407,8 @@ impl TunnelClient {
         let every = self.keepalive;
         let task = tokio::spawn(async move {
             tokio::select! {
+                // The connection first, and no random pick on every wake of this hot task.
+                biased;
                 result = connection => {
                     if let Err(e) = result {
                         tracing::debug!(endpoint = %addr, error = %e, "tunnel connection closed");
