@@ -11,6 +11,8 @@
 //! - [`server`]: echo servers inside pods that record who connected.
 //! - [`sniffer`]: packet captures on the links between nodes.
 //! - [`hbone`]: a `CONNECT` of the test's choosing through a real tunnel.
+//! - [`python_peer`]: an HBONE server or client on Python's `ssl` and PyPI's `h2`, not Latch's
+//!   code, for the interop tests.
 //! - [`kube_api`]: a Kubernetes API server (lists, watches, discovery, RBAC from
 //!   `deploy/rbac.yaml`) with real objects, for the agent's Kubernetes mode.
 //! - [`l2`]: raw frames sent from inside a pod (gratuitous ARP, neighbour advertisements, a
@@ -29,6 +31,7 @@ pub mod netns;
 pub mod nginx;
 pub mod policy_bench;
 pub mod probe;
+pub mod python_peer;
 pub mod server;
 pub mod sniffer;
 

@@ -8,6 +8,7 @@ mod manifests;
 mod modules;
 mod setup;
 mod tasks;
+mod venv;
 
 use clap::{Parser, Subcommand};
 

@@ -4,7 +4,7 @@
 //! not know fails the step, naming the object and the field.
 //!
 //! The validator is PyPI's `kubernetes-validate`, pinned, in a virtualenv under
-//! `target/manifests/` (its JSON schemas, every Kubernetes version's, ship inside the package, so
+//! `target/manifests/` (`crate::venv`; its JSON schemas, every Kubernetes version's, ship inside the package, so
 //! nothing is fetched once it is installed). It reports the first error of each object only.
 //! Before the real manifests, it is shown a valid DaemonSet, one with a misspelled field and one
 //! with a wrong type, and must pass the first and refuse the others, so that a validator that
@@ -54,19 +54,9 @@ pub fn setup() -> anyhow::Result<PathBuf> {
          {} (about 110 MB of schemas, once)",
         venv.display()
     );
-    std::fs::create_dir_all(work_dir())?;
-    let mut make_venv = Command::new("python3");
-    make_venv.args(["-m", "venv", "--clear"]).arg(&venv);
-    if cmd::run(&mut make_venv).is_err() {
-        println!("    python3 cannot make a virtualenv: installing python3-venv with apt-get");
-        let _ = cmd::run(Command::new("apt-get").arg("update"));
-        cmd::run(Command::new("apt-get").args(["install", "-y", "python3-venv"]))?;
-        cmd::run(&mut make_venv)?;
-    }
-    cmd::run(
-        Command::new(venv.join("bin").join("pip"))
-            .args(["install", "--quiet", "--disable-pip-version-check"])
-            .arg(format!("kubernetes-validate=={KUBERNETES_VALIDATE}")),
+    crate::venv::install(
+        &venv,
+        &format!("kubernetes-validate=={KUBERNETES_VALIDATE}"),
     )?;
     Ok(bin)
 }

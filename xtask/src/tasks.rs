@@ -100,6 +100,7 @@ pub fn test() -> anyhow::Result<()> {
 
     build_binaries(false)?;
     crate::image::test()?;
+    let python_h2 = crate::venv::python_h2()?;
 
     step("tests: unit and kernel integration tests");
     cmd::run(
@@ -107,6 +108,7 @@ pub fn test() -> anyhow::Result<()> {
             .args(["test", "--workspace"])
             .env("LATCH_BIN", bin("debug", "latch"))
             .env("LATCH_PROBE", bin("debug", "latch-probe"))
+            .env("LATCH_PYTHON_H2", python_h2)
             .env("RUST_BACKTRACE", "1"),
     )?;
     println!("\nxtask test: all steps passed");

@@ -1,6 +1,6 @@
 //! Start-up, then one loop until SIGTERM/SIGINT: a reload when SIGHUP, the debug API or the
 //! [`Source`] asks for one (one path for all three), certificate rotation and the fast-path
-//! summary at every tick.
+//! summary at every tick; at the end the tunnels drain.
 
 use std::{
     collections::BTreeMap,
@@ -27,7 +27,11 @@ use crate::{
     metrics::{self, Metrics, fastpath::FastpathSummary},
     scheduling::busy_poll,
     state::{SharedState, cert_store},
-    tunnel::{handshakes::Handshakes, hbone::TunnelClient, tracked::Tracker},
+    tunnel::{
+        handshakes::Handshakes,
+        hbone::{DRAIN_TIMEOUT, Drain, TunnelClient},
+        tracked::Tracker,
+    },
     verdicts::{SharedMaps, VerdictCache},
 };
 
@@ -177,6 +181,8 @@ pub async fn run<S: Source>(mut source: S, config: Config) -> anyhow::Result<()>
         publish_source(&agent, &source);
     }
     tracing::info!("agent stopping; programs and maps stay pinned, enforcement continues");
+    // GOAWAY on the tunnel server connections; open streams may finish.
+    Drain::node().on_exit(DRAIN_TIMEOUT).await;
     Ok(())
 }
 

@@ -1,7 +1,9 @@
-//! The HBONE client: [`TunnelClient::open`] sends a `CONNECT` on a pooled connection (dialling
-//! one when the pair has none free: TCP from the source pod's netns, TLS, HTTP/2) and sends what
-//! the source has already written right behind it, up to [`EARLY_DATA`] bytes, so a request does
-//! not wait one round trip for the answer. See `docs/tunnel.md` (*HBONE*, *Early data*).
+//! The HBONE client: [`TunnelClient::open`] sends a `CONNECT` (with `baggage` and `traceparent`,
+//! as ztunnel does) on a pooled connection (dialling one when the pair has none free: TCP from
+//! the source pod's netns, TLS, HTTP/2) and sends what the source has already written right
+//! behind it, up to [`EARLY_DATA`] bytes, so a request does not wait one round trip for the
+//! answer. Every connection PINGs its server ([`Keepalive`]) and closes when a PING goes
+//! unanswered. See `docs/tunnel.md` (*HBONE*, *Early data*).
 
 use std::{
     io,
@@ -25,10 +27,12 @@ use tokio::{
 };
 
 use super::{
-    pool::{Active, Pick, Pool, PoolKey, Pooled, Retire},
+    drain::{self, Drain},
+    pool::{Active, Pick, Pool, PoolKey, Pooled, Retire, Slot},
     protocol::{
-        BoxFuture, CACHEABLE_HEADER, CONNECTION_WINDOW, EARLY_DATA, MAX_FRAME, MAX_HEADER_LIST,
-        STREAM_WINDOW, TunnelError, TunnelStream, set_tunnel_options,
+        BAGGAGE_HEADER, BoxFuture, CACHEABLE_HEADER, CONNECTION_WINDOW, EARLY_DATA, MAX_FRAME,
+        MAX_HEADER_LIST, PING_INTERVAL, PING_TIMEOUT, STREAM_WINDOW, TRACEPARENT_HEADER,
+        TunnelError, TunnelStream, baggage, set_tunnel_options, traceparent,
     },
 };
 use crate::{
@@ -52,12 +56,31 @@ pub struct Dial {
 /// A dial [`Pool::pick`] counted, uncounted when it ends however it ends (a timeout drops it).
 struct Dialling<'a> {
     pool: &'a Pool,
-    key: &'a PoolKey,
+    slot: &'a Slot,
 }
 
 impl Drop for Dialling<'_> {
     fn drop(&mut self) {
-        self.pool.dialled(self.key);
+        self.pool.dialled(self.slot);
+    }
+}
+
+/// HTTP/2 keepalive of the client's connections: a PING every `interval` (the first one
+/// `interval` after the handshake), and the connection closed when one is not answered within
+/// `timeout` (ztunnel's client: 10 s and 20 s). A dead or stuck server's connection leaves the
+/// pool instead of taking streams that would wait for [`OPEN_TIMEOUT`].
+#[derive(Clone, Copy, Debug)]
+pub struct Keepalive {
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+impl Default for Keepalive {
+    fn default() -> Self {
+        Self {
+            interval: PING_INTERVAL,
+            timeout: PING_TIMEOUT,
+        }
     }
 }
 
@@ -90,6 +113,8 @@ pub struct Opened {
 pub struct ClientStream {
     io: TunnelStream,
     _active: Active,
+    /// Counts the stream as open for a drain ([`super::drain`]).
+    _open: drain::Open,
 }
 
 impl ClientStream {
@@ -97,7 +122,7 @@ impl ClientStream {
     pub fn into_remote(self) -> Remote {
         Remote::Tunnel {
             stream: self.io,
-            keep: Some(Box::new(self._active)),
+            keep: Some(Box::new((self._active, self._open))),
         }
     }
 }
@@ -135,6 +160,8 @@ impl AsyncWrite for ClientStream {
 pub struct TunnelClient {
     pool: Pool,
     open_timeout: Duration,
+    keepalive: Keepalive,
+    drain: Drain,
 }
 
 impl Default for TunnelClient {
@@ -142,6 +169,8 @@ impl Default for TunnelClient {
         Self {
             pool: Pool::default(),
             open_timeout: OPEN_TIMEOUT,
+            keepalive: Keepalive::default(),
+            drain: Drain::node(),
         }
     }
 }
@@ -157,12 +186,26 @@ impl TunnelClient {
         self
     }
 
+    /// The same client with its streams counted in `drain` instead of [`Drain::node`].
+    pub fn with_drain(mut self, drain: Drain) -> Self {
+        self.drain = drain;
+        self
+    }
+
+    /// The same client with another HTTP/2 keepalive than ztunnel's (see [`Keepalive`]).
+    pub fn with_keepalive(mut self, keepalive: Keepalive) -> Self {
+        self.keepalive = keepalive;
+        self
+    }
+
     /// Open a tunnel to `authority` (the original destination) through the endpoint of `key`,
     /// reusing the least busy live pooled connection, or dialling with `dial()` if there is none
-    /// or all are busy and the pair may have another. While the destination decides, what
-    /// `source` has already written is sent on the stream (see [`EARLY_DATA`]). Dialling and the
-    /// answer together may take [`OPEN_TIMEOUT`]; a pooled connection that did not answer in time
-    /// leaves the pool.
+    /// or all are busy and the pair may have another. `client` is the source pod's address
+    /// (sent as `Forwarded`); unless the endpoint is known to run Latch, connections are not
+    /// shared between source pods of other addresses (see [`Slot`]). While the destination
+    /// decides, what `source` has already written is sent on the stream (see [`EARLY_DATA`]).
+    /// Dialling and the answer together may take [`OPEN_TIMEOUT`]; a pooled connection that did
+    /// not answer in time leaves the pool.
     pub async fn open(
         &self,
         key: &PoolKey,
@@ -177,6 +220,9 @@ impl TunnelClient {
             authority,
             limit: self.open_timeout,
         };
+        let slot = self.pool.slot(key, client.map(|c| c.ip()));
+        let baggage = baggage(&key.src);
+        let traceparent = traceparent();
         // Built for each connection it is sent on (once, unless a pooled one refuses it).
         let request = || {
             let mut request = Request::builder()
@@ -185,11 +231,17 @@ impl TunnelClient {
             if let Some(client) = client {
                 request = request.header(forwarded::FORWARDED, forwarded::header(client));
             }
+            if let Some(baggage) = &baggage {
+                request = request.header(BAGGAGE_HEADER, baggage.clone());
+            }
+            if let Some(traceparent) = &traceparent {
+                request = request.header(TRACEPARENT_HEADER, traceparent.clone());
+            }
             request
                 .body(())
                 .map_err(|source| TunnelError::Request { authority, source })
         };
-        let started = tokio::time::timeout_at(deadline, self.start_stream(key, dial, request))
+        let started = tokio::time::timeout_at(deadline, self.start_stream(&slot, dial, request))
             .await
             .map_err(|_| timed_out())??;
         let Started {
@@ -207,7 +259,7 @@ impl TunnelClient {
             Ok::<_, TunnelError>((response, send, source_ended))
         };
         let Ok(exchanged) = tokio::time::timeout_at(deadline, exchange).await else {
-            self.pool.forget(key, &pooled);
+            self.pool.forget(&pooled);
             return Err(timed_out());
         };
         let (response, send, source_ended) = exchanged?;
@@ -216,6 +268,16 @@ impl TunnelClient {
             source,
         })?;
         let cacheable = cacheable(response.headers());
+        // Latch's server marks every 200 and 403 with its cacheable header; ztunnel's never.
+        if matches!(response.status(), StatusCode::OK | StatusCode::FORBIDDEN) {
+            let latch = response.headers().contains_key(CACHEABLE_HEADER);
+            if !latch && slot.source.is_none() && client.is_some() {
+                // A shared connection reached a server that is not (or no longer) Latch's:
+                // it would take the next pod's streams for this one's.
+                self.pool.forget(&pooled);
+            }
+            self.pool.learn(key.endpoint, latch);
+        }
         if response.status() != StatusCode::OK {
             return Err(TunnelError::Refused {
                 addr: key.endpoint,
@@ -228,6 +290,7 @@ impl TunnelClient {
             stream: ClientStream {
                 io: H2Stream::new(send, response.into_body()).send_ended(source_ended),
                 _active: active,
+                _open: self.drain.open(),
             },
             proof_not_after: pooled.proof_not_after,
             new_connection: handshake.is_some(),
@@ -243,7 +306,7 @@ impl TunnelClient {
     /// source has been sent yet, so the request goes out once, on a connection that takes it.
     async fn start_stream(
         &self,
-        key: &PoolKey,
+        slot: &Slot,
         dial: impl FnOnce() -> Dial,
         request: impl Fn() -> Result<Request<()>, TunnelError>,
     ) -> Result<Started, TunnelError> {
@@ -251,7 +314,8 @@ impl TunnelClient {
             let sender = pooled.sender.clone();
             async move { sender.ready().await?.send_request(request, false) }
         };
-        while let Pick::Use(pooled, active) = self.pool.pick(key) {
+        let key = &slot.key;
+        while let Pick::Use(pooled, active) = self.pool.pick(slot) {
             match send(&pooled, request()?).await {
                 Ok((response, send)) => {
                     return Ok(Started {
@@ -264,19 +328,19 @@ impl TunnelClient {
                 }
                 Err(e) => {
                     tracing::debug!(endpoint = %key.endpoint, error = %e, "a pooled tunnel connection takes no new streams; trying another");
-                    self.pool.forget(key, &pooled);
+                    self.pool.forget(&pooled);
                 }
             }
         }
         let started = std::time::Instant::now();
         let dialling = Dialling {
             pool: &self.pool,
-            key,
+            slot,
         };
-        let dialled = self.connect(key, dial()).await;
+        let dialled = self.connect(slot, dial()).await;
         drop(dialling);
         let pooled = dialled?;
-        let active = self.pool.activate(&pooled, key);
+        let active = self.pool.activate(&pooled, slot);
         match send(&pooled, request()?).await {
             Ok((response, send)) => Ok(Started {
                 pooled,
@@ -286,7 +350,7 @@ impl TunnelClient {
                 send,
             }),
             Err(source) => {
-                self.pool.forget(key, &pooled);
+                self.pool.forget(&pooled);
                 Err(TunnelError::Http {
                     addr: key.endpoint,
                     source,
@@ -312,9 +376,9 @@ impl TunnelClient {
         self.pool.connections()
     }
 
-    /// Dial `key`'s endpoint (TCP, TLS, HTTP/2) and pool the connection.
-    async fn connect(&self, key: &PoolKey, dial: Dial) -> Result<Pooled, TunnelError> {
-        let addr = key.endpoint;
+    /// Dial `slot`'s endpoint (TCP, TLS, HTTP/2) and pool the connection.
+    async fn connect(&self, slot: &Slot, dial: Dial) -> Result<Pooled, TunnelError> {
+        let addr = slot.key.endpoint;
         let tcp = dial
             .tcp
             .await
@@ -327,7 +391,7 @@ impl TunnelClient {
         let (tls, server) = handshake::connect(config, addr.ip(), Traffic::new(tcp))
             .await
             .map_err(|source| TunnelError::Tls { addr, source })?;
-        let (sender, connection) = h2::client::Builder::new()
+        let (sender, mut connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
@@ -339,9 +403,20 @@ impl TunnelClient {
             .map_err(|source| TunnelError::Http { addr, source })?;
         let closed = Arc::new(AtomicBool::new(false));
         let ended = closed.clone();
+        let pings = connection.ping_pong();
+        let every = self.keepalive;
         let task = tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(endpoint = %addr, error = %e, "tunnel connection closed");
+            tokio::select! {
+                // The connection first, and no random pick on every wake of this hot task.
+                biased;
+                result = connection => {
+                    if let Err(e) = result {
+                        tracing::debug!(endpoint = %addr, error = %e, "tunnel connection closed");
+                    }
+                }
+                () = keepalive(pings, every) => {
+                    tracing::info!(endpoint = %addr, timeout = ?every.timeout, "tunnel connection closed: its server did not answer a PING in time");
+                }
             }
             ended.store(true, Ordering::Relaxed);
         });
@@ -352,8 +427,24 @@ impl TunnelClient {
             server,
             dial.client_not_after,
         );
-        self.pool.add(key, pooled.clone());
+        self.pool.add(slot, pooled.clone());
         Ok(pooled)
+    }
+}
+
+/// PING the server as `every` says; returns when one goes unanswered. A connection that has
+/// ended is left to its own future (its PING fails, and this never returns).
+async fn keepalive(pings: Option<h2::PingPong>, every: Keepalive) {
+    let Some(mut pings) = pings else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(every.interval).await;
+        match tokio::time::timeout(every.timeout, pings.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_pong)) => {}
+            Ok(Err(_)) => return std::future::pending().await,
+            Err(_) => return,
+        }
     }
 }
 

@@ -1,12 +1,14 @@
 //! The client's pooled HTTP/2 connections, per [`PoolKey`] (source and destination identity,
-//! endpoint, trust epoch): a pair's streams share its connections, a busy pair spreads over up to
-//! one per CPU and shrinks back once idle, a connection whose proof no longer holds is never used,
-//! and those of a replaced trust bundle are retired. See `docs/tunnel.md` (*HBONE*, *How long a
-//! proof holds*).
+//! endpoint, trust epoch) and, unless the endpoint is known to run Latch, per source pod address
+//! ([`Slot`]): a pair's streams share its connections, a busy pair spreads over up to one per CPU
+//! and shrinks back once idle, a connection at its server's `SETTINGS_MAX_CONCURRENT_STREAMS` is
+//! passed over for another (dialled if need be), a connection whose proof no longer holds is never
+//! used, and those of a replaced trust bundle are retired. See `docs/tunnel.md` (*HBONE*, *How
+//! long a proof holds*).
 
 use std::{
-    collections::HashMap,
-    net::SocketAddr,
+    collections::{HashMap, HashSet},
+    net::{IpAddr, SocketAddr},
     sync::{
         Arc, Mutex, Weak,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -41,6 +43,21 @@ pub struct PoolKey {
     /// never used.
     pub trust: u64,
 }
+
+/// Where the pool keeps a stream's connections: a pair's ([`PoolKey`]), shared by every source
+/// pod of the identity when the endpoint is known to run Latch (`source: None`), else one set per
+/// source pod address. A server other than Latch's (ztunnel) attributes every stream to the TCP
+/// peer that dialled the connection and ignores `Forwarded`, so a connection dialled from one
+/// pod must carry only that pod's streams.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(super) struct Slot {
+    pub(super) key: PoolKey,
+    pub(super) source: Option<IpAddr>,
+}
+
+/// Most endpoints remembered as Latch's; beyond it the memory starts again (a forgotten endpoint
+/// is learned again from its next answer).
+const KNOWN_LATCH_MOST: usize = 4096;
 
 /// What becomes of a pooled connection proven under a trust bundle no longer in force.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,6 +127,12 @@ impl Pooled {
     fn is(&self, other: &Pooled) -> bool {
         Arc::ptr_eq(&self.active, &other.active)
     }
+
+    /// Whether another stream fits under the server's `SETTINGS_MAX_CONCURRENT_STREAMS` (h2
+    /// takes it as unlimited until the server's settings arrive).
+    fn has_room(&self) -> bool {
+        self.active.load(Ordering::Relaxed) < self.sender.current_max_send_streams()
+    }
 }
 
 /// What [`Pool::pick`] chose for a pair. Matched at once and never stored, so the size of
@@ -121,7 +144,13 @@ pub(super) enum Pick {
     Dial,
 }
 
-type Entries = HashMap<PoolKey, PoolEntry>;
+#[derive(Default)]
+struct Entries {
+    slots: HashMap<Slot, PoolEntry>,
+    /// Endpoints whose server answered as Latch's does (`x-latch-cacheable` on a `200` or
+    /// `403`): their connections are shared by every source pod of an identity.
+    latch: HashSet<SocketAddr>,
+}
 
 #[derive(Default)]
 struct PoolEntry {
@@ -134,11 +163,61 @@ struct PoolEntry {
 pub(super) struct Pool(Arc<Mutex<Entries>>);
 
 impl Pool {
-    /// The least busy live connection of the pair, unless all are busy (or there is none) and
-    /// the pair may have another: then the caller dials, counted until [`Self::dialled`].
-    pub(super) fn pick(&self, key: &PoolKey) -> Pick {
+    /// Where the streams of `key` from the source pod at `source` go (see [`Slot`]).
+    pub(super) fn slot(&self, key: &PoolKey, source: Option<IpAddr>) -> Slot {
+        let shared = lock(&self.0).latch.contains(&key.endpoint);
+        Slot {
+            key: key.clone(),
+            source: if shared { None } else { source },
+        }
+    }
+
+    /// What an answer from `endpoint` said of its server: Latch's (`true`: from now on its
+    /// connections are shared by every source pod, and those already dialled per pod join the
+    /// shared ones), or another (`false`: streams are kept apart by source pod from now on).
+    pub(super) fn learn(&self, endpoint: SocketAddr, latch: bool) {
         let mut pool = lock(&self.0);
-        let entry = pool.entry(key.clone()).or_default();
+        if !latch {
+            pool.latch.remove(&endpoint);
+            return;
+        }
+        if pool.latch.contains(&endpoint) {
+            return;
+        }
+        if pool.latch.len() >= KNOWN_LATCH_MOST {
+            pool.latch.clear();
+        }
+        pool.latch.insert(endpoint);
+        let per_pod: Vec<Slot> = pool
+            .slots
+            .keys()
+            .filter(|s| s.source.is_some() && s.key.endpoint == endpoint)
+            .cloned()
+            .collect();
+        for slot in per_pod {
+            let Some(entry) = pool.slots.get_mut(&slot) else {
+                continue;
+            };
+            let conns = std::mem::take(&mut entry.conns);
+            if entry.dialing == 0 {
+                pool.slots.remove(&slot);
+            }
+            let shared = Slot {
+                key: slot.key,
+                source: None,
+            };
+            pool.slots.entry(shared).or_default().conns.extend(conns);
+        }
+    }
+
+    /// The least busy live connection of the slot with room for a stream, unless all are busy
+    /// (or there is none) and the pair may have another: then the caller dials, counted until
+    /// [`Self::dialled`]. Connections at their server's stream limit are passed over, and when
+    /// all are, another is dialled whatever the per-pair bound: a stream does not wait for
+    /// another to end.
+    pub(super) fn pick(&self, slot: &Slot) -> Pick {
+        let mut pool = lock(&self.0);
+        let entry = pool.slots.entry(slot.clone()).or_default();
         let now = SystemTime::now();
         // A connection whose certificates are no longer (or not yet) valid proves nothing.
         entry
@@ -147,13 +226,14 @@ impl Pool {
         let least_busy = entry
             .conns
             .iter()
+            .filter(|p| p.has_room())
             .min_by_key(|p| p.active.load(Ordering::Relaxed))
             .cloned();
         let room = entry.conns.len() + entry.dialing < max_connections();
         match least_busy {
             Some(p) if !room || p.active.load(Ordering::Relaxed) < SPREAD_AT => {
                 // Counted under the pool's lock, so a burst of opens sees each other.
-                let active = Active::new(&p.active, &self.0, key);
+                let active = Active::new(&p.active, &self.0, slot);
                 Pick::Use(p, active)
             }
             _ => {
@@ -163,41 +243,43 @@ impl Pool {
         }
     }
 
-    /// Add a newly dialled connection to the pair's pool.
-    pub(super) fn add(&self, key: &PoolKey, pooled: Pooled) {
+    /// Add a newly dialled connection to the slot's pool.
+    pub(super) fn add(&self, slot: &Slot, pooled: Pooled) {
         lock(&self.0)
-            .entry(key.clone())
+            .slots
+            .entry(slot.clone())
             .or_default()
             .conns
             .push(pooled);
     }
 
     /// A dial started by [`Self::pick`] has ended (either way).
-    pub(super) fn dialled(&self, key: &PoolKey) {
+    pub(super) fn dialled(&self, slot: &Slot) {
         let mut pool = lock(&self.0);
-        if let Some(entry) = pool.get_mut(key) {
+        if let Some(entry) = pool.slots.get_mut(slot) {
             entry.dialing = entry.dialing.saturating_sub(1);
             if entry.conns.is_empty() && entry.dialing == 0 {
-                pool.remove(key);
+                pool.slots.remove(slot);
             }
         }
     }
 
-    /// Count one more stream as active on `pooled`, a connection of `key`.
-    pub(super) fn activate(&self, pooled: &Pooled, key: &PoolKey) -> Active {
-        Active::new(&pooled.active, &self.0, key)
+    /// Count one more stream as active on `pooled`, a connection of `slot`.
+    pub(super) fn activate(&self, pooled: &Pooled, slot: &Slot) -> Active {
+        Active::new(&pooled.active, &self.0, slot)
     }
 
-    /// Take one connection out of the pair's pool (it closes once nothing uses it).
-    pub(super) fn forget(&self, key: &PoolKey, pooled: &Pooled) {
-        if let Some(entry) = lock(&self.0).get_mut(key) {
+    /// Take one connection out of the pool (it closes once nothing uses it), whichever slot
+    /// holds it now.
+    pub(super) fn forget(&self, pooled: &Pooled) {
+        for entry in lock(&self.0).slots.values_mut() {
             entry.conns.retain(|p| !p.is(pooled));
         }
     }
 
     /// Drop every pooled connection whose key matches.
     pub(super) fn evict_where(&self, pred: impl Fn(&PoolKey) -> bool) {
-        lock(&self.0).retain(|k, _| !pred(k));
+        lock(&self.0).slots.retain(|s, _| !pred(&s.key));
     }
 
     /// Retire the connections of the keys `which` names, given each key and the chain its
@@ -208,10 +290,10 @@ impl Pool {
     ) -> usize {
         let mut pool = lock(&self.0);
         let mut retired = 0;
-        for (key, entry) in pool.iter_mut() {
+        for (slot, entry) in pool.slots.iter_mut() {
             entry
                 .conns
-                .retain(|p| match which(key, &p.proven.server_chain) {
+                .retain(|p| match which(&slot.key, &p.proven.server_chain) {
                     Retire::Keep => true,
                     Retire::Drain => {
                         retired += 1;
@@ -224,13 +306,14 @@ impl Pool {
                     }
                 });
         }
-        pool.retain(|_, e| !e.conns.is_empty() || e.dialing > 0);
+        pool.slots
+            .retain(|_, e| !e.conns.is_empty() || e.dialing > 0);
         retired
     }
 
     /// Number of pooled connections.
     pub(super) fn connections(&self) -> usize {
-        lock(&self.0).values().map(|e| e.conns.len()).sum()
+        lock(&self.0).slots.values().map(|e| e.conns.len()).sum()
     }
 }
 
@@ -240,16 +323,16 @@ impl Pool {
 pub(super) struct Active {
     count: Arc<AtomicUsize>,
     pool: Weak<Mutex<Entries>>,
-    key: PoolKey,
+    slot: Slot,
 }
 
 impl Active {
-    fn new(count: &Arc<AtomicUsize>, pool: &Arc<Mutex<Entries>>, key: &PoolKey) -> Self {
+    fn new(count: &Arc<AtomicUsize>, pool: &Arc<Mutex<Entries>>, slot: &Slot) -> Self {
         count.fetch_add(1, Ordering::Relaxed);
         Self {
             count: count.clone(),
             pool: Arc::downgrade(pool),
-            key: key.clone(),
+            slot: slot.clone(),
         }
     }
 }
@@ -263,7 +346,7 @@ impl Drop for Active {
             return;
         };
         let mut pool = lock(&pool);
-        if let Some(entry) = pool.get_mut(&self.key)
+        if let Some(entry) = pool.slots.get_mut(&self.slot)
             && entry.conns.len() > 1
         {
             entry.conns.retain(|p| {

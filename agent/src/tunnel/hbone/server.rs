@@ -1,8 +1,8 @@
 //! The HBONE server: [`serve_connection`] accepts a tunnel connection (TLS and the HTTP/2
 //! preface within [`HANDSHAKE_TIMEOUT`]) and serves its `CONNECT` streams, each decided by the
 //! [`Inbound`]: `200` and the bytes, `403` (policy), `503` (application unreachable), or `401`
-//! and `GOAWAY` once what the connection was proven with no longer holds ([`Proof`]). See
-//! `docs/tunnel.md` (*HBONE*, *How long a proof holds*).
+//! and `GOAWAY` once what the connection was proven with no longer holds ([`Proof`]) or the agent
+//! drains ([`Drain`]). See `docs/tunnel.md` (*HBONE*, *How long a proof holds*).
 
 use std::{
     io,
@@ -18,6 +18,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use rustls::pki_types::CertificateDer;
 use tokio::net::TcpStream;
 
+use super::drain::Drain;
 use super::protocol::{
     BoxFuture, CACHEABLE_HEADER, CONNECTION_WINDOW, MAX_FRAME, MAX_HEADER_LIST, STREAM_WINDOW,
     TunnelStream, set_tunnel_options,
@@ -139,6 +140,8 @@ pub struct ServerConnection {
     /// The client's chain, as verified.
     chain: Arc<[CertificateDer<'static>]>,
     peer: SocketAddr,
+    /// Counted open in it; `GOAWAY` when it starts.
+    drain: Drain,
 }
 
 /// The handshakes of an accepted TCP connection on a tunnel listener: TLS with `tls` (which
@@ -189,6 +192,7 @@ async fn handshakes(
         caller,
         chain,
         peer,
+        drain: Drain::node(),
     })
 }
 
@@ -199,17 +203,26 @@ impl ServerConnection {
         self
     }
 
+    /// Count the connection in `drain` instead of [`Drain::node`].
+    pub fn draining_with(mut self, drain: Drain) -> Self {
+        self.drain = drain;
+        self
+    }
+
     /// Serve the connection's `CONNECT` streams, one per tunneled connection, each decided by
     /// `inbound`, until the client closes it. `GOAWAY` is sent when a stream finds the proof no
-    /// longer holds (`401`), when the client's certificate expires, and when the trust bundle
-    /// changes (see [`Proof`]).
+    /// longer holds (`401`), when the client's certificate expires, when the trust bundle
+    /// changes (see [`Proof`]) and when the drain starts (the agent is stopping).
     pub async fn serve(self, inbound: Arc<dyn Inbound>) -> Result<(), io::Error> {
         let Self {
             mut connection,
             caller,
             chain,
             peer,
+            drain,
         } = self;
+        let _open = drain.open();
+        let mut draining = pin!(drain.started());
         let clock = AnswerClock::new();
         let mut ticking = pin!(clock.run());
         let go_away = Arc::new(tokio::sync::Notify::new());
@@ -237,6 +250,12 @@ impl ServerConnection {
                 biased;
                 stream = connection.accept() => stream,
                 () = &mut ticking => continue,
+                () = &mut draining, if !going_away => {
+                    tracing::debug!(%peer, source = %caller.identity, "draining; GOAWAY");
+                    going_away = true;
+                    connection.graceful_shutdown();
+                    continue;
+                }
                 () = go_away.notified(), if !going_away => {
                     going_away = true;
                     connection.graceful_shutdown();

@@ -1,7 +1,9 @@
 //! HBONE over real sockets on loopback with real TLS: bytes and half-close through a tunnel,
 //! pooling (one HTTP/2 connection for many streams), 403 and 503 answers, a server with the
 //! wrong identity refused by the client, and the server's limits: a client that does not
-//! complete its handshakes in time is disconnected, oversized header lists are refused.
+//! complete its handshakes in time is disconnected, oversized header lists are refused. The
+//! client's keepalive, its respect of the server's stream limit, its per-pod connections to a
+//! server that is not Latch's, and a server's drain.
 
 use std::{
     net::SocketAddr,
@@ -18,10 +20,9 @@ use tokio::{
 };
 
 use super::{
-    Admission, BoxFuture, Caller, Dial, EARLY_DATA, Inbound, PoolKey, TunnelClient, TunnelError,
-    accept_connection,
+    Admission, BoxFuture, CACHEABLE_HEADER, Caller, Dial, Drain, EARLY_DATA, Inbound, Keepalive,
+    PoolKey, TunnelClient, TunnelError, accept_connection,
     pool::{SPREAD_AT, max_connections},
-    serve_connection,
 };
 use crate::{
     identity::ca::{DevCa, init},
@@ -83,6 +84,8 @@ struct Fixture {
     app: SocketAddr,
     tcp_accepts: Arc<AtomicUsize>,
     inbound: Arc<TestInbound>,
+    /// The server's connections count in it (not in the process's).
+    drain: Drain,
 }
 
 async fn echo_app() -> SocketAddr {
@@ -118,15 +121,19 @@ async fn fixture(name: &str, allow: bool, server_id: &str) -> Fixture {
         stuck: false.into(),
         admitted: Mutex::new(Vec::new()),
     });
+    let drain = Drain::new();
     {
         let tcp_accepts = tcp_accepts.clone();
         let inbound: Arc<dyn Inbound> = inbound.clone();
+        let drain = drain.clone();
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 tcp_accepts.fetch_add(1, Ordering::SeqCst);
-                let (tls, inbound) = (tls.clone(), inbound.clone());
+                let (tls, inbound, drain) = (tls.clone(), inbound.clone(), drain.clone());
                 tokio::spawn(async move {
-                    let _ = serve_connection(tcp, tls, inbound).await;
+                    if let Ok(connection) = accept_connection(tcp, tls, HOUR).await {
+                        let _ = connection.draining_with(drain).serve(inbound).await;
+                    }
                 });
             }
         });
@@ -137,6 +144,7 @@ async fn fixture(name: &str, allow: bool, server_id: &str) -> Fixture {
         app: echo_app().await,
         tcp_accepts,
         inbound,
+        drain,
     }
 }
 
@@ -612,4 +620,265 @@ async fn a_draining_server_gets_no_new_streams_and_the_next_tunnel_dials_anew() 
     );
     // The draining connection still carries the stream it had.
     held.stream.write_all(b"still here").await.expect("write");
+}
+
+/// A TCP relay from one client to `to` that stops passing the server's bytes on (the server's
+/// PING answers among them) once `freeze` is notified; `closed` fires when the client closes
+/// its side.
+async fn freezing_relay(
+    to: SocketAddr,
+) -> (
+    SocketAddr,
+    Arc<tokio::sync::Notify>,
+    tokio::sync::oneshot::Receiver<()>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
+    let addr = listener.local_addr().expect("addr");
+    let freeze = Arc::new(tokio::sync::Notify::new());
+    let (closed_tx, closed) = tokio::sync::oneshot::channel();
+    let frozen = freeze.clone();
+    tokio::spawn(async move {
+        let (client, _) = listener.accept().await.expect("accept");
+        let server = TcpStream::connect(to).await.expect("connect");
+        let (mut client_read, mut client_write) = client.into_split();
+        let (mut server_read, mut server_write) = server.into_split();
+        let upstream = tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match client_read.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if server_write.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            let _ = closed_tx.send(());
+            server_write
+        });
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            tokio::select! {
+                () = frozen.notified() => break,
+                read = server_read.read(&mut buf) => match read {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if client_write.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                },
+            }
+        }
+        // Hold both sockets open, silent, until the client has gone.
+        let _held = (server_read, client_write, upstream.await);
+    });
+    (addr, freeze, closed)
+}
+
+#[tokio::test]
+async fn a_connection_whose_ping_goes_unanswered_is_closed_and_the_next_tunnel_dials_anew() {
+    let f = fixture("keepalive", true, PAYMENT).await;
+    let (relay, freeze, closed) = freezing_relay(f.endpoint).await;
+    let key = PoolKey {
+        endpoint: relay,
+        ..key(&f)
+    };
+    // Frequent PINGs, and a timeout no answer of a loaded machine's loopback comes near.
+    let client = TunnelClient::new().with_keepalive(Keepalive {
+        interval: Duration::from_millis(100),
+        timeout: Duration::from_secs(5),
+    });
+    let opened = client
+        .open(&key, f.app, None, dialer_to(&f, PAYMENT, relay), None)
+        .await
+        .expect("tunnel through the relay");
+    drop(opened);
+    freeze.notify_one();
+    // Only the client's keepalive closes it: nothing else would (the bound is the test's).
+    tokio::time::timeout(Duration::from_secs(60), closed)
+        .await
+        .expect("the client closed the connection whose PING went unanswered")
+        .expect("relay");
+    let next = client
+        .open(&key, f.app, None, dialer_to(&f, PAYMENT, f.endpoint), None)
+        .await
+        .expect("the next tunnel");
+    assert!(
+        next.new_connection,
+        "the closed connection is not used again"
+    );
+}
+
+/// A server that is not Latch's: it answers every `CONNECT` `200` (with Latch's cacheable header
+/// only while `latch` holds) and holds the stream open, takes at most `max_streams` streams per
+/// connection, and counts its TCP connections.
+async fn foreign_server(
+    ca: &DevCa,
+    max_streams: u32,
+    latch: Arc<std::sync::atomic::AtomicBool>,
+) -> (SocketAddr, Arc<AtomicUsize>) {
+    let svid = ca.mint(PAYMENT, HOUR).expect("server svid");
+    let tls = server_config(&svid, vec![ca.certificate().clone()], TD).expect("server config");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let endpoint = listener.local_addr().expect("addr");
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let (tls, latch) = (tls.clone(), latch.clone());
+            tokio::spawn(async move {
+                let (tls, _) = crate::tls::handshake::accept(tls, tcp).await.expect("tls");
+                let mut h2 = h2::server::Builder::new()
+                    .max_concurrent_streams(max_streams)
+                    .handshake::<_, bytes::Bytes>(tls)
+                    .await
+                    .expect("h2");
+                let mut held = Vec::new();
+                while let Some(Ok((_, mut respond))) = h2.accept().await {
+                    let mut answer = hyper::Response::new(());
+                    if latch.load(Ordering::SeqCst) {
+                        answer.headers_mut().insert(
+                            CACHEABLE_HEADER,
+                            hyper::header::HeaderValue::from_static("0"),
+                        );
+                    }
+                    held.push(respond.send_response(answer, false).expect("200"));
+                }
+            });
+        }
+    });
+    (endpoint, connections)
+}
+
+#[tokio::test]
+async fn a_server_at_its_stream_limit_gets_another_connection_instead_of_a_wait() {
+    let f = fixture("max-streams", true, PAYMENT).await;
+    let (endpoint, connections) = foreign_server(&f.ca, 1, Arc::new(true.into())).await;
+    let key = PoolKey {
+        endpoint,
+        ..key(&f)
+    };
+    let client = TunnelClient::new();
+    let first = client
+        .open(&key, f.app, None, dialer_to(&f, PAYMENT, endpoint), None)
+        .await
+        .expect("first tunnel");
+    // The server's SETTINGS came before its answer: its limit of one stream is known now.
+    let second = client
+        .open(&key, f.app, None, dialer_to(&f, PAYMENT, endpoint), None)
+        .await
+        .expect("the second tunnel opens while the first is still open");
+    assert!(second.new_connection);
+    assert_eq!(connections.load(Ordering::SeqCst), 2);
+    drop((first, second));
+}
+
+#[tokio::test]
+async fn source_pods_share_a_connection_only_to_a_server_that_answers_as_latch() {
+    let f = fixture("attribution", true, PAYMENT).await;
+    let pod = |last: u8| Some(SocketAddr::from(([10, 244, 1, last], 40000)));
+    for (latch, expected) in [(false, 2), (true, 1)] {
+        let (endpoint, connections) = foreign_server(&f.ca, 100, Arc::new(latch.into())).await;
+        let key = PoolKey {
+            endpoint,
+            ..key(&f)
+        };
+        let client = TunnelClient::new();
+        let mut held = Vec::new();
+        for source in [pod(2), pod(3), pod(2)] {
+            held.push(
+                client
+                    .open(&key, f.app, source, dialer_to(&f, PAYMENT, endpoint), None)
+                    .await
+                    .expect("tunnel"),
+            );
+        }
+        assert_eq!(
+            connections.load(Ordering::SeqCst),
+            expected,
+            "latch server: {latch}"
+        );
+        assert_eq!(
+            client.pooled_connections(),
+            expected,
+            "latch server: {latch}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_draining_server_lets_its_open_stream_finish_then_closes() {
+    let f = fixture("drain", true, PAYMENT).await;
+    let client = TunnelClient::new().with_drain(Drain::new());
+    let mut opened = client
+        .open(&key(&f), f.app, None, dialer(&f, PAYMENT), None)
+        .await
+        .expect("tunnel");
+    opened
+        .stream
+        .write_all(b"during the drain")
+        .await
+        .expect("write");
+    // The echo answers only at the end of its input: the stream stays open until then, so this
+    // drain's limit (what is under test) runs out with the connection still counted.
+    let drained = f.drain.run(Duration::from_millis(50)).await;
+    assert_eq!(
+        drained.left, 1,
+        "the open stream's connection is waited for"
+    );
+    opened.stream.shutdown().await.expect("half-close");
+    let mut back = Vec::new();
+    opened.stream.read_to_end(&mut back).await.expect("read");
+    assert_eq!(back, b"during the drain", "the open stream went on");
+    drop(opened);
+    // GOAWAY was sent: with its last stream done the server closes the connection, though the
+    // client keeps it pooled. Without GOAWAY this would wait for ever.
+    let drained = f.drain.run(HOUR).await;
+    assert_eq!(drained.left, 0);
+}
+
+#[tokio::test]
+async fn an_endpoint_that_stops_answering_as_latch_gets_per_pod_connections_again() {
+    let f = fixture("unlearn", true, PAYMENT).await;
+    let pod = |last: u8| Some(SocketAddr::from(([10, 244, 1, last], 40000)));
+    let latch = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (endpoint, connections) = foreign_server(&f.ca, 100, latch.clone()).await;
+    let key = PoolKey {
+        endpoint,
+        ..key(&f)
+    };
+    let client = TunnelClient::new();
+    let mut held = Vec::new();
+    for (source, latch_now) in [
+        (pod(2), true),
+        (pod(3), true),
+        // Another server answers on that endpoint from now on (ztunnel in Latch's place).
+        (pod(2), false),
+        (pod(3), false),
+        (pod(2), false),
+    ] {
+        latch.store(latch_now, Ordering::SeqCst);
+        held.push(
+            client
+                .open(&key, f.app, source, dialer_to(&f, PAYMENT, endpoint), None)
+                .await
+                .expect("tunnel"),
+        );
+        if held.len() == 2 {
+            assert_eq!(
+                connections.load(Ordering::SeqCst),
+                1,
+                "shared while Latch's"
+            );
+        }
+    }
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        3,
+        "the shared connection left the pool; then each pod dialled its own"
+    );
+    assert_eq!(client.pooled_connections(), 2);
 }
