@@ -9,7 +9,11 @@ use crate::{
     identity::{LocalWorkload, certs::CertStore},
     metrics::Metrics,
     state::SharedState,
-    tunnel::{handshakes::Handshakes, hbone::TunnelClient, tracked::Tracker},
+    tunnel::{
+        handshakes::Handshakes,
+        hbone::{Drain, TunnelClient},
+        tracked::Tracker,
+    },
     verdicts::VerdictCache,
 };
 
@@ -32,4 +36,7 @@ pub struct PodContext {
     pub metrics: Metrics,
     /// TLS handshakes in progress per source, shared by the node's tunnel listeners.
     pub handshakes: Handshakes,
+    /// The pod's tunnel server connections, part of the node's drain; started when the agent
+    /// stops serving the pod, so they send `GOAWAY`.
+    pub drain: Drain,
 }

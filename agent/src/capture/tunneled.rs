@@ -69,7 +69,11 @@ async fn handle(tcp: TcpStream, in_progress: InProgress, ctx: &Arc<PodContext>) 
         .map_err(io::Error::other)?;
     let connection = accept_connection(tcp, tls, config.tunnel.handshake_timeout).await;
     drop(in_progress);
-    connection?.proven_under(trust).serve(ctx.clone()).await
+    connection?
+        .proven_under(trust)
+        .draining_with(ctx.drain.clone())
+        .serve(ctx.clone())
+        .await
 }
 
 /// The client's address, for policy, logs and delivery: the one the source names for the stream

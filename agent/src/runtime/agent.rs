@@ -14,7 +14,11 @@ use crate::{
     identity::{LocalWorkload, certs::CertStore},
     metrics::Metrics,
     state::SharedState,
-    tunnel::{handshakes::Handshakes, hbone::TunnelClient, tracked::Tracker},
+    tunnel::{
+        handshakes::Handshakes,
+        hbone::{Drain, TunnelClient},
+        tracked::Tracker,
+    },
     verdicts::{SharedMaps, VerdictCache},
 };
 
@@ -55,9 +59,18 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
-/// A pod this agent serves: its listeners' tasks and its netns worker.
+/// A pod this agent serves: its listeners' tasks, its netns worker, and the drain of its tunnel
+/// server connections (started when the pod is no longer served: they send `GOAWAY`, so clients
+/// dial its new listener, if any, instead of using a connection proven for what is gone).
 pub(super) struct PodRuntime {
     pub(super) workload: LocalWorkload,
     pub(super) _tasks: Vec<AbortOnDrop<()>>,
     pub(super) _worker: Arc<NetnsWorker>,
+    pub(super) drain: Drain,
+}
+
+impl Drop for PodRuntime {
+    fn drop(&mut self) {
+        self.drain.start();
+    }
 }

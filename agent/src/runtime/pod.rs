@@ -15,6 +15,7 @@ use crate::{
     config::{Config, Ports},
     identity::LocalWorkload,
     sync::lock,
+    tunnel::hbone::Drain,
 };
 
 /// A pod whose netns is entered (and, if it is new, whose listeners are open) but that is not
@@ -93,6 +94,7 @@ fn start_pod(
     worker: Arc<NetnsWorker>,
     listeners: PodListeners,
 ) -> PodRuntime {
+    let drain = Drain::node().child();
     let ctx = Arc::new(PodContext {
         workload: workload.clone(),
         netns_cookie: listeners.netns_cookie,
@@ -107,6 +109,7 @@ fn start_pod(
         tracker: agent.tracker.clone(),
         metrics: agent.metrics.clone(),
         handshakes: agent.handshakes.clone(),
+        drain: drain.clone(),
     });
     let mut tasks = vec![
         AbortOnDrop(tokio::spawn(outbound::serve(
@@ -123,5 +126,6 @@ fn start_pod(
         workload,
         _tasks: tasks,
         _worker: worker,
+        drain,
     }
 }

@@ -1,7 +1,11 @@
 //! Draining the node's tunnels when the agent stops (SIGTERM): every tunnel server connection
 //! gets `GOAWAY` (no new streams; those it carries go on), and the agent waits, up to a limit,
 //! for the streams still open on either side (server connections, the client's tunneled
-//! connections) to finish before it exits, as ztunnel drains. See `docs/tunnel.md` (*HBONE*).
+//! connections) to finish before it exits, as ztunnel drains. A pod's own drain
+//! ([`Drain::child`]) starts when the agent stops serving the pod (it left, or its listeners
+//! were replaced): its server connections get `GOAWAY` too, so clients dial its new listener
+//! instead of streaming into a connection proven for what is gone. See `docs/tunnel.md`
+//! (*HBONE*).
 
 use std::{
     sync::{Arc, LazyLock},
@@ -23,6 +27,8 @@ pub struct Drain(Arc<Inner>);
 struct Inner {
     started: watch::Sender<bool>,
     open: watch::Sender<usize>,
+    /// The drain this one is part of: it starts this one too, and counts what this one counts.
+    parent: Option<Drain>,
 }
 
 /// What a drain found.
@@ -39,6 +45,7 @@ impl Default for Drain {
         Self(Arc::new(Inner {
             started: watch::Sender::new(false),
             open: watch::Sender::new(0),
+            parent: None,
         }))
     }
 }
@@ -55,17 +62,46 @@ impl Drain {
         NODE.clone()
     }
 
+    /// A drain of part of this one (a pod's tunnel server connections): it starts when this one
+    /// starts or on its own ([`Self::start`]), and what it counts is counted here too.
+    pub fn child(&self) -> Self {
+        Self(Arc::new(Inner {
+            started: watch::Sender::new(false),
+            open: watch::Sender::new(0),
+            parent: Some(self.clone()),
+        }))
+    }
+
+    /// Start the drain without waiting for it (a pod the agent no longer serves).
+    pub fn start(&self) {
+        self.0.started.send_replace(true);
+    }
+
     /// Count a server connection or client stream as open until the guard drops.
     pub(super) fn open(&self) -> Open {
         self.0.open.send_modify(|n| *n += 1);
-        Open(self.clone())
+        Open {
+            drain: self.clone(),
+            _in_parent: self.0.parent.as_ref().map(|p| Box::new(p.open())),
+        }
     }
 
-    /// Resolves once the drain has started (at once if it has).
+    /// Resolves once the drain has started (at once if it has), or the one it is part of.
     pub(super) async fn started(&self) {
-        let mut started = self.0.started.subscribe();
-        // The sender lives as long as `self`: this cannot fail.
-        let _ = started.wait_for(|s| *s).await;
+        let mut own = self.0.started.subscribe();
+        // The senders live as long as `self`: waiting cannot fail.
+        match &self.0.parent {
+            None => {
+                let _ = own.wait_for(|s| *s).await;
+            }
+            Some(parent) => {
+                let mut parents = parent.0.started.subscribe();
+                tokio::select! {
+                    _ = own.wait_for(|s| *s) => {}
+                    _ = parents.wait_for(|s| *s) => {}
+                }
+            }
+        }
     }
 
     /// Start the drain (server connections send `GOAWAY`) and wait until nothing is open, at
@@ -101,12 +137,16 @@ impl Drain {
     }
 }
 
-/// A server connection or client stream counted as open in a [`Drain`].
-pub(super) struct Open(Drain);
+/// A server connection or client stream counted as open in a [`Drain`] (and in the drain it is
+/// part of).
+pub(super) struct Open {
+    drain: Drain,
+    _in_parent: Option<Box<Open>>,
+}
 
 impl Drop for Open {
     fn drop(&mut self) {
-        self.0.0.open.send_modify(|n| *n = n.saturating_sub(1));
+        self.drain.0.open.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 
@@ -131,6 +171,34 @@ mod tests {
         drop(open);
         let drained = running.await.expect("join");
         assert_eq!(drained.left, 0);
+    }
+
+    #[tokio::test]
+    async fn a_pods_drain_starts_alone_or_with_the_nodes_and_counts_in_both() {
+        let node = Drain::new();
+        let pod = node.child();
+        let open = pod.open();
+        pod.start();
+        pod.started().await;
+        assert!(
+            !*node.0.started.borrow(),
+            "a pod's drain leaves the node's alone"
+        );
+        assert_eq!(
+            *node.0.open.borrow(),
+            1,
+            "the node counts the pod's connection"
+        );
+        drop(open);
+        assert_eq!(*node.0.open.borrow(), 0);
+
+        let other = node.child();
+        let waiting = tokio::spawn({
+            let other = other.clone();
+            async move { other.started().await }
+        });
+        assert!(node.run(Duration::from_secs(1)).await.left == 0);
+        waiting.await.expect("the node's drain starts every pod's");
     }
 
     #[tokio::test]

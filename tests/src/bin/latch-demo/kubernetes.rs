@@ -162,6 +162,9 @@ impl Mesh for KubeMesh {
         demo.connect(cast.analytics, ledger4)?;
         demo.note("the label is removed: ledger-1 is enrolled again by its namespace's label");
         demo.relabel(cast.ledger, serde_json::Value::Null, true)?;
+        demo.note("back in the mesh, ledger admits only frontend again, from the first connection");
+        demo.connect(cast.analytics, ledger4)?;
+        demo.connect(cast.frontend, ledger4)?;
         Ok(())
     }
 }
