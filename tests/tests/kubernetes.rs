@@ -417,3 +417,54 @@ fn cached_allow_pinned(k: &KubeCluster) -> bool {
         .and_then(|maps| maps.verdicts())
         .is_ok_and(|verdicts| !verdicts.is_empty())
 }
+
+/// `latch.dev/dataplane-mode: tunnel` on one pod of a `fastpath` node: every connection to it
+/// is tunneled and nothing of its pairs is cached, on either node; without the label, its pairs
+/// take the fast path again.
+#[test]
+fn a_pods_dataplane_mode_label_keeps_its_pairs_off_the_fast_path() {
+    let mesh = Mesh::start(
+        [Driver::Cgroupfs, Driver::Systemd],
+        [Qos::Guaranteed, Qos::BestEffort],
+        &AgentOptions::default(),
+        |_| {},
+    );
+    let k = &mesh.k;
+    let cached = |node: NodeId| debug(k, node, &["verdicts"])["total"].as_u64().unwrap_or(0);
+    k.label_pod(mesh.payment, json!({"latch.dev/dataplane-mode": "tunnel"}))
+        .expect("label");
+    for node in [N1, N2] {
+        assert!(
+            eventually(WAIT, || debug(k, node, &["workloads"])
+                .as_array()
+                .is_some_and(|all| all
+                    .iter()
+                    .any(|w| w["name"] == json!("payment")))),
+            "payment is known"
+        );
+        // Answers once every reload before it is done: the label is in force.
+        assert_eq!(debug(k, node, &["reload"])["ok"], json!(true));
+    }
+    for payload in ["first", "second", "third"] {
+        assert!(mesh.echoes(payload), "{payload}");
+    }
+    assert_eq!(
+        (cached(N1), cached(N2)),
+        (0, 0),
+        "nothing of a tunnel pod's pairs is cached"
+    );
+
+    k.label_pod(mesh.payment, json!({"latch.dev/dataplane-mode": null}))
+        .expect("label");
+    for node in [N1, N2] {
+        assert_eq!(debug(k, node, &["reload"])["ok"], json!(true));
+    }
+    assert!(
+        eventually(WAIT, || mesh.echoes("again")
+            && cached(N1) > 0
+            && cached(N2) > 0),
+        "without the label the pair is cached again: {} {}",
+        cached(N1),
+        cached(N2)
+    );
+}

@@ -15,7 +15,6 @@ use super::{
     carry::{self, Carried},
 };
 use crate::{
-    config::DataplaneMode,
     conn::{AccessDecision, ConnInfo, Direction, Via},
     datapath::maps::ip_from_key,
     metrics::access,
@@ -108,7 +107,8 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &PodContext) {
             .map_err(|e| e.to_string()),
         client_not_after: current.svid.not_after,
     };
-    let fastpath = config.dataplane.mode == DataplaneMode::Fastpath;
+    // `mode: tunnel` on either side (the pod's own, else its node's): nothing cached.
+    let fastpath = !(ctx.workload.tunnel_only || endpoint.tunnel_only);
     let pair = Pair {
         src: ctx.workload.identity.key(),
         dst: endpoint.identity.key(),

@@ -263,6 +263,9 @@ pub struct Workload {
     pub netns: PathBuf,
     #[serde(deserialize_with = "fields::non_empty_ips")]
     pub ips: Vec<IpAddr>,
+    /// This pod's data-plane mode; without it, the node's `dataplane.mode`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataplane_mode: Option<DataplaneMode>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -279,6 +282,9 @@ pub struct Peer {
     #[serde(deserialize_with = "fields::non_empty_ips")]
     pub ips: Vec<IpAddr>,
     pub node: IpAddr,
+    /// The peer pod's data-plane mode; without it, this node's `dataplane.mode`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataplane_mode: Option<DataplaneMode>,
 }
 
 mod defaults {

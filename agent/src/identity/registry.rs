@@ -9,7 +9,7 @@ use std::{
 };
 
 use super::id::{IdentityKey, SpiffeId};
-use crate::config::Config;
+use crate::config::{Config, DataplaneMode};
 
 /// A pod on this node.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -23,6 +23,9 @@ pub struct LocalWorkload {
     pub cgroup: PathBuf,
     pub netns: PathBuf,
     pub ips: Vec<IpAddr>,
+    /// Its data-plane mode is `tunnel` (its own, else the node's): every connection it makes is
+    /// tunneled, nothing of it cached.
+    pub tunnel_only: bool,
 }
 
 /// Any mesh endpoint (local or remote), by one of its IPs.
@@ -36,6 +39,9 @@ pub struct Endpoint {
     pub local: bool,
     /// Node address for remote endpoints.
     pub node: Option<IpAddr>,
+    /// Its data-plane mode is `tunnel` (its own, else this node's): every connection to it is
+    /// tunneled, no verdict of it cached.
+    pub tunnel_only: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -59,6 +65,9 @@ impl Registry {
     pub fn from_config(config: &Config) -> Result<Self, RegistryError> {
         let mut registry = Registry::default();
         let td = &config.trust_domain;
+        let tunnel_only = |own: Option<DataplaneMode>| {
+            own.unwrap_or(config.dataplane.mode) == DataplaneMode::Tunnel
+        };
         for w in &config.workloads {
             let identity = SpiffeId::new(td, &w.namespace, &w.service_account);
             registry.add_identity(&identity)?;
@@ -73,6 +82,7 @@ impl Registry {
                         labels: w.labels.clone(),
                         local: true,
                         node: None,
+                        tunnel_only: tunnel_only(w.dataplane_mode),
                     },
                 );
             }
@@ -85,6 +95,7 @@ impl Registry {
                 cgroup: w.cgroup.clone(),
                 netns: w.netns.clone(),
                 ips: w.ips.clone(),
+                tunnel_only: tunnel_only(w.dataplane_mode),
             });
         }
         for p in &config.peers {
@@ -101,6 +112,7 @@ impl Registry {
                         labels: p.labels.clone(),
                         local: false,
                         node: Some(p.node),
+                        tunnel_only: tunnel_only(p.dataplane_mode),
                     },
                 );
             }

@@ -114,6 +114,7 @@ pub fn desired<'a>(
                 labels,
                 ips,
                 node,
+                dataplane_mode: e.mode,
             }),
             Some(Err(_)) | None => out.problems.push(format!(
                 "pod {namespace}/{name}: no usable status.hostIP ({host_ip:?}); not a peer yet"

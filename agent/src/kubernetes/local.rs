@@ -122,6 +122,7 @@ impl LocalPods {
                 cgroup: found.cgroup.clone(),
                 netns: found.netns_path(),
                 ips: pod.ips.clone(),
+                dataplane_mode: pod.mode,
             });
         }
         out

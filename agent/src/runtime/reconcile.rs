@@ -22,7 +22,7 @@ use super::{
 };
 use crate::{
     antispoof::Enrolled,
-    config::{Config, DataplaneMode},
+    config::Config,
     datapath::{install::inbound_link_name, system},
     debug::{
         api::{ReloadResult, WorkloadFailure},
@@ -70,7 +70,7 @@ pub(super) fn prepare(
                 continue;
             }
         };
-        let flags = if config.dataplane.mode == DataplaneMode::Tunnel {
+        let flags = if w.tunnel_only {
             WORKLOAD_TUNNEL_ONLY
         } else {
             0
@@ -87,7 +87,7 @@ pub(super) fn prepare(
     let mut kernel_endpoints = HashMap::new();
     for (ip, ep) in &registry.endpoints {
         let mut flags = if ep.local { ENDPOINT_LOCAL } else { 0 };
-        if config.dataplane.mode == DataplaneMode::Tunnel {
+        if ep.tunnel_only {
             flags |= ENDPOINT_TUNNEL_ONLY;
         }
         kernel_endpoints.insert(

@@ -14,9 +14,8 @@ use std::{
 };
 
 use crate::{
-    config::DataplaneMode,
     conn::{ConnInfo, Direction, RequestHead, Via},
-    identity::{IdentityKey, LocalWorkload, SpiffeId},
+    identity::{Endpoint, IdentityKey, LocalWorkload, SpiffeId},
     policy::{
         Connection, ConnectionDecision, Decision, Explanation, HttpRequest, MtlsMode, PolicySet,
         RequestPath, Target, Traffic, normalize::normalize_path,
@@ -148,16 +147,23 @@ pub fn mtls_mode(snapshot: &Snapshot, workload: &LocalWorkload, port: u16) -> (M
 }
 
 /// The verdict that may be cached for (`source`, `destination`, `port`): `Some(true)` allow,
-/// `Some(false)` deny, `None` if nothing may be cached (the decision depends on more than the
-/// pair, differs between the pods of the destination identity, or no pod carries it).
+/// `Some(false)` deny, `None` if nothing may be cached (a pod of either identity is in `mode:
+/// tunnel`, the decision depends on more than the pair, differs between the pods of the
+/// destination identity, or no pod carries it).
 pub fn pair(
     snapshot: &Snapshot,
     source: &str,
     destination: IdentityKey,
     port: u16,
 ) -> Option<bool> {
+    let registry = &snapshot.registry;
+    let pods = registry.pods_of(destination);
+    let tunnel_only = |pods: &[(IpAddr, &Endpoint)]| pods.iter().any(|(_, p)| p.tunnel_only);
+    if tunnel_only(&pods) || tunnel_only(&registry.pods_of(IdentityKey::of(source))) {
+        return None;
+    }
     let mut verdict = None;
-    for (ip, pod) in snapshot.registry.pods_of(destination) {
+    for (ip, pod) in pods {
         let to = target(&pod.namespace, &pod.labels);
         let allowed = match evaluate(
             &snapshot.policies,
@@ -329,8 +335,16 @@ pub fn explain(snapshot: &Snapshot, question: &Question) -> Result<Explanation, 
     } else {
         snapshot.policies.explain(&to, &conn, None)
     };
-    // Nothing is cached in `mode: tunnel`: every connection of an mTLS pair is tunneled.
-    let tunnel_mode = snapshot.config.dataplane.mode != DataplaneMode::Fastpath;
+    // Nothing is cached when either side is in `mode: tunnel`: every connection of an mTLS
+    // pair is tunneled.
+    let source_tunnel_only = source.is_some_and(|id| {
+        snapshot
+            .registry
+            .pods_of(IdentityKey::of(id))
+            .iter()
+            .any(|(_, p)| p.tunnel_only)
+    });
+    let tunnel_mode = pod.tunnel_only || source_tunnel_only;
     if tunnel_mode && explanation.traffic == Traffic::Fastpath {
         explanation = explanation.with_traffic(Traffic::Tunneled);
     }

@@ -13,7 +13,6 @@ use std::{
 use latch_common::{DECISION_ALLOW, DECISION_DENY, VerdictKey, VerdictValue};
 
 use crate::{
-    config::DataplaneMode,
     conn::Direction,
     datapath::{DatapathError, KernelMaps, system},
     identity::IdentityKey,
@@ -186,12 +185,9 @@ impl VerdictCache {
     /// identity is gone, the dataplane no longer caches, or the policy's verdict for the pair
     /// changed or stopped being cacheable. Allows and denies alike; returns how many.
     pub fn revoke_stale(&self, snapshot: &Snapshot) -> Result<usize, DatapathError> {
-        let fastpath = snapshot.config.dataplane.mode == DataplaneMode::Fastpath;
+        // A pair with a pod in `mode: tunnel` on either side is never wanted (`decide::pair`).
         let mut wanted = decide::PairMemo::new(snapshot);
         self.remove_where(|k, v| {
-            if !fastpath {
-                return true;
-            }
             let want = wanted.get(
                 IdentityKey(k.src_identity),
                 IdentityKey(k.dst_identity),

@@ -4,7 +4,6 @@
 use std::time::{Duration, SystemTime};
 
 use crate::{
-    config::DataplaneMode,
     identity::IdentityKey,
     state::{Snapshot, decide},
 };
@@ -23,7 +22,7 @@ pub struct Decided {
 }
 
 /// How long (`source`, `destination`, `port`)'s verdict may be cached, `None` if it may not:
-/// only in `mode: fastpath`, only if the decider says the verdict holds for the whole pair and
+/// only when neither side has a pod in `mode: tunnel` ([`decide::pair`]), only if the decider says the verdict holds for the whole pair and
 /// this node's own view of the policy gives the pair the same verdict (so its next reload
 /// corrects what it cached), at most `verdictTtl`; an allow no longer than the proof behind it
 /// (`proof_not_after`, the earlier of the two certificates' NotAfter), a deny at most
@@ -38,7 +37,7 @@ pub fn lifetime(
     proof_not_after: SystemTime,
 ) -> Option<Duration> {
     let dataplane = &snapshot.config.dataplane;
-    if dataplane.mode != DataplaneMode::Fastpath || !verdict.cacheable {
+    if !verdict.cacheable {
         return None;
     }
     if decide::pair(snapshot, source, destination, port) != Some(verdict.allowed) {
@@ -72,13 +71,21 @@ spec:
 "#;
 
     fn snapshot(mode: &str) -> Snapshot {
+        snapshot_with(mode, "")
+    }
+
+    /// The node in `mode`, payment a peer with `payment` appended to its entry (its own
+    /// `dataplaneMode`), frontend a peer too.
+    fn snapshot_with(mode: &str, payment: &str) -> Snapshot {
         Snapshot::from_texts(
             &format!(
                 "node: {{ name: n1, address: 10.244.0.1 }}\ntrustDomain: cluster.local\n\
                  cgroupRoot: /cg\nbpfPinDir: /sys/fs/bpf/x\n\
                  dataplane: {{ mode: {mode}, verdictTtl: 5m }}\n\
                  peers:\n  - {{ name: payment, namespace: prod, serviceAccount: payment, \
-                 labels: {{ app: payment }}, ips: [10.244.2.2], node: 10.244.0.2 }}\n"
+                 labels: {{ app: payment }}, ips: [10.244.2.2], node: 10.244.0.2{payment} }}\n\
+                 \x20 - {{ name: frontend, namespace: prod, serviceAccount: frontend, \
+                 ips: [10.244.3.2], node: 10.244.0.3 }}\n"
             ),
             FRONTEND_ONLY,
         )
@@ -152,6 +159,37 @@ spec:
             ask(&s, FRONTEND, DENIED, HOUR),
             None,
             "this node would allow"
+        );
+    }
+
+    #[test]
+    fn a_pod_in_mode_tunnel_keeps_its_pairs_out_of_the_cache_whatever_the_nodes_mode() {
+        let tunnel = snapshot_with("fastpath", ", dataplaneMode: tunnel");
+        assert_eq!(
+            ask(&tunnel, FRONTEND, ALLOWED, HOUR),
+            None,
+            "to a tunnel pod"
+        );
+        let fastpath = snapshot_with("tunnel", ", dataplaneMode: fastpath");
+        assert_eq!(
+            ask(&fastpath, FRONTEND, ALLOWED, HOUR),
+            None,
+            "frontend is in the node's mode: tunnel"
+        );
+        let both = Snapshot::from_texts(
+            "node: { name: n1, address: 10.244.0.1 }\ntrustDomain: cluster.local\n\
+             cgroupRoot: /cg\nbpfPinDir: /sys/fs/bpf/x\n\
+             dataplane: { mode: tunnel, verdictTtl: 5m }\n\
+             peers:\n  - { name: payment, namespace: prod, serviceAccount: payment, \
+             labels: { app: payment }, ips: [10.244.2.2], node: 10.244.0.2, dataplaneMode: fastpath }\n\
+             \x20 - { name: frontend, namespace: prod, serviceAccount: frontend, \
+             ips: [10.244.3.2], node: 10.244.0.3, dataplaneMode: fastpath }\n",
+            FRONTEND_ONLY,
+        );
+        assert_eq!(
+            ask(&both, FRONTEND, ALLOWED, HOUR),
+            Some(Duration::from_secs(300)),
+            "both pods in fastpath on a tunnel node"
         );
     }
 
