@@ -58,7 +58,7 @@ fn log_tail(k: &KubeCluster, node: NodeId) -> String {
         .unwrap_or_default();
     let kept: Vec<&String> = lines
         .iter()
-        .filter(|l| !l.contains("\"target\":\"access\""))
+        .filter(|l| !l.contains("\"target\":\"access\"") || l.contains("\"event\":\"decision\""))
         .collect();
     let tail = kept[kept.len().saturating_sub(30)..]
         .iter()
@@ -467,4 +467,90 @@ fn a_pods_dataplane_mode_label_keeps_its_pairs_off_the_fast_path() {
         cached(N1),
         cached(N2)
     );
+}
+
+/// A pod whose address changes (its status and its interface): the agents serve it at the new
+/// address, found again in the same namespace, and its peers reach it there over mTLS.
+#[test]
+fn a_pod_given_a_new_address_is_served_at_it() {
+    let mesh = Mesh::start(
+        [Driver::Systemd, Driver::Cgroupfs],
+        [Qos::Burstable, Qos::Burstable],
+        &AgentOptions::strict(),
+        |_| {},
+    );
+    let k = &mesh.k;
+    assert!(mesh.echoes("before"), "reached at its first address");
+    let pod = k.cluster.pod(mesh.payment);
+    let (old, new) = (pod.ipv4, std::net::Ipv4Addr::new(10, 244, 2, 50));
+    // The new address becomes the interface's primary one when the old goes (without this,
+    // deleting a primary address deletes the secondaries of its subnet with it).
+    latch_tests::netns::sysctl(&pod.netns(), "net/ipv4/conf/eth0/promote_secondaries", "1")
+        .expect("sysctl");
+    latch_tests::netns::ip(
+        &pod.netns_name,
+        &["addr", "add", &format!("{new}/24"), "dev", "eth0"],
+    )
+    .expect("the new address");
+    latch_tests::netns::ip(
+        &pod.netns_name,
+        &["addr", "del", &format!("{old}/24"), "dev", "eth0"],
+    )
+    .expect("the old address goes");
+    k.api
+        .modify::<k8s_openapi::api::core::v1::Pod>("prod", "payment", |p| {
+            if let Some(status) = p.status.as_mut() {
+                status.pod_ip = Some(new.to_string());
+                status.pod_ips = Some(vec![
+                    k8s_openapi::api::core::v1::PodIP {
+                        ip: new.to_string(),
+                    },
+                    k8s_openapi::api::core::v1::PodIP {
+                        ip: pod.ipv6.to_string(),
+                    },
+                ]);
+            }
+        })
+        .expect("status");
+    let has_new = |node: NodeId| {
+        debug(k, node, &["workloads"])
+            .as_array()
+            .is_some_and(|all| {
+                all.iter().any(|w| {
+                    w["name"] == json!("payment")
+                        && w["ips"]
+                            .as_array()
+                            .is_some_and(|ips| ips.contains(&json!(new.to_string())))
+                })
+            })
+    };
+    assert!(
+        eventually(WAIT, || has_new(N1) && has_new(N2)),
+        "both nodes know the new address\n{}",
+        log_tail(k, N2)
+    );
+    for node in [N1, N2] {
+        assert_eq!(debug(k, node, &["reload"])["ok"], json!(true));
+    }
+    let to = std::net::SocketAddr::new(new.into(), PORT);
+    let r = k
+        .cluster
+        .probe(mesh.frontend, to, Some("after"))
+        .expect("probe");
+    assert_eq!(
+        r.echo.as_deref(),
+        Some("after"),
+        "reached at its new address: {r:?}\n{}\n{}",
+        log_tail(k, N1),
+        log_tail(k, N2)
+    );
+    let node2 = k.cluster.node(N2).agent.as_ref().expect("node 2's agent");
+    let destination = format!("\"destination_address\":\"{new}:{PORT}\"");
+    node2
+        .wait_for_line_after(0, WAIT, |l| {
+            l.contains("\"decision\":\"ALLOW\"")
+                && l.contains(&destination)
+                && l.contains("\"encrypted\":true")
+        })
+        .expect("over the tunnel, decided by node 2's agent");
 }
