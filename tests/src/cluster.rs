@@ -463,6 +463,11 @@ impl Cluster {
         &self.pods[id.0]
     }
 
+    /// The pod's processes run in `cgroup` from now on (a restarted container's).
+    pub fn set_pod_cgroup(&mut self, id: PodId, cgroup: PathBuf) {
+        self.pods[id.0].cgroup = cgroup;
+    }
+
     pub fn node(&self, id: NodeId) -> &Node {
         &self.nodes[id.0]
     }

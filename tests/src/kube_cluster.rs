@@ -5,7 +5,7 @@
 //! and agents started with `--kubernetes --kubeconfig`.
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
 };
 
@@ -31,14 +31,36 @@ pub enum Driver {
     Cgroupfs,
 }
 
+/// The container runtime of a node: how it names container cgroups below a pod's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Runtime {
+    /// `cri-containerd-<id>.scope` (systemd), `<id>` (cgroupfs).
+    Containerd,
+    /// `crio-<id>.scope` (systemd), `crio-<id>` (cgroupfs), and beside each container its
+    /// `crio-conmon-<id>` monitor, a process on the node's network, never the pod's.
+    CriO,
+    /// `docker-<id>.scope` (systemd), `<id>` (cgroupfs).
+    CriDockerd,
+}
+
+/// A pod's running container: its cgroup and its process.
+struct Container {
+    pod: PodId,
+    cgroup: PathBuf,
+    process: Child,
+}
+
 /// A cluster of nodes in network namespaces driven by a test API server.
 pub struct KubeCluster {
     pub cluster: Cluster,
     pub api: KubeApiServer,
     kubeconfig: PathBuf,
     drivers: Vec<Driver>,
-    /// Each pod's container process (what kubelet's runtime would run), by pod.
-    containers: Vec<(PodId, Child)>,
+    runtimes: Vec<Runtime>,
+    /// The processes kubelet's runtime would run: each pod's container (and CRI-O's monitors).
+    containers: Vec<Container>,
+    /// How many times each pod's container was restarted, by pod.
+    restarts: Vec<(PodId, u32)>,
 }
 
 impl KubeCluster {
@@ -64,8 +86,128 @@ impl KubeCluster {
             api,
             kubeconfig,
             drivers: drivers.to_vec(),
+            runtimes: vec![Runtime::Containerd; drivers.len()],
             containers: Vec::new(),
+            restarts: Vec::new(),
         })
+    }
+
+    /// Make the node's container runtime `runtime` (containerd by default), for the pods added
+    /// after.
+    pub fn set_runtime(&mut self, node: NodeId, runtime: Runtime) {
+        self.runtimes[node.0] = runtime;
+    }
+
+    /// The cgroup of container `id` of a pod whose cgroup is `pod_cgroup`, on the node, and of
+    /// its CRI-O monitor if the runtime has one.
+    fn container_cgroups(
+        &self,
+        node: NodeId,
+        pod_cgroup: &Path,
+        id: &str,
+    ) -> (PathBuf, Option<PathBuf>) {
+        let systemd = self.drivers[node.0] == Driver::Systemd;
+        let (name, monitor) = match (self.runtimes[node.0], systemd) {
+            (Runtime::Containerd, true) => (format!("cri-containerd-{id}.scope"), None),
+            (Runtime::CriO, true) => (
+                format!("crio-{id}.scope"),
+                Some(format!("crio-conmon-{id}.scope")),
+            ),
+            (Runtime::CriDockerd, true) => (format!("docker-{id}.scope"), None),
+            (Runtime::CriO, false) => (format!("crio-{id}"), Some(format!("crio-conmon-{id}"))),
+            (Runtime::Containerd | Runtime::CriDockerd, false) => (id.to_owned(), None),
+        };
+        (pod_cgroup.join(name), monitor.map(|m| pod_cgroup.join(m)))
+    }
+
+    /// Start a container of pod `pod` (on `node`) in `cgroup` (a process in the pod's network
+    /// namespace), and its monitor in `monitor` (on the node's network), if any.
+    fn start_container(
+        &mut self,
+        node: NodeId,
+        pod: PodId,
+        cgroup: &Path,
+        monitor: Option<&Path>,
+    ) -> anyhow::Result<()> {
+        let netns_of_pod = self.cluster.pod(pod).netns();
+        let netns_of_node = self.cluster.node(node).netns();
+        let mut start = |cgroup: &Path, netns: &Path| -> anyhow::Result<()> {
+            std::fs::create_dir_all(cgroup)
+                .with_context(|| format!("creating {}", cgroup.display()))?;
+            let mut sleep = Command::new("sleep");
+            sleep
+                .arg("infinity")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null());
+            netns::enter(&mut sleep, netns, Some(cgroup))?;
+            let process = sleep.spawn().context("starting a container process")?;
+            self.containers.push(Container {
+                pod,
+                cgroup: cgroup.to_owned(),
+                process,
+            });
+            Ok(())
+        };
+        // The monitor first: discovery meets it before the container and must pass it by.
+        if let Some(monitor) = monitor {
+            start(monitor, &netns_of_node)?;
+        }
+        start(cgroup, &netns_of_pod)
+    }
+
+    /// Restart the pod's container as kubelet does: a new container (new ID, new cgroup below
+    /// the same pod cgroup, same network namespace) starts, the old one is killed and its
+    /// cgroup removed, and the Pod's status gets the new container ID and restart count.
+    /// Returns the new container's cgroup.
+    pub fn restart_container(&mut self, pod: PodId) -> anyhow::Result<PathBuf> {
+        let node = self.cluster.pod(pod).node;
+        let old = self.cluster.pod(pod).cgroup.clone();
+        let pod_cgroup = old
+            .parent()
+            .context("a container cgroup has a parent")?
+            .to_owned();
+        let count = match self.restarts.iter_mut().find(|(p, _)| *p == pod) {
+            Some((_, n)) => {
+                *n += 1;
+                *n
+            }
+            None => {
+                self.restarts.push((pod, 1));
+                1
+            }
+        };
+        let spec = self.cluster.pod(pod).spec.clone();
+        let full_id = fixtures::container_id(&spec.namespace, &spec.name, &format!("app-{count}"));
+        let id = full_id.trim_start_matches("containerd://").to_owned();
+        let (cgroup, monitor) = self.container_cgroups(node, &pod_cgroup, &id);
+        self.start_container(node, pod, &cgroup, monitor.as_deref())?;
+        // The old container (and its monitor) exits; its cgroups go.
+        let (old_ones, kept): (Vec<Container>, Vec<Container>) =
+            std::mem::take(&mut self.containers)
+                .into_iter()
+                .partition(|c| {
+                    c.pod == pod && c.cgroup != cgroup && Some(&c.cgroup) != monitor.as_ref()
+                });
+        self.containers = kept;
+        for mut c in old_ones {
+            let _ = c.process.kill();
+            let _ = c.process.wait();
+            std::fs::remove_dir(&c.cgroup)
+                .with_context(|| format!("removing {}", c.cgroup.display()))?;
+        }
+        self.api
+            .modify::<k8s_openapi::api::core::v1::Pod>(&spec.namespace, &spec.name, |p| {
+                for status in p
+                    .status
+                    .iter_mut()
+                    .flat_map(|s| s.container_statuses.iter_mut().flatten())
+                {
+                    status.container_id = Some(full_id.clone());
+                    status.restart_count = count as i32;
+                }
+            })?;
+        self.cluster.set_pod_cgroup(pod, cgroup.clone());
+        Ok(cgroup)
     }
 
     /// The node's name in the cluster (its Pods' `spec.nodeName`).
@@ -124,23 +266,13 @@ impl KubeCluster {
             .to_owned();
         let container_id = fixtures::container_id(&spec.namespace, &spec.name, "app");
         let container_id = container_id.trim_start_matches("containerd://");
-        let scope = match self.drivers[node.0] {
-            Driver::Systemd => format!("cri-containerd-{container_id}.scope"),
-            Driver::Cgroupfs => container_id.to_owned(),
-        };
-        let cgroup = self.pod_cgroup(node, &uid, qos).join(scope);
+        let pod_cgroup = self.pod_cgroup(node, &uid, qos);
+        let (cgroup, monitor) = self.container_cgroups(node, &pod_cgroup, container_id);
         let id = self
             .cluster
             .add_pod_in(node, spec.clone(), cgroup.clone())?;
+        self.start_container(node, id, &cgroup, monitor.as_deref())?;
         let pod = self.cluster.pod(id);
-        let mut sleep = Command::new("sleep");
-        sleep
-            .arg("infinity")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
-        netns::enter(&mut sleep, &pod.netns(), Some(&cgroup))?;
-        let child = sleep.spawn().context("starting the pod's container")?;
-        self.containers.push((id, child));
         let [ipv4, ipv6] = pod.ips();
         let running = self
             .pod_object(node, &spec, qos, labels)
@@ -209,9 +341,9 @@ impl KubeCluster {
 
 impl Drop for KubeCluster {
     fn drop(&mut self) {
-        for (_, child) in &mut self.containers {
-            let _ = child.kill();
-            let _ = child.wait();
+        for c in &mut self.containers {
+            let _ = c.process.kill();
+            let _ = c.process.wait();
         }
     }
 }

@@ -14,7 +14,7 @@ use latch_tests::{
         Kind,
         fixtures::{self, Qos},
     },
-    kube_cluster::{Driver, KubeCluster},
+    kube_cluster::{Driver, KubeCluster, Runtime},
 };
 use serde_json::{Value, json};
 
@@ -95,7 +95,27 @@ impl Mesh {
         options: &AgentOptions,
         before_agents: impl FnOnce(&mut KubeCluster),
     ) -> Self {
+        Self::start_on(
+            drivers,
+            [Runtime::Containerd; 2],
+            qos,
+            options,
+            before_agents,
+        )
+    }
+
+    /// [`Mesh::start`] with each node's container runtime.
+    fn start_on(
+        drivers: [Driver; 2],
+        runtimes: [Runtime; 2],
+        qos: [Qos; 2],
+        options: &AgentOptions,
+        before_agents: impl FnOnce(&mut KubeCluster),
+    ) -> Self {
         let mut k = KubeCluster::new(&drivers).expect("cluster");
+        for (node, runtime) in [N1, N2].into_iter().zip(runtimes) {
+            k.set_runtime(node, runtime);
+        }
         k.api
             .apply(&fixtures::namespace(
                 "prod",
@@ -553,4 +573,40 @@ fn a_pod_given_a_new_address_is_served_at_it() {
                 && l.contains("\"encrypted\":true")
         })
         .expect("over the tunnel, decided by node 2's agent");
+}
+
+/// Pods of CRI-O (its `crio-conmon` monitors beside the containers, on the node's network) and
+/// cri-dockerd are found under either driver, and a restarted container (a new cgroup below
+/// the same pod cgroup, the same network namespace) stays enforced: under STRICT, a connection
+/// from it reaches its peer only if it is captured and carried over mTLS.
+#[test]
+fn other_runtimes_and_restarted_containers_stay_enforced() {
+    let mut mesh = Mesh::start_on(
+        [Driver::Systemd, Driver::Cgroupfs],
+        [Runtime::CriO, Runtime::CriDockerd],
+        [Qos::Burstable, Qos::Guaranteed],
+        &AgentOptions::strict(),
+        |_| {},
+    );
+    assert!(
+        mesh.echoes("before"),
+        "CRI-O and cri-dockerd pods are served"
+    );
+
+    let new = mesh.k.restart_container(mesh.frontend).expect("restart");
+    assert!(new.to_string_lossy().contains("crio-"), "{}", new.display());
+    assert!(
+        mesh.echoes("after a restart"),
+        "the restarted container's connections are captured and carried over mTLS"
+    );
+    mesh.k.restart_container(mesh.payment).expect("restart");
+    assert!(mesh.echoes("after the peer's restart"));
+    assert_eq!(
+        workloads(&mesh.k, N1),
+        (
+            vec!["prod/frontend".to_owned()],
+            vec!["prod/payment".to_owned()]
+        ),
+        "nothing was re-enrolled"
+    );
 }
