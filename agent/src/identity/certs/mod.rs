@@ -1,4 +1,5 @@
-//! Certificate sources (`dev-ca`, `files`) and the store of current SVIDs, one per local identity,
+//! The store of current SVIDs, one per local identity, from an [`SvidSource`] ([`source`]:
+//! `dev-ca`, `files`),
 //! each replaced atomically ([`CertStore::resolver`] gives rustls the current one at every
 //! handshake). Each identity's trust bundle has a [`TrustEpoch`], new only when the bundle changes,
 //! so the agent can tell what an old bundle proved ([`CertStore::take_trust_changes`]). The
@@ -14,16 +15,14 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use rustls::{
-    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
-    sign::CertifiedKey,
-};
+use rustls::{pki_types::CertificateDer, sign::CertifiedKey};
 
-use super::ca::{CaError, DevCa, Svid};
-use crate::{
-    sync::lock,
-    tls::{Role, certified_key, verify_svid},
-};
+mod source;
+
+pub use source::{Source, SvidSource};
+
+use super::ca::{CaError, Svid};
+use crate::{sync::lock, tls::certified_key};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
@@ -43,12 +42,6 @@ pub enum CertError {
     Key { identity: String, why: String },
 }
 
-/// Where SVIDs come from.
-pub enum Source {
-    DevCa { ca: Box<DevCa>, ttl: Duration },
-    Files { dir: PathBuf },
-}
-
 /// Which trust bundle an identity's connections were proven under: equal epochs, equal
 /// bundles. Never 0 for a bundle in force.
 pub type TrustEpoch = u64;
@@ -62,7 +55,7 @@ pub struct Current {
     /// The epoch of `bundle`.
     pub trust: TrustEpoch,
     /// Modification times of the files it came from (`files` source).
-    stamps: Vec<Option<SystemTime>>,
+    pub(super) stamps: Vec<Option<SystemTime>>,
 }
 
 impl std::fmt::Debug for Current {
@@ -75,7 +68,7 @@ impl std::fmt::Debug for Current {
 
 pub struct CertStore {
     /// `None` when the config has no `certificates` (then the node has no workloads).
-    source: Option<Source>,
+    source: Option<Box<dyn SvidSource>>,
     trust_domain: String,
     current: RwLock<HashMap<String, Current>>,
     /// The last epoch given to a bundle.
@@ -127,7 +120,16 @@ pub fn seconds_left(not_after: SystemTime, now: SystemTime) -> f64 {
 }
 
 impl CertStore {
+    /// A store of the SVIDs `source` (a `certificates` section) issues.
     pub fn new(source: Option<Source>, trust_domain: &str) -> Self {
+        Self::with_source(
+            source.map(|s| Box::new(s) as Box<dyn SvidSource>),
+            trust_domain,
+        )
+    }
+
+    /// A store of the SVIDs any [`SvidSource`] issues.
+    pub fn with_source(source: Option<Box<dyn SvidSource>>, trust_domain: &str) -> Self {
         Self {
             source,
             trust_domain: trust_domain.to_owned(),
@@ -199,13 +201,10 @@ impl CertStore {
             let Some(current) = self.current(&id) else {
                 continue;
             };
-            let due = match &self.source {
-                None => false,
-                Some(Source::DevCa { .. }) => rotation_due(&current.svid, now),
-                Some(Source::Files { dir }) => self.file_paths(dir, &id).is_some_and(|paths| {
-                    paths.iter().map(|p| mtime(p)).collect::<Vec<_>>() != current.stamps
-                }),
-            };
+            let due = self
+                .source
+                .as_ref()
+                .is_some_and(|source| source.due(&id, &current, now));
             if !due {
                 continue;
             }
@@ -250,123 +249,11 @@ impl CertStore {
         }
     }
 
-    fn file_paths(&self, dir: &Path, id: &str) -> Option<[PathBuf; 3]> {
-        let (ns, sa) = ns_sa(id)?;
-        let base = dir.join(&ns).join(&sa);
-        Some([
-            base.join("cert.pem"),
-            base.join("key.pem"),
-            base.join("bundle.pem"),
-        ])
-    }
-
     fn obtain(&self, id: &str) -> Result<Current, CertError> {
         match &self.source {
             None => Err(CertError::NoSource(id.to_owned())),
-            Some(Source::DevCa { ca, ttl }) => {
-                let svid = ca.mint(id, *ttl)?;
-                Ok(Current {
-                    certified: certified(&svid)?,
-                    svid: Arc::new(svid),
-                    bundle: Arc::new(vec![ca.certificate().clone()]),
-                    trust: 0,
-                    stamps: Vec::new(),
-                })
-            }
-            Some(Source::Files { dir }) => self.load_files(dir, id),
+            Some(source) => source.issue(id, &self.trust_domain),
         }
-    }
-
-    fn load_files(&self, dir: &Path, id: &str) -> Result<Current, CertError> {
-        let paths = self.file_paths(dir, id).ok_or_else(|| CertError::Invalid {
-            path: dir.to_owned(),
-            why: format!(
-                "{id} is not of the form spiffe://<td>/ns/<namespace>/sa/<serviceAccount>"
-            ),
-        })?;
-        let stamps: Vec<Option<SystemTime>> = paths.iter().map(|p| mtime(p)).collect();
-        let read = |p: &PathBuf| {
-            std::fs::read(p).map_err(|source| CertError::Read {
-                path: p.clone(),
-                source,
-            })
-        };
-        let (cert_pem, key_pem, bundle_pem) =
-            (read(&paths[0])?, read(&paths[1])?, read(&paths[2])?);
-        let certs =
-            |pem: &[u8], path: &PathBuf| -> Result<Vec<CertificateDer<'static>>, CertError> {
-                let certs = CertificateDer::pem_slice_iter(pem)
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| CertError::Invalid {
-                        path: path.clone(),
-                        why: e.to_string(),
-                    })?;
-                if certs.is_empty() {
-                    return Err(CertError::Invalid {
-                        path: path.clone(),
-                        why: "no certificate in the file".into(),
-                    });
-                }
-                Ok(certs)
-            };
-        let chain = certs(&cert_pem, &paths[0])?;
-        let bundle = certs(&bundle_pem, &paths[2])?;
-        // Never put key material into an error message: only say what is wrong.
-        let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| CertError::Invalid {
-            path: paths[1].clone(),
-            why: "no usable private key (PKCS#8, SEC1 or PKCS#1 PEM expected)".into(),
-        })?;
-        // The agent presents a workload's SVID on both sides of its tunnels.
-        let found = verify_svid(
-            &chain,
-            &bundle,
-            &self.trust_domain,
-            Role::ClientAndServer,
-            SystemTime::now(),
-        )
-        .map_err(|e| CertError::Invalid {
-            path: paths[0].clone(),
-            why: e.to_string(),
-        })?;
-        if found != id {
-            return Err(CertError::Invalid {
-                path: paths[0].clone(),
-                why: format!("the certificate is for {found}, expected {id}"),
-            });
-        }
-        let (_, leaf) =
-            x509_parser::parse_x509_certificate(&chain[0]).map_err(|e| CertError::Invalid {
-                path: paths[0].clone(),
-                why: e.to_string(),
-            })?;
-        let to_time = |t: x509_parser::time::ASN1Time| {
-            SystemTime::UNIX_EPOCH + Duration::from_secs(t.timestamp().max(0) as u64)
-        };
-        let svid = Svid {
-            spiffe_id: id.to_owned(),
-            serial: leaf.raw_serial_as_string(),
-            not_before: to_time(leaf.validity().not_before),
-            not_after: to_time(leaf.validity().not_after),
-            issued_at: SystemTime::now(),
-            chain,
-            key,
-        };
-        let certified = certified(&svid)?;
-        // A key that is not the certificate's would fail every handshake: refuse it here.
-        certified.keys_match().map_err(|e| CertError::Invalid {
-            path: paths[1].clone(),
-            why: format!(
-                "the private key does not belong to the certificate in {} ({e})",
-                paths[0].display()
-            ),
-        })?;
-        Ok(Current {
-            certified,
-            svid: Arc::new(svid),
-            bundle: Arc::new(bundle),
-            trust: 0,
-            stamps,
-        })
     }
 
     /// A rustls certificate resolver that always returns `id`'s current SVID.

@@ -10,6 +10,7 @@ use std::{
 };
 
 use super::*;
+use crate::identity::ca::DevCa;
 use crate::identity::ca::init;
 
 const TD: &str = "cluster.local";
