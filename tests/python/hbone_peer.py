@@ -49,6 +49,20 @@ def emit(event, **fields):
     sys.stdout.flush()
 
 
+def connection_event(conn, event):
+    """Handle the events of the connection itself, the same for both sides (flow control
+    windows, PINGs); whether `event` was one."""
+    if isinstance(event, h2.events.WindowUpdated):
+        conn.window_open.set()
+    elif isinstance(event, h2.events.PingReceived):
+        emit("ping-received")
+    elif isinstance(event, h2.events.PingAckReceived):
+        emit("pong")
+    else:
+        return False
+    return True
+
+
 def split_addr(text):
     host, _, port = text.rpartition(":")
     return host.strip("[]"), int(port)
@@ -210,12 +224,8 @@ async def serve(args):
                         target = targets.pop(event.stream_id, None)
                         if target is not None:
                             target.close()
-                    elif isinstance(event, h2.events.WindowUpdated):
-                        conn.window_open.set()
-                    elif isinstance(event, h2.events.PingReceived):
-                        emit("ping-received")
-                    elif isinstance(event, h2.events.PingAckReceived):
-                        emit("pong")
+                    elif connection_event(conn, event):
+                        pass
                     elif isinstance(event, h2.events.ConnectionTerminated):
                         emit("goaway-received", error=int(event.error_code))
                 conn.flush()
@@ -311,12 +321,8 @@ async def connect(args):
                         emit("ended", id=name)
                     elif isinstance(event, h2.events.StreamReset):
                         emit("reset", id=name, code=int(event.error_code))
-                    elif isinstance(event, h2.events.WindowUpdated):
-                        conn.window_open.set()
-                    elif isinstance(event, h2.events.PingReceived):
-                        emit("ping-received")
-                    elif isinstance(event, h2.events.PingAckReceived):
-                        emit("pong")
+                    elif connection_event(conn, event):
+                        pass
                 conn.flush()
                 await writer.drain()
         except (ConnectionError, ssl.SSLError, h2.exceptions.ProtocolError) as e:

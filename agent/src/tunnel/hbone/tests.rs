@@ -547,16 +547,42 @@ async fn a_connect_with_an_oversized_header_list_is_refused() {
     );
 }
 
-/// A server that drains as ztunnel does: on its first connection it answers the first CONNECT
-/// with `200`, then sends GOAWAY (no new streams; open ones go on) and `bye` on that stream,
-/// which stays open. Later connections answer `200` and `hello`. Counts its TCP connections.
-async fn draining_server(ca: &DevCa) -> (SocketAddr, Arc<AtomicUsize>) {
+/// What a test HBONE server starts from: payment's TLS config (an SVID from `ca`), a listener on
+/// loopback, its address, and a connection count (and a handle to count with).
+struct TestServer {
+    tls: Arc<rustls::ServerConfig>,
+    listener: TcpListener,
+    endpoint: SocketAddr,
+    connections: Arc<AtomicUsize>,
+    counted: Arc<AtomicUsize>,
+}
+
+async fn test_server(ca: &DevCa) -> TestServer {
     let svid = ca.mint(PAYMENT, HOUR).expect("server svid");
     let tls = server_config(&svid, vec![ca.certificate().clone()], TD).expect("server config");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let endpoint = listener.local_addr().expect("addr");
     let connections = Arc::new(AtomicUsize::new(0));
-    let counted = connections.clone();
+    TestServer {
+        tls,
+        listener,
+        endpoint,
+        counted: connections.clone(),
+        connections,
+    }
+}
+
+/// A server that drains as ztunnel does: on its first connection it answers the first CONNECT
+/// with `200`, then sends GOAWAY (no new streams; open ones go on) and `bye` on that stream,
+/// which stays open. Later connections answer `200` and `hello`. Counts its TCP connections.
+async fn draining_server(ca: &DevCa) -> (SocketAddr, Arc<AtomicUsize>) {
+    let TestServer {
+        tls,
+        listener,
+        endpoint,
+        connections,
+        counted,
+    } = test_server(ca).await;
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             let first = counted.fetch_add(1, Ordering::SeqCst) == 0;
@@ -719,12 +745,13 @@ async fn foreign_server(
     max_streams: u32,
     latch: Arc<std::sync::atomic::AtomicBool>,
 ) -> (SocketAddr, Arc<AtomicUsize>) {
-    let svid = ca.mint(PAYMENT, HOUR).expect("server svid");
-    let tls = server_config(&svid, vec![ca.certificate().clone()], TD).expect("server config");
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let endpoint = listener.local_addr().expect("addr");
-    let connections = Arc::new(AtomicUsize::new(0));
-    let counted = connections.clone();
+    let TestServer {
+        tls,
+        listener,
+        endpoint,
+        connections,
+        counted,
+    } = test_server(ca).await;
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             counted.fetch_add(1, Ordering::SeqCst);
