@@ -13,7 +13,7 @@ use std::{
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 
-use super::{CertError, Current, certified, mtime, ns_sa, rotation_due};
+use super::svid::{CertError, Current, certified, mtime, ns_sa, rotation_due};
 use crate::{
     identity::ca::{DevCa, Svid},
     tls::{Role, verify_svid},

@@ -9,9 +9,10 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use super::svid::ns_sa;
 use super::*;
-use crate::identity::ca::DevCa;
 use crate::identity::ca::init;
+use crate::identity::ca::{DevCa, Svid};
 
 const TD: &str = "cluster.local";
 const FRONTEND: &str = "spiffe://cluster.local/ns/prod/sa/frontend";
