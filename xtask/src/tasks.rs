@@ -58,11 +58,24 @@ pub fn test() -> anyhow::Result<()> {
     // The fuzz targets are a workspace of their own (they link libFuzzer, on the nightly); their
     // code is `latch::fuzzing`, linted with the agent, and the corpus is replayed by the tests.
     cmd::run(cargo().args(["fmt", "--manifest-path", "fuzz/Cargo.toml", "--check"]))?;
+    // So is the TLS provider measurement (it builds aws-lc, which the agent does not use).
+    cmd::run(cargo().args(["fmt", "--manifest-path", TLS_BENCH, "--check"]))?;
 
     step("lint: clippy -D warnings on the host crates");
     cmd::run(cargo().args([
         "clippy",
         "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+
+    step("lint: clippy -D warnings on the TLS provider measurement (bench/tls-providers)");
+    cmd::run(cargo().args([
+        "clippy",
+        "--manifest-path",
+        TLS_BENCH,
         "--all-targets",
         "--",
         "-D",
@@ -138,8 +151,21 @@ pub fn demo(args: &[String]) -> anyhow::Result<()> {
     run_tool(&bin("debug", "latch-demo"), args, false)
 }
 
+/// The TLS provider measurement: a workspace of its own (`cargo xtask bench tls`).
+const TLS_BENCH: &str = "bench/tls-providers/Cargo.toml";
+
 pub fn bench(what: &str, args: &[String]) -> anyhow::Result<()> {
     setup::toolchain()?;
+    if what == "tls" {
+        step("bench: tls (ring against aws-lc-rs, with and without post-quantum key exchange)");
+        return cmd::run(
+            cargo()
+                .args(["run", "--release", "--manifest-path", TLS_BENCH, "--"])
+                .args(args)
+                .current_dir(root())
+                .env("LATCH_BENCH_OUT", root().join("target").join("bench")),
+        );
+    }
     setup::kernel()?;
     build_binaries(true)?;
     step(&format!("bench: {what}"));
