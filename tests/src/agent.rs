@@ -26,6 +26,8 @@ pub struct AgentOptions {
     pub verdict_ttl: String,
     /// `dataplane.busyPoll`; `None` leaves the agent's default.
     pub busy_poll: Option<String>,
+    /// `dataplane.busyPollAdaptive`; `None` leaves the agent's default.
+    pub busy_poll_adaptive: Option<bool>,
     /// Lifetime of the SVIDs the node's agent mints from the cluster's development CA.
     pub cert_ttl: String,
     /// Mint from this development CA (a `latch ca init` directory) instead of the cluster's.
@@ -48,6 +50,7 @@ impl Default for AgentOptions {
             dataplane_mode: "fastpath".into(),
             verdict_ttl: "5m".into(),
             busy_poll: None,
+            busy_poll_adaptive: None,
             cert_ttl: "1h".into(),
             ca_dir: None,
             cert_files: None,

@@ -507,8 +507,12 @@ impl Cluster {
             .as_ref()
             .map(|d| format!(", busyPoll: {d}"))
             .unwrap_or_default();
+        let adaptive = options
+            .busy_poll_adaptive
+            .map(|a| format!(", busyPollAdaptive: {a}"))
+            .unwrap_or_default();
         y.push_str(&format!(
-            "dataplane: {{ mode: {}, verdictTtl: {}{busy_poll} }}\n",
+            "dataplane: {{ mode: {}, verdictTtl: {}{busy_poll}{adaptive} }}\n",
             options.dataplane_mode, options.verdict_ttl
         ));
         y.push_str(&format!(

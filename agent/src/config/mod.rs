@@ -123,6 +123,10 @@ pub struct Dataplane {
         serialize_with = "fields::serialize_duration"
     )]
     pub busy_poll: Duration,
+    /// Start busy-poll windows only while they pay (most recent idle stretches of the worker
+    /// ended within the window); `false` polls after every activity.
+    #[serde(default = "defaults::busy_poll_adaptive")]
+    pub busy_poll_adaptive: bool,
 }
 
 impl Default for Dataplane {
@@ -132,6 +136,7 @@ impl Default for Dataplane {
             verdict_ttl: defaults::verdict_ttl(),
             worker_threads: defaults::worker_threads(),
             busy_poll: defaults::busy_poll(),
+            busy_poll_adaptive: defaults::busy_poll_adaptive(),
         }
     }
 }
@@ -307,6 +312,9 @@ mod defaults {
     }
     pub fn busy_poll() -> Duration {
         Duration::from_micros(500)
+    }
+    pub fn busy_poll_adaptive() -> bool {
+        true
     }
     pub fn handshake_timeout() -> Duration {
         Duration::from_secs(10)

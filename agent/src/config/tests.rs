@@ -155,6 +155,17 @@ fn busy_poll_and_workers() {
     .expect("valid");
     assert_eq!(c.dataplane.busy_poll, Duration::ZERO, "zero turns it off");
     assert_eq!(c.dataplane.worker_threads, 4);
+    assert!(c.dataplane.busy_poll_adaptive, "adaptive by default");
+    let c = parse(&format!(
+        "{MINIMAL}dataplane: {{ busyPollAdaptive: false }}\n"
+    ))
+    .expect("valid");
+    assert!(!c.dataplane.busy_poll_adaptive);
+    expect_error(
+        &format!("{MINIMAL}dataplane: {{ busyPollAdaptive: sometimes }}\n"),
+        5,
+        "dataplane.busyPollAdaptive",
+    );
     let msg = expect_error(
         &format!("{MINIMAL}dataplane: {{ busyPoll: 50ms }}\n"),
         5,

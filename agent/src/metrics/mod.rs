@@ -80,6 +80,9 @@ pub struct ScrapeSnapshot {
     pub cert_expiry: Vec<(String, f64)>,
     /// Seconds the worker has spent busy polling (`dataplane.busyPoll`).
     pub busy_poll_seconds: f64,
+    /// The worker's idle stretches that ended within the busy-poll window, and those that
+    /// outlasted it (what `dataplane.busyPollAdaptive` decides by).
+    pub busy_poll_stretches: (u64, u64),
     /// Workloads of the config the agent could not serve.
     pub failed_workloads: u64,
     /// Kubernetes mode: whether a watch of the API server is failing now (`None` in local mode).
@@ -277,6 +280,18 @@ impl Collector for ScrapeCollector {
             None,
             polled.metric_type(),
         )?)?;
+        let mut stretches = encoder.encode_descriptor(
+            "latch_busy_poll_idle_stretches",
+            "Idle stretches of the agent's worker, by whether the next data-path activity came \
+             within the busy-poll window (polling would catch it) or after it; windows start \
+             only while most recent ones came within (dataplane.busyPollAdaptive).",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        let (within, after) = snapshot.busy_poll_stretches;
+        for (ended, count) in [("within_window", within), ("after_window", after)] {
+            ConstCounter::new(count).encode(stretches.encode_family(&[("ended", ended)])?)?;
+        }
         let failed = ConstGauge::new(snapshot.failed_workloads as i64);
         failed.encode(encoder.encode_descriptor(
             "latch_workloads_failed",

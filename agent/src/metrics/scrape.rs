@@ -39,6 +39,7 @@ pub fn agent_source(
             cache_entries,
             cert_expiry,
             busy_poll_seconds: busy_poll::busy().as_secs_f64(),
+            busy_poll_stretches: busy_poll::stretches(),
             failed_workloads: published.failed_workloads() as u64,
             api_failing: published.has_source().then_some(api_failing),
             refused_policies: refused_policies as u64,

@@ -136,6 +136,7 @@ fn scrape_source_values_are_read_at_each_scrape() {
             cache_entries: 7,
             cert_expiry: vec![(FRONTEND.into(), 1800.5)],
             busy_poll_seconds: 0.25,
+            busy_poll_stretches: (40, 2),
             failed_workloads: 2,
             api_failing: Some(true),
             refused_policies: 3,
@@ -155,6 +156,14 @@ fn scrape_source_values_are_read_at_each_scrape() {
     assert_eq!(second["latch_verdict_cache_entries"], 7.0);
     assert_eq!(second["latch_workloads_failed"], 2.0);
     assert_eq!(second["latch_busy_poll_seconds_total"], 0.25);
+    assert_eq!(
+        second["latch_busy_poll_idle_stretches_total{ended=\"within_window\"}"],
+        40.0
+    );
+    assert_eq!(
+        second["latch_busy_poll_idle_stretches_total{ended=\"after_window\"}"],
+        2.0
+    );
     assert_eq!(
         second[&format!("latch_certificate_expiry_seconds{{identity=\"{FRONTEND}\"}}")],
         1800.5

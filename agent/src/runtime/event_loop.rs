@@ -38,7 +38,10 @@ use crate::{
 /// Start the agent on the desired state `source` makes of `config` (the node config read at
 /// start-up), then serve until SIGTERM/SIGINT. Programs and maps stay pinned when it returns.
 pub async fn run<S: Source>(mut source: S, config: Config) -> anyhow::Result<()> {
-    busy_poll::install(config.dataplane.busy_poll);
+    busy_poll::install(
+        config.dataplane.busy_poll,
+        config.dataplane.busy_poll_adaptive,
+    );
     let origin = source.origin().to_owned();
     // Everything that depends on the outside world is checked before the kernel is touched, so
     // a bad config at start-up leaves nothing attached.

@@ -42,6 +42,8 @@ pub fn block_on<F: std::future::Future>(
 ) -> anyhow::Result<F::Output> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(worker_threads)
+        // The busy poller learns from the worker's idle stretches whether polling pays.
+        .on_thread_park(crate::scheduling::busy_poll::worker_idle)
         .enable_all()
         .build()
         .context("starting the tokio runtime")?

@@ -180,7 +180,10 @@ fn reconcile(
         &desired.registry,
         &agent.pods,
     );
-    busy_poll::install(desired.config.dataplane.busy_poll);
+    busy_poll::install(
+        desired.config.dataplane.busy_poll,
+        desired.config.dataplane.busy_poll_adaptive,
+    );
     agent.state.replace(desired);
     Ok(commit(agent, prepared))
 }

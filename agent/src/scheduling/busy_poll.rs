@@ -1,6 +1,14 @@
 //! Busy polling after data-path activity (`dataplane.busyPoll`): for a window after each event
 //! ([`activity`], or bytes moved on a [`Traffic`] socket) the runtime's worker keeps polling for
-//! I/O instead of sleeping, so the answer it waits for is picked up without a wake-up. Why, and
+//! I/O instead of sleeping, so the answer it waits for is picked up without a wake-up.
+//!
+//! Only while it pays: the poller learns how the worker's idle stretches end. An idle stretch
+//! starts when the worker runs out of work (it parks, [`worker_idle`], or a polling round passes
+//! with no activity) and ends at the next activity; it pays when it ends within the window, where
+//! polling would have caught the event instead of a wake-up. Windows start only while most recent
+//! stretches paid ([`PAYS`]): a closed loop of requests, each answered and the next sent within
+//! the window, keeps the worker polling; a request every millisecond, whose idle gap outlasts the
+//! window, does not, since there each window would end empty and cost its whole length. Why, and
 //! what it costs: `docs/config.md` (`busyPoll`); the measurements: `docs/benchmarks.md`.
 
 use std::{
@@ -8,7 +16,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, OnceLock,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
     },
     task::{Context, Poll},
     time::{Duration, Instant},
@@ -33,7 +41,32 @@ pub struct BusyPoll {
     rounds: AtomicU64,
     /// Nanoseconds spent kept busy, over finished windows.
     busy: AtomicU64,
+    /// Nanoseconds after `epoch` at which the worker ran out of work; 0 while it has work.
+    idle_since: AtomicU64,
+    /// Of the recent idle stretches, the share (in [`ONE`]ths, a moving average over about
+    /// [`MEMORY`] stretches) that ended within the window.
+    payoff: AtomicU32,
+    /// Start windows only while they pay; otherwise after every activity.
+    adaptive: AtomicBool,
+    /// Idle stretches that ended within the window, and those that outlasted it.
+    paid: AtomicU64,
+    unpaid: AtomicU64,
 }
+
+/// The unit of [`BusyPoll::payoff`]: every stretch paid.
+const ONE: u32 = 1024;
+
+/// Windows start while at least this share of recent idle stretches (in [`ONE`]ths) ended within
+/// the window: seven in eight. A closed loop of connections or requests pays nearly always. At one
+/// request per millisecond on a connection, half the stretches (the wait for the answer) pay and
+/// half (the wait for the next request) do not; at a thousand new connections per second about
+/// four in five pay (the waits within a connection), and each that does not costs a whole window
+/// of polling, more than the wake-ups the others save (`docs/benchmarks.md`, load).
+pub const PAYS: u32 = ONE * 7 / 8;
+
+/// The moving average's memory, in idle stretches: two stretches over the window in a row after
+/// a run that paid leave polling on, three turn it off, and about six that pay turn it back on.
+const MEMORY: u32 = 16;
 
 impl BusyPoll {
     pub fn new(window: Duration) -> Arc<Self> {
@@ -45,6 +78,11 @@ impl BusyPoll {
             wake: Notify::new(),
             rounds: AtomicU64::new(0),
             busy: AtomicU64::new(0),
+            idle_since: AtomicU64::new(0),
+            payoff: AtomicU32::new(ONE),
+            adaptive: AtomicBool::new(true),
+            paid: AtomicU64::new(0),
+            unpaid: AtomicU64::new(0),
         })
     }
 
@@ -53,16 +91,64 @@ impl BusyPoll {
         self.window.store(nanos(window), Ordering::Relaxed);
     }
 
-    /// The data path just handled an event: keep polling for the next one for a window.
+    /// The data path just handled an event: keep polling for the next one for a window, if
+    /// polling has been paying.
     pub fn activity(&self) {
         let window = self.window.load(Ordering::Relaxed);
         if window == 0 {
             return;
         }
-        self.until.store(self.now() + window, Ordering::Relaxed);
+        let now = self.now();
+        if self.idle_since.load(Ordering::Relaxed) != 0 {
+            let since = self.idle_since.swap(0, Ordering::Relaxed);
+            if since != 0 {
+                self.learn(now.saturating_sub(since) < window);
+            }
+        }
+        if !self.pays() {
+            return;
+        }
+        self.until.store(now + window, Ordering::Relaxed);
         if self.parked.load(Ordering::Relaxed) && self.parked.swap(false, Ordering::AcqRel) {
             self.wake.notify_one();
         }
+    }
+
+    /// The worker ran out of work: an idle stretch starts (unless one already has).
+    pub fn idle(&self) {
+        let _ = self.idle_since.compare_exchange(
+            0,
+            self.now().max(1),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// An idle stretch ended, within the window (`paid`) or not.
+    fn learn(&self, paid: bool) {
+        let payoff = self.payoff.load(Ordering::Relaxed);
+        let next = payoff - payoff / MEMORY + if paid { ONE / MEMORY } else { 0 };
+        self.payoff.store(next, Ordering::Relaxed);
+        let counter = if paid { &self.paid } else { &self.unpaid };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether to start windows only while they pay (the default), or after every activity.
+    pub fn set_adaptive(&self, adaptive: bool) {
+        self.adaptive.store(adaptive, Ordering::Relaxed);
+    }
+
+    /// Whether windows start: recent idle stretches say polling pays, or it is not adaptive.
+    pub fn pays(&self) -> bool {
+        !self.adaptive.load(Ordering::Relaxed) || self.payoff.load(Ordering::Relaxed) >= PAYS
+    }
+
+    /// Idle stretches so far that ended within the window, and those that outlasted it.
+    pub fn stretches(&self) -> (u64, u64) {
+        (
+            self.paid.load(Ordering::Relaxed),
+            self.unpaid.load(Ordering::Relaxed),
+        )
     }
 
     /// Whether the worker is being kept polling right now.
@@ -91,13 +177,24 @@ impl BusyPoll {
                 self.parked.store(false, Ordering::Release);
             }
             let started = self.now();
-            while self.now() < self.until.load(Ordering::Relaxed) {
+            // The window's end when last seen: unchanged over a whole round means that round
+            // (every task that was ready, then a poll for I/O) brought no activity.
+            let mut seen = self.until.load(Ordering::Relaxed);
+            loop {
                 // Let any other thread that is ready run on this CPU, then hand the worker back
                 // to the runtime: with a yielded task it polls for I/O with a zero timeout and
                 // runs whatever became ready before coming back here.
                 std::thread::yield_now();
                 tokio::task::yield_now().await;
                 self.rounds.fetch_add(1, Ordering::Relaxed);
+                let until = self.until.load(Ordering::Relaxed);
+                if self.now() >= until {
+                    break;
+                }
+                if until == seen {
+                    self.idle();
+                }
+                seen = until;
             }
             self.busy
                 .fetch_add(self.now().saturating_sub(started), Ordering::Relaxed);
@@ -123,25 +220,38 @@ fn nanos(d: Duration) -> u64 {
 static AGENT: OnceLock<Arc<BusyPoll>> = OnceLock::new();
 
 /// Start the agent's poller on the current runtime (the first call only; later calls change the
-/// window).
-pub fn install(window: Duration) {
+/// window and whether it adapts).
+pub fn install(window: Duration, adaptive: bool) {
     let mut created = None;
     let poller = AGENT.get_or_init(|| {
         let poller = BusyPoll::new(window);
         created = Some(poller.clone());
         poller
     });
-    match created {
-        Some(poller) => {
-            tokio::spawn(poller.run());
-        }
-        None => poller.set_window(window),
+    poller.set_window(window);
+    poller.set_adaptive(adaptive);
+    if let Some(poller) = created {
+        tokio::spawn(poller.run());
     }
 }
 
 /// Time the agent's worker spent busy polling so far (for `latch_busy_poll_seconds_total`).
 pub fn busy() -> Duration {
     AGENT.get().map_or(Duration::ZERO, |poller| poller.busy())
+}
+
+/// The runtime's worker is about to sleep for want of work (the runtime's `on_thread_park`
+/// hook): an idle stretch starts for the agent's poller.
+pub fn worker_idle() {
+    if let Some(poller) = AGENT.get() {
+        poller.idle();
+    }
+}
+
+/// Idle stretches of the agent's worker that ended within the window and those that outlasted
+/// it (for `latch_busy_poll_idle_stretches_total`).
+pub fn stretches() -> (u64, u64) {
+    AGENT.get().map_or((0, 0), |poller| poller.stretches())
 }
 
 /// Note data-path activity for the agent's poller (nothing before [`install`]).
@@ -335,5 +445,71 @@ mod tests {
         assert!(!poller.is_polling());
         tokio::task::yield_now().await;
         assert_eq!(poller.rounds(), rounds);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn windows_stop_once_idle_stretches_outlast_them_and_start_again_when_they_pay() {
+        let poller = BusyPoll::new(LONG);
+        assert!(poller.pays(), "a new poller polls");
+        // Idle stretches longer than the window: the wait for the next request at a low rate.
+        for _ in 0..3 {
+            poller.learn(false);
+        }
+        assert!(
+            !poller.pays(),
+            "three unpaid stretches in a row stop polling"
+        );
+        poller.activity();
+        assert!(
+            !poller.is_polling(),
+            "no window starts while polling does not pay"
+        );
+
+        // Stretches that end within the window, as the worker parks and wakes (the runtime's
+        // `on_thread_park` hook calls `idle`): every one is learned, with or without polling.
+        let mut stretches = 0;
+        while !poller.pays() {
+            poller.idle();
+            poller.activity();
+            stretches += 1;
+            assert!(
+                stretches < 16,
+                "paid stretches never turned polling back on"
+            );
+        }
+        assert_eq!(poller.stretches(), (stretches, 3));
+        poller.activity();
+        assert!(poller.is_polling(), "polling pays again: windows start");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_polling_round_without_activity_starts_an_idle_stretch() {
+        let poller = BusyPoll::new(LONG);
+        tokio::spawn(poller.clone().run());
+        poller.activity();
+        until(Duration::from_secs(5), || {
+            poller.idle_since.load(Ordering::Relaxed) != 0
+        })
+        .await;
+        assert_eq!(poller.stretches(), (0, 0));
+        poller.activity();
+        assert_eq!(
+            poller.stretches(),
+            (1, 0),
+            "caught within the window: it paid"
+        );
+        assert_eq!(poller.idle_since.load(Ordering::Relaxed), 0);
+        poller.run_out();
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn without_adapting_every_activity_starts_a_window() {
+        let poller = BusyPoll::new(LONG);
+        poller.set_adaptive(false);
+        for _ in 0..MEMORY * 2 {
+            poller.learn(false);
+        }
+        poller.activity();
+        assert!(poller.is_polling());
     }
 }
