@@ -1,5 +1,7 @@
 //! Servers inside pods: accept on `[::]:port` (IPv4 and IPv6) and remember every peer address.
-//! The echo server reads until the client half-closes and answers with what was read; the HTTP
+//! The echo server reads until the client half-closes and answers with what was read (the
+//! streaming echo server answers each read as it comes, for request after request on one
+//! connection); the HTTP
 //! server answers one HTTP/1.1 request per connection with `200` and a body of the request's
 //! method and request target (`POST /v1/pay`), and keeps every request head it read, so a test
 //! sees which requests reached the application and how.
@@ -55,6 +57,17 @@ fn echo(mut stream: std::net::TcpStream, _: &Heads) {
     }
 }
 
+/// Write back whatever arrives, as it arrives, until the client half-closes.
+fn stream_echo(mut stream: std::net::TcpStream, _: &Heads) {
+    let _ = stream.set_nodelay(true);
+    let mut chunk = [0u8; 16 * 1024];
+    while let Ok(n @ 1..) = stream.read(&mut chunk) {
+        if stream.write_all(&chunk[..n]).is_err() {
+            return;
+        }
+    }
+}
+
 /// One HTTP/1.1 request (head, and a body of `Content-Length` bytes), answered and closed.
 fn http(mut stream: std::net::TcpStream, heads: &Heads) {
     let mut buf = Vec::new();
@@ -102,6 +115,11 @@ impl EchoServer {
     /// An echo server.
     pub fn start(netns_path: &Path, port: u16) -> anyhow::Result<Self> {
         Self::start_with(netns_path, port, echo)
+    }
+
+    /// An echo server that answers each read as it comes (described above).
+    pub fn start_streaming(netns_path: &Path, port: u16) -> anyhow::Result<Self> {
+        Self::start_with(netns_path, port, stream_echo)
     }
 
     /// The HTTP server described above.

@@ -20,7 +20,14 @@
 //! - `latch-probe throughput --to IP:PORT --streams S --mb M`: S connections at once, each
 //!   sending M MiB and reading the echo; prints one JSON line with the bytes moved (both
 //!   directions) and the seconds it took.
+//! - `latch-probe load --to IP:PORT --rate R [--conns C] [--secs S] [--bytes B] [--fresh]`: an
+//!   open-loop load of R requests per second for S seconds, each B bytes and their echo, over C
+//!   persistent connections or one fresh connection each; prints one JSON line with what was
+//!   due, completed and failed, and latency percentiles from when each request was due ([`load`]).
 //! - `latch-probe cgroup`: prints this process's cgroup.
+
+#[path = "latch-probe/load.rs"]
+mod load;
 
 use std::{
     io::{Read, Write},
@@ -340,6 +347,22 @@ fn main() {
             println!("{}", rate(to(), count));
         }
         Some("pipe") => println!("{}", pipe(to())),
+        Some("load") => {
+            let number = |name: &str, default: f64| {
+                arg(&args, name)
+                    .and_then(|s| s.parse::<f64>().ok())
+                    .unwrap_or(default)
+            };
+            let load = load::Load {
+                to: to(),
+                rate: number("--rate", 1000.0),
+                conns: number("--conns", 1.0) as usize,
+                secs: number("--secs", 10.0),
+                bytes: number("--bytes", 1024.0) as usize,
+                fresh: args.iter().any(|a| a == "--fresh"),
+            };
+            println!("{}", load::run(&load));
+        }
         Some("throughput") => {
             let streams = arg(&args, "--streams")
                 .and_then(|s| s.parse().ok())

@@ -20,6 +20,7 @@ use latch_tests::AgentOptions;
 
 use crate::{
     pair::Pair,
+    procstat::cpu_ns,
     reference::{Reference, Via},
     report,
     stats::Tally,
@@ -75,20 +76,6 @@ struct Compared {
     cpu_ns: [u64; 2],
     /// Whole verdict-map reads made through the debug socket during its turns.
     debug_reads: usize,
-}
-
-/// CPU time used so far by all threads of process `pid`, in nanoseconds (the first field of
-/// each thread's `schedstat`, kept by the scheduler itself rather than sampled at ticks); 0 if
-/// it cannot be read.
-fn cpu_ns(pid: u32) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    tasks
-        .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .sum()
 }
 
 /// Put `n` verdicts in the source node's verdict map that match no real pair: they only make a

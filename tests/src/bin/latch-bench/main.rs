@@ -2,9 +2,10 @@
 //! markdown tables and writes JSON under `$LATCH_BENCH_OUT` (default `target/bench/`); how a
 //! phase is compared with no agents, and the figures, are in `docs/benchmarks.md`.
 //!
-//! One module per suite ([`datapath`], [`tunnel`], [`policy`], [`compare`]) over shared parts:
-//! [`pair`] (the measured topology and its phases with agents), [`reference`] (the no-agent
-//! cluster and measuring in turns with it), [`probe`], [`stats`] and [`report`].
+//! One module per suite ([`datapath`], [`tunnel`], [`load`], [`policy`], [`compare`]) over shared
+//! parts: [`pair`] (the measured topology and its phases with agents), [`reference`] (the
+//! no-agent cluster and measuring in turns with it), [`probe`], [`procstat`], [`stats`] and
+//! [`report`].
 
 use clap::{Parser, Subcommand};
 
@@ -13,9 +14,11 @@ mod compare;
 mod cpus;
 mod datapath;
 mod handoff;
+mod load;
 mod pair;
 mod policy;
 mod probe;
+mod procstat;
 mod reference;
 mod report;
 mod stats;
@@ -47,6 +50,16 @@ enum Suite {
         #[arg(long, default_value_t = 5000)]
         count: usize,
     },
+    /// What the agents cost at a steady open-loop load: latency percentiles and each agent's CPU
+    /// per 1,000 requests per second, with no agents, the fast path and the tunnel.
+    Load {
+        /// Rounds of every setup in turn.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Seconds per persistent-connection run (fresh-connection runs take half).
+        #[arg(long, default_value_t = 10.0)]
+        secs: f64,
+    },
     /// The policy engine's decision cost and the revocation sweep, in-process.
     Policy,
     /// Agent builds or settings side by side: the pooled connection's latency and the agents'
@@ -76,6 +89,7 @@ fn main() -> anyhow::Result<()> {
     match cli.suite {
         Suite::Datapath { count } => datapath::run(count, &out_dir),
         Suite::Tunnel { count } => tunnel::run(count, &out_dir),
+        Suite::Load { rounds, secs } => load::run(rounds, secs, &out_dir),
         Suite::Policy => policy::run(&out_dir),
         Suite::Compare {
             turns,

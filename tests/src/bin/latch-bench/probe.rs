@@ -76,3 +76,41 @@ pub fn throughput(
     }
     Ok(v["bytes"].as_f64().unwrap_or(0.0) / v["total_s"].as_f64().unwrap_or(1.0))
 }
+
+/// What `latch-probe load` measured (latencies in microseconds, from when each request was due).
+#[derive(Deserialize, serde::Serialize, Clone)]
+pub struct Load {
+    pub due: usize,
+    pub completed: usize,
+    pub failures: usize,
+    pub rate: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub max_us: f64,
+}
+
+/// An open-loop load from `client` to `to`: `rate` requests of `bytes` bytes per second for
+/// `secs` seconds, over `conns` persistent connections, or a fresh connection each if `conns` is
+/// `None`.
+pub fn load(
+    cluster: &Cluster,
+    client: PodId,
+    to: &str,
+    rate: u32,
+    conns: Option<usize>,
+    secs: f64,
+    bytes: usize,
+) -> anyhow::Result<Load> {
+    let (rate, secs, bytes) = (rate.to_string(), secs.to_string(), bytes.to_string());
+    let conns = conns.map(|c| c.to_string());
+    let mut args = vec![
+        "load", "--to", to, "--rate", &rate, "--secs", &secs, "--bytes", &bytes,
+    ];
+    match &conns {
+        Some(conns) => args.extend(["--conns", conns]),
+        None => args.push("--fresh"),
+    }
+    let v = probe_json(cluster, client, &args)?;
+    serde_json::from_value(v).context("parsing latch-probe load output")
+}

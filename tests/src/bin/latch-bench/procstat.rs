@@ -1,0 +1,29 @@
+//! What a process has used, read from `/proc`: CPU time ([`cpu_ns`]) and resident memory
+//! ([`rss_kib`]).
+
+/// CPU time used so far by all threads of process `pid`, in nanoseconds (the first field of
+/// each thread's `schedstat`, kept by the scheduler itself rather than sampled at ticks); 0 if
+/// it cannot be read.
+pub fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Process `pid`'s resident memory (`VmRSS`) in KiB; 0 if it cannot be read.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmRSS:"))
+                .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
