@@ -139,7 +139,7 @@ pub fn run(workloads: &[usize], connections: usize, out_dir: &Path) -> anyhow::R
          node 2); read {}s after the agent is settled",
         SETTLE.as_secs()
     );
-    raise_nofile(2 * connections as u64 + 4096)?;
+    raise_nofile(connections as u64 + 4096, connections as u64 + 512)?;
     let idle = workloads
         .iter()
         .map(|&n| {
@@ -169,15 +169,30 @@ pub fn run(workloads: &[usize], connections: usize, out_dir: &Path) -> anyhow::R
 }
 
 /// Let this process (the echo server holds every connection's far end) and the agents it starts
-/// (they inherit it) have `need` descriptors; root may raise the hard limit too.
-fn raise_nofile(need: u64) -> anyhow::Result<()> {
+/// (they inherit it; each holds one descriptor per connection, the destination's to the echo
+/// server and the source's from the client) have `need` descriptors: the soft limit is raised to
+/// it, and the hard one too where that is permitted (`CAP_SYS_RESOURCE`); short of it, to the
+/// hard limit if that still leaves `least`.
+fn raise_nofile(need: u64, least: u64) -> anyhow::Result<()> {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).context("reading RLIMIT_NOFILE")?;
-    if soft < need {
-        setrlimit(Resource::RLIMIT_NOFILE, need, hard.max(need)).with_context(|| {
-            format!("raising RLIMIT_NOFILE from {soft} (hard {hard}) to {need}")
-        })?;
-        println!("RLIMIT_NOFILE raised from {soft} to {need} (the agents inherit it)");
+    if soft >= need {
+        return Ok(());
+    }
+    let to = if setrlimit(Resource::RLIMIT_NOFILE, need, hard.max(need)).is_ok() {
+        need
+    } else if hard >= least {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+            .with_context(|| format!("raising RLIMIT_NOFILE from {soft} to {hard}"))?;
+        hard
+    } else {
+        bail!(
+            "RLIMIT_NOFILE is {soft} (hard {hard}) and may not be raised: {least} descriptors \
+             are needed per process (echo server, agents, client)"
+        );
+    };
+    if to != soft {
+        println!("RLIMIT_NOFILE raised from {soft} to {to} (the agents inherit it)");
     }
     Ok(())
 }
