@@ -47,8 +47,47 @@ pub struct Memory {
     pub anon_mb: f64,
     /// File-backed memory of the RSS (the binary's pages, mostly): `Rss - Anonymous`.
     pub file_mb: f64,
+    /// Of the anonymous memory: the main thread's heap (`[heap]`, glibc's main arena).
+    pub heap_mb: f64,
+    /// Of the anonymous memory: thread stacks (the 2 MiB read-write mappings Rust's threads get).
+    pub stacks_mb: f64,
+    /// Of the anonymous memory: the rest (the other threads' malloc arenas, tokio's workers'
+    /// among them, and large allocations, which glibc maps on their own).
+    pub other_anon_mb: f64,
     pub threads: u64,
     pub fds: usize,
+}
+
+/// The resident anonymous kB of `smaps` by kind: `[heap]`, thread stacks, the rest.
+fn anon_by_kind(smaps: &str) -> [u64; 3] {
+    const STACK_KB: u64 = 2048;
+    let mut kinds = [0u64; 3];
+    // Which kind the mapping whose fields follow is, if anonymous.
+    let mut current: Option<usize> = None;
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or_default();
+        if first.contains('-') && !first.ends_with(':') {
+            // A mapping's header: range, permissions, offset, device, inode, [path].
+            let perms = words.next().unwrap_or_default();
+            let path = words.nth(3).unwrap_or_default();
+            current = match path {
+                "[heap]" => Some(0),
+                "" if perms.starts_with("rw") => Some(2),
+                _ => None,
+            };
+        } else if first == "Size:" {
+            let size: u64 = words.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            if current == Some(2) && size == STACK_KB {
+                current = Some(1);
+            }
+        } else if first == "Anonymous:"
+            && let Some(kind) = current
+        {
+            kinds[kind] += words.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        }
+    }
+    kinds
 }
 
 /// `kB` figures of `/proc/PID/{status,smaps_rollup}` lines named `key`.
@@ -70,13 +109,19 @@ pub fn read(pid: u32) -> anyhow::Result<Memory> {
         .with_context(|| format!("reading /proc/{pid}/status"))?;
     let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
         .with_context(|| format!("reading /proc/{pid}/smaps_rollup"))?;
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .with_context(|| format!("reading /proc/{pid}/smaps"))?;
     let rss = kb(&status, "VmRSS")?;
     let anon = kb(&rollup, "Anonymous")?;
+    let [heap, stacks, other] = anon_by_kind(&smaps);
     Ok(Memory {
         rss_mb: mb(rss),
         hwm_mb: mb(kb(&status, "VmHWM")?),
         anon_mb: mb(anon),
         file_mb: mb(rss.saturating_sub(anon)),
+        heap_mb: mb(heap),
+        stacks_mb: mb(stacks),
+        other_anon_mb: mb(other),
         threads: kb(&status, "Threads")?,
         fds: std::fs::read_dir(format!("/proc/{pid}/fd"))
             .with_context(|| format!("reading /proc/{pid}/fd"))?
@@ -348,12 +393,22 @@ fn read_agent(cluster: &Cluster, node: NodeId) -> anyhow::Result<Memory> {
 }
 
 fn print(idle: &[Idle], held: &Connections) {
-    println!("\n| agent | RSS MB | VmHWM MB | anon MB | file MB | threads | fds |");
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "\n| agent | RSS MB | VmHWM MB | anon MB | (main heap | stacks | other anon) | file MB | threads | fds |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let row = |label: String, m: &Memory| {
         println!(
-            "| {label} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} |",
-            m.rss_mb, m.hwm_mb, m.anon_mb, m.file_mb, m.threads, m.fds
+            "| {label} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} |",
+            m.rss_mb,
+            m.hwm_mb,
+            m.anon_mb,
+            m.heap_mb,
+            m.stacks_mb,
+            m.other_anon_mb,
+            m.file_mb,
+            m.threads,
+            m.fds
         );
     };
     for i in idle {
