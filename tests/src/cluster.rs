@@ -400,7 +400,7 @@ impl Cluster {
                     &[
                         "route",
                         "add",
-                        &format!("10.244.{}.0/24", j + 32 * block - 32),
+                        &format!("10.244.{}.0/24", j + 32 * block),
                         "via",
                         &format!("10.244.0.{j}"),
                     ],
@@ -1013,5 +1013,25 @@ pub fn eventually(timeout: std::time::Duration, mut cond: impl FnMut() -> bool) 
             return false;
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pods_beyond_a_nodes_first_block_take_its_further_blocks() {
+        let ip = |node, slot| pod_ipv4(node, slot).map(|a| a.to_string()).ok();
+        assert_eq!(ip(1, 2).as_deref(), Some("10.244.1.2"));
+        assert_eq!(ip(2, 254).as_deref(), Some("10.244.2.254"));
+        assert_eq!(ip(1, 255).as_deref(), Some("10.244.33.2"));
+        assert_eq!(ip(1, 1001).as_deref(), Some("10.244.97.242"));
+        assert_eq!(
+            ip(31, MAX_PODS_PER_NODE + 1).as_deref(),
+            Some("10.244.255.254")
+        );
+        assert_eq!(ip(1, MAX_PODS_PER_NODE + 2), None);
+        assert_eq!(ip(32, 255), None);
     }
 }
