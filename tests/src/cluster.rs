@@ -6,6 +6,11 @@
 //! - pod `j` (from 0) on node `i`: `10.244.i.(j+2)`, `fd00:10:244:i::(j+2)`, reached in one of
 //!   two ways ([`Topology`]): on the node's bridge (`/24`, `/64`, gateway `.1`), or routed, each
 //!   pod on a veth of its own with `/32` and `/128` routes on the node and no bridge.
+//!
+//! A node's `/24` holds 253 pods; the next ones (up to [`MAX_PODS_PER_NODE`], for benchmarks
+//! with many workloads) take their IPv4 addresses from further `/24`s of the node,
+//! `10.244.(i + 32k).0/24` for k = 1 to 7 ([`pod_ipv4`]): on a bridged node the bridge holds
+//! each block's gateway `.1` as well, and every other node routes each block to the node.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -388,6 +393,19 @@ impl Cluster {
                     &format!("fd00:10:244::{index}"),
                 ],
             )?;
+            // The other node's further blocks of pods, if it has that many.
+            for block in 1..other.pods.len().div_ceil(POD_BLOCK) {
+                netns::ip(
+                    ns,
+                    &[
+                        "route",
+                        "add",
+                        &format!("10.244.{}.0/24", j + 32 * block),
+                        "via",
+                        &format!("10.244.0.{j}"),
+                    ],
+                )?;
+            }
         }
         let cgroup_root = self.cgroup_base.join(format!("node{index}"));
         std::fs::create_dir_all(&cgroup_root)
@@ -434,8 +452,31 @@ impl Cluster {
                 "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &name,
             ],
         )?;
-        let ipv4 = Ipv4Addr::new(10, 244, index as u8, slot as u8);
+        let ipv4 = pod_ipv4(index, slot)?;
         let ipv6: Ipv6Addr = format!("fd00:10:244:{index}::{slot:x}").parse()?;
+        let block = ipv4.octets()[2];
+        if ipv4.octets()[3] == 2 && usize::from(block) != index {
+            // The first pod of a further block: its gateway on the bridge, and a route to it on
+            // every other node.
+            if topology == Topology::Bridged {
+                netns::ip(
+                    &node_ns,
+                    &["addr", "add", &format!("10.244.{block}.1/24"), "dev", "br0"],
+                )?;
+            }
+            for other in self.nodes.iter().filter(|o| o.index != index) {
+                netns::ip(
+                    &other.netns_name,
+                    &[
+                        "route",
+                        "add",
+                        &format!("10.244.{block}.0/24"),
+                        "via",
+                        &format!("10.244.0.{index}"),
+                    ],
+                )?;
+            }
+        }
         match topology {
             Topology::Bridged => {
                 netns::ip(&node_ns, &["link", "set", &host_if, "master", "br0", "up"])?;
@@ -773,13 +814,44 @@ impl Drop for Cluster {
     }
 }
 
-/// A pod on its node's bridge: `/24` and `/64` on the shared link, the bridge as its gateway.
+/// Pods in one `/24` of a node.
+const POD_BLOCK: usize = 253;
+
+/// The further `/24` blocks a node's pods may take after its own (block 0).
+const OVERFLOW_BLOCKS: std::ops::RangeInclusive<usize> = 1..=7;
+
+/// Most pods on one node: eight blocks of [`POD_BLOCK`].
+pub const MAX_PODS_PER_NODE: usize = POD_BLOCK * 8;
+
+/// The IPv4 address of the pod in `slot` (from 2) on node `node`: `10.244.node.slot` for the
+/// first 253, then `10.244.(node + 32k).x` in the k-th further block (nodes 1 to 31 only, of a
+/// cluster of at most 32 nodes, whose own blocks these would otherwise be).
+pub fn pod_ipv4(node: usize, slot: usize) -> anyhow::Result<Ipv4Addr> {
+    let (block, host) = ((slot - 2) / POD_BLOCK, (slot - 2) % POD_BLOCK + 2);
+    if block > *OVERFLOW_BLOCKS.end() || (block > 0 && node > 31) || node > 255 {
+        anyhow::bail!(
+            "no address for pod {} on node {node}: at most {POD_BLOCK} pods per node, \
+             {MAX_PODS_PER_NODE} on nodes 1 to 31",
+            slot - 1
+        );
+    }
+    Ok(Ipv4Addr::new(
+        10,
+        244,
+        (node + 32 * block) as u8,
+        host as u8,
+    ))
+}
+
+/// A pod on its node's bridge: `/24` and `/64` on the shared link, the bridge (its block's
+/// gateway) as its gateway.
 fn connect_bridged_pod(
     pod_ns: &str,
     node: usize,
     ipv4: Ipv4Addr,
     ipv6: Ipv6Addr,
 ) -> anyhow::Result<()> {
+    let block = ipv4.octets()[2];
     netns::ip(
         pod_ns,
         &["addr", "add", &format!("{ipv4}/24"), "dev", "eth0"],
@@ -796,7 +868,7 @@ fn connect_bridged_pod(
             "add",
             "default",
             "via",
-            &format!("10.244.{node}.1"),
+            &format!("10.244.{block}.1"),
         ],
     )?;
     netns::ip(
@@ -945,5 +1017,25 @@ pub fn eventually(timeout: std::time::Duration, mut cond: impl FnMut() -> bool) 
             return false;
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pods_beyond_a_nodes_first_block_take_its_further_blocks() {
+        let ip = |node, slot| pod_ipv4(node, slot).map(|a| a.to_string()).ok();
+        assert_eq!(ip(1, 2).as_deref(), Some("10.244.1.2"));
+        assert_eq!(ip(2, 254).as_deref(), Some("10.244.2.254"));
+        assert_eq!(ip(1, 255).as_deref(), Some("10.244.33.2"));
+        assert_eq!(ip(1, 1001).as_deref(), Some("10.244.97.242"));
+        assert_eq!(
+            ip(31, MAX_PODS_PER_NODE + 1).as_deref(),
+            Some("10.244.255.254")
+        );
+        assert_eq!(ip(1, MAX_PODS_PER_NODE + 2), None);
+        assert_eq!(ip(32, 255), None);
     }
 }

@@ -1,10 +1,10 @@
 //! Servers inside pods: accept on `[::]:port` (IPv4 and IPv6) and remember every peer address.
-//! The echo server reads until the client half-closes and answers with what was read (the
-//! streaming echo server answers each read as it comes, for request after request on one
-//! connection); the HTTP
+//! The echo server reads until the client half-closes and answers with what was read; the HTTP
 //! server answers one HTTP/1.1 request per connection with `200` and a body of the request's
 //! method and request target (`POST /v1/pay`), and keeps every request head it read, so a test
-//! sees which requests reached the application and how.
+//! sees which requests reached the application and how. Both take a thread per connection; the
+//! streaming echo server ([`EchoServer::start_streaming`]) answers bytes as they arrive and holds
+//! any number of connections on one thread (tokio), for benchmarks that keep thousands open.
 
 use std::{
     io::{Read as _, Write as _},
@@ -32,6 +32,9 @@ pub struct EchoServer {
     accepted: Arc<Accepted>,
     heads: Heads,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// The streaming server's stop signal (dropping it stops the server and closes every
+    /// connection it holds).
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 fn unmap(addr: SocketAddr) -> SocketAddr {
@@ -54,17 +57,6 @@ fn echo(mut stream: std::net::TcpStream, _: &Heads) {
     let mut buf = Vec::new();
     if stream.read_to_end(&mut buf).is_ok() {
         let _ = stream.write_all(&buf);
-    }
-}
-
-/// Write back whatever arrives, as it arrives, until the client half-closes.
-fn stream_echo(mut stream: std::net::TcpStream, _: &Heads) {
-    let _ = stream.set_nodelay(true);
-    let mut chunk = [0u8; 16 * 1024];
-    while let Ok(n @ 1..) = stream.read(&mut chunk) {
-        if stream.write_all(&chunk[..n]).is_err() {
-            return;
-        }
     }
 }
 
@@ -117,18 +109,14 @@ impl EchoServer {
         Self::start_with(netns_path, port, echo)
     }
 
-    /// An echo server that answers each read as it comes (described above).
-    pub fn start_streaming(netns_path: &Path, port: u16) -> anyhow::Result<Self> {
-        Self::start_with(netns_path, port, stream_echo)
-    }
-
     /// The HTTP server described above.
     pub fn start_http(netns_path: &Path, port: u16) -> anyhow::Result<Self> {
         Self::start_with(netns_path, port, http)
     }
 
-    fn start_with(netns_path: &Path, port: u16, handler: Handler) -> anyhow::Result<Self> {
-        let listener = netns::in_netns(netns_path, move || {
+    /// The listener on `[::]:port` in the namespace.
+    fn listen(netns_path: &Path, port: u16) -> anyhow::Result<TcpListener> {
+        netns::in_netns(netns_path, move || {
             let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
             socket.set_only_v6(false)?;
             socket.set_reuse_address(true)?;
@@ -136,8 +124,82 @@ impl EchoServer {
             socket.listen(1024)?;
             Ok(TcpListener::from(socket))
         })
-        .with_context(|| format!("echo server on port {port} in {}", netns_path.display()))?;
-        let listener = Arc::new(listener);
+        .with_context(|| format!("echo server on port {port} in {}", netns_path.display()))
+    }
+
+    /// An echo server that writes back what it reads as it reads it (no wait for the client's
+    /// half-close) and closes when the client does, every connection a task of one thread's
+    /// tokio runtime: it holds as many connections as its descriptors allow.
+    pub fn start_streaming(netns_path: &Path, port: u16) -> anyhow::Result<Self> {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = Arc::new(Self::listen(netns_path, port)?);
+        let std_listener = listener.try_clone().context("duplicating the listener")?;
+        std_listener
+            .set_nonblocking(true)
+            .context("making the listener nonblocking")?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("the echo server's runtime")?;
+        let accepted = Arc::new(Accepted::default());
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = {
+            let accepted = accepted.clone();
+            std::thread::spawn(move || {
+                runtime.block_on(async move {
+                    let Ok(listener) = tokio::net::TcpListener::from_std(std_listener) else {
+                        return;
+                    };
+                    loop {
+                        let (mut stream, peer) = tokio::select! {
+                            _ = &mut stopped => return,
+                            accept = listener.accept() => match accept {
+                                Ok(accepted) => accepted,
+                                // Out of descriptors, or a connection reset before it was
+                                // accepted: try again shortly.
+                                Err(_) => {
+                                    tokio::time::sleep(Duration::from_millis(5)).await;
+                                    continue;
+                                }
+                            },
+                        };
+                        accepted
+                            .peers
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push(unmap(peer));
+                        accepted.more.notify_all();
+                        // Each echo goes out at once (no wait for the ACK of the last), and a
+                        // request of a few KiB is read and answered whole.
+                        let _ = stream.set_nodelay(true);
+                        tokio::spawn(async move {
+                            let mut buf = [0u8; 4096];
+                            loop {
+                                match stream.read(&mut buf).await {
+                                    Ok(0) | Err(_) => return,
+                                    Ok(n) => {
+                                        if stream.write_all(&buf[..n]).await.is_err() {
+                                            return;
+                                        }
+                                    }
+                                }
+                            }
+                        });
+                    }
+                });
+            })
+        };
+        Ok(Self {
+            listener,
+            accepted,
+            heads: Heads::default(),
+            thread: Some(thread),
+            stop: Some(stop),
+        })
+    }
+
+    fn start_with(netns_path: &Path, port: u16, handler: Handler) -> anyhow::Result<Self> {
+        let listener = Arc::new(Self::listen(netns_path, port)?);
         let accepted = Arc::new(Accepted::default());
         let heads = Heads::default();
         let thread = {
@@ -162,6 +224,7 @@ impl EchoServer {
             accepted,
             heads,
             thread: Some(thread),
+            stop: None,
         })
     }
 
@@ -203,6 +266,10 @@ impl EchoServer {
 
 impl Drop for EchoServer {
     fn drop(&mut self) {
+        // The streaming server stops on its signal (its runtime then drops every connection).
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
         // shutdown() on a listening socket wakes a blocked accept() with an error.
         let _ =
             nix::sys::socket::shutdown(self.listener.as_raw_fd(), nix::sys::socket::Shutdown::Both);

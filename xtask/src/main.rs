@@ -55,7 +55,8 @@ enum Command {
         /// One target (default: all of fuzz/fuzz_targets).
         target: Option<String>,
     },
-    /// Benchmarks: `datapath`, `tunnel`, `policy` or `compare` (agent builds side by side).
+    /// Benchmarks: `datapath`, `tunnel`, `policy`, `memory`, `tls` or `compare` (agent builds
+    /// side by side).
     Bench {
         what: String,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

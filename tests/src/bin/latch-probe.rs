@@ -381,6 +381,15 @@ fn main() {
                 .unwrap_or(65536);
             println!("{}", concurrent(to(), count, bytes));
         }
+        Some("hold") => {
+            let count = arg(&args, "--count")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(1000);
+            let parallel = arg(&args, "--parallel")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(256);
+            println!("{}", hold(to(), count, parallel));
+        }
         Some("cgroup") => match std::fs::read_to_string("/proc/self/cgroup") {
             Ok(text) => print!("{text}"),
             Err(e) => {
@@ -395,4 +404,129 @@ fn main() {
             std::process::exit(2);
         }
     }
+}
+
+/// `latch-probe hold --to IP:PORT --count N [--parallel P]`: N connections open at once, on one
+/// thread (tokio's current-thread runtime), at most P (default 256) being opened at a time. Each
+/// sends one byte and reads its echo, so every one has crossed the whole path to the server
+/// (through the agents, if redirected). Prints one JSON line when all are open (`"event":"open"`:
+/// how many are, the failures, the first errors, the seconds it took), keeps them until standard
+/// input closes or SIGTERM or SIGINT comes, then prints a second line (`"event":"closed"`: how
+/// many were still open, i.e. had not been closed or reset by the other side). Raises its own
+/// RLIMIT_NOFILE as far as N needs (the hard limit too, when root).
+fn hold(to: SocketAddr, count: usize, parallel: usize) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let fail = |e: String| {
+        format!(
+            "{{\"event\":\"closed\",\"count\":{count},\"open\":0,\"error\":{}}}",
+            json_str(&e)
+        )
+    };
+    let need = count as u64 + 64;
+    let raised = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .and_then(|(soft, hard)| {
+            if soft >= need {
+                return Ok(());
+            }
+            nix::sys::resource::setrlimit(
+                nix::sys::resource::Resource::RLIMIT_NOFILE,
+                need,
+                hard.max(need),
+            )
+        });
+    if let Err(e) = raised {
+        return fail(format!("raising RLIMIT_NOFILE to {need}: {e}"));
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(format!("tokio runtime: {e}")),
+    };
+    runtime.block_on(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (mut term, mut int) = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(term), Ok(int)) => (term, int),
+            (Err(e), _) | (_, Err(e)) => return fail(format!("signal handlers: {e}")),
+        };
+        let start = Instant::now();
+        let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(parallel.max(1)));
+        let mut opening = tokio::task::JoinSet::new();
+        for _ in 0..count {
+            let permits = permits.clone();
+            opening.spawn(async move {
+                let _permit = permits.acquire_owned().await.map_err(|e| e.to_string())?;
+                let exchange = async {
+                    let mut stream = tokio::net::TcpStream::connect(to).await?;
+                    stream.write_all(b"h").await?;
+                    let mut echo = [0u8; 1];
+                    stream.read_exact(&mut echo).await?;
+                    if &echo != b"h" {
+                        return Err(std::io::Error::other("wrong echo"));
+                    }
+                    Ok(stream)
+                };
+                match tokio::time::timeout(Duration::from_secs(20), exchange).await {
+                    Ok(Ok(stream)) => Ok(stream),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err("timed out after 20 s".to_owned()),
+                }
+            });
+        }
+        let mut open = Vec::with_capacity(count);
+        let mut errors = Vec::new();
+        let mut failures = 0usize;
+        while let Some(done) = opening.join_next().await {
+            match done {
+                Ok(Ok(stream)) => open.push(stream),
+                Ok(Err(e)) => {
+                    failures += 1;
+                    if errors.len() < 5 {
+                        errors.push(e);
+                    }
+                }
+                Err(e) => {
+                    failures += 1;
+                    if errors.len() < 5 {
+                        errors.push(e.to_string());
+                    }
+                }
+            }
+        }
+        println!(
+            "{{\"event\":\"open\",\"count\":{count},\"open\":{},\"failures\":{failures},\"errors\":{},\"open_s\":{}}}",
+            open.len(),
+            serde_json::to_string(&errors).unwrap_or_else(|_| "[]".into()),
+            start.elapsed().as_secs_f64()
+        );
+        let _ = std::io::stdout().flush();
+        let held = Instant::now();
+        let mut stdin = tokio::io::stdin();
+        let mut sink = [0u8; 512];
+        let stdin_closed = async {
+            while !matches!(stdin.read(&mut sink).await, Ok(0) | Err(_)) {}
+        };
+        tokio::select! {
+            () = stdin_closed => {}
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        // Still open: nothing to read and no end or error pending.
+        let mut probe = [0u8; 1];
+        let still_open = open
+            .iter()
+            .filter(|s| {
+                matches!(s.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            })
+            .count();
+        format!(
+            "{{\"event\":\"closed\",\"count\":{count},\"open\":{},\"still_open\":{still_open},\"held_s\":{}}}",
+            open.len(),
+            held.elapsed().as_secs_f64()
+        )
+    })
 }

@@ -2,10 +2,10 @@
 //! markdown tables and writes JSON under `$LATCH_BENCH_OUT` (default `target/bench/`); how a
 //! phase is compared with no agents, and the figures, are in `docs/benchmarks.md`.
 //!
-//! One module per suite ([`datapath`], [`tunnel`], [`load`], [`policy`], [`compare`]) over shared
-//! parts: [`pair`] (the measured topology and its phases with agents), [`reference`] (the
-//! no-agent cluster and measuring in turns with it), [`probe`], [`procstat`], [`stats`] and
-//! [`report`].
+//! One module per suite ([`datapath`], [`tunnel`], [`load`], [`policy`], [`memory`],
+//! [`compare`]) over shared parts: [`pair`] (the measured topology and its phases with agents),
+//! [`reference`] (the no-agent cluster and measuring in turns with it), [`probe`], [`procstat`],
+//! [`stats`] and [`report`].
 
 use clap::{Parser, Subcommand};
 
@@ -15,6 +15,7 @@ mod cpus;
 mod datapath;
 mod handoff;
 mod load;
+mod memory;
 mod pair;
 mod policy;
 mod probe;
@@ -62,6 +63,16 @@ enum Suite {
     },
     /// The policy engine's decision cost and the revocation sweep, in-process.
     Policy,
+    /// The agent's resident memory: idle with N local workloads, and with N tunneled
+    /// connections held open at once.
+    Memory {
+        /// Local workloads of the idle agent, one measurement each.
+        #[arg(long, value_delimiter = ',', default_value = "10,100,1000")]
+        workloads: Vec<usize>,
+        /// Tunneled connections held open at once.
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+    },
     /// Agent builds or settings side by side: the pooled connection's latency and the agents'
     /// CPU time, each variant in a cluster of its own.
     Compare {
@@ -91,6 +102,10 @@ fn main() -> anyhow::Result<()> {
         Suite::Tunnel { count } => tunnel::run(count, &out_dir),
         Suite::Load { rounds, secs } => load::run(rounds, secs, &out_dir),
         Suite::Policy => policy::run(&out_dir),
+        Suite::Memory {
+            workloads,
+            connections,
+        } => memory::run(&workloads, connections, &out_dir),
         Suite::Compare {
             turns,
             per_turn,
