@@ -5,8 +5,9 @@
 //!
 //! Bytes move as reference-counted chunks: what is read from a socket is the very buffer handed
 //! to HTTP/2, and what HTTP/2 received is written to the socket as it is, with no copy in
-//! between. Read buffers follow the traffic, from [`MIN_READ`] up to [`MAX_READ`]: an idle or
-//! request-response connection holds little memory, a bulk transfer moves in large reads.
+//! between. Read buffers follow the traffic, from [`MIN_READ`] up to [`MAX_READ`], and are taken
+//! only once bytes are waiting and handed on whole with them: an idle connection holds no read
+//! buffer, a bulk transfer moves in large reads.
 
 use std::{
     io,
@@ -188,6 +189,9 @@ impl ChunkRead for TcpReader<'_> {
         if self.drained_to_fin {
             return Ok(None);
         }
+        // Wait for bytes before taking a buffer for them: an idle connection (most of a busy
+        // node's open connections are) holds no read buffer.
+        self.io.as_ref().readable().await?;
         let limit = self.next;
         self.buf.reserve(limit);
         let n = self.io.read_buf(&mut (&mut self.buf).limit(limit)).await?;
@@ -204,7 +208,9 @@ impl ChunkRead for TcpReader<'_> {
             self.drained_to_fin = ready.is_read_closed() && !ready.is_error();
         }
         self.next = next_read(self.next, n);
-        Ok(Some(self.buf.split().freeze()))
+        // The whole buffer goes with the chunk, and is freed with it once written: nothing of it
+        // stays with the reader while the connection waits for more.
+        Ok(Some(std::mem::take(&mut self.buf).freeze()))
     }
 
     fn ended(&mut self) -> bool {
