@@ -88,7 +88,10 @@ enum Suite {
         #[arg(long, value_name = "VERDICTS")]
         debug_reads: Option<usize>,
         /// An agent binary to compare, under a label, with optional settings; one or more.
-        #[arg(required = true, value_name = "LABEL=AGENT_BINARY[,busyPoll=DURATION]")]
+        #[arg(
+            required = true,
+            value_name = "LABEL=AGENT_BINARY[,busyPoll=DURATION][,busyPollAdaptive=BOOL]"
+        )]
         variants: Vec<compare::Variant>,
     },
 }
