@@ -1,6 +1,7 @@
 //! `cargo xtask`: the one entry point for building, testing, demonstrating and benchmarking
 //! Latch. Every command first runs the setup it needs and says what it is doing.
 
+mod bench_all;
 mod cmd;
 mod fuzz;
 mod image;
@@ -55,9 +56,11 @@ enum Command {
         /// One target (default: all of fuzz/fuzz_targets).
         target: Option<String>,
     },
-    /// Benchmarks: `datapath`, `tunnel`, `policy`, `memory`, `tls` or `compare` (agent builds
-    /// side by side).
+    /// Benchmarks: with no suite named, every suite in one run and `target/bench/BENCHMARKS.md`;
+    /// or one of `datapath`, `tunnel`, `load`, `memory`, `policy`, `tls` or `compare` (agent
+    /// builds side by side).
     Bench {
+        #[arg(default_value = "all")]
         what: String,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,

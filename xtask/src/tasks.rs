@@ -133,14 +133,17 @@ fn run_tool(binary: &Path, args: &[String], release: bool) -> anyhow::Result<()>
         bail!("{} was not built", binary.display());
     }
     let profile = if release { "release" } else { "debug" };
-    cmd::run(
-        Command::new(binary)
-            .args(args)
-            .current_dir(root())
-            .env("LATCH_BIN", bin(profile, "latch"))
-            .env("LATCH_PROBE", bin(profile, "latch-probe"))
-            .env("LATCH_BENCH_OUT", root().join("target").join("bench")),
-    )
+    cmd::run(tool(binary, profile).args(args))
+}
+
+/// A command running `binary` from the repository's root, with the agent and probe of `profile`.
+fn tool(binary: &Path, profile: &str) -> Command {
+    let mut cmd = Command::new(binary);
+    cmd.current_dir(root())
+        .env("LATCH_BIN", bin(profile, "latch"))
+        .env("LATCH_PROBE", bin(profile, "latch-probe"))
+        .env("LATCH_BENCH_OUT", root().join("target").join("bench"));
+    cmd
 }
 
 pub fn demo(args: &[String]) -> anyhow::Result<()> {
@@ -168,6 +171,13 @@ pub fn bench(what: &str, args: &[String]) -> anyhow::Result<()> {
     }
     setup::kernel()?;
     build_binaries(true)?;
+    if what == "all" {
+        return crate::bench_all::run(|suite| {
+            let mut cmd = tool(&bin("release", "latch-bench"), "release");
+            cmd.arg(suite);
+            cmd
+        });
+    }
     step(&format!("bench: {what}"));
     let mut all = vec![what.to_owned()];
     all.extend_from_slice(args);
