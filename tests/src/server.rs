@@ -27,6 +27,17 @@ struct Accepted {
     more: Condvar,
 }
 
+impl Accepted {
+    /// A connection from `peer` was accepted: remember it and say so.
+    fn record(&self, peer: SocketAddr) {
+        self.peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(unmap(peer));
+        self.more.notify_all();
+    }
+}
+
 pub struct EchoServer {
     listener: Arc<TcpListener>,
     accepted: Arc<Accepted>,
@@ -163,12 +174,7 @@ impl EchoServer {
                                 }
                             },
                         };
-                        accepted
-                            .peers
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .push(unmap(peer));
-                        accepted.more.notify_all();
+                        accepted.record(peer);
                         // Each echo goes out at once (no wait for the ACK of the last), and a
                         // request of a few KiB is read and answered whole.
                         let _ = stream.set_nodelay(true);
@@ -208,12 +214,7 @@ impl EchoServer {
             let heads = heads.clone();
             std::thread::spawn(move || {
                 while let Ok((stream, peer)) = listener.accept() {
-                    accepted
-                        .peers
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(unmap(peer));
-                    accepted.more.notify_all();
+                    accepted.record(peer);
                     let heads = heads.clone();
                     std::thread::spawn(move || handler(stream, &heads));
                 }

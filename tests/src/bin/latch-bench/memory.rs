@@ -132,13 +132,7 @@ pub fn read(pid: u32) -> anyhow::Result<Memory> {
 /// The node's agent's memory after [`SETTLE`].
 fn settled(cluster: &Cluster, node: NodeId) -> anyhow::Result<Memory> {
     std::thread::sleep(SETTLE);
-    let pid = cluster
-        .node(node)
-        .agent
-        .as_ref()
-        .and_then(|a| a.pid())
-        .context("the node's agent is not running")?;
-    read(pid)
+    read_agent(cluster, node)
 }
 
 #[derive(Serialize)]
