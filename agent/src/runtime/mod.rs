@@ -6,10 +6,12 @@
 //! [`source::FileSource`]; the Kubernetes API next) and says when it may have changed;
 //! [`reconcile`] applies a snapshot whichever source made it. [`event_loop`] knows only the
 //! trait, so a second source plugs in without a second runtime. [`pod`] starts a pod's listeners,
-//! [`trust`] rotates certificates. docs/runtime.md has the reasoning.
+//! [`trust`] rotates certificates, [`limits`] raises the open-files limit at start.
+//! docs/runtime.md has the reasoning.
 
 mod agent;
 pub mod event_loop;
+pub mod limits;
 pub mod pod;
 pub mod reconcile;
 pub mod source;
@@ -40,6 +42,13 @@ pub fn block_on<F: std::future::Future>(
     worker_threads: usize,
     main: F,
 ) -> anyhow::Result<F::Output> {
+    match limits::raise_open_files() {
+        Ok((soft, hard)) => tracing::info!(soft, hard, "open files limit"),
+        Err(error) => tracing::warn!(
+            %error,
+            "could not raise the open files limit: connections beyond it will be refused"
+        ),
+    }
     Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(worker_threads)
         // The busy poller learns from the worker's idle stretches whether polling pays.
