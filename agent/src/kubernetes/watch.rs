@@ -4,7 +4,8 @@
 //! object at a time. Each watch runs as a task with kube-runtime's default back-off and never
 //! ends on an error: an error is recorded ([`WatchHealth`]) and the watch resumes or re-lists.
 //! A missing Istio CRD means "no policies of that kind", checked again every
-//! [`CRD_RECHECK`]. Every change wakes [`Watches::changed`].
+//! [`CRD_RECHECK`]. Every change of a store or of the policies, and a watch that syncs, fails or
+//! recovers, wakes [`Watches::changed`].
 
 use std::{
     collections::BTreeMap,
@@ -60,7 +61,8 @@ pub struct WatchHealth {
 pub struct Shared {
     pub policies: Mutex<PolicyObjects>,
     health: Mutex<BTreeMap<&'static str, WatchHealth>>,
-    /// Woken on every change of a store, of the policies, or of a watch's health.
+    /// Woken on every change of a store or of the policies, and when a watch syncs, fails or
+    /// recovers.
     pub changed: Notify,
 }
 
@@ -86,11 +88,14 @@ impl Shared {
     fn update(&self, watch: &'static str, f: impl FnOnce(&mut WatchHealth)) {
         let mut health = lock(&self.health);
         let entry = health.entry(watch).or_default();
-        let before = entry.clone();
+        let (was_synced, was_failing) = (entry.synced, entry.failing);
         f(entry);
-        let changed = *entry != before;
+        // Only a watch that syncs, fails or recovers wakes the source; a new error text during an
+        // outage does not (it would reload the whole state on every retry), and the event loop's
+        // tick publishes it.
+        let flipped = entry.synced != was_synced || entry.failing != was_failing;
         drop(health);
-        if changed {
+        if flipped {
             self.changed.notify_one();
         }
     }
