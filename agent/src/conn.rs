@@ -124,4 +124,8 @@ pub struct RequestHead {
     pub path: String,
     /// The host (the `Host` header, or the absolute-form target's authority), without a port.
     pub host: String,
+    /// Every header field as the application receives it.
+    pub headers: hyper::HeaderMap,
+    /// The request's verified JWT, if it carried one (RequestAuthentication).
+    pub auth: Option<crate::policy::RequestAuth>,
 }

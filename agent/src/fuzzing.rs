@@ -126,6 +126,8 @@ fn decide(set: &PolicySet, target: &Workload) {
                     method: "GET",
                     path,
                     host: "payment",
+                    headers: crate::policy::no_headers(),
+                    auth: None,
                 };
                 set.evaluate_request(target, &conn, &request);
             }

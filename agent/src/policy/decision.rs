@@ -32,6 +32,30 @@ pub struct HttpRequest<'a> {
     pub path: &'a str,
     /// The `Host` header (or the authority).
     pub host: &'a str,
+    /// Every header field as received (`request.headers[name]` in `when`).
+    pub headers: &'a hyper::HeaderMap,
+    /// The request's authenticated JWT (RequestAuthentication), `None` when it carried none.
+    pub auth: Option<&'a RequestAuth>,
+}
+
+/// An empty header map, for requests known only by method, path and host.
+pub fn no_headers() -> &'static hyper::HeaderMap {
+    static EMPTY: std::sync::LazyLock<hyper::HeaderMap> =
+        std::sync::LazyLock::new(hyper::HeaderMap::new);
+    &EMPTY
+}
+
+/// What a request's verified JWT says: Istio's `request.auth.*` attributes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestAuth {
+    /// `iss/sub`: what `requestPrincipals` and `request.auth.principal` match.
+    pub principal: String,
+    /// The `aud` claim (a string or a list of strings).
+    pub audiences: Vec<String>,
+    /// The `azp` claim.
+    pub presenter: Option<String>,
+    /// Every claim of the payload (`request.auth.claims[name]`, nested with `][`).
+    pub claims: serde_json::Map<String, serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -11,7 +11,7 @@ use super::{
     compile::AuthzPolicy,
     decision::{
         Action, Connection, ConnectionDecision, Decision, Explanation, HttpRequest, MtlsMode,
-        Protocol, Target, Traffic,
+        PolicyRef, Protocol, Target, Traffic,
     },
     matching::{Attrs, L7, Tri},
 };
@@ -122,6 +122,44 @@ impl PolicySet {
                 .flat_map(|r| &r.to)
                 .any(|op| op.has_l7() && op.port_matches(port))
         })
+    }
+
+    /// Every AuthorizationPolicy rule, as (policy, index in `spec.rules`), in (namespace, name)
+    /// order: what a coverage report lists.
+    pub fn authorization_rules(&self) -> Vec<(PolicyRef, usize)> {
+        self.inner
+            .authz
+            .iter()
+            .flat_map(|p| (0..p.rules.len()).map(|i| (p.reference(), i)))
+            .collect()
+    }
+
+    /// Every rule of every AuthorizationPolicy applying to `target` that matches the connection
+    /// (as a non-HTTP connection when `request` is `None`), whatever the decision: what a
+    /// coverage report counts.
+    pub fn matching_rules(
+        &self,
+        target: &Target,
+        conn: &Connection,
+        request: Option<&HttpRequest>,
+    ) -> Vec<(PolicyRef, usize)> {
+        let attrs = attrs(conn);
+        let mut found = Vec::new();
+        for id in self.applicable(target) {
+            let policy = &self.inner.authz[id as usize];
+            let l7 = match request {
+                Some(r) => L7::Request(r),
+                None => L7::Tcp {
+                    allow: policy.action == Action::Allow,
+                },
+            };
+            for (i, rule) in policy.rules.iter().enumerate() {
+                if rule.matches(&attrs, l7) == Tri::Yes {
+                    found.push((policy.reference(), i));
+                }
+            }
+        }
+        found
     }
 
     fn denied_internal(&self, reason: String) -> Decision {

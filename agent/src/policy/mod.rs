@@ -23,7 +23,7 @@ mod tests;
 
 pub use decision::{
     Action, Connection, ConnectionDecision, Decision, Explanation, HttpRequest, MtlsMode,
-    PolicyKind, PolicyRef, Protocol, RequestPath, Target, Traffic,
+    PolicyKind, PolicyRef, Protocol, RequestAuth, RequestPath, Target, Traffic, no_headers,
 };
 pub use error::PolicyError;
 

@@ -1,5 +1,5 @@
-//! The YAML shape of Istio's `AuthorizationPolicy` and `PeerAuthentication` objects as users
-//! write them (`security.istio.io/v1` and `v1beta1`), before any checking: every field Istio
+//! The YAML shape of Istio's `AuthorizationPolicy`, `PeerAuthentication` and
+//! `RequestAuthentication` objects as users write them (`security.istio.io/v1` and `v1beta1`), before any checking: every field Istio
 //! defines is read (unknown ones are errors), including the ones Latch rejects later
 //! (`requestPrincipals`, `targetRef`, ...), so that [`super::compile`] can say why.
 
@@ -234,4 +234,84 @@ impl<'de> Deserialize<'de> for Scalar {
         }
         d.deserialize_any(Visitor)
     }
+}
+
+/// Istio's `RequestAuthentication` (`security.istio.io/v1`, `v1beta1`): which JWTs a workload's
+/// HTTP requests may carry. Checked and compiled by the request-authentication code.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RequestAuthenticationDoc {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: RequestAuthenticationSpec,
+    #[serde(default, skip_serializing)]
+    pub status: Option<serde_yaml_ng::Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RequestAuthenticationSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<WorkloadSelector>,
+    /// For gateways and waypoints: accepted, not enforced at workloads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_ref: Option<serde_yaml_ng::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_refs: Option<serde_yaml_ng::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt_rules: Option<Vec<JwtRule>>,
+}
+
+/// One trusted issuer and how its tokens are found, checked and passed on.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct JwtRule {
+    #[serde(default)]
+    pub issuer: String,
+    /// Accepted `aud` values; empty means any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audiences: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_uri: Option<String>,
+    /// An inline JWKS document (JSON text).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks: Option<String>,
+    /// Where tokens are looked for; `Authorization: Bearer ` when neither this nor `fromParams`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_headers: Option<Vec<JwtHeader>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_params: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_cookies: Option<Vec<String>>,
+    /// The verified payload, base64url, in this header to the application.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_payload_to_header: Option<String>,
+    /// Keep the token in the request to the application (removed by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forward_original_token: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_claim_to_headers: Option<Vec<ClaimToHeader>>,
+    /// The JWKS fetch timeout (a duration such as `5s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct JwtHeader {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ClaimToHeader {
+    #[serde(default)]
+    pub header: String,
+    #[serde(default)]
+    pub claim: String,
 }

@@ -127,6 +127,8 @@ pub fn request(
         method: &head.method,
         path: &head.path,
         host: &head.host,
+        headers: &head.headers,
+        auth: head.auth.as_ref(),
     };
     let to = target(&workload.namespace, &workload.labels);
     snapshot
@@ -324,6 +326,8 @@ pub fn explain(snapshot: &Snapshot, question: &Question) -> Result<Explanation, 
             method: question.method.as_deref().unwrap_or("GET"),
             path: &normalized,
             host: strip_port(question.host.as_deref().unwrap_or("")),
+            headers: crate::policy::no_headers(),
+            auth: None,
         };
         let mut explanation = snapshot.policies.explain(&to, &conn, Some(&request));
         explanation.request_path = Some(RequestPath {

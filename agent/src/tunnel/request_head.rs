@@ -62,6 +62,8 @@ pub fn prepare<B>(
         method,
         path,
         host: strip_port(&host).to_owned(),
+        headers: req.headers().clone(),
+        auth: None,
     })
 }
 
@@ -145,12 +147,13 @@ mod tests {
         let mut req = request("/a/./b/../%61dmin?x=/../y&z=%61", &["payment:8080"]);
         let head = prepare(&mut req, PathNormalization::Base).expect("valid");
         assert_eq!(
-            head,
-            RequestHead {
-                method: "GET".into(),
-                path: "/a/admin".into(),
-                host: "payment".into(),
-            }
+            (head.method.as_str(), head.path.as_str(), head.host.as_str()),
+            ("GET", "/a/admin", "payment")
+        );
+        assert_eq!(
+            head.headers,
+            *req.headers(),
+            "policy sees the headers forwarded"
         );
         assert_eq!(
             forwarded(&req),

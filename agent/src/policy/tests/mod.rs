@@ -129,8 +129,12 @@ impl Req {
     }
 
     pub(super) fn request(&self) -> Option<HttpRequest<'_>> {
-        self.http
-            .as_ref()
-            .map(|(method, path, host)| HttpRequest { method, path, host })
+        self.http.as_ref().map(|(method, path, host)| HttpRequest {
+            method,
+            path,
+            host,
+            headers: super::no_headers(),
+            auth: None,
+        })
     }
 }

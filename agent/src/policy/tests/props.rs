@@ -269,8 +269,17 @@ fn agree(seed: u64) -> Result<(), TestCaseError> {
             for path in REQ_PATHS {
                 for host in REQ_HOSTS {
                     let want = reference(Some((method, path, host)));
-                    let got =
-                        set.evaluate_request(&target, &conn, &HttpRequest { method, path, host });
+                    let got = set.evaluate_request(
+                        &target,
+                        &conn,
+                        &HttpRequest {
+                            method,
+                            path,
+                            host,
+                            headers: super::super::no_headers(),
+                            auth: None,
+                        },
+                    );
                     prop_assert_eq!(
                         got.allowed,
                         want,
