@@ -93,8 +93,7 @@ enum PolicyCommand {
         path: Option<String>,
         #[arg(long)]
         host: Option<String>,
-        /// NAME:VALUE; accepted for compatibility, not evaluated (no supported policy field
-        /// reads request headers).
+        /// A request header, NAME:VALUE (repeatable; `request.headers[..]` conditions).
         #[arg(long = "header")]
         headers: Vec<String>,
     },
@@ -133,13 +132,11 @@ fn policy(command: PolicyCommand) -> anyhow::Result<ExitCode> {
                 method,
                 path,
                 host,
+                headers,
             };
             let explanation =
                 latch::state::decide::explain(&snapshot, &question).map_err(anyhow::Error::msg)?;
             print!("{}", latch::policy::cli::render_explain(&explanation));
-            if !headers.is_empty() {
-                println!("headers: not evaluated (no supported policy field reads them)");
-            }
             Ok(if explanation.decision.allowed {
                 ExitCode::SUCCESS
             } else {

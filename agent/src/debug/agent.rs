@@ -370,6 +370,7 @@ impl Backend for AgentView {
             method: query.method.clone(),
             path: query.path.clone(),
             host: query.host.clone(),
+            headers: query.headers.clone(),
         };
         let explanation = decide::explain(&self.state.get(), &question)?;
         serde_json::to_value(&explanation).map_err(|e| e.to_string())

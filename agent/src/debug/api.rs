@@ -414,10 +414,15 @@ pub struct ExplainQuery {
     pub path: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
+    /// `NAME:VALUE` request headers (`header`, repeatable).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<String>,
 }
 
 impl ExplainQuery {
     const PARAMS: [&str; 7] = ["from", "to", "port", "sourceIp", "method", "path", "host"];
+    /// The one parameter that may repeat: `header=NAME:VALUE`.
+    const HEADER: &str = "header";
 
     /// Build from `from`, `to` (`IP:PORT`, or `IP` with `port` giving the port) and the optional
     /// parts; the client and the server both go through here.
@@ -451,13 +456,18 @@ impl ExplainQuery {
             method: None,
             path: None,
             host: None,
+            headers: Vec::new(),
         })
     }
 
-    /// Read `?from=&to=&port=&sourceIp=&method=&path=&host=`.
+    /// Read `?from=&to=&port=&sourceIp=&method=&path=&host=&header=NAME:VALUE...`.
     pub fn from_query(raw: &str) -> Result<Self, QueryError> {
-        let pairs = query::parse(raw)?;
-        query::check_names(&pairs, &Self::PARAMS)?;
+        let (headers, pairs): (Vec<_>, Vec<_>) = query::parse(raw)?
+            .into_iter()
+            .partition(|(name, _)| name == Self::HEADER);
+        let mut known = Self::PARAMS.to_vec();
+        known.push(Self::HEADER);
+        query::check_names(&pairs, &known)?;
         let from = query::get(&pairs, "from").ok_or_else(|| QueryError::Missing("from".into()))?;
         let to = query::get(&pairs, "to").ok_or_else(|| QueryError::Missing("to".into()))?;
         let port = query::get_parsed(&pairs, "port", "a port number (0-65535)")?;
@@ -467,19 +477,24 @@ impl ExplainQuery {
             method: text("method"),
             path: text("path"),
             host: text("host"),
+            headers: headers.into_iter().map(|(_, value)| value).collect(),
             ..Self::new(from, to, port)?
         })
     }
 
     pub fn to_query(&self) -> String {
-        query::build([
-            ("from", Some(self.from.clone())),
-            ("to", Some(self.to.to_string())),
-            ("sourceIp", self.source_ip.map(|ip| ip.to_string())),
-            ("method", self.method.clone()),
-            ("path", self.path.clone()),
-            ("host", self.host.clone()),
-        ])
+        query::build(
+            [
+                ("from", Some(self.from.clone())),
+                ("to", Some(self.to.to_string())),
+                ("sourceIp", self.source_ip.map(|ip| ip.to_string())),
+                ("method", self.method.clone()),
+                ("path", self.path.clone()),
+                ("host", self.host.clone()),
+            ]
+            .into_iter()
+            .chain(self.headers.iter().map(|h| (Self::HEADER, Some(h.clone())))),
+        )
     }
 }
 
@@ -546,6 +561,12 @@ mod tests {
         assert_eq!(q.to.port(), 80);
         assert_eq!(q.method.as_deref(), Some("GET"));
         assert_eq!(ExplainQuery::from_query(&q.to_query()), Ok(q));
+        let h = ExplainQuery::from_query(
+            "from=plaintext&to=10.244.1.2:80&header=x-a%3A1&header=x-b%3A2",
+        )
+        .expect("headers");
+        assert_eq!(h.headers, vec!["x-a:1".to_owned(), "x-b:2".to_owned()]);
+        assert_eq!(ExplainQuery::from_query(&h.to_query()), Ok(h));
         assert!(ExplainQuery::from_query("from=plaintext&to=10.244.1.2").is_err());
         assert!(ExplainQuery::from_query("to=10.244.1.2:80").is_err());
         assert!(ExplainQuery::from_query("from=x&to=10.244.1.2:80&port=81").is_err());

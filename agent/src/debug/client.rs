@@ -123,6 +123,9 @@ pub struct ExplainArgs {
     /// HTTP host (L7 rules).
     #[arg(long)]
     pub host: Option<String>,
+    /// A request header, NAME:VALUE (repeatable; `request.headers[..]` conditions).
+    #[arg(long = "header")]
+    pub headers: Vec<String>,
 }
 
 /// The `latch debug` subcommands.
@@ -178,6 +181,7 @@ impl TryFrom<DebugCli> for DebugCommand {
                 method: a.method,
                 path: a.path,
                 host: a.host,
+                headers: a.headers,
                 ..ExplainQuery::new(&a.from, &a.to, a.port)?
             }),
             DebugCli::Flush(a) => DebugCommand::Flush(filter(a, 0, VerdictFilter::DEFAULT_LIMIT)),

@@ -26,6 +26,9 @@ pub fn check(paths: &[PathBuf]) -> (String, bool) {
                     f.peer_authentications,
                     if f.peer_authentications == 1 { "" } else { "s" },
                 );
+                for warning in &f.warnings {
+                    let _ = writeln!(out, "warning: {warning}");
+                }
             }
             (out, true)
         }
@@ -104,6 +107,20 @@ pub fn render_decision(d: &Decision) -> String {
     } else {
         let names: Vec<String> = d.audited.iter().map(ToString::to_string).collect();
         let _ = writeln!(out, "audited by: {}", names.join(", "));
+    }
+    if let Some(dry) = &d.dry_run {
+        let names: Vec<String> = dry.policies.iter().map(ToString::to_string).collect();
+        let verdict = match dry.allowed {
+            Some(true) => "ALLOW",
+            Some(false) => "DENY",
+            None => "depends on HTTP",
+        };
+        let _ = writeln!(
+            out,
+            "dry run ({}): would be {verdict} ({}); not enforced",
+            names.join(", "),
+            dry.reason
+        );
     }
     out
 }

@@ -37,6 +37,11 @@ pub(crate) struct AuthzPolicy {
     pub uncacheable: Option<&'static str>,
     /// Some rule looks at the destination port (`ports`, `notPorts`, `destination.port`).
     pub port_sensitive: bool,
+    /// `istio.io/dry-run: "true"`: evaluated and recorded, never enforced.
+    pub dry_run: bool,
+    /// Set for a policy with `targetRef(s)`: it applies to gateways and waypoints, which Latch
+    /// does not run, so it never applies to workloads; says why.
+    pub not_enforced: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -72,7 +77,7 @@ impl PeerAuthPolicy {
 
 /// Problems so far, collected rather than returned one by one.
 #[derive(Default)]
-struct Checker {
+pub(crate) struct Checker {
     problems: Vec<Problem>,
 }
 
@@ -99,6 +104,23 @@ impl Checker {
 
     fn hosts(&mut self, path: &str, values: &Option<Vec<String>>) -> Vec<Pattern> {
         self.list(path, values, |s| Pattern::parse(&s.to_ascii_lowercase()))
+    }
+
+    /// `namespace/account`, or `account` meaning the policy's `namespace`.
+    fn service_accounts(
+        &mut self,
+        path: &str,
+        namespace: &str,
+        values: &Option<Vec<String>>,
+    ) -> Vec<Pattern> {
+        self.list(path, values, |s| match s.split('/').count() {
+            1 => Pattern::parse(&format!("{namespace}/{s}")),
+            2 if !s.starts_with('/') && !s.ends_with('/') => Pattern::parse(s),
+            _ => Err(format!(
+                "{s:?} is not a service account (`namespace/name`, or `name` in the policy's \
+                 namespace)"
+            )),
+        })
     }
 
     fn cidrs(&mut self, path: &str, values: &Option<Vec<String>>) -> Vec<Cidr> {
@@ -132,23 +154,41 @@ pub(crate) fn parse_port(raw: &str) -> Result<u16, String> {
     }
 }
 
-const WHEN_KEYS: &str =
-    "source.ip, source.namespace, source.principal, destination.ip, destination.port";
+const WHEN_KEYS: &str = "source.ip, source.namespace, source.principal, destination.ip, \
+     destination.port, request.headers[NAME], request.auth.principal, request.auth.audiences, \
+     request.auth.presenter, request.auth.claims[NAME]";
 
-/// Compile an AuthorizationPolicy; `meta` is already checked.
+/// Istio's dry-run annotation.
+pub(crate) const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
+
+/// Compile an AuthorizationPolicy; `meta` is already checked, `annotations` are its metadata's.
 pub(crate) fn authorization_policy(
     meta: Meta,
+    annotations: Option<&BTreeMap<String, String>>,
     spec: &model::AuthorizationPolicySpec,
 ) -> Result<AuthzPolicy, Vec<Problem>> {
     let mut c = Checker::default();
-    let not_targets =
-        "targetRef is not supported by Latch (it has no gateways or waypoints); use selector";
-    c.unsupported("spec.targetRef", &spec.target_ref, not_targets);
-    c.unsupported(
-        "spec.targetRefs",
-        &spec.target_refs,
-        &not_targets.replace("targetRef", "targetRefs"),
+    let not_enforced = target_refs(
+        &mut c,
+        spec.target_ref.is_some(),
+        spec.target_refs.is_some(),
+        spec.selector.is_some(),
     );
+    let dry_run = match annotations
+        .and_then(|a| a.get(DRY_RUN_ANNOTATION))
+        .map(String::as_str)
+    {
+        None => false,
+        Some(v) if v.eq_ignore_ascii_case("true") => true,
+        Some(v) if v.eq_ignore_ascii_case("false") => false,
+        Some(other) => {
+            c.problems.push(problem(
+                format!("metadata.annotations.{DRY_RUN_ANNOTATION}"),
+                format!("{other:?} is neither \"true\" nor \"false\""),
+            ));
+            false
+        }
+    };
     let action = match spec.action.as_deref() {
         None | Some("ALLOW") => Action::Allow,
         Some("DENY") => Action::Deny,
@@ -178,7 +218,12 @@ pub(crate) fn authorization_policy(
     let selector = selector(&mut c, spec.selector.as_ref());
     let mut rules = Vec::new();
     for (i, rule) in spec.rules.iter().flatten().enumerate() {
-        rules.push(compile_rule(&mut c, &format!("spec.rules[{i}]"), rule));
+        rules.push(compile_rule(
+            &mut c,
+            &format!("spec.rules[{i}]"),
+            &meta.namespace,
+            rule,
+        ));
     }
     let uncacheable = rules.iter().find_map(uncacheable);
     let port_sensitive = rules.iter().any(|r| {
@@ -193,7 +238,38 @@ pub(crate) fn authorization_policy(
         rules,
         uncacheable,
         port_sensitive,
+        dry_run,
+        not_enforced,
     })
+}
+
+/// `targetRef` / `targetRefs`: the policy is for gateways and waypoints. Accepted (users' YAML
+/// carries them) but never applied to a workload; the reason is what `latch policy check` warns.
+/// Istio refuses a policy with both a selector and target references.
+pub(crate) fn target_refs(
+    c: &mut Checker,
+    target_ref: bool,
+    target_refs: bool,
+    selector: bool,
+) -> Option<String> {
+    if !target_ref && !target_refs {
+        return None;
+    }
+    let field = if target_ref {
+        "targetRef"
+    } else {
+        "targetRefs"
+    };
+    if selector {
+        c.problems.push(problem(
+            format!("spec.{field}"),
+            format!("{field} and selector are mutually exclusive"),
+        ));
+    }
+    Some(format!(
+        "spec.{field}: applies to gateways or waypoints, which Latch does not run; not enforced \
+         at workloads"
+    ))
 }
 
 fn uncacheable(rule: &Rule) -> Option<&'static str> {
@@ -215,11 +291,10 @@ fn uncacheable_on(rule: &Rule, port: Option<u16>) -> Option<&'static str> {
     if let Some(why) = rule.when.iter().find_map(Condition::uses_ip) {
         return Some(why);
     }
-    rule.to
-        .iter()
-        .filter(here)
-        .any(Operation::has_l7)
-        .then_some("HTTP attributes")
+    (rule.to.iter().filter(here).any(Operation::has_l7)
+        || rule.from.iter().any(Source::has_l7)
+        || rule.when.iter().any(Condition::is_l7))
+    .then_some("HTTP attributes")
 }
 
 impl AuthzPolicy {
@@ -250,14 +325,18 @@ fn selector(
     labels
 }
 
-fn compile_rule(c: &mut Checker, path: &str, rule: &model::Rule) -> Rule {
+fn compile_rule(c: &mut Checker, path: &str, namespace: &str, rule: &model::Rule) -> Rule {
     let mut out = Rule::default();
     for (i, from) in rule.from.iter().flatten().enumerate() {
         let path = format!("{path}.from[{i}]");
         match &from.source {
             Some(source) if *source != model::Source::default() => {
-                out.from
-                    .push(compile_source(c, &format!("{path}.source"), source));
+                out.from.push(compile_source(
+                    c,
+                    &format!("{path}.source"),
+                    namespace,
+                    source,
+                ));
             }
             _ => c.problems.push(problem(path, "`source` must not be empty")),
         }
@@ -283,18 +362,7 @@ fn compile_rule(c: &mut Checker, path: &str, rule: &model::Rule) -> Rule {
     out
 }
 
-fn compile_source(c: &mut Checker, path: &str, s: &model::Source) -> Source {
-    let no_jwt = "is not supported by Latch (no JWT authentication)";
-    c.unsupported(
-        &format!("{path}.requestPrincipals"),
-        &s.request_principals,
-        &format!("requestPrincipals {no_jwt}"),
-    );
-    c.unsupported(
-        &format!("{path}.notRequestPrincipals"),
-        &s.not_request_principals,
-        &format!("notRequestPrincipals {no_jwt}"),
-    );
+fn compile_source(c: &mut Checker, path: &str, namespace: &str, s: &model::Source) -> Source {
     let no_remote = "is not supported by Latch (no proxies in front of workloads); use ipBlocks";
     c.unsupported(
         &format!("{path}.remoteIpBlocks"),
@@ -311,8 +379,23 @@ fn compile_source(c: &mut Checker, path: &str, s: &model::Source) -> Source {
         not_principals: c.patterns(&format!("{path}.notPrincipals"), &s.not_principals),
         namespaces: c.patterns(&format!("{path}.namespaces"), &s.namespaces),
         not_namespaces: c.patterns(&format!("{path}.notNamespaces"), &s.not_namespaces),
+        service_accounts: c.service_accounts(
+            &format!("{path}.serviceAccounts"),
+            namespace,
+            &s.service_accounts,
+        ),
+        not_service_accounts: c.service_accounts(
+            &format!("{path}.notServiceAccounts"),
+            namespace,
+            &s.not_service_accounts,
+        ),
         ip_blocks: c.cidrs(&format!("{path}.ipBlocks"), &s.ip_blocks),
         not_ip_blocks: c.cidrs(&format!("{path}.notIpBlocks"), &s.not_ip_blocks),
+        request_principals: c.patterns(&format!("{path}.requestPrincipals"), &s.request_principals),
+        not_request_principals: c.patterns(
+            &format!("{path}.notRequestPrincipals"),
+            &s.not_request_principals,
+        ),
     }
 }
 
@@ -342,37 +425,89 @@ fn compile_condition(c: &mut Checker, path: &str, w: &model::Condition) -> Optio
     let (values, not_values) = (texts(&w.values), texts(&w.not_values));
     let vpath = format!("{path}.values");
     let npath = format!("{path}.notValues");
+    let key = match when_key(&w.key) {
+        Ok(key) => key,
+        Err(message) => {
+            c.problems.push(problem(format!("{path}.key"), message));
+            return None;
+        }
+    };
     let typed = |c: &mut Checker,
                  p: &str,
                  v: &Option<Vec<String>>,
-                 raw: &Option<Vec<model::Scalar>>| match w.key.as_str() {
-        "source.ip" => ConditionValues::SourceIp(c.cidrs(p, v)),
-        "destination.ip" => ConditionValues::DestinationIp(c.cidrs(p, v)),
-        "source.namespace" => ConditionValues::SourceNamespace(c.patterns(p, v)),
-        "source.principal" => ConditionValues::SourcePrincipal(c.patterns(p, v)),
-        _ => ConditionValues::DestinationPort(c.ports(p, raw)),
+                 raw: &Option<Vec<model::Scalar>>| match &key {
+        WhenKey::SourceIp => ConditionValues::SourceIp(c.cidrs(p, v)),
+        WhenKey::DestinationIp => ConditionValues::DestinationIp(c.cidrs(p, v)),
+        WhenKey::SourceNamespace => ConditionValues::SourceNamespace(c.patterns(p, v)),
+        WhenKey::SourcePrincipal => ConditionValues::SourcePrincipal(c.patterns(p, v)),
+        WhenKey::DestinationPort => ConditionValues::DestinationPort(c.ports(p, raw)),
+        WhenKey::Header(name) => ConditionValues::RequestHeader(name.clone(), c.patterns(p, v)),
+        WhenKey::AuthPrincipal => ConditionValues::RequestPrincipal(c.patterns(p, v)),
+        WhenKey::AuthAudiences => ConditionValues::RequestAudiences(c.patterns(p, v)),
+        WhenKey::AuthPresenter => ConditionValues::RequestPresenter(c.patterns(p, v)),
+        WhenKey::Claim(path) => ConditionValues::RequestClaim(path.clone(), c.patterns(p, v)),
     };
-    match w.key.as_str() {
-        "source.ip" | "destination.ip" | "source.namespace" | "source.principal"
-        | "destination.port" => Some(Condition {
-            values: typed(c, &vpath, &values, &w.values),
-            not_values: typed(c, &npath, &not_values, &w.not_values),
-        }),
-        "" => {
-            c.problems.push(problem(
-                format!("{path}.key"),
-                format!("a condition needs a `key` (one of {WHEN_KEYS})"),
-            ));
-            None
+    Some(Condition {
+        values: typed(c, &vpath, &values, &w.values),
+        not_values: typed(c, &npath, &not_values, &w.not_values),
+    })
+}
+
+/// A `when` key, parsed.
+enum WhenKey {
+    SourceIp,
+    DestinationIp,
+    SourceNamespace,
+    SourcePrincipal,
+    DestinationPort,
+    /// Lower-cased (header names are case-insensitive).
+    Header(Box<str>),
+    AuthPrincipal,
+    AuthAudiences,
+    AuthPresenter,
+    /// `claims[a][b]`: the names, outermost first.
+    Claim(Box<[String]>),
+}
+
+fn when_key(key: &str) -> Result<WhenKey, String> {
+    let bracketed = |prefix: &str| -> Option<Result<Vec<String>, String>> {
+        let rest = key.strip_prefix(prefix)?;
+        let inner = rest.strip_prefix('[').and_then(|r| r.strip_suffix(']'));
+        Some(match inner {
+            Some(inner) if !inner.is_empty() && !inner.split("][").any(str::is_empty) => {
+                Ok(inner.split("][").map(str::to_owned).collect())
+            }
+            _ => Err(format!("{key:?}: expected {prefix}[NAME]")),
+        })
+    };
+    Ok(match key {
+        "source.ip" => WhenKey::SourceIp,
+        "destination.ip" => WhenKey::DestinationIp,
+        "source.namespace" => WhenKey::SourceNamespace,
+        "source.principal" => WhenKey::SourcePrincipal,
+        "destination.port" => WhenKey::DestinationPort,
+        "request.auth.principal" => WhenKey::AuthPrincipal,
+        "request.auth.audiences" => WhenKey::AuthAudiences,
+        "request.auth.presenter" => WhenKey::AuthPresenter,
+        "" => return Err(format!("a condition needs a `key` (one of {WHEN_KEYS})")),
+        _ => {
+            if let Some(names) = bracketed("request.headers") {
+                let names = names?;
+                let [name] = names.as_slice() else {
+                    return Err(format!("{key:?}: expected request.headers[NAME]"));
+                };
+                hyper::header::HeaderName::from_bytes(name.as_bytes())
+                    .map_err(|_| format!("{key:?}: {name:?} is not a header name"))?;
+                WhenKey::Header(name.to_ascii_lowercase().into())
+            } else if let Some(names) = bracketed("request.auth.claims") {
+                WhenKey::Claim(names?.into())
+            } else {
+                return Err(format!(
+                    "{key:?} is not supported by Latch; supported keys: {WHEN_KEYS}"
+                ));
+            }
         }
-        other => {
-            c.problems.push(problem(
-                format!("{path}.key"),
-                format!("{other:?} is not supported by Latch; supported keys: {WHEN_KEYS}"),
-            ));
-            None
-        }
-    }
+    })
 }
 
 /// Compile a PeerAuthentication; `meta` is already checked.

@@ -143,6 +143,23 @@ pub struct Decision {
     pub mtls_mode: MtlsMode,
     /// The PeerAuthentication that set `mtls_mode`, `None` for the default.
     pub mtls_source: Option<PolicyRef>,
+    /// When `istio.io/dry-run` policies apply: what the decision would be if they were
+    /// enforced. Recorded, never enforced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dry_run: Option<Box<DryRun>>,
+}
+
+/// The shadow decision of dry-run policies.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DryRun {
+    /// The dry-run policies that apply.
+    pub policies: Vec<PolicyRef>,
+    /// The decision with them enforced; `None` when it depends on HTTP attributes not known
+    /// for this connection.
+    pub allowed: Option<bool>,
+    pub decided_by: Option<PolicyRef>,
+    pub rule: Option<usize>,
+    pub reason: String,
 }
 
 /// The answer for a new connection: final, or dependent on its HTTP requests.

@@ -10,8 +10,8 @@ use super::{
     PolicySet,
     compile::AuthzPolicy,
     decision::{
-        Action, Connection, ConnectionDecision, Decision, Explanation, HttpRequest, MtlsMode,
-        PolicyRef, Protocol, Target, Traffic,
+        Action, Connection, ConnectionDecision, Decision, DryRun, Explanation, HttpRequest,
+        MtlsMode, PolicyRef, Protocol, Target, Traffic,
     },
     matching::{Attrs, L7, Tri},
 };
@@ -116,11 +116,15 @@ impl PolicySet {
     /// can match `port` (the caller then has to parse HTTP on that port).
     pub fn has_l7_for(&self, target: &Target, port: u16) -> bool {
         self.applicable(target).iter().any(|&id| {
-            self.inner.authz[id as usize]
-                .rules
-                .iter()
-                .flat_map(|r| &r.to)
-                .any(|op| op.has_l7() && op.port_matches(port))
+            let policy = &self.inner.authz[id as usize];
+            !policy.dry_run
+                && policy.rules.iter().any(|r| {
+                    let here = r.to.is_empty() || r.to.iter().any(|op| op.port_matches(port));
+                    let l7 = r.from.iter().any(|s| s.has_l7())
+                        || r.when.iter().any(|c| c.is_l7())
+                        || r.to.iter().any(|op| op.has_l7() && op.port_matches(port));
+                    here && l7
+                })
         })
     }
 
@@ -173,6 +177,7 @@ impl PolicySet {
             audited: Vec::new(),
             mtls_mode: self.inner.default_mtls,
             mtls_source: None,
+            dry_run: None,
         }
     }
 
@@ -201,6 +206,7 @@ impl PolicySet {
         if target.namespace != inner.root_namespace {
             add(target.namespace);
         }
+        ids.retain(|&id| inner.authz[id as usize].not_enforced.is_none());
         ids.sort_unstable();
         ids
     }
@@ -268,18 +274,109 @@ fn decide(set: &PolicySet, target: &Target, attrs: &Attrs, phase: Phase) -> Outc
                 audited: Vec::new(),
                 mtls_mode,
                 mtls_source,
+                dry_run: None,
             },
             false,
         );
     }
+    let applicable: Vec<&AuthzPolicy> = set
+        .applicable(target)
+        .into_iter()
+        .map(|id| &set.inner.authz[id as usize])
+        .collect();
+    let judged = judge(
+        applicable.iter().copied().filter(|p| !p.dry_run),
+        attrs,
+        phase,
+    );
+    let (allowed, by, reason) = match judged.verdict {
+        Ok(verdict) => verdict,
+        Err(reason) => return Outcome::DependsOnHttp(reason),
+    };
+    let (audited, uncacheable, has_l7) = (judged.audited, judged.uncacheable, judged.has_l7);
+    let dry_run = applicable.iter().any(|p| p.dry_run).then(|| {
+        let shadow = judge(applicable.iter().copied(), attrs, phase);
+        Box::new(DryRun {
+            policies: applicable
+                .iter()
+                .filter(|p| p.dry_run)
+                .map(|p| p.reference())
+                .collect(),
+            allowed: shadow.verdict.as_ref().ok().map(|(allowed, ..)| *allowed),
+            decided_by: shadow
+                .verdict
+                .as_ref()
+                .ok()
+                .and_then(|(_, by, _)| by.map(|(p, _)| p.reference())),
+            rule: shadow
+                .verdict
+                .as_ref()
+                .ok()
+                .and_then(|(_, by, _)| by.map(|(_, rule)| rule)),
+            reason: match &shadow.verdict {
+                Ok((_, _, reason)) => reason.clone(),
+                Err(reason) => reason.clone(),
+            },
+        })
+    });
+    let (cacheable, cache_reason) = match uncacheable {
+        _ if plaintext => (false, "plaintext source".to_owned()),
+        _ if mtls_mode == MtlsMode::Strict && !set.inner.strict_fastpath => (
+            false,
+            format!(
+                "mTLS is STRICT ({}): every connection is tunneled (mtls.strictFastpath is off)",
+                mtls_source
+                    .as_ref()
+                    .map_or_else(|| "the default mode".to_owned(), ToString::to_string)
+            ),
+        ),
+        Some((p, why)) => (false, format!("{} references {why}", p.reference())),
+        None => (
+            true,
+            "depends only on the source identity and the destination workload and port".to_owned(),
+        ),
+    };
+    let decision = Decision {
+        allowed,
+        cacheable,
+        cache_reason,
+        decided_by: by.map(|(p, _)| p.reference()),
+        rule: by.map(|(_, rule)| rule),
+        reason,
+        audited,
+        mtls_mode,
+        mtls_source,
+        dry_run,
+    };
+    Outcome::Final(decision, has_l7)
+}
+
+/// What the AuthorizationPolicies in `policies` say about a connection or request.
+struct Judged<'p> {
+    /// Allowed, by whom (policy and rule), why; or why it depends on HTTP.
+    #[allow(clippy::type_complexity)]
+    verdict: Result<(bool, Option<(&'p AuthzPolicy, usize)>, String), String>,
+    audited: Vec<PolicyRef>,
+    /// The first policy that makes the decision uncacheable, and why.
+    uncacheable: Option<(&'p AuthzPolicy, &'static str)>,
+    /// Whether one of them has HTTP fields.
+    has_l7: bool,
+}
+
+/// Istio's evaluation of `policies` (applying to the target): any matching DENY denies; if no
+/// ALLOW policy applies, allow; else allow only if one matches.
+fn judge<'p>(
+    policies: impl Iterator<Item = &'p AuthzPolicy>,
+    attrs: &Attrs,
+    phase: Phase,
+) -> Judged<'p> {
     let mut deny = Found::default();
     let mut allow = Found::default();
     let mut allow_applies = false;
     let mut audited = Vec::new();
     let mut uncacheable = None;
     let mut has_l7 = false;
-    for id in set.applicable(target) {
-        let policy = &set.inner.authz[id as usize];
+    for policy in policies {
         if uncacheable.is_none() {
             uncacheable = policy
                 .uncacheable_on(attrs.destination_port)
@@ -308,69 +405,46 @@ fn decide(set: &PolicySet, target: &Target, attrs: &Attrs, phase: Phase) -> Outc
         };
         found.consider(policy, first_match(policy, attrs, l7));
     }
-    let (allowed, by, reason) = if let Some((p, rule)) = deny.yes {
-        (
+    let verdict = if let Some((p, rule)) = deny.yes {
+        Ok((
             false,
             Some((p, rule)),
             format!("denied by {}, rule {rule}", p.reference()),
-        )
+        ))
     } else if allow_applies && allow.yes.is_none() && allow.maybe.is_none() {
-        (
+        Ok((
             false,
             None,
             "ALLOW policies apply but none matched".to_owned(),
-        )
+        ))
     } else if let Some((p, rule)) = deny.maybe.or(if allow.yes.is_none() {
         allow.maybe
     } else {
         None
     }) {
-        return Outcome::DependsOnHttp(format!(
+        Err(format!(
             "{}, rule {rule}, depends on HTTP attributes",
             p.reference()
-        ));
+        ))
     } else if let Some((p, rule)) = allow.yes {
-        (
+        Ok((
             true,
             Some((p, rule)),
             format!("allowed by {}, rule {rule}", p.reference()),
-        )
+        ))
     } else {
-        (
+        Ok((
             true,
             None,
             "no ALLOW policy applies to the workload: allowed by default".to_owned(),
-        )
+        ))
     };
-    let (cacheable, cache_reason) = match uncacheable {
-        _ if plaintext => (false, "plaintext source".to_owned()),
-        _ if mtls_mode == MtlsMode::Strict && !set.inner.strict_fastpath => (
-            false,
-            format!(
-                "mTLS is STRICT ({}): every connection is tunneled (mtls.strictFastpath is off)",
-                mtls_source
-                    .as_ref()
-                    .map_or_else(|| "the default mode".to_owned(), ToString::to_string)
-            ),
-        ),
-        Some((p, why)) => (false, format!("{} references {why}", p.reference())),
-        None => (
-            true,
-            "depends only on the source identity and the destination workload and port".to_owned(),
-        ),
-    };
-    let decision = Decision {
-        allowed,
-        cacheable,
-        cache_reason,
-        decided_by: by.map(|(p, _)| p.reference()),
-        rule: by.map(|(_, rule)| rule),
-        reason,
+    Judged {
+        verdict,
         audited,
-        mtls_mode,
-        mtls_source,
-    };
-    Outcome::Final(decision, has_l7)
+        uncacheable,
+        has_l7,
+    }
 }
 
 /// [`decide`] where the answer is final (the request is known, or the connection is TCP).

@@ -62,6 +62,7 @@ pub(super) fn object(origin: &Path, text: &str) -> Result<PolicyObject, Vec<Poli
         file: origin.to_owned(),
         authorization_policies: 0,
         peer_authentications: 0,
+        warnings: Vec::new(),
     };
     let doc = Doc {
         file: origin,
@@ -253,6 +254,7 @@ impl Loader {
             file: file.to_owned(),
             authorization_policies: 0,
             peer_authentications: 0,
+            warnings: Vec::new(),
         };
         for (offset, text) in split_documents(text) {
             if is_blank(text) {
@@ -287,9 +289,22 @@ impl Loader {
             Some("AuthorizationPolicy") => {
                 let raw: model::AuthorizationPolicyDoc = doc.parse().map_err(|e| vec![e])?;
                 let meta = doc.meta(&raw.metadata).map_err(|e| vec![e])?;
-                let policy =
-                    compile::authorization_policy(meta, &raw.spec).map_err(|p| doc.problems(p))?;
+                let policy = compile::authorization_policy(
+                    meta,
+                    raw.metadata.annotations.as_ref(),
+                    &raw.spec,
+                )
+                .map_err(|p| doc.problems(p))?;
                 self.unique(doc, PolicyKind::AuthorizationPolicy, &policy.meta)?;
+                if let Some(why) = &policy.not_enforced {
+                    summary.warnings.push(format!(
+                        "{}:{}: AuthorizationPolicy {}/{}: {why}",
+                        policy.meta.file.display(),
+                        policy.meta.line,
+                        policy.meta.namespace,
+                        policy.meta.name
+                    ));
+                }
                 self.authz.push(policy);
                 summary.authorization_policies += 1;
             }

@@ -164,12 +164,27 @@ pub(crate) enum L7<'a> {
     },
 }
 
+impl L7<'_> {
+    /// An HTTP-only test: `test` on a known request; `Maybe` while the request is unknown; on
+    /// plain TCP, ignored (`Yes`; a rule of an ALLOW policy with HTTP fields never matches TCP,
+    /// see [`Rule::matches`]).
+    fn judge(self, test: impl FnOnce(&HttpRequest) -> bool) -> Tri {
+        match self {
+            L7::Request(req) => Tri::from_bool(test(req)),
+            L7::Unknown => Tri::Maybe,
+            L7::Tcp { .. } => Tri::Yes,
+        }
+    }
+}
+
 /// The connection's attributes, normalized once per decision.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Attrs<'a> {
     /// Without `spiffe://`.
     pub principal: Option<&'a str>,
     pub namespace: Option<&'a str>,
+    /// The service account of the source's SPIFFE ID.
+    pub service_account: Option<&'a str>,
     pub source_ip: Option<IpAddr>,
     pub destination_ip: IpAddr,
     pub destination_port: u16,
@@ -186,6 +201,7 @@ impl<'a> Attrs<'a> {
         Self {
             principal,
             namespace: principal.and_then(namespace_of),
+            service_account: principal.and_then(service_account_of),
             source_ip,
             destination_ip,
             destination_port,
@@ -198,6 +214,15 @@ pub(crate) fn namespace_of(principal: &str) -> Option<&str> {
     let mut parts = principal.split('/');
     parts.next()?;
     (parts.next()? == "ns").then(|| parts.next()).flatten()
+}
+
+/// The service account of a SPIFFE path `<trust domain>/ns/<namespace>/sa/<account>`.
+pub(crate) fn service_account_of(principal: &str) -> Option<&str> {
+    let mut parts = principal.split('/');
+    parts.next()?;
+    (parts.next()? == "ns").then_some(())?;
+    parts.next()?;
+    (parts.next()? == "sa").then(|| parts.next()).flatten()
 }
 
 #[derive(Debug, Clone, Default)]
@@ -216,8 +241,14 @@ pub(crate) struct Source {
     pub not_principals: Vec<Pattern>,
     pub namespaces: Vec<Pattern>,
     pub not_namespaces: Vec<Pattern>,
+    /// Matched against `namespace/serviceAccount` of the source's SPIFFE ID.
+    pub service_accounts: Vec<Pattern>,
+    pub not_service_accounts: Vec<Pattern>,
     pub ip_blocks: Vec<Cidr>,
     pub not_ip_blocks: Vec<Cidr>,
+    /// HTTP only: matched against the request's JWT principal `iss/sub`.
+    pub request_principals: Vec<Pattern>,
+    pub not_request_principals: Vec<Pattern>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -247,6 +278,17 @@ pub(crate) enum ConditionValues {
     SourceNamespace(Vec<Pattern>),
     SourcePrincipal(Vec<Pattern>),
     DestinationPort(Vec<u16>),
+    /// The remaining keys are HTTP only.
+    /// `request.headers[name]` (name lower-cased); several fields are joined with `,`.
+    RequestHeader(Box<str>, Vec<Pattern>),
+    /// `request.auth.principal`: the JWT's `iss/sub`.
+    RequestPrincipal(Vec<Pattern>),
+    /// `request.auth.audiences`: any of the JWT's `aud`.
+    RequestAudiences(Vec<Pattern>),
+    /// `request.auth.presenter`: the JWT's `azp`.
+    RequestPresenter(Vec<Pattern>),
+    /// `request.auth.claims[a][b]`: a string claim, or any string of a list claim.
+    RequestClaim(Box<[String]>, Vec<Pattern>),
 }
 
 /// Whether any pattern matches a possibly absent value (absent matches nothing).
@@ -264,14 +306,39 @@ fn field<T>(values: &[T], not_values: &[T], matches: impl Fn(&[T]) -> bool) -> b
 }
 
 impl Source {
-    fn matches(&self, a: &Attrs) -> bool {
-        field(&self.principals, &self.not_principals, |p| {
+    fn matches(&self, a: &Attrs, l7: L7) -> Tri {
+        let service_account = || match (a.namespace, a.service_account) {
+            (Some(ns), Some(sa)) => Some(format!("{ns}/{sa}")),
+            _ => None,
+        };
+        let l4 = field(&self.principals, &self.not_principals, |p| {
             any(p, a.principal)
         }) && field(&self.namespaces, &self.not_namespaces, |p| {
             any(p, a.namespace)
+        }) && field(&self.service_accounts, &self.not_service_accounts, |p| {
+            any(p, service_account().as_deref())
         }) && field(&self.ip_blocks, &self.not_ip_blocks, |b| {
             any_ip(b, a.source_ip)
+        });
+        if !l4 {
+            return Tri::No;
+        }
+        if !self.has_l7() {
+            return Tri::Yes;
+        }
+        l7.judge(|req| {
+            let principal = req.auth.map(|auth| auth.principal.as_str());
+            field(
+                &self.request_principals,
+                &self.not_request_principals,
+                |p| any(p, principal),
+            )
         })
+    }
+
+    /// Whether this source looks at the request's JWT (an HTTP attribute).
+    pub(crate) fn has_l7(&self) -> bool {
+        !self.request_principals.is_empty() || !self.not_request_principals.is_empty()
     }
 
     pub(crate) fn uses_source_ip(&self) -> bool {
@@ -321,16 +388,52 @@ impl Operation {
 }
 
 impl Condition {
-    fn matches(&self, a: &Attrs) -> bool {
-        let hit = |values: &ConditionValues| match values {
-            ConditionValues::SourceIp(v) => any_ip(v, a.source_ip),
-            ConditionValues::DestinationIp(v) => any_ip(v, Some(a.destination_ip)),
-            ConditionValues::SourceNamespace(v) => any(v, a.namespace),
-            ConditionValues::SourcePrincipal(v) => any(v, a.principal),
-            ConditionValues::DestinationPort(v) => v.contains(&a.destination_port),
+    fn matches(&self, a: &Attrs, l7: L7) -> Tri {
+        let test = |req: Option<&HttpRequest>| {
+            let hit = |values: &ConditionValues| match values {
+                ConditionValues::SourceIp(v) => any_ip(v, a.source_ip),
+                ConditionValues::DestinationIp(v) => any_ip(v, Some(a.destination_ip)),
+                ConditionValues::SourceNamespace(v) => any(v, a.namespace),
+                ConditionValues::SourcePrincipal(v) => any(v, a.principal),
+                ConditionValues::DestinationPort(v) => v.contains(&a.destination_port),
+                ConditionValues::RequestHeader(name, v) => {
+                    req.is_some_and(|r| any(v, header(r, name).as_deref()))
+                }
+                ConditionValues::RequestPrincipal(v) => {
+                    any(v, req.and_then(|r| r.auth).map(|x| x.principal.as_str()))
+                }
+                ConditionValues::RequestAudiences(v) => req
+                    .and_then(|r| r.auth)
+                    .is_some_and(|x| x.audiences.iter().any(|aud| any(v, Some(aud)))),
+                ConditionValues::RequestPresenter(v) => any(
+                    v,
+                    req.and_then(|r| r.auth)
+                        .and_then(|x| x.presenter.as_deref()),
+                ),
+                ConditionValues::RequestClaim(path, v) => req
+                    .and_then(|r| r.auth)
+                    .is_some_and(|x| claim_matches(&x.claims, path, v)),
+            };
+            (self.values.is_empty() || hit(&self.values))
+                && (self.not_values.is_empty() || !hit(&self.not_values))
         };
-        (self.values.is_empty() || hit(&self.values))
-            && (self.not_values.is_empty() || !hit(&self.not_values))
+        if self.is_l7() {
+            l7.judge(|req| test(Some(req)))
+        } else {
+            Tri::from_bool(test(None))
+        }
+    }
+
+    /// Whether the key is an HTTP attribute (`request.*`).
+    pub(crate) fn is_l7(&self) -> bool {
+        matches!(
+            self.values,
+            ConditionValues::RequestHeader(..)
+                | ConditionValues::RequestPrincipal(_)
+                | ConditionValues::RequestAudiences(_)
+                | ConditionValues::RequestPresenter(_)
+                | ConditionValues::RequestClaim(..)
+        )
     }
 
     pub(crate) fn uses_destination_port(&self) -> bool {
@@ -350,15 +453,59 @@ impl ConditionValues {
     fn is_empty(&self) -> bool {
         match self {
             Self::SourceIp(v) | Self::DestinationIp(v) => v.is_empty(),
-            Self::SourceNamespace(v) | Self::SourcePrincipal(v) => v.is_empty(),
+            Self::SourceNamespace(v)
+            | Self::SourcePrincipal(v)
+            | Self::RequestHeader(_, v)
+            | Self::RequestPrincipal(v)
+            | Self::RequestAudiences(v)
+            | Self::RequestPresenter(v)
+            | Self::RequestClaim(_, v) => v.is_empty(),
             Self::DestinationPort(v) => v.is_empty(),
         }
     }
 }
 
+/// A header's value as policy sees it: absent, the one field, or several joined with `,` (as
+/// HTTP folds them, RFC 9110 §5.3). A value that is not visible ASCII never matches.
+fn header(request: &HttpRequest, name: &str) -> Option<String> {
+    let mut values = request.headers.get_all(name).iter();
+    let first = values.next()?.to_str().ok()?.to_owned();
+    values.try_fold(first, |mut joined, v| {
+        joined.push(',');
+        joined.push_str(v.to_str().ok()?);
+        Some(joined)
+    })
+}
+
+/// Whether the claim at `path` (nested objects) is a string any pattern matches, or a list with
+/// such a string, as Istio matches `request.auth.claims[..]`.
+fn claim_matches(
+    claims: &serde_json::Map<String, serde_json::Value>,
+    path: &[String],
+    patterns: &[Pattern],
+) -> bool {
+    let Some((first, rest)) = path.split_first() else {
+        return false;
+    };
+    let mut value = claims.get(first);
+    for name in rest {
+        value = value.and_then(|v| v.get(name));
+    }
+    match value {
+        Some(serde_json::Value::String(s)) => any(patterns, Some(s)),
+        Some(serde_json::Value::Array(items)) => items
+            .iter()
+            .any(|item| item.as_str().is_some_and(|s| any(patterns, Some(s)))),
+        _ => false,
+    }
+}
+
 impl Rule {
+    /// Whether any field of the rule is an HTTP attribute.
     pub(crate) fn has_l7(&self) -> bool {
         self.to.iter().any(Operation::has_l7)
+            || self.from.iter().any(Source::has_l7)
+            || self.when.iter().any(Condition::is_l7)
     }
 
     /// Whether this rule matches, in the given L7 mode.
@@ -368,16 +515,25 @@ impl Rule {
         {
             return Tri::No;
         }
-        let from = self.from.is_empty() || self.from.iter().any(|s| s.matches(a));
-        if !from || !self.when.iter().all(|c| c.matches(a)) {
-            return Tri::No;
-        }
-        if self.to.is_empty() {
-            return Tri::Yes;
-        }
-        self.to
+        let from = if self.from.is_empty() {
+            Tri::Yes
+        } else {
+            self.from
+                .iter()
+                .fold(Tri::No, |acc, s| acc.or(s.matches(a, l7)))
+        };
+        let when = self
+            .when
             .iter()
-            .fold(Tri::No, |acc, op| acc.or(op.matches(a, l7)))
+            .fold(Tri::Yes, |acc, c| acc.and(c.matches(a, l7)));
+        let to = if self.to.is_empty() {
+            Tri::Yes
+        } else {
+            self.to
+                .iter()
+                .fold(Tri::No, |acc, op| acc.or(op.matches(a, l7)))
+        };
+        from.and(when).and(to)
     }
 }
 

@@ -22,7 +22,7 @@ mod reference;
 mod tests;
 
 pub use decision::{
-    Action, Connection, ConnectionDecision, Decision, Explanation, HttpRequest, MtlsMode,
+    Action, Connection, ConnectionDecision, Decision, DryRun, Explanation, HttpRequest, MtlsMode,
     PolicyKind, PolicyRef, Protocol, RequestAuth, RequestPath, Target, Traffic, no_headers,
 };
 pub use error::PolicyError;
@@ -90,6 +90,8 @@ pub struct FileSummary {
     pub file: PathBuf,
     pub authorization_policies: usize,
     pub peer_authentications: usize,
+    /// What was accepted but is not enforced (`file:line: kind ns/name: why`).
+    pub warnings: Vec<String>,
 }
 
 /// One policy, for the debug API.
@@ -104,6 +106,12 @@ pub struct PolicySummary {
     pub selector: BTreeMap<String, String>,
     pub file: PathBuf,
     pub line: usize,
+    /// `istio.io/dry-run`: evaluated and recorded, never enforced.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
+    /// Why the policy is never applied to a workload (`targetRef`), if so.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_enforced: Option<String>,
 }
 
 impl PolicySet {
@@ -229,6 +237,8 @@ impl PolicySet {
             selector: p.selector.clone(),
             file: p.meta.file.clone(),
             line: p.meta.line,
+            dry_run: p.dry_run,
+            not_enforced: p.not_enforced.clone(),
         });
         let peer = self.inner.peer.iter().map(|p| PolicySummary {
             kind: PolicyKind::PeerAuthentication,
@@ -239,6 +249,8 @@ impl PolicySet {
             selector: p.selector.clone(),
             file: p.meta.file.clone(),
             line: p.meta.line,
+            dry_run: false,
+            not_enforced: None,
         });
         authz.chain(peer).collect()
     }

@@ -1,7 +1,8 @@
 //! The YAML shape of Istio's `AuthorizationPolicy`, `PeerAuthentication` and
-//! `RequestAuthentication` objects as users write them (`security.istio.io/v1` and `v1beta1`), before any checking: every field Istio
-//! defines is read (unknown ones are errors), including the ones Latch rejects later
-//! (`requestPrincipals`, `targetRef`, ...), so that [`super::compile`] can say why.
+//! `RequestAuthentication` objects as users write them (`security.istio.io/v1` and `v1beta1`),
+//! before any checking: every field Istio defines is read (unknown ones are errors), including
+//! the ones Latch rejects later (`remoteIpBlocks`, `provider`, ...), so that [`super::compile`]
+//! can say why.
 
 use std::collections::BTreeMap;
 
@@ -82,10 +83,10 @@ pub struct ObjectMeta {
 pub struct AuthorizationPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<WorkloadSelector>,
-    /// Rejected: Latch has no gateways or waypoints to target.
+    /// For gateways and waypoints: accepted, never enforced at workloads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_ref: Option<serde_yaml_ng::Value>,
-    /// Rejected, as `targetRef`.
+    /// As `targetRef`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_refs: Option<serde_yaml_ng::Value>,
     /// `ALLOW` when absent.
@@ -138,6 +139,11 @@ pub struct Source {
     pub namespaces: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_namespaces: Option<Vec<String>>,
+    /// `namespace/serviceAccount`, or `serviceAccount` in the policy's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_accounts: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_service_accounts: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip_blocks: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

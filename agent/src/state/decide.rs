@@ -55,6 +55,22 @@ impl From<Decision> for Judgement {
                 .collect();
             reason = format!("{reason}; audited by {}", audited.join(", "));
         }
+        if let Some(dry) = &d.dry_run {
+            let verdict = match dry.allowed {
+                Some(true) => "ALLOW",
+                Some(false) => "DENY",
+                None => "undecided until the HTTP request",
+            };
+            let by = dry
+                .decided_by
+                .as_ref()
+                .map(|p| match dry.rule {
+                    Some(rule) => format!(" by {}/{} rule {rule}", p.namespace, p.name),
+                    None => format!(" by {}/{}", p.namespace, p.name),
+                })
+                .unwrap_or_default();
+            reason = format!("{reason}; dry run: {verdict}{by} (not enforced)");
+        }
         Self {
             allowed: d.allowed,
             cacheable: d.cacheable,
@@ -282,10 +298,29 @@ pub struct Question {
     pub method: Option<String>,
     pub path: Option<String>,
     pub host: Option<String>,
+    /// `NAME:VALUE` request headers.
+    pub headers: Vec<String>,
 }
 
 /// The decision for `question` against the workload that owns its destination address (a
 /// local workload or a peer), with the deciding policy and rule. Errors name the bad input.
+/// `NAME:VALUE` headers as a header map; errors name the bad one.
+fn header_map(headers: &[String]) -> Result<hyper::HeaderMap, String> {
+    let mut map = hyper::HeaderMap::new();
+    for header in headers {
+        let bad = |why: &str| format!("--header {header:?}: {why}");
+        let (name, value) = header
+            .split_once(':')
+            .ok_or_else(|| bad("expected NAME:VALUE"))?;
+        let name = hyper::header::HeaderName::from_bytes(name.trim().as_bytes())
+            .map_err(|_| bad("not a header name"))?;
+        let value = hyper::header::HeaderValue::from_str(value.trim())
+            .map_err(|_| bad("not a header value"))?;
+        map.append(name, value);
+    }
+    Ok(map)
+}
+
 pub fn explain(snapshot: &Snapshot, question: &Question) -> Result<Explanation, String> {
     let source = match question.from.as_str() {
         "plaintext" => None,
@@ -311,8 +346,11 @@ pub fn explain(snapshot: &Snapshot, question: &Question) -> Result<Explanation, 
         destination_ip: destination.ip(),
         destination_port: destination.port(),
     };
-    let any_request =
-        question.method.is_some() || question.path.is_some() || question.host.is_some();
+    let any_request = question.method.is_some()
+        || question.path.is_some()
+        || question.host.is_some()
+        || !question.headers.is_empty();
+    let headers = header_map(&question.headers)?;
     let mut explanation = if any_request {
         // As the enforcement point sees the request: the path normalised with the config's
         // mode (the query string is never part of it), the host without its port.
@@ -326,7 +364,7 @@ pub fn explain(snapshot: &Snapshot, question: &Question) -> Result<Explanation, 
             method: question.method.as_deref().unwrap_or("GET"),
             path: &normalized,
             host: strip_port(question.host.as_deref().unwrap_or("")),
-            headers: crate::policy::no_headers(),
+            headers: &headers,
             auth: None,
         };
         let mut explanation = snapshot.policies.explain(&to, &conn, Some(&request));
@@ -367,6 +405,7 @@ spec:
   rules:
   - to: [{ operation: { paths: ["/admin", "/admin/*"] } }]
   - to: [{ operation: { hosts: ["internal.example"] } }]
+  - when: [{ key: "request.headers[x-debug]", values: ["*"] }]
 "#;
 
     fn snapshot(http: &str) -> Snapshot {
@@ -382,6 +421,15 @@ spec:
     }
 
     fn ask(snapshot: &Snapshot, path: &str, host: &str) -> Result<Explanation, String> {
+        ask_with(snapshot, path, host, &[])
+    }
+
+    fn ask_with(
+        snapshot: &Snapshot,
+        path: &str,
+        host: &str,
+        headers: &[&str],
+    ) -> Result<Explanation, String> {
         explain(
             snapshot,
             &Question {
@@ -391,6 +439,7 @@ spec:
                 method: Some("GET".into()),
                 path: Some(path.into()),
                 host: Some(host.into()),
+                headers: headers.iter().map(|h| (*h).to_owned()).collect(),
             },
         )
     }
@@ -443,6 +492,23 @@ spec:
             "{err}"
         );
         assert!(err.contains("400 Bad Request"), "{err}");
+    }
+
+    #[test]
+    fn explain_judges_request_headers_and_names_a_bad_one() {
+        let base = snapshot("");
+        let e = ask_with(&base, "/", "payment", &["X-Debug: 1"]).expect("explained");
+        assert!(!e.decision.allowed, "{e:?}");
+        assert_eq!(e.decision.rule, Some(2), "{e:?}");
+        let e = ask_with(&base, "/", "payment", &["x-other: 1"]).expect("explained");
+        assert!(e.decision.allowed, "{e:?}");
+        let err = ask_with(&base, "/", "payment", &["no colon"]).expect_err("bad header");
+        assert!(
+            err.contains("--header \"no colon\": expected NAME:VALUE"),
+            "{err}"
+        );
+        let err = ask_with(&base, "/", "payment", &["a b: 1"]).expect_err("bad name");
+        assert!(err.contains("not a header name"), "{err}");
     }
 
     #[test]

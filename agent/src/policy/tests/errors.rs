@@ -135,11 +135,31 @@ fn bad_cidrs() {
 #[test]
 fn unsupported_when_key() {
     expect(
-        &spec("  rules:\n  - when:\n    - key: request.headers[x-user]\n      values: [a]\n"),
+        &spec("  rules:\n  - when:\n    - key: connection.sni\n      values: [a]\n"),
         9,
         "spec.rules[0].when[0].key",
         "supported keys: source.ip, source.namespace",
     );
+    for (key, why) in [
+        ("request.headers", "expected request.headers[NAME]"),
+        ("request.headers[]", "expected request.headers[NAME]"),
+        ("request.headers[a][b]", "expected request.headers[NAME]"),
+        ("'request.headers[a b]'", "is not a header name"),
+        ("request.auth.claims", "expected request.auth.claims[NAME]"),
+        (
+            "request.auth.claims[a][]",
+            "expected request.auth.claims[NAME]",
+        ),
+    ] {
+        expect(
+            &spec(&format!(
+                "  rules:\n  - when:\n    - key: {key}\n      values: [a]\n"
+            )),
+            9,
+            "spec.rules[0].when[0].key",
+            why,
+        );
+    }
 }
 
 #[test]
@@ -165,15 +185,21 @@ fn star_in_the_middle() {
 }
 
 #[test]
-fn request_principals_and_remote_ip_blocks() {
+fn remote_ip_blocks_and_bad_service_accounts() {
     let text = spec(
-        "  rules:\n  - from:\n    - source:\n        requestPrincipals: [\"*\"]\n        remoteIpBlocks: [1.2.3.4]\n",
+        "  rules:\n  - from:\n    - source:\n        serviceAccounts: [a/b/c, /x]\n        remoteIpBlocks: [1.2.3.4]\n",
     );
     expect(
         &text,
         10,
-        "spec.rules[0].from[0].source.requestPrincipals",
-        "no JWT",
+        "spec.rules[0].from[0].source.serviceAccounts[0]",
+        "is not a service account",
+    );
+    expect(
+        &text,
+        10,
+        "spec.rules[0].from[0].source.serviceAccounts[1]",
+        "is not a service account",
     );
     expect(
         &text,
@@ -201,18 +227,33 @@ fn empty_source_and_operation() {
 }
 
 #[test]
-fn target_refs_rejected() {
+fn target_refs_accepted_with_a_warning_but_not_beside_a_selector() {
     expect(
-        &spec("  targetRef: {kind: Gateway, name: gw}\n"),
-        7,
+        &spec("  selector: {matchLabels: {app: a}}\n  targetRef: {kind: Gateway, name: gw}\n"),
+        8,
         "spec.targetRef",
-        "not supported",
+        "mutually exclusive",
     );
+    let dir = temp_dir("target-refs");
+    let file = dir.join("gw.yaml");
+    std::fs::write(&file, spec("  targetRefs: [{kind: Service, name: s}]\n")).expect("write");
+    let (out, ok) = cli::check(&[file]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("gw.yaml:4: AuthorizationPolicy prod/pay: spec.targetRefs: applies to gateways or waypoints, which Latch does not run; not enforced at workloads"),
+        "{out}"
+    );
+}
+
+#[test]
+fn dry_run_annotation_is_true_or_false() {
+    let text = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: pay\n  namespace: prod\n  annotations: {istio.io/dry-run: \"yes\"}\nspec: {}\n";
     expect(
-        &spec("  targetRefs: [{kind: Service, name: s}]\n"),
-        7,
-        "spec.targetRefs",
-        "not supported",
+        text,
+        6,
+        "metadata.annotations.istio.io/dry-run",
+        "neither \"true\" nor \"false\"",
     );
 }
 

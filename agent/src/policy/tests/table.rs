@@ -2,7 +2,7 @@
 //! request (see [`super::Req`]) and the expected outcome:
 //! `allow|deny|needs` then optional `cache|nocache`, `by=ns/name|none`, `rule=N`,
 //! `tcp=allow|deny` (also [`PolicySet::evaluate_tcp`]), `audit=ns/name`, `mtls=MODE`,
-//! `msrc=ns/name|default`.
+//! `msrc=ns/name|default`, `dry=allow|deny|http|none` (the dry-run shadow decision).
 
 use super::{Req, set};
 use crate::policy::{ConnectionDecision, PolicySet, Target};
@@ -86,6 +86,54 @@ const CASES: &[(&str, &str, &str, &str)] = &[
     ("AUDIT reported, no effect", "AP prod/au\naction: AUDIT\nrules: [{}]", "", "allow audit=prod/au"),
     ("AUDIT does not make ALLOW apply", "AP prod/au\naction: AUDIT\nrules: [{from: [{source: {namespaces: [dev]}}]}]", "", "allow"),
     ("AUDIT with DENY", "AP prod/au\naction: AUDIT\nrules: [{}]\nAP prod/d\naction: DENY\nrules: [{}]", "", "deny audit=prod/au by=prod/d"),
+    // serviceAccounts (`ns/sa`, or `sa` in the policy's namespace)
+    ("serviceAccounts ns/sa", "AP prod/p\nrules: [{from: [{source: {serviceAccounts: [prod/frontend]}}]}]", "", "allow cache"),
+    ("serviceAccounts short form", "AP prod/p\nrules: [{from: [{source: {serviceAccounts: [frontend]}}]}]", "", "allow"),
+    ("serviceAccounts short form is the policy's namespace", "AP prod/p\nrules: [{from: [{source: {serviceAccounts: [frontend]}}]}]", "from=dev/frontend", "deny"),
+    ("serviceAccounts short form of a root policy", "AP istio-system/p\nrules: [{from: [{source: {serviceAccounts: [frontend]}}]}]", "", "deny"),
+    ("serviceAccounts other account", "AP prod/p\nrules: [{from: [{source: {serviceAccounts: [prod/frontend]}}]}]", "from=prod/backend", "deny"),
+    ("serviceAccounts not plaintext", "AP prod/p\nrules: [{from: [{source: {serviceAccounts: [prod/frontend]}}]}]", "from=plain", "deny nocache"),
+    ("notServiceAccounts excludes", "AP prod/p\nrules: [{from: [{source: {notServiceAccounts: [prod/frontend]}}]}]", "", "deny"),
+    ("notServiceAccounts admits others", "AP prod/p\nrules: [{from: [{source: {notServiceAccounts: [frontend]}}]}]", "from=prod/backend", "allow cache"),
+    // request.headers
+    ("header condition: connection needs HTTP", "AP prod/a\nrules: [{when: [{key: 'request.headers[x-env]', values: [prod]}]}]", "", "needs tcp=deny"),
+    ("header condition matches", "AP prod/a\nrules: [{when: [{key: 'request.headers[x-env]', values: [prod]}]}]", "hdr:x-env=prod", "allow nocache rule=0"),
+    ("header condition: other value", "AP prod/a\nrules: [{when: [{key: 'request.headers[x-env]', values: [prod]}]}]", "hdr:x-env=dev", "deny"),
+    ("header condition: name case-insensitive", "AP prod/a\nrules: [{when: [{key: 'request.headers[X-Env]', values: [pr*]}]}]", "hdr:x-env=prod", "allow"),
+    ("header condition: absent header is no match", "AP prod/a\nrules: [{when: [{key: 'request.headers[x-env]', values: ['*']}]}]", "m=GET", "deny"),
+    ("header notValues: absent header passes", "AP prod/a\nrules: [{when: [{key: 'request.headers[x-env]', notValues: [dev]}]}]", "m=GET", "allow"),
+    ("header fields joined with commas", "AP prod/a\nrules: [{when: [{key: 'request.headers[x-a]', values: ['1,2']}]}]", "hdr:x-a=1 hdr:x-a=2", "allow"),
+    ("DENY on a header: TCP denied by it", "AP prod/d\naction: DENY\nrules: [{when: [{key: 'request.headers[x-debug]', values: ['*']}]}]", "", "needs tcp=deny"),
+    ("DENY on a header: request without it", "AP prod/d\naction: DENY\nrules: [{when: [{key: 'request.headers[x-debug]', values: ['*']}]}]", "m=GET", "allow"),
+    // requestPrincipals and request.auth.*
+    ("requestPrincipals: connection needs HTTP", "AP prod/a\nrules: [{from: [{source: {requestPrincipals: ['https://issuer/*']}}]}]", "", "needs tcp=deny"),
+    ("requestPrincipals match", "AP prod/a\nrules: [{from: [{source: {requestPrincipals: ['https://issuer/*']}}]}]", "jwt=https://issuer/alice", "allow nocache"),
+    ("requestPrincipals: no token", "AP prod/a\nrules: [{from: [{source: {requestPrincipals: ['*']}}]}]", "m=GET", "deny"),
+    ("requestPrincipals: other issuer", "AP prod/a\nrules: [{from: [{source: {requestPrincipals: ['https://issuer/*']}}]}]", "jwt=https://other/alice", "deny"),
+    ("requestPrincipals AND principals", "AP prod/a\nrules: [{from: [{source: {principals: [cluster.local/ns/prod/sa/frontend], requestPrincipals: ['*']}}]}]", "from=prod/other jwt=i/s", "deny"),
+    ("DENY notRequestPrincipals *: no token denied", "AP prod/d\naction: DENY\nrules: [{from: [{source: {notRequestPrincipals: ['*']}}]}]", "m=GET", "deny by=prod/d"),
+    ("DENY notRequestPrincipals *: token passes", "AP prod/d\naction: DENY\nrules: [{from: [{source: {notRequestPrincipals: ['*']}}]}]", "jwt=i/s", "allow"),
+    ("request.auth.principal", "AP prod/a\nrules: [{when: [{key: request.auth.principal, values: [i/alice]}]}]", "jwt=i/alice", "allow"),
+    ("request.auth.audiences: any", "AP prod/a\nrules: [{when: [{key: request.auth.audiences, values: [pay]}]}]", "jwt=i/s aud=web aud=pay", "allow"),
+    ("request.auth.audiences: none match", "AP prod/a\nrules: [{when: [{key: request.auth.audiences, values: [pay]}]}]", "jwt=i/s aud=web", "deny"),
+    ("request.auth.presenter", "AP prod/a\nrules: [{when: [{key: request.auth.presenter, values: [web]}]}]", "jwt=i/s azp=web", "allow"),
+    ("claim in a list claim", "AP prod/a\nrules: [{when: [{key: 'request.auth.claims[scope]', values: ['payments:write']}]}]", "jwt=i/s claim:scope=payments:read,payments:write", "allow"),
+    ("claim missing the value", "AP prod/a\nrules: [{when: [{key: 'request.auth.claims[scope]', values: ['payments:write']}]}]", "jwt=i/s claim:scope=payments:read", "deny"),
+    ("claim: a string is not split on spaces", "AP prod/a\nrules: [{when: [{key: 'request.auth.claims[scope]', values: [b]}]}]", "jwt=i/s claim:scope=a%20b", "deny"),
+    ("nested claim", "AP prod/a\nrules: [{when: [{key: 'request.auth.claims[realm][role]', values: [admin]}]}]", "jwt=i/s claim:realm.role=admin", "allow"),
+    ("nested claim: other value", "AP prod/a\nrules: [{when: [{key: 'request.auth.claims[realm][role]', values: [admin]}]}]", "jwt=i/s claim:realm.role=user", "deny"),
+    ("claim without a token", "AP prod/a\nrules: [{when: [{key: 'request.auth.claims[scope]', values: ['*']}]}]", "m=GET", "deny"),
+    // istio.io/dry-run: evaluated and recorded, never enforced
+    ("no dry-run policy: no shadow", ALLOW_FE, "", "allow dry=none"),
+    ("dry-run DENY is not enforced", "APD prod/d\naction: DENY\nrules: [{}]", "", "allow cache by=none dry=deny"),
+    ("dry-run ALLOW is not enforced", "APD prod/a\nrules: [{from: [{source: {namespaces: [dev]}}]}]", "", "allow by=none dry=deny"),
+    ("dry-run ALLOW that would allow", "APD prod/a\nrules: [{from: [{source: {namespaces: [prod]}}]}]", "", "allow dry=allow"),
+    ("dry-run beside an enforced DENY", "AP prod/d\naction: DENY\nrules: [{}]\nAPD prod/a\nrules: [{}]", "", "deny by=prod/d dry=deny"),
+    ("dry-run L7: no HTTP parsing forced", "APD prod/d\naction: DENY\nrules: [{to: [{operation: {methods: [POST]}}]}]", "", "allow cache dry=http"),
+    ("dry-run L7 on a request", "APD prod/d\naction: DENY\nrules: [{to: [{operation: {methods: [POST]}}]}]", "m=POST", "allow dry=deny"),
+    // targetRef(s): for gateways and waypoints, never applied to workloads
+    ("targetRefs policy not applied", "AP prod/g\ntargetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: gw}]", "", "allow by=none"),
+    ("targetRef DENY not applied", "AP prod/g\naction: DENY\ntargetRef: {kind: Service, group: '', name: pay}\nrules: [{}]", "", "allow by=none"),
     // L7
     ("ALLOW methods: connection needs HTTP", "AP prod/a\nrules: [{to: [{operation: {methods: [GET]}}]}]", "", "needs tcp=deny"),
     ("ALLOW methods: GET allowed", "AP prod/a\nrules: [{to: [{operation: {methods: [GET]}}]}]", "m=GET", "allow nocache"),
@@ -168,6 +216,13 @@ fn istio_semantics_table() {
                 ("by", Some(d)) => d.decided_by.as_ref().map_or("none".into(), short) == value,
                 ("rule", Some(d)) => d.rule.map(|r| r.to_string()).as_deref() == Some(value),
                 ("audit", Some(d)) => d.audited.iter().any(|a| short(a) == value),
+                ("dry", Some(d)) => match (value, &d.dry_run) {
+                    ("none", None) => true,
+                    ("allow", Some(dry)) => dry.allowed == Some(true),
+                    ("deny", Some(dry)) => dry.allowed == Some(false),
+                    ("http", Some(dry)) => dry.allowed.is_none(),
+                    _ => false,
+                },
                 ("mtls", _) => set.mtls_mode(&target, req.port).0.as_str() == value,
                 ("msrc", _) => {
                     set.mtls_mode(&target, req.port)
