@@ -116,9 +116,14 @@ impl BusyPoll {
 
     /// The worker ran out of work: an idle stretch starts (unless one already has).
     pub fn idle(&self) {
+        self.idle_at(self.now());
+    }
+
+    /// As [`Self::idle`], at `now` (already read by the caller).
+    fn idle_at(&self, now: u64) {
         let _ = self.idle_since.compare_exchange(
             0,
-            self.now().max(1),
+            now.max(1),
             Ordering::Relaxed,
             Ordering::Relaxed,
         );
@@ -188,11 +193,12 @@ impl BusyPoll {
                 tokio::task::yield_now().await;
                 self.rounds.fetch_add(1, Ordering::Relaxed);
                 let until = self.until.load(Ordering::Relaxed);
-                if self.now() >= until {
+                let now = self.now();
+                if now >= until {
                     break;
                 }
                 if until == seen {
-                    self.idle();
+                    self.idle_at(now);
                 }
                 seen = until;
             }
