@@ -121,12 +121,9 @@ impl BusyPoll {
 
     /// As [`Self::idle`], at `now` (already read by the caller).
     fn idle_at(&self, now: u64) {
-        let _ = self.idle_since.compare_exchange(
-            0,
-            now.max(1),
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        );
+        let _ =
+            self.idle_since
+                .compare_exchange(0, now.max(1), Ordering::Relaxed, Ordering::Relaxed);
     }
 
     /// An idle stretch ended, within the window (`paid`) or not.
