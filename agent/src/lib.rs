@@ -23,6 +23,7 @@ pub mod logging;
 pub mod metrics;
 pub mod netlink;
 pub mod policy;
+pub mod policy_test;
 pub mod runtime;
 pub mod scheduling;
 pub mod state;

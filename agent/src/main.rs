@@ -5,6 +5,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
+use latch::policy_test;
 
 #[derive(Parser)]
 #[command(
@@ -67,10 +68,25 @@ enum Command {
 
 #[derive(Subcommand)]
 enum PolicyCommand {
-    /// Validate policy files and directories; exit 0 if valid, 1 with `file:line:col: field: why`.
+    /// Validate policy files and directories, then run the policy tests among them; exit 0 if
+    /// valid and every test passes, 1 with `file:line:col: field: why` or the failing cases.
     Check {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
+    },
+    /// Run policy test files (PolicyTest documents: expected decisions as data) against their
+    /// policies. Exit 0 if every case passes, 1 if one fails or a test file is invalid.
+    Test {
+        /// Test files, or directories holding them (beside the policies, or elsewhere).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Also write the results as JUnit XML to FILE (for CI systems).
+        #[arg(long, value_name = "FILE")]
+        junit: Option<PathBuf>,
+        /// Also list every AuthorizationPolicy rule with the number of cases that match it,
+        /// and the rules no case exercises.
+        #[arg(long)]
+        coverage: bool,
     },
     /// The decision for one connection or request to the workload that owns the destination
     /// address, per the config's workloads, peers and policies. Exit 0 ALLOW, 3 DENY, 1 error.
@@ -102,17 +118,63 @@ enum PolicyCommand {
 /// Exit code of `latch policy explain` for a deny.
 const EXIT_DENY: u8 = 3;
 
+fn exit(ok: bool) -> ExitCode {
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Bad test files: one `file:line:col: field: why` line each (policy errors on their own
+/// lines), exit 1.
+fn test_file_errors(errors: &[policy_test::TestFileError]) -> ExitCode {
+    for e in errors {
+        eprintln!("{e}");
+    }
+    ExitCode::FAILURE
+}
+
 fn policy(command: PolicyCommand) -> anyhow::Result<ExitCode> {
     match command {
         PolicyCommand::Check { paths } => {
             let (text, ok) = latch::policy::cli::check(&paths);
-            if ok {
-                print!("{text}");
-                Ok(ExitCode::SUCCESS)
-            } else {
+            if !ok {
                 eprint!("{text}");
-                Ok(ExitCode::FAILURE)
+                return Ok(ExitCode::FAILURE);
             }
+            print!("{text}");
+            // The tests beside the policies, once the policies are known to be valid.
+            match policy_test::run_found(&paths) {
+                Ok(None) => Ok(ExitCode::SUCCESS),
+                Ok(Some(outcome)) => {
+                    print!("policy tests: {}", policy_test::report::render(&outcome));
+                    Ok(exit(outcome.ok()))
+                }
+                Err(errors) => Ok(test_file_errors(&errors)),
+            }
+        }
+        PolicyCommand::Test {
+            paths,
+            junit,
+            coverage,
+        } => {
+            let outcome = match policy_test::run(&paths) {
+                Ok(outcome) => outcome,
+                Err(errors) => return Ok(test_file_errors(&errors)),
+            };
+            print!("{}", policy_test::report::render(&outcome));
+            if coverage {
+                let rules = policy_test::coverage::coverage(&outcome.suites);
+                print!("{}", policy_test::coverage::render(&rules));
+            }
+            if let Some(file) = junit {
+                let xml = policy_test::junit::xml(&outcome)
+                    .map_err(|e| anyhow::anyhow!("JUnit XML for {}: {e}", file.display()))?;
+                std::fs::write(&file, xml)
+                    .map_err(|e| anyhow::anyhow!("writing {}: {e}", file.display()))?;
+            }
+            Ok(exit(outcome.ok()))
         }
         PolicyCommand::Explain {
             config,

@@ -22,6 +22,20 @@ use crate::config::{clean_yaml_message, locate::locate};
 
 const API_VERSIONS: [&str; 2] = ["security.istio.io/v1", "security.istio.io/v1beta1"];
 
+/// The API group of `latch policy test` documents (`crate::policy_test`).
+pub const POLICY_TEST_GROUP: &str = "test.latch.dev";
+/// Their kind.
+pub const POLICY_TEST_KIND: &str = "PolicyTest";
+
+/// Whether a document is a policy test (`test.latch.dev/*`, kind `PolicyTest`): tests may sit
+/// beside the policies they test, so the loader skips them.
+pub fn is_policy_test(api_version: Option<&str>, kind: Option<&str>) -> bool {
+    let group = api_version
+        .and_then(|v| v.split_once('/'))
+        .map(|(group, _)| group);
+    group == Some(POLICY_TEST_GROUP) && kind == Some(POLICY_TEST_KIND)
+}
+
 pub(super) fn load(paths: &[PathBuf], root_namespace: &str) -> Result<PolicySet, Vec<PolicyError>> {
     let mut loader = Loader::default();
     for path in paths {
@@ -119,7 +133,7 @@ fn is_separator(line: &str) -> bool {
     })
 }
 
-fn is_blank(doc: &str) -> bool {
+pub(crate) fn is_blank(doc: &str) -> bool {
     doc.lines().all(|l| {
         let l = l.trim();
         l.is_empty() || l.starts_with('#')
@@ -273,6 +287,9 @@ impl Loader {
             return Err(vec![error]);
         }
         let header: model::Header = doc.parse().map_err(|e| vec![e])?;
+        if is_policy_test(header.api_version.as_deref(), header.kind.as_deref()) {
+            return Ok(());
+        }
         let Some(api_version) = header.api_version else {
             return Err(vec![doc.error("", "missing apiVersion".to_owned())]);
         };
@@ -372,6 +389,27 @@ mod tests {
         assert_eq!(
             docs,
             vec![(0, "a: 1\n"), (2, "b: 2\n"), (4, "\nc: 3\n----\n")]
+        );
+    }
+
+    #[test]
+    fn policy_test_documents_beside_policies_are_skipped() {
+        let text = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+                    metadata: { name: a, namespace: prod }\nspec: {}\n---\n\
+                    apiVersion: test.latch.dev/v1\nkind: PolicyTest\nmetadata: { name: t }\n\
+                    spec: { cases: [] }\n";
+        let set = from_texts(&[(Path::new("p.yaml"), text)], "istio-system").expect("loads");
+        assert_eq!(set.len(), 1);
+        assert_eq!(set.files()[0].authorization_policies, 1);
+
+        // Only that kind of that group: anything else of the group is still refused.
+        let other = "apiVersion: test.latch.dev/v1\nkind: Something\nmetadata: { name: t }\n";
+        let errors =
+            from_texts(&[(Path::new("o.yaml"), other)], "istio-system").expect_err("refused");
+        assert!(
+            errors[0].to_string().contains("unsupported apiVersion"),
+            "{}",
+            errors[0]
         );
     }
 }
