@@ -23,13 +23,13 @@ use crate::config::{clean_yaml_message, locate::locate};
 const API_VERSIONS: [&str; 2] = ["security.istio.io/v1", "security.istio.io/v1beta1"];
 
 /// The API group of `latch policy test` documents (`crate::policy_test`).
-pub const POLICY_TEST_GROUP: &str = "test.latch.dev";
+pub(crate) const POLICY_TEST_GROUP: &str = "test.latch.dev";
 /// Their kind.
-pub const POLICY_TEST_KIND: &str = "PolicyTest";
+pub(crate) const POLICY_TEST_KIND: &str = "PolicyTest";
 
 /// Whether a document is a policy test (`test.latch.dev/*`, kind `PolicyTest`): tests may sit
 /// beside the policies they test, so the loader skips them.
-pub fn is_policy_test(api_version: Option<&str>, kind: Option<&str>) -> bool {
+pub(crate) fn is_policy_test(api_version: Option<&str>, kind: Option<&str>) -> bool {
     let group = api_version
         .and_then(|v| v.split_once('/'))
         .map(|(group, _)| group);

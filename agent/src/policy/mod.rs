@@ -10,7 +10,7 @@ mod decision;
 mod engine;
 mod error;
 mod index;
-mod load;
+pub(crate) mod load;
 mod matching;
 pub mod model;
 pub mod normalize;
@@ -26,8 +26,6 @@ pub use decision::{
     PolicyKind, PolicyRef, Protocol, RequestAuth, RequestPath, Target, Traffic, no_headers,
 };
 pub use error::PolicyError;
-pub use load::{POLICY_TEST_GROUP, POLICY_TEST_KIND, is_policy_test};
-pub(crate) use load::{is_blank, split_documents};
 
 use std::{
     collections::BTreeMap,

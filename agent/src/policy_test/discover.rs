@@ -11,7 +11,7 @@ use super::{
     error::TestFileError,
     suite::{self, Suite},
 };
-use crate::policy::{POLICY_TEST_KIND, is_blank, is_policy_test, split_documents};
+use crate::policy::load::{POLICY_TEST_KIND, is_blank, is_policy_test, split_documents};
 
 /// Only what tells a test document from others.
 #[derive(Deserialize)]

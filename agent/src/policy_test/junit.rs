@@ -4,7 +4,7 @@
 
 use quick_junit::{NonSuccessKind, Report, TestCase, TestCaseStatus, TestSuite};
 
-use super::{Outcome, report};
+use super::{report, run::Outcome};
 
 /// The JUnit XML document for `outcome`.
 pub fn xml(outcome: &Outcome) -> Result<String, quick_junit::SerializeError> {

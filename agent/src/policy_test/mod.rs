@@ -20,35 +20,7 @@ mod tests;
 use std::path::PathBuf;
 
 pub use error::TestFileError;
-use run::{CaseResult, SuiteResult};
-
-/// Every suite of a run, decided.
-#[derive(Debug, Clone)]
-pub struct Outcome {
-    pub suites: Vec<SuiteResult>,
-}
-
-impl Outcome {
-    /// Every case with its suite, in file and document order.
-    pub fn cases(&self) -> impl Iterator<Item = (&SuiteResult, &CaseResult)> {
-        self.suites
-            .iter()
-            .flat_map(|s| s.cases.iter().map(move |c| (s, c)))
-    }
-
-    pub fn passed(&self) -> usize {
-        self.cases().filter(|(_, c)| c.passed()).count()
-    }
-
-    pub fn failed(&self) -> usize {
-        self.cases().filter(|(_, c)| !c.passed()).count()
-    }
-
-    /// Whether every case passed.
-    pub fn ok(&self) -> bool {
-        self.failed() == 0
-    }
-}
+pub use run::Outcome;
 
 /// Run the test files of `paths` (files, or directories whose `*.yaml`/`*.yml` files hold test
 /// documents among other documents). Finding no test at all is an error: a CI step that tests

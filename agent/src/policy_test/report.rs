@@ -4,8 +4,7 @@
 use std::fmt::Write as _;
 
 use super::{
-    Outcome,
-    run::{CaseResult, Mismatch},
+    run::{CaseResult, Mismatch, Outcome},
     suite::Suite,
 };
 use crate::policy::Decision;

@@ -10,6 +10,34 @@ use super::{
     suite::{Case, Decider, Suite},
 };
 
+/// Every suite of a run, decided.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub suites: Vec<SuiteResult>,
+}
+
+impl Outcome {
+    /// Every case with its suite, in file and document order.
+    pub fn cases(&self) -> impl Iterator<Item = (&SuiteResult, &CaseResult)> {
+        self.suites
+            .iter()
+            .flat_map(|s| s.cases.iter().map(move |c| (s, c)))
+    }
+
+    pub fn passed(&self) -> usize {
+        self.cases().filter(|(_, c)| c.passed()).count()
+    }
+
+    pub fn failed(&self) -> usize {
+        self.cases().filter(|(_, c)| !c.passed()).count()
+    }
+
+    /// Whether every case passed.
+    pub fn ok(&self) -> bool {
+        self.failed() == 0
+    }
+}
+
 /// A suite's cases, decided.
 #[derive(Debug, Clone)]
 pub struct SuiteResult {

@@ -15,7 +15,8 @@ use super::{document::Doc, error::TestFileError, model};
 use crate::{
     identity::SpiffeId,
     policy::{
-        MtlsMode, POLICY_TEST_GROUP, POLICY_TEST_KIND, RequestAuth,
+        MtlsMode, RequestAuth,
+        load::{POLICY_TEST_GROUP, POLICY_TEST_KIND},
         normalize::{PathNormalization, normalize_path},
     },
     tunnel::request_head::strip_port,
