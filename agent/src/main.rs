@@ -148,7 +148,8 @@ fn policy(command: PolicyCommand) -> anyhow::Result<ExitCode> {
             match policy_test::run_found(&paths) {
                 Ok(None) => Ok(ExitCode::SUCCESS),
                 Ok(Some(outcome)) => {
-                    print!("policy tests: {}", policy_test::report::render(&outcome));
+                    print!("{}", policy_test::report::failures(&outcome));
+                    println!("policy tests: {}", policy_test::report::summary(&outcome));
                     Ok(exit(outcome.ok()))
                 }
                 Err(errors) => Ok(test_file_errors(&errors)),

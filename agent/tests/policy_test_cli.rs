@@ -210,17 +210,22 @@ fn policy_check_runs_the_tests_beside_the_policies() {
         "a failing test fails the check: {}{}",
         run.stdout, run.stderr
     );
-    assert!(
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(
+        lines.len(),
+        4,
+        "two files, the failing case, the summary: {}",
         run.stdout
-            .contains(":22: the frontend may read payments: expected ALLOW"),
+    );
+    assert!(
+        lines[2].starts_with(&format!(
+            "{}:22: the frontend may read payments: expected ALLOW, got DENY",
+            text(&dir.join("payment-test.yaml"))
+        )),
         "{}",
         run.stdout
     );
-    assert!(
-        run.stdout.ends_with("2 passed, 1 failed\n"),
-        "{}",
-        run.stdout
-    );
+    assert_eq!(lines[3], "policy tests: 2 passed, 1 failed");
 
     // Without tests, check is what it was.
     std::fs::remove_file(dir.join("payment-test.yaml")).expect("remove");

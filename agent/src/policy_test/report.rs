@@ -11,11 +11,15 @@ use crate::policy::Decision;
 
 /// The failing cases, one line each, then the summary.
 pub fn render(outcome: &Outcome) -> String {
+    format!("{}{}\n", failures(outcome), summary(outcome))
+}
+
+/// One line per failing case.
+pub fn failures(outcome: &Outcome) -> String {
     let mut out = String::new();
     for (suite, result) in outcome.cases().filter(|(_, c)| !c.passed()) {
         let _ = writeln!(out, "{}", failure(&suite.suite, result));
     }
-    let _ = writeln!(out, "{}", summary(outcome));
     out
 }
 

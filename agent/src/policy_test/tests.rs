@@ -278,18 +278,46 @@ fn strict_mtls_and_a_peer_authentication_are_named_as_deciders() {
     let outcome = super::run(std::slice::from_ref(&dir)).expect("valid");
     assert!(outcome.ok(), "{}", report::render(&outcome));
 
-    std::fs::write(
-        dir.join("peer.yaml"),
-        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
-         metadata: { name: strict, namespace: prod }\nspec: { mtls: { mode: PERMISSIVE } }\n",
-    )
-    .expect("write");
+    // A PeerAuthentication of the workload's namespace overrides the default: PERMISSIVE lets
+    // the plaintext request through to authorization, whose rule 1 allows it.
+    let peer = |mode: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
+             metadata: {{ name: ns-mtls, namespace: prod }}\nspec: {{ mtls: {{ mode: {mode} }} }}\n"
+        )
+    };
+    std::fs::write(dir.join("peer.yaml"), peer("PERMISSIVE")).expect("write");
     let outcome = super::run(std::slice::from_ref(&dir)).expect("valid");
     let text = report::render(&outcome);
     assert!(
-        text.contains("got ALLOW by AuthorizationPolicy prod/pay-only-frontend (ALLOW), rule 1"),
+        text.contains(
+            "plaintext refused by the STRICT default: expected DENY by default, got ALLOW by \
+             AuthorizationPolicy prod/pay-only-frontend (ALLOW), rule 1 [wrong: decision, \
+             decidedBy]"
+        ),
         "{text}"
     );
+
+    // A STRICT one refuses plaintext and is named as the decider.
+    std::fs::write(dir.join("peer.yaml"), peer("STRICT")).expect("write");
+    let outcome = super::run(std::slice::from_ref(&dir)).expect("valid");
+    let text = report::render(&outcome);
+    assert!(
+        text.contains(
+            "expected DENY by default, got DENY by PeerAuthentication prod/ns-mtls (plaintext \
+             connection refused: mTLS is STRICT (PeerAuthentication prod/ns-mtls)) [wrong: \
+             decidedBy]"
+        ),
+        "{text}"
+    );
+    let test = std::fs::read_to_string(dir.join("test.yaml")).expect("read");
+    std::fs::write(
+        dir.join("test.yaml"),
+        test.replace("decidedBy: default", "decidedBy: prod/ns-mtls"),
+    )
+    .expect("write");
+    let outcome = super::run(std::slice::from_ref(&dir)).expect("valid");
+    assert!(outcome.ok(), "{}", report::render(&outcome));
     let _ = std::fs::remove_dir_all(&dir);
 }
 
