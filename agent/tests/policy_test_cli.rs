@@ -241,7 +241,7 @@ fn the_shipped_example_passes() {
     let run = latch(&["policy", "test", &text(&example), "--coverage"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     assert!(
-        run.stdout.starts_with("8 passed, 0 failed\n"),
+        run.stdout.starts_with("12 passed, 0 failed\n"),
         "{}",
         run.stdout
     );
@@ -253,7 +253,7 @@ fn the_shipped_example_passes() {
     let run = latch(&["policy", "check", &text(&example)]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     assert!(
-        run.stdout.ends_with("policy tests: 8 passed, 0 failed\n"),
+        run.stdout.ends_with("policy tests: 12 passed, 0 failed\n"),
         "{}",
         run.stdout
     );
