@@ -86,6 +86,9 @@ pub struct Case {
     /// The index of the deciding rule in the deciding policy's `spec.rules`.
     #[serde(default)]
     pub rule: Option<usize>,
+    /// The shadow decision with the `istio.io/dry-run` policies enforced.
+    #[serde(default)]
+    pub expect_dry_run: Option<Expect>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

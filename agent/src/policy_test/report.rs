@@ -50,12 +50,18 @@ pub fn explain(result: &CaseResult) -> String {
     if let Some(rule) = case.rule {
         let _ = write!(expected, ", rule {rule}");
     }
+    if let Some(dry) = case.expect_dry_run {
+        let _ = write!(expected, " (dry run: {})", verdict(dry));
+    }
     let d = &result.decision;
     let mut text = format!(
         "expected {expected}, got {} by {}",
         verdict(d.allowed),
         decider(d)
     );
+    if case.expect_dry_run.is_some() {
+        let _ = write!(text, " (dry run: {})", dry_run(d));
+    }
     let wrong: Vec<&str> = result
         .mismatches
         .iter()
@@ -63,6 +69,7 @@ pub fn explain(result: &CaseResult) -> String {
             Mismatch::Verdict => "decision",
             Mismatch::DecidedBy => "decidedBy",
             Mismatch::Rule => "rule",
+            Mismatch::DryRun => "expectDryRun",
         })
         .collect();
     if !wrong.is_empty() {
@@ -84,6 +91,20 @@ pub fn decider(d: &Decision) -> String {
         (Some(policy), Some(rule)) => format!("{policy}, rule {rule}"),
         (Some(policy), None) => format!("{policy} ({})", d.reason),
         (None, _) => format!("default ({})", d.reason),
+    }
+}
+
+/// The shadow decision of the dry-run policies, and who made it.
+fn dry_run(d: &Decision) -> String {
+    match &d.dry_run {
+        None => "none, no dry-run policy applies".to_owned(),
+        Some(dry) => match (dry.allowed, &dry.decided_by, dry.rule) {
+            (None, ..) => format!("undecided, {}", dry.reason),
+            (Some(allowed), Some(policy), Some(rule)) => {
+                format!("{} by {policy}, rule {rule}", verdict(allowed))
+            }
+            (Some(allowed), ..) => format!("{} by default ({})", verdict(allowed), dry.reason),
+        },
     }
 }
 

@@ -83,6 +83,8 @@ pub enum Mismatch {
     Verdict,
     DecidedBy,
     Rule,
+    /// The dry-run policies' shadow decision (or there is none, or it depends on HTTP).
+    DryRun,
 }
 
 /// Load the suite's policies and decide every case.
@@ -161,6 +163,11 @@ fn decide(set: &PolicySet, suite: &Suite, case: &Case) -> CaseResult {
     }
     if case.rule.is_some() && case.rule != decision.rule {
         mismatches.push(Mismatch::Rule);
+    }
+    if let Some(expected) = case.expect_dry_run
+        && decision.dry_run.as_ref().and_then(|d| d.allowed) != Some(expected)
+    {
+        mismatches.push(Mismatch::DryRun);
     }
     CaseResult {
         case: case.clone(),

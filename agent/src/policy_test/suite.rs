@@ -67,6 +67,8 @@ pub struct Case {
     pub expect_allow: bool,
     pub decided_by: Option<Decider>,
     pub rule: Option<usize>,
+    /// The expected shadow decision of the dry-run policies (`expectDryRun`).
+    pub expect_dry_run: Option<bool>,
 }
 
 /// Who a case expects to decide.
@@ -360,6 +362,7 @@ impl Resolver<'_> {
                 expect_allow: raw.expect == model::Expect::Allow,
                 decided_by,
                 rule: raw.rule,
+                expect_dry_run: raw.expect_dry_run.map(|e| e == model::Expect::Allow),
             }),
             _ => Err(errors),
         }

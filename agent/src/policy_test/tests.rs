@@ -513,3 +513,60 @@ fn the_shipped_example_passes_and_exercises_every_rule() {
         coverage::render(&rules)
     );
 }
+
+#[test]
+fn the_dry_run_shadow_decision_can_be_expected() {
+    let dir = dir_with(
+        "dry-run",
+        r#"  - name: the dry-run deny would refuse the payment, which is still allowed
+    from: frontend
+    to: payment:8080
+    request: { method: POST, path: /v1/pay }
+    expect: ALLOW
+    expectDryRun: DENY
+  - name: wrongly expected to be allowed in the dry run
+    from: frontend
+    to: payment:8080
+    request: { method: POST, path: /v1/pay }
+    expect: ALLOW
+    expectDryRun: ALLOW
+  - name: no dry-run policy applies to the frontend
+    from: payment
+    to: frontend:80
+    request: { path: / }
+    expect: ALLOW
+    expectDryRun: ALLOW
+"#,
+    );
+    std::fs::write(
+        dir.join("dry.yaml"),
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  \
+         name: freeze-payments\n  namespace: prod\n  annotations: { istio.io/dry-run: \"true\" }\n\
+         spec:\n  selector: { matchLabels: { app: payment-service } }\n  action: DENY\n  \
+         rules:\n  - to: [{ operation: { paths: [\"/v1/pay\"] } }]\n",
+    )
+    .expect("write");
+    let outcome = super::run(std::slice::from_ref(&dir)).expect("valid");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!((outcome.passed(), outcome.failed()), (1, 2));
+    let text = report::render(&outcome);
+    assert!(
+        text.contains(
+            "wrongly expected to be allowed in the dry run: expected ALLOW (dry run: ALLOW), got \
+             ALLOW by AuthorizationPolicy prod/pay-only-frontend (ALLOW), rule 0 (dry run: DENY \
+             by AuthorizationPolicy prod/freeze-payments (DENY), rule 0) [wrong: expectDryRun]"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("(dry run: none, no dry-run policy applies) [wrong: expectDryRun]"),
+        "{text}"
+    );
+    // The dry-run policy's rule is covered by the cases it matches.
+    let rules = coverage::coverage(&outcome.suites);
+    let freeze = rules
+        .iter()
+        .find(|r| r.site.policy.name == "freeze-payments")
+        .expect("listed");
+    assert_eq!(freeze.cases, 2, "{}", coverage::render(&rules));
+}
