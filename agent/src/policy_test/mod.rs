@@ -11,6 +11,7 @@ mod error;
 pub mod junit;
 mod model;
 pub mod report;
+pub mod request;
 pub mod run;
 pub mod suite;
 
