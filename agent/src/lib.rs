@@ -10,6 +10,7 @@
 
 pub mod accept;
 pub mod antispoof;
+pub mod authn;
 pub mod capture;
 pub mod config;
 pub mod conn;

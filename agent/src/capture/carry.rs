@@ -17,10 +17,11 @@ use tokio::{
 };
 
 use crate::{
+    authn,
     conn::{AccessDecision, ConnInfo, Direction, RequestHead, Via},
     identity::{LocalWorkload, SpiffeId},
     metrics::{Metrics, access},
-    policy::normalize::PathNormalization,
+    policy::{Target, normalize::PathNormalization},
     state::{DecidedUnder, SharedState, decide},
     tunnel::{
         chunk::poll_once,
@@ -176,6 +177,54 @@ impl Gate {
 impl Enforcer for Gate {
     fn path_normalization(&self) -> PathNormalization {
         self.party.state.get().config.http.path_normalization
+    }
+
+    fn authenticate<'a>(
+        &'a self,
+        head: &'a mut RequestHead,
+        request: &'a mut hyper::http::request::Parts,
+    ) -> http::Authenticated<'a> {
+        Box::pin(async move {
+            let snapshot = self.party.state.get();
+            let workload = &self.party.workload;
+            let rules = snapshot.policies.jwt_rules_for(&Target {
+                namespace: &workload.namespace,
+                labels: &workload.labels,
+            });
+            if rules.is_empty() {
+                return true;
+            }
+            let settings = snapshot.config.jwt.clone();
+            drop(snapshot);
+            match authn::global()
+                .authenticate(&rules, &settings, request)
+                .await
+            {
+                Ok(auth) => {
+                    head.auth = auth;
+                    head.headers = request.headers.clone();
+                    true
+                }
+                Err(refusal) => {
+                    tracing::warn!(
+                        workload = %workload.id,
+                        source = self.party.source.as_ref().map_or("", SpiffeId::as_str),
+                        issuer = refusal.issuer.as_deref().unwrap_or(""),
+                        policy = refusal.policy.as_deref().unwrap_or(""),
+                        reason = %refusal.reason,
+                        "request refused: its JWT does not verify"
+                    );
+                    self.party.metrics.jwt_refused();
+                    self.record(
+                        AccessDecision::Deny,
+                        refusal.policy.as_deref().unwrap_or(""),
+                        &format!("jwt verification failed (401): {}", refusal.reason),
+                        &format!("{} {}", head.method, head.path),
+                    );
+                    false
+                }
+            }
+        })
     }
 
     fn authorize(&self, head: &RequestHead) -> bool {

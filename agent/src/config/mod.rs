@@ -48,6 +48,9 @@ pub struct Config {
     /// Per-request (L7) enforcement: Istio's `pathNormalization`, and Latch's header timeout.
     #[serde(default)]
     pub http: Http,
+    /// Latch addition: how the keys of RequestAuthentication issuers are fetched.
+    #[serde(default)]
+    pub jwt: Jwt,
     #[serde(default)]
     pub certificates: Option<Certificates>,
     #[serde(
@@ -226,6 +229,61 @@ impl Default for Http {
     }
 }
 
+/// Fetching the JWKS of RequestAuthentication issuers (`jwksUri`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Jwt {
+    /// PEM certificates trusted for JWKS servers beside the system's roots.
+    #[serde(
+        default,
+        deserialize_with = "fields::optional_absolute_path",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub jwks_ca_file: Option<PathBuf>,
+    /// How old fetched keys may get before a request makes the agent fetch them again (Istio's
+    /// default refresh interval).
+    #[serde(
+        default = "defaults::jwks_refresh_interval",
+        deserialize_with = "fields::positive_duration",
+        serialize_with = "fields::serialize_duration"
+    )]
+    pub jwks_refresh_interval: Duration,
+    /// How long one fetch may take (a rule's `timeout` overrides it).
+    #[serde(
+        default = "defaults::jwks_fetch_timeout",
+        deserialize_with = "fields::positive_duration",
+        serialize_with = "fields::serialize_duration"
+    )]
+    pub jwks_fetch_timeout: Duration,
+    /// How long the last keys fetched are still used while fetches fail.
+    #[serde(
+        default = "defaults::jwks_max_stale",
+        deserialize_with = "fields::positive_duration",
+        serialize_with = "fields::serialize_duration"
+    )]
+    pub jwks_max_stale: Duration,
+    /// The least time between two fetches of one URI started by requests (a token with an
+    /// unknown `kid`, or a retry after a failure).
+    #[serde(
+        default = "defaults::jwks_refetch_min_interval",
+        deserialize_with = "fields::positive_duration",
+        serialize_with = "fields::serialize_duration"
+    )]
+    pub jwks_refetch_min_interval: Duration,
+}
+
+impl Default for Jwt {
+    fn default() -> Self {
+        Self {
+            jwks_ca_file: None,
+            jwks_refresh_interval: defaults::jwks_refresh_interval(),
+            jwks_fetch_timeout: defaults::jwks_fetch_timeout(),
+            jwks_max_stale: defaults::jwks_max_stale(),
+            jwks_refetch_min_interval: defaults::jwks_refetch_min_interval(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Certificates {
@@ -325,6 +383,20 @@ mod defaults {
     /// nginx's `client_header_timeout`; hyper's own default is 30 s, Envoy has none.
     pub fn header_read_timeout() -> Duration {
         Duration::from_secs(60)
+    }
+    /// Istio's JWKS refresh interval (`PILOT_JWT_PUB_KEY_REFRESH_INTERVAL`).
+    pub fn jwks_refresh_interval() -> Duration {
+        Duration::from_secs(20 * 60)
+    }
+    /// Istio's default `jwtRules[].timeout`.
+    pub fn jwks_fetch_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn jwks_max_stale() -> Duration {
+        Duration::from_secs(24 * 3600)
+    }
+    pub fn jwks_refetch_min_interval() -> Duration {
+        Duration::from_secs(10)
     }
     pub fn certificate_ttl() -> Duration {
         Duration::from_secs(3600)

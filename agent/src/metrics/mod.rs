@@ -141,6 +141,7 @@ struct Inner {
     sent: Family<Labels, Counter>,
     received: Family<Labels, Counter>,
     decisions: Family<DecisionLabels, Counter>,
+    jwt_refused: Counter,
     handshake: Histogram,
     source: Arc<RwLock<Option<ScrapeSource>>>,
 }
@@ -195,6 +196,12 @@ impl Metrics {
             "Authorization decisions made by the agent, by result.",
             decisions.clone(),
         );
+        let jwt_refused = Counter::default();
+        registry.register(
+            "latch_jwt_refused",
+            "HTTP requests refused with 401 because their JWT did not verify (RequestAuthentication).",
+            jwt_refused.clone(),
+        );
         let handshake = Histogram::new(HANDSHAKE_BUCKETS);
         registry.register(
             "latch_tunnel_handshake_seconds",
@@ -210,6 +217,7 @@ impl Metrics {
             sent,
             received,
             decisions,
+            jwt_refused,
             handshake,
             source,
         }))
@@ -238,6 +246,11 @@ impl Metrics {
             .decisions
             .get_or_create(&DecisionLabels { decision })
             .inc();
+    }
+
+    /// A request refused because its JWT did not verify.
+    pub fn jwt_refused(&self) {
+        self.0.jwt_refused.inc();
     }
 
     pub fn handshake(&self, elapsed: Duration) {

@@ -13,7 +13,7 @@ pub fn check(paths: &[PathBuf]) -> (String, bool) {
         Ok(set) => {
             let mut out = String::new();
             for f in set.files() {
-                let _ = writeln!(
+                let _ = write!(
                     out,
                     "{}: ok: {} AuthorizationPolic{}, {} PeerAuthentication{}",
                     f.file.display(),
@@ -26,6 +26,19 @@ pub fn check(paths: &[PathBuf]) -> (String, bool) {
                     f.peer_authentications,
                     if f.peer_authentications == 1 { "" } else { "s" },
                 );
+                if f.request_authentications > 0 {
+                    let _ = write!(
+                        out,
+                        ", {} RequestAuthentication{}",
+                        f.request_authentications,
+                        if f.request_authentications == 1 {
+                            ""
+                        } else {
+                            "s"
+                        },
+                    );
+                }
+                out.push('\n');
                 for warning in &f.warnings {
                     let _ = writeln!(out, "warning: {warning}");
                 }

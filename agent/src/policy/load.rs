@@ -17,6 +17,7 @@ use super::{
     compile::{self, AuthzPolicy, Meta, PeerAuthPolicy, Problem},
     decision::PolicyKind,
     model,
+    request_authn::{self, RequestAuthnPolicy},
 };
 use crate::config::{clean_yaml_message, locate::locate};
 
@@ -77,6 +78,7 @@ pub(super) fn object(origin: &Path, text: &str) -> Result<PolicyObject, Vec<Poli
         authorization_policies: 0,
         peer_authentications: 0,
         warnings: Vec::new(),
+        request_authentications: 0,
     };
     let doc = Doc {
         file: origin,
@@ -84,10 +86,15 @@ pub(super) fn object(origin: &Path, text: &str) -> Result<PolicyObject, Vec<Poli
         offset: 0,
     };
     loader.document(&doc, &mut summary)?;
-    match (loader.authz.pop(), loader.peer.pop()) {
-        (Some(policy), _) => Ok(PolicyObject(Compiled::Authorization(policy))),
-        (_, Some(policy)) => Ok(PolicyObject(Compiled::PeerAuthentication(policy))),
-        (None, None) => Err(vec![doc.error("", "not a policy".to_owned())]),
+    match (
+        loader.authz.pop(),
+        loader.peer.pop(),
+        loader.request_authn.pop(),
+    ) {
+        (Some(policy), _, _) => Ok(PolicyObject(Compiled::Authorization(policy))),
+        (_, Some(policy), _) => Ok(PolicyObject(Compiled::PeerAuthentication(policy))),
+        (_, _, Some(policy)) => Ok(PolicyObject(Compiled::RequestAuthentication(policy))),
+        (None, None, None) => Err(vec![doc.error("", "not a policy".to_owned())]),
     }
 }
 
@@ -257,9 +264,12 @@ struct Loader {
     errors: Vec<PolicyError>,
     authz: Vec<AuthzPolicy>,
     peer: Vec<PeerAuthPolicy>,
+    request_authn: Vec<RequestAuthnPolicy>,
     files: Vec<FileSummary>,
     /// Where each (kind, namespace, name) was first defined.
     seen: HashMap<(PolicyKind, String, String), (PathBuf, usize)>,
+    /// As `seen`, for RequestAuthentications.
+    seen_request_authn: HashMap<(String, String), (PathBuf, usize)>,
 }
 
 impl Loader {
@@ -269,6 +279,7 @@ impl Loader {
             authorization_policies: 0,
             peer_authentications: 0,
             warnings: Vec::new(),
+            request_authentications: 0,
         };
         for (offset, text) in split_documents(text) {
             if is_blank(text) {
@@ -334,12 +345,40 @@ impl Loader {
                 self.peer.push(policy);
                 summary.peer_authentications += 1;
             }
+            Some("RequestAuthentication") => {
+                let raw: model::RequestAuthenticationDoc = doc.parse().map_err(|e| vec![e])?;
+                let meta = doc.meta(&raw.metadata).map_err(|e| vec![e])?;
+                let mut policy =
+                    request_authn::compile(meta, &raw.spec).map_err(|p| doc.problems(p))?;
+                self.unique_request_authn(doc, &policy.meta)?;
+                policy.located_warnings = policy
+                    .warnings
+                    .iter()
+                    .map(|w| {
+                        let line = match doc.error(&w.path, String::new()) {
+                            PolicyError::Invalid { line: Some(l), .. } => l,
+                            _ => policy.meta.line,
+                        };
+                        format!(
+                            "{}:{line}: RequestAuthentication {}/{}: {}: {}",
+                            policy.meta.file.display(),
+                            policy.meta.namespace,
+                            policy.meta.name,
+                            w.path,
+                            w.message
+                        )
+                    })
+                    .collect();
+                summary.warnings.extend(policy.located_warnings.iter().cloned());
+                self.request_authn.push(policy);
+                summary.request_authentications += 1;
+            }
             Some(other) => {
                 return Err(vec![doc.error(
                     "kind",
                     format!(
-                        "unsupported kind {other:?}: Latch reads AuthorizationPolicy and \
-                         PeerAuthentication"
+                        "unsupported kind {other:?}: Latch reads AuthorizationPolicy, \
+                         PeerAuthentication and RequestAuthentication"
                     ),
                 )]);
             }
@@ -365,16 +404,32 @@ impl Loader {
         Ok(())
     }
 
+    fn unique_request_authn(&mut self, doc: &Doc, meta: &Meta) -> Result<(), Vec<PolicyError>> {
+        let key = (meta.namespace.clone(), meta.name.clone());
+        if let Some((file, line)) = self.seen_request_authn.get(&key) {
+            return Err(vec![doc.error(
+                "metadata.name",
+                format!(
+                    "RequestAuthentication {}/{} is already defined at {}:{line}",
+                    meta.namespace,
+                    meta.name,
+                    file.display()
+                ),
+            )]);
+        }
+        self.seen_request_authn
+            .insert(key, (meta.file.clone(), meta.line));
+        Ok(())
+    }
+
     fn finish(self, root_namespace: &str) -> Result<PolicySet, Vec<PolicyError>> {
         if !self.errors.is_empty() {
             return Err(self.errors);
         }
-        Ok(PolicySet::build(
-            root_namespace,
-            self.authz,
-            self.peer,
-            self.files,
-        ))
+        Ok(
+            PolicySet::build(root_namespace, self.authz, self.peer, self.files)
+                .with_request_authn(self.request_authn),
+        )
     }
 }
 

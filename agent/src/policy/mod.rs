@@ -1,4 +1,6 @@
-//! Istio-compatible authorization: `AuthorizationPolicy` and `PeerAuthentication` files loaded
+//! Istio-compatible authorization: `AuthorizationPolicy`, `PeerAuthentication` and
+//! `RequestAuthentication` ([`request_authn`]: the JWT rules a workload's requests are checked
+//! with) files loaded
 //! ([`load`], [`compile`]: all or nothing, every error as `file:line:col: field.path: why`) into a
 //! [`PolicySet`], which decides connections and requests exactly as Istio does (`engine`,
 //! [`matching`], [`peer_auth`], [`index`]; the rules: `docs/policy.md`). [`cli`] formats
@@ -15,6 +17,7 @@ mod matching;
 pub mod model;
 pub mod normalize;
 mod peer_auth;
+mod request_authn;
 
 #[cfg(test)]
 mod reference;
@@ -26,6 +29,7 @@ pub use decision::{
     PolicyKind, PolicyRef, Protocol, RequestAuth, RequestPath, Target, Traffic, no_headers,
 };
 pub use error::PolicyError;
+pub use request_authn::{JwtRule, KeySource, TokenLocation};
 
 use std::{
     collections::BTreeMap,
@@ -37,6 +41,7 @@ use serde::Serialize;
 
 use compile::{AuthzPolicy, PeerAuthPolicy};
 use index::Index;
+use request_authn::RequestAuthnPolicy;
 
 /// A loaded, checked and indexed set of policies. Cloning is cheap (shared).
 #[derive(Debug, Clone)]
@@ -56,6 +61,8 @@ struct Inner {
     peer: Vec<PeerAuthPolicy>,
     authz_index: Index,
     peer_index: Index,
+    /// Sorted by (namespace, name).
+    request_authn: Vec<RequestAuthnPolicy>,
     files: Vec<FileSummary>,
 }
 
@@ -68,6 +75,25 @@ pub struct PolicyObject(Compiled);
 enum Compiled {
     Authorization(AuthzPolicy),
     PeerAuthentication(PeerAuthPolicy),
+    RequestAuthentication(RequestAuthnPolicy),
+}
+
+/// The kind of a [`PolicyObject`]; compares equal to the same [`PolicyKind`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectKind {
+    AuthorizationPolicy,
+    PeerAuthentication,
+    RequestAuthentication,
+}
+
+impl PartialEq<PolicyKind> for ObjectKind {
+    fn eq(&self, other: &PolicyKind) -> bool {
+        matches!(
+            (self, other),
+            (Self::AuthorizationPolicy, PolicyKind::AuthorizationPolicy)
+                | (Self::PeerAuthentication, PolicyKind::PeerAuthentication)
+        )
+    }
 }
 
 impl PolicyObject {
@@ -76,10 +102,11 @@ impl PolicyObject {
         load::object(origin, text)
     }
 
-    pub fn kind(&self) -> PolicyKind {
+    pub fn kind(&self) -> ObjectKind {
         match self.0 {
-            Compiled::Authorization(_) => PolicyKind::AuthorizationPolicy,
-            Compiled::PeerAuthentication(_) => PolicyKind::PeerAuthentication,
+            Compiled::Authorization(_) => ObjectKind::AuthorizationPolicy,
+            Compiled::PeerAuthentication(_) => ObjectKind::PeerAuthentication,
+            Compiled::RequestAuthentication(_) => ObjectKind::RequestAuthentication,
         }
     }
 }
@@ -92,6 +119,19 @@ pub struct FileSummary {
     pub peer_authentications: usize,
     /// What was accepted but is not enforced (`file:line: kind ns/name: why`).
     pub warnings: Vec<String>,
+    pub request_authentications: usize,
+}
+
+/// One RequestAuthentication, for `latch policy check` and the debug API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RequestAuthnSummary {
+    pub namespace: String,
+    pub name: String,
+    /// The issuer of each JWT rule.
+    pub issuers: Vec<String>,
+    pub selector: BTreeMap<String, String>,
+    pub file: PathBuf,
+    pub line: usize,
 }
 
 /// One policy, for the debug API.
@@ -140,14 +180,15 @@ impl PolicySet {
         objects: impl IntoIterator<Item = &'a PolicyObject>,
         root_namespace: &str,
     ) -> Self {
-        let (mut authz, mut peer) = (Vec::new(), Vec::new());
+        let (mut authz, mut peer, mut request_authn) = (Vec::new(), Vec::new(), Vec::new());
         for object in objects {
             match &object.0 {
                 Compiled::Authorization(p) => authz.push(p.clone()),
                 Compiled::PeerAuthentication(p) => peer.push(p.clone()),
+                Compiled::RequestAuthentication(p) => request_authn.push(p.clone()),
             }
         }
-        Self::build(root_namespace, authz, peer, Vec::new())
+        Self::build(root_namespace, authz, peer, Vec::new()).with_request_authn(request_authn)
     }
 
     /// The mTLS mode used where no PeerAuthentication applies (Istio: PERMISSIVE).
@@ -203,9 +244,55 @@ impl PolicySet {
                 peer,
                 authz_index,
                 peer_index,
+                request_authn: Vec::new(),
                 files,
             }),
         }
+    }
+
+    /// The RequestAuthentications of the set.
+    fn with_request_authn(mut self, mut policies: Vec<RequestAuthnPolicy>) -> Self {
+        policies.sort_by(|a, b| {
+            (&a.meta.namespace, &a.meta.name).cmp(&(&b.meta.namespace, &b.meta.name))
+        });
+        Arc::make_mut(&mut self.inner).request_authn = policies;
+        self
+    }
+
+    /// The JWT rules of the RequestAuthentications that apply to `target` (its namespace's
+    /// and the root namespace's whose selector it matches); empty: its requests' tokens are
+    /// not looked at.
+    pub fn jwt_rules_for(&self, target: &Target) -> Vec<Arc<JwtRule>> {
+        request_authn::select(
+            &self.inner.request_authn,
+            &self.inner.root_namespace,
+            target,
+        )
+    }
+
+    /// The RequestAuthentications, for `latch policy check` and the debug API.
+    pub fn request_authentications(&self) -> Vec<RequestAuthnSummary> {
+        self.inner
+            .request_authn
+            .iter()
+            .map(|p| RequestAuthnSummary {
+                namespace: p.meta.namespace.clone(),
+                name: p.meta.name.clone(),
+                issuers: p.rules.iter().map(|r| r.issuer.clone()).collect(),
+                selector: p.selector.clone(),
+                file: p.meta.file.clone(),
+                line: p.meta.line,
+            })
+            .collect()
+    }
+
+    /// What was accepted but is not enforced, as `file:line:col: field: why` lines.
+    pub fn warnings(&self) -> Vec<String> {
+        self.inner
+            .request_authn
+            .iter()
+            .flat_map(|p| p.located_warnings.iter().cloned())
+            .collect()
     }
 
     pub fn root_namespace(&self) -> &str {

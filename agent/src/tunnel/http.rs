@@ -2,9 +2,10 @@
 //! method, path or host of requests, the agent does not splice bytes blindly: it serves the
 //! incoming stream as HTTP/1.1 (hyper), makes every request ready for policy
 //! ([`super::request_head`]: its host checked, its path normalised and rewritten; a bad one gets
-//! `400`), asks the [`Enforcer`] about it, forwards the allowed ones to the application over one
-//! upstream connection, and answers the others itself with `403 Forbidden` and Envoy's body
-//! `RBAC: access denied`. A stream that is not HTTP/1.1 ends with an error, so a non-HTTP
+//! `400`), has the [`Enforcer`] authenticate it (a token that does not verify: `401` and Envoy's
+//! body `Jwt verification fails`) and then authorize it, forwards the allowed ones to the
+//! application over one upstream connection, and answers the others itself with
+//! `403 Forbidden` and Envoy's body `RBAC: access denied`. A stream that is not HTTP/1.1 ends with an error, so a non-HTTP
 //! connection that only L7 rules could allow is denied, and a client that does not finish a
 //! request head in time is disconnected.
 
@@ -24,11 +25,25 @@ use super::request_head::prepare;
 use crate::conn::RequestHead;
 use crate::policy::normalize::PathNormalization;
 
+/// The answer of [`Enforcer::authenticate`]: `false` refuses the request with `401`.
+pub type Authenticated<'a> = futures::future::BoxFuture<'a, bool>;
+
 /// What the HTTP server asks the enforcement point about each request.
 pub trait Enforcer: Send + Sync + 'static {
     /// The path normalisation in force for the next request (read per request, so a reload
     /// applies to the next one; whatever it is, the application receives the path judged).
     fn path_normalization(&self) -> PathNormalization;
+    /// Authenticate the request before [`Self::authorize`]: check its tokens, set `head.auth`,
+    /// and rewrite `request` (and `head.headers` with it) as the application must receive it.
+    /// `false` answers `401`. The default authenticates nothing.
+    fn authenticate<'a>(
+        &'a self,
+        head: &'a mut RequestHead,
+        request: &'a mut hyper::http::request::Parts,
+    ) -> Authenticated<'a> {
+        let _ = (head, request);
+        Box::pin(std::future::ready(true))
+    }
     /// The decision on a request as policy sees it: `true` forwards it.
     fn authorize(&self, head: &RequestHead) -> bool;
     /// A request answered with `400` before policy was asked; `request` is its method and
@@ -48,6 +63,26 @@ fn forbidden() -> Response<Body> {
     r.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static("text/plain"),
+    );
+    r
+}
+
+/// `401` with Envoy's body, as Istio answers a request whose JWT does not verify.
+fn unauthorized() -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from_static(b"Jwt verification fails"))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = StatusCode::UNAUTHORIZED;
+    let headers = r.headers_mut();
+    headers.insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain"),
+    );
+    headers.insert(
+        hyper::header::WWW_AUTHENTICATE,
+        hyper::header::HeaderValue::from_static("Bearer error=\"invalid_token\""),
     );
     r
 }
@@ -110,13 +145,18 @@ where
         let sender = sender.clone();
         let enforcer = enforcer.clone();
         async move {
-            let head = match prepare(&mut req, enforcer.path_normalization()) {
+            let mut head = match prepare(&mut req, enforcer.path_normalization()) {
                 Ok(head) => head,
                 Err(why) => {
                     enforcer.refused(&format!("{} {}", req.method(), req.uri()), &why);
                     return Ok::<_, std::convert::Infallible>(bad_request(&why));
                 }
             };
+            let (mut parts, body) = req.into_parts();
+            if !enforcer.authenticate(&mut head, &mut parts).await {
+                return Ok(unauthorized());
+            }
+            let req = Request::from_parts(parts, body);
             if !enforcer.authorize(&head) {
                 return Ok(forbidden());
             }

@@ -266,10 +266,10 @@ fn unsupported_kind_and_api_version() {
         "unsupported apiVersion \"v1\"",
     );
     expect(
-        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: x}\n",
+        "apiVersion: security.istio.io/v1\nkind: Sidecar\nmetadata: {name: x}\n",
         2,
         "kind",
-        "unsupported kind \"RequestAuthentication\"",
+        "unsupported kind \"Sidecar\"",
     );
 }
 
