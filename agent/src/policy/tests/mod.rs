@@ -4,6 +4,7 @@
 mod errors;
 mod objects;
 mod props;
+mod request_authn;
 mod table;
 
 use std::{collections::BTreeMap, net::IpAddr, path::Path};
