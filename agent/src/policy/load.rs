@@ -369,7 +369,9 @@ impl Loader {
                         )
                     })
                     .collect();
-                summary.warnings.extend(policy.located_warnings.iter().cloned());
+                summary
+                    .warnings
+                    .extend(policy.located_warnings.iter().cloned());
                 self.request_authn.push(policy);
                 summary.request_authentications += 1;
             }

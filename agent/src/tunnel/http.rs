@@ -361,6 +361,54 @@ mod tests {
         assert!(out.is_empty(), "nothing answered: {out:?}");
     }
 
+    /// Refuses authentication of requests with `x-token: bad`, and strips `x-token` from the
+    /// others (what the application receives is what authentication left).
+    struct TokenGate;
+
+    impl Enforcer for TokenGate {
+        fn path_normalization(&self) -> PathNormalization {
+            PathNormalization::Base
+        }
+        fn authenticate<'a>(
+            &'a self,
+            head: &'a mut RequestHead,
+            request: &'a mut hyper::http::request::Parts,
+        ) -> Authenticated<'a> {
+            let bad = request.headers.get("x-token").is_some_and(|v| v == "bad");
+            request.headers.remove("x-token");
+            head.headers = request.headers.clone();
+            Box::pin(std::future::ready(!bad))
+        }
+        fn authorize(&self, h: &RequestHead) -> bool {
+            h.headers.get("x-token").is_none()
+        }
+        fn refused(&self, _: &str, _: &BadRequest) {}
+    }
+
+    #[tokio::test]
+    async fn a_request_that_fails_authentication_gets_401_and_the_next_is_served() {
+        let app = app().await;
+        let (mut client, proxied) = tokio::io::duplex(64 * 1024);
+        let upstream = TcpStream::connect(app).await.expect("connect app");
+        let proxy = tokio::spawn(serve(proxied, upstream, Arc::new(TokenGate), TIMEOUT));
+        client
+            .write_all(
+                b"GET /a HTTP/1.1\r\nHost: payment\r\nx-token: bad\r\n\r\n\
+                  GET /b HTTP/1.1\r\nHost: payment\r\nx-token: good\r\n\r\n",
+            )
+            .await
+            .expect("write");
+        client.shutdown().await.expect("half-close");
+        let mut out = Vec::new();
+        client.read_to_end(&mut out).await.expect("read");
+        proxy.await.expect("join").expect("served");
+        let out = String::from_utf8_lossy(&out);
+        assert_eq!(statuses(&out), ["401", "200"], "{out}");
+        assert!(out.contains("Jwt verification fails"), "{out}");
+        assert!(out.contains("www-authenticate: Bearer"), "{out}");
+        assert!(out.contains("GET /b host=payment"), "{out}");
+    }
+
     #[tokio::test]
     async fn a_stream_that_is_not_http_is_an_error() {
         let (out, result) =

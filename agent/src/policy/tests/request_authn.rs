@@ -66,6 +66,7 @@ fn a_full_rule_loads() {
     };
     assert!(ok, "{out}");
     assert!(out.contains("1 RequestAuthentication"), "{out}");
+    assert!(!out.contains("warning"), "{out}");
 }
 
 #[test]
@@ -192,7 +193,7 @@ fn target_ref_is_accepted_with_a_warning() {
     let warnings = set.warnings();
     assert_eq!(warnings.len(), 1, "{warnings:?}");
     assert!(
-        warnings[0].starts_with("warning: ra.yaml:7:")
+        warnings[0].starts_with("ra.yaml:7: RequestAuthentication prod/gw: ")
             && warnings[0].contains("spec.targetRef: accepted but not enforced"),
         "{warnings:?}"
     );
