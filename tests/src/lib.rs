@@ -11,6 +11,7 @@
 //! - [`server`]: echo servers inside pods that record who connected.
 //! - [`sniffer`]: packet captures on the links between nodes.
 //! - [`hbone`]: a `CONNECT` of the test's choosing through a real tunnel.
+//! - [`jwks`]: JWT signing keys and a JWKS server over HTTPS, for RequestAuthentication.
 //! - [`python_peer`]: an HBONE server or client on Python's `ssl` and PyPI's `h2`, not Latch's
 //!   code, for the interop tests.
 //! - [`kube_api`]: a Kubernetes API server (lists, watches, discovery, RBAC from
@@ -24,6 +25,7 @@ pub mod agent;
 pub mod cluster;
 pub mod env;
 pub mod hbone;
+pub mod jwks;
 pub mod kube_api;
 pub mod kube_cluster;
 pub mod l2;

@@ -1,0 +1,243 @@
+//! RequestAuthentication end to end, on real agents in network namespaces: payment's agent
+//! fetches its issuer's keys over HTTPS from a JWKS server in a third namespace (its own CA,
+//! given as `jwt.jwksCaFile`), checks the tokens of frontend's requests, and an
+//! AuthorizationPolicy lets frontend `POST /v1/pay` only with a token whose `scope` claim holds
+//! `payments:write`. Without a token: 403; a bad token: 401; the right token: 200; a token
+//! without the scope: 403. Then the issuer rotates its key (picked up without a restart), and
+//! goes down (the last keys are kept).
+
+use std::net::SocketAddr;
+
+use latch_tests::{
+    AgentOptions, Cluster, EchoServer, NodeId, PodId, PodSpec,
+    jwks::{self, JwksServer, SigningKey},
+};
+use serde_json::json;
+
+const HTTP_PORT: u16 = 8080;
+const ISSUER: &str = "https://issuer.example";
+
+fn policies(jwks_uri: &str) -> String {
+    format!(
+        r#"apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata:
+  name: payment-jwt
+  namespace: prod
+spec:
+  selector:
+    matchLabels:
+      app: payment-service
+  jwtRules:
+  - issuer: {ISSUER}
+    audiences: [payments]
+    jwksUri: {jwks_uri}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: pay-with-scope
+  namespace: prod
+spec:
+  selector:
+    matchLabels:
+      app: payment-service
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/prod/sa/frontend"]
+    to:
+    - operation:
+        methods: ["POST"]
+        paths: ["/v1/pay"]
+    when:
+    - key: request.auth.claims[scope]
+      values: ["payments:write"]
+"#
+    )
+}
+
+struct Mesh {
+    cluster: Cluster,
+    frontend: PodId,
+    payment: PodId,
+    app: EchoServer,
+    jwks: JwksServer,
+    n2: NodeId,
+}
+
+/// frontend on node 1, payment on node 2, the JWKS server on a third namespace of the fabric
+/// (a node without an agent) serving `first`'s key.
+fn mesh(first: &SigningKey) -> Mesh {
+    let mut cluster = Cluster::new().expect("cluster");
+    let n1 = cluster.add_node().expect("node 1");
+    let n2 = cluster.add_node().expect("node 2");
+    let issuer_node = cluster.add_node().expect("issuer's namespace");
+    let frontend = cluster
+        .add_pod(n1, PodSpec::mesh("frontend", "prod", "frontend"))
+        .expect("frontend");
+    let mut payment = PodSpec::mesh("payment", "prod", "payment");
+    payment.labels = vec![("app".into(), "payment-service".into())];
+    let payment = cluster.add_pod(n2, payment).expect("payment");
+    let issuer_addr = SocketAddr::new(cluster.node(issuer_node).ipv4().into(), 8443);
+    let jwks = JwksServer::start(
+        &cluster.node(issuer_node).netns(),
+        issuer_addr,
+        cluster.dir(),
+        jwks::document(&[first]),
+    )
+    .expect("JWKS server");
+    let dir = cluster.dir().join("policies");
+    std::fs::create_dir_all(&dir).expect("policy dir");
+    std::fs::write(dir.join("jwt.yaml"), policies(&jwks.uri)).expect("policy file");
+    let options = AgentOptions {
+        extra_yaml: format!(
+            "policies: [{}]\njwt: {{ jwksCaFile: {}, jwksRefetchMinInterval: 1ms }}\n",
+            dir.display(),
+            jwks.ca_file.display()
+        ),
+        ..AgentOptions::default()
+    };
+    cluster.start_agent(n1, options.clone()).expect("agent 1");
+    cluster.start_agent(n2, options).expect("agent 2");
+    let app = cluster
+        .http_server(payment, HTTP_PORT)
+        .expect("http server");
+    Mesh {
+        cluster,
+        frontend,
+        payment,
+        app,
+        jwks,
+        n2,
+    }
+}
+
+impl Mesh {
+    /// `POST target` from frontend to payment with `token` as a bearer token, if any; the answer.
+    fn post(&self, target: &str, token: Option<&str>) -> String {
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        let request = format!(
+            "POST {target} HTTP/1.1\r\nHost: payment\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        let to = self.cluster.pod(self.payment).addr4(HTTP_PORT);
+        let r = self
+            .cluster
+            .probe(self.frontend, to, Some(&request))
+            .expect("probe");
+        assert!(r.ok, "frontend connects to payment: {r:?}");
+        r.echo.unwrap_or_default()
+    }
+}
+
+fn status(answer: &str) -> &str {
+    answer
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .unwrap_or("none")
+}
+
+fn claims(scope: serde_json::Value) -> serde_json::Value {
+    json!({
+        "iss": ISSUER,
+        "sub": "alice",
+        "aud": "payments",
+        "exp": jwks::now() + 600,
+        "scope": scope,
+    })
+}
+
+#[test]
+fn a_payment_needs_a_token_with_the_payments_write_scope() {
+    let key = SigningKey::generate("k1").expect("key");
+    let mesh = mesh(&key);
+
+    let answer = mesh.post("/v1/pay", None);
+    assert_eq!(status(&answer), "403", "no token, no principal: {answer:?}");
+    assert!(answer.contains("RBAC: access denied"), "{answer:?}");
+
+    let forged = SigningKey::generate("k1").expect("another key");
+    let bad = forged
+        .sign(&claims(json!(["payments:write"])))
+        .expect("sign");
+    let answer = mesh.post("/v1/pay", Some(&bad));
+    assert_eq!(status(&answer), "401", "signed by another key: {answer:?}");
+    assert!(answer.contains("Jwt verification fails"), "{answer:?}");
+    let expired = key
+        .sign(&json!({"iss": ISSUER, "sub": "alice", "aud": "payments", "exp": jwks::now() - 3600, "scope": ["payments:write"]}))
+        .expect("sign");
+    assert_eq!(status(&mesh.post("/v1/pay", Some(&expired))), "401");
+
+    let good = key
+        .sign(&claims(json!(["payments:write", "payments:read"])))
+        .expect("sign");
+    let answer = mesh.post("/v1/pay", Some(&good));
+    assert_eq!(status(&answer), "200", "the right token: {answer:?}");
+    assert!(answer.ends_with("POST /v1/pay"), "{answer:?}");
+
+    let read_only = key.sign(&claims(json!(["payments:read"]))).expect("sign");
+    assert_eq!(status(&mesh.post("/v1/pay", Some(&read_only))), "403");
+    // Istio does not split a space-separated string claim: one value, not a list.
+    let spaced = key
+        .sign(&claims(json!("payments:read payments:write")))
+        .expect("sign");
+    assert_eq!(status(&mesh.post("/v1/pay", Some(&spaced))), "403");
+    // The right token does not open another path.
+    assert_eq!(status(&mesh.post("/admin", Some(&good))), "403");
+
+    // Only the allowed request reached the application, without its token.
+    let heads = mesh.app.request_heads();
+    assert_eq!(heads.len(), 1, "{heads:?}");
+    assert!(
+        !heads[0].to_ascii_lowercase().contains("authorization"),
+        "the token is not forwarded: {:?}",
+        heads[0]
+    );
+
+    let log = mesh
+        .cluster
+        .node(mesh.n2)
+        .agent
+        .as_ref()
+        .expect("agent")
+        .log();
+    assert!(
+        log.contains("request refused: its JWT does not verify"),
+        "refusals logged"
+    );
+    assert!(!log.contains(&bad), "the token itself is never logged");
+}
+
+#[test]
+fn keys_rotate_without_a_restart_and_an_outage_keeps_the_last_ones() {
+    let first = SigningKey::generate("first").expect("key");
+    let mesh = mesh(&first);
+    let token = |key: &SigningKey| key.sign(&claims(json!(["payments:write"]))).expect("sign");
+
+    assert_eq!(status(&mesh.post("/v1/pay", Some(&token(&first)))), "200");
+    assert_eq!(mesh.jwks.fetches(), 1);
+
+    // The issuer rotates: the new kid makes the agent fetch again.
+    let second = SigningKey::generate("second").expect("key");
+    mesh.jwks.set_document(Some(jwks::document(&[&second])));
+    assert_eq!(status(&mesh.post("/v1/pay", Some(&token(&second)))), "200");
+    assert_eq!(mesh.jwks.fetches(), 2);
+    // The retired key no longer verifies.
+    assert_eq!(status(&mesh.post("/v1/pay", Some(&token(&first)))), "401");
+
+    // Outage: the fetch an unknown kid starts fails (logged), the last keys stay in use.
+    mesh.jwks.set_document(None);
+    let third = SigningKey::generate("third").expect("key");
+    assert_eq!(status(&mesh.post("/v1/pay", Some(&token(&third)))), "401");
+    let agent = mesh.cluster.node(mesh.n2).agent.as_ref().expect("agent");
+    agent
+        .wait_for_message(
+            "JWKS fetch failed; the last keys fetched, if any, are used until jwt.jwksMaxStale",
+            std::time::Duration::from_secs(20),
+        )
+        .expect("the failure is logged");
+    assert_eq!(status(&mesh.post("/v1/pay", Some(&token(&second)))), "200");
+}
