@@ -30,6 +30,9 @@ struct Signer {
 }
 
 fn signer(kid: &str, alg: Algorithm) -> Signer {
+    if alg == Algorithm::RS256 {
+        return rsa_signer(kid);
+    }
     let (rcgen_alg, der_key) = match alg {
         Algorithm::ES256 => (&rcgen::PKCS_ECDSA_P256_SHA256, true),
         Algorithm::EdDSA => (&rcgen::PKCS_ED25519, false),
@@ -54,6 +57,24 @@ fn signer(kid: &str, alg: Algorithm) -> Signer {
         key,
         jwk,
         alg,
+        kid: kid.to_owned(),
+    }
+}
+
+/// One RSA key per test run (generating one takes a while in a debug build).
+fn rsa_signer(kid: &str) -> Signer {
+    use rsa::pkcs1::EncodeRsaPrivateKey as _;
+    static DER: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
+        let key = rsa::PrivateKey::new(&mut rand::rng(), 2048).expect("RSA key");
+        key.to_pkcs1_der().expect("PKCS#1").as_bytes().to_vec()
+    });
+    let key = EncodingKey::from_rsa_der(&DER);
+    let mut jwk = Jwk::from_encoding_key(&key, Algorithm::RS256).expect("jwk");
+    jwk.common.key_id = Some(kid.to_owned());
+    Signer {
+        key,
+        jwk,
+        alg: Algorithm::RS256,
         kid: kid.to_owned(),
     }
 }
@@ -125,7 +146,7 @@ async fn run(
 
 #[tokio::test]
 async fn a_valid_token_is_the_request_principal_and_is_not_forwarded() {
-    for alg in [Algorithm::ES256, Algorithm::EdDSA] {
+    for alg in [Algorithm::RS256, Algorithm::ES256, Algorithm::EdDSA] {
         let s = signer("k1", alg);
         let token = sign(
             &s,

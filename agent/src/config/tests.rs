@@ -404,6 +404,42 @@ fn bad_path_normalization() {
     assert!(msg.contains("greater than zero"), "{msg}");
 }
 
+#[test]
+fn jwt_section_defaults_values_and_errors() {
+    let c = parse(MINIMAL).expect("valid");
+    assert_eq!(c.jwt.jwks_ca_file, None);
+    assert_eq!(c.jwt.jwks_refresh_interval, Duration::from_secs(20 * 60));
+    assert_eq!(c.jwt.jwks_fetch_timeout, Duration::from_secs(5));
+    assert_eq!(c.jwt.jwks_max_stale, Duration::from_secs(24 * 3600));
+    assert_eq!(c.jwt.jwks_refetch_min_interval, Duration::from_secs(10));
+    let c = parse(&format!(
+        "{MINIMAL}jwt:\n  jwksCaFile: /etc/latch/jwks-ca.pem\n  jwksRefreshInterval: 5m\n  \
+         jwksFetchTimeout: 2s\n  jwksMaxStale: 1h\n  jwksRefetchMinInterval: 1s\n"
+    ))
+    .expect("valid");
+    assert_eq!(
+        c.jwt.jwks_ca_file.as_deref(),
+        Some(Path::new("/etc/latch/jwks-ca.pem"))
+    );
+    assert_eq!(c.jwt.jwks_refresh_interval, Duration::from_secs(300));
+    assert_eq!(c.jwt.jwks_fetch_timeout, Duration::from_secs(2));
+    assert_eq!(c.jwt.jwks_max_stale, Duration::from_secs(3600));
+    assert_eq!(c.jwt.jwks_refetch_min_interval, Duration::from_secs(1));
+    let msg = expect_error(
+        &format!("{MINIMAL}jwt:\n  jwksFetchTimeout: 0s\n"),
+        6,
+        "jwt.jwksFetchTimeout",
+    );
+    assert!(msg.contains("greater than zero"), "{msg}");
+    expect_error(
+        &format!("{MINIMAL}jwt:\n  jwksCaFile: relative.pem\n"),
+        6,
+        "jwt.jwksCaFile",
+    );
+    let msg = expect_error(&format!("{MINIMAL}jwt:\n  jwksUri: x\n"), 6, "jwt");
+    assert!(msg.contains("unknown field"), "{msg}");
+}
+
 /// The node-level settings of Kubernetes mode, without `node`.
 const KUBERNETES: &str = "trustDomain: cluster.local\ncgroupRoot: /sys/fs/cgroup\nbpfPinDir: /sys/fs/bpf/latch\ndataplane: { mode: tunnel }\n";
 
