@@ -197,6 +197,20 @@ fn a_payment_needs_a_token_with_the_payments_write_scope() {
         heads[0]
     );
 
+    // `latch debug policies` lists the RequestAuthentication beside the AuthorizationPolicy.
+    let listed = latch_tests::agent::debug_json(&mesh.cluster.debug_socket(mesh.n2), &["policies"])
+        .expect("debug policies");
+    let kinds: Vec<_> = listed["policies"]
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|p| (p["kind"].clone(), p["name"].clone()))
+        .collect();
+    assert!(
+        kinds.contains(&(json!("RequestAuthentication"), json!("payment-jwt"))),
+        "{listed}"
+    );
+
     let log = mesh
         .cluster
         .node(mesh.n2)

@@ -303,6 +303,20 @@ impl Backend for AgentView {
                     rules: p.rules,
                     file: format!("{}:{}", p.file.display(), p.line),
                 })
+                .chain(
+                    snapshot
+                        .policies
+                        .request_authentications()
+                        .into_iter()
+                        .map(|p| PolicySummary {
+                            kind: "RequestAuthentication".to_owned(),
+                            namespace: p.namespace,
+                            name: p.name,
+                            action: String::new(),
+                            rules: p.issuers.len(),
+                            file: format!("{}:{}", p.file.display(), p.line),
+                        }),
+                )
                 .collect(),
             errors: published.policy_errors.clone(),
             refused: published.refused_policies.clone(),

@@ -202,7 +202,8 @@ pub struct Policies {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PolicySummary {
-    /// `AuthorizationPolicy` or `PeerAuthentication`.
+    /// `AuthorizationPolicy`, `PeerAuthentication` or `RequestAuthentication` (whose `rules`
+    /// are its JWT rules).
     pub kind: String,
     pub namespace: String,
     pub name: String,
