@@ -436,6 +436,15 @@ fn jwt_section_defaults_values_and_errors() {
         6,
         "jwt.jwksCaFile",
     );
+    let msg = expect_error(
+        &format!("{MINIMAL}jwt:\n  jwksRefreshInterval: 1h\n  jwksMaxStale: 10m\n"),
+        7,
+        "jwt.jwksMaxStale",
+    );
+    assert!(
+        msg.contains("shorter than jwt.jwksRefreshInterval"),
+        "{msg}"
+    );
     let msg = expect_error(&format!("{MINIMAL}jwt:\n  jwksUri: x\n"), 6, "jwt");
     assert!(msg.contains("unknown field"), "{msg}");
 }

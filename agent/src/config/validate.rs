@@ -1,5 +1,6 @@
 //! Checks across fields, after parsing: distinct ports, IPs used once, unique workload names,
-//! workload cgroups under `cgroupRoot`, certificate settings complete for their source.
+//! workload cgroups under `cgroupRoot`, certificate settings complete for their source, JWKS keys
+//! kept at least as long as their refresh interval.
 
 use std::collections::{HashMap, HashSet};
 
@@ -20,6 +21,18 @@ pub fn check(config: &Config) -> Result<(), Problem> {
         return Err(problem(
             "ports.inbound",
             format!("port {} is used twice in ports", p.inbound),
+        ));
+    }
+
+    if config.jwt.jwks_max_stale < config.jwt.jwks_refresh_interval {
+        return Err(problem(
+            "jwt.jwksMaxStale",
+            format!(
+                "{} is shorter than jwt.jwksRefreshInterval ({}): keys would be dropped before \
+                 they are due to be fetched again",
+                humantime::format_duration(config.jwt.jwks_max_stale),
+                humantime::format_duration(config.jwt.jwks_refresh_interval)
+            ),
         ));
     }
 
