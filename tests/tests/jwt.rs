@@ -167,7 +167,13 @@ fn a_payment_needs_a_token_with_the_payments_write_scope() {
     assert_eq!(status(&answer), "401", "signed by another key: {answer:?}");
     assert!(answer.contains("Jwt verification fails"), "{answer:?}");
     let expired = key
-        .sign(&json!({"iss": ISSUER, "sub": "alice", "aud": "payments", "exp": jwks::now() - 3600, "scope": ["payments:write"]}))
+        .sign(&json!({
+            "iss": ISSUER,
+            "sub": "alice",
+            "aud": "payments",
+            "exp": jwks::now() - 3600,
+            "scope": ["payments:write"],
+        }))
         .expect("sign");
     assert_eq!(status(&mesh.post("/v1/pay", Some(&expired))), "401");
 

@@ -5,9 +5,9 @@
 //! `400`), has the [`Enforcer`] authenticate it (a token that does not verify: `401` and Envoy's
 //! body `Jwt verification fails`) and then authorize it, forwards the allowed ones to the
 //! application over one upstream connection, and answers the others itself with
-//! `403 Forbidden` and Envoy's body `RBAC: access denied`. A stream that is not HTTP/1.1 ends with an error, so a non-HTTP
-//! connection that only L7 rules could allow is denied, and a client that does not finish a
-//! request head in time is disconnected.
+//! `403 Forbidden` and Envoy's body `RBAC: access denied`. A stream that is not HTTP/1.1 ends
+//! with an error, so a non-HTTP connection that only L7 rules could allow is denied, and a
+//! client that does not finish a request head in time is disconnected.
 
 use std::{io, sync::Arc, time::Duration};
 

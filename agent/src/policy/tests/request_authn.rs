@@ -33,13 +33,21 @@ fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 
 #[test]
 fn a_full_rule_loads() {
-    let text = doc(
-        "prod",
-        "jwt",
-        &format!(
-            "  selector: {{matchLabels: {{app: payment}}}}\n  jwtRules:\n  - issuer: https://issuer.example\n    audiences: [payments]\n    jwksUri: https://issuer.example/jwks.json\n    fromHeaders: [{{name: x-jwt, prefix: \"Token \"}}]\n    fromParams: [jwt]\n    forwardOriginalToken: true\n    outputPayloadToHeader: x-jwt-payload\n    outputClaimToHeaders: [{{header: x-sub, claim: sub}}]\n    timeout: 3s\n  - issuer: inline\n    jwks: '{JWKS}'\n"
-        ),
-    );
+    let spec = r#"  selector: {matchLabels: {app: payment}}
+  jwtRules:
+  - issuer: https://issuer.example
+    audiences: [payments]
+    jwksUri: https://issuer.example/jwks.json
+    fromHeaders: [{name: x-jwt, prefix: "Token "}]
+    fromParams: [jwt]
+    forwardOriginalToken: true
+    outputPayloadToHeader: x-jwt-payload
+    outputClaimToHeaders: [{header: x-sub, claim: sub}]
+    timeout: 3s
+  - issuer: inline
+    jwks: 'JWKS'
+"#;
+    let text = doc("prod", "jwt", &spec.replace("JWKS", JWKS));
     let set = load(&text).expect("valid");
     let rules = set.jwt_rules_for(&Target {
         namespace: "prod",
@@ -71,11 +79,19 @@ fn a_full_rule_loads() {
 
 #[test]
 fn selection_as_istio() {
+    let rules = |issuer: &str| format!("  jwtRules: [{{issuer: {issuer}, jwks: '{JWKS}'}}]\n");
     let text = [
-        doc("prod", "by-label", &format!("  selector: {{matchLabels: {{app: payment}}}}\n  jwtRules: [{{issuer: a, jwks: '{JWKS}'}}]\n")),
-        doc("prod", "namespace-wide", &format!("  jwtRules: [{{issuer: b, jwks: '{JWKS}'}}]\n")),
-        doc("istio-system", "mesh", &format!("  jwtRules: [{{issuer: c, jwks: '{JWKS}'}}]\n")),
-        doc("other", "elsewhere", &format!("  jwtRules: [{{issuer: d, jwks: '{JWKS}'}}]\n")),
+        doc(
+            "prod",
+            "by-label",
+            &format!(
+                "  selector: {{matchLabels: {{app: payment}}}}\n{}",
+                rules("a")
+            ),
+        ),
+        doc("prod", "namespace-wide", &rules("b")),
+        doc("istio-system", "mesh", &rules("c")),
+        doc("other", "elsewhere", &rules("d")),
     ]
     .join("---\n");
     let set = load(&text).expect("valid");
