@@ -18,7 +18,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use super::{fetch, keys::KeySet};
-use crate::config::Jwt as Settings;
+use crate::{config::Jwt as Settings, metrics::Metrics};
 
 /// Every URI's keys.
 #[derive(Default)]
@@ -75,6 +75,7 @@ impl KeyCache {
         settings: &Settings,
         timeout: Duration,
         need: Need<'_>,
+        metrics: &Metrics,
     ) -> Result<Arc<KeySet>, NoKeys> {
         let entry = self.entry(uri);
         let now = Instant::now();
@@ -106,7 +107,12 @@ impl KeyCache {
             (usable, start, wait)
         };
         if start {
-            spawn_fetch(entry.clone(), settings.jwks_ca_file.clone(), timeout);
+            spawn_fetch(
+                entry.clone(),
+                settings.jwks_ca_file.clone(),
+                timeout,
+                metrics.clone(),
+            );
         }
         if wait {
             waiter.mark_unchanged();
@@ -181,7 +187,12 @@ fn no_keys_reason(state: &State) -> String {
     }
 }
 
-fn spawn_fetch(entry: Arc<Entry>, ca_file: Option<std::path::PathBuf>, timeout: Duration) {
+fn spawn_fetch(
+    entry: Arc<Entry>,
+    ca_file: Option<std::path::PathBuf>,
+    timeout: Duration,
+    metrics: Metrics,
+) {
     tokio::spawn(async move {
         let result = tokio::time::timeout(timeout, fetch::jwks(&entry.uri, ca_file.as_deref()))
             .await
@@ -191,6 +202,7 @@ fn spawn_fetch(entry: Arc<Entry>, ca_file: Option<std::path::PathBuf>, timeout: 
                     humantime::format_duration(timeout)
                 ))
             });
+        metrics.jwks_fetched(&entry.uri.to_string(), result.is_ok());
         {
             let mut state = entry.lock();
             state.in_flight = false;

@@ -20,6 +20,7 @@ use hyper::http::request::Parts;
 
 use crate::{
     config::Jwt as Settings,
+    metrics::Metrics,
     policy::{JwtRule, KeySource, RequestAuth},
 };
 use cache::{KeyCache, Need};
@@ -52,10 +53,12 @@ impl Authenticator {
     /// Authenticate the request in `parts` with `rules` (those of its workload): `Ok(None)`
     /// without a token, `Ok(Some)` with a verified one (outputs written, token removed unless
     /// forwarded), `Err` with a token that does not verify. Without rules nothing is touched.
+    /// Key fetches are counted in `metrics`.
     pub async fn authenticate(
         &self,
         rules: &[Arc<JwtRule>],
         settings: &Settings,
+        metrics: &Metrics,
         parts: &mut Parts,
     ) -> Result<Option<RequestAuth>, Refusal> {
         if rules.is_empty() {
@@ -89,7 +92,7 @@ impl Authenticator {
                     VerifyError::UnknownIssuer(issuer.clone()),
                 ));
             };
-            let result = self.verify(token, rule, settings).await;
+            let result = self.verify(token, rule, settings, metrics).await;
             let v = result.map_err(|r| refusal(Some(&issuer), Some(&rule.policy), r))?;
             verified.push((token, rule, v));
         }
@@ -111,6 +114,7 @@ impl Authenticator {
         token: &str,
         rule: &JwtRule,
         settings: &Settings,
+        metrics: &Metrics,
     ) -> Result<verify::Verified, VerifyError> {
         let uri = match &rule.keys {
             KeySource::Inline(keys) => return verify::verify(token, rule, keys),
@@ -123,7 +127,7 @@ impl Authenticator {
         };
         let keys = self
             .keys
-            .keys(uri, settings, timeout, Need::Keys)
+            .keys(uri, settings, timeout, Need::Keys, metrics)
             .await
             .map_err(no_keys)?;
         match verify::verify(token, rule, &keys) {
@@ -131,7 +135,7 @@ impl Authenticator {
             Err(VerifyError::UnknownKid(kid)) => {
                 let keys = self
                     .keys
-                    .keys(uri, settings, timeout, Need::Kid(&kid))
+                    .keys(uri, settings, timeout, Need::Kid(&kid), metrics)
                     .await
                     .map_err(no_keys)?;
                 verify::verify(token, rule, &keys)

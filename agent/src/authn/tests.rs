@@ -21,6 +21,9 @@ use super::keys;
 
 const ISSUER: &str = "https://issuer.example";
 
+static METRICS: std::sync::LazyLock<crate::metrics::Metrics> =
+    std::sync::LazyLock::new(crate::metrics::Metrics::new);
+
 /// A signing key and its public JWK.
 struct Signer {
     key: EncodingKey,
@@ -139,7 +142,12 @@ async fn run(
     parts: &mut Parts,
 ) -> Result<Option<crate::policy::RequestAuth>, VerifyError> {
     Authenticator::default()
-        .authenticate(&[Arc::new(rule)], &Settings::default(), parts)
+        .authenticate(
+            &[Arc::new(rule)],
+            &Settings::default(),
+            &crate::metrics::Metrics::new(),
+            parts,
+        )
         .await
         .map_err(|r| r.reason)
 }
@@ -460,7 +468,7 @@ async fn check(
 ) -> Result<Option<crate::policy::RequestAuth>, VerifyError> {
     let mut p = parts("/", &[("authorization", &bearer(token))]);
     authn
-        .authenticate(std::slice::from_ref(r), settings, &mut p)
+        .authenticate(std::slice::from_ref(r), settings, &METRICS, &mut p)
         .await
         .map_err(|r| r.reason)
 }
@@ -510,6 +518,14 @@ async fn jwks_over_https_rotation_and_outage() {
             .is_some_and(|e| e.contains("503")),
         "{status:?}"
     );
+    let exposition = METRICS.encode().expect("metrics");
+    for (result, n) in [("ok", 2), ("error", 1)] {
+        let line = format!(
+            "latch_jwks_fetches_total{{jwks_uri=\"{}\",result=\"{result}\"}} {n}",
+            server.uri
+        );
+        assert!(exposition.contains(&line), "{line} in {exposition}");
+    }
     assert!(
         check(&authn, &r, &settings, &token_b)
             .await

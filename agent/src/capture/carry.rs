@@ -197,7 +197,7 @@ impl Enforcer for Gate {
             let settings = snapshot.config.jwt.clone();
             drop(snapshot);
             match authn::global()
-                .authenticate(&rules, &settings, request)
+                .authenticate(&rules, &settings, &self.party.metrics, request)
                 .await
             {
                 Ok(auth) => {

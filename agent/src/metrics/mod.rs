@@ -69,6 +69,12 @@ struct DecisionLabels {
     decision: &'static str,
 }
 
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct JwksFetchLabels {
+    jwks_uri: String,
+    result: &'static str,
+}
+
 /// What the agent reports at scrape time.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ScrapeSnapshot {
@@ -142,6 +148,7 @@ struct Inner {
     received: Family<Labels, Counter>,
     decisions: Family<DecisionLabels, Counter>,
     jwt_refused: Counter,
+    jwks_fetches: Family<JwksFetchLabels, Counter>,
     handshake: Histogram,
     source: Arc<RwLock<Option<ScrapeSource>>>,
 }
@@ -202,6 +209,12 @@ impl Metrics {
             "HTTP requests refused with 401 because their JWT did not verify (RequestAuthentication).",
             jwt_refused.clone(),
         );
+        let jwks_fetches = Family::<JwksFetchLabels, Counter>::default();
+        registry.register(
+            "latch_jwks_fetches",
+            "JWKS fetches of RequestAuthentication issuers, by URI and result (ok or error).",
+            jwks_fetches.clone(),
+        );
         let handshake = Histogram::new(HANDSHAKE_BUCKETS);
         registry.register(
             "latch_tunnel_handshake_seconds",
@@ -218,6 +231,7 @@ impl Metrics {
             received,
             decisions,
             jwt_refused,
+            jwks_fetches,
             handshake,
             source,
         }))
@@ -251,6 +265,17 @@ impl Metrics {
     /// A request refused because its JWT did not verify.
     pub fn jwt_refused(&self) {
         self.0.jwt_refused.inc();
+    }
+
+    /// A JWKS fetch of `uri` ended, successfully or not.
+    pub fn jwks_fetched(&self, uri: &str, ok: bool) {
+        self.0
+            .jwks_fetches
+            .get_or_create(&JwksFetchLabels {
+                jwks_uri: uri.to_owned(),
+                result: if ok { "ok" } else { "error" },
+            })
+            .inc();
     }
 
     pub fn handshake(&self, elapsed: Duration) {
