@@ -1,7 +1,8 @@
 //! Kubernetes mode end to end: two nodes (one per cgroup driver) whose agents run
 //! `--kubernetes` against the test API server, pods made as kubelet makes them. The cluster's
 //! objects drive enforcement: pods enrolled by Istio ambient's labels, policy objects added,
-//! broken (the others stay in force) and removed, a pod labelled out of the mesh and deleted,
+//! broken (the others stay in force) and removed, RequestAuthentications taken from the
+//! cluster, a pod labelled out of the mesh and deleted,
 //! an API outage while traffic flows, and the agent's role never exceeded.
 
 use std::time::Duration;
@@ -381,6 +382,65 @@ fn the_clusters_objects_drive_enforcement() {
 
 /// An agent killed while the cluster changes: its kernel verdicts outlive it, and at start-up
 /// (after the first full list) it revokes the pairs that changed while it was down.
+#[test]
+fn request_authentications_come_from_the_cluster() {
+    let mesh = Mesh::start(
+        [Driver::Cgroupfs, Driver::Systemd],
+        [Qos::Burstable, Qos::Burstable],
+        &AgentOptions::default(),
+        |_| {},
+    );
+    let (k, n2) = (&mesh.k, N2);
+    let key = latch_tests::jwks::SigningKey::generate("k1").expect("key");
+    k.api
+        .apply(&fixtures::request_authentication(
+            "prod",
+            "jwt",
+            json!({
+                "selector": {"matchLabels": {"app": "payment"}},
+                "jwtRules": [{"issuer": "https://issuer.test", "jwks": latch_tests::jwks::document(&[&key])}]
+            }),
+        ))
+        .expect("request authentication");
+    k.api
+        .apply(&fixtures::request_authentication(
+            "prod",
+            "no-issuer",
+            json!({"jwtRules": [{"jwksUri": "https://issuer.test/jwks"}]}),
+        ))
+        .expect("request authentication");
+    let in_force = |k: &KubeCluster| {
+        debug(k, n2, &["policies"])["policies"]
+            .as_array()
+            .expect("a list")
+            .iter()
+            .filter(|p| p["kind"] == json!("RequestAuthentication"))
+            .map(|p| p["name"].as_str().unwrap_or("").to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        eventually(WAIT, || in_force(k) == ["jwt"]),
+        "the RequestAuthentication is in force: {:?}\n{}",
+        in_force(k),
+        log_tail(k, n2)
+    );
+    assert!(
+        eventually(WAIT, || {
+            debug(k, n2, &["policies"])["refused"]
+                .as_array()
+                .is_some_and(|r| r.iter().any(|r| r["name"] == json!("no-issuer")))
+        }),
+        "the RequestAuthentication without an issuer is refused and reported"
+    );
+    k.api
+        .delete(Kind::RequestAuthentication, "prod", "jwt")
+        .expect("delete");
+    assert!(
+        eventually(WAIT, || in_force(k).is_empty()),
+        "a deleted RequestAuthentication is no longer in force"
+    );
+}
+
 #[test]
 fn a_restarted_agent_revokes_what_changed_while_it_was_down() {
     // PERMISSIVE fast path: an allowed pair is cached in the kernel on both nodes.

@@ -302,6 +302,8 @@ impl Backend for AgentView {
                     action: p.action.map(|a| a.as_str().to_owned()).unwrap_or_default(),
                     rules: p.rules,
                     file: format!("{}:{}", p.file.display(), p.line),
+                    dry_run: p.dry_run,
+                    not_enforced: p.not_enforced,
                 })
                 .chain(
                     snapshot
@@ -315,6 +317,8 @@ impl Backend for AgentView {
                             action: String::new(),
                             rules: p.issuers.len(),
                             file: format!("{}:{}", p.file.display(), p.line),
+                            dry_run: false,
+                            not_enforced: p.not_enforced,
                         }),
                 )
                 .collect(),

@@ -213,6 +213,12 @@ pub struct PolicySummary {
     pub rules: usize,
     /// The file it was loaded from.
     pub file: String,
+    /// `istio.io/dry-run`: evaluated and recorded, never enforced.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
+    /// Why it is never applied to a workload (`targetRef`), if so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_enforced: Option<String>,
 }
 
 // --- /v1/verdicts ------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 //! The watches of Kubernetes mode: Pods and Namespaces into kube-runtime reflector stores, and
-//! Istio's AuthorizationPolicy and PeerAuthentication (as dynamic objects of
+//! Istio's AuthorizationPolicy, PeerAuthentication and RequestAuthentication (as dynamic objects of
 //! `security.istio.io`, `v1` else `v1beta1`, found by discovery) into [`PolicyObjects`], one
 //! object at a time. Each watch runs as a task with kube-runtime's default back-off and never
 //! ends on an error: an error is recorded ([`WatchHealth`]) and the watch resumes or re-lists.
@@ -133,12 +133,14 @@ const PODS: &str = "pods";
 const NAMESPACES: &str = "namespaces";
 const AUTHORIZATION_POLICIES: &str = "authorizationpolicies";
 const PEER_AUTHENTICATIONS: &str = "peerauthentications";
+const REQUEST_AUTHENTICATIONS: &str = "requestauthentications";
 /// Every watch, by name.
-const WATCHES: [&str; 4] = [
+const WATCHES: [&str; 5] = [
     PODS,
     NAMESPACES,
     AUTHORIZATION_POLICIES,
     PEER_AUTHENTICATIONS,
+    REQUEST_AUTHENTICATIONS,
 ];
 
 /// The running watches; dropping this stops them.
@@ -184,6 +186,11 @@ impl Watches {
             tokio::spawn(watch_policies(
                 client.clone(),
                 PolicyKind::PeerAuthentication,
+                shared.clone(),
+            )),
+            tokio::spawn(watch_policies(
+                client.clone(),
+                PolicyKind::RequestAuthentication,
                 shared.clone(),
             )),
         ];
@@ -265,6 +272,7 @@ fn watch_name(kind: PolicyKind) -> &'static str {
     match kind {
         PolicyKind::AuthorizationPolicy => AUTHORIZATION_POLICIES,
         PolicyKind::PeerAuthentication => PEER_AUTHENTICATIONS,
+        PolicyKind::RequestAuthentication => REQUEST_AUTHENTICATIONS,
     }
 }
 

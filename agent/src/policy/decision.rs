@@ -62,6 +62,7 @@ pub struct RequestAuth {
 pub enum PolicyKind {
     AuthorizationPolicy,
     PeerAuthentication,
+    RequestAuthentication,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -78,35 +78,17 @@ enum Compiled {
     RequestAuthentication(RequestAuthnPolicy),
 }
 
-/// The kind of a [`PolicyObject`]; compares equal to the same [`PolicyKind`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ObjectKind {
-    AuthorizationPolicy,
-    PeerAuthentication,
-    RequestAuthentication,
-}
-
-impl PartialEq<PolicyKind> for ObjectKind {
-    fn eq(&self, other: &PolicyKind) -> bool {
-        matches!(
-            (self, other),
-            (Self::AuthorizationPolicy, PolicyKind::AuthorizationPolicy)
-                | (Self::PeerAuthentication, PolicyKind::PeerAuthentication)
-        )
-    }
-}
-
 impl PolicyObject {
     /// Check one object given as YAML (or JSON) text; `origin` names it in the errors.
     pub fn parse(origin: &Path, text: &str) -> Result<Self, Vec<PolicyError>> {
         load::object(origin, text)
     }
 
-    pub fn kind(&self) -> ObjectKind {
+    pub fn kind(&self) -> PolicyKind {
         match self.0 {
-            Compiled::Authorization(_) => ObjectKind::AuthorizationPolicy,
-            Compiled::PeerAuthentication(_) => ObjectKind::PeerAuthentication,
-            Compiled::RequestAuthentication(_) => ObjectKind::RequestAuthentication,
+            Compiled::Authorization(_) => PolicyKind::AuthorizationPolicy,
+            Compiled::PeerAuthentication(_) => PolicyKind::PeerAuthentication,
+            Compiled::RequestAuthentication(_) => PolicyKind::RequestAuthentication,
         }
     }
 }
@@ -132,6 +114,8 @@ pub struct RequestAuthnSummary {
     pub selector: BTreeMap<String, String>,
     pub file: PathBuf,
     pub line: usize,
+    /// Why it is never applied to a workload (`targetRef`), if so.
+    pub not_enforced: Option<String>,
 }
 
 /// One policy, for the debug API.
@@ -282,6 +266,10 @@ impl PolicySet {
                 selector: p.selector.clone(),
                 file: p.meta.file.clone(),
                 line: p.meta.line,
+                not_enforced: p
+                    .warnings
+                    .first()
+                    .map(|w| format!("{}: {}", w.path, w.message)),
             })
             .collect()
     }

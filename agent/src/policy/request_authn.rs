@@ -303,6 +303,8 @@ pub(crate) fn select(
 ) -> Vec<Arc<JwtRule>> {
     policies
         .iter()
+        // Only `targetRef(s)` makes a warning: such a policy is for gateways and waypoints.
+        .filter(|p| p.warnings.is_empty())
         .filter(|p| p.meta.namespace == target.namespace || p.meta.namespace == root_namespace)
         .filter(|p| {
             p.selector

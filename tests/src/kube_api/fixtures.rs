@@ -307,6 +307,11 @@ pub fn peer_authentication(namespace: &str, name: &str, spec: Value) -> Value {
     istio("PeerAuthentication", namespace, name, spec)
 }
 
+/// A `RequestAuthentication` (`security.istio.io/v1`) with `spec`.
+pub fn request_authentication(namespace: &str, name: &str, spec: Value) -> Value {
+    istio("RequestAuthentication", namespace, name, spec)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

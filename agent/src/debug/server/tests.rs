@@ -105,6 +105,8 @@ impl Backend for Fixed {
                 action: "ALLOW".into(),
                 rules: 1,
                 file: "/etc/latch/policies/prod.yaml".into(),
+                dry_run: false,
+                not_enforced: None,
             }],
             errors: vec![],
             refused: vec![],

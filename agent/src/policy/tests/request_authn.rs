@@ -213,6 +213,15 @@ fn target_ref_is_accepted_with_a_warning() {
             && warnings[0].contains("spec.targetRef: accepted but not enforced"),
         "{warnings:?}"
     );
+    let labels = BTreeMap::new();
+    let target = Target {
+        namespace: "prod",
+        labels: &labels,
+    };
+    assert!(
+        set.jwt_rules_for(&target).is_empty(),
+        "a policy for gateways never applies to a workload"
+    );
 }
 
 #[test]
@@ -226,7 +235,7 @@ fn a_kubernetes_object_parses() {
         PolicyObject::parse(Path::new("RequestAuthentication prod/jwt"), &text).expect("valid");
     assert_eq!(
         object.kind(),
-        crate::policy::ObjectKind::RequestAuthentication
+        crate::policy::PolicyKind::RequestAuthentication
     );
     let set = PolicySet::from_objects([&object], "istio-system");
     assert_eq!(set.request_authentications().len(), 1);
