@@ -45,8 +45,14 @@ pub mod map_names {
     /// [`crate::MacKey`] → ifindex: each enrolled local pod's MAC address, bound to its host-side
     /// interface, so that no other bridge port can claim it (anti-spoofing).
     pub const MACS: &str = "LATCH_MACS";
+    /// socket cookie → [`crate::FastpathConn`]: the connections `connect4`/`connect6` let
+    /// through by a cached allow, while they live, so that `sock_ops` can report them (LRU).
+    pub const FASTPATH_CONNS: &str = "LATCH_FASTPATH_CONNS";
+    /// Ring buffer of [`crate::FastpathEvent`]s: each fast-path connection opened and closed,
+    /// for the agent's metrics and access log.
+    pub const FASTPATH_EVENTS: &str = "LATCH_FASTPATH_EVENTS";
 
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 14] = [
         WORKLOADS,
         ENDPOINTS,
         VERDICTS,
@@ -59,6 +65,8 @@ pub mod map_names {
         SOURCES,
         INTERFACES,
         MACS,
+        FASTPATH_CONNS,
+        FASTPATH_EVENTS,
     ];
 }
 
@@ -105,6 +113,13 @@ pub const MAX_SOURCES: u32 = 1 << 16;
 pub const MAX_INTERFACES: u32 = 1 << 16;
 /// MAC addresses of enrolled local pods.
 pub const MAX_MACS: u32 = 1 << 16;
+/// Fast-path connections alive at once that `sock_ops` can report (LRU: when more are open, the
+/// oldest are forgotten and their close goes unreported; `Counter::FastpathAuditDropped`
+/// does not see those, the size is chosen so that a node does not get there).
+pub const MAX_FASTPATH_CONNS: u32 = 1 << 18;
+/// Size in bytes of the fast-path event ring buffer (a power of two, a multiple of the page
+/// size): about 9,000 events of 112 bytes (header included) before the agent must drain it.
+pub const FASTPATH_EVENTS_BYTES: u32 = 1 << 20;
 /// Depth of cgroup ancestors the connect programs walk to find an enrolled workload (a pod cgroup
 /// with container cgroups below it).
 pub const MAX_CGROUP_DEPTH: u32 = 8;
@@ -416,6 +431,58 @@ pub struct RedirectKey {
     pub _pad: u32,
 }
 
+/// A connection `connect4`/`connect6` let through by a cached allow, by socket cookie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FastpathConn {
+    pub src_identity: Identity,
+    pub dst_identity: Identity,
+    /// `CLOCK_BOOTTIME` nanoseconds at `connect()`.
+    pub started_ns: u64,
+    /// Destination port, host byte order.
+    pub port: u16,
+    /// `DIRECTION_*` (the connect programs only see `DIRECTION_OUTBOUND`).
+    pub direction: u8,
+    /// Non-zero once the connection was established and its opened event sent: only those
+    /// get a closed event.
+    pub opened: u8,
+    pub _pad: u32,
+}
+
+/// [`FastpathEvent::kind`]: the connection was established.
+pub const FASTPATH_OPENED: u8 = 1;
+/// [`FastpathEvent::kind`]: the connection closed; bytes and duration are filled in.
+pub const FASTPATH_CLOSED: u8 = 2;
+
+/// One record of the fast-path event ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FastpathEvent {
+    pub src_identity: Identity,
+    pub dst_identity: Identity,
+    /// The socket's own address (the source).
+    pub src_addr: IpKey,
+    /// The peer's address (the destination).
+    pub dst_addr: IpKey,
+    /// Socket cookie: pairs an opened event with its closed one.
+    pub cookie: u64,
+    /// From `connect()` to the close (0 in an opened event).
+    pub duration_ns: u64,
+    /// Bytes the source sent that the destination acknowledged (`bytes_acked`).
+    pub bytes_sent: u64,
+    /// Bytes the source received (`bytes_received`).
+    pub bytes_received: u64,
+    /// Host byte order.
+    pub src_port: u16,
+    /// Host byte order.
+    pub dst_port: u16,
+    /// `FASTPATH_OPENED` or `FASTPATH_CLOSED`.
+    pub kind: u8,
+    /// `DIRECTION_*`: which side of the connection this node is.
+    pub direction: u8,
+    pub _pad: [u8; 2],
+}
+
 /// Node-wide settings the programs read at run time (single entry at index 0).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -453,10 +520,13 @@ pub enum Counter {
     /// Packet dropped at an interface of the node by the anti-spoofing check: a source (or ARP
     /// sender, or neighbour-advertisement target) address, or a MAC address, it may not use.
     SpoofDropped = 6,
+    /// A fast-path connection event (opened or closed) that could not be reported: the ring
+    /// buffer to the agent was full, or the connection could not be remembered.
+    FastpathAuditDropped = 7,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 7] = [
+    pub const ALL: [Counter; 8] = [
         Counter::FastpathAllowed,
         Counter::Redirected,
         Counter::CachedDeny,
@@ -464,6 +534,7 @@ impl Counter {
         Counter::InboundSteered,
         Counter::InboundRejected,
         Counter::SpoofDropped,
+        Counter::FastpathAuditDropped,
     ];
 
     /// Stable snake_case name, used in the debug API and metrics.
@@ -476,11 +547,12 @@ impl Counter {
             Counter::InboundSteered => "inbound_steered",
             Counter::InboundRejected => "inbound_rejected",
             Counter::SpoofDropped => "spoof_dropped",
+            Counter::FastpathAuditDropped => "fastpath_audit_dropped",
         }
     }
 }
 
-pub const COUNTER_SLOTS: u32 = 7;
+pub const COUNTER_SLOTS: u32 = 8;
 
 // aya reads and writes map values only of types marked with its unsafe `Pod` trait.
 #[cfg(feature = "user")]
@@ -508,6 +580,8 @@ mod pod {
         SourceBinding,
         InterfaceInfo,
         MacKey,
+        FastpathConn,
+        FastpathEvent,
     );
 }
 
@@ -531,6 +605,8 @@ mod tests {
         assert_eq!(size_of::<SourceBinding>(), 8);
         assert_eq!(size_of::<InterfaceInfo>(), 8);
         assert_eq!(size_of::<MacKey>(), 8);
+        assert_eq!(size_of::<FastpathConn>(), 48);
+        assert_eq!(size_of::<FastpathEvent>(), 104);
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! For a TCP `connect()` from an enrolled cgroup to a mesh endpoint:
 //! - a fresh cached allow for (source identity, destination identity, port, outbound) leaves the
-//!   connection untouched (fast path);
+//!   connection untouched (fast path), remembered under its socket cookie for `sock_ops`'s audit
+//!   events;
 //! - a fresh cached deny fails `connect()` with `EPERM`;
 //! - otherwise the original destination is stored under the socket cookie and the destination is
 //!   rewritten to the capture listener on loopback in the caller's own network namespace.
@@ -13,6 +14,7 @@ use aya_ebpf::{
     bindings::bpf_sock_addr,
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
+        bpf_ktime_get_boot_ns,
     },
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
@@ -20,13 +22,13 @@ use aya_ebpf::{
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use latch_common::{
     AF_INET, AF_INET6, Counter, DECISION_ALLOW, DECISION_DENY, DIRECTION_OUTBOUND,
-    ENDPOINT_TUNNEL_ONLY, EndpointInfo, IpKey, MAX_CGROUP_DEPTH, OrigDst, VerdictKey,
+    ENDPOINT_TUNNEL_ONLY, EndpointInfo, FastpathConn, IpKey, MAX_CGROUP_DEPTH, OrigDst, VerdictKey,
     WORKLOAD_TUNNEL_ONLY, WorkloadInfo,
 };
 
 use crate::{
     context::{config, count, fresh_verdict},
-    maps::{LATCH_ENDPOINTS, LATCH_ORIG_DST, LATCH_WORKLOADS},
+    maps::{LATCH_ENDPOINTS, LATCH_FASTPATH_CONNS, LATCH_ORIG_DST, LATCH_WORKLOADS},
 };
 
 /// `connect()` proceeds.
@@ -134,6 +136,7 @@ fn decide(ctx: &SockAddrContext, dst: &IpKey, port: u16, wire_family: u16) -> Ac
         match fresh_verdict(&key) {
             Some(DECISION_ALLOW) => {
                 count(Counter::FastpathAllowed);
+                remember_fastpath(ctx, &key);
                 return Action::Allow;
             }
             Some(DECISION_DENY) => {
@@ -158,6 +161,28 @@ fn decide(ctx: &SockAddrContext, dst: &IpKey, port: u16, wire_family: u16) -> Ac
     }
     count(Counter::Redirected);
     Action::Redirect(cfg.capture_port)
+}
+
+/// Remember a connection let through by a cached allow, so that `sock_ops` can report it when it
+/// is established and when it closes. The connection proceeds either way; an entry that cannot
+/// be stored is counted as a dropped audit event.
+#[inline(always)]
+fn remember_fastpath(ctx: &SockAddrContext, key: &VerdictKey) {
+    // SAFETY: the context pointer is valid for the program's lifetime.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    let conn = FastpathConn {
+        src_identity: key.src_identity,
+        dst_identity: key.dst_identity,
+        // SAFETY: helper without arguments.
+        started_ns: unsafe { bpf_ktime_get_boot_ns() },
+        port: key.port,
+        direction: key.direction,
+        opened: 0,
+        _pad: 0,
+    };
+    if LATCH_FASTPATH_CONNS.insert(cookie, conn, 0).is_err() {
+        count(Counter::FastpathAuditDropped);
+    }
 }
 
 /// The enrolled workload of the calling task: its own cgroup, or the nearest enrolled ancestor

@@ -5,13 +5,13 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
 use latch_common::{
-    COUNTER_SLOTS, DatapathConfig, DeliveryKey, EndpointInfo, InterfaceInfo, IpKey, MAX_DELIVERIES,
-    MAX_ENDPOINTS, MAX_INBOUND_LISTENERS, MAX_INTERFACES, MAX_MACS, MAX_REDIRECTS, MAX_SOURCES,
-    MAX_VERDICTS, MAX_WORKLOADS, MacKey, OrigDst, RedirectKey, SourceBinding, VerdictKey,
-    VerdictValue, WorkloadInfo,
+    COUNTER_SLOTS, DatapathConfig, DeliveryKey, EndpointInfo, FASTPATH_EVENTS_BYTES, FastpathConn,
+    InterfaceInfo, IpKey, MAX_DELIVERIES, MAX_ENDPOINTS, MAX_FASTPATH_CONNS, MAX_INBOUND_LISTENERS,
+    MAX_INTERFACES, MAX_MACS, MAX_REDIRECTS, MAX_SOURCES, MAX_VERDICTS, MAX_WORKLOADS, MacKey,
+    OrigDst, RedirectKey, SourceBinding, VerdictKey, VerdictValue, WorkloadInfo,
 };
 
 #[map]
@@ -50,3 +50,10 @@ pub static LATCH_INTERFACES: HashMap<u32, InterfaceInfo> = HashMap::pinned(MAX_I
 
 #[map]
 pub static LATCH_MACS: HashMap<MacKey, u32> = HashMap::pinned(MAX_MACS, 0);
+
+#[map]
+pub static LATCH_FASTPATH_CONNS: LruHashMap<u64, FastpathConn> =
+    LruHashMap::pinned(MAX_FASTPATH_CONNS, 0);
+
+#[map]
+pub static LATCH_FASTPATH_EVENTS: RingBuf = RingBuf::pinned(FASTPATH_EVENTS_BYTES, 0);

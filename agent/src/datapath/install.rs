@@ -222,6 +222,11 @@ impl Datapath {
         RedirectMap::open_pinned(&self.settings.pin_dir)
     }
 
+    /// The fast-path event ring buffer, for its one reader.
+    pub fn fastpath_events(&self) -> Result<super::audit::FastpathEvents, DatapathError> {
+        super::audit::FastpathEvents::open_pinned(&self.settings.pin_dir)
+    }
+
     /// A handle on the announced deliveries alone.
     pub fn deliveries(&self) -> Result<DeliveryMap, DatapathError> {
         DeliveryMap::open_pinned(&self.settings.pin_dir)

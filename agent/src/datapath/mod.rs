@@ -1,10 +1,11 @@
 //! The kernel datapath: the only code in Latch that talks to aya. [`install`] loads and attaches
 //! the eBPF object, [`layout`] refuses maps pinned by another build, [`maps`] and [`deliveries`]
-//! give typed access to the pinned maps, [`antispoof`] owns the anti-spoofing links, [`system`] the
+//! give typed access to the pinned maps, [`audit`] reads the fast-path event ring buffer, [`antispoof`] owns the anti-spoofing links, [`system`] the
 //! host facts and [`syscall`] the BPF commands aya does not expose. Programs, maps and the pin
 //! layout: `docs/datapath.md`.
 
 pub mod antispoof;
+pub mod audit;
 pub mod deliveries;
 mod error;
 pub mod install;
@@ -20,6 +21,7 @@ pub mod syscall;
 pub mod system;
 
 pub use antispoof::AntiSpoofDatapath;
+pub use audit::FastpathEvents;
 pub use deliveries::DeliveryMap;
 pub use error::DatapathError;
 pub use install::{Datapath, DatapathSettings, uninstall};

@@ -1,7 +1,8 @@
 //! The access log: one structured JSON line (tracing target `access`, on stdout) per policy
-//! decision and per carried connection when it ends, so an auditor can trace every
+//! decision, per carried connection when it ends, and per fast-path connection when it opens
+//! and when it ends, so an auditor can trace every
 //! authenticated hop: time, both SPIFFE IDs and addresses, port, decision, the policy that
-//! decided, the path (`tunnel`, `plaintext`, `http`), whether the connection's bytes are
+//! decided, the path (`tunnel`, `plaintext`, `http`, `fastpath`), whether the connection's bytes are
 //! encrypted, bytes and duration.
 
 use std::{net::SocketAddr, time::Duration};
@@ -56,7 +57,12 @@ pub fn decision(r: &Record<'_>) {
     emit(r, "decision");
 }
 
-/// A carried connection ended.
+/// A connection opened that no decision of the agent's saw (the kernel fast path).
+pub fn opened(r: &Record<'_>) {
+    emit(r, "connection opened");
+}
+
+/// A carried (or fast-path) connection ended.
 pub fn closed(r: &Record<'_>) {
     emit(r, "connection closed");
 }

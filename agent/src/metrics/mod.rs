@@ -1,14 +1,18 @@
 //! The agent's Prometheus metrics: Istio's TCP metrics (so Istio dashboards work unchanged), the
 //! agent's own `latch_*` metrics, and values read from the agent only when scraped (kernel
-//! counters, verdict cache size, certificate expiry). [`http`] serves them; [`access`] writes
-//! the access log, [`fastpath`] its summary of the kernel's own decisions; [`scrape`] is what the
-//! running agent is read for at each scrape.
+//! counters, verdict cache size, certificate expiry). [`http`] serves them; [`labels`] derives
+//! Istio's labels of a connection; [`access`] writes the access log, [`audit`] turns the
+//! kernel's fast-path connection events into metrics and access-log lines, [`fastpath`] logs a
+//! summary of the kernel's own decisions; [`scrape`] is what the running agent is read for at
+//! each scrape.
 //!
 //! Counters are registered without their `_total` suffix: the OpenMetrics encoder appends it.
 
 pub mod access;
+pub mod audit;
 pub mod fastpath;
 pub mod http;
+pub mod labels;
 pub mod scrape;
 
 use std::{
@@ -18,6 +22,8 @@ use std::{
 };
 
 use latch_common::Counter as KernelCounter;
+
+use crate::state::SharedState;
 use prometheus_client::{
     collector::Collector,
     encoding::{
@@ -53,15 +59,27 @@ impl EncodeLabelValue for Reporter {
     }
 }
 
-/// Labels of the Istio TCP metrics.
+/// Labels of the Istio TCP metrics: Istio's standard labels (names exactly Istio's, so its
+/// dashboards and Kiali read them) plus `path`. [`labels`] derives them.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct Labels {
     pub reporter: Reporter,
+    /// Workload name of the client (`labels::WorkloadName`), or `unknown`.
+    pub source_workload: String,
+    pub source_workload_namespace: String,
     /// SPIFFE ID of the client, or `unknown` (plaintext).
     pub source_principal: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
     /// SPIFFE ID of the server.
     pub destination_principal: String,
+    /// `unknown`: Latch does not watch Services.
+    pub destination_service: String,
     pub destination_port: u16,
+    /// `mutual_tls` or `none`.
+    pub connection_security_policy: &'static str,
+    /// The path the connection took (`conn::Via`): `tunnel`, `http`, `plaintext`, `fastpath`.
+    pub path: &'static str,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -137,6 +155,12 @@ pub fn kernel_metric(counter: KernelCounter) -> (&'static str, &'static str) {
             "latch_spoof_dropped",
             "Packets dropped at an interface of the node for an address or MAC they may not use (anti-spoofing).",
         ),
+        KernelCounter::FastpathAuditDropped => (
+            "latch_fastpath_audit_events_dropped",
+            "Fast-path connection events (opened or closed) the kernel could not report to the \
+             agent (ring buffer full): those connections are missing from the Istio metrics and \
+             the access log.",
+        ),
     }
 }
 
@@ -151,6 +175,9 @@ struct Inner {
     jwks_fetches: Family<JwksFetchLabels, Counter>,
     handshake: Histogram,
     source: Arc<RwLock<Option<ScrapeSource>>>,
+    /// Where workload names come from (the agent's state); `None` names every workload
+    /// `unknown`.
+    state: RwLock<Option<SharedState>>,
 }
 
 /// The agent's metrics; cheap to clone, every clone records into the same registry.
@@ -234,7 +261,25 @@ impl Metrics {
             jwks_fetches,
             handshake,
             source,
+            state: RwLock::new(None),
         }))
+    }
+
+    /// Where the workload names of the labels come from; replaces any earlier state.
+    pub fn set_state(&self, state: SharedState) {
+        *crate::sync::write(&self.0.state) = Some(state);
+    }
+
+    /// The state the labels are derived from, if set.
+    pub(crate) fn state(&self) -> Option<SharedState> {
+        crate::sync::read(&self.0.state).clone()
+    }
+
+    /// Istio's labels of a connection the agent carries ([`labels::of_connection`]), with the
+    /// workload names of the state in force.
+    pub fn labels_of(&self, info: &crate::conn::ConnInfo) -> Labels {
+        let snapshot = self.state().map(|s| s.get());
+        labels::of_connection(snapshot.as_ref().map(|s| &s.registry), info)
     }
 
     /// Where the scrape-time values come from; replaces any earlier source.

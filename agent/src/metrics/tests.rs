@@ -57,9 +57,16 @@ fn samples(text: &str) -> BTreeMap<String, f64> {
 fn labels(reporter: Reporter) -> Labels {
     Labels {
         reporter,
+        source_workload: "frontend".into(),
+        source_workload_namespace: "prod".into(),
         source_principal: FRONTEND.into(),
+        destination_workload: "payment".into(),
+        destination_workload_namespace: "prod".into(),
         destination_principal: PAYMENT.into(),
+        destination_service: "unknown".into(),
         destination_port: 8080,
+        connection_security_policy: "mutual_tls",
+        path: "tunnel",
     }
 }
 
@@ -81,8 +88,12 @@ fn recorded_values_are_exposed() {
     let s = samples(&text);
     let series = |name: &str, reporter: &str| {
         format!(
-            "{name}{{reporter=\"{reporter}\",source_principal=\"{FRONTEND}\",\
-             destination_principal=\"{PAYMENT}\",destination_port=\"8080\"}}"
+            "{name}{{reporter=\"{reporter}\",source_workload=\"frontend\",\
+             source_workload_namespace=\"prod\",source_principal=\"{FRONTEND}\",\
+             destination_workload=\"payment\",destination_workload_namespace=\"prod\",\
+             destination_principal=\"{PAYMENT}\",destination_service=\"unknown\",\
+             destination_port=\"8080\",connection_security_policy=\"mutual_tls\",\
+             path=\"tunnel\"}}"
         )
     };
     assert_eq!(

@@ -1,6 +1,7 @@
 //! Start-up, then one loop until SIGTERM/SIGINT: a reload when SIGHUP, the debug API or the
 //! [`Source`] asks for one (one path for all three), certificate rotation and the fast-path
-//! summary at every tick; at the end the tunnels drain.
+//! summary at every tick, the fast-path audit in a task of its own; at the end the tunnels
+//! drain.
 
 use std::{
     collections::BTreeMap,
@@ -89,6 +90,10 @@ pub async fn run<S: Source>(mut source: S, config: Config) -> anyhow::Result<()>
     }
     let state = SharedState::new(snapshot);
     let metrics = Metrics::new();
+    metrics.set_state(state.clone());
+    let fastpath_events = datapath
+        .fastpath_events()
+        .context("opening the fast-path event ring buffer")?;
     let mut agent = Agent {
         origin,
         cache: VerdictCache::new(own_maps(&mut datapath)?, state.clone())?,
@@ -136,6 +141,10 @@ pub async fn run<S: Source>(mut source: S, config: Config) -> anyhow::Result<()>
             agent.certs.clone(),
             agent.published.clone(),
         ));
+    let _audit = AbortOnDrop(tokio::spawn(metrics::audit::run(
+        fastpath_events,
+        agent.metrics.clone(),
+    )));
     let _metrics = metrics_listener.map(|listener| {
         let metrics = agent.metrics.clone();
         AbortOnDrop(tokio::spawn(metrics::http::serve_on(listener, metrics)))

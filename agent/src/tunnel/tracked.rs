@@ -30,11 +30,7 @@ use super::{
     chunk::reset,
     splice::{Remote, Transferred, relay},
 };
-use crate::{
-    conn::{ConnInfo, Direction},
-    metrics::{Labels, Metrics, Reporter},
-    sync::lock,
-};
+use crate::{conn::ConnInfo, metrics::Metrics, sync::lock};
 
 /// A point-in-time view of one carried connection.
 #[derive(Clone, Debug)]
@@ -209,24 +205,8 @@ impl Drop for Tracked {
             // Istio counts bytes sent in the response (to the client) and received in the
             // request (from the client).
             let (from_source, to_source) = self.totals();
-            metrics.connection_closed(&labels(&entry.info), to_source, from_source);
+            metrics.connection_closed(&metrics.labels_of(&entry.info), to_source, from_source);
         }
-    }
-}
-
-/// Istio's TCP metric labels for a connection, reported by the side this node is.
-fn labels(info: &ConnInfo) -> Labels {
-    Labels {
-        reporter: match info.direction {
-            Direction::Outbound => Reporter::Source,
-            Direction::Inbound => Reporter::Destination,
-        },
-        source_principal: info
-            .source
-            .as_ref()
-            .map_or_else(|| "unknown".to_owned(), ToString::to_string),
-        destination_principal: info.destination.to_string(),
-        destination_port: info.destination_address.port(),
     }
 }
 
@@ -243,7 +223,7 @@ impl Tracked {
         let labels = lock(&self.tracker.inner)
             .entries
             .get(&self.id)
-            .map(|e| labels(&e.info));
+            .map(|e| metrics.labels_of(&e.info));
         if let Some(labels) = labels {
             metrics.connection_opened(&labels);
         }
@@ -374,7 +354,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{identity::SpiffeId, tunnel::splice::tests::pair};
+    use crate::{conn::Direction, identity::SpiffeId, tunnel::splice::tests::pair};
     use tokio::{
         io::{AsyncReadExt, AsyncWriteExt},
         net::TcpListener,

@@ -1,0 +1,193 @@
+//! The fast-path event ring buffer (`LATCH_FASTPATH_EVENTS`): [`FastpathEvents`] waits on it
+//! with tokio and drains it; [`decode`] turns one record into a [`FastpathEvent`]. What the
+//! events mean and who sends them: `docs/datapath.md` (Fast-path audit).
+
+use std::{mem::offset_of, path::Path};
+
+use aya::maps::{MapData, RingBuf};
+use latch_common::{FastpathEvent, Identity, IpKey, map_names};
+use tokio::io::unix::AsyncFd;
+
+use super::{error::DatapathError, maps::open};
+
+/// A record of the ring buffer that is not a [`FastpathEvent`].
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error(
+    "{} record of {len} bytes, a fast-path event takes {}",
+    map_names::FASTPATH_EVENTS,
+    size_of::<FastpathEvent>()
+)]
+pub struct DecodeError {
+    pub len: usize,
+}
+
+/// The ring buffer of fast-path events, for its one reader (the agent's audit task).
+pub struct FastpathEvents {
+    ring: AsyncFd<RingBuf<MapData>>,
+}
+
+impl FastpathEvents {
+    /// Open the ring buffer pinned under `pin_dir`; needs a tokio runtime with I/O enabled.
+    // tokio polls a descriptor only through `AsyncFd::register`, which is unsafe.
+    #[allow(unsafe_code)]
+    pub fn open_pinned(pin_dir: &Path) -> Result<Self, DatapathError> {
+        let name = map_names::FASTPATH_EVENTS;
+        let ring: RingBuf<MapData> = open(pin_dir, name)?
+            .try_into()
+            .map_err(|e| DatapathError::map("typing map", name, e))?;
+        // SAFETY: a `RingBuf` owns its map's descriptor, keeps it open until it is dropped (with
+        // the `AsyncFd`) and always reports the same one.
+        let ring = unsafe { AsyncFd::register(ring) }.map_err(|e| {
+            DatapathError::io(
+                "polling",
+                pin_dir.join("maps").join(name),
+                std::io::Error::from(e),
+            )
+        })?;
+        Ok(Self { ring })
+    }
+
+    /// Wait until the ring buffer holds records, then take every record it holds.
+    pub async fn next_batch(
+        &mut self,
+    ) -> Result<Vec<Result<FastpathEvent, DecodeError>>, DatapathError> {
+        loop {
+            let mut guard = self
+                .ring
+                .readable_mut()
+                .await
+                .map_err(|e| DatapathError::io("waiting on", map_names::FASTPATH_EVENTS, e))?;
+            let ring = guard.get_inner_mut();
+            let mut batch = Vec::new();
+            while let Some(record) = ring.next() {
+                batch.push(decode(&record));
+            }
+            guard.clear_ready();
+            if !batch.is_empty() {
+                return Ok(batch);
+            }
+        }
+    }
+}
+
+/// One ring-buffer record as the `sock_ops` program wrote it (native byte order, the layout of
+/// `latch_common::FastpathEvent`).
+pub fn decode(record: &[u8]) -> Result<FastpathEvent, DecodeError> {
+    if record.len() < size_of::<FastpathEvent>() {
+        return Err(DecodeError { len: record.len() });
+    }
+    let bytes = |offset: usize, out: &mut [u8]| {
+        out.copy_from_slice(&record[offset..offset + out.len()]);
+    };
+    let array16 = |offset: usize| {
+        let mut out = [0u8; 16];
+        bytes(offset, &mut out);
+        out
+    };
+    let u64_at = |offset: usize| {
+        let mut out = [0u8; 8];
+        bytes(offset, &mut out);
+        u64::from_ne_bytes(out)
+    };
+    let u16_at = |offset: usize| {
+        let mut out = [0u8; 2];
+        bytes(offset, &mut out);
+        u16::from_ne_bytes(out)
+    };
+    Ok(FastpathEvent {
+        src_identity: Identity::new(array16(offset_of!(FastpathEvent, src_identity))),
+        dst_identity: Identity::new(array16(offset_of!(FastpathEvent, dst_identity))),
+        src_addr: IpKey::from_v6(array16(offset_of!(FastpathEvent, src_addr))),
+        dst_addr: IpKey::from_v6(array16(offset_of!(FastpathEvent, dst_addr))),
+        cookie: u64_at(offset_of!(FastpathEvent, cookie)),
+        duration_ns: u64_at(offset_of!(FastpathEvent, duration_ns)),
+        bytes_sent: u64_at(offset_of!(FastpathEvent, bytes_sent)),
+        bytes_received: u64_at(offset_of!(FastpathEvent, bytes_received)),
+        src_port: u16_at(offset_of!(FastpathEvent, src_port)),
+        dst_port: u16_at(offset_of!(FastpathEvent, dst_port)),
+        kind: record[offset_of!(FastpathEvent, kind)],
+        direction: record[offset_of!(FastpathEvent, direction)],
+        _pad: [0; 2],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use latch_common::{DIRECTION_OUTBOUND, FASTPATH_CLOSED};
+
+    /// A record laid out by hand, field by field at the offsets the kernel writes.
+    fn record(event: &FastpathEvent) -> Vec<u8> {
+        let mut out = vec![0u8; size_of::<FastpathEvent>()];
+        let mut put = |offset: usize, value: &[u8]| {
+            out[offset..offset + value.len()].copy_from_slice(value);
+        };
+        put(
+            offset_of!(FastpathEvent, src_identity),
+            &event.src_identity.bytes,
+        );
+        put(
+            offset_of!(FastpathEvent, dst_identity),
+            &event.dst_identity.bytes,
+        );
+        put(offset_of!(FastpathEvent, src_addr), &event.src_addr.addr);
+        put(offset_of!(FastpathEvent, dst_addr), &event.dst_addr.addr);
+        put(
+            offset_of!(FastpathEvent, cookie),
+            &event.cookie.to_ne_bytes(),
+        );
+        put(
+            offset_of!(FastpathEvent, duration_ns),
+            &event.duration_ns.to_ne_bytes(),
+        );
+        put(
+            offset_of!(FastpathEvent, bytes_sent),
+            &event.bytes_sent.to_ne_bytes(),
+        );
+        put(
+            offset_of!(FastpathEvent, bytes_received),
+            &event.bytes_received.to_ne_bytes(),
+        );
+        put(
+            offset_of!(FastpathEvent, src_port),
+            &event.src_port.to_ne_bytes(),
+        );
+        put(
+            offset_of!(FastpathEvent, dst_port),
+            &event.dst_port.to_ne_bytes(),
+        );
+        put(offset_of!(FastpathEvent, kind), &[event.kind]);
+        put(offset_of!(FastpathEvent, direction), &[event.direction]);
+        out
+    }
+
+    #[test]
+    fn decodes_every_field() {
+        let event = FastpathEvent {
+            src_identity: Identity::new([1; 16]),
+            dst_identity: Identity::new([2; 16]),
+            src_addr: IpKey::from_v4([10, 244, 1, 2]),
+            dst_addr: IpKey::from_v4([10, 244, 2, 2]),
+            cookie: 0x0102_0304_0506_0708,
+            duration_ns: 1_500_000,
+            bytes_sent: 4096,
+            bytes_received: 777,
+            src_port: 40_000,
+            dst_port: 8080,
+            kind: FASTPATH_CLOSED,
+            direction: DIRECTION_OUTBOUND,
+            _pad: [0; 2],
+        };
+        assert_eq!(decode(&record(&event)), Ok(event));
+    }
+
+    #[test]
+    fn a_short_record_is_an_error_naming_the_map_and_sizes() {
+        let err = decode(&[0u8; 10]).expect_err("too short");
+        assert_eq!(err, DecodeError { len: 10 });
+        let message = err.to_string();
+        assert!(message.contains("LATCH_FASTPATH_EVENTS"), "{message}");
+        assert!(message.contains("10 bytes"), "{message}");
+        assert!(message.contains("104"), "{message}");
+    }
+}

@@ -1,0 +1,215 @@
+//! The fast-path audit: every connection the kernel let through on a cached allow, reported by
+//! `sock_ops` through the ring buffer when it opens and when it closes, is counted in Istio's TCP
+//! metrics (`path="fastpath"`) and written to the access log, as a tunneled connection is. The
+//! kernel counts the events it could not report (`latch_fastpath_audit_events_dropped_total`).
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use latch_common::{FASTPATH_CLOSED, FASTPATH_OPENED, FastpathEvent, Identity};
+
+use super::{
+    Labels, Metrics, access,
+    labels::{self, NONE, UNKNOWN},
+};
+use crate::{
+    conn::{AccessDecision, Direction, Via},
+    datapath::{FastpathEvents, maps::ip_from_key},
+    identity::{IdentityKey, Registry},
+};
+
+/// What the access log says about why a fast-path connection was let through.
+const REASON: &str = "cached allow: the kernel let it through (fast path)";
+
+/// Drain the ring buffer until it fails (then say so and stop: the kernel keeps counting what
+/// it cannot report).
+pub async fn run(mut events: FastpathEvents, metrics: Metrics) {
+    loop {
+        let batch = match events.next_batch().await {
+            Ok(batch) => batch,
+            Err(e) => {
+                tracing::error!(error = %e, "fast-path audit stopped: reading the event ring buffer failed");
+                return;
+            }
+        };
+        let snapshot = metrics.state().map(|s| s.get());
+        let registry = snapshot.as_ref().map(|s| &s.registry);
+        for event in batch {
+            match event {
+                Ok(event) => record(&metrics, registry, &event),
+                Err(e) => tracing::warn!(error = %e, "fast-path audit: record skipped"),
+            }
+        }
+    }
+}
+
+/// One fast-path connection event, decoded for people: principals, addresses, direction.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FastpathConnection {
+    pub direction: Direction,
+    pub source_principal: String,
+    pub destination_principal: String,
+    pub source: SocketAddr,
+    pub destination: SocketAddr,
+}
+
+impl FastpathConnection {
+    /// `None` for a direction the ABI does not define.
+    pub fn of(registry: Option<&Registry>, event: &FastpathEvent) -> Option<Self> {
+        Some(Self {
+            direction: Direction::from_wire(event.direction)?,
+            source_principal: identity_name(registry, event.src_identity),
+            destination_principal: identity_name(registry, event.dst_identity),
+            source: SocketAddr::new(ip_from_key(&event.src_addr), event.src_port),
+            destination: SocketAddr::new(ip_from_key(&event.dst_addr), event.dst_port),
+        })
+    }
+
+    /// Istio's labels of this connection: workloads by address, security `none`, path
+    /// `fastpath`.
+    pub fn labels(&self, registry: Option<&Registry>) -> Labels {
+        let workload = |ip: IpAddr| labels::by_ip(registry, ip);
+        let (source, destination) = (workload(self.source.ip()), workload(self.destination.ip()));
+        Labels {
+            reporter: labels::reporter(self.direction),
+            source_workload: source.workload,
+            source_workload_namespace: source.namespace,
+            source_principal: self.source_principal.clone(),
+            destination_workload: destination.workload,
+            destination_workload_namespace: destination.namespace,
+            destination_principal: self.destination_principal.clone(),
+            destination_service: UNKNOWN.to_owned(),
+            destination_port: self.destination.port(),
+            connection_security_policy: NONE,
+            path: Via::Fastpath.as_str(),
+        }
+    }
+
+    fn record(&self) -> access::Record<'_> {
+        access::Record {
+            source_principal: &self.source_principal,
+            source_address: Some(self.source),
+            destination_principal: &self.destination_principal,
+            destination_address: Some(self.destination),
+            reason: REASON,
+            ..access::Record::new(self.direction, AccessDecision::Allow, Via::Fastpath)
+        }
+    }
+}
+
+/// The SPIFFE ID behind a kernel identity key, or `key:<hex>` for one the agent does not know
+/// (as `latch debug verdicts` shows it).
+fn identity_name(registry: Option<&Registry>, key: Identity) -> String {
+    let key = IdentityKey(key);
+    registry
+        .and_then(|r| r.identity(key))
+        .map_or_else(|| format!("key:{}", key.hex()), ToString::to_string)
+}
+
+/// Count one event in the metrics and write its access-log line.
+pub fn record(metrics: &Metrics, registry: Option<&Registry>, event: &FastpathEvent) {
+    let Some(conn) = FastpathConnection::of(registry, event) else {
+        tracing::warn!(
+            direction = event.direction,
+            "fast-path audit: event with an unknown direction skipped"
+        );
+        return;
+    };
+    let labels = conn.labels(registry);
+    match event.kind {
+        FASTPATH_OPENED => {
+            metrics.connection_opened(&labels);
+            access::opened(&conn.record());
+        }
+        FASTPATH_CLOSED => {
+            // Istio's sent bytes go to the client (the response), received ones come from it.
+            let (from_source, to_source) = match conn.direction {
+                Direction::Outbound => (event.bytes_sent, event.bytes_received),
+                Direction::Inbound => (event.bytes_received, event.bytes_sent),
+            };
+            metrics.connection_closed(&labels, to_source, from_source);
+            access::closed(&access::Record {
+                bytes_sent: from_source,
+                bytes_received: to_source,
+                duration: Some(Duration::from_nanos(event.duration_ns)),
+                ..conn.record()
+            });
+        }
+        other => tracing::warn!(
+            kind = other,
+            "fast-path audit: event of an unknown kind skipped"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use latch_common::{DIRECTION_OUTBOUND, IpKey};
+
+    fn event(kind: u8) -> FastpathEvent {
+        FastpathEvent {
+            src_identity: IdentityKey::of("spiffe://cluster.local/ns/prod/sa/frontend").0,
+            dst_identity: Identity::new([0xab; 16]),
+            src_addr: IpKey::from_v4([10, 244, 1, 2]),
+            dst_addr: IpKey::from_v4([10, 244, 2, 2]),
+            cookie: 7,
+            duration_ns: 2_000_000,
+            bytes_sent: 300,
+            bytes_received: 5000,
+            src_port: 40_000,
+            dst_port: 8080,
+            kind,
+            direction: DIRECTION_OUTBOUND,
+            _pad: [0; 2],
+        }
+    }
+
+    #[test]
+    fn an_event_without_a_registry_names_identities_by_key_and_workloads_unknown() {
+        let conn = FastpathConnection::of(None, &event(FASTPATH_OPENED)).expect("decoded");
+        assert_eq!(conn.direction, Direction::Outbound);
+        assert_eq!(conn.source.to_string(), "10.244.1.2:40000");
+        assert_eq!(conn.destination.to_string(), "10.244.2.2:8080");
+        assert_eq!(
+            conn.destination_principal,
+            format!("key:{}", "ab".repeat(16))
+        );
+        let l = conn.labels(None);
+        assert_eq!(l.path, "fastpath");
+        assert_eq!(l.connection_security_policy, "none");
+        assert_eq!(l.reporter, super::super::Reporter::Source);
+        assert_eq!(l.source_workload, "unknown");
+        assert_eq!(l.destination_port, 8080);
+    }
+
+    #[test]
+    fn an_unknown_direction_is_not_decoded() {
+        let mut e = event(FASTPATH_OPENED);
+        e.direction = 9;
+        assert_eq!(FastpathConnection::of(None, &e), None);
+    }
+
+    #[test]
+    fn a_closed_event_counts_bytes_the_way_istio_does() {
+        let metrics = Metrics::new();
+        record(&metrics, None, &event(FASTPATH_OPENED));
+        record(&metrics, None, &event(FASTPATH_CLOSED));
+        let text = metrics.encode().expect("encodes");
+        let line = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(name) && l.contains("path=\"fastpath\""))
+                .unwrap_or_else(|| panic!("{name} in {text}"))
+                .rsplit_once(' ')
+                .map(|(_, v)| v.to_owned())
+                .expect("value")
+        };
+        assert_eq!(line("istio_tcp_connections_opened_total"), "1");
+        assert_eq!(line("istio_tcp_connections_closed_total"), "1");
+        // The client sent 300 (Istio: received by the server), got 5000 back (sent to it).
+        assert_eq!(line("istio_tcp_received_bytes_total"), "300");
+        assert_eq!(line("istio_tcp_sent_bytes_total"), "5000");
+    }
+}
