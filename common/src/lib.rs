@@ -454,7 +454,10 @@ pub const FASTPATH_OPENED: u8 = 1;
 /// [`FastpathEvent::kind`]: the connection closed; bytes and duration are filled in.
 pub const FASTPATH_CLOSED: u8 = 2;
 
-/// One record of the fast-path event ring buffer.
+/// One record of the fast-path event ring buffer. The byte counts are the kernel's
+/// (`bpf_sock_ops`), which count TCP sequence space: `bytes_acked` includes the SYN and, once
+/// acknowledged, the FIN; `bytes_received` includes the peer's FIN. `close_state` and
+/// `all_acked` let the agent take those out (`latch::metrics::audit::payload_bytes`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FastpathEvent {
@@ -468,9 +471,9 @@ pub struct FastpathEvent {
     pub cookie: u64,
     /// From `connect()` to the close (0 in an opened event).
     pub duration_ns: u64,
-    /// Bytes the source sent that the destination acknowledged (`bytes_acked`).
-    pub bytes_sent: u64,
-    /// Bytes the source received (`bytes_received`).
+    /// `bytes_acked` of the socket at its close (0 in an opened event).
+    pub bytes_acked: u64,
+    /// `bytes_received` of the socket at its close (0 in an opened event).
     pub bytes_received: u64,
     /// Host byte order.
     pub src_port: u16,
@@ -480,8 +483,19 @@ pub struct FastpathEvent {
     pub kind: u8,
     /// `DIRECTION_*`: which side of the connection this node is.
     pub direction: u8,
-    pub _pad: [u8; 2],
+    /// The TCP state (`TCP_*`) the socket closed from (0 in an opened event).
+    pub close_state: u8,
+    /// 1 if everything the socket sent was acknowledged at its close (`snd_una == snd_nxt`).
+    pub all_acked: u8,
 }
+
+/// TCP states as the kernel numbers them (`BPF_TCP_*`), for [`FastpathEvent::close_state`].
+pub const TCP_ESTABLISHED: u8 = 1;
+pub const TCP_FIN_WAIT1: u8 = 4;
+pub const TCP_FIN_WAIT2: u8 = 5;
+pub const TCP_CLOSE_WAIT: u8 = 8;
+pub const TCP_LAST_ACK: u8 = 9;
+pub const TCP_CLOSING: u8 = 11;
 
 /// Node-wide settings the programs read at run time (single entry at index 0).
 #[repr(C)]

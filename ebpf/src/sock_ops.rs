@@ -9,7 +9,8 @@
 //! - `ACTIVE_ESTABLISHED_CB`: a fast-path socket is connected: send its opened event.
 //! - `STATE_CB` to `TCP_CLOSE`: remove a redirected socket's entries, so the maps do not leak;
 //!   for a fast-path socket that was opened, send its closed event (bytes acknowledged and
-//!   received, duration) and forget it.
+//!   received, the state it closed from and whether all it sent was acknowledged, duration) and
+//!   forget it.
 //!
 //! An event the ring buffer has no room for is counted (`Counter::FastpathAuditDropped`), never
 //! lost silently.
@@ -135,18 +136,26 @@ fn on_close(ctx: &SockOpsContext, cookie: u64) {
 #[inline(always)]
 fn report(ctx: &SockOpsContext, cookie: u64, conn: &FastpathConn, kind: u8) {
     let (src_addr, dst_addr) = addresses(ctx);
-    let (duration_ns, bytes_sent, bytes_received) = if kind == FASTPATH_CLOSED {
-        // SAFETY: helper without arguments; single 8-byte reads of u64 context fields.
-        unsafe {
-            (
-                bpf_ktime_get_boot_ns().saturating_sub(conn.started_ns),
-                read_volatile(addr_of!((*ctx.ops).bytes_acked)),
-                read_volatile(addr_of!((*ctx.ops).bytes_received)),
-            )
-        }
-    } else {
-        (0, 0, 0)
-    };
+    let ops = ctx.ops;
+    let (duration_ns, bytes_acked, bytes_received, close_state, all_acked) =
+        if kind == FASTPATH_CLOSED {
+            // SAFETY: helper without arguments; single reads of context fields, each at a
+            // constant offset and of its own size.
+            unsafe {
+                let snd_una = read_volatile(addr_of!((*ops).snd_una));
+                let snd_nxt = read_volatile(addr_of!((*ops).snd_nxt));
+                (
+                    bpf_ktime_get_boot_ns().saturating_sub(conn.started_ns),
+                    read_volatile(addr_of!((*ops).bytes_acked)),
+                    read_volatile(addr_of!((*ops).bytes_received)),
+                    // STATE_CB's first argument: the state the socket leaves.
+                    ctx.arg(0) as u8,
+                    u8::from(snd_una == snd_nxt),
+                )
+            }
+        } else {
+            (0, 0, 0, 0, 0)
+        };
     let event = FastpathEvent {
         src_identity: conn.src_identity,
         dst_identity: conn.dst_identity,
@@ -154,13 +163,14 @@ fn report(ctx: &SockOpsContext, cookie: u64, conn: &FastpathConn, kind: u8) {
         dst_addr,
         cookie,
         duration_ns,
-        bytes_sent,
+        bytes_acked,
         bytes_received,
         src_port: ctx.local_port() as u16,
         dst_port: conn.port,
         kind,
         direction: conn.direction,
-        _pad: [0; 2],
+        close_state,
+        all_acked,
     };
     if LATCH_FASTPATH_EVENTS
         .output::<FastpathEvent>(&event, 0)
@@ -171,18 +181,38 @@ fn report(ctx: &SockOpsContext, cookie: u64, conn: &FastpathConn, kind: u8) {
 }
 
 /// (local, remote) address of the socket. A dual-stack socket talking IPv4 reports mapped
-/// addresses in its IPv6 fields, which is the map form already.
+/// addresses in its IPv6 fields, which is the map form already. Every field is read, whatever
+/// the family, each word at a constant offset from the context pointer: reads on two branches
+/// get merged by LLVM into one load through a derived pointer, which the verifier refuses.
 #[inline(always)]
 fn addresses(ctx: &SockOpsContext) -> (IpKey, IpKey) {
-    if ctx.family() == AF_INET as u32 {
+    let ops = ctx.ops;
+    // SAFETY: single 4-byte context reads.
+    let (family, local4, remote4, local6, remote6) = unsafe {
         (
-            IpKey::from_v4(ctx.local_ip4().to_ne_bytes()),
-            IpKey::from_v4(ctx.remote_ip4().to_ne_bytes()),
+            read_volatile(addr_of!((*ops).family)),
+            read_volatile(addr_of!((*ops).local_ip4)),
+            read_volatile(addr_of!((*ops).remote_ip4)),
+            [
+                read_volatile(addr_of!((*ops).local_ip6[0])),
+                read_volatile(addr_of!((*ops).local_ip6[1])),
+                read_volatile(addr_of!((*ops).local_ip6[2])),
+                read_volatile(addr_of!((*ops).local_ip6[3])),
+            ],
+            [
+                read_volatile(addr_of!((*ops).remote_ip6[0])),
+                read_volatile(addr_of!((*ops).remote_ip6[1])),
+                read_volatile(addr_of!((*ops).remote_ip6[2])),
+                read_volatile(addr_of!((*ops).remote_ip6[3])),
+            ],
+        )
+    };
+    if family == AF_INET as u32 {
+        (
+            IpKey::from_v4(local4.to_ne_bytes()),
+            IpKey::from_v4(remote4.to_ne_bytes()),
         )
     } else {
-        (
-            IpKey::from_words(ctx.local_ip6()),
-            IpKey::from_words(ctx.remote_ip6()),
-        )
+        (IpKey::from_words(local6), IpKey::from_words(remote6))
     }
 }

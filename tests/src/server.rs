@@ -1,5 +1,6 @@
 //! Servers inside pods: accept on `[::]:port` (IPv4 and IPv6) and remember every peer address.
-//! The echo server reads until the client half-closes and answers with what was read; the HTTP
+//! The echo server reads until the client half-closes and answers with what was read (the doubling
+//! one, [`EchoServer::start_doubling`], with it twice); the HTTP
 //! server answers one HTTP/1.1 request per connection with `200` and a body of the request's
 //! method and request target (`POST /v1/pay`), and keeps every request head it read, so a test
 //! sees which requests reached the application and how. Both take a thread per connection; the
@@ -71,6 +72,15 @@ fn echo(mut stream: std::net::TcpStream, _: &Heads) {
     }
 }
 
+/// Reads to the client's half-close, then writes what it read twice: the two directions of the
+/// connection carry different, known byte counts.
+fn echo_twice(mut stream: std::net::TcpStream, _: &Heads) {
+    let mut buf = Vec::new();
+    if stream.read_to_end(&mut buf).is_ok() {
+        let _ = stream.write_all(&buf).and_then(|()| stream.write_all(&buf));
+    }
+}
+
 /// One HTTP/1.1 request (head, and a body of `Content-Length` bytes), answered and closed.
 fn http(mut stream: std::net::TcpStream, heads: &Heads) {
     let mut buf = Vec::new();
@@ -118,6 +128,11 @@ impl EchoServer {
     /// An echo server.
     pub fn start(netns_path: &Path, port: u16) -> anyhow::Result<Self> {
         Self::start_with(netns_path, port, echo)
+    }
+
+    /// A server that answers each connection with what it read, twice (see `echo_twice`).
+    pub fn start_doubling(netns_path: &Path, port: u16) -> anyhow::Result<Self> {
+        Self::start_with(netns_path, port, echo_twice)
     }
 
     /// The HTTP server described above.

@@ -378,10 +378,13 @@ fn metrics_are_valid_exposition_and_match_the_connections() {
         let r = cluster.probe(client, to, Some(payload)).expect("probe");
         assert_eq!(r.echo.as_deref(), Some(payload), "{r:?}");
     }
+    // The tunneled connection's series; the fast-path one's (path="fastpath") are
+    // tests/tests/fastpath_audit.rs's.
     let pair = [
         &format!("source_principal=\"{FRONTEND}\"") as &str,
         &format!("destination_principal=\"{PAYMENT}\""),
         "destination_port=\"8080\"",
+        "path=\"tunnel\"",
     ];
     let mut dst = Vec::new();
     // The tunneled connection is counted closed once both agents have relayed its end.
@@ -390,7 +393,7 @@ fn metrics_are_valid_exposition_and_match_the_connections() {
         sample(&dst, "istio_tcp_connections_closed_total", &pair) == 1.0
     });
     assert!(closed, "{dst:?}");
-    let with = |r: &'static str| [pair[0], pair[1], pair[2], r];
+    let with = |r: &'static str| [pair[0], pair[1], pair[2], pair[3], r];
     let destination = with("reporter=\"destination\"");
     assert_eq!(
         sample(&dst, "istio_tcp_connections_opened_total", &destination),

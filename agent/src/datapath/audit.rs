@@ -101,20 +101,21 @@ pub fn decode(record: &[u8]) -> Result<FastpathEvent, DecodeError> {
         dst_addr: IpKey::from_v6(array16(offset_of!(FastpathEvent, dst_addr))),
         cookie: u64_at(offset_of!(FastpathEvent, cookie)),
         duration_ns: u64_at(offset_of!(FastpathEvent, duration_ns)),
-        bytes_sent: u64_at(offset_of!(FastpathEvent, bytes_sent)),
+        bytes_acked: u64_at(offset_of!(FastpathEvent, bytes_acked)),
         bytes_received: u64_at(offset_of!(FastpathEvent, bytes_received)),
         src_port: u16_at(offset_of!(FastpathEvent, src_port)),
         dst_port: u16_at(offset_of!(FastpathEvent, dst_port)),
         kind: record[offset_of!(FastpathEvent, kind)],
         direction: record[offset_of!(FastpathEvent, direction)],
-        _pad: [0; 2],
+        close_state: record[offset_of!(FastpathEvent, close_state)],
+        all_acked: record[offset_of!(FastpathEvent, all_acked)],
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use latch_common::{DIRECTION_OUTBOUND, FASTPATH_CLOSED};
+    use latch_common::{DIRECTION_OUTBOUND, FASTPATH_CLOSED, TCP_FIN_WAIT2};
 
     /// A record laid out by hand, field by field at the offsets the kernel writes.
     fn record(event: &FastpathEvent) -> Vec<u8> {
@@ -141,8 +142,8 @@ mod tests {
             &event.duration_ns.to_ne_bytes(),
         );
         put(
-            offset_of!(FastpathEvent, bytes_sent),
-            &event.bytes_sent.to_ne_bytes(),
+            offset_of!(FastpathEvent, bytes_acked),
+            &event.bytes_acked.to_ne_bytes(),
         );
         put(
             offset_of!(FastpathEvent, bytes_received),
@@ -158,6 +159,8 @@ mod tests {
         );
         put(offset_of!(FastpathEvent, kind), &[event.kind]);
         put(offset_of!(FastpathEvent, direction), &[event.direction]);
+        put(offset_of!(FastpathEvent, close_state), &[event.close_state]);
+        put(offset_of!(FastpathEvent, all_acked), &[event.all_acked]);
         out
     }
 
@@ -170,13 +173,14 @@ mod tests {
             dst_addr: IpKey::from_v4([10, 244, 2, 2]),
             cookie: 0x0102_0304_0506_0708,
             duration_ns: 1_500_000,
-            bytes_sent: 4096,
+            bytes_acked: 4096,
             bytes_received: 777,
             src_port: 40_000,
             dst_port: 8080,
             kind: FASTPATH_CLOSED,
             direction: DIRECTION_OUTBOUND,
-            _pad: [0; 2],
+            close_state: TCP_FIN_WAIT2,
+            all_acked: 1,
         };
         assert_eq!(decode(&record(&event)), Ok(event));
     }

@@ -8,7 +8,10 @@ use std::{
     time::Duration,
 };
 
-use latch_common::{FASTPATH_CLOSED, FASTPATH_OPENED, FastpathEvent, Identity};
+use latch_common::{
+    FASTPATH_CLOSED, FASTPATH_OPENED, FastpathEvent, Identity, TCP_CLOSE_WAIT, TCP_CLOSING,
+    TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_LAST_ACK,
+};
 
 use super::{
     Labels, Metrics, access,
@@ -108,6 +111,31 @@ fn identity_name(registry: Option<&Registry>, key: Identity) -> String {
         .map_or_else(|| format!("key:{}", key.hex()), ToString::to_string)
 }
 
+/// The payload bytes (sent, received) of a closed connection, from the kernel's counts of
+/// sequence space: `bytes_acked` counts the SYN (acknowledged, since the connection was
+/// established) and our FIN once acknowledged; `bytes_received` counts the peer's FIN. The state
+/// the socket closed from tells which FINs there were: we had sent ours in FIN_WAIT1, FIN_WAIT2,
+/// CLOSING and LAST_ACK (acknowledged if nothing was left unacknowledged); the peer had sent its
+/// own in CLOSE_WAIT, LAST_ACK and CLOSING, and in FIN_WAIT2 (the usual way out of it is the
+/// peer's FIN; a FIN_WAIT2 ended by its timeout or a reset counts one byte received too many).
+pub fn payload_bytes(event: &FastpathEvent) -> (u64, u64) {
+    let state = event.close_state;
+    let our_fin_sent = matches!(
+        state,
+        TCP_FIN_WAIT1 | TCP_FIN_WAIT2 | TCP_CLOSING | TCP_LAST_ACK
+    );
+    let our_fin_acked = our_fin_sent && event.all_acked != 0;
+    let peer_fin = matches!(
+        state,
+        TCP_CLOSE_WAIT | TCP_LAST_ACK | TCP_CLOSING | TCP_FIN_WAIT2
+    );
+    let sent = event
+        .bytes_acked
+        .saturating_sub(1 + u64::from(our_fin_acked));
+    let received = event.bytes_received.saturating_sub(u64::from(peer_fin));
+    (sent, received)
+}
+
 /// Count one event in the metrics and write its access-log line.
 pub fn record(metrics: &Metrics, registry: Option<&Registry>, event: &FastpathEvent) {
     let Some(conn) = FastpathConnection::of(registry, event) else {
@@ -125,9 +153,10 @@ pub fn record(metrics: &Metrics, registry: Option<&Registry>, event: &FastpathEv
         }
         FASTPATH_CLOSED => {
             // Istio's sent bytes go to the client (the response), received ones come from it.
+            let (sent, received) = payload_bytes(event);
             let (from_source, to_source) = match conn.direction {
-                Direction::Outbound => (event.bytes_sent, event.bytes_received),
-                Direction::Inbound => (event.bytes_received, event.bytes_sent),
+                Direction::Outbound => (sent, received),
+                Direction::Inbound => (received, sent),
             };
             metrics.connection_closed(&labels, to_source, from_source);
             access::closed(&access::Record {
@@ -147,7 +176,7 @@ pub fn record(metrics: &Metrics, registry: Option<&Registry>, event: &FastpathEv
 #[cfg(test)]
 mod tests {
     use super::*;
-    use latch_common::{DIRECTION_OUTBOUND, IpKey};
+    use latch_common::{DIRECTION_OUTBOUND, IpKey, TCP_ESTABLISHED};
 
     fn event(kind: u8) -> FastpathEvent {
         FastpathEvent {
@@ -157,14 +186,46 @@ mod tests {
             dst_addr: IpKey::from_v4([10, 244, 2, 2]),
             cookie: 7,
             duration_ns: 2_000_000,
-            bytes_sent: 300,
-            bytes_received: 5000,
+            // 300 bytes, the SYN and the FIN acknowledged; 5000 bytes and the peer's FIN.
+            bytes_acked: 302,
+            bytes_received: 5001,
             src_port: 40_000,
             dst_port: 8080,
             kind,
             direction: DIRECTION_OUTBOUND,
-            _pad: [0; 2],
+            close_state: TCP_FIN_WAIT2,
+            all_acked: 1,
         }
+    }
+
+    fn closed_from(state: u8, all_acked: u8, acked: u64, received: u64) -> (u64, u64) {
+        payload_bytes(&FastpathEvent {
+            close_state: state,
+            all_acked,
+            bytes_acked: acked,
+            bytes_received: received,
+            ..event(FASTPATH_CLOSED)
+        })
+    }
+
+    #[test]
+    fn payload_bytes_leave_out_the_syn_and_the_fins_the_close_state_shows() {
+        // Active close, peer's FIN last: FIN_WAIT2 -> CLOSE.
+        assert_eq!(closed_from(TCP_FIN_WAIT2, 1, 12, 21), (10, 20));
+        // Passive close: LAST_ACK -> CLOSE once our FIN is acknowledged.
+        assert_eq!(closed_from(TCP_LAST_ACK, 1, 12, 21), (10, 20));
+        // LAST_ACK ended by a reset, our FIN never acknowledged.
+        assert_eq!(closed_from(TCP_LAST_ACK, 0, 11, 21), (10, 20));
+        // Simultaneous close.
+        assert_eq!(closed_from(TCP_CLOSING, 1, 12, 21), (10, 20));
+        // Reset while established: only the SYN.
+        assert_eq!(closed_from(TCP_ESTABLISHED, 0, 11, 20), (10, 20));
+        // Reset after the peer's FIN, ours never sent.
+        assert_eq!(closed_from(TCP_CLOSE_WAIT, 1, 11, 21), (10, 20));
+        // Reset in FIN_WAIT1: our FIN sent, not acknowledged.
+        assert_eq!(closed_from(TCP_FIN_WAIT1, 0, 11, 20), (10, 20));
+        // Never below zero.
+        assert_eq!(closed_from(TCP_FIN_WAIT2, 1, 0, 0), (0, 0));
     }
 
     #[test]

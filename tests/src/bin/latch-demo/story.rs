@@ -395,6 +395,7 @@ fn path_taken(before: &[(Counter, u64)], after: &[(Counter, u64)]) -> String {
             Counter::InboundSteered => "steered to the agent",
             Counter::InboundRejected => "reset (no agent)",
             Counter::SpoofDropped => "dropped by anti-spoofing",
+            Counter::FastpathAuditDropped => "fast-path audit event dropped (ring buffer full)",
         })
         .collect();
     if words.is_empty() {
