@@ -1,5 +1,6 @@
-//! The access log's sampled summary of what the kernel decided on its own (no per-connection
-//! log exists for the fast path): the kernel counters' increase since the last summary.
+//! The access log's sampled summary of what the kernel decided on its own: the kernel counters'
+//! increase since the last summary (cached denies, inbound admissions and steering, audit events
+//! dropped), beside the per-connection lines of [`super::audit`].
 
 use std::{collections::BTreeMap, time::Duration};
 
