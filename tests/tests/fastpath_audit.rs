@@ -3,7 +3,8 @@
 //! up in Istio's TCP metrics (`path="fastpath"`, the right byte totals and Istio's standard
 //! labels) and in the access log (one line when it opens, one when it closes, with bytes), as
 //! reported by `sock_ops` through the ring buffer; the kernel's count of events it could not
-//! report exists and is 0.
+//! report exists and is 0. And requests judged at L7 are counted in Istio's request metrics
+//! (`istio_requests_total`, `istio_request_duration_milliseconds`) by response code.
 
 use std::{
     io::{Read as _, Write as _},
@@ -225,5 +226,94 @@ fn every_fast_path_connection_is_counted_with_istio_labels_and_logged_open_and_c
             .iter()
             .all(|l| l["fields"]["duration_ms"].as_f64().is_some_and(|d| d > 0.0)),
         "each close line carries a duration: {closed:#?}"
+    );
+}
+
+/// DENY `/admin` on payment: a rule with paths, so payment's connections are judged per
+/// request (L7) and never cached.
+const NO_ADMIN: &str = r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: { name: no-admin, namespace: prod }
+spec:
+  selector: { matchLabels: { app: payment-service } }
+  action: DENY
+  rules: [{ to: [{ operation: { paths: ["/admin"] } }] }]
+"#;
+
+#[test]
+fn requests_judged_at_l7_are_counted_in_istio_request_metrics() {
+    let mut cluster = Cluster::new().expect("cluster");
+    let n1 = cluster.add_node().expect("node 1");
+    let n2 = cluster.add_node().expect("node 2");
+    let frontend = cluster
+        .add_pod(n1, PodSpec::mesh("frontend-7d9f", "prod", "frontend"))
+        .expect("frontend");
+    let mut payment = PodSpec::mesh("payment-5c4b", "prod", "payment");
+    payment.labels = vec![("app".into(), "payment-service".into())];
+    let payment = cluster.add_pod(n2, payment).expect("payment");
+    let policies = cluster.dir().join("policies");
+    std::fs::create_dir_all(&policies).expect("policy dir");
+    std::fs::write(policies.join("no-admin.yaml"), NO_ADMIN).expect("policy file");
+    let options = AgentOptions {
+        metrics: "127.0.0.1:15020".into(),
+        extra_yaml: format!("policies: [{}]\n", policies.display()),
+        ..AgentOptions::default()
+    };
+    cluster.start_agent(n1, options.clone()).expect("agent 1");
+    cluster.start_agent(n2, options).expect("agent 2");
+    let _app = cluster.http_server(payment, PORT).expect("http server");
+    let to = cluster.pod(payment).addr4(PORT);
+    for (target, status) in [("/ok", "200"), ("/admin", "403")] {
+        let request = format!("GET {target} HTTP/1.1\r\nHost: payment\r\n\r\n");
+        let r = cluster.probe(frontend, to, Some(&request)).expect("probe");
+        let answer = r.echo.unwrap_or_default();
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{target}: {answer:?}"
+        );
+    }
+
+    let labels = |code: &'static str| {
+        [
+            "reporter=\"destination\"",
+            "source_workload=\"frontend\"",
+            "source_workload_namespace=\"prod\"",
+            "destination_workload=\"payment-service\"",
+            "destination_workload_namespace=\"prod\"",
+            "connection_security_policy=\"mutual_tls\"",
+            "request_protocol=\"http\"",
+            code,
+        ]
+    };
+    let (ok, denied) = (
+        labels("response_code=\"200\""),
+        labels("response_code=\"403\""),
+    );
+    let mut samples = Vec::new();
+    let counted = eventually(WAIT, || {
+        samples = scrape(&cluster, n2);
+        sample(&samples, "istio_requests_total", &ok) == Some(1.0)
+            && sample(&samples, "istio_requests_total", &denied) == Some(1.0)
+    });
+    assert!(counted, "{samples:#?}");
+    assert_eq!(
+        sample(&samples, "istio_request_duration_milliseconds_count", &ok),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &samples,
+            "istio_request_duration_milliseconds_count",
+            &denied
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &samples,
+            "istio_request_duration_milliseconds_bucket",
+            &[ok.as_slice(), &["le=\"+Inf\""]].concat()
+        ),
+        Some(1.0)
     );
 }

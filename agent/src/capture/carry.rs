@@ -151,6 +151,8 @@ pub struct HttpParty {
 /// and path normalisation in force when it arrives, and recorded.
 struct Gate {
     party: HttpParty,
+    /// The connection the requests come on (for the request metrics' labels).
+    info: crate::conn::ConnInfo,
     target: SocketAddr,
     source_address: Option<SocketAddr>,
     destination: String,
@@ -251,6 +253,11 @@ impl Enforcer for Gate {
             request,
         );
     }
+
+    fn answered(&self, status: hyper::StatusCode, elapsed: std::time::Duration) {
+        let metrics = &self.party.metrics;
+        metrics.request(metrics.labels_of(&self.info), status.as_u16(), elapsed);
+    }
 }
 
 /// Serve `remote` as HTTP/1.1 towards the application `app`, deciding every request with the
@@ -270,6 +277,7 @@ pub async fn http<R>(
     tracked.count_opened();
     let header_read_timeout = party.state.get().config.http.header_read_timeout;
     let gate = Arc::new(Gate {
+        info: carried.info.clone(),
         party,
         target: carried.info.destination_address,
         source_address: carried.source_address,

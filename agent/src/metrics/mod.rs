@@ -82,6 +82,17 @@ pub struct Labels {
     pub path: &'static str,
 }
 
+/// Labels of Istio's request metrics: the TCP labels of the connection the request came on, its
+/// protocol and the answer's status code.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RequestLabels {
+    #[prometheus(flatten)]
+    pub connection: Labels,
+    /// `http` (Latch judges HTTP/1.1 requests).
+    pub request_protocol: &'static str,
+    pub response_code: u16,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct DecisionLabels {
     decision: &'static str,
@@ -121,6 +132,12 @@ pub type ScrapeSource = Box<dyn Fn() -> ScrapeSnapshot + Send + Sync>;
 /// Bucket bounds of `latch_tunnel_handshake_seconds`: 100 µs to 5 s.
 pub const HANDSHAKE_BUCKETS: [f64; 15] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+/// Bucket bounds of `istio_request_duration_milliseconds`: Istio's own.
+pub const REQUEST_DURATION_BUCKETS_MS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
 ];
 
 /// The metric name and help of each kernel counter (the match makes a new counter a compile
@@ -174,6 +191,8 @@ struct Inner {
     jwt_refused: Counter,
     jwks_fetches: Family<JwksFetchLabels, Counter>,
     handshake: Histogram,
+    requests: Family<RequestLabels, Counter>,
+    request_duration: Family<RequestLabels, Histogram, fn() -> Histogram>,
     source: Arc<RwLock<Option<ScrapeSource>>>,
     /// Where workload names come from (the agent's state); `None` names every workload
     /// `unknown`.
@@ -248,6 +267,19 @@ impl Metrics {
             "Time to establish an HBONE tunnel (TLS handshake and CONNECT).",
             handshake.clone(),
         );
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "istio_requests",
+            "HTTP requests judged at L7 by the destination's agent, by response code.",
+            requests.clone(),
+        );
+        let request_duration: Family<RequestLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(|| Histogram::new(REQUEST_DURATION_BUCKETS_MS));
+        registry.register(
+            "istio_request_duration_milliseconds",
+            "Time from an HTTP request's head to its answer's head, in milliseconds.",
+            request_duration.clone(),
+        );
         let source = Arc::new(RwLock::new(None));
         registry.register_collector(Box::new(ScrapeCollector(source.clone())));
         Self(Arc::new(Inner {
@@ -260,6 +292,8 @@ impl Metrics {
             jwt_refused,
             jwks_fetches,
             handshake,
+            requests,
+            request_duration,
             source,
             state: RwLock::new(None),
         }))
@@ -321,6 +355,21 @@ impl Metrics {
                 result: if ok { "ok" } else { "error" },
             })
             .inc();
+    }
+
+    /// An HTTP request answered with `response_code` after `elapsed`, on a connection with
+    /// `connection`'s labels.
+    pub fn request(&self, connection: Labels, response_code: u16, elapsed: Duration) {
+        let labels = RequestLabels {
+            connection,
+            request_protocol: "http",
+            response_code,
+        };
+        self.0.requests.get_or_create(&labels).inc();
+        self.0
+            .request_duration
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64() * 1000.0);
     }
 
     pub fn handshake(&self, elapsed: Duration) {

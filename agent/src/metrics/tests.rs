@@ -216,3 +216,53 @@ async fn the_endpoint_serves_metrics_and_404s_the_rest() {
     assert!(missing.starts_with("HTTP/1.1 404 "), "{missing}");
     task.abort();
 }
+
+#[test]
+fn requests_are_counted_and_timed_by_response_code_with_the_connection_labels() {
+    let metrics = Metrics::new();
+    let mut connection = labels(Reporter::Destination);
+    connection.path = "http";
+    metrics.request(connection.clone(), 200, Duration::from_millis(3));
+    metrics.request(connection.clone(), 200, Duration::from_millis(30));
+    metrics.request(connection, 403, Duration::from_micros(200));
+    let text = metrics.encode().expect("encodes");
+    let s = samples(&text);
+    let find = |name: &str, code: &str, extra: &str| -> f64 {
+        let hits: Vec<f64> = s
+            .iter()
+            .filter(|(k, _)| {
+                k.split('{').next() == Some(name)
+                    && k.contains("reporter=\"destination\"")
+                    && k.contains("path=\"http\"")
+                    && k.contains("request_protocol=\"http\"")
+                    && k.contains(&format!("response_code=\"{code}\""))
+                    && k.contains(extra)
+            })
+            .map(|(_, v)| *v)
+            .collect();
+        assert_eq!(hits.len(), 1, "{name} {code} {extra} in {text}");
+        hits[0]
+    };
+    assert_eq!(find("istio_requests_total", "200", ""), 2.0);
+    assert_eq!(find("istio_requests_total", "403", ""), 1.0);
+    assert_eq!(
+        find("istio_request_duration_milliseconds_count", "200", ""),
+        2.0
+    );
+    assert_eq!(
+        find(
+            "istio_request_duration_milliseconds_bucket",
+            "200",
+            "le=\"5.0\""
+        ),
+        1.0
+    );
+    assert_eq!(
+        find(
+            "istio_request_duration_milliseconds_bucket",
+            "403",
+            "le=\"0.5\""
+        ),
+        1.0
+    );
+}

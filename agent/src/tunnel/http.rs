@@ -49,6 +49,8 @@ pub trait Enforcer: Send + Sync + 'static {
     /// A request answered with `400` before policy was asked; `request` is its method and
     /// target as received.
     fn refused(&self, request: &str, why: &BadRequest);
+    /// Any request's answer head, `elapsed` after its head arrived (request metrics).
+    fn answered(&self, _status: StatusCode, _elapsed: Duration) {}
 }
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -141,6 +143,7 @@ where
         }
     });
     let sender: Arc<Mutex<SendRequest<Incoming>>> = Arc::new(Mutex::new(sender));
+    let timing = enforcer.clone();
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let sender = sender.clone();
         let enforcer = enforcer.clone();
@@ -171,6 +174,17 @@ where
                     bad_gateway()
                 }
             })
+        }
+    });
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let (started, timing) = (std::time::Instant::now(), timing.clone());
+        let answer = hyper::service::Service::call(&service, req);
+        async move {
+            let answer = answer.await;
+            if let Ok(response) = &answer {
+                timing.answered(response.status(), started.elapsed());
+            }
+            answer
         }
     });
     // A client may half-close after its last request and still read the answers.
