@@ -48,11 +48,15 @@ pub mod map_names {
     /// socket cookie → [`crate::FastpathConn`]: the connections `connect4`/`connect6` let
     /// through by a cached allow, while they live, so that `sock_ops` can report them (LRU).
     pub const FASTPATH_CONNS: &str = "LATCH_FASTPATH_CONNS";
+    /// [`crate::DeliveryKey`] (the connection's four-tuple) → [`crate::FastpathConn`]: the
+    /// connections the inbound check admitted by a cached allow, from their SYN until their
+    /// server socket is established, when `sock_ops` moves them to `FASTPATH_CONNS` (LRU).
+    pub const FASTPATH_ADMITS: &str = "LATCH_FASTPATH_ADMITS";
     /// Ring buffer of [`crate::FastpathEvent`]s: each fast-path connection opened and closed,
     /// for the agent's metrics and access log.
     pub const FASTPATH_EVENTS: &str = "LATCH_FASTPATH_EVENTS";
 
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         WORKLOADS,
         ENDPOINTS,
         VERDICTS,
@@ -66,6 +70,7 @@ pub mod map_names {
         INTERFACES,
         MACS,
         FASTPATH_CONNS,
+        FASTPATH_ADMITS,
         FASTPATH_EVENTS,
     ];
 }
@@ -437,11 +442,11 @@ pub struct RedirectKey {
 pub struct FastpathConn {
     pub src_identity: Identity,
     pub dst_identity: Identity,
-    /// `CLOCK_BOOTTIME` nanoseconds at `connect()`.
+    /// `CLOCK_BOOTTIME` nanoseconds at `connect()` (outbound) or the SYN's lookup (inbound).
     pub started_ns: u64,
     /// Destination port, host byte order.
     pub port: u16,
-    /// `DIRECTION_*` (the connect programs only see `DIRECTION_OUTBOUND`).
+    /// `DIRECTION_*`: outbound from the connect programs, inbound from the inbound check.
     pub direction: u8,
     /// Non-zero once the connection was established and its opened event sent: only those
     /// get a closed event.
@@ -463,13 +468,13 @@ pub const FASTPATH_CLOSED: u8 = 2;
 pub struct FastpathEvent {
     pub src_identity: Identity,
     pub dst_identity: Identity,
-    /// The socket's own address (the source).
+    /// The client's address (the socket's own for outbound, its peer's for inbound).
     pub src_addr: IpKey,
-    /// The peer's address (the destination).
+    /// The server's address.
     pub dst_addr: IpKey,
     /// Socket cookie: pairs an opened event with its closed one.
     pub cookie: u64,
-    /// From `connect()` to the close (0 in an opened event).
+    /// From `connect()` (or the SYN's lookup) to the close (0 in an opened event).
     pub duration_ns: u64,
     /// `bytes_acked` of the socket at its close (0 in an opened event).
     pub bytes_acked: u64,

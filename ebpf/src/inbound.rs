@@ -9,7 +9,9 @@
 //! - announced in `LATCH_DELIVERIES` (the agent's delivery from the client's own address, by its
 //!   exact four-tuple, for as long as that connection lives): delivered normally.
 //! - to the tunnel port: delivered normally (the agent's HBONE listener is there).
-//! - with a fresh inbound allow for (source identity by IP, pod identity, port): delivered normally.
+//! - with a fresh inbound allow for (source identity by IP, pod identity, port): delivered
+//!   normally, and remembered by four-tuple in `LATCH_FASTPATH_ADMITS` so that `sock_ops` reports
+//!   it (fast-path audit).
 //! - with a fresh inbound deny: reset.
 //! - otherwise: steered to the agent's inbound listener in that netns; if the agent is not there
 //!   (no listener), reset: fail closed, never a hang and never a bypass.
@@ -20,18 +22,19 @@
 
 use aya_ebpf::{
     bindings::{bpf_sk_lookup, sk_action},
+    helpers::bpf_ktime_get_boot_ns,
     macros::sk_lookup,
     programs::SkLookupContext,
 };
 use core::ptr::{addr_of, read_volatile};
 use latch_common::{
     AF_INET, Counter, DECISION_ALLOW, DECISION_DENY, DIRECTION_INBOUND, DeliveryKey,
-    ENDPOINT_LOCAL, ENDPOINT_TUNNEL_ONLY, EndpointInfo, IpKey, VerdictKey,
+    ENDPOINT_LOCAL, ENDPOINT_TUNNEL_ONLY, EndpointInfo, FastpathConn, IpKey, VerdictKey,
 };
 
 use crate::{
     context::{config, count, fresh_verdict},
-    maps::{LATCH_DELIVERIES, LATCH_ENDPOINTS, LATCH_INBOUND_LISTENERS},
+    maps::{LATCH_DELIVERIES, LATCH_ENDPOINTS, LATCH_FASTPATH_ADMITS, LATCH_INBOUND_LISTENERS},
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -142,6 +145,7 @@ pub fn latch_inbound(ctx: SkLookupContext) -> u32 {
             match fresh_verdict(&key) {
                 Some(DECISION_ALLOW) => {
                     count(Counter::InboundAdmitted);
+                    remember_admitted(&delivery, &key);
                     return PASS;
                 }
                 Some(DECISION_DENY) => {
@@ -162,5 +166,25 @@ pub fn latch_inbound(ctx: SkLookupContext) -> u32 {
             count(Counter::InboundRejected);
             DROP
         }
+    }
+}
+
+/// Remember a connection admitted by a cached allow under its four-tuple, until `sock_ops` sees
+/// its server socket established and reports it. The connection is admitted either way; an
+/// entry that cannot be stored is counted as a dropped audit event.
+#[inline(always)]
+fn remember_admitted(four_tuple: &DeliveryKey, key: &VerdictKey) {
+    let conn = FastpathConn {
+        src_identity: key.src_identity,
+        dst_identity: key.dst_identity,
+        // SAFETY: helper without arguments.
+        started_ns: unsafe { bpf_ktime_get_boot_ns() },
+        port: key.port,
+        direction: key.direction,
+        opened: 0,
+        _pad: 0,
+    };
+    if LATCH_FASTPATH_ADMITS.insert(four_tuple, conn, 0).is_err() {
+        count(Counter::FastpathAuditDropped);
     }
 }

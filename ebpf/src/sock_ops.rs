@@ -7,6 +7,9 @@
 //!   listener — and ask for state callbacks. A socket they let through on a cached allow (in
 //!   `LATCH_FASTPATH_CONNS`) asks for state callbacks too.
 //! - `ACTIVE_ESTABLISHED_CB`: a fast-path socket is connected: send its opened event.
+//! - `PASSIVE_ESTABLISHED_CB`: a server socket whose four-tuple the inbound check admitted by a
+//!   cached allow (`LATCH_FASTPATH_ADMITS`): move the entry to `LATCH_FASTPATH_CONNS` under the
+//!   socket's cookie, ask for state callbacks and send its opened event.
 //! - `STATE_CB` to `TCP_CLOSE`: remove a redirected socket's entries, so the maps do not leak;
 //!   for a fast-path socket that was opened, send its closed event (bytes acknowledged and
 //!   received, the state it closed from and whether all it sent was acknowledged, duration) and
@@ -17,22 +20,26 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_TCP_CLOSE,
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_boot_ns},
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use core::ptr::{addr_of, read_volatile};
+use core::ptr::{addr_of, addr_of_mut, read_volatile};
 use latch_common::{
-    AF_INET, Counter, FASTPATH_CLOSED, FASTPATH_OPENED, FastpathConn, FastpathEvent, IpKey,
-    OrigDst, RedirectKey,
+    AF_INET, Counter, DIRECTION_INBOUND, DeliveryKey, FASTPATH_CLOSED, FASTPATH_OPENED,
+    FastpathConn, FastpathEvent, IpKey, OrigDst, RedirectKey,
 };
 
 use crate::{
     context::count,
-    maps::{LATCH_FASTPATH_CONNS, LATCH_FASTPATH_EVENTS, LATCH_ORIG_DST, LATCH_REDIRECTS},
+    maps::{
+        LATCH_FASTPATH_ADMITS, LATCH_FASTPATH_CONNS, LATCH_FASTPATH_EVENTS, LATCH_ORIG_DST,
+        LATCH_REDIRECTS,
+    },
 };
 
 /// sock_ops programs return 1.
@@ -41,15 +48,25 @@ const OK: u32 = 1;
 #[sock_ops]
 pub fn latch_sock_ops(ctx: SockOpsContext) -> u32 {
     let op = ctx.op();
-    if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
-        let cookie = socket_cookie(&ctx);
-        on_connect(&ctx, cookie);
+    // The event to report, if any: one call site, so that the program carries one event on its
+    // stack (the BPF stack is 512 bytes).
+    let event = if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        on_connect(&ctx, socket_cookie(&ctx));
+        None
     } else if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         let cookie = socket_cookie(&ctx);
-        on_established(&ctx, cookie);
+        on_established(cookie).map(|conn| (cookie, conn, FASTPATH_OPENED))
+    } else if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        let cookie = socket_cookie(&ctx);
+        on_accepted(&ctx, cookie).map(|conn| (cookie, conn, FASTPATH_OPENED))
     } else if op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == BPF_TCP_CLOSE {
         let cookie = socket_cookie(&ctx);
-        on_close(&ctx, cookie);
+        on_close(&ctx, cookie).map(|conn| (cookie, conn, FASTPATH_CLOSED))
+    } else {
+        None
+    };
+    if let Some((cookie, conn, kind)) = event {
+        report(&ctx, cookie, &conn, kind);
     }
     OK
 }
@@ -99,93 +116,153 @@ fn on_connect(ctx: &SockOpsContext, cookie: u64) {
 }
 
 #[inline(always)]
-fn on_established(ctx: &SockOpsContext, cookie: u64) {
-    let Some(conn) = LATCH_FASTPATH_CONNS.get_ptr_mut(cookie) else {
-        return;
-    };
+/// A fast-path socket connected: mark it opened; it is to be reported.
+fn on_established(cookie: u64) -> Option<FastpathConn> {
+    let conn = LATCH_FASTPATH_CONNS.get_ptr_mut(cookie)?;
     // SAFETY: pointer from a successful hash lookup; only this socket's callbacks, which the
     // kernel runs under the socket lock, touch its entry.
-    let snapshot = unsafe {
+    Some(unsafe {
         (*conn).opened = 1;
         *conn
-    };
-    report(ctx, cookie, &snapshot, FASTPATH_OPENED);
+    })
 }
 
+/// A server socket established: if the inbound check admitted its four-tuple by a cached allow,
+/// remember it under its cookie; it is to be reported.
+// A function of its own (a BPF-to-BPF call), so that its four-tuple key and the event of
+// `report` do not share one 512-byte stack frame.
+#[inline(never)]
+fn on_accepted(ctx: &SockOpsContext, cookie: u64) -> Option<FastpathConn> {
+    let (local, remote) = address_words(ctx);
+    let ops = ctx.ops;
+    // SAFETY: single 4-byte context reads. `remote_port` holds the port in network byte order in
+    // its upper 16 bits, `local_port` in host byte order.
+    let (remote_port, local_port) = unsafe {
+        (
+            read_volatile(addr_of!((*ops).remote_port)),
+            read_volatile(addr_of!((*ops).local_port)),
+        )
+    };
+    let four_tuple = DeliveryKey {
+        remote: IpKey::from_words(remote),
+        local: IpKey::from_words(local),
+        remote_port: port_from_ops(remote_port),
+        local_port: local_port as u16,
+    };
+    let admitted = LATCH_FASTPATH_ADMITS.get_ptr(four_tuple)?;
+    // SAFETY: pointer from a successful hash lookup.
+    let mut conn = unsafe { *admitted };
+    let _ = LATCH_FASTPATH_ADMITS.remove(four_tuple);
+    conn.opened = 1;
+    if LATCH_FASTPATH_CONNS.insert(cookie, conn, 0).is_err() {
+        count(Counter::FastpathAuditDropped);
+        return None;
+    }
+    ask_for_state_callbacks(ctx);
+    Some(conn)
+}
+
+/// A socket closes: forget a redirected one; forget a fast-path one, which is to be reported if
+/// it was opened (one that never got established, refused or timed out, was never reported).
 #[inline(always)]
-fn on_close(ctx: &SockOpsContext, cookie: u64) {
+fn on_close(ctx: &SockOpsContext, cookie: u64) -> Option<FastpathConn> {
     if let Some(orig) = redirected(cookie) {
         let key = redirect_key(ctx, &orig);
         let _ = LATCH_REDIRECTS.remove(key);
         let _ = LATCH_ORIG_DST.remove(cookie);
-        return;
+        return None;
     }
-    let Some(conn) = LATCH_FASTPATH_CONNS.get_ptr(cookie) else {
-        return;
-    };
+    let conn = LATCH_FASTPATH_CONNS.get_ptr(cookie)?;
     // SAFETY: pointer from a successful hash lookup.
     let conn = unsafe { *conn };
-    // A connection that never got established (refused, timed out) was never reported opened.
-    if conn.opened != 0 {
-        report(ctx, cookie, &conn, FASTPATH_CLOSED);
-    }
     let _ = LATCH_FASTPATH_CONNS.remove(cookie);
+    (conn.opened != 0).then_some(conn)
 }
 
-/// Send one event for `conn` to the agent; count it dropped if the ring buffer is full.
-#[inline(always)]
+/// Send one event for `conn` to the agent, written in place into the ring buffer (a 104-byte
+/// event on the stack, with its addresses, overflows the 512-byte BPF stack); count it dropped if
+/// the ring buffer is full. Every context field is read up front, whatever the event: reads on
+/// separate branches get merged by LLVM into loads through a derived context pointer, which the
+/// verifier refuses.
+// A function of its own (a BPF-to-BPF call), so that its frame is not added to the callers'.
+#[inline(never)]
 fn report(ctx: &SockOpsContext, cookie: u64, conn: &FastpathConn, kind: u8) {
-    let (src_addr, dst_addr) = addresses(ctx);
+    let (local, remote) = address_words(ctx);
     let ops = ctx.ops;
-    let (duration_ns, bytes_acked, bytes_received, close_state, all_acked) =
-        if kind == FASTPATH_CLOSED {
-            // SAFETY: helper without arguments; single reads of context fields, each at a
-            // constant offset and of its own size.
-            unsafe {
-                let snd_una = read_volatile(addr_of!((*ops).snd_una));
-                let snd_nxt = read_volatile(addr_of!((*ops).snd_nxt));
-                (
-                    bpf_ktime_get_boot_ns().saturating_sub(conn.started_ns),
-                    read_volatile(addr_of!((*ops).bytes_acked)),
-                    read_volatile(addr_of!((*ops).bytes_received)),
-                    // STATE_CB's first argument: the state the socket leaves.
-                    ctx.arg(0) as u8,
-                    u8::from(snd_una == snd_nxt),
-                )
-            }
-        } else {
-            (0, 0, 0, 0, 0)
-        };
-    let event = FastpathEvent {
-        src_identity: conn.src_identity,
-        dst_identity: conn.dst_identity,
-        src_addr,
-        dst_addr,
-        cookie,
-        duration_ns,
-        bytes_acked,
-        bytes_received,
-        src_port: ctx.local_port() as u16,
-        dst_port: conn.port,
-        kind,
-        direction: conn.direction,
-        close_state,
-        all_acked,
+    // SAFETY: single reads of context fields, each at a constant offset and of its own size;
+    // helper without arguments.
+    let (local_port, remote_port, snd_una, snd_nxt, bytes_acked, bytes_received, now) = unsafe {
+        (
+            read_volatile(addr_of!((*ops).local_port)),
+            read_volatile(addr_of!((*ops).remote_port)),
+            read_volatile(addr_of!((*ops).snd_una)),
+            read_volatile(addr_of!((*ops).snd_nxt)),
+            read_volatile(addr_of!((*ops).bytes_acked)),
+            read_volatile(addr_of!((*ops).bytes_received)),
+            bpf_ktime_get_boot_ns(),
+        )
     };
-    if LATCH_FASTPATH_EVENTS
-        .output::<FastpathEvent>(&event, 0)
-        .is_err()
-    {
+    // STATE_CB's first argument: the state the socket leaves.
+    let leaving = ctx.arg(0);
+    let closed = kind == FASTPATH_CLOSED;
+    // The client is this socket for outbound, its peer for inbound.
+    let inbound = conn.direction == DIRECTION_INBOUND;
+    let remote_port = port_from_ops(remote_port);
+    let local_port = local_port as u16;
+    let Some(mut entry) = LATCH_FASTPATH_EVENTS.reserve::<FastpathEvent>(0) else {
         count(Counter::FastpathAuditDropped);
+        return;
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: `event` points to a reserved ring-buffer record of `FastpathEvent`'s size, aligned
+    // to 8 by the kernel; every field is written once before it is submitted. The addresses are
+    // written as four native-endian words, the layout `IpKey::from_words` reads.
+    unsafe {
+        addr_of_mut!((*event).src_identity).write(conn.src_identity);
+        addr_of_mut!((*event).dst_identity).write(conn.dst_identity);
+        let (src, dst) = if inbound {
+            (remote, local)
+        } else {
+            (local, remote)
+        };
+        addr_of_mut!((*event).src_addr)
+            .cast::<[u32; 4]>()
+            .write_unaligned(src);
+        addr_of_mut!((*event).dst_addr)
+            .cast::<[u32; 4]>()
+            .write_unaligned(dst);
+        addr_of_mut!((*event).cookie).write(cookie);
+        addr_of_mut!((*event).duration_ns).write(if closed {
+            now.saturating_sub(conn.started_ns)
+        } else {
+            0
+        });
+        addr_of_mut!((*event).bytes_acked).write(if closed { bytes_acked } else { 0 });
+        addr_of_mut!((*event).bytes_received).write(if closed { bytes_received } else { 0 });
+        addr_of_mut!((*event).src_port).write(if inbound { remote_port } else { local_port });
+        addr_of_mut!((*event).dst_port).write(conn.port);
+        addr_of_mut!((*event).kind).write(kind);
+        addr_of_mut!((*event).direction).write(conn.direction);
+        addr_of_mut!((*event).close_state).write(if closed { leaving as u8 } else { 0 });
+        addr_of_mut!((*event).all_acked).write(u8::from(closed && snd_una == snd_nxt));
     }
+    entry.submit(0);
 }
 
-/// (local, remote) address of the socket. A dual-stack socket talking IPv4 reports mapped
-/// addresses in its IPv6 fields, which is the map form already. Every field is read, whatever
-/// the family, each word at a constant offset from the context pointer: reads on two branches
-/// get merged by LLVM into one load through a derived pointer, which the verifier refuses.
+/// A `bpf_sock_ops` `remote_port` in host byte order (the context holds the port in network
+/// byte order in its upper 16 bits).
 #[inline(always)]
-fn addresses(ctx: &SockOpsContext) -> (IpKey, IpKey) {
+fn port_from_ops(raw: u32) -> u16 {
+    u16::from_be((raw >> 16) as u16)
+}
+
+/// (local, remote) address of the socket as four native-endian words each (`IpKey::from_words`),
+/// IPv4 mapped. A dual-stack socket talking IPv4 reports mapped addresses in its IPv6 fields
+/// already. Every field is read, whatever the family, each word at a constant offset from the
+/// context pointer: reads on two branches get merged by LLVM into one load through a derived
+/// pointer, which the verifier refuses.
+#[inline(always)]
+fn address_words(ctx: &SockOpsContext) -> ([u32; 4], [u32; 4]) {
     let ops = ctx.ops;
     // SAFETY: single 4-byte context reads.
     let (family, local4, remote4, local6, remote6) = unsafe {
@@ -208,11 +285,11 @@ fn addresses(ctx: &SockOpsContext) -> (IpKey, IpKey) {
         )
     };
     if family == AF_INET as u32 {
-        (
-            IpKey::from_v4(local4.to_ne_bytes()),
-            IpKey::from_v4(remote4.to_ne_bytes()),
-        )
+        // `::ffff:a.b.c.d`: the third word is the bytes 00 00 ff ff, the fourth the address as
+        // the context holds it (network order in memory).
+        let mapped = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+        ([0, 0, mapped, local4], [0, 0, mapped, remote4])
     } else {
-        (IpKey::from_words(local6), IpKey::from_words(remote6))
+        (local6, remote6)
     }
 }

@@ -714,6 +714,20 @@ impl Cluster {
         EchoServer::start(&self.pod(pod).netns(), port)
     }
 
+    /// A server run inside the pod, in its netns and cgroup (`latch-probe serve`), answering
+    /// each connection with what it read, `repeat` times over.
+    pub fn pod_server(
+        &self,
+        pod: PodId,
+        port: u16,
+        repeat: usize,
+    ) -> anyhow::Result<crate::server::PodServer> {
+        let port = port.to_string();
+        let repeat = repeat.to_string();
+        let command = self.probe_command(pod, &["serve", "--port", &port, "--repeat", &repeat])?;
+        crate::server::PodServer::start(command)
+    }
+
     /// The node agent's debug socket.
     pub fn debug_socket(&self, node: NodeId) -> PathBuf {
         self.node(node).dir.join("debug.sock")

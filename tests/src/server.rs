@@ -1,11 +1,12 @@
 //! Servers inside pods: accept on `[::]:port` (IPv4 and IPv6) and remember every peer address.
-//! The echo server reads until the client half-closes and answers with what was read (the doubling
-//! one, [`EchoServer::start_doubling`], with it twice); the HTTP
+//! The echo server reads until the client half-closes and answers with what was read; the HTTP
 //! server answers one HTTP/1.1 request per connection with `200` and a body of the request's
 //! method and request target (`POST /v1/pay`), and keeps every request head it read, so a test
 //! sees which requests reached the application and how. Both take a thread per connection; the
 //! streaming echo server ([`EchoServer::start_streaming`]) answers bytes as they arrive and holds
 //! any number of connections on one thread (tokio), for benchmarks that keep thousands open.
+//! These run in the test process (outside every pod cgroup); [`PodServer`] runs `latch-probe
+//! serve` in the pod itself, for tests that need the kernel programs to see the server's side.
 
 use std::{
     io::{Read as _, Write as _},
@@ -72,15 +73,6 @@ fn echo(mut stream: std::net::TcpStream, _: &Heads) {
     }
 }
 
-/// Reads to the client's half-close, then writes what it read twice: the two directions of the
-/// connection carry different, known byte counts.
-fn echo_twice(mut stream: std::net::TcpStream, _: &Heads) {
-    let mut buf = Vec::new();
-    if stream.read_to_end(&mut buf).is_ok() {
-        let _ = stream.write_all(&buf).and_then(|()| stream.write_all(&buf));
-    }
-}
-
 /// One HTTP/1.1 request (head, and a body of `Content-Length` bytes), answered and closed.
 fn http(mut stream: std::net::TcpStream, heads: &Heads) {
     let mut buf = Vec::new();
@@ -128,11 +120,6 @@ impl EchoServer {
     /// An echo server.
     pub fn start(netns_path: &Path, port: u16) -> anyhow::Result<Self> {
         Self::start_with(netns_path, port, echo)
-    }
-
-    /// A server that answers each connection with what it read, twice (see `echo_twice`).
-    pub fn start_doubling(netns_path: &Path, port: u16) -> anyhow::Result<Self> {
-        Self::start_with(netns_path, port, echo_twice)
     }
 
     /// The HTTP server described above.
@@ -292,5 +279,41 @@ impl Drop for EchoServer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// `latch-probe serve` running inside a pod (its netns and cgroup): a server whose sockets are
+/// the pod's own, as a real application's are. Killed and reaped on drop.
+pub struct PodServer {
+    child: std::process::Child,
+}
+
+impl PodServer {
+    /// Start `command` (a `latch-probe serve` prepared to run in the pod) and wait until it
+    /// says it listens.
+    pub fn start(mut command: std::process::Command) -> anyhow::Result<Self> {
+        use std::io::BufRead as _;
+        command
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit());
+        let mut child = command.spawn().context("starting latch-probe serve")?;
+        let stdout = child.stdout.take().context("latch-probe serve's stdout")?;
+        let mut server = Self { child };
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .context("reading latch-probe serve's first line")?;
+        if line.trim() != "listening" {
+            let status = server.child.try_wait().ok().flatten();
+            anyhow::bail!("latch-probe serve did not start (said {line:?}, exit {status:?})");
+        }
+        Ok(server)
+    }
+}
+
+impl Drop for PodServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

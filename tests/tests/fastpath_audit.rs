@@ -1,6 +1,6 @@
 //! The fast-path audit against real agents on two netns nodes: after a first, tunneled
 //! connection caches the allow, every repeat goes through the kernel alone, and each still shows
-//! up in Istio's TCP metrics (`path="fastpath"`, the right byte totals and Istio's standard
+//! up, on both nodes (`reporter="source"` and `"destination"`), in Istio's TCP metrics (`path="fastpath"`, the right byte totals and Istio's standard
 //! labels) and in the access log (one line when it opens, one when it closes, with bytes), as
 //! reported by `sock_ops` through the ring buffer; the kernel's count of events it could not
 //! report exists and is 0. And requests judged at L7 are counted in Istio's request metrics
@@ -70,9 +70,9 @@ fn every_fast_path_connection_is_counted_with_istio_labels_and_logged_open_and_c
     let TwoNodes {
         mut cluster,
         n1,
+        n2,
         client,
         server,
-        ..
     } = Cluster::two_nodes(
         PodSpec::mesh("frontend-7d9f", "prod", "frontend"),
         PodSpec::mesh("payment-5c4b", "prod", "payment"),
@@ -84,8 +84,10 @@ fn every_fast_path_connection_is_counted_with_istio_labels_and_logged_open_and_c
         })
     })
     .expect("cluster with agents");
-    let _server = latch_tests::EchoServer::start_doubling(&cluster.pod(server).netns(), PORT)
-        .expect("doubling echo server");
+    // The server runs in the pod's cgroup, as an application does: the kernel sees its side.
+    let _server = cluster
+        .pod_server(server, PORT, 2)
+        .expect("doubling server");
     let to = cluster.pod(server).addr4(PORT);
     let stats = |cluster: &Cluster| {
         latch_tests::agent::debug_json(&cluster.debug_socket(n1), &["stats"]).expect("stats")
@@ -227,6 +229,65 @@ fn every_fast_path_connection_is_counted_with_istio_labels_and_logged_open_and_c
             .all(|l| l["fields"]["duration_ms"].as_f64().is_some_and(|d| d > 0.0)),
         "each close line carries a duration: {closed:#?}"
     );
+
+    // The destination node reports the same connections, admitted by its inbound check.
+    let destination: Vec<String> = fastpath
+        .iter()
+        .map(|l| l.replace("reporter=\"source\"", "reporter=\"destination\""))
+        .collect();
+    let destination: Vec<&str> = destination.iter().map(String::as_str).collect();
+    let all_closed = eventually(WAIT, || {
+        samples = scrape(&cluster, n2);
+        sample(&samples, "istio_tcp_connections_closed_total", &destination) == Some(N as f64)
+    });
+    assert!(all_closed, "{samples:#?}");
+    assert_eq!(
+        sample(&samples, "istio_tcp_connections_opened_total", &destination),
+        Some(N as f64)
+    );
+    assert_eq!(
+        sample(&samples, "istio_tcp_received_bytes_total", &destination),
+        Some(sent as f64)
+    );
+    assert_eq!(
+        sample(&samples, "istio_tcp_sent_bytes_total", &destination),
+        Some(received as f64)
+    );
+    let client_ip = cluster.pod(client).ips()[0];
+    let agent = cluster.agent(n2);
+    let logged = eventually(WAIT, || {
+        lines = fastpath_access_lines(&agent.lines());
+        lines
+            .iter()
+            .filter(|l| l["fields"]["event"] == "connection closed")
+            .count()
+            == N
+    });
+    assert!(logged, "{lines:#?}");
+    for line in &lines {
+        let f = &line["fields"];
+        assert_eq!(f["direction"], "inbound", "{line}");
+        assert_eq!(f["source_principal"], FRONTEND, "{line}");
+        assert_eq!(f["destination_address"], to.to_string(), "{line}");
+        let source = f["source_address"].as_str().unwrap_or_default();
+        assert!(
+            source.starts_with(&format!("{client_ip}:")) && !source.ends_with(":0"),
+            "the client's own address and port: {line}"
+        );
+    }
+    let mut sizes: Vec<(u64, u64)> = lines
+        .iter()
+        .filter(|l| l["fields"]["event"] == "connection closed")
+        .map(|l| {
+            let f = &l["fields"];
+            (
+                f["bytes_sent"].as_u64().expect("bytes_sent"),
+                f["bytes_received"].as_u64().expect("bytes_received"),
+            )
+        })
+        .collect();
+    sizes.sort_unstable();
+    assert_eq!(sizes, expected, "bytes from the client, and back to it");
 }
 
 /// DENY `/admin` on payment: a rule with paths, so payment's connections are judged per

@@ -9,8 +9,8 @@ use std::{
 };
 
 use latch_common::{
-    FASTPATH_CLOSED, FASTPATH_OPENED, FastpathEvent, Identity, TCP_CLOSE_WAIT, TCP_CLOSING,
-    TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_LAST_ACK,
+    DIRECTION_OUTBOUND, FASTPATH_CLOSED, FASTPATH_OPENED, FastpathEvent, Identity, TCP_CLOSE_WAIT,
+    TCP_CLOSING, TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_LAST_ACK,
 };
 
 use super::{
@@ -112,14 +112,16 @@ fn identity_name(registry: Option<&Registry>, key: Identity) -> String {
 }
 
 /// The payload bytes (sent, received) of a closed connection, from the kernel's counts of
-/// sequence space: `bytes_acked` counts the SYN (acknowledged, since the connection was
-/// established) and our FIN once acknowledged; `bytes_received` counts the peer's FIN. The state
-/// the socket closed from tells which FINs there were: we had sent ours in FIN_WAIT1, FIN_WAIT2,
+/// sequence space. `bytes_acked` counts, on the connecting (outbound) side, the SYN (acknowledged,
+/// since the connection was established; an accepted socket starts past its SYN-ACK), and on
+/// either side our FIN once acknowledged; `bytes_received` counts the peer's FIN. The state the
+/// socket closed from tells which FINs there were: we had sent ours in FIN_WAIT1, FIN_WAIT2,
 /// CLOSING and LAST_ACK (acknowledged if nothing was left unacknowledged); the peer had sent its
 /// own in CLOSE_WAIT, LAST_ACK and CLOSING, and in FIN_WAIT2 (the usual way out of it is the
 /// peer's FIN; a FIN_WAIT2 ended by its timeout or a reset counts one byte received too many).
 pub fn payload_bytes(event: &FastpathEvent) -> (u64, u64) {
     let state = event.close_state;
+    let syn = u64::from(event.direction == DIRECTION_OUTBOUND);
     let our_fin_sent = matches!(
         state,
         TCP_FIN_WAIT1 | TCP_FIN_WAIT2 | TCP_CLOSING | TCP_LAST_ACK
@@ -131,7 +133,7 @@ pub fn payload_bytes(event: &FastpathEvent) -> (u64, u64) {
     );
     let sent = event
         .bytes_acked
-        .saturating_sub(1 + u64::from(our_fin_acked));
+        .saturating_sub(syn + u64::from(our_fin_acked));
     let received = event.bytes_received.saturating_sub(u64::from(peer_fin));
     (sent, received)
 }
@@ -176,7 +178,7 @@ pub fn record(metrics: &Metrics, registry: Option<&Registry>, event: &FastpathEv
 #[cfg(test)]
 mod tests {
     use super::*;
-    use latch_common::{DIRECTION_OUTBOUND, IpKey, TCP_ESTABLISHED};
+    use latch_common::{DIRECTION_INBOUND, IpKey, TCP_ESTABLISHED};
 
     fn event(kind: u8) -> FastpathEvent {
         FastpathEvent {
@@ -226,6 +228,24 @@ mod tests {
         assert_eq!(closed_from(TCP_FIN_WAIT1, 0, 11, 20), (10, 20));
         // Never below zero.
         assert_eq!(closed_from(TCP_FIN_WAIT2, 1, 0, 0), (0, 0));
+    }
+
+    #[test]
+    fn an_accepted_socket_has_no_syn_in_its_acknowledged_bytes() {
+        let accepted = |state: u8, acked: u64, received: u64| {
+            payload_bytes(&FastpathEvent {
+                direction: DIRECTION_INBOUND,
+                close_state: state,
+                all_acked: 1,
+                bytes_acked: acked,
+                bytes_received: received,
+                ..event(FASTPATH_CLOSED)
+            })
+        };
+        // Passive close: the client's FIN, then ours, acknowledged.
+        assert_eq!(accepted(TCP_LAST_ACK, 21, 11), (20, 10));
+        // Reset while established.
+        assert_eq!(accepted(TCP_ESTABLISHED, 20, 10), (20, 10));
     }
 
     #[test]

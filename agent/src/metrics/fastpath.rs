@@ -1,8 +1,11 @@
 //! The access log's sampled summary of what the kernel decided on its own: the kernel counters'
 //! increase since the last summary (cached denies, inbound admissions and steering, audit events
-//! dropped), beside the per-connection lines of [`super::audit`].
+//! dropped), beside the per-connection lines of [`super::audit`]; and a warning when the kernel
+//! dropped fast-path audit events.
 
 use std::{collections::BTreeMap, time::Duration};
+
+use latch_common::Counter;
 
 use crate::{sync::lock, verdicts::SharedMaps};
 
@@ -38,6 +41,18 @@ impl FastpathSummary {
         for (counter, value) in counters {
             let before = self.last.insert(counter.name(), value).unwrap_or(0);
             delta.insert(counter.name(), value.saturating_sub(before));
+        }
+        let dropped = delta
+            .get(Counter::FastpathAuditDropped.name())
+            .copied()
+            .unwrap_or(0);
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                interval_s = (self.tick_every * SUMMARY_EVERY).as_secs(),
+                "fast-path audit events dropped (ring buffer full): those connections are \
+                 missing from the Istio metrics and the access log"
+            );
         }
         if delta.values().any(|d| *d > 0) {
             tracing::info!(

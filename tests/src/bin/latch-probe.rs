@@ -24,6 +24,8 @@
 //!   open-loop load of R requests per second for S seconds, each B bytes and their echo, over C
 //!   persistent connections or one fresh connection each; prints one JSON line with what was
 //!   due, completed and failed, and latency percentiles from when each request was due ([`load`]).
+//! - `latch-probe serve --port PORT [--repeat K]`: a server inside the pod (its netns and
+//!   cgroup): answers each connection with what it read until the half-close, K times over.
 //! - `latch-probe cgroup`: prints this process's cgroup.
 
 #[path = "latch-probe/load.rs"]
@@ -390,6 +392,20 @@ fn main() {
                 .unwrap_or(256);
             println!("{}", hold(to(), count, parallel));
         }
+        Some("serve") => {
+            let port = arg(&args, "--port").and_then(|s| s.parse().ok());
+            let repeat = arg(&args, "--repeat")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(1);
+            let Some(port) = port else {
+                eprintln!("latch-probe: serve needs --port PORT");
+                std::process::exit(2);
+            };
+            if let Err(e) = serve(port, repeat) {
+                eprintln!("latch-probe: serve on port {port}: {e}");
+                std::process::exit(1);
+            }
+        }
         Some("cgroup") => match std::fs::read_to_string("/proc/self/cgroup") {
             Ok(text) => print!("{text}"),
             Err(e) => {
@@ -399,11 +415,42 @@ fn main() {
         },
         _ => {
             eprintln!(
-                "usage: latch-probe connect --to IP:PORT [--from IP[:PORT]] [--send TEXT] [--keep-open] [--timeout-ms N] | rate --to IP:PORT --count N | cgroup"
+                "usage: latch-probe connect --to IP:PORT [--from IP[:PORT]] [--send TEXT] [--keep-open] [--timeout-ms N] | rate --to IP:PORT --count N | serve --port PORT [--repeat K] | cgroup"
             );
             std::process::exit(2);
         }
     }
+}
+
+/// `latch-probe serve --port PORT [--repeat K]`: a server in the pod itself (its sockets belong
+/// to the pod's cgroup, as a real application's do, so the kernel programs on `cgroupRoot` see
+/// its side of each connection). Listens on `[::]:PORT` (IPv4 too), prints `listening` once it
+/// does, then answers each connection, on a thread of its own, with what it read until the
+/// client's half-close, K times over, and closes it. Runs until killed.
+fn serve(port: u16, repeat: usize) -> std::io::Result<()> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_only_v6(false)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&SocketAddr::from(([0u16; 8], port)).into())?;
+    socket.listen(1024)?;
+    let listener = std::net::TcpListener::from(socket);
+    println!("listening");
+    std::io::stdout().flush()?;
+    for stream in listener.incoming() {
+        let mut stream = stream?;
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if stream.read_to_end(&mut buf).is_ok() {
+                for _ in 0..repeat {
+                    if stream.write_all(&buf).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+    }
+    Ok(())
 }
 
 /// `latch-probe hold --to IP:PORT --count N [--parallel P]`: N connections open at once, on one
