@@ -48,8 +48,7 @@ const OK: u32 = 1;
 #[sock_ops]
 pub fn latch_sock_ops(ctx: SockOpsContext) -> u32 {
     let op = ctx.op();
-    // The event to report, if any: one call site, so that the program carries one event on its
-    // stack (the BPF stack is 512 bytes).
+    // The event to report, if any, reported from one call site (the BPF stack is 512 bytes).
     let event = if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
         on_connect(&ctx, socket_cookie(&ctx));
         None
