@@ -220,12 +220,13 @@ impl Tracked {
         if self.opened.swap(true, Ordering::Relaxed) {
             return;
         }
-        let labels = lock(&self.tracker.inner)
+        // The labels are derived outside the tracker's lock (they read the state in force).
+        let info = lock(&self.tracker.inner)
             .entries
             .get(&self.id)
-            .map(|e| metrics.labels_of(&e.info));
-        if let Some(labels) = labels {
-            metrics.connection_opened(&labels);
+            .map(|e| e.info.clone());
+        if let Some(info) = info {
+            metrics.connection_opened(&metrics.labels_of(&info));
         }
     }
 
