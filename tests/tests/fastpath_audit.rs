@@ -65,7 +65,18 @@ fn fastpath_access_lines(lines: &[String]) -> Vec<Value> {
 }
 
 #[test]
-fn every_fast_path_connection_is_counted_with_istio_labels_and_logged_open_and_closed() {
+fn every_fast_path_connection_is_counted_with_istio_labels_and_logged_open_and_closed_ipv4() {
+    audited_on_both_sides(false);
+}
+
+#[test]
+fn every_fast_path_connection_is_counted_with_istio_labels_and_logged_open_and_closed_ipv6() {
+    audited_on_both_sides(true);
+}
+
+/// A first, tunneled connection, then [`N`] fast-path ones with known byte counts (to the
+/// server's IPv6 address if `ipv6`): each is counted and logged by both nodes.
+fn audited_on_both_sides(ipv6: bool) {
     // Pod names differ from their `app` labels: the workload labels must come from the label.
     let TwoNodes {
         mut cluster,
@@ -88,7 +99,11 @@ fn every_fast_path_connection_is_counted_with_istio_labels_and_logged_open_and_c
     let _server = cluster
         .pod_server(server, PORT, 2)
         .expect("doubling server");
-    let to = cluster.pod(server).addr4(PORT);
+    let to = if ipv6 {
+        cluster.pod(server).addr6(PORT)
+    } else {
+        cluster.pod(server).addr4(PORT)
+    };
     let stats = |cluster: &Cluster| {
         latch_tests::agent::debug_json(&cluster.debug_socket(n1), &["stats"]).expect("stats")
     };
@@ -253,7 +268,7 @@ fn every_fast_path_connection_is_counted_with_istio_labels_and_logged_open_and_c
         sample(&samples, "istio_tcp_sent_bytes_total", &destination),
         Some(received as f64)
     );
-    let client_ip = cluster.pod(client).ips()[0];
+    let client_ip = cluster.pod(client).ips()[usize::from(ipv6)];
     let agent = cluster.agent(n2);
     let logged = eventually(WAIT, || {
         lines = fastpath_access_lines(&agent.lines());
@@ -270,8 +285,9 @@ fn every_fast_path_connection_is_counted_with_istio_labels_and_logged_open_and_c
         assert_eq!(f["source_principal"], FRONTEND, "{line}");
         assert_eq!(f["destination_address"], to.to_string(), "{line}");
         let source = f["source_address"].as_str().unwrap_or_default();
+        let source: std::net::SocketAddr = source.parse().expect("source_address");
         assert!(
-            source.starts_with(&format!("{client_ip}:")) && !source.ends_with(":0"),
+            source.ip() == client_ip && source.port() != 0,
             "the client's own address and port: {line}"
         );
     }
