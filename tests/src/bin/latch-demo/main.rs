@@ -1,7 +1,8 @@
 //! `cargo xtask demo [--kubernetes]`: a two-node cluster in network namespaces with real
 //! agents, real kernel programs and an embedded set of Istio policies. It makes a handful of
 //! connections and HTTP requests and prints, for each, the path it took (read from the kernel
-//! counters) and what the client saw; then it changes a policy and shows the cached verdict
+//! counters) and what the client saw (a JWT-gated request among them, its policies tested first
+//! with `latch policy test`); then it changes a policy and shows the cached verdict
 //! revoked; then it cleans everything up.
 //!
 //! - [`story`]: the story and its table, the same in both modes.

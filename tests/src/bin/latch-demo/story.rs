@@ -9,10 +9,13 @@ use anyhow::Context as _;
 
 use latch::datapath::KernelMaps;
 use latch_common::Counter;
-use latch_tests::{AgentOptions, Cluster, NodeId, PodId, PodSpec, ProbeResult, server::EchoServer};
+use latch_tests::{
+    AgentOptions, Cluster, NodeId, PodId, PodSpec, ProbeResult, jwks, server::EchoServer,
+};
 
 /// The embedded policies: ledger admits only frontend (L4, cacheable); only frontend may
-/// `POST /v1/pay` on payment (L7, decided per request, never cached).
+/// `POST /v1/pay` on payment (L7, decided per request, never cached), and `POST /v1/refund` only
+/// with a JWT of the demo's issuer whose `scope` claim holds `payments:refund`.
 pub const POLICIES: &str = r#"apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: { name: ledger-allow-frontend, namespace: prod }
@@ -31,6 +34,57 @@ spec:
   rules:
   - from: [{ source: { principals: ["cluster.local/ns/prod/sa/frontend"] } }]
     to: [{ operation: { methods: ["POST"], paths: ["/v1/pay"] } }]
+  - from: [{ source: { principals: ["cluster.local/ns/prod/sa/frontend"], requestPrincipals: ["https://issuer.demo/*"] } }]
+    to: [{ operation: { methods: ["POST"], paths: ["/v1/refund"] } }]
+    when: [{ key: "request.auth.claims[scope]", values: ["payments:refund"] }]
+"#;
+
+/// The demo's issuer.
+const ISSUER: &str = "https://issuer.demo";
+
+/// The RequestAuthentication for payment: tokens of [`ISSUER`], checked with `jwks` (inline).
+fn request_authentication(jwks: &str) -> String {
+    format!(
+        r#"apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{ name: payment-jwt, namespace: prod }}
+spec:
+  selector: {{ matchLabels: {{ app: payment }} }}
+  jwtRules:
+  - issuer: "{ISSUER}"
+    jwks: '{jwks}'
+"#
+    )
+}
+
+/// The policies' tests, run with `latch policy test` before the agents start.
+const POLICY_TESTS: &str = r#"apiVersion: test.latch.dev/v1
+kind: PolicyTest
+metadata: { name: prod }
+spec:
+  workloads:
+  - { name: frontend, namespace: prod, serviceAccount: frontend, labels: { app: frontend }, ips: [10.244.1.2] }
+  - { name: analytics, namespace: prod, serviceAccount: analytics, labels: { app: analytics }, ips: [10.244.1.3] }
+  - { name: payment, namespace: prod, serviceAccount: payment, labels: { app: payment }, ips: [10.244.2.2] }
+  - { name: ledger, namespace: prod, serviceAccount: ledger, labels: { app: ledger }, ips: [10.244.2.3] }
+  cases:
+  - { name: frontend reaches ledger, from: frontend, to: "ledger:8080", expect: ALLOW, decidedBy: prod/ledger-allow-frontend }
+  - { name: analytics does not, from: analytics, to: "ledger:8080", expect: DENY }
+  - { name: frontend may pay, from: frontend, to: "payment:8080", request: { method: POST, path: /v1/pay }, expect: ALLOW, rule: 0 }
+  - { name: but not read payments, from: frontend, to: "payment:8080", request: { method: GET, path: /v1/pay }, expect: DENY }
+  - { name: analytics may not pay, from: analytics, to: "payment:8080", request: { method: POST, path: /v1/pay }, expect: DENY }
+  - name: a refund needs the scope
+    from: frontend
+    to: "payment:8080"
+    request: { method: POST, path: /v1/refund, jwt: { iss: "https://issuer.demo", sub: alice, claims: { scope: [payments:read, payments:refund] } } }
+    expect: ALLOW
+    rule: 1
+  - name: a token without it is not enough
+    from: frontend
+    to: "payment:8080"
+    request: { method: POST, path: /v1/refund, jwt: { iss: "https://issuer.demo", sub: alice, claims: { scope: [payments:read] } } }
+    expect: DENY
+  - { name: nor is no token, from: frontend, to: "payment:8080", request: { method: POST, path: /v1/refund }, expect: DENY }
 "#;
 
 /// Put in force during the demo, then taken away: ledger denies everything.
@@ -118,6 +172,8 @@ pub struct Demo<M> {
     rows: Vec<Row>,
     /// The applications, by pod and port, to say where they saw each connection come from.
     servers: Vec<(PodId, u16, EchoServer)>,
+    /// The key of the demo's JWT issuer.
+    issuer: jwks::SigningKey,
 }
 
 /// Tell the story on `mesh` (two nodes, nothing else yet) and print its table.
@@ -132,13 +188,25 @@ pub fn tell<M: Mesh>(mut mesh: M) -> anyhow::Result<()> {
         outsider: mesh.add_pod(N2, PodSpec::external("outsider"))?,
     };
     introduce(mesh.cluster(), &cast);
-    mesh.install_policies(POLICIES)?;
+    let issuer = jwks::SigningKey::generate("demo-1")?;
+    let policies = format!(
+        "{POLICIES}---\n{}",
+        request_authentication(&jwks::document(&[&issuer]))
+    );
+    mesh.install_policies(&policies)?;
     println!(
-        "policies (Istio AuthorizationPolicy, read unchanged) {}:",
+        "policies (Istio AuthorizationPolicy and RequestAuthentication, read unchanged) {}:",
         M::WORDS.policies
     );
     println!("  prod/ledger-allow-frontend: ledger admits only frontend");
-    println!("  prod/payment-api:           only frontend may POST /v1/pay on payment");
+    println!(
+        "  prod/payment-api:           only frontend may POST /v1/pay on payment, and POST /v1/refund"
+    );
+    println!("                              only with a JWT whose scope holds payments:refund");
+    println!(
+        "  prod/payment-jwt:           payment's requests may carry JWTs of {ISSUER} (ES256, keys inline)"
+    );
+    policy_test(mesh.cluster(), &policies)?;
     println!("both agents: mTLS STRICT, SVIDs minted from a development CA");
     let options = AgentOptions::strict();
     mesh.start_agents(&options)?;
@@ -161,11 +229,35 @@ pub fn tell<M: Mesh>(mut mesh: M) -> anyhow::Result<()> {
         mesh,
         rows: Vec::new(),
         servers,
+        issuer,
     };
     demo.shared_story(&cast, options)?;
     M::more(&mut demo, &cast)?;
     print_table(&demo.rows);
     println!("\nCleaning up the namespaces, cgroups and pins.");
+    Ok(())
+}
+
+/// `latch policy test` on the policies and [`POLICY_TESTS`], its output shown; a failing test
+/// stops the demo.
+fn policy_test(cluster: &Cluster, policies: &str) -> anyhow::Result<()> {
+    let dir = cluster.dir().join("policy-tests");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("prod.yaml"), policies)?;
+    std::fs::write(dir.join("prod-test.yaml"), POLICY_TESTS)?;
+    let out = std::process::Command::new(latch_tests::env::latch_bin()?)
+        .args(["policy", "test", "--coverage"])
+        .arg(&dir)
+        .output()
+        .context("running latch policy test")?;
+    println!("their tests, before anything runs: latch policy test --coverage");
+    for line in String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .chain(String::from_utf8_lossy(&out.stderr).lines())
+    {
+        println!("  {line}");
+    }
+    anyhow::ensure!(out.status.success(), "the policies' tests failed");
     Ok(())
 }
 
@@ -232,6 +324,33 @@ impl<M: Mesh> Demo<M> {
         self.http(frontend, pay, "POST", "/v1/pay")?;
         self.http(frontend, pay, "GET", "/v1/pay")?;
         self.http(analytics, pay, "POST", "/v1/pay")?;
+        self.note("JWT: a refund needs a token of the issuer with scope payments:refund (401: a token that does not verify)");
+        let token = |scope: &[&str]| {
+            self.issuer.sign(&serde_json::json!({
+                "iss": ISSUER, "sub": "alice", "scope": scope,
+                "exp": jwks::now() + 600,
+            }))
+        };
+        let refund = token(&["payments:read", "payments:refund"])?;
+        let read_only = token(&["payments:read"])?;
+        let forged = jwks::SigningKey::generate("demo-1")?.sign(&serde_json::json!({
+            "iss": ISSUER, "sub": "mallory", "scope": ["payments:refund"], "exp": jwks::now() + 600,
+        }))?;
+        for (token, what) in [
+            (None, ""),
+            (Some(&refund), ", token with payments:refund"),
+            (Some(&read_only), ", token with payments:read only"),
+            (Some(&forged), ", forged token (another key)"),
+        ] {
+            self.http_as(
+                frontend,
+                pay,
+                "POST",
+                "/v1/refund",
+                token.map(String::as_str),
+                what,
+            )?;
+        }
         self.note("not in the mesh: untouched");
         self.connect(frontend, outsider4)?;
         self.note("plaintext from outside the mesh to STRICT pods: reset by the inbound check");
@@ -313,9 +432,26 @@ impl<M: Mesh> Demo<M> {
         method: &str,
         path: &str,
     ) -> anyhow::Result<()> {
-        let request =
-            format!("{method} {path} HTTP/1.1\r\nHost: payment\r\nContent-Length: 0\r\n\r\n");
-        self.send(from, to, &request, &format!(" {method} {path}"))
+        self.http_as(from, to, method, path, None, "")
+    }
+
+    /// One HTTP/1.1 request, with `token` as its bearer token; `what` says which token.
+    fn http_as(
+        &mut self,
+        from: PodId,
+        to: SocketAddr,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        what: &str,
+    ) -> anyhow::Result<()> {
+        let authorization = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: payment\r\n{authorization}Content-Length: 0\r\n\r\n"
+        );
+        self.send(from, to, &request, &format!(" {method} {path}{what}"))
     }
 
     fn send(&mut self, from: PodId, to: SocketAddr, sent: &str, what: &str) -> anyhow::Result<()> {
