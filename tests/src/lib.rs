@@ -29,6 +29,7 @@ pub mod jwks;
 pub mod kube_api;
 pub mod kube_cluster;
 pub mod l2;
+pub mod metrics;
 pub mod netns;
 pub mod nginx;
 pub mod policy_bench;

@@ -7,14 +7,13 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::TcpStream,
     os::unix::{fs::MetadataExt as _, net::UnixStream, process::CommandExt as _},
     path::Path,
     process::Command,
     time::Duration,
 };
 
-use latch_tests::{AgentOptions, Cluster, NodeId, PodId, TwoNodes, env, eventually, netns};
+use latch_tests::{AgentOptions, Cluster, NodeId, PodId, TwoNodes, env, eventually, metrics};
 use serde_json::Value;
 
 const PORT: u16 = 8080;
@@ -302,14 +301,7 @@ fn malformed_requests_get_errors_and_the_agent_keeps_serving() {
 
 /// `GET /metrics` from inside the node's netns.
 fn scrape(cluster: &Cluster, node: NodeId) -> String {
-    netns::in_netns(&cluster.node(node).netns(), || {
-        let mut s = TcpStream::connect("127.0.0.1:15020")?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        Ok(out)
-    })
-    .expect("scrape")
+    metrics::scrape(cluster, node).expect("scrape")
 }
 
 /// Check the OpenMetrics text line by line; returns (series with labels, value).

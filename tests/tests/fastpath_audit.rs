@@ -6,13 +6,12 @@
 //! report exists and is 0. And requests judged at L7 are counted in Istio's request metrics
 //! (`istio_requests_total`, `istio_request_duration_milliseconds`) by response code.
 
-use std::{
-    io::{Read as _, Write as _},
-    net::TcpStream,
-    time::Duration,
-};
+use std::time::Duration;
 
-use latch_tests::{AgentOptions, Cluster, NodeId, PodSpec, TwoNodes, eventually, netns};
+use latch_tests::{
+    AgentOptions, Cluster, NodeId, PodSpec, TwoNodes, eventually,
+    metrics::{self, sample},
+};
 use serde_json::Value;
 
 const PORT: u16 = 8080;
@@ -22,36 +21,9 @@ const PAYMENT: &str = "spiffe://cluster.local/ns/prod/sa/payment";
 /// Fast-path connections the test makes, each sending a payload of a different length.
 const N: usize = 5;
 
-/// `GET /metrics` from inside the node's netns: the samples, `name{labels}` and value.
+/// The node's metric samples.
 fn scrape(cluster: &Cluster, node: NodeId) -> Vec<(String, f64)> {
-    let text = netns::in_netns(&cluster.node(node).netns(), || {
-        let mut s = TcpStream::connect("127.0.0.1:15020")?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        Ok(out)
-    })
-    .expect("scrape");
-    let body = text
-        .split_once("\r\n\r\n")
-        .map_or(text.as_str(), |(_, b)| b);
-    body.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            Some((series.to_owned(), value.parse().ok()?))
-        })
-        .collect()
-}
-
-/// The sum of the samples of `name` whose labels include every one of `labels`.
-fn sample(samples: &[(String, f64)], name: &str, labels: &[&str]) -> Option<f64> {
-    let matching: Vec<f64> = samples
-        .iter()
-        .filter(|(s, _)| s.split('{').next() == Some(name) && labels.iter().all(|l| s.contains(l)))
-        .map(|(_, v)| *v)
-        .collect();
-    (!matching.is_empty()).then(|| matching.iter().sum())
+    metrics::samples(&metrics::scrape(cluster, node).expect("scrape"))
 }
 
 /// The agent's access-log lines for fast-path connections, parsed.

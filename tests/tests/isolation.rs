@@ -3,14 +3,10 @@
 //! (reported in status, metrics and the log) while policy changes still reach every other pod,
 //! and a workload moved to a new network namespace is checked there and released from the old.
 
-use std::{
-    io::{Read as _, Write as _},
-    net::TcpStream,
-    time::Duration,
-};
+use std::time::Duration;
 
 use latch::datapath::KernelMaps;
-use latch_tests::{AgentOptions, Cluster, NodeId, PodSpec, env, eventually, netns};
+use latch_tests::{AgentOptions, Cluster, NodeId, PodSpec, env, eventually, metrics};
 
 const PORT: u16 = 8080;
 const WAIT: Duration = Duration::from_secs(20);
@@ -29,17 +25,10 @@ fn maps(cluster: &Cluster, node: NodeId) -> KernelMaps {
 }
 
 fn metric(cluster: &Cluster, node: NodeId, name: &str) -> Option<f64> {
-    let text = netns::in_netns(&cluster.node(node).netns(), || {
-        let mut s = TcpStream::connect("127.0.0.1:15020")?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        Ok(out)
-    })
-    .expect("scrape");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
+    let samples = metrics::samples(&metrics::scrape(cluster, node).expect("scrape"));
+    samples
+        .iter()
+        .find_map(|(series, value)| (series == name).then_some(*value))
 }
 
 #[test]

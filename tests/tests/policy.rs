@@ -10,7 +10,9 @@ use std::{
 };
 
 use latch::datapath::KernelMaps;
-use latch_tests::{AgentOptions, Cluster, NodeId, PodId, PodSpec, ProbeResult, env, eventually};
+use latch_tests::{
+    AgentOptions, Cluster, NodeId, PodId, PodSpec, ProbeResult, env, eventually, metrics,
+};
 
 const HTTP_PORT: u16 = 8080;
 const TCP_PORT: u16 = 9000;
@@ -43,6 +45,19 @@ metadata:
   name: deny-all
   namespace: ledger
 spec: {}
+"#;
+
+/// Would refuse analytics at ledger; `istio.io/dry-run` keeps it from being enforced.
+const LEDGER_DRY_RUN_DENY: &str = r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-analytics
+  namespace: ledger
+  annotations: { istio.io/dry-run: "true" }
+spec:
+  action: DENY
+  rules:
+  - from: [{ source: { principals: ["cluster.local/ns/prod/sa/analytics"] } }]
 "#;
 
 const PAY: &str = "POST /v1/pay HTTP/1.1\r\nHost: payment\r\nContent-Length: 0\r\n\r\n";
@@ -84,6 +99,7 @@ fn mesh(files: &[(&str, &str)]) -> Mesh {
     }
     let options = AgentOptions {
         extra_yaml: format!("policies: [{}]\n", policies.display()),
+        metrics: "127.0.0.1:15020".into(),
         ..AgentOptions::strict_fastpath()
     };
     cluster.start_agent(n1, options.clone()).expect("agent 1");
@@ -190,6 +206,52 @@ fn only_frontend_may_post_pay_and_the_pair_is_never_cached() {
             "a pair decided on HTTP attributes is never cached (node {node:?})"
         );
     }
+}
+
+#[test]
+fn a_dry_run_deny_is_recorded_in_the_access_log_and_metrics_but_never_enforced() {
+    let Mesh {
+        mut cluster,
+        n2,
+        frontend,
+        analytics,
+        ledger,
+        ..
+    } = mesh(&[("ledger-dry-run.yaml", LEDGER_DRY_RUN_DENY)]);
+    let _echo = cluster.echo_server(ledger, TCP_PORT).expect("echo");
+    let to = cluster.pod(ledger).addr4(TCP_PORT);
+
+    // The DENY matches analytics, but only as a shadow: the connection goes through.
+    let r = cluster.probe(analytics, to, Some("dry")).expect("probe");
+    assert_eq!(r.echo.as_deref(), Some("dry"), "{r:?}");
+    let line = wait_for_decision(&mut cluster, n2, &["\"dry_run\":\"deny\"", "sa/analytics"]);
+    assert!(line.contains("\"decision\":\"ALLOW\""), "{line}");
+    assert!(
+        line.contains("dry run: DENY by ledger/deny-analytics rule 0 (not enforced)"),
+        "{line}"
+    );
+    // frontend is not matched: the shadow decision allows it too.
+    let r = cluster.probe(frontend, to, Some("front")).expect("probe");
+    assert_eq!(r.echo.as_deref(), Some("front"), "{r:?}");
+    wait_for_decision(&mut cluster, n2, &["\"dry_run\":\"allow\"", "sa/frontend"]);
+
+    let shadows = |cluster: &Cluster| {
+        let samples = metrics::samples(&metrics::scrape(cluster, n2).unwrap_or_default());
+        ["deny", "allow"].map(|shadow| {
+            metrics::sample(
+                &samples,
+                "latch_policy_dry_run_decisions_total",
+                &[&format!("shadow=\"{shadow}\"")],
+            )
+        })
+    };
+    assert!(
+        eventually(WAIT, || shadows(&cluster)
+            .iter()
+            .all(|n| n.is_some_and(|n| n >= 1.0))),
+        "both shadow decisions counted: {:?}",
+        shadows(&cluster)
+    );
 }
 
 #[test]

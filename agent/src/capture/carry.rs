@@ -37,6 +37,8 @@ pub struct Carried {
     pub source_address: Option<SocketAddr>,
     pub policy: String,
     pub reason: String,
+    /// The shadow decision of dry-run policies on its admission.
+    pub dry_run: Option<decide::Shadow>,
     /// The state the connection was admitted under.
     pub decided_under: DecidedUnder,
 }
@@ -44,6 +46,9 @@ pub struct Carried {
 /// One inbound policy decision: counted in the metrics and written to the access log.
 pub fn decided(metrics: &Metrics, record: &access::Record<'_>) {
     metrics.policy_decision(record.decision == AccessDecision::Allow);
+    if let Some(shadow) = record.dry_run {
+        metrics.dry_run_decision(shadow.as_str());
+    }
     access::decision(record);
 }
 
@@ -98,6 +103,7 @@ impl Carried {
             destination_address: Some(self.info.destination_address),
             policy: &self.policy,
             reason: &self.reason,
+            dry_run: self.dry_run,
             ..access::Record::new(self.info.direction, AccessDecision::Allow, self.info.path)
         }
     }
@@ -160,9 +166,22 @@ struct Gate {
 
 impl Gate {
     fn record(&self, decision: AccessDecision, policy: &str, reason: &str, request: &str) {
+        self.record_shadowed(decision, policy, reason, request, None);
+    }
+
+    /// [`Self::record`], with the dry-run policies' shadow decision.
+    fn record_shadowed(
+        &self,
+        decision: AccessDecision,
+        policy: &str,
+        reason: &str,
+        request: &str,
+        dry_run: Option<decide::Shadow>,
+    ) {
         decided(
             &self.party.metrics,
             &access::Record {
+                dry_run,
                 source_principal: self.party.source.as_ref().map_or("", SpiffeId::as_str),
                 source_address: self.source_address,
                 destination_principal: &self.destination,
@@ -241,7 +260,13 @@ impl Enforcer for Gate {
         );
         let decision = AccessDecision::of(judgement.allowed);
         let request = format!("{} {}", head.method, head.path);
-        self.record(decision, &judgement.policy, &judgement.reason, &request);
+        self.record_shadowed(
+            decision,
+            &judgement.policy,
+            &judgement.reason,
+            &request,
+            judgement.dry_run,
+        );
         judgement.allowed
     }
 
@@ -332,6 +357,7 @@ mod tests {
             source_address: None,
             policy: String::new(),
             reason: String::new(),
+            dry_run: None,
             decided_under,
         }
     }
@@ -386,6 +412,7 @@ mod tests {
             source_address: None,
             policy: String::new(),
             reason: String::new(),
+            dry_run: None,
             decided_under: DecidedUnder::now(&test_state()).1,
         };
         let (admitted_tx, admitted_rx) = tokio::sync::oneshot::channel();

@@ -48,10 +48,11 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &PodContext) {
     };
     let (snapshot, decided_under) = DecidedUnder::now(&ctx.state);
     let destination = ctx.workload.identity.to_string();
-    let refuse = |policy: &str, reason: &str| {
+    let refuse = |policy: &str, reason: &str, dry_run: Option<decide::Shadow>| {
         carry::decided(
             &ctx.metrics,
             &access::Record {
+                dry_run,
                 source_address: Some(peer),
                 destination_principal: &destination,
                 destination_address: Some(dst),
@@ -64,22 +65,31 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &PodContext) {
     };
     // A connection to one of the agent's own ports would be delivered to the agent again.
     if let Some(listener) = own_listener(&snapshot.config.ports, dst.port()) {
-        refuse("", &own_port_refusal(listener, dst.port()));
+        refuse("", &own_port_refusal(listener, dst.port()), None);
         return;
     }
     let (mode, mode_source) = decide::mtls_mode(&snapshot, &ctx.workload, dst.port());
     if mode == MtlsMode::Strict {
-        refuse(&mode_source, "plaintext connection rejected (mTLS STRICT)");
+        refuse(
+            &mode_source,
+            "plaintext connection rejected (mTLS STRICT)",
+            None,
+        );
         return;
     }
     let outcome = decide::connection(&snapshot, &ctx.workload, None, Some(peer.ip()), dst);
-    let (http, policy, reason) = match outcome {
+    let (http, policy, reason, dry_run) = match outcome {
         decide::Outcome::Decided(j) if !j.allowed => {
-            refuse(&j.policy, &j.reason);
+            refuse(&j.policy, &j.reason, j.dry_run);
             return;
         }
-        decide::Outcome::Decided(j) => (false, j.policy, j.reason),
-        decide::Outcome::Http => (true, String::new(), "decided per HTTP request".to_owned()),
+        decide::Outcome::Decided(j) => (false, j.policy, j.reason, j.dry_run),
+        decide::Outcome::Http => (
+            true,
+            String::new(),
+            "decided per HTTP request".to_owned(),
+            None,
+        ),
     };
     let (app, announced) = match deliver(&ctx.delivery, &ctx.deliveries, dst, Some(peer.ip())).await
     {
@@ -106,6 +116,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &PodContext) {
             "plaintext accepted (mTLS {} from {mode_source}); {reason}",
             mode.as_str()
         ),
+        dry_run,
         decided_under,
     };
     if http {

@@ -196,6 +196,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &PodContext) {
         source_address: None,
         policy: String::new(),
         reason: reason.to_owned(),
+        dry_run: None,
         decided_under,
     };
     // Recorded once the answer's first bytes are on their way to the application.

@@ -128,9 +128,22 @@ impl Inbound for PodContext {
 
 impl PodContext {
     fn refuse(&self, caller: &Caller, target: SocketAddr, policy: &str, reason: &str) {
+        self.refuse_shadowed(caller, target, policy, reason, None);
+    }
+
+    /// [`Self::refuse`], with the dry-run policies' shadow decision.
+    fn refuse_shadowed(
+        &self,
+        caller: &Caller,
+        target: SocketAddr,
+        policy: &str,
+        reason: &str,
+        dry_run: Option<decide::Shadow>,
+    ) {
         carry::decided(
             &self.metrics,
             &access::Record {
+                dry_run,
                 source_principal: caller.identity.as_str(),
                 source_address: Some(caller.address),
                 destination_principal: self.workload.identity.as_str(),
@@ -200,18 +213,19 @@ impl PodContext {
                 caller.not_after.min(own_not_after),
             )
         };
-        let (http, cacheable, policy, reason) = match outcome {
+        let (http, cacheable, policy, reason, dry_run) = match outcome {
             decide::Outcome::Decided(j) if !j.allowed => {
-                self.refuse(&caller, target, &j.policy, &j.reason);
+                self.refuse_shadowed(&caller, target, &j.policy, &j.reason, j.dry_run);
                 let cacheable = lifetime(false, j.cacheable).is_some();
                 return Admission::Forbidden { cacheable };
             }
-            decide::Outcome::Decided(j) => (false, j.cacheable, j.policy, j.reason),
+            decide::Outcome::Decided(j) => (false, j.cacheable, j.policy, j.reason, j.dry_run),
             decide::Outcome::Http => (
                 true,
                 false,
                 String::new(),
                 "decided per HTTP request".to_owned(),
+                None,
             ),
         };
         let from = confirmed.then_some(caller.address.ip());
@@ -247,6 +261,7 @@ impl PodContext {
             source_address: Some(caller.address),
             policy,
             reason,
+            dry_run,
             decided_under,
         };
         let ctx = self.clone();

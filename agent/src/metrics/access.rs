@@ -22,6 +22,8 @@ pub struct Record<'a> {
     pub policy: &'a str,
     /// Why, in words.
     pub reason: &'a str,
+    /// The shadow decision of dry-run policies, if any applied.
+    pub dry_run: Option<crate::state::decide::Shadow>,
     pub path: Via,
     /// For `http`: method and path of the request.
     pub request: &'a str,
@@ -43,6 +45,7 @@ impl Record<'_> {
             decision,
             policy: "",
             reason: "",
+            dry_run: None,
             path: via,
             request: "",
             bytes_sent: 0,
@@ -94,6 +97,7 @@ fn emit(r: &Record<'_>, what: &str) {
         decision = r.decision.as_str(),
         policy = r.policy,
         reason = r.reason,
+        dry_run = r.dry_run.map_or("", |s| s.as_str()),
         path = r.path.as_str(),
         encrypted = r.encrypted(),
         request = r.request,

@@ -99,6 +99,11 @@ struct DecisionLabels {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ShadowLabels {
+    shadow: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct JwksFetchLabels {
     jwks_uri: String,
     result: &'static str,
@@ -188,6 +193,7 @@ struct Inner {
     sent: Family<Labels, Counter>,
     received: Family<Labels, Counter>,
     decisions: Family<DecisionLabels, Counter>,
+    dry_run: Family<ShadowLabels, Counter>,
     jwt_refused: Counter,
     jwks_fetches: Family<JwksFetchLabels, Counter>,
     handshake: Histogram,
@@ -249,6 +255,13 @@ impl Metrics {
             "Authorization decisions made by the agent, by result.",
             decisions.clone(),
         );
+        let dry_run = Family::<ShadowLabels, Counter>::default();
+        registry.register(
+            "latch_policy_dry_run_decisions",
+            "Decisions on which istio.io/dry-run policies applied, by what they would have decided \
+             (allow, deny, or undecided where it depends on an unparsed HTTP request).",
+            dry_run.clone(),
+        );
         let jwt_refused = Counter::default();
         registry.register(
             "latch_jwt_refused",
@@ -289,6 +302,7 @@ impl Metrics {
             sent,
             received,
             decisions,
+            dry_run,
             jwt_refused,
             jwks_fetches,
             handshake,
@@ -339,6 +353,11 @@ impl Metrics {
             .decisions
             .get_or_create(&DecisionLabels { decision })
             .inc();
+    }
+
+    /// A decision on which dry-run policies applied, and what they would have decided.
+    pub fn dry_run_decision(&self, shadow: &'static str) {
+        self.0.dry_run.get_or_create(&ShadowLabels { shadow }).inc();
     }
 
     /// A request refused because its JWT did not verify.

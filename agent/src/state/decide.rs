@@ -34,6 +34,27 @@ pub struct Judgement {
     /// `namespace/name` of the deciding policy (and rule), empty if none.
     pub policy: String,
     pub reason: String,
+    /// The shadow decision of `istio.io/dry-run` policies, if any apply.
+    pub dry_run: Option<Shadow>,
+}
+
+/// What dry-run policies would have decided (recorded, never enforced).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shadow {
+    Allow,
+    Deny,
+    /// It depends on an HTTP request the agent does not parse.
+    Undecided,
+}
+
+impl Shadow {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+            Self::Undecided => "undecided",
+        }
+    }
 }
 
 impl From<Decision> for Judgement {
@@ -55,6 +76,11 @@ impl From<Decision> for Judgement {
                 .collect();
             reason = format!("{reason}; audited by {}", audited.join(", "));
         }
+        let dry_run = d.dry_run.as_ref().map(|dry| match dry.allowed {
+            Some(true) => Shadow::Allow,
+            Some(false) => Shadow::Deny,
+            None => Shadow::Undecided,
+        });
         if let Some(dry) = &d.dry_run {
             let verdict = match dry.allowed {
                 Some(true) => "ALLOW",
@@ -76,6 +102,7 @@ impl From<Decision> for Judgement {
             cacheable: d.cacheable,
             policy,
             reason,
+            dry_run,
         }
     }
 }
