@@ -120,6 +120,62 @@ enum Kind {
     },
 }
 
+/// The position of the field at `path`, or of the nearest enclosing field that can be found.
+pub(crate) fn locate_nearest(text: &str, path: &str) -> Option<(usize, usize)> {
+    let mut at = path;
+    loop {
+        if let Some(found) = locate(text, at) {
+            return Some(found);
+        }
+        let cut = at.rfind(['.', '['])?;
+        at = &at[..cut];
+    }
+}
+
+/// A YAML syntax error in `text`: its message (`YAML syntax: ...`) and the parser's position
+/// (deserialization errors would only name the enclosing field).
+pub(crate) fn syntax_error(text: &str) -> Option<(String, (usize, usize))> {
+    let mut parser = Parser::new_from_str(text);
+    loop {
+        match parser.next_token() {
+            Ok((Event::StreamEnd, _)) => return None,
+            Ok(_) => {}
+            Err(e) => {
+                let at = (e.marker().line(), e.marker().col() + 1);
+                return Some((format!("YAML syntax: {}", e.info()), at));
+            }
+        }
+    }
+}
+
+/// Where deserializing a document failed: the field path (empty for the document), a message
+/// without serde's own location, and the position of the field if it can be found.
+pub(crate) struct DeserializeError {
+    pub path: String,
+    pub message: String,
+    pub at: Option<(usize, usize)>,
+}
+
+/// `text` deserialized as `T`; a type or field error names the field and its position.
+pub(crate) fn deserialize<T: serde::de::DeserializeOwned>(
+    text: &str,
+) -> Result<T, DeserializeError> {
+    let deserializer = serde_yaml_ng::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let path = match e.path().to_string() {
+            p if p == "." => String::new(),
+            p => p,
+        };
+        let inner = e.into_inner();
+        let at = locate(text, &path).or_else(|| inner.location().map(|l| (l.line(), l.column())));
+        DeserializeError {
+            message: super::clean_yaml_message(&inner.to_string(), &path),
+            path,
+            at,
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,7 +19,7 @@ use super::{
     model,
     request_authn::{self, RequestAuthnPolicy},
 };
-use crate::config::{clean_yaml_message, locate::locate};
+use crate::config::locate::{deserialize, locate, locate_nearest, syntax_error};
 
 const API_VERSIONS: [&str; 2] = ["security.istio.io/v1", "security.istio.io/v1beta1"];
 
@@ -99,7 +99,7 @@ pub(super) fn object(origin: &Path, text: &str) -> Result<PolicyObject, Vec<Poli
 }
 
 /// A file as itself; a directory as its `*.yaml` and `*.yml` files, by name.
-fn expand(path: &Path) -> std::io::Result<Vec<PathBuf>> {
+pub(crate) fn expand(path: &Path) -> std::io::Result<Vec<PathBuf>> {
     if !std::fs::metadata(path)?.is_dir() {
         return Ok(vec![path.to_owned()]);
     }
@@ -158,17 +158,7 @@ struct Doc<'a> {
 impl Doc<'_> {
     /// An error at `path`, or at the nearest enclosing field that can be found.
     fn error(&self, path: &str, message: String) -> PolicyError {
-        let mut at = path;
-        let location = loop {
-            if let Some(found) = locate(self.text, at) {
-                break Some(found);
-            }
-            match at.rfind(['.', '[']) {
-                Some(cut) => at = &at[..cut],
-                None => break None,
-            }
-        };
-        self.error_at(path, message, location)
+        self.error_at(path, message, locate_nearest(self.text, path))
     }
 
     fn error_at(&self, path: &str, message: String, at: Option<(usize, usize)>) -> PolicyError {
@@ -188,39 +178,20 @@ impl Doc<'_> {
             .collect()
     }
 
-    /// A YAML syntax error, at the parser's position (deserialization errors would only name
-    /// the enclosing field).
+    /// A YAML syntax error, at the parser's position.
     fn syntax_error(&self) -> Option<PolicyError> {
-        let mut parser = yaml_rust2::parser::Parser::new_from_str(self.text);
-        loop {
-            match parser.next_token() {
-                Ok((yaml_rust2::parser::Event::StreamEnd, _)) => return None,
-                Ok(_) => {}
-                Err(e) => {
-                    let at = (e.marker().line(), e.marker().col() + 1);
-                    return Some(self.error_at("", format!("YAML syntax: {}", e.info()), Some(at)));
-                }
-            }
-        }
+        syntax_error(self.text).map(|(message, at)| self.error_at("", message, Some(at)))
     }
 
     fn parse<T: DeserializeOwned>(&self) -> Result<T, PolicyError> {
-        let deserializer = serde_yaml_ng::Deserializer::from_str(self.text);
-        serde_path_to_error::deserialize(deserializer).map_err(|e| {
-            let path = match e.path().to_string() {
-                p if p == "." => String::new(),
-                p => p,
+        deserialize(self.text).map_err(|e| {
+            let message = if e.message.contains("expected struct Header") {
+                "expected a Kubernetes object (a mapping with apiVersion, kind, metadata and spec)"
+                    .to_owned()
+            } else {
+                e.message
             };
-            let inner = e.into_inner();
-            let at = locate(self.text, &path)
-                .or_else(|| inner.location().map(|l| (l.line(), l.column())));
-            let mut message = clean_yaml_message(&inner.to_string(), &path);
-            if message.contains("expected struct Header") {
-                message = "expected a Kubernetes object (a mapping with apiVersion, kind, \
-                           metadata and spec)"
-                    .to_owned();
-            }
-            self.error_at(&path, message, at)
+            self.error_at(&e.path, message, e.at)
         })
     }
 

@@ -11,7 +11,7 @@ use super::{
     error::TestFileError,
     suite::{self, Suite},
 };
-use crate::policy::load::{POLICY_TEST_KIND, is_blank, is_policy_test, split_documents};
+use crate::policy::load::{POLICY_TEST_KIND, expand, is_blank, is_policy_test, split_documents};
 
 /// Only what tells a test document from others.
 #[derive(Deserialize)]
@@ -73,21 +73,4 @@ pub fn in_file(file: &Path, text: &str, found: &mut Vec<Suite>, errors: &mut Vec
             Err(mut e) => errors.append(&mut e),
         }
     }
-}
-
-/// A file as itself; a directory as its `*.yaml` and `*.yml` files, by name.
-fn expand(path: &Path) -> std::io::Result<Vec<PathBuf>> {
-    if !std::fs::metadata(path)?.is_dir() {
-        return Ok(vec![path.to_owned()]);
-    }
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(path)? {
-        let file = entry?.path();
-        let yaml = file.extension().is_some_and(|e| e == "yaml" || e == "yml");
-        if yaml && file.is_file() {
-            files.push(file);
-        }
-    }
-    files.sort();
-    Ok(files)
 }
