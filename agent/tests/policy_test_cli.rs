@@ -198,6 +198,14 @@ fn policy_check_runs_the_tests_beside_the_policies() {
         run.stdout
     );
     assert!(
+        run.stdout.contains(&format!(
+            "{}: 1 policy test (run below)\n",
+            text(&dir.join("payment-test.yaml"))
+        )),
+        "a file of tests says so: {}",
+        run.stdout
+    );
+    assert!(
         run.stdout.ends_with("policy tests: 2 passed, 0 failed\n"),
         "{}",
         run.stdout

@@ -13,6 +13,21 @@ pub fn check(paths: &[PathBuf]) -> (String, bool) {
         Ok(set) => {
             let mut out = String::new();
             for f in set.files() {
+                let only_tests = f.policy_tests > 0
+                    && f.authorization_policies
+                        + f.peer_authentications
+                        + f.request_authentications
+                        == 0;
+                if only_tests {
+                    let _ = writeln!(
+                        out,
+                        "{}: {} policy test{} (run below)",
+                        f.file.display(),
+                        f.policy_tests,
+                        if f.policy_tests == 1 { "" } else { "s" }
+                    );
+                    continue;
+                }
                 let _ = write!(
                     out,
                     "{}: ok: {} AuthorizationPolic{}, {} PeerAuthentication{}",

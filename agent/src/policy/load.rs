@@ -79,6 +79,7 @@ pub(super) fn object(origin: &Path, text: &str) -> Result<PolicyObject, Vec<Poli
         peer_authentications: 0,
         warnings: Vec::new(),
         request_authentications: 0,
+        policy_tests: 0,
     };
     let doc = Doc {
         file: origin,
@@ -251,6 +252,7 @@ impl Loader {
             peer_authentications: 0,
             warnings: Vec::new(),
             request_authentications: 0,
+            policy_tests: 0,
         };
         for (offset, text) in split_documents(text) {
             if is_blank(text) {
@@ -270,6 +272,7 @@ impl Loader {
         }
         let header: model::Header = doc.parse().map_err(|e| vec![e])?;
         if is_policy_test(header.api_version.as_deref(), header.kind.as_deref()) {
+            summary.policy_tests += 1;
             return Ok(());
         }
         let Some(api_version) = header.api_version else {

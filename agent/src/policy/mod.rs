@@ -102,6 +102,8 @@ pub struct FileSummary {
     /// What was accepted but is not enforced (`file:line: kind ns/name: why`).
     pub warnings: Vec<String>,
     pub request_authentications: usize,
+    /// `PolicyTest` documents, skipped by the loader (`latch policy test` runs them).
+    pub policy_tests: usize,
 }
 
 /// One RequestAuthentication, for `latch policy check` and the debug API.
