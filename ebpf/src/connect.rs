@@ -14,7 +14,6 @@ use aya_ebpf::{
     bindings::bpf_sock_addr,
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
-        bpf_ktime_get_boot_ns,
     },
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
@@ -22,12 +21,12 @@ use aya_ebpf::{
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use latch_common::{
     AF_INET, AF_INET6, Counter, DECISION_ALLOW, DECISION_DENY, DIRECTION_OUTBOUND,
-    ENDPOINT_TUNNEL_ONLY, EndpointInfo, FastpathConn, IpKey, MAX_CGROUP_DEPTH, OrigDst, VerdictKey,
+    ENDPOINT_TUNNEL_ONLY, EndpointInfo, IpKey, MAX_CGROUP_DEPTH, OrigDst, VerdictKey,
     WORKLOAD_TUNNEL_ONLY, WorkloadInfo,
 };
 
 use crate::{
-    context::{config, count, fresh_verdict},
+    context::{config, count, fastpath_conn, fresh_verdict},
     maps::{LATCH_ENDPOINTS, LATCH_FASTPATH_CONNS, LATCH_ORIG_DST, LATCH_WORKLOADS},
 };
 
@@ -170,16 +169,7 @@ fn decide(ctx: &SockAddrContext, dst: &IpKey, port: u16, wire_family: u16) -> Ac
 fn remember_fastpath(ctx: &SockAddrContext, key: &VerdictKey) {
     // SAFETY: the context pointer is valid for the program's lifetime.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    let conn = FastpathConn {
-        src_identity: key.src_identity,
-        dst_identity: key.dst_identity,
-        // SAFETY: helper without arguments.
-        started_ns: unsafe { bpf_ktime_get_boot_ns() },
-        port: key.port,
-        direction: key.direction,
-        opened: 0,
-        _pad: 0,
-    };
+    let conn = fastpath_conn(key);
     if LATCH_FASTPATH_CONNS.insert(cookie, conn, 0).is_err() {
         count(Counter::FastpathAuditDropped);
     }

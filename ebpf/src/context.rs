@@ -1,7 +1,8 @@
-//! Small helpers shared by the programs: the node config, counters, the clock, verdict lookups.
+//! Small helpers shared by the programs: the node config, counters, the clock, verdict lookups,
+//! and the record of a fast-path connection to audit.
 
 use aya_ebpf::helpers::bpf_ktime_get_boot_ns;
-use latch_common::{Counter, DatapathConfig, VerdictKey, VerdictValue};
+use latch_common::{Counter, DatapathConfig, FastpathConn, VerdictKey, VerdictValue};
 
 use crate::maps::{LATCH_CONFIG, LATCH_COUNTERS, LATCH_VERDICTS};
 
@@ -31,4 +32,20 @@ pub fn fresh_verdict(key: &VerdictKey) -> Option<u32> {
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_boot_ns() };
     (value.expires_at_ns > now).then_some(value.decision)
+}
+
+/// The audit record of a connection let through by the cached allow of `key`, started now and
+/// not yet reported opened.
+#[inline(always)]
+pub fn fastpath_conn(key: &VerdictKey) -> FastpathConn {
+    FastpathConn {
+        src_identity: key.src_identity,
+        dst_identity: key.dst_identity,
+        // SAFETY: helper without arguments.
+        started_ns: unsafe { bpf_ktime_get_boot_ns() },
+        port: key.port,
+        direction: key.direction,
+        opened: 0,
+        _pad: 0,
+    }
 }

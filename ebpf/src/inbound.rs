@@ -22,18 +22,17 @@
 
 use aya_ebpf::{
     bindings::{bpf_sk_lookup, sk_action},
-    helpers::bpf_ktime_get_boot_ns,
     macros::sk_lookup,
     programs::SkLookupContext,
 };
 use core::ptr::{addr_of, read_volatile};
 use latch_common::{
     AF_INET, Counter, DECISION_ALLOW, DECISION_DENY, DIRECTION_INBOUND, DeliveryKey,
-    ENDPOINT_LOCAL, ENDPOINT_TUNNEL_ONLY, EndpointInfo, FastpathConn, IpKey, VerdictKey,
+    ENDPOINT_LOCAL, ENDPOINT_TUNNEL_ONLY, EndpointInfo, IpKey, VerdictKey,
 };
 
 use crate::{
-    context::{config, count, fresh_verdict},
+    context::{config, count, fastpath_conn, fresh_verdict},
     maps::{LATCH_DELIVERIES, LATCH_ENDPOINTS, LATCH_FASTPATH_ADMITS, LATCH_INBOUND_LISTENERS},
 };
 
@@ -174,16 +173,7 @@ pub fn latch_inbound(ctx: SkLookupContext) -> u32 {
 /// entry that cannot be stored is counted as a dropped audit event.
 #[inline(always)]
 fn remember_admitted(four_tuple: &DeliveryKey, key: &VerdictKey) {
-    let conn = FastpathConn {
-        src_identity: key.src_identity,
-        dst_identity: key.dst_identity,
-        // SAFETY: helper without arguments.
-        started_ns: unsafe { bpf_ktime_get_boot_ns() },
-        port: key.port,
-        direction: key.direction,
-        opened: 0,
-        _pad: 0,
-    };
+    let conn = fastpath_conn(key);
     if LATCH_FASTPATH_ADMITS.insert(four_tuple, conn, 0).is_err() {
         count(Counter::FastpathAuditDropped);
     }
