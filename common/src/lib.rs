@@ -125,6 +125,11 @@ pub const MAX_FASTPATH_CONNS: u32 = 1 << 18;
 /// Size in bytes of the fast-path event ring buffer (a power of two, a multiple of the page
 /// size): about 9,000 events of 112 bytes (header included) before the agent must drain it.
 pub const FASTPATH_EVENTS_BYTES: u32 = 1 << 20;
+/// Bytes waiting in the fast-path event ring buffer from which `sock_ops` wakes the agent when it
+/// submits an event (a quarter of the ring, about 2,300 events). Below it, events are submitted
+/// without a wake-up and the agent drains the ring on its own clock: a wake-up per event would
+/// cost the agent a context switch per connection on every node, more than the event's own work.
+pub const FASTPATH_EVENTS_WAKEUP_BYTES: u64 = FASTPATH_EVENTS_BYTES as u64 / 4;
 /// Depth of cgroup ancestors the connect programs walk to find an enrolled workload (a pod cgroup
 /// with container cgroups below it).
 pub const MAX_CGROUP_DEPTH: u32 = 8;

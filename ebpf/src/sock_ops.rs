@@ -15,11 +15,14 @@
 //!   received, the state it closed from and whether all it sent was acknowledged, duration) and
 //!   forget it.
 //!
-//! An event the ring buffer has no room for is counted (`Counter::FastpathAuditDropped`), never
+//! Events are submitted without waking the agent until a quarter of the ring is waiting
+//! (`FASTPATH_EVENTS_WAKEUP_BYTES`); the agent drains it on its own clock as well. An event the
+//! ring buffer has no room for is counted (`Counter::FastpathAuditDropped`), never
 //! lost silently.
 
 use aya_ebpf::{
     bindings::{
+        BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
         BPF_TCP_CLOSE,
@@ -30,8 +33,9 @@ use aya_ebpf::{
 };
 use core::ptr::{addr_of, addr_of_mut, read_volatile};
 use latch_common::{
-    AF_INET, Counter, DIRECTION_INBOUND, DeliveryKey, FASTPATH_CLOSED, FASTPATH_OPENED,
-    FastpathConn, FastpathEvent, IpKey, OrigDst, RedirectKey,
+    AF_INET, Counter, DIRECTION_INBOUND, DeliveryKey, FASTPATH_CLOSED,
+    FASTPATH_EVENTS_WAKEUP_BYTES, FASTPATH_OPENED, FastpathConn, FastpathEvent, IpKey, OrigDst,
+    RedirectKey,
 };
 
 use crate::{
@@ -245,7 +249,14 @@ fn report(ctx: &SockOpsContext, cookie: u64, conn: &FastpathConn, kind: u8) {
         addr_of_mut!((*event).close_state).write(if closed { leaving as u8 } else { 0 });
         addr_of_mut!((*event).all_acked).write(u8::from(closed && snd_una == snd_nxt));
     }
-    entry.submit(0);
+    // Wake the agent only once a quarter of the ring is waiting; below that it drains on its own
+    // clock (`FASTPATH_EVENTS_WAKEUP_BYTES`).
+    let waiting = LATCH_FASTPATH_EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
+    entry.submit(if waiting >= FASTPATH_EVENTS_WAKEUP_BYTES {
+        u64::from(BPF_RB_FORCE_WAKEUP)
+    } else {
+        u64::from(BPF_RB_NO_WAKEUP)
+    });
 }
 
 /// A `bpf_sock_ops` `remote_port` in host byte order (the context holds the port in network

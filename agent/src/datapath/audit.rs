@@ -1,8 +1,8 @@
-//! The fast-path event ring buffer (`LATCH_FASTPATH_EVENTS`): [`FastpathEvents`] waits on it
-//! with tokio and drains it; [`decode`] turns one record into a [`FastpathEvent`]. What the
+//! The fast-path event ring buffer (`LATCH_FASTPATH_EVENTS`): [`FastpathEvents`] drains it when
+//! the kernel wakes it (a quarter full) and on its own clock ([`DRAIN_EVERY`]); [`decode`] turns one record into a [`FastpathEvent`]. What the
 //! events mean and who sends them: `docs/datapath.md` (Fast-path audit).
 
-use std::{mem::offset_of, path::Path};
+use std::{mem::offset_of, path::Path, time::Duration};
 
 use aya::maps::{MapData, RingBuf};
 use latch_common::{FastpathEvent, Identity, IpKey, map_names};
@@ -47,27 +47,51 @@ impl FastpathEvents {
         Ok(Self { ring })
     }
 
-    /// Wait until the ring buffer holds records, then take every record it holds.
+    /// Take every record the ring buffer holds once it is woken (a quarter of it full, see
+    /// `FASTPATH_EVENTS_WAKEUP_BYTES`) or [`DRAIN_EVERY`] has passed, whichever comes first;
+    /// waits on while it is empty.
     pub async fn next_batch(
         &mut self,
     ) -> Result<Vec<Result<FastpathEvent, DecodeError>>, DatapathError> {
+        let mut clock = tokio::time::interval(DRAIN_EVERY);
+        clock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        clock.reset();
         loop {
-            let mut guard = self
-                .ring
-                .readable_mut()
-                .await
-                .map_err(|e| DatapathError::io("waiting on", map_names::FASTPATH_EVENTS, e))?;
-            let ring = guard.get_inner_mut();
-            let mut batch = Vec::new();
-            while let Some(record) = ring.next() {
-                batch.push(decode(&record));
-            }
-            guard.clear_ready();
-            if !batch.is_empty() {
-                return Ok(batch);
+            tokio::select! {
+                guard = self.ring.readable_mut() => {
+                    let mut guard = guard.map_err(|e| {
+                        DatapathError::io("waiting on", map_names::FASTPATH_EVENTS, e)
+                    })?;
+                    let batch = drain(guard.get_inner_mut());
+                    guard.clear_ready();
+                    if !batch.is_empty() {
+                        return Ok(batch);
+                    }
+                }
+                _ = clock.tick() => {
+                    let batch = drain(self.ring.get_mut());
+                    if !batch.is_empty() {
+                        return Ok(batch);
+                    }
+                }
             }
         }
     }
+}
+
+/// How long a fast-path event may wait in the ring buffer before the agent takes it: events are
+/// submitted without a wake-up (one per event would cost every node a context switch per
+/// connection), so the agent looks on its own clock. Ten looks a second cost an idle agent
+/// nothing it would notice.
+pub const DRAIN_EVERY: Duration = Duration::from_millis(100);
+
+/// Every record `ring` holds, decoded.
+fn drain(ring: &mut RingBuf<MapData>) -> Vec<Result<FastpathEvent, DecodeError>> {
+    let mut batch = Vec::new();
+    while let Some(record) = ring.next() {
+        batch.push(decode(&record));
+    }
+    batch
 }
 
 /// One ring-buffer record as the `sock_ops` program wrote it (native byte order, the layout of
