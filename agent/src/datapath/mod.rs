@@ -1,6 +1,7 @@
 //! The kernel datapath: the only code in Latch that talks to aya. [`install`] loads and attaches
 //! the eBPF object, [`layout`] refuses maps pinned by another build, [`maps`] and [`deliveries`]
-//! give typed access to the pinned maps, [`audit`] reads the fast-path event ring buffer, [`antispoof`] owns the anti-spoofing links, [`system`] the
+//! give typed access to the pinned maps, [`audit`] reads the fast-path event ring buffer, [`run_stats`] the kernel's run counts of the
+//! programs (for benchmarks), [`antispoof`] owns the anti-spoofing links, [`system`] the
 //! host facts and [`syscall`] the BPF commands aya does not expose. Programs, maps and the pin
 //! layout: `docs/datapath.md`.
 
@@ -13,6 +14,7 @@ pub mod layout;
 pub mod maps;
 mod object;
 mod pins;
+pub mod run_stats;
 // The datapath's only unsafe: raw bpf(2) commands and a getsockopt(2) that neither aya nor nix
 // offers, each block with its SAFETY comment.
 #[allow(unsafe_code)]

@@ -10,12 +10,9 @@ use std::{
         atomic::{AtomicBool, Ordering},
     },
     thread::JoinHandle,
-    time::Duration,
 };
 
 use anyhow::{Context as _, bail};
-use latch::datapath::{KernelMaps, system};
-use latch_common::{DECISION_ALLOW, DIRECTION_OUTBOUND, Identity, VerdictKey, VerdictValue};
 use latch_tests::AgentOptions;
 
 use crate::{
@@ -86,29 +83,6 @@ struct Compared {
     debug_reads: usize,
 }
 
-/// Put `n` verdicts in the source node's verdict map that match no real pair: they only make a
-/// whole-map read as long as on a busy node.
-fn fill_verdicts(pair: &Pair, n: usize) -> anyhow::Result<()> {
-    let mut maps = KernelMaps::open_pinned(&pair.cluster.node(pair.n1).pin_dir)?;
-    let value = VerdictValue {
-        expires_at_ns: system::boot_ns_after(Duration::from_secs(24 * 3600)),
-        decision: DECISION_ALLOW,
-        _pad: 0,
-    };
-    for i in 0..n as u64 {
-        let mut src = [0xbe; 16];
-        src[..8].copy_from_slice(&i.to_le_bytes());
-        let key = VerdictKey::new(
-            Identity::new(src),
-            Identity::new([0xbe; 16]),
-            1,
-            DIRECTION_OUTBOUND,
-        );
-        maps.insert_verdict(key, value)?;
-    }
-    Ok(())
-}
-
 /// Read the whole verdict map through the debug socket of `pair`'s source agent, over and over,
 /// until `stop`; how many reads it made.
 fn debug_reader(pair: &Pair, stop: Arc<AtomicBool>) -> JoinHandle<usize> {
@@ -149,7 +123,7 @@ pub fn run(
         pair.start_agents(&variant.options)?;
         pair.warm_up(per_turn)?;
         if let Some(n) = debug_reads {
-            fill_verdicts(&pair, n)?;
+            pair.fill_verdicts(pair.n1, 0, n)?;
         }
         clusters.push(Compared {
             agents: pair.agent_pids(),

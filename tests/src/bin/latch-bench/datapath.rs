@@ -2,19 +2,42 @@
 //! (baseline), agents with a cached allow (kernel fast path on both nodes; with the
 //! anti-spoofing check's own cost per packet, [`crate::antispoof`]), and every connection carried
 //! over the pooled mTLS tunnel (data-plane mode `tunnel`, nothing cached). Each phase is taken in
-//! turns with the no-agent [`Reference`].
+//! turns with the no-agent [`Reference`]. Then the fast path again with the verdict map filled
+//! to [`CACHE_SIZES`] entries on both nodes, with the kernel's own run times of the programs on
+//! the way (`BPF_ENABLE_STATS`): the verdict lookup must cost the same with a million entries as
+//! with ten.
 
 use std::path::Path;
 
+use latch::datapath::run_stats::{RunStats, Runs};
+use latch_common::program_names::{CONNECT4, INBOUND, SOCK_OPS};
 use latch_tests::AgentOptions;
 
 use crate::{
     antispoof::{self, PacketCosts},
-    pair::Pair,
+    pair::{PORT, Pair},
+    probe,
     reference::{Reference, TURN, Via, paired},
     report,
     stats::Tally,
 };
+
+/// Verdict-map sizes (entries per node) the fast path is measured at.
+const CACHE_SIZES: [usize; 2] = [10, 1_000_000];
+
+/// The programs a fast-path connection runs whose cost could depend on the verdict map's size:
+/// the client's `connect4` and the server's inbound check look verdicts up; `sock_ops` is the
+/// rest of the fast path's per-connection work.
+const PROGRAMS: [&str; 3] = [CONNECT4, INBOUND, SOCK_OPS];
+
+/// The fast path with the verdict map filled to `entries` on both nodes.
+struct AtScale {
+    entries: usize,
+    phase: Phase,
+    reference_rate: f64,
+    /// The programs' runs while it was measured.
+    runs: Runs,
+}
 
 /// One row of the table.
 struct Phase {
@@ -23,6 +46,8 @@ struct Phase {
     p50_us: u64,
     p99_us: u64,
     failures: usize,
+    /// Connections measured.
+    count: usize,
 }
 
 impl Phase {
@@ -33,6 +58,7 @@ impl Phase {
             p50_us: tally.percentile(0.5),
             p99_us: tally.percentile(0.99),
             failures: tally.failures,
+            count: tally.count,
         }
     }
 }
@@ -41,7 +67,7 @@ pub fn run(count: usize, out_dir: &Path) -> anyhow::Result<()> {
     println!(
         "datapath benchmark: {count} connections per phase (one-byte request + echo each), client on node 1, server on node 2"
     );
-    let (phases, antispoof) = measure(count)?;
+    let (phases, antispoof, scale) = measure(count)?;
     println!(
         "\n| phase | conn/s | no agents, same turns, conn/s | ratio | p50 µs | p99 µs | failures |"
     );
@@ -67,6 +93,31 @@ pub fn run(count: usize, out_dir: &Path) -> anyhow::Result<()> {
         "\nfast path keeps {:.1}% of the connection rate with no agents (target: at least 97%)",
         fast.rate / fast_reference * 100.0
     );
+    println!(
+        "\n| fast path, cached verdicts per node | conn/s | ratio to no agents, same turns | p50 µs | {CONNECT4} ns per run | {INBOUND} ns per run | {SOCK_OPS} ns per run (runs per connection) |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    let ns = |runs: &Runs, name: &str| {
+        runs.get(name)
+            .ns_per_run()
+            .map_or("none".to_owned(), |ns| format!("{ns:.0}"))
+    };
+    for s in &scale {
+        let per_conn = s.runs.get(SOCK_OPS).count as f64 / s.phase.count.max(1) as f64;
+        println!(
+            "| {} | {:.0} | {:.3} | {} | {} | {} | {} ({per_conn:.1}) |",
+            s.entries,
+            s.phase.rate,
+            s.phase.rate / s.reference_rate,
+            s.phase.p50_us,
+            ns(&s.runs, CONNECT4),
+            ns(&s.runs, INBOUND),
+            ns(&s.runs, SOCK_OPS),
+        );
+    }
+    println!(
+        "\n(program run times from the kernel's own accounting, BPF_ENABLE_STATS, which adds two clock reads to every run)"
+    );
     if !antispoof.is_empty() {
         println!("\n| anti-spoofing check, per packet (BPF_PROG_TEST_RUN, 1,000,000 runs) | ns |");
         println!("|---|---:|");
@@ -80,6 +131,17 @@ pub fn run(count: usize, out_dir: &Path) -> anyhow::Result<()> {
         "antispoof_ns_per_packet": antispoof.iter().map(|(label, ns)| serde_json::json!({
             "packet": label, "ns": ns,
         })).collect::<Vec<_>>(),
+        "fast_path_at_scale": scale.iter().map(|s| serde_json::json!({
+            "cached_verdicts_per_node": s.entries,
+            "conn_per_s": s.phase.rate,
+            "ratio_to_no_agents": s.phase.rate / s.reference_rate,
+            "p50_us": s.phase.p50_us,
+            "programs": PROGRAMS.iter().map(|name| serde_json::json!({
+                "program": name,
+                "runs": s.runs.get(name).count,
+                "ns_per_run": s.runs.get(name).ns_per_run(),
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
         "phases": phases.iter().map(|(p, reference_rate)| serde_json::json!({
             "name": p.name, "conn_per_s": p.rate,
             "no_agents_same_turns_conn_per_s": reference_rate,
@@ -92,7 +154,7 @@ pub fn run(count: usize, out_dir: &Path) -> anyhow::Result<()> {
 
 /// The datapath phases, each with the no-agent reference's connection rate over the same turns;
 /// the first is the reference itself over all of them.
-fn measure(count: usize) -> anyhow::Result<(Vec<(Phase, f64)>, PacketCosts)> {
+fn measure(count: usize) -> anyhow::Result<(Vec<(Phase, f64)>, PacketCosts, Vec<AtScale>)> {
     let reference = Reference::new()?;
     let mut pair = Pair::new()?;
     let warmup = count / 10;
@@ -107,14 +169,15 @@ fn measure(count: usize) -> anyhow::Result<(Vec<(Phase, f64)>, PacketCosts)> {
         verdict_ttl: "1h".into(),
         ..AgentOptions::default()
     };
-    let (fast, fast_reference, antispoof) = pair.phase(&fast_options, warmup, |pair| {
+    let (fast, fast_reference, antispoof, scale) = pair.phase(&fast_options, warmup, |pair| {
         let (fast, fast_reference) = paired(&reference, count, |n| pair.rate(n))?;
         // An agent without the check (an older build, through LATCH_BIN) has no per-packet cost.
         let antispoof = antispoof::cost(pair).unwrap_or_else(|e| {
             println!("no anti-spoofing cost measured: {e:#}");
             Vec::new()
         });
-        Ok((fast, fast_reference, antispoof))
+        let scale = at_scale(pair, &reference, count)?;
+        Ok((fast, fast_reference, antispoof, scale))
     })?;
 
     // Through the agents: data-plane mode `tunnel` caches nothing, so every connection is
@@ -143,5 +206,38 @@ fn measure(count: usize) -> anyhow::Result<(Vec<(Phase, f64)>, PacketCosts)> {
             redirected_reference.rate(),
         ),
     ];
-    Ok((phases, antispoof))
+    Ok((phases, antispoof, scale))
+}
+
+/// The fast path with both nodes' verdict maps filled to each of [`CACHE_SIZES`] in turn (the
+/// pair's own verdicts besides), each taken in turns with the reference, with the programs' run
+/// times.
+fn at_scale(pair: &Pair, reference: &Reference, count: usize) -> anyhow::Result<Vec<AtScale>> {
+    let stats = RunStats::enable()?;
+    let mut filled = 0;
+    let mut out = Vec::new();
+    for (i, entries) in CACHE_SIZES.into_iter().enumerate() {
+        for node in [pair.n1, pair.n2] {
+            pair.fill_verdicts(node, filled, entries - filled)?;
+        }
+        filled = entries;
+        // A server port of its own for each size: the client's earlier connections to the
+        // pair's port wait in TIME_WAIT, and finding a free local port among thousands of them
+        // would be what this measures.
+        let port = PORT + 1 + i as u16;
+        let _echo = pair.cluster.echo_server(pair.server, port)?;
+        let to = pair.cluster.pod(pair.server).addr4(port).to_string();
+        let rate = |n| probe::rate(&pair.cluster, pair.client, &to, n);
+        rate(count / 10)?;
+        let before = stats.read(&PROGRAMS)?;
+        let (fast, fast_reference) = paired(reference, count, rate)?;
+        let runs = stats.read(&PROGRAMS)?.since(&before);
+        out.push(AtScale {
+            entries,
+            phase: Phase::of("fast path", &fast),
+            reference_rate: fast_reference.rate(),
+            runs,
+        });
+    }
+    Ok(out)
 }

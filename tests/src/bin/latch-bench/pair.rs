@@ -2,6 +2,10 @@
 //! and its phases with agents: start them on both nodes, warm up, measure, stop
 //! ([`Pair::phase`]).
 
+use std::time::Duration;
+
+use latch::datapath::{KernelMaps, system};
+use latch_common::{DECISION_ALLOW, DIRECTION_OUTBOUND, Identity, VerdictKey, VerdictValue};
 use latch_tests::{AgentOptions, Cluster, EchoServer, NodeId, PodId, PodSpec, TwoNodes};
 
 use crate::probe::{self, Rate};
@@ -106,5 +110,29 @@ impl Pair {
                 .and_then(|a| a.pid())
                 .unwrap_or_default()
         })
+    }
+
+    /// Put verdicts `first..first + n` in `node`'s verdict map, allows for a day between
+    /// identities no pod has: they match no real pair, and only make the map as full as a busy
+    /// node's (for whole-map reads and lookups at scale).
+    pub fn fill_verdicts(&self, node: NodeId, first: usize, n: usize) -> anyhow::Result<()> {
+        let mut maps = KernelMaps::open_pinned(&self.cluster.node(node).pin_dir)?;
+        let value = VerdictValue {
+            expires_at_ns: system::boot_ns_after(Duration::from_secs(24 * 3600)),
+            decision: DECISION_ALLOW,
+            _pad: 0,
+        };
+        for i in first as u64..(first + n) as u64 {
+            let mut src = [0xbe; 16];
+            src[..8].copy_from_slice(&i.to_le_bytes());
+            let key = VerdictKey::new(
+                Identity::new(src),
+                Identity::new([0xbe; 16]),
+                1,
+                DIRECTION_OUTBOUND,
+            );
+            maps.insert_verdict(key, value)?;
+        }
+        Ok(())
     }
 }
