@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::Context as _;
 
-use crate::cmd::{root, step};
+use crate::cmd::{bench_dir, root, step};
 
 /// The suites run, in order.
 pub const SUITES: [&str; 5] = ["datapath", "tunnel", "load", "memory", "policy"];
@@ -30,9 +30,9 @@ pub fn run(suite: impl Fn(&str) -> Command) -> anyhow::Result<()> {
             }
         }
     }
-    let path = root().join("target").join("bench").join("BENCHMARKS.md");
-    std::fs::create_dir_all(path.parent().unwrap_or(&root()))
-        .with_context(|| format!("creating the directory of {}", path.display()))?;
+    let dir = bench_dir();
+    let path = dir.join("BENCHMARKS.md");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     std::fs::write(&path, report).with_context(|| format!("writing {}", path.display()))?;
     println!("\nwrote {}", path.display());
     if !failed.is_empty() {

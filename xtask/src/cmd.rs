@@ -13,6 +13,11 @@ pub fn root() -> PathBuf {
     manifest.parent().map(PathBuf::from).unwrap_or(manifest)
 }
 
+/// Where the benchmarks write their JSON, reports and plots: `target/bench/`.
+pub fn bench_dir() -> PathBuf {
+    root().join("target").join("bench")
+}
+
 /// `path` as the repository names it (relative to its root), for messages.
 pub fn relative(path: &Path) -> String {
     path.strip_prefix(root())

@@ -5,7 +5,7 @@ use std::{path::Path, process::Command};
 use anyhow::bail;
 
 use crate::{
-    cmd::{self, cargo, root, step},
+    cmd::{self, bench_dir, cargo, root, step},
     setup,
 };
 
@@ -142,7 +142,7 @@ fn tool(binary: &Path, profile: &str) -> Command {
     cmd.current_dir(root())
         .env("LATCH_BIN", bin(profile, "latch"))
         .env("LATCH_PROBE", bin(profile, "latch-probe"))
-        .env("LATCH_BENCH_OUT", root().join("target").join("bench"));
+        .env("LATCH_BENCH_OUT", bench_dir());
     cmd
 }
 
@@ -166,7 +166,7 @@ pub fn bench(what: &str, args: &[String]) -> anyhow::Result<()> {
                 .args(["run", "--release", "--manifest-path", TLS_BENCH, "--"])
                 .args(args)
                 .current_dir(root())
-                .env("LATCH_BENCH_OUT", root().join("target").join("bench")),
+                .env("LATCH_BENCH_OUT", bench_dir()),
         );
     }
     setup::kernel()?;
