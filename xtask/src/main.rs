@@ -7,6 +7,7 @@ mod fuzz;
 mod image;
 mod manifests;
 mod modules;
+mod plots;
 mod setup;
 mod tasks;
 mod venv;

@@ -1,12 +1,12 @@
 //! The commands proper: build, test, demo, bench.
 
-use std::{path::Path, process::Command};
+use std::{path::Path, process::Command, time::SystemTime};
 
 use anyhow::bail;
 
 use crate::{
     cmd::{self, bench_dir, cargo, root, step},
-    setup,
+    plots, setup,
 };
 
 fn build_binaries(release: bool) -> anyhow::Result<()> {
@@ -179,7 +179,21 @@ pub fn bench(what: &str, args: &[String]) -> anyhow::Result<()> {
         });
     }
     step(&format!("bench: {what}"));
+    let started = SystemTime::now();
     let mut all = vec![what.to_owned()];
     all.extend_from_slice(args);
-    run_tool(&bin("release", "latch-bench"), &all, true)
+    run_tool(&bin("release", "latch-bench"), &all, true)?;
+    if what == "load" {
+        let dir = bench_dir();
+        if plots::load_json_written_since(&dir, started) {
+            step("bench: load plots");
+            plots::render(&dir)?;
+        } else {
+            println!(
+                "\nno plots: {} was not written by this run",
+                cmd::relative(&dir.join(plots::LOAD_JSON))
+            );
+        }
+    }
+    Ok(())
 }
