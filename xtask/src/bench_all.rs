@@ -1,44 +1,80 @@
 //! `cargo xtask bench` with no suite named: every suite of `latch-bench` in one run, on one
 //! machine, one after the other, and `target/bench/BENCHMARKS.md` written from what they printed,
-//! with the machine and the commit at the top (each suite's JSON is under `target/bench/` too).
+//! with the machine and the commit at the top and the load suite's plots under its section (each
+//! suite's JSON is under `target/bench/` too).
 
 use std::{
     io::{BufRead as _, BufReader},
+    path::Path,
     process::{Command, Stdio},
+    time::SystemTime,
 };
 
 use anyhow::Context as _;
 
-use crate::cmd::{bench_dir, root, step};
+use crate::{
+    cmd::{bench_dir, relative, root, step},
+    plots,
+};
 
 /// The suites run, in order.
 pub const SUITES: [&str; 5] = ["datapath", "tunnel", "load", "memory", "policy"];
 
-/// Run every suite (`suite` makes the command for one) and write the report; a suite that fails
-/// is said so in the report, the others still run, and the run fails at the end.
+/// Run every suite (`suite` makes the command for one) and write the report, with the load
+/// suite's plots; a suite or the plots failing is said so in the report, the rest still runs, and
+/// the run fails at the end.
 pub fn run(suite: impl Fn(&str) -> Command) -> anyhow::Result<()> {
+    let dir = bench_dir();
     let mut report = header();
     let mut failed = Vec::new();
     for name in SUITES {
         step(&format!("bench: {name}"));
         report.push_str(&format!("\n## {name}\n\n"));
+        let started = SystemTime::now();
         match printed(suite(name)) {
             Ok(text) => report.push_str(&text),
             Err(e) => {
                 report.push_str(&format!("**This suite failed:** {e:#}\n"));
-                failed.push(name);
+                failed.push(format!("the {name} suite"));
+            }
+        }
+        if name == "load" {
+            step("bench: load plots");
+            match load_plots(&dir, started) {
+                Ok(text) => report.push_str(&text),
+                Err(e) => {
+                    report.push_str(&format!("\n**The plots failed:** {e:#}\n"));
+                    failed.push("the load plots".to_owned());
+                }
             }
         }
     }
-    let dir = bench_dir();
     let path = dir.join("BENCHMARKS.md");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     std::fs::write(&path, report).with_context(|| format!("writing {}", path.display()))?;
     println!("\nwrote {}", path.display());
     if !failed.is_empty() {
-        anyhow::bail!("suites failed: {}", failed.join(", "));
+        anyhow::bail!("{} failed (see {})", failed.join(", "), relative(&path));
     }
     Ok(())
+}
+
+/// The load suite's plots, drawn from the `load.json` it wrote in this run (started at
+/// `since`), as the report's image links; or why there are none.
+fn load_plots(dir: &Path, since: SystemTime) -> anyhow::Result<String> {
+    if !plots::load_json_written_since(dir, since) {
+        return Ok(format!(
+            "\nNo plots: the load suite wrote no {} in this run.\n",
+            plots::LOAD_JSON
+        ));
+    }
+    plots::render(dir)?;
+    Ok(format!(
+        "\n![Latency percentiles against offered load, persistent connections]({})\n\n\
+         ![Each agent's vCPU per 1,000 requests/s, by load shape and setup]({})\n",
+        plots::LATENCY_SVG,
+        plots::CPU_SVG
+    ))
 }
 
 /// Run `cmd`, passing its output through as it comes, and return what it printed; an error if
@@ -94,4 +130,42 @@ fn header() -> String {
         run("git", &["rev-parse", "--short", "HEAD"]),
         run("uname", &["-r"]),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn the_report_links_the_plots_of_this_runs_load_json_only() {
+        let dir = std::env::temp_dir().join(format!("xtask-bench-all-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("creating a scratch directory");
+        let json = dir.join(plots::LOAD_JSON);
+
+        let started = SystemTime::now();
+        let none = load_plots(&dir, started).expect("no load.json is no error");
+        assert!(none.contains("No plots"), "{none}");
+
+        std::fs::write(&json, "{\"benchmark\": \"load\"").expect("writing");
+        let message = format!(
+            "{:#}",
+            load_plots(&dir, started).expect_err("truncated JSON")
+        );
+        assert!(message.contains(plots::LOAD_JSON), "{message}");
+
+        std::fs::write(&json, plots::tests::sample().to_string()).expect("writing");
+        let links = load_plots(&dir, started).expect("plots of the sample");
+        for svg in [plots::LATENCY_SVG, plots::CPU_SVG] {
+            assert!(links.contains(&format!("]({svg})")), "{links}");
+            assert!(dir.join(svg).exists(), "{svg} was not written");
+        }
+
+        let stale = load_plots(&dir, SystemTime::now() + Duration::from_secs(60))
+            .expect("an earlier run's load.json is no error");
+        assert!(stale.contains("No plots"), "{stale}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
