@@ -336,13 +336,24 @@ impl Metrics {
     }
 
     pub fn connection_opened(&self, labels: &Labels) {
-        self.0.opened.get_or_create(labels).inc();
+        self.connections_opened(labels, 1);
+    }
+
+    /// `count` connections with the same labels opened.
+    pub fn connections_opened(&self, labels: &Labels, count: u64) {
+        self.0.opened.get_or_create(labels).inc_by(count);
     }
 
     /// A connection ended: `sent` bytes went to the client (the response side, Istio's
     /// `istio_tcp_sent_bytes_total`) and `received` bytes came from it.
     pub fn connection_closed(&self, labels: &Labels, sent: u64, received: u64) {
-        self.0.closed.get_or_create(labels).inc();
+        self.connections_closed(labels, 1, sent, received);
+    }
+
+    /// `count` connections with the same labels ended, with `sent` and `received` bytes between
+    /// them (as [`Metrics::connection_closed`]).
+    pub fn connections_closed(&self, labels: &Labels, count: u64, sent: u64, received: u64) {
+        self.0.closed.get_or_create(labels).inc_by(count);
         self.0.sent.get_or_create(labels).inc_by(sent);
         self.0.received.get_or_create(labels).inc_by(received);
     }
