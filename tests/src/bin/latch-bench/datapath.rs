@@ -19,7 +19,7 @@ use crate::{
     probe,
     reference::{Reference, TURN, Via, paired},
     report,
-    stats::Tally,
+    stats::{Tally, median, spread},
 };
 
 /// Verdict-map sizes (entries per node) the fast path is measured at.
@@ -63,75 +63,131 @@ impl Phase {
     }
 }
 
-pub fn run(count: usize, out_dir: &Path) -> anyhow::Result<()> {
+/// One round of every phase.
+struct Round {
+    /// Each phase with the no-agent reference's rate over the same turns.
+    phases: Vec<(Phase, f64)>,
+    antispoof: PacketCosts,
+    scale: Vec<AtScale>,
+}
+
+pub fn run(count: usize, rounds: usize, out_dir: &Path) -> anyhow::Result<()> {
     println!(
-        "datapath benchmark: {count} connections per phase (one-byte request + echo each), client on node 1, server on node 2"
+        "datapath benchmark: {count} connections per phase (one-byte request + echo each), \
+         {rounds} rounds, client on node 1, server on node 2"
     );
-    let (phases, antispoof, scale) = measure(count)?;
-    println!(
-        "\n| phase | conn/s | no agents, same turns, conn/s | ratio | p50 µs | p99 µs | failures |"
-    );
-    println!("|---|---:|---:|---:|---:|---:|---:|");
-    for (p, reference_rate) in &phases {
+    let mut all = Vec::new();
+    for round in 1..=rounds.max(1) {
+        let (phases, antispoof, scale) = measure(count)?;
+        let (fast, fast_reference) = &phases[1];
         println!(
-            "| {} | {:.0} | {:.0} | {:.3} | {} | {} | {} |",
-            p.name,
-            p.rate,
-            reference_rate,
-            p.rate / reference_rate,
-            p.p50_us,
-            p.p99_us,
-            p.failures
+            "  round {round}: fast path {:.3} of no agents, p50 {} µs",
+            fast.rate / fast_reference,
+            fast.p50_us
         );
+        all.push(Round {
+            phases,
+            antispoof,
+            scale,
+        });
     }
-    println!(
-        "\n(each phase taken in turns of {TURN} connections with a second cluster of the same \
-         topology and no agents)"
-    );
-    let (fast, fast_reference) = &phases[1];
-    println!(
-        "\nfast path keeps {:.1}% of the connection rate with no agents (target: at least 97%)",
-        fast.rate / fast_reference * 100.0
-    );
-    println!(
-        "\n| fast path, cached verdicts per node | conn/s | ratio to no agents, same turns | p50 µs | {CONNECT4} ns per run | {INBOUND} ns per run | {SOCK_OPS} ns per run (runs per connection) |"
-    );
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
-    let ns = |runs: &Runs, name: &str| {
-        runs.get(name)
-            .ns_per_run()
-            .map_or("none".to_owned(), |ns| format!("{ns:.0}"))
-    };
-    for s in &scale {
-        let per_conn = s.runs.get(SOCK_OPS).count as f64 / s.phase.count.max(1) as f64;
-        println!(
-            "| {} | {:.0} | {:.3} | {} | {} | {} | {} ({per_conn:.1}) |",
-            s.entries,
-            s.phase.rate,
-            s.phase.rate / s.reference_rate,
-            s.phase.p50_us,
-            ns(&s.runs, CONNECT4),
-            ns(&s.runs, INBOUND),
-            ns(&s.runs, SOCK_OPS),
-        );
-    }
-    println!(
-        "\n(program run times from the kernel's own accounting, BPF_ENABLE_STATS, which adds two clock reads to every run)"
-    );
-    if !antispoof.is_empty() {
-        println!("\n| anti-spoofing check, per packet (BPF_PROG_TEST_RUN, 1,000,000 runs) | ns |");
-        println!("|---|---:|");
-        for (label, ns) in &antispoof {
-            println!("| {label} | {ns} |");
-        }
-    }
+    print(&all);
     let json = serde_json::json!({
         "benchmark": "datapath",
         "connections_per_phase": count,
-        "antispoof_ns_per_packet": antispoof.iter().map(|(label, ns)| serde_json::json!({
+        "rounds": all.iter().map(round_json).collect::<Vec<_>>(),
+    });
+    report::write_json(out_dir, "datapath", &json)
+}
+
+fn print(rounds: &[Round]) {
+    let n = rounds.len();
+    // Figure `f` of phase `i` over the rounds, as `median (min–max)`.
+    let phase = |i: usize, digits: usize, f: &dyn Fn(&(Phase, f64)) -> f64| {
+        spread(rounds.iter().map(|r| f(&r.phases[i])).collect(), digits)
+    };
+    println!(
+        "\n| phase | conn/s | ratio to no agents over the same turns | p50 µs | p99 µs | failures |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
+    for (i, (p, _)) in rounds[0].phases.iter().enumerate() {
+        println!(
+            "| {} | {} | {} | {} | {} | {} |",
+            p.name,
+            phase(i, 0, &|(p, _)| p.rate),
+            phase(i, 3, &|(p, reference)| p.rate / reference),
+            phase(i, 0, &|(p, _)| p.p50_us as f64),
+            phase(i, 0, &|(p, _)| p.p99_us as f64),
+            rounds.iter().map(|r| r.phases[i].0.failures).sum::<usize>(),
+        );
+    }
+    println!(
+        "\n(median of {n} rounds, lowest and highest in brackets; each phase taken in turns of \
+         {TURN} connections with a second cluster of the same topology and no agents)"
+    );
+    let fast = median(
+        rounds
+            .iter()
+            .map(|r| r.phases[1].0.rate / r.phases[1].1)
+            .collect(),
+    );
+    println!(
+        "\nfast path keeps {:.1}% of the connection rate with no agents (median; target: at least 97%)",
+        fast * 100.0
+    );
+
+    println!(
+        "\n| fast path, cached verdicts per node | ratio to no agents, same turns | p50 µs | {CONNECT4} ns per run | {INBOUND} ns per run | {SOCK_OPS} ns per run | {SOCK_OPS} runs per connection |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for (i, at) in rounds[0].scale.iter().enumerate() {
+        let scale = |digits: usize, f: &dyn Fn(&AtScale) -> f64| {
+            spread(rounds.iter().map(|r| f(&r.scale[i])).collect(), digits)
+        };
+        let ns = |name: &'static str| {
+            scale(0, &move |s: &AtScale| {
+                s.runs.get(name).ns_per_run().unwrap_or(f64::NAN)
+            })
+        };
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            at.entries,
+            scale(3, &|s| s.phase.rate / s.reference_rate),
+            scale(0, &|s| s.phase.p50_us as f64),
+            ns(CONNECT4),
+            ns(INBOUND),
+            ns(SOCK_OPS),
+            scale(1, &|s| s.runs.get(SOCK_OPS).count as f64
+                / s.phase.count.max(1) as f64),
+        );
+    }
+    println!(
+        "\n(program run times from the kernel's own accounting, BPF_ENABLE_STATS, summed over both \
+         nodes; it adds two clock reads to every run and counts the interrupts a run is preempted by)"
+    );
+    if !rounds[0].antispoof.is_empty()
+        && rounds
+            .iter()
+            .all(|r| r.antispoof.len() == rounds[0].antispoof.len())
+    {
+        println!("\n| anti-spoofing check, per packet (BPF_PROG_TEST_RUN, 1,000,000 runs) | ns |");
+        println!("|---|---:|");
+        for (i, (label, _)) in rounds[0].antispoof.iter().enumerate() {
+            let ns = spread(
+                rounds.iter().map(|r| f64::from(r.antispoof[i].1)).collect(),
+                0,
+            );
+            println!("| {label} | {ns} |");
+        }
+    }
+}
+
+fn round_json(r: &Round) -> serde_json::Value {
+    serde_json::json!({
+        "antispoof_ns_per_packet": r.antispoof.iter().map(|(label, ns)| serde_json::json!({
             "packet": label, "ns": ns,
         })).collect::<Vec<_>>(),
-        "fast_path_at_scale": scale.iter().map(|s| serde_json::json!({
+        "fast_path_at_scale": r.scale.iter().map(|s| serde_json::json!({
             "cached_verdicts_per_node": s.entries,
             "conn_per_s": s.phase.rate,
             "ratio_to_no_agents": s.phase.rate / s.reference_rate,
@@ -142,14 +198,13 @@ pub fn run(count: usize, out_dir: &Path) -> anyhow::Result<()> {
                 "ns_per_run": s.runs.get(name).ns_per_run(),
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
-        "phases": phases.iter().map(|(p, reference_rate)| serde_json::json!({
+        "phases": r.phases.iter().map(|(p, reference_rate)| serde_json::json!({
             "name": p.name, "conn_per_s": p.rate,
             "no_agents_same_turns_conn_per_s": reference_rate,
             "ratio_to_no_agents": p.rate / reference_rate,
             "p50_us": p.p50_us, "p99_us": p.p99_us, "failures": p.failures,
         })).collect::<Vec<_>>(),
-    });
-    report::write_json(out_dir, "datapath", &json)
+    })
 }
 
 /// The datapath phases, each with the no-agent reference's connection rate over the same turns;

@@ -17,7 +17,7 @@ use crate::{
     probe,
     procstat::{cpu_ns, rss_kib},
     report,
-    stats::median,
+    stats::spread,
 };
 
 /// Bytes per request (and per echo).
@@ -218,14 +218,6 @@ pub fn run(rounds: usize, secs: f64, out_dir: &Path) -> anyhow::Result<()> {
         bail!("{failed} requests failed");
     }
     Ok(())
-}
-
-/// `median (min–max)` of `values`, with `digits` decimals.
-fn spread(values: Vec<f64>, digits: usize) -> String {
-    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
-    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let mid = median(values);
-    format!("{mid:.digits$} ({min:.digits$}–{max:.digits$})")
 }
 
 fn print(setups: &[Setup], runs: &[Vec<Vec<Run>>]) {

@@ -43,6 +43,9 @@ enum Suite {
         /// Connections per phase.
         #[arg(long, default_value_t = 5000)]
         count: usize,
+        /// Rounds of every phase; figures are the median over them.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
     },
     /// The latency a first, a pooled and a fast-path connection add, and throughput, against no
     /// agents and against an nginx mTLS stream-proxy pair.
@@ -101,7 +104,7 @@ fn main() -> anyhow::Result<()> {
     cpus::use_every_cpu()?;
     let out_dir = report::out_dir()?;
     match cli.suite {
-        Suite::Datapath { count } => datapath::run(count, &out_dir),
+        Suite::Datapath { count, rounds } => datapath::run(count, rounds, &out_dir),
         Suite::Tunnel { count } => tunnel::run(count, &out_dir),
         Suite::Load { rounds, secs } => load::run(rounds, secs, &out_dir),
         Suite::Policy => policy::run(&out_dir),

@@ -17,6 +17,14 @@ pub fn median(mut values: Vec<f64>) -> f64 {
     values.get(values.len() / 2).copied().unwrap_or(0.0)
 }
 
+/// `median (min–max)` of `values`, with `digits` decimals.
+pub fn spread(values: Vec<f64>, digits: usize) -> String {
+    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let mid = median(values);
+    format!("{mid:.digits$} ({min:.digits$}–{max:.digits$})")
+}
+
 /// Connections measured in turns, added up.
 #[derive(Default)]
 pub struct Tally {
