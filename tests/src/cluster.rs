@@ -728,6 +728,18 @@ impl Cluster {
         crate::server::PodServer::start(command)
     }
 
+    /// A server run inside the pod, in its netns and cgroup (`latch-probe serve --stream`),
+    /// writing back what it reads as it reads it, a thread per connection.
+    pub fn pod_stream_server(
+        &self,
+        pod: PodId,
+        port: u16,
+    ) -> anyhow::Result<crate::server::PodServer> {
+        let port = port.to_string();
+        let command = self.probe_command(pod, &["serve", "--port", &port, "--stream"])?;
+        crate::server::PodServer::start(command)
+    }
+
     /// The node agent's debug socket.
     pub fn debug_socket(&self, node: NodeId) -> PathBuf {
         self.node(node).dir.join("debug.sock")

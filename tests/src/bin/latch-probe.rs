@@ -24,8 +24,9 @@
 //!   open-loop load of R requests per second for S seconds, each B bytes and their echo, over C
 //!   persistent connections or one fresh connection each; prints one JSON line with what was
 //!   due, completed and failed, and latency percentiles from when each request was due ([`load`]).
-//! - `latch-probe serve --port PORT [--repeat K]`: a server inside the pod (its netns and
-//!   cgroup): answers each connection with what it read until the half-close, K times over.
+//! - `latch-probe serve --port PORT [--repeat K | --stream]`: a server inside the pod (its netns and
+//!   cgroup): answers each connection with what it read until the half-close, K times over, or
+//!   with `--stream` with what it reads as it reads it.
 //! - `latch-probe cgroup`: prints this process's cgroup.
 
 #[path = "latch-probe/load.rs"]
@@ -401,7 +402,8 @@ fn main() {
                 eprintln!("latch-probe: serve needs --port PORT");
                 std::process::exit(2);
             };
-            if let Err(e) = serve(port, repeat) {
+            let stream = args.iter().any(|a| a == "--stream");
+            if let Err(e) = serve(port, repeat, stream) {
                 eprintln!("latch-probe: serve on port {port}: {e}");
                 std::process::exit(1);
             }
@@ -415,7 +417,7 @@ fn main() {
         },
         _ => {
             eprintln!(
-                "usage: latch-probe connect --to IP:PORT [--from IP[:PORT]] [--send TEXT] [--keep-open] [--timeout-ms N] | rate --to IP:PORT --count N | serve --port PORT [--repeat K] | cgroup"
+                "usage: latch-probe connect --to IP:PORT [--from IP[:PORT]] [--send TEXT] [--keep-open] [--timeout-ms N] | rate --to IP:PORT --count N | serve --port PORT [--repeat K | --stream] | cgroup"
             );
             std::process::exit(2);
         }
@@ -426,8 +428,10 @@ fn main() {
 /// to the pod's cgroup, as a real application's do, so the kernel programs on `cgroupRoot` see
 /// its side of each connection). Listens on `[::]:PORT` (IPv4 too), prints `listening` once it
 /// does, then answers each connection, on a thread of its own, with what it read until the
-/// client's half-close, K times over, and closes it. Runs until killed.
-fn serve(port: u16, repeat: usize) -> std::io::Result<()> {
+/// client's half-close, K times over, and closes it; with `--stream`, writes back what it reads
+/// as it reads it, until the client closes (persistent connections carrying many requests).
+/// Runs until killed.
+fn serve(port: u16, repeat: usize, stream_back: bool) -> std::io::Result<()> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
     socket.set_only_v6(false)?;
@@ -440,6 +444,15 @@ fn serve(port: u16, repeat: usize) -> std::io::Result<()> {
     for stream in listener.incoming() {
         let mut stream = stream?;
         std::thread::spawn(move || {
+            if stream_back {
+                let mut chunk = [0u8; 16 * 1024];
+                while let Ok(n @ 1..) = stream.read(&mut chunk) {
+                    if stream.write_all(&chunk[..n]).is_err() {
+                        return;
+                    }
+                }
+                return;
+            }
             let mut buf = Vec::new();
             if stream.read_to_end(&mut buf).is_ok() {
                 for _ in 0..repeat {

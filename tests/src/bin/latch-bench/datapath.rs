@@ -77,19 +77,15 @@ pub fn run(count: usize, rounds: usize, out_dir: &Path) -> anyhow::Result<()> {
          {rounds} rounds, client on node 1, server on node 2"
     );
     let mut all = Vec::new();
-    for round in 1..=rounds.max(1) {
-        let (phases, antispoof, scale) = measure(count)?;
-        let (fast, fast_reference) = &phases[1];
+    for n in 1..=rounds.max(1) {
+        let round = measure(count)?;
+        let (fast, fast_reference) = &round.phases[1];
         println!(
-            "  round {round}: fast path {:.3} of no agents, p50 {} µs",
+            "  round {n}: fast path {:.3} of no agents, p50 {} µs",
             fast.rate / fast_reference,
             fast.p50_us
         );
-        all.push(Round {
-            phases,
-            antispoof,
-            scale,
-        });
+        all.push(round);
     }
     print(&all);
     let json = serde_json::json!({
@@ -209,7 +205,7 @@ fn round_json(r: &Round) -> serde_json::Value {
 
 /// The datapath phases, each with the no-agent reference's connection rate over the same turns;
 /// the first is the reference itself over all of them.
-fn measure(count: usize) -> anyhow::Result<(Vec<(Phase, f64)>, PacketCosts, Vec<AtScale>)> {
+fn measure(count: usize) -> anyhow::Result<Round> {
     let reference = Reference::new()?;
     let mut pair = Pair::new()?;
     let warmup = count / 10;
@@ -261,7 +257,11 @@ fn measure(count: usize) -> anyhow::Result<(Vec<(Phase, f64)>, PacketCosts, Vec<
             redirected_reference.rate(),
         ),
     ];
-    Ok((phases, antispoof, scale))
+    Ok(Round {
+        phases,
+        antispoof,
+        scale,
+    })
 }
 
 /// The fast path with both nodes' verdict maps filled to each of [`CACHE_SIZES`] in turn (the
@@ -280,7 +280,7 @@ fn at_scale(pair: &Pair, reference: &Reference, count: usize) -> anyhow::Result<
         // pair's port wait in TIME_WAIT, and finding a free local port among thousands of them
         // would be what this measures.
         let port = PORT + 1 + i as u16;
-        let _echo = pair.cluster.echo_server(pair.server, port)?;
+        let _echo = pair.cluster.pod_server(pair.server, port, 1)?;
         let to = pair.cluster.pod(pair.server).addr4(port).to_string();
         let rate = |n| probe::rate(&pair.cluster, pair.client, &to, n);
         rate(count / 10)?;

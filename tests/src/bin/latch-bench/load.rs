@@ -10,7 +10,7 @@
 use std::path::Path;
 
 use anyhow::bail;
-use latch_tests::{AgentOptions, EchoServer};
+use latch_tests::AgentOptions;
 
 use crate::{
     pair::Pair,
@@ -126,9 +126,9 @@ pub fn run(rounds: usize, secs: f64, out_dir: &Path) -> anyhow::Result<()> {
             pair.start_agents(options)?;
         }
         // The load's server answers each request as it comes (the pair's own echo server
-        // answers once the client half-closes).
-        let server =
-            EchoServer::start_streaming(&pair.cluster.pod(pair.server).netns(), STREAM_PORT)?;
+        // answers once the client half-closes), from inside the pod (its cgroup too), so that
+        // the fast path's audit runs at the destination as it would for an application.
+        let server = pair.cluster.pod_stream_server(pair.server, STREAM_PORT)?;
         let to = pair.cluster.pod(pair.server).addr4(STREAM_PORT).to_string();
         // Verdicts are per destination port: the warm-up goes to the load's server, so that
         // the fast path's first connection (through the tunnel) is behind it.

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use latch::datapath::{KernelMaps, system};
 use latch_common::{DECISION_ALLOW, DIRECTION_OUTBOUND, Identity, VerdictKey, VerdictValue};
-use latch_tests::{AgentOptions, Cluster, EchoServer, NodeId, PodId, PodSpec, TwoNodes};
+use latch_tests::{AgentOptions, Cluster, NodeId, PodId, PodSpec, TwoNodes, server::PodServer};
 
 use crate::probe::{self, Rate};
 
@@ -15,12 +15,14 @@ pub const PORT: u16 = 8080;
 
 /// The benchmarks' topology: a client pod on node 1 and an echo server on [`PORT`] in a pod on
 /// node 2; with the server's address.
-pub fn client_and_echo() -> anyhow::Result<(TwoNodes, EchoServer, String)> {
+pub fn client_and_echo() -> anyhow::Result<(TwoNodes, PodServer, String)> {
     let pair = Cluster::two_nodes(
         PodSpec::mesh("client", "bench", "client"),
         PodSpec::mesh("server", "bench", "server"),
     )?;
-    let echo = pair.cluster.echo_server(pair.server, PORT)?;
+    // In the pod's own cgroup, as an application is: the kernel programs on `cgroupRoot` see its
+    // side of each connection (the fast path's audit events at the destination).
+    let echo = pair.cluster.pod_server(pair.server, PORT, 1)?;
     let to = pair.cluster.pod(pair.server).addr4(PORT).to_string();
     Ok((pair, echo, to))
 }
@@ -34,7 +36,7 @@ pub struct Pair {
     pub server: PodId,
     /// The echo server's address.
     pub to: String,
-    _echo: EchoServer,
+    _echo: PodServer,
 }
 
 impl Pair {

@@ -5,7 +5,7 @@
 use std::cell::Cell;
 
 use anyhow::bail;
-use latch_tests::{Cluster, EchoServer, PodId, PodSpec, TwoNodes, nginx::NginxPair};
+use latch_tests::{Cluster, PodId, PodSpec, TwoNodes, nginx::NginxPair, server::PodServer};
 
 use crate::{
     pair::{PORT, client_and_echo},
@@ -24,7 +24,7 @@ use crate::{
 /// pair's client is a pod of its own.
 pub struct Reference {
     nginx: Option<NginxPair>,
-    _echo: EchoServer,
+    _echo: PodServer,
     cluster: Cluster,
     clients: Vec<PodId>,
     /// Turns taken so far: which client is next.
