@@ -307,26 +307,20 @@ fn draw_latency(report: &LoadReport, path: &Path) -> anyhow::Result<()> {
         (lo.min(us), hi.max(us))
     });
 
-    let root = SVGBackend::new(path, SIZE).into_drawing_area();
-    root.fill(&WHITE)?;
-    let (chart_area, legend_area) = root.split_horizontally(SIZE.0 - LEGEND_WIDTH);
-    let mut chart = ChartBuilder::on(&chart_area)
-        .caption(
-            format!(
-                "Latency against offered load, persistent connections (median of {} rounds)",
-                report.rounds
-            ),
-            (FONT, 18),
-        )
-        .margin(12)
-        .x_label_area_size(50)
-        .y_label_area_size(70)
-        .build_cartesian_2d(
-            (slowest / 2.0..fastest * 2.0)
-                .log_scale()
-                .with_key_points(rates.clone()),
-            (lowest / 1.5..highest * 1.5).log_scale(),
-        )?;
+    let (root, chart_area, legend_area) = canvas(path)?;
+    let mut chart = chart_builder(
+        &chart_area,
+        format!(
+            "Latency against offered load, persistent connections (median of {} rounds)",
+            report.rounds
+        ),
+    )
+    .build_cartesian_2d(
+        (slowest / 2.0..fastest * 2.0)
+            .log_scale()
+            .with_key_points(rates.clone()),
+        (lowest / 1.5..highest * 1.5).log_scale(),
+    )?;
     chart
         .configure_mesh()
         .x_desc("offered load, requests/s (log scale)")
@@ -363,6 +357,35 @@ fn draw_latency(report: &LoadReport, path: &Path) -> anyhow::Result<()> {
     }
     root.present()
         .with_context(|| format!("writing {}", relative(path)))
+}
+
+/// An SVG plot's drawing areas: the whole white canvas at `path`, and within it the chart's
+/// area and the legend's on its right, as both plots lay them out.
+type Canvas<'a> = (
+    DrawingArea<SVGBackend<'a>, Shift>,
+    DrawingArea<SVGBackend<'a>, Shift>,
+    DrawingArea<SVGBackend<'a>, Shift>,
+);
+
+fn canvas(path: &Path) -> anyhow::Result<Canvas<'_>> {
+    let root = SVGBackend::new(path, SIZE).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (chart_area, legend_area) = root.split_horizontally(SIZE.0 - LEGEND_WIDTH);
+    Ok((root, chart_area, legend_area))
+}
+
+/// A chart on `area` with `caption` and room for both axes' labels, as both plots draw it.
+fn chart_builder<'a, 'b>(
+    area: &'a DrawingArea<SVGBackend<'b>, Shift>,
+    caption: String,
+) -> ChartBuilder<'a, 'b, SVGBackend<'b>> {
+    let mut builder = ChartBuilder::on(area);
+    builder
+        .caption(caption, (FONT, 18))
+        .margin(12)
+        .x_label_area_size(50)
+        .y_label_area_size(70);
+    builder
 }
 
 /// Each agent's vCPU per 1,000 requests/s (medians over the runs), for each shape and each
@@ -409,21 +432,15 @@ fn draw_cpu(report: &LoadReport, path: &Path) -> anyhow::Result<()> {
     let top = if highest > 0.0 { highest * 1.2 } else { 1.0 };
     let shape_labels: Vec<&str> = report.shapes.iter().map(|s| s.label.as_str()).collect();
 
-    let root = SVGBackend::new(path, SIZE).into_drawing_area();
-    root.fill(&WHITE)?;
-    let (chart_area, legend_area) = root.split_horizontally(SIZE.0 - LEGEND_WIDTH);
-    let mut chart = ChartBuilder::on(&chart_area)
-        .caption(
-            format!(
-                "Agent CPU per 1,000 requests/s (median of {} rounds)",
-                report.rounds
-            ),
-            (FONT, 18),
-        )
-        .margin(12)
-        .x_label_area_size(50)
-        .y_label_area_size(70)
-        .build_cartesian_2d(-0.5..report.shapes.len() as f64 - 0.5, 0.0..top)?;
+    let (root, chart_area, legend_area) = canvas(path)?;
+    let mut chart = chart_builder(
+        &chart_area,
+        format!(
+            "Agent CPU per 1,000 requests/s (median of {} rounds)",
+            report.rounds
+        ),
+    )
+    .build_cartesian_2d(-0.5..report.shapes.len() as f64 - 0.5, 0.0..top)?;
     // Asked for as many labels as shapes, plotters puts them one apart: on each shape's centre.
     let shape_label = |x: &f64| {
         let nearest = x.round();
