@@ -1,6 +1,7 @@
 //! The fast-path event ring buffer (`LATCH_FASTPATH_EVENTS`): [`FastpathEvents`] drains it when
-//! the kernel wakes it (a quarter full) and on its own clock ([`DRAIN_EVERY`]); [`decode`] turns one record into a [`FastpathEvent`]. What the
-//! events mean and who sends them: `docs/datapath.md` (Fast-path audit).
+//! the kernel wakes it (a quarter full) and on its own clock ([`DRAIN_EVERY`]); [`decode`] turns
+//! one record into a [`FastpathEvent`]. What the events mean and who sends them:
+//! `docs/datapath.md` (Fast-path audit).
 
 use std::{mem::offset_of, path::Path, time::Duration};
 

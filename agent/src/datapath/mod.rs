@@ -1,8 +1,9 @@
 //! The kernel datapath: the only code in Latch that talks to aya. [`install`] loads and attaches
 //! the eBPF object, [`layout`] refuses maps pinned by another build, [`maps`] and [`deliveries`]
-//! give typed access to the pinned maps, [`audit`] reads the fast-path event ring buffer, [`run_stats`] the kernel's run counts of the
-//! programs (for benchmarks), [`antispoof`] owns the anti-spoofing links, [`system`] the
-//! host facts and [`syscall`] the BPF commands aya does not expose. Programs, maps and the pin
+//! give typed access to the pinned maps, [`audit`] reads the fast-path event ring buffer,
+//! [`run_stats`] the kernel's run counts of the programs (for benchmarks), [`antispoof`] owns the
+//! anti-spoofing links, [`system`] the host facts and [`syscall`] the BPF commands aya does not
+//! expose. Programs, maps and the pin
 //! layout: `docs/datapath.md`.
 
 pub mod antispoof;
