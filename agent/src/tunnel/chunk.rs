@@ -9,7 +9,7 @@ use std::{
     task::Poll,
 };
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::net::TcpStream;
 
 /// Where a relay reads chunks from.
@@ -76,21 +76,42 @@ pub(crate) fn write_now(stream: &TcpStream, buf: &[u8]) -> io::Result<usize> {
     }
 }
 
-/// Read what is already waiting on the socket into `buf` (at most `limit` bytes), without
-/// waiting for the reactor to have reported it readable (see [`write_now`]). `None` if nothing
-/// is waiting, `Some(0)` at end of stream.
-pub(crate) fn read_now(
-    stream: &TcpStream,
-    buf: &mut BytesMut,
-    limit: usize,
-) -> io::Result<Option<usize>> {
+/// The most one [`take_now`] or [`try_take`] reads.
+pub(crate) const TAKE_MOST: usize = 16 * 1024;
+
+thread_local! {
+    /// Each thread's buffer for [`take`]: written by the kernel, copied out at once.
+    static TAKE_BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; TAKE_MOST]);
+}
+
+/// Take what is already waiting on the socket (at most `limit` bytes, and at most
+/// [`TAKE_MOST`]), without waiting for the reactor to have reported it readable (see
+/// [`write_now`]), as a chunk of exactly the bytes read: a connection that keeps the chunk holds
+/// those bytes, not a read buffer around them. `None` if nothing is waiting, an empty chunk at
+/// end of stream.
+pub(crate) fn take_now(stream: &TcpStream, limit: usize) -> io::Result<Option<Bytes>> {
+    nothing_if_would_block(take(stream, limit))
+}
+
+/// Same as [`take_now`], once the reactor has reported `stream` readable: a socket found empty
+/// is marked not ready again, so that the next wait for it waits.
+pub(crate) fn try_take(stream: &TcpStream, limit: usize) -> io::Result<Option<Bytes>> {
+    nothing_if_would_block(stream.try_io(tokio::io::Interest::READABLE, || take(stream, limit)))
+}
+
+/// One `recv` into the thread's buffer, copied out as a chunk of its own size.
+fn take(stream: &TcpStream, limit: usize) -> io::Result<Bytes> {
     use std::io::Read as _;
-    let start = buf.len();
-    buf.resize(start + limit, 0);
-    let read = (&*socket2::SockRef::from(stream)).read(&mut buf[start..]);
-    buf.truncate(start + *read.as_ref().unwrap_or(&0));
+    TAKE_BUF.with_borrow_mut(|buf| {
+        let room = &mut buf[..limit.min(TAKE_MOST)];
+        let n = (&*socket2::SockRef::from(stream)).read(room)?;
+        Ok(Bytes::copy_from_slice(&room[..n]))
+    })
+}
+
+fn nothing_if_would_block(read: io::Result<Bytes>) -> io::Result<Option<Bytes>> {
     match read {
-        Ok(n) => Ok(Some(n)),
+        Ok(chunk) => Ok(Some(chunk)),
         Err(e) if would_block(&e) => Ok(None),
         Err(e) => Err(e),
     }

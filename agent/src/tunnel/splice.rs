@@ -267,7 +267,7 @@ pub(crate) mod tests {
     use super::*;
     use tokio::net::TcpListener;
 
-    use crate::tunnel::chunk::read_now;
+    use crate::tunnel::chunk::take_now;
 
     /// Splice `remote` and the TCP socket `local` without a tracker (the agent splices through
     /// [`crate::tunnel::tracked::Tracked::splice`]), resetting `local` too on error.
@@ -294,9 +294,8 @@ pub(crate) mod tests {
     async fn fresh_sockets_are_read_and_written_directly() {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let (client, accepted) = pair(&listener).await;
-        let mut buf = BytesMut::new();
         assert_eq!(
-            read_now(&accepted, &mut buf, 64).expect("read"),
+            take_now(&accepted, 64).expect("read"),
             None,
             "nothing waiting"
         );
@@ -305,11 +304,12 @@ pub(crate) mod tests {
         socket2::SockRef::from(&client)
             .shutdown(std::net::Shutdown::Write)
             .expect("shutdown");
-        assert_eq!(read_now(&accepted, &mut buf, 3).expect("read"), Some(3));
-        assert_eq!(read_now(&accepted, &mut buf, 64).expect("read"), Some(2));
-        assert_eq!(&buf[..], b"hello", "appended, nothing else kept");
+        let first = take_now(&accepted, 3).expect("read").expect("waiting");
+        assert_eq!(&first[..], b"hel", "at most the limit");
+        let rest = take_now(&accepted, 64).expect("read").expect("waiting");
+        assert_eq!(&rest[..], b"lo", "what was left, nothing more");
         assert_eq!(
-            read_now(&accepted, &mut buf, 64).expect("read"),
+            take_now(&accepted, 64).expect("read").map(|c| c.len()),
             Some(0),
             "end of stream"
         );

@@ -17,7 +17,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use bytes::{BufMut as _, Bytes};
+use bytes::Bytes;
 use h2::{RecvStream, SendStream, client::ResponseFuture};
 use hyper::{Method, Request, Response, StatusCode};
 use rustls::pki_types::CertificateDer;
@@ -38,7 +38,12 @@ use super::{
 use crate::{
     scheduling::busy_poll::Traffic,
     tls::handshake,
-    tunnel::{chunk::read_now, forwarded, h2stream::H2Stream, splice::Remote},
+    tunnel::{
+        chunk::{take_now, try_take},
+        forwarded,
+        h2stream::H2Stream,
+        splice::Remote,
+    },
 };
 
 /// How long opening a tunnel may take, dial and answer together. A pooled connection whose
@@ -467,7 +472,6 @@ async fn answer_with_early_data(
 ) -> Result<Answer, TunnelError> {
     tokio::pin!(response);
     let mut early = Early {
-        buf: bytes::BytesMut::new(),
         left: EARLY_DATA,
         ended: false,
     };
@@ -475,8 +479,7 @@ async fn answer_with_early_data(
     // CONNECT: the reactor has not seen the new socket yet, and waiting for it to would send the
     // CONNECT alone.
     while early.wants_more() {
-        let read = read_now(source, &mut early.buf, early.left.min(EARLY_READ));
-        match early.forward(read, send)? {
+        match early.forward(take_now(source, early.left), send)? {
             Forwarded::Sent => {}
             Forwarded::Nothing => break,
             Forwarded::Failed(e) => return Ok((Err(e), early.ended)),
@@ -487,12 +490,7 @@ async fn answer_with_early_data(
             biased;
             answer = &mut response => return Ok((answer, early.ended)),
             readable = source.readable(), if early.wants_more() => {
-                early.buf.reserve(early.left);
-                let mut room = (&mut early.buf).limit(early.left);
-                let read = match readable.and_then(|()| source.try_read_buf(&mut room)) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-                    read => read.map(Some),
-                };
+                let read = readable.and_then(|()| try_take(source, early.left));
                 if let Forwarded::Failed(e) = early.forward(read, send)? {
                     return Ok((Err(e), early.ended));
                 }
@@ -501,13 +499,10 @@ async fn answer_with_early_data(
     }
 }
 
-/// The largest single read of early data taken before the reactor has seen the socket.
-const EARLY_READ: usize = 16 * 1024;
-
-/// The source's bytes sent before the destination's answer.
+/// The source's bytes sent before the destination's answer. Each read is a chunk of exactly
+/// the bytes read ([`take_now`]), so a connection waiting for its answer, or held open after
+/// it, keeps no read buffer.
 struct Early {
-    /// Grown as bytes come: a request is usually a few hundred bytes.
-    buf: bytes::BytesMut,
     /// Bytes that may still be sent.
     left: usize,
     /// The source's half-close has been sent (`END_STREAM`).
@@ -532,17 +527,18 @@ impl Early {
     /// opening.
     fn forward(
         &mut self,
-        read: io::Result<Option<usize>>,
+        read: io::Result<Option<Bytes>>,
         send: &mut SendStream<Bytes>,
     ) -> Result<Forwarded, TunnelError> {
         let sent = match read {
             Ok(None) => return Ok(Forwarded::Nothing),
-            Ok(Some(0)) => send
-                .send_data(Bytes::new(), true)
-                .map(|()| self.ended = true),
-            Ok(Some(n)) => send
-                .send_data(self.buf.split().freeze(), false)
-                .map(|()| self.left -= n),
+            Ok(Some(chunk)) if chunk.is_empty() => {
+                send.send_data(chunk, true).map(|()| self.ended = true)
+            }
+            Ok(Some(chunk)) => {
+                let n = chunk.len();
+                send.send_data(chunk, false).map(|()| self.left -= n)
+            }
             Err(source) => {
                 send.send_reset(h2::Reason::CANCEL);
                 return Err(TunnelError::Source { source });
