@@ -117,7 +117,7 @@ impl Carried {
 /// bytes.
 pub async fn splice(
     tracker: &Tracker,
-    carried: Carried,
+    carried: Box<Carried>,
     remote: impl Into<Remote>,
     local: TcpStream,
     local_is_source: bool,
@@ -289,7 +289,7 @@ impl Enforcer for Gate {
 /// current policy.
 pub async fn http<R>(
     tracker: &Tracker,
-    mut carried: Carried,
+    mut carried: Box<Carried>,
     party: HttpParty,
     remote: R,
     app: TcpStream,
@@ -421,7 +421,7 @@ mod tests {
             let waiting = probe.peek(&mut buf).map_err(|e| e.kind());
             let _ = admitted_tx.send(waiting);
         };
-        let relay = splice(&tracker, carried, remote, local, false, admitted);
+        let relay = splice(&tracker, Box::new(carried), remote, local, false, admitted);
         let ends = async {
             // Nothing is read from the application's socket before the decision is recorded.
             let waiting = admitted_rx.await.expect("admitted ran");

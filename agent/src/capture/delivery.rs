@@ -16,7 +16,7 @@ use std::{
 use socket2::{Domain, SockAddr, Socket};
 use tokio::net::TcpStream;
 
-use super::{NetnsWorker, netns::connect};
+use super::{PodNetns, netns::connect};
 use crate::{datapath::DeliveryMap, sync::lock};
 
 /// Source address of connections the agent delivers to an application over IPv4 when it cannot
@@ -45,7 +45,7 @@ pub async fn deliver(
     target: SocketAddr,
     client: Option<IpAddr>,
 ) -> io::Result<(TcpStream, Option<Announced>)> {
-    let from = delivery_source(&sockets.worker, target, client);
+    let from = delivery_source(&sockets.netns, target, client);
     let announce = |local| Announced::new(deliveries, local, target);
     sockets.connect(target, from, announce).await
 }
@@ -80,13 +80,13 @@ impl Drop for Announced {
 
 /// Where a delivery to `target` comes from: the client, unless it is the pod itself (a pod
 /// reaching its own address), of the other family, or the pod's routing does not allow it.
-fn delivery_source(worker: &NetnsWorker, target: SocketAddr, client: Option<IpAddr>) -> IpAddr {
+fn delivery_source(netns: &PodNetns, target: SocketAddr, client: Option<IpAddr>) -> IpAddr {
     match client.map(|ip| ip.to_canonical()) {
         Some(ip)
             if ip != target.ip()
                 && !ip.is_loopback()
                 && ip.is_ipv4() == target.is_ipv4()
-                && worker.transparent_for(ip) =>
+                && netns.transparent_for(ip) =>
         {
             ip
         }
@@ -110,7 +110,7 @@ fn marker(target: SocketAddr) -> IpAddr {
 /// Delivery sockets of one pod's namespace: those made ahead (all of one family: the one asked
 /// for last) and the turn through [`DELIVERY_PORTS`].
 pub struct DeliverySockets {
-    worker: Arc<NetnsWorker>,
+    netns: Arc<PodNetns>,
     spares: Mutex<Vec<Spare>>,
     ports: AtomicU16,
 }
@@ -121,11 +121,11 @@ struct Spare {
 }
 
 impl DeliverySockets {
-    /// Sockets for deliveries in `worker`'s namespace, once its routing is set up
-    /// ([`NetnsWorker::route_deliveries`]).
-    pub fn new(worker: Arc<NetnsWorker>) -> Self {
+    /// Sockets for deliveries in `netns`, once its routing is set up
+    /// ([`PodNetns::route_deliveries`]).
+    pub fn new(netns: Arc<PodNetns>) -> Self {
         Self {
-            worker,
+            netns,
             spares: Mutex::new(Vec::new()),
             // Somewhere else after each restart, away from the last run's recent ports.
             ports: AtomicU16::new(std::process::id() as u16),
@@ -147,7 +147,7 @@ impl DeliverySockets {
         match spare {
             Some(spare) => Ok(spare.socket),
             None => self
-                .worker
+                .netns
                 .delivery_sockets(domain, 1)?
                 .pop()
                 .ok_or_else(|| io::Error::other("no socket made")),
@@ -167,7 +167,7 @@ impl DeliverySockets {
     }
 
     /// Deliver a connection to the application at `dst` from `from`: the client's address where
-    /// [`NetnsWorker::transparent_for`] it, else a loopback marker. A delivery from a client's address
+    /// [`PodNetns::transparent_for`] it, else a loopback marker. A delivery from a client's address
     /// is passed to `announce` with its port before it connects; what that returns (dropped
     /// should this attempt fail) comes back with the connection.
     ///
@@ -187,7 +187,7 @@ impl DeliverySockets {
                 io::Error::new(e.kind(), format!("binding a delivery to {local}: {e}"))
             })
         };
-        if !self.worker.transparent(domain) {
+        if !self.netns.transparent(domain) {
             let socket = self.socket(domain)?;
             bind(&socket, SocketAddr::new(from, 0))?;
             return Ok((connect(socket, dst).await?, None));
@@ -217,19 +217,19 @@ impl DeliverySockets {
 
     /// Make delivery sockets for `dst`'s family ahead of need, up to [`SPARES`], once half or
     /// more are used, all with one visit to the namespace. Called once a delivered connection
-    /// has ended, when no one waits for the worker.
+    /// has ended, when no one waits for the netns.
     pub fn replenish(&self, dst: SocketAddr) {
         let domain = Domain::for_address(dst);
         let left = self.made_ahead().len();
         if left > SPARES / 2 {
             return;
         }
-        match self.worker.delivery_sockets(domain, SPARES - left) {
+        match self.netns.delivery_sockets(domain, SPARES - left) {
             Ok(made) => self
                 .made_ahead()
                 .extend(made.into_iter().map(|socket| Spare { socket, domain })),
             Err(e) => {
-                tracing::warn!(netns = %self.worker.path().display(), error = %e, "making spare sockets")
+                tracing::warn!(netns = %self.netns.path().display(), error = %e, "making spare sockets")
             }
         }
     }
@@ -255,15 +255,15 @@ mod tests {
     async fn deliveries_use_sockets_made_ahead() {
         // The agent's own namespace stands in for a pod's (its routing is left alone: no
         // `route_deliveries`, so deliveries are plain sockets bound to the marker).
-        let worker = Arc::new(NetnsWorker::spawn(Path::new("/proc/self/ns/net")).expect("worker"));
-        let sockets = DeliverySockets::new(worker.clone());
+        let netns = Arc::new(PodNetns::open(Path::new("/proc/self/ns/net")).expect("netns"));
+        let sockets = DeliverySockets::new(netns.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let dst = listener.local_addr().expect("address");
         let marker = IpAddr::from([127, 0, 0, 6]);
         let never = |_| -> io::Result<()> { panic!("a delivery from the marker is not announced") };
-        assert!(!worker.transparent_for(marker), "not set up");
+        assert!(!netns.transparent_for(marker), "not set up");
         assert_eq!(sockets.spares(dst), 0, "none before the first");
 
         let (first, _) = sockets.connect(dst, marker, never).await.expect("connect");

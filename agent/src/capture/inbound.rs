@@ -100,7 +100,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &PodContext) {
             return;
         }
     };
-    let carried = Carried {
+    let carried = Box::new(Carried {
         info: ConnInfo {
             source: None,
             destination: ctx.workload.identity.clone(),
@@ -118,7 +118,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &PodContext) {
         ),
         dry_run,
         decided_under,
-    };
+    });
     if http {
         let party = HttpParty {
             metrics: ctx.metrics.clone(),

@@ -18,7 +18,7 @@ use std::{
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tokio::net::TcpListener;
 
-use super::NetnsWorker;
+use super::PodNetns;
 use crate::{config::Ports, datapath::system};
 
 /// Which of the agent's listeners in a pod `port` belongs to (`capture`, `inbound`, `tunnel`),
@@ -65,15 +65,15 @@ fn listen(addr: SocketAddr, dual_stack: bool) -> io::Result<std::net::TcpListene
 }
 
 impl PodListeners {
-    /// Open the listeners inside the worker's namespace.
+    /// Open the listeners inside the pod's namespace.
     pub fn open(
-        worker: &NetnsWorker,
+        netns: &PodNetns,
         capture_port: u16,
         inbound_port: u16,
         tunnel_port: u16,
     ) -> io::Result<Self> {
-        let netns = worker.path().display().to_string();
-        let (v4, v6, inbound, tunnel) = worker.run_blocking(move || {
+        let path = netns.path().display().to_string();
+        let (v4, v6, inbound, tunnel) = netns.run_inside(|| {
             let any = |port| {
                 listen(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)), true)
                     .or_else(|_| listen(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)), false))
@@ -83,14 +83,14 @@ impl PodListeners {
             (v4, v6, any(inbound_port), any(tunnel_port))
         })?;
         let with_ctx =
-            |what: &str, e: io::Error| io::Error::new(e.kind(), format!("{what} in {netns}: {e}"));
+            |what: &str, e: io::Error| io::Error::new(e.kind(), format!("{what} in {path}: {e}"));
         let v4 = v4.map_err(|e| with_ctx("capture listener 127.0.0.1", e))?;
         let inbound = inbound.map_err(|e| with_ctx("inbound listener", e))?;
         let tunnel = tunnel.map_err(|e| with_ctx("tunnel listener", e))?;
         let v6 = match v6 {
             Ok(l) => Some(l),
             Err(e) => {
-                tracing::warn!(netns, error = %e, "no IPv6 capture listener; IPv6 redirects in this pod will be refused");
+                tracing::warn!(netns = path, error = %e, "no IPv6 capture listener; IPv6 redirects in this pod will be refused");
                 None
             }
         };

@@ -1,7 +1,7 @@
 //! Per-pod listeners inside each pod's network namespace, and what happens to the connections
 //! they accept.
 //!
-//! - [`netns`]: a worker thread that lives in a pod's netns and makes sockets there.
+//! - [`netns`]: entering a pod's netns from the calling thread, to make sockets there.
 //! - [`listeners`]: the capture (15001, loopback) and inbound (15006) listeners of one pod.
 //! - [`outbound`]: a redirected connection: find its original destination, tunnel it, cache the
 //!   pair's verdict when the destination says it may be cached.
@@ -23,7 +23,7 @@ pub mod transparent;
 pub mod tunneled;
 
 pub use listeners::PodListeners;
-pub use netns::NetnsWorker;
+pub use netns::PodNetns;
 pub use pod::PodContext;
 
 use std::{future::Future, net::SocketAddr, sync::Arc};

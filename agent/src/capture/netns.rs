@@ -1,17 +1,18 @@
 //! Making sockets inside a pod's network namespace. Sockets keep the namespace they were created
 //! in, so the rest of the agent (tokio, in the node's namespace) uses them as usual once they
-//! exist. Listeners are opened by a thread that lives in the namespace ([`NetnsWorker::run`]);
-//! outbound sockets on the connection path are made by the calling thread itself, which enters
-//! the namespace for the one `socket()` call and returns at once ([`NetnsWorker::connect`]), so a
-//! connection never waits for a thread hop. Delivery sockets (transparent and marked where the
-//! pod's routing allows, see [`super::transparent`]) are made here for deliveries.
+//! exist. Whatever must happen inside the namespace (making sockets, opening listeners, the
+//! pod's delivery routing) is done by the calling thread itself, which enters the namespace for
+//! those few system calls and returns at once ([`PodNetns::run_inside`]): a connection never
+//! waits for a thread hop, and a pod costs the agent no thread of its own. Delivery sockets
+//! (transparent and marked where the pod's routing allows, see [`super::transparent`]) are made
+//! here for deliveries.
 
 use std::{
     fs::File,
     io,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
-    sync::{OnceLock, mpsc},
+    sync::OnceLock,
 };
 
 use latch_common::DELIVERY_MARK;
@@ -19,11 +20,8 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use super::transparent::{self, Transparent};
 
-type Job = Box<dyn FnOnce() + Send>;
-
-/// Handle on the worker thread of one network namespace. The thread exits when this is dropped.
-pub struct NetnsWorker {
-    jobs: mpsc::Sender<Job>,
+/// A pod's network namespace, held open (its file) for entering it from any thread.
+pub struct PodNetns {
     namespace: Namespace,
 }
 
@@ -70,42 +68,15 @@ impl Drop for Entered {
     }
 }
 
-impl NetnsWorker {
-    /// Start a thread inside the netns at `path` (e.g. `/run/netns/pod-a`).
-    pub fn spawn(path: &Path) -> io::Result<Self> {
+impl PodNetns {
+    /// Open the netns at `path` (e.g. `/run/netns/pod-a`), and check that it can be entered.
+    pub fn open(path: &Path) -> io::Result<Self> {
         let file = File::open(path).map_err(|e| annotate(e, "opening netns", path))?;
-        let netns = file
-            .try_clone()
-            .map_err(|e| annotate(e, "duplicating the fd of netns", path))?;
-        home_netns()?;
-        let (jobs, inbox) = mpsc::channel::<Job>();
-        let (ready_tx, ready_rx) = mpsc::sync_channel::<io::Result<()>>(1);
-        let name = format!(
-            "netns-{}",
-            path.file_name()
-                .map(|n| n.to_string_lossy())
-                .unwrap_or_default()
-        );
-        std::thread::Builder::new().name(name).spawn(move || {
-            let entered = nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(io::Error::from);
-            let ok = entered.is_ok();
-            let _ = ready_tx.send(entered);
-            if ok {
-                for job in inbox {
-                    job();
-                }
-            }
-        })?;
-        ready_rx
-            .recv()
-            .map_err(|_| io::Error::other("netns worker thread died"))?
-            .map_err(|e| annotate(e, "entering netns", path))?;
+        drop(Entered::enter(&file).map_err(|e| annotate(e, "entering netns", path))?);
         Ok(Self {
-            jobs,
             namespace: Namespace {
                 path: path.to_owned(),
-                file: netns,
+                file,
                 transparent: OnceLock::new(),
             },
         })
@@ -115,45 +86,22 @@ impl NetnsWorker {
         &self.namespace.path
     }
 
-    /// Run `f` inside the namespace and wait for its result.
-    pub async fn run<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> io::Result<T> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.jobs
-            .send(Box::new(move || {
-                let _ = tx.send(f());
-            }))
-            .map_err(|_| io::Error::other("netns worker is gone"))?;
-        rx.await
-            .map_err(|_| io::Error::other("netns worker dropped a job"))
-    }
-
-    /// Same as [`NetnsWorker::run`], from synchronous code.
-    pub fn run_blocking<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> io::Result<T> {
-        let (tx, rx) = mpsc::sync_channel(1);
-        self.jobs
-            .send(Box::new(move || {
-                let _ = tx.send(f());
-            }))
-            .map_err(|_| io::Error::other("netns worker is gone"))?;
-        rx.recv()
-            .map_err(|_| io::Error::other("netns worker dropped a job"))
+    /// Run `f` on the calling thread inside the namespace, and return to the agent's. For a few
+    /// quick system calls: the thread is not the agent's to use while inside.
+    pub fn run_inside<T>(&self, f: impl FnOnce() -> T) -> io::Result<T> {
+        let _inside = Entered::enter(&self.namespace.file)
+            .map_err(|e| annotate(e, "entering netns", &self.namespace.path))?;
+        Ok(f())
     }
 
     /// Set up the pod's routing for deliveries from the clients' own addresses (see
-    /// [`super::transparent`]), once per worker; until then, and for a family where that fails,
+    /// [`super::transparent`]), once per netns; until then, and for a family where that fails,
     /// deliveries come from the loopback marker.
     pub fn route_deliveries(&self) -> io::Result<Transparent> {
         if let Some(installed) = self.namespace.transparent.get() {
             return Ok(*installed);
         }
-        let path = self.namespace.path.clone();
-        let installed = self.run_blocking(move || transparent::install(&path))?;
+        let installed = self.run_inside(|| transparent::install(&self.namespace.path))?;
         let installed = *self.namespace.transparent.get_or_init(|| installed);
         Ok(installed)
     }
@@ -222,7 +170,7 @@ impl Namespace {
 
     /// `n` new TCP sockets of `domain` inside the namespace (entered once for all of them). A
     /// delivery socket is transparent and marked where the pod's routing allows, to bind the
-    /// client's address (see [`NetnsWorker::deliver`]); else it gets its port from `connect()`,
+    /// client's address (see [`PodNetns::deliver`]); else it gets its port from `connect()`,
     /// unique per 4-tuple rather than per address (no port search at `bind()` time).
     fn sockets(&self, domain: Domain, delivery: bool, n: usize) -> io::Result<Vec<Socket>> {
         let sockets = {
@@ -269,7 +217,7 @@ fn annotate(e: io::Error, what: &str, path: &Path) -> io::Error {
 
 #[cfg(test)]
 mod tests {
-    use std::net::IpAddr;
+    use std::{net::IpAddr, sync::mpsc};
 
     use super::*;
 
@@ -367,12 +315,12 @@ mod tests {
         let (pod, listener) = ScratchPod::new("10.244.77.2/24", app);
         listener.set_nonblocking(true).expect("nonblocking");
         let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-        let worker = std::sync::Arc::new(NetnsWorker::spawn(&pod.path).expect("worker"));
-        let routing = worker.route_deliveries().expect("routing");
-        let sockets = crate::capture::delivery::DeliverySockets::new(worker.clone());
+        let netns = std::sync::Arc::new(PodNetns::open(&pod.path).expect("netns"));
+        let routing = netns.route_deliveries().expect("routing");
+        let sockets = crate::capture::delivery::DeliverySockets::new(netns.clone());
         assert_eq!(routing, Transparent { v4: true, v6: true });
         let client = IpAddr::from([10, 244, 9, 9]);
-        assert!(worker.transparent_for(client));
+        assert!(netns.transparent_for(client));
 
         for (turn, agent_closes_first) in [(1000u16, true), (2000, false)] {
             let port = crate::capture::delivery::DELIVERY_PORTS.start() + turn;

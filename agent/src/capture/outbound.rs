@@ -5,7 +5,11 @@
 //! takes the kernel fast path. Details: docs/tunnel.md (*HBONE*), docs/policy.md (*What is
 //! cached*).
 
-use std::{net::SocketAddr, sync::Arc, time::SystemTime};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use latch_common::{AF_INET, AF_INET6, RedirectKey};
 use tokio::net::{TcpListener, TcpStream};
@@ -17,12 +21,13 @@ use super::{
 use crate::{
     conn::{AccessDecision, ConnInfo, Direction, Via},
     datapath::maps::ip_from_key,
-    metrics::access,
+    metrics::{Metrics, access},
     state::DecidedUnder,
     tls::client_config_with,
     tunnel::{
         chunk::reset,
         hbone::{Dial, PoolKey, TunnelError},
+        splice::Remote,
     },
     verdicts::{
         Pair,
@@ -40,6 +45,57 @@ pub async fn serve(listener: TcpListener, ctx: Arc<PodContext>) {
 }
 
 async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &PodContext) {
+    // Boxed, and freed before the relay: the opening (with a TLS handshake, when it dials) takes
+    // far more room than the relay, and a task is as large as its largest step for as long as
+    // the connection lives.
+    let Some(Admitted {
+        carried,
+        remote,
+        log,
+    }) = Box::pin(admit(&stream, peer, ctx)).await
+    else {
+        reset(&stream);
+        return;
+    };
+    // Recorded once the answer's first bytes are on their way to the application.
+    let admitted = |_: &Carried| log.record(&ctx.metrics);
+    carry::splice(&ctx.tracker, carried, remote, stream, true, admitted).await
+}
+
+/// An outbound connection its destination admitted: what the relay needs.
+struct Admitted {
+    carried: Box<Carried>,
+    remote: Remote,
+    log: AllowLog,
+}
+
+/// The access-log line (and handshake time) of an admitted outbound connection.
+struct AllowLog {
+    src_id: String,
+    dst_id: String,
+    dst: SocketAddr,
+    reason: &'static str,
+    handshake: Option<Duration>,
+}
+
+impl AllowLog {
+    fn record(&self, metrics: &Metrics) {
+        if let Some(elapsed) = self.handshake {
+            metrics.handshake(elapsed);
+        }
+        access_log(
+            &self.src_id,
+            &self.dst_id,
+            self.dst,
+            AccessDecision::Allow,
+            self.reason,
+        );
+    }
+}
+
+/// Find the connection's original destination and open a tunnel to it; `None` (logged) if it
+/// is not carried, for the caller to reset.
+async fn admit(stream: &TcpStream, peer: SocketAddr, ctx: &PodContext) -> Option<Admitted> {
     let key = RedirectKey {
         netns_cookie: ctx.netns_cookie,
         port: peer.port(),
@@ -50,13 +106,11 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &PodContext) {
         Ok(Some(orig)) => orig,
         Ok(None) => {
             tracing::warn!(workload = %ctx.workload.id, %peer, "captured connection has no original destination; resetting");
-            reset(&stream);
-            return;
+            return None;
         }
         Err(e) => {
             tracing::error!(workload = %ctx.workload.id, error = %e, "reading redirect map");
-            reset(&stream);
-            return;
+            return None;
         }
     };
     let dst = SocketAddr::new(ip_from_key(&orig.addr), orig.port);
@@ -71,8 +125,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &PodContext) {
             AccessDecision::Refused,
             "not a mesh endpoint",
         );
-        reset(&stream);
-        return;
+        return None;
     };
     let dst_id = endpoint.identity.to_string();
     let Some(current) = ctx.certs.current(&src_id) else {
@@ -83,8 +136,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &PodContext) {
             AccessDecision::Refused,
             "no certificate for the source",
         );
-        reset(&stream);
-        return;
+        return None;
     };
     let config = &snapshot.config;
     let key = PoolKey {
@@ -96,13 +148,13 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &PodContext) {
     };
     let own_not_after = current.svid.not_after;
     // Only a new pooled connection needs a TLS client config: build it in the dialler.
-    let worker = ctx.worker.clone();
+    let netns = ctx.netns.clone();
     let tunnel_endpoint = key.endpoint;
     let resolver = ctx.certs.resolver(&src_id);
     let trust_domain = config.trust_domain.clone();
     let expected = dst_id.clone();
     let dial = move || Dial {
-        tcp: Box::pin(async move { worker.connect(tunnel_endpoint).await }),
+        tcp: Box::pin(async move { netns.connect(tunnel_endpoint).await }),
         tls: client_config_with(resolver, current.bundle.to_vec(), &trust_domain, &expected)
             .map_err(|e| e.to_string()),
         client_not_after: current.svid.not_after,
@@ -136,7 +188,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &PodContext) {
         .find(|ip| ip.is_ipv4() == dst.is_ipv4())
         .map(|ip| SocketAddr::new(*ip, peer.port()));
     // The application's first bytes go out behind the CONNECT, before the answer.
-    let open = ctx.tunnel.open(&key, dst, client, dial, Some(&stream));
+    let open = ctx.tunnel.open(&key, dst, client, dial, Some(stream));
     let opened = match open.await {
         Ok(opened) => opened,
         Err(e) => {
@@ -160,8 +212,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &PodContext) {
             {
                 ctx.cache.remember(pair, false, ttl, generation);
             }
-            reset(&stream);
-            return;
+            return None;
         }
     };
 
@@ -183,7 +234,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &PodContext) {
         Caching::NotCacheable
     };
     let reason = reason(opened.new_connection, caching);
-    let carried = Carried {
+    let carried = Box::new(Carried {
         info: ConnInfo {
             source: Some(ctx.workload.identity.clone()),
             destination: endpoint.identity.clone(),
@@ -198,23 +249,18 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &PodContext) {
         reason: reason.to_owned(),
         dry_run: None,
         decided_under,
-    };
-    // Recorded once the answer's first bytes are on their way to the application.
-    let admitted = |_: &Carried| {
-        if let Some(elapsed) = opened.handshake {
-            ctx.metrics.handshake(elapsed);
-        }
-        access_log(&src_id, &dst_id, dst, AccessDecision::Allow, reason);
-    };
-    carry::splice(
-        &ctx.tracker,
+    });
+    Some(Admitted {
         carried,
-        opened.stream.into_remote(),
-        stream,
-        true,
-        admitted,
-    )
-    .await
+        remote: opened.stream.into_remote(),
+        log: AllowLog {
+            src_id,
+            dst_id,
+            dst,
+            reason,
+            handshake: opened.handshake,
+        },
+    })
 }
 
 /// What became of an allowed pair's verdict at the source.

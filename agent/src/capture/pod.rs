@@ -1,9 +1,9 @@
-//! What every listener of one pod works with: the pod, its netns worker, and the node-wide
+//! What every listener of one pod works with: the pod, its netns netns, and the node-wide
 //! handles its connections share. The runtime makes one per pod ([`crate::runtime::pod`]).
 
 use std::sync::Arc;
 
-use super::{NetnsWorker, delivery::DeliverySockets};
+use super::{PodNetns, delivery::DeliverySockets};
 use crate::{
     datapath::{DeliveryMap, RedirectMap},
     identity::{LocalWorkload, certs::CertStore},
@@ -22,7 +22,7 @@ pub struct PodContext {
     pub workload: LocalWorkload,
     /// The pod netns's cookie: the key of its captured connections' original destinations.
     pub netns_cookie: u64,
-    pub worker: Arc<NetnsWorker>,
+    pub netns: Arc<PodNetns>,
     /// Delivery sockets in the pod's netns.
     pub delivery: DeliverySockets,
     /// The redirect map, read (without a lock) for each captured connection.

@@ -248,7 +248,7 @@ impl PodContext {
             self.cache
                 .remember(pair, true, ttl, decided_under.generation())
         });
-        let carried = Carried {
+        let carried = Box::new(Carried {
             info: ConnInfo {
                 source: Some(caller.identity.clone()),
                 destination: self.workload.identity.clone(),
@@ -263,22 +263,26 @@ impl PodContext {
             reason,
             dry_run,
             decided_under,
-        };
+        });
         let ctx = self.clone();
+        // Only an HTTP-enforced connection needs the caller's identity again.
+        let http_source = http.then(|| caller.identity.clone());
         Admission::Admit {
             cacheable,
             carry: Box::new(move |stream| {
                 Box::pin(async move {
-                    if http {
-                        // Every request is decided (and logged) on its own.
+                    if let Some(source) = http_source {
+                        // Every request is decided (and logged) on its own. Boxed: the HTTP
+                        // server's state would otherwise make every tunneled connection's
+                        // future as large as its own.
                         let party = HttpParty {
                             metrics: ctx.metrics.clone(),
                             state: ctx.state.clone(),
                             workload: ctx.workload.clone(),
-                            source: Some(caller.identity.clone()),
+                            source: Some(source),
                             source_ip,
                         };
-                        carry::http(&ctx.tracker, carried, party, stream, app).await
+                        Box::pin(carry::http(&ctx.tracker, carried, party, stream, app)).await
                     } else {
                         carry::splice(&ctx.tracker, carried, stream, app, false, |carried| {
                             carried.admitted(&ctx.metrics)

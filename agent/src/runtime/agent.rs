@@ -8,7 +8,7 @@ use tokio::task::JoinHandle;
 
 use crate::{
     antispoof::AntiSpoof,
-    capture::NetnsWorker,
+    capture::PodNetns,
     datapath::{Datapath, DeliveryMap, RedirectMap},
     debug::agent::Published,
     identity::{LocalWorkload, certs::CertStore},
@@ -59,13 +59,13 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
-/// A pod this agent serves: its listeners' tasks, its netns worker, and the drain of its tunnel
+/// A pod this agent serves: its listeners' tasks, its netns netns, and the drain of its tunnel
 /// server connections (started when the pod is no longer served: they send `GOAWAY`, so clients
 /// dial its new listener, if any, instead of using a connection proven for what is gone).
 pub(super) struct PodRuntime {
     pub(super) workload: LocalWorkload,
     pub(super) _tasks: Vec<AbortOnDrop<()>>,
-    pub(super) _worker: Arc<NetnsWorker>,
+    pub(super) _netns: Arc<PodNetns>,
     pub(super) drain: Drain,
 }
 

@@ -9,8 +9,7 @@ use anyhow::Context as _;
 use super::agent::{AbortOnDrop, Agent, PodRuntime};
 use crate::{
     capture::{
-        NetnsWorker, PodContext, PodListeners, delivery::DeliverySockets, inbound, outbound,
-        tunneled,
+        PodContext, PodListeners, PodNetns, delivery::DeliverySockets, inbound, outbound, tunneled,
     },
     config::{Config, Ports},
     identity::LocalWorkload,
@@ -22,7 +21,7 @@ use crate::{
 /// yet serving.
 pub(super) struct PreparedPod {
     pub(super) workload: LocalWorkload,
-    worker: Arc<NetnsWorker>,
+    netns: Arc<PodNetns>,
     /// `None` for a pod that is being replaced: it rebinds after the old listeners close.
     listeners: Option<PodListeners>,
 }
@@ -34,25 +33,25 @@ pub(super) fn prepare_pod(
     w: &LocalWorkload,
     replacing: bool,
 ) -> anyhow::Result<PreparedPod> {
-    let worker = Arc::new(NetnsWorker::spawn(&w.netns).context("entering its netns")?);
-    // Failing to set it up only warns (the worker falls back to the loopback marker).
-    worker
+    let netns = Arc::new(PodNetns::open(&w.netns).context("entering its netns")?);
+    // Failing to set it up only warns (deliveries fall back to the loopback marker).
+    netns
         .route_deliveries()
         .context("setting up delivery routing")?;
     let listeners = if replacing {
         None
     } else {
-        Some(open_listeners(&worker, &config.ports)?)
+        Some(open_listeners(&netns, &config.ports)?)
     };
     Ok(PreparedPod {
         workload: w.clone(),
-        worker,
+        netns,
         listeners,
     })
 }
 
-fn open_listeners(worker: &NetnsWorker, ports: &Ports) -> anyhow::Result<PodListeners> {
-    PodListeners::open(worker, ports.capture, ports.inbound, ports.tunnel)
+fn open_listeners(netns: &PodNetns, ports: &Ports) -> anyhow::Result<PodListeners> {
+    PodListeners::open(netns, ports.capture, ports.inbound, ports.tunnel)
         .context("opening listeners")
 }
 
@@ -65,12 +64,12 @@ pub(super) fn serve_pod(
 ) -> anyhow::Result<PodRuntime> {
     let PreparedPod {
         workload,
-        worker,
+        netns,
         listeners,
     } = pod;
     let listeners = match listeners {
         Some(l) => l,
-        None => open_listeners(&worker, ports)?,
+        None => open_listeners(&netns, ports)?,
     };
     agent
         .datapath
@@ -83,7 +82,7 @@ pub(super) fn serve_pod(
                 .context("registering the inbound listener")?;
         }
     }
-    Ok(start_pod(agent, workload, worker, listeners))
+    Ok(start_pod(agent, workload, netns, listeners))
 }
 
 /// Spawn the pod's listener tasks, one context for all: outbound capture (IPv4 and, if
@@ -91,15 +90,15 @@ pub(super) fn serve_pod(
 fn start_pod(
     agent: &Agent,
     workload: LocalWorkload,
-    worker: Arc<NetnsWorker>,
+    netns: Arc<PodNetns>,
     listeners: PodListeners,
 ) -> PodRuntime {
     let drain = Drain::node().child();
     let ctx = Arc::new(PodContext {
         workload: workload.clone(),
         netns_cookie: listeners.netns_cookie,
-        worker: worker.clone(),
-        delivery: DeliverySockets::new(worker.clone()),
+        netns: netns.clone(),
+        delivery: DeliverySockets::new(netns.clone()),
         redirects: agent.redirects.clone(),
         deliveries: agent.deliveries.clone(),
         cache: agent.cache.clone(),
@@ -125,7 +124,7 @@ fn start_pod(
     PodRuntime {
         workload,
         _tasks: tasks,
-        _worker: worker,
+        _netns: netns,
         drain,
     }
 }
