@@ -115,33 +115,38 @@ impl Carried {
 /// only then is the connection counted in the metrics and `admitted` run (the decision's
 /// access-log line and what else the caller records), while the other end is busy with those
 /// bytes.
-pub async fn splice(
-    tracker: &Tracker,
+pub fn splice<'a>(
+    tracker: &'a Tracker,
     carried: Box<Carried>,
     remote: impl Into<Remote>,
     local: TcpStream,
     local_is_source: bool,
-    admitted: impl FnOnce(&Carried),
-) {
-    let started = Instant::now();
-    let tracked = carried.register(tracker);
-    let result = {
-        let mut relay = pin!(tracked.splice(remote, local, local_is_source));
-        let first = poll_once(relay.as_mut()).await;
-        // Those bytes woke the client or the application; if the kernel put that thread on
-        // this CPU, it runs now rather than after the bookkeeping.
-        std::thread::yield_now();
-        // And whatever else became ready meanwhile (the client's next connection, say) goes
-        // before this one's bookkeeping and end.
-        crate::scheduling::yielding::behind_ready().await;
-        tracked.count_opened();
-        admitted(&carried);
-        match first {
-            Poll::Ready(result) => result,
-            Poll::Pending => relay.await,
-        }
-    };
-    carried.log_closed(&tracked, started, &result);
+    admitted: impl FnOnce(&Carried) + 'a,
+) -> impl Future<Output = ()> + 'a {
+    let remote = remote.into();
+    // Not an `async fn`, whose arguments the future would hold twice (as passed, and moved into
+    // its body): a held connection keeps this future as long as it lives.
+    async move {
+        let started = Instant::now();
+        let tracked = carried.register(tracker);
+        let result = {
+            let mut relay = pin!(tracked.splice(remote, local, local_is_source));
+            let first = poll_once(relay.as_mut()).await;
+            // Those bytes woke the client or the application; if the kernel put that thread on
+            // this CPU, it runs now rather than after the bookkeeping.
+            std::thread::yield_now();
+            // And whatever else became ready meanwhile (the client's next connection, say) goes
+            // before this one's bookkeeping and end.
+            crate::scheduling::yielding::behind_ready().await;
+            tracked.count_opened();
+            admitted(&carried);
+            match first {
+                Poll::Ready(result) => result,
+                Poll::Pending => relay.await,
+            }
+        };
+        carried.log_closed(&tracked, started, &result);
+    }
 }
 
 /// The destination workload and caller of an HTTP-enforced connection.

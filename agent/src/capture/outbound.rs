@@ -21,7 +21,7 @@ use super::{
 use crate::{
     conn::{AccessDecision, ConnInfo, Direction, Via},
     datapath::maps::ip_from_key,
-    metrics::{Metrics, access},
+    metrics::access,
     state::DecidedUnder,
     tls::client_config_with,
     tunnel::{
@@ -51,14 +51,26 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &PodContext) {
     let Some(Admitted {
         carried,
         remote,
-        log,
+        handshake,
     }) = Box::pin(admit(&stream, peer, ctx)).await
     else {
         reset(&stream);
         return;
     };
     // Recorded once the answer's first bytes are on their way to the application.
-    let admitted = |_: &Carried| log.record(&ctx.metrics);
+    let admitted = |carried: &Carried| {
+        if let Some(elapsed) = handshake {
+            ctx.metrics.handshake(elapsed);
+        }
+        let info = &carried.info;
+        access_log(
+            info.source.as_ref().map_or("", |id| id.as_str()),
+            info.destination.as_str(),
+            info.destination_address,
+            AccessDecision::Allow,
+            &carried.reason,
+        );
+    };
     carry::splice(&ctx.tracker, carried, remote, stream, true, admitted).await
 }
 
@@ -66,31 +78,8 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &PodContext) {
 struct Admitted {
     carried: Box<Carried>,
     remote: Remote,
-    log: AllowLog,
-}
-
-/// The access-log line (and handshake time) of an admitted outbound connection.
-struct AllowLog {
-    src_id: String,
-    dst_id: String,
-    dst: SocketAddr,
-    reason: &'static str,
+    /// How long the TLS handshake took, if the tunnel was dialled for it.
     handshake: Option<Duration>,
-}
-
-impl AllowLog {
-    fn record(&self, metrics: &Metrics) {
-        if let Some(elapsed) = self.handshake {
-            metrics.handshake(elapsed);
-        }
-        access_log(
-            &self.src_id,
-            &self.dst_id,
-            self.dst,
-            AccessDecision::Allow,
-            self.reason,
-        );
-    }
 }
 
 /// Find the connection's original destination and open a tunnel to it; `None` (logged) if it
@@ -253,16 +242,9 @@ async fn admit(stream: &TcpStream, peer: SocketAddr, ctx: &PodContext) -> Option
     Some(Admitted {
         carried,
         remote: opened.stream.into_remote(),
-        log: AllowLog {
-            src_id,
-            dst_id,
-            dst,
-            reason,
-            handshake: opened.handshake,
-        },
+        handshake: opened.handshake,
     })
 }
-
 /// What became of an allowed pair's verdict at the source.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Caching {

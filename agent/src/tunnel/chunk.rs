@@ -43,7 +43,7 @@ pub(crate) trait ChunkWrite: Send {
 
 /// Poll `future` once: whatever it can do without waiting is done, and its output if that was
 /// all. Used to move a connection's first bytes before the bookkeeping that goes with them.
-pub async fn poll_once<F: Future>(mut future: Pin<&mut F>) -> Poll<F::Output> {
+pub async fn poll_once<F: Future + ?Sized>(mut future: Pin<&mut F>) -> Poll<F::Output> {
     poll_fn(|cx| Poll::Ready(future.as_mut().poll(cx))).await
 }
 

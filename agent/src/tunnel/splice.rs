@@ -17,6 +17,7 @@ use std::{
 };
 
 use bytes::{BufMut as _, Bytes, BytesMut};
+use futures::TryFutureExt as _;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _, Interest},
     net::{
@@ -70,98 +71,115 @@ impl From<H2Stream> for Remote {
 /// `from_local` count the bytes read from each side as they pass. On error a TCP `remote` is
 /// reset and a tunnel stream is reset by dropping it; resetting `local` is the caller's (it may
 /// also stop the relay for reasons of its own).
-pub async fn relay(
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn would hold its arguments twice in the future"
+)]
+pub fn relay<'a>(
     remote: Remote,
-    local: &mut TcpStream,
-    from_remote: &AtomicU64,
-    from_local: &AtomicU64,
-) -> io::Result<Transferred> {
-    let (local_read, local_write) = local.split();
-    let (local_read, local_write) = (TcpReader::new(local_read), TcpWriter::new(local_write));
-    match remote {
-        Remote::Tcp(mut tcp) => {
-            let result = {
-                let (read, write) = tcp.split();
-                both_ways(
-                    TcpReader::new(read),
-                    TcpWriter::new(write),
+    local: &'a mut TcpStream,
+    from_remote: &'a AtomicU64,
+    from_local: &'a AtomicU64,
+) -> impl Future<Output = io::Result<Transferred>> + Send + 'a {
+    // Not an `async fn`, whose arguments the future would hold twice (as passed, and moved into
+    // its body): a held connection keeps this future as long as it lives.
+    async move {
+        let (local_read, local_write) = local.split();
+        let (local_read, local_write) = (TcpReader::new(local_read), TcpWriter::new(local_write));
+        match remote {
+            Remote::Tcp(mut tcp) => {
+                let result = {
+                    let (read, write) = tcp.split();
+                    both_ways(
+                        TcpReader::new(read),
+                        TcpWriter::new(write),
+                        local_read,
+                        local_write,
+                        from_remote,
+                        from_local,
+                    )
+                    .await
+                };
+                if result.is_err() {
+                    reset(&tcp);
+                }
+                result
+            }
+            Remote::Tunnel { stream, keep } => {
+                let (read, write) = stream.into_halves();
+                let result = both_ways(
+                    read,
+                    write,
                     local_read,
                     local_write,
                     from_remote,
                     from_local,
                 )
-                .await
-            };
-            if result.is_err() {
-                reset(&tcp);
+                .await;
+                // The last frames (often the answer itself, with END_STREAM) are queued for the
+                // HTTP/2 connection's task: let it write them, and let whatever else is waiting (the
+                // client's next connection, say) go, before this task goes on to close the socket
+                // and log the connection.
+                crate::scheduling::yielding::behind_ready().await;
+                drop(keep);
+                result
             }
-            result
-        }
-        Remote::Tunnel { stream, keep } => {
-            let (read, write) = stream.into_halves();
-            let result = both_ways(
-                read,
-                write,
-                local_read,
-                local_write,
-                from_remote,
-                from_local,
-            )
-            .await;
-            // The last frames (often the answer itself, with END_STREAM) are queued for the
-            // HTTP/2 connection's task: let it write them, and let whatever else is waiting (the
-            // client's next connection, say) go, before this task goes on to close the socket
-            // and log the connection.
-            crate::scheduling::yielding::behind_ready().await;
-            drop(keep);
-            result
         }
     }
 }
 
-async fn both_ways(
-    remote_read: impl ChunkRead,
-    remote_write: impl ChunkWrite,
-    local_read: impl ChunkRead,
-    local_write: impl ChunkWrite,
-    from_remote: &AtomicU64,
-    from_local: &AtomicU64,
-) -> io::Result<Transferred> {
-    let (a_to_b, b_to_a) = tokio::try_join!(
+fn both_ways<'a>(
+    remote_read: impl ChunkRead + 'a,
+    remote_write: impl ChunkWrite + 'a,
+    local_read: impl ChunkRead + 'a,
+    local_write: impl ChunkWrite + 'a,
+    from_remote: &'a AtomicU64,
+    from_local: &'a AtomicU64,
+) -> impl Future<Output = io::Result<Transferred>> + Send + 'a {
+    // Neither an `async fn` nor `try_join!`, each of which would hold the two pumps (or their
+    // arguments) twice for as long as the connection lives.
+    futures::future::try_join(
         pump(remote_read, local_write, from_remote),
         pump(local_read, remote_write, from_local),
-    )?;
-    Ok(Transferred { a_to_b, b_to_a })
+    )
+    .map_ok(|(a_to_b, b_to_a)| Transferred { a_to_b, b_to_a })
 }
 
 /// Move chunks from `from` to `to` until `from` ends, then end `to`.
-async fn pump(
-    mut from: impl ChunkRead,
-    mut to: impl ChunkWrite,
-    count: &AtomicU64,
-) -> io::Result<u64> {
-    let mut total = 0;
-    if to.finished() {
-        // This half was ended before the relay began (a source's FIN that went out with the
-        // `CONNECT`): there is nothing left to read.
-        return Ok(0);
-    }
-    while let Some(chunk) = from.read_chunk().await? {
-        let n = chunk.len();
-        crate::scheduling::busy_poll::activity();
-        count.fetch_add(n as u64, Ordering::Relaxed);
-        // A sender that has already ended its half: its last bytes and the end go together
-        // (one `DATA` frame with `END_STREAM`, or the bytes and the FIN back to back).
-        let last = from.ended();
-        to.write_chunk(chunk, last).await?;
-        from.consumed(n);
-        total += n as u64;
-        if last {
-            return Ok(total);
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn would hold its arguments twice in the future"
+)]
+fn pump<'a>(
+    mut from: impl ChunkRead + 'a,
+    mut to: impl ChunkWrite + 'a,
+    count: &'a AtomicU64,
+) -> impl Future<Output = io::Result<u64>> + Send + 'a {
+    // Not an `async fn`, whose arguments the future would hold twice (see `relay`).
+    async move {
+        let mut total = 0;
+        if to.finished() {
+            // This half was ended before the relay began (a source's FIN that went out with the
+            // `CONNECT`): there is nothing left to read.
+            return Ok(0);
         }
+        while let Some(chunk) = from.read_chunk().await? {
+            let n = chunk.len();
+            crate::scheduling::busy_poll::activity();
+            count.fetch_add(n as u64, Ordering::Relaxed);
+            // A sender that has already ended its half: its last bytes and the end go together
+            // (one `DATA` frame with `END_STREAM`, or the bytes and the FIN back to back).
+            let last = from.ended();
+            to.write_chunk(chunk, last).await?;
+            from.consumed(n);
+            total += n as u64;
+            if last {
+                return Ok(total);
+            }
+        }
+        to.finish().await?;
+        Ok(total)
     }
-    to.finish().await?;
-    Ok(total)
 }
 
 /// Reads from a TCP socket into buffers sized by what the last reads brought.

@@ -261,28 +261,32 @@ impl Tracked {
     /// `local` (a TCP socket of a local workload) until both directions end, counting bytes as
     /// they pass. `local_is_source` says which way is "sent". If the tracker closes the
     /// connection, `local` is reset and `remote` dropped; that ends in an error.
-    pub async fn splice(
+    pub fn splice(
         &self,
         remote: impl Into<Remote>,
         mut local: TcpStream,
         local_is_source: bool,
-    ) -> io::Result<Transferred> {
+    ) -> impl Future<Output = io::Result<Transferred>> + Send + '_ {
+        let remote = remote.into();
         let (from_remote, from_local) = if local_is_source {
             (&self.counters.received, &self.counters.sent)
         } else {
             (&self.counters.sent, &self.counters.received)
         };
-        let result = tokio::select! {
-            r = relay(remote.into(), &mut local, from_remote, from_local) => r,
-            () = self.cancel.cancelled() => Err(io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                "closed by the agent: no longer allowed",
-            )),
-        };
-        if result.is_err() {
-            reset(&local);
+        // Not an `async fn`, whose arguments the future would hold twice (see `relay`).
+        async move {
+            let result = tokio::select! {
+                r = relay(remote, &mut local, from_remote, from_local) => r,
+                () = self.cancel.cancelled() => Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "closed by the agent: no longer allowed",
+                )),
+            };
+            if result.is_err() {
+                reset(&local);
+            }
+            result
         }
-        result
     }
 }
 

@@ -294,14 +294,14 @@ impl ServerConnection {
             crate::scheduling::busy_poll::activity();
             let (request, respond) =
                 stream.map_err(|e| io::Error::other(format!("HTTP/2 with {peer}: {e}")))?;
-            tokio::spawn(handle_connect(
+            tokio::spawn(handle_connect(Box::new(Connect {
                 request,
                 respond,
-                caller.clone(),
-                inbound.clone(),
-                clock.clone(),
-                go_away.clone(),
-            ));
+                caller: caller.clone(),
+                inbound: inbound.clone(),
+                clock: clock.clone(),
+                go_away: go_away.clone(),
+            })));
             // The new stream first: polling the connection again reads its socket, which more
             // often than not has nothing more, and that can wait.
             tokio::task::yield_now().await;
@@ -332,14 +332,36 @@ fn refuse(mut respond: SendResponse<Bytes>, response: Response<()>) {
     }
 }
 
-async fn handle_connect(
+/// One `CONNECT` stream and what answering it needs.
+struct Connect {
     request: Request<RecvStream>,
     respond: SendResponse<Bytes>,
-    mut caller: Caller,
+    caller: Caller,
     inbound: Arc<dyn Inbound>,
     clock: AnswerClock,
     go_away: Arc<tokio::sync::Notify>,
-) {
+}
+
+/// Answer one `CONNECT` and carry its stream. The answering is boxed and freed before the
+/// carrying, and the stream's parts come boxed too: a task is as large as its largest step, and
+/// its arguments stay in it, for as long as the connection lives.
+async fn handle_connect(connect: Box<Connect>) {
+    if let Some(carried) = Box::pin(answer_connect(connect)).await {
+        carried.await
+    }
+}
+
+/// Decide a `CONNECT` and answer it if it is refused; if it is admitted, the relay to the
+/// application, polled once (the early data delivered) and with the answer's timer running.
+async fn answer_connect(connect: Box<Connect>) -> Option<BoxFuture<()>> {
+    let Connect {
+        request,
+        respond,
+        mut caller,
+        inbound,
+        clock,
+        go_away,
+    } = *connect;
     let unauthorized = |respond| {
         refuse(respond, status(StatusCode::UNAUTHORIZED));
         go_away.notify_one();
@@ -347,24 +369,28 @@ async fn handle_connect(
     // What the handshake proved holds only while the client's certificate is valid.
     if !caller.certificate_valid_at(SystemTime::now()) {
         tracing::info!(source = %caller.identity, client = %caller.address, "CONNECT refused: the client certificate the connection was proven with is not valid now");
-        return unauthorized(respond);
+        unauthorized(respond);
+        return None;
     }
     if request.method() != Method::CONNECT {
-        return refuse(respond, status(StatusCode::METHOD_NOT_ALLOWED));
+        refuse(respond, status(StatusCode::METHOD_NOT_ALLOWED));
+        return None;
     }
     let Some(target) = request
         .uri()
         .authority()
         .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
     else {
-        return refuse(respond, status(StatusCode::BAD_REQUEST));
+        refuse(respond, status(StatusCode::BAD_REQUEST));
+        return None;
     };
     if let Some(value) = request.headers().get(forwarded::FORWARDED) {
         match forwarded::parse(value) {
             Ok(client) => caller.forwarded_for = Some(client),
             Err(e) => {
                 tracing::info!(source = %caller.identity, %target, error = %e, "CONNECT refused");
-                return refuse(respond, status(StatusCode::BAD_REQUEST));
+                refuse(respond, status(StatusCode::BAD_REQUEST));
+                return None;
             }
         }
     }
@@ -372,11 +398,11 @@ async fn handle_connect(
         Admission::Admit { cacheable, carry } => {
             // The 200 goes with the application's first bytes (see `answer`).
             let (held, timer) = PendingAnswer::new(respond, answer(StatusCode::OK, cacheable));
-            let mut carried = pin!(carry(H2Stream::answering(held, request.into_body())));
+            let mut carried = carry(H2Stream::answering(held, request.into_body()));
             // The first poll delivers the early data to the application; then the timer.
             if poll_once(carried.as_mut()).await.is_pending() {
                 timer.start(&clock);
-                carried.await
+                return Some(carried);
             }
         }
         Admission::Forbidden { cacheable } => {
@@ -385,4 +411,5 @@ async fn handle_connect(
         Admission::Unreachable => refuse(respond, status(StatusCode::SERVICE_UNAVAILABLE)),
         Admission::Unauthorized => unauthorized(respond),
     }
+    None
 }
