@@ -124,7 +124,44 @@ impl Visit for Fields<'_> {
         self.value(field, &value.to_string());
     }
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.value(field, &format!("{value:?}"));
+        // Formatted straight into the line (the message, `%` and `?` fields), not into a String
+        // first.
+        if self.key(field) {
+            self.line.push(b'"');
+            let _ = fmt::Write::write_fmt(&mut JsonEscaped(self.line), format_args!("{value:?}"));
+            self.line.push(b'"');
+        }
+    }
+}
+
+/// Writes what is formatted into it as the inside of a JSON string: `"`, `\` and control
+/// characters escaped, everything else as it is.
+struct JsonEscaped<'a>(&'a mut Vec<u8>);
+
+impl fmt::Write for JsonEscaped<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let bytes = s.as_bytes();
+        let mut plain = 0;
+        for (i, &b) in bytes.iter().enumerate() {
+            let escape: &[u8] = match b {
+                b'"' => b"\\\"",
+                b'\\' => b"\\\\",
+                b'\n' => b"\\n",
+                b'\r' => b"\\r",
+                b'\t' => b"\\t",
+                0..0x20 | 0x7f => b"",
+                _ => continue,
+            };
+            self.0.extend_from_slice(&bytes[plain..i]);
+            if escape.is_empty() {
+                let _ = write!(self.0, "\\u{b:04x}");
+            } else {
+                self.0.extend_from_slice(escape);
+            }
+            plain = i + 1;
+        }
+        self.0.extend_from_slice(&bytes[plain..]);
+        Ok(())
     }
 }
 
@@ -162,6 +199,8 @@ mod tests {
                 nan = f64::NAN,
                 ok = true,
                 list = ?vec![1, 2],
+                debugged = ?"q\"\\",
+                raw = %"tab\there\u{7}\u{7f}",
                 "access"
             )
         });
@@ -187,6 +226,14 @@ mod tests {
         assert!(f["nan"].is_null(), "JSON has no NaN");
         assert_eq!(f["ok"], true);
         assert_eq!(f["list"], "[1, 2]");
+        assert_eq!(
+            f["debugged"], "\"q\\\"\\\\\"",
+            "Debug output with quotes and backslashes, escaped and read back"
+        );
+        assert_eq!(
+            f["raw"], "tab\there\u{7}\u{7f}",
+            "control characters escaped and read back"
+        );
         // Members in the order tracing-subscriber writes them, the message first.
         let order: Vec<usize> = ["\"timestamp\"", "\"level\"", "\"fields\"", "\"target\""]
             .iter()

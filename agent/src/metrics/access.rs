@@ -90,9 +90,9 @@ fn emit(r: &Record<'_>, what: &str) {
         event = what,
         direction = r.direction.as_str(),
         source_principal = r.source_principal,
-        source_address = r.source_address.map(|a| a.to_string()).unwrap_or_default(),
+        source_address = %Address(r.source_address),
         destination_principal = r.destination_principal,
-        destination_address = r.destination_address.map(|a| a.to_string()).unwrap_or_default(),
+        destination_address = %Address(r.destination_address),
         destination_port = port,
         decision = r.decision.as_str(),
         policy = r.policy,
@@ -106,4 +106,17 @@ fn emit(r: &Record<'_>, what: &str) {
         duration_ms = r.duration.map(|d| d.as_secs_f64() * 1000.0).unwrap_or_default(),
         "access"
     );
+}
+
+/// An address as the access log writes it: `ip:port`, empty when unknown (formatted into the
+/// line, with no string of its own).
+struct Address(Option<SocketAddr>);
+
+impl std::fmt::Display for Address {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(addr) => addr.fmt(f),
+            None => Ok(()),
+        }
+    }
 }
