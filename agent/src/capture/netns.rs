@@ -39,10 +39,11 @@ fn home_netns() -> io::Result<&'static File> {
     if let Some(home) = HOME.get() {
         return Ok(home);
     }
-    // Every thread but the netns workers lives in the agent's namespace; the process's entry
-    // (its main thread's) names it.
-    let file = File::open("/proc/self/ns/net")
-        .map_err(|e| annotate(e, "opening", Path::new("/proc/self/ns/net")))?;
+    // Threads live in the agent's namespace but while one is inside a pod's ([`Entered`], never
+    // nested), and this is asked before entering: the calling thread's own namespace names it.
+    // Not the process's (`/proc/self`, the main thread's), which may be inside a pod's just now.
+    const OWN: &str = "/proc/thread-self/ns/net";
+    let file = File::open(OWN).map_err(|e| annotate(e, "opening", Path::new(OWN)))?;
     Ok(HOME.get_or_init(|| file))
 }
 
