@@ -77,7 +77,7 @@ pub(crate) fn write_now(stream: &TcpStream, buf: &[u8]) -> io::Result<usize> {
 }
 
 /// The most one [`take_now`] or [`try_take`] reads.
-pub(crate) const TAKE_MOST: usize = 16 * 1024;
+const TAKE_MOST: usize = 16 * 1024;
 
 thread_local! {
     /// Each thread's buffer for [`take`]: written by the kernel, copied out at once.
