@@ -15,6 +15,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use super::{
     agent::{AbortOnDrop, Agent, WATCH_INTERVAL},
     reconcile::{self, prepare},
+    shed,
     source::Source,
 };
 use crate::{
@@ -161,6 +162,7 @@ pub async fn run<S: Source>(mut source: S, config: Config) -> anyhow::Result<()>
         metrics = %snapshot.config.metrics.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
         "agent ready"
     );
+    give_back_start_up_memory();
     let mut summary = FastpathSummary::new(WATCH_INTERVAL);
 
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -185,6 +187,8 @@ pub async fn run<S: Source>(mut source: S, config: Config) -> anyhow::Result<()>
         };
         let desired = source.load(&agent.state.get());
         let (result, in_force) = reconcile::reload(&mut agent, trigger, desired).await;
+        // A reload parses and builds a whole new state beside the one in force.
+        shed::trim_heap();
         if let Some(reply) = reply {
             let _ = reply.send(result);
         }
@@ -211,5 +215,17 @@ fn settings(config: &Config) -> DatapathSettings {
         capture_port: config.ports.capture,
         inbound_port: config.ports.inbound,
         tunnel_port: config.ports.tunnel,
+    }
+}
+
+/// What start-up alone needed (the eBPF loader, the config parser, certificate issuance) is
+/// given back before the agent settles into serving: see [`shed`].
+fn give_back_start_up_memory() {
+    shed::trim_heap();
+    match shed::drop_file_pages() {
+        Ok(bytes) => tracing::debug!(bytes, "start-up pages of the binary and libraries unmapped"),
+        Err(error) => {
+            tracing::warn!(%error, "could not read /proc/self/smaps; start-up pages stay mapped")
+        }
     }
 }
