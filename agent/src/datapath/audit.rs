@@ -1,5 +1,6 @@
 //! The fast-path event ring buffer (`LATCH_FASTPATH_EVENTS`): [`FastpathEvents`] drains it when
-//! the kernel wakes it (a quarter full) and on its own clock ([`DRAIN_EVERY`]); [`decode`] turns
+//! the kernel wakes it (a quarter full) and on its own clock ([`DRAIN_EVERY`] while events flow,
+//! backing off to [`DRAIN_QUIET`] while none do); [`decode`] turns
 //! one record into a [`FastpathEvent`]. What the events mean and who sends them:
 //! `docs/datapath.md` (Fast-path audit).
 
@@ -49,14 +50,13 @@ impl FastpathEvents {
     }
 
     /// Take every record the ring buffer holds once it is woken (a quarter of it full, see
-    /// `FASTPATH_EVENTS_WAKEUP_BYTES`) or [`DRAIN_EVERY`] has passed, whichever comes first;
-    /// waits on while it is empty.
+    /// `FASTPATH_EVENTS_WAKEUP_BYTES`) or its clock says so, whichever comes first; waits on
+    /// while it is empty. The clock starts at [`DRAIN_EVERY`] and doubles at every look that
+    /// finds nothing, up to [`DRAIN_QUIET`]: a call after a batch looks again soon.
     pub async fn next_batch(
         &mut self,
     ) -> Result<Vec<Result<FastpathEvent, DecodeError>>, DatapathError> {
-        let mut clock = tokio::time::interval(DRAIN_EVERY);
-        clock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        clock.reset();
+        let mut wait = DRAIN_EVERY;
         loop {
             tokio::select! {
                 guard = self.ring.readable_mut() => {
@@ -69,22 +69,31 @@ impl FastpathEvents {
                         return Ok(batch);
                     }
                 }
-                _ = clock.tick() => {
+                () = tokio::time::sleep(wait) => {
                     let batch = drain(self.ring.get_mut());
                     if !batch.is_empty() {
                         return Ok(batch);
                     }
+                    wait = quieter(wait);
                 }
             }
         }
     }
 }
 
-/// How long a fast-path event may wait in the ring buffer before the agent takes it: events are
-/// submitted without a wake-up (one per event would cost every node a context switch per
-/// connection), so the agent looks on its own clock. Ten looks a second cost an idle agent
-/// nothing it would notice.
+/// How long a fast-path event may wait in the ring buffer before the agent takes it while
+/// events flow: events are submitted without a wake-up (one per event would cost every node a
+/// context switch per connection), so the agent looks on its own clock.
 pub const DRAIN_EVERY: Duration = Duration::from_millis(100);
+
+/// The longest the clock waits once looks find nothing: an idle agent looks once a second, not
+/// ten times, and the first event after a quiet spell waits at most this long.
+pub const DRAIN_QUIET: Duration = Duration::from_secs(1);
+
+/// The wait after a look at `wait` that found nothing.
+fn quieter(wait: Duration) -> Duration {
+    (wait * 2).min(DRAIN_QUIET)
+}
 
 /// Every record `ring` holds, decoded.
 fn drain(ring: &mut RingBuf<MapData>) -> Vec<Result<FastpathEvent, DecodeError>> {
@@ -187,6 +196,17 @@ mod tests {
         put(offset_of!(FastpathEvent, close_state), &[event.close_state]);
         put(offset_of!(FastpathEvent, all_acked), &[event.all_acked]);
         out
+    }
+
+    #[test]
+    fn the_clock_doubles_while_quiet_up_to_a_second() {
+        let mut wait = DRAIN_EVERY;
+        let mut waits = Vec::new();
+        for _ in 0..6 {
+            wait = quieter(wait);
+            waits.push(wait.as_millis());
+        }
+        assert_eq!(waits, [200, 400, 800, 1000, 1000, 1000]);
     }
 
     #[test]
