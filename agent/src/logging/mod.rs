@@ -4,14 +4,19 @@
 //! and a wake-up of the log reader each, which on a busy node is the difference between the
 //! log keeping up and the log slowing every connection (Envoy batches its access log the same
 //! way). Nothing is dropped: a writer that finds [`MOST_BUFFERED`] bytes waiting writes them
-//! itself, and the [`Flusher`] writes what is left when it is dropped. Lines are formatted by
-//! the `json` submodule.
+//! itself, and the [`Flusher`] writes what is left when it is dropped. A producer that writes
+//! lines in bursts (the fast-path audit, a batch of connections at a time) holds a [`Burst`]
+//! while it writes: the thread is woken once, when the burst ends, and writes it at once. Lines
+//! are formatted by the `json` submodule.
 
 mod json;
 
 use std::{
     io::{self, Write},
-    sync::{Arc, Condvar, Mutex, PoisonError},
+    sync::{
+        Arc, Condvar, Mutex, OnceLock, PoisonError,
+        atomic::{AtomicUsize, Ordering},
+    },
     thread::JoinHandle,
     time::Duration,
 };
@@ -25,12 +30,16 @@ pub const FLUSH_EVERY: Duration = Duration::from_millis(50);
 /// Bytes waiting that make a writer write them out itself.
 pub const MOST_BUFFERED: usize = 1 << 20;
 
+/// The process's log writer, once [`init`] has made it (for [`burst`]).
+static LOG: OnceLock<Batched> = OnceLock::new();
+
 /// Log output as JSON lines on stdout (level from `LATCH_LOG`, default `info`). Keep the
 /// returned [`Flusher`] until the end: dropping it writes what is still waiting.
 pub fn init() -> io::Result<Flusher> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("LATCH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let (writer, flusher) = batched(Box::new(io::stdout()))?;
+    let _ = LOG.set(writer.clone());
     tracing_subscriber::registry()
         .with(filter)
         .with(json::JsonLines::new(writer))
@@ -38,12 +47,27 @@ pub fn init() -> io::Result<Flusher> {
     Ok(flusher)
 }
 
+/// A [`Burst`] of the process's log, if [`init`] made one (`None` in tests and tools).
+pub fn burst() -> Option<Burst> {
+    LOG.get().map(Batched::burst)
+}
+
 /// A writer that batches into memory, and the thread that writes the batches to `out`.
 pub fn batched(out: Box<dyn Write + Send>) -> io::Result<(Batched, Flusher)> {
+    batched_every(out, FLUSH_EVERY)
+}
+
+/// [`batched`], the thread waiting `flush_every` after a batch's first line.
+fn batched_every(
+    out: Box<dyn Write + Send>,
+    flush_every: Duration,
+) -> io::Result<(Batched, Flusher)> {
     let shared = Arc::new(Shared {
         pending: Mutex::new(Pending::default()),
         waiting: Condvar::new(),
         out: Mutex::new(out),
+        bursts: AtomicUsize::new(0),
+        flush_every,
     });
     let thread = {
         let shared = shared.clone();
@@ -66,12 +90,18 @@ struct Shared {
     waiting: Condvar,
     /// Held while a batch is written, so batches go out in order.
     out: Mutex<Box<dyn Write + Send>>,
+    /// [`Burst`]s live: while there are any, a first line does not wake the thread.
+    bursts: AtomicUsize,
+    /// How long the thread waits after a batch's first line ([`FLUSH_EVERY`]).
+    flush_every: Duration,
 }
 
 #[derive(Default)]
 struct Pending {
     lines: Vec<u8>,
     stopping: bool,
+    /// A burst ended: write what is waiting without waiting for more.
+    write_now: bool,
 }
 
 impl Shared {
@@ -86,7 +116,7 @@ impl Shared {
                 .unwrap_or_else(PoisonError::into_inner);
             let (pending, _) = self
                 .waiting
-                .wait_timeout_while(pending, FLUSH_EVERY, |p| !p.stopping)
+                .wait_timeout_while(pending, self.flush_every, |p| !p.stopping && !p.write_now)
                 .unwrap_or_else(PoisonError::into_inner);
             let stop = pending.stopping;
             drop(pending);
@@ -99,7 +129,11 @@ impl Shared {
 
     fn write_out(&self) {
         let mut out = lock(&self.out);
-        let batch = std::mem::take(&mut lock(&self.pending).lines);
+        let batch = {
+            let mut pending = lock(&self.pending);
+            pending.write_now = false;
+            std::mem::take(&mut pending.lines)
+        };
         if !batch.is_empty() {
             // Nowhere to report a failure to write the log; the next batch tries again.
             let _ = out.write_all(&batch).and_then(|()| out.flush());
@@ -119,7 +153,9 @@ impl Write for Batched {
             pending.lines.extend_from_slice(buf);
             (first, pending.lines.len() >= MOST_BUFFERED)
         };
-        if first {
+        // A burst wakes the thread when it ends. The line is in before the count is read, and
+        // a burst's end counts down before it looks for lines, so one of the two wakes it.
+        if first && self.0.bursts.load(Ordering::SeqCst) == 0 {
             self.0.waiting.notify_one();
         }
         if full {
@@ -130,6 +166,35 @@ impl Write for Batched {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+impl Batched {
+    /// Lines written until the returned [`Burst`] drops wake the log thread once, when it
+    /// drops, and go out at once: they are a batch already. Hold it only for writing (no
+    /// `.await`), since no line of any writer wakes the thread while it is held.
+    pub fn burst(&self) -> Burst {
+        self.0.bursts.fetch_add(1, Ordering::SeqCst);
+        Burst(self.0.clone())
+    }
+}
+
+/// See [`Batched::burst`].
+pub struct Burst(Arc<Shared>);
+
+impl Drop for Burst {
+    fn drop(&mut self) {
+        if self.0.bursts.fetch_sub(1, Ordering::SeqCst) != 1 {
+            return;
+        }
+        let waiting = {
+            let mut pending = lock(&self.0.pending);
+            pending.write_now = !pending.lines.is_empty();
+            pending.write_now
+        };
+        if waiting {
+            self.0.waiting.notify_one();
+        }
     }
 }
 
@@ -224,6 +289,32 @@ mod tests {
                 .recv_timeout(Duration::from_secs(10))
                 .expect("the log thread writes the line while the agent runs");
             assert_eq!(written, line.as_bytes());
+        }
+    }
+
+    /// With an hour between a batch's first line and its write, only a burst's end gets its
+    /// lines out while the agent runs: the thread writes them at once, in one write.
+    #[test]
+    fn a_burst_is_written_when_it_ends() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (writer, _flusher) =
+            batched_every(Box::new(Reported(tx)), Duration::from_secs(3600)).expect("log thread");
+        for round in 0..2 {
+            let burst = writer.burst();
+            for i in 0..3 {
+                writer
+                    .clone()
+                    .write_all(format!("{round} {i}\n").as_bytes())
+                    .expect("write");
+            }
+            drop(burst);
+            let written = rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the burst's end has the thread write its lines");
+            assert_eq!(
+                String::from_utf8(written).expect("utf-8"),
+                format!("{round} 0\n{round} 1\n{round} 2\n")
+            );
         }
     }
 
