@@ -339,6 +339,9 @@ fn held(count: usize) -> anyhow::Result<Connections> {
         opened["open_s"].as_f64().unwrap_or(0.0),
         echo.accepted()
     );
+    if open < count {
+        print_agent_complaints(cluster, &nodes);
+    }
     let held = [settled(cluster, nodes[0])?, read_agent(cluster, nodes[1])?];
 
     // Let go: closing stdin ends the probe, which closes every connection.
@@ -373,6 +376,33 @@ fn held(count: usize) -> anyhow::Result<Connections> {
         held,
         after,
     })
+}
+
+/// Each agent's warnings and errors so far (the first ten), to say why a connection failed.
+fn print_agent_complaints(cluster: &Cluster, nodes: &[NodeId]) {
+    for node in nodes {
+        let Some(agent) = cluster.node(*node).agent.as_ref() else {
+            continue;
+        };
+        let complaints: Vec<String> = agent
+            .lines()
+            .into_iter()
+            .filter(|l| l.contains("\"level\":\"WARN\"") || l.contains("\"level\":\"ERROR\""))
+            .collect();
+        println!(
+            "  node {}'s agent: {} warnings and errors{}",
+            node.0 + 1,
+            complaints.len(),
+            if complaints.is_empty() {
+                ""
+            } else {
+                " (the first ten):"
+            }
+        );
+        for line in complaints.iter().take(10) {
+            println!("    {line}");
+        }
+    }
 }
 
 /// The node's agent's memory now (after another node's [`settled`]).

@@ -125,6 +125,44 @@ impl Paired {
     }
 }
 
+/// Rounds a latency phase's connections are split into, each round's p50s taken apart: a figure
+/// is the median of the rounds, reported with their spread.
+pub const LATENCY_ROUNDS: usize = 3;
+
+/// A phase's [`Paired`] p50s, one per round.
+pub struct PairedRounds(pub Vec<Paired>);
+
+impl PairedRounds {
+    /// The phase's p50 of each round.
+    pub fn p50_us(&self) -> Vec<f64> {
+        self.0.iter().map(|p| p.p50_us as f64).collect()
+    }
+
+    /// The reference's p50 of each round.
+    pub fn reference_p50_us(&self) -> Vec<f64> {
+        self.0.iter().map(|p| p.reference_p50_us as f64).collect()
+    }
+
+    /// What the phase added at p50, each round.
+    pub fn added_us(&self) -> Vec<f64> {
+        self.0.iter().map(|p| p.added_us() as f64).collect()
+    }
+}
+
+/// [`paired_latency`] over [`LATENCY_ROUNDS`] rounds that share `count` connections.
+pub fn paired_latency_rounds(
+    reference: &Reference,
+    all: &mut Vec<u64>,
+    count: usize,
+    mut measure: impl FnMut(usize) -> anyhow::Result<Rate>,
+) -> anyhow::Result<PairedRounds> {
+    let per_round = count.div_ceil(LATENCY_ROUNDS);
+    (0..LATENCY_ROUNDS)
+        .map(|_| paired_latency(reference, all, per_round, &mut measure))
+        .collect::<anyhow::Result<_>>()
+        .map(PairedRounds)
+}
+
 /// Measure `count` connections with `measure` and as many directly through the reference, in
 /// alternating turns of [`TURN`]: this VM's speed drifts by tens of microseconds per connection
 /// within a minute, and a phase measured apart from its baseline would carry that drift into the

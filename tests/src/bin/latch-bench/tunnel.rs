@@ -11,7 +11,7 @@ use crate::{
     handoff::handoff_us,
     pair::{PORT, Pair},
     probe::{self, throughput},
-    reference::{Paired, Reference, Via, paired_latency},
+    reference::{PairedRounds, Reference, Via, paired_latency_rounds},
     stats::{Tally, median, percentile},
 };
 
@@ -31,14 +31,15 @@ const FIRST_CONNECTIONS: usize = 20;
 
 struct TunnelReport {
     handoff_us: f64,
-    nginx: Paired,
+    nginx: PairedRounds,
     /// The reference over the whole run.
     baseline_p50: u64,
-    first_p50: u64,
-    pooled: Paired,
+    /// Each first connection's latency, sorted.
+    first: Vec<u64>,
+    pooled: PairedRounds,
     /// The same with `dataplane.busyPoll: 0s`.
-    pooled_no_poll: Paired,
-    fast: Paired,
+    pooled_no_poll: PairedRounds,
+    fast: PairedRounds,
     /// Throughput with one stream, and with eight.
     one: Rounds,
     eight: Rounds,
@@ -122,7 +123,7 @@ fn measure(count: usize, samples: usize, mib: usize) -> anyhow::Result<TunnelRep
     }
     first.sort_unstable();
     pair.warm_up(count / 10)?;
-    let fast = paired_latency(&reference, &mut all_reference, count, |n| pair.rate(n))?;
+    let fast = paired_latency_rounds(&reference, &mut all_reference, count, |n| pair.rate(n))?;
     pair.stop_agents()?;
 
     let tunnel_options = AgentOptions {
@@ -130,7 +131,8 @@ fn measure(count: usize, samples: usize, mib: usize) -> anyhow::Result<TunnelRep
         ..AgentOptions::default()
     };
     let (pooled, one, eight) = pair.phase(&tunnel_options, count / 10, |pair| {
-        let pooled = paired_latency(&reference, &mut all_reference, count, |n| pair.rate(n))?;
+        let pooled =
+            paired_latency_rounds(&reference, &mut all_reference, count, |n| pair.rate(n))?;
         // Throughput: no agents, the tunnel and the nginx pair in turns.
         let (mut one, mut eight) = (Rounds::default(), Rounds::default());
         for _ in 0..THROUGHPUT_ROUNDS {
@@ -158,11 +160,11 @@ fn measure(count: usize, samples: usize, mib: usize) -> anyhow::Result<TunnelRep
         ..tunnel_options
     };
     let pooled_no_poll = pair.phase(&no_poll_options, count / 10, |pair| {
-        paired_latency(&reference, &mut all_reference, count, |n| pair.rate(n))
+        paired_latency_rounds(&reference, &mut all_reference, count, |n| pair.rate(n))
     })?;
 
     // The same through the nginx mTLS stream-proxy pair (sidecar style), no agents.
-    let nginx_latency = paired_latency(&reference, &mut all_reference, count, |n| {
+    let nginx_latency = paired_latency_rounds(&reference, &mut all_reference, count, |n| {
         reference.rate(Via::Nginx, n)
     })?;
     all_reference.sort_unstable();
@@ -170,7 +172,7 @@ fn measure(count: usize, samples: usize, mib: usize) -> anyhow::Result<TunnelRep
         handoff_us: handoff_us()?,
         nginx: nginx_latency,
         baseline_p50: percentile(&all_reference, 0.5),
-        first_p50: percentile(&first, 0.5),
+        first,
         pooled,
         pooled_no_poll,
         fast,
