@@ -58,15 +58,18 @@ pub struct Dial {
     pub client_not_after: SystemTime,
 }
 
-/// A dial [`Pool::pick`] counted, uncounted when it ends however it ends (a timeout drops it).
-struct Dialling<'a> {
-    pool: &'a Pool,
-    slot: &'a Slot,
+/// A dial [`Pool::pick`] counted, uncounted when it ends however it ends (a timeout drops it):
+/// when it fails, or once the first stream on the new connection has its answer, so that the
+/// streams waiting for it ([`Pick::Wait`]) find the server's stream limit known (its SETTINGS
+/// come before any answer).
+struct Dialling {
+    pool: Pool,
+    slot: Slot,
 }
 
-impl Drop for Dialling<'_> {
+impl Drop for Dialling {
     fn drop(&mut self) {
-        self.pool.dialled(self.slot);
+        self.pool.dialled(&self.slot);
     }
 }
 
@@ -95,6 +98,8 @@ struct Started {
     active: Active,
     /// How long dialling took, if this stream's connection was dialled for it.
     handshake: Option<Duration>,
+    /// The dial, still counted until this stream has its answer.
+    dialling: Option<Dialling>,
     response: ResponseFuture,
     send: SendStream<Bytes>,
 }
@@ -253,6 +258,7 @@ impl TunnelClient {
             pooled,
             active,
             handshake,
+            dialling,
             response,
             mut send,
         } = started;
@@ -267,6 +273,8 @@ impl TunnelClient {
             self.pool.forget(&pooled);
             return Err(timed_out());
         };
+        // The answer is in (or the exchange failed): the streams waiting for this dial may go.
+        drop(dialling);
         let (response, send, source_ended) = exchanged?;
         let response = response.map_err(|source| TunnelError::Http {
             addr: key.endpoint,
@@ -320,37 +328,41 @@ impl TunnelClient {
             async move { sender.ready().await?.send_request(request, false) }
         };
         let key = &slot.key;
-        while let Pick::Use(pooled, active) = self.pool.pick(slot) {
-            match send(&pooled, request()?).await {
-                Ok((response, send)) => {
-                    return Ok(Started {
-                        pooled,
-                        active,
-                        handshake: None,
-                        response,
-                        send,
-                    });
-                }
-                Err(e) => {
-                    tracing::debug!(endpoint = %key.endpoint, error = %e, "a pooled tunnel connection takes no new streams; trying another");
-                    self.pool.forget(&pooled);
-                }
+        loop {
+            match self.pool.pick(slot) {
+                Pick::Use(pooled, active) => match send(&pooled, request()?).await {
+                    Ok((response, send)) => {
+                        return Ok(Started {
+                            pooled,
+                            active,
+                            handshake: None,
+                            dialling: None,
+                            response,
+                            send,
+                        });
+                    }
+                    Err(e) => {
+                        tracing::debug!(endpoint = %key.endpoint, error = %e, "a pooled tunnel connection takes no new streams; trying another");
+                        self.pool.forget(&pooled);
+                    }
+                },
+                Pick::Wait(dial_ended) => dial_ended.await,
+                Pick::Dial => break,
             }
         }
         let started = std::time::Instant::now();
         let dialling = Dialling {
-            pool: &self.pool,
-            slot,
+            pool: self.pool.clone(),
+            slot: slot.clone(),
         };
-        let dialled = self.connect(slot, dial()).await;
-        drop(dialling);
-        let pooled = dialled?;
+        let pooled = self.connect(slot, dial()).await?;
         let active = self.pool.activate(&pooled, slot);
         match send(&pooled, request()?).await {
             Ok((response, send)) => Ok(Started {
                 pooled,
                 active,
                 handshake: Some(started.elapsed()),
+                dialling: Some(dialling),
                 response,
                 send,
             }),

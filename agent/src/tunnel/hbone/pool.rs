@@ -19,6 +19,7 @@ use std::{
 use bytes::Bytes;
 use h2::client::SendRequest;
 use rustls::pki_types::CertificateDer;
+use tokio::sync::{Notify, futures::OwnedNotified};
 
 use crate::{identity::SpiffeId, sync::lock, tls::handshake::PeerChain};
 
@@ -142,6 +143,9 @@ pub(super) enum Pick {
     /// A pooled connection, already counting this stream as active.
     Use(Pooled, Active),
     Dial,
+    /// No connection has room and as many dials as the pair may have are under way: pick again
+    /// once one of them has ended (resolves at once if one ended after this pick).
+    Wait(OwnedNotified),
 }
 
 #[derive(Default)]
@@ -156,6 +160,9 @@ struct Entries {
 struct PoolEntry {
     conns: Vec<Pooled>,
     dialing: usize,
+    /// Told when a dial of this slot ends, or the slot is dropped: wakes the streams waiting
+    /// for room ([`Pick::Wait`]).
+    dial_ended: Arc<Notify>,
 }
 
 /// The pooled connections of each pair, and how many are being dialled.
@@ -213,8 +220,12 @@ impl Pool {
     /// The least busy live connection of the slot with room for a stream, unless all are busy
     /// (or there is none) and the pair may have another: then the caller dials, counted until
     /// [`Self::dialled`]. Connections at their server's stream limit are passed over, and when
-    /// all are, another is dialled whatever the per-pair bound: a stream does not wait for
-    /// another to end.
+    /// all are, another is dialled whatever the per-pair bound (a stream does not wait for
+    /// another to end). At most the per-pair bound of dials are under way at once: a caller
+    /// that finds no room while they are waits for one to end ([`Pick::Wait`]) instead of
+    /// dialling too, so that a burst of streams opens a handful of connections, not a TLS
+    /// handshake each (a Latch server resets those beyond `tunnel.maxHandshakesPerSource` in
+    /// progress from one source).
     pub(super) fn pick(&self, slot: &Slot) -> Pick {
         let mut pool = lock(&self.0);
         let entry = pool.slots.entry(slot.clone()).or_default();
@@ -235,6 +246,10 @@ impl Pool {
                 // Counted under the pool's lock, so a burst of opens sees each other.
                 let active = Active::new(&p.active, &self.0, slot);
                 Pick::Use(p, active)
+            }
+            // Made under the lock that `dialled` takes to tell it: no end is missed.
+            None if entry.dialing >= max_connections() => {
+                Pick::Wait(entry.dial_ended.clone().notified_owned())
             }
             _ => {
                 entry.dialing += 1;
@@ -258,6 +273,7 @@ impl Pool {
         let mut pool = lock(&self.0);
         if let Some(entry) = pool.slots.get_mut(slot) {
             entry.dialing = entry.dialing.saturating_sub(1);
+            entry.dial_ended.notify_waiters();
             if entry.conns.is_empty() && entry.dialing == 0 {
                 pool.slots.remove(slot);
             }
@@ -279,7 +295,13 @@ impl Pool {
 
     /// Drop every pooled connection whose key matches.
     pub(super) fn evict_where(&self, pred: impl Fn(&PoolKey) -> bool) {
-        lock(&self.0).slots.retain(|s, _| !pred(&s.key));
+        lock(&self.0).slots.retain(|s, entry| {
+            let keep = !pred(&s.key);
+            if !keep {
+                entry.dial_ended.notify_waiters();
+            }
+            keep
+        });
     }
 
     /// Retire the connections of the keys `which` names, given each key and the chain its
