@@ -803,53 +803,46 @@ async fn a_server_at_its_stream_limit_gets_another_connection_instead_of_a_wait(
     drop((first, second));
 }
 
-/// A burst of streams to a pair with no connection yet: a few dials, not one TLS handshake per
-/// stream (a Latch server resets the handshakes beyond `tunnel.maxHandshakesPerSource`, 64, in
-/// progress from one source, and each stream of the burst would have been reset).
-#[tokio::test]
-async fn a_burst_to_a_new_pair_dials_at_most_one_connection_per_cpu() {
-    let f = fixture("burst", true, PAYMENT).await;
-    let (endpoint, connections) = foreign_server(&f.ca, 1000, Arc::new(true.into())).await;
+/// `streams` tunnels opened at once, all held, to a fresh server that takes `max_streams`
+/// streams per connection: asserts every one opened, and returns the TCP connections the
+/// server accepted.
+async fn burst(name: &str, max_streams: u32, streams: usize) -> usize {
+    let f = fixture(name, true, PAYMENT).await;
+    let (endpoint, connections) = foreign_server(&f.ca, max_streams, Arc::new(true.into())).await;
     let key = PoolKey {
         endpoint,
         ..key(&f)
     };
     let client = TunnelClient::new();
-    let opens =
-        (0..100).map(|_| client.open(&key, f.app, None, dialer_to(&f, PAYMENT, endpoint), None));
+    let opens = (0..streams)
+        .map(|_| client.open(&key, f.app, None, dialer_to(&f, PAYMENT, endpoint), None));
     let tunnels = futures::future::join_all(opens).await;
     let failed = tunnels.iter().filter(|t| t.is_err()).count();
-    assert_eq!(failed, 0, "every stream of the burst opens");
-    let dialled = connections.load(Ordering::SeqCst);
+    assert_eq!(failed, 0, "every one of {streams} streams opens");
+    connections.load(Ordering::SeqCst)
+}
+
+/// A burst of streams to a pair with no connection yet: a few dials, not one TLS handshake per
+/// stream (a Latch server resets the handshakes beyond `tunnel.maxHandshakesPerSource`, 64, in
+/// progress from one source, and each stream of the burst would have been reset).
+#[tokio::test]
+async fn a_burst_to_a_new_pair_dials_at_most_one_connection_per_cpu() {
+    let dialled = burst("burst", 1000, 100).await;
     assert!(
         (1..=max_connections()).contains(&dialled),
         "{dialled} connections dialled for a burst of 100 streams"
     );
-    drop(tunnels);
 }
 
 /// With every connection at its server's stream limit, streams still get connections of
 /// their own, as many at once as the pair's bound of dials allows.
 #[tokio::test]
 async fn streams_beyond_every_connections_limit_each_get_one() {
-    let f = fixture("all-full", true, PAYMENT).await;
-    let (endpoint, connections) = foreign_server(&f.ca, 1, Arc::new(true.into())).await;
-    let key = PoolKey {
-        endpoint,
-        ..key(&f)
-    };
-    let client = TunnelClient::new();
-    let opens =
-        (0..8).map(|_| client.open(&key, f.app, None, dialer_to(&f, PAYMENT, endpoint), None));
-    let tunnels = futures::future::join_all(opens).await;
-    let failed = tunnels.iter().filter(|t| t.is_err()).count();
-    assert_eq!(failed, 0, "every stream opens");
     assert_eq!(
-        connections.load(Ordering::SeqCst),
+        burst("all-full", 1, 8).await,
         8,
         "a stream each: the server takes one per connection"
     );
-    drop(tunnels);
 }
 
 #[tokio::test]
