@@ -123,12 +123,10 @@ pub const MAX_MACS: u32 = 1 << 16;
 /// does not see those, the size is chosen so that a node does not get there).
 pub const MAX_FASTPATH_CONNS: u32 = 1 << 18;
 /// Size in bytes of the fast-path event ring buffer (a power of two, a multiple of the page
-/// size): about 2,300 events of 112 bytes (header included) before the agent must drain it. The
-/// agent maps it (twice over, so that no record wraps): each KiB of ring is 2 KiB of its RSS.
-pub const FASTPATH_EVENTS_BYTES: u32 = 1 << 18;
+/// size): about 9,000 events of 112 bytes (header included) before the agent must drain it.
+pub const FASTPATH_EVENTS_BYTES: u32 = 1 << 20;
 /// Bytes waiting in the fast-path event ring buffer from which `sock_ops` wakes the agent when it
-/// submits an event (a quarter of the ring, about 580 events, leaving about 1,750 more for the
-/// agent to wake up in: 87 ms at 20,000 events a second). Below it, events are submitted
+/// submits an event (a quarter of the ring, about 2,300 events). Below it, events are submitted
 /// without a wake-up and the agent drains the ring on its own clock: a wake-up per event would
 /// cost the agent a context switch per connection on every node, more than the event's own work.
 pub const FASTPATH_EVENTS_WAKEUP_BYTES: u64 = FASTPATH_EVENTS_BYTES as u64 / 4;
