@@ -27,6 +27,7 @@ pub mod policy;
 pub mod policy_test;
 pub mod runtime;
 pub mod scheduling;
+pub mod shed;
 pub mod state;
 pub mod sync;
 pub mod tls;

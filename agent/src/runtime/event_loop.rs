@@ -15,7 +15,6 @@ use tokio::signal::unix::{SignalKind, signal};
 use super::{
     agent::{AbortOnDrop, Agent, WATCH_INTERVAL},
     reconcile::{self, prepare},
-    shed,
     source::Source,
 };
 use crate::{
@@ -28,6 +27,7 @@ use crate::{
     },
     metrics::{self, Metrics, fastpath::FastpathSummary},
     scheduling::busy_poll,
+    shed,
     state::{SharedState, cert_store},
     tunnel::{
         handshakes::Handshakes,
@@ -219,7 +219,7 @@ fn settings(config: &Config) -> DatapathSettings {
 }
 
 /// What start-up alone needed (the eBPF loader, the config parser, certificate issuance) is
-/// given back before the agent settles into serving: see [`shed`].
+/// given back before the agent settles into serving: see [`crate::shed`].
 fn give_back_start_up_memory() {
     shed::trim_heap();
     match shed::drop_file_pages() {

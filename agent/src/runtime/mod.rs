@@ -6,8 +6,7 @@
 //! [`source::FileSource`]; the Kubernetes API next) and says when it may have changed;
 //! [`reconcile`] applies a snapshot whichever source made it. [`event_loop`] knows only the
 //! trait, so a second source plugs in without a second runtime. [`pod`] starts a pod's listeners,
-//! [`trust`] rotates certificates, [`limits`] raises the open-files limit at start, [`shed`]
-//! gives back what only start-up needed.
+//! [`trust`] rotates certificates, [`limits`] raises the open-files limit at start.
 //! docs/runtime.md has the reasoning.
 
 mod agent;
@@ -15,7 +14,6 @@ pub mod event_loop;
 pub mod limits;
 pub mod pod;
 pub mod reconcile;
-pub mod shed;
 pub mod source;
 pub mod trust;
 

@@ -1,5 +1,6 @@
-//! What the agent gives back once it serves: the free pages of glibc's heap ([`trim_heap`]) and
-//! the pages of its binary and libraries it touched only to start ([`drop_file_pages`]).
+//! What the agent gives back once it serves: the free pages of glibc's heap ([`trim_heap`]; at
+//! start-up, after every reload and after every anti-spoofing resync) and the pages of its binary
+//! and libraries it touched only to start ([`drop_file_pages`]).
 //!
 //! Start-up parses the eBPF object and its BTF, the config and the command line, and issues
 //! certificates: it peaks at about 30 MB and runs code the agent never runs again. glibc keeps
