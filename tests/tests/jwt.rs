@@ -4,7 +4,8 @@
 //! AuthorizationPolicy lets frontend `POST /v1/pay` only with a token whose `scope` claim holds
 //! `payments:write`. Without a token: 403; a bad token: 401; the right token: 200; a token
 //! without the scope: 403. Then the issuer rotates its key (picked up without a restart), and
-//! goes down (the last keys are kept).
+//! goes down (the last keys are kept). And a RequestAuthentication with no AuthorizationPolicy
+//! at all still refuses bad tokens, on every connection: none is let through by a cached allow.
 
 use std::net::SocketAddr;
 
@@ -17,8 +18,10 @@ use serde_json::json;
 const HTTP_PORT: u16 = 8080;
 const ISSUER: &str = "https://issuer.example";
 
-fn policies(jwks_uri: &str) -> String {
-    format!(
+/// payment's RequestAuthentication, and with `authz` the AuthorizationPolicy that asks for a
+/// scope.
+fn policies(jwks_uri: &str, authz: bool) -> String {
+    let text = format!(
         r#"apiVersion: security.istio.io/v1
 kind: RequestAuthentication
 metadata:
@@ -32,7 +35,12 @@ spec:
   - issuer: {ISSUER}
     audiences: [payments]
     jwksUri: {jwks_uri}
----
+"#
+    );
+    if !authz {
+        return text;
+    }
+    text + r#"---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata:
@@ -55,7 +63,6 @@ spec:
     - key: request.auth.claims[scope]
       values: ["payments:write"]
 "#
-    )
 }
 
 struct Mesh {
@@ -64,12 +71,13 @@ struct Mesh {
     payment: PodId,
     app: EchoServer,
     jwks: JwksServer,
+    n1: NodeId,
     n2: NodeId,
 }
 
 /// frontend on node 1, payment on node 2, the JWKS server on a third namespace of the fabric
-/// (a node without an agent) serving `first`'s key.
-fn mesh(first: &SigningKey) -> Mesh {
+/// (a node without an agent) serving `first`'s key; the AuthorizationPolicy with `authz`.
+fn mesh(first: &SigningKey, authz: bool) -> Mesh {
     let mut cluster = Cluster::new().expect("cluster");
     let n1 = cluster.add_node().expect("node 1");
     let n2 = cluster.add_node().expect("node 2");
@@ -90,7 +98,7 @@ fn mesh(first: &SigningKey) -> Mesh {
     .expect("JWKS server");
     let dir = cluster.dir().join("policies");
     std::fs::create_dir_all(&dir).expect("policy dir");
-    std::fs::write(dir.join("jwt.yaml"), policies(&jwks.uri)).expect("policy file");
+    std::fs::write(dir.join("jwt.yaml"), policies(&jwks.uri, authz)).expect("policy file");
     let options = AgentOptions {
         extra_yaml: format!(
             "policies: [{}]\njwt: {{ jwksCaFile: {}, jwksRefetchMinInterval: 1ms }}\n",
@@ -110,6 +118,7 @@ fn mesh(first: &SigningKey) -> Mesh {
         payment,
         app,
         jwks,
+        n1,
         n2,
     }
 }
@@ -153,7 +162,7 @@ fn claims(scope: serde_json::Value) -> serde_json::Value {
 #[test]
 fn a_payment_needs_a_token_with_the_payments_write_scope() {
     let key = SigningKey::generate("k1").expect("key");
-    let mesh = mesh(&key);
+    let mesh = mesh(&key, true);
 
     let answer = mesh.post("/v1/pay", None);
     assert_eq!(status(&answer), "403", "no token, no principal: {answer:?}");
@@ -234,7 +243,7 @@ fn a_payment_needs_a_token_with_the_payments_write_scope() {
 #[test]
 fn keys_rotate_without_a_restart_and_an_outage_keeps_the_last_ones() {
     let first = SigningKey::generate("first").expect("key");
-    let mesh = mesh(&first);
+    let mesh = mesh(&first, true);
     let token = |key: &SigningKey| key.sign(&claims(json!(["payments:write"]))).expect("sign");
 
     assert_eq!(status(&mesh.post("/v1/pay", Some(&token(&first)))), "200");
@@ -260,4 +269,88 @@ fn keys_rotate_without_a_restart_and_an_outage_keeps_the_last_ones() {
         )
         .expect("the failure is logged");
     assert_eq!(status(&mesh.post("/v1/pay", Some(&token(&second)))), "200");
+}
+
+/// The attack: a client that sends a forged token to a workload only a RequestAuthentication
+/// guards (no AuthorizationPolicy asks for a principal). Istio answers `401`; so must Latch, on
+/// the first connection and on every repeat, which a cached allow would otherwise carry through
+/// the kernel without a look at the request.
+#[test]
+fn a_request_authentication_alone_refuses_a_forged_token_on_every_connection() {
+    let key = SigningKey::generate("k1").expect("key");
+    let mesh = mesh(&key, false);
+    let forged = SigningKey::generate("k1")
+        .expect("another key")
+        .sign(&claims(json!(["payments:write"])))
+        .expect("sign");
+
+    // No token: nothing to verify, the request goes on (Istio's semantics).
+    assert_eq!(status(&mesh.post("/v1/pay", None)), "200");
+    for attempt in 0..3 {
+        let answer = mesh.post("/v1/pay", Some(&forged));
+        assert_eq!(status(&answer), "401", "attempt {attempt}: {answer:?}");
+    }
+    let good = key.sign(&claims(json!([]))).expect("sign");
+    assert_eq!(status(&mesh.post("/v1/pay", Some(&good))), "200");
+    assert_eq!(status(&mesh.post("/v1/pay", Some(&forged))), "401");
+
+    // Only the requests without a forged token reached the application, and no verdict was
+    // cached for the pair on either node.
+    assert_eq!(mesh.app.request_heads().len(), 2);
+    for node in [mesh.n1, mesh.n2] {
+        let cached =
+            latch_tests::agent::debug_json(&mesh.cluster.debug_socket(node), &["verdicts"])
+                .expect("debug verdicts");
+        assert_eq!(cached["total"], 0, "{cached}");
+    }
+}
+
+/// The pair already has a cached allow when a RequestAuthentication for payment appears: the
+/// reload revokes it on both nodes, so the next forged token is checked, and refused.
+#[test]
+fn a_request_authentication_added_on_reload_revokes_the_pairs_cached_allow() {
+    let key = SigningKey::generate("k1").expect("key");
+    let mut mesh = mesh(&key, false);
+    let nodes = [mesh.n1, mesh.n2];
+    let file = mesh.cluster.dir().join("policies").join("jwt.yaml");
+    let guard = std::fs::read_to_string(&file).expect("policy file");
+    let cached = |mesh: &Mesh| {
+        nodes.map(|node| {
+            latch_tests::agent::debug_json(&mesh.cluster.debug_socket(node), &["verdicts"])
+                .expect("debug verdicts")["total"]
+                .as_u64()
+                .unwrap_or(0)
+        })
+    };
+
+    // Without it, payment's requests are not parsed and the pair's allow is cached.
+    let marks = mesh.cluster.marks(&nodes);
+    std::fs::remove_file(&file).expect("remove the policy");
+    mesh.cluster
+        .wait_reloaded(&nodes, &marks)
+        .expect("reloaded");
+    assert_eq!(status(&mesh.post("/v1/pay", None)), "200");
+    assert!(
+        latch_tests::eventually(std::time::Duration::from_secs(10), || cached(&mesh)
+            .iter()
+            .all(|&n| n > 0)),
+        "the allow is cached on both nodes: {:?}",
+        cached(&mesh)
+    );
+
+    let marks = mesh.cluster.marks(&nodes);
+    latch_tests::env::write_atomically(&file, guard).expect("write the policy");
+    mesh.cluster
+        .wait_reloaded(&nodes, &marks)
+        .expect("reloaded");
+    assert_eq!(cached(&mesh), [0, 0], "the cached allows are revoked");
+    let forged = SigningKey::generate("k1")
+        .expect("another key")
+        .sign(&claims(json!([])))
+        .expect("sign");
+    for attempt in 0..2 {
+        let answer = mesh.post("/v1/pay", Some(&forged));
+        assert_eq!(status(&answer), "401", "attempt {attempt}: {answer:?}");
+    }
+    assert_eq!(mesh.app.request_heads().len(), 1, "only the first request");
 }

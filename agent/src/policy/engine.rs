@@ -14,6 +14,7 @@ use super::{
         MtlsMode, PolicyRef, Protocol, Target, Traffic,
     },
     matching::{Attrs, L7, Tri},
+    request_authn,
 };
 
 /// Which L7 evaluation a decision uses.
@@ -34,6 +35,38 @@ enum Outcome {
 impl PolicySet {
     /// Decide a new connection before any byte is read.
     pub fn evaluate_connection(&self, target: &Target, conn: &Connection) -> ConnectionDecision {
+        match self.authorize_connection(target, conn) {
+            ConnectionDecision::Decided(decision) if decision.allowed => {
+                match self.request_authentication(target) {
+                    Some(policy) => ConnectionDecision::NeedsHttp {
+                        reason: format!(
+                            "{} for the connection, and RequestAuthentication {policy} applies: \
+                             the token of each HTTP request is checked",
+                            verdict(true)
+                        ),
+                    },
+                    None => ConnectionDecision::Decided(decision),
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// The first RequestAuthentication (`namespace/name`) that applies to `target`, if any: its
+    /// tokens are checked only on requests Latch parses, so an allowed connection to `target`
+    /// has to be parsed as HTTP (as Envoy checks every request of a sidecar's workload).
+    fn request_authentication(&self, target: &Target) -> Option<String> {
+        request_authn::applying(
+            &self.inner.request_authn,
+            &self.inner.root_namespace,
+            target,
+        )
+        .find(|p| !p.rules.is_empty())
+        .map(|p| format!("{}/{}", p.meta.namespace, p.meta.name))
+    }
+
+    /// [`Self::evaluate_connection`] by AuthorizationPolicy and the mTLS mode alone.
+    fn authorize_connection(&self, target: &Target, conn: &Connection) -> ConnectionDecision {
         let attrs = attrs(conn);
         match decide(self, target, &attrs, Phase::Connection) {
             Outcome::DependsOnHttp(reason) => ConnectionDecision::NeedsHttp { reason },

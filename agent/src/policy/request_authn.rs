@@ -301,16 +301,25 @@ pub(crate) fn select(
     root_namespace: &str,
     target: &Target<'_>,
 ) -> Vec<Arc<JwtRule>> {
+    applying(policies, root_namespace, target)
+        .flat_map(|p| p.rules.iter().cloned())
+        .collect()
+}
+
+/// The policies in `policies` that apply to `target`, in policy order.
+pub(crate) fn applying<'p>(
+    policies: &'p [RequestAuthnPolicy],
+    root_namespace: &'p str,
+    target: &'p Target<'_>,
+) -> impl Iterator<Item = &'p RequestAuthnPolicy> {
     policies
         .iter()
         // Only `targetRef(s)` makes a warning: such a policy is for gateways and waypoints.
         .filter(|p| p.warnings.is_empty())
-        .filter(|p| p.meta.namespace == target.namespace || p.meta.namespace == root_namespace)
-        .filter(|p| {
+        .filter(move |p| p.meta.namespace == target.namespace || p.meta.namespace == root_namespace)
+        .filter(move |p| {
             p.selector
                 .iter()
                 .all(|(k, v)| target.labels.get(k).is_some_and(|l| l == v))
         })
-        .flat_map(|p| p.rules.iter().cloned())
-        .collect()
 }

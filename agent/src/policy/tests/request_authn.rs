@@ -3,7 +3,10 @@
 
 use std::{collections::BTreeMap, path::Path};
 
-use crate::policy::{KeySource, PolicyError, PolicyObject, PolicySet, Target, TokenLocation, cli};
+use crate::policy::{
+    Connection, ConnectionDecision, KeySource, PolicyError, PolicyObject, PolicySet, Target,
+    TokenLocation, cli,
+};
 
 const JWKS: &str = r#"{"keys":[{"kty":"EC","crv":"P-256","kid":"k1","x":"f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU","y":"x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}]}"#;
 
@@ -112,6 +115,57 @@ fn selection_as_istio() {
     assert_eq!(issuers("prod", &[("app", "frontend")]), ["b", "c"]);
     assert_eq!(issuers("staging", &[("app", "payment")]), ["c"]);
     assert_eq!(issuers("other", &[]), ["c", "d"]);
+}
+
+/// A RequestAuthentication's tokens are checked on parsed requests only, so an allowed
+/// connection to a workload it applies to is never decided (nor cached) before its requests are
+/// seen; a denied one stays denied, and other workloads are untouched.
+#[test]
+fn an_allowed_connection_to_a_workload_with_jwt_rules_needs_http() {
+    let text = [
+        doc(
+            "prod",
+            "payment-jwt",
+            &format!(
+                "  selector: {{matchLabels: {{app: payment}}}}\n  jwtRules: [{{issuer: a, jwks: '{JWKS}'}}]\n"
+            ),
+        ),
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-batch, namespace: prod}\nspec:\n  action: DENY\n  rules: [{from: [{source: {principals: [cluster.local/ns/prod/sa/batch]}}]}]\n".to_owned(),
+    ]
+    .join("---\n");
+    let set = load(&text).expect("valid");
+    let payment = labels(&[("app", "payment")]);
+    let frontend = labels(&[("app", "frontend")]);
+    let decide = |labels: &BTreeMap<String, String>, source: &str| {
+        set.evaluate_connection(
+            &Target {
+                namespace: "prod",
+                labels,
+            },
+            &Connection {
+                source_principal: Some(source),
+                source_ip: None,
+                destination_ip: "10.244.1.5".parse().expect("an address"),
+                destination_port: 8080,
+            },
+        )
+    };
+    let from = |sa: &str| format!("spiffe://cluster.local/ns/prod/sa/{sa}");
+    match decide(&payment, &from("frontend")) {
+        ConnectionDecision::NeedsHttp { reason } => assert!(
+            reason.contains("RequestAuthentication prod/payment-jwt applies"),
+            "{reason}"
+        ),
+        other => panic!("decided before the requests: {other:?}"),
+    }
+    match decide(&payment, &from("batch")) {
+        ConnectionDecision::Decided(d) => assert!(!d.allowed, "{d:?}"),
+        other => panic!("a denied connection needs no request: {other:?}"),
+    }
+    match decide(&frontend, &from("frontend")) {
+        ConnectionDecision::Decided(d) => assert!(d.allowed && d.cacheable, "{d:?}"),
+        other => panic!("no RequestAuthentication applies to frontend: {other:?}"),
+    }
 }
 
 #[test]
