@@ -48,15 +48,28 @@ struct LinkUpdateAttr {
     old_prog_fd: u32,
 }
 
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<()> {
-    bpf_call(cmd, attr).map(drop)
+/// [`bpf_call`] for a command whose result is only success or failure.
+///
+/// # Safety
+/// As [`bpf_call`].
+unsafe fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<()> {
+    // SAFETY: the caller upholds `bpf_call`'s contract.
+    unsafe { bpf_call(cmd, attr) }.map(drop)
 }
 
 /// The `bpf(2)` system call with `attr`, a `#[repr(C)]` prefix of `union bpf_attr` (the kernel
 /// zero-extends it to its own size); the call's non-negative result (a new fd, for some
 /// commands). The benchmarks' test runs of the programs use it too.
-pub fn bpf_call<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<i64> {
-    // SAFETY: `attr` is a #[repr(C)] bpf_attr prefix of the size we pass; the kernel zero-extends.
+///
+/// # Safety
+/// `attr` must be a `#[repr(C)]` prefix of `union bpf_attr` laid out as `cmd` defines it, and
+/// every address it carries (key and value buffers, paths, info structs, program data) must point
+/// to memory the kernel may read, and write where `cmd` writes, for as many bytes as `cmd` will
+/// use (the sizes the attribute and the object give), valid for the whole call. A safe wrapper
+/// checks the object's sizes against its buffers first.
+pub unsafe fn bpf_call<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<i64> {
+    // SAFETY: `attr` is a #[repr(C)] bpf_attr prefix of the size we pass (the kernel
+    // zero-extends); the caller vouches for the addresses in it.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -96,7 +109,8 @@ fn query_programs(target: u32, attach_type: AttachType) -> std::io::Result<Vec<u
         prog_cnt: ids.len() as u32,
         ..Default::default()
     };
-    bpf(BPF_PROG_QUERY, &mut attr)?;
+    // SAFETY: `prog_ids` points to `prog_cnt` u32s, alive until the call returns.
+    unsafe { bpf(BPF_PROG_QUERY, &mut attr) }?;
     ids.truncate(attr.prog_cnt as usize);
     Ok(ids)
 }
@@ -108,7 +122,8 @@ pub fn link_update(link: &impl AsFd, new_prog: &impl AsFd) -> std::io::Result<()
         new_prog_fd: new_prog.as_fd().as_raw_fd() as u32,
         ..Default::default()
     };
-    bpf(BPF_LINK_UPDATE, &mut attr)
+    // SAFETY: the attribute carries only fds and flags.
+    unsafe { bpf(BPF_LINK_UPDATE, &mut attr) }
 }
 
 /// Detach a link now. Dropping the last reference also detaches, but the kernel may do that
@@ -124,7 +139,8 @@ pub fn link_detach(link: &impl AsFd) -> std::io::Result<()> {
         link_fd: link.as_fd().as_raw_fd() as u32,
         ..Default::default()
     };
-    bpf(BPF_LINK_DETACH, &mut attr)
+    // SAFETY: the attribute carries only an fd.
+    unsafe { bpf(BPF_LINK_DETACH, &mut attr) }
 }
 
 const BPF_OBJ_GET: libc::c_long = 7;
@@ -184,11 +200,40 @@ struct BatchAttr {
 /// Elements read or removed per batch syscall.
 const BATCH: usize = 8192;
 
+/// Check that `map` is a (non-per-CPU) hash map whose keys are `K`'s size and, with `V`, whose
+/// values are `V`'s: the kernel copies elements of the map's sizes into the caller's buffers.
+fn check_layout<K, V>(map: &impl AsFd, values: bool) -> std::io::Result<()> {
+    let info = map_info(map)?;
+    let hash = matches!(info.map_type, map_type::HASH | map_type::LRU_HASH);
+    let key_ok = info.key_size as usize == std::mem::size_of::<K>();
+    let value_ok = !values || info.value_size as usize == std::mem::size_of::<V>();
+    if hash && key_ok && value_ok {
+        return Ok(());
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        format!(
+            "map {} (type {}, {}-byte keys, {}-byte values) is not a hash map of {}-byte keys{}",
+            info.id,
+            info.map_type,
+            info.key_size,
+            info.value_size,
+            std::mem::size_of::<K>(),
+            if values {
+                format!(" and {}-byte values", std::mem::size_of::<V>())
+            } else {
+                String::new()
+            }
+        ),
+    ))
+}
+
 /// Every (key, value) of a hash map, read a batch of buckets per syscall (`BPF_MAP_LOOKUP_BATCH`)
-/// instead of two syscalls per entry.
-pub fn map_lookup_all<K: Copy + Default, V: Copy + Default>(
+/// instead of two syscalls per entry. Fails if the map's key or value size is not `K`'s or `V`'s.
+pub fn map_lookup_all<K: aya::Pod + Default, V: aya::Pod + Default>(
     map: &impl AsFd,
 ) -> std::io::Result<Vec<(K, V)>> {
+    check_layout::<K, V>(map, true)?;
     let mut out = Vec::new();
     let mut keys = vec![K::default(); BATCH];
     let mut values = vec![V::default(); BATCH];
@@ -209,7 +254,10 @@ pub fn map_lookup_all<K: Copy + Default, V: Copy + Default>(
             map_fd: map.as_fd().as_raw_fd() as u32,
             ..Default::default()
         };
-        let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        // SAFETY: `keys` and `values` hold `BATCH` elements of the map's own key and value sizes
+        // (checked above), the tokens are 8 bytes (the kernel's cursor is 4), all alive until
+        // the call returns; `K` and `V` are plain data, valid for any bytes the kernel writes.
+        let result = unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
         let got = attr.count as usize;
         out.extend(
             keys[..got]
@@ -230,11 +278,13 @@ pub fn map_lookup_all<K: Copy + Default, V: Copy + Default>(
 
 /// Remove `keys` from a hash map, a batch per syscall (`BPF_MAP_DELETE_BATCH`), large sets
 /// split over the machine's CPUs (the kernel's per-element cost dominates). Keys that are
-/// already gone are skipped. Returns how many were removed.
-pub fn map_delete_all<K: Copy + Sync>(
+/// already gone are skipped. Returns how many were removed. Fails if the map's key size is not
+/// `K`'s.
+pub fn map_delete_all<K: aya::Pod + Sync>(
     map: &(impl AsFd + Sync),
     keys: &[K],
 ) -> std::io::Result<usize> {
+    check_layout::<K, ()>(map, false)?;
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
@@ -270,7 +320,9 @@ fn delete_batches<K: Copy>(map: &impl AsFd, keys: &[K]) -> std::io::Result<usize
             map_fd: map.as_fd().as_raw_fd() as u32,
             ..Default::default()
         };
-        let result = bpf(BPF_MAP_DELETE_BATCH, &mut attr);
+        // SAFETY: `keys` points to `count` keys of the map's key size (checked by the caller),
+        // which the kernel only reads.
+        let result = unsafe { bpf(BPF_MAP_DELETE_BATCH, &mut attr) };
         let done = attr.count as usize;
         removed += done;
         match result {
@@ -348,7 +400,8 @@ pub fn obj_pin(object: &impl AsFd, path: &std::path::Path) -> std::io::Result<()
         bpf_fd: object.as_fd().as_raw_fd() as u32,
         ..Default::default()
     };
-    bpf(BPF_OBJ_PIN, &mut attr)
+    // SAFETY: `pathname` is a NUL-terminated string alive until the call returns.
+    unsafe { bpf(BPF_OBJ_PIN, &mut attr) }
 }
 
 /// `struct bpf_link_info` up to and including its union (the `tcx` member is what is read).
@@ -377,7 +430,8 @@ fn link_info(link: &impl AsFd) -> std::io::Result<LinkInfo> {
         info_len: std::mem::size_of::<LinkInfo>() as u32,
         info: &mut info as *mut LinkInfo as u64,
     };
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    // SAFETY: `info` points to `info_len` writable bytes, alive until the call returns.
+    unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
     Ok(info)
 }
 
@@ -423,7 +477,8 @@ pub fn map_info(map: &impl AsFd) -> std::io::Result<MapInfo> {
         info_len: std::mem::size_of::<MapInfo>() as u32,
         info: &mut info as *mut MapInfo as u64,
     };
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    // SAFETY: `info` points to `info_len` writable bytes, alive until the call returns.
+    unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
     Ok(info)
 }
 
@@ -456,7 +511,33 @@ pub fn map_create(
         max_entries,
         map_flags: 0,
     };
-    let fd = bpf_call(BPF_MAP_CREATE, &mut attr)?;
+    // SAFETY: the attribute carries only sizes and flags.
+    let fd = unsafe { bpf_call(BPF_MAP_CREATE, &mut attr) }?;
     // SAFETY: the kernel returned a new fd that we now own.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The batch calls copy elements of the map's own sizes into the caller's buffers: a map whose
+    /// layout is not the caller's types is refused before any call that would write, and one
+    /// that is reads back what was put in.
+    #[test]
+    fn batch_calls_refuse_a_map_whose_sizes_are_not_the_callers_types() {
+        let map = map_create(map_type::HASH, 8, 16, 4).expect("a hash map (needs root)");
+        let refused = map_lookup_all::<u32, u64>(&map).expect_err("4-byte keys, 8-byte values");
+        assert_eq!(refused.kind(), std::io::ErrorKind::InvalidInput);
+        assert!(
+            refused.to_string().contains("8-byte keys, 16-byte values"),
+            "{refused}"
+        );
+        let refused = map_delete_all::<u32>(&map, &[1]).expect_err("4-byte keys");
+        assert_eq!(refused.kind(), std::io::ErrorKind::InvalidInput);
+
+        let empty = map_lookup_all::<u64, [u64; 2]>(&map).expect("the map's own layout");
+        assert!(empty.is_empty());
+        assert_eq!(map_delete_all::<u64>(&map, &[7]).expect("deleting"), 0);
+    }
 }

@@ -106,7 +106,7 @@ mod bpf_run {
 
     use latch::datapath::syscall::bpf_call as bpf;
 
-    // A descriptor the bpf(2) call returned, owned through `OwnedFd::from_raw_fd`.
+    // The bpf(2) calls, and a descriptor one returned, owned through `OwnedFd::from_raw_fd`.
     #[allow(unsafe_code)]
     pub fn prog_fd_by_id(id: u32) -> std::io::Result<OwnedFd> {
         #[repr(C)]
@@ -115,14 +115,17 @@ mod bpf_run {
             next_id: u32,
             open_flags: u32,
         }
-        let fd = bpf(
-            BPF_PROG_GET_FD_BY_ID,
-            &mut Attr {
-                prog_id: id,
-                next_id: 0,
-                open_flags: 0,
-            },
-        )?;
+        // SAFETY: the attribute carries only an id and flags.
+        let fd = unsafe {
+            bpf(
+                BPF_PROG_GET_FD_BY_ID,
+                &mut Attr {
+                    prog_id: id,
+                    next_id: 0,
+                    open_flags: 0,
+                },
+            )
+        }?;
         // SAFETY: a new fd the kernel handed us.
         Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
     }
@@ -134,6 +137,7 @@ mod bpf_run {
 
     /// Run a `sched_cls` program `repeat` times on `frame`, as come in on `ifindex` of the
     /// calling thread's namespace.
+    #[allow(unsafe_code)]
     pub fn test_run(
         prog: &impl AsFd,
         frame: &[u8],
@@ -172,7 +176,9 @@ mod bpf_run {
             ctx_in: ctx.as_ptr() as u64,
             ..Default::default()
         };
-        bpf(BPF_PROG_TEST_RUN, &mut attr)?;
+        // SAFETY: `data_in` and `ctx_in` point to `data_size_in` and `ctx_size_in` bytes the
+        // kernel only reads, alive until the call returns; no output buffers are given.
+        unsafe { bpf(BPF_PROG_TEST_RUN, &mut attr) }?;
         Ok(Run {
             retval: attr.retval,
             ns_per_run: attr.duration,
