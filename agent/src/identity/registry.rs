@@ -55,6 +55,9 @@ pub enum RegistryError {
 #[derive(Clone, Debug, Default)]
 pub struct Registry {
     pub workloads: Vec<LocalWorkload>,
+    /// Index into `workloads` by `id`: the metrics look a connection's local workload up on
+    /// every connection, and a node may run a thousand pods.
+    workload_by_id: HashMap<String, usize>,
     pub endpoints: HashMap<IpAddr, Endpoint>,
     identities: HashMap<IdentityKey, SpiffeId>,
     /// One address of each pod (local or peer) by identity, for [`Registry::pods_of`].
@@ -86,8 +89,11 @@ impl Registry {
                     },
                 );
             }
+            let id = format!("{}/{}", w.namespace, w.name);
+            let index = registry.workloads.len();
+            registry.workload_by_id.entry(id.clone()).or_insert(index);
             registry.workloads.push(LocalWorkload {
-                id: format!("{}/{}", w.namespace, w.name),
+                id,
                 name: w.name.clone(),
                 namespace: w.namespace.clone(),
                 identity,
@@ -150,7 +156,9 @@ impl Registry {
     }
 
     pub fn workload(&self, id: &str) -> Option<&LocalWorkload> {
-        self.workloads.iter().find(|w| w.id == id)
+        self.workload_by_id
+            .get(id)
+            .and_then(|&i| self.workloads.get(i))
     }
 
     /// Every pod (local or peer) that carries `identity`, once each (a pod with several IPs
@@ -172,6 +180,37 @@ mod tests {
 
     /// A collision (infeasible with 128-bit keys, so one is planted) refuses the identity and
     /// names both IDs, so that the operator knows which service accounts to look at.
+    /// Local workloads are found by `namespace/name`, each to its own entry.
+    #[test]
+    fn local_workloads_are_found_by_id() {
+        let mut yaml = String::from(
+            "node: { name: node-a, address: 10.244.0.1 }\ntrustDomain: cluster.local\n\
+             cgroupRoot: /sys/fs/cgroup/latch-test\nbpfPinDir: /sys/fs/bpf/latch-test\n\
+             certificates: { source: dev-ca, caCert: /tmp/ca.pem, caKey: /tmp/ca-key.pem }\n\
+             debugSocket: /tmp/latch.sock\nworkloads:\n",
+        );
+        for i in 0..50 {
+            yaml.push_str(&format!(
+                "  - {{ name: w-{i}, namespace: prod, serviceAccount: sa-{i}, \
+                 cgroup: /sys/fs/cgroup/latch-test/w-{i}, netns: /run/netns/w-{i}, \
+                 ips: [10.244.1.{}] }}\n",
+                i + 2
+            ));
+        }
+        let config = Config::from_yaml(std::path::Path::new("test.yaml"), &yaml).expect("config");
+        let registry = Registry::from_config(&config).expect("registry");
+        for i in [0, 17, 49] {
+            let w = registry.workload(&format!("prod/w-{i}")).expect("found");
+            assert_eq!(w.name, format!("w-{i}"));
+            assert_eq!(
+                w.ips,
+                [format!("10.244.1.{}", i + 2).parse::<IpAddr>().expect("ip")]
+            );
+        }
+        assert!(registry.workload("prod/w-50").is_none());
+        assert!(registry.workload("staging/w-1").is_none());
+    }
+
     #[test]
     fn a_key_collision_names_both_identities() {
         let mut registry = Registry::default();
