@@ -1,5 +1,6 @@
-//! `tunnel`: the latency a first, a pooled and a fast-path connection add, and throughput,
-//! against no agents and against an nginx mTLS stream-proxy pair. Each phase is measured in turns
+//! `tunnel`: the latency a first, a pooled and a fast-path connection add, and the throughput of
+//! the tunnel and of the fast path, against no agents and against an nginx mTLS stream-proxy
+//! pair. Each phase is measured in turns
 //! with the no-agent [`Reference`] (which also hosts the nginx pair), so that the VM's drift
 //! falls on both sides of every comparison alike. The tables and JSON are in [`output`].
 
@@ -43,6 +44,29 @@ struct TunnelReport {
     /// Throughput with one stream, and with eight.
     one: Rounds,
     eight: Rounds,
+    /// Throughput on the kernel fast path with one stream, and with eight.
+    fast_one: FastRounds,
+    fast_eight: FastRounds,
+}
+
+/// Every throughput round of the fast path and of no agents, taken in turns.
+#[derive(Default)]
+struct FastRounds {
+    base: Vec<f64>,
+    fast: Vec<f64>,
+}
+
+impl FastRounds {
+    /// The medians: no agents, fast path.
+    fn medians(&self) -> [f64; 2] {
+        [&self.base, &self.fast].map(|runs| median(runs.clone()))
+    }
+
+    /// Fast path / no agents, of the medians.
+    fn over_base(&self) -> f64 {
+        let [base, fast] = self.medians();
+        fast / base
+    }
 }
 
 /// Every throughput round's bytes per second, by setup.
@@ -76,7 +100,8 @@ pub fn run(count: usize, out_dir: &Path) -> anyhow::Result<()> {
     println!(
         "tunnel benchmark: {count} connections per latency phase; throughput: one stream \
          of {MIB} MiB, eight of {} MiB (echoed back), median of {THROUGHPUT_ROUNDS} rounds \
-         of no agents, tunnel and nginx pair in turn; client on node 1, server on node 2",
+         of no agents, tunnel and nginx pair in turn (and of no agents and the fast path in \
+         turn); client on node 1, server on node 2",
         MIB / 4
     );
     let report = measure(count, FIRST_CONNECTIONS, MIB)?;
@@ -124,6 +149,23 @@ fn measure(count: usize, samples: usize, mib: usize) -> anyhow::Result<TunnelRep
     first.sort_unstable();
     pair.warm_up(count / 10)?;
     let fast = paired_latency_rounds(&reference, &mut all_reference, count, |n| pair.rate(n))?;
+    // Throughput on the fast path (the pair's allow is cached on both nodes by now): no agents
+    // and the fast path in turns.
+    let (mut fast_one, mut fast_eight) = (FastRounds::default(), FastRounds::default());
+    for _ in 0..THROUGHPUT_ROUNDS {
+        for (rounds, streams, mib) in [(&mut fast_one, 1, mib), (&mut fast_eight, 8, mib / 4)] {
+            rounds
+                .base
+                .push(reference.throughput(Via::Direct, streams, mib)?);
+            rounds.fast.push(throughput(
+                &pair.cluster,
+                pair.client,
+                &pair.to,
+                streams,
+                mib,
+            )?);
+        }
+    }
     pair.stop_agents()?;
 
     let tunnel_options = AgentOptions {
@@ -178,5 +220,7 @@ fn measure(count: usize, samples: usize, mib: usize) -> anyhow::Result<TunnelRep
         fast,
         one,
         eight,
+        fast_one,
+        fast_eight,
     })
 }

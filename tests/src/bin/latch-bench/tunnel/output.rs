@@ -67,7 +67,23 @@ pub(super) fn print(r: &TunnelReport, out_dir: &Path) -> anyhow::Result<()> {
             rounds.over_nginx(),
         );
     }
-    println!("\n(throughput: medians of {THROUGHPUT_ROUNDS} rounds, and ratios of the medians)");
+    println!(
+        "\n| throughput, kernel fast path | no agents MiB/s | fast path MiB/s | fast path / no agents |"
+    );
+    println!("|---|---:|---:|---:|");
+    for (label, rounds) in [("1 stream", &r.fast_one), ("8 streams", &r.fast_eight)] {
+        let [base, fast] = rounds.medians();
+        println!(
+            "| {label} | {:.0} | {:.0} | {:.3} |",
+            mb(base),
+            mb(fast),
+            rounds.over_base(),
+        );
+    }
+    println!(
+        "\n(throughput: medians of {THROUGHPUT_ROUNDS} rounds, and ratios of the medians; the \
+         fast path's rounds in turns with no agents of their own, while the fast-path agents run)"
+    );
     println!(
         "\none hand-off between two threads' sockets on this machine: {:.0} µs (p50 of a loopback \
          one-byte ping-pong, halved); a tunneled connection adds four of them (client to agent, \
@@ -87,6 +103,12 @@ pub(super) fn print(r: &TunnelReport, out_dir: &Path) -> anyhow::Result<()> {
         r.one.over_base(),
         r.one.over_nginx(),
         r.eight.over_nginx()
+    );
+    println!(
+        "target: fast-path throughput within 1% of no agents ({:.3}x / {:.3}x here, one / eight \
+         streams)",
+        r.fast_one.over_base(),
+        r.fast_eight.over_base()
     );
     let ([base_1, tunnel_1, nginx_1], [base_8, tunnel_8, nginx_8]) =
         (r.one.medians(), r.eight.medians());
@@ -132,6 +154,18 @@ pub(super) fn print(r: &TunnelReport, out_dir: &Path) -> anyhow::Result<()> {
         "throughput_rounds_bytes_per_s": {
             "no_agents_1": r.one.base, "tunnel_1": r.one.tunnel, "nginx_1": r.one.nginx,
             "no_agents_8": r.eight.base, "tunnel_8": r.eight.tunnel, "nginx_8": r.eight.nginx,
+        },
+        "fast_path_throughput": {
+            "bytes_per_s_of_medians": {
+                "no_agents_1": r.fast_one.medians()[0], "fast_path_1": r.fast_one.medians()[1],
+                "no_agents_8": r.fast_eight.medians()[0], "fast_path_8": r.fast_eight.medians()[1],
+            },
+            "fast_path_over_no_agents_1": r.fast_one.over_base(),
+            "fast_path_over_no_agents_8": r.fast_eight.over_base(),
+            "rounds_bytes_per_s": {
+                "no_agents_1": r.fast_one.base, "fast_path_1": r.fast_one.fast,
+                "no_agents_8": r.fast_eight.base, "fast_path_8": r.fast_eight.fast,
+            },
         },
     });
     report::write_json(out_dir, "tunnel", &json)
