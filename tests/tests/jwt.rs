@@ -225,6 +225,10 @@ fn a_payment_needs_a_token_with_the_payments_write_scope() {
         kinds.contains(&(json!("RequestAuthentication"), json!("payment-jwt"))),
         "{listed}"
     );
+    // ... and the issuer's key set as the node holds it.
+    assert_eq!(listed["jwks"][0]["uri"], json!(mesh.jwks.uri), "{listed}");
+    assert_eq!(listed["jwks"][0]["keys"], 1, "{listed}");
+    assert_eq!(listed["jwks"][0]["failures"], 0, "{listed}");
 
     let log = mesh
         .cluster
@@ -269,6 +273,13 @@ fn keys_rotate_without_a_restart_and_an_outage_keeps_the_last_ones() {
         )
         .expect("the failure is logged");
     assert_eq!(status(&mesh.post("/v1/pay", Some(&token(&second)))), "200");
+    // `latch debug policies` shows the failure beside the keys kept.
+    let listed = latch_tests::agent::debug_json(&mesh.cluster.debug_socket(mesh.n2), &["policies"])
+        .expect("debug policies");
+    let jwks = &listed["jwks"][0];
+    assert_eq!(jwks["keys"], 1, "{listed}");
+    assert!(jwks["failures"].as_u64() >= Some(1), "{listed}");
+    assert!(jwks["lastError"].is_string(), "{listed}");
 }
 
 /// The attack: a client that sends a forged token to a workload only a RequestAuthentication

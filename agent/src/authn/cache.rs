@@ -215,6 +215,8 @@ fn spawn_fetch(
                 }
                 Err(error) => {
                     state.failures += 1;
+                    // Recorded before it is logged: whoever reads the log line sees it.
+                    state.last_error = Some(error.clone());
                     let kept_for = state.fetched.map(|f| f.elapsed().as_secs());
                     tracing::warn!(
                         uri = %entry.uri,
@@ -224,7 +226,6 @@ fn spawn_fetch(
                         "JWKS fetch failed; the last keys fetched, if any, are used until \
                          jwt.jwksMaxStale"
                     );
-                    state.last_error = Some(error);
                 }
             }
         }

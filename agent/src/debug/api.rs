@@ -197,6 +197,25 @@ pub struct Policies {
     /// Policy objects refused one by one (Kubernetes mode): the others stay in force.
     #[serde(default)]
     pub refused: Vec<RefusedPolicy>,
+    /// The key sets fetched from RequestAuthentications' `jwksUri`s (one per URI, once a
+    /// request has needed it).
+    #[serde(default)]
+    pub jwks: Vec<JwksStatus>,
+}
+
+/// One `jwksUri`'s keys as the node's cache holds them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JwksStatus {
+    pub uri: String,
+    /// Usable keys held (0: never fetched, or none usable).
+    pub keys: usize,
+    /// Seconds since the last successful fetch; `None` if none succeeded.
+    pub fetched_seconds_ago: Option<u64>,
+    /// Failed fetches so far.
+    pub failures: u64,
+    /// The last failure's error, if the last fetch failed.
+    pub last_error: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -202,6 +202,21 @@ pub fn policies(p: &Policies) -> String {
         ]);
     }
     let mut out = table.render();
+    if !p.jwks.is_empty() {
+        let mut keys = Table::new(["JWKS", "KEYS", "FETCHED", "FAILURES", "LAST ERROR"]);
+        for j in &p.jwks {
+            keys.row([
+                j.uri.clone(),
+                j.keys.to_string(),
+                j.fetched_seconds_ago
+                    .map_or_else(|| "never".to_owned(), |s| format!("{s}s ago")),
+                j.failures.to_string(),
+                j.last_error.clone().unwrap_or_default(),
+            ]);
+        }
+        out.push('\n');
+        out.push_str(&keys.render());
+    }
     if !p.errors.is_empty() {
         out.push_str("\nerrors in the last reload:\n");
         for e in &p.errors {

@@ -110,6 +110,13 @@ impl Backend for Fixed {
             }],
             errors: vec![],
             refused: vec![],
+            jwks: vec![JwksStatus {
+                uri: "https://issuer.example/jwks.json".into(),
+                keys: 2,
+                fetched_seconds_ago: Some(30),
+                failures: 1,
+                last_error: Some("GET: status 503".into()),
+            }],
         }
     }
 
@@ -240,9 +247,17 @@ async fn every_route_answers_with_its_json() {
         call(DebugCommand::Workloads).await[0]["serviceAccount"],
         "frontend"
     );
-    assert_eq!(
-        call(DebugCommand::Policies).await["policies"][0]["action"],
-        "ALLOW"
+    let policies = call(DebugCommand::Policies).await;
+    assert_eq!(policies["policies"][0]["action"], "ALLOW");
+    assert_eq!(policies["jwks"][0]["fetchedSecondsAgo"], 30);
+    let table = crate::debug::table::policies(
+        &serde_json::from_value::<Policies>(policies).expect("the client's type"),
+    );
+    assert!(
+        table.contains("https://issuer.example/jwks.json")
+            && table.contains("30s ago")
+            && table.contains("GET: status 503"),
+        "{table}"
     );
     let page = call(DebugCommand::Verdicts(VerdictFilter::default())).await;
     assert_eq!(page["total"], 1);
