@@ -26,7 +26,7 @@ use latch_common::{
 };
 
 use crate::{
-    context::{config, count, fastpath_conn, fresh_verdict},
+    context::{Fresh, config, count, fastpath_conn, fresh_verdict},
     maps::{LATCH_ENDPOINTS, LATCH_FASTPATH_CONNS, LATCH_ORIG_DST, LATCH_WORKLOADS},
 };
 
@@ -133,12 +133,18 @@ fn decide(ctx: &SockAddrContext, dst: &IpKey, port: u16, wire_family: u16) -> Ac
             DIRECTION_OUTBOUND,
         );
         match fresh_verdict(&key) {
-            Some(DECISION_ALLOW) => {
+            Some(Fresh {
+                decision: DECISION_ALLOW,
+                now_ns,
+            }) => {
                 count(Counter::FastpathAllowed);
-                remember_fastpath(ctx, &key);
+                remember_fastpath(ctx, &key, now_ns);
                 return Action::Allow;
             }
-            Some(DECISION_DENY) => {
+            Some(Fresh {
+                decision: DECISION_DENY,
+                ..
+            }) => {
                 count(Counter::CachedDeny);
                 return Action::Reject;
             }
@@ -166,10 +172,10 @@ fn decide(ctx: &SockAddrContext, dst: &IpKey, port: u16, wire_family: u16) -> Ac
 /// is established and when it closes. The connection proceeds either way; an entry that cannot
 /// be stored is counted as a dropped audit event.
 #[inline(always)]
-fn remember_fastpath(ctx: &SockAddrContext, key: &VerdictKey) {
+fn remember_fastpath(ctx: &SockAddrContext, key: &VerdictKey, now_ns: u64) {
     // SAFETY: the context pointer is valid for the program's lifetime.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    let conn = fastpath_conn(key);
+    let conn = fastpath_conn(key, now_ns);
     if LATCH_FASTPATH_CONNS.insert(cookie, conn, 0).is_err() {
         count(Counter::FastpathAuditDropped);
     }

@@ -23,26 +23,37 @@ pub fn count(counter: Counter) {
     }
 }
 
-/// A cached verdict for `key` that has not expired: its decision.
+/// A cached verdict that has not expired.
+#[derive(Clone, Copy)]
+pub struct Fresh {
+    pub decision: u32,
+    /// The clock it was checked against (`bpf_ktime_get_boot_ns`): a connection it lets through
+    /// starts then (one clock read per program; in a VM each is a paravirtual clock read).
+    pub now_ns: u64,
+}
+
+/// A cached verdict for `key` that has not expired.
 #[inline(always)]
-pub fn fresh_verdict(key: &VerdictKey) -> Option<u32> {
+pub fn fresh_verdict(key: &VerdictKey) -> Option<Fresh> {
     let value = LATCH_VERDICTS.get_ptr(key)?;
     // SAFETY: the pointer comes from a successful hash lookup.
     let value: VerdictValue = unsafe { *value };
     // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_boot_ns() };
-    (value.expires_at_ns > now).then_some(value.decision)
+    let now_ns = unsafe { bpf_ktime_get_boot_ns() };
+    (value.expires_at_ns > now_ns).then_some(Fresh {
+        decision: value.decision,
+        now_ns,
+    })
 }
 
-/// The audit record of a connection let through by the cached allow of `key`, started now and
+/// The audit record of a connection let through by the cached allow of `key` at `started_ns`,
 /// not yet reported opened.
 #[inline(always)]
-pub fn fastpath_conn(key: &VerdictKey) -> FastpathConn {
+pub fn fastpath_conn(key: &VerdictKey, started_ns: u64) -> FastpathConn {
     FastpathConn {
         src_identity: key.src_identity,
         dst_identity: key.dst_identity,
-        // SAFETY: helper without arguments.
-        started_ns: unsafe { bpf_ktime_get_boot_ns() },
+        started_ns,
         port: key.port,
         direction: key.direction,
         opened: 0,

@@ -32,7 +32,7 @@ use latch_common::{
 };
 
 use crate::{
-    context::{config, count, fastpath_conn, fresh_verdict},
+    context::{Fresh, config, count, fastpath_conn, fresh_verdict},
     maps::{LATCH_DELIVERIES, LATCH_ENDPOINTS, LATCH_FASTPATH_ADMITS, LATCH_INBOUND_LISTENERS},
 };
 
@@ -142,12 +142,18 @@ pub fn latch_inbound(ctx: SkLookupContext) -> u32 {
         if src.flags & ENDPOINT_TUNNEL_ONLY == 0 {
             let key = VerdictKey::new(src.identity, pod.identity, local_port, DIRECTION_INBOUND);
             match fresh_verdict(&key) {
-                Some(DECISION_ALLOW) => {
+                Some(Fresh {
+                    decision: DECISION_ALLOW,
+                    now_ns,
+                }) => {
                     count(Counter::InboundAdmitted);
-                    remember_admitted(&delivery, &key);
+                    remember_admitted(&delivery, &key, now_ns);
                     return PASS;
                 }
-                Some(DECISION_DENY) => {
+                Some(Fresh {
+                    decision: DECISION_DENY,
+                    ..
+                }) => {
                     count(Counter::InboundRejected);
                     return DROP;
                 }
@@ -172,8 +178,8 @@ pub fn latch_inbound(ctx: SkLookupContext) -> u32 {
 /// its server socket established and reports it. The connection is admitted either way; an
 /// entry that cannot be stored is counted as a dropped audit event.
 #[inline(always)]
-fn remember_admitted(four_tuple: &DeliveryKey, key: &VerdictKey) {
-    let conn = fastpath_conn(key);
+fn remember_admitted(four_tuple: &DeliveryKey, key: &VerdictKey, now_ns: u64) {
+    let conn = fastpath_conn(key, now_ns);
     if LATCH_FASTPATH_ADMITS.insert(four_tuple, conn, 0).is_err() {
         count(Counter::FastpathAuditDropped);
     }

@@ -104,17 +104,20 @@ fn ask_for_state_callbacks(ctx: &SockOpsContext) {
     let _ = ctx.set_cb_flags(flags as i32);
 }
 
+// The fast-path map is asked first, here and at close: a fast-path connection then costs no
+// lookup of its cookie in `LATCH_ORIG_DST`, where it is never found (a miss in a large map is a
+// cache miss; the two maps never hold the same socket).
 #[inline(always)]
 fn on_connect(ctx: &SockOpsContext, cookie: u64) {
+    if LATCH_FASTPATH_CONNS.get_ptr(cookie).is_some() {
+        ask_for_state_callbacks(ctx);
+        return;
+    }
     if let Some(orig) = redirected(cookie) {
         let key = redirect_key(ctx, &orig);
         if LATCH_REDIRECTS.insert(key, orig, 0).is_ok() {
             ask_for_state_callbacks(ctx);
         }
-        return;
-    }
-    if LATCH_FASTPATH_CONNS.get_ptr(cookie).is_some() {
-        ask_for_state_callbacks(ctx);
     }
 }
 
@@ -169,17 +172,18 @@ fn on_accepted(ctx: &SockOpsContext, cookie: u64) -> Option<FastpathConn> {
 /// it was opened (one that never got established, refused or timed out, was never reported).
 #[inline(always)]
 fn on_close(ctx: &SockOpsContext, cookie: u64) -> Option<FastpathConn> {
+    if let Some(conn) = LATCH_FASTPATH_CONNS.get_ptr(cookie) {
+        // SAFETY: pointer from a successful hash lookup.
+        let conn = unsafe { *conn };
+        let _ = LATCH_FASTPATH_CONNS.remove(cookie);
+        return (conn.opened != 0).then_some(conn);
+    }
     if let Some(orig) = redirected(cookie) {
         let key = redirect_key(ctx, &orig);
         let _ = LATCH_REDIRECTS.remove(key);
         let _ = LATCH_ORIG_DST.remove(cookie);
-        return None;
     }
-    let conn = LATCH_FASTPATH_CONNS.get_ptr(cookie)?;
-    // SAFETY: pointer from a successful hash lookup.
-    let conn = unsafe { *conn };
-    let _ = LATCH_FASTPATH_CONNS.remove(cookie);
-    (conn.opened != 0).then_some(conn)
+    None
 }
 
 /// Send one event for `conn` to the agent, written in place into the ring buffer (a 104-byte
@@ -192,9 +196,8 @@ fn on_close(ctx: &SockOpsContext, cookie: u64) -> Option<FastpathConn> {
 fn report(ctx: &SockOpsContext, cookie: u64, conn: &FastpathConn, kind: u8) {
     let (local, remote) = address_words(ctx);
     let ops = ctx.ops;
-    // SAFETY: single reads of context fields, each at a constant offset and of its own size;
-    // helper without arguments.
-    let (local_port, remote_port, snd_una, snd_nxt, bytes_acked, bytes_received, now) = unsafe {
+    // SAFETY: single reads of context fields, each at a constant offset and of its own size.
+    let (local_port, remote_port, snd_una, snd_nxt, bytes_acked, bytes_received) = unsafe {
         (
             read_volatile(addr_of!((*ops).local_port)),
             read_volatile(addr_of!((*ops).remote_port)),
@@ -202,12 +205,19 @@ fn report(ctx: &SockOpsContext, cookie: u64, conn: &FastpathConn, kind: u8) {
             read_volatile(addr_of!((*ops).snd_nxt)),
             read_volatile(addr_of!((*ops).bytes_acked)),
             read_volatile(addr_of!((*ops).bytes_received)),
-            bpf_ktime_get_boot_ns(),
         )
     };
     // STATE_CB's first argument: the state the socket leaves.
     let leaving = ctx.arg(0);
     let closed = kind == FASTPATH_CLOSED;
+    // The clock only for a duration: an opened event has none (a helper call, not a context
+    // read, so it may sit on a branch).
+    // SAFETY: helper without arguments.
+    let now = if closed {
+        unsafe { bpf_ktime_get_boot_ns() }
+    } else {
+        0
+    };
     // The client is this socket for outbound, its peer for inbound.
     let inbound = conn.direction == DIRECTION_INBOUND;
     let remote_port = port_from_ops(remote_port);

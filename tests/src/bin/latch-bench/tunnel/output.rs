@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use super::{THROUGHPUT_ROUNDS, TunnelReport};
+use super::{FAST_THROUGHPUT_ROUNDS, THROUGHPUT_ROUNDS, TunnelReport};
 use crate::{
     reference::{LATENCY_ROUNDS, PairedRounds, TURN},
     report,
@@ -82,7 +82,8 @@ pub(super) fn print(r: &TunnelReport, out_dir: &Path) -> anyhow::Result<()> {
     }
     println!(
         "\n(throughput: medians of {THROUGHPUT_ROUNDS} rounds, and ratios of the medians; the \
-         fast path's rounds in turns with no agents of their own, while the fast-path agents run)"
+         fast path's {FAST_THROUGHPUT_ROUNDS} rounds in turns with no agents of their own, while \
+         the fast-path agents run)"
     );
     println!(
         "\none hand-off between two threads' sockets on this machine: {:.0} µs (p50 of a loopback \
