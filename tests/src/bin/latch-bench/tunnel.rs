@@ -48,56 +48,70 @@ struct TunnelReport {
     /// Throughput with one stream, and with eight.
     one: Rounds,
     eight: Rounds,
-    /// Throughput on the kernel fast path with one stream, and with eight.
-    fast_one: FastRounds,
-    fast_eight: FastRounds,
-}
-
-/// Every throughput round of the fast path and of no agents, taken in turns.
-#[derive(Default)]
-struct FastRounds {
-    base: Vec<f64>,
-    fast: Vec<f64>,
-}
-
-impl FastRounds {
-    /// The medians: no agents, fast path.
-    fn medians(&self) -> [f64; 2] {
-        [&self.base, &self.fast].map(|runs| median(runs.clone()))
-    }
-
-    /// Fast path / no agents, of the medians.
-    fn over_base(&self) -> f64 {
-        let [base, fast] = self.medians();
-        fast / base
-    }
+    /// Throughput on the kernel fast path with one stream, and with eight (no nginx rounds).
+    fast_one: Rounds,
+    fast_eight: Rounds,
 }
 
 /// Every throughput round's bytes per second, by setup.
 #[derive(Default)]
 struct Rounds {
     base: Vec<f64>,
-    tunnel: Vec<f64>,
+    /// Through the agents (the tunnel, or the fast path).
+    agents: Vec<f64>,
     nginx: Vec<f64>,
 }
 
 impl Rounds {
-    /// The medians: no agents, tunnel, nginx pair.
+    /// The medians: no agents, through the agents, nginx pair (0 without nginx rounds).
     fn medians(&self) -> [f64; 3] {
-        [&self.base, &self.tunnel, &self.nginx].map(|runs| median(runs.clone()))
+        [&self.base, &self.agents, &self.nginx].map(|runs| median(runs.clone()))
     }
 
-    /// Tunnel / no agents, of the medians.
+    /// Through the agents / no agents, of the medians.
     fn over_base(&self) -> f64 {
-        let [base, tunnel, _] = self.medians();
-        tunnel / base
+        let [base, agents, _] = self.medians();
+        agents / base
     }
 
-    /// Tunnel / nginx pair, of the medians.
+    /// Through the agents / nginx pair, of the medians.
     fn over_nginx(&self) -> f64 {
-        let [_, tunnel, nginx] = self.medians();
-        tunnel / nginx
+        let [_, agents, nginx] = self.medians();
+        agents / nginx
     }
+}
+
+/// `count` rounds of one stream of `mib` MiB and of eight streams of a quarter each, each round
+/// with no agents, through `pair`'s agents as they run and, with `nginx`, through the nginx
+/// pair, in turns: (one stream, eight streams).
+fn throughput_rounds(
+    pair: &Pair,
+    reference: &Reference,
+    count: usize,
+    mib: usize,
+    nginx: bool,
+) -> anyhow::Result<(Rounds, Rounds)> {
+    let (mut one, mut eight) = (Rounds::default(), Rounds::default());
+    for _ in 0..count {
+        for (rounds, streams, mib) in [(&mut one, 1, mib), (&mut eight, 8, mib / 4)] {
+            rounds
+                .base
+                .push(reference.throughput(Via::Direct, streams, mib)?);
+            rounds.agents.push(throughput(
+                &pair.cluster,
+                pair.client,
+                &pair.to,
+                streams,
+                mib,
+            )?);
+            if nginx {
+                rounds
+                    .nginx
+                    .push(reference.throughput(Via::Nginx, streams, mib)?);
+            }
+        }
+    }
+    Ok((one, eight))
 }
 
 pub fn run(count: usize, out_dir: &Path) -> anyhow::Result<()> {
@@ -153,23 +167,9 @@ fn measure(count: usize, samples: usize, mib: usize) -> anyhow::Result<TunnelRep
     first.sort_unstable();
     pair.warm_up(count / 10)?;
     let fast = paired_latency_rounds(&reference, &mut all_reference, count, |n| pair.rate(n))?;
-    // Throughput on the fast path (the pair's allow is cached on both nodes by now): no agents
-    // and the fast path in turns.
-    let (mut fast_one, mut fast_eight) = (FastRounds::default(), FastRounds::default());
-    for _ in 0..FAST_THROUGHPUT_ROUNDS {
-        for (rounds, streams, mib) in [(&mut fast_one, 1, mib), (&mut fast_eight, 8, mib / 4)] {
-            rounds
-                .base
-                .push(reference.throughput(Via::Direct, streams, mib)?);
-            rounds.fast.push(throughput(
-                &pair.cluster,
-                pair.client,
-                &pair.to,
-                streams,
-                mib,
-            )?);
-        }
-    }
+    // Throughput on the fast path (the pair's allow is cached on both nodes by now).
+    let (fast_one, fast_eight) =
+        throughput_rounds(&pair, &reference, FAST_THROUGHPUT_ROUNDS, mib, false)?;
     pair.stop_agents()?;
 
     let tunnel_options = AgentOptions {
@@ -180,24 +180,7 @@ fn measure(count: usize, samples: usize, mib: usize) -> anyhow::Result<TunnelRep
         let pooled =
             paired_latency_rounds(&reference, &mut all_reference, count, |n| pair.rate(n))?;
         // Throughput: no agents, the tunnel and the nginx pair in turns.
-        let (mut one, mut eight) = (Rounds::default(), Rounds::default());
-        for _ in 0..THROUGHPUT_ROUNDS {
-            for (rounds, streams, mib) in [(&mut one, 1, mib), (&mut eight, 8, mib / 4)] {
-                rounds
-                    .base
-                    .push(reference.throughput(Via::Direct, streams, mib)?);
-                rounds.tunnel.push(throughput(
-                    &pair.cluster,
-                    pair.client,
-                    &pair.to,
-                    streams,
-                    mib,
-                )?);
-                rounds
-                    .nginx
-                    .push(reference.throughput(Via::Nginx, streams, mib)?);
-            }
-        }
+        let (one, eight) = throughput_rounds(pair, &reference, THROUGHPUT_ROUNDS, mib, true)?;
         Ok((pooled, one, eight))
     })?;
     // What busy polling is worth: the same pooled connections with it turned off.
