@@ -14,7 +14,7 @@ use std::{
 };
 
 use hyper::Uri;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::{fetch, keys::KeySet};
@@ -43,14 +43,18 @@ struct State {
     failures: u64,
 }
 
-/// One URI's state, for the debug API and tests.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// One URI's state: what `GET /v1/policies` lists under `jwks` (`debug::api::JwksStatus`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Status {
     pub uri: String,
+    /// Usable keys held (0: never fetched, or none usable).
     pub keys: usize,
-    /// Seconds since the last successful fetch.
+    /// Seconds since the last successful fetch; `None` if none succeeded.
     pub fetched_seconds_ago: Option<u64>,
+    /// Failed fetches so far.
     pub failures: u64,
+    /// The last failure's error, if the last fetch failed.
     pub last_error: Option<String>,
 }
 

@@ -17,8 +17,8 @@ use latch_common::{
 use tokio::sync::{mpsc, oneshot};
 
 use super::api::{
-    Backend, Cert, CertificateStatus, Connection, Decision, ExplainQuery, FlushResult, JwksStatus,
-    MapStatus, Policies, PolicySummary, ProgramStatus, RefusedPolicy, ReloadResult, ReloadStatus,
+    Backend, Cert, CertificateStatus, Connection, Decision, ExplainQuery, FlushResult, MapStatus,
+    Policies, PolicySummary, ProgramStatus, RefusedPolicy, ReloadResult, ReloadStatus,
     SourceStatus, Stats, Status, Verdict, VerdictFilter, VerdictPage, Workload, WorkloadFailure,
 };
 use crate::{
@@ -324,17 +324,7 @@ impl Backend for AgentView {
                 .collect(),
             errors: published.policy_errors.clone(),
             refused: published.refused_policies.clone(),
-            jwks: crate::authn::global()
-                .status()
-                .into_iter()
-                .map(|s| JwksStatus {
-                    uri: s.uri,
-                    keys: s.keys,
-                    fetched_seconds_ago: s.fetched_seconds_ago,
-                    failures: s.failures,
-                    last_error: s.last_error,
-                })
-                .collect(),
+            jwks: crate::authn::global().status(),
         }
     }
 

@@ -12,7 +12,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use super::query::{self, QueryError};
-pub use crate::conn::Direction;
+pub use crate::{authn::cache::Status as JwksStatus, conn::Direction};
 
 /// What the agent provides to the debug server. Methods other than [`Backend::reload`] are
 /// called on a blocking thread, so they may read kernel maps or take locks.
@@ -201,21 +201,6 @@ pub struct Policies {
     /// request has needed it).
     #[serde(default)]
     pub jwks: Vec<JwksStatus>,
-}
-
-/// One `jwksUri`'s keys as the node's cache holds them.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct JwksStatus {
-    pub uri: String,
-    /// Usable keys held (0: never fetched, or none usable).
-    pub keys: usize,
-    /// Seconds since the last successful fetch; `None` if none succeeded.
-    pub fetched_seconds_ago: Option<u64>,
-    /// Failed fetches so far.
-    pub failures: u64,
-    /// The last failure's error, if the last fetch failed.
-    pub last_error: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

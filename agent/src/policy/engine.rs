@@ -40,9 +40,8 @@ impl PolicySet {
                 match self.request_authentication(target) {
                     Some(policy) => ConnectionDecision::NeedsHttp {
                         reason: format!(
-                            "{} for the connection, and RequestAuthentication {policy} applies: \
-                             the token of each HTTP request is checked",
-                            verdict(true)
+                            "allowed for the connection, and RequestAuthentication {policy} \
+                             applies: the token of each HTTP request is checked"
                         ),
                     },
                     None => ConnectionDecision::Decided(decision),
