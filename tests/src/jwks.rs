@@ -80,7 +80,7 @@ impl JwksServer {
         let leaf =
             CertificateParams::new(vec![addr.ip().to_string()])?.signed_by(&leaf_key, &issuer)?;
         let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(Arc::new(
-            tokio_rustls::rustls::crypto::ring::default_provider(),
+            tokio_rustls::rustls::crypto::aws_lc_rs::default_provider(),
         ))
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()

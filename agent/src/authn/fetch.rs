@@ -68,7 +68,7 @@ fn client_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, String>
             .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
             .map_err(|e| format!("reading jwt.jwksCaFile {}: {e}", path.display()))?,
     };
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = crate::tls::provider();
     let verifier =
         rustls_platform_verifier::Verifier::new_with_extra_roots(extra, provider.clone())
             .map_err(|e| format!("trust roots: {e}"))?;

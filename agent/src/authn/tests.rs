@@ -393,7 +393,7 @@ async fn jwks_server(document: String) -> JwksServer {
         .signed_by(&leaf_key, &issuer)
         .expect("leaf");
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
+        rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .expect("versions")

@@ -50,8 +50,9 @@ pub fn uninstall(path: &Path) -> anyhow::Result<()> {
 
 /// Run the agent on the cluster's state until SIGTERM/SIGINT.
 pub fn serve(options: Options) -> anyhow::Result<()> {
-    // kube-rs's TLS and the agent's both use ring; a second install is refused, harmlessly.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    // kube-rs builds its TLS from the process default: the agent's own provider (a second
+    // install is refused, harmlessly).
+    let _ = crate::tls::crypto_provider().install_default();
     let node = node_from_environment()?;
     let config = Config::load_for_kubernetes(&options.config_path, node.clone())?;
     let root = KubepodsRoot::detect(options.kubepods_root.as_deref())

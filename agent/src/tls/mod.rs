@@ -1,4 +1,4 @@
-//! Mutual TLS between agents: rustls configurations (TLS 1.3 only, ring provider) whose
+//! Mutual TLS between agents: rustls configurations (TLS 1.3 only, aws-lc-rs provider: [`crypto_provider`]) whose
 //! certificate verifiers are SPIFFE-aware ([`verify`]): the chain must verify to the trust
 //! bundle under the X.509-SVID profile ([`profile`], [`names`]), the leaf must carry exactly one
 //! `spiffe://` URI SAN in our trust domain, and every certificate must be within its validity
@@ -11,7 +11,7 @@ mod names;
 mod profile;
 pub mod verify;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use rustls::{
     ClientConfig, ServerConfig, client::ResolvesClientCert, crypto::CryptoProvider,
@@ -27,8 +27,29 @@ pub use verify::{
 /// ALPN of the HBONE tunnel (HTTP/2).
 pub const ALPN_H2: &[u8] = b"h2";
 
+/// The agent's cryptography: rustls on aws-lc-rs, its cipher suites and signature algorithms as
+/// they come, and the key exchanges in an order of the agent's own: X25519 first (what every
+/// Latch agent and a default ztunnel offer, one round trip), then the X25519MLKEM768 hybrid (a
+/// ztunnel with `COMPLIANCE_POLICY=pqc` offers only that, and is answered), then the NIST
+/// curves. Named here, not left to rustls's defaults, which a feature enabled anywhere in the
+/// build (`prefer-post-quantum`) would reorder.
+pub fn crypto_provider() -> CryptoProvider {
+    use rustls::crypto::aws_lc_rs::{default_provider, kx_group};
+    CryptoProvider {
+        kx_groups: vec![
+            kx_group::X25519,
+            kx_group::X25519MLKEM768,
+            kx_group::SECP256R1,
+            kx_group::SECP384R1,
+        ],
+        ..default_provider()
+    }
+}
+
+/// [`crypto_provider`], built once and shared by every configuration.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER.get_or_init(|| Arc::new(crypto_provider())).clone()
 }
 
 #[derive(Debug, thiserror::Error)]

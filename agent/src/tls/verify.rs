@@ -326,7 +326,7 @@ impl Verified {
     const MOST: usize = 4096;
 
     fn key(role: Role, chain: &[&[u8]], bundle: &[&[u8]]) -> [u8; 32] {
-        let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut digest = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
         digest.update(&[role.tag()]);
         for certs in [chain, bundle] {
             digest.update(&(certs.len() as u64).to_be_bytes());
@@ -371,11 +371,11 @@ fn system_time(now: UnixTime) -> SystemTime {
 }
 
 fn algorithms() -> WebPkiSupportedAlgorithms {
-    rustls::crypto::ring::default_provider().signature_verification_algorithms
+    super::provider().signature_verification_algorithms
 }
 
 /// The handshake-signature methods both verifiers share: TLS 1.2 refused, TLS 1.3 checked with
-/// the ring provider's algorithms.
+/// the provider's algorithms ([`super::provider`]).
 macro_rules! handshake_signatures {
     () => {
         fn verify_tls12_signature(

@@ -1,6 +1,7 @@
-//! `cargo xtask bench tls`: what the tunnel's TLS would cost on rustls's aws-lc-rs provider,
-//! with post-quantum key exchange (X25519MLKEM768, ztunnel's `COMPLIANCE_POLICY=pqc`) and
-//! without, against ring (the agent's provider), in one run. The agent's own SPIFFE verifiers
+//! `cargo xtask bench tls`: what the tunnel's TLS costs on the agent's provider (aws-lc-rs,
+//! X25519 first: `latch::tls::crypto_provider`), against ring (the agent's provider until
+//! 2026-12-04) and against aws-lc-rs preferring post-quantum key exchange (X25519MLKEM768,
+//! ztunnel's `COMPLIANCE_POLICY=pqc`), in one run. The agent's own SPIFFE verifiers
 //! and SVIDs from a development CA, TLS 1.3, no resumption, as the tunnel configures them; both
 //! sides in this process over memory, so the figures are CPU alone: microseconds of one
 //! handshake (client and server together) and MB/s of bulk data (encrypt and decrypt). Rounds
@@ -39,20 +40,21 @@ struct Variant {
 }
 
 fn variants() -> Vec<Variant> {
-    let mut classical = aws_lc_rs::default_provider();
-    classical.kx_groups = vec![aws_lc_rs::kx_group::X25519];
+    // This workspace builds rustls with `prefer-post-quantum`: its default puts the hybrid first.
+    let mut post_quantum = aws_lc_rs::default_provider();
+    post_quantum.kx_groups = vec![aws_lc_rs::kx_group::X25519MLKEM768];
     vec![
         Variant {
-            label: "ring, X25519 (the agent today)",
+            label: "ring, X25519 (the agent until 2026-12-04)",
             provider: Arc::new(ring::default_provider()),
         },
         Variant {
-            label: "aws-lc-rs, X25519",
-            provider: Arc::new(classical),
+            label: "aws-lc-rs, X25519 first (the agent)",
+            provider: latch::tls::provider(),
         },
         Variant {
             label: "aws-lc-rs, X25519MLKEM768 (post-quantum hybrid)",
-            provider: Arc::new(aws_lc_rs::default_provider()),
+            provider: Arc::new(post_quantum),
         },
     ]
 }

@@ -350,3 +350,102 @@ fn a_chain_is_signature_checked_once_per_bundle_and_its_dates_every_time() {
     }
     assert_eq!(checks(), before + 4);
 }
+
+/// The key exchange each side of a handshake ended with, and whether it took a
+/// HelloRetryRequest.
+async fn key_exchange(
+    client_cfg: Arc<ClientConfig>,
+    server_cfg: Arc<ServerConfig>,
+) -> (
+    Option<rustls::NamedGroup>,
+    Option<rustls::HandshakeKind>,
+    Option<rustls::NamedGroup>,
+) {
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let acceptor = tokio_rustls::TlsAcceptor::from(server_cfg);
+    let server_side = tokio::spawn(async move {
+        let mut tls = acceptor.accept(b).await.expect("server handshake");
+        let mut buf = [0u8; 4];
+        tls.read_exact(&mut buf).await.expect("server read");
+        tls.get_ref()
+            .1
+            .negotiated_key_exchange_group()
+            .map(|g| g.name())
+    });
+    let name = ServerName::try_from("payment.prod").expect("name");
+    let mut tls = tokio_rustls::TlsConnector::from(client_cfg)
+        .connect(name, a)
+        .await
+        .expect("client handshake");
+    tls.write_all(b"ping").await.expect("client write");
+    tls.flush().await.expect("client flush");
+    let client = tls.get_ref().1;
+    let group = client.negotiated_key_exchange_group().map(|g| g.name());
+    let kind = client.handshake_kind();
+    (group, kind, server_side.await.expect("server task"))
+}
+
+/// A peer whose provider offers only the X25519MLKEM768 hybrid, as ztunnel with
+/// `COMPLIANCE_POLICY=pqc` does.
+fn post_quantum_only() -> Arc<CryptoProvider> {
+    Arc::new(CryptoProvider {
+        kx_groups: vec![rustls::crypto::aws_lc_rs::kx_group::X25519MLKEM768],
+        ..crypto_provider()
+    })
+}
+
+/// Between agents the key exchange is X25519 in one round trip; a peer that offers only the
+/// post-quantum hybrid gets it: answered directly when it is the client, after one
+/// HelloRetryRequest when the agent is.
+#[tokio::test]
+async fn agents_agree_on_x25519_and_answer_a_post_quantum_only_peer_with_the_hybrid() {
+    use rustls::{HandshakeKind::*, NamedGroup::*};
+    let ca = ca("kx");
+    let client = ca.mint(FRONTEND, HOUR).expect("client svid");
+    let server = ca.mint(PAYMENT, HOUR).expect("server svid");
+    let bundle = vec![ca.certificate().clone()];
+    let agent_server = server_config(&server, bundle.clone(), TD).expect("server config");
+    let agent_client = client_config(&client, bundle.clone(), TD, PAYMENT).expect("client config");
+    let pq_client = Arc::new(
+        ClientConfig::builder_with_provider(post_quantum_only())
+            .with_protocol_versions(&[&TLS13])
+            .expect("versions")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier::new(
+                bundle.clone(),
+                TD,
+                PAYMENT,
+            )))
+            .with_client_cert_resolver(Arc::new(FixedCert(
+                certified_key(&client).expect("client key"),
+            ))),
+    );
+    let pq_server = Arc::new(
+        ServerConfig::builder_with_provider(post_quantum_only())
+            .with_protocol_versions(&[&TLS13])
+            .expect("versions")
+            .with_client_cert_verifier(Arc::new(SpiffeClientVerifier::new(bundle, TD)))
+            .with_cert_resolver(Arc::new(FixedCert(
+                certified_key(&server).expect("server key"),
+            ))),
+    );
+    assert_eq!(
+        key_exchange(agent_client.clone(), agent_server.clone()).await,
+        (Some(X25519), Some(Full), Some(X25519)),
+        "agent to agent"
+    );
+    assert_eq!(
+        key_exchange(pq_client, agent_server).await,
+        (Some(X25519MLKEM768), Some(Full), Some(X25519MLKEM768)),
+        "a post-quantum-only client to an agent"
+    );
+    assert_eq!(
+        key_exchange(agent_client, pq_server).await,
+        (
+            Some(X25519MLKEM768),
+            Some(FullWithHelloRetryRequest),
+            Some(X25519MLKEM768)
+        ),
+        "an agent to a post-quantum-only server"
+    );
+}

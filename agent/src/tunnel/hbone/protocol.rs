@@ -114,10 +114,10 @@ pub(super) fn baggage(source: &crate::identity::SpiffeId) -> Option<hyper::heade
 /// starts one for each connection it tunnels; `None` if the system has no randomness to give.
 /// Marked sensitive (HPACK: never indexed), since no value is ever sent twice.
 pub(super) fn traceparent() -> Option<hyper::header::HeaderValue> {
-    use ring::rand::SecureRandom as _;
+    use aws_lc_rs::rand::SecureRandom as _;
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut ids = [0u8; 24];
-    ring::rand::SystemRandom::new().fill(&mut ids).ok()?;
+    aws_lc_rs::rand::SystemRandom::new().fill(&mut ids).ok()?;
     // `00-` 32 hex digits `-` 16 hex digits `-00`.
     let mut text = Vec::with_capacity(55);
     text.extend_from_slice(b"00-");
