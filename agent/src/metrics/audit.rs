@@ -125,7 +125,9 @@ fn identity_name(registry: Option<&Registry>, key: Identity) -> String {
 /// socket closed from tells which FINs there were: we had sent ours in FIN_WAIT1, FIN_WAIT2,
 /// CLOSING and LAST_ACK (acknowledged if nothing was left unacknowledged); the peer had sent its
 /// own in CLOSE_WAIT, LAST_ACK and CLOSING, and in FIN_WAIT2 (the usual way out of it is the
-/// peer's FIN; a FIN_WAIT2 ended by its timeout or a reset counts one byte received too many).
+/// peer's FIN; a closed socket whose FIN is acknowledged before the peer's FIN comes leaves it at
+/// once for a TIME_WAIT socket, and one ended by its timeout or a reset leaves it too, each
+/// counting one byte received too few: `docs/observability.md`).
 pub fn payload_bytes(event: &FastpathEvent) -> (u64, u64) {
     let state = event.close_state;
     let syn = u64::from(event.direction == DIRECTION_OUTBOUND);
