@@ -5,7 +5,8 @@
 //!   connection untouched (fast path), remembered under its socket cookie for `sock_ops`'s audit
 //!   events;
 //! - a fresh cached deny fails `connect()` with `EPERM`;
-//! - otherwise the original destination is stored under the socket cookie and the destination is
+//! - otherwise the original destination is stored under the socket cookie (and a fast-path entry
+//!   an earlier, failed `connect()` of the socket left is removed) and the destination is
 //!   rewritten to the capture listener on loopback in the caller's own network namespace.
 //!
 //! Everything else (not enrolled, not TCP, loopback, not a mesh endpoint) is left alone.
@@ -160,6 +161,11 @@ fn decide(ctx: &SockAddrContext, dst: &IpKey, port: u16, wire_family: u16) -> Ac
         family: wire_family,
         _pad: 0,
     };
+    // A fast-path entry left by an earlier connect() of this socket that failed before its SYN
+    // would make `sock_ops`, which asks that map first, take the socket for a fast-path one and
+    // leave its original destination unpublished. One lookup on the redirected path, which goes
+    // through the agent anyway.
+    let _ = LATCH_FASTPATH_CONNS.remove(cookie);
     if LATCH_ORIG_DST.insert(cookie, orig, 0).is_err() {
         // Without the original destination the agent could not serve the connection: fail closed.
         return Action::Reject;

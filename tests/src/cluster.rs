@@ -663,6 +663,19 @@ impl Cluster {
         probe::connect(&pod.netns(), Some(&pod.cgroup), to, send)
     }
 
+    /// The same from a socket whose first `connect()`, to `first`, failed before any SYN
+    /// (`latch-probe connect --fail-first`).
+    pub fn probe_after_failure(
+        &self,
+        from: PodId,
+        first: SocketAddr,
+        to: SocketAddr,
+        send: &str,
+    ) -> anyhow::Result<ProbeResult> {
+        let pod = self.pod(from);
+        probe::connect_after_failure(&pod.netns(), Some(&pod.cgroup), first, to, send)
+    }
+
     /// The same, from inside the pod's netns but outside every cgroup below `cgroupRoot`.
     pub fn probe_unenrolled(
         &self,

@@ -29,6 +29,9 @@ pub struct ProbeResult {
     /// The exchange ended with a reset.
     pub reset: bool,
     pub elapsed_ms: f64,
+    /// With `--fail-first`: the errno of the socket's first `connect()`.
+    #[serde(default)]
+    pub first_errno: Option<i32>,
 }
 
 impl ProbeResult {
@@ -81,6 +84,19 @@ pub fn connect_from_port(
         &timeout,
     ];
     run(netns, cgroup, &args, Some("spoofed"))
+}
+
+/// One connection to `to` from a socket whose first `connect()`, to `first` (an IPv4-mapped
+/// address from an IPv6-only socket), failed after the connect programs ran and before any SYN.
+pub fn connect_after_failure(
+    netns: &Path,
+    cgroup: Option<&Path>,
+    first: SocketAddr,
+    to: SocketAddr,
+    send: &str,
+) -> anyhow::Result<ProbeResult> {
+    let args = ["--to", &to.to_string(), "--fail-first", &first.to_string()];
+    run(netns, cgroup, &args, Some(send))
 }
 
 fn run(

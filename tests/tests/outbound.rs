@@ -2,13 +2,15 @@
 //! pair goes through the agent, repeats take the kernel fast path, expired verdicts go back
 //! through the agent, cached denies fail with EPERM, and everything not in the mesh is untouched.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use latch::datapath::{KernelMaps, system::boot_ns_after};
 use latch_common::{Counter, DECISION_DENY, DIRECTION_OUTBOUND, VerdictKey, VerdictValue};
 use latch_tests::{AgentOptions, Cluster, NodeId, PodId, PodKind, PodSpec, TwoNodes};
 
 const PORT: u16 = 8080;
+/// A port of the server no verdict is cached for.
+const OTHER_PORT: u16 = 8081;
 
 struct Setup {
     cluster: Cluster,
@@ -243,5 +245,58 @@ fn unenrolled_cgroups_and_non_mesh_destinations_are_untouched() {
     assert!(
         maps(&cluster, n1).verdicts().expect("verdicts").is_empty(),
         "nothing may be cached"
+    );
+}
+
+/// A socket whose `connect()` on the fast path fails before its SYN (an IPv6-only socket asking
+/// for an IPv4-mapped destination: the connect program lets it through by the pair's cached
+/// allow, then the kernel refuses the address) and that then connects to a destination the agent
+/// must judge is redirected and served: what the first `connect()` left for the fast-path audit
+/// must not make `sock_ops` take the socket for a fast-path one and leave its original
+/// destination unpublished.
+#[test]
+fn a_socket_whose_fast_path_connect_failed_is_served_when_it_connects_again() {
+    let Setup {
+        cluster,
+        n1,
+        client,
+        server,
+    } = setup();
+    let _cached = cluster.echo_server(server, PORT).expect("echo server");
+    let _judged = cluster
+        .echo_server(server, OTHER_PORT)
+        .expect("echo server");
+    let v4 = cluster.pod(server).addr4(PORT);
+    let warm = cluster.probe(client, v4, Some("warm")).expect("probe");
+    assert_eq!(warm.echo.as_deref(), Some("warm"), "{warm:?}");
+    let IpAddr::V4(ip) = v4.ip() else {
+        panic!("addr4 gave {v4}")
+    };
+    let mapped = SocketAddr::new(IpAddr::V6(ip.to_ipv6_mapped()), PORT);
+    let to = cluster.pod(server).addr6(OTHER_PORT);
+
+    let fast = counter(&cluster, n1, Counter::FastpathAllowed);
+    let redirected = counter(&cluster, n1, Counter::Redirected);
+    let r = cluster
+        .probe_after_failure(client, mapped, to, "again")
+        .expect("probe");
+    assert_eq!(
+        r.first_errno,
+        Some(nix::errno::Errno::ENETUNREACH as i32),
+        "the first connect() fails before its SYN: {r:?}"
+    );
+    assert_eq!(
+        counter(&cluster, n1, Counter::FastpathAllowed),
+        fast + 1,
+        "the first connect() was let through by the cached allow"
+    );
+    assert_eq!(
+        counter(&cluster, n1, Counter::Redirected),
+        redirected + 1,
+        "the second connect() is redirected to the agent"
+    );
+    assert!(
+        r.ok && r.echo.as_deref() == Some("again"),
+        "the redirected connection is served: {r:?}"
     );
 }

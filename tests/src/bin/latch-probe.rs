@@ -1,12 +1,14 @@
 //! `latch-probe`: the client the tests and benchmarks run inside pods (in the pod's netns and
 //! cgroup), so that the kernel programs see a real process of that pod.
 //!
-//! - `latch-probe connect --to IP:PORT [--from IP[:PORT]] [--send TEXT] [--keep-open] [--timeout-ms N]`:
+//! - `latch-probe connect --to IP:PORT [--from IP[:PORT] | --fail-first IP:PORT] [--send TEXT] [--keep-open] [--timeout-ms N]`:
 //!   one connection (from the address `--from` if given, which the namespace must hold); sends
 //!   TEXT and half-closes (with `--keep-open`, sends TEXT and does not half-close, so the exchange
 //!   ends only when the other side closes), reads until the end; prints one JSON line: ok, errno,
-//!   error, peer, local, echo, reset, elapsed_ms. Exit 0 even when the connection fails (the JSON
-//!   says how).
+//!   error, peer, local, echo, reset, elapsed_ms, first_errno. Exit 0 even when the connection
+//!   fails (the JSON says how). With `--fail-first IP:PORT` (an IPv4-mapped address), the
+//!   connection is made from an IPv6-only socket that first tried that address, which fails
+//!   before any SYN (`first_errno`), as a socket whose `connect()` failed and that connects again.
 //! - `latch-probe rate --to IP:PORT --count N`: N sequential connections, each a one-byte
 //!   request and its echo (so the time includes the whole path to the server, through the agent
 //!   if redirected); prints one JSON line with the count, failures, total seconds and
@@ -68,17 +70,45 @@ fn open(to: SocketAddr, from: Option<SocketAddr>, timeout: Duration) -> std::io:
     Ok(socket.into())
 }
 
-fn connect(
+/// A TCP connection to `to` on an IPv6-only socket that first tried to connect to `first` (an
+/// IPv4-mapped address, which such a socket cannot reach: `connect()` fails with
+/// `ENETUNREACH` after the connect programs ran, before any SYN); also that first errno.
+fn open_after_failure(
+    first: SocketAddr,
     to: SocketAddr,
-    from: Option<SocketAddr>,
+    timeout: Duration,
+) -> (Option<i32>, std::io::Result<TcpStream>) {
+    let socket = match socket2::Socket::new(
+        socket2::Domain::IPV6,
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .and_then(|s| s.set_only_v6(true).map(|()| s))
+    {
+        Ok(s) => s,
+        Err(e) => return (None, Err(e)),
+    };
+    let first_errno = match socket.connect_timeout(&first.into(), timeout) {
+        Ok(()) => Some(0),
+        Err(e) => e.raw_os_error(),
+    };
+    let opened = socket
+        .connect_timeout(&to.into(), timeout)
+        .map(|()| socket.into());
+    (first_errno, opened)
+}
+
+fn connect(
+    opened: std::io::Result<TcpStream>,
     send: Option<String>,
     half_close: bool,
     timeout: Duration,
+    start: Instant,
+    first_errno: Option<i32>,
 ) -> String {
-    let start = Instant::now();
     let (mut ok, mut errno, mut error, mut peer, mut local, mut echo, mut reset) =
         (false, None, None, None, None, None, false);
-    match open(to, from, timeout) {
+    match opened {
         Ok(mut stream) => {
             ok = true;
             peer = stream.peer_addr().ok().map(|a| a.to_string());
@@ -120,16 +150,16 @@ fn connect(
             error = Some(e.to_string());
         }
     }
+    let number = |n: Option<i32>| n.map(|e| e.to_string()).unwrap_or_else(|| "null".into());
     format!(
-        "{{\"ok\":{ok},\"errno\":{},\"error\":{},\"peer\":{},\"local\":{},\"echo\":{},\"reset\":{reset},\"elapsed_ms\":{}}}",
-        errno
-            .map(|e| e.to_string())
-            .unwrap_or_else(|| "null".into()),
+        "{{\"ok\":{ok},\"errno\":{},\"error\":{},\"peer\":{},\"local\":{},\"echo\":{},\"reset\":{reset},\"elapsed_ms\":{},\"first_errno\":{}}}",
+        number(errno),
         opt(error),
         opt(peer),
         opt(local),
         opt(echo),
-        start.elapsed().as_secs_f64() * 1000.0
+        start.elapsed().as_secs_f64() * 1000.0,
+        number(first_errno),
     )
 }
 
@@ -338,9 +368,27 @@ fn main() {
                     std::process::exit(2);
                 }
             };
+            let start = Instant::now();
+            let first = arg(&args, "--fail-first").map(|s| {
+                s.parse::<SocketAddr>().unwrap_or_else(|_| {
+                    eprintln!("latch-probe: --fail-first must be IP:PORT");
+                    std::process::exit(2);
+                })
+            });
+            let (first_errno, opened) = match first {
+                Some(first) => open_after_failure(first, to(), timeout),
+                None => (None, open(to(), from, timeout)),
+            };
             println!(
                 "{}",
-                connect(to(), from, arg(&args, "--send"), half_close, timeout)
+                connect(
+                    opened,
+                    arg(&args, "--send"),
+                    half_close,
+                    timeout,
+                    start,
+                    first_errno
+                )
             );
         }
         Some("rate") => {
@@ -417,7 +465,7 @@ fn main() {
         },
         _ => {
             eprintln!(
-                "usage: latch-probe connect --to IP:PORT [--from IP[:PORT]] [--send TEXT] [--keep-open] [--timeout-ms N] | rate --to IP:PORT --count N | serve --port PORT [--repeat K | --stream] | cgroup"
+                "usage: latch-probe connect --to IP:PORT [--from IP[:PORT] | --fail-first IP:PORT] [--send TEXT] [--keep-open] [--timeout-ms N] | rate --to IP:PORT --count N | serve --port PORT [--repeat K | --stream] | cgroup"
             );
             std::process::exit(2);
         }
