@@ -58,7 +58,7 @@ pub fn test() -> anyhow::Result<()> {
     // The fuzz targets are a workspace of their own (they link libFuzzer, on the nightly); their
     // code is `latch::fuzzing`, linted with the agent, and the corpus is replayed by the tests.
     cmd::run(cargo().args(["fmt", "--manifest-path", "fuzz/Cargo.toml", "--check"]))?;
-    // So is the TLS provider measurement (it builds aws-lc, which the agent does not use).
+    // So is the TLS provider measurement (it builds ring, which the agent does not use).
     cmd::run(cargo().args(["fmt", "--manifest-path", TLS_BENCH, "--check"]))?;
 
     step("lint: clippy -D warnings on the host crates");
