@@ -223,6 +223,39 @@ pub fn kernel() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What a first `cargo xtask test` of a fresh clone leaves under `target/` and
+/// `bench/tls-providers/target/` (measured 2026-12-04), in GiB.
+const TEST_NEEDS_GIB: u64 = 7;
+
+/// Say how much disk the build has: a full disk shows up as a compiler or linker crash (the
+/// linker dies of SIGBUS when the file it maps cannot grow), which names no cause.
+pub fn disk() {
+    let target = cmd::root().join("target");
+    let at = if target.exists() { target } else { cmd::root() };
+    let free = cmd::stdout_of(Command::new("df").args(["--output=avail", "-B1"]).arg(&at))
+        .and_then(|out| {
+            out.lines()
+                .nth(1)
+                .and_then(|l| l.trim().parse::<u64>().ok())
+        });
+    let Some(free) = free else {
+        println!("    could not read the free disk space of {}", at.display());
+        return;
+    };
+    let gib = free / (1 << 30);
+    if gib >= TEST_NEEDS_GIB {
+        println!(
+            "    ok: {gib} GiB free for target/ (a fresh clone's test run takes about {TEST_NEEDS_GIB})"
+        );
+    } else {
+        println!(
+            "    LOW DISK: {gib} GiB free for target/, and a fresh clone's test run takes about \
+             {TEST_NEEDS_GIB}: if the disk fills, the compiler or the linker crashes (SIGBUS) \
+             without saying why"
+        );
+    }
+}
+
 fn report(missing: &mut Vec<String>, ok: bool, what: &str, fix: &str) {
     if ok {
         println!("    ok: {what}");

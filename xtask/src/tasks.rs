@@ -52,6 +52,7 @@ fn bin(profile: &str, name: &str) -> std::path::PathBuf {
 pub fn test() -> anyhow::Result<()> {
     setup::toolchain()?;
     setup::kernel()?;
+    setup::disk();
 
     step("format: cargo fmt --check (all crates, eBPF and fuzz targets included)");
     cmd::run(cargo().args(["fmt", "--all", "--check"]))?;
