@@ -741,6 +741,19 @@ impl Cluster {
         crate::server::PodServer::start(command)
     }
 
+    /// A server run inside the pod, in its netns and cgroup (`latch-probe serve --sink`),
+    /// answering each connection with as many bytes as it read until the half-close, without
+    /// keeping them (the benchmarks' server: its clients count what comes back).
+    pub fn pod_sink_server(
+        &self,
+        pod: PodId,
+        port: u16,
+    ) -> anyhow::Result<crate::server::PodServer> {
+        let port = port.to_string();
+        let command = self.probe_command(pod, &["serve", "--port", &port, "--sink"])?;
+        crate::server::PodServer::start(command)
+    }
+
     /// A server run inside the pod, in its netns and cgroup (`latch-probe serve --stream`),
     /// writing back what it reads as it reads it, a thread per connection.
     pub fn pod_stream_server(

@@ -26,9 +26,10 @@
 //!   open-loop load of R requests per second for S seconds, each B bytes and their echo, over C
 //!   persistent connections or one fresh connection each; prints one JSON line with what was
 //!   due, completed and failed, and latency percentiles from when each request was due ([`load`]).
-//! - `latch-probe serve --port PORT [--repeat K | --stream]`: a server inside the pod (its netns and
-//!   cgroup): answers each connection with what it read until the half-close, K times over, or
-//!   with `--stream` with what it reads as it reads it.
+//! - `latch-probe serve --port PORT [--repeat K | --stream | --sink]`: a server inside the pod (its
+//!   netns and cgroup): answers each connection with what it read until the half-close, K times
+//!   over; with `--stream` with what it reads as it reads it; with `--sink` with as many bytes as
+//!   it read until the half-close, without keeping them.
 //! - `latch-probe cgroup`: prints this process's cgroup.
 
 #[path = "latch-probe/load.rs"]
@@ -450,8 +451,14 @@ fn main() {
                 eprintln!("latch-probe: serve needs --port PORT");
                 std::process::exit(2);
             };
-            let stream = args.iter().any(|a| a == "--stream");
-            if let Err(e) = serve(port, repeat, stream) {
+            let answer = if args.iter().any(|a| a == "--stream") {
+                Answer::Stream
+            } else if args.iter().any(|a| a == "--sink") {
+                Answer::Count
+            } else {
+                Answer::Echo(repeat)
+            };
+            if let Err(e) = serve(port, answer) {
                 eprintln!("latch-probe: serve on port {port}: {e}");
                 std::process::exit(1);
             }
@@ -465,21 +472,32 @@ fn main() {
         },
         _ => {
             eprintln!(
-                "usage: latch-probe connect --to IP:PORT [--from IP[:PORT] | --fail-first IP:PORT] [--send TEXT] [--keep-open] [--timeout-ms N] | rate --to IP:PORT --count N | serve --port PORT [--repeat K | --stream] | cgroup"
+                "usage: latch-probe connect --to IP:PORT [--from IP[:PORT] | --fail-first IP:PORT] [--send TEXT] [--keep-open] [--timeout-ms N] | rate --to IP:PORT --count N | serve --port PORT [--repeat K | --stream | --sink] | cgroup"
             );
             std::process::exit(2);
         }
     }
 }
 
-/// `latch-probe serve --port PORT [--repeat K]`: a server in the pod itself (its sockets belong
-/// to the pod's cgroup, as a real application's do, so the kernel programs on `cgroupRoot` see
-/// its side of each connection). Listens on `[::]:PORT` (IPv4 too), prints `listening` once it
-/// does, then answers each connection, on a thread of its own, with what it read until the
-/// client's half-close, K times over, and closes it; with `--stream`, writes back what it reads
-/// as it reads it, until the client closes (persistent connections carrying many requests).
-/// Runs until killed.
-fn serve(port: u16, repeat: usize, stream_back: bool) -> std::io::Result<()> {
+/// How `latch-probe serve` answers a connection.
+#[derive(Clone, Copy)]
+enum Answer {
+    /// What it read until the client's half-close, K times over.
+    Echo(usize),
+    /// What it reads, as it reads it, until the client closes.
+    Stream,
+    /// As many bytes as it read until the client's half-close, without keeping them: a bulk
+    /// upload then costs the server its reads and writes only, not 256 MiB of memory faulted in
+    /// and copied as a buffer grows, CPU time the benchmark would take from the agents.
+    Count,
+}
+
+/// `latch-probe serve --port PORT [--repeat K | --stream | --sink]`: a server in the pod itself
+/// (its sockets belong to the pod's cgroup, as a real application's do, so the kernel programs
+/// on `cgroupRoot` see its side of each connection). Listens on `[::]:PORT` (IPv4 too), prints
+/// `listening` once it does, then answers each connection on a thread of its own as [`Answer`]
+/// says, and closes it. Runs until killed.
+fn serve(port: u16, answer: Answer) -> std::io::Result<()> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
     socket.set_only_v6(false)?;
@@ -490,26 +508,69 @@ fn serve(port: u16, repeat: usize, stream_back: bool) -> std::io::Result<()> {
     println!("listening");
     std::io::stdout().flush()?;
     for stream in listener.incoming() {
-        let mut stream = stream?;
+        let stream = stream?;
         std::thread::spawn(move || {
-            if stream_back {
-                let mut chunk = [0u8; 16 * 1024];
-                while let Ok(n @ 1..) = stream.read(&mut chunk) {
-                    if stream.write_all(&chunk[..n]).is_err() {
-                        return;
-                    }
-                }
-                return;
-            }
-            let mut buf = Vec::new();
-            if stream.read_to_end(&mut buf).is_ok() {
-                for _ in 0..repeat {
-                    if stream.write_all(&buf).is_err() {
-                        return;
-                    }
-                }
-            }
+            let _ = match answer {
+                Answer::Echo(repeat) => echo(stream, repeat),
+                Answer::Stream => echo_as_read(stream),
+                Answer::Count => count_back(stream),
+            };
         });
+    }
+    Ok(())
+}
+
+fn echo(mut stream: TcpStream, repeat: usize) -> std::io::Result<()> {
+    let mut buf = Vec::new();
+    stream.read_to_end(&mut buf)?;
+    for _ in 0..repeat {
+        stream.write_all(&buf)?;
+    }
+    Ok(())
+}
+
+fn echo_as_read(mut stream: TcpStream) -> std::io::Result<()> {
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        match stream.read(&mut chunk)? {
+            0 => return Ok(()),
+            n => stream.write_all(&chunk[..n])?,
+        }
+    }
+}
+
+/// What [`Answer::Count`] sends back: constant bytes, shared by every connection.
+static COUNT_BACK: [u8; 256 * 1024] = [0x5a; 256 * 1024];
+
+fn count_back(stream: TcpStream) -> std::io::Result<()> {
+    // Reads go into uninitialised buffers: a small one on the stack first (a larger frame would
+    // fault in the new thread's stack pages one by one, about 80 µs per connection here), then,
+    // once a read fills it, one of 256 KiB on the heap, so that a read takes whatever the socket
+    // holds. A one-byte request costs what an echo costs.
+    let socket = socket2::SockRef::from(&stream);
+    let mut small = [std::mem::MaybeUninit::<u8>::uninit(); 1024];
+    let mut large: Vec<u8> = Vec::new();
+    let mut left = 0u64;
+    loop {
+        let n = if large.capacity() == 0 {
+            let n = socket.recv(&mut small)?;
+            if n == small.len() {
+                large.reserve_exact(256 * 1024);
+            }
+            n
+        } else {
+            socket.recv(large.spare_capacity_mut())?
+        };
+        if n == 0 {
+            break;
+        }
+        left += n as u64;
+    }
+    let mut stream = stream;
+    while left > 0 {
+        let n = left.min(COUNT_BACK.len() as u64) as usize;
+        stream.write_all(&COUNT_BACK[..n])?;
+        left -= n as u64;
     }
     Ok(())
 }

@@ -280,7 +280,7 @@ fn at_scale(pair: &Pair, reference: &Reference, count: usize) -> anyhow::Result<
         // pair's port wait in TIME_WAIT, and finding a free local port among thousands of them
         // would be what this measures.
         let port = PORT + 1 + i as u16;
-        let _echo = pair.cluster.pod_server(pair.server, port, 1)?;
+        let _echo = pair.cluster.pod_sink_server(pair.server, port)?;
         let to = pair.cluster.pod(pair.server).addr4(port).to_string();
         let rate = |n| probe::rate(&pair.cluster, pair.client, &to, n);
         rate(count / 10)?;

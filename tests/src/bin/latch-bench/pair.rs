@@ -21,8 +21,11 @@ pub fn client_and_echo() -> anyhow::Result<(TwoNodes, PodServer, String)> {
         PodSpec::mesh("server", "bench", "server"),
     )?;
     // In the pod's own cgroup, as an application is: the kernel programs on `cgroupRoot` see its
-    // side of each connection (the fast path's audit events at the destination).
-    let echo = pair.cluster.pod_server(pair.server, PORT, 1)?;
+    // side of each connection (the fast path's audit events at the destination). It answers with
+    // as many bytes as it read, without keeping them: the clients count what comes back, and a
+    // bulk stream's 256 MiB are not faulted into the server's memory on the CPUs the agents
+    // need.
+    let echo = pair.cluster.pod_sink_server(pair.server, PORT)?;
     let to = pair.cluster.pod(pair.server).addr4(PORT).to_string();
     Ok((pair, echo, to))
 }

@@ -117,7 +117,7 @@ fn throughput_rounds(
 pub fn run(count: usize, out_dir: &Path) -> anyhow::Result<()> {
     println!(
         "tunnel benchmark: {count} connections per latency phase; throughput: one stream \
-         of {MIB} MiB, eight of {} MiB (echoed back), median of {THROUGHPUT_ROUNDS} rounds \
+         of {MIB} MiB, eight of {} MiB (each answered with as many bytes), median of {THROUGHPUT_ROUNDS} rounds \
          of no agents, tunnel and nginx pair in turn (and of {FAST_THROUGHPUT_ROUNDS} of no \
          agents and the fast path in turn); client on node 1, server on node 2",
         MIB / 4
