@@ -735,10 +735,7 @@ impl Cluster {
         port: u16,
         repeat: usize,
     ) -> anyhow::Result<crate::server::PodServer> {
-        let port = port.to_string();
-        let repeat = repeat.to_string();
-        let command = self.probe_command(pod, &["serve", "--port", &port, "--repeat", &repeat])?;
-        crate::server::PodServer::start(command)
+        self.probe_server(pod, port, &["--repeat", &repeat.to_string()])
     }
 
     /// A server run inside the pod, in its netns and cgroup (`latch-probe serve --sink`),
@@ -749,9 +746,7 @@ impl Cluster {
         pod: PodId,
         port: u16,
     ) -> anyhow::Result<crate::server::PodServer> {
-        let port = port.to_string();
-        let command = self.probe_command(pod, &["serve", "--port", &port, "--sink"])?;
-        crate::server::PodServer::start(command)
+        self.probe_server(pod, port, &["--sink"])
     }
 
     /// A server run inside the pod, in its netns and cgroup (`latch-probe serve --stream`),
@@ -761,8 +756,20 @@ impl Cluster {
         pod: PodId,
         port: u16,
     ) -> anyhow::Result<crate::server::PodServer> {
+        self.probe_server(pod, port, &["--stream"])
+    }
+
+    /// `latch-probe serve --port PORT` with `answer`'s options, started in the pod.
+    fn probe_server(
+        &self,
+        pod: PodId,
+        port: u16,
+        answer: &[&str],
+    ) -> anyhow::Result<crate::server::PodServer> {
         let port = port.to_string();
-        let command = self.probe_command(pod, &["serve", "--port", &port, "--stream"])?;
+        let mut args = vec!["serve", "--port", &port];
+        args.extend_from_slice(answer);
+        let command = self.probe_command(pod, &args)?;
         crate::server::PodServer::start(command)
     }
 
