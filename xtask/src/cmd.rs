@@ -51,7 +51,7 @@ pub fn cargo() -> Command {
     ] {
         cmd.env_remove(var);
     }
-    // CI builds a fresh clone once: incremental compilation's caches (about 1.7 GB for
+    // CI builds a fresh clone once: incremental compilation's caches (gigabytes for
     // `cargo xtask test`) would only take disk.
     if std::env::var_os("CI").is_some() && std::env::var_os("CARGO_INCREMENTAL").is_none() {
         cmd.env("CARGO_INCREMENTAL", "0");

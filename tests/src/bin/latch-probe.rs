@@ -544,7 +544,7 @@ static COUNT_BACK: [u8; 256 * 1024] = [0x5a; 256 * 1024];
 
 fn count_back(stream: TcpStream) -> std::io::Result<()> {
     // Reads go into uninitialised buffers: a small one on the stack first (a larger frame would
-    // fault in the new thread's stack pages one by one, about 80 µs per connection here), then,
+    // fault in the new thread's stack pages one by one, about 85 µs per connection here), then,
     // once a read fills it, one of 256 KiB on the heap, so that a read takes whatever the socket
     // holds. A one-byte request costs what an echo costs.
     let socket = socket2::SockRef::from(&stream);
