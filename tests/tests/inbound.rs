@@ -122,6 +122,67 @@ fn permissive_delivers_plaintext_from_the_clients_address() {
     assert_eq!(echo.peers().last().map(|p| p.ip()), Some(v6));
 }
 
+/// An L7 policy on `payment`: anyone may `GET /public`, only analytics' proven identity may
+/// `POST /v1/pay`.
+const HTTP_POLICY: &str = r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: { name: payment-http, namespace: prod }
+spec:
+  action: ALLOW
+  rules:
+  - to: [{ operation: { methods: ["GET"], paths: ["/public"] } }]
+  - from: [{ source: { principals: ["cluster.local/ns/prod/sa/analytics"] } }]
+    to: [{ operation: { methods: ["POST"], paths: ["/v1/pay"] } }]
+"#;
+
+#[test]
+fn permissive_plaintext_http_is_judged_per_request_and_never_gets_the_senders_principal() {
+    // analytics' node runs no agent: its connections reach payment as plaintext from the address
+    // of a mesh pod whose identity the registry knows. The attack: claim that identity by address.
+    let TwoNodes {
+        mut cluster,
+        n1,
+        client: server,
+        server: client,
+        ..
+    } = Cluster::two_nodes(
+        PodSpec::mesh("payment", "prod", "payment"),
+        PodSpec::mesh("analytics", "prod", "analytics"),
+    )
+    .expect("cluster");
+    let policies = cluster.dir().join("policies");
+    std::fs::create_dir_all(&policies).expect("policy dir");
+    std::fs::write(policies.join("payment.yaml"), HTTP_POLICY).expect("policy file");
+    let options = AgentOptions {
+        extra_yaml: format!("policies: [{}]\n", policies.display()),
+        ..AgentOptions::default()
+    };
+    cluster.start_agent(n1, options).expect("agent");
+    let app = cluster.http_server(server, PORT).expect("http server");
+    let to = cluster.pod(server).addr4(PORT);
+    let send = |request: &str| {
+        let r = cluster.probe(client, to, Some(request)).expect("probe");
+        r.echo.unwrap_or_default()
+    };
+
+    let public = send("GET /public HTTP/1.1\r\nHost: payment\r\n\r\n");
+    assert!(
+        public.starts_with("HTTP/1.1 200") && public.ends_with("GET /public"),
+        "a rule with no source admits plaintext: {public:?}"
+    );
+    let pay = send("POST /v1/pay HTTP/1.1\r\nHost: payment\r\nContent-Length: 0\r\n\r\n");
+    assert!(
+        pay.starts_with("HTTP/1.1 403") && pay.contains("RBAC: access denied"),
+        "plaintext has no principal, whatever its address: {pay:?}"
+    );
+    let heads = app.request_heads();
+    assert!(
+        heads.iter().any(|h| h.starts_with("GET /public"))
+            && !heads.iter().any(|h| h.starts_with("POST")),
+        "the application saw the allowed request only: {heads:?}"
+    );
+}
+
 #[test]
 fn without_the_agent_inbound_connections_are_reset_not_bypassed() {
     let (mut cluster, n1, server, client) = setup(AgentOptions::default());

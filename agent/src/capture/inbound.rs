@@ -127,7 +127,9 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &PodContext) {
             source: None,
             source_ip: Some(peer.ip()),
         };
-        carry::http(&ctx.tracker, carried, party, stream, app).await
+        // Boxed, as for tunneled connections: the HTTP server's state would otherwise make
+        // every plaintext connection's future, spliced ones included, as large as its own.
+        Box::pin(carry::http(&ctx.tracker, carried, party, stream, app)).await
     } else {
         carry::splice(&ctx.tracker, carried, stream, app, false, |carried| {
             carried.admitted(&ctx.metrics)
