@@ -13,6 +13,14 @@ const PORT: u16 = 9090;
 /// Node 1: agent + enrolled `payment`; node 2: `analytics`, a mesh pod whose node runs no agent,
 /// so its connections arrive at node 1 directly (not through a tunnel).
 fn setup(options: AgentOptions) -> (Cluster, NodeId, PodId, PodId) {
+    setup_with_policies(options, &[])
+}
+
+/// [`setup`], the agent enforcing the policy files `policies` (name, text).
+fn setup_with_policies(
+    mut options: AgentOptions,
+    policies: &[(&str, &str)],
+) -> (Cluster, NodeId, PodId, PodId) {
     // `payment` is on node 1 (with the agent), `analytics` on node 2.
     let TwoNodes {
         mut cluster,
@@ -25,6 +33,14 @@ fn setup(options: AgentOptions) -> (Cluster, NodeId, PodId, PodId) {
         PodSpec::mesh("analytics", "prod", "analytics"),
     )
     .expect("cluster");
+    if !policies.is_empty() {
+        let dir = cluster.dir().join("policies");
+        std::fs::create_dir_all(&dir).expect("policy dir");
+        for (name, text) in policies {
+            std::fs::write(dir.join(name), text).expect("policy file");
+        }
+        options.extra_yaml += &format!("policies: [{}]\n", dir.display());
+    }
     cluster.start_agent(n1, options).expect("agent");
     (cluster, n1, server, client)
 }
@@ -139,25 +155,8 @@ spec:
 fn permissive_plaintext_http_is_judged_per_request_and_never_gets_the_senders_principal() {
     // analytics' node runs no agent: its connections reach payment as plaintext from the address
     // of a mesh pod whose identity the registry knows. The attack: claim that identity by address.
-    let TwoNodes {
-        mut cluster,
-        n1,
-        client: server,
-        server: client,
-        ..
-    } = Cluster::two_nodes(
-        PodSpec::mesh("payment", "prod", "payment"),
-        PodSpec::mesh("analytics", "prod", "analytics"),
-    )
-    .expect("cluster");
-    let policies = cluster.dir().join("policies");
-    std::fs::create_dir_all(&policies).expect("policy dir");
-    std::fs::write(policies.join("payment.yaml"), HTTP_POLICY).expect("policy file");
-    let options = AgentOptions {
-        extra_yaml: format!("policies: [{}]\n", policies.display()),
-        ..AgentOptions::default()
-    };
-    cluster.start_agent(n1, options).expect("agent");
+    let (cluster, _n1, server, client) =
+        setup_with_policies(AgentOptions::default(), &[("payment.yaml", HTTP_POLICY)]);
     let app = cluster.http_server(server, PORT).expect("http server");
     let to = cluster.pod(server).addr4(PORT);
     let send = |request: &str| {
