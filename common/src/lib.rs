@@ -129,7 +129,32 @@ pub const FASTPATH_EVENTS_BYTES: u32 = 1 << 20;
 /// submits an event (a quarter of the ring, about 2,300 events). Below it, events are submitted
 /// without a wake-up and the agent drains the ring on its own clock: a wake-up per event would
 /// cost the agent a context switch per connection on every node, more than the event's own work.
+/// Past it, only the events that take the ring over a [`FASTPATH_EVENTS_WAKEUP_STEP`] boundary
+/// wake it ([`fastpath_event_wakes`]).
 pub const FASTPATH_EVENTS_WAKEUP_BYTES: u64 = FASTPATH_EVENTS_BYTES as u64 / 4;
+/// Past [`FASTPATH_EVENTS_WAKEUP_BYTES`], the agent is woken again each time this many more bytes
+/// are waiting (a sixteenth of the ring): at most a dozen wake-ups while the ring fills.
+pub const FASTPATH_EVENTS_WAKEUP_STEP: u64 = FASTPATH_EVENTS_BYTES as u64 / 16;
+/// Bytes one [`FastpathEvent`] takes in the ring buffer: the kernel's 8-byte record header and
+/// the event, rounded up to 8.
+pub const FASTPATH_EVENT_RECORD_BYTES: u64 =
+    (core::mem::size_of::<FastpathEvent>() as u64 + 8).div_ceil(8) * 8;
+
+/// Whether `sock_ops` wakes the agent as it submits an event, given the bytes waiting in the ring
+/// buffer with that event reserved (`BPF_RB_AVAIL_DATA`): only when the event took the ring to
+/// [`FASTPATH_EVENTS_WAKEUP_BYTES`] or over a further [`FASTPATH_EVENTS_WAKEUP_STEP`] boundary.
+///
+/// Waking on every event past the threshold cost a self-interrupt (`irq_work`, an exit to the
+/// hypervisor on a VM) on the connection's own path for each event while the agent did not drain
+/// (stopped, or stalled on its log): about a sixth of the fast path's connection rate
+/// (`docs/benchmarks.md`). An agent that is draining takes everything there is, so one wake-up
+/// per boundary loses nothing; one missed by a race between CPUs is made up at the next boundary
+/// or by the agent's own clock.
+pub const fn fastpath_event_wakes(waiting: u64) -> bool {
+    waiting >= FASTPATH_EVENTS_WAKEUP_BYTES
+        && (waiting - FASTPATH_EVENTS_WAKEUP_BYTES) % FASTPATH_EVENTS_WAKEUP_STEP
+            < FASTPATH_EVENT_RECORD_BYTES
+}
 /// Depth of cgroup ancestors the connect programs walk to find an enrolled workload (a pod cgroup
 /// with container cgroups below it).
 pub const MAX_CGROUP_DEPTH: u32 = 8;
@@ -631,6 +656,46 @@ mod tests {
         assert_eq!(size_of::<MacKey>(), 8);
         assert_eq!(size_of::<FastpathConn>(), 48);
         assert_eq!(size_of::<FastpathEvent>(), 104);
+    }
+
+    /// The ring filled one event at a time with nothing drained: the first event to reach the
+    /// threshold wakes the agent, then one per step, never one per event.
+    #[test]
+    fn a_filling_ring_wakes_the_agent_once_per_step_past_the_threshold() {
+        let mut waiting = 0;
+        // Where each wake-up came (the crate is `no_std`: no `Vec`).
+        let mut wakes = [0u64; 32];
+        let mut woken = 0;
+        let mut events_past_threshold = 0;
+        while waiting + FASTPATH_EVENT_RECORD_BYTES <= FASTPATH_EVENTS_BYTES as u64 {
+            waiting += FASTPATH_EVENT_RECORD_BYTES;
+            if waiting >= FASTPATH_EVENTS_WAKEUP_BYTES {
+                events_past_threshold += 1;
+            }
+            if fastpath_event_wakes(waiting) {
+                if let Some(slot) = wakes.get_mut(woken) {
+                    *slot = waiting;
+                }
+                woken += 1;
+            }
+        }
+        assert_eq!(FASTPATH_EVENT_RECORD_BYTES, 112);
+        assert!(events_past_threshold > 6_000, "{events_past_threshold}");
+        // The threshold and each step after it, up to the full ring: 256 KiB, 320 KiB, ..., 960 KiB.
+        assert_eq!(woken, 12, "wake-ups while the ring filled: {wakes:?}");
+        for (i, at) in wakes[..woken].iter().enumerate() {
+            let boundary = FASTPATH_EVENTS_WAKEUP_BYTES + i as u64 * FASTPATH_EVENTS_WAKEUP_STEP;
+            assert!(
+                (boundary..boundary + FASTPATH_EVENT_RECORD_BYTES).contains(at),
+                "wake {i} at {at}, boundary {boundary}"
+            );
+        }
+        assert!(!fastpath_event_wakes(0));
+        assert!(!fastpath_event_wakes(FASTPATH_EVENTS_WAKEUP_BYTES - 1));
+        assert!(fastpath_event_wakes(FASTPATH_EVENTS_WAKEUP_BYTES));
+        assert!(!fastpath_event_wakes(
+            FASTPATH_EVENTS_WAKEUP_BYTES + FASTPATH_EVENT_RECORD_BYTES
+        ));
     }
 
     #[test]

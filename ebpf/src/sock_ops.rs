@@ -16,7 +16,8 @@
 //!   forget it.
 //!
 //! Events are submitted without waking the agent until a quarter of the ring is waiting
-//! (`FASTPATH_EVENTS_WAKEUP_BYTES`); the agent drains it on its own clock as well. An event the
+//! (`FASTPATH_EVENTS_WAKEUP_BYTES`), and past that only at each further step
+//! (`fastpath_event_wakes`); the agent drains it on its own clock as well. An event the
 //! ring buffer has no room for is counted (`Counter::FastpathAuditDropped`), never
 //! lost silently.
 
@@ -33,9 +34,8 @@ use aya_ebpf::{
 };
 use core::ptr::{addr_of, addr_of_mut, read_volatile};
 use latch_common::{
-    AF_INET, Counter, DIRECTION_INBOUND, DeliveryKey, FASTPATH_CLOSED,
-    FASTPATH_EVENTS_WAKEUP_BYTES, FASTPATH_OPENED, FastpathConn, FastpathEvent, IpKey, OrigDst,
-    RedirectKey,
+    AF_INET, Counter, DIRECTION_INBOUND, DeliveryKey, FASTPATH_CLOSED, FASTPATH_OPENED,
+    FastpathConn, FastpathEvent, IpKey, OrigDst, RedirectKey, fastpath_event_wakes,
 };
 
 use crate::{
@@ -259,10 +259,10 @@ fn report(ctx: &SockOpsContext, cookie: u64, conn: &FastpathConn, kind: u8) {
         addr_of_mut!((*event).close_state).write(if closed { leaving as u8 } else { 0 });
         addr_of_mut!((*event).all_acked).write(u8::from(closed && snd_una == snd_nxt));
     }
-    // Wake the agent only once a quarter of the ring is waiting; below that it drains on its own
-    // clock (`FASTPATH_EVENTS_WAKEUP_BYTES`).
+    // Wake the agent only once a quarter of the ring is waiting, and past that once per step;
+    // otherwise it drains on its own clock (`fastpath_event_wakes`).
     let waiting = LATCH_FASTPATH_EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
-    entry.submit(if waiting >= FASTPATH_EVENTS_WAKEUP_BYTES {
+    entry.submit(if fastpath_event_wakes(waiting) {
         u64::from(BPF_RB_FORCE_WAKEUP)
     } else {
         u64::from(BPF_RB_NO_WAKEUP)
