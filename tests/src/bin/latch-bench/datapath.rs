@@ -1,5 +1,6 @@
 //! `datapath`: connection rate and latency on one two-node topology in three phases: no agents
-//! (baseline), agents with a cached allow (kernel fast path on both nodes; with the
+//! (baseline, and the measured cluster against the reference with no agents on either: A/A),
+//! agents with a cached allow (kernel fast path on both nodes; with the
 //! anti-spoofing check's own cost per packet, [`crate::antispoof`]), and every connection carried
 //! over the pooled mTLS tunnel (data-plane mode `tunnel`, nothing cached). Each phase is taken in
 //! turns with the no-agent [`Reference`]. Then the fast path again with the verdict map filled
@@ -214,6 +215,19 @@ fn measure(count: usize) -> anyhow::Result<Round> {
     pair.warm_up(warmup)?;
     reference.rate(Via::Direct, warmup)?;
 
+    // The measured cluster with no agents, in turns with the reference (A/A): what the two
+    // clusters differ by themselves, to read the phases' ratios against. To a server port of its
+    // own, so that these connections, waiting in TIME_WAIT, leave the client's search for a free
+    // local port to the fast path's port as it was.
+    let (bare, bare_reference) = {
+        let port = PORT + 1 + CACHE_SIZES.len() as u16;
+        let _echo = pair.cluster.pod_sink_server(pair.server, port)?;
+        let to = pair.cluster.pod(pair.server).addr4(port).to_string();
+        paired(&reference, count, |n| {
+            probe::rate(&pair.cluster, pair.client, &to, n)
+        })?
+    };
+
     // Fast path: agents on both nodes; the first connection crosses the tunnel, the rest go
     // straight through the kernel on both sides.
     let fast_options = AgentOptions {
@@ -240,7 +254,7 @@ fn measure(count: usize) -> anyhow::Result<Round> {
     let (redirected, redirected_reference) = pair.phase(&tunnel_options, warmup, |pair| {
         paired(&reference, count, |n| pair.rate(n))
     })?;
-    for tally in [&fast_reference, &redirected_reference] {
+    for tally in [&bare_reference, &fast_reference, &redirected_reference] {
         all_reference.merge(tally);
     }
     let phases = vec![
@@ -255,6 +269,10 @@ fn measure(count: usize) -> anyhow::Result<Round> {
         (
             Phase::of("through the agents (mTLS tunnel)", &redirected),
             redirected_reference.rate(),
+        ),
+        (
+            Phase::of("no agents on either cluster (A/A)", &bare),
+            bare_reference.rate(),
         ),
     ];
     Ok(Round {

@@ -4,8 +4,10 @@
 //! with the no-agent [`Reference`] (which also hosts the nginx pair), so that the VM's drift
 //! falls on both sides of every comparison alike. The tables and JSON are in [`output`].
 
-use std::path::Path;
+use std::{path::Path, time::Duration};
 
+use latch::datapath::run_stats::{RunStats, Runs};
+use latch_common::program_names;
 use latch_tests::{AgentOptions, PodSpec};
 
 use crate::{
@@ -51,6 +53,58 @@ struct TunnelReport {
     /// Throughput on the kernel fast path with one stream, and with eight (no nginx rounds).
     fast_one: Rounds,
     fast_eight: Rounds,
+    /// The same rounds with no agents on the measured cluster either (A/A): how far the two
+    /// clusters' throughput differs by itself.
+    bare_one: Rounds,
+    bare_eight: Rounds,
+    /// The agents' kernel programs over one fast-path transfer with one stream and one with
+    /// eight.
+    fast_programs: [ProgramTime; 2],
+}
+
+/// The agents' kernel programs' runs over one fast-path transfer (the kernel's own accounting,
+/// `BPF_ENABLE_STATS`), and how long the transfer took: what the fast path adds to a stream's
+/// packets, measured without the rounds' noise.
+pub struct ProgramTime {
+    streams: usize,
+    runs: Runs,
+    transfer: Duration,
+}
+
+impl ProgramTime {
+    /// Every program's run time together.
+    fn total(&self) -> Duration {
+        self.runs.0.values().map(|run| run.time).sum()
+    }
+
+    /// The programs' run time as a share of the transfer's: at most what they can have taken
+    /// from its throughput.
+    fn share(&self) -> f64 {
+        self.total().as_secs_f64() / self.transfer.as_secs_f64()
+    }
+}
+
+/// One fast-path transfer of `mib` MiB with one stream and one of eight streams of a quarter
+/// each, with the programs' run statistics on (they add two clock reads to every run, so the
+/// throughput rounds are taken without them).
+fn fast_program_time(pair: &Pair, mib: usize) -> anyhow::Result<[ProgramTime; 2]> {
+    let stats = RunStats::enable()?;
+    let mut out = Vec::new();
+    for (streams, mib) in [(1, mib), (8, mib / 4)] {
+        let before = stats.read(&program_names::ALL)?;
+        let rate = throughput(&pair.cluster, pair.client, &pair.to, streams, mib)?;
+        let runs = stats.read(&program_names::ALL)?.since(&before);
+        // Both ways: the stream and its answer.
+        let bytes = (2 * streams * mib * 1024 * 1024) as f64;
+        out.push(ProgramTime {
+            streams,
+            runs,
+            transfer: Duration::from_secs_f64(bytes / rate),
+        });
+    }
+    let [one, eight] =
+        <[ProgramTime; 2]>::try_from(out).map_err(|_| anyhow::anyhow!("expected two transfers"))?;
+    Ok([one, eight])
 }
 
 /// Every throughput round's bytes per second, by setup.
@@ -143,6 +197,10 @@ fn measure(count: usize, samples: usize, mib: usize) -> anyhow::Result<TunnelRep
     pair.warm_up(count / 10)?;
     reference.rate(Via::Direct, count / 10)?;
     reference.rate(Via::Nginx, count / 10)?;
+    // The fast path's throughput rounds with no agents on either cluster, for the 1% target:
+    // what the two clusters differ by when nothing of Latch runs.
+    let (bare_one, bare_eight) =
+        throughput_rounds(&pair, &reference, FAST_THROUGHPUT_ROUNDS, mib, false)?;
 
     // First connections: every sample starts with an empty pool and an empty cache (the client's
     // agent restarted, then warmed up on another pair). They come before the phase's warm-up, so
@@ -170,6 +228,7 @@ fn measure(count: usize, samples: usize, mib: usize) -> anyhow::Result<TunnelRep
     // Throughput on the fast path (the pair's allow is cached on both nodes by now).
     let (fast_one, fast_eight) =
         throughput_rounds(&pair, &reference, FAST_THROUGHPUT_ROUNDS, mib, false)?;
+    let fast_programs = fast_program_time(&pair, mib)?;
     pair.stop_agents()?;
 
     let tunnel_options = AgentOptions {
@@ -209,5 +268,8 @@ fn measure(count: usize, samples: usize, mib: usize) -> anyhow::Result<TunnelRep
         eight,
         fast_one,
         fast_eight,
+        bare_one,
+        bare_eight,
+        fast_programs,
     })
 }

@@ -68,22 +68,58 @@ pub(super) fn print(r: &TunnelReport, out_dir: &Path) -> anyhow::Result<()> {
         );
     }
     println!(
-        "\n| throughput, kernel fast path | no agents MiB/s | fast path MiB/s | fast path / no agents |"
+        "\n| throughput, kernel fast path | no agents MiB/s | measured cluster MiB/s | measured / no agents |"
     );
     println!("|---|---:|---:|---:|");
-    for (label, rounds) in [("1 stream", &r.fast_one), ("8 streams", &r.fast_eight)] {
-        let [base, fast, _] = rounds.medians();
+    for (label, rounds) in [
+        ("1 stream, fast path", &r.fast_one),
+        ("8 streams, fast path", &r.fast_eight),
+        ("1 stream, no agents on either cluster (A/A)", &r.bare_one),
+        (
+            "8 streams, no agents on either cluster (A/A)",
+            &r.bare_eight,
+        ),
+    ] {
+        let [base, measured, _] = rounds.medians();
         println!(
             "| {label} | {:.0} | {:.0} | {:.3} |",
             mb(base),
-            mb(fast),
+            mb(measured),
             rounds.over_base(),
         );
     }
     println!(
         "\n(throughput: medians of {THROUGHPUT_ROUNDS} rounds, and ratios of the medians; the \
          fast path's {FAST_THROUGHPUT_ROUNDS} rounds in turns with no agents of their own, while \
-         the fast-path agents run)"
+         the fast-path agents run, and as many before any agent runs, the measured cluster \
+         against the reference)"
+    );
+    println!(
+        "\n| fast-path transfer (one, with the programs' accounting on) | took ms | program runs (by program) | programs' time, µs | share of the transfer's time |"
+    );
+    println!("|---|---:|---|---:|---:|");
+    for p in &r.fast_programs {
+        let by_program: Vec<String> = p
+            .runs
+            .0
+            .iter()
+            .filter(|(_, run)| run.count > 0)
+            .map(|(name, run)| format!("{name} {}", run.count))
+            .collect();
+        println!(
+            "| {} stream{} | {:.0} | {} | {:.0} | {:.2}% |",
+            p.streams,
+            if p.streams == 1 { "" } else { "s" },
+            p.transfer.as_secs_f64() * 1e3,
+            by_program.join(", "),
+            p.total().as_secs_f64() * 1e6,
+            p.share() * 100.0
+        );
+    }
+    println!(
+        "\n(the kernel's own accounting, BPF_ENABLE_STATS, both nodes: what the fast path runs on \
+         a stream's packets once it is connected, and at most what it can take from the \
+         stream's throughput)"
     );
     println!(
         "\none hand-off between two threads' sockets on this machine: {:.0} µs (p50 of a loopback \
@@ -107,9 +143,11 @@ pub(super) fn print(r: &TunnelReport, out_dir: &Path) -> anyhow::Result<()> {
     );
     println!(
         "target: fast-path throughput within 1% of no agents ({:.3}x / {:.3}x here, one / eight \
-         streams)",
+         streams; the two clusters with no agents: {:.3}x / {:.3}x)",
         r.fast_one.over_base(),
-        r.fast_eight.over_base()
+        r.fast_eight.over_base(),
+        r.bare_one.over_base(),
+        r.bare_eight.over_base()
     );
     let ([base_1, tunnel_1, nginx_1], [base_8, tunnel_8, nginx_8]) =
         (r.one.medians(), r.eight.medians());
@@ -166,6 +204,23 @@ pub(super) fn print(r: &TunnelReport, out_dir: &Path) -> anyhow::Result<()> {
             "rounds_bytes_per_s": {
                 "no_agents_1": r.fast_one.base, "fast_path_1": r.fast_one.agents,
                 "no_agents_8": r.fast_eight.base, "fast_path_8": r.fast_eight.agents,
+            },
+        },
+        "fast_path_programs": r.fast_programs.iter().map(|p| serde_json::json!({
+            "streams": p.streams,
+            "transfer_s": p.transfer.as_secs_f64(),
+            "programs_time_s": p.total().as_secs_f64(),
+            "share_of_transfer": p.share(),
+            "runs": p.runs.0.iter().map(|(name, run)| serde_json::json!({
+                "program": name, "runs": run.count, "ns_per_run": run.ns_per_run(),
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "no_agents_on_either_cluster_throughput": {
+            "measured_over_reference_1": r.bare_one.over_base(),
+            "measured_over_reference_8": r.bare_eight.over_base(),
+            "rounds_bytes_per_s": {
+                "reference_1": r.bare_one.base, "measured_1": r.bare_one.agents,
+                "reference_8": r.bare_eight.base, "measured_8": r.bare_eight.agents,
             },
         },
     });
