@@ -6,7 +6,7 @@ use super::{FAST_THROUGHPUT_ROUNDS, THROUGHPUT_ROUNDS, TunnelReport};
 use crate::{
     reference::{LATENCY_ROUNDS, PairedRounds, TURN},
     report,
-    stats::{median, percentile, spread},
+    stats::{median, percentile, ratio_interval, spread},
 };
 
 /// The paired phases' rows: label, rounds.
@@ -68,9 +68,9 @@ pub(super) fn print(r: &TunnelReport, out_dir: &Path) -> anyhow::Result<()> {
         );
     }
     println!(
-        "\n| throughput, kernel fast path | no agents MiB/s | measured cluster MiB/s | measured / no agents |"
+        "\n| throughput, kernel fast path | no agents MiB/s | measured cluster MiB/s | measured / no agents | rounds' ratios: mean (95% interval) |"
     );
-    println!("|---|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---|");
     for (label, rounds) in [
         ("1 stream, fast path", &r.fast_one),
         ("8 streams, fast path", &r.fast_eight),
@@ -81,8 +81,12 @@ pub(super) fn print(r: &TunnelReport, out_dir: &Path) -> anyhow::Result<()> {
         ),
     ] {
         let [base, measured, _] = rounds.medians();
+        let interval = ratio_interval(&rounds.agents, &rounds.base).map_or_else(
+            || "-".to_owned(),
+            |(low, mean, high)| format!("{mean:.3} ({low:.3}–{high:.3})"),
+        );
         println!(
-            "| {label} | {:.0} | {:.0} | {:.3} |",
+            "| {label} | {:.0} | {:.0} | {:.3} | {interval} |",
             mb(base),
             mb(measured),
             rounds.over_base(),
@@ -92,7 +96,8 @@ pub(super) fn print(r: &TunnelReport, out_dir: &Path) -> anyhow::Result<()> {
         "\n(throughput: medians of {THROUGHPUT_ROUNDS} rounds, and ratios of the medians; the \
          fast path's {FAST_THROUGHPUT_ROUNDS} rounds in turns with no agents of their own, while \
          the fast-path agents run, and as many before any agent runs, the measured cluster \
-         against the reference)"
+         against the reference; the interval says what the rounds can resolve: a difference \
+         inside it is not one this run can see)"
     );
     println!(
         "\n| fast-path transfer (one, with the programs' accounting on) | took ms | program runs (by program) | programs' time, µs | share of the transfer's time |"
@@ -201,6 +206,8 @@ pub(super) fn print(r: &TunnelReport, out_dir: &Path) -> anyhow::Result<()> {
             },
             "fast_path_over_no_agents_1": r.fast_one.over_base(),
             "fast_path_over_no_agents_8": r.fast_eight.over_base(),
+            "rounds_ratio_mean_and_95_interval_1": ratio_interval(&r.fast_one.agents, &r.fast_one.base),
+            "rounds_ratio_mean_and_95_interval_8": ratio_interval(&r.fast_eight.agents, &r.fast_eight.base),
             "rounds_bytes_per_s": {
                 "no_agents_1": r.fast_one.base, "fast_path_1": r.fast_one.agents,
                 "no_agents_8": r.fast_eight.base, "fast_path_8": r.fast_eight.agents,
@@ -218,6 +225,8 @@ pub(super) fn print(r: &TunnelReport, out_dir: &Path) -> anyhow::Result<()> {
         "no_agents_on_either_cluster_throughput": {
             "measured_over_reference_1": r.bare_one.over_base(),
             "measured_over_reference_8": r.bare_eight.over_base(),
+            "rounds_ratio_mean_and_95_interval_1": ratio_interval(&r.bare_one.agents, &r.bare_one.base),
+            "rounds_ratio_mean_and_95_interval_8": ratio_interval(&r.bare_eight.agents, &r.bare_eight.base),
             "rounds_bytes_per_s": {
                 "reference_1": r.bare_one.base, "measured_1": r.bare_one.agents,
                 "reference_8": r.bare_eight.base, "measured_8": r.bare_eight.agents,
