@@ -89,22 +89,19 @@ impl ProgramTime {
 /// throughput rounds are taken without them).
 fn fast_program_time(pair: &Pair, mib: usize) -> anyhow::Result<[ProgramTime; 2]> {
     let stats = RunStats::enable()?;
-    let mut out = Vec::new();
-    for (streams, mib) in [(1, mib), (8, mib / 4)] {
+    let transfer = |streams: usize, mib: usize| -> anyhow::Result<ProgramTime> {
         let before = stats.read(&program_names::ALL)?;
         let rate = throughput(&pair.cluster, pair.client, &pair.to, streams, mib)?;
         let runs = stats.read(&program_names::ALL)?.since(&before);
         // Both ways: the stream and its answer.
         let bytes = (2 * streams * mib * 1024 * 1024) as f64;
-        out.push(ProgramTime {
+        Ok(ProgramTime {
             streams,
             runs,
             transfer: Duration::from_secs_f64(bytes / rate),
-        });
-    }
-    let [one, eight] =
-        <[ProgramTime; 2]>::try_from(out).map_err(|_| anyhow::anyhow!("expected two transfers"))?;
-    Ok([one, eight])
+        })
+    };
+    Ok([transfer(1, mib)?, transfer(8, mib / 4)?])
 }
 
 /// Every throughput round's bytes per second, by setup.
