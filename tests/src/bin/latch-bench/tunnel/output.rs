@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use super::{FAST_THROUGHPUT_ROUNDS, THROUGHPUT_ROUNDS, TunnelReport};
+use super::{FAST_THROUGHPUT_ROUNDS, Rounds, THROUGHPUT_ROUNDS, TunnelReport};
 use crate::{
     reference::{LATENCY_ROUNDS, PairedRounds, TURN},
     report,
@@ -199,20 +199,7 @@ pub(super) fn print(r: &TunnelReport, out_dir: &Path) -> anyhow::Result<()> {
             "no_agents_1": r.one.base, "tunnel_1": r.one.agents, "nginx_1": r.one.nginx,
             "no_agents_8": r.eight.base, "tunnel_8": r.eight.agents, "nginx_8": r.eight.nginx,
         },
-        "fast_path_throughput": {
-            "bytes_per_s_of_medians": {
-                "no_agents_1": r.fast_one.medians()[0], "fast_path_1": r.fast_one.medians()[1],
-                "no_agents_8": r.fast_eight.medians()[0], "fast_path_8": r.fast_eight.medians()[1],
-            },
-            "fast_path_over_no_agents_1": r.fast_one.over_base(),
-            "fast_path_over_no_agents_8": r.fast_eight.over_base(),
-            "rounds_ratio_mean_and_95_interval_1": ratio_interval(&r.fast_one.agents, &r.fast_one.base),
-            "rounds_ratio_mean_and_95_interval_8": ratio_interval(&r.fast_eight.agents, &r.fast_eight.base),
-            "rounds_bytes_per_s": {
-                "no_agents_1": r.fast_one.base, "fast_path_1": r.fast_one.agents,
-                "no_agents_8": r.fast_eight.base, "fast_path_8": r.fast_eight.agents,
-            },
-        },
+        "fast_path_throughput": paired_throughput_json(&r.fast_one, &r.fast_eight),
         "fast_path_programs": r.fast_programs.iter().map(|p| serde_json::json!({
             "streams": p.streams,
             "transfer_s": p.transfer.as_secs_f64(),
@@ -222,16 +209,25 @@ pub(super) fn print(r: &TunnelReport, out_dir: &Path) -> anyhow::Result<()> {
                 "program": name, "runs": run.count, "ns_per_run": run.ns_per_run(),
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
-        "no_agents_on_either_cluster_throughput": {
-            "measured_over_reference_1": r.bare_one.over_base(),
-            "measured_over_reference_8": r.bare_eight.over_base(),
-            "rounds_ratio_mean_and_95_interval_1": ratio_interval(&r.bare_one.agents, &r.bare_one.base),
-            "rounds_ratio_mean_and_95_interval_8": ratio_interval(&r.bare_eight.agents, &r.bare_eight.base),
-            "rounds_bytes_per_s": {
-                "reference_1": r.bare_one.base, "measured_1": r.bare_one.agents,
-                "reference_8": r.bare_eight.base, "measured_8": r.bare_eight.agents,
-            },
-        },
+        "no_agents_on_either_cluster_throughput":
+            paired_throughput_json(&r.bare_one, &r.bare_eight),
     });
     report::write_json(out_dir, "tunnel", &json)
+}
+
+/// A measured cluster's throughput rounds against the reference's, one stream and eight, as
+/// JSON: the medians, their ratio, the rounds' ratios with their interval, and every round.
+fn paired_throughput_json(one: &Rounds, eight: &Rounds) -> serde_json::Value {
+    let side = |rounds: &Rounds| {
+        let [reference, measured, _] = rounds.medians();
+        serde_json::json!({
+            "reference_bytes_per_s_median": reference,
+            "measured_bytes_per_s_median": measured,
+            "measured_over_reference": rounds.over_base(),
+            "rounds_ratio_mean_and_95_interval": ratio_interval(&rounds.agents, &rounds.base),
+            "rounds_reference_bytes_per_s": rounds.base,
+            "rounds_measured_bytes_per_s": rounds.agents,
+        })
+    };
+    serde_json::json!({ "streams_1": side(one), "streams_8": side(eight) })
 }
