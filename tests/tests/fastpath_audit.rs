@@ -4,9 +4,11 @@
 //! labels) and in the access log (one line when it opens, one when it closes, with bytes), as
 //! reported by `sock_ops` through the ring buffer; the kernel's count of events it could not
 //! report exists and is 0. And requests judged at L7 are counted in Istio's request metrics
-//! (`istio_requests_total`, `istio_request_duration_milliseconds`) by response code.
+//! (`istio_requests_total`, `istio_request_duration_milliseconds`) by response code. An agent
+//! that does not drain the ring (stopped) costs its node's connections no wake-up per event, and
+//! loses none of them once it drains again.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use latch_tests::{
     AgentOptions, Cluster, NodeId, PodSpec, TwoNodes, eventually,
@@ -365,4 +367,192 @@ fn requests_judged_at_l7_are_counted_in_istio_request_metrics() {
         ),
         Some(1.0)
     );
+}
+
+/// Fast-path connections made while both agents are stopped: their events (an opened and a
+/// closed one per connection on each node, 112 bytes each in the ring) fill more than a quarter
+/// of each node's 1 MiB ring, where `sock_ops` starts waking the agent, and less than all of it.
+const BURST: usize = 3_000;
+
+/// The irq_work interrupts taken so far, all CPUs together (`IWI` in `/proc/interrupts`). A
+/// ring-buffer submission that forces a wake-up raises one.
+fn irq_work_interrupts() -> u64 {
+    let table = std::fs::read_to_string("/proc/interrupts").expect("reading /proc/interrupts");
+    let line = table
+        .lines()
+        .find(|l| l.trim_start().starts_with("IWI:"))
+        .expect("/proc/interrupts has an IWI (irq_work) line");
+    line.trim_start()["IWI:".len()..]
+        .split_whitespace()
+        .map_while(|field| field.parse::<u64>().ok())
+        .sum()
+}
+
+/// Both agents stopped (`SIGSTOP`) while this lives; continued when it is dropped, also when the
+/// test fails, so that the cluster's teardown can end them.
+struct Stopped(Vec<u32>);
+
+impl Stopped {
+    fn new(pids: Vec<u32>) -> Self {
+        for &pid in &pids {
+            signal(pid, nix::sys::signal::Signal::SIGSTOP);
+        }
+        Self(pids)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            signal(pid, nix::sys::signal::Signal::SIGCONT);
+        }
+    }
+}
+
+fn signal(pid: u32, signal: nix::sys::signal::Signal) {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("a process ID"));
+    nix::sys::signal::kill(pid, signal).expect("signalling an agent");
+}
+
+#[test]
+fn a_stopped_agent_costs_its_nodes_connections_no_wake_up_per_event_and_loses_none() {
+    let TwoNodes {
+        cluster,
+        n1,
+        n2,
+        client,
+        server,
+    } = Cluster::two_nodes(
+        PodSpec::mesh("frontend", "prod", "frontend"),
+        PodSpec::mesh("payment", "prod", "payment"),
+    )
+    .and_then(|t| {
+        t.start_agents(AgentOptions {
+            metrics: "127.0.0.1:15020".into(),
+            // Every connection of the burst must find the allow cached: with the agents stopped,
+            // one sent to the tunnel would wait forever.
+            verdict_ttl: "1h".into(),
+            ..AgentOptions::default()
+        })
+    })
+    .expect("cluster with agents");
+    // Answers each connection's byte with one byte, as `latch-probe rate` expects.
+    let _server = cluster.pod_sink_server(server, PORT).expect("server");
+    let to = cluster.pod(server).addr4(PORT);
+    let fast_allowed = |cluster: &Cluster| {
+        latch_tests::agent::debug_json(&cluster.debug_socket(n1), &["stats"]).expect("stats")
+            ["counters"]["fastpath_allowed"]
+            .as_u64()
+            .expect("fastpath_allowed counter")
+    };
+    // The first connection crosses the tunnel and caches the allow; the second is the fast
+    // path's, reported before the agents stop.
+    for _ in 0..2 {
+        let r = cluster.probe(client, to, Some("x")).expect("probe");
+        assert!(r.echo.is_some(), "{r:?}");
+    }
+    let fastpath_closed = |node: NodeId, reporter: &str| {
+        sample(
+            &scrape(&cluster, node),
+            "istio_tcp_connections_closed_total",
+            &[&format!("reporter=\"{reporter}\""), "path=\"fastpath\""],
+        )
+    };
+    let reported = eventually(WAIT, || {
+        fastpath_closed(n1, "source") == Some(1.0)
+            && fastpath_closed(n2, "destination") == Some(1.0)
+    });
+    assert!(
+        reported,
+        "the fast-path connection before the stop was reported"
+    );
+    let allowed_before = fast_allowed(&cluster);
+
+    let pids: Vec<u32> = [n1, n2]
+        .iter()
+        .map(|&n| {
+            cluster
+                .node(n)
+                .agent
+                .as_ref()
+                .and_then(|a| a.pid())
+                .expect("agent pid")
+        })
+        .collect();
+    let stopped = Stopped::new(pids);
+    let interrupts_before = irq_work_interrupts();
+    let mut rate = cluster
+        .probe_command(
+            client,
+            &[
+                "rate",
+                "--to",
+                &to.to_string(),
+                "--count",
+                &BURST.to_string(),
+            ],
+        )
+        .expect("probe command")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting latch-probe rate");
+    // A connection that reached a stopped agent would wait forever: give up after a while.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while rate.try_wait().expect("waiting for latch-probe").is_none() {
+        if Instant::now() > deadline {
+            let _ = rate.kill();
+            panic!("latch-probe rate did not finish while the agents were stopped");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let raised = irq_work_interrupts() - interrupts_before;
+    drop(stopped);
+    let out = rate.wait_with_output().expect("latch-probe output");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("latch-probe rate JSON");
+    assert_eq!(v["failures"].as_u64(), Some(0), "{v}");
+
+    // About 6,000 events per node, over 3,600 of them past a quarter of the ring: one wake-up
+    // for each of those would be thousands; once at the quarter and at each sixteenth after it
+    // is 7 per node.
+    assert!(
+        raised < (BURST / 4) as u64,
+        "{raised} irq_work interrupts while {BURST} fast-path connections' events waited"
+    );
+    assert_eq!(
+        fast_allowed(&cluster),
+        allowed_before + BURST as u64,
+        "every connection of the burst took the kernel fast path"
+    );
+    let all = Some((BURST + 1) as f64);
+    let mut samples = Vec::new();
+    let drained = eventually(WAIT, || {
+        samples = scrape(&cluster, n1);
+        let source = sample(
+            &samples,
+            "istio_tcp_connections_closed_total",
+            &["reporter=\"source\"", "path=\"fastpath\""],
+        );
+        source == all && fastpath_closed(n2, "destination") == all
+    });
+    assert!(
+        drained,
+        "every connection reported once the agents ran again: {samples:#?}"
+    );
+    for (node, reporter) in [(n1, "source"), (n2, "destination")] {
+        let samples = scrape(&cluster, node);
+        assert_eq!(
+            sample(
+                &samples,
+                "istio_tcp_connections_opened_total",
+                &[&format!("reporter=\"{reporter}\""), "path=\"fastpath\""],
+            ),
+            all,
+            "{reporter}"
+        );
+        assert_eq!(
+            sample(&samples, "latch_fastpath_audit_events_dropped_total", &[]),
+            Some(0.0),
+            "{reporter}: nothing dropped"
+        );
+    }
 }
