@@ -336,6 +336,17 @@ impl Agent {
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
+    /// Stop the running agent where it is (`SIGSTOP`): it takes no connection and drains
+    /// nothing until [`Agent::resume`], while its kernel programs go on.
+    pub fn pause(&self) {
+        self.signal(nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    /// Continue an agent [`Agent::pause`] stopped (`SIGCONT`).
+    pub fn resume(&self) {
+        self.signal(nix::sys::signal::Signal::SIGCONT);
+    }
+
     fn signal(&self, sig: nix::sys::signal::Signal) {
         if let Some(pid) = self.pid() {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);

@@ -388,30 +388,30 @@ fn irq_work_interrupts() -> u64 {
         .sum()
 }
 
-/// Both agents stopped (`SIGSTOP`) while this lives; continued when it is dropped, also when the
-/// test fails, so that the cluster's teardown can end them.
-struct Stopped(Vec<u32>);
+/// The nodes' agents paused while this lives; resumed when it is dropped, also when the test
+/// fails, so that the cluster's teardown can end them.
+struct Paused<'a> {
+    cluster: &'a Cluster,
+    nodes: [NodeId; 2],
+}
 
-impl Stopped {
-    fn new(pids: Vec<u32>) -> Self {
-        for &pid in &pids {
-            signal(pid, nix::sys::signal::Signal::SIGSTOP);
+impl<'a> Paused<'a> {
+    fn new(cluster: &'a Cluster, nodes: [NodeId; 2]) -> Self {
+        for node in nodes {
+            cluster.node(node).agent.as_ref().expect("agent").pause();
         }
-        Self(pids)
+        Self { cluster, nodes }
     }
 }
 
-impl Drop for Stopped {
+impl Drop for Paused<'_> {
     fn drop(&mut self) {
-        for &pid in &self.0 {
-            signal(pid, nix::sys::signal::Signal::SIGCONT);
+        for node in self.nodes {
+            if let Some(agent) = &self.cluster.node(node).agent {
+                agent.resume();
+            }
         }
     }
-}
-
-fn signal(pid: u32, signal: nix::sys::signal::Signal) {
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("a process ID"));
-    nix::sys::signal::kill(pid, signal).expect("signalling an agent");
 }
 
 #[test]
@@ -468,18 +468,7 @@ fn a_stopped_agent_costs_its_nodes_connections_no_wake_up_per_event_and_loses_no
     );
     let allowed_before = fast_allowed(&cluster);
 
-    let pids: Vec<u32> = [n1, n2]
-        .iter()
-        .map(|&n| {
-            cluster
-                .node(n)
-                .agent
-                .as_ref()
-                .and_then(|a| a.pid())
-                .expect("agent pid")
-        })
-        .collect();
-    let stopped = Stopped::new(pids);
+    let paused = Paused::new(&cluster, [n1, n2]);
     let interrupts_before = irq_work_interrupts();
     let mut rate = cluster
         .probe_command(
@@ -506,7 +495,7 @@ fn a_stopped_agent_costs_its_nodes_connections_no_wake_up_per_event_and_loses_no
         std::thread::sleep(Duration::from_millis(50));
     }
     let raised = irq_work_interrupts() - interrupts_before;
-    drop(stopped);
+    drop(paused);
     let out = rate.wait_with_output().expect("latch-probe output");
     let v: Value = serde_json::from_slice(&out.stdout).expect("latch-probe rate JSON");
     assert_eq!(v["failures"].as_u64(), Some(0), "{v}");
