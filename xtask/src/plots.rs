@@ -51,6 +51,8 @@ struct Shape {
 struct SetupRuns {
     #[serde(rename = "setup")]
     label: String,
+    /// Whether the setup ran agents (no agents is the baseline, with no CPU to plot).
+    ran_agents: bool,
     runs: Vec<Run>,
 }
 
@@ -59,8 +61,6 @@ struct Run {
     load: Latency,
     /// Source agent, destination agent.
     vcpu_per_krps: [f64; 2],
-    /// Source agent, destination agent; 0 where no agent ran.
-    rss_mib: [f64; 2],
 }
 
 #[derive(Deserialize)]
@@ -76,14 +76,6 @@ impl SetupRuns {
         let mut values: Vec<f64> = self.runs.iter().map(figure).collect();
         values.sort_by(f64::total_cmp);
         values.get(values.len() / 2).copied().unwrap_or(0.0)
-    }
-
-    /// Whether agents ran: the suite writes zero CPU and zero memory for both agents where none
-    /// did, which a running agent never has.
-    fn ran_agents(&self) -> bool {
-        self.runs
-            .iter()
-            .any(|run| run.vcpu_per_krps != [0.0; 2] || run.rss_mib != [0.0; 2])
     }
 }
 
@@ -400,7 +392,7 @@ fn draw_cpu(report: &LoadReport, path: &Path) -> anyhow::Result<()> {
                 .shapes
                 .iter()
                 .flat_map(|shape| &shape.setups)
-                .any(|setup| setup.label == *label && setup.ran_agents())
+                .any(|setup| setup.label == *label && setup.ran_agents)
         })
         .collect();
     if with_agents.is_empty() {
@@ -647,7 +639,7 @@ pub(crate) mod tests {
                                 })
                             })
                             .collect();
-                        serde_json::json!({"setup": setup, "runs": runs})
+                        serde_json::json!({"setup": setup, "ran_agents": k != 0, "runs": runs})
                     })
                     .collect();
                 serde_json::json!({

@@ -15,7 +15,7 @@ use latch_tests::AgentOptions;
 use crate::{
     pair::Pair,
     probe,
-    procstat::{cpu_ns, rss_kib},
+    procstat::{cpu_ns, rss_kib, timeslices},
     report,
     stats::spread,
 };
@@ -109,6 +109,9 @@ struct Run {
     load: probe::Load,
     /// CPU seconds per second per 1,000 requests per second: source agent, destination agent.
     vcpu_per_krps: [f64; 2],
+    /// How many times the agent's threads were put on a CPU, per request: each wake-up, and each
+    /// return after being preempted (source agent, destination agent).
+    timeslices_per_request: [f64; 2],
     /// Resident memory after the run, in MiB: source agent, destination agent.
     rss_mib: [f64; 2],
 }
@@ -147,6 +150,7 @@ pub fn run(rounds: usize, secs: f64, out_dir: &Path) -> anyhow::Result<()> {
                 let (pair, _, to) = &clusters[k];
                 let agents = pair.agent_pids();
                 let before = agents.map(cpu_ns);
+                let slices_before = agents.map(timeslices);
                 let seconds = secs * shape.share;
                 let load = probe::load(
                     &pair.cluster,
@@ -158,7 +162,15 @@ pub fn run(rounds: usize, secs: f64, out_dir: &Path) -> anyhow::Result<()> {
                     BYTES,
                 )?;
                 let used = agents.map(cpu_ns);
+                let slices = agents.map(timeslices);
                 let krps = f64::from(shape.rate) / 1000.0;
+                let requests = f64::from(shape.rate) * seconds;
+                let timeslices_per_request = [0, 1].map(|a| {
+                    if agents[a] == 0 {
+                        return 0.0;
+                    }
+                    slices[a].saturating_sub(slices_before[a]) as f64 / requests
+                });
                 let vcpu_per_krps = [0, 1].map(|a| {
                     if agents[a] == 0 {
                         return 0.0;
@@ -173,7 +185,7 @@ pub fn run(rounds: usize, secs: f64, out_dir: &Path) -> anyhow::Result<()> {
                     }
                 });
                 println!(
-                    "  round {}: {} / {}: p50 {:.0} µs, p99 {:.0} µs, agents {:.3} and {:.3} vCPU per 1,000/s, {} failed",
+                    "  round {}: {} / {}: p50 {:.0} µs, p99 {:.0} µs, agents {:.3} and {:.3} vCPU per 1,000/s, {:.2} and {:.2} times on a CPU per request, {} failed",
                     round + 1,
                     shape.label,
                     setups[k].label,
@@ -181,11 +193,14 @@ pub fn run(rounds: usize, secs: f64, out_dir: &Path) -> anyhow::Result<()> {
                     load.p99_us,
                     vcpu_per_krps[0],
                     vcpu_per_krps[1],
+                    timeslices_per_request[0],
+                    timeslices_per_request[1],
                     load.failures
                 );
                 runs[s][k].push(Run {
                     load,
                     vcpu_per_krps,
+                    timeslices_per_request,
                     rss_mib,
                 });
             }
@@ -209,6 +224,7 @@ pub fn run(rounds: usize, secs: f64, out_dir: &Path) -> anyhow::Result<()> {
             "conns": shape.conns,
             "setups": setups.iter().zip(by_setup).map(|(setup, runs)| serde_json::json!({
                 "setup": setup.label,
+                "ran_agents": setup.agents.is_some(),
                 "runs": runs,
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
@@ -225,27 +241,35 @@ fn print(setups: &[Setup], runs: &[Vec<Vec<Run>>]) {
         println!("\n### {}\n", shape.label);
         println!(
             "| setup | p50 µs | p99 µs | p99.9 µs | source agent vCPU per 1,000/s | \
-             destination agent vCPU per 1,000/s | agents' RSS MiB | failed |"
+             destination agent vCPU per 1,000/s | agents on a CPU per request | \
+             agents' RSS MiB | failed |"
         );
-        println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+        println!("|---|---:|---:|---:|---:|---:|---|---:|---:|");
         for (setup, runs) in setups.iter().zip(by_setup) {
             let of = |f: &dyn Fn(&Run) -> f64, digits| spread(runs.iter().map(f).collect(), digits);
-            let (cpu, rss) = if setup.agents.is_some() {
+            let (cpu, slices, rss) = if setup.agents.is_some() {
+                let slices = [0, 1].map(|a| of(&|r: &Run| r.timeslices_per_request[a], 2));
                 (
                     [0, 1].map(|a| of(&|r: &Run| r.vcpu_per_krps[a], 3)),
+                    format!("{} / {}", slices[0], slices[1]),
                     of(&|r: &Run| r.rss_mib[0].max(r.rss_mib[1]), 1),
                 )
             } else {
-                (["–".to_owned(), "–".to_owned()], "–".to_owned())
+                (
+                    ["–".to_owned(), "–".to_owned()],
+                    "–".to_owned(),
+                    "–".to_owned(),
+                )
             };
             println!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 setup.label,
                 of(&|r: &Run| r.load.p50_us, 0),
                 of(&|r: &Run| r.load.p99_us, 0),
                 of(&|r: &Run| r.load.p999_us, 0),
                 cpu[0],
                 cpu[1],
+                slices,
                 rss,
                 runs.iter().map(|r| r.load.failures).sum::<usize>(),
             );
@@ -253,6 +277,7 @@ fn print(setups: &[Setup], runs: &[Vec<Vec<Run>>]) {
     }
     println!(
         "\n(median over the rounds, with the lowest and highest; latency from when each request \
-         was due; agent CPU from /proc/PID/task/*/schedstat over the run, all threads)"
+         was due; agent CPU, and how many times its threads were put on a CPU (source / \
+         destination), from /proc/PID/task/*/schedstat over the run, all threads)"
     );
 }

@@ -1,17 +1,29 @@
-//! What a process has used, read from `/proc`: CPU time ([`cpu_ns`]) and resident memory
-//! ([`rss_kib`]).
+//! What a process has used, read from `/proc`: CPU time ([`cpu_ns`]), how often its threads
+//! were put on a CPU ([`timeslices`]) and resident memory ([`rss_kib`]).
 
 /// CPU time used so far by all threads of process `pid`, in nanoseconds (the first field of
 /// each thread's `schedstat`, kept by the scheduler itself rather than sampled at ticks); 0 if
 /// it cannot be read.
 pub fn cpu_ns(pid: u32) -> u64 {
+    schedstat_sum(pid, 0)
+}
+
+/// How many times the threads of process `pid` were put on a CPU so far (the third field of
+/// each thread's `schedstat`): each wake-up of a sleeping thread is one, and so is each return
+/// after being preempted; 0 if it cannot be read.
+pub fn timeslices(pid: u32) -> u64 {
+    schedstat_sum(pid, 2)
+}
+
+/// Field `field` of every thread's `schedstat` of process `pid`, summed.
+fn schedstat_sum(pid: u32, field: usize) -> u64 {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return 0;
     };
     tasks
         .flatten()
         .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .filter_map(|s| s.split_whitespace().nth(field)?.parse::<u64>().ok())
         .sum()
 }
 
