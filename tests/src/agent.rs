@@ -94,6 +94,9 @@ type Log = Arc<(Mutex<LogState>, Condvar)>;
 pub struct Agent {
     bin: PathBuf,
     netns: PathBuf,
+    /// The agent's own cgroup, below its node's `cgroupRoot` (a DaemonSet's pod is below the
+    /// root Latch's programs attach to, so they see the agent's own sockets too).
+    cgroup: PathBuf,
     config: PathBuf,
     log_file: PathBuf,
     /// After `agent --config FILE`.
@@ -121,36 +124,46 @@ fn record(log: &Log, file: &Mutex<std::fs::File>, complete: &[u8]) {
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Agent {
-    /// Write `config_yaml` into `dir` and start the agent in `netns`; waits until it logs
-    /// `agent ready`, or fails with the end of its log.
-    pub fn start(netns: &Path, dir: &Path, config_yaml: &str) -> anyhow::Result<Self> {
-        Self::start_binary(env::latch_bin()?, netns, dir, config_yaml)
+    /// Write `config_yaml` into `dir` and start the agent in `netns` and `cgroup` (made if
+    /// absent); waits until it logs `agent ready`, or fails with the end of its log.
+    pub fn start(
+        netns: &Path,
+        cgroup: &Path,
+        dir: &Path,
+        config_yaml: &str,
+    ) -> anyhow::Result<Self> {
+        Self::start_binary(env::latch_bin()?, netns, cgroup, dir, config_yaml)
     }
 
     /// [`Agent::start`] with the agent binary `bin`.
     pub fn start_binary(
         bin: PathBuf,
         netns: &Path,
+        cgroup: &Path,
         dir: &Path,
         config_yaml: &str,
     ) -> anyhow::Result<Self> {
-        Self::start_with_args(bin, netns, dir, config_yaml, &[])
+        Self::start_with_args(bin, netns, cgroup, dir, config_yaml, &[])
     }
 
     /// [`Agent::start_binary`] with `args` after `agent --config FILE`.
     pub fn start_with_args(
         bin: PathBuf,
         netns: &Path,
+        cgroup: &Path,
         dir: &Path,
         config_yaml: &str,
         args: &[String],
     ) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(cgroup)
+            .with_context(|| format!("creating the agent's cgroup {}", cgroup.display()))?;
         let config = dir.join("config.yaml");
         std::fs::write(&config, config_yaml)
             .with_context(|| format!("writing {}", config.display()))?;
         let mut agent = Self {
             bin,
             netns: netns.to_owned(),
+            cgroup: cgroup.to_owned(),
             args: args.to_vec(),
             log_file: dir.join("agent.log"),
             config,
@@ -171,7 +184,7 @@ impl Agent {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        netns::enter(&mut cmd, &self.netns, None)?;
+        netns::enter(&mut cmd, &self.netns, Some(&self.cgroup))?;
         let mut child = cmd
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;

@@ -140,6 +140,12 @@ impl Node {
     pub fn ipv4(&self) -> Ipv4Addr {
         Ipv4Addr::new(10, 244, 0, self.index as u8)
     }
+
+    /// The agent's cgroup: below `cgroupRoot`, as a DaemonSet's pod is below the root the
+    /// programs attach to (`deploy/configmap.yaml`), and never enrolled.
+    pub fn agent_cgroup(&self) -> PathBuf {
+        self.cgroup_root.join("latch-agent")
+    }
 }
 
 /// See [`Cluster::two_nodes`].
@@ -627,7 +633,8 @@ impl Cluster {
             Some(bin) => bin,
             None => crate::env::latch_bin()?,
         };
-        let agent = Agent::start_binary(bin, &node.netns(), &node.dir, &yaml)?;
+        let agent =
+            Agent::start_binary(bin, &node.netns(), &node.agent_cgroup(), &node.dir, &yaml)?;
         node.agent = Some(agent);
         Ok(node.agent.as_mut().expect("just set"))
     }
@@ -644,6 +651,7 @@ impl Cluster {
         let agent = Agent::start_with_args(
             crate::env::latch_bin()?,
             &node.netns(),
+            &node.agent_cgroup(),
             &node.dir,
             yaml,
             args,
@@ -736,6 +744,17 @@ impl Cluster {
         repeat: usize,
     ) -> anyhow::Result<crate::server::PodServer> {
         self.probe_server(pod, port, &["--repeat", &repeat.to_string()])
+    }
+
+    /// [`Self::pod_server`] (answering once) whose handshakes complete only when the client's
+    /// first data arrives (`latch-probe serve --defer-accept`), or after `secs`.
+    pub fn pod_deferring_server(
+        &self,
+        pod: PodId,
+        port: u16,
+        secs: u32,
+    ) -> anyhow::Result<crate::server::PodServer> {
+        self.probe_server(pod, port, &["--defer-accept", &secs.to_string()])
     }
 
     /// A server run inside the pod, in its netns and cgroup (`latch-probe serve --sink`),

@@ -18,6 +18,7 @@
 //!   `deploy/rbac.yaml`) with real objects, for the agent's Kubernetes mode.
 //! - [`l2`]: raw frames sent from inside a pod (gratuitous ARP, neighbour advertisements, a
 //!   chosen source MAC) and what a namespace's neighbour table and bridge learned.
+//! - [`syn_flood`]: SYNs from a raw socket inside a pod, that never complete a handshake.
 //! - [`nginx`]: an nginx mTLS stream-proxy pair, the benchmarks' point of comparison.
 //! - [`policy_bench`]: decision cost and revocation time of the agent's policy code.
 
@@ -37,6 +38,7 @@ pub mod probe;
 pub mod python_peer;
 pub mod server;
 pub mod sniffer;
+pub mod syn_flood;
 
 pub use agent::{Agent, AgentOptions};
 pub use cluster::{

@@ -29,7 +29,9 @@
 //! - `latch-probe serve --port PORT [--repeat K | --stream | --sink]`: a server inside the pod (its
 //!   netns and cgroup): answers each connection with what it read until the half-close, K times
 //!   over; with `--stream` with what it reads as it reads it; with `--sink` with as many bytes as
-//!   it read until the half-close, without keeping them.
+//!   it read until the half-close, without keeping them. With `--defer-accept SECS`
+//!   (`TCP_DEFER_ACCEPT`), a handshake completes only once the client's first data arrives (or
+//!   SECS pass): until then the connection waits in `SYN-RECV`, its bare ACKs ignored.
 //! - `latch-probe cgroup`: prints this process's cgroup.
 
 #[path = "latch-probe/load.rs"]
@@ -458,7 +460,8 @@ fn main() {
             } else {
                 Answer::Echo(repeat)
             };
-            if let Err(e) = serve(port, answer) {
+            let defer_accept = arg(&args, "--defer-accept").and_then(|s| s.parse().ok());
+            if let Err(e) = serve(port, answer, defer_accept) {
                 eprintln!("latch-probe: serve on port {port}: {e}");
                 std::process::exit(1);
             }
@@ -472,7 +475,7 @@ fn main() {
         },
         _ => {
             eprintln!(
-                "usage: latch-probe connect --to IP:PORT [--from IP[:PORT] | --fail-first IP:PORT] [--send TEXT] [--keep-open] [--timeout-ms N] | rate --to IP:PORT --count N | serve --port PORT [--repeat K | --stream | --sink] | cgroup"
+                "usage: latch-probe connect --to IP:PORT [--from IP[:PORT] | --fail-first IP:PORT] [--send TEXT] [--keep-open] [--timeout-ms N] | rate --to IP:PORT --count N | serve --port PORT [--repeat K | --stream | --sink] [--defer-accept SECS] | cgroup"
             );
             std::process::exit(2);
         }
@@ -497,11 +500,14 @@ enum Answer {
 /// on `cgroupRoot` see its side of each connection). Listens on `[::]:PORT` (IPv4 too), prints
 /// `listening` once it does, then answers each connection on a thread of its own as [`Answer`]
 /// says, and closes it. Runs until killed.
-fn serve(port: u16, answer: Answer) -> std::io::Result<()> {
+fn serve(port: u16, answer: Answer, defer_accept: Option<i32>) -> std::io::Result<()> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
     socket.set_only_v6(false)?;
     socket.set_reuse_address(true)?;
+    if let Some(secs) = defer_accept {
+        set_defer_accept(&socket, secs)?;
+    }
     socket.bind(&SocketAddr::from(([0u16; 8], port)).into())?;
     socket.listen(1024)?;
     let listener = std::net::TcpListener::from(socket);
@@ -518,6 +524,27 @@ fn serve(port: u16, answer: Answer) -> std::io::Result<()> {
         });
     }
     Ok(())
+}
+
+/// `TCP_DEFER_ACCEPT` (neither socket2 nor nix wraps it).
+#[allow(unsafe_code)]
+fn set_defer_accept(socket: &socket2::Socket, secs: i32) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: setsockopt(2) on a socket we own, with a pointer to an `int` and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&secs as *const i32).cast(),
+            size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 fn echo(mut stream: TcpStream, repeat: usize) -> std::io::Result<()> {
