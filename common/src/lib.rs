@@ -46,17 +46,14 @@ pub mod map_names {
     /// interface, so that no other bridge port can claim it (anti-spoofing).
     pub const MACS: &str = "LATCH_MACS";
     /// socket cookie → [`crate::FastpathConn`]: the connections `connect4`/`connect6` let
-    /// through by a cached allow, while they live, so that `sock_ops` can report them (LRU).
+    /// through by a cached allow, and the server sockets of those the inbound check admitted by
+    /// one, while they live, so that `sock_ops` can report them (LRU).
     pub const FASTPATH_CONNS: &str = "LATCH_FASTPATH_CONNS";
-    /// [`crate::DeliveryKey`] (the connection's four-tuple) → [`crate::FastpathConn`]: the
-    /// connections the inbound check admitted by a cached allow, from their SYN until their
-    /// server socket is established, when `sock_ops` moves them to `FASTPATH_CONNS` (LRU).
-    pub const FASTPATH_ADMITS: &str = "LATCH_FASTPATH_ADMITS";
     /// Ring buffer of [`crate::FastpathEvent`]s: each fast-path connection opened and closed,
     /// for the agent's metrics and access log.
     pub const FASTPATH_EVENTS: &str = "LATCH_FASTPATH_EVENTS";
 
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 14] = [
         WORKLOADS,
         ENDPOINTS,
         VERDICTS,
@@ -70,7 +67,6 @@ pub mod map_names {
         INTERFACES,
         MACS,
         FASTPATH_CONNS,
-        FASTPATH_ADMITS,
         FASTPATH_EVENTS,
     ];
 }
@@ -381,6 +377,12 @@ pub struct DeliveryKey {
 /// the application sockets that accept them, over loopback: a delivery can then come from the
 /// client's own address. Chosen clear of the marks kube-proxy, Cilium and Istio use.
 pub const DELIVERY_MARK: u32 = 0x4c54;
+/// Inside each enrolled pod's netns, the agent's inbound listener carries this mark (`SO_MARK`),
+/// and so every connection it accepts (Linux gives an accepted socket its listener's mark):
+/// `sock_ops` tells by it the connections the inbound check steered to the agent from those it
+/// admitted straight to the application, which it reports (fast-path audit). No rule matches
+/// it: these sockets' packets are routed as unmarked ones are.
+pub const AGENT_INBOUND_MARK: u32 = 0x4c55;
 /// The routing table holding `local default dev lo` for marked packets.
 pub const DELIVERY_TABLE: u32 = 0x4c54;
 /// Preference of the rule: after `local` (0), before `main` (32766).
@@ -472,11 +474,13 @@ pub struct RedirectKey {
 pub struct FastpathConn {
     pub src_identity: Identity,
     pub dst_identity: Identity,
-    /// `CLOCK_BOOTTIME` nanoseconds at `connect()` (outbound) or the SYN's lookup (inbound).
+    /// `CLOCK_BOOTTIME` nanoseconds at `connect()` (outbound) or when the server's socket was
+    /// established (inbound).
     pub started_ns: u64,
     /// Destination port, host byte order.
     pub port: u16,
-    /// `DIRECTION_*`: outbound from the connect programs, inbound from the inbound check.
+    /// `DIRECTION_*`: outbound from the connect programs, inbound from `sock_ops` on a server
+    /// socket the inbound check admitted.
     pub direction: u8,
     /// Non-zero once the connection was established and its opened event sent: only those
     /// get a closed event.

@@ -10,8 +10,9 @@
 //!   exact four-tuple, for as long as that connection lives): delivered normally.
 //! - to the tunnel port: delivered normally (the agent's HBONE listener is there).
 //! - with a fresh inbound allow for (source identity by IP, pod identity, port): delivered
-//!   normally, and remembered by four-tuple in `LATCH_FASTPATH_ADMITS` so that `sock_ops` reports
-//!   it (fast-path audit).
+//!   normally; `sock_ops` reports it once its server socket is established (fast-path audit).
+//!   Nothing is remembered here: `sock_ops` tells such a socket by what it is not (see there),
+//!   so no map of pending handshakes can fill up or lose one.
 //! - with a fresh inbound deny: reset.
 //! - otherwise: steered to the agent's inbound listener in that netns; if the agent is not there
 //!   (no listener), reset: fail closed, never a hang and never a bypass.
@@ -32,8 +33,8 @@ use latch_common::{
 };
 
 use crate::{
-    context::{Fresh, config, count, fastpath_conn, fresh_verdict},
-    maps::{LATCH_DELIVERIES, LATCH_ENDPOINTS, LATCH_FASTPATH_ADMITS, LATCH_INBOUND_LISTENERS},
+    context::{Fresh, config, count, fresh_verdict},
+    maps::{LATCH_DELIVERIES, LATCH_ENDPOINTS, LATCH_INBOUND_LISTENERS},
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -144,10 +145,9 @@ pub fn latch_inbound(ctx: SkLookupContext) -> u32 {
             match fresh_verdict(&key) {
                 Some(Fresh {
                     decision: DECISION_ALLOW,
-                    now_ns,
+                    ..
                 }) => {
                     count(Counter::InboundAdmitted);
-                    remember_admitted(&delivery, &key, now_ns);
                     return PASS;
                 }
                 Some(Fresh {
@@ -171,16 +171,5 @@ pub fn latch_inbound(ctx: SkLookupContext) -> u32 {
             count(Counter::InboundRejected);
             DROP
         }
-    }
-}
-
-/// Remember a connection admitted by a cached allow under its four-tuple, until `sock_ops` sees
-/// its server socket established and reports it. The connection is admitted either way; an
-/// entry that cannot be stored is counted as a dropped audit event.
-#[inline(always)]
-fn remember_admitted(four_tuple: &DeliveryKey, key: &VerdictKey, now_ns: u64) {
-    let conn = fastpath_conn(key, now_ns);
-    if LATCH_FASTPATH_ADMITS.insert(four_tuple, conn, 0).is_err() {
-        count(Counter::FastpathAuditDropped);
     }
 }

@@ -56,8 +56,4 @@ pub static LATCH_FASTPATH_CONNS: LruHashMap<u64, FastpathConn> =
     LruHashMap::pinned(MAX_FASTPATH_CONNS, 0);
 
 #[map]
-pub static LATCH_FASTPATH_ADMITS: LruHashMap<DeliveryKey, FastpathConn> =
-    LruHashMap::pinned(MAX_FASTPATH_CONNS, 0);
-
-#[map]
 pub static LATCH_FASTPATH_EVENTS: RingBuf = RingBuf::pinned(FASTPATH_EVENTS_BYTES, 0);

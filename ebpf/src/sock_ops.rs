@@ -7,9 +7,10 @@
 //!   listener — and ask for state callbacks. A socket they let through on a cached allow (in
 //!   `LATCH_FASTPATH_CONNS`) asks for state callbacks too.
 //! - `ACTIVE_ESTABLISHED_CB`: a fast-path socket is connected: send its opened event.
-//! - `PASSIVE_ESTABLISHED_CB`: a server socket whose four-tuple the inbound check admitted by a
-//!   cached allow (`LATCH_FASTPATH_ADMITS`): move the entry to `LATCH_FASTPATH_CONNS` under the
-//!   socket's cookie, ask for state callbacks and send its opened event.
+//! - `PASSIVE_ESTABLISHED_CB`: a server socket the inbound check admitted to a local pod's
+//!   application by a cached allow (told from the agent's own sockets by what they carry; see
+//!   `on_accepted`): remember it in `LATCH_FASTPATH_CONNS` under its cookie, ask for state
+//!   callbacks and send its opened event.
 //! - `STATE_CB` to `TCP_CLOSE`: remove a redirected socket's entries, so the maps do not leak;
 //!   for a fast-path socket that was opened, send its closed event (bytes acknowledged and
 //!   received, the state it closed from and whether all it sent was acknowledged, duration) and
@@ -34,15 +35,16 @@ use aya_ebpf::{
 };
 use core::ptr::{addr_of, addr_of_mut, read_volatile};
 use latch_common::{
-    AF_INET, Counter, DIRECTION_INBOUND, DeliveryKey, FASTPATH_CLOSED, FASTPATH_OPENED,
-    FastpathConn, FastpathEvent, IpKey, OrigDst, RedirectKey, fastpath_event_wakes,
+    AF_INET, AGENT_INBOUND_MARK, Counter, DIRECTION_INBOUND, DeliveryKey, ENDPOINT_LOCAL,
+    FASTPATH_CLOSED, FASTPATH_OPENED, FastpathConn, FastpathEvent, IpKey, OrigDst, RedirectKey,
+    fastpath_event_wakes,
 };
 
 use crate::{
-    context::count,
+    context::{config, count},
     maps::{
-        LATCH_FASTPATH_ADMITS, LATCH_FASTPATH_CONNS, LATCH_FASTPATH_EVENTS, LATCH_ORIG_DST,
-        LATCH_REDIRECTS,
+        LATCH_DELIVERIES, LATCH_ENDPOINTS, LATCH_FASTPATH_CONNS, LATCH_FASTPATH_EVENTS,
+        LATCH_ORIG_DST, LATCH_REDIRECTS,
     },
 };
 
@@ -133,33 +135,83 @@ fn on_established(cookie: u64) -> Option<FastpathConn> {
     })
 }
 
-/// A server socket established: if the inbound check admitted its four-tuple by a cached allow,
-/// remember it under its cookie; it is to be reported.
-// A function of its own (a BPF-to-BPF call), so that its four-tuple key and the event of
-// `report` do not share one 512-byte stack frame.
+/// A server socket established: if the inbound check admitted it to the application by a cached
+/// allow, remember it under its cookie; it is to be reported.
+///
+/// The inbound check passes a connection to a local pod's address in four cases, and this tells
+/// them apart on the established socket itself, so nothing has to be remembered from the SYN (a
+/// map of pending handshakes could be filled with SYNs that never complete, and lose the entry of
+/// one held open meanwhile; `docs/datapath.md`):
+/// - to the tunnel port, or from a loopback source (the agent's delivery marker): not a pod's
+///   connection to report;
+/// - announced in `LATCH_DELIVERIES`: the agent's own delivery, which it logs itself;
+/// - steered to the agent's inbound listener: accepted there, so marked with
+///   `AGENT_INBOUND_MARK` (an accepted socket takes its listener's mark); the agent logs it;
+/// - otherwise admitted by a cached allow: reported, with the identities of both addresses as
+///   the endpoint map has them now. One whose source is no longer known is counted as a dropped
+///   audit event.
+// A function of its own (a BPF-to-BPF call), so that its keys and the event of `report` do not
+// share one 512-byte stack frame. Keys are lent by reference: by value, each lookup would take a
+// copy on the stack.
 #[inline(never)]
+#[allow(clippy::needless_borrows_for_generic_args)]
 fn on_accepted(ctx: &SockOpsContext, cookie: u64) -> Option<FastpathConn> {
     let (local, remote) = address_words(ctx);
     let ops = ctx.ops;
-    // SAFETY: single 4-byte context reads. `remote_port` holds the port in network byte order in
-    // its upper 16 bits, `local_port` in host byte order.
-    let (remote_port, local_port) = unsafe {
+    // SAFETY: single context reads at constant offsets. `remote_port` holds the port in network
+    // byte order in its upper 16 bits, `local_port` in host byte order; `sk` is the full socket
+    // (never null for an established one, checked all the same).
+    let (remote_port, local_port, sk) = unsafe {
         (
             read_volatile(addr_of!((*ops).remote_port)),
             read_volatile(addr_of!((*ops).local_port)),
+            read_volatile(addr_of!((*ops).__bindgen_anon_2.sk)),
         )
     };
+    let local_port = local_port as u16;
+    let cfg = config()?;
+    if local_port == cfg.tunnel_port {
+        return None;
+    }
+    // One key on the stack, its addresses the keys of the endpoint lookups too (the frame, with
+    // its caller's, must fit in 512 bytes).
     let four_tuple = DeliveryKey {
         remote: IpKey::from_words(remote),
         local: IpKey::from_words(local),
         remote_port: port_from_ops(remote_port),
-        local_port: local_port as u16,
+        local_port,
     };
-    let admitted = LATCH_FASTPATH_ADMITS.get_ptr(four_tuple)?;
-    // SAFETY: pointer from a successful hash lookup.
-    let mut conn = unsafe { *admitted };
-    let _ = LATCH_FASTPATH_ADMITS.remove(four_tuple);
-    conn.opened = 1;
+    if four_tuple.remote.is_loopback() {
+        return None;
+    }
+    let pod = LATCH_ENDPOINTS.get_ptr(&four_tuple.local)?;
+    // SAFETY: pointer from a successful hash lookup, valid for the program's run.
+    if unsafe { (*pod).flags } & ENDPOINT_LOCAL == 0 || sk.is_null() {
+        return None;
+    }
+    // SAFETY: `sk` is the context's non-null socket pointer; `mark` is a readable field of it.
+    if unsafe { read_volatile(addr_of!((*sk).mark)) } == AGENT_INBOUND_MARK {
+        return None;
+    }
+    if LATCH_DELIVERIES.get_ptr(&four_tuple).is_some() {
+        return None;
+    }
+    let Some(src) = LATCH_ENDPOINTS.get_ptr(&four_tuple.remote) else {
+        count(Counter::FastpathAuditDropped);
+        return None;
+    };
+    // SAFETY: pointers from successful hash lookups; helper without arguments.
+    let conn = unsafe {
+        FastpathConn {
+            src_identity: (*src).identity,
+            dst_identity: (*pod).identity,
+            started_ns: bpf_ktime_get_boot_ns(),
+            port: local_port,
+            direction: DIRECTION_INBOUND,
+            opened: 1,
+            _pad: 0,
+        }
+    };
     if LATCH_FASTPATH_CONNS.insert(cookie, conn, 0).is_err() {
         count(Counter::FastpathAuditDropped);
         return None;

@@ -6,13 +6,18 @@
 //! report exists and is 0. And requests judged at L7 are counted in Istio's request metrics
 //! (`istio_requests_total`, `istio_request_duration_milliseconds`) by response code. An agent
 //! that does not drain the ring (stopped) costs its node's connections no wake-up per event, and
-//! loses none of them once it drains again.
+//! loses none of them once it drains again. A connection the destination's inbound check steers
+//! to its agent is not taken for one it admitted straight to the application, and a flood of
+//! SYNs that never complete, sent from a raw socket while a connection's handshake is held open,
+//! cannot make that connection go unreported.
 
 use std::time::{Duration, Instant};
 
+use latch_common::MAX_FASTPATH_CONNS;
 use latch_tests::{
-    AgentOptions, Cluster, NodeId, PodSpec, TwoNodes, eventually,
+    AgentOptions, Cluster, NodeId, PodSpec, ProbeResult, TwoNodes, eventually,
     metrics::{self, sample},
+    netns, syn_flood,
 };
 use serde_json::Value;
 
@@ -544,4 +549,214 @@ fn a_stopped_agent_costs_its_nodes_connections_no_wake_up_per_event_and_loses_no
             "{reporter}: nothing dropped"
         );
     }
+}
+
+/// A kernel counter of the node's agent (`latch debug stats`).
+fn kernel_counter(cluster: &Cluster, node: NodeId, name: &str) -> u64 {
+    latch_tests::agent::debug_json(&cluster.debug_socket(node), &["stats"]).expect("stats")
+        ["counters"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("counter {name}"))
+}
+
+/// Two nodes with agents, frontend on the first and payment on the second; verdicts cached for
+/// an hour, so that none expires while a test waits.
+fn frontend_and_payment() -> TwoNodes {
+    Cluster::two_nodes(
+        PodSpec::mesh("frontend", "prod", "frontend"),
+        PodSpec::mesh("payment", "prod", "payment"),
+    )
+    .and_then(|t| {
+        t.start_agents(AgentOptions {
+            metrics: "127.0.0.1:15020".into(),
+            verdict_ttl: "1h".into(),
+            ..AgentOptions::default()
+        })
+    })
+    .expect("cluster with agents")
+}
+
+/// Wait until the node's agent has logged the fast-path connection from `source` (the client's
+/// address and port) closed; returns every fast-path access line the agent wrote until then.
+/// The agent logs the ring's events in order, so any event sent before that connection's is
+/// among them.
+fn fastpath_lines_until_closed(cluster: &mut Cluster, node: NodeId, source: &str) -> Vec<Value> {
+    let agent = cluster.agent(node);
+    let mut lines = Vec::new();
+    let closed = eventually(WAIT, || {
+        lines = fastpath_access_lines(&agent.lines());
+        lines.iter().any(|l| {
+            l["fields"]["event"] == "connection closed" && l["fields"]["source_address"] == source
+        })
+    });
+    assert!(closed, "no closed line from {source}: {lines:#?}");
+    lines
+}
+
+/// The events of `lines`, each with its source address.
+fn events(lines: &[Value]) -> Vec<(String, String)> {
+    lines
+        .iter()
+        .map(|l| {
+            let f = &l["fields"];
+            (
+                f["event"].as_str().unwrap_or_default().to_owned(),
+                f["source_address"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_connection_the_inbound_check_steers_to_the_agent_is_not_reported_as_a_fast_path_one() {
+    let TwoNodes {
+        mut cluster,
+        n2,
+        client,
+        server,
+        ..
+    } = frontend_and_payment();
+    let _server = cluster.pod_server(server, PORT, 2).expect("server");
+    let to = cluster.pod(server).addr4(PORT);
+    // From the client's address, outside its cgroup: the connect programs leave it alone, and
+    // with nothing cached the destination's inbound check steers it to the agent's inbound
+    // listener; the agent delivers it (plaintext is permitted by default). The socket the
+    // agent accepts is established where `sock_ops` looks for admitted ones.
+    let steered = cluster
+        .probe_unenrolled(client, to, Some("steered"))
+        .expect("probe");
+    assert_eq!(
+        steered.echo.as_deref(),
+        Some("steeredsteered"),
+        "{steered:?}"
+    );
+    let tunneled = cluster.probe(client, to, Some("tunneled")).expect("probe");
+    assert_eq!(
+        tunneled.echo.as_deref(),
+        Some("tunneledtunneled"),
+        "{tunneled:?}"
+    );
+    let fast = cluster.probe(client, to, Some("fast")).expect("probe");
+    assert_eq!(fast.echo.as_deref(), Some("fastfast"), "{fast:?}");
+    let source = fast.local.expect("the fast-path client's address");
+
+    let lines = fastpath_lines_until_closed(&mut cluster, n2, &source);
+    assert_eq!(
+        events(&lines),
+        [
+            ("connection opened".to_owned(), source.clone()),
+            ("connection closed".to_owned(), source.clone())
+        ],
+        "the fast-path connection alone, opened and closed: {lines:#?}"
+    );
+    assert_eq!(kernel_counter(&cluster, n2, "fastpath_audit_dropped"), 0);
+}
+
+/// Destination ports with an allow cached, beside [`PORT`], for the flood: one source address
+/// has 64,512 ports to send from, so five ports give more four-tuples than the 262,144
+/// handshakes the kernel once kept for the audit in an LRU map, which such a flood emptied of
+/// older entries.
+const FLOOD_PORTS: [u16; 5] = [8081, 8082, 8083, 8084, 8085];
+const FLOOD_SOURCE_PORTS: std::ops::RangeInclusive<u16> = 1024..=65535;
+
+/// The server's handshakes on `port` waiting for the client's last ACK.
+fn held_handshakes(netns: &str, port: u16) -> usize {
+    let sport = format!("sport = :{port}");
+    netns::sh(std::process::Command::new("ip").args([
+        "netns", "exec", netns, "ss", "-Htn", "state", "syn-recv", &sport,
+    ]))
+    .expect("ss")
+    .lines()
+    .filter(|l| !l.trim().is_empty())
+    .count()
+}
+
+#[test]
+fn a_flood_of_syns_that_never_complete_cannot_hide_a_held_connection_from_the_audit() {
+    let TwoNodes {
+        mut cluster,
+        n2,
+        client,
+        server,
+        ..
+    } = frontend_and_payment();
+    let ports: Vec<u16> = std::iter::once(PORT).chain(FLOOD_PORTS).collect();
+    let mut servers: Vec<_> = ports
+        .iter()
+        .map(|&port| cluster.pod_server(server, port, 1).expect("server"))
+        .collect();
+    // A first, tunneled connection to each port caches the pair's allow for it on both nodes.
+    for &port in &ports {
+        let r = cluster
+            .probe(client, cluster.pod(server).addr4(port), Some("warm"))
+            .expect("probe");
+        assert_eq!(r.echo.as_deref(), Some("warm"), "port {port}: {r:?}");
+    }
+    // PORT's server defers its handshakes until data arrives; a held client connects (the fast
+    // path: the allow is cached) and sends nothing until told, so the server keeps the
+    // connection in SYN-RECV for as long as the test likes.
+    drop(servers.remove(0));
+    let _deferring = cluster
+        .pod_deferring_server(server, PORT, 600)
+        .expect("deferring server");
+    let server_ns = cluster.pod(server).netns_name.clone();
+    let to = cluster.pod(server).addr4(PORT).to_string();
+    let mut held = cluster
+        .probe_command(client, &["pipe", "--to", &to])
+        .expect("probe command")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting latch-probe pipe");
+    assert!(
+        eventually(WAIT, || held_handshakes(&server_ns, PORT) == 1),
+        "the server holds the handshake"
+    );
+
+    // The flood: SYNs from the client's own address (the anti-spoofing check lets them out) to
+    // ports with a cached allow, each admitted by the destination's inbound check, none ever
+    // completed.
+    let admitted_before = kernel_counter(&cluster, n2, "inbound_admitted");
+    let sent = syn_flood::send_syns(
+        &cluster.pod(client).netns(),
+        cluster.pod(client).ipv4,
+        cluster.pod(server).ipv4,
+        FLOOD_SOURCE_PORTS,
+        FLOOD_PORTS.to_vec(),
+    )
+    .expect("flood");
+    let admitted = kernel_counter(&cluster, n2, "inbound_admitted") - admitted_before;
+    assert!(
+        admitted > u64::from(MAX_FASTPATH_CONNS),
+        "{sent} SYNs sent, {admitted} admitted: the flood must admit more than {MAX_FASTPATH_CONNS}"
+    );
+    assert_eq!(
+        held_handshakes(&server_ns, PORT),
+        1,
+        "the handshake was still held when the flood ended"
+    );
+
+    // The client's first data completes the handshake.
+    {
+        use std::io::Write as _;
+        let mut stdin = held.stdin.take().expect("probe stdin");
+        stdin.write_all(b"held").expect("writing to the probe");
+    }
+    let out = held.wait_with_output().expect("latch-probe output");
+    let r: ProbeResult = serde_json::from_slice(&out.stdout).expect("latch-probe JSON");
+    assert_eq!(r.echo.as_deref(), Some("held"), "{r:?}");
+    let source = r.local.expect("the held client's address");
+
+    let lines = fastpath_lines_until_closed(&mut cluster, n2, &source);
+    let held_events: Vec<String> = events(&lines)
+        .into_iter()
+        .filter(|(_, from)| *from == source)
+        .map(|(event, _)| event)
+        .collect();
+    assert_eq!(
+        held_events,
+        ["connection opened", "connection closed"],
+        "the held connection, opened and closed: {lines:#?}"
+    );
+    assert_eq!(kernel_counter(&cluster, n2, "fastpath_audit_dropped"), 0);
 }

@@ -133,6 +133,7 @@ impl Datapath {
         }
         let root_level = system::cgroup_level(&settings.cgroup_root)?;
         layout::unpin_foreign_maps(&maps_dir(&settings.pin_dir))?;
+        layout::unpin_retired_maps(&maps_dir(&settings.pin_dir))?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(maps_dir(&settings.pin_dir))
             .load(EBPF_OBJECT)?;

@@ -98,6 +98,31 @@ pub(super) fn unpin_foreign_maps(maps_dir: &Path) -> Result<Vec<&'static str>, D
     Ok(removed)
 }
 
+/// Remove every pin under `maps_dir` named like one of Latch's maps (`LATCH_…`) that this build
+/// no longer defines (`LATCH_FASTPATH_ADMITS`, for one): nothing uses it any more, and an LRU
+/// map's memory is allocated whole while it is pinned. Returns the names removed.
+pub(super) fn unpin_retired_maps(maps_dir: &Path) -> Result<Vec<String>, DatapathError> {
+    let entries = match std::fs::read_dir(maps_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(DatapathError::io("listing", maps_dir, e)),
+    };
+    let mut removed = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| DatapathError::io("listing", maps_dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("LATCH_") || map_names::ALL.contains(&name.as_str()) {
+            continue;
+        }
+        let path = entry.path();
+        tracing::warn!(map = name, pin = %path.display(), "this build has no such map; unpinning it");
+        std::fs::remove_file(&path)
+            .map_err(|e| DatapathError::io("removing the pin of a retired map", &path, e))?;
+        removed.push(name);
+    }
+    Ok(removed)
+}
+
 #[cfg(test)]
 mod tests {
     use std::mem::size_of;
@@ -126,5 +151,23 @@ mod tests {
             size_of::<EndpointInfo>()
         );
         assert_eq!(size_of::<VerdictKey>(), 40);
+    }
+
+    #[test]
+    fn pins_of_maps_this_build_no_longer_has_are_removed_and_nothing_else() {
+        let dir = std::env::temp_dir().join(format!("latch-retired-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        for name in ["LATCH_FASTPATH_ADMITS", map_names::VERDICTS, "other"] {
+            std::fs::write(dir.join(name), b"").expect("scratch pin");
+        }
+        let removed = unpin_retired_maps(&dir);
+        let mut left: Vec<String> = std::fs::read_dir(&dir)
+            .expect("listing")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        std::fs::remove_dir_all(&dir).expect("cleaning up");
+        assert_eq!(removed.expect("unpinning"), ["LATCH_FASTPATH_ADMITS"]);
+        assert_eq!(left, [map_names::VERDICTS, "other"]);
     }
 }
