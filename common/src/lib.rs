@@ -45,9 +45,9 @@ pub mod map_names {
     /// [`crate::MacKey`] → ifindex: each enrolled local pod's MAC address, bound to its host-side
     /// interface, so that no other bridge port can claim it (anti-spoofing).
     pub const MACS: &str = "LATCH_MACS";
-    /// socket cookie → [`crate::FastpathConn`]: the connections `connect4`/`connect6` let
-    /// through by a cached allow, and the server sockets of those the inbound check admitted by
-    /// one, while they live, so that `sock_ops` can report them (LRU).
+    /// Socket storage of a [`crate::FastpathConn`] per socket: the connections `connect4`/
+    /// `connect6` let through by a cached allow, and the server sockets of those the inbound
+    /// check admitted by one, so that `sock_ops` can report them; freed with the socket.
     pub const FASTPATH_CONNS: &str = "LATCH_FASTPATH_CONNS";
     /// Ring buffer of [`crate::FastpathEvent`]s: each fast-path connection opened and closed,
     /// for the agent's metrics and access log.
@@ -114,10 +114,6 @@ pub const MAX_SOURCES: u32 = 1 << 16;
 pub const MAX_INTERFACES: u32 = 1 << 16;
 /// MAC addresses of enrolled local pods.
 pub const MAX_MACS: u32 = 1 << 16;
-/// Fast-path connections alive at once that `sock_ops` can report (LRU: when more are open, the
-/// oldest are forgotten and their close goes unreported; `Counter::FastpathAuditDropped`
-/// does not see those, the size is chosen so that a node does not get there).
-pub const MAX_FASTPATH_CONNS: u32 = 1 << 18;
 /// Size in bytes of the fast-path event ring buffer (a power of two, a multiple of the page
 /// size): about 9,000 events of 112 bytes (header included) before the agent must drain it.
 pub const FASTPATH_EVENTS_BYTES: u32 = 1 << 20;

@@ -2,10 +2,10 @@
 //!
 //! For a TCP `connect()` from an enrolled cgroup to a mesh endpoint:
 //! - a fresh cached allow for (source identity, destination identity, port, outbound) leaves the
-//!   connection untouched (fast path), remembered under its socket cookie for `sock_ops`'s audit
-//!   events;
+//!   connection untouched (fast path), remembered on the socket (`LATCH_FASTPATH_CONNS`, socket
+//!   storage) for `sock_ops`'s audit events;
 //! - a fresh cached deny fails `connect()` with `EPERM`;
-//! - otherwise the original destination is stored under the socket cookie (and a fast-path entry
+//! - otherwise the original destination is stored under the socket cookie (and a fast-path record
 //!   an earlier, failed `connect()` of the socket left is removed) and the destination is
 //!   rewritten to the capture listener on loopback in the caller's own network namespace.
 //!
@@ -161,11 +161,11 @@ fn decide(ctx: &SockAddrContext, dst: &IpKey, port: u16, wire_family: u16) -> Ac
         family: wire_family,
         _pad: 0,
     };
-    // A fast-path entry left by an earlier connect() of this socket that failed before its SYN
-    // would make `sock_ops`, which asks that map first, take the socket for a fast-path one and
-    // leave its original destination unpublished. One lookup on the redirected path, which goes
-    // through the agent anyway.
-    let _ = LATCH_FASTPATH_CONNS.remove(cookie);
+    // A fast-path record left on this socket by an earlier connect() that failed before its SYN
+    // would make `sock_ops`, which asks for it first, take the socket for a fast-path one and
+    // leave its original destination unpublished. One deletion on the redirected path, which
+    // goes through the agent anyway.
+    LATCH_FASTPATH_CONNS.remove(socket(ctx));
     if LATCH_ORIG_DST.insert(cookie, orig, 0).is_err() {
         // Without the original destination the agent could not serve the connection: fail closed.
         return Action::Reject;
@@ -179,12 +179,16 @@ fn decide(ctx: &SockAddrContext, dst: &IpKey, port: u16, wire_family: u16) -> Ac
 /// be stored is counted as a dropped audit event.
 #[inline(always)]
 fn remember_fastpath(ctx: &SockAddrContext, key: &VerdictKey, now_ns: u64) {
-    // SAFETY: the context pointer is valid for the program's lifetime.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    let conn = fastpath_conn(key, now_ns);
-    if LATCH_FASTPATH_CONNS.insert(cookie, conn, 0).is_err() {
+    if !LATCH_FASTPATH_CONNS.set(socket(ctx), &fastpath_conn(key, now_ns)) {
         count(Counter::FastpathAuditDropped);
     }
+}
+
+/// The socket `connect()` was called on (never null in `connect4/6`).
+#[inline(always)]
+fn socket(ctx: &SockAddrContext) -> *mut core::ffi::c_void {
+    // SAFETY: a single read of the context's socket field, at a constant offset.
+    unsafe { read_volatile(addr_of!((*ctx.sock_addr).__bindgen_anon_1.sk)) }.cast()
 }
 
 /// The enrolled workload of the calling task: its own cgroup, or the nearest enrolled ancestor

@@ -3,15 +3,19 @@
 //! in `latch_common::map_names` is present). All maps are pinned by name so that a restarted
 //! agent adopts them and the cache survives.
 
+use core::{ffi::c_void, ptr};
+
 use aya_ebpf::{
-    macros::map,
+    bindings::{BPF_F_NO_PREALLOC, BPF_SK_STORAGE_GET_F_CREATE, bpf_map_type},
+    helpers::generated::{bpf_sk_storage_delete, bpf_sk_storage_get},
+    macros::{btf_map, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
 use latch_common::{
     COUNTER_SLOTS, DatapathConfig, DeliveryKey, EndpointInfo, FASTPATH_EVENTS_BYTES, FastpathConn,
-    InterfaceInfo, IpKey, MAX_DELIVERIES, MAX_ENDPOINTS, MAX_FASTPATH_CONNS, MAX_INBOUND_LISTENERS,
-    MAX_INTERFACES, MAX_MACS, MAX_REDIRECTS, MAX_SOURCES, MAX_VERDICTS, MAX_WORKLOADS, MacKey,
-    OrigDst, RedirectKey, SourceBinding, VerdictKey, VerdictValue, WorkloadInfo,
+    InterfaceInfo, IpKey, MAX_DELIVERIES, MAX_ENDPOINTS, MAX_INBOUND_LISTENERS, MAX_INTERFACES,
+    MAX_MACS, MAX_REDIRECTS, MAX_SOURCES, MAX_VERDICTS, MAX_WORKLOADS, MacKey, OrigDst,
+    RedirectKey, SourceBinding, VerdictKey, VerdictValue, WorkloadInfo,
 };
 
 #[map]
@@ -51,9 +55,83 @@ pub static LATCH_INTERFACES: HashMap<u32, InterfaceInfo> = HashMap::pinned(MAX_I
 #[map]
 pub static LATCH_MACS: HashMap<MacKey, u32> = HashMap::pinned(MAX_MACS, 0);
 
-#[map]
-pub static LATCH_FASTPATH_CONNS: LruHashMap<u64, FastpathConn> =
-    LruHashMap::pinned(MAX_FASTPATH_CONNS, 0);
+/// Socket storage (`BPF_MAP_TYPE_SK_STORAGE`) of one [`FastpathConn`] per socket, pinned by name:
+/// the record of a fast-path socket lives on the socket itself and the kernel frees it with the
+/// socket, so no number of live sockets can push one out, and one whose `connect()` fails before
+/// its SYN leaves nothing behind. Kernels create such maps only from BTF, so this is a BTF map
+/// definition (the `.maps` section, libbpf's layout: each field a pointer whose pointee encodes a
+/// number or a type); aya-ebpf's own `SkStorage` takes only a `sock_addr` context and has no
+/// pinning.
+#[repr(C)]
+pub struct FastpathConnStorage {
+    r#type: *const [i32; bpf_map_type::BPF_MAP_TYPE_SK_STORAGE as usize],
+    key: *const i32,
+    value: *const FastpathConn,
+    map_flags: *const [i32; BPF_F_NO_PREALLOC as usize],
+    /// libbpf's `LIBBPF_PIN_BY_NAME`.
+    pinning: *const [i32; 1],
+}
+
+// SAFETY: the fields are placeholders the loader reads from BTF; nothing dereferences them.
+unsafe impl Sync for FastpathConnStorage {}
+
+impl FastpathConnStorage {
+    const fn new() -> Self {
+        Self {
+            r#type: ptr::null(),
+            key: ptr::null(),
+            value: ptr::null(),
+            map_flags: ptr::null(),
+            pinning: ptr::null(),
+        }
+    }
+
+    #[inline(always)]
+    fn as_map(&self) -> *mut c_void {
+        ptr::from_ref(self).cast_mut().cast()
+    }
+
+    /// The record of the full socket `sk` (a context's non-null socket pointer), if it has one.
+    #[inline(always)]
+    pub fn get(&self, sk: *mut c_void) -> Option<*mut FastpathConn> {
+        // SAFETY: `sk` is a socket pointer the verifier tracks; no initial value is passed.
+        let found = unsafe { bpf_sk_storage_get(self.as_map(), sk, ptr::null_mut(), 0) };
+        (!found.is_null()).then_some(found.cast())
+    }
+
+    /// Give `sk` the record `conn` (replacing one it had); `false` if the kernel could not
+    /// allocate it.
+    #[inline(always)]
+    pub fn set(&self, sk: *mut c_void, conn: &FastpathConn) -> bool {
+        let mut init = *conn;
+        // SAFETY: as for `get`; `init` outlives the call and is copied into a new record.
+        let record = unsafe {
+            bpf_sk_storage_get(
+                self.as_map(),
+                sk,
+                ptr::from_mut(&mut init).cast(),
+                u64::from(BPF_SK_STORAGE_GET_F_CREATE),
+            )
+        };
+        if record.is_null() {
+            return false;
+        }
+        // An existing record is returned as it is: overwrite it.
+        // SAFETY: a non-null pointer to this socket's record, of `FastpathConn`'s size.
+        unsafe { record.cast::<FastpathConn>().write(*conn) };
+        true
+    }
+
+    /// Remove `sk`'s record, if any.
+    #[inline(always)]
+    pub fn remove(&self, sk: *mut c_void) {
+        // SAFETY: as for `get`.
+        let _ = unsafe { bpf_sk_storage_delete(self.as_map(), sk) };
+    }
+}
+
+#[btf_map]
+pub static LATCH_FASTPATH_CONNS: FastpathConnStorage = FastpathConnStorage::new();
 
 #[map]
 pub static LATCH_FASTPATH_EVENTS: RingBuf = RingBuf::pinned(FASTPATH_EVENTS_BYTES, 0);

@@ -4,13 +4,13 @@
 //! - `TCP_CONNECT_CB` (the local port is assigned, the SYN not yet sent): for a socket the connect
 //!   programs redirected, publish its original destination under (netns cookie, local port,
 //!   family) — exactly what the agent sees as the peer of the connection it accepts on the capture
-//!   listener — and ask for state callbacks. A socket they let through on a cached allow (in
-//!   `LATCH_FASTPATH_CONNS`) asks for state callbacks too.
+//!   listener — and ask for state callbacks. A socket they let through on a cached allow (with a
+//!   record in `LATCH_FASTPATH_CONNS`, socket storage) asks for state callbacks too.
 //! - `ACTIVE_ESTABLISHED_CB`: a fast-path socket is connected: send its opened event.
 //! - `PASSIVE_ESTABLISHED_CB`: a server socket the inbound check admitted to a local pod's
 //!   application by a cached allow (told from the agent's own sockets by what they carry; see
-//!   `on_accepted`): remember it in `LATCH_FASTPATH_CONNS` under its cookie, ask for state
-//!   callbacks and send its opened event.
+//!   `on_accepted`): give it a record in `LATCH_FASTPATH_CONNS`, ask for state callbacks and
+//!   send its opened event.
 //! - `STATE_CB` to `TCP_CLOSE`: remove a redirected socket's entries, so the maps do not leak;
 //!   for a fast-path socket that was opened, send its closed event (bytes acknowledged and
 //!   received, the state it closed from and whether all it sent was acknowledged, duration) and
@@ -33,7 +33,10 @@ use aya_ebpf::{
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use core::ptr::{addr_of, addr_of_mut, read_volatile};
+use core::{
+    ffi::c_void,
+    ptr::{addr_of, addr_of_mut, read_volatile},
+};
 use latch_common::{
     AF_INET, AGENT_INBOUND_MARK, Counter, DIRECTION_INBOUND, DeliveryKey, ENDPOINT_LOCAL,
     FASTPATH_CLOSED, FASTPATH_OPENED, FastpathConn, FastpathEvent, IpKey, OrigDst, RedirectKey,
@@ -56,17 +59,14 @@ pub fn latch_sock_ops(ctx: SockOpsContext) -> u32 {
     let op = ctx.op();
     // The event to report, if any, reported from one call site (the BPF stack is 512 bytes).
     let event = if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
-        on_connect(&ctx, socket_cookie(&ctx));
+        on_connect(&ctx);
         None
     } else if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
-        let cookie = socket_cookie(&ctx);
-        on_established(cookie).map(|conn| (cookie, conn, FASTPATH_OPENED))
+        on_established(&ctx).map(|conn| (socket_cookie(&ctx), conn, FASTPATH_OPENED))
     } else if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
-        let cookie = socket_cookie(&ctx);
-        on_accepted(&ctx, cookie).map(|conn| (cookie, conn, FASTPATH_OPENED))
+        on_accepted(&ctx).map(|conn| (socket_cookie(&ctx), conn, FASTPATH_OPENED))
     } else if op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == BPF_TCP_CLOSE {
-        let cookie = socket_cookie(&ctx);
-        on_close(&ctx, cookie).map(|conn| (cookie, conn, FASTPATH_CLOSED))
+        on_close(&ctx).map(|conn| (socket_cookie(&ctx), conn, FASTPATH_CLOSED))
     } else {
         None
     };
@@ -74,6 +74,14 @@ pub fn latch_sock_ops(ctx: SockOpsContext) -> u32 {
         report(&ctx, cookie, &conn, kind);
     }
     OK
+}
+
+/// The context's full socket (null in the callbacks that run on request sockets).
+#[inline(always)]
+fn full_socket(ctx: &SockOpsContext) -> Option<*mut c_void> {
+    // SAFETY: a single read of the context's socket field, at a constant offset.
+    let sk = unsafe { read_volatile(addr_of!((*ctx.ops).__bindgen_anon_2.sk)) };
+    (!sk.is_null()).then_some(sk.cast())
 }
 
 #[inline(always)]
@@ -106,16 +114,19 @@ fn ask_for_state_callbacks(ctx: &SockOpsContext) {
     let _ = ctx.set_cb_flags(flags as i32);
 }
 
-// The fast-path map is asked first, here and at close: a fast-path connection then costs no
-// lookup of its cookie in `LATCH_ORIG_DST`, where it is never found (a miss in a large map is a
-// cache miss; the two maps never hold the same socket).
+// The socket's fast-path record is asked for first, here and at close: a fast-path connection
+// then costs no lookup of its cookie in `LATCH_ORIG_DST`, where it is never found (a miss in a
+// large map is a cache miss; a socket is never both).
 #[inline(always)]
-fn on_connect(ctx: &SockOpsContext, cookie: u64) {
-    if LATCH_FASTPATH_CONNS.get_ptr(cookie).is_some() {
+fn on_connect(ctx: &SockOpsContext) {
+    let Some(sk) = full_socket(ctx) else {
+        return;
+    };
+    if LATCH_FASTPATH_CONNS.get(sk).is_some() {
         ask_for_state_callbacks(ctx);
         return;
     }
-    if let Some(orig) = redirected(cookie) {
+    if let Some(orig) = redirected(socket_cookie(ctx)) {
         let key = redirect_key(ctx, &orig);
         if LATCH_REDIRECTS.insert(key, orig, 0).is_ok() {
             ask_for_state_callbacks(ctx);
@@ -123,12 +134,12 @@ fn on_connect(ctx: &SockOpsContext, cookie: u64) {
     }
 }
 
-#[inline(always)]
 /// A fast-path socket connected: mark it opened; it is to be reported.
-fn on_established(cookie: u64) -> Option<FastpathConn> {
-    let conn = LATCH_FASTPATH_CONNS.get_ptr_mut(cookie)?;
-    // SAFETY: pointer from a successful hash lookup; only this socket's callbacks, which the
-    // kernel runs under the socket lock, touch its entry.
+#[inline(always)]
+fn on_established(ctx: &SockOpsContext) -> Option<FastpathConn> {
+    let conn = LATCH_FASTPATH_CONNS.get(full_socket(ctx)?)?;
+    // SAFETY: the socket's own record; only this socket's callbacks, which the kernel runs under
+    // the socket lock, and `connect()` on it touch it.
     Some(unsafe {
         (*conn).opened = 1;
         *conn
@@ -136,7 +147,7 @@ fn on_established(cookie: u64) -> Option<FastpathConn> {
 }
 
 /// A server socket established: if the inbound check admitted it to the application by a cached
-/// allow, remember it under its cookie; it is to be reported.
+/// allow, give it a record; it is to be reported.
 ///
 /// The inbound check passes a connection to a local pod's address in four cases, and this tells
 /// them apart on the established socket itself, so nothing has to be remembered from the SYN (a
@@ -155,7 +166,7 @@ fn on_established(cookie: u64) -> Option<FastpathConn> {
 // copy on the stack.
 #[inline(never)]
 #[allow(clippy::needless_borrows_for_generic_args)]
-fn on_accepted(ctx: &SockOpsContext, cookie: u64) -> Option<FastpathConn> {
+fn on_accepted(ctx: &SockOpsContext) -> Option<FastpathConn> {
     let (local, remote) = address_words(ctx);
     let ops = ctx.ops;
     // SAFETY: single context reads at constant offsets. `remote_port` holds the port in network
@@ -212,7 +223,7 @@ fn on_accepted(ctx: &SockOpsContext, cookie: u64) -> Option<FastpathConn> {
             _pad: 0,
         }
     };
-    if LATCH_FASTPATH_CONNS.insert(cookie, conn, 0).is_err() {
+    if !LATCH_FASTPATH_CONNS.set(sk.cast(), &conn) {
         count(Counter::FastpathAuditDropped);
         return None;
     }
@@ -223,13 +234,15 @@ fn on_accepted(ctx: &SockOpsContext, cookie: u64) -> Option<FastpathConn> {
 /// A socket closes: forget a redirected one; forget a fast-path one, which is to be reported if
 /// it was opened (one that never got established, refused or timed out, was never reported).
 #[inline(always)]
-fn on_close(ctx: &SockOpsContext, cookie: u64) -> Option<FastpathConn> {
-    if let Some(conn) = LATCH_FASTPATH_CONNS.get_ptr(cookie) {
-        // SAFETY: pointer from a successful hash lookup.
+fn on_close(ctx: &SockOpsContext) -> Option<FastpathConn> {
+    let sk = full_socket(ctx)?;
+    if let Some(conn) = LATCH_FASTPATH_CONNS.get(sk) {
+        // SAFETY: the socket's own record.
         let conn = unsafe { *conn };
-        let _ = LATCH_FASTPATH_CONNS.remove(cookie);
+        LATCH_FASTPATH_CONNS.remove(sk);
         return (conn.opened != 0).then_some(conn);
     }
+    let cookie = socket_cookie(ctx);
     if let Some(orig) = redirected(cookie) {
         let key = redirect_key(ctx, &orig);
         let _ = LATCH_REDIRECTS.remove(key);

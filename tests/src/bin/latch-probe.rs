@@ -32,6 +32,11 @@
 //!   it read until the half-close, without keeping them. With `--defer-accept SECS`
 //!   (`TCP_DEFER_ACCEPT`), a handshake completes only once the client's first data arrives (or
 //!   SECS pass): until then the connection waits in `SYN-RECV`, its bare ACKs ignored.
+//! - `latch-probe hold-connects --to IP --ports P1,P2,... --count N`: N non-blocking
+//!   connections (fewer if its descriptor limit, raised to the hard limit, allows fewer), spread
+//!   over the ports and over every CPU in turn (pinned to each), held open (in `SYN-SENT` where
+//!   nothing answers) until standard input closes; prints one JSON line with how many it holds
+//!   (`held`) and the first error, once all are made.
 //! - `latch-probe cgroup`: prints this process's cgroup.
 
 #[path = "latch-probe/load.rs"]
@@ -71,6 +76,57 @@ fn open(to: SocketAddr, from: Option<SocketAddr>, timeout: Duration) -> std::io:
     socket.bind(&from.into())?;
     socket.connect_timeout(&to.into(), timeout)?;
     Ok(socket.into())
+}
+
+/// `count` non-blocking connections to `ip`, round-robin over `ports`, made on every CPU in turn;
+/// prints how many were made, then holds them until standard input closes.
+fn hold_connects(ip: IpAddr, ports: &[u16], count: usize) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    // Without CAP_SYS_RESOURCE the hard limit is as far as it goes: hold what fits under it.
+    let count = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((_, hard)) if setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() => {
+            count.min(usize::try_from(hard.saturating_sub(64)).unwrap_or(usize::MAX))
+        }
+        _ => count,
+    };
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let mut held = Vec::with_capacity(count);
+    let mut first_error: Option<String> = None;
+    for cpu in 0..cpus {
+        let mut set = nix::sched::CpuSet::new();
+        if set.set(cpu).is_ok() {
+            let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+        }
+        let share = count / cpus + usize::from(cpu < count % cpus);
+        for i in 0..share {
+            let to = SocketAddr::new(ip, ports[i % ports.len()]);
+            let socket = socket2::Socket::new(
+                socket2::Domain::for_address(to),
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )
+            .and_then(|s| s.set_nonblocking(true).map(|()| s));
+            let made = socket.and_then(|s| match s.connect(&to.into()) {
+                Ok(()) => Ok(s),
+                Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(s),
+                Err(e) => Err(e),
+            });
+            match made {
+                Ok(s) => held.push(s),
+                Err(e) => {
+                    first_error.get_or_insert_with(|| e.to_string());
+                }
+            }
+        }
+    }
+    println!(
+        "{{\"held\":{},\"error\":{}}}",
+        held.len(),
+        first_error.as_deref().map_or("null".to_owned(), json_str)
+    );
+    let _ = std::io::stdout().flush();
+    let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
+    drop(held);
 }
 
 /// A TCP connection to `to` on an IPv6-only socket that first tried to connect to `first` (an
@@ -466,6 +522,22 @@ fn main() {
                 std::process::exit(1);
             }
         }
+        Some("hold-connects") => {
+            let count = arg(&args, "--count")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(1);
+            let ports: Vec<u16> = arg(&args, "--ports")
+                .unwrap_or_default()
+                .split(',')
+                .filter_map(|p| p.parse().ok())
+                .collect();
+            let ip = arg(&args, "--to").and_then(|s| s.parse::<IpAddr>().ok());
+            let (Some(ip), false) = (ip, ports.is_empty()) else {
+                eprintln!("latch-probe: hold-connects needs --to IP and --ports P1,P2,...");
+                std::process::exit(2);
+            };
+            hold_connects(ip, &ports, count);
+        }
         Some("cgroup") => match std::fs::read_to_string("/proc/self/cgroup") {
             Ok(text) => print!("{text}"),
             Err(e) => {
@@ -475,7 +547,7 @@ fn main() {
         },
         _ => {
             eprintln!(
-                "usage: latch-probe connect --to IP:PORT [--from IP[:PORT] | --fail-first IP:PORT] [--send TEXT] [--keep-open] [--timeout-ms N] | rate --to IP:PORT --count N | serve --port PORT [--repeat K | --stream | --sink] [--defer-accept SECS] | cgroup"
+                "usage: latch-probe connect --to IP:PORT [--from IP[:PORT] | --fail-first IP:PORT] [--send TEXT] [--keep-open] [--timeout-ms N] | rate --to IP:PORT --count N | serve --port PORT [--repeat K | --stream | --sink] [--defer-accept SECS] | hold-connects --to IP --ports P1,P2,... --count N | cgroup"
             );
             std::process::exit(2);
         }
