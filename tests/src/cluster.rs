@@ -818,17 +818,8 @@ impl Cluster {
         first: &[u8],
         admitting: NodeId,
     ) -> anyhow::Result<OpenPipe> {
-        use std::io::Write as _;
         let mark = self.agent(admitting).mark();
-        let mut child = self
-            .probe_command(from, &["pipe", "--to", &to.to_string()])?
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .context("starting latch-probe pipe")?;
-        let mut stdin = child.stdin.take().context("probe stdin")?;
-        stdin.write_all(first)?;
-        stdin.flush()?;
+        let pipe = self.start_pipe(from, to, first)?;
         let destination = format!("\"destination_address\":\"{to}\"");
         self.agent(admitting)
             .wait_for_line_after(mark, std::time::Duration::from_secs(20), |l| {
@@ -838,6 +829,27 @@ impl Cluster {
                     && l.contains(&destination)
             })
             .context("the connection was not admitted")?;
+        Ok(pipe)
+    }
+
+    /// A connection from `from` to `to` that stays open (`latch-probe pipe`), `first` sent;
+    /// returns at once (for a connection no agent sees: the kernel's fast path).
+    pub fn start_pipe(
+        &self,
+        from: PodId,
+        to: SocketAddr,
+        first: &[u8],
+    ) -> anyhow::Result<OpenPipe> {
+        use std::io::Write as _;
+        let mut child = self
+            .probe_command(from, &["pipe", "--to", &to.to_string()])?
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("starting latch-probe pipe")?;
+        let mut stdin = child.stdin.take().context("probe stdin")?;
+        stdin.write_all(first)?;
+        stdin.flush()?;
         Ok(OpenPipe { child, stdin })
     }
 

@@ -14,7 +14,7 @@
 use std::time::{Duration, Instant};
 
 use latch_tests::{
-    AgentOptions, Cluster, NodeId, PodSpec, ProbeResult, TwoNodes, eventually,
+    AgentOptions, Cluster, NodeId, OpenPipe, PodSpec, TwoNodes, eventually,
     metrics::{self, sample},
     netns, syn_flood,
 };
@@ -426,20 +426,9 @@ fn a_stopped_agent_costs_its_nodes_connections_no_wake_up_per_event_and_loses_no
         n2,
         client,
         server,
-    } = Cluster::two_nodes(
-        PodSpec::mesh("frontend", "prod", "frontend"),
-        PodSpec::mesh("payment", "prod", "payment"),
-    )
-    .and_then(|t| {
-        t.start_agents(AgentOptions {
-            metrics: "127.0.0.1:15020".into(),
-            // Every connection of the burst must find the allow cached: with the agents stopped,
-            // one sent to the tunnel would wait forever.
-            verdict_ttl: "1h".into(),
-            ..AgentOptions::default()
-        })
-    })
-    .expect("cluster with agents");
+    } = frontend_and_payment();
+    // Every connection of the burst must find the allow cached (for an hour): with the agents
+    // stopped, one sent to the tunnel would wait forever.
     // Answers each connection's byte with one byte, as `latch-probe rate` expects.
     let _server = cluster.pod_sink_server(server, PORT).expect("server");
     let to = cluster.pod(server).addr4(PORT);
@@ -651,6 +640,26 @@ fn a_connection_the_inbound_check_steers_to_the_agent_is_not_reported_as_a_fast_
     assert_eq!(kernel_counter(&cluster, n2, "fastpath_audit_dropped"), 0);
 }
 
+/// Send `text` on `pipe` (a fast-path connection) and half-close; its echo comes back, and
+/// `node`'s agent logs the connection opened and then closed, with no audit event dropped.
+fn finish_and_check_reported(cluster: &mut Cluster, node: NodeId, pipe: OpenPipe, text: &str) {
+    let r = pipe.finish(text.as_bytes()).expect("latch-probe pipe");
+    assert_eq!(r.echo.as_deref(), Some(text), "{r:?}");
+    let source = r.local.expect("the client's address");
+    let lines = fastpath_lines_until_closed(cluster, node, &source);
+    let reported: Vec<String> = events(&lines)
+        .into_iter()
+        .filter(|(_, from)| *from == source)
+        .map(|(event, _)| event)
+        .collect();
+    assert_eq!(
+        reported,
+        ["connection opened", "connection closed"],
+        "the {text} connection, opened and closed: {lines:#?}"
+    );
+    assert_eq!(kernel_counter(cluster, node, "fastpath_audit_dropped"), 0);
+}
+
 /// Destination ports with an allow cached, beside [`PORT`], for the flood: one source address
 /// has 64,512 ports to send from, so five ports give more four-tuples than the 262,144
 /// handshakes the kernel once kept for the audit in an LRU map, which such a flood emptied of
@@ -701,14 +710,9 @@ fn a_flood_of_syns_that_never_complete_cannot_hide_a_held_connection_from_the_au
         .pod_deferring_server(server, PORT, 600)
         .expect("deferring server");
     let server_ns = cluster.pod(server).netns_name.clone();
-    let to = cluster.pod(server).addr4(PORT).to_string();
-    let mut held = cluster
-        .probe_command(client, &["pipe", "--to", &to])
-        .expect("probe command")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("starting latch-probe pipe");
+    let held = cluster
+        .start_pipe(client, cluster.pod(server).addr4(PORT), b"")
+        .expect("latch-probe pipe");
     assert!(
         eventually(WAIT, || held_handshakes(&server_ns, PORT) == 1),
         "the server holds the handshake"
@@ -738,28 +742,7 @@ fn a_flood_of_syns_that_never_complete_cannot_hide_a_held_connection_from_the_au
     );
 
     // The client's first data completes the handshake.
-    {
-        use std::io::Write as _;
-        let mut stdin = held.stdin.take().expect("probe stdin");
-        stdin.write_all(b"held").expect("writing to the probe");
-    }
-    let out = held.wait_with_output().expect("latch-probe output");
-    let r: ProbeResult = serde_json::from_slice(&out.stdout).expect("latch-probe JSON");
-    assert_eq!(r.echo.as_deref(), Some("held"), "{r:?}");
-    let source = r.local.expect("the held client's address");
-
-    let lines = fastpath_lines_until_closed(&mut cluster, n2, &source);
-    let held_events: Vec<String> = events(&lines)
-        .into_iter()
-        .filter(|(_, from)| *from == source)
-        .map(|(event, _)| event)
-        .collect();
-    assert_eq!(
-        held_events,
-        ["connection opened", "connection closed"],
-        "the held connection, opened and closed: {lines:#?}"
-    );
-    assert_eq!(kernel_counter(&cluster, n2, "fastpath_audit_dropped"), 0);
+    finish_and_check_reported(&mut cluster, n2, held, "held");
 }
 
 /// Fast-path connections the flood holds open at once, over [`HELD_PORTS`]: well over the
@@ -793,14 +776,9 @@ fn a_pod_holding_620_000_connections_cannot_hide_another_connections_close() {
 
     // The victim: a fast-path connection kept open (`latch-probe pipe` sends only what it is
     // given), reported opened on the client's node.
-    let to = cluster.pod(server).addr4(PORT).to_string();
-    let mut victim = cluster
-        .probe_command(client, &["pipe", "--to", &to])
-        .expect("probe command")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("starting latch-probe pipe");
+    let victim = cluster
+        .start_pipe(client, cluster.pod(server).addr4(PORT), b"")
+        .expect("latch-probe pipe");
     let agent = cluster.agent(n1);
     let mut lines = Vec::new();
     let opened = eventually(WAIT, || {
@@ -880,27 +858,7 @@ fn a_pod_holding_620_000_connections_cannot_hide_another_connections_close() {
     tc(&client_ns, &["qdisc", "del", "dev", "eth0", "root"]);
 
     // The victim ends: its close is reported.
-    {
-        use std::io::Write as _;
-        let mut stdin = victim.stdin.take().expect("probe stdin");
-        stdin.write_all(b"victim").expect("writing to the probe");
-    }
-    let out = victim.wait_with_output().expect("latch-probe output");
-    let r: ProbeResult = serde_json::from_slice(&out.stdout).expect("latch-probe JSON");
-    assert_eq!(r.echo.as_deref(), Some("victim"), "{r:?}");
-    let source = r.local.expect("the victim's address");
-    let lines = fastpath_lines_until_closed(&mut cluster, n1, &source);
-    let victim_events: Vec<String> = events(&lines)
-        .into_iter()
-        .filter(|(_, from)| *from == source)
-        .map(|(event, _)| event)
-        .collect();
-    assert_eq!(
-        victim_events,
-        ["connection opened", "connection closed"],
-        "the victim, opened and closed: {lines:#?}"
-    );
-    assert_eq!(kernel_counter(&cluster, n1, "fastpath_audit_dropped"), 0);
+    finish_and_check_reported(&mut cluster, n1, victim, "victim");
 }
 
 fn tc(netns: &str, args: &[&str]) {
