@@ -1,7 +1,9 @@
 //! The harness for Latch's kernel-level tests, demo and benchmarks: a simulated cluster in
-//! network namespaces. A "node" is a netns running a real `latch agent`; a "pod" is a netns plus a
-//! cgroup under its node's `cgroupRoot`. Everything a test creates has a unique name and is torn
-//! down on drop, even after a panic.
+//! network namespaces. A "node" is a netns running a real `latch agent`, in a cgroup of its own
+//! under the node's `cgroupRoot` (as a DaemonSet's pod is under the root the programs attach to,
+//! so they see the agent's sockets too); a "pod" is a netns plus a cgroup under its node's
+//! `cgroupRoot`. Everything a test creates has a unique name and is torn down on drop, even after
+//! a panic.
 //!
 //! - [`env`]: what the tests need from the machine, and where the binaries are.
 //! - [`netns`]: creating namespaces, running code and processes inside them.
