@@ -661,10 +661,11 @@ fn finish_and_check_reported(cluster: &mut Cluster, node: NodeId, pipe: OpenPipe
 }
 
 /// Destination ports with an allow cached, beside [`PORT`], for the flood: one source address
-/// has 64,512 ports to send from, so five ports give more four-tuples than the 262,144
-/// handshakes the kernel once kept for the audit in an LRU map, which such a flood emptied of
-/// older entries.
-const FLOOD_PORTS: [u16; 5] = [8081, 8082, 8083, 8084, 8085];
+/// has 64,512 ports to send from, so eight ports give 516,096 four-tuples, about twice the
+/// 262,144 handshakes the kernel once kept for the audit in an LRU map, which such a flood
+/// emptied of older entries (twice, so that SYNs a loaded machine drops on the way do not leave
+/// the flood short of it).
+const FLOOD_PORTS: [u16; 8] = [8081, 8082, 8083, 8084, 8085, 8086, 8087, 8088];
 const FLOOD_SOURCE_PORTS: std::ops::RangeInclusive<u16> = 1024..=65535;
 /// The entries of that map, the most the flood must exceed.
 const FORMER_ADMITS_ENTRIES: u64 = 1 << 18;
