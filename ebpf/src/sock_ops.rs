@@ -27,7 +27,7 @@ use aya_ebpf::{
         BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_TCP_CLOSE,
+        BPF_TCP_CLOSE, bpf_sock,
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_boot_ns},
     macros::sock_ops,
@@ -169,14 +169,12 @@ fn on_established(ctx: &SockOpsContext) -> Option<FastpathConn> {
 fn on_accepted(ctx: &SockOpsContext) -> Option<FastpathConn> {
     let (local, remote) = address_words(ctx);
     let ops = ctx.ops;
-    // SAFETY: single context reads at constant offsets. `remote_port` holds the port in network
-    // byte order in its upper 16 bits, `local_port` in host byte order; `sk` is the full socket
-    // (never null for an established one, checked all the same).
-    let (remote_port, local_port, sk) = unsafe {
+    // SAFETY: single 4-byte context reads. `remote_port` holds the port in network byte order in
+    // its upper 16 bits, `local_port` in host byte order.
+    let (remote_port, local_port) = unsafe {
         (
             read_volatile(addr_of!((*ops).remote_port)),
             read_volatile(addr_of!((*ops).local_port)),
-            read_volatile(addr_of!((*ops).__bindgen_anon_2.sk)),
         )
     };
     let local_port = local_port as u16;
@@ -197,9 +195,10 @@ fn on_accepted(ctx: &SockOpsContext) -> Option<FastpathConn> {
     }
     let pod = LATCH_ENDPOINTS.get_ptr(&four_tuple.local)?;
     // SAFETY: pointer from a successful hash lookup, valid for the program's run.
-    if unsafe { (*pod).flags } & ENDPOINT_LOCAL == 0 || sk.is_null() {
+    if unsafe { (*pod).flags } & ENDPOINT_LOCAL == 0 {
         return None;
     }
+    let sk = full_socket(ctx)?.cast::<bpf_sock>();
     // SAFETY: `sk` is the context's non-null socket pointer; `mark` is a readable field of it.
     if unsafe { read_volatile(addr_of!((*sk).mark)) } == AGENT_INBOUND_MARK {
         return None;
