@@ -1034,7 +1034,8 @@ fn connect_routed_pod(
     )
 }
 
-fn kill_cgroup_tree(cgroup: &Path) {
+/// SIGKILL every process in `cgroup` and below (`cgroup.kill` where the kernel has it).
+pub(crate) fn kill_cgroup_tree(cgroup: &Path) {
     let kill = cgroup.join("cgroup.kill");
     if kill.exists() {
         let _ = std::fs::write(&kill, "1");
@@ -1059,7 +1060,7 @@ fn kill_cgroup_tree(cgroup: &Path) {
 
 /// rmdir bottom-up; a cgroup with processes that are still exiting is retried briefly (the
 /// kernel offers no event for "cgroup empty" that is simpler than this bounded retry).
-fn remove_cgroup_tree(cgroup: &Path) {
+pub(crate) fn remove_cgroup_tree(cgroup: &Path) {
     if let Ok(entries) = std::fs::read_dir(cgroup) {
         for e in entries.flatten() {
             if e.path().is_dir() {

@@ -23,15 +23,21 @@
 //! - [`syn_flood`]: SYNs from a raw socket inside a pod, that never complete a handshake.
 //! - [`nginx`]: an nginx mTLS stream-proxy pair, the benchmarks' point of comparison.
 //! - [`policy_bench`]: decision cost and revocation time of the agent's policy code.
+//! - [`leftovers`]: what a process's clusters left when it died before their teardown, found by
+//!   name and removed.
+//! - [`guardian`]: the demo's and the benchmarks' work in a child process, cleaned up after
+//!   however it ends (Ctrl-C, SIGTERM, SIGKILL).
 
 pub mod agent;
 pub mod cluster;
 pub mod env;
+pub mod guardian;
 pub mod hbone;
 pub mod jwks;
 pub mod kube_api;
 pub mod kube_cluster;
 pub mod l2;
+pub mod leftovers;
 pub mod metrics;
 pub mod netns;
 pub mod nginx;

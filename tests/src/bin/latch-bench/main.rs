@@ -100,6 +100,8 @@ enum Suite {
 }
 
 fn main() -> anyhow::Result<()> {
+    // A run killed midway must not leave its clusters behind (`latch_tests::guardian`).
+    latch_tests::guardian::run_guarded("latch-bench");
     let cli = Cli::parse();
     cpus::use_every_cpu()?;
     let out_dir = report::out_dir()?;

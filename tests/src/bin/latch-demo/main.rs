@@ -28,6 +28,8 @@ struct Cli {
 }
 
 fn main() -> anyhow::Result<()> {
+    // A demo stopped with Ctrl-C must not leave its cluster behind (`latch_tests::guardian`).
+    latch_tests::guardian::run_guarded("latch-demo");
     if Cli::parse().kubernetes {
         story::tell(kubernetes::KubeMesh::new()?)
     } else {

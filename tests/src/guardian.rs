@@ -1,0 +1,185 @@
+//! Cleanup that survives the harness binaries' deaths. The demo and the benchmarks run their
+//! work in a child process of their own (the worker); the process started from the command line
+//! (the guardian) waits for it and, however it ended (its own teardown, a panic, Ctrl-C,
+//! SIGTERM, SIGKILL), kills what it started that outlived it and removes what its clusters left
+//! ([`crate::leftovers`]). A cluster's teardown runs on drop, which a signal skips.
+
+use std::{collections::HashSet, os::unix::process::CommandExt as _, process::Command};
+
+use anyhow::Context as _;
+use nix::{
+    errno::Errno,
+    sys::{
+        prctl,
+        signal::{
+            SigSet,
+            Signal::{SIGCHLD, SIGHUP, SIGINT, SIGKILL, SIGTERM},
+            kill,
+        },
+        wait::{WaitPidFlag, WaitStatus, waitpid},
+    },
+    unistd::{Pid, getppid},
+};
+
+use crate::leftovers;
+
+/// Set in the worker's environment to the guardian's process id.
+const GUARDIAN: &str = "LATCH_HARNESS_GUARDIAN";
+
+/// Call first in `main`, before any thread starts. In the worker (a child whose parent set
+/// [`GUARDIAN`] to its own id) it returns at once. Otherwise it never returns: it starts this
+/// program again with the same arguments as the worker, passes SIGINT, SIGTERM and SIGHUP on to
+/// it, waits for it, cleans up after it and exits with its status (128 plus the signal's number
+/// if a signal ended it).
+pub fn run_guarded(program: &str) {
+    let parent = std::env::var(GUARDIAN).ok();
+    if parent.is_some_and(|p| p.parse::<i32>().ok() == Some(getppid().as_raw())) {
+        return;
+    }
+    match guard() {
+        Ok((status, outlived, left)) => {
+            if outlived > 0 || !left.is_empty() {
+                eprintln!(
+                    "{program}: removed what the run left: processes {outlived}, {}",
+                    left.summary()
+                );
+            }
+            std::process::exit(status)
+        }
+        Err(e) => {
+            eprintln!("{program}: {e:#}");
+            std::process::exit(1)
+        }
+    }
+}
+
+/// Run the worker to its end and clean up after it: its exit status, how many of the processes
+/// it started outlived it, and what its clusters left.
+fn guard() -> anyhow::Result<(i32, usize, leftovers::Found)> {
+    // The worker's orphans (agents, servers, probes) become this process's children, so they can
+    // be found and killed.
+    prctl::set_child_subreaper(true).context("becoming a child subreaper")?;
+    // Blocked before the worker exists, so none is lost (SIGCHLD's default action discards it);
+    // they are taken with `sigwait` below.
+    let signals = SigSet::from_iter([SIGINT, SIGTERM, SIGHUP, SIGCHLD]);
+    signals.thread_block().context("blocking signals")?;
+    let exe = std::env::current_exe().context("finding this program")?;
+    let mut command = Command::new(&exe);
+    command
+        .args(std::env::args_os().skip(1))
+        .env(GUARDIAN, std::process::id().to_string());
+    // SAFETY: the closure runs in the forked child before `exec` and only calls
+    // `pthread_sigmask`, which is async-signal-safe. A child inherits its parent's signal mask
+    // (std no longer resets it), and the worker, with everything it starts, must take these
+    // signals as usual.
+    #[allow(unsafe_code)]
+    unsafe {
+        command.pre_exec(|| {
+            SigSet::empty()
+                .thread_set_mask()
+                .map_err(std::io::Error::from)
+        });
+    }
+    let child = command
+        .spawn()
+        .with_context(|| format!("starting {}", exe.display()))?;
+    // Reaped with `waitpid` below, not through the handle.
+    let worker = Pid::from_raw(i32::try_from(child.id()).context("the worker's process id")?);
+    drop(child);
+    let status = loop {
+        let signal = signals.wait().context("waiting for a signal")?;
+        if signal == SIGCHLD {
+            if let Some(status) = reap(worker)? {
+                break status;
+            }
+        } else {
+            // The worker may have ended already; it is reaped at its SIGCHLD.
+            let _ = kill(worker, signal);
+        }
+    };
+    let outlived = kill_children()?;
+    let left = leftovers::remove(worker.as_raw().unsigned_abs())?;
+    Ok((status, outlived, left))
+}
+
+/// Reap every child that has ended; the worker's exit status if it was one of them.
+fn reap(worker: Pid) -> anyhow::Result<Option<i32>> {
+    let mut status = None;
+    loop {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) if pid == worker => status = Some(code),
+            Ok(WaitStatus::Signaled(pid, signal, _)) if pid == worker => {
+                status = Some(128 + signal as i32)
+            }
+            Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return Ok(status),
+            Ok(_) => {}
+            Err(e) => return Err(e).context("reaping children"),
+        }
+    }
+}
+
+/// Kill this process's children until none is left (each one's orphans become children in
+/// turn); how many were still running.
+fn kill_children() -> anyhow::Result<usize> {
+    let mut killed = HashSet::new();
+    loop {
+        let children = running_children()?;
+        if children.is_empty() && reap_any(false)? {
+            return Ok(killed.len());
+        }
+        for (pid, running) in children {
+            if running {
+                killed.insert(pid);
+                let _ = kill(pid, SIGKILL);
+            }
+        }
+        // One ends (a killed one or a zombie), then look again.
+        if reap_any(true)? {
+            return Ok(killed.len());
+        }
+    }
+}
+
+/// Reap one child, waiting for it if `block`; whether there are no children at all.
+fn reap_any(block: bool) -> anyhow::Result<bool> {
+    let flags = (!block).then_some(WaitPidFlag::WNOHANG);
+    match waitpid(None, flags) {
+        Err(Errno::ECHILD) => Ok(true),
+        Err(e) => Err(e).context("reaping children"),
+        Ok(_) => Ok(false),
+    }
+}
+
+/// This process's children, from `/proc`, each with whether it still runs (not a zombie).
+fn running_children() -> anyhow::Result<Vec<(Pid, bool)>> {
+    let me = std::process::id().to_string();
+    let mut children = Vec::new();
+    for entry in std::fs::read_dir("/proc")
+        .context("reading /proc")?
+        .flatten()
+    {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // A process that ended in the meantime has no stat to read.
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid ...`; the name may hold spaces and parentheses.
+        let Some((_, after_name)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let mut fields = after_name.split_whitespace();
+        let (Some(state), Some(ppid)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        if ppid == me {
+            children.push((Pid::from_raw(pid), state != "Z"));
+        }
+    }
+    Ok(children)
+}
