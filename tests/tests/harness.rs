@@ -4,6 +4,7 @@
 //! pin or temporary file behind.
 
 use std::{
+    collections::HashMap,
     path::Path,
     process::{Child, Command, Stdio},
     time::Duration,
@@ -40,31 +41,30 @@ fn stopped_midway(stop: Stop, label: &str) {
     let dir =
         std::env::temp_dir().join(format!("latch-harness-test-{}-{label}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("test directory");
-    let mut bench = start_bench(&dir);
-    let command = bench.id();
+    let mut run = Run {
+        bench: start_bench(&dir),
+        worker: None,
+    };
+    let command = run.bench.id();
 
-    // Once its agents run it has namespaces, cgroups, pins, files and processes of its own.
-    let agents_run = eventually(Duration::from_secs(120), || {
-        descendants(command)
-            .iter()
-            .filter(|p| is_agent(**p))
-            .count()
-            >= 2
+    // Once its agents run and have pinned their maps it has processes, namespaces, cgroups,
+    // pins and files of its own, all named after the process doing the work (the worker).
+    let mut worker = None;
+    let running = eventually(Duration::from_secs(120), || {
+        let all = descendants(command);
+        if all.iter().filter(|p| is_agent(**p)).count() < 2 {
+            return false;
+        }
+        // The command itself, or (with the guardian) its one child.
+        worker = std::iter::once(command)
+            .chain(children(command, &parents()))
+            .find(|p| leftovers::find(*p).is_ok_and(|f| has_everything(&f)));
+        worker.is_some()
     });
-    assert!(agents_run, "latch-bench's agents never started");
-    // The process whose clusters these are (their names carry its id): the worker.
-    let worker = std::iter::once(command)
-        .chain(descendants(command))
-        .find(|p| leftovers::find(*p).is_ok_and(|f| !f.is_empty()))
-        .expect("no process of latch-bench's owns its clusters");
-    let before = leftovers::find(worker).expect("its state");
-    assert!(
-        !before.cgroups.is_empty()
-            && !before.netns.is_empty()
-            && !before.pins.is_empty()
-            && !before.files.is_empty(),
-        "latch-bench's state was not found: {before:?}"
-    );
+    let worker = worker
+        .filter(|_| running)
+        .expect("latch-bench's agents never started, or its state was not found");
+    run.worker = Some(worker);
     let processes = descendants(command);
 
     let (target, signal) = match stop {
@@ -74,13 +74,14 @@ fn stopped_midway(stop: Stop, label: &str) {
     kill(Pid::from_raw(target as i32), signal).expect("signal");
     let mut status = None;
     let ended = eventually(Duration::from_secs(120), || {
-        status = bench.try_wait().expect("latch-bench's status");
+        status = run.bench.try_wait().expect("latch-bench's status");
         status.is_some()
     });
-    if !ended {
-        let _ = bench.kill();
-    }
-    let status = status.expect("latch-bench did not end within 2 minutes of the signal");
+    assert!(
+        ended,
+        "latch-bench did not end within 2 minutes of the signal"
+    );
+    let status = status.expect("latch-bench's status");
     let stderr = std::fs::read_to_string(dir.join("stderr")).unwrap_or_default();
     let _ = std::fs::remove_dir_all(&dir);
 
@@ -105,6 +106,31 @@ fn stopped_midway(stop: Stop, label: &str) {
     );
 }
 
+/// A `latch-bench` run; should the test fail, it is killed and its state removed.
+struct Run {
+    bench: Child,
+    worker: Option<u32>,
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        // Only while latch-bench still runs is the worker's id surely still the worker's.
+        if self.bench.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        if let Some(worker) = self.worker {
+            let _ = kill(Pid::from_raw(worker as i32), Signal::SIGKILL);
+        }
+        let _ = self.bench.kill();
+        let _ = self.bench.wait();
+        if let Some(worker) = self.worker
+            && let Err(e) = leftovers::remove(worker)
+        {
+            eprintln!("cleanup: {e:#}");
+        }
+    }
+}
+
 /// `latch-bench datapath` with the binaries under test, its output in `dir`.
 fn start_bench(dir: &Path) -> Child {
     let file = |name: &str| std::fs::File::create(dir.join(name)).expect("output file");
@@ -120,42 +146,60 @@ fn start_bench(dir: &Path) -> Child {
         .expect("starting latch-bench")
 }
 
-/// The children of process `pid`, from every process's parent in `/proc`.
-fn children(pid: u32) -> Vec<u32> {
+/// Every process's parent, from one pass over `/proc`.
+fn parents() -> HashMap<u32, u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
+        return HashMap::new();
     };
     entries
         .flatten()
         .filter_map(|e| {
-            let child: u32 = e.file_name().to_str()?.parse().ok()?;
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
             let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
             // `pid (comm) state ppid ...`; the name may hold spaces and parentheses.
-            let ppid: u32 = stat
+            let ppid = stat
                 .rsplit_once(')')?
                 .1
                 .split_whitespace()
                 .nth(1)?
                 .parse()
                 .ok()?;
-            (ppid == pid).then_some(child)
+            Some((pid, ppid))
         })
         .collect()
+}
+
+/// The children of `pid`.
+fn children(pid: u32, parents: &HashMap<u32, u32>) -> Vec<u32> {
+    parents
+        .iter()
+        .filter(|(_, parent)| **parent == pid)
+        .map(|(child, _)| *child)
+        .collect()
+}
+
+/// Every process below `pid`.
+fn descendants(pid: u32) -> Vec<u32> {
+    let parents = parents();
+    let mut all = Vec::new();
+    let mut next = children(pid, &parents);
+    while let Some(p) = next.pop() {
+        next.extend(children(p, &parents));
+        all.push(p);
+    }
+    all
+}
+
+/// Whether a run's state has each kind of thing a cluster with agents makes.
+fn has_everything(found: &leftovers::Found) -> bool {
+    !found.cgroups.is_empty()
+        && !found.netns.is_empty()
+        && !found.pins.is_empty()
+        && !found.files.is_empty()
 }
 
 /// Whether process `pid` is a `latch agent`.
 fn is_agent(pid: u32) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .is_ok_and(|c| c.split(|b| *b == 0).nth(1) == Some(b"agent".as_slice()))
-}
-
-/// Every process below `pid`.
-fn descendants(pid: u32) -> Vec<u32> {
-    let mut all = Vec::new();
-    let mut next = children(pid);
-    while let Some(p) = next.pop() {
-        next.extend(children(p));
-        all.push(p);
-    }
-    all
 }
