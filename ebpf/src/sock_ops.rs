@@ -4,9 +4,10 @@
 //! - `TCP_CONNECT_CB` (the local port is assigned, the SYN not yet sent): for a socket the connect
 //!   programs redirected, publish its original destination under (netns cookie, local port,
 //!   family) — exactly what the agent sees as the peer of the connection it accepts on the capture
-//!   listener — and ask for state callbacks. A socket they let through on a cached allow (with a
-//!   record in `LATCH_FASTPATH_CONNS`, socket storage) asks for state callbacks too.
-//! - `ACTIVE_ESTABLISHED_CB`: a fast-path socket is connected: send its opened event.
+//!   listener — and ask for state callbacks.
+//! - `ACTIVE_ESTABLISHED_CB`: a socket they let through on a cached allow (with a record in
+//!   `LATCH_FASTPATH_CONNS`, socket storage) is connected: ask for state callbacks and send its
+//!   opened event.
 //! - `PASSIVE_ESTABLISHED_CB`: a server socket the inbound check admitted to a local pod's
 //!   application by a cached allow (told from the agent's own sockets by what they carry; see
 //!   `on_accepted`): give it a record in `LATCH_FASTPATH_CONNS`, ask for state callbacks and
@@ -122,8 +123,9 @@ fn on_connect(ctx: &SockOpsContext) {
     let Some(sk) = full_socket(ctx) else {
         return;
     };
+    // A fast-path socket asks for state callbacks once it is established: until then nothing is
+    // reported for it, and its record goes with the socket if it never connects.
     if LATCH_FASTPATH_CONNS.get(sk).is_some() {
-        ask_for_state_callbacks(ctx);
         return;
     }
     if let Some(orig) = redirected(socket_cookie(ctx)) {
@@ -134,10 +136,13 @@ fn on_connect(ctx: &SockOpsContext) {
     }
 }
 
-/// A fast-path socket connected: mark it opened; it is to be reported.
+/// A fast-path socket connected: mark it opened, and ask for state callbacks to report its
+/// close (asked for here, not at connect, so that its own change to `ESTABLISHED` costs no
+/// callback); it is to be reported.
 #[inline(always)]
 fn on_established(ctx: &SockOpsContext) -> Option<FastpathConn> {
     let conn = LATCH_FASTPATH_CONNS.get(full_socket(ctx)?)?;
+    ask_for_state_callbacks(ctx);
     // SAFETY: the socket's own record; only this socket's callbacks, which the kernel runs under
     // the socket lock, and `connect()` on it touch it.
     Some(unsafe {
