@@ -36,26 +36,35 @@ pub fn run_guarded(program: &str) {
     if parent.is_some_and(|p| p.parse::<i32>().ok() == Some(getppid().as_raw())) {
         return;
     }
-    match guard() {
-        Ok((status, outlived, left)) => {
-            if outlived > 0 || !left.is_empty() {
-                eprintln!(
-                    "{program}: removed what the run left: processes {outlived}, {}",
-                    left.summary()
-                );
-            }
-            std::process::exit(status)
-        }
+    let (worker, status) = match run_worker() {
+        Ok(ended) => ended,
         Err(e) => {
             eprintln!("{program}: {e:#}");
             std::process::exit(1)
         }
+    };
+    // A cleanup that fails is said, and the worker's status stays the command's.
+    match clean_up_after(worker) {
+        Ok((outlived, left)) if outlived > 0 || !left.is_empty() => eprintln!(
+            "{program}: removed what the run left: processes {outlived}, {}",
+            left.summary()
+        ),
+        Ok(_) => {}
+        Err(e) => eprintln!("{program}: cleaning up after the run: {e:#}"),
     }
+    std::process::exit(status)
 }
 
-/// Run the worker to its end and clean up after it: its exit status, how many of the processes
-/// it started outlived it, and what its clusters left.
-fn guard() -> anyhow::Result<(i32, usize, leftovers::Found)> {
+/// Kill what the ended worker started that outlived it and remove what its clusters left: how
+/// many processes were still running, and what was left.
+fn clean_up_after(worker: Pid) -> anyhow::Result<(usize, leftovers::Found)> {
+    let outlived = kill_children()?;
+    let left = leftovers::remove(worker.as_raw().unsigned_abs());
+    Ok((outlived, left))
+}
+
+/// Start the worker and wait for it, passing signals on: its process id and exit status.
+fn run_worker() -> anyhow::Result<(Pid, i32)> {
     // The worker's orphans (agents, servers, probes) become this process's children, so they can
     // be found and killed.
     prctl::set_child_subreaper(true).context("becoming a child subreaper")?;
@@ -97,9 +106,7 @@ fn guard() -> anyhow::Result<(i32, usize, leftovers::Found)> {
             let _ = kill(worker, signal);
         }
     };
-    let outlived = kill_children()?;
-    let left = leftovers::remove(worker.as_raw().unsigned_abs())?;
-    Ok((status, outlived, left))
+    Ok((worker, status))
 }
 
 /// Reap every child that has ended; the worker's exit status if it was one of them.

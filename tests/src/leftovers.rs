@@ -66,24 +66,27 @@ fn entries_of(dir: &Path, pid: u32) -> Vec<PathBuf> {
     found
 }
 
-/// What of process `pid`'s clusters still exists.
-pub fn find(pid: u32) -> anyhow::Result<Found> {
-    Ok(Found {
-        cgroups: entries_of(&env::cgroup2_mount()?, pid),
+/// What of process `pid`'s clusters still exists (nothing where there is no such place: no
+/// cgroup2 mount, no `/run/netns`).
+pub fn find(pid: u32) -> Found {
+    Found {
+        cgroups: env::cgroup2_mount()
+            .map(|mount| entries_of(&mount, pid))
+            .unwrap_or_default(),
         netns: entries_of(Path::new("/run/netns"), pid)
             .iter()
             .filter_map(|p| p.file_name()?.to_str().map(str::to_owned))
             .collect(),
         pins: entries_of(Path::new(BPFFS), pid),
         files: entries_of(&std::env::temp_dir(), pid),
-    })
+    }
 }
 
 /// Remove what is left of process `pid`'s clusters, which must be gone: the processes in their
 /// cgroups are killed first, so that nothing holds a namespace or a map. Returns what was there;
 /// what could not be removed is said on stderr.
-pub fn remove(pid: u32) -> anyhow::Result<Found> {
-    let found = find(pid)?;
+pub fn remove(pid: u32) -> Found {
+    let found = find(pid);
     for cgroup in &found.cgroups {
         cluster::kill_cgroup_tree(cgroup);
     }
@@ -105,7 +108,7 @@ pub fn remove(pid: u32) -> anyhow::Result<Found> {
             eprintln!("cleanup: removing {}: {e}", path.display());
         }
     }
-    Ok(found)
+    found
 }
 
 #[cfg(test)]
