@@ -131,8 +131,13 @@ fn kill_children() -> anyhow::Result<usize> {
     let mut killed = HashSet::new();
     loop {
         let children = running_children()?;
-        if children.is_empty() && reap_any(false)? {
-            return Ok(killed.len());
+        if children.is_empty() {
+            if reap_any(false)? {
+                return Ok(killed.len());
+            }
+            // A child came (an orphan handed over after the listing) or went: look again
+            // rather than wait for one that was never killed.
+            continue;
         }
         for (pid, running) in children {
             if running {
