@@ -14,7 +14,7 @@
 use std::time::{Duration, Instant};
 
 use latch_tests::{
-    AgentOptions, Cluster, NodeId, OpenPipe, PodSpec, TwoNodes, eventually,
+    Agent, AgentOptions, Cluster, NodeId, OpenPipe, PodSpec, TwoNodes, eventually,
     metrics::{self, sample},
     netns, syn_flood,
 };
@@ -40,6 +40,17 @@ fn fastpath_access_lines(lines: &[String]) -> Vec<Value> {
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .filter(|v| v["fields"]["path"] == "fastpath" && v["fields"]["event"] != "fastpath summary")
         .collect()
+}
+
+/// Wait until the agent's fast-path access lines satisfy `until`: whether they did, and the
+/// lines as last read.
+fn wait_for_fastpath_lines(agent: &Agent, until: impl Fn(&[Value]) -> bool) -> (bool, Vec<Value>) {
+    let mut lines = Vec::new();
+    let held = eventually(WAIT, || {
+        lines = fastpath_access_lines(&agent.lines());
+        until(&lines)
+    });
+    (held, lines)
 }
 
 #[test]
@@ -165,9 +176,7 @@ fn audited_on_both_sides(ipv6: bool) {
     );
 
     let agent = cluster.agent(n1);
-    let mut lines = Vec::new();
-    let logged = eventually(WAIT, || {
-        lines = fastpath_access_lines(&agent.lines());
+    let (logged, lines) = wait_for_fastpath_lines(agent, |lines| {
         lines
             .iter()
             .filter(|l| l["fields"]["event"] == "connection closed")
@@ -248,8 +257,7 @@ fn audited_on_both_sides(ipv6: bool) {
     );
     let client_ip = cluster.pod(client).ips()[usize::from(ipv6)];
     let agent = cluster.agent(n2);
-    let logged = eventually(WAIT, || {
-        lines = fastpath_access_lines(&agent.lines());
+    let (logged, lines) = wait_for_fastpath_lines(agent, |lines| {
         lines
             .iter()
             .filter(|l| l["fields"]["event"] == "connection closed")
@@ -569,10 +577,7 @@ fn frontend_and_payment() -> TwoNodes {
 /// The agent logs the ring's events in order, so any event sent before that connection's is
 /// among them.
 fn fastpath_lines_until_closed(cluster: &mut Cluster, node: NodeId, source: &str) -> Vec<Value> {
-    let agent = cluster.agent(node);
-    let mut lines = Vec::new();
-    let closed = eventually(WAIT, || {
-        lines = fastpath_access_lines(&agent.lines());
+    let (closed, lines) = wait_for_fastpath_lines(cluster.agent(node), |lines| {
         lines.iter().any(|l| {
             l["fields"]["event"] == "connection closed" && l["fields"]["source_address"] == source
         })
@@ -780,10 +785,7 @@ fn a_pod_holding_620_000_connections_cannot_hide_another_connections_close() {
     let victim = cluster
         .start_pipe(client, cluster.pod(server).addr4(PORT), b"")
         .expect("latch-probe pipe");
-    let agent = cluster.agent(n1);
-    let mut lines = Vec::new();
-    let opened = eventually(WAIT, || {
-        lines = fastpath_access_lines(&agent.lines());
+    let (opened, lines) = wait_for_fastpath_lines(cluster.agent(n1), |lines| {
         lines
             .iter()
             .any(|l| l["fields"]["event"] == "connection opened")
