@@ -162,19 +162,33 @@ fn reap_any(block: bool) -> anyhow::Result<bool> {
     }
 }
 
-/// This process's children, from `/proc`, each with whether it still runs (not a zombie).
+/// This process's children, each with whether it still runs (not a zombie).
 fn running_children() -> anyhow::Result<Vec<(Pid, bool)>> {
-    let me = std::process::id().to_string();
-    let mut children = Vec::new();
+    let me = std::process::id();
+    Ok(processes()?
+        .into_iter()
+        .filter(|p| p.parent == me)
+        .map(|p| (Pid::from_raw(p.pid as i32), !p.zombie))
+        .collect())
+}
+
+/// One process as `/proc/PID/stat` has it.
+#[derive(Clone, Copy, Debug)]
+pub struct Process {
+    pub pid: u32,
+    pub parent: u32,
+    /// Ended, and not yet reaped by its parent.
+    pub zombie: bool,
+}
+
+/// Every process on the machine, from one pass over `/proc`.
+pub fn processes() -> anyhow::Result<Vec<Process>> {
+    let mut all = Vec::new();
     for entry in std::fs::read_dir("/proc")
         .context("reading /proc")?
         .flatten()
     {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
             continue;
         };
         // A process that ended in the meantime has no stat to read.
@@ -186,12 +200,14 @@ fn running_children() -> anyhow::Result<Vec<(Pid, bool)>> {
             continue;
         };
         let mut fields = after_name.split_whitespace();
-        let (Some(state), Some(ppid)) = (fields.next(), fields.next()) else {
+        let (Some(state), Some(Ok(parent))) = (fields.next(), fields.next().map(str::parse)) else {
             continue;
         };
-        if ppid == me {
-            children.push((Pid::from_raw(pid), state != "Z"));
-        }
+        all.push(Process {
+            pid,
+            parent,
+            zombie: state == "Z",
+        });
     }
-    Ok(children)
+    Ok(all)
 }

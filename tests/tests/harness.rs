@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use latch_tests::{env, eventually, leftovers};
+use latch_tests::{env, eventually, guardian, leftovers};
 use nix::{
     sys::signal::{Signal, kill},
     unistd::Pid,
@@ -144,26 +144,12 @@ fn start_bench(dir: &Path) -> Child {
         .expect("starting latch-bench")
 }
 
-/// Every process's parent, from one pass over `/proc`.
+/// Every process's parent.
 fn parents() -> HashMap<u32, u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return HashMap::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| {
-            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
-            // `pid (comm) state ppid ...`; the name may hold spaces and parentheses.
-            let ppid = stat
-                .rsplit_once(')')?
-                .1
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()?;
-            Some((pid, ppid))
-        })
+    guardian::processes()
+        .expect("the processes")
+        .into_iter()
+        .map(|p| (p.pid, p.parent))
         .collect()
 }
 
