@@ -757,6 +757,17 @@ impl Cluster {
         self.probe_server(pod, port, &["--defer-accept", &secs.to_string()])
     }
 
+    /// [`Self::pod_server`] (answering once) whose listener, and so every socket it accepts,
+    /// carries `SO_MARK` `mark` (`latch-probe serve --mark`).
+    pub fn pod_marking_server(
+        &self,
+        pod: PodId,
+        port: u16,
+        mark: u32,
+    ) -> anyhow::Result<crate::server::PodServer> {
+        self.probe_server(pod, port, &["--mark", &mark.to_string()])
+    }
+
     /// A server run inside the pod, in its netns and cgroup (`latch-probe serve --sink`),
     /// answering each connection with as many bytes as it read until the half-close, without
     /// keeping them (the benchmarks' server: its clients count what comes back).

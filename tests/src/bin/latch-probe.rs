@@ -31,7 +31,9 @@
 //!   over; with `--stream` with what it reads as it reads it; with `--sink` with as many bytes as
 //!   it read until the half-close, without keeping them. With `--defer-accept SECS`
 //!   (`TCP_DEFER_ACCEPT`), a handshake completes only once the client's first data arrives (or
-//!   SECS pass): until then the connection waits in `SYN-RECV`, its bare ACKs ignored.
+//!   SECS pass): until then the connection waits in `SYN-RECV`, its bare ACKs ignored. With
+//!   `--mark N` (decimal, or hex with `0x`) the listener carries `SO_MARK` N, and so does every
+//!   socket it accepts.
 //! - `latch-probe hold-connects --to IP --ports P1,P2,... --count N`: N non-blocking
 //!   connections (fewer if its descriptor limit, raised to the hard limit, allows fewer), spread
 //!   over the ports and over every CPU in turn (pinned to each), held open (in `SYN-SENT` where
@@ -517,7 +519,8 @@ fn main() {
                 Answer::Echo(repeat)
             };
             let defer_accept = arg(&args, "--defer-accept").and_then(|s| s.parse().ok());
-            if let Err(e) = serve(port, answer, defer_accept) {
+            let mark = arg(&args, "--mark").and_then(|s| parse_u32(&s));
+            if let Err(e) = serve(port, answer, defer_accept, mark) {
                 eprintln!("latch-probe: serve on port {port}: {e}");
                 std::process::exit(1);
             }
@@ -547,7 +550,7 @@ fn main() {
         },
         _ => {
             eprintln!(
-                "usage: latch-probe connect --to IP:PORT [--from IP[:PORT] | --fail-first IP:PORT] [--send TEXT] [--keep-open] [--timeout-ms N] | rate --to IP:PORT --count N | serve --port PORT [--repeat K | --stream | --sink] [--defer-accept SECS] | hold-connects --to IP --ports P1,P2,... --count N | cgroup"
+                "usage: latch-probe connect --to IP:PORT [--from IP[:PORT] | --fail-first IP:PORT] [--send TEXT] [--keep-open] [--timeout-ms N] | rate --to IP:PORT --count N | serve --port PORT [--repeat K | --stream | --sink] [--defer-accept SECS] [--mark N] | hold-connects --to IP --ports P1,P2,... --count N | cgroup"
             );
             std::process::exit(2);
         }
@@ -567,18 +570,29 @@ enum Answer {
     Count,
 }
 
-/// `latch-probe serve --port PORT [--repeat K | --stream | --sink]`: a server in the pod itself
-/// (its sockets belong to the pod's cgroup, as a real application's do, so the kernel programs
-/// on `cgroupRoot` see its side of each connection). Listens on `[::]:PORT` (IPv4 too), prints
+/// `latch-probe serve --port PORT [--repeat K | --stream | --sink] [--defer-accept SECS]
+/// [--mark N]`: a server in the pod itself (its sockets belong to the pod's cgroup, as a real
+/// application's do, so the kernel programs on `cgroupRoot` see its side of each connection).
+/// Listens on `[::]:PORT` (IPv4 too), prints
 /// `listening` once it does, then answers each connection on a thread of its own as [`Answer`]
 /// says, and closes it. Runs until killed.
-fn serve(port: u16, answer: Answer, defer_accept: Option<i32>) -> std::io::Result<()> {
+fn serve(
+    port: u16,
+    answer: Answer,
+    defer_accept: Option<i32>,
+    mark: Option<u32>,
+) -> std::io::Result<()> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
     socket.set_only_v6(false)?;
     socket.set_reuse_address(true)?;
     if let Some(secs) = defer_accept {
         set_defer_accept(&socket, secs)?;
+    }
+    // What an application with `CAP_NET_RAW` (in a container runtime's default set) may do: its
+    // accepted sockets take the listener's mark.
+    if let Some(mark) = mark {
+        socket.set_mark(mark)?;
     }
     socket.bind(&SocketAddr::from(([0u16; 8], port)).into())?;
     socket.listen(1024)?;
@@ -596,6 +610,14 @@ fn serve(port: u16, answer: Answer, defer_accept: Option<i32>) -> std::io::Resul
         });
     }
     Ok(())
+}
+
+/// A `u32` written in decimal, or in hex after `0x`.
+fn parse_u32(text: &str) -> Option<u32> {
+    match text.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16).ok(),
+        None => text.parse().ok(),
+    }
 }
 
 /// `TCP_DEFER_ACCEPT` (neither socket2 nor nix wraps it).
