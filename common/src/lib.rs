@@ -52,8 +52,14 @@ pub mod map_names {
     /// Ring buffer of [`crate::FastpathEvent`]s: each fast-path connection opened and closed,
     /// for the agent's metrics and access log.
     pub const FASTPATH_EVENTS: &str = "LATCH_FASTPATH_EVENTS";
+    /// Socket storage of [`crate::AGENT_LISTENER`] on the agent's inbound listener in each
+    /// enrolled pod's netns, set by the agent and cloned by the kernel onto every socket the
+    /// listener accepts (`BPF_F_CLONE`): `sock_ops` tells by it the connections the inbound
+    /// check steered to the agent from those it admitted straight to the application, which it
+    /// reports (fast-path audit). Only the agent writes it: no program creates an entry.
+    pub const AGENT_LISTENERS: &str = "LATCH_AGENT_LISTENERS";
 
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         WORKLOADS,
         ENDPOINTS,
         VERDICTS,
@@ -68,6 +74,7 @@ pub mod map_names {
         MACS,
         FASTPATH_CONNS,
         FASTPATH_EVENTS,
+        AGENT_LISTENERS,
     ];
 }
 
@@ -373,12 +380,9 @@ pub struct DeliveryKey {
 /// the application sockets that accept them, over loopback: a delivery can then come from the
 /// client's own address. Chosen clear of the marks kube-proxy, Cilium and Istio use.
 pub const DELIVERY_MARK: u32 = 0x4c54;
-/// Inside each enrolled pod's netns, the agent's inbound listener carries this mark (`SO_MARK`),
-/// and so every connection it accepts (Linux gives an accepted socket its listener's mark):
-/// `sock_ops` tells by it the connections the inbound check steered to the agent from those it
-/// admitted straight to the application, which it reports (fast-path audit). No rule matches
-/// it: these sockets' packets are routed as unmarked ones are.
-pub const AGENT_INBOUND_MARK: u32 = 0x4c55;
+/// The value the agent stores on its inbound listeners in [`map_names::AGENT_LISTENERS`] (what
+/// counts is that a socket has an entry).
+pub const AGENT_LISTENER: u32 = 1;
 /// The routing table holding `local default dev lo` for marked packets.
 pub const DELIVERY_TABLE: u32 = 0x4c54;
 /// Preference of the rule: after `local` (0), before `main` (32766).

@@ -6,7 +6,7 @@
 use core::{ffi::c_void, ptr};
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, BPF_SK_STORAGE_GET_F_CREATE, bpf_map_type},
+    bindings::{BPF_F_CLONE, BPF_F_NO_PREALLOC, BPF_SK_STORAGE_GET_F_CREATE, bpf_map_type},
     helpers::generated::{bpf_sk_storage_delete, bpf_sk_storage_get},
     macros::{btf_map, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
@@ -55,27 +55,26 @@ pub static LATCH_INTERFACES: HashMap<u32, InterfaceInfo> = HashMap::pinned(MAX_I
 #[map]
 pub static LATCH_MACS: HashMap<MacKey, u32> = HashMap::pinned(MAX_MACS, 0);
 
-/// Socket storage (`BPF_MAP_TYPE_SK_STORAGE`) of one [`FastpathConn`] per socket, pinned by name:
-/// the record of a fast-path socket lives on the socket itself and the kernel frees it with the
-/// socket, so no number of live sockets can push one out, and one whose `connect()` fails before
-/// its SYN leaves nothing behind. Kernels create such maps only from BTF, so this is a BTF map
-/// definition (the `.maps` section, libbpf's layout: each field a pointer whose pointee encodes a
-/// number or a type); aya-ebpf's own `SkStorage` takes only a `sock_addr` context and has no
-/// pinning.
+/// Socket storage (`BPF_MAP_TYPE_SK_STORAGE`) of one `V` per socket, pinned by name, created with
+/// `FLAGS` (`BPF_F_NO_PREALLOC`, which the kernel requires, and `BPF_F_CLONE` for storage a
+/// listener's accepted sockets inherit). Kernels create such maps only from BTF, so this is a BTF
+/// map definition (the `.maps` section, libbpf's layout: each field a pointer whose pointee
+/// encodes a number or a type); aya-ebpf's own `SkStorage` takes only a `sock_addr` context and
+/// has no pinning.
 #[repr(C)]
-pub struct FastpathConnStorage {
+pub struct SocketStorage<V, const FLAGS: usize> {
     r#type: *const [i32; bpf_map_type::BPF_MAP_TYPE_SK_STORAGE as usize],
     key: *const i32,
-    value: *const FastpathConn,
-    map_flags: *const [i32; BPF_F_NO_PREALLOC as usize],
+    value: *const V,
+    map_flags: *const [i32; FLAGS],
     /// libbpf's `LIBBPF_PIN_BY_NAME`.
     pinning: *const [i32; 1],
 }
 
 // SAFETY: the fields are placeholders the loader reads from BTF; nothing dereferences them.
-unsafe impl Sync for FastpathConnStorage {}
+unsafe impl<V, const FLAGS: usize> Sync for SocketStorage<V, FLAGS> {}
 
-impl FastpathConnStorage {
+impl<V: Copy, const FLAGS: usize> SocketStorage<V, FLAGS> {
     const fn new() -> Self {
         Self {
             r#type: ptr::null(),
@@ -93,17 +92,17 @@ impl FastpathConnStorage {
 
     /// The record of the full socket `sk` (a context's non-null socket pointer), if it has one.
     #[inline(always)]
-    pub fn get(&self, sk: *mut c_void) -> Option<*mut FastpathConn> {
+    pub fn get(&self, sk: *mut c_void) -> Option<*mut V> {
         // SAFETY: `sk` is a socket pointer the verifier tracks; no initial value is passed.
         let found = unsafe { bpf_sk_storage_get(self.as_map(), sk, ptr::null_mut(), 0) };
         (!found.is_null()).then_some(found.cast())
     }
 
-    /// Give `sk` the record `conn` (replacing one it had); `false` if the kernel could not
+    /// Give `sk` the record `value` (replacing one it had); `false` if the kernel could not
     /// allocate it.
     #[inline(always)]
-    pub fn set(&self, sk: *mut c_void, conn: &FastpathConn) -> bool {
-        let mut init = *conn;
+    pub fn set(&self, sk: *mut c_void, value: &V) -> bool {
+        let mut init = *value;
         // SAFETY: as for `get`; `init` outlives the call and is copied into a new record.
         let record = unsafe {
             bpf_sk_storage_get(
@@ -117,8 +116,8 @@ impl FastpathConnStorage {
             return false;
         }
         // An existing record is returned as it is: overwrite it.
-        // SAFETY: a non-null pointer to this socket's record, of `FastpathConn`'s size.
-        unsafe { record.cast::<FastpathConn>().write(*conn) };
+        // SAFETY: a non-null pointer to this socket's record, of `V`'s size.
+        unsafe { record.cast::<V>().write(*value) };
         true
     }
 
@@ -130,8 +129,19 @@ impl FastpathConnStorage {
     }
 }
 
+/// The record of a fast-path socket lives on the socket itself and the kernel frees it with the
+/// socket, so no number of live sockets can push one out, and one whose `connect()` fails before
+/// its SYN leaves nothing behind.
 #[btf_map]
-pub static LATCH_FASTPATH_CONNS: FastpathConnStorage = FastpathConnStorage::new();
+pub static LATCH_FASTPATH_CONNS: SocketStorage<FastpathConn, { BPF_F_NO_PREALLOC as usize }> =
+    SocketStorage::new();
+
+/// Set by the agent on its inbound listeners; every socket a listener accepts inherits it.
+#[btf_map]
+pub static LATCH_AGENT_LISTENERS: SocketStorage<
+    u32,
+    { (BPF_F_NO_PREALLOC | BPF_F_CLONE) as usize },
+> = SocketStorage::new();
 
 #[map]
 pub static LATCH_FASTPATH_EVENTS: RingBuf = RingBuf::pinned(FASTPATH_EVENTS_BYTES, 0);

@@ -28,7 +28,7 @@ use aya_ebpf::{
         BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_TCP_CLOSE, bpf_sock,
+        BPF_TCP_CLOSE,
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_boot_ns},
     macros::sock_ops,
@@ -39,16 +39,16 @@ use core::{
     ptr::{addr_of, addr_of_mut, read_volatile},
 };
 use latch_common::{
-    AF_INET, AGENT_INBOUND_MARK, Counter, DIRECTION_INBOUND, DeliveryKey, ENDPOINT_LOCAL,
-    FASTPATH_CLOSED, FASTPATH_OPENED, FastpathConn, FastpathEvent, IpKey, OrigDst, RedirectKey,
+    AF_INET, Counter, DIRECTION_INBOUND, DeliveryKey, ENDPOINT_LOCAL, FASTPATH_CLOSED,
+    FASTPATH_OPENED, FastpathConn, FastpathEvent, IpKey, OrigDst, RedirectKey,
     fastpath_event_wakes,
 };
 
 use crate::{
     context::{config, count},
     maps::{
-        LATCH_DELIVERIES, LATCH_ENDPOINTS, LATCH_FASTPATH_CONNS, LATCH_FASTPATH_EVENTS,
-        LATCH_ORIG_DST, LATCH_REDIRECTS,
+        LATCH_AGENT_LISTENERS, LATCH_DELIVERIES, LATCH_ENDPOINTS, LATCH_FASTPATH_CONNS,
+        LATCH_FASTPATH_EVENTS, LATCH_ORIG_DST, LATCH_REDIRECTS,
     },
 };
 
@@ -161,8 +161,10 @@ fn on_established(ctx: &SockOpsContext) -> Option<FastpathConn> {
 /// - to the tunnel port, or from a loopback source (the agent's delivery marker): not a pod's
 ///   connection to report;
 /// - announced in `LATCH_DELIVERIES`: the agent's own delivery, which it logs itself;
-/// - steered to the agent's inbound listener: accepted there, so marked with
-///   `AGENT_INBOUND_MARK` (an accepted socket takes its listener's mark); the agent logs it;
+/// - steered to the agent's inbound listener: accepted there, so carrying the listener's entry in
+///   `LATCH_AGENT_LISTENERS` (the kernel clones it onto each socket the listener accepts; only
+///   the agent writes that map, so no application can pass its sockets off as the agent's, as
+///   it could a socket mark); the agent logs it;
 /// - otherwise admitted by a cached allow: reported, with the identities of both addresses as
 ///   the endpoint map has them now. One whose source is no longer known is counted as a dropped
 ///   audit event.
@@ -203,9 +205,8 @@ fn on_accepted(ctx: &SockOpsContext) -> Option<FastpathConn> {
     if unsafe { (*pod).flags } & ENDPOINT_LOCAL == 0 {
         return None;
     }
-    let sk = full_socket(ctx)?.cast::<bpf_sock>();
-    // SAFETY: `sk` is the context's non-null socket pointer; `mark` is a readable field of it.
-    if unsafe { read_volatile(addr_of!((*sk).mark)) } == AGENT_INBOUND_MARK {
+    let sk = full_socket(ctx)?;
+    if LATCH_AGENT_LISTENERS.get(sk).is_some() {
         return None;
     }
     if LATCH_DELIVERIES.get_ptr(&four_tuple).is_some() {
@@ -227,7 +228,7 @@ fn on_accepted(ctx: &SockOpsContext) -> Option<FastpathConn> {
             _pad: 0,
         }
     };
-    if !LATCH_FASTPATH_CONNS.set(sk.cast(), &conn) {
+    if !LATCH_FASTPATH_CONNS.set(sk, &conn) {
         count(Counter::FastpathAuditDropped);
         return None;
     }

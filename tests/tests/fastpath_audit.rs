@@ -7,7 +7,9 @@
 //! (`istio_requests_total`, `istio_request_duration_milliseconds`) by response code. An agent
 //! that does not drain the ring (stopped) costs its node's connections no wake-up per event, and
 //! loses none of them once it drains again. A connection the destination's inbound check steers
-//! to its agent is not taken for one it admitted straight to the application, and a flood of
+//! to its agent is not taken for one it admitted straight to the application (nor, the other
+//! way round, can a server whose listener carries the mark the agent's once did pass its own
+//! connections off as the agent's), and a flood of
 //! SYNs that never complete, sent from a raw socket while a connection's handshake is held open,
 //! cannot make that connection go unreported.
 
@@ -641,6 +643,51 @@ fn a_connection_the_inbound_check_steers_to_the_agent_is_not_reported_as_a_fast_
             ("connection closed".to_owned(), source.clone())
         ],
         "the fast-path connection alone, opened and closed: {lines:#?}"
+    );
+    assert_eq!(kernel_counter(&cluster, n2, "fastpath_audit_dropped"), 0);
+}
+
+/// The mark the agent's inbound listener carried until 2026-12-05 (`SO_MARK`), by which
+/// `sock_ops` told the sockets it accepted from those the inbound check admitted straight to an
+/// application.
+const FORMER_AGENT_INBOUND_MARK: u32 = 0x4c55;
+
+#[test]
+fn a_server_that_marks_its_listener_as_the_agents_cannot_hide_its_fast_path_connections() {
+    let TwoNodes {
+        mut cluster,
+        n2,
+        client,
+        server,
+        ..
+    } = frontend_and_payment();
+    let to = cluster.pod(server).addr4(PORT);
+    // The pair's first connection crosses the tunnel and caches the allow. (To an unmarked
+    // listener: a marked one's accepted sockets keep its mark instead of taking the delivery's,
+    // so the agent's delivery to it would not be routed back.)
+    let unmarked = cluster.pod_server(server, PORT, 1).expect("server");
+    let tunneled = cluster.probe(client, to, Some("tunneled")).expect("probe");
+    assert_eq!(tunneled.echo.as_deref(), Some("tunneled"), "{tunneled:?}");
+    drop(unmarked);
+    // `SO_MARK` needs only `CAP_NET_RAW` in the pod's network namespace, which container runtimes
+    // grant by default; every socket the listener accepts takes its mark.
+    let _server = cluster
+        .pod_marking_server(server, PORT, FORMER_AGENT_INBOUND_MARK)
+        .expect("server");
+    let fast = cluster.probe(client, to, Some("fast")).expect("probe");
+    assert_eq!(fast.echo.as_deref(), Some("fast"), "{fast:?}");
+    let source = fast.local.expect("the fast-path client's address");
+
+    let lines = fastpath_lines_until_closed(&mut cluster, n2, &source);
+    let reported: Vec<String> = events(&lines)
+        .into_iter()
+        .filter(|(_, from)| *from == source)
+        .map(|(event, _)| event)
+        .collect();
+    assert_eq!(
+        reported,
+        ["connection opened", "connection closed"],
+        "the destination reports the fast-path connection to the marked listener: {lines:#?}"
     );
     assert_eq!(kernel_counter(&cluster, n2, "fastpath_audit_dropped"), 0);
 }

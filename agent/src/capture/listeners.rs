@@ -3,9 +3,10 @@
 //!   outbound connections; the listener a connection arrives on tells the agent which workload is
 //!   calling (no trust in source addresses);
 //! - inbound: `[::]:<inbound>` (dual-stack), where the `sk_lookup` check steers inbound
-//!   connections that have no fresh verdict; marked `AGENT_INBOUND_MARK`, which every
-//!   connection it accepts inherits, so that `sock_ops` does not take one for a connection the
-//!   check admitted straight to the application (fast-path audit);
+//!   connections that have no fresh verdict; the runtime marks it as the agent's in
+//!   `LATCH_AGENT_LISTENERS` (`KernelMaps::mark_agent_listener`), which every connection it
+//!   accepts inherits, so that `sock_ops` does not take one for a connection the check admitted
+//!   straight to the application (fast-path audit);
 //! - tunnel: `[::]:<tunnel>` (dual-stack), where other agents open HBONE tunnels to this pod.
 //!
 //! Their ports are the agent's own in every pod: [`own_listener`] names them, and the agent
@@ -17,7 +18,6 @@ use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
-use latch_common::AGENT_INBOUND_MARK;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tokio::net::TcpListener;
 
@@ -53,17 +53,10 @@ pub struct PodListeners {
 
 const BACKLOG: i32 = 4096;
 
-/// A listener on `addr`; with `mark`, its sockets (and the ones it accepts) carry that `SO_MARK`.
-fn listen(
-    addr: SocketAddr,
-    dual_stack: bool,
-    mark: Option<u32>,
-) -> io::Result<std::net::TcpListener> {
+/// A listener on `addr`.
+fn listen(addr: SocketAddr, dual_stack: bool) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
-    if let Some(mark) = mark {
-        socket.set_mark(mark)?;
-    }
     if addr.is_ipv6() {
         socket.set_only_v6(!dual_stack)?;
     }
@@ -85,27 +78,13 @@ impl PodListeners {
     ) -> io::Result<Self> {
         let path = netns.path().display().to_string();
         let (v4, v6, inbound, tunnel) = netns.run_inside(|| {
-            let any = |port, mark| {
-                listen(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)), true, mark).or_else(|_| {
-                    listen(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)), false, mark)
-                })
+            let any = |port| {
+                listen(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)), true)
+                    .or_else(|_| listen(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)), false))
             };
-            let v4 = listen(
-                SocketAddr::from((Ipv4Addr::LOCALHOST, capture_port)),
-                false,
-                None,
-            );
-            let v6 = listen(
-                SocketAddr::from((Ipv6Addr::LOCALHOST, capture_port)),
-                false,
-                None,
-            );
-            (
-                v4,
-                v6,
-                any(inbound_port, Some(AGENT_INBOUND_MARK)),
-                any(tunnel_port, None),
-            )
+            let v4 = listen(SocketAddr::from((Ipv4Addr::LOCALHOST, capture_port)), false);
+            let v6 = listen(SocketAddr::from((Ipv6Addr::LOCALHOST, capture_port)), false);
+            (v4, v6, any(inbound_port), any(tunnel_port))
         })?;
         let with_ctx =
             |what: &str, e: io::Error| io::Error::new(e.kind(), format!("{what} in {path}: {e}"));
@@ -149,17 +128,15 @@ mod tests {
         }
     }
 
-    /// `sock_ops` tells the inbound listener's connections by the mark they inherit.
+    /// Accepted sockets inherit `TCP_NODELAY`: no `setsockopt()` per connection.
     #[test]
-    fn accepted_connections_inherit_no_delay_and_the_mark() {
+    fn accepted_connections_inherit_no_delay() {
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
-        let listener = listen(addr, false, Some(AGENT_INBOUND_MARK)).expect("listen");
+        let listener = listen(addr, false).expect("listen");
         let addr = listener.local_addr().expect("bound");
         let _client = std::net::TcpStream::connect(addr).expect("connect");
         listener.set_nonblocking(false).expect("blocking");
         let (accepted, _) = listener.accept().expect("accept");
         assert!(accepted.nodelay().expect("TCP_NODELAY"));
-        let mark = socket2::SockRef::from(&accepted).mark().expect("SO_MARK");
-        assert_eq!(mark, AGENT_INBOUND_MARK);
     }
 }

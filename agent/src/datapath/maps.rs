@@ -8,10 +8,10 @@ use std::{
     path::Path,
 };
 
-use aya::maps::{Array, HashMap, IterableMap as _, Map, MapData, PerCpuArray, SockHash};
+use aya::maps::{Array, HashMap, IterableMap as _, Map, MapData, PerCpuArray, SkStorage, SockHash};
 use latch_common::{
-    Counter, DECISION_ALLOW, DECISION_DENY, DatapathConfig, DeliveryKey, EndpointInfo, IpKey,
-    OrigDst, RedirectKey, VerdictKey, VerdictValue, WorkloadInfo, map_names,
+    AGENT_LISTENER, Counter, DECISION_ALLOW, DECISION_DENY, DatapathConfig, DeliveryKey,
+    EndpointInfo, IpKey, OrigDst, RedirectKey, VerdictKey, VerdictValue, WorkloadInfo, map_names,
 };
 
 use super::{error::DatapathError, syscall, system};
@@ -67,6 +67,7 @@ pub struct KernelMaps {
     orig_dst: HashMap<MapData, u64, OrigDst>,
     redirects: HashMap<MapData, RedirectKey, OrigDst>,
     inbound_listeners: SockHash<MapData, IpKey>,
+    agent_listeners: SkStorage<MapData, u32>,
     config: Array<MapData, DatapathConfig>,
     counters: PerCpuArray<MapData, u64>,
     deliveries: HashMap<MapData, DeliveryKey, u8>,
@@ -119,6 +120,7 @@ impl KernelMaps {
             orig_dst: typed!(pin_dir, map_names::ORIG_DST),
             redirects: typed!(pin_dir, map_names::REDIRECTS),
             inbound_listeners: typed!(pin_dir, map_names::INBOUND_LISTENERS),
+            agent_listeners: typed!(pin_dir, map_names::AGENT_LISTENERS),
             config: typed!(pin_dir, map_names::CONFIG),
             counters: typed!(pin_dir, map_names::COUNTERS),
             deliveries: typed!(pin_dir, map_names::DELIVERIES),
@@ -273,6 +275,16 @@ impl KernelMaps {
         self.inbound_listeners
             .insert(ip_key(ip), listener.as_raw_fd(), 0)
             .map_err(|e| DatapathError::map("writing", map_names::INBOUND_LISTENERS, e))
+    }
+
+    /// Mark `listener` as the agent's own in `LATCH_AGENT_LISTENERS`: every socket it accepts
+    /// from then on carries the mark too (the kernel clones it), and `sock_ops` does not take
+    /// such a socket for one the inbound check admitted straight to an application. Set before
+    /// the inbound check may steer a connection to it.
+    pub fn mark_agent_listener(&mut self, listener: &impl AsRawFd) -> Result<(), DatapathError> {
+        self.agent_listeners
+            .insert(listener, AGENT_LISTENER, 0)
+            .map_err(|e| DatapathError::map("writing", map_names::AGENT_LISTENERS, e))
     }
 
     pub fn remove_inbound_listener(&mut self, ip: IpAddr) -> Result<(), DatapathError> {

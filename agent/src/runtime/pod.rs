@@ -77,6 +77,8 @@ pub(super) fn serve_pod(
         .context("attaching the inbound check")?;
     {
         let mut maps = lock(&agent.maps);
+        maps.mark_agent_listener(&listeners.inbound)
+            .context("marking the inbound listener as the agent's")?;
         for ip in &workload.ips {
             maps.set_inbound_listener(*ip, &listeners.inbound)
                 .context("registering the inbound listener")?;
