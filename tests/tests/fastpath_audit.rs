@@ -677,19 +677,12 @@ fn a_server_that_marks_its_listener_as_the_agents_cannot_hide_its_fast_path_conn
     let fast = cluster.probe(client, to, Some("fast")).expect("probe");
     assert_eq!(fast.echo.as_deref(), Some("fast"), "{fast:?}");
     let source = fast.local.expect("the fast-path client's address");
-
-    let lines = fastpath_lines_until_closed(&mut cluster, n2, &source);
-    let reported: Vec<String> = events(&lines)
-        .into_iter()
-        .filter(|(_, from)| *from == source)
-        .map(|(event, _)| event)
-        .collect();
-    assert_eq!(
-        reported,
-        ["connection opened", "connection closed"],
-        "the destination reports the fast-path connection to the marked listener: {lines:#?}"
+    check_reported(
+        &mut cluster,
+        n2,
+        &source,
+        "fast-path connection to the marked listener",
     );
-    assert_eq!(kernel_counter(&cluster, n2, "fastpath_audit_dropped"), 0);
 }
 
 /// Send `text` on `pipe` (a fast-path connection) and half-close; its echo comes back, and
@@ -698,16 +691,22 @@ fn finish_and_check_reported(cluster: &mut Cluster, node: NodeId, pipe: OpenPipe
     let r = pipe.finish(text.as_bytes()).expect("latch-probe pipe");
     assert_eq!(r.echo.as_deref(), Some(text), "{r:?}");
     let source = r.local.expect("the client's address");
-    let lines = fastpath_lines_until_closed(cluster, node, &source);
+    check_reported(cluster, node, &source, &format!("{text} connection"));
+}
+
+/// `node`'s agent logs the fast-path connection from `source` (the client's address and port)
+/// opened and then closed, and drops no audit event; `what` names it in a failure.
+fn check_reported(cluster: &mut Cluster, node: NodeId, source: &str, what: &str) {
+    let lines = fastpath_lines_until_closed(cluster, node, source);
     let reported: Vec<String> = events(&lines)
         .into_iter()
-        .filter(|(_, from)| *from == source)
+        .filter(|(_, from)| from == source)
         .map(|(event, _)| event)
         .collect();
     assert_eq!(
         reported,
         ["connection opened", "connection closed"],
-        "the {text} connection, opened and closed: {lines:#?}"
+        "the {what}, opened and closed: {lines:#?}"
     );
     assert_eq!(kernel_counter(cluster, node, "fastpath_audit_dropped"), 0);
 }
