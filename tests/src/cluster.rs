@@ -671,6 +671,18 @@ impl Cluster {
         probe::connect(&pod.netns(), Some(&pod.cgroup), to, send)
     }
 
+    /// [`Self::probe`] by TCP Fast Open: `sendto(MSG_FASTOPEN)` carries `send`, with no
+    /// `connect()` call (`latch-probe connect --fast-open`).
+    pub fn probe_fast_open(
+        &self,
+        from: PodId,
+        to: SocketAddr,
+        send: &str,
+    ) -> anyhow::Result<ProbeResult> {
+        let pod = self.pod(from);
+        probe::connect_fast_open(&pod.netns(), Some(&pod.cgroup), to, send)
+    }
+
     /// The same from a socket whose first `connect()`, to `first`, failed before any SYN
     /// (`latch-probe connect --fail-first`).
     pub fn probe_after_failure(

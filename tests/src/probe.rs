@@ -99,6 +99,22 @@ pub fn connect_after_failure(
     run(netns, cgroup, &args, Some(send))
 }
 
+/// One connection made by TCP Fast Open (`latch-probe connect --fast-open`): `sendto()` with
+/// `MSG_FASTOPEN` carries `send`, with no `connect()` call.
+pub fn connect_fast_open(
+    netns: &Path,
+    cgroup: Option<&Path>,
+    to: SocketAddr,
+    send: &str,
+) -> anyhow::Result<ProbeResult> {
+    run(
+        netns,
+        cgroup,
+        &["--to", &to.to_string(), "--fast-open"],
+        Some(send),
+    )
+}
+
 fn run(
     netns: &Path,
     cgroup: Option<&Path>,

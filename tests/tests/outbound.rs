@@ -1,6 +1,7 @@
 //! Outbound datapath scenarios on two netns nodes with real agents: the first connection of a
 //! pair goes through the agent, repeats take the kernel fast path, expired verdicts go back
-//! through the agent, cached denies fail with EPERM, and everything not in the mesh is untouched.
+//! through the agent, cached denies fail with EPERM, everything not in the mesh is untouched, and
+//! a connection made by TCP Fast Open is captured like one made by `connect()`.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -254,6 +255,34 @@ fn unenrolled_cgroups_and_non_mesh_destinations_are_untouched() {
 /// must judge is redirected and served: what the first `connect()` left for the fast-path audit
 /// must not make `sock_ops` take the socket for a fast-path one and leave its original
 /// destination unpublished.
+/// TCP Fast Open connects from `sendto()` with no `connect()` call; the connect programs still
+/// see it, so it cannot leave the pod past the agent. Under STRICT, a connection that got past
+/// the source's agent would reach the destination in plaintext and be reset there.
+#[test]
+fn a_tcp_fast_open_connection_is_captured_like_any_other() {
+    let TwoNodes {
+        cluster,
+        n1,
+        client,
+        server,
+        ..
+    } = Cluster::frontend_payment()
+        .and_then(|t| t.start_agents(AgentOptions::strict()))
+        .expect("cluster with agents");
+    let _echo = cluster.echo_server(server, PORT).expect("echo");
+    let to = cluster.pod(server).addr4(PORT);
+    let redirected = counter(&cluster, n1, Counter::Redirected);
+    let r = cluster
+        .probe_fast_open(client, to, "fast open")
+        .expect("probe");
+    assert_eq!(r.echo.as_deref(), Some("fast open"), "{r:?}");
+    assert_eq!(
+        counter(&cluster, n1, Counter::Redirected),
+        redirected + 1,
+        "the source's connect program redirected it to its agent"
+    );
+}
+
 #[test]
 fn a_socket_whose_fast_path_connect_failed_is_served_when_it_connects_again() {
     let Setup {

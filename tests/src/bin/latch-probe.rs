@@ -1,7 +1,7 @@
 //! `latch-probe`: the client the tests and benchmarks run inside pods (in the pod's netns and
 //! cgroup), so that the kernel programs see a real process of that pod.
 //!
-//! - `latch-probe connect --to IP:PORT [--from IP[:PORT] | --fail-first IP:PORT] [--send TEXT] [--keep-open] [--timeout-ms N]`:
+//! - `latch-probe connect --to IP:PORT [--from IP[:PORT] | --fail-first IP:PORT | --fast-open] [--send TEXT] [--keep-open] [--timeout-ms N]`:
 //!   one connection (from the address `--from` if given, which the namespace must hold); sends
 //!   TEXT and half-closes (with `--keep-open`, sends TEXT and does not half-close, so the exchange
 //!   ends only when the other side closes), reads until the end; prints one JSON line: ok, errno,
@@ -9,6 +9,8 @@
 //!   fails (the JSON says how). With `--fail-first IP:PORT` (an IPv4-mapped address), the
 //!   connection is made from an IPv6-only socket that first tried that address, which fails
 //!   before any SYN (`first_errno`), as a socket whose `connect()` failed and that connects again.
+//!   With `--fast-open` the connection is made by `sendto(MSG_FASTOPEN)` carrying TEXT (TCP Fast
+//!   Open), with no `connect()` call.
 //! - `latch-probe rate --to IP:PORT --count N`: N sequential connections, each a one-byte
 //!   request and its echo (so the time includes the whole path to the server, through the agent
 //!   if redirected); prints one JSON line with the count, failures, total seconds and
@@ -157,6 +159,37 @@ fn open_after_failure(
         .connect_timeout(&to.into(), timeout)
         .map(|()| socket.into());
     (first_errno, opened)
+}
+
+/// A connection made by `sendto(MSG_FASTOPEN)` with `text`, without `connect()` (TCP Fast Open:
+/// the kernel connects and sends `text` in the SYN if it holds a cookie from the server, after
+/// the handshake otherwise).
+#[allow(unsafe_code)]
+fn open_fast_open(to: SocketAddr, text: &str) -> std::io::Result<TcpStream> {
+    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+    use std::os::fd::AsRawFd as _;
+    let socket = Socket::new(Domain::for_address(to), Type::STREAM, Some(Protocol::TCP))?;
+    let addr = SockAddr::from(to);
+    // SAFETY: sendto(2) on a socket we own, with a buffer and an address valid for the call and
+    // their lengths.
+    let sent = unsafe {
+        libc::sendto(
+            socket.as_raw_fd(),
+            text.as_ptr().cast(),
+            text.len(),
+            libc::MSG_FASTOPEN,
+            addr.as_ptr().cast(),
+            addr.len(),
+        )
+    };
+    match usize::try_from(sent) {
+        Ok(n) if n == text.len() => Ok(socket.into()),
+        Ok(n) => Err(std::io::Error::other(format!(
+            "sendto(MSG_FASTOPEN) sent {n} of {} bytes",
+            text.len()
+        ))),
+        Err(_) => Err(std::io::Error::last_os_error()),
+    }
 }
 
 fn connect(
@@ -436,20 +469,19 @@ fn main() {
                     std::process::exit(2);
                 })
             });
+            let mut send = arg(&args, "--send");
             let (first_errno, opened) = match first {
                 Some(first) => open_after_failure(first, to(), timeout),
+                // The text goes out with the connection itself; nothing is left to write.
+                None if args.iter().any(|a| a == "--fast-open") => {
+                    let text = send.replace(String::new()).unwrap_or_default();
+                    (None, open_fast_open(to(), &text))
+                }
                 None => (None, open(to(), from, timeout)),
             };
             println!(
                 "{}",
-                connect(
-                    opened,
-                    arg(&args, "--send"),
-                    half_close,
-                    timeout,
-                    start,
-                    first_errno
-                )
+                connect(opened, send, half_close, timeout, start, first_errno)
             );
         }
         Some("rate") => {
@@ -550,7 +582,7 @@ fn main() {
         },
         _ => {
             eprintln!(
-                "usage: latch-probe connect --to IP:PORT [--from IP[:PORT] | --fail-first IP:PORT] [--send TEXT] [--keep-open] [--timeout-ms N] | rate --to IP:PORT --count N | serve --port PORT [--repeat K | --stream | --sink] [--defer-accept SECS] [--mark N] | hold-connects --to IP --ports P1,P2,... --count N | cgroup"
+                "usage: latch-probe connect --to IP:PORT [--from IP[:PORT] | --fail-first IP:PORT | --fast-open] [--send TEXT] [--keep-open] [--timeout-ms N] | rate --to IP:PORT --count N | serve --port PORT [--repeat K | --stream | --sink] [--defer-accept SECS] [--mark N] | hold-connects --to IP --ports P1,P2,... --count N | cgroup"
             );
             std::process::exit(2);
         }
