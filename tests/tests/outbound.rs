@@ -23,6 +23,11 @@ struct Setup {
 /// Node 1 runs the enrolled client `frontend`, node 2 the server `payment`; both nodes run an
 /// agent, so a pair's first connection crosses an mTLS tunnel between them.
 fn setup() -> Setup {
+    setup_with(AgentOptions::default())
+}
+
+/// [`setup`] with agents started with `options`.
+fn setup_with(options: AgentOptions) -> Setup {
     let TwoNodes {
         cluster,
         n1,
@@ -30,7 +35,7 @@ fn setup() -> Setup {
         server,
         ..
     } = Cluster::frontend_payment()
-        .and_then(|t| t.start_agents(AgentOptions::default()))
+        .and_then(|t| t.start_agents(options))
         .expect("cluster with agents");
     Setup {
         cluster,
@@ -260,15 +265,12 @@ fn unenrolled_cgroups_and_non_mesh_destinations_are_untouched() {
 /// the source's agent would reach the destination in plaintext and be reset there.
 #[test]
 fn a_tcp_fast_open_connection_is_captured_like_any_other() {
-    let TwoNodes {
+    let Setup {
         cluster,
         n1,
         client,
         server,
-        ..
-    } = Cluster::frontend_payment()
-        .and_then(|t| t.start_agents(AgentOptions::strict()))
-        .expect("cluster with agents");
+    } = setup_with(AgentOptions::strict());
     let _echo = cluster.echo_server(server, PORT).expect("echo");
     let to = cluster.pod(server).addr4(PORT);
     let redirected = counter(&cluster, n1, Counter::Redirected);
