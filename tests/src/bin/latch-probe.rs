@@ -164,31 +164,17 @@ fn open_after_failure(
 /// A connection made by `sendto(MSG_FASTOPEN)` with `text`, without `connect()` (TCP Fast Open:
 /// the kernel connects and sends `text` in the SYN if it holds a cookie from the server, after
 /// the handshake otherwise).
-#[allow(unsafe_code)]
 fn open_fast_open(to: SocketAddr, text: &str) -> std::io::Result<TcpStream> {
-    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-    use std::os::fd::AsRawFd as _;
+    use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(to), Type::STREAM, Some(Protocol::TCP))?;
-    let addr = SockAddr::from(to);
-    // SAFETY: sendto(2) on a socket we own, with a buffer and an address valid for the call and
-    // their lengths.
-    let sent = unsafe {
-        libc::sendto(
-            socket.as_raw_fd(),
-            text.as_ptr().cast(),
-            text.len(),
-            libc::MSG_FASTOPEN,
-            addr.as_ptr().cast(),
-            addr.len(),
-        )
-    };
-    match usize::try_from(sent) {
-        Ok(n) if n == text.len() => Ok(socket.into()),
-        Ok(n) => Err(std::io::Error::other(format!(
-            "sendto(MSG_FASTOPEN) sent {n} of {} bytes",
+    let sent = socket.send_to_with_flags(text.as_bytes(), &to.into(), libc::MSG_FASTOPEN)?;
+    if sent == text.len() {
+        Ok(socket.into())
+    } else {
+        Err(std::io::Error::other(format!(
+            "sendto(MSG_FASTOPEN) sent {sent} of {} bytes",
             text.len()
-        ))),
-        Err(_) => Err(std::io::Error::last_os_error()),
+        )))
     }
 }
 
