@@ -22,7 +22,7 @@ use anyhow::Context as _;
 
 use crate::{
     agent::{Agent, AgentOptions},
-    env, netns,
+    env, leftovers, netns,
     probe::{self, ProbeResult},
     server::EchoServer,
 };
@@ -176,6 +176,8 @@ pub struct Cluster {
     nodes: Vec<Node>,
     pods: Vec<Pod>,
     created_netns: Vec<String>,
+    /// Dropped after the teardown, so a sweep never takes this cluster's state for abandoned.
+    _claim: std::sync::Arc<leftovers::Claim>,
 }
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -184,6 +186,9 @@ impl Cluster {
     /// An empty cluster with a name unique to this process and test.
     pub fn new() -> anyhow::Result<Self> {
         env::require_kernel_features()?;
+        let claim = leftovers::claim()?;
+        // What runs that ended without their teardown left (a `cargo test` killed, say).
+        leftovers::sweep_abandoned();
         let prefix = format!(
             "lt{}x{}",
             std::process::id(),
@@ -203,6 +208,7 @@ impl Cluster {
             nodes: Vec::new(),
             pods: Vec::new(),
             created_netns: Vec::new(),
+            _claim: claim,
         };
         cluster.other_ca("ca")?;
         cluster.make_netns(&cluster.fabric.clone())?;

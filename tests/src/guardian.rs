@@ -32,10 +32,20 @@ const GUARDIAN: &str = "LATCH_HARNESS_GUARDIAN";
 /// it, waits for it, cleans up after it and exits with its status (128 plus the signal's number
 /// if a signal ended it).
 pub fn run_guarded(program: &str) {
-    let parent = std::env::var(GUARDIAN).ok();
-    if parent.is_some_and(|p| p.parse::<i32>().ok() == Some(getppid().as_raw())) {
+    if of_this_process().is_some() {
         return;
     }
+    // Held while the worker runs and while the guardian cleans up after it: a sweep by another
+    // run leaves the worker's state to this process (`leftovers`). What earlier runs abandoned
+    // goes first.
+    let claim = match leftovers::claim() {
+        Ok(claim) => claim,
+        Err(e) => {
+            eprintln!("{program}: {e:#}");
+            std::process::exit(1)
+        }
+    };
+    leftovers::sweep_abandoned();
     let (worker, status) = match run_worker() {
         Ok(ended) => ended,
         Err(e) => {
@@ -52,7 +62,14 @@ pub fn run_guarded(program: &str) {
         Ok(_) => {}
         Err(e) => eprintln!("{program}: cleaning up after the run: {e:#}"),
     }
+    drop(claim);
     std::process::exit(status)
+}
+
+/// The guardian of this process, if it is a worker: [`GUARDIAN`] names its parent.
+pub fn of_this_process() -> Option<u32> {
+    let guardian = std::env::var(GUARDIAN).ok()?.parse::<u32>().ok()?;
+    (i64::from(guardian) == i64::from(getppid().as_raw())).then_some(guardian)
 }
 
 /// Kill what the ended worker started that outlived it and remove what its clusters left: how

@@ -134,6 +134,8 @@ fn snapshot(config_path: &Path, text: &str) -> anyhow::Result<Snapshot> {
 
 /// Fill the kernel verdict map with `entries` allows, then measure the revocation sweep.
 pub fn revocation(entries: usize) -> anyhow::Result<Revocation> {
+    // The cgroup, pins and files below are named after this process (`leftovers`).
+    let _claim = crate::leftovers::claim()?;
     let name = format!("latch-bench-{}", std::process::id());
     let cgroup = env::cgroup2_mount()?.join(&name);
     let pins = PathBuf::from("/sys/fs/bpf").join(&name);
