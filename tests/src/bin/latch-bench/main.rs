@@ -2,10 +2,10 @@
 //! markdown tables and writes JSON under `$LATCH_BENCH_OUT` (default `target/bench/`); how a
 //! phase is compared with no agents, and the figures, are in `docs/benchmarks.md`.
 //!
-//! One module per suite ([`datapath`], [`tunnel`], [`load`], [`policy`], [`memory`],
-//! [`compare`]) over shared parts: [`pair`] (the measured topology and its phases with agents),
-//! [`reference`] (the no-agent cluster and measuring in turns with it), [`probe`], [`procstat`],
-//! [`stats`] and [`report`].
+//! One module per suite ([`datapath`], [`tunnel`], [`fast_throughput`], [`load`], [`policy`],
+//! [`memory`], [`compare`]) over shared parts: [`pair`] (the measured topology and its phases
+//! with agents), [`reference`] (the no-agent cluster and measuring in turns with it), [`probe`],
+//! [`procstat`], [`stats`] and [`report`].
 
 use clap::{Parser, Subcommand};
 
@@ -13,6 +13,7 @@ mod antispoof;
 mod compare;
 mod cpus;
 mod datapath;
+mod fast_throughput;
 mod handoff;
 mod load;
 mod memory;
@@ -64,6 +65,19 @@ enum Suite {
         #[arg(long, default_value_t = 10.0)]
         secs: f64,
     },
+    /// The kernel fast path's bulk throughput against a twin cluster with no agents, in as many
+    /// rounds as it takes to resolve a 1% difference (not part of `cargo xtask bench`).
+    FastThroughput {
+        /// Rounds of each phase (no agents on either cluster, then the fast path).
+        #[arg(long, default_value_t = 100)]
+        rounds: usize,
+        /// Streams at once.
+        #[arg(long, default_value_t = 1)]
+        streams: usize,
+        /// MiB each stream moves each way.
+        #[arg(long, default_value_t = 256)]
+        mib: usize,
+    },
     /// The policy engine's decision cost and the revocation sweep, in-process.
     Policy,
     /// The agent's resident memory: idle with N local workloads, and with N tunneled
@@ -109,6 +123,11 @@ fn main() -> anyhow::Result<()> {
         Suite::Datapath { count, rounds } => datapath::run(count, rounds, &out_dir),
         Suite::Tunnel { count } => tunnel::run(count, &out_dir),
         Suite::Load { rounds, secs } => load::run(rounds, secs, &out_dir),
+        Suite::FastThroughput {
+            rounds,
+            streams,
+            mib,
+        } => fast_throughput::run(rounds, streams, mib, &out_dir),
         Suite::Policy => policy::run(&out_dir),
         Suite::Memory {
             workloads,
