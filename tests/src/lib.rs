@@ -24,7 +24,8 @@
 //! - [`nginx`]: an nginx mTLS stream-proxy pair, the benchmarks' point of comparison.
 //! - [`policy_bench`]: decision cost and revocation time of the agent's policy code.
 //! - [`leftovers`]: what a process's clusters left when it died before their teardown, found by
-//!   name and removed.
+//!   name and removed, by its guardian or by the next cluster made once the process's claim on
+//!   it is released.
 //! - [`guardian`]: the demo's and the benchmarks' work in a child process, cleaned up after
 //!   however it ends (Ctrl-C, SIGTERM, SIGKILL).
 
