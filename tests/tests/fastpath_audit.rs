@@ -44,6 +44,38 @@ fn fastpath_access_lines(lines: &[String]) -> Vec<Value> {
         .collect()
 }
 
+/// Wait until `node` exports [`N`] closed connections with `labels`, then check that as many
+/// opened, and Istio's byte counters: received, the client's request bytes (`sent`); sent, the
+/// answers to it (`received`).
+fn check_tcp_metrics(
+    cluster: &Cluster,
+    node: NodeId,
+    labels: &[&str],
+    sent: usize,
+    received: usize,
+) {
+    let mut samples = Vec::new();
+    let all_closed = eventually(WAIT, || {
+        samples = scrape(cluster, node);
+        sample(&samples, "istio_tcp_connections_closed_total", labels) == Some(N as f64)
+    });
+    assert!(all_closed, "{samples:#?}");
+    assert_eq!(
+        sample(&samples, "istio_tcp_connections_opened_total", labels),
+        Some(N as f64)
+    );
+    assert_eq!(
+        sample(&samples, "istio_tcp_received_bytes_total", labels),
+        Some(sent as f64),
+        "Istio's received bytes are the client's request bytes"
+    );
+    assert_eq!(
+        sample(&samples, "istio_tcp_sent_bytes_total", labels),
+        Some(received as f64),
+        "Istio's sent bytes are the response bytes to the client"
+    );
+}
+
 /// Wait until the agent's fast-path access lines satisfy `until`: whether they did, and the
 /// lines as last read.
 fn wait_for_fastpath_lines(agent: &Agent, until: impl Fn(&[Value]) -> bool) -> (bool, Vec<Value>) {
@@ -131,26 +163,8 @@ fn audited_on_both_sides(ipv6: bool) {
         "connection_security_policy=\"none\"",
         "path=\"fastpath\"",
     ];
+    check_tcp_metrics(&cluster, n1, &fastpath, sent, received);
     let mut samples = Vec::new();
-    let all_closed = eventually(WAIT, || {
-        samples = scrape(&cluster, n1);
-        sample(&samples, "istio_tcp_connections_closed_total", &fastpath) == Some(N as f64)
-    });
-    assert!(all_closed, "{samples:#?}");
-    assert_eq!(
-        sample(&samples, "istio_tcp_connections_opened_total", &fastpath),
-        Some(N as f64)
-    );
-    assert_eq!(
-        sample(&samples, "istio_tcp_received_bytes_total", &fastpath),
-        Some(sent as f64),
-        "Istio's received bytes are the client's request bytes"
-    );
-    assert_eq!(
-        sample(&samples, "istio_tcp_sent_bytes_total", &fastpath),
-        Some(received as f64),
-        "Istio's sent bytes are the response bytes to the client"
-    );
     let tunneled = [
         "reporter=\"source\"",
         "source_workload=\"frontend\"",
@@ -240,23 +254,7 @@ fn audited_on_both_sides(ipv6: bool) {
         .map(|l| l.replace("reporter=\"source\"", "reporter=\"destination\""))
         .collect();
     let destination: Vec<&str> = destination.iter().map(String::as_str).collect();
-    let all_closed = eventually(WAIT, || {
-        samples = scrape(&cluster, n2);
-        sample(&samples, "istio_tcp_connections_closed_total", &destination) == Some(N as f64)
-    });
-    assert!(all_closed, "{samples:#?}");
-    assert_eq!(
-        sample(&samples, "istio_tcp_connections_opened_total", &destination),
-        Some(N as f64)
-    );
-    assert_eq!(
-        sample(&samples, "istio_tcp_received_bytes_total", &destination),
-        Some(sent as f64)
-    );
-    assert_eq!(
-        sample(&samples, "istio_tcp_sent_bytes_total", &destination),
-        Some(received as f64)
-    );
+    check_tcp_metrics(&cluster, n2, &destination, sent, received);
     let client_ip = cluster.pod(client).ips()[usize::from(ipv6)];
     let agent = cluster.agent(n2);
     let (logged, lines) = wait_for_fastpath_lines(agent, |lines| {
