@@ -58,8 +58,14 @@ pub mod map_names {
     /// check steered to the agent from those it admitted straight to the application, which it
     /// reports (fast-path audit). Only the agent writes it: no program creates an entry.
     pub const AGENT_LISTENERS: &str = "LATCH_AGENT_LISTENERS";
+    /// [`crate::ListenerKey`] → `u8`: the ports on which a pod's application listens with a
+    /// socket mark of its own, recorded by `sock_ops` as each listener starts. Linux gives an
+    /// accepted socket the SYN's mark only when its listener has none, so a delivery to such a
+    /// listener from the client's address would have its answers routed out of the pod; the agent
+    /// delivers to it from the loopback marker instead (LRU).
+    pub const MARKED_LISTENERS: &str = "LATCH_MARKED_LISTENERS";
 
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 16] = [
         WORKLOADS,
         ENDPOINTS,
         VERDICTS,
@@ -75,6 +81,7 @@ pub mod map_names {
         FASTPATH_CONNS,
         FASTPATH_EVENTS,
         AGENT_LISTENERS,
+        MARKED_LISTENERS,
     ];
 }
 
@@ -115,6 +122,9 @@ pub const MAX_INBOUND_LISTENERS: u32 = 1 << 12;
 /// answered, so evicting a live connection's is harmless, and one the agent died before
 /// withdrawing ages out.
 pub const MAX_DELIVERIES: u32 = 1 << 14;
+/// Listening ports with a socket mark of their own, over every pod of a node (LRU: an entry
+/// outlives its listener until another takes the port, so the oldest go first).
+pub const MAX_MARKED_LISTENERS: u32 = 1 << 14;
 /// Addresses of enrolled local pods (each pod has a few).
 pub const MAX_SOURCES: u32 = 1 << 16;
 /// Interfaces of the node that are a pod's host side or a bridge port.
@@ -468,6 +478,16 @@ pub struct RedirectKey {
     pub _pad: u32,
 }
 
+/// A listening port in one network namespace (`LATCH_MARKED_LISTENERS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ListenerKey {
+    pub netns_cookie: u64,
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: [u16; 3],
+}
+
 /// A connection `connect4`/`connect6` let through by a cached allow, by socket cookie.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -628,6 +648,7 @@ mod pod {
         VerdictValue,
         OrigDst,
         RedirectKey,
+        ListenerKey,
         DatapathConfig,
         DeliveryKey,
         SourceBinding,

@@ -13,9 +13,10 @@ use aya_ebpf::{
 };
 use latch_common::{
     COUNTER_SLOTS, DatapathConfig, DeliveryKey, EndpointInfo, FASTPATH_EVENTS_BYTES, FastpathConn,
-    InterfaceInfo, IpKey, MAX_DELIVERIES, MAX_ENDPOINTS, MAX_INBOUND_LISTENERS, MAX_INTERFACES,
-    MAX_MACS, MAX_REDIRECTS, MAX_SOURCES, MAX_VERDICTS, MAX_WORKLOADS, MacKey, OrigDst,
-    RedirectKey, SourceBinding, VerdictKey, VerdictValue, WorkloadInfo,
+    InterfaceInfo, IpKey, ListenerKey, MAX_DELIVERIES, MAX_ENDPOINTS, MAX_INBOUND_LISTENERS,
+    MAX_INTERFACES, MAX_MACS, MAX_MARKED_LISTENERS, MAX_REDIRECTS, MAX_SOURCES, MAX_VERDICTS,
+    MAX_WORKLOADS, MacKey, OrigDst, RedirectKey, SourceBinding, VerdictKey, VerdictValue,
+    WorkloadInfo,
 };
 
 #[map]
@@ -45,6 +46,10 @@ pub static LATCH_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS,
 
 #[map]
 pub static LATCH_DELIVERIES: LruHashMap<DeliveryKey, u8> = LruHashMap::pinned(MAX_DELIVERIES, 0);
+
+#[map]
+pub static LATCH_MARKED_LISTENERS: LruHashMap<ListenerKey, u8> =
+    LruHashMap::pinned(MAX_MARKED_LISTENERS, 0);
 
 #[map]
 pub static LATCH_SOURCES: HashMap<IpKey, SourceBinding> = HashMap::pinned(MAX_SOURCES, 0);

@@ -12,6 +12,8 @@
 //!   application by a cached allow (told from the agent's own sockets by what they carry; see
 //!   `on_accepted`): give it a record in `LATCH_FASTPATH_CONNS`, ask for state callbacks and
 //!   send its opened event.
+//! - `TCP_LISTEN_CB`: a socket starts listening; record in `LATCH_MARKED_LISTENERS` whether it
+//!   carries a socket mark of its own (see `on_listen`).
 //! - `STATE_CB` to `TCP_CLOSE`: remove a redirected socket's entries, so the maps do not leak;
 //!   for a fast-path socket that was opened, send its closed event (bytes acknowledged and
 //!   received, the state it closed from and whether all it sent was acknowledged, duration) and
@@ -28,9 +30,9 @@ use aya_ebpf::{
         BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE,
     },
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_boot_ns},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_getsockopt, bpf_ktime_get_boot_ns},
     macros::sock_ops,
     programs::SockOpsContext,
 };
@@ -40,7 +42,7 @@ use core::{
 };
 use latch_common::{
     AF_INET, Counter, DIRECTION_INBOUND, DeliveryKey, ENDPOINT_LOCAL, FASTPATH_CLOSED,
-    FASTPATH_OPENED, FastpathConn, FastpathEvent, IpKey, OrigDst, RedirectKey,
+    FASTPATH_OPENED, FastpathConn, FastpathEvent, IpKey, ListenerKey, OrigDst, RedirectKey,
     fastpath_event_wakes,
 };
 
@@ -48,7 +50,7 @@ use crate::{
     context::{config, count},
     maps::{
         LATCH_AGENT_LISTENERS, LATCH_DELIVERIES, LATCH_ENDPOINTS, LATCH_FASTPATH_CONNS,
-        LATCH_FASTPATH_EVENTS, LATCH_ORIG_DST, LATCH_REDIRECTS,
+        LATCH_FASTPATH_EVENTS, LATCH_MARKED_LISTENERS, LATCH_ORIG_DST, LATCH_REDIRECTS,
     },
 };
 
@@ -66,6 +68,9 @@ pub fn latch_sock_ops(ctx: SockOpsContext) -> u32 {
         on_established(&ctx).map(|conn| (socket_cookie(&ctx), conn, FASTPATH_OPENED))
     } else if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
         on_accepted(&ctx).map(|conn| (socket_cookie(&ctx), conn, FASTPATH_OPENED))
+    } else if op == BPF_SOCK_OPS_TCP_LISTEN_CB {
+        on_listen(&ctx);
+        None
     } else if op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == BPF_TCP_CLOSE {
         on_close(&ctx).map(|conn| (socket_cookie(&ctx), conn, FASTPATH_CLOSED))
     } else {
@@ -234,6 +239,44 @@ fn on_accepted(ctx: &SockOpsContext) -> Option<FastpathConn> {
     }
     ask_for_state_callbacks(ctx);
     Some(conn)
+}
+
+/// `SOL_SOCKET` and `SO_MARK` (asm-generic/socket.h).
+const SOL_SOCKET: i32 = 1;
+const SO_MARK: i32 = 36;
+
+/// A socket starts listening: record its port if it carries a socket mark of its own, or forget
+/// the port if it does not (a listener that went leaves its entry until the port is listened on
+/// again, or the LRU drops it). The agent delivers to a marked listener from the loopback
+/// marker: from the client's address, the listener's mark, not the delivery's, would route the
+/// answers, out of the pod.
+#[inline(always)]
+fn on_listen(ctx: &SockOpsContext) {
+    if full_socket(ctx).is_none() {
+        return;
+    }
+    let mut mark: u32 = 0;
+    // SAFETY: the helper writes at most `size_of::<u32>()` bytes into `mark`, on the stack.
+    let read = unsafe {
+        bpf_getsockopt(
+            ctx.ops.cast(),
+            SOL_SOCKET,
+            SO_MARK,
+            (&raw mut mark).cast(),
+            core::mem::size_of::<u32>() as i32,
+        )
+    };
+    let key = ListenerKey {
+        // SAFETY: the context pointer is valid for the program's lifetime.
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.ops.cast()) },
+        port: ctx.local_port() as u16,
+        _pad: [0; 3],
+    };
+    if read == 0 && mark != 0 {
+        let _ = LATCH_MARKED_LISTENERS.insert(key, 1, 0);
+    } else {
+        let _ = LATCH_MARKED_LISTENERS.remove(key);
+    }
 }
 
 /// A socket closes: forget a redirected one; forget a fast-path one, which is to be reported if

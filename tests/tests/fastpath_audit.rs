@@ -660,9 +660,9 @@ fn a_server_that_marks_its_listener_as_the_agents_cannot_hide_its_fast_path_conn
         ..
     } = frontend_and_payment();
     let to = cluster.pod(server).addr4(PORT);
-    // The pair's first connection crosses the tunnel and caches the allow. (To an unmarked
-    // listener: a marked one's accepted sockets keep its mark instead of taking the delivery's,
-    // so the agent's delivery to it would not be routed back.)
+    // The pair's first connection crosses the tunnel and caches the allow (delivered to an
+    // unmarked listener from the client's address; a marked one is delivered to from the loopback
+    // marker, `tests/tunnel.rs`).
     let unmarked = cluster.pod_server(server, PORT, 1).expect("server");
     let tunneled = cluster.probe(client, to, Some("tunneled")).expect("probe");
     assert_eq!(tunneled.echo.as_deref(), Some("tunneled"), "{tunneled:?}");

@@ -334,6 +334,27 @@ spec:
     );
 }
 
+/// An application may put a socket mark of its own on its listener (`SO_MARK`, which container
+/// runtimes let it set). The sockets it accepts then keep that mark instead of taking the
+/// delivery's, so a delivery from the client's address would have the answers routed out of the
+/// pod, never back to the agent; the destination delivers to such a listener from the loopback
+/// marker instead (`sock_ops` records marked listeners as they start).
+#[test]
+fn a_listener_with_a_socket_mark_of_its_own_still_receives_tunneled_connections() {
+    let (cluster, _, _, client, server) = setup(AgentOptions {
+        dataplane_mode: "tunnel".into(),
+        ..AgentOptions::default()
+    });
+    let _server = cluster
+        .pod_marking_server(server, PORT, 0x2a)
+        .expect("server");
+    let to = cluster.pod(server).addr4(PORT);
+    for text in ["first", "second"] {
+        let r = cluster.probe(client, to, Some(text)).expect("probe");
+        assert_eq!(r.echo.as_deref(), Some(text), "{r:?}");
+    }
+}
+
 #[test]
 fn a_tunneled_connection_to_a_closed_port_is_answered_503_and_reset_at_once() {
     let (mut cluster, n1, n2, client, server) = setup(AgentOptions::default());

@@ -35,17 +35,20 @@ pub const DELIVERY_PORTS: std::ops::RangeInclusive<u16> = 32768..=60999;
 /// Ports tried for one delivery before it fails.
 const PORT_ATTEMPTS: usize = 8;
 
-/// Connect to the application at `target` from inside the pod's netns, from the client's own
-/// address where the pod's routing allows it (as a connection straight from the client would
-/// arrive), else from the loopback marker. The inbound check lets the marker through, and a
-/// delivery from the client's address for as long as the returned [`Announced`] is kept.
+/// Connect to the application at `target` from inside the pod's netns (whose cookie is
+/// `netns_cookie`), from the client's own address where the pod's routing allows it (as a
+/// connection straight from the client would arrive), else from the loopback marker. The inbound
+/// check lets the marker through, and a delivery from the client's address for as long as the
+/// returned [`Announced`] is kept.
 pub async fn deliver(
     sockets: &DeliverySockets,
     deliveries: &Arc<DeliveryMap>,
+    netns_cookie: u64,
     target: SocketAddr,
     client: Option<IpAddr>,
 ) -> io::Result<(TcpStream, Option<Announced>)> {
-    let from = delivery_source(&sockets.netns, target, client);
+    let marked = deliveries.listener_marked(netns_cookie, target.port());
+    let from = delivery_source(&sockets.netns, target, client, marked);
     let announce = |local| Announced::new(deliveries, local, target);
     sockets.connect(target, from, announce).await
 }
@@ -79,11 +82,20 @@ impl Drop for Announced {
 }
 
 /// Where a delivery to `target` comes from: the client, unless it is the pod itself (a pod
-/// reaching its own address), of the other family, or the pod's routing does not allow it.
-fn delivery_source(netns: &PodNetns, target: SocketAddr, client: Option<IpAddr>) -> IpAddr {
+/// reaching its own address), of the other family, the pod's routing does not allow it, or the
+/// application's listener carries a socket mark of its own (`marked`: the accepted socket then
+/// keeps the listener's mark, which routes its answers out of the pod instead of back to the
+/// agent, `docs/datapath.md`).
+fn delivery_source(
+    netns: &PodNetns,
+    target: SocketAddr,
+    client: Option<IpAddr>,
+    marked: bool,
+) -> IpAddr {
     match client.map(|ip| ip.to_canonical()) {
         Some(ip)
-            if ip != target.ip()
+            if !marked
+                && ip != target.ip()
                 && !ip.is_loopback()
                 && ip.is_ipv4() == target.is_ipv4()
                 && netns.transparent_for(ip) =>

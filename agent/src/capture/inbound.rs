@@ -91,7 +91,14 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: &PodContext) {
             None,
         ),
     };
-    let (app, announced) = match deliver(&ctx.delivery, &ctx.deliveries, dst, Some(peer.ip())).await
+    let (app, announced) = match deliver(
+        &ctx.delivery,
+        &ctx.deliveries,
+        ctx.netns_cookie,
+        dst,
+        Some(peer.ip()),
+    )
+    .await
     {
         Ok(delivered) => delivered,
         Err(e) => {

@@ -229,7 +229,15 @@ impl PodContext {
             ),
         };
         let from = confirmed.then_some(caller.address.ip());
-        let (app, announced) = match deliver(&self.delivery, &self.deliveries, target, from).await {
+        let (app, announced) = match deliver(
+            &self.delivery,
+            &self.deliveries,
+            self.netns_cookie,
+            target,
+            from,
+        )
+        .await
+        {
             Ok(delivered) => delivered,
             Err(e) => {
                 tracing::info!(source = %caller.identity, %target, error = %e, "application unreachable");
