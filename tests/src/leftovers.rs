@@ -259,7 +259,7 @@ fn abandoned(pid: u32, me: u32) -> Option<Option<File>> {
     };
     // Held: the process runs. An error: nothing can be told, so it stays.
     file.try_lock().ok()?;
-    let text = std::fs::read_to_string(claim_path(pid)).unwrap_or_default();
+    let text = std::io::read_to_string(&file).unwrap_or_default();
     let guardian = text
         .trim()
         .strip_prefix("guardian ")

@@ -47,7 +47,7 @@ pub async fn deliver(
     target: SocketAddr,
     client: Option<IpAddr>,
 ) -> io::Result<(TcpStream, Option<Announced>)> {
-    let marked = deliveries.listener_marked(netns_cookie, target.port());
+    let marked = || deliveries.listener_marked(netns_cookie, target.port());
     let from = delivery_source(&sockets.netns, target, client, marked);
     let announce = |local| Announced::new(deliveries, local, target);
     sockets.connect(target, from, announce).await
@@ -83,22 +83,22 @@ impl Drop for Announced {
 
 /// Where a delivery to `target` comes from: the client, unless it is the pod itself (a pod
 /// reaching its own address), of the other family, the pod's routing does not allow it, or the
-/// application's listener carries a socket mark of its own (`marked`: the accepted socket then
-/// keeps the listener's mark, which routes its answers out of the pod instead of back to the
-/// agent, `docs/datapath.md`).
+/// application's listener carries a socket mark of its own (`marked`, asked last, since it reads
+/// a kernel map: the accepted socket then keeps the listener's mark, which routes its answers out
+/// of the pod instead of back to the agent, `docs/datapath.md`).
 fn delivery_source(
     netns: &PodNetns,
     target: SocketAddr,
     client: Option<IpAddr>,
-    marked: bool,
+    marked: impl FnOnce() -> bool,
 ) -> IpAddr {
     match client.map(|ip| ip.to_canonical()) {
         Some(ip)
-            if !marked
-                && ip != target.ip()
+            if ip != target.ip()
                 && !ip.is_loopback()
                 && ip.is_ipv4() == target.is_ipv4()
-                && netns.transparent_for(ip) =>
+                && netns.transparent_for(ip)
+                && !marked() =>
         {
             ip
         }

@@ -1,8 +1,9 @@
 //! `LATCH_DELIVERIES` on a handle of its own: the connections the agent delivers to pods'
 //! applications from their clients' own addresses, announced to the inbound check before they
-//! connect and withdrawn when they end; and `LATCH_MARKED_LISTENERS`, read before each delivery,
-//! the listeners it must not deliver to from a client's address. Apart from [`super::maps::KernelMaps`] so that a delivery never
-//! waits behind a sweep of the verdict cache holding that lock.
+//! connect and withdrawn when they end; and `LATCH_MARKED_LISTENERS`, read before a delivery,
+//! the listeners it must not deliver to from a client's address. Apart from
+//! [`super::maps::KernelMaps`] so that a delivery never waits behind a sweep of the verdict cache
+//! holding that lock.
 
 use std::{net::SocketAddr, path::Path, sync::Mutex};
 

@@ -38,10 +38,9 @@ impl Rounds {
         streams: usize,
         mib: usize,
     ) -> anyhow::Result<Self> {
+        let through = |pair: &Pair| throughput(&pair.cluster, pair.client, &pair.to, streams, mib);
         let mut taken = Self::default();
         for round in 0..rounds {
-            let through =
-                |pair: &Pair| throughput(&pair.cluster, pair.client, &pair.to, streams, mib);
             if round % 2 == 0 {
                 taken.measured.push(through(measured)?);
                 taken.twin.push(through(twin)?);
