@@ -241,6 +241,20 @@ impl IpKey {
         self.addr[0] == 0xfe && (self.addr[1] & 0xc0) == 0x80
     }
 
+    /// The same address as `other`, compared as two 64-bit words.
+    pub const fn same_as(&self, other: &IpKey) -> bool {
+        let (a, b) = (self.halves(), other.halves());
+        a[0] == b[0] && a[1] == b[1]
+    }
+
+    const fn halves(&self) -> [u64; 2] {
+        let a = &self.addr;
+        [
+            u64::from_ne_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]),
+            u64::from_ne_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]),
+        ]
+    }
+
     /// `::`, the IPv6 unspecified address (a mapped `0.0.0.0` is not).
     pub const fn is_v6_unspecified(&self) -> bool {
         let a = &self.addr;
@@ -411,8 +425,18 @@ pub struct SourceBinding {
     pub master: u32,
 }
 
+/// How many addresses bound to an interface its [`InterfaceInfo`] carries.
+pub const OWN_ADDRESSES: usize = 2;
+
 /// An interface of the node the anti-spoofing check needs to know about.
-#[repr(C)]
+///
+/// Besides its flags, an enrolled pod's port carries what the check would find for it in the
+/// other two maps, so that the pod's own packets pass after this one lookup: up to
+/// [`OWN_ADDRESSES`] of the addresses `LATCH_SOURCES` binds to this interface, and the MAC
+/// address `LATCH_MACS` binds to it ([`INTERFACE_OWN_MAC`]). They are a copy, never more: each
+/// is written only once the other map grants it, and cleared before the other map takes it
+/// back (`agent/src/datapath/antispoof.rs`).
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct InterfaceInfo {
     /// `INTERFACE_*` flags.
@@ -420,6 +444,35 @@ pub struct InterfaceInfo {
     /// The interface's master (bridge, bond), 0 if none: a route that leaves through the
     /// master counts as leaving through this interface in the reverse-path check.
     pub master: u32,
+    /// The MAC address `LATCH_MACS` binds to this interface, with [`INTERFACE_OWN_MAC`].
+    pub own_mac: [u8; 6],
+    /// How many of `own` are addresses (the rest are zero).
+    pub own_count: u8,
+    pub _pad: u8,
+    /// Addresses `LATCH_SOURCES` binds to this interface.
+    pub own: [IpKey; OWN_ADDRESSES],
+}
+
+impl InterfaceInfo {
+    /// The same interface with no copy of the other maps' bindings.
+    pub const fn without_own(&self) -> Self {
+        Self {
+            flags: self.flags & !INTERFACE_OWN_MAC,
+            master: self.master,
+            own_mac: [0; 6],
+            own_count: 0,
+            _pad: 0,
+            own: [IpKey { addr: [0; 16] }; OWN_ADDRESSES],
+        }
+    }
+
+    /// Whether `other` carries the same copy of the other maps' bindings.
+    pub fn same_own(&self, other: &Self) -> bool {
+        self.flags & INTERFACE_OWN_MAC == other.flags & INTERFACE_OWN_MAC
+            && self.own_mac == other.own_mac
+            && self.own_count == other.own_count
+            && self.own == other.own
+    }
 }
 
 /// The interface is the host side of an enrolled local pod: every packet it brings in must carry
@@ -433,6 +486,8 @@ pub const INTERFACE_BRIDGE_PORT: u32 = 2;
 /// reverse-path check. The node's other interfaces (NICs, bonds, VXLAN) link it to the other
 /// nodes, where the network is trusted, and skip it.
 pub const INTERFACE_VETH: u32 = 4;
+/// [`InterfaceInfo::own_mac`] holds the MAC address `LATCH_MACS` binds to this interface.
+pub const INTERFACE_OWN_MAC: u32 = 8;
 
 /// A MAC address as a map key.
 #[repr(C)]
@@ -677,7 +732,7 @@ mod tests {
         assert_eq!(size_of::<RedirectKey>(), 16);
         assert_eq!(size_of::<DatapathConfig>(), 16);
         assert_eq!(size_of::<SourceBinding>(), 8);
-        assert_eq!(size_of::<InterfaceInfo>(), 8);
+        assert_eq!(size_of::<InterfaceInfo>(), 48);
         assert_eq!(size_of::<MacKey>(), 8);
         assert_eq!(size_of::<FastpathConn>(), 48);
         assert_eq!(size_of::<FastpathEvent>(), 104);

@@ -25,6 +25,10 @@
 //! enrolled pod are dropped (pods are not routers); and an enrolled pod may send only IPv4, IPv6
 //! and ARP. Drops are counted (`spoof_dropped`). A pass returns `TCX_NEXT`, so programs attached
 //! after this one still run; this one is attached first.
+//!
+//! An interface's `LATCH_INTERFACES` entry carries a copy of what `LATCH_SOURCES` and
+//! `LATCH_MACS` bind to it (up to two addresses and a MAC), so an enrolled pod's own frames pass
+//! after that one lookup, as the other two would pass them; anything else asks them.
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, bpf_fib_lookup as FibLookup, tcx_action_base::TCX_NEXT},
@@ -34,8 +38,8 @@ use aya_ebpf::{
 };
 use core::ptr::{addr_of, read_volatile};
 use latch_common::{
-    AF_INET, AF_INET6, Counter, INTERFACE_BRIDGE_PORT, INTERFACE_POD, INTERFACE_VETH,
-    InterfaceInfo, IpKey, LOOPBACK_IFINDEX, MacKey,
+    AF_INET, AF_INET6, Counter, INTERFACE_BRIDGE_PORT, INTERFACE_OWN_MAC, INTERFACE_POD,
+    INTERFACE_VETH, InterfaceInfo, IpKey, LOOPBACK_IFINDEX, MacKey,
 };
 
 use crate::{
@@ -101,16 +105,46 @@ pub fn latch_antispoof(ctx: TcContext) -> i32 {
 /// The interface a frame came in on.
 struct Ingress {
     ifindex: u32,
-    info: InterfaceInfo,
+    /// `INTERFACE_*` flags, 0 for an interface with no entry.
+    flags: u32,
+    /// Its entry in `LATCH_INTERFACES`, read in place (copying it would cost more than the
+    /// lookups its copy saves), if it has one.
+    entry: Option<*const InterfaceInfo>,
 }
 
 impl Ingress {
     fn is_pod(&self) -> bool {
-        self.info.flags & INTERFACE_POD != 0
+        self.flags & INTERFACE_POD != 0
     }
 
     fn is_veth(&self) -> bool {
-        self.info.flags & INTERFACE_VETH != 0
+        self.flags & INTERFACE_VETH != 0
+    }
+
+    fn master(&self) -> u32 {
+        // SAFETY: pointer from a successful hash lookup, valid for the program's run.
+        self.entry.map_or(0, |e| unsafe { (*e).master })
+    }
+
+    /// `LATCH_SOURCES` binds `addr` to this interface, by the copy its entry carries.
+    #[inline(always)]
+    fn owns(&self, addr: &IpKey) -> bool {
+        let Some(e) = self.entry else {
+            return false;
+        };
+        // SAFETY: as above.
+        let (n, own) = unsafe { ((*e).own_count, &(*e).own) };
+        (n > 0 && own[0].same_as(addr)) || (n > 1 && own[1].same_as(addr))
+    }
+
+    /// `LATCH_MACS` binds `mac` to this interface, by the copy its entry carries.
+    #[inline(always)]
+    fn owns_mac(&self, mac: &[u8; 6]) -> bool {
+        match self.entry {
+            // SAFETY: as above.
+            Some(e) if self.flags & INTERFACE_OWN_MAC != 0 => unsafe { (*e).own_mac == *mac },
+            _ => false,
+        }
     }
 }
 
@@ -124,13 +158,15 @@ fn allowed(ctx: &TcContext) -> bool {
             read_volatile(addr_of!((*skb).ifindex)),
         )
     };
-    let info = match LATCH_INTERFACES.get_ptr(ifindex) {
-        // SAFETY: pointer from a successful hash lookup.
-        Some(info) => unsafe { *info },
-        None => InterfaceInfo::default(),
+    let entry = LATCH_INTERFACES.get_ptr(ifindex);
+    // SAFETY: pointer from a successful hash lookup.
+    let flags = entry.map_or(0, |e| unsafe { (*e).flags });
+    let at = Ingress {
+        ifindex,
+        flags,
+        entry,
     };
-    let at = Ingress { ifindex, info };
-    if info.flags & INTERFACE_BRIDGE_PORT != 0 && !mac_allowed(ctx, ifindex) {
+    if flags & INTERFACE_BRIDGE_PORT != 0 && !mac_allowed(ctx, &at) {
         return false;
     }
     match u16::from_be(protocol as u16) {
@@ -143,15 +179,19 @@ fn allowed(ctx: &TcContext) -> bool {
     }
 }
 
-/// A frame whose source MAC is an enrolled pod's passes only on that pod's own port.
+/// A frame whose source MAC is an enrolled pod's passes only on that pod's own port. The port's
+/// own pod's MAC passes without the lookup.
 #[inline(always)]
-fn mac_allowed(ctx: &TcContext, ifindex: u32) -> bool {
+fn mac_allowed(ctx: &TcContext, at: &Ingress) -> bool {
     let Some(mac) = read::<[u8; 6], 6>(ctx) else {
         return true;
     };
+    if at.owns_mac(&mac) {
+        return true;
+    }
     match LATCH_MACS.get_ptr(MacKey::new(mac)) {
         // SAFETY: pointer from a successful hash lookup.
-        Some(owner) => (unsafe { *owner }) == ifindex,
+        Some(owner) => (unsafe { *owner }) == at.ifindex,
         None => true,
     }
 }
@@ -257,6 +297,11 @@ fn v6_at(buf: &[u8; IPV6_HLEN], at: usize) -> IpKey {
 /// frame's destination, the source of the reverse route (zero where there is none).
 #[inline(always)]
 fn claim(ctx: &TcContext, at: &Ingress, addr: &IpKey, exempt: bool, local: &IpKey) -> bool {
+    // What the lookup below would find and pass, carried by the interface's own entry: a pod's
+    // own packets pass here.
+    if at.owns(addr) {
+        return true;
+    }
     if let Some(binding) = LATCH_SOURCES.get_ptr(addr) {
         // SAFETY: pointer from a successful hash lookup.
         let binding = unsafe { *binding };
@@ -303,5 +348,5 @@ fn route_back_through(ctx: &TcContext, at: &Ingress, addr: &IpKey, local: &IpKey
     };
     (rc == FIB_SUCCESS || rc == FIB_NO_NEIGH || rc == FIB_FRAG_NEEDED)
         && params.ifindex != 0
-        && (params.ifindex == at.ifindex || params.ifindex == at.info.master)
+        && (params.ifindex == at.ifindex || params.ifindex == at.master())
 }

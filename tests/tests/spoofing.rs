@@ -13,8 +13,10 @@ use std::{
     time::Duration,
 };
 
-use latch::datapath::{KernelMaps, install::programs_on_interface};
-use latch_common::{Counter, DIRECTION_INBOUND, VerdictKey};
+use latch::datapath::{
+    KernelMaps, antispoof::read_binding, install::programs_on_interface, maps::ip_key,
+};
+use latch_common::{Counter, DIRECTION_INBOUND, InterfaceInfo, SourceBinding, VerdictKey};
 use latch_tests::{
     AgentOptions, Cluster, NodeId, PodId, PodSpec, Topology, TwoNodes, eventually, l2, netns, probe,
 };
@@ -525,6 +527,114 @@ fn frontends_mac_stays_on_frontends_port() {
         "the bridge learned frontend's MAC on the attacker's port"
     );
     frontend_still_works(&scene);
+}
+
+/// What node 1's anti-spoofing maps say of `ip` and of `pod`'s port (with the port's index).
+fn binding(
+    scene: &Scene,
+    ip: IpAddr,
+    pod: PodId,
+) -> (Option<SourceBinding>, Option<InterfaceInfo>, u32) {
+    let c = &scene.cluster;
+    let node = c.node(scene.n1);
+    let port = c.pod(pod).host_if.clone();
+    let ifindex = netns::in_netns(&node.netns(), move || {
+        Ok(nix::net::if_::if_nametoindex(port.as_str())?)
+    })
+    .expect("port index");
+    let (source, info) = read_binding(&node.pin_dir, ip, ifindex).expect("anti-spoofing maps");
+    (source, info, ifindex)
+}
+
+/// A pod's port carries a copy of the pod's own bindings, so that its own packets pass after one
+/// lookup. When the pod's address is handed to another pod (an IP reused while the old pod's
+/// interface still exists), the copy must go with the binding: the old pod, still holding the
+/// address, is refused as any other pod would be.
+#[test]
+fn an_address_handed_to_another_pod_is_refused_at_its_old_port() {
+    let mut scene = scene(Topology::Bridged, Attacker::Enrolled);
+    let c = &scene.cluster;
+    let address = IpAddr::from(c.pod(scene.attacker).ipv4);
+    let (mallory_ns, frontend_ns) = (c.pod(scene.attacker).netns(), c.pod(scene.frontend));
+    let frontend_ns_name = frontend_ns.netns_name.clone();
+    let frontend_ips = format!("ips: [{}, ", frontend_ns.ipv4);
+    let to = c.pod(scene.payment).addr4(PORT);
+    let (_, port, _) = binding(&scene, address, scene.attacker);
+    let port = port.expect("mallory's port is in LATCH_INTERFACES");
+    assert!(
+        port.own[..usize::from(port.own_count)].contains(&ip_key(address)),
+        "mallory's port carries a copy of its address: {port:?}"
+    );
+    pin_gateway(&scene, false);
+    let drops = spoof_drops(c, scene.n1);
+    probe::connect_from(&mallory_ns, None, address, to, GIVE_UP).expect("probe");
+    assert_eq!(
+        spoof_drops(c, scene.n1),
+        drops,
+        "mallory's own address is not a spoof"
+    );
+
+    // The address goes to frontend (which takes it on its interface) and mallory leaves the
+    // node's workloads; mallory keeps its interface and the address on it.
+    netns::ip(
+        &frontend_ns_name,
+        &[
+            "addr",
+            "add",
+            &format!("{address}/32"),
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    )
+    .expect("frontend takes the address");
+    let handed: String = c
+        .config_yaml(scene.n1, &AgentOptions::default())
+        .lines()
+        .filter(|l| !l.contains("name: mallory,"))
+        .map(|l| l.replace(&frontend_ips, &format!("{frontend_ips}{address}, ")) + "\n")
+        .collect();
+    assert!(
+        handed.contains(&format!("{frontend_ips}{address}, ")),
+        "{handed}"
+    );
+    let marks = scene.cluster.marks(&[scene.n1]);
+    scene
+        .cluster
+        .agent(scene.n1)
+        .write_config(&handed)
+        .expect("write");
+    scene
+        .cluster
+        .wait_reloaded(&[scene.n1], &marks)
+        .expect("reloaded");
+    let (_, _, frontends_port) = binding(&scene, address, scene.frontend);
+    // The copies that change are cleared before the bindings change: once the address is
+    // bound to frontend's port, mallory's port no longer carries it.
+    assert!(
+        eventually(WAIT, || binding(&scene, address, scene.attacker)
+            .0
+            .is_some_and(|b| b.ifindex == frontends_port)),
+        "the address is bound to frontend's port"
+    );
+    let (_, port, _) = binding(&scene, address, scene.attacker);
+    let port = port.expect("mallory's port is still guarded");
+    assert!(
+        !port.own[..usize::from(port.own_count)].contains(&ip_key(address)),
+        "mallory's port keeps a copy of the address: {port:?}"
+    );
+
+    let c = &scene.cluster;
+    let drops = spoof_drops(c, scene.n1);
+    let r = probe::connect_from(&mallory_ns, None, address, to, GIVE_UP).expect("probe");
+    assert!(
+        !r.ok,
+        "mallory connected from an address no longer its own: {r:?}"
+    );
+    assert!(
+        spoof_drops(c, scene.n1) > drops,
+        "node 1 must drop packets from an address handed to another pod"
+    );
 }
 
 /// The programs at the TCX ingress of each of node 1's guarded interfaces (its link and its

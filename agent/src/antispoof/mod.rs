@@ -16,7 +16,8 @@ use std::{
 };
 
 use latch_common::{
-    INTERFACE_BRIDGE_PORT, INTERFACE_POD, INTERFACE_VETH, InterfaceInfo, SourceBinding,
+    INTERFACE_BRIDGE_PORT, INTERFACE_OWN_MAC, INTERFACE_POD, INTERFACE_VETH, InterfaceInfo,
+    OWN_ADDRESSES, SourceBinding,
 };
 
 use crate::{
@@ -169,9 +170,12 @@ impl State {
         let (new, adopted) = self.follow_interfaces(&links)?;
         let pods = self.resolve_pods(&links);
         let plan = plan(&links, &addresses, &pods, self.enrolled.node_address);
+        // The interfaces' copies of the other maps' bindings never run ahead of them: those
+        // that change are cleared first and written last.
+        self.datapath.clear_changing_copies(&plan.interfaces)?;
         self.datapath.set_sources(&plan.sources)?;
-        self.datapath.set_interfaces(&plan.interfaces)?;
         self.datapath.set_macs(&plan.macs)?;
+        self.datapath.set_interfaces(&plan.interfaces)?;
         // Said once everything about the new interfaces is in the maps too.
         if !new.is_empty() || !adopted.is_empty() {
             tracing::info!(attached = ?new, readopted = ?adopted, "anti-spoofing check on interfaces");
@@ -405,7 +409,38 @@ fn plan(
         info.flags |= flags;
         info.master = link.master.unwrap_or(0);
     }
+    copy_own_bindings(&mut plan);
     plan
+}
+
+/// Give each interface's entry a copy of what the plan binds to it: the lowest
+/// [`OWN_ADDRESSES`] of its addresses in `sources` and the lowest of its MACs in `macs`
+/// (the check's lookups in those maps find the rest).
+fn copy_own_bindings(plan: &mut Plan) {
+    let mut addresses: Vec<(u32, IpAddr)> = plan
+        .sources
+        .iter()
+        .map(|(ip, binding)| (binding.ifindex, *ip))
+        .collect();
+    addresses.sort();
+    for (ifindex, ip) in addresses {
+        if let Some(info) = plan.interfaces.get_mut(&ifindex)
+            && usize::from(info.own_count) < OWN_ADDRESSES
+        {
+            info.own[usize::from(info.own_count)] = crate::datapath::maps::ip_key(ip);
+            info.own_count += 1;
+        }
+    }
+    let mut macs: Vec<(u32, [u8; 6])> = plan.macs.iter().map(|(mac, i)| (*i, *mac)).collect();
+    macs.sort();
+    for (ifindex, mac) in macs {
+        if let Some(info) = plan.interfaces.get_mut(&ifindex)
+            && info.flags & INTERFACE_OWN_MAC == 0
+        {
+            info.own_mac = mac;
+            info.flags |= INTERFACE_OWN_MAC;
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The wanted state of the anti-spoofing maps for a bridged and a routed node.
 
 use super::*;
+use crate::datapath::maps::ip_key;
 
 const FRONTEND_MAC: [u8; 6] = [2, 0, 0, 0, 1, 2];
 
@@ -112,17 +113,20 @@ fn bridged_node() {
     assert_eq!(
         plan.interfaces[&4],
         InterfaceInfo {
-            flags: INTERFACE_POD | INTERFACE_VETH | INTERFACE_BRIDGE_PORT,
-            master: 3
+            flags: INTERFACE_POD | INTERFACE_VETH | INTERFACE_BRIDGE_PORT | INTERFACE_OWN_MAC,
+            master: 3,
+            ..frontends_copy()
         }
     );
     assert_eq!(
         plan.interfaces[&5],
         InterfaceInfo {
             flags: INTERFACE_VETH | INTERFACE_BRIDGE_PORT,
-            master: 3
+            master: 3,
+            ..Default::default()
         }
     );
+    assert_copies_granted(&plan);
     // fab0 holds the node's address: no reverse-path check there. br0 is not guarded.
     assert!(!plan.interfaces.contains_key(&2) && !plan.interfaces.contains_key(&3));
     assert_eq!(plan.macs, HashMap::from([(FRONTEND_MAC, 4)]));
@@ -165,18 +169,90 @@ fn routed_node() {
             (
                 4,
                 InterfaceInfo {
-                    flags: INTERFACE_POD | INTERFACE_VETH,
-                    master: 0
+                    flags: INTERFACE_POD | INTERFACE_VETH | INTERFACE_OWN_MAC,
+                    master: 0,
+                    ..frontends_copy()
                 }
             ),
             (
                 5,
                 InterfaceInfo {
                     flags: INTERFACE_VETH,
-                    master: 0
+                    master: 0,
+                    ..Default::default()
                 }
             )
         ])
+    );
+    assert_copies_granted(&plan);
+}
+
+/// Frontend's port's copy of its bindings: its MAC and both its addresses, IPv4 first.
+fn frontends_copy() -> InterfaceInfo {
+    InterfaceInfo {
+        own_mac: FRONTEND_MAC,
+        own_count: 2,
+        own: [ip_key(ip("10.244.1.2")), ip_key(ip("fd00:10:244:1::2"))],
+        ..Default::default()
+    }
+}
+
+/// Every interface's copy is what `sources` and `macs` bind to it, never more.
+fn assert_copies_granted(plan: &Plan) {
+    for (ifindex, info) in &plan.interfaces {
+        for own in &info.own[..usize::from(info.own_count)] {
+            let granted = plan
+                .sources
+                .iter()
+                .any(|(ip, b)| ip_key(*ip) == *own && b.ifindex == *ifindex);
+            assert!(
+                granted,
+                "interface {ifindex} copies {own:?}, not bound to it"
+            );
+        }
+        if info.flags & INTERFACE_OWN_MAC != 0 {
+            assert_eq!(plan.macs.get(&info.own_mac), Some(ifindex));
+        }
+    }
+}
+
+#[test]
+fn a_port_copies_at_most_two_of_its_addresses_the_lowest() {
+    let links = [
+        loopback(),
+        link(2, "fab0", Kind::Other),
+        veth(4, "p2", None, 2, 0),
+    ];
+    let mut pod = frontend(true);
+    for extra in ["10.244.1.9", "10.244.1.3"] {
+        pod.pod.ips.push(ip(extra));
+        pod.sides.push((ip(extra), pod.sides[0].1));
+    }
+    let plan = plan(&links, &[], &[pod], Some(ip("10.244.0.1")));
+    assert_eq!(plan.sources.len(), 4);
+    let info = plan.interfaces[&4];
+    assert_eq!(info.own_count, 2);
+    assert_eq!(
+        info.own,
+        [ip_key(ip("10.244.1.2")), ip_key(ip("10.244.1.3"))]
+    );
+    assert_copies_granted(&plan);
+}
+
+#[test]
+fn a_pod_with_no_confirmed_side_gives_no_port_a_copy() {
+    let links = [
+        loopback(),
+        link(2, "fab0", Kind::Other),
+        veth(4, "p2", None, 2, 0),
+    ];
+    let plan = plan(&links, &[], &[frontend(false)], Some(ip("10.244.0.1")));
+    assert_eq!(
+        plan.interfaces[&4],
+        InterfaceInfo {
+            flags: INTERFACE_VETH,
+            ..Default::default()
+        }
     );
 }
 

@@ -20,7 +20,7 @@ use latch_common::{InterfaceInfo, IpKey, MacKey, SourceBinding, map_names};
 
 use super::{
     error::DatapathError,
-    maps::{ip_key, open},
+    maps::{found, ip_key, open},
     pins::detach_and_unpin,
     syscall,
 };
@@ -55,6 +55,21 @@ macro_rules! typed {
             .try_into()
             .map_err(|e| DatapathError::map("typing map", $name, e))?
     };
+}
+
+/// What `LATCH_SOURCES` binds `ip` to and `LATCH_INTERFACES` holds for `ifindex`, read from the
+/// maps pinned under `pin_dir` (for tests and inspection; `None` where there is no entry).
+pub fn read_binding(
+    pin_dir: &Path,
+    ip: IpAddr,
+    ifindex: u32,
+) -> Result<(Option<SourceBinding>, Option<InterfaceInfo>), DatapathError> {
+    let sources: HashMap<MapData, IpKey, SourceBinding> = typed!(pin_dir, map_names::SOURCES);
+    let interfaces: HashMap<MapData, u32, InterfaceInfo> = typed!(pin_dir, map_names::INTERFACES);
+    Ok((
+        found(sources.get(&ip_key(ip), 0), map_names::SOURCES)?,
+        found(interfaces.get(&ifindex, 0), map_names::INTERFACES)?,
+    ))
 }
 
 impl AntiSpoofDatapath {
@@ -138,6 +153,32 @@ impl AntiSpoofDatapath {
         let wanted: StdHashMap<IpKey, SourceBinding> =
             wanted.iter().map(|(ip, b)| (ip_key(*ip), *b)).collect();
         sync(&mut self.sources, &wanted, map_names::SOURCES)
+    }
+
+    /// Before `LATCH_SOURCES` and `LATCH_MACS` change: clear the copy of their bindings
+    /// ([`InterfaceInfo::own`]) from every entry of `LATCH_INTERFACES` whose copy `wanted`
+    /// changes or drops, so that no entry carries a binding those maps no longer grant while
+    /// they change. [`Self::set_interfaces`], after them, writes the new copies.
+    pub fn clear_changing_copies(
+        &mut self,
+        wanted: &StdHashMap<u32, InterfaceInfo>,
+    ) -> Result<(), DatapathError> {
+        let name = map_names::INTERFACES;
+        let current: Vec<(u32, InterfaceInfo)> =
+            self.interfaces
+                .iter()
+                .collect::<Result<_, _>>()
+                .map_err(|e| DatapathError::map("iterating", name, e))?;
+        for (ifindex, info) in current {
+            let cleared = info.without_own();
+            let keeps = wanted.get(&ifindex).is_some_and(|w| w.same_own(&info));
+            if info != cleared && !keeps {
+                self.interfaces
+                    .insert(ifindex, cleared, 0)
+                    .map_err(|e| DatapathError::map("writing", name, e))?;
+            }
+        }
+        Ok(())
     }
 
     /// Make `LATCH_INTERFACES` hold exactly `wanted`.

@@ -102,11 +102,7 @@ impl RedirectMap {
     /// The original destination of a connection accepted on a capture listener, by the
     /// client's netns cookie, local port and family.
     pub fn get(&self, key: &RedirectKey) -> Result<Option<OrigDst>, DatapathError> {
-        match self.0.get(key, 0) {
-            Ok(value) => Ok(Some(value)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(DatapathError::map("reading", map_names::REDIRECTS, e)),
-        }
+        found(self.0.get(key, 0), map_names::REDIRECTS)
     }
 }
 
@@ -191,11 +187,8 @@ impl KernelMaps {
     }
 
     pub fn verdict(&self, key: &VerdictKey) -> Result<Option<Verdict>, DatapathError> {
-        match self.verdicts.get(key, 0) {
-            Ok(value) => Ok(Some(Verdict { key: *key, value })),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(DatapathError::map("reading", map_names::VERDICTS, e)),
-        }
+        let value = found(self.verdicts.get(key, 0), map_names::VERDICTS)?;
+        Ok(value.map(|value| Verdict { key: *key, value }))
     }
 
     pub fn remove_verdict(&mut self, key: &VerdictKey) -> Result<(), DatapathError> {
@@ -324,6 +317,18 @@ impl KernelMaps {
             .find(|(c, _)| *c == counter)
             .map(|(_, v)| v)
             .unwrap_or(0))
+    }
+}
+
+/// A map read's value, `None` if the key is not there.
+pub(super) fn found<V>(
+    read: Result<V, aya::maps::MapError>,
+    map: &'static str,
+) -> Result<Option<V>, DatapathError> {
+    match read {
+        Ok(value) => Ok(Some(value)),
+        Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+        Err(e) => Err(DatapathError::map("reading", map, e)),
     }
 }
 
