@@ -167,7 +167,6 @@ impl State {
     fn resync(&mut self) -> Result<(), AntiSpoofError> {
         let links = self.socket.links().map_err(AntiSpoofError::Netlink)?;
         let addresses = self.socket.addresses().map_err(AntiSpoofError::Netlink)?;
-        let (new, adopted) = self.follow_interfaces(&links)?;
         let pods = self.resolve_pods(&links);
         let plan = plan(&links, &addresses, &pods, self.enrolled.node_address);
         // The interfaces' copies of the other maps' bindings never run ahead of them: those
@@ -176,7 +175,10 @@ impl State {
         self.datapath.set_sources(&plan.sources)?;
         self.datapath.set_macs(&plan.macs)?;
         self.datapath.set_interfaces(&plan.interfaces)?;
-        // Said once everything about the new interfaces is in the maps too.
+        // Then the check goes on the interfaces that lack it, and this run's program onto the
+        // links an earlier run pinned: never with maps that do not say yet what it needs (after
+        // an upgrade that changed a map's layout, that map starts empty).
+        let (new, adopted) = self.follow_interfaces(&links)?;
         if !new.is_empty() || !adopted.is_empty() {
             tracing::info!(attached = ?new, readopted = ?adopted, "anti-spoofing check on interfaces");
         }
