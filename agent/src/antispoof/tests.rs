@@ -216,13 +216,18 @@ fn assert_copies_granted(plan: &Plan) {
     }
 }
 
-#[test]
-fn a_port_copies_at_most_two_of_its_addresses_the_lowest() {
-    let links = [
+/// Loopback, the node's link, and one veth to a pod (index 4), no bridge.
+fn one_pod_port() -> [Link; 3] {
+    [
         loopback(),
         link(2, "fab0", Kind::Other),
         veth(4, "p2", None, 2, 0),
-    ];
+    ]
+}
+
+#[test]
+fn a_port_copies_at_most_two_of_its_addresses_the_lowest() {
+    let links = one_pod_port();
     let mut pod = frontend(true);
     for extra in ["10.244.1.9", "10.244.1.3"] {
         pod.pod.ips.push(ip(extra));
@@ -241,11 +246,7 @@ fn a_port_copies_at_most_two_of_its_addresses_the_lowest() {
 
 #[test]
 fn a_pod_with_no_confirmed_side_gives_no_port_a_copy() {
-    let links = [
-        loopback(),
-        link(2, "fab0", Kind::Other),
-        veth(4, "p2", None, 2, 0),
-    ];
+    let links = one_pod_port();
     let plan = plan(&links, &[], &[frontend(false)], Some(ip("10.244.0.1")));
     assert_eq!(
         plan.interfaces[&4],
