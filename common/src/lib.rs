@@ -241,7 +241,8 @@ impl IpKey {
         self.addr[0] == 0xfe && (self.addr[1] & 0xc0) == 0x80
     }
 
-    /// The same address as `other`, compared as two 64-bit words.
+    /// The same address as `other`, compared as two 64-bit words (an array's `==` may become a
+    /// `memcmp` call, which BPF programs cannot make).
     pub const fn same_as(&self, other: &IpKey) -> bool {
         let (a, b) = (self.halves(), other.halves());
         a[0] == b[0] && a[1] == b[1]
