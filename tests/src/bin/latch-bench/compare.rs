@@ -1,7 +1,10 @@
 //! `compare`: agent builds or settings side by side, for differences a single run cannot
-//! resolve: each variant's agents run a cluster of their own in data-plane mode `tunnel`, all set
-//! up at once, and the pooled connection's latency is taken from each in turn (with the no-agent
-//! reference in the same rotation), with the agents' CPU time (`docs/benchmarks.md`).
+//! resolve: as many clusters as variants, all set up at once, agents in data-plane mode `tunnel`,
+//! and in every turn each cluster measured in turn (with the no-agent reference in the same
+//! rotation): the pooled connection's latency, or with `--throughput` bulk streams, with the
+//! agents' CPU time (`docs/benchmarks.md`). Clusters of one topology differ a little among
+//! themselves, steadily, so no variant keeps a cluster: the turns come in as many stretches as
+//! there are variants, and each stretch moves every variant on to the next cluster.
 
 use std::{
     path::{Path, PathBuf},
@@ -17,10 +20,11 @@ use latch_tests::AgentOptions;
 
 use crate::{
     pair::Pair,
+    probe,
     procstat::cpu_ns,
     reference::{Reference, Via},
     report,
-    stats::Tally,
+    stats::{Tally, median, ratio_interval},
 };
 
 /// One agent build or setting under comparison.
@@ -71,16 +75,66 @@ impl std::str::FromStr for Variant {
     }
 }
 
-/// A variant's cluster in a comparison, with what its turns measured.
-struct Compared {
-    pair: Pair,
-    /// The source and destination agents' process IDs.
-    agents: [u32; 2],
+/// What a variant's turns measured.
+#[derive(Default)]
+struct Measured {
+    /// Pooled connections (latency mode).
     tally: Tally,
+    /// Bytes per second of each turn (throughput mode), in the reference's order.
+    rounds: Vec<f64>,
     /// CPU time the source and destination agents used during the variant's turns.
     cpu_ns: [u64; 2],
     /// Whole verdict-map reads made through the debug socket during its turns.
     debug_reads: usize,
+}
+
+/// Turns over clusters, one per variant: `turns` rounded up to a whole number of stretches, one
+/// stretch per variant; in stretch `s` cluster `c` runs variant `(c + s) % k`, its agents
+/// started afresh and `prepare`d. Each turn calls `reference` once, then `measure` for every
+/// cluster, in an order that rotates from turn to turn, with the variant it runs and the
+/// variant's tally so far, which gets the agents' CPU time of the call added. Returns each
+/// variant's measurements.
+fn in_rotation(
+    specs: &[Variant],
+    turns: usize,
+    mut prepare: impl FnMut(&Pair) -> anyhow::Result<()>,
+    mut reference: impl FnMut() -> anyhow::Result<()>,
+    mut measure: impl FnMut(&Pair, &mut Measured) -> anyhow::Result<()>,
+) -> anyhow::Result<Vec<Measured>> {
+    let k = specs.len();
+    let mut clusters = (0..k)
+        .map(|_| Pair::new())
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut measured: Vec<Measured> = (0..k).map(|_| Measured::default()).collect();
+    let variant_on = |cluster: usize, stretch: usize| (cluster + stretch) % k;
+    for stretch in 0..k {
+        for (c, pair) in clusters.iter_mut().enumerate() {
+            if stretch > 0 {
+                pair.stop_agents()?;
+            }
+            pair.start_agents(&specs[variant_on(c, stretch)].options)?;
+            prepare(pair)?;
+        }
+        for turn in 0..turns.div_ceil(k) {
+            reference()?;
+            for i in 0..k {
+                let c = (turn + i) % k;
+                let pair = &clusters[c];
+                let variant = &mut measured[variant_on(c, stretch)];
+                let agents = pair.agent_pids();
+                let before = agents.map(cpu_ns);
+                measure(pair, variant)?;
+                for (sum, (pid, before)) in variant.cpu_ns.iter_mut().zip(agents.iter().zip(before))
+                {
+                    *sum += cpu_ns(*pid).saturating_sub(before);
+                }
+            }
+        }
+    }
+    for pair in &mut clusters {
+        pair.stop_agents()?;
+    }
+    Ok(measured)
 }
 
 /// Read the whole verdict map through the debug socket of `pair`'s source agent, over and over,
@@ -105,10 +159,12 @@ pub fn run(
     specs: &[Variant],
     out_dir: &Path,
 ) -> anyhow::Result<()> {
+    let k = specs.len();
     println!(
-        "compare: pooled tunneled connections (1-byte request + echo), {turns} turns of \
-         {per_turn} per variant, each variant in a cluster of its own, with the no-agent \
-         reference in the rotation"
+        "compare: pooled tunneled connections (1-byte request + echo), {} turns of {per_turn} \
+         per variant, in {k} stretches in which each of {k} clusters runs each variant in turn, \
+         with the no-agent reference in the rotation",
+        turns.div_ceil(k) * k
     );
     if let Some(n) = debug_reads {
         println!(
@@ -117,43 +173,34 @@ pub fn run(
         );
     }
     let reference = Reference::new()?;
-    let mut clusters = Vec::new();
-    for variant in specs {
-        let mut pair = Pair::new()?;
-        pair.start_agents(&variant.options)?;
-        pair.warm_up(per_turn)?;
-        if let Some(n) = debug_reads {
-            pair.fill_verdicts(pair.n1, 0, n)?;
-        }
-        clusters.push(Compared {
-            agents: pair.agent_pids(),
-            pair,
-            tally: Tally::default(),
-            cpu_ns: [0; 2],
-            debug_reads: 0,
-        });
-    }
     reference.rate(Via::Direct, per_turn)?;
     let mut reference_tally = Tally::default();
-    for turn in 0..turns {
-        reference_tally.add(reference.rate(Via::Direct, per_turn)?);
-        let k = clusters.len();
-        for i in 0..k {
-            let c = &mut clusters[(turn + i) % k];
-            let before = c.agents.map(cpu_ns);
+    let measured = in_rotation(
+        specs,
+        turns,
+        |pair| {
+            pair.warm_up(per_turn)?;
+            if let Some(n) = debug_reads {
+                pair.fill_verdicts(pair.n1, 0, n)?;
+            }
+            Ok(())
+        },
+        || {
+            reference_tally.add(reference.rate(Via::Direct, per_turn)?);
+            Ok(())
+        },
+        |pair, variant| {
             let stop = Arc::new(AtomicBool::new(false));
-            let reader = debug_reads.map(|_| debug_reader(&c.pair, stop.clone()));
-            let rate = c.pair.rate(per_turn);
+            let reader = debug_reads.map(|_| debug_reader(pair, stop.clone()));
+            let rate = pair.rate(per_turn);
             stop.store(true, Ordering::Relaxed);
             if let Some(reader) = reader {
-                c.debug_reads += reader.join().unwrap_or_default();
+                variant.debug_reads += reader.join().unwrap_or_default();
             }
-            c.tally.add(rate?);
-            for (sum, (pid, before)) in c.cpu_ns.iter_mut().zip(c.agents.iter().zip(before)) {
-                *sum += cpu_ns(*pid).saturating_sub(before);
-            }
-        }
-    }
+            variant.tally.add(rate?);
+            Ok(())
+        },
+    )?;
     let reference_p50 = reference_tally.percentile(0.5);
     println!(
         "\n| variant | p50 µs | p99 µs | added to no agents µs | source agent CPU µs | \
@@ -166,25 +213,25 @@ pub fn run(
         reference_tally.failures
     );
     let mut rows = Vec::new();
-    for (variant, c) in specs.iter().zip(&clusters) {
-        let tally = &c.tally;
+    for (variant, m) in specs.iter().zip(&measured) {
+        let tally = &m.tally;
         let p50 = tally.percentile(0.5);
         let added = p50 as i64 - reference_p50 as i64;
-        let [source_cpu, destination_cpu] = c
+        let [source_cpu, destination_cpu] = m
             .cpu_ns
             .map(|ns| ns as f64 / 1000.0 / tally.count.max(1) as f64);
         println!(
             "| {} | {p50} | {} | {added} | {source_cpu:.1} | {destination_cpu:.1} | {} | {} |",
             variant.label,
             tally.percentile(0.99),
-            c.debug_reads,
+            m.debug_reads,
             tally.failures
         );
         rows.push(serde_json::json!({
             "label": variant.label, "p50_us": p50, "added_p50_us": added,
             "p99_us": tally.percentile(0.99), "failures": tally.failures,
             "source_agent_cpu_us": source_cpu, "destination_agent_cpu_us": destination_cpu,
-            "debug_reads": c.debug_reads,
+            "debug_reads": m.debug_reads,
         }));
     }
     println!(
@@ -192,9 +239,99 @@ pub fn run(
          with busy polling on it includes the polling)"
     );
     let json = serde_json::json!({
-        "benchmark": "compare", "turns": turns, "per_turn": per_turn,
+        "benchmark": "compare", "turns": turns.div_ceil(k) * k, "per_turn": per_turn,
         "debug_read_verdicts": debug_reads,
         "no_agents_p50_us": reference_p50, "variants": rows,
     });
     report::write_json(out_dir, "compare", &json)
+}
+
+/// `turns` turns of `streams` bulk streams of `mib` MiB each way through every variant and
+/// through the no-agent reference, in rotation ([`in_rotation`]): each variant's median, its
+/// turns' ratios to the reference's and to the first variant's (geometric mean, 95% interval),
+/// and its agents' CPU per GiB moved.
+pub fn run_throughput(
+    turns: usize,
+    streams: usize,
+    mib: usize,
+    specs: &[Variant],
+    out_dir: &Path,
+) -> anyhow::Result<()> {
+    let k = specs.len();
+    println!(
+        "compare throughput: {} turns of {streams} stream(s) of {mib} MiB each way per variant, \
+         in {k} stretches in which each of {k} clusters runs each variant in turn, with the \
+         no-agent reference in the rotation",
+        turns.div_ceil(k) * k
+    );
+    let reference = Reference::new()?;
+    reference.throughput(Via::Direct, streams, mib)?;
+    let mut reference_rounds = Vec::new();
+    let measured = in_rotation(
+        specs,
+        turns,
+        |pair| pair.warm_up(100),
+        || {
+            reference_rounds.push(reference.throughput(Via::Direct, streams, mib)?);
+            Ok(())
+        },
+        |pair, variant| {
+            variant.rounds.push(probe::throughput(
+                &pair.cluster,
+                pair.client,
+                &pair.to,
+                streams,
+                mib,
+            )?);
+            Ok(())
+        },
+    )?;
+    let interval = |measured: &[f64], baseline: &[f64]| {
+        ratio_interval(measured, baseline).map_or_else(
+            || "(too few turns)".to_owned(),
+            |(low, mean, high)| format!("{mean:.3} ({low:.3}–{high:.3})"),
+        )
+    };
+    let mib_s = |rounds: &[f64]| median(rounds.to_vec()) / (1024.0 * 1024.0);
+    println!(
+        "\n| variant | MiB/s (median) | / no agents: turns' ratios (95% interval) | / {}: the same | \
+         source agent CPU s per GiB | destination agent |",
+        specs[0].label
+    );
+    println!("|---|---:|---|---|---:|---:|");
+    println!(
+        "| no agents (reference) | {:.0} | | | | |",
+        mib_s(&reference_rounds)
+    );
+    let first = &measured[0].rounds;
+    let gib_moved = (reference_rounds.len() * streams * mib * 2) as f64 / 1024.0;
+    let mut rows = Vec::new();
+    for (variant, m) in specs.iter().zip(&measured) {
+        let [source_cpu, destination_cpu] = m.cpu_ns.map(|ns| ns as f64 / 1e9 / gib_moved);
+        println!(
+            "| {} | {:.0} | {} | {} | {source_cpu:.3} | {destination_cpu:.3} |",
+            variant.label,
+            mib_s(&m.rounds),
+            interval(&m.rounds, &reference_rounds),
+            interval(&m.rounds, first),
+        );
+        rows.push(serde_json::json!({
+            "label": variant.label,
+            "rounds_bytes_per_s": m.rounds,
+            "over_no_agents_mean_and_95_interval": ratio_interval(&m.rounds, &reference_rounds),
+            "over_first_mean_and_95_interval": ratio_interval(&m.rounds, first),
+            "source_agent_cpu_s_per_gib": source_cpu,
+            "destination_agent_cpu_s_per_gib": destination_cpu,
+        }));
+    }
+    println!(
+        "\n(agent CPU: all of the agent's threads, from /proc/PID/task/*/schedstat, per GiB \
+         moved, both directions counted)"
+    );
+    let json = serde_json::json!({
+        "benchmark": "compare-throughput", "turns": reference_rounds.len(), "streams": streams,
+        "mib_each_way": mib, "no_agents_rounds_bytes_per_s": reference_rounds,
+        "variants": rows,
+    });
+    report::write_json(out_dir, "compare-throughput", &json)
 }

@@ -90,8 +90,9 @@ enum Suite {
         #[arg(long, default_value_t = 10_000)]
         connections: usize,
     },
-    /// Agent builds or settings side by side: the pooled connection's latency and the agents'
-    /// CPU time, each variant in a cluster of its own.
+    /// Agent builds or settings side by side: the pooled connection's latency (or, with
+    /// `--throughput`, bulk throughput) and the agents' CPU time, each variant in a cluster of
+    /// its own.
     Compare {
         /// Turns per variant.
         #[arg(long, default_value_t = 30)]
@@ -104,6 +105,13 @@ enum Suite {
         /// over while the variant is measured: whether a debug read stalls connections.
         #[arg(long, value_name = "VERDICTS")]
         debug_reads: Option<usize>,
+        /// Compare bulk throughput instead of latency: each turn moves `--mib` MiB each way over
+        /// this many streams through every variant and through no agents.
+        #[arg(long, value_name = "STREAMS", conflicts_with = "debug_reads")]
+        throughput: Option<usize>,
+        /// MiB each stream moves each way in a throughput turn.
+        #[arg(long, default_value_t = 256, requires = "throughput")]
+        mib: usize,
         /// An agent binary to compare, under a label, with optional settings; one or more.
         #[arg(
             required = true,
@@ -135,9 +143,18 @@ fn main() -> anyhow::Result<()> {
         } => memory::run(&workloads, connections, &out_dir),
         Suite::Compare {
             turns,
+            throughput: Some(streams),
+            mib,
+            variants,
+            ..
+        } => compare::run_throughput(turns, streams, mib, &variants, &out_dir),
+        Suite::Compare {
+            turns,
             per_turn,
             debug_reads,
+            throughput: None,
             variants,
+            ..
         } => compare::run(turns, per_turn, debug_reads, &variants, &out_dir),
     }
 }
