@@ -20,7 +20,6 @@ use latch_tests::AgentOptions;
 
 use crate::{
     pair::Pair,
-    probe,
     procstat::cpu_ns,
     reference::{Reference, Via},
     report,
@@ -276,13 +275,7 @@ pub fn run_throughput(
             Ok(())
         },
         |pair, variant| {
-            variant.rounds.push(probe::throughput(
-                &pair.cluster,
-                pair.client,
-                &pair.to,
-                streams,
-                mib,
-            )?);
+            variant.rounds.push(pair.throughput(streams, mib)?);
             Ok(())
         },
     )?;

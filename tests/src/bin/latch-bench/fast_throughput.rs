@@ -18,7 +18,6 @@ use latch_tests::AgentOptions;
 
 use crate::{
     pair::Pair,
-    probe::throughput,
     report::write_json,
     stats::{median, ratio_interval},
 };
@@ -38,7 +37,7 @@ impl Rounds {
         streams: usize,
         mib: usize,
     ) -> anyhow::Result<Self> {
-        let through = |pair: &Pair| throughput(&pair.cluster, pair.client, &pair.to, streams, mib);
+        let through = |pair: &Pair| pair.throughput(streams, mib);
         let mut taken = Self::default();
         for round in 0..rounds {
             if round % 2 == 0 {
@@ -82,7 +81,7 @@ pub fn run(rounds: usize, streams: usize, mib: usize, out_dir: &Path) -> anyhow:
     // Both warmed the same way before anything is timed.
     for pair in [&measured, &twin] {
         pair.warm_up(500)?;
-        throughput(&pair.cluster, pair.client, &pair.to, streams, mib)?;
+        pair.throughput(streams, mib)?;
     }
     let bare = Rounds::take(&measured, &twin, rounds, streams, mib)?;
     measured.start_agents(&AgentOptions {

@@ -68,6 +68,12 @@ impl Pair {
         probe::rate(&self.cluster, self.client, &self.to, count)
     }
 
+    /// Bytes per second of `streams` bulk streams of `mib` MiB each way from the client to the
+    /// echo server (see [`probe::throughput`]).
+    pub fn throughput(&self, streams: usize, mib: usize) -> anyhow::Result<f64> {
+        probe::throughput(&self.cluster, self.client, &self.to, streams, mib)
+    }
+
     /// `count` connections whose figures are not kept.
     pub fn warm_up(&self, count: usize) -> anyhow::Result<()> {
         self.rate(count).map(drop)

@@ -148,13 +148,7 @@ fn throughput_rounds(
             rounds
                 .base
                 .push(reference.throughput(Via::Direct, streams, mib)?);
-            rounds.agents.push(throughput(
-                &pair.cluster,
-                pair.client,
-                &pair.to,
-                streams,
-                mib,
-            )?);
+            rounds.agents.push(pair.throughput(streams, mib)?);
             if nginx {
                 rounds
                     .nginx
