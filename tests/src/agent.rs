@@ -28,6 +28,8 @@ pub struct AgentOptions {
     pub busy_poll: Option<String>,
     /// `dataplane.busyPollAdaptive`; `None` leaves the agent's default.
     pub busy_poll_adaptive: Option<bool>,
+    /// `dataplane.workerThreads`; `None` leaves the agent's default.
+    pub worker_threads: Option<u16>,
     /// Lifetime of the SVIDs the node's agent mints from the cluster's development CA.
     pub cert_ttl: String,
     /// Mint from this development CA (a `latch ca init` directory) instead of the cluster's.
@@ -51,6 +53,7 @@ impl Default for AgentOptions {
             verdict_ttl: "5m".into(),
             busy_poll: None,
             busy_poll_adaptive: None,
+            worker_threads: None,
             cert_ttl: "1h".into(),
             ca_dir: None,
             cert_files: None,

@@ -564,8 +564,12 @@ impl Cluster {
             .busy_poll_adaptive
             .map(|a| format!(", busyPollAdaptive: {a}"))
             .unwrap_or_default();
+        let workers = options
+            .worker_threads
+            .map(|n| format!(", workerThreads: {n}"))
+            .unwrap_or_default();
         y.push_str(&format!(
-            "dataplane: {{ mode: {}, verdictTtl: {}{busy_poll}{adaptive} }}\n",
+            "dataplane: {{ mode: {}, verdictTtl: {}{busy_poll}{adaptive}{workers} }}\n",
             options.dataplane_mode, options.verdict_ttl
         ));
         y.push_str(&format!(

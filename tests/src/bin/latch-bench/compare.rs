@@ -36,7 +36,7 @@ pub struct Variant {
 impl std::str::FromStr for Variant {
     type Err = anyhow::Error;
 
-    /// `LABEL=AGENT_BINARY[,busyPoll=DURATION][,busyPollAdaptive=BOOL]`.
+    /// `LABEL=AGENT_BINARY[,busyPoll=DURATION][,busyPollAdaptive=BOOL][,workerThreads=N]`.
     fn from_str(spec: &str) -> anyhow::Result<Self> {
         let (label, rest) = spec
             .split_once('=')
@@ -54,6 +54,11 @@ impl std::str::FromStr for Variant {
         for setting in parts {
             match setting.split_once('=') {
                 Some(("busyPoll", value)) => options.busy_poll = Some(value.to_owned()),
+                Some(("workerThreads", value)) => {
+                    options.worker_threads = Some(value.parse().with_context(|| {
+                        format!("variant {label}: workerThreads must be a number")
+                    })?)
+                }
                 Some(("busyPollAdaptive", value)) => {
                     options.busy_poll_adaptive = Some(value.parse().with_context(|| {
                         format!("variant {label}: busyPollAdaptive must be true or false")
@@ -62,7 +67,7 @@ impl std::str::FromStr for Variant {
                 _ => {
                     bail!(
                         "variant {label}: unknown setting {setting:?} (known: busyPoll=DURATION, \
-                         busyPollAdaptive=BOOL)"
+                         busyPollAdaptive=BOOL, workerThreads=N)"
                     )
                 }
             }

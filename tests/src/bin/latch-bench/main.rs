@@ -115,7 +115,7 @@ enum Suite {
         /// An agent binary to compare, under a label, with optional settings; one or more.
         #[arg(
             required = true,
-            value_name = "LABEL=AGENT_BINARY[,busyPoll=DURATION][,busyPollAdaptive=BOOL]"
+            value_name = "LABEL=AGENT_BINARY[,busyPoll=DURATION][,busyPollAdaptive=BOOL][,workerThreads=N]"
         )]
         variants: Vec<compare::Variant>,
     },
