@@ -23,7 +23,7 @@ use crate::{
     procstat::cpu_ns,
     reference::{Reference, Via},
     report,
-    stats::{Tally, median, ratio_interval},
+    stats::{Tally, median, ratio_interval, ratio_text},
 };
 
 /// One agent build or setting under comparison.
@@ -92,6 +92,12 @@ struct Measured {
     debug_reads: usize,
 }
 
+/// `turns` rounded up to a whole number of stretches of `variants` variants: the turns each
+/// variant is measured in.
+fn in_whole_stretches(turns: usize, variants: usize) -> usize {
+    turns.div_ceil(variants) * variants
+}
+
 /// Turns over clusters, one per variant: `turns` rounded up to a whole number of stretches, one
 /// stretch per variant; in stretch `s` cluster `c` runs variant `(c + s) % k`, its agents
 /// started afresh and `prepare`d. Each turn calls `reference` once, then `measure` for every
@@ -119,7 +125,7 @@ fn in_rotation(
             pair.start_agents(&specs[variant_on(c, stretch)].options)?;
             prepare(pair)?;
         }
-        for turn in 0..turns.div_ceil(k) {
+        for turn in 0..in_whole_stretches(turns, k) / k {
             reference()?;
             for i in 0..k {
                 let c = (turn + i) % k;
@@ -168,7 +174,7 @@ pub fn run(
         "compare: pooled tunneled connections (1-byte request + echo), {} turns of {per_turn} \
          per variant, in {k} stretches in which each of {k} clusters runs each variant in turn, \
          with the no-agent reference in the rotation",
-        turns.div_ceil(k) * k
+        in_whole_stretches(turns, k)
     );
     if let Some(n) = debug_reads {
         println!(
@@ -243,7 +249,7 @@ pub fn run(
          with busy polling on it includes the polling)"
     );
     let json = serde_json::json!({
-        "benchmark": "compare", "turns": turns.div_ceil(k) * k, "per_turn": per_turn,
+        "benchmark": "compare", "turns": in_whole_stretches(turns, k), "per_turn": per_turn,
         "debug_read_verdicts": debug_reads,
         "no_agents_p50_us": reference_p50, "variants": rows,
     });
@@ -266,7 +272,7 @@ pub fn run_throughput(
         "compare throughput: {} turns of {streams} stream(s) of {mib} MiB each way per variant, \
          in {k} stretches in which each of {k} clusters runs each variant in turn, with the \
          no-agent reference in the rotation",
-        turns.div_ceil(k) * k
+        in_whole_stretches(turns, k)
     );
     let reference = Reference::new()?;
     reference.throughput(Via::Direct, streams, mib)?;
@@ -285,10 +291,7 @@ pub fn run_throughput(
         },
     )?;
     let interval = |measured: &[f64], baseline: &[f64]| {
-        ratio_interval(measured, baseline).map_or_else(
-            || "(too few turns)".to_owned(),
-            |(low, mean, high)| format!("{mean:.3} ({low:.3}–{high:.3})"),
-        )
+        ratio_text(measured, baseline, 3).unwrap_or_else(|| "(too few turns)".to_owned())
     };
     let mib_s = |rounds: &[f64]| median(rounds.to_vec()) / (1024.0 * 1024.0);
     println!(

@@ -19,7 +19,7 @@ use latch_tests::AgentOptions;
 use crate::{
     pair::Pair,
     report::write_json,
-    stats::{median, ratio_interval},
+    stats::{median, ratio_interval, ratio_text},
 };
 
 /// One phase's rounds: bytes per second through the measured cluster and through its twin.
@@ -63,10 +63,7 @@ impl Rounds {
 
     /// `mean (low–high)` of the rounds' ratios.
     fn ratio(&self) -> String {
-        ratio_interval(&self.measured, &self.twin).map_or_else(
-            || "(too few rounds)".to_owned(),
-            |(low, mean, high)| format!("{mean:.4} ({low:.4}–{high:.4})"),
-        )
+        ratio_text(&self.measured, &self.twin, 4).unwrap_or_else(|| "(too few rounds)".to_owned())
     }
 }
 

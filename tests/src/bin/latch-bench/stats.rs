@@ -26,6 +26,12 @@ pub fn spread(values: Vec<f64>, digits: usize) -> String {
     format!("{mid:.digits$} ({min:.digits$}–{max:.digits$})")
 }
 
+/// [`ratio_interval`] as `mean (low–high)` with `digits` decimals.
+pub fn ratio_text(measured: &[f64], baseline: &[f64], digits: usize) -> Option<String> {
+    ratio_interval(measured, baseline)
+        .map(|(low, mean, high)| format!("{mean:.digits$} ({low:.digits$}–{high:.digits$})"))
+}
+
 /// The ratio of `measured` to `baseline` over rounds taken in pairs (round `i` of each side
 /// together): the geometric mean of the rounds' own ratios with its 95% interval (normal
 /// approximation, `mean ± 1.96 standard errors` of the logarithms), as (low, mean, high). What a

@@ -6,7 +6,7 @@ use super::{FAST_THROUGHPUT_ROUNDS, Rounds, THROUGHPUT_ROUNDS, TunnelReport};
 use crate::{
     reference::{LATENCY_ROUNDS, PairedRounds, TURN},
     report,
-    stats::{median, percentile, ratio_interval, spread},
+    stats::{median, percentile, ratio_interval, ratio_text, spread},
 };
 
 /// The paired phases' rows: label, rounds.
@@ -81,10 +81,8 @@ pub(super) fn print(r: &TunnelReport, out_dir: &Path) -> anyhow::Result<()> {
         ),
     ] {
         let [base, measured, _] = rounds.medians();
-        let interval = ratio_interval(&rounds.agents, &rounds.base).map_or_else(
-            || "-".to_owned(),
-            |(low, mean, high)| format!("{mean:.3} ({low:.3}–{high:.3})"),
-        );
+        let interval =
+            ratio_text(&rounds.agents, &rounds.base, 3).unwrap_or_else(|| "-".to_owned());
         println!(
             "| {label} | {:.0} | {:.0} | {:.3} | {interval} |",
             mb(base),
