@@ -1,7 +1,8 @@
 //! `cargo xtask bench` with no suite named: every suite of `latch-bench` in one run, on one
 //! machine, one after the other, and `target/bench/BENCHMARKS.md` written from what they printed,
-//! with the machine and the commit at the top and the load suite's plots under its section (each
-//! suite's JSON is under `target/bench/` too).
+//! with the machine and the commit at the top, then issue 21's targets as judged from the JSON
+//! the suites wrote in this run (`latch-bench targets`), and the load suite's plots under its
+//! section (each suite's JSON is under `target/bench/` too).
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -25,7 +26,9 @@ pub const SUITES: [&str; 5] = ["datapath", "tunnel", "load", "memory", "policy"]
 /// the run fails at the end.
 pub fn run(suite: impl Fn(&str) -> Command) -> anyhow::Result<()> {
     let dir = bench_dir();
-    let mut report = header();
+    let run_started = SystemTime::now();
+    let header = header();
+    let mut report = String::new();
     let mut failed = Vec::new();
     for name in SUITES {
         step(&format!("bench: {name}"));
@@ -49,6 +52,18 @@ pub fn run(suite: impl Fn(&str) -> Command) -> anyhow::Result<()> {
             }
         }
     }
+    // Issue 21's targets, judged from the JSON this run's suites wrote, at the top.
+    step("bench: targets");
+    let mut targets = suite("targets");
+    targets.args(["--since", &unix_seconds(run_started).to_string()]);
+    let targets = match printed(targets) {
+        Ok(text) => text,
+        Err(e) => {
+            failed.push("judging the targets".to_owned());
+            format!("**Judging the targets failed:** {e:#}\n")
+        }
+    };
+    let report = format!("{header}\n## Issue 21's targets\n\n{targets}{report}");
     let path = dir.join("BENCHMARKS.md");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     std::fs::write(&path, report).with_context(|| format!("writing {}", path.display()))?;
@@ -57,6 +72,12 @@ pub fn run(suite: impl Fn(&str) -> Command) -> anyhow::Result<()> {
         anyhow::bail!("{} failed (see {})", failed.join(", "), relative(&path));
     }
     Ok(())
+}
+
+/// `time` in whole seconds since the Unix epoch, rounded down (0 before it).
+fn unix_seconds(time: SystemTime) -> u64 {
+    time.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// The load suite's plots, drawn from the `load.json` it wrote in this run (started at

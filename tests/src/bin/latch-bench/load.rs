@@ -20,6 +20,10 @@ use crate::{
     stats::spread,
 };
 
+/// The setups the targets are judged on, by label (in the JSON too).
+pub const FAST_PATH_SETUP: &str = "fast path (cached allow)";
+pub const TUNNEL_DEFAULTS_SETUP: &str = "tunnel, defaults";
+
 /// Bytes per request (and per echo).
 const BYTES: usize = 1024;
 
@@ -44,14 +48,14 @@ fn setups() -> Vec<Setup> {
             agents: None,
         },
         Setup {
-            label: "fast path (cached allow)",
+            label: FAST_PATH_SETUP,
             agents: Some(AgentOptions {
                 verdict_ttl: "1h".into(),
                 ..AgentOptions::default()
             }),
         },
         Setup {
-            label: "tunnel, defaults",
+            label: TUNNEL_DEFAULTS_SETUP,
             agents: Some(tunnel.clone()),
         },
         Setup {

@@ -3,7 +3,7 @@
 //! phase is compared with no agents, and the figures, are in `docs/benchmarks.md`.
 //!
 //! One module per suite ([`datapath`], [`tunnel`], [`fast_throughput`], [`load`], [`policy`],
-//! [`memory`], [`compare`]) over shared parts: [`pair`] (the measured topology and its phases
+//! [`memory`], [`compare`]) and the targets judged from their JSON ([`targets`]), over shared parts: [`pair`] (the measured topology and its phases
 //! with agents), [`reference`] (the no-agent cluster and measuring in turns with it), [`probe`],
 //! [`procstat`], [`stats`] and [`report`].
 
@@ -24,6 +24,7 @@ mod procstat;
 mod reference;
 mod report;
 mod stats;
+mod targets;
 mod tunnel;
 
 #[derive(Parser)]
@@ -119,6 +120,14 @@ enum Suite {
         )]
         variants: Vec<compare::Variant>,
     },
+    /// Issue 21's targets judged from the JSON the suites wrote (run by `cargo xtask bench`
+    /// after every suite): each target, its figure, met or missed.
+    Targets {
+        /// Judge only JSON written at or after this time (seconds since the Unix epoch): a
+        /// suite's older file is from another run.
+        #[arg(long, value_name = "UNIX_SECONDS")]
+        since: Option<u64>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -137,6 +146,7 @@ fn main() -> anyhow::Result<()> {
             mib,
         } => fast_throughput::run(rounds, streams, mib, &out_dir),
         Suite::Policy => policy::run(&out_dir),
+        Suite::Targets { since } => targets::run(&out_dir, since),
         Suite::Memory {
             workloads,
             connections,

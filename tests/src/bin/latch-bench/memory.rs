@@ -34,9 +34,9 @@ const SETTLE: Duration = Duration::from_secs(2);
 const SERVE_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// Issue 21's targets, MB.
-const IDLE_TARGET_MB: f64 = 16.0;
-const IDLE_TARGET_WORKLOADS: usize = 100;
-const CONNECTIONS_TARGET_MB: f64 = 64.0;
+pub const IDLE_TARGET_MB: f64 = 16.0;
+pub const IDLE_TARGET_WORKLOADS: usize = 100;
+pub const CONNECTIONS_TARGET_MB: f64 = 64.0;
 
 /// One reading of a process's memory.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
