@@ -20,7 +20,7 @@ use latch_tests::AgentOptions;
 
 use crate::{
     pair::Pair,
-    procstat::cpu_ns,
+    procstat::cpu_during,
     reference::{Reference, Via},
     report,
     stats::{Tally, median, ratio_interval, ratio_text},
@@ -131,12 +131,10 @@ fn in_rotation(
                 let c = (turn + i) % k;
                 let pair = &clusters[c];
                 let variant = &mut measured[variant_on(c, stretch)];
-                let agents = pair.agent_pids();
-                let before = agents.map(cpu_ns);
-                measure(pair, variant)?;
-                for (sum, (pid, before)) in variant.cpu_ns.iter_mut().zip(agents.iter().zip(before))
-                {
-                    *sum += cpu_ns(*pid).saturating_sub(before);
+                let mut used = [0; 2];
+                cpu_during(pair.agent_pids(), &mut used, || measure(pair, variant))?;
+                for (sum, ns) in variant.cpu_ns.iter_mut().zip(used) {
+                    *sum += ns;
                 }
             }
         }

@@ -296,6 +296,21 @@ pub fn tunnel_targets(json: &Value) -> anyhow::Result<Vec<Judged>> {
         Verdict::Met
     };
     let pooled = number(json, "/added_p50_us/pooled_tunnel")?;
+    // What the latency costs, beside it: the agents' CPU per connection, busy polling included
+    // (absent from the JSON of runs before 2026-12-05).
+    let cpu = |phase: &str| -> Option<String> {
+        let at = format!("/agents_cpu_us_per_connection/{phase}");
+        let [source, destination] = [0, 1].map(|i| number(json, &format!("{at}/{i}")).ok());
+        Some(format!("{:.0} / {:.0} µs", source?, destination?))
+    };
+    let pooled_figure = match (cpu("pooled_tunnel"), cpu("pooled_tunnel_no_busy_poll")) {
+        (Some(polling), Some(not_polling)) => format!(
+            "{pooled:.0} µs, at {polling} of the agents' CPU per connection (source / \
+             destination; busy polling off: {:.0} µs added, at {not_polling})",
+            number(json, "/added_p50_us/pooled_tunnel_no_busy_poll")?
+        ),
+        _ => format!("{pooled:.0} µs"),
+    };
     let over_base = number(json, "/throughput_ratio_of_medians/tunnel_over_no_agents_1")?;
     let over_nginx = number(json, "/throughput_ratio_of_medians/tunnel_over_nginx_1")?;
     Ok(vec![
@@ -306,7 +321,7 @@ pub fn tunnel_targets(json: &Value) -> anyhow::Result<Vec<Judged>> {
         },
         Judged {
             target: TUNNEL[1],
-            figure: format!("{pooled:.0} µs"),
+            figure: pooled_figure,
             verdict: Verdict::of(printed(pooled, 0) < POOLED_ADDED_US),
         },
         Judged {
@@ -449,7 +464,10 @@ mod tests {
                     "rounds_ratio_mean_and_95_interval": interval })
         };
         json!({
-            "added_p50_us": { "pooled_tunnel": pooled },
+            "added_p50_us": { "pooled_tunnel": pooled, "pooled_tunnel_no_busy_poll": 256.0 },
+            "agents_cpu_us_per_connection": {
+                "pooled_tunnel": [131.2, 128.6], "pooled_tunnel_no_busy_poll": [60.4, 71.0],
+            },
             "throughput_ratio_of_medians": {
                 "tunnel_over_no_agents_1": 0.65, "tunnel_over_nginx_1": 1.42,
             },
@@ -472,6 +490,11 @@ mod tests {
             rows[0].figure,
             "0.955 with one stream (rounds: 0.976, 0.945–1.007); \
              0.995 with eight streams (rounds: 0.995, 0.991–0.999)"
+        );
+        assert_eq!(
+            rows[1].figure,
+            "40 µs, at 131 / 129 µs of the agents' CPU per connection (source / destination; \
+             busy polling off: 256 µs added, at 60 / 71 µs)"
         );
         let below = tunnel(150.0, (0.983, Some([0.976, 0.983, 0.989])));
         let rows = tunnel_targets(&below).expect("judged");

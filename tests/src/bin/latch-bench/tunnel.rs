@@ -13,7 +13,8 @@ use latch_tests::{AgentOptions, PodSpec};
 use crate::{
     handoff::handoff_us,
     pair::{PORT, Pair},
-    probe::{self, throughput},
+    probe::{self, Rate, throughput},
+    procstat::cpu_during,
     reference::{PairedRounds, Reference, Via, paired_latency_rounds},
     stats::{Tally, median, percentile},
 };
@@ -36,6 +37,33 @@ const MIB: usize = 256;
 /// First connections measured, each after a restart of the client's agent.
 const FIRST_CONNECTIONS: usize = 20;
 
+/// What the two agents' processes used over a phase's connections (busy polling included).
+#[derive(Default)]
+struct AgentsCpu {
+    /// Source agent, destination agent.
+    ns: [u64; 2],
+    connections: usize,
+}
+
+impl AgentsCpu {
+    /// `rate`, made while the agents `pids` run, counted.
+    fn around(
+        &mut self,
+        pids: [u32; 2],
+        rate: impl FnOnce() -> anyhow::Result<Rate>,
+    ) -> anyhow::Result<Rate> {
+        let rate = cpu_during(pids, &mut self.ns, rate)?;
+        self.connections += rate.count;
+        Ok(rate)
+    }
+
+    /// Each agent's CPU time per connection, in µs.
+    fn per_connection_us(&self) -> [f64; 2] {
+        self.ns
+            .map(|ns| ns as f64 / 1000.0 / self.connections.max(1) as f64)
+    }
+}
+
 struct TunnelReport {
     handoff_us: f64,
     nginx: PairedRounds,
@@ -47,6 +75,12 @@ struct TunnelReport {
     /// The same with `dataplane.busyPoll: 0s`.
     pooled_no_poll: PairedRounds,
     fast: PairedRounds,
+    /// The agents' CPU over the pooled phases, with and without busy polling. (Not the fast
+    /// path's: its agents report connections on a clock of their own, the audit's drain, which
+    /// falls in a phase's turns or between them by chance; the load suite takes it over whole
+    /// runs.)
+    pooled_cpu: AgentsCpu,
+    pooled_no_poll_cpu: AgentsCpu,
     /// Throughput with one stream, and with eight.
     one: Rounds,
     eight: Rounds,
@@ -226,9 +260,12 @@ fn measure(count: usize, samples: usize, mib: usize) -> anyhow::Result<TunnelRep
         dataplane_mode: "tunnel".into(),
         ..AgentOptions::default()
     };
+    let mut pooled_cpu = AgentsCpu::default();
     let (pooled, one, eight) = pair.phase(&tunnel_options, count / 10, |pair| {
-        let pooled =
-            paired_latency_rounds(&reference, &mut all_reference, count, |n| pair.rate(n))?;
+        let pids = pair.agent_pids();
+        let pooled = paired_latency_rounds(&reference, &mut all_reference, count, |n| {
+            pooled_cpu.around(pids, || pair.rate(n))
+        })?;
         // Throughput: no agents, the tunnel and the nginx pair in turns.
         let (one, eight) = throughput_rounds(pair, &reference, THROUGHPUT_ROUNDS, mib, true)?;
         Ok((pooled, one, eight))
@@ -238,8 +275,12 @@ fn measure(count: usize, samples: usize, mib: usize) -> anyhow::Result<TunnelRep
         busy_poll: Some("0s".into()),
         ..tunnel_options
     };
+    let mut pooled_no_poll_cpu = AgentsCpu::default();
     let pooled_no_poll = pair.phase(&no_poll_options, count / 10, |pair| {
-        paired_latency_rounds(&reference, &mut all_reference, count, |n| pair.rate(n))
+        let pids = pair.agent_pids();
+        paired_latency_rounds(&reference, &mut all_reference, count, |n| {
+            pooled_no_poll_cpu.around(pids, || pair.rate(n))
+        })
     })?;
 
     // The same through the nginx mTLS stream-proxy pair (sidecar style), no agents.
@@ -255,6 +296,8 @@ fn measure(count: usize, samples: usize, mib: usize) -> anyhow::Result<TunnelRep
         pooled,
         pooled_no_poll,
         fast,
+        pooled_cpu,
+        pooled_no_poll_cpu,
         one,
         eight,
         fast_one,

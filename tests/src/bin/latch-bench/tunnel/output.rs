@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use super::{FAST_THROUGHPUT_ROUNDS, Rounds, THROUGHPUT_ROUNDS, TunnelReport};
+use super::{AgentsCpu, FAST_THROUGHPUT_ROUNDS, Rounds, THROUGHPUT_ROUNDS, TunnelReport};
 use crate::{
     reference::{LATENCY_ROUNDS, PairedRounds, TURN},
     report,
@@ -10,35 +10,45 @@ use crate::{
     targets::{FAST_PATH_THROUGHPUT, POOLED_ADDED_US, TUNNEL_OVER_NGINX, TUNNEL_OVER_NO_AGENTS},
 };
 
-/// The paired phases' rows: label, rounds.
-fn rows(r: &TunnelReport) -> [(&'static str, &PairedRounds); 4] {
+/// The paired phases' rows: label, rounds, the agents' CPU where agents ran.
+fn rows(r: &TunnelReport) -> [(&'static str, &PairedRounds, Option<&AgentsCpu>); 4] {
     [
-        ("tunneled on a pooled HTTP/2 connection", &r.pooled),
+        (
+            "tunneled on a pooled HTTP/2 connection",
+            &r.pooled,
+            Some(&r.pooled_cpu),
+        ),
         (
             "the same, busy polling off (`busyPoll: 0s`)",
             &r.pooled_no_poll,
+            Some(&r.pooled_no_poll_cpu),
         ),
-        ("kernel fast path", &r.fast),
-        ("nginx mTLS stream-proxy pair", &r.nginx),
+        ("kernel fast path", &r.fast, None),
+        ("nginx mTLS stream-proxy pair", &r.nginx, None),
     ]
 }
 
 pub(super) fn print(r: &TunnelReport, out_dir: &Path) -> anyhow::Result<()> {
     println!(
-        "\n| connection (1-byte request + echo) | p50 µs | no agents, same time, p50 µs | added µs |"
+        "\n| connection (1-byte request + echo) | p50 µs | no agents, same time, p50 µs | added µs | \
+         agents' CPU per connection µs, source / destination |"
     );
-    println!("|---|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|");
     let first: Vec<f64> = r.first.iter().map(|&us| us as f64).collect();
     let first_added: Vec<f64> = first.iter().map(|us| us - r.baseline_p50 as f64).collect();
     println!(
-        "| first connection (new mTLS + HBONE) | {} | {} | {} |",
+        "| first connection (new mTLS + HBONE) | {} | {} | {} | |",
         spread(first, 0),
         r.baseline_p50,
         spread(first_added, 0)
     );
-    for (label, p) in rows(r) {
+    for (label, p, cpu) in rows(r) {
+        let cpu = cpu.map_or(String::new(), |cpu| {
+            let [source, destination] = cpu.per_connection_us();
+            format!("{source:.1} / {destination:.1}")
+        });
         println!(
-            "| {label} | {} | {} | {} |",
+            "| {label} | {} | {} | {} | {cpu} |",
             spread(p.p50_us(), 0),
             spread(p.reference_p50_us(), 0),
             spread(p.added_us(), 0)
@@ -48,7 +58,11 @@ pub(super) fn print(r: &TunnelReport, out_dir: &Path) -> anyhow::Result<()> {
         "\n(first connection: the median of {} (lowest–highest), each after a restart of the \
          client's agent; every other phase: the median of {LATENCY_ROUNDS} rounds' p50 \
          (lowest–highest), each round taken in turns of {TURN} connections with a second \
-         cluster of the same topology and no agents; no agents over the whole run: {} µs)",
+         cluster of the same topology and no agents; no agents over the whole run: {} µs; the \
+         agents' CPU: all of each agent's threads over the phase's connections, from \
+         /proc/PID/task/*/schedstat, busy polling included, which is the cost of the latency it \
+         buys; the fast path's agents work on the audit's own clock, and the load suite measures \
+         them over whole runs)",
         r.first.len(),
         r.baseline_p50
     );
@@ -157,7 +171,7 @@ pub(super) fn print(r: &TunnelReport, out_dir: &Path) -> anyhow::Result<()> {
     let ([base_1, tunnel_1, nginx_1], [base_8, tunnel_8, nginx_8]) =
         (r.one.medians(), r.eight.medians());
     let first_p50 = percentile(&r.first, 0.5);
-    let [pooled, no_poll, fast, nginx] = rows(r).map(|(_, p)| p);
+    let [pooled, no_poll, fast, nginx] = rows(r).map(|(_, p, _)| p);
     let mid = |values: Vec<f64>| median(values);
     let json = serde_json::json!({
         "benchmark": "tunnel",
@@ -178,6 +192,10 @@ pub(super) fn print(r: &TunnelReport, out_dir: &Path) -> anyhow::Result<()> {
             "pooled_tunnel": pooled_added,
             "pooled_tunnel_no_busy_poll": mid(no_poll.added_us()),
             "fast_path": mid(fast.added_us()), "nginx_pair": mid(nginx.added_us()),
+        },
+        "agents_cpu_us_per_connection": {
+            "pooled_tunnel": r.pooled_cpu.per_connection_us(),
+            "pooled_tunnel_no_busy_poll": r.pooled_no_poll_cpu.per_connection_us(),
         },
         "added_p50_us_rounds": {
             "pooled_tunnel": pooled.added_us(), "pooled_tunnel_no_busy_poll": no_poll.added_us(),
