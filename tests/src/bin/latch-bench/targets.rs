@@ -326,7 +326,15 @@ pub fn tunnel_targets(json: &Value) -> anyhow::Result<Vec<Judged>> {
         },
         Judged {
             target: TUNNEL[2],
-            figure: format!("{over_base:.2} and {over_nginx:.2}"),
+            figure: match [0, 1]
+                .map(|i| number(json, &format!("/tunnel_agents_cpu_s_per_gib/streams_1/{i}")).ok())
+            {
+                [Some(source), Some(destination)] => format!(
+                    "{over_base:.2} and {over_nginx:.2}, at {source:.2} / {destination:.2} CPU \
+                     seconds per GiB (source / destination agent)"
+                ),
+                _ => format!("{over_base:.2} and {over_nginx:.2}"),
+            },
             verdict: Verdict::of(
                 printed(over_base, 2) >= TUNNEL_OVER_NO_AGENTS
                     && printed(over_nginx, 2) >= TUNNEL_OVER_NGINX,
@@ -471,6 +479,7 @@ mod tests {
             "throughput_ratio_of_medians": {
                 "tunnel_over_no_agents_1": 0.65, "tunnel_over_nginx_1": 1.42,
             },
+            "tunnel_agents_cpu_s_per_gib": { "streams_1": [0.851, 0.8649] },
             "fast_path_throughput": {
                 "streams_1": fast(fast_one),
                 "streams_8": fast((0.995, Some([0.991, 0.995, 0.999]))),
@@ -495,6 +504,10 @@ mod tests {
             rows[1].figure,
             "40 µs, at 131 / 129 µs of the agents' CPU per connection (source / destination; \
              busy polling off: 256 µs added, at 60 / 71 µs)"
+        );
+        assert_eq!(
+            rows[2].figure,
+            "0.65 and 1.42, at 0.85 / 0.86 CPU seconds per GiB (source / destination agent)"
         );
         let below = tunnel(150.0, (0.983, Some([0.976, 0.983, 0.989])));
         let rows = tunnel_targets(&below).expect("judged");

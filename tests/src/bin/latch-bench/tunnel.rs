@@ -145,6 +145,10 @@ struct Rounds {
     /// Through the agents (the tunnel, or the fast path).
     agents: Vec<f64>,
     nginx: Vec<f64>,
+    /// The agents' CPU over the rounds through them (source, destination; none where no
+    /// agents run), and the GiB those rounds moved, both ways.
+    agents_cpu_ns: [u64; 2],
+    agents_gib: f64,
 }
 
 impl Rounds {
@@ -157,6 +161,12 @@ impl Rounds {
     fn over_base(&self) -> f64 {
         let [base, agents, _] = self.medians();
         agents / base
+    }
+
+    /// Each agent's CPU seconds per GiB moved through them (source, destination).
+    fn agents_cpu_s_per_gib(&self) -> [f64; 2] {
+        self.agents_cpu_ns
+            .map(|ns| ns as f64 / 1e9 / self.agents_gib.max(f64::MIN_POSITIVE))
     }
 
     /// Through the agents / nginx pair, of the medians.
@@ -182,7 +192,11 @@ fn throughput_rounds(
             rounds
                 .base
                 .push(reference.throughput(Via::Direct, streams, mib)?);
-            rounds.agents.push(pair.throughput(streams, mib)?);
+            let rate = cpu_during(pair.agent_pids(), &mut rounds.agents_cpu_ns, || {
+                pair.throughput(streams, mib)
+            })?;
+            rounds.agents.push(rate);
+            rounds.agents_gib += (streams * mib * 2) as f64 / 1024.0;
             if nginx {
                 rounds
                     .nginx

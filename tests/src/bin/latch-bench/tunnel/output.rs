@@ -68,13 +68,15 @@ pub(super) fn print(r: &TunnelReport, out_dir: &Path) -> anyhow::Result<()> {
     );
     let mb = |b: f64| b / (1024.0 * 1024.0);
     println!(
-        "\n| throughput | no agents MiB/s | tunnel MiB/s | nginx pair MiB/s | tunnel / no agents | tunnel / nginx |"
+        "\n| throughput | no agents MiB/s | tunnel MiB/s | nginx pair MiB/s | tunnel / no agents | \
+         tunnel / nginx | agents' CPU s per GiB, source / destination |"
     );
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
     for (label, rounds) in [("1 stream", &r.one), ("8 streams", &r.eight)] {
         let [base, tunnel, nginx] = rounds.medians();
+        let [source, destination] = rounds.agents_cpu_s_per_gib();
         println!(
-            "| {label} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} |",
+            "| {label} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {source:.2} / {destination:.2} |",
             mb(base),
             mb(tunnel),
             mb(nginx),
@@ -206,6 +208,10 @@ pub(super) fn print(r: &TunnelReport, out_dir: &Path) -> anyhow::Result<()> {
             "no_agents_1": base_1, "no_agents_8": base_8,
             "tunnel_1": tunnel_1, "tunnel_8": tunnel_8,
             "nginx_1": nginx_1, "nginx_8": nginx_8,
+        },
+        "tunnel_agents_cpu_s_per_gib": {
+            "streams_1": r.one.agents_cpu_s_per_gib(),
+            "streams_8": r.eight.agents_cpu_s_per_gib(),
         },
         "throughput_ratio_of_medians": {
             "tunnel_over_no_agents_1": r.one.over_base(),
