@@ -3,9 +3,10 @@
 //! phase is compared with no agents, and the figures, are in `docs/benchmarks.md`.
 //!
 //! One module per suite ([`datapath`], [`tunnel`], [`fast_throughput`], [`load`], [`policy`],
-//! [`memory`], [`compare`]) and the targets judged from their JSON ([`targets`]), over shared parts: [`pair`] (the measured topology and its phases
-//! with agents), [`reference`] (the no-agent cluster and measuring in turns with it), [`probe`],
-//! [`procstat`], [`stats`] and [`report`].
+//! [`memory`], [`compare`]) and the targets judged from their JSON ([`targets`]), over shared
+//! parts: [`pair`] (the measured topology and its phases with agents), [`reference`] (the
+//! no-agent cluster and measuring in turns with it), [`probe`], [`procstat`], [`stats`] and
+//! [`report`].
 
 use clap::{Parser, Subcommand};
 

@@ -65,7 +65,7 @@ impl Verdict {
 /// One target as this run measured it.
 #[derive(Debug)]
 pub struct Judged {
-    pub target: &'static str,
+    pub target: String,
     pub figure: String,
     pub verdict: Verdict,
 }
@@ -74,10 +74,26 @@ pub fn run(out_dir: &Path, since: Option<u64>) -> anyhow::Result<()> {
     let since = since.map(|secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs));
     let read = |suite: &str| this_run(out_dir, suite, since);
     let mut rows = Vec::new();
-    rows.extend(judge_or_not(read("datapath")?, DATAPATH, datapath_targets)?);
-    rows.extend(judge_or_not(read("load")?, LOAD, load_targets)?);
-    rows.extend(judge_or_not(read("tunnel")?, TUNNEL, tunnel_targets)?);
-    rows.extend(judge_or_not(read("memory")?, MEMORY, memory_targets)?);
+    rows.extend(judge_or_not(
+        read("datapath")?,
+        datapath_names().into(),
+        datapath_targets,
+    )?);
+    rows.extend(judge_or_not(
+        read("load")?,
+        load_names().into(),
+        load_targets,
+    )?);
+    rows.extend(judge_or_not(
+        read("tunnel")?,
+        tunnel_names().into(),
+        tunnel_targets,
+    )?);
+    rows.extend(judge_or_not(
+        read("memory")?,
+        memory_names().into(),
+        memory_targets,
+    )?);
     print(&rows);
     let json = serde_json::json!({
         "benchmark": "targets",
@@ -127,31 +143,65 @@ fn this_run(dir: &Path, suite: &str, since: Option<SystemTime>) -> anyhow::Resul
     Ok(Some(json))
 }
 
-/// The targets each suite judges, named for the rows of a suite that did not run.
-const DATAPATH: &[&str] = &["fast path: at least 97% of the no-agent connection rate"];
-const LOAD: &[&str] = &[
-    "fast path: at most 0.005 vCPU per 1,000/s for each agent, every load shape",
-    "tunnel: at most 0.06 vCPU per 1,000/s for each agent at 1,000/s on one connection",
-];
-const TUNNEL: &[&str] = &[
-    "fast path: throughput within 1% of no agents, one and eight streams",
-    "tunnel: a pooled connection under 150 µs added at p50",
-    "tunnel: with one stream, at least 0.75 of no agents' throughput and 1.5 of the nginx pair's",
-];
-const MEMORY: &[&str] = &[
-    "RSS: under 16 MB idle with 100 workloads",
-    "RSS: under 64 MB with 10,000 tunneled connections held",
-];
+/// The targets each suite judges, named from the thresholds above (and for the rows of a suite
+/// that did not run).
+fn datapath_names() -> [String; 1] {
+    [format!(
+        "fast path: at least {:.0}% of the no-agent connection rate",
+        FAST_PATH_RATE * 100.0
+    )]
+}
 
+fn load_names() -> [String; 2] {
+    [
+        format!(
+            "fast path: at most {FAST_PATH_VCPU} vCPU per 1,000/s for each agent, every load shape"
+        ),
+        format!(
+            "tunnel: at most {TUNNEL_VCPU} vCPU per 1,000/s for each agent at 1,000/s on one \
+             connection"
+        ),
+    ]
+}
+
+fn tunnel_names() -> [String; 3] {
+    [
+        format!(
+            "fast path: throughput within {:.0}% of no agents, one and eight streams",
+            (1.0 - FAST_PATH_THROUGHPUT) * 100.0
+        ),
+        format!("tunnel: a pooled connection under {POOLED_ADDED_US} µs added at p50"),
+        format!(
+            "tunnel: with one stream, at least {TUNNEL_OVER_NO_AGENTS} of no agents' throughput \
+             and {TUNNEL_OVER_NGINX} of the nginx pair's"
+        ),
+    ]
+}
+
+fn memory_names() -> [String; 2] {
+    [
+        format!(
+            "RSS: under {} MB idle with {} workloads",
+            memory::IDLE_TARGET_MB,
+            memory::IDLE_TARGET_WORKLOADS
+        ),
+        format!(
+            "RSS: under {} MB with 10,000 tunneled connections held",
+            memory::CONNECTIONS_TARGET_MB
+        ),
+    ]
+}
+
+/// `judge` on `json`, or every one of `names` not measured.
 fn judge_or_not(
     json: Option<Value>,
-    targets: &'static [&'static str],
+    names: Vec<String>,
     judge: fn(&Value) -> anyhow::Result<Vec<Judged>>,
 ) -> anyhow::Result<Vec<Judged>> {
     match json {
         Some(json) => judge(&json),
-        None => Ok(targets
-            .iter()
+        None => Ok(names
+            .into_iter()
             .map(|target| Judged {
                 target,
                 figure: "–".into(),
@@ -175,6 +225,13 @@ fn array<'a>(json: &'a Value, pointer: &str) -> anyhow::Result<&'a Vec<Value>> {
         .ok_or_else(|| anyhow!("no array at {pointer}"))
 }
 
+/// The two numbers (source agent, destination agent) at `pointer`, if there are (the JSON of
+/// runs before 2026-12-05 has no CPU figures beside the tunnel's).
+fn agents_pair(json: &Value, pointer: &str) -> Option<[f64; 2]> {
+    let [source, destination] = [0, 1].map(|i| number(json, &format!("{pointer}/{i}")).ok());
+    Some([source?, destination?])
+}
+
 /// `value` as the tables print it, with `digits` decimals.
 fn printed(value: f64, digits: i32) -> f64 {
     let scale = 10f64.powi(digits);
@@ -194,8 +251,9 @@ pub fn datapath_targets(json: &Value) -> anyhow::Result<Vec<Judged>> {
         return Err(anyhow!("datapath.json has no rounds"));
     }
     let mid = median(ratios.clone());
+    let [name] = datapath_names();
     Ok(vec![Judged {
-        target: DATAPATH[0],
+        target: name,
         figure: format!("{} of no agents", spread(ratios, 3)),
         verdict: Verdict::of(printed(mid, 3) >= FAST_PATH_RATE),
     }])
@@ -245,14 +303,15 @@ pub fn load_targets(json: &Value) -> anyhow::Result<Vec<Judged>> {
         })
         .ok_or_else(|| anyhow!("load.json has no shape of 1,000/s on one connection"))?;
     let [source, destination] = agents_vcpu(one, load::TUNNEL_DEFAULTS_SETUP)?;
+    let [fast_name, tunnel_name] = load_names();
     Ok(vec![
         Judged {
-            target: LOAD[0],
+            target: fast_name,
             figure: format!("{fast:.3} at most ({where_})"),
             verdict: Verdict::of(printed(fast, 3) <= FAST_PATH_VCPU),
         },
         Judged {
-            target: LOAD[1],
+            target: tunnel_name,
             figure: format!("{source:.3} / {destination:.3} (source / destination)"),
             verdict: Verdict::of(printed(source.max(destination), 3) <= TUNNEL_VCPU),
         },
@@ -296,12 +355,10 @@ pub fn tunnel_targets(json: &Value) -> anyhow::Result<Vec<Judged>> {
         Verdict::Met
     };
     let pooled = number(json, "/added_p50_us/pooled_tunnel")?;
-    // What the latency costs, beside it: the agents' CPU per connection, busy polling included
-    // (absent from the JSON of runs before 2026-12-05).
-    let cpu = |phase: &str| -> Option<String> {
-        let at = format!("/agents_cpu_us_per_connection/{phase}");
-        let [source, destination] = [0, 1].map(|i| number(json, &format!("{at}/{i}")).ok());
-        Some(format!("{:.0} / {:.0} µs", source?, destination?))
+    // What the latency costs, beside it: the agents' CPU per connection, busy polling included.
+    let cpu = |phase: &str| {
+        agents_pair(json, &format!("/agents_cpu_us_per_connection/{phase}"))
+            .map(|[source, destination]| format!("{source:.0} / {destination:.0} µs"))
     };
     let pooled_figure = match (cpu("pooled_tunnel"), cpu("pooled_tunnel_no_busy_poll")) {
         (Some(polling), Some(not_polling)) => format!(
@@ -313,27 +370,26 @@ pub fn tunnel_targets(json: &Value) -> anyhow::Result<Vec<Judged>> {
     };
     let over_base = number(json, "/throughput_ratio_of_medians/tunnel_over_no_agents_1")?;
     let over_nginx = number(json, "/throughput_ratio_of_medians/tunnel_over_nginx_1")?;
+    let [fast_name, pooled_name, throughput_name] = tunnel_names();
     Ok(vec![
         Judged {
-            target: TUNNEL[0],
+            target: fast_name,
             figure: figures.join("; "),
             verdict: fast_verdict,
         },
         Judged {
-            target: TUNNEL[1],
+            target: pooled_name,
             figure: pooled_figure,
             verdict: Verdict::of(printed(pooled, 0) < POOLED_ADDED_US),
         },
         Judged {
-            target: TUNNEL[2],
-            figure: match [0, 1]
-                .map(|i| number(json, &format!("/tunnel_agents_cpu_s_per_gib/streams_1/{i}")).ok())
-            {
-                [Some(source), Some(destination)] => format!(
+            target: throughput_name,
+            figure: match agents_pair(json, "/tunnel_agents_cpu_s_per_gib/streams_1") {
+                Some([source, destination]) => format!(
                     "{over_base:.2} and {over_nginx:.2}, at {source:.2} / {destination:.2} CPU \
                      seconds per GiB (source / destination agent)"
                 ),
-                _ => format!("{over_base:.2} and {over_nginx:.2}"),
+                None => format!("{over_base:.2} and {over_nginx:.2}"),
             },
             verdict: Verdict::of(
                 printed(over_base, 2) >= TUNNEL_OVER_NO_AGENTS
@@ -370,21 +426,22 @@ pub fn memory_targets(json: &Value) -> anyhow::Result<Vec<Judged>> {
         .map(|mb| format!("{mb:.1}"))
         .collect::<Vec<_>>()
         .join(" and ");
+    let [idle_name, held_name] = memory_names();
     Ok(vec![
         match idle {
             Some(mb) => Judged {
-                target: MEMORY[0],
+                target: idle_name,
                 figure: format!("{mb:.1} MB"),
                 verdict: Verdict::of(printed(mb, 1) < memory::IDLE_TARGET_MB),
             },
             None => Judged {
-                target: MEMORY[0],
+                target: idle_name,
                 figure: "no idle measurement with 100 workloads".into(),
                 verdict: Verdict::NotMeasured,
             },
         },
         Judged {
-            target: MEMORY[1],
+            target: held_name,
             figure: if all_open {
                 format!("{held_text} MB (source and destination agent)")
             } else {
@@ -557,7 +614,7 @@ mod tests {
         );
         assert!(this_run(&dir, "datapath", None).expect("read").is_some());
         assert!(this_run(&dir, "memory", None).expect("read").is_none());
-        let rows = judge_or_not(None, MEMORY, memory_targets).expect("judged");
+        let rows = judge_or_not(None, memory_names().into(), memory_targets).expect("judged");
         assert_eq!(verdicts(&rows), [Verdict::NotMeasured; 2]);
         std::fs::write(dir.join("tunnel.json"), "{").expect("writing");
         let err = this_run(&dir, "tunnel", None).unwrap_err();
