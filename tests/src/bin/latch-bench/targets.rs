@@ -73,27 +73,16 @@ pub struct Judged {
 pub fn run(out_dir: &Path, since: Option<u64>) -> anyhow::Result<()> {
     let since = since.map(|secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs));
     let read = |suite: &str| this_run(out_dir, suite, since);
+    let suites: [(&str, Vec<String>, Judge); 4] = [
+        ("datapath", datapath_names().into(), datapath_targets),
+        ("load", load_names().into(), load_targets),
+        ("tunnel", tunnel_names().into(), tunnel_targets),
+        ("memory", memory_names().into(), memory_targets),
+    ];
     let mut rows = Vec::new();
-    rows.extend(judge_or_not(
-        read("datapath")?,
-        datapath_names().into(),
-        datapath_targets,
-    )?);
-    rows.extend(judge_or_not(
-        read("load")?,
-        load_names().into(),
-        load_targets,
-    )?);
-    rows.extend(judge_or_not(
-        read("tunnel")?,
-        tunnel_names().into(),
-        tunnel_targets,
-    )?);
-    rows.extend(judge_or_not(
-        read("memory")?,
-        memory_names().into(),
-        memory_targets,
-    )?);
+    for (suite, names, judge) in suites {
+        rows.extend(judge_or_not(read(suite)?, names, judge)?);
+    }
     print(&rows);
     let json = serde_json::json!({
         "benchmark": "targets",
@@ -192,11 +181,14 @@ fn memory_names() -> [String; 2] {
     ]
 }
 
+/// How a suite's JSON is judged.
+type Judge = fn(&Value) -> anyhow::Result<Vec<Judged>>;
+
 /// `judge` on `json`, or every one of `names` not measured.
 fn judge_or_not(
     json: Option<Value>,
     names: Vec<String>,
-    judge: fn(&Value) -> anyhow::Result<Vec<Judged>>,
+    judge: Judge,
 ) -> anyhow::Result<Vec<Judged>> {
     match json {
         Some(json) => judge(&json),
